@@ -1,0 +1,234 @@
+//! Prints the engine's figures. Run with:
+//!
+//! ```text
+//! cargo run --release -p provd-bench            # everything
+//! cargo run --release -p provd-bench -- calls   # warm calls only
+//! ```
+//!
+//! Sections: `calls` (warm instantiate + one provision call, pooling and
+//! on-demand), `cold` (first load and call with an empty and a warm artifact
+//! cache), `hashing` (64 MiB through the host versus inside the guest).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use provd_domain::Manifest;
+use provd_engine::{CollectingObserver, Engine, EngineConfig, Observer, Plugin, Request};
+use provd_tests::{Fixture, HASHBENCH, HELLO, HOSTILE};
+
+/// An observer that drops everything, so the figures measure the engine
+/// rather than the collection of logs.
+struct Discard;
+impl Observer for Discard {
+    fn log(&self, _: &provd_engine::LogRecord) {}
+    fn progress(&self, _: &provd_engine::ProgressEvent) {}
+}
+
+const MINIMAL_MANIFEST: &str = "name = \"minimal\"\nversion = \"0.1.0\"\n\
+    [capabilities.log]\n[capabilities.progress]\n[capabilities.hashing]\n";
+const HASHBENCH_MANIFEST: &str = "name = \"hashbench\"\nversion = \"0.1.0\"\n\
+    [capabilities.hashing]\nmax-input-bytes = 134217728\n[limits]\nmemory-mib = 512\n";
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    println!("provd-bench: fixtures built with {}", provd_tests::TOOLCHAIN);
+    if which == "all" || which == "calls" {
+        calls().await?;
+    }
+    if which == "all" || which == "cold" {
+        cold().await?;
+    }
+    if which == "all" || which == "hashing" {
+        hashing().await?;
+    }
+    Ok(())
+}
+
+fn hello_manifest() -> Result<Manifest> {
+    let text = std::fs::read_to_string(HELLO.dir().join("plugin.toml"))?;
+    Ok(Manifest::from_toml(&text)?)
+}
+
+const HELLO_INPUT: &str = r#"{"name":"bench","items":["vm-a","vm-b","vm-c"]}"#;
+
+async fn load(engine: &Engine, manifest: &Manifest, fixture: Fixture) -> Result<Plugin> {
+    Ok(engine.load(manifest, fixture.wasm()).await?)
+}
+
+async fn call(engine: &Engine, plugin: &Plugin, input: &str) -> Result<Duration> {
+    let request = Request { operation_id: "bench".into(), input: input.into() };
+    let start = Instant::now();
+    engine.provision(plugin, request, Arc::new(Discard)).await.context("provision")?;
+    Ok(start.elapsed())
+}
+
+struct Stats {
+    median: Duration,
+    p90: Duration,
+    p99: Duration,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let at = |q: f64| {
+        samples.get(((samples.len() as f64 - 1.0) * q) as usize).copied().unwrap_or_default()
+    };
+    Stats { median: at(0.5), p90: at(0.9), p99: at(0.99) }
+}
+
+async fn calls() -> Result<()> {
+    const WARMUP: usize = 200;
+    const N: usize = 3000;
+    println!(
+        "\n## Warm instantiate + one provision call ({N} calls after {WARMUP} warm-up, one at a time)\n"
+    );
+    println!("| allocator | plugin | median | p90 | p99 |");
+    println!("|---|---|---|---|---|");
+    for pooling in [true, false] {
+        let engine = Engine::new(EngineConfig { pooling, ..EngineConfig::default() })?;
+        if pooling && !engine.pooling() {
+            println!("| pooling | (unavailable on this machine) | | | |");
+            continue;
+        }
+        let hello = load(&engine, &hello_manifest()?, HELLO).await?;
+        let minimal = load(&engine, &Manifest::from_toml(MINIMAL_MANIFEST)?, HOSTILE).await?;
+        for (name, plugin, input) in [
+            ("hello (3 hash calls, 5 progress, 5 log)", &hello, HELLO_INPUT),
+            ("minimal (returns at once)", &minimal, "ok"),
+        ] {
+            for _ in 0..WARMUP {
+                call(&engine, plugin, input).await?;
+            }
+            let mut samples = Vec::with_capacity(N);
+            for _ in 0..N {
+                samples.push(call(&engine, plugin, input).await?);
+            }
+            let s = stats(samples);
+            let alloc = if pooling { "pooling + CoW" } else { "on-demand" };
+            println!(
+                "| {alloc} | {name} | {:.1} µs | {:.1} µs | {:.1} µs |",
+                us(s.median),
+                us(s.p90),
+                us(s.p99)
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn cold() -> Result<()> {
+    const RUNS: usize = 5;
+    println!("\n## Cold start of hello: load + first call (median of {RUNS} runs)\n");
+    let manifest = hello_manifest()?;
+    let mut compile = Vec::new();
+    let mut disk = Vec::new();
+    let mut memory = Vec::new();
+    for _ in 0..RUNS {
+        let dir = tempfile::tempdir()?;
+        let config =
+            EngineConfig { cache_dir: Some(dir.path().join("cache")), ..EngineConfig::default() };
+
+        let engine = Engine::new(config.clone())?;
+        let start = Instant::now();
+        let plugin = load(&engine, &manifest, HELLO).await?;
+        call(&engine, &plugin, HELLO_INPUT).await?;
+        compile.push(start.elapsed());
+        if plugin.cache_outcome() != provd_engine::CacheOutcome::Compiled {
+            bail!("expected a compile with an empty cache");
+        }
+
+        let start = Instant::now();
+        let again = load(&engine, &manifest, HELLO).await?;
+        call(&engine, &again, HELLO_INPUT).await?;
+        memory.push(start.elapsed());
+        drop(engine);
+
+        let engine = Engine::new(config)?;
+        let start = Instant::now();
+        let plugin = load(&engine, &manifest, HELLO).await?;
+        call(&engine, &plugin, HELLO_INPUT).await?;
+        disk.push(start.elapsed());
+        if plugin.cache_outcome() != provd_engine::CacheOutcome::Disk {
+            bail!("expected a load from the artifact cache");
+        }
+    }
+    println!("| artifact cache | load + first call |");
+    println!("|---|---|");
+    println!("| empty (compile) | {:.1} ms |", ms(stats(compile).median));
+    println!("| on disk (new engine) | {:.2} ms |", ms(stats(disk).median));
+    println!("| in memory (same engine) | {:.3} ms |", ms(stats(memory).median));
+    Ok(())
+}
+
+async fn hashing() -> Result<()> {
+    const MIB: usize = 64;
+    const RUNS: usize = 5;
+    println!(
+        "\n## BLAKE3 of {MIB} MiB (median of {RUNS}; time measured around the hashing only)\n"
+    );
+    let engine = Engine::new(EngineConfig::default())?;
+    let plugin = load(&engine, &Manifest::from_toml(HASHBENCH_MANIFEST)?, HASHBENCH).await?;
+    let data: Vec<u8> = (0..MIB << 20).map(|i| (i % 251) as u8).collect();
+    let expected = blake3::hash(&data).to_hex().to_string();
+    let mut native = Vec::new();
+    for _ in 0..RUNS {
+        let start = Instant::now();
+        std::hint::black_box(blake3::hash(std::hint::black_box(&data)));
+        native.push(start.elapsed());
+    }
+    let native = stats(native).median;
+    println!("| where | time | MiB/s | vs in-guest |");
+    println!("|---|---|---|---|");
+    let mut rows = Vec::new();
+    for mode in ["guest", "host", "host-chunked"] {
+        let mut samples = Vec::new();
+        for _ in 0..RUNS {
+            let observer = Arc::new(CollectingObserver::default());
+            let request = Request { operation_id: "bench".into(), input: format!("{mode}:{MIB}") };
+            let outcome = engine.provision(&plugin, request, observer).await?;
+            let field = |k: &str| {
+                outcome.report.fields.iter().find(|f| f.key == k).map(|f| f.value.clone())
+            };
+            if field("digest").as_deref() != Some(expected.as_str()) {
+                bail!("{mode}: wrong digest");
+            }
+            let nanos: u64 = field("nanos").context("nanos")?.parse()?;
+            samples.push(Duration::from_nanos(nanos));
+        }
+        rows.push((mode, stats(samples).median));
+    }
+    let guest = rows.first().map(|r| r.1).unwrap_or_default();
+    let label = |mode: &str| match mode {
+        "guest" => "in the guest (blake3 compiled to wasm)",
+        "host" => "host call, 64 MiB passed in one call",
+        _ => "host hasher, fed 1 MiB per call",
+    };
+    for (mode, t) in &rows {
+        println!(
+            "| {} | {:.1} ms | {:.0} | {:.2}× |",
+            label(mode),
+            ms(*t),
+            mib_s(MIB, *t),
+            guest.as_secs_f64() / t.as_secs_f64()
+        );
+    }
+    println!(
+        "| native, no boundary (bench process) | {:.1} ms | {:.0} | {:.2}× |",
+        ms(native),
+        mib_s(MIB, native),
+        guest.as_secs_f64() / native.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+fn mib_s(mib: usize, d: Duration) -> f64 {
+    mib as f64 / d.as_secs_f64()
+}

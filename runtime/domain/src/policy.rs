@@ -1,0 +1,283 @@
+//! Node policy and the grant a manifest receives under it.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::capability::{Capability, HashingGrant, LogGrant};
+use crate::manifest::Manifest;
+
+const MIB: u64 = 1 << 20;
+const KIB: u64 = 1 << 10;
+
+/// The ceilings a node puts on every plugin, and the defaults a plugin gets
+/// when its manifest is silent.
+///
+/// Every number here bounds something a plugin controls; the defaults are
+/// chosen so that a node of modest size can run many plugins at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePolicy {
+    /// Largest instance-wide memory total any plugin may ask for.
+    pub max_memory_bytes: u64,
+    /// Memory total a plugin gets when its manifest does not ask.
+    pub default_memory_bytes: u64,
+    /// Longest deadline any plugin may ask for.
+    pub max_timeout: Duration,
+    /// Deadline a plugin gets when its manifest does not ask.
+    pub default_timeout: Duration,
+    /// WebAssembly stack every plugin runs with. Wasmtime sets the stack per
+    /// engine, not per store, so it is a node setting; plugins declaring a
+    /// larger need are refused.
+    pub wasm_stack_bytes: u64,
+    /// Core instances per store. A Rust component with the WASI adapter uses
+    /// a handful; a bound stops a component from instantiating without end.
+    pub max_instances: u32,
+    /// Tables per store.
+    pub max_tables: u32,
+    /// Elements of any one table.
+    pub max_table_elements: u64,
+    /// Linear memories per store.
+    pub max_memories: u32,
+    /// Largest component accepted for compilation. Compilation time and
+    /// memory grow with size and are not bounded by wasmtime itself.
+    pub max_component_bytes: u64,
+    /// Longest a compilation may take.
+    pub compile_timeout: Duration,
+    /// Bytes a guest may pass to the host in one host call (wasmtime's
+    /// hostcall fuel). Stops a guest from making the host allocate without
+    /// bound (GHSA-852m-cvvp-9p4w).
+    pub max_hostcall_bytes: u64,
+    /// Live resource handles per store.
+    pub max_handles: u32,
+    /// Largest log budget a plugin may ask for, and the default.
+    pub max_log_bytes: u64,
+    pub default_log_bytes: u64,
+    /// Largest hashing input a plugin may ask for, and the default.
+    pub max_hash_input_bytes: u64,
+    pub default_hash_input_bytes: u64,
+    /// Plugin invocations running at once on this node.
+    pub max_concurrent_invocations: u32,
+}
+
+impl Default for NodePolicy {
+    fn default() -> Self {
+        NodePolicy {
+            max_memory_bytes: 1024 * MIB,
+            default_memory_bytes: 64 * MIB,
+            max_timeout: Duration::from_secs(600),
+            default_timeout: Duration::from_secs(30),
+            wasm_stack_bytes: 512 * KIB,
+            max_instances: 32,
+            max_tables: 16,
+            max_table_elements: 100_000,
+            max_memories: 8,
+            max_component_bytes: 64 * MIB,
+            compile_timeout: Duration::from_secs(120),
+            max_hostcall_bytes: 128 * MIB,
+            max_handles: 1_000,
+            max_log_bytes: 16 * MIB,
+            default_log_bytes: MIB,
+            max_hash_input_bytes: 128 * MIB,
+            default_hash_input_bytes: 16 * MIB,
+            max_concurrent_invocations: 64,
+        }
+    }
+}
+
+/// The exact limits one plugin runs under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub timeout: Duration,
+    pub instances: u32,
+    pub tables: u32,
+    pub table_elements: u64,
+    pub memories: u32,
+}
+
+/// The capabilities one plugin was granted, with their parameters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CapabilityGrants {
+    pub log: Option<LogGrant>,
+    pub progress: bool,
+    pub hashing: Option<HashingGrant>,
+}
+
+impl CapabilityGrants {
+    /// Whether `capability` is granted.
+    pub fn allows(&self, capability: Capability) -> bool {
+        match capability {
+            Capability::Log => self.log.is_some(),
+            Capability::Progress => self.progress,
+            Capability::Hashing => self.hashing.is_some(),
+        }
+    }
+}
+
+/// A manifest checked against a node policy: what one plugin may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub capabilities: CapabilityGrants,
+    pub limits: Limits,
+}
+
+/// One request of a manifest that exceeds the node's policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyViolation {
+    /// The manifest field, e.g. `limits.memory-mib`.
+    pub field: &'static str,
+    pub requested: u64,
+    pub allowed: u64,
+}
+
+impl fmt::Display for PolicyViolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} = {} exceeds the node's {}", self.field, self.requested, self.allowed)
+    }
+}
+
+/// Every request of a manifest that exceeds the node's policy, so that the
+/// author can fix them all at once.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("plugin {plugin} asks for more than this node allows: {}", list(.violations))]
+pub struct PolicyViolations {
+    pub plugin: String,
+    pub violations: Vec<PolicyViolation>,
+}
+
+fn list(violations: &[PolicyViolation]) -> String {
+    violations.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+impl Manifest {
+    /// Checks this manifest against `policy` and returns what the plugin may
+    /// do. Any request beyond a ceiling refuses the whole grant: a plugin
+    /// never runs with less than it declared it needs.
+    pub fn grant(&self, policy: &NodePolicy) -> Result<Grant, PolicyViolations> {
+        let mut violations = Vec::new();
+        let mut check =
+            |field: &'static str, requested: Option<u64>, allowed: u64, default: u64| {
+                let value = requested.unwrap_or(default);
+                if value > allowed {
+                    violations.push(PolicyViolation { field, requested: value, allowed });
+                }
+                value.min(allowed)
+            };
+        let l = &self.limits;
+        let p = policy;
+        let memory_mib = check(
+            "limits.memory-mib",
+            l.memory_mib,
+            p.max_memory_bytes / MIB,
+            p.default_memory_bytes / MIB,
+        );
+        let max_timeout_ms = u64::try_from(p.max_timeout.as_millis()).unwrap_or(u64::MAX);
+        let default_timeout_ms = u64::try_from(p.default_timeout.as_millis()).unwrap_or(u64::MAX);
+        let timeout_ms =
+            check("limits.timeout-ms", l.timeout_ms, max_timeout_ms, default_timeout_ms);
+        let stack_kib = p.wasm_stack_bytes / KIB;
+        check("limits.stack-kib", l.stack_kib, stack_kib, stack_kib);
+        let instances = check(
+            "limits.instances",
+            l.instances.map(u64::from),
+            u64::from(p.max_instances),
+            u64::from(p.max_instances),
+        );
+        let tables = check(
+            "limits.tables",
+            l.tables.map(u64::from),
+            u64::from(p.max_tables),
+            u64::from(p.max_tables),
+        );
+        let table_elements = check(
+            "limits.table-elements",
+            l.table_elements,
+            p.max_table_elements,
+            p.max_table_elements,
+        );
+        let memories = check(
+            "limits.memories",
+            l.memories.map(u64::from),
+            u64::from(p.max_memories),
+            u64::from(p.max_memories),
+        );
+
+        let c = &self.capabilities;
+        let log = c.log.as_ref().map(|r| LogGrant {
+            max_bytes: check(
+                "capabilities.log.max-bytes",
+                r.max_bytes,
+                p.max_log_bytes,
+                p.default_log_bytes,
+            ),
+        });
+        let hashing = c.hashing.as_ref().map(|r| HashingGrant {
+            max_input_bytes: check(
+                "capabilities.hashing.max-input-bytes",
+                r.max_input_bytes,
+                p.max_hash_input_bytes,
+                p.default_hash_input_bytes,
+            ),
+        });
+
+        if !violations.is_empty() {
+            return Err(PolicyViolations { plugin: self.name.clone(), violations });
+        }
+        // The values below were all checked against u32 ceilings above.
+        let narrow = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        Ok(Grant {
+            capabilities: CapabilityGrants { log, progress: c.progress.is_some(), hashing },
+            limits: Limits {
+                memory_bytes: memory_mib * MIB,
+                timeout: Duration::from_millis(timeout_ms),
+                instances: narrow(instances),
+                tables: narrow(tables),
+                table_elements,
+                memories: narrow(memories),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(extra: &str) -> Manifest {
+        Manifest::from_toml(&format!("name = \"p\"\nversion = \"1.0.0\"\n{extra}")).unwrap()
+    }
+
+    #[test]
+    fn silent_manifest_gets_defaults_and_no_capabilities() {
+        let policy = NodePolicy::default();
+        let grant = manifest("").grant(&policy).unwrap();
+        assert_eq!(grant.limits.memory_bytes, policy.default_memory_bytes);
+        assert_eq!(grant.limits.timeout, policy.default_timeout);
+        assert_eq!(grant.capabilities, CapabilityGrants::default());
+        for c in Capability::ALL {
+            assert!(!grant.capabilities.allows(c));
+        }
+    }
+
+    #[test]
+    fn every_excess_is_listed() {
+        let m = manifest(
+            "[capabilities.log]\nmax-bytes = 999999999999\n\
+             [limits]\nmemory-mib = 100000\ntimeout-ms = 5\nstack-kib = 99999\n",
+        );
+        let err = m.grant(&NodePolicy::default()).unwrap_err();
+        let fields: Vec<_> = err.violations.iter().map(|v| v.field).collect();
+        assert_eq!(fields, ["limits.memory-mib", "limits.stack-kib", "capabilities.log.max-bytes"]);
+        let text = err.to_string();
+        assert!(text.contains("limits.memory-mib = 100000 exceeds the node's 1024"), "{text}");
+    }
+
+    #[test]
+    fn requested_capabilities_are_granted_with_parameters() {
+        let m =
+            manifest("[capabilities.hashing]\nmax-input-bytes = 1000\n[capabilities.progress]\n");
+        let grant = m.grant(&NodePolicy::default()).unwrap();
+        assert_eq!(grant.capabilities.hashing, Some(HashingGrant { max_input_bytes: 1000 }));
+        assert!(grant.capabilities.progress);
+        assert!(grant.capabilities.log.is_none());
+    }
+}

@@ -1,0 +1,269 @@
+//! Host side of the plugin interfaces: the per-invocation store state, the
+//! resource limiter, and the linker assembled from a plugin's grant.
+
+mod hashing;
+mod log;
+mod progress;
+
+use std::sync::Arc;
+
+use provd_domain::{Capability, CapabilityGrants, Limits};
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::error::Limit;
+use crate::observe::{Observer, Source};
+
+pub use log::LogStats;
+pub(crate) use log::{LogSink, LogStream};
+
+/// Everything one invocation's store holds. A store lives for exactly one
+/// call, so nothing here outlives the request that created it.
+pub(crate) struct HostState {
+    pub plugin: String,
+    pub grants: CapabilityGrants,
+    pub observer: Arc<dyn Observer>,
+    pub wasi: WasiCtx,
+    pub table: ResourceTable,
+    pub limiter: Limiter,
+    pub log: Arc<LogSink>,
+    pub progress: progress::ProgressState,
+    /// The limit a host call or the limiter found broken. A trap carries only
+    /// a message; this keeps the typed reason for the caller.
+    pub breached: Option<Limit>,
+}
+
+impl HostState {
+    pub(crate) fn new(
+        plugin: String,
+        grants: CapabilityGrants,
+        limits: &Limits,
+        max_handles: usize,
+        observer: Arc<dyn Observer>,
+    ) -> (HostState, [LogStream; 2]) {
+        let log_budget = grants.log.map(|l| l.max_bytes).unwrap_or(0);
+        let sink = LogSink::new(plugin.clone(), observer.clone(), log_budget);
+        let stdout = LogStream::new(sink.clone(), Source::Stdout);
+        let stderr = LogStream::new(sink.clone(), Source::Stderr);
+        // No preopened directories, no environment, no arguments, no network:
+        // a plugin reaches the node only through provd's own interfaces.
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(max_handles);
+        let state = HostState {
+            plugin,
+            grants,
+            observer,
+            wasi,
+            table,
+            limiter: Limiter::new(limits),
+            log: sink,
+            progress: progress::ProgressState::default(),
+            breached: None,
+        };
+        (state, [stdout, stderr])
+    }
+
+    /// Records `limit` as the reason the plugin stops and returns the trap.
+    pub(crate) fn breach(&mut self, limit: Limit) -> wasmtime::Error {
+        let error = wasmtime::Error::msg(limit.to_string());
+        self.breached.get_or_insert(limit);
+        error
+    }
+
+    pub(crate) fn log_stats(&self) -> LogStats {
+        self.log.stats()
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl wasmtime_wasi_io::IoView for HostState {
+    fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
+}
+
+impl provd_bindings::types::Host for HostState {}
+
+/// Enforces an instance-wide memory total and table/instance/memory counts.
+///
+/// wasmtime's built-in `StoreLimits` bounds each linear memory on its own; a
+/// component with several memories could then use several times its limit.
+/// This limiter sums all memories of the store.
+pub(crate) struct Limiter {
+    memory_allowed: u64,
+    memory_used: u64,
+    table_elements: u64,
+    instances: usize,
+    tables: usize,
+    memories: usize,
+    pub breached: Option<Limit>,
+}
+
+impl Limiter {
+    fn new(limits: &Limits) -> Limiter {
+        let count = |v: u32| usize::try_from(v).unwrap_or(usize::MAX);
+        Limiter {
+            memory_allowed: limits.memory_bytes,
+            memory_used: 0,
+            table_elements: limits.table_elements,
+            instances: count(limits.instances),
+            tables: count(limits.tables),
+            memories: count(limits.memories),
+            breached: None,
+        }
+    }
+}
+
+impl wasmtime::ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let grow_by = desired.saturating_sub(current) as u64;
+        let requested = self.memory_used.saturating_add(grow_by);
+        if requested > self.memory_allowed {
+            let limit = Limit::Memory { requested, allowed: self.memory_allowed };
+            let error = wasmtime::Error::msg(limit.to_string());
+            self.breached.get_or_insert(limit);
+            // Trapping, rather than letting `memory.grow` return -1, stops a
+            // guest that would otherwise retry or spin on allocation failure
+            // and gives the caller an error that names the limit.
+            return Err(error);
+        }
+        self.memory_used = requested;
+        Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        Err(error)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let requested = desired as u64;
+        if requested > self.table_elements {
+            let limit = Limit::TableElements { requested, allowed: self.table_elements };
+            let error = wasmtime::Error::msg(limit.to_string());
+            self.breached.get_or_insert(limit);
+            return Err(error);
+        }
+        Ok(true)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        Err(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.instances
+    }
+
+    fn tables(&self) -> usize {
+        self.tables
+    }
+
+    fn memories(&self) -> usize {
+        self.memories
+    }
+}
+
+/// WASI interfaces (version 0.2.x) that Rust's standard library imports
+/// through the preview1 adapter or the wasm32-wasip2 target. Nothing else
+/// of WASI is linked: no sockets, no HTTP.
+pub(crate) const WASI_INTERFACES: &[&str] = &[
+    "wasi:io/error",
+    "wasi:io/poll",
+    "wasi:io/streams",
+    "wasi:clocks/wall-clock",
+    "wasi:clocks/monotonic-clock",
+    "wasi:random/random",
+    "wasi:random/insecure",
+    "wasi:random/insecure-seed",
+    "wasi:cli/exit",
+    "wasi:cli/environment",
+    "wasi:cli/stdin",
+    "wasi:cli/stdout",
+    "wasi:cli/stderr",
+    "wasi:cli/terminal-input",
+    "wasi:cli/terminal-output",
+    "wasi:cli/terminal-stdin",
+    "wasi:cli/terminal-stdout",
+    "wasi:cli/terminal-stderr",
+    // Linked with no preopened directory, so a plugin sees an empty
+    // filesystem; std imports these unconditionally.
+    "wasi:filesystem/types",
+    "wasi:filesystem/preopens",
+];
+
+/// Interfaces of provd's package linked for every plugin: they hold only
+/// types.
+pub(crate) const ALWAYS_LINKED: &[&str] = &["provd:plugin/types"];
+
+/// Builds the linker for one grant: the WASI subset above, provd's type-only
+/// interfaces, and exactly the capabilities granted.
+pub(crate) fn linker(
+    engine: &wasmtime::Engine,
+    grants: &CapabilityGrants,
+) -> wasmtime::Result<Linker<HostState>> {
+    use wasmtime_wasi::cli::{WasiCli, WasiCliView};
+    use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView};
+    use wasmtime_wasi::filesystem::{WasiFilesystem, WasiFilesystemView};
+    use wasmtime_wasi::p2::bindings::{cli, clocks, filesystem, random};
+    use wasmtime_wasi::random::WasiRandom;
+
+    let mut linker = Linker::<HostState>::new(engine);
+    let l = &mut linker;
+    wasmtime_wasi_io::add_to_linker_async(l)?;
+    clocks::wall_clock::add_to_linker::<_, WasiClocks>(l, |t| t.clocks())?;
+    clocks::monotonic_clock::add_to_linker::<_, WasiClocks>(l, |t| t.clocks())?;
+    random::random::add_to_linker::<_, WasiRandom>(l, |t| t.wasi.random())?;
+    random::insecure::add_to_linker::<_, WasiRandom>(l, |t| t.wasi.random())?;
+    random::insecure_seed::add_to_linker::<_, WasiRandom>(l, |t| t.wasi.random())?;
+    cli::exit::add_to_linker::<_, WasiCli>(l, |t| t.cli())?;
+    cli::environment::add_to_linker::<_, WasiCli>(l, |t| t.cli())?;
+    cli::stdin::add_to_linker::<_, WasiCli>(l, |t| t.cli())?;
+    cli::stdout::add_to_linker::<_, WasiCli>(l, |t| t.cli())?;
+    cli::stderr::add_to_linker::<_, WasiCli>(l, |t| t.cli())?;
+    cli::terminal_input::add_to_linker::<_, WasiCli>(l, |t| t.cli())?;
+    cli::terminal_output::add_to_linker::<_, WasiCli>(l, |t| t.cli())?;
+    cli::terminal_stdin::add_to_linker::<_, WasiCli>(l, |t| t.cli())?;
+    cli::terminal_stdout::add_to_linker::<_, WasiCli>(l, |t| t.cli())?;
+    cli::terminal_stderr::add_to_linker::<_, WasiCli>(l, |t| t.cli())?;
+    filesystem::types::add_to_linker::<_, WasiFilesystem>(l, |t| t.filesystem())?;
+    filesystem::preopens::add_to_linker::<_, WasiFilesystem>(l, |t| t.filesystem())?;
+
+    provd_bindings::types::add_to_linker::<_, HasSelf<HostState>>(l, |t| t)?;
+    for capability in Capability::ALL {
+        if !grants.allows(capability) {
+            continue;
+        }
+        match capability {
+            Capability::Log => provd_bindings::log::add_to_linker::<_, HasSelf<_>>(l, |t| t)?,
+            Capability::Progress => {
+                provd_bindings::progress::add_to_linker::<_, HasSelf<_>>(l, |t| t)?
+            }
+            Capability::Hashing => {
+                provd_bindings::hashing::add_to_linker::<_, HasSelf<_>>(l, |t| t)?
+            }
+        }
+    }
+    Ok(linker)
+}

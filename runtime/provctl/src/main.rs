@@ -1,0 +1,321 @@
+//! `provctl`: the command line of provd's managers and plugin authors.
+//!
+//! So far it serves plugin authors: build a plugin crate into a component,
+//! check a component against its manifest and the node policy, and run it
+//! locally through the same engine the node uses.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use provd_domain::{Manifest, NodePolicy};
+use provd_engine::{
+    CollectingObserver, Engine, EngineConfig, InvokeError, LogRecord, Plugin, ProgressEvent,
+    Request,
+};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "provctl", version, about = "Manage provd nodes and plugins")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build, check and run plugins locally.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Build a plugin crate into a WebAssembly component.
+    Build {
+        /// The plugin crate (holding Cargo.toml and plugin.toml).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load a plugin as a node would and show what it may do and imports.
+    Check {
+        #[command(flatten)]
+        source: PluginSource,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a plugin once, in this process, with a request from a file.
+    Run {
+        #[command(flatten)]
+        source: PluginSource,
+        /// Request file: `{"operation_id": "...", "input": <JSON>}`; `-` reads stdin.
+        #[arg(long)]
+        input: PathBuf,
+        /// Directory for the compiled-artifact cache; without it, nothing is written.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Where a plugin comes from: a crate directory (built on the fly), or a
+/// component file with its manifest.
+#[derive(Args)]
+struct PluginSource {
+    /// The plugin crate; built first, its plugin.toml used as the manifest.
+    dir: Option<PathBuf>,
+    /// A component file, instead of a crate.
+    #[arg(long, requires = "manifest", conflicts_with = "dir")]
+    component: Option<PathBuf>,
+    /// The plugin.toml for --component.
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PROVD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<std::process::ExitCode> {
+    match cli.command {
+        Command::Plugin(PluginCommand::Build { dir, json }) => build(&dir, json),
+        Command::Plugin(PluginCommand::Check { source, json }) => check(&source, json).await,
+        Command::Plugin(PluginCommand::Run { source, input, data_dir, json }) => {
+            run_plugin(&source, &input, data_dir, json).await
+        }
+    }
+}
+
+fn build(dir: &Path, json: bool) -> Result<std::process::ExitCode> {
+    let component = provd_testkit::build_crate(dir)
+        .with_context(|| format!("building the plugin crate {}", dir.display()))?;
+    let bytes =
+        std::fs::read(&component).with_context(|| format!("reading {}", component.display()))?;
+    let digest = blake3::hash(&bytes).to_hex().to_string();
+    if json {
+        let out = json!({ "component": component, "bytes": bytes.len(), "blake3": digest });
+        println!("{out:#}");
+    } else {
+        println!("{} ({} bytes, blake3 {digest})", component.display(), bytes.len());
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Builds (for a crate) and loads the plugin.
+async fn load(source: &PluginSource, engine: &Engine) -> Result<Plugin> {
+    let (manifest_path, component) = match (&source.dir, &source.component, &source.manifest) {
+        (_, Some(component), Some(manifest)) => (manifest.clone(), component.clone()),
+        (dir, None, manifest) => {
+            let dir = dir.clone().unwrap_or_else(|| PathBuf::from("."));
+            let component = provd_testkit::build_crate(&dir)
+                .with_context(|| format!("building the plugin crate {}", dir.display()))?;
+            (manifest.clone().unwrap_or_else(|| dir.join("plugin.toml")), component)
+        }
+        (_, Some(_), None) => bail!("--component needs --manifest"),
+    };
+    let text = std::fs::read_to_string(&manifest_path)
+        .with_context(|| format!("reading {}", manifest_path.display()))?;
+    let manifest =
+        Manifest::from_toml(&text).with_context(|| format!("{}", manifest_path.display()))?;
+    let wasm =
+        std::fs::read(&component).with_context(|| format!("reading {}", component.display()))?;
+    let plugin = engine
+        .load(&manifest, wasm)
+        .await
+        .with_context(|| format!("loading {}", component.display()))?;
+    Ok(plugin)
+}
+
+fn describe(plugin: &Plugin) -> serde_json::Value {
+    let grant = plugin.grant();
+    let c = &grant.capabilities;
+    let l = &grant.limits;
+    json!({
+        "name": plugin.name(),
+        "version": plugin.version().to_string(),
+        "blake3": plugin.digest_hex(),
+        "capabilities": {
+            "log": c.log.map(|g| json!({ "max-bytes": g.max_bytes })),
+            "progress": c.progress.then(|| json!({})),
+            "hashing": c.hashing.map(|g| json!({ "max-input-bytes": g.max_input_bytes })),
+        },
+        "limits": {
+            "memory-bytes": l.memory_bytes,
+            "timeout-ms": l.timeout.as_millis() as u64,
+            "instances": l.instances,
+            "tables": l.tables,
+            "table-elements": l.table_elements,
+            "memories": l.memories,
+        },
+        "imports": plugin.imports(),
+    })
+}
+
+async fn check(source: &PluginSource, json: bool) -> Result<std::process::ExitCode> {
+    let engine = Engine::new(EngineConfig::default())?;
+    let plugin = load(source, &engine).await?;
+    let d = describe(&plugin);
+    if json {
+        println!("{d:#}");
+    } else {
+        println!("plugin {} {} (blake3 {})", plugin.name(), plugin.version(), plugin.digest_hex());
+        println!("capabilities: {}", d.get("capabilities").unwrap_or(&json!(null)));
+        println!("limits: {}", d.get("limits").unwrap_or(&json!(null)));
+        println!("imports:");
+        for i in plugin.imports() {
+            println!("  {i}");
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// A request file: the operation id and the plugin's input as any JSON.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestFile {
+    #[serde(default = "default_operation_id")]
+    operation_id: String,
+    input: serde_json::Value,
+}
+
+fn default_operation_id() -> String {
+    "local".into()
+}
+
+fn read_request(path: &Path) -> Result<Request> {
+    let mut text = String::new();
+    if path == Path::new("-") {
+        std::io::stdin().read_to_string(&mut text).context("reading the request from stdin")?;
+    } else {
+        text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the request {}", path.display()))?;
+    }
+    let file: RequestFile =
+        serde_json::from_str(&text).with_context(|| format!("request {}", path.display()))?;
+    // A string input is passed as it is; anything else as its JSON text.
+    let input = match file.input {
+        serde_json::Value::String(s) => s,
+        other => other.to_string(),
+    };
+    Ok(Request { operation_id: file.operation_id, input })
+}
+
+async fn run_plugin(
+    source: &PluginSource,
+    input: &Path,
+    data_dir: Option<PathBuf>,
+    json: bool,
+) -> Result<std::process::ExitCode> {
+    let request = read_request(input)?;
+    let cache_dir = data_dir.map(|d| d.join("cache"));
+    let engine = Engine::new(EngineConfig {
+        policy: NodePolicy::default(),
+        cache_dir,
+        ..Default::default()
+    })?;
+    let plugin = load(source, &engine).await?;
+    let observer = Arc::new(CollectingObserver::default());
+    let result = engine.provision(&plugin, request, observer.clone()).await;
+    let logs = observer.logs();
+    let progress = observer.progress_events();
+    if json {
+        let out = match &result {
+            Ok(o) => json!({
+                "plugin": describe(&plugin),
+                "report": {
+                    "summary": o.report.summary,
+                    "fields": o.report.fields.iter().map(|f| (f.key.clone(), json!(f.value))).collect::<serde_json::Map<_, _>>(),
+                    "output": serde_json::from_str::<serde_json::Value>(&o.report.output).unwrap_or(serde_json::Value::String(o.report.output.clone())),
+                },
+                "elapsed_us": o.elapsed.as_micros() as u64,
+                "dropped_log_records": o.log.dropped_records,
+                "logs": logs.iter().map(log_json).collect::<Vec<_>>(),
+                "progress": progress.iter().map(progress_json).collect::<Vec<_>>(),
+            }),
+            Err(e) => json!({
+                "plugin": describe(&plugin),
+                "error": { "kind": error_kind(e), "message": e.to_string() },
+                "logs": logs.iter().map(log_json).collect::<Vec<_>>(),
+                "progress": progress.iter().map(progress_json).collect::<Vec<_>>(),
+            }),
+        };
+        println!("{out:#}");
+    } else {
+        println!("plugin {} {} (blake3 {})", plugin.name(), plugin.version(), plugin.digest_hex());
+        for r in &logs {
+            let fields: Vec<String> = r.fields.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+            println!("  [{}] {} {}", r.level.as_str(), r.message, fields.join(" "));
+        }
+        for p in &progress {
+            match p.total {
+                Some(t) => println!("  [progress] {} {}/{}", p.phase, p.done, t),
+                None => println!("  [progress] {} {}", p.phase, p.done),
+            }
+        }
+        if let Ok(o) = &result {
+            println!("report: {}", o.report.summary);
+            for f in &o.report.fields {
+                println!("  {} = {}", f.key, f.value);
+            }
+            println!("output: {}", o.report.output);
+            println!("elapsed: {:?}", o.elapsed);
+        }
+    }
+    match result {
+        Ok(_) => Ok(std::process::ExitCode::SUCCESS),
+        Err(e) if json => {
+            let _ = e;
+            Ok(std::process::ExitCode::FAILURE)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn error_kind(e: &InvokeError) -> &'static str {
+    match e {
+        InvokeError::Plugin(_) => "plugin",
+        InvokeError::Limit(_) => "limit",
+        InvokeError::Trap(_) => "trap",
+        InvokeError::Host(_) => "host",
+    }
+}
+
+fn log_json(r: &LogRecord) -> serde_json::Value {
+    json!({
+        "level": r.level.as_str(),
+        "source": format!("{:?}", r.source).to_lowercase(),
+        "message": r.message,
+        "fields": r.fields.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+    })
+}
+
+fn progress_json(p: &ProgressEvent) -> serde_json::Value {
+    json!({ "phase": p.phase, "done": p.done, "total": p.total })
+}

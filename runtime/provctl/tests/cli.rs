@@ -1,0 +1,172 @@
+// Integration tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+//! provctl's plugin commands, run as a user would run them.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use provd_tests::{HELLO, HOSTILE};
+
+fn provctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_provctl")).args(args).output().unwrap()
+}
+
+fn stdout_json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn hello_files() -> (String, String, String) {
+    let dir = HELLO.dir();
+    (
+        HELLO.component.to_string(),
+        dir.join("plugin.toml").display().to_string(),
+        dir.join("request.json").display().to_string(),
+    )
+}
+
+#[test]
+fn run_prints_the_report_logs_and_progress_as_json() {
+    let (component, manifest, request) = hello_files();
+    let out = provctl(&[
+        "plugin",
+        "run",
+        "--component",
+        &component,
+        "--manifest",
+        &manifest,
+        "--input",
+        &request,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = stdout_json(&out);
+    assert_eq!(v["report"]["summary"], "hello, node-7: hashed 3 items");
+    assert_eq!(v["report"]["fields"]["items"], "3");
+    assert_eq!(v["report"]["output"][2]["blake3"], blake3::hash(b"vm-c").to_hex().as_str());
+    assert_eq!(v["progress"].as_array().unwrap().len(), 4);
+    assert_eq!(v["logs"][0]["message"], "hello");
+    assert_eq!(v["logs"][0]["fields"]["name"], "node-7");
+    assert_eq!(v["plugin"]["capabilities"]["hashing"]["max-input-bytes"], 1048576);
+}
+
+#[test]
+fn run_in_human_form_shows_the_summary() {
+    let (component, manifest, request) = hello_files();
+    let out = provctl(&[
+        "plugin",
+        "run",
+        "--component",
+        &component,
+        "--manifest",
+        &manifest,
+        "--input",
+        &request,
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("report: hello, node-7: hashed 3 items"), "{text}");
+    assert!(text.contains("[progress] hash-items 3/3"), "{text}");
+}
+
+#[test]
+fn a_plugin_stopped_by_a_limit_fails_with_the_limit_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("plugin.toml");
+    std::fs::write(&manifest, "name = \"hostile\"\nversion = \"0.1.0\"\n[capabilities.log]\n[capabilities.progress]\n[capabilities.hashing]\n[limits]\ntimeout-ms = 200\n").unwrap();
+    let request = dir.path().join("request.json");
+    std::fs::write(&request, r#"{"input": "loop"}"#).unwrap();
+    let args = [
+        "plugin",
+        "run",
+        "--component",
+        HOSTILE.component,
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--input",
+        request.to_str().unwrap(),
+    ];
+    let out = provctl(&args);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("plugin stopped: deadline: the call ran past 200ms"), "{stderr}");
+
+    let mut json_args = args.to_vec();
+    json_args.push("--json");
+    let out = provctl(&json_args);
+    assert!(!out.status.success());
+    let v = stdout_json(&out);
+    assert_eq!(v["error"]["kind"], "limit");
+}
+
+#[test]
+fn check_lists_imports_and_refuses_undeclared_ones() {
+    let (component, manifest, _) = hello_files();
+    let out =
+        provctl(&["plugin", "check", "--component", &component, "--manifest", &manifest, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = stdout_json(&out);
+    let imports: Vec<&str> =
+        v["imports"].as_array().unwrap().iter().map(|i| i.as_str().unwrap()).collect();
+    assert!(imports.contains(&"provd:plugin/hashing@0.1.0"), "{imports:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bare = dir.path().join("plugin.toml");
+    std::fs::write(&bare, "name = \"hello\"\nversion = \"0.1.0\"\n").unwrap();
+    let out = provctl(&[
+        "plugin",
+        "check",
+        "--component",
+        &component,
+        "--manifest",
+        bare.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "component imports interfaces its grant does not allow: provd:plugin/log@0.1.0"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_bad_manifest_is_refused_with_its_path_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("plugin.toml");
+    std::fs::write(&manifest, "name = \"x\"\nversion = \"0.1.0\"\n[limits]\nmemory-mib = 0\n")
+        .unwrap();
+    let out = provctl(&[
+        "plugin",
+        "check",
+        "--component",
+        HOSTILE.component,
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("plugin.toml: `limits.memory-mib` must be at least 1"), "{stderr}");
+    assert!(stderr.contains(manifest.to_str().unwrap()), "{stderr}");
+}
+
+#[test]
+fn build_produces_the_component_of_a_crate() {
+    let out = provctl(&["plugin", "build", HELLO.dir, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = stdout_json(&out);
+    let path = v["component"].as_str().unwrap();
+    assert!(Path::new(path).exists());
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(v["blake3"], blake3::hash(&bytes).to_hex().as_str());
+    // A component, not a core module: layer 1 in the preamble.
+    assert_eq!(&bytes[..4], b"\0asm");
+    assert_eq!(bytes[6..8], [1, 0]);
+}

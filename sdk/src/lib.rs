@@ -1,0 +1,282 @@
+//! Write provd provisioning plugins in Rust.
+//!
+//! A plugin is a type implementing [`Plugin`], exported with
+//! [`export_plugin!`]. It is built into a WebAssembly component
+//! (`provctl plugin build`) and runs inside provd's sandbox, where it reaches
+//! the node only through the host interfaces its `plugin.toml` declares:
+//! [`log`], [`progress`] and [`hashing`] so far.
+//!
+//! ```no_run
+//! use provd_sdk::{Error, Plugin, Report, Request, log, progress};
+//!
+//! struct Hello;
+//!
+//! impl Plugin for Hello {
+//!     fn provision(request: Request) -> Result<Report, Error> {
+//!         #[derive(serde::Deserialize)]
+//!         struct Input { name: String }
+//!         let input: Input = request.input()?;
+//!         log::info("greeting", &[("name", &input.name)]);
+//!         progress::report("greet", 1, Some(1))?;
+//!         Ok(Report::new(format!("hello, {}", input.name)).field("greeted", 1))
+//!     }
+//! }
+//!
+//! provd_sdk::export_plugin!(Hello);
+//! ```
+//!
+//! Errors are values the host and the manager can match on; see [`Error`].
+//! Breaking a limit (memory, time, stack, bytes per host call) is not an
+//! error the plugin sees: provd stops it.
+
+use std::fmt;
+
+#[doc(hidden)]
+pub mod wit {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "provisioner",
+        pub_export_macro: true,
+        export_macro_name: "export",
+        default_bindings_module: "provd_sdk::wit",
+    });
+}
+
+use wit::provd::plugin::types as wit_types;
+
+/// What a plugin does: turn one request into a report.
+pub trait Plugin {
+    fn provision(request: Request) -> Result<Report, Error>;
+}
+
+/// Exports a [`Plugin`] as the component's `provision` function.
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty) => {
+        const _: () = {
+            struct ProvdExport;
+            impl $crate::wit::Guest for ProvdExport {
+                fn provision(
+                    request: $crate::wit::Request,
+                ) -> ::core::result::Result<
+                    $crate::wit::Report,
+                    $crate::wit::provd::plugin::types::Error,
+                > {
+                    $crate::__provision::<$plugin>(request)
+                }
+            }
+    $crate::wit::export!(ProvdExport with_types_in $crate::wit);
+        };
+    };
+}
+
+#[doc(hidden)]
+pub fn __provision<P: Plugin>(request: wit::Request) -> Result<wit::Report, wit_types::Error> {
+    let request = Request { operation_id: request.operation_id, input: request.input };
+    match P::provision(request) {
+        Ok(report) => Ok(report.into_wit()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A provisioning request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Identifier of the operation this call belongs to.
+    pub operation_id: String,
+    /// Plugin parameters as the manager sent them, a JSON document.
+    pub input: String,
+}
+
+impl Request {
+    /// Parses the input into `T`; a parse failure becomes
+    /// [`Error::InvalidInput`] naming where the document is wrong.
+    pub fn input<T: serde::de::DeserializeOwned>(&self) -> Result<T, Error> {
+        serde_json::from_str(&self.input)
+            .map_err(|e| Error::InvalidInput(format!("request input: {e}")))
+    }
+}
+
+/// What a plugin did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// One line for people.
+    pub summary: String,
+    /// Key figures.
+    pub fields: Vec<(String, String)>,
+    /// Machine-readable detail, a JSON document.
+    pub output: String,
+}
+
+impl Report {
+    pub fn new(summary: impl Into<String>) -> Report {
+        Report { summary: summary.into(), fields: Vec::new(), output: "null".into() }
+    }
+
+    /// Adds a key figure.
+    pub fn field(mut self, key: impl Into<String>, value: impl fmt::Display) -> Report {
+        self.fields.push((key.into(), value.to_string()));
+        self
+    }
+
+    /// Sets the machine-readable output.
+    pub fn output<T: serde::Serialize>(mut self, value: &T) -> Result<Report, Error> {
+        self.output = serde_json::to_string(value)
+            .map_err(|e| Error::Failed(format!("report output: {e}")))?;
+        Ok(self)
+    }
+
+    fn into_wit(self) -> wit::Report {
+        wit::Report {
+            summary: self.summary,
+            fields: self
+                .fields
+                .into_iter()
+                .map(|(key, value)| wit_types::Field { key, value })
+                .collect(),
+            output: self.output,
+        }
+    }
+}
+
+/// An error a plugin returns or receives from a host call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The input was malformed; the text names the field.
+    InvalidInput(String),
+    /// The node's policy does not allow this.
+    Denied(String),
+    /// Something named does not exist.
+    NotFound(String),
+    /// A quota would be exceeded.
+    QuotaExceeded(String),
+    /// Anything else that failed.
+    Failed(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidInput(m) => write!(f, "invalid input: {m}"),
+            Error::Denied(m) => write!(f, "denied: {m}"),
+            Error::NotFound(m) => write!(f, "not found: {m}"),
+            Error::QuotaExceeded(m) => write!(f, "quota exceeded: {m}"),
+            Error::Failed(m) => write!(f, "failed: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<wit_types::Error> for Error {
+    fn from(e: wit_types::Error) -> Error {
+        match e {
+            wit_types::Error::InvalidInput(m) => Error::InvalidInput(m),
+            wit_types::Error::Denied(m) => Error::Denied(m),
+            wit_types::Error::NotFound(m) => Error::NotFound(m),
+            wit_types::Error::QuotaExceeded(m) => Error::QuotaExceeded(m),
+            wit_types::Error::Failed(m) => Error::Failed(m),
+        }
+    }
+}
+
+impl From<Error> for wit_types::Error {
+    fn from(e: Error) -> wit_types::Error {
+        match e {
+            Error::InvalidInput(m) => wit_types::Error::InvalidInput(m),
+            Error::Denied(m) => wit_types::Error::Denied(m),
+            Error::NotFound(m) => wit_types::Error::NotFound(m),
+            Error::QuotaExceeded(m) => wit_types::Error::QuotaExceeded(m),
+            Error::Failed(m) => wit_types::Error::Failed(m),
+        }
+    }
+}
+
+/// Structured logging (capability `log`).
+///
+/// Records go to the node's log for this operation. Past the plugin's log
+/// budget they are dropped and counted, never failing the plugin. Whatever
+/// the plugin prints to stdout or stderr lands in the same log.
+///
+/// ```no_run
+/// provd_sdk::log::info("image fetched", &[("digest", &"blake3:ab…"), ("bytes", &1024)]);
+/// ```
+pub mod log {
+    use super::wit::provd::plugin::log as host;
+    use super::wit_types::Field;
+    use std::fmt::Display;
+
+    fn write(level: host::Level, message: &str, fields: &[(&str, &dyn Display)]) {
+        let fields: Vec<Field> = fields
+            .iter()
+            .map(|(k, v)| Field { key: (*k).to_string(), value: v.to_string() })
+            .collect();
+        host::write(level, message, &fields);
+    }
+
+    pub fn trace(message: &str, fields: &[(&str, &dyn Display)]) {
+        write(host::Level::Trace, message, fields)
+    }
+    pub fn debug(message: &str, fields: &[(&str, &dyn Display)]) {
+        write(host::Level::Debug, message, fields)
+    }
+    pub fn info(message: &str, fields: &[(&str, &dyn Display)]) {
+        write(host::Level::Info, message, fields)
+    }
+    pub fn warn(message: &str, fields: &[(&str, &dyn Display)]) {
+        write(host::Level::Warn, message, fields)
+    }
+    pub fn error(message: &str, fields: &[(&str, &dyn Display)]) {
+        write(host::Level::Error, message, fields)
+    }
+}
+
+/// Progress of the running request (capability `progress`).
+pub mod progress {
+    use super::Error;
+    use super::wit::provd::plugin::progress as host;
+
+    /// Reports `done` of `total` units of `phase` (lowercase letters, digits,
+    /// `-`, `_`, `.`). `total` is `None` while unknown.
+    pub fn report(phase: &str, done: u64, total: Option<u64>) -> Result<(), Error> {
+        host::report(phase, done, total).map_err(Error::from)
+    }
+}
+
+/// BLAKE3 computed natively by the host (capability `hashing`).
+///
+/// ```no_run
+/// let digest = provd_sdk::hashing::blake3(b"abc")?;
+/// let mut h = provd_sdk::hashing::Hasher::new();
+/// h.update(b"a")?;
+/// h.update(b"bc")?;
+/// assert_eq!(h.finish(), digest);
+/// # Ok::<(), provd_sdk::Error>(())
+/// ```
+pub mod hashing {
+    use super::Error;
+    use super::wit::provd::plugin::hashing as host;
+
+    /// The BLAKE3 digest of `data` as 64 lowercase hex characters.
+    pub fn blake3(data: &[u8]) -> Result<String, Error> {
+        host::blake3(data).map_err(Error::from)
+    }
+
+    /// Incremental BLAKE3, for input that arrives in pieces.
+    #[derive(Debug)]
+    pub struct Hasher(host::Hasher);
+
+    impl Hasher {
+        #[allow(clippy::new_without_default)]
+        pub fn new() -> Hasher {
+            Hasher(host::Hasher::new())
+        }
+        pub fn update(&mut self, data: &[u8]) -> Result<(), Error> {
+            self.0.update(data).map_err(Error::from)
+        }
+        /// The digest of everything fed so far.
+        pub fn finish(&self) -> String {
+            self.0.finish()
+        }
+    }
+}

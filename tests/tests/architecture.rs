@@ -1,0 +1,188 @@
+// Integration tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+//! The dependency rules of ARCHITECTURE.md, checked against `cargo metadata`
+//! and the sources, so that they stay true.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+struct Workspace {
+    root: PathBuf,
+    /// package id → (name, manifest directory)
+    packages: HashMap<String, (String, PathBuf)>,
+    /// package id → ids of its normal and build dependencies
+    deps: HashMap<String, Vec<String>>,
+    members: Vec<String>,
+}
+
+fn workspace() -> Workspace {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let out = Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--manifest-path"])
+        .arg(root.join("Cargo.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let meta: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut packages = HashMap::new();
+    for p in meta["packages"].as_array().unwrap() {
+        let dir = Path::new(p["manifest_path"].as_str().unwrap()).parent().unwrap().to_path_buf();
+        packages.insert(
+            p["id"].as_str().unwrap().to_string(),
+            (p["name"].as_str().unwrap().to_string(), dir),
+        );
+    }
+    let mut deps = HashMap::new();
+    for node in meta["resolve"]["nodes"].as_array().unwrap() {
+        let id = node["id"].as_str().unwrap().to_string();
+        let normal: Vec<String> = node["deps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| {
+                d["dep_kinds"].as_array().unwrap().iter().any(|k| k["kind"].as_str() != Some("dev"))
+            })
+            .map(|d| d["pkg"].as_str().unwrap().to_string())
+            .collect();
+        deps.insert(id, normal);
+    }
+    let members = meta["workspace_members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_string())
+        .collect();
+    Workspace { root, packages, deps, members }
+}
+
+impl Workspace {
+    fn id(&self, name: &str) -> String {
+        self.members
+            .iter()
+            .find(|id| self.packages[*id].0 == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no member {name}"))
+    }
+
+    /// Names of everything `id` depends on, transitively, dev-dependencies
+    /// excluded (they never reach the built artifact).
+    fn closure(&self, id: &str) -> BTreeSet<String> {
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![id.to_string()];
+        while let Some(next) = stack.pop() {
+            for dep in self.deps.get(&next).into_iter().flatten() {
+                if seen.insert(dep.clone()) {
+                    stack.push(dep.clone());
+                }
+            }
+        }
+        seen
+    }
+
+    fn is_under(&self, id: &str, dir: &str) -> bool {
+        self.packages[id].1.starts_with(self.root.join(dir))
+    }
+}
+
+#[test]
+fn the_domain_crate_does_no_io() {
+    let ws = workspace();
+    let closure: BTreeSet<String> =
+        ws.closure(&ws.id("provd-domain")).iter().map(|id| ws.packages[id].0.clone()).collect();
+    for forbidden in
+        ["wasmtime", "wasmtime-wasi", "tokio", "hyper", "rusqlite", "cap-std", "provd-engine"]
+    {
+        assert!(!closure.contains(forbidden), "provd-domain depends on {forbidden}");
+    }
+}
+
+#[test]
+fn guest_crates_do_not_depend_on_the_runtime() {
+    let ws = workspace();
+    let guests: Vec<&String> = ws
+        .members
+        .iter()
+        .filter(|id| {
+            ["sdk", "plugins", "examples", "tests/guests"].iter().any(|d| ws.is_under(id, d))
+        })
+        .collect();
+    assert!(guests.len() >= 4, "found guest crates {guests:?}");
+    for guest in guests {
+        for dep in ws.closure(guest) {
+            let name = &ws.packages[&dep].0;
+            assert!(
+                !ws.is_under(&dep, "runtime") && !name.starts_with("wasmtime") && name != "tokio",
+                "guest crate {} depends on {name}",
+                ws.packages[guest].0
+            );
+        }
+    }
+}
+
+#[test]
+fn runtime_crates_do_not_depend_on_guest_crates() {
+    let ws = workspace();
+    for member in ws.members.iter().filter(|id| ws.is_under(id, "runtime")) {
+        for dep in ws.closure(member) {
+            assert!(
+                !ws.is_under(&dep, "sdk")
+                    && !ws.is_under(&dep, "plugins")
+                    && !ws.is_under(&dep, "examples"),
+                "{} depends on guest crate {}",
+                ws.packages[member].0,
+                ws.packages[&dep].0
+            );
+        }
+    }
+}
+
+#[test]
+fn only_the_bindings_crate_runs_host_bindgen() {
+    let ws = workspace();
+    let mut offenders = Vec::new();
+    for member in ws.members.iter().filter(|id| ws.is_under(id, "runtime")) {
+        let (name, dir) = &ws.packages[member];
+        if name == "provd-bindings" {
+            continue;
+        }
+        for file in rust_files(&dir.join("src")) {
+            let text = std::fs::read_to_string(&file).unwrap();
+            if text.contains("component::bindgen!") || text.contains("bindgen!({") {
+                offenders.push(file.display().to_string());
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "bindgen! outside provd-bindings: {offenders:?}");
+}
+
+#[test]
+fn every_member_uses_the_workspace_lints() {
+    let ws = workspace();
+    for member in &ws.members {
+        let (name, dir) = &ws.packages[member];
+        let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+        assert!(
+            manifest.contains("[lints]\nworkspace = true"),
+            "{name} does not use the workspace lints"
+        );
+    }
+}
+
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    for entry in entries {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(rust_files(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+    out
+}
