@@ -214,3 +214,41 @@ async fn the_policy_refuses_a_manifest_that_asks_too_much() {
          node's 32; limits.timeout-ms = 99999999 exceeds the node's 600000"
     );
 }
+
+#[tokio::test]
+async fn without_address_space_for_the_pool_the_engine_falls_back_to_on_demand() {
+    // A pool for a million concurrent instances needs far more virtual
+    // memory than any machine has, so reserving it fails.
+    let policy = NodePolicy { max_concurrent_invocations: 1_000_000, ..NodePolicy::default() };
+    let engine = Engine::new(EngineConfig { policy, ..EngineConfig::default() }).unwrap();
+    assert!(!engine.pooling());
+    let plugin = engine.load(&hello_manifest(), HELLO.wasm()).await.unwrap();
+    let observer = Arc::new(CollectingObserver::default());
+    let outcome = engine.provision(&plugin, request(r#"{"name":"n"}"#), observer).await.unwrap();
+    assert_eq!(outcome.report.summary, "hello, n: hashed 0 items");
+}
+
+/// An observer with a bug: it panics on the first progress event.
+struct PanickingObserver;
+
+impl provd_engine::Observer for PanickingObserver {
+    fn log(&self, _: &provd_engine::LogRecord) {}
+    fn progress(&self, _: &provd_engine::ProgressEvent) {
+        panic!("observer bug");
+    }
+}
+
+#[tokio::test]
+async fn a_panic_in_host_code_ends_only_that_call() {
+    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let plugin = engine.load(&hello_manifest(), HELLO.wasm()).await.unwrap();
+    let result =
+        engine.provision(&plugin, request(r#"{"name":"n"}"#), Arc::new(PanickingObserver)).await;
+    match result {
+        Err(InvokeError::Host(m)) => assert_eq!(m, "host panic: observer bug"),
+        other => panic!("expected a host failure, got {other:?}"),
+    }
+    let observer = Arc::new(CollectingObserver::default());
+    let outcome = engine.provision(&plugin, request(r#"{"name":"n"}"#), observer).await.unwrap();
+    assert_eq!(outcome.report.summary, "hello, n: hashed 0 items");
+}

@@ -7,7 +7,8 @@
 //!
 //! Sections: `calls` (warm instantiate + one provision call, pooling and
 //! on-demand), `cold` (first load and call with an empty and a warm artifact
-//! cache), `hashing` (64 MiB through the host versus inside the guest).
+//! cache), `hashing` (64 MiB through the host versus inside the guest),
+//! `deadline` (how far past its deadline an infinite loop is stopped).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +43,9 @@ async fn main() -> Result<()> {
     }
     if which == "all" || which == "hashing" {
         hashing().await?;
+    }
+    if which == "all" || which == "deadline" {
+        deadline().await?;
     }
     Ok(())
 }
@@ -220,6 +224,38 @@ async fn hashing() -> Result<()> {
         mib_s(MIB, native),
         guest.as_secs_f64() / native.as_secs_f64()
     );
+    Ok(())
+}
+
+async fn deadline() -> Result<()> {
+    const RUNS: usize = 20;
+    const TIMEOUT_MS: u64 = 100;
+    let engine = Engine::new(EngineConfig::default())?;
+    let manifest =
+        Manifest::from_toml(&format!("{MINIMAL_MANIFEST}[limits]\ntimeout-ms = {TIMEOUT_MS}\n"))?;
+    let plugin = load(&engine, &manifest, HOSTILE).await?;
+    let mut overshoot = Vec::new();
+    for _ in 0..RUNS {
+        let request = Request { operation_id: "bench".into(), input: "loop".into() };
+        let start = Instant::now();
+        let result = engine.provision(&plugin, request, Arc::new(Discard)).await;
+        let elapsed = start.elapsed();
+        if !matches!(
+            result,
+            Err(provd_engine::InvokeError::Limit(provd_engine::Limit::Deadline { .. }))
+        ) {
+            bail!("the loop was not stopped by its deadline: {result:?}");
+        }
+        overshoot.push(elapsed.saturating_sub(Duration::from_millis(TIMEOUT_MS)));
+    }
+    let max = overshoot.iter().max().copied().unwrap_or_default();
+    let s = stats(overshoot);
+    println!(
+        "\n## Infinite loop with a {TIMEOUT_MS} ms deadline ({RUNS} runs, epoch tick 10 ms)\n"
+    );
+    println!("| overshoot median | p90 | max |");
+    println!("|---|---|---|");
+    println!("| {:.1} ms | {:.1} ms | {:.1} ms |", ms(s.median), ms(s.p90), ms(max));
     Ok(())
 }
 

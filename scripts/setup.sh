@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what provd needs on a Debian machine, idempotently:
+# - a WebAssembly guest toolchain for plugins. rustup's wasm32-wasip2 target
+#   is used when installed; otherwise Debian's Rust with wasi-libc (the
+#   route that works where rustup cannot download targets).
+# - rustfmt and clippy for the checks.
+set -euo pipefail
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo not found; install Rust with rustup (https://rustup.rs) first" >&2
+  exit 1
+fi
+
+if rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+  echo "setup: guest toolchain: rustup wasm32-wasip2"
+elif rustup target add wasm32-wasip2 >/dev/null 2>&1; then
+  echo "setup: guest toolchain: rustup wasm32-wasip2 (just installed)"
+else
+  needed=()
+  for pkg in rustc-web cargo-web rust-web-src lld-19 wasi-libc; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || needed+=("$pkg")
+  done
+  if [ "${#needed[@]}" -gt 0 ]; then
+    echo "setup: installing the Debian guest toolchain: ${needed[*]}"
+    as_root apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${needed[@]}"
+  fi
+  echo "setup: guest toolchain: Debian rustc, wasm32-wasip1 + build-std + reactor adapter"
+fi
+
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
