@@ -219,12 +219,16 @@ pub fn componentize(core_module: &[u8]) -> Result<Vec<u8>, String> {
 }
 
 /// Keeps the file's modification time when nothing changed, so that
-/// whatever watches it does not rebuild for nothing.
+/// whatever watches it does not rebuild for nothing; otherwise replaces it
+/// atomically, because tests may be reading it while another build runs.
 fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
     if std::fs::read(path).is_ok_and(|old| old == bytes) {
         return Ok(());
     }
-    std::fs::write(path, bytes).map_err(|source| BuildError::Io { path: path.into(), source })
+    let io = |source| BuildError::Io { path: path.into(), source };
+    let tmp = path.with_extension(format!("wasm.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
 }
 
 fn package_name(manifest_path: &Path) -> Result<String, BuildError> {
