@@ -29,6 +29,7 @@
 //! ```
 
 mod capability;
+pub mod image;
 mod manifest;
 mod policy;
 

@@ -1,0 +1,389 @@
+//! The SQLite schema and every statement that touches it.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use provd_domain::image::{Entry, EntryKind, Hash};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::{Stats, StoreError};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how
+/// many have run. Never edit one that has shipped: add another.
+const MIGRATIONS: &[&str] = &[r#"
+    CREATE TABLE images (
+        id            INTEGER PRIMARY KEY,
+        reference     TEXT NOT NULL UNIQUE,
+        digest        TEXT NOT NULL,
+        source        TEXT NOT NULL,
+        source_digest TEXT,
+        entries       INTEGER NOT NULL,
+        files         INTEGER NOT NULL,
+        bytes         INTEGER NOT NULL,
+        created_at    INTEGER NOT NULL
+    );
+    CREATE TABLE entries (
+        image_id    INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+        path        TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        mode        INTEGER NOT NULL,
+        uid         INTEGER NOT NULL,
+        gid         INTEGER NOT NULL,
+        mtime       INTEGER NOT NULL,
+        size        INTEGER NOT NULL,
+        hash        BLOB,
+        link_target TEXT,
+        dev_major   INTEGER,
+        dev_minor   INTEGER,
+        PRIMARY KEY (image_id, path)
+    ) WITHOUT ROWID;
+    CREATE TABLE objects (
+        hash BLOB PRIMARY KEY,
+        size INTEGER NOT NULL,
+        refs INTEGER NOT NULL CHECK (refs >= 0)
+    ) WITHOUT ROWID;
+"#];
+
+/// An image as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRecord {
+    pub id: i64,
+    /// The reference it was imported under, canonical form.
+    pub reference: String,
+    /// BLAKE3 over the canonical listing of its entries: equal images have
+    /// equal digests whatever their source.
+    pub digest: String,
+    /// `dir`, `tar`, `http`, `oci`.
+    pub source: String,
+    /// Verified digest of what was downloaded, when something was.
+    pub source_digest: Option<String>,
+    pub entries: u64,
+    /// Regular files (hard links not counted).
+    pub files: u64,
+    /// Bytes of regular-file content.
+    pub bytes: u64,
+    /// Seconds since the epoch.
+    pub created_at: i64,
+}
+
+/// What an import hands to [`crate::Store::commit_image`].
+#[derive(Debug, Clone)]
+pub struct NewImage {
+    pub reference: String,
+    pub source: String,
+    pub source_digest: Option<String>,
+}
+
+pub(crate) fn open(path: &Path) -> Result<Connection, StoreError> {
+    let err = |source| StoreError::Db { path: path.display().to_string(), source };
+    let conn = Connection::open(path).map_err(err)?;
+    // WAL keeps readers off the writer's back; FULL makes a commit durable
+    // before it returns, which acceptance and provisioning state need.
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+    conn.pragma_update(None, "foreign_keys", true).map_err(err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(err)?;
+    let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(err)?;
+    if check != "ok" {
+        return Err(StoreError::Corrupt { path: path.display().to_string(), detail: check });
+    }
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(err)?;
+    let done = usize::try_from(version).unwrap_or(0);
+    for (i, migration) in MIGRATIONS.iter().enumerate().skip(done) {
+        let tx = conn.unchecked_transaction().map_err(err)?;
+        tx.execute_batch(migration).map_err(err)?;
+        tx.pragma_update(None, "user_version", i64::try_from(i + 1).unwrap_or(i64::MAX))
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+    }
+    Ok(conn)
+}
+
+pub(crate) enum InsertError {
+    Exists,
+    Db(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for InsertError {
+    fn from(e: rusqlite::Error) -> Self {
+        InsertError::Db(e)
+    }
+}
+
+/// BLAKE3 over a canonical listing of the entries, sorted by path.
+pub(crate) fn image_digest(entries: &[Entry]) -> String {
+    let mut sorted: Vec<&Entry> = entries.iter().collect();
+    sorted.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut h = blake3::Hasher::new();
+    for e in sorted {
+        let hash = e.hash.map(|h| h.to_hex()).unwrap_or_default();
+        let dev = e.device.map(|(a, b)| format!("{a},{b}")).unwrap_or_default();
+        let line = format!(
+            "{}\0{}\0{:o}\0{}\0{}\0{}\0{}\0{}\0{}\0{}\n",
+            e.path,
+            e.kind.as_str(),
+            e.mode,
+            e.uid,
+            e.gid,
+            e.mtime,
+            e.size,
+            hash,
+            e.link_target.as_deref().unwrap_or(""),
+            dev
+        );
+        h.update(line.as_bytes());
+    }
+    format!("blake3:{}", h.finalize().to_hex())
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn insert_image(
+    conn: &mut Connection,
+    image: &NewImage,
+    entries: &[Entry],
+) -> Result<ImageRecord, InsertError> {
+    let tx = conn.transaction()?;
+    let exists: Option<i64> = tx
+        .query_row("SELECT id FROM images WHERE reference = ?1", [&image.reference], |r| r.get(0))
+        .optional()?;
+    if exists.is_some() {
+        return Err(InsertError::Exists);
+    }
+    let files = entries.iter().filter(|e| e.kind == EntryKind::File).count() as u64;
+    let bytes: u64 = entries.iter().filter(|e| e.kind == EntryKind::File).map(|e| e.size).sum();
+    let digest = image_digest(entries);
+    let created_at = now();
+    tx.execute(
+        "INSERT INTO images (reference, digest, source, source_digest, entries, files, bytes, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            image.reference,
+            digest,
+            image.source,
+            image.source_digest,
+            to_i64(entries.len() as u64),
+            to_i64(files),
+            to_i64(bytes),
+            created_at
+        ],
+    )?;
+    let id = tx.last_insert_rowid();
+    {
+        let mut insert = tx.prepare(
+            "INSERT INTO entries (image_id, path, kind, mode, uid, gid, mtime, size, hash, link_target, dev_major, dev_minor)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        )?;
+        for e in entries {
+            insert.execute(params![
+                id,
+                e.path,
+                e.kind.as_str(),
+                e.mode,
+                to_i64(e.uid),
+                to_i64(e.gid),
+                e.mtime,
+                to_i64(e.size),
+                e.hash.map(|h| h.0.to_vec()),
+                e.link_target,
+                e.device.map(|d| d.0),
+                e.device.map(|d| d.1),
+            ])?;
+        }
+        // Each image counts once per object it uses, however many paths
+        // share that content.
+        let mut distinct: Vec<(Hash, u64)> = entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::File)
+            .filter_map(|e| e.hash.map(|h| (h, e.size)))
+            .collect();
+        distinct.sort();
+        distinct.dedup_by_key(|(h, _)| *h);
+        let mut upsert = tx.prepare(
+            "INSERT INTO objects (hash, size, refs) VALUES (?1, ?2, 1)
+             ON CONFLICT(hash) DO UPDATE SET refs = refs + 1",
+        )?;
+        for (hash, size) in distinct {
+            upsert.execute(params![hash.0.to_vec(), to_i64(size)])?;
+        }
+    }
+    tx.commit()?;
+    Ok(ImageRecord {
+        id,
+        reference: image.reference.clone(),
+        digest,
+        source: image.source.clone(),
+        source_digest: image.source_digest.clone(),
+        entries: entries.len() as u64,
+        files,
+        bytes,
+        created_at,
+    })
+}
+
+fn image_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRecord> {
+    Ok(ImageRecord {
+        id: r.get(0)?,
+        reference: r.get(1)?,
+        digest: r.get(2)?,
+        source: r.get(3)?,
+        source_digest: r.get(4)?,
+        entries: r.get::<_, i64>(5)?.max(0) as u64,
+        files: r.get::<_, i64>(6)?.max(0) as u64,
+        bytes: r.get::<_, i64>(7)?.max(0) as u64,
+        created_at: r.get(8)?,
+    })
+}
+
+const IMAGE_COLUMNS: &str =
+    "id, reference, digest, source, source_digest, entries, files, bytes, created_at";
+
+pub(crate) fn image(conn: &Connection, reference: &str) -> rusqlite::Result<Option<ImageRecord>> {
+    conn.query_row(
+        &format!("SELECT {IMAGE_COLUMNS} FROM images WHERE reference = ?1"),
+        [reference],
+        image_row,
+    )
+    .optional()
+}
+
+pub(crate) fn images(conn: &Connection) -> rusqlite::Result<Vec<ImageRecord>> {
+    let mut stmt = conn.prepare(&format!("SELECT {IMAGE_COLUMNS} FROM images ORDER BY id"))?;
+    let rows = stmt.query_map([], image_row)?;
+    rows.collect()
+}
+
+fn entry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
+    let kind: String = r.get(1)?;
+    let hash: Option<Vec<u8>> = r.get(7)?;
+    let major: Option<u32> = r.get(9)?;
+    let minor: Option<u32> = r.get(10)?;
+    Ok(Entry {
+        path: r.get(0)?,
+        kind: EntryKind::parse(&kind).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                1,
+                rusqlite::types::Type::Text,
+                format!("unknown entry kind {kind:?}").into(),
+            )
+        })?,
+        mode: r.get(2)?,
+        uid: r.get::<_, i64>(3)?.max(0) as u64,
+        gid: r.get::<_, i64>(4)?.max(0) as u64,
+        mtime: r.get(5)?,
+        size: r.get::<_, i64>(6)?.max(0) as u64,
+        hash: hash.and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok()).map(Hash),
+        link_target: r.get(8)?,
+        device: major.zip(minor),
+    })
+}
+
+const ENTRY_COLUMNS: &str =
+    "path, kind, mode, uid, gid, mtime, size, hash, link_target, dev_major, dev_minor";
+
+pub(crate) fn entries(
+    conn: &Connection,
+    image_id: i64,
+    offset: u64,
+    limit: u64,
+) -> rusqlite::Result<Vec<Entry>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {ENTRY_COLUMNS} FROM entries WHERE image_id = ?1 ORDER BY path LIMIT ?2 OFFSET ?3"
+    ))?;
+    let rows = stmt.query_map(params![image_id, to_i64(limit), to_i64(offset)], entry_row)?;
+    rows.collect()
+}
+
+pub(crate) fn entry(
+    conn: &Connection,
+    image_id: i64,
+    path: &str,
+) -> rusqlite::Result<Option<Entry>> {
+    conn.query_row(
+        &format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE image_id = ?1 AND path = ?2"),
+        params![image_id, path],
+        entry_row,
+    )
+    .optional()
+}
+
+/// Removes an image; returns the objects it leaves unused (hash, size), or
+/// `None` when there is no such image.
+pub(crate) fn remove_image(
+    conn: &mut Connection,
+    reference: &str,
+) -> rusqlite::Result<Option<Vec<(Hash, u64)>>> {
+    let tx = conn.transaction()?;
+    let Some(id) = tx
+        .query_row("SELECT id FROM images WHERE reference = ?1", [reference], |r| {
+            r.get::<_, i64>(0)
+        })
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    tx.execute(
+        "UPDATE objects SET refs = refs - 1 WHERE hash IN
+            (SELECT DISTINCT hash FROM entries WHERE image_id = ?1 AND kind = 'file' AND hash IS NOT NULL)",
+        [id],
+    )?;
+    tx.execute("DELETE FROM images WHERE id = ?1", [id])?;
+    let unused = {
+        let mut stmt = tx.prepare("SELECT hash, size FROM objects WHERE refs = 0")?;
+        let rows = stmt.query_map([], |r| {
+            let h: Vec<u8> = r.get(0)?;
+            Ok((h, r.get::<_, i64>(1)?.max(0) as u64))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (h, size) = row?;
+            if let Ok(h) = <[u8; 32]>::try_from(h.as_slice()) {
+                out.push((Hash(h), size));
+            }
+        }
+        out
+    };
+    tx.execute("DELETE FROM objects WHERE refs = 0", [])?;
+    tx.commit()?;
+    Ok(Some(unused))
+}
+
+pub(crate) fn drop_unreferenced(conn: &mut Connection) -> rusqlite::Result<()> {
+    conn.execute("DELETE FROM objects WHERE refs = 0", [])?;
+    Ok(())
+}
+
+pub(crate) fn referenced(conn: &Connection) -> rusqlite::Result<HashSet<Hash>> {
+    let mut stmt = conn.prepare("SELECT hash FROM objects WHERE refs > 0")?;
+    let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+    let mut out = HashSet::new();
+    for row in rows {
+        if let Ok(h) = <[u8; 32]>::try_from(row?.as_slice()) {
+            out.insert(Hash(h));
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
+    let images: i64 = conn.query_row("SELECT count(*) FROM images", [], |r| r.get(0))?;
+    let (objects, bytes): (i64, i64) = conn.query_row(
+        "SELECT count(*), coalesce(sum(size), 0) FROM objects WHERE refs > 0",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok(Stats {
+        images: images.max(0) as u64,
+        objects: objects.max(0) as u64,
+        object_bytes: bytes.max(0) as u64,
+    })
+}

@@ -1,0 +1,310 @@
+//! The node's state, rooted in its data directory.
+//!
+//! ```text
+//! <data>/provd.lock        exclusive lock: one provd per data directory
+//! <data>/provd.db          SQLite (WAL, synchronous=FULL): images, entries, objects
+//! <data>/objects/ab/cd…    file contents, one read-only file per BLAKE3 digest
+//! <data>/staging/          temporary files of imports in progress
+//! ```
+//!
+//! **Every file access goes through `cap_std` directory handles opened at
+//! the data directory**, and the only names ever written are digests and
+//! generated temporary names: nothing an image or a plugin supplies becomes a
+//! path on the node.
+//!
+//! An import writes objects through an [`ObjectWriter`] and then commits the
+//! image in one transaction with [`Store::commit_image`]. Objects are synced
+//! to disk before the transaction commits, so the database never references
+//! a missing object. A writer dropped without committing removes the
+//! objects that only it needed, so a failed import leaves nothing behind;
+//! after a crash, [`Store::gc`] (run at open) removes unreferenced objects
+//! and staging leftovers. Objects are counted once per image that uses them;
+//! removing an image frees exactly the objects no other image uses.
+
+mod db;
+mod objects;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use cap_std::fs::Dir;
+use provd_domain::image::{Entry, Hash};
+
+pub use db::{ImageRecord, NewImage};
+pub use objects::ObjectWriter;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// a file operation in the data directory failed
+    #[error("{what} in {dir}: {source}")]
+    Io { what: String, dir: String, source: std::io::Error },
+    /// the database failed
+    #[error("database {path}: {source}")]
+    Db { path: String, source: rusqlite::Error },
+    /// the database failed its integrity check
+    #[error("database {path} failed its integrity check: {detail}")]
+    Corrupt { path: String, detail: String },
+    /// another process holds the data directory
+    #[error("data directory {0} is in use by another provd process")]
+    Locked(String),
+    /// a content exceeded a size limit
+    #[error("{what} is larger than {limit} bytes")]
+    TooLarge { what: String, limit: u64 },
+    /// the disk is too full to continue safely
+    #[error("only {free} bytes free in {dir}; at least {needed} must stay free")]
+    DiskFull { dir: String, free: u64, needed: u64 },
+    /// the image already exists
+    #[error("image {0} already exists")]
+    Exists(String),
+    /// no such image or object
+    #[error("{0} not found")]
+    NotFound(String),
+}
+
+/// Figures of a removal or a garbage collection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Freed {
+    /// Objects deleted.
+    pub objects: u64,
+    /// Bytes of content deleted.
+    pub bytes: u64,
+    /// Temporary files removed from staging.
+    pub staging: u64,
+}
+
+/// Counts over the whole store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub images: u64,
+    pub objects: u64,
+    pub object_bytes: u64,
+}
+
+/// The node's content-addressed store and database.
+#[derive(Debug)]
+pub struct Store {
+    path: PathBuf,
+    objects: Dir,
+    staging: Dir,
+    db: Mutex<rusqlite::Connection>,
+    /// Objects an import in progress relies on, with how many imports do.
+    /// Removal and gc never delete a pinned object.
+    pins: Mutex<HashMap<Hash, usize>>,
+    /// Free bytes an import must leave on the data directory's filesystem.
+    pub min_free_bytes: u64,
+    /// The lock file, held open (and locked) for the store's lifetime; also
+    /// the handle for filesystem-wide calls (syncfs, statvfs), which
+    /// cap-std's path-only directory handles do not support.
+    lock: std::fs::File,
+}
+
+/// Default free space an import must leave on the disk.
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 256 << 20;
+
+impl Store {
+    /// Opens (creating if needed) the store in `path`, takes its lock,
+    /// checks the database and collects garbage left by a crash.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let display = path.display().to_string();
+        let io = |what: &str| {
+            let dir = display.clone();
+            let what = what.to_string();
+            move |source| StoreError::Io { what: what.clone(), dir: dir.clone(), source }
+        };
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(path)
+                .map_err(io("creating the data directory"))?;
+        }
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path.join("provd.lock"))
+            .map_err(io("opening provd.lock"))?;
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => return Err(StoreError::Locked(display)),
+            Err(e) => return Err(io("locking provd.lock")(e.into())),
+        }
+        let root = Dir::open_ambient_dir(path, cap_std::ambient_authority())
+            .map_err(io("opening the data directory"))?;
+        for sub in ["objects", "staging"] {
+            match root.create_dir(sub) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io(&format!("creating {sub}/"))(e)),
+            }
+        }
+        let objects = root.open_dir("objects").map_err(io("opening objects/"))?;
+        let staging = root.open_dir("staging").map_err(io("opening staging/"))?;
+        let db = db::open(&path.join("provd.db"))?;
+        let store = Store {
+            path: path.to_path_buf(),
+            objects,
+            staging,
+            db: Mutex::new(db),
+            pins: Mutex::default(),
+            min_free_bytes: DEFAULT_MIN_FREE_BYTES,
+            lock,
+        };
+        let freed = store.gc()?;
+        if freed != Freed::default() {
+            tracing::info!(?freed, "removed leftovers of an earlier run");
+        }
+        Ok(store)
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Starts writing the objects of one import.
+    pub fn writer(&self) -> ObjectWriter<'_> {
+        ObjectWriter::new(self)
+    }
+
+    fn io_error(&self, what: impl Into<String>, source: std::io::Error) -> StoreError {
+        StoreError::Io { what: what.into(), dir: self.path.display().to_string(), source }
+    }
+
+    fn db_error(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Db { path: self.path.join("provd.db").display().to_string(), source }
+    }
+
+    fn lock_db(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
+        // A panic while holding the connection leaves no half-done
+        // transaction behind (rusqlite rolls back on drop), so the
+        // connection stays usable.
+        self.db.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn lock_pins(&self) -> std::sync::MutexGuard<'_, HashMap<Hash, usize>> {
+        self.pins.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Commits an image whose objects `writer` holds, in one transaction.
+    pub fn commit_image(
+        &self,
+        mut writer: ObjectWriter<'_>,
+        image: &NewImage,
+        entries: &[Entry],
+    ) -> Result<ImageRecord, StoreError> {
+        writer.sync()?;
+        let record = {
+            let mut db = self.lock_db();
+            db::insert_image(&mut db, image, entries).map_err(|e| match e {
+                db::InsertError::Exists => StoreError::Exists(image.reference.clone()),
+                db::InsertError::Db(e) => self.db_error(e),
+            })?
+        };
+        writer.committed();
+        Ok(record)
+    }
+
+    /// The image recorded under `reference`.
+    pub fn image(&self, reference: &str) -> Result<Option<ImageRecord>, StoreError> {
+        db::image(&self.lock_db(), reference).map_err(|e| self.db_error(e))
+    }
+
+    /// Every image, oldest first.
+    pub fn images(&self) -> Result<Vec<ImageRecord>, StoreError> {
+        db::images(&self.lock_db()).map_err(|e| self.db_error(e))
+    }
+
+    /// A page of an image's entries, ordered by path.
+    pub fn entries(
+        &self,
+        image: &ImageRecord,
+        offset: u64,
+        limit: u64,
+    ) -> Result<Vec<Entry>, StoreError> {
+        db::entries(&self.lock_db(), image.id, offset, limit).map_err(|e| self.db_error(e))
+    }
+
+    /// One entry of an image.
+    pub fn entry(&self, image: &ImageRecord, path: &str) -> Result<Option<Entry>, StoreError> {
+        db::entry(&self.lock_db(), image.id, path).map_err(|e| self.db_error(e))
+    }
+
+    /// Reads an object's content, refusing one larger than `max` bytes.
+    pub fn read_object(&self, hash: &Hash, max: u64) -> Result<Vec<u8>, StoreError> {
+        objects::read(self, hash, max)
+    }
+
+    /// Opens an object for reading.
+    pub fn open_object(&self, hash: &Hash) -> Result<cap_std::fs::File, StoreError> {
+        objects::open(self, hash)
+    }
+
+    /// Removes an image and every object no other image uses.
+    pub fn remove_image(&self, reference: &str) -> Result<Freed, StoreError> {
+        let pins = self.lock_pins();
+        let mut db = self.lock_db();
+        let unused = db::remove_image(&mut db, reference)
+            .map_err(|e| self.db_error(e))?
+            .ok_or_else(|| StoreError::NotFound(format!("image {reference}")))?;
+        let mut freed = Freed::default();
+        for (hash, size) in unused {
+            if pins.contains_key(&hash) {
+                continue;
+            }
+            if objects::delete(self, &hash)? {
+                freed.objects += 1;
+                freed.bytes += size;
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Deletes every object file no image references and every staging
+    /// leftover, and drops object rows no image uses. Safe to run at any
+    /// time: objects pinned by imports in progress are kept.
+    pub fn gc(&self) -> Result<Freed, StoreError> {
+        let pins = self.lock_pins();
+        let mut db = self.lock_db();
+        db::drop_unreferenced(&mut db).map_err(|e| self.db_error(e))?;
+        let referenced = db::referenced(&db).map_err(|e| self.db_error(e))?;
+        let mut freed = Freed::default();
+        for (hash, size) in objects::list(self)? {
+            if referenced.contains(&hash) || pins.contains_key(&hash) {
+                continue;
+            }
+            if objects::delete(self, &hash)? {
+                freed.objects += 1;
+                freed.bytes += size;
+            }
+        }
+        if pins.is_empty() {
+            freed.staging = objects::clear_staging(self)?;
+        }
+        Ok(freed)
+    }
+
+    /// Objects the database references whose file is missing: none, unless
+    /// someone removed files behind provd's back.
+    pub fn missing_objects(&self) -> Result<Vec<Hash>, StoreError> {
+        let referenced = db::referenced(&self.lock_db()).map_err(|e| self.db_error(e))?;
+        let on_disk: std::collections::HashSet<Hash> =
+            objects::list(self)?.into_iter().map(|(h, _)| h).collect();
+        let mut missing: Vec<Hash> = referenced.difference(&on_disk).copied().collect();
+        missing.sort();
+        Ok(missing)
+    }
+
+    /// Counts over the store.
+    pub fn stats(&self) -> Result<Stats, StoreError> {
+        db::stats(&self.lock_db()).map_err(|e| self.db_error(e))
+    }
+
+    /// Names of files in staging (for tests that check nothing is left).
+    pub fn staging_files(&self) -> Result<Vec<String>, StoreError> {
+        objects::staging_names(self)
+    }
+}
