@@ -102,6 +102,18 @@ fn the_domain_crate_does_no_io() {
 }
 
 #[test]
+fn the_store_and_images_do_not_depend_on_the_engine() {
+    let ws = workspace();
+    for krate in ["provd-store", "provd-images"] {
+        let closure: BTreeSet<String> =
+            ws.closure(&ws.id(krate)).iter().map(|id| ws.packages[id].0.clone()).collect();
+        for forbidden in ["wasmtime", "provd-engine", "provd-bindings"] {
+            assert!(!closure.contains(forbidden), "{krate} depends on {forbidden}");
+        }
+    }
+}
+
+#[test]
 fn guest_crates_do_not_depend_on_the_runtime() {
     let ws = workspace();
     let guests: Vec<&String> = ws

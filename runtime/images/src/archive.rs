@@ -133,8 +133,26 @@ pub(crate) fn unpack(
     })
 }
 
+/// Longest parser message quoted in an error.
+const MAX_PROBLEM_CHARS: usize = 160;
+
 fn archive_error(reference: &str, e: impl std::fmt::Display) -> ImportError {
-    ImportError::Archive { reference: reference.into(), problem: e.to_string() }
+    // The tar parser quotes the bytes it could not parse; for a file that is
+    // not an archive at all those are its contents, which do not belong in
+    // logs. Keep one short line.
+    let text = e.to_string();
+    let mut problem: String = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .take(MAX_PROBLEM_CHARS)
+        .collect();
+    if text.chars().count() > problem.chars().count() {
+        problem.push('…');
+    }
+    ImportError::Archive { reference: reference.into(), problem }
 }
 
 fn read_entries<R: Read>(

@@ -1,8 +1,11 @@
 //! `provctl`: the command line of provd's managers and plugin authors.
 //!
-//! So far it serves plugin authors: build a plugin crate into a component,
-//! check a component against its manifest and the node policy, and run it
-//! locally through the same engine the node uses.
+//! So far it works on the local machine: build a plugin crate into a
+//! component, check it against its manifest and the node policy, run it
+//! through the same engine the node uses, and manage the image store of a
+//! data directory.
+
+mod image;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -29,6 +32,14 @@ enum Command {
     /// Build, check and run plugins locally.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Import, list, inspect and remove images in a node's data directory.
+    Image {
+        /// The node's data directory [env: PROVD_DATA_DIR; default: /var/lib/provd].
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        command: image::ImageCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -109,6 +120,9 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Plugin(PluginCommand::Check { source, json }) => check(&source, json).await,
         Command::Plugin(PluginCommand::Run { source, input, data_dir, json }) => {
             run_plugin(&source, &input, data_dir, json).await
+        }
+        Command::Image { data_dir, command } => {
+            image::run(command, &image::data_dir(data_dir)).await
         }
     }
 }

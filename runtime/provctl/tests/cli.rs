@@ -170,3 +170,47 @@ fn build_produces_the_component_of_a_crate() {
     assert_eq!(&bytes[..4], b"\0asm");
     assert_eq!(bytes[6..8], [1, 0]);
 }
+
+#[test]
+fn images_are_imported_listed_inspected_and_removed() {
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/hostname"), "node\n").unwrap();
+    std::fs::write(tree.join("etc/motd"), "hello\n").unwrap();
+    let data = work.path().join("data");
+    let data = data.to_str().unwrap();
+    let tree = tree.to_str().unwrap();
+
+    let out = provctl(&["image", "import", tree, "--data-dir", data, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = stdout_json(&out);
+    assert_eq!(v[0]["reference"], format!("dir:{tree}"));
+    assert_eq!(v[0]["files"], 2);
+
+    let v = stdout_json(&provctl(&["image", "ls", "--data-dir", data, "--json"]));
+    assert_eq!(v.as_array().unwrap().len(), 1);
+
+    let v = stdout_json(&provctl(&[
+        "image",
+        "inspect",
+        tree,
+        "--entries",
+        "--data-dir",
+        data,
+        "--json",
+    ]));
+    let paths: Vec<&str> =
+        v["entries"].as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["etc", "etc/hostname", "etc/motd"]);
+    assert_eq!(v["entries"][1]["hash"], format!("blake3:{}", blake3::hash(b"node\n").to_hex()));
+
+    let out = provctl(&["image", "import", "/nonexistent/image.tar", "--data-dir", data]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such file or directory"));
+
+    let v = stdout_json(&provctl(&["image", "rm", tree, "--data-dir", data, "--json"]));
+    assert_eq!(v[0]["freed_objects"], 2);
+    let v = stdout_json(&provctl(&["image", "gc", "--data-dir", data, "--json"]));
+    assert_eq!(v["missing_objects"].as_array().unwrap().len(), 0);
+}
