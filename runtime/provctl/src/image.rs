@@ -89,7 +89,12 @@ pub async fn run(command: ImageCommand, data_dir: &Path) -> Result<std::process:
             if json {
                 let mut v = image_json(&image);
                 if entries {
-                    v["entries"] = json!(listed.iter().map(entry_json).collect::<Vec<_>>());
+                    if let Some(obj) = v.as_object_mut() {
+                        obj.insert(
+                            "entries".into(),
+                            json!(listed.iter().map(entry_json).collect::<Vec<_>>()),
+                        );
+                    }
                 }
                 println!("{v:#}");
             } else {
@@ -253,7 +258,9 @@ async fn import(
                     );
                 }
                 let mut v = image_json(&image);
-                v["seconds"] = json!(elapsed.as_secs_f64());
+                if let Some(obj) = v.as_object_mut() {
+                    obj.insert("seconds".into(), json!(elapsed.as_secs_f64()));
+                }
                 out.push(v);
             }
             Err(e) => {
