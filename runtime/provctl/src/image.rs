@@ -88,13 +88,11 @@ pub async fn run(command: ImageCommand, data_dir: &Path) -> Result<std::process:
             let listed = if entries { store.entries(&image, offset, limit)? } else { Vec::new() };
             if json {
                 let mut v = image_json(&image);
-                if entries {
-                    if let Some(obj) = v.as_object_mut() {
-                        obj.insert(
-                            "entries".into(),
-                            json!(listed.iter().map(entry_json).collect::<Vec<_>>()),
-                        );
-                    }
+                if entries && let Some(obj) = v.as_object_mut() {
+                    obj.insert(
+                        "entries".into(),
+                        json!(listed.iter().map(entry_json).collect::<Vec<_>>()),
+                    );
                 }
                 println!("{v:#}");
             } else {
