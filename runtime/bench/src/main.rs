@@ -8,7 +8,10 @@
 //! Sections: `calls` (warm instantiate + one provision call, pooling and
 //! on-demand), `cold` (first load and call with an empty and a warm artifact
 //! cache), `hashing` (64 MiB through the host versus inside the guest),
-//! `deadline` (how far past its deadline an infinite loop is stopped).
+//! `deadline` (how far past its deadline an infinite loop is stopped),
+//! `images` (importing root filesystems versus `tar -x` and `tar -x` +
+//! `b3sum`; set `PROVD_BENCH_ROOTFS=dir1:dir2:...`, default
+//! `/var/tmp/rootfs-{a,b,c}` as built by `debootstrap --variant=minbase`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +49,9 @@ async fn main() -> Result<()> {
     }
     if which == "all" || which == "deadline" {
         deadline().await?;
+    }
+    if which == "all" || which == "images" {
+        images().await?;
     }
     Ok(())
 }
@@ -256,6 +262,136 @@ async fn deadline() -> Result<()> {
     println!("| overshoot median | p90 | max |");
     println!("|---|---|---|");
     println!("| {:.1} ms | {:.1} ms | {:.1} ms |", ms(s.median), ms(s.p90), ms(max));
+    Ok(())
+}
+
+fn run(cmd: &mut std::process::Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("{cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+async fn images() -> Result<()> {
+    use std::process::Command;
+    const RUNS: usize = 5;
+    let roots: Vec<std::path::PathBuf> = std::env::var("PROVD_BENCH_ROOTFS")
+        .unwrap_or_else(|_| "/var/tmp/rootfs-a:/var/tmp/rootfs-b:/var/tmp/rootfs-c".into())
+        .split(':')
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.is_dir())
+        .collect();
+    if roots.is_empty() {
+        println!("\n## Image import: skipped (no root filesystems; see the section comment)");
+        return Ok(());
+    }
+    let work = tempfile::tempdir()?;
+    let mut tars = Vec::new();
+    for (i, root) in roots.iter().enumerate() {
+        let tar = work.path().join(format!("rootfs-{i}.tar"));
+        run(Command::new("tar").arg("-C").arg(root).arg("-cf").arg(&tar).arg("."))?;
+        tars.push(tar);
+    }
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "\n## Image import of {} root filesystems as tar (median of {RUNS}, warm page cache)\n",
+        tars.len()
+    );
+    println!(
+        "| image | tar size | tar -x | tar -x + b3sum | provd import (first) | ratio to tar -x |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut firsts = Vec::new();
+    for (i, tar) in tars.iter().enumerate() {
+        let (mut x, mut xb, mut imp) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..RUNS {
+            let out = work.path().join("x");
+            std::fs::create_dir_all(&out)?;
+            let start = Instant::now();
+            run(Command::new("tar").arg("-C").arg(&out).arg("-xf").arg(tar))?;
+            x.push(start.elapsed());
+            std::fs::remove_dir_all(&out)?;
+
+            std::fs::create_dir_all(&out)?;
+            let start = Instant::now();
+            run(Command::new("tar").arg("-C").arg(&out).arg("-xf").arg(tar))?;
+            run(Command::new("sh")
+                .arg("-c")
+                .arg("find . -type f -print0 | xargs -0 -r b3sum > /dev/null")
+                .current_dir(&out))?;
+            xb.push(start.elapsed());
+            std::fs::remove_dir_all(&out)?;
+
+            let data = work.path().join("data");
+            let store = Arc::new(provd_store::Store::open(&data)?);
+            let images = provd_images::Images::new(store, provd_images::ImportLimits::default(), 1);
+            let start = Instant::now();
+            images
+                .import(tar.to_str().context("path")?, Arc::new(provd_images::NoProgress))
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            imp.push(start.elapsed());
+            drop(images);
+            std::fs::remove_dir_all(&data)?;
+        }
+        let (x, xb, imp) = (stats(x).median, stats(xb).median, stats(imp).median);
+        firsts.push(imp);
+        println!(
+            "| {} | {:.0} MiB | {:.2} s | {:.2} s | {:.2} s | {:.2}× |",
+            roots.get(i).map(|r| r.display().to_string()).unwrap_or_default(),
+            size(tar) as f64 / (1 << 20) as f64,
+            x.as_secs_f64(),
+            xb.as_secs_f64(),
+            imp.as_secs_f64(),
+            imp.as_secs_f64() / x.as_secs_f64()
+        );
+    }
+    if tars.len() >= 2 {
+        // The second and later images into a store that already holds the
+        // first: only new content is written.
+        let mut later = vec![Vec::new(); tars.len() - 1];
+        for _ in 0..RUNS {
+            let data = work.path().join("data");
+            let store = Arc::new(provd_store::Store::open(&data)?);
+            let images = provd_images::Images::new(store, provd_images::ImportLimits::default(), 1);
+            for (i, tar) in tars.iter().enumerate() {
+                let start = Instant::now();
+                images
+                    .import(tar.to_str().context("path")?, Arc::new(provd_images::NoProgress))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                if let Some(slot) = i.checked_sub(1).and_then(|j| later.get_mut(j)) {
+                    slot.push(start.elapsed());
+                }
+            }
+            let s = images.store().stats()?;
+            drop(images);
+            std::fs::remove_dir_all(&data)?;
+            if later.first().map(Vec::len) == Some(RUNS) {
+                let naive: u64 = tars.iter().map(|t| size(t)).sum();
+                println!(
+                    "\nAll {} images in one store: {} objects, {:.0} MiB of content (tar files: {:.0} MiB together).\n",
+                    tars.len(),
+                    s.objects,
+                    s.object_bytes as f64 / (1 << 20) as f64,
+                    naive as f64 / (1 << 20) as f64
+                );
+            }
+        }
+        println!("| image imported after the others | provd import | vs its first import |");
+        println!("|---|---|---|");
+        for (i, samples) in later.into_iter().enumerate() {
+            let t = stats(samples).median;
+            let first = firsts.get(i + 1).copied().unwrap_or_default();
+            println!(
+                "| {} | {:.2} s | {:.2}× |",
+                roots.get(i + 1).map(|r| r.display().to_string()).unwrap_or_default(),
+                t.as_secs_f64(),
+                t.as_secs_f64() / first.as_secs_f64()
+            );
+        }
+    }
     Ok(())
 }
 
