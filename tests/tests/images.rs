@@ -476,3 +476,33 @@ async fn garbage_is_refused_as_a_malformed_archive() {
     assert!(matches!(*err, ImportError::Archive { .. }), "{err}");
     node.assert_empty();
 }
+
+#[tokio::test]
+async fn an_import_that_would_fill_the_disk_is_refused_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&dir.path().join("data")).unwrap();
+    store.min_free_bytes = u64::MAX;
+    let node = Node {
+        images: Images::new(Arc::new(store), ImportLimits::default(), 1),
+        data: dir.path().join("data"),
+        _dir: dir,
+    };
+    let err = import_bytes(&node, &archive(&[GOOD])).await.unwrap_err();
+    assert!(err.to_string().contains("must stay free"), "{err}");
+    node.assert_empty();
+}
+
+#[test]
+fn leftovers_of_a_crash_are_collected_when_the_store_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    drop(Store::open(&data).unwrap());
+    // What a crash between writing objects and committing leaves behind.
+    let stray = blake3::hash(b"stray").to_hex().to_string();
+    std::fs::create_dir_all(data.join("objects").join(&stray[..2])).unwrap();
+    std::fs::write(data.join("objects").join(&stray[..2]).join(&stray), b"stray").unwrap();
+    std::fs::write(data.join("staging/obj-1-1"), b"half written").unwrap();
+    let store = Store::open(&data).unwrap();
+    assert!(!data.join("objects").join(&stray[..2]).join(&stray).exists());
+    assert!(store.staging_files().unwrap().is_empty());
+}
