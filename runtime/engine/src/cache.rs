@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use provd_domain::image::Hash as ContentHash;
 use wasmtime::component::Component;
 
 use crate::error::LoadError;
@@ -72,7 +73,8 @@ impl ArtifactCache {
         if let Some(c) = self.loaded.lock().ok().and_then(|m| m.get(&digest).cloned()) {
             return Ok((c, CacheOutcome::Memory));
         }
-        let path = self.dir.as_ref().map(|d| d.join(format!("{}.cwasm", hex(&digest))));
+        let path =
+            self.dir.as_ref().map(|d| d.join(format!("{}.cwasm", ContentHash(digest).to_hex())));
         if let Some(path) = &path
             && path.exists()
         {
@@ -143,12 +145,4 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     std::fs::File::open(dir)?.sync_all()
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }

@@ -146,7 +146,7 @@ impl std::fmt::Debug for Plugin {
         f.debug_struct("Plugin")
             .field("name", &self.inner.name)
             .field("version", &self.inner.version)
-            .field("digest", &cache::hex(&self.inner.digest))
+            .field("digest", &self.digest_hex())
             .finish_non_exhaustive()
     }
 }
@@ -160,7 +160,7 @@ impl Plugin {
     }
     /// BLAKE3 digest of the component bytes, as hex.
     pub fn digest_hex(&self) -> String {
-        cache::hex(&self.inner.digest)
+        provd_domain::image::Hash(self.inner.digest).to_hex()
     }
     /// What the plugin was granted.
     pub fn grant(&self) -> &Grant {

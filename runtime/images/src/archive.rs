@@ -232,12 +232,8 @@ fn read_entries<R: Read>(
                         {
                             tree.entry_error(&path, "archive ends inside this entry's content")
                         }
-                        provd_store::StoreError::Io { source, .. }
-                            if source.to_string() == "import limit reached" =>
-                        {
-                            // The bounded reader recorded which cap; unpack reports it.
-                            archive_error(reference, source)
-                        }
+                        // A cap the bounded reader hit is reported by `unpack`,
+                        // which knows which one.
                         other => ImportError::Store(other),
                     },
                 )?;

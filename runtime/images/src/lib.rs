@@ -109,7 +109,7 @@ pub struct Images {
     limits: ImportLimits,
     inflight: Mutex<HashMap<String, Shared>>,
     permits: tokio::sync::Semaphore,
-    reads: AtomicU64,
+    reads: Arc<AtomicU64>,
 }
 
 impl Images {
@@ -120,7 +120,7 @@ impl Images {
             limits,
             inflight: Mutex::default(),
             permits: tokio::sync::Semaphore::new(parallel.max(1)),
-            reads: AtomicU64::new(0),
+            reads: Arc::default(),
         }
     }
 
@@ -156,19 +156,14 @@ impl Images {
                 };
                 let store = self.store.clone();
                 let limits = self.limits.clone();
-                let reads = &self.reads;
+                let reads = self.reads.clone();
                 let reference = reference.clone();
-                let counted = Arc::new(AtomicU64::new(0));
-                let counted2 = counted.clone();
                 let task = tokio::task::spawn_blocking(move || {
-                    import_blocking(&store, &reference, &limits, progress.as_ref(), &counted2)
+                    import_blocking(&store, &reference, &limits, progress.as_ref(), &reads)
                 });
-                let result = task
-                    .await
+                task.await
                     .unwrap_or_else(|_| Err(ImportError::Interrupted(key.clone())))
-                    .map_err(Arc::new);
-                reads.fetch_add(counted.load(Ordering::Relaxed), Ordering::Relaxed);
-                result
+                    .map_err(Arc::new)
             })
             .await
             .clone();
