@@ -11,6 +11,7 @@ const GUESTS: &[(&str, &str)] = &[
     ("hello", "examples/hello"),
     ("hostile", "tests/guests/hostile"),
     ("hashbench", "tests/guests/hashbench"),
+    ("imager", "tests/guests/imager"),
 ];
 
 fn main() {

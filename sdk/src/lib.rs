@@ -4,7 +4,7 @@
 //! [`export_plugin!`]. It is built into a WebAssembly component
 //! (`provctl plugin build`) and runs inside provd's sandbox, where it reaches
 //! the node only through the host interfaces its `plugin.toml` declares:
-//! [`log`], [`progress`] and [`hashing`] so far.
+//! [`log`], [`progress`], [`hashing`] and [`images`] so far.
 //!
 //! ```no_run
 //! use provd_sdk::{Error, Plugin, Report, Request, log, progress};
@@ -262,6 +262,13 @@ pub mod hashing {
         host::blake3(data).map_err(Error::from)
     }
 
+    /// The BLAKE3 digest of file `path` of `image` (fetched in this request
+    /// with [`crate::images::fetch`]), computed by the host without copying
+    /// the file into the plugin.
+    pub fn hash_file(image: &str, path: &str) -> Result<String, Error> {
+        host::hash_file(image, path).map_err(Error::from)
+    }
+
     /// Incremental BLAKE3, for input that arrives in pieces.
     #[derive(Debug)]
     pub struct Hasher(host::Hasher);
@@ -278,5 +285,88 @@ pub mod hashing {
         pub fn finish(&self) -> String {
             self.0.finish()
         }
+    }
+}
+
+/// Software images in the node's store (capability `images`).
+///
+/// ```no_run
+/// use provd_sdk::images;
+/// let image = images::fetch("dir:/srv/images/web")?;
+/// for entry in images::entries(&image.reference, 0, 100)? {
+///     if entry.path == "etc/hostname" {
+///         let bytes = images::read_file(&image.reference, &entry.path)?;
+///     }
+/// }
+/// # Ok::<(), provd_sdk::Error>(())
+/// ```
+pub mod images {
+    use super::Error;
+    use super::wit::provd::plugin::images as host;
+
+    pub use host::EntryKind;
+
+    /// An image in the node's store.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Image {
+        /// The canonical reference, to pass to the other calls.
+        pub reference: String,
+        /// BLAKE3 over the image's entry listing.
+        pub digest: String,
+        pub entries: u64,
+        pub files: u64,
+        pub bytes: u64,
+    }
+
+    /// One entry of an image.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Entry {
+        pub path: String,
+        pub kind: EntryKind,
+        pub mode: u32,
+        pub uid: u64,
+        pub gid: u64,
+        pub mtime: i64,
+        pub size: u64,
+        /// BLAKE3 of the content, for files and hard links.
+        pub hash: Option<String>,
+        pub link_target: Option<String>,
+    }
+
+    /// Fetches the image `reference` (`dir:/...` or `tar:/...`) into the
+    /// store, if the plugin's grant and the node allow that source.
+    pub fn fetch(reference: &str) -> Result<Image, Error> {
+        let i = host::fetch(reference)?;
+        Ok(Image {
+            reference: i.reference,
+            digest: i.digest,
+            entries: i.entries,
+            files: i.files,
+            bytes: i.bytes,
+        })
+    }
+
+    /// A page of a fetched image's entries, ordered by path (at most 1000).
+    pub fn entries(reference: &str, offset: u64, limit: u32) -> Result<Vec<Entry>, Error> {
+        Ok(host::entries(reference, offset, limit)?
+            .into_iter()
+            .map(|e| Entry {
+                path: e.path,
+                kind: e.kind,
+                mode: e.mode,
+                uid: e.uid,
+                gid: e.gid,
+                mtime: e.mtime,
+                size: e.size,
+                hash: e.hash,
+                link_target: e.link_target,
+            })
+            .collect())
+    }
+
+    /// The content of a file of a fetched image, within the plugin's
+    /// `max-read-bytes`.
+    pub fn read_file(reference: &str, path: &str) -> Result<Vec<u8>, Error> {
+        host::read_file(reference, path).map_err(Error::from)
     }
 }

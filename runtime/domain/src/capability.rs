@@ -16,11 +16,14 @@ pub enum Capability {
     Progress,
     /// `provd:plugin/hashing`: native BLAKE3.
     Hashing,
+    /// `provd:plugin/images`: fetch images and read their entries.
+    Images,
 }
 
 impl Capability {
     /// Every capability, in a stable order.
-    pub const ALL: [Capability; 3] = [Capability::Log, Capability::Progress, Capability::Hashing];
+    pub const ALL: [Capability; 4] =
+        [Capability::Log, Capability::Progress, Capability::Hashing, Capability::Images];
 
     /// The name used in `plugin.toml` and in the WIT interface.
     pub fn name(self) -> &'static str {
@@ -28,6 +31,7 @@ impl Capability {
             Capability::Log => "log",
             Capability::Progress => "progress",
             Capability::Hashing => "hashing",
+            Capability::Images => "images",
         }
     }
 
@@ -62,9 +66,80 @@ pub struct HashingGrant {
     pub max_input_bytes: u64,
 }
 
+/// What a plugin granted `images` may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImagesGrant {
+    /// Reference patterns the plugin may fetch (see [`glob_match`]); a
+    /// reference must also match one of the node's patterns.
+    pub sources: Vec<String>,
+    /// Largest file `read-file` returns.
+    pub max_read_bytes: u64,
+}
+
+/// Matches `text` against a glob `pattern`: `*` matches any run of
+/// characters other than `/`, `**` matches any run at all, every other
+/// character matches itself.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    // Simulated as a set of reachable text positions per pattern token, so
+    // the cost is bounded by pattern length × text length whatever the
+    // pattern: no backtracking for a hostile pattern to exploit.
+    let t = text.as_bytes();
+    let mut reach = vec![false; t.len() + 1];
+    if let Some(first) = reach.first_mut() {
+        *first = true;
+    }
+    let p = pattern.as_bytes();
+    let mut i = 0;
+    while let Some(&c) = p.get(i) {
+        let mut next = vec![false; t.len() + 1];
+        if c == b'*' {
+            let double = p.get(i + 1) == Some(&b'*');
+            i += if double { 2 } else { 1 };
+            let mut open = false;
+            for (pos, slot) in next.iter_mut().enumerate() {
+                open |= reach.get(pos).copied().unwrap_or(false);
+                *slot = open;
+                // A single star does not cross '/'.
+                if !double && t.get(pos) == Some(&b'/') {
+                    open = false;
+                }
+            }
+        } else {
+            i += 1;
+            for pos in 0..t.len() {
+                if reach.get(pos).copied().unwrap_or(false)
+                    && t.get(pos) == Some(&c)
+                    && let Some(slot) = next.get_mut(pos + 1)
+                {
+                    *slot = true;
+                }
+            }
+        }
+        reach = next;
+    }
+    reach.last().copied().unwrap_or(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("dir:/srv/images/*", "dir:/srv/images/web"));
+        assert!(!glob_match("dir:/srv/images/*", "dir:/srv/images/web/x"));
+        assert!(glob_match("dir:/srv/images/**", "dir:/srv/images/web/x"));
+        assert!(glob_match("tar:/srv/*.tar.zst", "tar:/srv/a.tar.zst"));
+        assert!(!glob_match("tar:/srv/*.tar.zst", "tar:/srv/a.tar"));
+        assert!(!glob_match("dir:/srv/images/*", "dir:/etc"));
+        assert!(glob_match("**", "dir:/anything/at/all"));
+        assert!(!glob_match("", "x"));
+        assert!(glob_match("", ""));
+        assert!(glob_match("a*b*c", "axbyc"));
+        // A pattern that makes backtracking matchers exponential.
+        let hostile = "*a".repeat(30) + "b";
+        assert!(!glob_match(&hostile, &"a".repeat(1000)));
+    }
 
     #[test]
     fn import_names_map_to_capabilities() {

@@ -33,9 +33,9 @@ pub mod image;
 mod manifest;
 mod policy;
 
-pub use capability::{Capability, HashingGrant, LogGrant};
+pub use capability::{Capability, HashingGrant, ImagesGrant, LogGrant, glob_match};
 pub use manifest::{
-    CapabilityRequests, HashingRequest, LimitRequests, LogRequest, Manifest, ManifestError,
-    ProgressRequest,
+    CapabilityRequests, HashingRequest, ImagesRequest, LimitRequests, LogRequest, Manifest,
+    ManifestError, ProgressRequest,
 };
 pub use policy::{CapabilityGrants, Grant, Limits, NodePolicy, PolicyViolation, PolicyViolations};

@@ -56,7 +56,22 @@ pub struct CapabilityRequests {
     pub log: Option<LogRequest>,
     pub progress: Option<ProgressRequest>,
     pub hashing: Option<HashingRequest>,
+    pub images: Option<ImagesRequest>,
 }
+
+/// Parameters of the `images` capability.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ImagesRequest {
+    /// Reference patterns the plugin may fetch, e.g. `dir:/srv/images/*`.
+    pub sources: Vec<String>,
+    /// Largest file `read-file` returns.
+    pub max_read_bytes: Option<u64>,
+}
+
+/// Patterns one plugin may list, and the longest one.
+pub const MAX_SOURCE_PATTERNS: usize = 64;
+pub const MAX_PATTERN_LEN: usize = 1024;
 
 /// Parameters of the `log` capability.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -158,6 +173,35 @@ impl Manifest {
         if let Some(HashingRequest { max_input_bytes: Some(0) }) = c.hashing {
             return Err(field("capabilities.hashing.max-input-bytes", "must be at least 1".into()));
         }
+        if let Some(images) = &c.images {
+            if images.max_read_bytes == Some(0) {
+                return Err(field(
+                    "capabilities.images.max-read-bytes",
+                    "must be at least 1".into(),
+                ));
+            }
+            if images.sources.is_empty() || images.sources.len() > MAX_SOURCE_PATTERNS {
+                return Err(field(
+                    "capabilities.images.sources",
+                    format!("must list 1 to {MAX_SOURCE_PATTERNS} reference patterns"),
+                ));
+            }
+            for pattern in &images.sources {
+                let scheme_ok = pattern.starts_with("dir:/") || pattern.starts_with("tar:/");
+                if !scheme_ok
+                    || pattern.len() > MAX_PATTERN_LEN
+                    || pattern.chars().any(char::is_control)
+                {
+                    return Err(field(
+                        "capabilities.images.sources",
+                        format!(
+                            "{pattern:?} is not a reference pattern: start with dir:/ or tar:/, \
+                             at most {MAX_PATTERN_LEN} characters"
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -173,6 +217,9 @@ impl Manifest {
         }
         if c.hashing.is_some() {
             out.push(Capability::Hashing);
+        }
+        if c.images.is_some() {
+            out.push(Capability::Images);
         }
         out
     }

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::capability::{Capability, HashingGrant, LogGrant};
+use crate::capability::{Capability, HashingGrant, ImagesGrant, LogGrant};
 use crate::manifest::Manifest;
 
 const MIB: u64 = 1 << 20;
@@ -56,6 +56,12 @@ pub struct NodePolicy {
     pub default_hash_input_bytes: u64,
     /// Plugin invocations running at once on this node.
     pub max_concurrent_invocations: u32,
+    /// Image reference patterns any plugin may fetch from; a plugin's own
+    /// patterns narrow this further. Empty: no plugin fetches images.
+    pub image_sources: Vec<String>,
+    /// Largest `read-file` any plugin may ask for, and the default.
+    pub max_image_read_bytes: u64,
+    pub default_image_read_bytes: u64,
 }
 
 impl Default for NodePolicy {
@@ -79,6 +85,9 @@ impl Default for NodePolicy {
             max_hash_input_bytes: 128 * MIB,
             default_hash_input_bytes: 16 * MIB,
             max_concurrent_invocations: 64,
+            image_sources: Vec::new(),
+            max_image_read_bytes: 64 * MIB,
+            default_image_read_bytes: MIB,
         }
     }
 }
@@ -100,6 +109,7 @@ pub struct CapabilityGrants {
     pub log: Option<LogGrant>,
     pub progress: bool,
     pub hashing: Option<HashingGrant>,
+    pub images: Option<ImagesGrant>,
 }
 
 impl CapabilityGrants {
@@ -109,6 +119,7 @@ impl CapabilityGrants {
             Capability::Log => self.log.is_some(),
             Capability::Progress => self.progress,
             Capability::Hashing => self.hashing.is_some(),
+            Capability::Images => self.images.is_some(),
         }
     }
 }
@@ -219,13 +230,23 @@ impl Manifest {
             ),
         });
 
+        let images = c.images.as_ref().map(|r| ImagesGrant {
+            sources: r.sources.clone(),
+            max_read_bytes: check(
+                "capabilities.images.max-read-bytes",
+                r.max_read_bytes,
+                p.max_image_read_bytes,
+                p.default_image_read_bytes,
+            ),
+        });
+
         if !violations.is_empty() {
             return Err(PolicyViolations { plugin: self.name.clone(), violations });
         }
         // The values below were all checked against u32 ceilings above.
         let narrow = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
         Ok(Grant {
-            capabilities: CapabilityGrants { log, progress: c.progress.is_some(), hashing },
+            capabilities: CapabilityGrants { log, progress: c.progress.is_some(), hashing, images },
             limits: Limits {
                 memory_bytes: memory_mib * MIB,
                 timeout: Duration::from_millis(timeout_ms),

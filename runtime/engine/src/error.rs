@@ -38,6 +38,9 @@ pub enum LoadError {
     /// compilation ran past the node's compile timeout
     #[error("component compilation ran longer than {0:?}")]
     CompileTimeout(Duration),
+    /// the plugin needs a capability this node does not offer
+    #[error("capability `{0}` is not available on this node")]
+    Unavailable(&'static str),
     /// the precompiled-artifact cache could not be used
     #[error("artifact cache at {path}: {source}")]
     Cache { path: String, source: std::io::Error },

@@ -71,6 +71,8 @@ pub struct EngineConfig {
     pub pooling: bool,
     /// Granularity of deadlines: how often the epoch advances.
     pub epoch_tick: Duration,
+    /// The node's image service, for plugins granted `images`.
+    pub images: Option<Arc<provd_images::Images>>,
 }
 
 impl Default for EngineConfig {
@@ -80,6 +82,7 @@ impl Default for EngineConfig {
             cache_dir: None,
             pooling: true,
             epoch_tick: Duration::from_millis(10),
+            images: None,
         }
     }
 }
@@ -108,6 +111,7 @@ struct Inner {
     cache: cache::ArtifactCache,
     slots: Arc<tokio::sync::Semaphore>,
     ticker_stop: Arc<AtomicBool>,
+    services: host::NodeServices,
 }
 
 impl std::fmt::Debug for Engine {
@@ -208,7 +212,13 @@ impl Engine {
         let slots = Arc::new(tokio::sync::Semaphore::new(
             usize::try_from(config.policy.max_concurrent_invocations).unwrap_or(1),
         ));
-        Ok(Engine { inner: Arc::new(Inner { engine, config, pooling, cache, slots, ticker_stop }) })
+        let services = host::NodeServices {
+            images: config.images.clone(),
+            image_sources: Arc::new(config.policy.image_sources.clone()),
+        };
+        Ok(Engine {
+            inner: Arc::new(Inner { engine, config, pooling, cache, slots, ticker_stop, services }),
+        })
     }
 
     /// Whether the pooling allocator is in use.
@@ -236,6 +246,9 @@ impl Engine {
             return Err(LoadError::TooLarge { size, limit: policy.max_component_bytes });
         }
         check_header(&wasm)?;
+        if grant.capabilities.images.is_some() && self.inner.services.images.is_none() {
+            return Err(LoadError::Unavailable("images"));
+        }
 
         let digest: Digest = *blake3::hash(&wasm).as_bytes();
         let engine = &self.inner.engine;
@@ -315,6 +328,7 @@ async fn invoke(
         &p.grant.limits,
         max_handles,
         observer,
+        &inner.services,
     );
     let mut store = wasmtime::Store::new(&inner.engine, state);
     store.limiter(|s| &mut s.limiter);

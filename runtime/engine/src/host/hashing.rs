@@ -30,6 +30,14 @@ impl wit::Host for HostState {
         self.check_hash_input(data.len())?;
         Ok(Ok(blake3::hash(&data).to_hex().to_string()))
     }
+
+    async fn hash_file(
+        &mut self,
+        image: String,
+        path: String,
+    ) -> wasmtime::Result<Result<Digest, WitError>> {
+        Ok(self.hash_image_file(&image, &path).await)
+    }
 }
 
 impl wit::HostHasher for HostState {

@@ -2,6 +2,7 @@
 //! resource limiter, and the linker assembled from a plugin's grant.
 
 mod hashing;
+mod images;
 mod log;
 mod progress;
 
@@ -31,6 +32,19 @@ pub(crate) struct HostState {
     /// The limit a host call or the limiter found broken. A trap carries only
     /// a message; this keeps the typed reason for the caller.
     pub breached: Option<Limit>,
+    /// The node's image service, when it has one.
+    pub images: Option<Arc<provd_images::Images>>,
+    /// The node's allowed image reference patterns.
+    pub image_sources: Arc<Vec<String>>,
+    /// Images fetched in this request, by canonical reference.
+    pub fetched: std::collections::HashMap<String, provd_store::ImageRecord>,
+}
+
+/// What the node lends to every invocation.
+#[derive(Clone, Default)]
+pub(crate) struct NodeServices {
+    pub images: Option<Arc<provd_images::Images>>,
+    pub image_sources: Arc<Vec<String>>,
 }
 
 impl HostState {
@@ -40,6 +54,7 @@ impl HostState {
         limits: &Limits,
         max_handles: usize,
         observer: Arc<dyn Observer>,
+        node: &NodeServices,
     ) -> (HostState, [LogStream; 2]) {
         let log_budget = grants.log.map(|l| l.max_bytes).unwrap_or(0);
         let sink = LogSink::new(plugin.clone(), observer.clone(), log_budget);
@@ -66,6 +81,9 @@ impl HostState {
             log: sink,
             progress: progress::ProgressState::default(),
             breached: None,
+            images: node.images.clone(),
+            image_sources: node.image_sources.clone(),
+            fetched: std::collections::HashMap::new(),
         };
         (state, [stdout, stderr])
     }
@@ -263,6 +281,7 @@ pub(crate) fn linker(
             Capability::Hashing => {
                 provd_bindings::hashing::add_to_linker::<_, HasSelf<_>>(l, |t| t)?
             }
+            Capability::Images => provd_bindings::images::add_to_linker::<_, HasSelf<_>>(l, |t| t)?,
         }
     }
     Ok(linker)

@@ -1,0 +1,238 @@
+//! `provd:plugin/images`, and `hashing.hash-file`, which reads images too.
+//!
+//! A plugin names images by reference. A reference is fetched only if it
+//! matches one of the plugin's granted patterns and one of the node's, and
+//! that is decided from the reference text alone, before any file or
+//! network access. Entries and files are readable only for images the
+//! plugin fetched in the same request.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use provd_bindings::images::{self as wit, Entry as WitEntry, EntryKind as WitKind, Image};
+use provd_bindings::types::Error as WitError;
+use provd_domain::glob_match;
+use provd_domain::image::{Entry, EntryKind};
+use provd_images::{ImportError, NoProgress, Reference};
+use provd_store::ImageRecord;
+
+use crate::host::HostState;
+
+/// Entries returned by one `entries` call.
+pub(crate) const MAX_PAGE: u32 = 1000;
+/// Images one request may fetch.
+pub(crate) const MAX_FETCHED: usize = 256;
+/// Longest reference or path a plugin may pass.
+const MAX_NAME_LEN: usize = 4096;
+
+impl HostState {
+    /// Parses a reference a plugin passed; plugins must say `dir:` or
+    /// `tar:`, so that deciding never needs to look at the filesystem.
+    fn plugin_reference(&self, text: &str) -> Result<Reference, WitError> {
+        if text.len() > MAX_NAME_LEN {
+            return Err(WitError::InvalidInput(format!("reference is {} bytes long", text.len())));
+        }
+        if !(text.starts_with("dir:/") || text.starts_with("tar:/")) {
+            return Err(WitError::InvalidInput(format!(
+                "reference {text:?}: write dir:/path or tar:/path"
+            )));
+        }
+        Reference::parse(text).map_err(|e| WitError::InvalidInput(e.to_string()))
+    }
+
+    fn fetched_image(&self, text: &str) -> Result<ImageRecord, WitError> {
+        let reference = self.plugin_reference(text)?;
+        self.fetched.get(&reference.to_string()).cloned().ok_or_else(|| {
+            WitError::NotFound(format!("image {reference} was not fetched in this request"))
+        })
+    }
+
+    fn file_entry(&self, image: &ImageRecord, path: &str) -> Result<Entry, WitError> {
+        let store = self.images_service()?.store().clone();
+        let entry = store
+            .entry(image, path)
+            .map_err(|e| WitError::Failed(e.to_string()))?
+            .ok_or_else(|| WitError::NotFound(format!("{}: no entry {path:?}", image.reference)))?;
+        if !matches!(entry.kind, EntryKind::File | EntryKind::Hardlink) {
+            return Err(WitError::InvalidInput(format!(
+                "{}: {path} is a {}, not a file",
+                image.reference,
+                entry.kind.as_str()
+            )));
+        }
+        Ok(entry)
+    }
+
+    fn images_service(&self) -> Result<&Arc<provd_images::Images>, WitError> {
+        self.images.as_ref().ok_or_else(|| WitError::Denied("this node has no image store".into()))
+    }
+
+    /// BLAKE3 of a file of a fetched image, computed natively.
+    pub(crate) async fn hash_image_file(
+        &mut self,
+        image: &str,
+        path: &str,
+    ) -> Result<String, WitError> {
+        let record = self.fetched_image(image)?;
+        let entry = self.file_entry(&record, path)?;
+        let hash = entry.hash.ok_or_else(|| WitError::Failed(format!("{path} has no content")))?;
+        let store = self.images_service()?.store().clone();
+        // Off the async threads: a large file takes milliseconds to hash.
+        tokio::task::spawn_blocking(move || {
+            let mut file = store.open_object(&hash).map_err(|e| WitError::Failed(e.to_string()))?;
+            let mut hasher = blake3::Hasher::new();
+            let mut buf = vec![0u8; 256 << 10];
+            loop {
+                let n = file.read(&mut buf).map_err(|e| WitError::Failed(e.to_string()))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(buf.get(..n).unwrap_or_default());
+            }
+            Ok(hasher.finalize().to_hex().to_string())
+        })
+        .await
+        .map_err(|e| WitError::Failed(format!("hashing task: {e}")))?
+    }
+}
+
+fn image_of(r: &ImageRecord) -> Image {
+    Image {
+        reference: r.reference.clone(),
+        digest: r.digest.clone(),
+        entries: r.entries,
+        files: r.files,
+        bytes: r.bytes,
+    }
+}
+
+fn entry_of(e: Entry) -> WitEntry {
+    WitEntry {
+        path: e.path,
+        kind: match e.kind {
+            EntryKind::File => WitKind::File,
+            EntryKind::Dir => WitKind::Dir,
+            EntryKind::Symlink => WitKind::Symlink,
+            EntryKind::Hardlink => WitKind::Hardlink,
+            EntryKind::CharDevice => WitKind::CharDevice,
+            EntryKind::BlockDevice => WitKind::BlockDevice,
+            EntryKind::Fifo => WitKind::Fifo,
+        },
+        mode: e.mode,
+        uid: e.uid,
+        gid: e.gid,
+        mtime: e.mtime,
+        size: e.size,
+        hash: e.hash.map(|h| h.to_hex()),
+        link_target: e.link_target,
+    }
+}
+
+fn import_error(e: &ImportError) -> WitError {
+    match e {
+        ImportError::Reference(r) => WitError::InvalidInput(r.to_string()),
+        ImportError::Source { .. } => WitError::NotFound(e.to_string()),
+        ImportError::Limit { .. } => WitError::QuotaExceeded(e.to_string()),
+        _ => WitError::Failed(e.to_string()),
+    }
+}
+
+impl wit::Host for HostState {
+    async fn fetch(&mut self, reference: String) -> wasmtime::Result<Result<Image, WitError>> {
+        let parsed = match self.plugin_reference(&reference) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        let canonical = parsed.to_string();
+        let plugin_ok = self
+            .grants
+            .images
+            .as_ref()
+            .is_some_and(|g| g.sources.iter().any(|p| glob_match(p, &canonical)));
+        let node_ok = self.image_sources.iter().any(|p| glob_match(p, &canonical));
+        if !plugin_ok || !node_ok {
+            let whose = if plugin_ok { "the node's" } else { "this plugin's" };
+            tracing::info!(plugin = %self.plugin, reference = %canonical, "image fetch denied");
+            return Ok(Err(WitError::Denied(format!(
+                "{canonical} is not among {whose} allowed image sources"
+            ))));
+        }
+        if let Some(record) = self.fetched.get(&canonical) {
+            return Ok(Ok(image_of(record)));
+        }
+        if self.fetched.len() >= MAX_FETCHED {
+            return Ok(Err(WitError::QuotaExceeded(format!(
+                "at most {MAX_FETCHED} images per request"
+            ))));
+        }
+        let service = match self.images_service() {
+            Ok(s) => s.clone(),
+            Err(e) => return Ok(Err(e)),
+        };
+        tracing::info!(plugin = %self.plugin, reference = %canonical, "image fetch allowed");
+        match service.import(&canonical, Arc::new(NoProgress)).await {
+            Ok(record) => {
+                let image = image_of(&record);
+                self.fetched.insert(canonical, record);
+                Ok(Ok(image))
+            }
+            Err(e) => Ok(Err(import_error(&e))),
+        }
+    }
+
+    async fn entries(
+        &mut self,
+        reference: String,
+        offset: u64,
+        limit: u32,
+    ) -> wasmtime::Result<Result<Vec<WitEntry>, WitError>> {
+        if limit > MAX_PAGE {
+            return Ok(Err(WitError::InvalidInput(format!(
+                "limit {limit}: at most {MAX_PAGE} entries per page"
+            ))));
+        }
+        let record = match self.fetched_image(&reference) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        let service = match self.images_service() {
+            Ok(s) => s.clone(),
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(service
+            .store()
+            .entries(&record, offset, u64::from(limit))
+            .map(|entries| entries.into_iter().map(entry_of).collect())
+            .map_err(|e| WitError::Failed(e.to_string())))
+    }
+
+    async fn read_file(
+        &mut self,
+        reference: String,
+        path: String,
+    ) -> wasmtime::Result<Result<Vec<u8>, WitError>> {
+        let record = match self.fetched_image(&reference) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        let entry = match self.file_entry(&record, &path) {
+            Ok(e) => e,
+            Err(e) => return Ok(Err(e)),
+        };
+        let max = self.grants.images.as_ref().map(|g| g.max_read_bytes).unwrap_or(0);
+        if entry.size > max {
+            return Ok(Err(WitError::QuotaExceeded(format!(
+                "{}: {path} is {} bytes; this plugin reads at most {max}",
+                record.reference, entry.size
+            ))));
+        }
+        let Some(hash) = entry.hash else {
+            return Ok(Err(WitError::Failed(format!("{path} has no content"))));
+        };
+        let service = match self.images_service() {
+            Ok(s) => s.clone(),
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(service.store().read_object(&hash, max).map_err(|e| WitError::Failed(e.to_string())))
+    }
+}

@@ -1,0 +1,80 @@
+//! Uses the `images` capability as its input says:
+//!
+//! * `{"op":"fetch","image":R}` — fetch R, report its figures;
+//! * `{"op":"list","image":R,"offset":N,"limit":N}` — fetch R, list a page;
+//! * `{"op":"read","image":R,"path":P}` — fetch R, read P, report its size
+//!   and BLAKE3 (hashed in the guest);
+//! * `{"op":"read-unfetched","image":R,"path":P}` — read without fetching;
+//! * `{"op":"hash-guest"|"hash-host","image":R,"path":P}` — fetch R, then
+//!   hash P by reading it into the guest and hashing in wasm, or by asking
+//!   the host to hash it by handle; reports the time of that step only.
+
+use provd_sdk::{Error, Plugin, Report, Request, hashing, images};
+use serde::Deserialize;
+use std::time::Instant;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Input {
+    op: String,
+    image: String,
+    #[serde(default)]
+    path: String,
+    #[serde(default)]
+    offset: u64,
+    #[serde(default = "default_limit")]
+    limit: u32,
+}
+
+fn default_limit() -> u32 {
+    100
+}
+
+struct Imager;
+
+impl Plugin for Imager {
+    fn provision(request: Request) -> Result<Report, Error> {
+        let input: Input = request.input()?;
+        if input.op == "read-unfetched" {
+            let bytes = images::read_file(&input.image, &input.path)?;
+            return Ok(Report::new("read").field("size", bytes.len()));
+        }
+        let image = images::fetch(&input.image)?;
+        let r = &image.reference;
+        match input.op.as_str() {
+            "fetch" => Ok(Report::new(format!("fetched {r}"))
+                .field("digest", &image.digest)
+                .field("entries", image.entries)
+                .field("files", image.files)
+                .field("bytes", image.bytes)),
+            "list" => {
+                let entries = images::entries(r, input.offset, input.limit)?;
+                let listed: Vec<_> = entries
+                    .iter()
+                    .map(|e| serde_json::json!({"path": e.path, "kind": format!("{:?}", e.kind), "size": e.size, "hash": e.hash}))
+                    .collect();
+                Report::new(format!("{} entries", entries.len())).output(&listed)
+            }
+            "read" => {
+                let bytes = images::read_file(r, &input.path)?;
+                Ok(Report::new("read")
+                    .field("size", bytes.len())
+                    .field("blake3", blake3::hash(&bytes).to_hex()))
+            }
+            "hash-guest" | "hash-host" => {
+                let start = Instant::now();
+                let digest = if input.op == "hash-guest" {
+                    blake3::hash(&images::read_file(r, &input.path)?).to_hex().to_string()
+                } else {
+                    hashing::hash_file(r, &input.path)?
+                };
+                Ok(Report::new(input.op.clone())
+                    .field("nanos", start.elapsed().as_nanos())
+                    .field("digest", digest))
+            }
+            other => Err(Error::InvalidInput(format!("unknown op {other:?}"))),
+        }
+    }
+}
+
+provd_sdk::export_plugin!(Imager);

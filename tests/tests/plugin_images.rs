@@ -1,0 +1,232 @@
+// Integration tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+//! The `images` capability: a plugin fetches images only from sources both
+//! its grant and the node allow, reads only what it fetched, within its
+//! read limit, and can hash a file by handle without copying it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use provd_domain::{Manifest, NodePolicy};
+use provd_engine::{
+    CollectingObserver, Engine, EngineConfig, InvokeError, LoadError, Outcome, Plugin, PluginError,
+    Request,
+};
+use provd_images::{Images, ImportLimits};
+use provd_store::Store;
+use provd_tests::IMAGER;
+
+struct Node {
+    work: tempfile::TempDir,
+    engine: Engine,
+    images: Arc<Images>,
+}
+
+fn tree(root: &Path) {
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/hostname"), "web-1\n").unwrap();
+    std::fs::write(
+        root.join("big.bin"),
+        (0..2_000_000u32).map(|i| (i % 241) as u8).collect::<Vec<_>>(),
+    )
+    .unwrap();
+}
+
+fn node() -> Node {
+    let work = tempfile::tempdir().unwrap();
+    tree(&work.path().join("images/web"));
+    tree(&work.path().join("elsewhere/db"));
+    let store = Arc::new(Store::open(&work.path().join("data")).unwrap());
+    let images = Arc::new(Images::new(store, ImportLimits::default(), 2));
+    let policy = NodePolicy {
+        // The node allows everything under the work directory...
+        image_sources: vec![format!("dir:{}/**", work.path().display())],
+        ..NodePolicy::default()
+    };
+    let engine = Engine::new(EngineConfig {
+        policy,
+        images: Some(images.clone()),
+        ..EngineConfig::default()
+    })
+    .unwrap();
+    Node { work, engine, images }
+}
+
+impl Node {
+    fn path(&self, rel: &str) -> PathBuf {
+        self.work.path().join(rel)
+    }
+
+    /// ...and the plugin asks only for `images/*`.
+    async fn plugin(&self, max_read: u64) -> Plugin {
+        let manifest = Manifest::from_toml(&format!(
+            "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n\
+             [capabilities.images]\nsources = [\"dir:{}/images/*\"]\nmax-read-bytes = {max_read}\n",
+            self.work.path().display()
+        ))
+        .unwrap();
+        self.engine.load(&manifest, IMAGER.wasm()).await.unwrap()
+    }
+
+    async fn call(
+        &self,
+        plugin: &Plugin,
+        input: serde_json::Value,
+    ) -> Result<Outcome, InvokeError> {
+        let request = Request { operation_id: "op".into(), input: input.to_string() };
+        self.engine.provision(plugin, request, Arc::new(CollectingObserver::default())).await
+    }
+}
+
+fn field(outcome: &Outcome, key: &str) -> String {
+    outcome.report.fields.iter().find(|f| f.key == key).map(|f| f.value.clone()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_plugin_fetches_lists_reads_and_hashes_an_allowed_image() {
+    let node = node();
+    let plugin = node.plugin(4 << 20).await;
+    let web = format!("dir:{}", node.path("images/web").display());
+
+    let fetched =
+        node.call(&plugin, serde_json::json!({"op": "fetch", "image": web})).await.unwrap();
+    assert_eq!(field(&fetched, "files"), "2");
+    assert_eq!(field(&fetched, "entries"), "3");
+
+    let listed = node
+        .call(&plugin, serde_json::json!({"op": "list", "image": web, "limit": 2}))
+        .await
+        .unwrap();
+    let output: serde_json::Value = serde_json::from_str(&listed.report.output).unwrap();
+    assert_eq!(output.as_array().unwrap().len(), 2);
+    assert_eq!(output[0]["path"], "big.bin");
+    assert_eq!(output[1]["path"], "etc");
+
+    let read = node
+        .call(&plugin, serde_json::json!({"op": "read", "image": web, "path": "etc/hostname"}))
+        .await
+        .unwrap();
+    assert_eq!(field(&read, "size"), "6");
+    assert_eq!(field(&read, "blake3"), blake3::hash(b"web-1\n").to_hex().as_str());
+
+    let big = std::fs::read(node.path("images/web/big.bin")).unwrap();
+    let expected = blake3::hash(&big).to_hex().to_string();
+    for op in ["hash-guest", "hash-host"] {
+        let out = node
+            .call(&plugin, serde_json::json!({"op": op, "image": web, "path": "big.bin"}))
+            .await
+            .unwrap();
+        assert_eq!(field(&out, "digest"), expected, "{op}");
+    }
+    // One import, however many requests fetched the image.
+    assert_eq!(node.images.source_reads(), 1);
+}
+
+#[tokio::test]
+async fn sources_outside_the_plugins_or_the_nodes_patterns_are_denied_before_any_access() {
+    let node = node();
+    let plugin = node.plugin(1 << 20).await;
+    // Allowed by the node, not by the plugin.
+    let db = format!("dir:{}", node.path("elsewhere/db").display());
+    // Allowed by neither.
+    let etc = "dir:/etc".to_string();
+    for (reference, whose) in [(&db, "this plugin's"), (&etc, "this plugin's")] {
+        let err = node
+            .call(&plugin, serde_json::json!({"op": "fetch", "image": reference}))
+            .await
+            .unwrap_err();
+        match err {
+            InvokeError::Plugin(PluginError::Denied(m)) => {
+                assert_eq!(m, format!("{reference} is not among {whose} allowed image sources"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Nothing was read or stored.
+    assert_eq!(node.images.source_reads(), 0);
+    assert_eq!(node.images.store().stats().unwrap().images, 0);
+
+    // A plugin pattern wider than the node's is narrowed by the node.
+    let wide = Manifest::from_toml(
+        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n\
+         [capabilities.images]\nsources = [\"dir:/**\"]\n",
+    )
+    .unwrap();
+    let wide = node.engine.load(&wide, IMAGER.wasm()).await.unwrap();
+    let err = node.call(&wide, serde_json::json!({"op": "fetch", "image": etc})).await.unwrap_err();
+    assert!(err.to_string().contains("not among the node's allowed image sources"), "{err}");
+    assert_eq!(node.images.source_reads(), 0);
+}
+
+#[tokio::test]
+async fn references_must_name_their_kind_and_reads_need_a_fetch_and_a_budget() {
+    let node = node();
+    let plugin = node.plugin(1000).await;
+    let bare = node.path("images/web").display().to_string();
+    let err =
+        node.call(&plugin, serde_json::json!({"op": "fetch", "image": bare})).await.unwrap_err();
+    assert!(
+        matches!(err, InvokeError::Plugin(PluginError::InvalidInput(ref m)) if m.contains("write dir:/path or tar:/path")),
+        "{err}"
+    );
+
+    let web = format!("dir:{}", node.path("images/web").display());
+    let err = node
+        .call(
+            &plugin,
+            serde_json::json!({"op": "read-unfetched", "image": web, "path": "etc/hostname"}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, InvokeError::Plugin(PluginError::NotFound(ref m)) if m.contains("was not fetched in this request")),
+        "{err}"
+    );
+
+    let err = node
+        .call(&plugin, serde_json::json!({"op": "read", "image": web, "path": "big.bin"}))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, InvokeError::Plugin(PluginError::QuotaExceeded(ref m)) if m.contains("big.bin is 2000000 bytes; this plugin reads at most 1000")),
+        "{err}"
+    );
+
+    let err = node
+        .call(&plugin, serde_json::json!({"op": "read", "image": web, "path": "etc"}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("etc is a dir, not a file"), "{err}");
+    let err = node
+        .call(&plugin, serde_json::json!({"op": "list", "image": web, "limit": 5000}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("at most 1000 entries per page"), "{err}");
+}
+
+#[tokio::test]
+async fn a_node_without_an_image_store_refuses_plugins_that_need_one() {
+    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let manifest = Manifest::from_toml(
+        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.images]\nsources = [\"dir:/srv/*\"]\n",
+    )
+    .unwrap();
+    let err = engine.load(&manifest, IMAGER.wasm()).await.unwrap_err();
+    assert!(matches!(err, LoadError::Unavailable("images")), "{err}");
+}
+
+#[test]
+fn image_source_patterns_are_validated() {
+    for (sources, expected) in [
+        ("[]", "must list 1 to 64 reference patterns"),
+        ("[\"/srv/*\"]", "is not a reference pattern"),
+        ("[\"https://x/*\"]", "is not a reference pattern"),
+    ] {
+        let err = Manifest::from_toml(&format!(
+            "name = \"a\"\nversion = \"1.0.0\"\n[capabilities.images]\nsources = {sources}\n"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains(expected), "{sources}: {err}");
+    }
+}
