@@ -187,7 +187,9 @@ impl Manifest {
                 ));
             }
             for pattern in &images.sources {
-                let scheme_ok = pattern.starts_with("dir:/") || pattern.starts_with("tar:/");
+                let scheme_ok = ["dir:/", "tar:/", "http://", "https://"]
+                    .iter()
+                    .any(|scheme| pattern.starts_with(scheme));
                 if !scheme_ok
                     || pattern.len() > MAX_PATTERN_LEN
                     || pattern.chars().any(char::is_control)
@@ -195,8 +197,8 @@ impl Manifest {
                     return Err(field(
                         "capabilities.images.sources",
                         format!(
-                            "{pattern:?} is not a reference pattern: start with dir:/ or tar:/, \
-                             at most {MAX_PATTERN_LEN} characters"
+                            "{pattern:?} is not a reference pattern: start with dir:/, tar:/, \
+                             http:// or https://, at most {MAX_PATTERN_LEN} characters"
                         ),
                     ));
                 }

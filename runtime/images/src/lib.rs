@@ -24,7 +24,28 @@ use std::sync::{Arc, Mutex};
 
 use provd_store::{ImageRecord, NewImage, Store, StoreError};
 
-pub use reference::{Reference, ReferenceError};
+pub use reference::{Digest, Reference, ReferenceError};
+
+/// How HTTP(S) archives are fetched.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// PEM root certificates to trust besides the built-in web roots (a
+    /// provider's own image server, a test server).
+    pub extra_roots_pem: Vec<Vec<u8>>,
+    pub connect_timeout: std::time::Duration,
+    /// A download that receives nothing for this long is abandoned.
+    pub stall_timeout: std::time::Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            extra_roots_pem: Vec::new(),
+            connect_timeout: std::time::Duration::from_secs(10),
+            stall_timeout: std::time::Duration::from_secs(30),
+        }
+    }
+}
 
 /// Caps on what one import may read and store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,6 +131,8 @@ pub struct Images {
     inflight: Mutex<HashMap<String, Shared>>,
     permits: tokio::sync::Semaphore,
     reads: Arc<AtomicU64>,
+    http: reqwest::Client,
+    http_config: HttpConfig,
 }
 
 impl Images {
@@ -121,7 +144,32 @@ impl Images {
             inflight: Mutex::default(),
             permits: tokio::sync::Semaphore::new(parallel.max(1)),
             reads: Arc::default(),
+            http: reqwest::Client::new(),
+            http_config: HttpConfig::default(),
         }
+    }
+
+    /// Sets how HTTP(S) archives are fetched.
+    pub fn with_http(mut self, config: HttpConfig) -> Result<Images, ImportError> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            // Redirects could lead outside the patterns a plugin was
+            // allowed; a reference names the final location.
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy();
+        for pem in &config.extra_roots_pem {
+            let cert = reqwest::Certificate::from_pem(pem).map_err(|e| ImportError::Source {
+                reference: "HTTP configuration".into(),
+                detail: format!("extra root certificate: {e}"),
+            })?;
+            builder = builder.add_root_certificate(cert);
+        }
+        self.http = builder.build().map_err(|e| ImportError::Source {
+            reference: "HTTP configuration".into(),
+            detail: e.to_string(),
+        })?;
+        self.http_config = config;
+        Ok(self)
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -154,12 +202,23 @@ impl Images {
                 let Ok(_permit) = self.permits.acquire().await else {
                     return Err(Arc::new(ImportError::Interrupted(key.clone())));
                 };
+                match self.store.image(&key) {
+                    Ok(Some(record)) => return Ok(record),
+                    Ok(None) => {}
+                    Err(e) => return Err(Arc::new(e.into())),
+                }
+                self.reads.fetch_add(1, Ordering::Relaxed);
+                let download = match &reference {
+                    Reference::Http { url, digest } => {
+                        Some(self.download(&key, url, digest).await.map_err(Arc::new)?)
+                    }
+                    _ => None,
+                };
                 let store = self.store.clone();
                 let limits = self.limits.clone();
-                let reads = self.reads.clone();
                 let reference = reference.clone();
                 let task = tokio::task::spawn_blocking(move || {
-                    import_blocking(&store, &reference, &limits, progress.as_ref(), &reads)
+                    import_blocking(&store, &reference, &limits, progress.as_ref(), download)
                 });
                 task.await
                     .unwrap_or_else(|_| Err(ImportError::Interrupted(key.clone())))
@@ -175,19 +234,134 @@ impl Images {
     }
 }
 
+/// A verified download in staging, removed when dropped.
+struct Download {
+    store: Arc<Store>,
+    name: String,
+    digest: String,
+}
+
+impl Drop for Download {
+    fn drop(&mut self) {
+        self.store.remove_temp(&self.name);
+    }
+}
+
+enum DigestState {
+    Sha256(sha2::Sha256),
+    Blake3(Box<blake3::Hasher>),
+}
+
+impl Images {
+    /// Streams `url` to a private staging file, hashing on the way, and
+    /// keeps it only if it has the expected digest. A failure removes the
+    /// partial file, so a retry starts clean.
+    async fn download(
+        &self,
+        key: &str,
+        url: &str,
+        digest: &Digest,
+    ) -> Result<Download, ImportError> {
+        use sha2::Digest as _;
+        use std::io::Write as _;
+        let source = |detail: String| ImportError::Source { reference: key.to_string(), detail };
+        let stall = self.http_config.stall_timeout;
+        let mut response = tokio::time::timeout(stall, self.http.get(url).send())
+            .await
+            .map_err(|_| source(format!("no response within {stall:?}")))?
+            .map_err(|e| source(format!("request failed: {}", error_chain(&e))))?;
+        if response.status() != reqwest::StatusCode::OK {
+            return Err(source(format!("server answered {}", response.status())));
+        }
+        let announced = response.content_length();
+        let limit = self.limits.max_archive_bytes;
+        if let Some(len) = announced
+            && len > limit
+        {
+            return Err(ImportError::Limit {
+                reference: key.into(),
+                what: "archive bytes".into(),
+                limit,
+            });
+        }
+        let (name, file) = self.store.create_temp()?;
+        let mut guard = Download { store: self.store.clone(), name, digest: String::new() };
+        let mut file = file.into_std();
+        let mut state = match digest.algorithm {
+            "sha256" => DigestState::Sha256(sha2::Sha256::new()),
+            _ => DigestState::Blake3(Box::default()),
+        };
+        let mut total = 0u64;
+        loop {
+            let chunk = tokio::time::timeout(stall, response.chunk())
+                .await
+                .map_err(|_| {
+                    source(format!(
+                        "download stalled: nothing received for {stall:?} after {total} bytes"
+                    ))
+                })?
+                .map_err(|e| {
+                    source(format!("download failed after {total} bytes: {}", error_chain(&e)))
+                })?;
+            let Some(chunk) = chunk else { break };
+            total += chunk.len() as u64;
+            if total > limit {
+                return Err(ImportError::Limit {
+                    reference: key.into(),
+                    what: "archive bytes".into(),
+                    limit,
+                });
+            }
+            match &mut state {
+                DigestState::Sha256(h) => h.update(&chunk),
+                DigestState::Blake3(h) => {
+                    h.update(&chunk);
+                }
+            }
+            file.write_all(&chunk).map_err(|e| source(format!("writing the download: {e}")))?;
+        }
+        if let Some(len) = announced
+            && total != len
+        {
+            return Err(source(format!("server announced {len} bytes and sent {total}")));
+        }
+        let actual = match state {
+            DigestState::Sha256(h) => {
+                h.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>()
+            }
+            DigestState::Blake3(h) => h.finalize().to_hex().to_string(),
+        };
+        if actual != digest.hex {
+            return Err(source(format!(
+                "digest mismatch: expected {digest}, the download has {}:{actual}",
+                digest.algorithm
+            )));
+        }
+        guard.digest = digest.to_string();
+        Ok(guard)
+    }
+}
+
+/// An error with its sources, one line: reqwest's own message is terse.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 fn import_blocking(
     store: &Store,
     reference: &Reference,
     limits: &ImportLimits,
     progress: &dyn Progress,
-    reads: &AtomicU64,
+    download: Option<Download>,
 ) -> Result<ImageRecord, ImportError> {
     let key = reference.to_string();
-    // Another import may have finished between the caller's check and now.
-    if let Some(record) = store.image(&key)? {
-        return Ok(record);
-    }
-    reads.fetch_add(1, Ordering::Relaxed);
     let mut objects = store.writer();
     let mut tree = tree::TreeBuilder::new(key.clone(), limits.clone());
     match reference {
@@ -198,11 +372,16 @@ fn import_blocking(
                 )?;
             tree_dir::walk(&root, &mut tree, &mut objects, &key, progress)?;
         }
-        Reference::Tar(path) => {
-            let mut file = std::fs::File::open(path).map_err(|e| ImportError::Source {
-                reference: key.clone(),
-                detail: e.to_string(),
-            })?;
+        Reference::Tar(_) | Reference::Http { .. } => {
+            let opened = match (reference, &download) {
+                (Reference::Tar(path), _) => std::fs::File::open(path).map_err(|e| e.to_string()),
+                (_, Some(d)) => {
+                    store.open_temp(&d.name).map(|f| f.into_std()).map_err(|e| e.to_string())
+                }
+                _ => Err("the download is missing".to_string()),
+            };
+            let mut file =
+                opened.map_err(|detail| ImportError::Source { reference: key.clone(), detail })?;
             let mut magic = [0u8; 4];
             let n = read_up_to(&mut file, &mut magic).map_err(|e| ImportError::Source {
                 reference: key.clone(),
@@ -215,8 +394,11 @@ fn import_blocking(
         }
     }
     let entries = tree.finish();
-    let image =
-        NewImage { reference: key.clone(), source: reference.source().into(), source_digest: None };
+    let image = NewImage {
+        reference: key.clone(),
+        source: reference.source().into(),
+        source_digest: download.as_ref().map(|d| d.digest.clone()),
+    };
     match store.commit_image(objects, &image, &entries) {
         Ok(record) => Ok(record),
         // Raced with another process's import of the same reference.

@@ -5,6 +5,7 @@
 //! | `dir:/srv/rootfs` | a directory tree on the node |
 //! | `tar:/srv/img.tar`, `.tar.gz`, `.tar.zst` | a tar archive on the node (compression detected from content) |
 //! | `/srv/rootfs`, `/srv/img.tar.zst` | the same, told apart by what the path is |
+//! | `https://host/img.tar.zst#sha256:<hex>` | an archive over HTTP(S), verified against the digest (`sha256:` or `blake3:`) |
 //!
 //! Local paths must be absolute, so a reference means the same thing
 //! whatever the caller's working directory. The canonical form (with its
@@ -20,6 +21,23 @@ pub enum Reference {
     Dir(PathBuf),
     /// A tar archive, plain or compressed.
     Tar(PathBuf),
+    /// A tar archive over HTTP(S), with the digest it must have.
+    Http { url: String, digest: Digest },
+}
+
+/// The digest a downloaded archive must have.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Digest {
+    /// `sha256` or `blake3`.
+    pub algorithm: &'static str,
+    /// 64 lowercase hex characters.
+    pub hex: String,
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.algorithm, self.hex)
+    }
 }
 
 /// Why a reference was refused.
@@ -35,6 +53,12 @@ pub enum ReferenceError {
     Missing(String),
     #[error("image reference {0:?}: contains a control character")]
     Control(String),
+    #[error(
+        "image reference {0:?}: an HTTP(S) archive needs its digest, as #sha256:<hex> or #blake3:<hex>"
+    )]
+    MissingDigest(String),
+    #[error("image reference {0:?}: {1}")]
+    BadUrl(String, String),
 }
 
 impl Reference {
@@ -48,12 +72,11 @@ impl Reference {
         if text.chars().any(char::is_control) {
             return Err(ReferenceError::Control(owned()));
         }
-        for (scheme, what) in
-            [("http://", "HTTP"), ("https://", "HTTPS"), ("oci://", "OCI registry")]
-        {
-            if text.starts_with(scheme) {
-                return Err(ReferenceError::Unsupported(owned(), what));
-            }
+        if text.starts_with("oci://") {
+            return Err(ReferenceError::Unsupported(owned(), "OCI registry"));
+        }
+        if text.starts_with("http://") || text.starts_with("https://") {
+            return parse_http(text);
         }
         let (kind, path) = if let Some(p) = text.strip_prefix("dir:") {
             (Some(true), p)
@@ -77,13 +100,49 @@ impl Reference {
         Ok(if is_dir { Reference::Dir(path) } else { Reference::Tar(path) })
     }
 
-    /// `dir` or `tar`: the kind of source, as the store records it.
+    /// `dir`, `tar` or `http`: the kind of source, as the store records it.
     pub fn source(&self) -> &'static str {
         match self {
             Reference::Dir(_) => "dir",
             Reference::Tar(_) => "tar",
+            Reference::Http { .. } => "http",
         }
     }
+}
+
+fn parse_http(text: &str) -> Result<Reference, ReferenceError> {
+    let owned = || text.to_string();
+    let (url, fragment) =
+        text.split_once('#').ok_or_else(|| ReferenceError::MissingDigest(owned()))?;
+    let (algorithm, hex) =
+        fragment.split_once(':').ok_or_else(|| ReferenceError::MissingDigest(owned()))?;
+    let algorithm = match algorithm {
+        "sha256" => "sha256",
+        "blake3" => "blake3",
+        _ => return Err(ReferenceError::MissingDigest(owned())),
+    };
+    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) {
+        return Err(ReferenceError::BadUrl(
+            owned(),
+            "the digest must be 64 lowercase hex characters".into(),
+        ));
+    }
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| ReferenceError::BadUrl(owned(), e.to_string()))?;
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(ReferenceError::BadUrl(owned(), "no host".into()));
+    }
+    // Credentials in a reference would end up in logs and the database.
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(ReferenceError::BadUrl(
+            owned(),
+            "credentials are not accepted in a reference".into(),
+        ));
+    }
+    Ok(Reference::Http {
+        url: parsed.to_string(),
+        digest: Digest { algorithm, hex: hex.to_string() },
+    })
 }
 
 /// Removes `.` components and trailing slashes without touching the
@@ -98,6 +157,7 @@ impl fmt::Display for Reference {
         match self {
             Reference::Dir(p) => write!(f, "dir:{}", p.display()),
             Reference::Tar(p) => write!(f, "tar:{}", p.display()),
+            Reference::Http { url, digest } => write!(f, "{url}#{digest}"),
         }
     }
 }
@@ -128,6 +188,25 @@ mod tests {
             Reference::parse("oci://127.0.0.1:5000/debian:12"),
             Err(ReferenceError::Unsupported(_, "OCI registry"))
         ));
+        assert!(matches!(
+            Reference::parse("https://h/x.tar"),
+            Err(ReferenceError::MissingDigest(_))
+        ));
+        assert!(matches!(
+            Reference::parse("https://h/x.tar#md5:abc"),
+            Err(ReferenceError::MissingDigest(_))
+        ));
+        assert!(matches!(
+            Reference::parse("https://h/x.tar#sha256:abc"),
+            Err(ReferenceError::BadUrl(..))
+        ));
+        let d = "a".repeat(64);
+        assert!(matches!(
+            Reference::parse(&format!("https://u:p@h/x#sha256:{d}")),
+            Err(ReferenceError::BadUrl(..))
+        ));
+        let r = Reference::parse(&format!("https://H/x.tar#blake3:{d}")).unwrap();
+        assert_eq!(r.to_string(), format!("https://h/x.tar#blake3:{d}"));
         assert!(matches!(Reference::parse("/a\nb"), Err(ReferenceError::Control(_))));
     }
 }

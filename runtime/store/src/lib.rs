@@ -92,6 +92,9 @@ pub struct Store {
     /// Objects an import in progress relies on, with how many imports do.
     /// Removal and gc never delete a pinned object.
     pins: Mutex<HashMap<Hash, usize>>,
+    /// Staging files in use outside an object writer (downloads); gc keeps
+    /// them.
+    temps: Mutex<std::collections::HashSet<String>>,
     /// Free bytes an import must leave on the data directory's filesystem.
     pub min_free_bytes: u64,
     /// The lock file, held open (and locked) for the store's lifetime; also
@@ -150,6 +153,7 @@ impl Store {
             staging,
             db: Mutex::new(db),
             pins: Mutex::default(),
+            temps: Mutex::default(),
             min_free_bytes: DEFAULT_MIN_FREE_BYTES,
             lock,
         };
@@ -282,7 +286,8 @@ impl Store {
             }
         }
         if pins.is_empty() {
-            freed.staging = objects::clear_staging(self)?;
+            let temps = self.temps.lock().unwrap_or_else(|p| p.into_inner());
+            freed.staging = objects::clear_staging(self, &temps)?;
         }
         Ok(freed)
     }
@@ -301,6 +306,35 @@ impl Store {
     /// Counts over the store.
     pub fn stats(&self) -> Result<Stats, StoreError> {
         db::stats(&self.lock_db()).map_err(|e| self.db_error(e))
+    }
+
+    /// Creates an empty private file in staging for a download; gc leaves
+    /// it alone until [`Store::remove_temp`].
+    pub fn create_temp(&self) -> Result<(String, cap_std::fs::File), StoreError> {
+        let name = objects::temp_name();
+        let mut opts = cap_std::fs::OpenOptions::new();
+        opts.read(true).write(true).create_new(true);
+        let file = self
+            .staging
+            .open_with(&name, &opts)
+            .map_err(|e| self.io_error("creating a download file", e))?;
+        self.temps.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone());
+        Ok((name, file))
+    }
+
+    /// Reopens a file made by [`Store::create_temp`] from its start.
+    pub fn open_temp(&self, name: &str) -> Result<cap_std::fs::File, StoreError> {
+        self.staging.open(name).map_err(|e| self.io_error(format!("opening download {name}"), e))
+    }
+
+    /// Deletes a file made by [`Store::create_temp`].
+    pub fn remove_temp(&self, name: &str) {
+        self.temps.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        if let Err(e) = self.staging.remove_file(name)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(error = %e, name, "cannot remove a download; gc will");
+        }
     }
 
     /// Names of files in staging (for tests that check nothing is left).

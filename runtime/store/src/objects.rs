@@ -21,7 +21,7 @@ const SPACE_CHECK_EVERY: u64 = 64 << 20;
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-fn temp_name() -> String {
+pub(crate) fn temp_name() -> String {
     format!("obj-{}-{}", std::process::id(), TEMP_COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
@@ -328,9 +328,15 @@ pub(crate) fn staging_names(store: &Store) -> Result<Vec<String>, StoreError> {
     Ok(out)
 }
 
-pub(crate) fn clear_staging(store: &Store) -> Result<u64, StoreError> {
+pub(crate) fn clear_staging(
+    store: &Store,
+    keep: &std::collections::HashSet<String>,
+) -> Result<u64, StoreError> {
     let mut removed = 0;
     for name in staging_names(store)? {
+        if keep.contains(&name) {
+            continue;
+        }
         let gone =
             store.staging.remove_file(&name).or_else(|_| store.staging.remove_dir_all(&name));
         if gone.is_ok() {

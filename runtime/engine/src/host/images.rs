@@ -26,15 +26,17 @@ pub(crate) const MAX_FETCHED: usize = 256;
 const MAX_NAME_LEN: usize = 4096;
 
 impl HostState {
-    /// Parses a reference a plugin passed; plugins must say `dir:` or
-    /// `tar:`, so that deciding never needs to look at the filesystem.
+    /// Parses a reference a plugin passed; plugins must say `dir:`, `tar:`
+    /// or give a URL, so that deciding never needs to look at the
+    /// filesystem or the network.
     fn plugin_reference(&self, text: &str) -> Result<Reference, WitError> {
         if text.len() > MAX_NAME_LEN {
             return Err(WitError::InvalidInput(format!("reference is {} bytes long", text.len())));
         }
-        if !(text.starts_with("dir:/") || text.starts_with("tar:/")) {
+        let explicit = ["dir:/", "tar:/", "http://", "https://"];
+        if !explicit.iter().any(|scheme| text.starts_with(scheme)) {
             return Err(WitError::InvalidInput(format!(
-                "reference {text:?}: write dir:/path or tar:/path"
+                "reference {text:?}: write dir:/path, tar:/path or an http(s) URL with its digest"
             )));
         }
         Reference::parse(text).map_err(|e| WitError::InvalidInput(e.to_string()))
