@@ -3,6 +3,8 @@
 # - a WebAssembly guest toolchain for plugins. rustup's wasm32-wasip2 target
 #   is used when installed; otherwise Debian's Rust with wasi-libc (the
 #   route that works where rustup cannot download targets).
+# - the real peers the tests start: docker-registry (an OCI registry) and
+#   skopeo (pushes images to it).
 # - rustfmt and clippy for the checks.
 set -euo pipefail
 
@@ -30,6 +32,17 @@ else
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${needed[@]}"
   fi
   echo "setup: guest toolchain: Debian rustc, wasm32-wasip1 + build-std + reactor adapter"
+fi
+
+# Real peers the tests start: an OCI registry and a client that pushes to it.
+needed=()
+for pkg in docker-registry skopeo tar gzip; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || needed+=("$pkg")
+done
+if [ "${#needed[@]}" -gt 0 ]; then
+  echo "setup: installing test peers: ${needed[*]}"
+  as_root apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${needed[@]}"
 fi
 
 rustup component add rustfmt clippy >/dev/null 2>&1 || true

@@ -187,7 +187,7 @@ impl Manifest {
                 ));
             }
             for pattern in &images.sources {
-                let scheme_ok = ["dir:/", "tar:/", "http://", "https://"]
+                let scheme_ok = ["dir:/", "tar:/", "http://", "https://", "oci://", "oci+http://"]
                     .iter()
                     .any(|scheme| pattern.starts_with(scheme));
                 if !scheme_ok
@@ -198,7 +198,7 @@ impl Manifest {
                         "capabilities.images.sources",
                         format!(
                             "{pattern:?} is not a reference pattern: start with dir:/, tar:/, \
-                             http:// or https://, at most {MAX_PATTERN_LEN} characters"
+                             http(s):// or oci(+http)://, at most {MAX_PATTERN_LEN} characters"
                         ),
                     ));
                 }

@@ -80,6 +80,7 @@ impl<R: Read> Read for Bounded<R> {
 }
 
 /// Reads every entry of a tar stream into `tree`, storing file contents.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn unpack(
     reader: Box<dyn Read>,
     compression: Compression,
@@ -88,6 +89,7 @@ pub(crate) fn unpack(
     limits: &ImportLimits,
     reference: &str,
     progress: &dyn Progress,
+    layered: bool,
 ) -> Result<(), ImportError> {
     let compressed = Arc::new(AtomicU64::new(0));
     let counted = Counting { inner: reader, count: compressed.clone() };
@@ -116,6 +118,7 @@ pub(crate) fn unpack(
         &mut last_entry,
         progress,
         &compressed,
+        layered,
     );
     // A cap hit inside the decompressor surfaces as an I/O error of the tar
     // reader; report the cap instead.
@@ -155,6 +158,33 @@ fn archive_error(reference: &str, e: impl std::fmt::Display) -> ImportError {
     ImportError::Archive { reference: reference.into(), problem }
 }
 
+/// OCI whiteouts: `.wh..wh..opq` makes its directory opaque, `.wh.<name>`
+/// deletes `<name>` of the layers below. Returns whether `path` was one.
+/// Other `.wh.` names are refused, not guessed at.
+fn apply_whiteout(tree: &mut TreeBuilder, path: &str) -> Result<bool, ImportError> {
+    const PREFIX: &str = ".wh.";
+    const OPAQUE: &str = ".wh..wh..opq";
+    let (dir, name) = match path.rsplit_once('/') {
+        Some((dir, name)) => (dir, name),
+        None => ("", path),
+    };
+    if dir.split('/').any(|c| c.starts_with(PREFIX)) {
+        return Err(tree.entry_error(path, "lies under a whiteout name"));
+    }
+    if name == OPAQUE {
+        tree.opaque(dir);
+        return Ok(true);
+    }
+    let Some(hidden) = name.strip_prefix(PREFIX) else { return Ok(false) };
+    if hidden.is_empty() || hidden.starts_with(PREFIX) || hidden == "." || hidden == ".." {
+        return Err(tree.entry_error(path, "is not a whiteout provd understands"));
+    }
+    let target = if dir.is_empty() { hidden.to_string() } else { format!("{dir}/{hidden}") };
+    tree.whiteout(&target);
+    Ok(true)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn read_entries<R: Read>(
     archive: &mut tar::Archive<R>,
     tree: &mut TreeBuilder,
@@ -163,6 +193,7 @@ fn read_entries<R: Read>(
     last_entry: &mut String,
     progress: &dyn Progress,
     compressed: &AtomicU64,
+    layered: bool,
 ) -> Result<(), ImportError> {
     for entry in archive.entries().map_err(|e| archive_error(reference, e))? {
         let mut entry = entry.map_err(|e| archive_error(reference, e))?;
@@ -188,6 +219,9 @@ fn read_entries<R: Read>(
             Err(problem) => return Err(tree.entry_error(&shown, format!("path {problem}"))),
         };
         *last_entry = path.clone();
+        if layered && apply_whiteout(tree, &path)? {
+            continue;
+        }
         let field = |what: &str, e: std::io::Error| {
             tree.entry_error(&path, format!("bad {what} in header: {e}"))
         };

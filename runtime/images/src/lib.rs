@@ -13,6 +13,7 @@
 //! imports of different references run in parallel up to a limit.
 
 mod archive;
+mod oci;
 mod reference;
 mod tree;
 mod tree_dir;
@@ -24,7 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use provd_store::{ImageRecord, NewImage, Store, StoreError};
 
-pub use reference::{Digest, Reference, ReferenceError};
+pub use reference::{Digest, OciRef, Reference, ReferenceError};
 
 /// How HTTP(S) archives are fetched.
 #[derive(Debug, Clone)]
@@ -208,17 +209,23 @@ impl Images {
                     Err(e) => return Err(Arc::new(e.into())),
                 }
                 self.reads.fetch_add(1, Ordering::Relaxed);
-                let download = match &reference {
+                let fetched = match &reference {
                     Reference::Http { url, digest } => {
-                        Some(self.download(&key, url, digest).await.map_err(Arc::new)?)
+                        let d = self.download(&key, url, digest, None).await.map_err(Arc::new)?;
+                        let source_digest = Some(d.digest.clone());
+                        Fetched { layers: vec![d], source_digest }
                     }
-                    _ => None,
+                    Reference::Oci(r) => {
+                        let (layers, manifest) = self.fetch_oci(&key, r).await.map_err(Arc::new)?;
+                        Fetched { layers, source_digest: Some(manifest) }
+                    }
+                    Reference::Dir(_) | Reference::Tar(_) => Fetched::default(),
                 };
                 let store = self.store.clone();
                 let limits = self.limits.clone();
                 let reference = reference.clone();
                 let task = tokio::task::spawn_blocking(move || {
-                    import_blocking(&store, &reference, &limits, progress.as_ref(), download)
+                    import_blocking(&store, &reference, &limits, progress.as_ref(), fetched)
                 });
                 task.await
                     .unwrap_or_else(|_| Err(ImportError::Interrupted(key.clone())))
@@ -232,6 +239,13 @@ impl Images {
         }
         result
     }
+}
+
+/// What was downloaded for an import: the archive or the layers, in order.
+#[derive(Default)]
+struct Fetched {
+    layers: Vec<Download>,
+    source_digest: Option<String>,
 }
 
 /// A verified download in staging, removed when dropped.
@@ -261,6 +275,7 @@ impl Images {
         key: &str,
         url: &str,
         digest: &Digest,
+        expected_size: Option<u64>,
     ) -> Result<Download, ImportError> {
         use sha2::Digest as _;
         use std::io::Write as _;
@@ -325,6 +340,11 @@ impl Images {
         {
             return Err(source(format!("server announced {len} bytes and sent {total}")));
         }
+        if let Some(size) = expected_size
+            && total != size
+        {
+            return Err(source(format!("expected {size} bytes, the download has {total}")));
+        }
         let actual = match state {
             DigestState::Sha256(h) => {
                 h.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>()
@@ -359,7 +379,7 @@ fn import_blocking(
     reference: &Reference,
     limits: &ImportLimits,
     progress: &dyn Progress,
-    download: Option<Download>,
+    fetched: Fetched,
 ) -> Result<ImageRecord, ImportError> {
     let key = reference.to_string();
     let mut objects = store.writer();
@@ -372,32 +392,35 @@ fn import_blocking(
                 )?;
             tree_dir::walk(&root, &mut tree, &mut objects, &key, progress)?;
         }
-        Reference::Tar(_) | Reference::Http { .. } => {
-            let opened = match (reference, &download) {
-                (Reference::Tar(path), _) => std::fs::File::open(path).map_err(|e| e.to_string()),
-                (_, Some(d)) => {
-                    store.open_temp(&d.name).map(|f| f.into_std()).map_err(|e| e.to_string())
-                }
-                _ => Err("the download is missing".to_string()),
-            };
-            let mut file =
-                opened.map_err(|detail| ImportError::Source { reference: key.clone(), detail })?;
-            let mut magic = [0u8; 4];
-            let n = read_up_to(&mut file, &mut magic).map_err(|e| ImportError::Source {
+        Reference::Tar(path) => {
+            let file = std::fs::File::open(path).map_err(|e| ImportError::Source {
                 reference: key.clone(),
                 detail: e.to_string(),
             })?;
-            let head = magic.get(..n).unwrap_or_default().to_vec();
-            let compression = archive::detect(&head);
-            let reader: Box<dyn Read> = Box::new(std::io::Cursor::new(head).chain(file));
-            archive::unpack(reader, compression, &mut tree, &mut objects, limits, &key, progress)?;
+            let layer = Layer { file, layered: false };
+            unpack_file(layer, &mut tree, &mut objects, limits, &key, progress)?;
+        }
+        Reference::Http { .. } | Reference::Oci(_) => {
+            let layered = matches!(reference, Reference::Oci(_));
+            for download in &fetched.layers {
+                let file = store.open_temp(&download.name)?.into_std();
+                tree.begin_layer();
+                unpack_file(
+                    Layer { file, layered },
+                    &mut tree,
+                    &mut objects,
+                    limits,
+                    &key,
+                    progress,
+                )?;
+            }
         }
     }
     let entries = tree.finish();
     let image = NewImage {
         reference: key.clone(),
         source: reference.source().into(),
-        source_digest: download.as_ref().map(|d| d.digest.clone()),
+        source_digest: fetched.source_digest.clone(),
     };
     match store.commit_image(objects, &image, &entries) {
         Ok(record) => Ok(record),
@@ -405,6 +428,31 @@ fn import_blocking(
         Err(StoreError::Exists(_)) => store.image(&key)?.ok_or(ImportError::Interrupted(key)),
         Err(e) => Err(e.into()),
     }
+}
+
+/// One archive to unpack; `layered` for an OCI layer, whose whiteouts
+/// apply to the layers before it.
+struct Layer {
+    file: std::fs::File,
+    layered: bool,
+}
+
+fn unpack_file(
+    layer: Layer,
+    tree: &mut tree::TreeBuilder,
+    objects: &mut provd_store::ObjectWriter<'_>,
+    limits: &ImportLimits,
+    key: &str,
+    progress: &dyn Progress,
+) -> Result<(), ImportError> {
+    let mut file = layer.file;
+    let mut magic = [0u8; 4];
+    let n = read_up_to(&mut file, &mut magic)
+        .map_err(|e| ImportError::Source { reference: key.to_string(), detail: e.to_string() })?;
+    let head = magic.get(..n).unwrap_or_default().to_vec();
+    let compression = archive::detect(&head);
+    let reader: Box<dyn Read> = Box::new(std::io::Cursor::new(head).chain(file));
+    archive::unpack(reader, compression, tree, objects, limits, key, progress, layer.layered)
 }
 
 fn read_up_to(reader: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {

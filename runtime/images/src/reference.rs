@@ -6,6 +6,7 @@
 //! | `tar:/srv/img.tar`, `.tar.gz`, `.tar.zst` | a tar archive on the node (compression detected from content) |
 //! | `/srv/rootfs`, `/srv/img.tar.zst` | the same, told apart by what the path is |
 //! | `https://host/img.tar.zst#sha256:<hex>` | an archive over HTTP(S), verified against the digest (`sha256:` or `blake3:`) |
+//! | `oci://registry[:port]/repo:tag`, `oci://…/repo@sha256:<hex>` | an image in an OCI distribution registry over HTTPS (`oci+http://` for plain HTTP) |
 //!
 //! Local paths must be absolute, so a reference means the same thing
 //! whatever the caller's working directory. The canonical form (with its
@@ -23,6 +24,28 @@ pub enum Reference {
     Tar(PathBuf),
     /// A tar archive over HTTP(S), with the digest it must have.
     Http { url: String, digest: Digest },
+    /// An image in an OCI distribution registry.
+    Oci(OciRef),
+}
+
+/// Where an image lives in a registry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OciRef {
+    /// Plain HTTP instead of HTTPS (`oci+http://`), for registries on a
+    /// trusted local network.
+    pub plain_http: bool,
+    /// `host[:port]`.
+    pub registry: String,
+    /// `name/space/repo`.
+    pub repository: String,
+    /// A tag, or a manifest digest `sha256:<hex>`.
+    pub tag_or_digest: String,
+}
+
+impl OciRef {
+    pub fn is_digest(&self) -> bool {
+        self.tag_or_digest.starts_with("sha256:")
+    }
 }
 
 /// The digest a downloaded archive must have.
@@ -72,8 +95,11 @@ impl Reference {
         if text.chars().any(char::is_control) {
             return Err(ReferenceError::Control(owned()));
         }
-        if text.starts_with("oci://") {
-            return Err(ReferenceError::Unsupported(owned(), "OCI registry"));
+        if let Some(rest) = text.strip_prefix("oci://") {
+            return parse_oci(text, rest, false);
+        }
+        if let Some(rest) = text.strip_prefix("oci+http://") {
+            return parse_oci(text, rest, true);
         }
         if text.starts_with("http://") || text.starts_with("https://") {
             return parse_http(text);
@@ -106,8 +132,57 @@ impl Reference {
             Reference::Dir(_) => "dir",
             Reference::Tar(_) => "tar",
             Reference::Http { .. } => "http",
+            Reference::Oci(_) => "oci",
         }
     }
+}
+
+fn parse_oci(text: &str, rest: &str, plain_http: bool) -> Result<Reference, ReferenceError> {
+    let bad = |why: &str| ReferenceError::BadUrl(text.to_string(), why.to_string());
+    let (registry, path) = rest.split_once('/').ok_or_else(|| bad("no repository"))?;
+    if registry.is_empty()
+        || !registry.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+    {
+        return Err(bad("bad registry host"));
+    }
+    let (repository, tag_or_digest) = if let Some((repo, digest)) = path.split_once('@') {
+        let hex = digest.strip_prefix("sha256:").ok_or_else(|| bad("digests are sha256:<hex>"))?;
+        if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) {
+            return Err(bad("the digest must be 64 lowercase hex characters"));
+        }
+        (repo, digest.to_string())
+    } else {
+        // The tag follows the last ':' of the last path component.
+        let (repo, tag) = match path.rsplit_once(':') {
+            Some((repo, tag)) if !tag.contains('/') => (repo, tag),
+            _ => (path, "latest"),
+        };
+        let tag_ok = !tag.is_empty()
+            && tag.len() <= 128
+            && tag.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        if !tag_ok {
+            return Err(bad("bad tag"));
+        }
+        (repo, tag.to_string())
+    };
+    // Repository names per the distribution spec: lowercase components of
+    // [a-z0-9] with single separators.
+    let repo_ok = !repository.is_empty()
+        && repository.len() <= 255
+        && repository.split('/').all(|c| {
+            !c.is_empty()
+                && c.chars()
+                    .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || "._-".contains(ch))
+        });
+    if !repo_ok {
+        return Err(bad("bad repository name"));
+    }
+    Ok(Reference::Oci(OciRef {
+        plain_http,
+        registry: registry.to_string(),
+        repository: repository.to_string(),
+        tag_or_digest,
+    }))
 }
 
 fn parse_http(text: &str) -> Result<Reference, ReferenceError> {
@@ -158,6 +233,11 @@ impl fmt::Display for Reference {
             Reference::Dir(p) => write!(f, "dir:{}", p.display()),
             Reference::Tar(p) => write!(f, "tar:{}", p.display()),
             Reference::Http { url, digest } => write!(f, "{url}#{digest}"),
+            Reference::Oci(o) => {
+                let scheme = if o.plain_http { "oci+http" } else { "oci" };
+                let sep = if o.is_digest() { '@' } else { ':' };
+                write!(f, "{scheme}://{}/{}{sep}{}", o.registry, o.repository, o.tag_or_digest)
+            }
         }
     }
 }
@@ -184,10 +264,17 @@ mod tests {
         assert!(matches!(Reference::parse(""), Err(ReferenceError::Empty(_))));
         assert!(matches!(Reference::parse("images/x.tar"), Err(ReferenceError::Relative(_))));
         assert!(matches!(Reference::parse("/no/such/thing"), Err(ReferenceError::Missing(_))));
-        assert!(matches!(
-            Reference::parse("oci://127.0.0.1:5000/debian:12"),
-            Err(ReferenceError::Unsupported(_, "OCI registry"))
-        ));
+        let oci = Reference::parse("oci://127.0.0.1:5000/library/debian:12").unwrap();
+        assert_eq!(oci.to_string(), "oci://127.0.0.1:5000/library/debian:12");
+        let latest = Reference::parse("oci+http://reg/debian").unwrap();
+        assert_eq!(latest.to_string(), "oci+http://reg/debian:latest");
+        let d = format!("oci://reg/x@sha256:{}", "b".repeat(64));
+        assert_eq!(Reference::parse(&d).unwrap().to_string(), d);
+        for bad in
+            ["oci://reg", "oci://reg/UPPER:1", "oci://reg/x:t@g", "oci://reg/x@md5:1", "oci:///x:1"]
+        {
+            assert!(matches!(Reference::parse(bad), Err(ReferenceError::BadUrl(..))), "{bad}");
+        }
         assert!(matches!(
             Reference::parse("https://h/x.tar"),
             Err(ReferenceError::MissingDigest(_))

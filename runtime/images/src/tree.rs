@@ -1,7 +1,8 @@
 //! Building an image's entry list from a source, entry by entry, with the
-//! rules every source obeys.
+//! rules every source obeys; and, for OCI images, applying layers in order
+//! with whiteouts and opaque directories.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use provd_domain::image::{Entry, EntryKind, Hash, parent};
 
@@ -12,20 +13,21 @@ use crate::{ImportError, ImportLimits};
 /// anything but an earlier file.
 pub(crate) struct TreeBuilder {
     reference: String,
-    entries: Vec<Entry>,
-    index: HashMap<String, usize>,
+    entries: BTreeMap<String, Entry>,
     limits: ImportLimits,
     content_bytes: u64,
+    /// Paths added by the current layer; a path may appear once per layer.
+    layer_seen: HashSet<String>,
 }
 
 impl TreeBuilder {
     pub(crate) fn new(reference: String, limits: ImportLimits) -> TreeBuilder {
         TreeBuilder {
             reference,
-            entries: Vec::new(),
-            index: HashMap::new(),
+            entries: BTreeMap::new(),
             limits,
             content_bytes: 0,
+            layer_seen: HashSet::new(),
         }
     }
 
@@ -35,6 +37,11 @@ impl TreeBuilder {
             entry: path.to_string(),
             problem: problem.into(),
         }
+    }
+
+    /// Starts the next layer: its entries may replace those of earlier ones.
+    pub(crate) fn begin_layer(&mut self) {
+        self.layer_seen.clear();
     }
 
     /// Checks an entry before its content is read: count, size, parents,
@@ -60,13 +67,14 @@ impl TreeBuilder {
                 limit: self.limits.max_content_bytes,
             });
         }
-        if self.index.contains_key(path) {
+        if self.layer_seen.contains(path) {
             return Err(self.entry_error(path, "appears twice in the image"));
         }
+        // Lower layers count too: a layer may not write through a symlink
+        // an earlier layer planted.
         let mut ancestor = parent(path);
         while let Some(dir) = ancestor {
-            if let Some(&i) = self.index.get(dir)
-                && let Some(e) = self.entries.get(i)
+            if let Some(e) = self.entries.get(dir)
                 && e.kind != EntryKind::Dir
             {
                 return Err(self.entry_error(
@@ -79,13 +87,66 @@ impl TreeBuilder {
         Ok(())
     }
 
-    /// Adds a checked entry.
+    /// Adds a checked entry. Over an entry of an earlier layer, a directory
+    /// replaces a directory's metadata and keeps its children; anything else
+    /// replaces the whole subtree.
     pub(crate) fn push(&mut self, entry: Entry) {
+        let keep_children = self
+            .entries
+            .get(&entry.path)
+            .is_some_and(|old| old.kind == EntryKind::Dir && entry.kind == EntryKind::Dir);
+        if keep_children {
+            self.remove_one(&entry.path);
+        } else {
+            self.remove_subtree(&entry.path, false);
+        }
         if entry.kind == EntryKind::File {
             self.content_bytes += entry.size;
         }
-        self.index.insert(entry.path.clone(), self.entries.len());
-        self.entries.push(entry);
+        self.layer_seen.insert(entry.path.clone());
+        self.entries.insert(entry.path.clone(), entry);
+    }
+
+    fn remove_one(&mut self, path: &str) {
+        if let Some(old) = self.entries.remove(path)
+            && old.kind == EntryKind::File
+        {
+            self.content_bytes = self.content_bytes.saturating_sub(old.size);
+        }
+    }
+
+    /// Removes `path` and everything under it (or only what is under it);
+    /// entries the current layer added are kept when `lower_only`.
+    fn remove_subtree(&mut self, path: &str, lower_only: bool) {
+        // The image root has no entry of its own; everything is under it.
+        let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
+        let mut doomed: Vec<String> = self
+            .entries
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if !lower_only && !path.is_empty() {
+            doomed.push(path.to_string());
+        }
+        for p in doomed {
+            if lower_only && self.layer_seen.contains(&p) {
+                continue;
+            }
+            self.remove_one(&p);
+        }
+    }
+
+    /// An OCI whiteout `.wh.<name>` at `path`'s place: hides `path` and its
+    /// subtree from lower layers.
+    pub(crate) fn whiteout(&mut self, path: &str) {
+        self.remove_subtree(path, false);
+    }
+
+    /// An OCI opaque marker in `dir`: hides everything lower layers put
+    /// under it; this layer's own entries stay.
+    pub(crate) fn opaque(&mut self, dir: &str) {
+        self.remove_subtree(dir, true);
     }
 
     /// The content of the file a hard link at `path` names.
@@ -94,7 +155,7 @@ impl TreeBuilder {
         path: &str,
         target: &str,
     ) -> Result<(Hash, u64), ImportError> {
-        match self.index.get(target).and_then(|&i| self.entries.get(i)) {
+        match self.entries.get(target) {
             Some(e) if matches!(e.kind, EntryKind::File | EntryKind::Hardlink) => {
                 e.hash.map(|h| (h, e.size)).ok_or_else(|| {
                     self.entry_error(path, format!("hard link to {target}, which has no content"))
@@ -111,34 +172,37 @@ impl TreeBuilder {
         }
     }
 
-    /// The entries, with directories the source implied but never listed
-    /// (`a/b/c` without `a/` and `a/b/`) added as root-owned 0755.
+    /// The entries in path order, with directories the source implied but
+    /// never listed (`a/b/c` without `a/` and `a/b/`) added as root-owned
+    /// 0755.
     pub(crate) fn finish(mut self) -> Vec<Entry> {
-        let mut implied = std::collections::BTreeSet::new();
-        for e in &self.entries {
-            let mut ancestor = parent(&e.path);
+        let mut implied = BTreeSet::new();
+        for path in self.entries.keys() {
+            let mut ancestor = parent(path);
             while let Some(dir) = ancestor {
-                if self.index.contains_key(dir) || !implied.insert(dir.to_string()) {
+                if self.entries.contains_key(dir) || !implied.insert(dir.to_string()) {
                     break;
                 }
                 ancestor = parent(dir);
             }
         }
         for dir in implied {
-            self.index.insert(dir.clone(), self.entries.len());
-            self.entries.push(Entry {
-                path: dir,
-                kind: EntryKind::Dir,
-                mode: 0o755,
-                uid: 0,
-                gid: 0,
-                mtime: 0,
-                size: 0,
-                hash: None,
-                link_target: None,
-                device: None,
-            });
+            self.entries.insert(
+                dir.clone(),
+                Entry {
+                    path: dir,
+                    kind: EntryKind::Dir,
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                    mtime: 0,
+                    size: 0,
+                    hash: None,
+                    link_target: None,
+                    device: None,
+                },
+            );
         }
-        self.entries
+        self.entries.into_values().collect()
     }
 }

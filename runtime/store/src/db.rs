@@ -374,6 +374,13 @@ pub(crate) fn referenced(conn: &Connection) -> rusqlite::Result<HashSet<Hash>> {
     Ok(out)
 }
 
+pub(crate) fn is_referenced(conn: &Connection, hash: &Hash) -> rusqlite::Result<bool> {
+    let refs: Option<i64> = conn
+        .query_row("SELECT refs FROM objects WHERE hash = ?1", [hash.0.to_vec()], |r| r.get(0))
+        .optional()?;
+    Ok(refs.is_some_and(|r| r > 0))
+}
+
 pub(crate) fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
     let images: i64 = conn.query_row("SELECT count(*) FROM images", [], |r| r.get(0))?;
     let (objects, bytes): (i64, i64) = conn.query_row(

@@ -208,7 +208,7 @@ impl Store {
                 db::InsertError::Db(e) => self.db_error(e),
             })?
         };
-        writer.committed();
+        writer.committed(entries.iter().filter_map(|e| e.hash).collect());
         Ok(record)
     }
 

@@ -39,18 +39,13 @@ pub struct ObjectWriter<'s> {
     /// Bytes written to disk by this import (new objects only).
     written: u64,
     next_space_check: u64,
-    committed: bool,
+    /// Set at commit: the objects the committed image uses.
+    committed: Option<std::collections::HashSet<Hash>>,
 }
 
 impl<'s> ObjectWriter<'s> {
     pub(crate) fn new(store: &'s Store) -> Self {
-        ObjectWriter {
-            store,
-            pinned: Vec::new(),
-            written: 0,
-            next_space_check: 0,
-            committed: false,
-        }
+        ObjectWriter { store, pinned: Vec::new(), written: 0, next_space_check: 0, committed: None }
     }
 
     /// Bytes of new object content this import wrote.
@@ -209,8 +204,8 @@ impl<'s> ObjectWriter<'s> {
             .map_err(|e| self.store.io_error("syncing objects", e.into()))
     }
 
-    pub(crate) fn committed(&mut self) {
-        self.committed = true;
+    pub(crate) fn committed(&mut self, used: std::collections::HashSet<Hash>) {
+        self.committed = Some(used);
     }
 }
 
@@ -227,23 +222,26 @@ impl Drop for ObjectWriter<'_> {
                 }
             }
         }
-        if self.committed || released.is_empty() {
+        // Objects this import stored that its image does not use (a failed
+        // import, or content a later OCI layer hid) go, unless another image
+        // uses them or another import relies on them.
+        let unused: Vec<Hash> = match &self.committed {
+            Some(used) => released.into_iter().filter(|h| !used.contains(h)).collect(),
+            None => released,
+        };
+        if unused.is_empty() {
             return;
         }
-        // A failed import: delete what it stored that no image references
-        // and no other import relies on.
-        let referenced = match crate::db::referenced(&self.store.lock_db()) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot clean up after a failed import; gc will");
-                return;
-            }
-        };
-        for hash in released {
-            if !referenced.contains(&hash)
-                && let Err(e) = delete(self.store, &hash)
-            {
-                tracing::warn!(error = %e, %hash, "cannot remove an object of a failed import");
+        let db = self.store.lock_db();
+        for hash in unused {
+            match crate::db::is_referenced(&db, &hash) {
+                Ok(true) => {}
+                Ok(false) => {
+                    if let Err(e) = delete(self.store, &hash) {
+                        tracing::warn!(error = %e, %hash, "cannot remove an unused object; gc will");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot check an object's use; gc will"),
             }
         }
     }

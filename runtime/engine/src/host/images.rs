@@ -33,10 +33,11 @@ impl HostState {
         if text.len() > MAX_NAME_LEN {
             return Err(WitError::InvalidInput(format!("reference is {} bytes long", text.len())));
         }
-        let explicit = ["dir:/", "tar:/", "http://", "https://"];
+        let explicit = ["dir:/", "tar:/", "http://", "https://", "oci://", "oci+http://"];
         if !explicit.iter().any(|scheme| text.starts_with(scheme)) {
             return Err(WitError::InvalidInput(format!(
-                "reference {text:?}: write dir:/path, tar:/path or an http(s) URL with its digest"
+                "reference {text:?}: write dir:/path, tar:/path, an http(s) URL with its digest \
+                 or an oci:// reference"
             )));
         }
         Reference::parse(text).map_err(|e| WitError::InvalidInput(e.to_string()))
