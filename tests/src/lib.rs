@@ -5,6 +5,8 @@
 
 use std::path::Path;
 
+pub mod oci;
+
 /// A built guest plugin.
 #[derive(Debug, Clone, Copy)]
 pub struct Fixture {

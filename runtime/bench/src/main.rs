@@ -451,6 +451,55 @@ async fn images() -> Result<()> {
             );
         }
     }
+    oci_import(&roots, &tars, &firsts).await
+}
+
+/// The same root filesystems as one-layer OCI images in a registry on
+/// 127.0.0.1 (pushed with skopeo, which gzips the layer).
+async fn oci_import(
+    roots: &[std::path::PathBuf],
+    tars: &[std::path::PathBuf],
+    firsts: &[Duration],
+) -> Result<()> {
+    const RUNS: usize = 3;
+    if std::process::Command::new("docker-registry").arg("--version").output().is_err() {
+        println!("\n(OCI import skipped: docker-registry is not installed)");
+        return Ok(());
+    }
+    let registry = provd_tests::oci::start_registry();
+    let work = tempfile::tempdir()?;
+    println!(
+        "\n| image as OCI (one gzip layer) | provd import from the registry | vs provd import of the tar |"
+    );
+    println!("|---|---|---|");
+    for (i, tar) in tars.iter().enumerate() {
+        let layout = work.path().join(format!("layout-{i}"));
+        provd_tests::oci::oci_layout(&layout, &[std::fs::read(tar)?], "v1");
+        provd_tests::oci::push(&layout, "v1", &registry, &format!("bench/rootfs{i}"));
+        let reference = format!("oci+http://127.0.0.1:{}/bench/rootfs{i}:v1", registry.port);
+        let mut samples = Vec::new();
+        for _ in 0..RUNS {
+            let data = work.path().join("data");
+            let store = Arc::new(provd_store::Store::open(&data)?);
+            let images = provd_images::Images::new(store, provd_images::ImportLimits::default(), 1);
+            let start = Instant::now();
+            images
+                .import(&reference, Arc::new(provd_images::NoProgress))
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            samples.push(start.elapsed());
+            drop(images);
+            std::fs::remove_dir_all(&data)?;
+        }
+        let t = stats(samples).median;
+        let first = firsts.get(i).copied().unwrap_or_default();
+        println!(
+            "| {} | {:.2} s | {:.2}× |",
+            roots.get(i).map(|r| r.display().to_string()).unwrap_or_default(),
+            t.as_secs_f64(),
+            t.as_secs_f64() / first.as_secs_f64()
+        );
+    }
     Ok(())
 }
 
