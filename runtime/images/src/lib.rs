@@ -132,7 +132,9 @@ pub struct Images {
     inflight: Mutex<HashMap<String, Shared>>,
     permits: tokio::sync::Semaphore,
     reads: Arc<AtomicU64>,
-    http: reqwest::Client,
+    /// `Err` holds why the HTTP client could not be built; HTTP imports
+    /// then fail with that reason.
+    http: Result<reqwest::Client, String>,
     http_config: HttpConfig,
 }
 
@@ -145,32 +147,27 @@ impl Images {
             inflight: Mutex::default(),
             permits: tokio::sync::Semaphore::new(parallel.max(1)),
             reads: Arc::default(),
-            http: reqwest::Client::new(),
+            http: http_client(&HttpConfig::default()),
             http_config: HttpConfig::default(),
         }
     }
 
     /// Sets how HTTP(S) archives are fetched.
     pub fn with_http(mut self, config: HttpConfig) -> Result<Images, ImportError> {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            // Redirects could lead outside the patterns a plugin was
-            // allowed; a reference names the final location.
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy();
-        for pem in &config.extra_roots_pem {
-            let cert = reqwest::Certificate::from_pem(pem).map_err(|e| ImportError::Source {
-                reference: "HTTP configuration".into(),
-                detail: format!("extra root certificate: {e}"),
-            })?;
-            builder = builder.add_root_certificate(cert);
-        }
-        self.http = builder.build().map_err(|e| ImportError::Source {
+        let client = http_client(&config).map_err(|detail| ImportError::Source {
             reference: "HTTP configuration".into(),
-            detail: e.to_string(),
+            detail,
         })?;
+        self.http = Ok(client);
         self.http_config = config;
         Ok(self)
+    }
+
+    fn client(&self, key: &str) -> Result<&reqwest::Client, ImportError> {
+        self.http.as_ref().map_err(|detail| ImportError::Source {
+            reference: key.into(),
+            detail: format!("no HTTP client: {detail}"),
+        })
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -241,6 +238,21 @@ impl Images {
     }
 }
 
+fn http_client(config: &HttpConfig) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(config.connect_timeout)
+        // Redirects could lead outside the patterns a plugin was allowed;
+        // a reference names the final location.
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy();
+    for pem in &config.extra_roots_pem {
+        let cert = reqwest::Certificate::from_pem(pem)
+            .map_err(|e| format!("extra root certificate: {e}"))?;
+        builder = builder.add_root_certificate(cert);
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
 /// What was downloaded for an import: the archive or the layers, in order.
 #[derive(Default)]
 struct Fetched {
@@ -281,7 +293,7 @@ impl Images {
         use std::io::Write as _;
         let source = |detail: String| ImportError::Source { reference: key.to_string(), detail };
         let stall = self.http_config.stall_timeout;
-        let mut response = tokio::time::timeout(stall, self.http.get(url).send())
+        let mut response = tokio::time::timeout(stall, self.client(key)?.get(url).send())
             .await
             .map_err(|_| source(format!("no response within {stall:?}")))?
             .map_err(|e| source(format!("request failed: {}", error_chain(&e))))?;

@@ -161,7 +161,7 @@ impl Images {
         let accept = [MANIFEST_TYPES, INDEX_TYPES].concat().join(", ");
         let stall = self.http_config.stall_timeout;
         let request =
-            self.http.get(format!("{base}/manifests/{reference}")).header("Accept", accept);
+            self.client(key)?.get(format!("{base}/manifests/{reference}")).header("Accept", accept);
         let mut response = tokio::time::timeout(stall, request.send())
             .await
             .map_err(|_| source(format!("no response within {stall:?}")))?
