@@ -41,6 +41,16 @@ async fn main() -> Result<()> {
     if which == "all" || which == "calls" {
         calls().await?;
     }
+    if which == "profile-minimal" {
+        // For `perf record`: only warm calls of the minimal plugin.
+        let engine = Engine::new(EngineConfig::default())?;
+        let plugin = load(&engine, &Manifest::from_toml(MINIMAL_MANIFEST)?, HOSTILE).await?;
+        let mut samples = Vec::new();
+        for _ in 0..20_000 {
+            samples.push(call(&engine, &plugin, "ok").await?);
+        }
+        println!("minimal warm call median {:.1} µs", us(stats(samples).median));
+    }
     if which == "all" || which == "cold" {
         cold().await?;
     }

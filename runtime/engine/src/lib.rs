@@ -90,9 +90,9 @@ impl Default for EngineConfig {
 /// Bytes of native stack an async call has beyond the WebAssembly stack, so
 /// that host functions called from wasm never run out of stack.
 const HOST_STACK_HEADROOM: usize = 1 << 20;
-/// Bytes of each pooled memory, table and stack reset by memset rather than
-/// returned to the kernel between calls.
-const POOL_KEEP_RESIDENT: usize = 1 << 20;
+/// Bytes of each pooled table reset by memset rather than returned to the
+/// kernel between calls.
+const TABLE_KEEP_RESIDENT: usize = 64 << 10;
 /// Time a call may run past its deadline before it is dropped. Wasm
 /// code stops at the epoch deadline; this only catches host code that does
 /// not return.
@@ -476,11 +476,11 @@ fn wasmtime_config(config: &EngineConfig, pooling: bool) -> wasmtime::Config {
             .max_tables_per_component(policy.max_tables)
             .max_memory_size(usize::try_from(policy.max_memory_bytes).unwrap_or(usize::MAX))
             .table_elements(usize::try_from(policy.max_table_elements).unwrap_or(usize::MAX))
-            // Resetting a small, hot prefix with memset is cheaper than
-            // madvise, which costs a TLB shootdown on every core.
-            .linear_memory_keep_resident(POOL_KEEP_RESIDENT)
-            .table_keep_resident(POOL_KEEP_RESIDENT)
-            .async_stack_keep_resident(POOL_KEEP_RESIDENT);
+            // Tables are small and touched on every call: resetting them
+            // with memset beats madvise, which costs a TLB shootdown. For
+            // linear memory and stacks madvise measured faster (memset of a
+            // resident prefix grows with its size; docs/benchmarks.md).
+            .table_keep_resident(TABLE_KEEP_RESIDENT);
         c.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
     }
     c
