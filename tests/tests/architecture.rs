@@ -102,6 +102,16 @@ fn the_domain_crate_does_no_io() {
 }
 
 #[test]
+fn the_sharing_analysis_is_pure_computation() {
+    let ws = workspace();
+    let closure: BTreeSet<String> =
+        ws.closure(&ws.id("provd-dedup")).iter().map(|id| ws.packages[id].0.clone()).collect();
+    for forbidden in ["wasmtime", "tokio", "rusqlite", "cap-std", "provd-store", "provd-images"] {
+        assert!(!closure.contains(forbidden), "provd-dedup depends on {forbidden}");
+    }
+}
+
+#[test]
 fn the_store_and_images_do_not_depend_on_the_engine() {
     let ws = workspace();
     for krate in ["provd-store", "provd-images"] {

@@ -171,7 +171,7 @@ pub async fn run(command: ImageCommand, data_dir: &Path) -> Result<std::process:
 }
 
 /// Finds an image by its canonical reference or by the path it came from.
-fn find(store: &Store, reference: &str) -> Result<ImageRecord> {
+pub fn find(store: &Store, reference: &str) -> Result<ImageRecord> {
     let mut candidates = vec![reference.to_string()];
     if let Ok(parsed) = Reference::parse(reference) {
         candidates.insert(0, parsed.to_string());

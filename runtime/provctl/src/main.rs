@@ -5,6 +5,7 @@
 //! through the same engine the node uses, and manage the image store of a
 //! data directory.
 
+mod dedup;
 mod image;
 
 use std::io::Read;
@@ -40,6 +41,20 @@ enum Command {
         #[command(subcommand)]
         command: image::ImageCommand,
     },
+    /// Which files the VMs on a node share, and the layers to keep them in.
+    Dedup {
+        /// The node's data directory [env: PROVD_DATA_DIR; default: /var/lib/provd].
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        command: DedupCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DedupCommand {
+    /// Analyse the images of some VMs and choose layers.
+    Plan(dedup::PlanArgs),
 }
 
 #[derive(Subcommand)]
@@ -123,6 +138,9 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         }
         Command::Image { data_dir, command } => {
             image::run(command, &image::data_dir(data_dir)).await
+        }
+        Command::Dedup { data_dir, command: DedupCommand::Plan(args) } => {
+            dedup::plan(args, &image::data_dir(data_dir))
         }
     }
 }

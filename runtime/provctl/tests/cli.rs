@@ -214,3 +214,44 @@ fn images_are_imported_listed_inspected_and_removed() {
     let v = stdout_json(&provctl(&["image", "gc", "--data-dir", data, "--json"]));
     assert_eq!(v["missing_objects"].as_array().unwrap().len(), 0);
 }
+
+#[test]
+fn dedup_plan_finds_what_the_vms_share() {
+    let work = tempfile::tempdir().unwrap();
+    for (name, host) in [("a", "a\n"), ("b", "b\n")] {
+        let root = work.path().join(name);
+        std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+        std::fs::write(root.join("usr/lib/libc.so"), vec![7u8; 100_000]).unwrap();
+        std::fs::write(root.join("hostname"), host).unwrap();
+    }
+    let data = work.path().join("data");
+    let data = data.to_str().unwrap();
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    assert!(provctl(&["image", "import", a, b, "--data-dir", data]).status.success());
+    let out = provctl(&[
+        "dedup",
+        "plan",
+        "--data-dir",
+        data,
+        "--vm",
+        &format!("vm-a={a}"),
+        "--vm",
+        &format!("vm-b={b}"),
+        "--vm",
+        &format!("vm-c={a}"),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = stdout_json(&out);
+    assert_eq!(v["analysis"]["naive_bytes"], 300_006);
+    assert_eq!(v["analysis"]["distinct_content_bytes"], 100_004);
+    assert_eq!(v["plan"]["layers"][0]["vms"], serde_json::json!(["vm-a", "vm-b", "vm-c"]));
+    assert_eq!(v["plan"]["layers"][0]["bytes"], 100_000);
+    assert_eq!(v["plan"]["layers"][1]["vms"], serde_json::json!(["vm-a", "vm-c"]));
+    assert_eq!(v["plan"]["stored_bytes"], 100_004);
+
+    let out = provctl(&["dedup", "plan", "--data-dir", data, "--vm", "nonsense"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("write NAME=REFERENCE"));
+}

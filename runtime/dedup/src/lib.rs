@@ -1,0 +1,383 @@
+//! Which files do the VMs on a node share, and which layers should hold them.
+//!
+//! Input: for each VM, the entries of its image (several VMs may use the
+//! same image). Everything here works on manifests: no file is read.
+//!
+//! **Analysis.** A file of a VM is its entry minus the modification time:
+//! (path, type, mode, uid, gid, content hash, link target, device). For each
+//! such file, the set of VMs that hold exactly it; files with the same VM
+//! set form a candidate layer. Directories are not shared: every VM keeps
+//! all of its directories in its private set, because in an overlay the
+//! topmost copy of a directory decides its metadata, so a directory must
+//! exist exactly once per VM in the layer that wins — the private one.
+//! Byte figures count regular-file content (hard links count the bytes of
+//! the file they name only once per VM).
+//!
+//! **Plan.** Given a [`Policy`], candidate layers are taken largest first
+//! while every VM of the layer has room for one more layer; layers under
+//! the minimum size, or that do not fit, fold back into the private sets of
+//! their VMs. [`Plan::reassemble`] puts a VM back together (its layers, then
+//! its private set on top); the tests prove that equals its image, entry by
+//! entry, on generated trees. A shared file carries the modification time
+//! of the first VM of its set: modification times are not part of what
+//! makes files equal, nor of what the verification compares.
+//!
+//! ```
+//! use provd_dedup::{Policy, analyze};
+//! use provd_domain::image::{Entry, EntryKind, Hash};
+//!
+//! let file = |path: &str, byte: u8| Entry {
+//!     path: path.into(), kind: EntryKind::File, mode: 0o644, uid: 0, gid: 0, mtime: 0,
+//!     size: 1000, hash: Some(Hash([byte; 32])), link_target: None, device: None,
+//! };
+//! let a = vec![file("bin/sh", 1), file("etc/hostname", 2)];
+//! let b = vec![file("bin/sh", 1), file("etc/hostname", 3)];
+//! let analysis = analyze(&[("vm-a".into(), a.clone()), ("vm-b".into(), b.clone())]).unwrap();
+//! assert_eq!(analysis.layers.len(), 1); // bin/sh, shared by both
+//! let plan = analysis.plan(&Policy::default());
+//! assert_eq!(plan.reassemble("vm-a").unwrap(), a);
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use provd_domain::image::{Entry, EntryKind, Hash};
+use serde::Serialize;
+
+/// Why an analysis could not be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DedupError {
+    #[error("VM {0:?} appears twice")]
+    DuplicateVm(String),
+    #[error("at most {MAX_VMS} VMs per analysis; got {0}")]
+    TooManyVms(usize),
+    #[error("VM {vm:?}: entry {path:?} appears twice")]
+    DuplicatePath { vm: String, path: String },
+}
+
+/// VMs one analysis may cover; VM sets are kept as sorted index lists.
+pub const MAX_VMS: usize = 1024;
+
+/// What makes two files "the same" for sharing: everything but mtime.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct FileKey {
+    path: String,
+    kind: &'static str,
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    hash: Option<Hash>,
+    link_target: Option<String>,
+    device: Option<(u32, u32)>,
+}
+
+impl FileKey {
+    fn of(e: &Entry) -> FileKey {
+        FileKey {
+            path: e.path.clone(),
+            kind: e.kind.as_str(),
+            mode: e.mode,
+            uid: e.uid,
+            gid: e.gid,
+            hash: e.hash,
+            link_target: e.link_target.clone(),
+            device: e.device,
+        }
+    }
+}
+
+/// A set of VMs holding exactly the same files, with those files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Layer {
+    /// Names of the VMs, sorted.
+    pub vms: Vec<String>,
+    /// Entries (path order), as the first VM of the set has them.
+    #[serde(skip)]
+    pub entries: Vec<Entry>,
+    /// Entries in the layer.
+    pub files: u64,
+    /// Regular-file bytes in the layer (each path once).
+    pub bytes: u64,
+}
+
+/// Figures for one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmFigures {
+    pub vm: String,
+    /// Regular-file bytes of its image.
+    pub bytes: u64,
+    /// Of those, bytes in files it shares with at least one other VM.
+    pub shared_bytes: u64,
+}
+
+/// The sharing analysis of a set of VMs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Analysis {
+    /// VM names, in input order.
+    pub vms: Vec<String>,
+    /// Candidate layers: every VM set of two or more, largest first.
+    pub layers: Vec<Layer>,
+    pub per_vm: Vec<VmFigures>,
+    /// Every VM's file bytes as separate copies.
+    pub naive_bytes: u64,
+    /// Bytes of distinct contents over all VMs: what a content store holds.
+    pub distinct_content_bytes: u64,
+    /// Bytes of files held by two or more VMs, counted once.
+    pub shared_once_bytes: u64,
+    /// The same files counted once per VM holding them.
+    pub shared_as_copies_bytes: u64,
+    #[serde(skip)]
+    private: BTreeMap<String, Vec<Entry>>,
+    /// Every VM's entries by path, for folding layers back.
+    #[serde(skip)]
+    images: BTreeMap<String, BTreeMap<String, Entry>>,
+}
+
+/// Choices a plugin makes about which layers are worth keeping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Policy {
+    /// Layers with fewer regular-file bytes are folded into private sets.
+    pub min_layer_bytes: u64,
+    /// Most layers one VM may stack under its private set.
+    pub max_layers_per_vm: usize,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { min_layer_bytes: 0, max_layers_per_vm: 8 }
+    }
+}
+
+/// A layer the plan keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedLayer {
+    /// `layer-0`, `layer-1`, … in the order chosen.
+    pub id: String,
+    pub vms: Vec<String>,
+    pub files: u64,
+    pub bytes: u64,
+    #[serde(skip)]
+    pub entries: Vec<Entry>,
+}
+
+/// Which layers to build, and what stays private to each VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub policy: Policy,
+    pub layers: Vec<PlannedLayer>,
+    /// Per VM, the ids of its layers, bottom first.
+    pub stacks: BTreeMap<String, Vec<String>>,
+    /// Per VM, its private entries (path order).
+    #[serde(skip)]
+    pub private: BTreeMap<String, Vec<Entry>>,
+    /// Per VM, bytes of its private files.
+    pub private_bytes: BTreeMap<String, u64>,
+    /// Bytes stored in layers (each layer once).
+    pub layer_bytes: u64,
+    /// Layer bytes plus every private set: what the node stores.
+    pub stored_bytes: u64,
+    pub naive_bytes: u64,
+}
+
+fn file_bytes(e: &Entry) -> u64 {
+    if e.kind == EntryKind::File { e.size } else { 0 }
+}
+
+/// Analyses the images of `vms` (name, entries).
+pub fn analyze(vms: &[(String, Vec<Entry>)]) -> Result<Analysis, DedupError> {
+    if vms.len() > MAX_VMS {
+        return Err(DedupError::TooManyVms(vms.len()));
+    }
+    let mut seen = HashSet::new();
+    for (name, entries) in vms {
+        if !seen.insert(name) {
+            return Err(DedupError::DuplicateVm(name.clone()));
+        }
+        let mut paths = HashSet::new();
+        for e in entries {
+            if !paths.insert(&e.path) {
+                return Err(DedupError::DuplicatePath { vm: name.clone(), path: e.path.clone() });
+            }
+        }
+    }
+
+    // File → the VMs holding exactly it (indices, ascending).
+    let mut holders: HashMap<FileKey, Vec<usize>> = HashMap::new();
+    for (i, (_, entries)) in vms.iter().enumerate() {
+        for e in entries.iter().filter(|e| e.kind != EntryKind::Dir) {
+            holders.entry(FileKey::of(e)).or_default().push(i);
+        }
+    }
+    // Group shared files by VM set.
+    let mut groups: BTreeMap<Vec<usize>, BTreeSet<FileKey>> = BTreeMap::new();
+    for (key, set) in holders {
+        if set.len() >= 2 {
+            groups.entry(set).or_default().insert(key);
+        }
+    }
+    let by_path: Vec<HashMap<&str, &Entry>> =
+        vms.iter().map(|(_, es)| es.iter().map(|e| (e.path.as_str(), e)).collect()).collect();
+
+    let mut layers = Vec::new();
+    let mut in_layer: Vec<HashSet<String>> = vec![HashSet::new(); vms.len()];
+    let mut shared_once = 0u64;
+    let mut shared_copies = 0u64;
+    let mut per_vm_shared = vec![0u64; vms.len()];
+    for (set, keys) in groups {
+        let first = set.first().copied().unwrap_or(0);
+        let mut entries = Vec::with_capacity(keys.len());
+        let mut bytes = 0;
+        for key in &keys {
+            if let Some(e) = by_path.get(first).and_then(|m| m.get(key.path.as_str())) {
+                bytes += file_bytes(e);
+                entries.push((*e).clone());
+            }
+            for &vm in &set {
+                if let Some(paths) = in_layer.get_mut(vm) {
+                    paths.insert(key.path.clone());
+                }
+            }
+        }
+        shared_once += bytes;
+        shared_copies += bytes * set.len() as u64;
+        for &vm in &set {
+            if let Some(s) = per_vm_shared.get_mut(vm) {
+                *s += bytes;
+            }
+        }
+        layers.push(Layer {
+            vms: set.iter().filter_map(|&i| vms.get(i).map(|v| v.0.clone())).collect(),
+            files: entries.len() as u64,
+            bytes,
+            entries,
+        });
+    }
+    layers.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.vms.cmp(&b.vms)));
+
+    let mut private = BTreeMap::new();
+    let mut per_vm = Vec::new();
+    let mut naive = 0u64;
+    let mut contents: HashMap<Hash, u64> = HashMap::new();
+    for (i, (name, entries)) in vms.iter().enumerate() {
+        let empty = HashSet::new();
+        let shared_paths = in_layer.get(i).unwrap_or(&empty);
+        let own: Vec<Entry> =
+            entries.iter().filter(|e| !shared_paths.contains(&e.path)).cloned().collect();
+        let bytes: u64 = entries.iter().map(file_bytes).sum();
+        naive += bytes;
+        for e in entries.iter().filter(|e| e.kind == EntryKind::File) {
+            if let Some(h) = e.hash {
+                contents.insert(h, e.size);
+            }
+        }
+        per_vm.push(VmFigures {
+            vm: name.clone(),
+            bytes,
+            shared_bytes: per_vm_shared.get(i).copied().unwrap_or(0),
+        });
+        private.insert(name.clone(), sorted(own));
+    }
+
+    Ok(Analysis {
+        vms: vms.iter().map(|v| v.0.clone()).collect(),
+        layers,
+        per_vm,
+        naive_bytes: naive,
+        distinct_content_bytes: contents.values().sum(),
+        shared_once_bytes: shared_once,
+        shared_as_copies_bytes: shared_copies,
+        private,
+        images: vms
+            .iter()
+            .map(|(name, es)| {
+                (name.clone(), es.iter().map(|e| (e.path.clone(), e.clone())).collect())
+            })
+            .collect(),
+    })
+}
+
+fn sorted(mut entries: Vec<Entry>) -> Vec<Entry> {
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    entries
+}
+
+impl Analysis {
+    /// Chooses the layers to build under `policy`.
+    pub fn plan(&self, policy: &Policy) -> Plan {
+        let mut stacks: BTreeMap<String, Vec<String>> =
+            self.vms.iter().map(|v| (v.clone(), Vec::new())).collect();
+        let mut private = self.private.clone();
+        let mut layers = Vec::new();
+        for layer in &self.layers {
+            let fits = layer.bytes >= policy.min_layer_bytes
+                && policy.max_layers_per_vm > 0
+                && layer
+                    .vms
+                    .iter()
+                    .all(|vm| stacks.get(vm).is_some_and(|s| s.len() < policy.max_layers_per_vm));
+            if fits {
+                let id = format!("layer-{}", layers.len());
+                for vm in &layer.vms {
+                    if let Some(s) = stacks.get_mut(vm) {
+                        s.push(id.clone());
+                    }
+                }
+                layers.push(PlannedLayer {
+                    id,
+                    vms: layer.vms.clone(),
+                    files: layer.files,
+                    bytes: layer.bytes,
+                    entries: layer.entries.clone(),
+                });
+            } else {
+                // Folded away: every VM of the set keeps its own copy, with
+                // its own modification time.
+                for vm in &layer.vms {
+                    let (Some(own), Some(image)) = (private.get_mut(vm), self.images.get(vm))
+                    else {
+                        continue;
+                    };
+                    own.extend(layer.entries.iter().filter_map(|e| image.get(&e.path).cloned()));
+                }
+            }
+        }
+        let mut private_bytes = BTreeMap::new();
+        for (vm, own) in private.iter_mut() {
+            *own = sorted(std::mem::take(own));
+            private_bytes.insert(vm.clone(), own.iter().map(file_bytes).sum());
+        }
+        let layer_bytes: u64 = layers.iter().map(|l| l.bytes).sum();
+        let stored = layer_bytes + private_bytes.values().sum::<u64>();
+        Plan {
+            policy: policy.clone(),
+            layers,
+            stacks,
+            private,
+            private_bytes,
+            layer_bytes,
+            stored_bytes: stored,
+            naive_bytes: self.naive_bytes,
+        }
+    }
+}
+
+impl Plan {
+    /// A VM's image as its layers and private set give it back: layers
+    /// bottom up, the private set on top, later entries replacing earlier
+    /// ones at the same path. `None` for an unknown VM.
+    pub fn reassemble(&self, vm: &str) -> Option<Vec<Entry>> {
+        let stack = self.stacks.get(vm)?;
+        let mut merged: BTreeMap<String, Entry> = BTreeMap::new();
+        for id in stack {
+            if let Some(layer) = self.layers.iter().find(|l| &l.id == id) {
+                for e in &layer.entries {
+                    merged.insert(e.path.clone(), e.clone());
+                }
+            }
+        }
+        for e in self.private.get(vm)? {
+            merged.insert(e.path.clone(), e.clone());
+        }
+        Some(merged.into_values().collect())
+    }
+}

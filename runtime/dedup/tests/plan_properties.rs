@@ -1,0 +1,260 @@
+// Tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+//! Properties of the sharing analysis and the plan, on generated images:
+//! for any policy, every VM's layers plus its private set give back its image
+//! exactly (all but modification times), and the figures add up.
+
+use std::collections::HashSet;
+
+use provd_dedup::{Policy, analyze};
+use provd_domain::image::{Entry, EntryKind, Hash};
+
+/// xorshift64*: deterministic, so a failing seed can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+fn entry(path: String, kind: EntryKind, rng: &mut Rng) -> Entry {
+    Entry {
+        path,
+        kind,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: rng.below(1000) as i64,
+        size: 0,
+        hash: None,
+        link_target: None,
+        device: None,
+    }
+}
+
+/// A base image: a few directories of files, a symlink, a device.
+fn base(rng: &mut Rng, flavour: u8) -> Vec<Entry> {
+    let mut out = Vec::new();
+    for d in 0..4 {
+        let mut dir = entry(format!("d{d}"), EntryKind::Dir, rng);
+        dir.mode = 0o755;
+        out.push(dir);
+        for f in 0..8 {
+            let mut e = entry(format!("d{d}/f{f}"), EntryKind::File, rng);
+            // Most content is common to all flavours, some is not.
+            let byte = if rng.chance(20) { flavour } else { (d * 8 + f) as u8 };
+            e.hash = Some(Hash([byte; 32]));
+            e.size = u64::from(byte) * 100 + 1;
+            out.push(e);
+        }
+    }
+    let mut link = entry("d0/link".into(), EntryKind::Symlink, rng);
+    link.mode = 0o777;
+    link.link_target = Some("f1".into());
+    out.push(link);
+    let mut dev = entry("d1/null".into(), EntryKind::CharDevice, rng);
+    dev.device = Some((1, 3));
+    out.push(dev);
+    out
+}
+
+/// A VM's image: a base with random changes.
+fn mutate(rng: &mut Rng, mut image: Vec<Entry>) -> Vec<Entry> {
+    image.retain(|e| e.kind == EntryKind::Dir || !rng.chance(10));
+    for e in image.iter_mut() {
+        e.mtime = rng.below(1000) as i64; // mtimes differ everywhere
+        if e.kind == EntryKind::File && rng.chance(10) {
+            // Equal content has equal size: derive one from the other.
+            let byte = 200 + rng.below(50) as u8;
+            e.hash = Some(Hash([byte; 32]));
+            e.size = u64::from(byte) * 7;
+        }
+        if rng.chance(5) {
+            e.mode ^= 0o020;
+        }
+        if rng.chance(3) {
+            e.uid = 1000;
+        }
+    }
+    // A hard link to a file this image has.
+    if let Some(target) = image.iter().find(|e| e.kind == EntryKind::File).cloned()
+        && rng.chance(50)
+    {
+        let mut h = entry("d3/hard".into(), EntryKind::Hardlink, rng);
+        h.hash = target.hash;
+        h.size = target.size;
+        h.link_target = Some(target.path.clone());
+        image.push(h);
+    }
+    image.sort_by(|a, b| a.path.cmp(&b.path));
+    image
+}
+
+fn without_mtime(entries: &[Entry]) -> Vec<Entry> {
+    entries.iter().map(|e| Entry { mtime: 0, ..e.clone() }).collect()
+}
+
+fn file_bytes(entries: &[Entry]) -> u64 {
+    entries.iter().filter(|e| e.kind == EntryKind::File).map(|e| e.size).sum()
+}
+
+#[test]
+fn layers_plus_private_reassemble_every_image_for_any_policy() {
+    let mut checked = 0;
+    for seed in 1..=300u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let bases: Vec<Vec<Entry>> = (0..3).map(|f| base(&mut rng, 100 + f)).collect();
+        let vm_count = 2 + rng.below(5) as usize;
+        let mut vms = Vec::new();
+        let mut images: Vec<Vec<Entry>> = Vec::new();
+        for v in 0..vm_count {
+            // Some VMs run exactly the same image as an earlier one.
+            let image = if v > 0 && rng.chance(25) {
+                images[rng.below(v as u64) as usize].clone()
+            } else {
+                let b = bases[rng.below(3) as usize].clone();
+                mutate(&mut rng, b)
+            };
+            images.push(image.clone());
+            vms.push((format!("vm-{v}"), image));
+        }
+        let analysis = analyze(&vms).unwrap();
+        assert!(analysis.layers.iter().all(|l| l.vms.len() >= 2), "seed {seed}");
+        assert!(analysis.shared_as_copies_bytes >= analysis.shared_once_bytes);
+        assert!(analysis.distinct_content_bytes <= analysis.naive_bytes);
+        for f in &analysis.per_vm {
+            assert!(f.shared_bytes <= f.bytes, "seed {seed}: {f:?}");
+        }
+
+        for policy in [
+            Policy::default(),
+            Policy { min_layer_bytes: 0, max_layers_per_vm: 1 },
+            Policy {
+                min_layer_bytes: rng.below(20_000),
+                max_layers_per_vm: 1 + rng.below(3) as usize,
+            },
+            Policy { min_layer_bytes: u64::MAX, max_layers_per_vm: 8 },
+            Policy { min_layer_bytes: 0, max_layers_per_vm: 0 },
+        ] {
+            let plan = analysis.plan(&policy);
+            for (name, image) in &vms {
+                let back = plan.reassemble(name).unwrap();
+                assert_eq!(
+                    without_mtime(&back),
+                    without_mtime(image),
+                    "seed {seed} {policy:?} {name}"
+                );
+                let stack = &plan.stacks[name];
+                assert!(stack.len() <= policy.max_layers_per_vm, "seed {seed}");
+                // A path comes from one layer or the private set, never two
+                // layers: overlay order does not matter between layers.
+                let mut paths = HashSet::new();
+                for id in stack {
+                    let layer = plan.layers.iter().find(|l| &l.id == id).unwrap();
+                    assert!(layer.vms.contains(name));
+                    for e in &layer.entries {
+                        assert!(paths.insert(e.path.clone()), "seed {seed}: {} twice", e.path);
+                        assert_ne!(e.kind, EntryKind::Dir, "directories stay private");
+                    }
+                }
+                // Every directory of the VM is in its private set.
+                let private: HashSet<&str> =
+                    plan.private[name].iter().map(|e| e.path.as_str()).collect();
+                assert!(
+                    image
+                        .iter()
+                        .filter(|e| e.kind == EntryKind::Dir)
+                        .all(|d| private.contains(d.path.as_str()))
+                );
+                assert_eq!(plan.private_bytes[name], file_bytes(&plan.private[name]));
+            }
+            assert_eq!(
+                plan.stored_bytes,
+                plan.layer_bytes + plan.private_bytes.values().sum::<u64>()
+            );
+            assert!(plan.stored_bytes <= plan.naive_bytes, "seed {seed}");
+            if policy.min_layer_bytes == u64::MAX || policy.max_layers_per_vm == 0 {
+                assert!(plan.layers.is_empty());
+                assert_eq!(plan.stored_bytes, plan.naive_bytes);
+            }
+            checked += 1;
+        }
+        // With no limits, each VM's shared bytes are exactly what left its
+        // private set.
+        let open = analysis.plan(&Policy { min_layer_bytes: 0, max_layers_per_vm: usize::MAX });
+        for f in &analysis.per_vm {
+            assert_eq!(open.private_bytes[&f.vm] + f.shared_bytes, f.bytes, "seed {seed}");
+        }
+    }
+    println!("{checked} generated (images, policy) cases reassembled exactly");
+}
+
+#[test]
+fn identical_images_share_everything_but_directories() {
+    let mut rng = Rng(7);
+    let image = base(&mut rng, 1);
+    let vms: Vec<(String, Vec<Entry>)> =
+        (0..3).map(|i| (format!("vm-{i}"), image.clone())).collect();
+    let analysis = analyze(&vms).unwrap();
+    assert_eq!(analysis.layers.len(), 1);
+    assert_eq!(analysis.layers[0].vms, ["vm-0", "vm-1", "vm-2"]);
+    let non_dirs = image.iter().filter(|e| e.kind != EntryKind::Dir).count() as u64;
+    assert_eq!(analysis.layers[0].files, non_dirs);
+    assert_eq!(analysis.shared_once_bytes, file_bytes(&image));
+    assert_eq!(analysis.shared_as_copies_bytes, 3 * file_bytes(&image));
+    let plan = analysis.plan(&Policy::default());
+    assert_eq!(plan.stored_bytes, file_bytes(&image));
+    let json = serde_json::to_value(&plan).unwrap();
+    assert_eq!(json["layers"][0]["vms"][2], "vm-2");
+}
+
+#[test]
+fn bad_inputs_are_refused() {
+    let e = Entry {
+        path: "a".into(),
+        kind: EntryKind::File,
+        mode: 0,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        size: 1,
+        hash: Some(Hash([1; 32])),
+        link_target: None,
+        device: None,
+    };
+    let err = analyze(&[("x".into(), vec![e.clone()]), ("x".into(), vec![])]).unwrap_err();
+    assert_eq!(err.to_string(), "VM \"x\" appears twice");
+    let err = analyze(&[("x".into(), vec![e.clone(), e])]).unwrap_err();
+    assert_eq!(err.to_string(), "VM \"x\": entry \"a\" appears twice");
+}
+
+#[test]
+fn content_under_other_paths_is_counted_once() {
+    let f = |path: &str| Entry {
+        path: path.into(),
+        kind: EntryKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        size: 500,
+        hash: Some(Hash([9; 32])),
+        link_target: None,
+        device: None,
+    };
+    let analysis = analyze(&[("a".into(), vec![f("x")]), ("b".into(), vec![f("y")])]).unwrap();
+    assert!(analysis.layers.is_empty()); // different paths: not the same file
+    assert_eq!(analysis.naive_bytes, 1000);
+    assert_eq!(analysis.distinct_content_bytes, 500);
+}

@@ -1,0 +1,88 @@
+//! `provctl dedup plan`: the sharing analysis and layer plan for VMs whose
+//! images are in a data directory.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use provd_dedup::{Policy, analyze};
+use provd_store::Store;
+use serde_json::json;
+
+#[derive(Args)]
+pub struct PlanArgs {
+    /// A VM and its image: `NAME=REFERENCE` (the image must be imported).
+    #[arg(long = "vm", required = true, value_name = "NAME=REFERENCE")]
+    vms: Vec<String>,
+    /// Layers with fewer file bytes are not kept.
+    #[arg(long, default_value_t = 0)]
+    min_layer_bytes: u64,
+    /// Most layers under one VM.
+    #[arg(long, default_value_t = 8)]
+    max_layers: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn plan(args: PlanArgs, data_dir: &Path) -> Result<std::process::ExitCode> {
+    let store = Store::open(data_dir)
+        .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+    let mut vms = Vec::new();
+    for spec in &args.vms {
+        let Some((name, reference)) = spec.split_once('=') else {
+            bail!("--vm {spec:?}: write NAME=REFERENCE");
+        };
+        let image = crate::image::find(&store, reference)?;
+        let entries = store.entries(&image, 0, u64::MAX)?;
+        vms.push((name.to_string(), entries));
+    }
+    let analysis = analyze(&vms)?;
+    let policy =
+        Policy { min_layer_bytes: args.min_layer_bytes, max_layers_per_vm: args.max_layers };
+    let plan = analysis.plan(&policy);
+    if args.json {
+        println!("{:#}", json!({ "analysis": analysis, "plan": plan }));
+    } else {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        println!(
+            "{} VMs: {:.1} MiB of files as copies, {:.1} MiB of distinct content",
+            vms.len(),
+            mib(analysis.naive_bytes),
+            mib(analysis.distinct_content_bytes)
+        );
+        println!(
+            "shared by two or more VMs: {:.1} MiB once, {:.1} MiB as copies",
+            mib(analysis.shared_once_bytes),
+            mib(analysis.shared_as_copies_bytes)
+        );
+        for f in &analysis.per_vm {
+            println!("  {}: {:.1} MiB, {:.1} MiB shared", f.vm, mib(f.bytes), mib(f.shared_bytes));
+        }
+        println!(
+            "plan (min layer {} bytes, at most {} layers per VM):",
+            policy.min_layer_bytes, policy.max_layers_per_vm
+        );
+        for l in &plan.layers {
+            println!(
+                "  {}: {} files, {:.1} MiB, VMs {}",
+                l.id,
+                l.files,
+                mib(l.bytes),
+                l.vms.join(",")
+            );
+        }
+        for (vm, bytes) in &plan.private_bytes {
+            println!(
+                "  {vm}: private {:.1} MiB, layers {}",
+                mib(*bytes),
+                plan.stacks.get(vm).map(|s| s.join(",")).unwrap_or_default()
+            );
+        }
+        println!(
+            "stored {:.1} MiB instead of {:.1} MiB",
+            mib(plan.stored_bytes),
+            mib(plan.naive_bytes)
+        );
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
