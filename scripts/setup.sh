@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what provd needs on a Debian machine, idempotently:
 # - a WebAssembly guest toolchain for plugins. rustup's wasm32-wasip2 target
-#   is used when installed; otherwise Debian's Rust with wasi-libc (the
-#   route that works where rustup cannot download targets).
+#   is used when it can be installed; otherwise Debian's Rust with wasi-libc
+#   (the route that works where rustup cannot download targets).
 # - the real peers the tests start: docker-registry (an OCI registry) and
 #   skopeo (pushes images to it).
 # - rustfmt and clippy for the checks.
@@ -10,6 +10,22 @@ set -euo pipefail
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+updated=no
+# Installs the Debian packages among "$@" that are missing.
+install_missing() {
+  local needed=()
+  for pkg in "$@"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || needed+=("$pkg")
+  done
+  [ "${#needed[@]}" -gt 0 ] || return 0
+  echo "setup: installing ${needed[*]}"
+  if [ "$updated" = no ]; then
+    as_root apt-get update -q
+    updated=yes
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${needed[@]}"
 }
 
 if ! command -v cargo >/dev/null 2>&1; then
@@ -22,27 +38,10 @@ if rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
 elif rustup target add wasm32-wasip2 >/dev/null 2>&1; then
   echo "setup: guest toolchain: rustup wasm32-wasip2 (just installed)"
 else
-  needed=()
-  for pkg in rustc-web cargo-web rust-web-src lld-19 wasi-libc; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || needed+=("$pkg")
-  done
-  if [ "${#needed[@]}" -gt 0 ]; then
-    echo "setup: installing the Debian guest toolchain: ${needed[*]}"
-    as_root apt-get update -q
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${needed[@]}"
-  fi
+  install_missing rustc-web cargo-web rust-web-src lld-19 wasi-libc
   echo "setup: guest toolchain: Debian rustc, wasm32-wasip1 + build-std + reactor adapter"
 fi
 
-# Real peers the tests start: an OCI registry and a client that pushes to it.
-needed=()
-for pkg in docker-registry skopeo tar gzip; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || needed+=("$pkg")
-done
-if [ "${#needed[@]}" -gt 0 ]; then
-  echo "setup: installing test peers: ${needed[*]}"
-  as_root apt-get update -q
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${needed[@]}"
-fi
+install_missing docker-registry skopeo tar gzip
 
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
