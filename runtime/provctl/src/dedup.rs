@@ -86,3 +86,60 @@ pub fn plan(args: PlanArgs, data_dir: &Path) -> Result<std::process::ExitCode> {
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
+
+#[derive(Args)]
+pub struct ScanArgs {
+    /// Directory trees to compare.
+    #[arg(required = true)]
+    dirs: Vec<std::path::PathBuf>,
+    /// List every shared content with its paths.
+    #[arg(long)]
+    groups: bool,
+    /// Walking and hashing threads (reads in flight).
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn scan(args: ScanArgs) -> Result<std::process::ExitCode> {
+    let options = provd_scan::ScanOptions { threads: args.threads, groups: args.groups };
+    let started = std::time::Instant::now();
+    let report = provd_scan::scan(&args.dirs, &options)?;
+    let elapsed = started.elapsed();
+    if args.json {
+        let mut v = json!(report);
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("seconds".into(), json!(elapsed.as_secs_f64()));
+        }
+        println!("{v:#}");
+    } else {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        println!(
+            "{} shared contents: {:.1} MiB stored once, {:.1} MiB as copies ({:.2}s, {} files hashed)",
+            report.shared_contents,
+            mib(report.shared_bytes_once),
+            mib(report.shared_bytes_as_copies),
+            elapsed.as_secs_f64(),
+            report.files_hashed
+        );
+        for t in &report.trees {
+            println!(
+                "  {}: {} files, {:.1} MiB, {:.1} MiB unique",
+                t.root.display(),
+                t.files,
+                mib(t.bytes),
+                mib(t.unique_bytes)
+            );
+        }
+        for g in &report.groups {
+            println!("{} {} bytes", g.blake3, g.size);
+            for (tree, paths) in &g.paths {
+                for p in paths {
+                    println!("  [{tree}] {}", p.display());
+                }
+            }
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}

@@ -55,6 +55,8 @@ enum Command {
 enum DedupCommand {
     /// Analyse the images of some VMs and choose layers.
     Plan(dedup::PlanArgs),
+    /// Find the file contents that directory trees share.
+    Scan(dedup::ScanArgs),
 }
 
 #[derive(Subcommand)]
@@ -142,6 +144,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Dedup { data_dir, command: DedupCommand::Plan(args) } => {
             dedup::plan(args, &image::data_dir(data_dir))
         }
+        Command::Dedup { command: DedupCommand::Scan(args), .. } => dedup::scan(args),
     }
 }
 

@@ -1,0 +1,336 @@
+//! Finds the file contents that several directory trees share.
+//!
+//! The scan does the least work that gives an exact answer:
+//!
+//! 1. walk every tree in parallel (symlinks are not followed), keeping
+//!    regular non-empty files; a file reachable by several names (hard
+//!    links) counts once per tree;
+//! 2. group files by size and drop every group whose files all lie in one
+//!    tree: a content only one tree has cannot be shared, whatever it is;
+//! 3. hash what is left with BLAKE3, many files in flight at once, with
+//!    `POSIX_FADV_NOREUSE` so the pages a scan reads once are not promoted
+//!    over the running VMs' data in the page cache;
+//! 4. group by (size, digest) and again keep only groups that span two or
+//!    more trees.
+//!
+//! Treatment of special cases, by design: empty files are never reported
+//! (an empty file has no content to store once); symlinks, devices, FIFOs
+//! and sockets are not content and are skipped; hard links within one tree
+//! count once for that tree; duplicates inside a single tree are not
+//! reported (the question is what trees share).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde::Serialize;
+
+/// Why a scan failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("at most {MAX_TREES} trees per scan; got {0}")]
+    TooManyTrees(usize),
+}
+
+/// Trees one scan may compare.
+pub const MAX_TREES: usize = 256;
+
+/// One regular file found by the walk.
+#[derive(Debug, Clone)]
+struct Found {
+    tree: usize,
+    path: PathBuf,
+    size: u64,
+    dev: u64,
+    ino: u64,
+}
+
+/// A content that two or more trees hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Group {
+    /// BLAKE3 of the content, hex.
+    pub blake3: String,
+    pub size: u64,
+    /// Per tree (index into [`Report::trees`]), the paths holding it.
+    pub paths: Vec<(usize, Vec<PathBuf>)>,
+}
+
+/// Per-tree figures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TreeFigures {
+    pub root: PathBuf,
+    /// Regular non-empty files (hard links once).
+    pub files: u64,
+    pub bytes: u64,
+    /// Bytes of contents only this tree has.
+    pub unique_bytes: u64,
+}
+
+/// What the trees share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Report {
+    pub trees: Vec<TreeFigures>,
+    /// Contents held by two or more trees.
+    pub shared_contents: u64,
+    /// Those contents' bytes, counted once.
+    pub shared_bytes_once: u64,
+    /// Those contents' bytes, counted once per tree holding them.
+    pub shared_bytes_as_copies: u64,
+    /// Files hashed (the rest were ruled out by size alone).
+    pub files_hashed: u64,
+    pub bytes_hashed: u64,
+    /// The groups, largest first; empty unless asked for.
+    pub groups: Vec<Group>,
+}
+
+/// How a scan runs.
+#[derive(Debug, Clone)]
+pub struct ScanOptions {
+    /// Threads walking and hashing; reads in flight.
+    pub threads: usize,
+    /// Keep every group in the report.
+    pub groups: bool,
+}
+
+impl Default for ScanOptions {
+    fn default() -> Self {
+        // Reads in flight matter more than cores: a cold disk wants a deep
+        // queue even on a 2-core machine.
+        ScanOptions { threads: 8, groups: false }
+    }
+}
+
+/// Scans `roots` and reports the contents two or more of them share.
+pub fn scan(roots: &[PathBuf], options: &ScanOptions) -> Result<Report, ScanError> {
+    if roots.len() > MAX_TREES {
+        return Err(ScanError::TooManyTrees(roots.len()));
+    }
+    let threads = options.threads.max(1);
+    let found = walk(roots, threads)?;
+
+    // Hard links: one file per (tree, device, inode).
+    let mut seen = HashSet::new();
+    let mut files: Vec<Found> = Vec::with_capacity(found.len());
+    let mut extra_names: HashMap<(usize, u64, u64), Vec<PathBuf>> = HashMap::new();
+    for f in found {
+        if seen.insert((f.tree, f.dev, f.ino)) {
+            files.push(f);
+        } else {
+            extra_names.entry((f.tree, f.dev, f.ino)).or_default().push(f.path);
+        }
+    }
+
+    let mut trees: Vec<TreeFigures> = roots
+        .iter()
+        .map(|r| TreeFigures { root: r.clone(), files: 0, bytes: 0, unique_bytes: 0 })
+        .collect();
+    for f in &files {
+        if let Some(t) = trees.get_mut(f.tree) {
+            t.files += 1;
+            t.bytes += f.size;
+        }
+    }
+
+    // Stage 2: sizes present in two or more trees.
+    let mut by_size: HashMap<u64, Vec<usize>> = HashMap::new();
+    for (i, f) in files.iter().enumerate() {
+        by_size.entry(f.size).or_default().push(i);
+    }
+    let spans_trees = |members: &[usize]| {
+        let first = members.first().and_then(|&i| files.get(i)).map(|f| f.tree);
+        members.iter().any(|&i| files.get(i).map(|f| f.tree) != first)
+    };
+    let candidates: Vec<usize> =
+        by_size.values().filter(|m| spans_trees(m)).flatten().copied().collect();
+
+    // Stage 3: hash the candidates in parallel.
+    let digests = hash_all(&files, &candidates, threads)?;
+    let bytes_hashed = candidates.iter().filter_map(|&i| files.get(i)).map(|f| f.size).sum();
+
+    // Stage 4: group by content, keep what spans trees.
+    let mut by_content: HashMap<(u64, [u8; 32]), Vec<usize>> = HashMap::new();
+    for (&i, digest) in candidates.iter().zip(&digests) {
+        if let Some(f) = files.get(i) {
+            by_content.entry((f.size, *digest)).or_default().push(i);
+        }
+    }
+    let mut shared = HashSet::new();
+    let mut report_groups = Vec::new();
+    let (mut count, mut once, mut copies) = (0u64, 0u64, 0u64);
+    for ((size, digest), members) in &by_content {
+        if !spans_trees(members) {
+            continue;
+        }
+        let mut per_tree: HashMap<usize, Vec<PathBuf>> = HashMap::new();
+        for &i in members {
+            shared.insert(i);
+            if let Some(f) = files.get(i) {
+                let names = per_tree.entry(f.tree).or_default();
+                names.push(f.path.clone());
+                if let Some(extra) = extra_names.get(&(f.tree, f.dev, f.ino)) {
+                    names.extend(extra.iter().cloned());
+                }
+            }
+        }
+        count += 1;
+        once += size;
+        copies += size * per_tree.len() as u64;
+        if options.groups {
+            let mut paths: Vec<(usize, Vec<PathBuf>)> = per_tree.into_iter().collect();
+            paths.sort();
+            for (_, p) in paths.iter_mut() {
+                p.sort();
+            }
+            report_groups.push(Group {
+                blake3: blake3::Hash::from(*digest).to_hex().to_string(),
+                size: *size,
+                paths,
+            });
+        }
+    }
+    report_groups.sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.blake3.cmp(&b.blake3)));
+    for (i, f) in files.iter().enumerate() {
+        if !shared.contains(&i)
+            && let Some(t) = trees.get_mut(f.tree)
+        {
+            t.unique_bytes += f.size;
+        }
+    }
+    Ok(Report {
+        trees,
+        shared_contents: count,
+        shared_bytes_once: once,
+        shared_bytes_as_copies: copies,
+        files_hashed: candidates.len() as u64,
+        bytes_hashed,
+        groups: report_groups,
+    })
+}
+
+/// Walks every root with `threads` workers sharing one queue of directories.
+fn walk(roots: &[PathBuf], threads: usize) -> Result<Vec<Found>, ScanError> {
+    let queue: Mutex<Vec<(usize, PathBuf)>> =
+        Mutex::new(roots.iter().cloned().enumerate().collect());
+    let busy = AtomicUsize::new(0);
+    let found: Mutex<Vec<Found>> = Mutex::default();
+    let error: Mutex<Option<ScanError>> = Mutex::default();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut local = Vec::new();
+                loop {
+                    let next = {
+                        let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
+                        let item = q.pop();
+                        if item.is_some() {
+                            busy.fetch_add(1, Ordering::SeqCst);
+                        }
+                        item
+                    };
+                    let Some((tree, dir)) = next else {
+                        if busy.load(Ordering::SeqCst) == 0 {
+                            break;
+                        }
+                        std::thread::yield_now();
+                        continue;
+                    };
+                    let result = read_dir(tree, &dir, &queue, &mut local);
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    if let Err(e) = result {
+                        error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                        queue.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                    }
+                }
+                found.lock().unwrap_or_else(|p| p.into_inner()).append(&mut local);
+            });
+        }
+    });
+    if let Some(e) = error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    Ok(found.into_inner().unwrap_or_else(|p| p.into_inner()))
+}
+
+fn read_dir(
+    tree: usize,
+    dir: &Path,
+    queue: &Mutex<Vec<(usize, PathBuf)>>,
+    out: &mut Vec<Found>,
+) -> Result<(), ScanError> {
+    use std::os::unix::fs::MetadataExt;
+    let io = |path: &Path, source| ScanError::Io { path: path.to_path_buf(), source };
+    let mut subdirs = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+        let entry = entry.map_err(|e| io(dir, e))?;
+        let ft = entry.file_type().map_err(|e| io(&entry.path(), e))?;
+        if ft.is_dir() {
+            subdirs.push((tree, entry.path()));
+        } else if ft.is_file() {
+            let path = entry.path();
+            let meta = entry.metadata().map_err(|e| io(&path, e))?;
+            if meta.len() > 0 {
+                out.push(Found { tree, path, size: meta.len(), dev: meta.dev(), ino: meta.ino() });
+            }
+        }
+    }
+    if !subdirs.is_empty() {
+        queue.lock().unwrap_or_else(|p| p.into_inner()).extend(subdirs);
+    }
+    Ok(())
+}
+
+/// BLAKE3 of `files[i]` for every `i` in `which`, in that order.
+fn hash_all(files: &[Found], which: &[usize], threads: usize) -> Result<Vec<[u8; 32]>, ScanError> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(usize, [u8; 32])>> = Mutex::new(Vec::with_capacity(which.len()));
+    let error: Mutex<Option<ScanError>> = Mutex::default();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut buf = vec![0u8; 256 << 10];
+                let mut local = Vec::new();
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(f) = which.get(k).and_then(|&i| files.get(i)) else { break };
+                    match hash_file(&f.path, &mut buf) {
+                        Ok(d) => local.push((k, d)),
+                        Err(e) => {
+                            error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                            break;
+                        }
+                    }
+                }
+                results.lock().unwrap_or_else(|p| p.into_inner()).append(&mut local);
+            });
+        }
+    });
+    if let Some(e) = error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    results.sort_by_key(|(k, _)| *k);
+    Ok(results.into_iter().map(|(_, d)| d).collect())
+}
+
+fn hash_file(path: &Path, buf: &mut [u8]) -> Result<[u8; 32], ScanError> {
+    use std::io::Read;
+    let io = |source| ScanError::Io { path: path.to_path_buf(), source };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    // Read once and never again: with NOREUSE the kernel does not promote
+    // these pages over the running VMs' data. (DONTNEED after reading would
+    // also evict pages the VMs had cached.) Advice only: failure changes
+    // nothing.
+    let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::NoReuse);
+    let mut hasher = blake3::Hasher::new();
+    loop {
+        let n = file.read(buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(buf.get(..n).unwrap_or_default());
+    }
+    Ok(*hasher.finalize().as_bytes())
+}
