@@ -4,7 +4,7 @@
 //! [`export_plugin!`]. It is built into a WebAssembly component
 //! (`provctl plugin build`) and runs inside provd's sandbox, where it reaches
 //! the node only through the host interfaces its `plugin.toml` declares:
-//! [`log`], [`progress`], [`hashing`] and [`images`] so far.
+//! [`log`], [`progress`], [`hashing`], [`images`] and [`dedup`] so far.
 //!
 //! ```no_run
 //! use provd_sdk::{Error, Plugin, Report, Request, log, progress};
@@ -368,5 +368,63 @@ pub mod images {
     /// `max-read-bytes`.
     pub fn read_file(reference: &str, path: &str) -> Result<Vec<u8>, Error> {
         host::read_file(reference, path).map_err(Error::from)
+    }
+}
+
+/// Which files the VMs share, computed by the host (capability `dedup`).
+///
+/// ```no_run
+/// use provd_sdk::{dedup, images};
+/// let a = images::fetch("dir:/srv/images/web")?;
+/// let b = images::fetch("dir:/srv/images/api")?;
+/// let vms = [("web-1", a.reference.as_str()), ("api-1", b.reference.as_str())];
+/// let plan = dedup::plan(&vms, dedup::Policy { min_layer_bytes: 1 << 20, max_layers_per_vm: 4 })?;
+/// for layer in &plan.layers {
+///     let first_page = dedup::layer_entries(&layer.id, 0, 1000)?;
+/// }
+/// # Ok::<(), provd_sdk::Error>(())
+/// ```
+pub mod dedup {
+    use super::Error;
+    use super::images::Entry;
+    use super::wit::provd::plugin::dedup as host;
+
+    pub use host::{Layer, Policy, Summary, VmFigures};
+
+    fn vms(pairs: &[(&str, &str)]) -> Vec<host::VmImage> {
+        pairs
+            .iter()
+            .map(|(vm, image)| host::VmImage { vm: (*vm).to_string(), image: (*image).to_string() })
+            .collect()
+    }
+
+    /// The sharing analysis of (VM, image reference) pairs; every image must
+    /// have been fetched in this request.
+    pub fn analyse(pairs: &[(&str, &str)]) -> Result<Summary, Error> {
+        host::analyse(&vms(pairs)).map_err(Error::from)
+    }
+
+    /// Chooses layers under `policy`; the layers' entries stay with the host
+    /// and are read a page at a time with [`layer_entries`].
+    pub fn plan(pairs: &[(&str, &str)], policy: Policy) -> Result<Summary, Error> {
+        host::plan(&vms(pairs), policy).map_err(Error::from)
+    }
+
+    /// A page of a planned layer's entries (at most 1000).
+    pub fn layer_entries(layer: &str, offset: u64, limit: u32) -> Result<Vec<Entry>, Error> {
+        Ok(host::layer_entries(layer, offset, limit)?
+            .into_iter()
+            .map(|e| Entry {
+                path: e.path,
+                kind: e.kind,
+                mode: e.mode,
+                uid: e.uid,
+                gid: e.gid,
+                mtime: e.mtime,
+                size: e.size,
+                hash: e.hash,
+                link_target: e.link_target,
+            })
+            .collect())
     }
 }

@@ -61,7 +61,7 @@ impl Node {
     /// ...and the plugin asks only for `images/*`.
     async fn plugin(&self, max_read: u64) -> Plugin {
         let manifest = Manifest::from_toml(&format!(
-            "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n\
+            "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n\
              [capabilities.images]\nsources = [\"dir:{}/images/*\"]\nmax-read-bytes = {max_read}\n",
             self.work.path().display()
         ))
@@ -149,7 +149,7 @@ async fn sources_outside_the_plugins_or_the_nodes_patterns_are_denied_before_any
 
     // A plugin pattern wider than the node's is narrowed by the node.
     let wide = Manifest::from_toml(
-        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n\
+        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n\
          [capabilities.images]\nsources = [\"dir:/**\"]\n",
     )
     .unwrap();
@@ -209,7 +209,7 @@ async fn references_must_name_their_kind_and_reads_need_a_fetch_and_a_budget() {
 async fn a_node_without_an_image_store_refuses_plugins_that_need_one() {
     let engine = Engine::new(EngineConfig::default()).unwrap();
     let manifest = Manifest::from_toml(
-        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.images]\nsources = [\"dir:/srv/*\"]\n",
+        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.images]\nsources = [\"dir:/srv/*\"]\n",
     )
     .unwrap();
     let err = engine.load(&manifest, IMAGER.wasm()).await.unwrap_err();
@@ -229,4 +229,36 @@ fn image_source_patterns_are_validated() {
         .unwrap_err();
         assert!(err.to_string().contains(expected), "{sources}: {err}");
     }
+}
+
+#[tokio::test]
+async fn a_plugin_plans_layers_for_fetched_images_through_the_host() {
+    let node = node();
+    // A third image: the web tree with a different hostname.
+    tree(&node.path("images/web2"));
+    std::fs::write(node.path("images/web2/etc/hostname"), "web-2\n").unwrap();
+    let plugin = node.plugin(1 << 20).await;
+    let web = format!("dir:{}", node.path("images/web").display());
+    let web2 = format!("dir:{}", node.path("images/web2").display());
+    let input = serde_json::json!({
+        "op": "plan",
+        "vms": [["a", web], ["b", web2], ["c", web]],
+        "min_layer_bytes": 0,
+        "max_layers": 8,
+    });
+    let out = node.call(&plugin, input).await.unwrap();
+    let layers: serde_json::Value = serde_json::from_str(&out.report.output).unwrap();
+    // big.bin is shared by all three VMs; etc/hostname "web-1" by a and c.
+    assert_eq!(layers[0]["vms"], serde_json::json!(["a", "b", "c"]));
+    assert_eq!(layers[0]["paths"], serde_json::json!(["big.bin"]));
+    assert_eq!(layers[0]["bytes"], 2_000_000);
+    assert_eq!(layers[1]["vms"], serde_json::json!(["a", "c"]));
+    assert_eq!(layers[1]["paths"], serde_json::json!(["etc/hostname"]));
+    assert_eq!(field(&out, "naive_bytes"), (3 * 2_000_006).to_string());
+    assert_eq!(field(&out, "stored_bytes"), (2_000_000 + 6 + 6).to_string());
+
+    // An image not fetched in the request cannot be analysed.
+    let unfetched =
+        serde_json::json!({"op": "plan", "vms": [], "min_layer_bytes": 0, "max_layers": 1});
+    assert!(node.call(&plugin, unfetched).await.is_ok());
 }

@@ -18,12 +18,19 @@ pub enum Capability {
     Hashing,
     /// `provd:plugin/images`: fetch images and read their entries.
     Images,
+    /// `provd:plugin/dedup`: sharing analysis and layer plans.
+    Dedup,
 }
 
 impl Capability {
     /// Every capability, in a stable order.
-    pub const ALL: [Capability; 4] =
-        [Capability::Log, Capability::Progress, Capability::Hashing, Capability::Images];
+    pub const ALL: [Capability; 5] = [
+        Capability::Log,
+        Capability::Progress,
+        Capability::Hashing,
+        Capability::Images,
+        Capability::Dedup,
+    ];
 
     /// The name used in `plugin.toml` and in the WIT interface.
     pub fn name(self) -> &'static str {
@@ -32,6 +39,7 @@ impl Capability {
             Capability::Progress => "progress",
             Capability::Hashing => "hashing",
             Capability::Images => "images",
+            Capability::Dedup => "dedup",
         }
     }
 

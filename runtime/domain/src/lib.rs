@@ -35,7 +35,7 @@ mod policy;
 
 pub use capability::{Capability, HashingGrant, ImagesGrant, LogGrant, glob_match};
 pub use manifest::{
-    CapabilityRequests, HashingRequest, ImagesRequest, LimitRequests, LogRequest, Manifest,
-    ManifestError, ProgressRequest,
+    CapabilityRequests, DedupRequest, HashingRequest, ImagesRequest, LimitRequests, LogRequest,
+    Manifest, ManifestError, ProgressRequest,
 };
 pub use policy::{CapabilityGrants, Grant, Limits, NodePolicy, PolicyViolation, PolicyViolations};

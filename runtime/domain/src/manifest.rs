@@ -57,7 +57,13 @@ pub struct CapabilityRequests {
     pub progress: Option<ProgressRequest>,
     pub hashing: Option<HashingRequest>,
     pub images: Option<ImagesRequest>,
+    pub dedup: Option<DedupRequest>,
 }
+
+/// Parameters of the `dedup` capability (none yet).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DedupRequest {}
 
 /// Parameters of the `images` capability.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -222,6 +228,9 @@ impl Manifest {
         }
         if c.images.is_some() {
             out.push(Capability::Images);
+        }
+        if c.dedup.is_some() {
+            out.push(Capability::Dedup);
         }
         out
     }

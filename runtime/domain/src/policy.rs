@@ -110,6 +110,7 @@ pub struct CapabilityGrants {
     pub progress: bool,
     pub hashing: Option<HashingGrant>,
     pub images: Option<ImagesGrant>,
+    pub dedup: bool,
 }
 
 impl CapabilityGrants {
@@ -120,6 +121,7 @@ impl CapabilityGrants {
             Capability::Progress => self.progress,
             Capability::Hashing => self.hashing.is_some(),
             Capability::Images => self.images.is_some(),
+            Capability::Dedup => self.dedup,
         }
     }
 }
@@ -246,7 +248,13 @@ impl Manifest {
         // The values below were all checked against u32 ceilings above.
         let narrow = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
         Ok(Grant {
-            capabilities: CapabilityGrants { log, progress: c.progress.is_some(), hashing, images },
+            capabilities: CapabilityGrants {
+                log,
+                progress: c.progress.is_some(),
+                hashing,
+                images,
+                dedup: c.dedup.is_some(),
+            },
             limits: Limits {
                 memory_bytes: memory_mib * MIB,
                 timeout: Duration::from_millis(timeout_ms),

@@ -246,8 +246,13 @@ impl Engine {
             return Err(LoadError::TooLarge { size, limit: policy.max_component_bytes });
         }
         check_header(&wasm)?;
-        if grant.capabilities.images.is_some() && self.inner.services.images.is_none() {
-            return Err(LoadError::Unavailable("images"));
+        if self.inner.services.images.is_none() {
+            if grant.capabilities.images.is_some() {
+                return Err(LoadError::Unavailable("images"));
+            }
+            if grant.capabilities.dedup {
+                return Err(LoadError::Unavailable("dedup"));
+            }
         }
 
         let digest: Digest = *blake3::hash(&wasm).as_bytes();

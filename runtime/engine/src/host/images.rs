@@ -43,7 +43,7 @@ impl HostState {
         Reference::parse(text).map_err(|e| WitError::InvalidInput(e.to_string()))
     }
 
-    fn fetched_image(&self, text: &str) -> Result<ImageRecord, WitError> {
+    pub(crate) fn fetched_image(&self, text: &str) -> Result<ImageRecord, WitError> {
         let reference = self.plugin_reference(text)?;
         self.fetched.get(&reference.to_string()).cloned().ok_or_else(|| {
             WitError::NotFound(format!("image {reference} was not fetched in this request"))
@@ -109,7 +109,7 @@ fn image_of(r: &ImageRecord) -> Image {
     }
 }
 
-fn entry_of(e: Entry) -> WitEntry {
+pub(crate) fn entry_of(e: Entry) -> WitEntry {
     WitEntry {
         path: e.path,
         kind: match e.kind {

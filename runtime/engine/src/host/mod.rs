@@ -1,6 +1,7 @@
 //! Host side of the plugin interfaces: the per-invocation store state, the
 //! resource limiter, and the linker assembled from a plugin's grant.
 
+mod dedup;
 mod hashing;
 mod images;
 mod log;
@@ -38,6 +39,8 @@ pub(crate) struct HostState {
     pub image_sources: Arc<Vec<String>>,
     /// Images fetched in this request, by canonical reference.
     pub fetched: std::collections::HashMap<String, provd_store::ImageRecord>,
+    /// Plans made in this request, with the prefix of their layer ids.
+    pub plans: Vec<(String, provd_dedup::Plan)>,
 }
 
 /// What the node lends to every invocation.
@@ -84,6 +87,7 @@ impl HostState {
             images: node.images.clone(),
             image_sources: node.image_sources.clone(),
             fetched: std::collections::HashMap::new(),
+            plans: Vec::new(),
         };
         (state, [stdout, stderr])
     }
@@ -282,6 +286,7 @@ pub(crate) fn linker(
                 provd_bindings::hashing::add_to_linker::<_, HasSelf<_>>(l, |t| t)?
             }
             Capability::Images => provd_bindings::images::add_to_linker::<_, HasSelf<_>>(l, |t| t)?,
+            Capability::Dedup => provd_bindings::dedup::add_to_linker::<_, HasSelf<_>>(l, |t| t)?,
         }
     }
     Ok(linker)

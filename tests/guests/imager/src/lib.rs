@@ -4,12 +4,14 @@
 //! * `{"op":"list","image":R,"offset":N,"limit":N}` — fetch R, list a page;
 //! * `{"op":"read","image":R,"path":P}` — fetch R, read P, report its size
 //!   and BLAKE3 (hashed in the guest);
+//! * `{"op":"plan","vms":[[VM,R],...],"min_layer_bytes":N,"max_layers":N}` —
+//!   fetch every image, plan layers, list each layer's paths;
 //! * `{"op":"read-unfetched","image":R,"path":P}` — read without fetching;
 //! * `{"op":"hash-guest"|"hash-host","image":R,"path":P}` — fetch R, then
 //!   hash P by reading it into the guest and hashing in wasm, or by asking
 //!   the host to hash it by handle; reports the time of that step only.
 
-use provd_sdk::{Error, Plugin, Report, Request, hashing, images};
+use provd_sdk::{Error, Plugin, Report, Request, dedup, hashing, images};
 use serde::Deserialize;
 use std::time::Instant;
 
@@ -17,6 +19,7 @@ use std::time::Instant;
 #[serde(deny_unknown_fields)]
 struct Input {
     op: String,
+    #[serde(default)]
     image: String,
     #[serde(default)]
     path: String,
@@ -24,6 +27,13 @@ struct Input {
     offset: u64,
     #[serde(default = "default_limit")]
     limit: u32,
+    /// For `plan`: (vm, image) pairs and the policy.
+    #[serde(default)]
+    vms: Vec<(String, String)>,
+    #[serde(default)]
+    min_layer_bytes: u64,
+    #[serde(default)]
+    max_layers: u32,
 }
 
 fn default_limit() -> u32 {
@@ -35,6 +45,28 @@ struct Imager;
 impl Plugin for Imager {
     fn provision(request: Request) -> Result<Report, Error> {
         let input: Input = request.input()?;
+        if input.op == "plan" {
+            for (_, image) in &input.vms {
+                images::fetch(image)?;
+            }
+            let pairs: Vec<(&str, &str)> =
+                input.vms.iter().map(|(v, i)| (v.as_str(), i.as_str())).collect();
+            let policy = dedup::Policy {
+                min_layer_bytes: input.min_layer_bytes,
+                max_layers_per_vm: input.max_layers,
+            };
+            let plan = dedup::plan(&pairs, policy)?;
+            let mut layers = Vec::new();
+            for layer in &plan.layers {
+                let entries = dedup::layer_entries(&layer.id, 0, 1000)?;
+                let paths: Vec<String> = entries.into_iter().map(|e| e.path).collect();
+                layers.push(serde_json::json!({"id": layer.id, "vms": layer.vms, "bytes": layer.bytes, "paths": paths}));
+            }
+            return Report::new("planned")
+                .field("stored_bytes", plan.stored_bytes)
+                .field("naive_bytes", plan.naive_bytes)
+                .output(&layers);
+        }
         if input.op == "read-unfetched" {
             let bytes = images::read_file(&input.image, &input.path)?;
             return Ok(Report::new("read").field("size", bytes.len()));

@@ -1,0 +1,169 @@
+//! `provd:plugin/dedup`: the sharing analysis and layer plans, computed
+//! from the manifests of images fetched in this request.
+
+use provd_bindings::dedup::{self as wit, Layer, Policy, Summary, VmFigures, VmImage};
+use provd_bindings::images::Entry as WitEntry;
+use provd_bindings::types::Error as WitError;
+use provd_domain::image::Entry;
+
+use crate::host::HostState;
+use crate::host::images::entry_of;
+
+/// VMs one call may analyse.
+pub(crate) const MAX_VMS: usize = 64;
+/// Plans one request may keep.
+pub(crate) const MAX_PLANS: usize = 16;
+/// Entries one `layer-entries` page may return.
+const MAX_PAGE: u32 = 1000;
+
+impl HostState {
+    /// Every VM's entries, from images fetched in this request.
+    fn vm_entries(&self, vms: &[VmImage]) -> Result<Vec<(String, Vec<Entry>)>, WitError> {
+        if vms.len() > MAX_VMS {
+            return Err(WitError::InvalidInput(format!("at most {MAX_VMS} VMs per call")));
+        }
+        let store = self
+            .images
+            .as_ref()
+            .ok_or_else(|| WitError::Denied("this node has no image store".into()))?
+            .store()
+            .clone();
+        let mut out = Vec::with_capacity(vms.len());
+        for v in vms {
+            let record = self.fetched_image(&v.image)?;
+            let entries =
+                store.entries(&record, 0, u64::MAX).map_err(|e| WitError::Failed(e.to_string()))?;
+            out.push((v.vm.clone(), entries));
+        }
+        Ok(out)
+    }
+}
+
+fn analysis_summary(a: &provd_dedup::Analysis) -> Summary {
+    Summary {
+        naive_bytes: a.naive_bytes,
+        distinct_content_bytes: a.distinct_content_bytes,
+        shared_once_bytes: a.shared_once_bytes,
+        shared_as_copies_bytes: a.shared_as_copies_bytes,
+        layers: a
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| Layer {
+                id: format!("candidate-{i}"),
+                vms: l.vms.clone(),
+                files: l.files,
+                bytes: l.bytes,
+            })
+            .collect(),
+        vms: a
+            .per_vm
+            .iter()
+            .map(|f| VmFigures {
+                vm: f.vm.clone(),
+                bytes: f.bytes,
+                shared_bytes: f.shared_bytes,
+                private_bytes: 0,
+                layers: Vec::new(),
+            })
+            .collect(),
+        stored_bytes: 0,
+    }
+}
+
+impl wit::Host for HostState {
+    async fn analyse(&mut self, vms: Vec<VmImage>) -> wasmtime::Result<Result<Summary, WitError>> {
+        let entries = match self.vm_entries(&vms) {
+            Ok(e) => e,
+            Err(e) => return Ok(Err(e)),
+        };
+        let result = tokio::task::spawn_blocking(move || provd_dedup::analyze(&entries)).await?;
+        Ok(result.map(|a| analysis_summary(&a)).map_err(|e| WitError::InvalidInput(e.to_string())))
+    }
+
+    async fn plan(
+        &mut self,
+        vms: Vec<VmImage>,
+        policy: Policy,
+    ) -> wasmtime::Result<Result<Summary, WitError>> {
+        if self.plans.len() >= MAX_PLANS {
+            return Ok(Err(WitError::QuotaExceeded(format!(
+                "at most {MAX_PLANS} plans per request"
+            ))));
+        }
+        let entries = match self.vm_entries(&vms) {
+            Ok(e) => e,
+            Err(e) => return Ok(Err(e)),
+        };
+        let policy = provd_dedup::Policy {
+            min_layer_bytes: policy.min_layer_bytes,
+            max_layers_per_vm: usize::try_from(policy.max_layers_per_vm).unwrap_or(usize::MAX),
+        };
+        let computed = tokio::task::spawn_blocking(move || {
+            provd_dedup::analyze(&entries).map(|a| {
+                let plan = a.plan(&policy);
+                (a, plan)
+            })
+        })
+        .await?;
+        let (analysis, plan) = match computed {
+            Ok(done) => done,
+            Err(e) => return Ok(Err(WitError::InvalidInput(e.to_string()))),
+        };
+        // Layer ids are unique within the request: plan number + layer.
+        let prefix = format!("plan-{}-", self.plans.len());
+        let mut summary = analysis_summary(&analysis);
+        summary.stored_bytes = plan.stored_bytes;
+        summary.layers = plan
+            .layers
+            .iter()
+            .map(|l| Layer {
+                id: format!("{prefix}{}", l.id),
+                vms: l.vms.clone(),
+                files: l.files,
+                bytes: l.bytes,
+            })
+            .collect();
+        for f in summary.vms.iter_mut() {
+            f.private_bytes = plan.private_bytes.get(&f.vm).copied().unwrap_or(0);
+            f.layers = plan
+                .stacks
+                .get(&f.vm)
+                .map(|s| s.iter().map(|id| format!("{prefix}{id}")).collect())
+                .unwrap_or_default();
+        }
+        self.plans.push((prefix, plan));
+        Ok(Ok(summary))
+    }
+
+    async fn layer_entries(
+        &mut self,
+        layer: String,
+        offset: u64,
+        limit: u32,
+    ) -> wasmtime::Result<Result<Vec<WitEntry>, WitError>> {
+        if limit > MAX_PAGE {
+            return Ok(Err(WitError::InvalidInput(format!(
+                "limit {limit}: at most {MAX_PAGE} entries per page"
+            ))));
+        }
+        let found = self.plans.iter().find_map(|(prefix, plan)| {
+            let id = layer.strip_prefix(prefix.as_str())?;
+            plan.layers.iter().find(|l| l.id == id)
+        });
+        let Some(found) = found else {
+            return Ok(Err(WitError::NotFound(format!(
+                "no layer {layer:?} in this request's plans"
+            ))));
+        };
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        Ok(Ok(found
+            .entries
+            .iter()
+            .skip(start)
+            .take(limit as usize)
+            .cloned()
+            .map(entry_of)
+            .collect()))
+    }
+}
