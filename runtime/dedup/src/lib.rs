@@ -149,26 +149,25 @@ impl Default for Policy {
 }
 
 /// A layer the plan keeps.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct PlannedLayer {
     /// `layer-0`, `layer-1`, … in the order chosen.
     pub id: String,
     pub vms: Vec<String>,
     pub files: u64,
     pub bytes: u64,
-    #[serde(skip)]
     pub entries: Vec<Entry>,
 }
 
-/// Which layers to build, and what stays private to each VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Which layers to build, and what stays private to each VM. A value: it
+/// serialises to JSON and back, for the partition builder to consume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Plan {
     pub policy: Policy,
     pub layers: Vec<PlannedLayer>,
     /// Per VM, the ids of its layers, bottom first.
     pub stacks: BTreeMap<String, Vec<String>>,
     /// Per VM, its private entries (path order).
-    #[serde(skip)]
     pub private: BTreeMap<String, Vec<Entry>>,
     /// Per VM, bytes of its private files.
     pub private_bytes: BTreeMap<String, u64>,

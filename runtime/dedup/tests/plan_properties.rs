@@ -217,6 +217,9 @@ fn identical_images_share_everything_but_directories() {
     assert_eq!(plan.stored_bytes, file_bytes(&image));
     let json = serde_json::to_value(&plan).unwrap();
     assert_eq!(json["layers"][0]["vms"][2], "vm-2");
+    // The plan is a value: it survives a round trip through JSON.
+    let back: provd_dedup::Plan = serde_json::from_value(json).unwrap();
+    assert_eq!(back, plan);
 }
 
 #[test]

@@ -19,7 +19,8 @@ pub const MAX_DEPTH: usize = 128;
 pub const MAX_LINK_TARGET_BYTES: usize = 4096;
 
 /// The type of an entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum EntryKind {
     File,
     Dir,
@@ -85,6 +86,21 @@ impl Hash {
     }
 }
 
+impl serde::Serialize for Hash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Hash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Hash, D::Error> {
+        let text = String::deserialize(d)?;
+        Hash::from_hex(&text).ok_or_else(|| {
+            serde::de::Error::custom("expected 64 hex characters of a BLAKE3 digest")
+        })
+    }
+}
+
 impl fmt::Debug for Hash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "blake3:{}", self.to_hex())
@@ -98,7 +114,7 @@ impl fmt::Display for Hash {
 }
 
 /// One entry of an image.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Entry {
     /// Normalised relative path: no leading `/` or `./`, `/`-separated.
     pub path: String,

@@ -20,6 +20,9 @@ pub struct PlanArgs {
     /// Most layers under one VM.
     #[arg(long, default_value_t = 8)]
     max_layers: usize,
+    /// With --json: include every layer's and VM's entries (the whole plan).
+    #[arg(long)]
+    entries: bool,
     #[arg(long)]
     json: bool,
 }
@@ -41,7 +44,18 @@ pub fn plan(args: PlanArgs, data_dir: &Path) -> Result<std::process::ExitCode> {
         Policy { min_layer_bytes: args.min_layer_bytes, max_layers_per_vm: args.max_layers };
     let plan = analysis.plan(&policy);
     if args.json {
-        println!("{:#}", json!({ "analysis": analysis, "plan": plan }));
+        let mut plan_json = json!(plan);
+        if !args.entries {
+            if let Some(obj) = plan_json.as_object_mut() {
+                obj.remove("private");
+            }
+            if let Some(layers) = plan_json.get_mut("layers").and_then(|l| l.as_array_mut()) {
+                for layer in layers.iter_mut().filter_map(|l| l.as_object_mut()) {
+                    layer.remove("entries");
+                }
+            }
+        }
+        println!("{:#}", json!({ "analysis": analysis, "plan": plan_json }));
     } else {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         println!(
