@@ -112,6 +112,10 @@ pub struct ScanArgs {
     /// Walking and hashing threads (reads in flight).
     #[arg(long, default_value_t = 8)]
     threads: usize,
+    /// Keep digests in this file between scans; unchanged files are then
+    /// not read again.
+    #[arg(long)]
+    cache: Option<std::path::PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -119,7 +123,14 @@ pub struct ScanArgs {
 pub fn scan(args: ScanArgs) -> Result<std::process::ExitCode> {
     let options = provd_scan::ScanOptions { threads: args.threads, groups: args.groups };
     let started = std::time::Instant::now();
-    let report = provd_scan::scan(&args.dirs, &options)?;
+    let cache = match &args.cache {
+        Some(path) => provd_scan::HashCache::load(path)?,
+        None => provd_scan::HashCache::default(),
+    };
+    let report = provd_scan::scan_with_cache(&args.dirs, &options, &cache)?;
+    if let Some(path) = &args.cache {
+        cache.save(path)?;
+    }
     let elapsed = started.elapsed();
     if args.json {
         let mut v = json!(report);
@@ -130,12 +141,13 @@ pub fn scan(args: ScanArgs) -> Result<std::process::ExitCode> {
     } else {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         println!(
-            "{} shared contents: {:.1} MiB stored once, {:.1} MiB as copies ({:.2}s, {} files hashed)",
+            "{} shared contents: {:.1} MiB stored once, {:.1} MiB as copies ({:.2}s, {} files hashed, {} from the cache)",
             report.shared_contents,
             mib(report.shared_bytes_once),
             mib(report.shared_bytes_as_copies),
             elapsed.as_secs_f64(),
-            report.files_hashed
+            report.files_hashed,
+            report.files_cached
         );
         for t in &report.trees {
             println!(

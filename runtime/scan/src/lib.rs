@@ -13,6 +13,9 @@
 //! 4. group by (size, digest) and again keep only groups that span two or
 //!    more trees.
 //!
+//! A [`HashCache`] keyed by (device, inode, size, mtime, ctime) lets a
+//! re-scan of unchanged trees skip reading: it then costs about a walk.
+//!
 //! Treatment of special cases, by design: empty files are never reported
 //! (an empty file has no content to store once); symlinks, devices, FIFOs
 //! and sockets are not content and are skipped; hard links within one tree
@@ -46,6 +49,95 @@ struct Found {
     size: u64,
     dev: u64,
     ino: u64,
+    /// Modification and status-change times in nanoseconds: with device,
+    /// inode and size, the key under which a digest is cached.
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+/// The identity of a file's content as far as the filesystem tells:
+/// (device, inode, size, mtime ns, ctime ns). Any write changes mtime or
+/// ctime, so a digest cached under it stays true.
+type CacheKey = (u64, u64, u64, i128, i128);
+
+/// Digests of earlier scans, kept in a file between runs.
+#[derive(Debug, Default)]
+pub struct HashCache {
+    entries: HashMap<CacheKey, [u8; 32]>,
+    /// Keys looked up in this scan: only these are saved, so the cache
+    /// does not grow with files that no longer exist.
+    used: Mutex<HashMap<CacheKey, [u8; 32]>>,
+}
+
+/// Entries one cache file may hold.
+const MAX_CACHE_ENTRIES: usize = 10_000_000;
+
+impl HashCache {
+    /// Loads a cache file; a missing file is an empty cache, a damaged line
+    /// is skipped (the file is only an accelerator).
+    pub fn load(path: &Path) -> Result<HashCache, ScanError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashCache::default()),
+            Err(source) => return Err(ScanError::Io { path: path.into(), source }),
+        };
+        let mut entries = HashMap::new();
+        for line in text.lines().take(MAX_CACHE_ENTRIES) {
+            let f: Vec<&str> = line.split(' ').collect();
+            let [dev, ino, size, mtime, ctime, hex] = f.as_slice() else { continue };
+            let parsed = (dev.parse(), ino.parse(), size.parse(), mtime.parse(), ctime.parse());
+            let (Ok(dev), Ok(ino), Ok(size), Ok(mtime), Ok(ctime)) = parsed else { continue };
+            if let Some(digest) = parse_hex(hex) {
+                entries.insert((dev, ino, size, mtime, ctime), digest);
+            }
+        }
+        Ok(HashCache { entries, used: Mutex::default() })
+    }
+
+    /// Writes the digests this scan used, atomically.
+    pub fn save(&self, path: &Path) -> Result<(), ScanError> {
+        use std::fmt::Write as _;
+        let used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let mut text = String::with_capacity(used.len() * 110);
+        for ((dev, ino, size, mtime, ctime), digest) in used.iter() {
+            let hex = blake3::Hash::from(*digest).to_hex();
+            let _ = writeln!(text, "{dev} {ino} {size} {mtime} {ctime} {hex}");
+        }
+        let tmp = path.with_extension("tmp");
+        let io = |source| ScanError::Io { path: path.into(), source };
+        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    fn get(&self, key: &CacheKey) -> Option<[u8; 32]> {
+        let digest = self.entries.get(key).copied()?;
+        self.remember(*key, digest);
+        Some(digest)
+    }
+
+    fn remember(&self, key: CacheKey, digest: [u8; 32]) {
+        self.used.lock().unwrap_or_else(|p| p.into_inner()).insert(key, digest);
+    }
+
+    /// Digests this scan took from the cache or added to it.
+    pub fn len(&self) -> usize {
+        self.used.lock().map(|u| u.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn parse_hex(hex: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if hex.len() != 64 {
+        return None;
+    }
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// A content that two or more trees hold.
@@ -79,8 +171,10 @@ pub struct Report {
     pub shared_bytes_once: u64,
     /// Those contents' bytes, counted once per tree holding them.
     pub shared_bytes_as_copies: u64,
-    /// Files hashed (the rest were ruled out by size alone).
+    /// Files whose digest was needed (the rest were ruled out by size).
     pub files_hashed: u64,
+    /// Of those, digests taken from the hash cache instead of read.
+    pub files_cached: u64,
     pub bytes_hashed: u64,
     /// The groups, largest first; empty unless asked for.
     pub groups: Vec<Group>,
@@ -105,6 +199,16 @@ impl Default for ScanOptions {
 
 /// Scans `roots` and reports the contents two or more of them share.
 pub fn scan(roots: &[PathBuf], options: &ScanOptions) -> Result<Report, ScanError> {
+    scan_with_cache(roots, options, &HashCache::default())
+}
+
+/// [`scan`], taking digests from `cache` where the file is unchanged and
+/// adding the ones it computes.
+pub fn scan_with_cache(
+    roots: &[PathBuf],
+    options: &ScanOptions,
+    cache: &HashCache,
+) -> Result<Report, ScanError> {
     if roots.len() > MAX_TREES {
         return Err(ScanError::TooManyTrees(roots.len()));
     }
@@ -147,7 +251,7 @@ pub fn scan(roots: &[PathBuf], options: &ScanOptions) -> Result<Report, ScanErro
         by_size.values().filter(|m| spans_trees(m)).flatten().copied().collect();
 
     // Stage 3: hash the candidates in parallel.
-    let digests = hash_all(&files, &candidates, threads)?;
+    let (digests, files_cached) = hash_all(&files, &candidates, threads, cache)?;
     let bytes_hashed = candidates.iter().filter_map(|&i| files.get(i)).map(|f| f.size).sum();
 
     // Stage 4: group by content, keep what spans trees.
@@ -205,6 +309,7 @@ pub fn scan(roots: &[PathBuf], options: &ScanOptions) -> Result<Report, ScanErro
         shared_bytes_once: once,
         shared_bytes_as_copies: copies,
         files_hashed: candidates.len() as u64,
+        files_cached,
         bytes_hashed,
         groups: report_groups,
     })
@@ -272,7 +377,17 @@ fn read_dir(
             let path = entry.path();
             let meta = entry.metadata().map_err(|e| io(&path, e))?;
             if meta.len() > 0 {
-                out.push(Found { tree, path, size: meta.len(), dev: meta.dev(), ino: meta.ino() });
+                out.push(Found {
+                    tree,
+                    path,
+                    size: meta.len(),
+                    dev: meta.dev(),
+                    ino: meta.ino(),
+                    mtime_ns: i128::from(meta.mtime()) * 1_000_000_000
+                        + i128::from(meta.mtime_nsec()),
+                    ctime_ns: i128::from(meta.ctime()) * 1_000_000_000
+                        + i128::from(meta.ctime_nsec()),
+                });
             }
         }
     }
@@ -282,9 +397,16 @@ fn read_dir(
     Ok(())
 }
 
-/// BLAKE3 of `files[i]` for every `i` in `which`, in that order.
-fn hash_all(files: &[Found], which: &[usize], threads: usize) -> Result<Vec<[u8; 32]>, ScanError> {
+/// BLAKE3 of `files[i]` for every `i` in `which`, in that order, and how
+/// many came from the cache.
+fn hash_all(
+    files: &[Found],
+    which: &[usize],
+    threads: usize,
+    cache: &HashCache,
+) -> Result<(Vec<[u8; 32]>, u64), ScanError> {
     let next = AtomicUsize::new(0);
+    let cached = AtomicUsize::new(0);
     let results: Mutex<Vec<(usize, [u8; 32])>> = Mutex::new(Vec::with_capacity(which.len()));
     let error: Mutex<Option<ScanError>> = Mutex::default();
     std::thread::scope(|s| {
@@ -295,8 +417,17 @@ fn hash_all(files: &[Found], which: &[usize], threads: usize) -> Result<Vec<[u8;
                 loop {
                     let k = next.fetch_add(1, Ordering::Relaxed);
                     let Some(f) = which.get(k).and_then(|&i| files.get(i)) else { break };
+                    let key = (f.dev, f.ino, f.size, f.mtime_ns, f.ctime_ns);
+                    if let Some(d) = cache.get(&key) {
+                        cached.fetch_add(1, Ordering::Relaxed);
+                        local.push((k, d));
+                        continue;
+                    }
                     match hash_file(&f.path, &mut buf) {
-                        Ok(d) => local.push((k, d)),
+                        Ok(d) => {
+                            cache.remember(key, d);
+                            local.push((k, d));
+                        }
                         Err(e) => {
                             error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                             break;
@@ -312,7 +443,8 @@ fn hash_all(files: &[Found], which: &[usize], threads: usize) -> Result<Vec<[u8;
     }
     let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
     results.sort_by_key(|(k, _)| *k);
-    Ok(results.into_iter().map(|(_, d)| d).collect())
+    let cached = cached.into_inner() as u64;
+    Ok((results.into_iter().map(|(_, d)| d).collect(), cached))
 }
 
 fn hash_file(path: &Path, buf: &mut [u8]) -> Result<[u8; 32], ScanError> {

@@ -139,3 +139,42 @@ fn groups_list_every_name_per_tree() {
     );
     assert!(scan(&[work.path().join("missing")], &ScanOptions::default()).is_err());
 }
+
+#[test]
+fn a_rescan_with_the_cache_reads_only_what_changed() {
+    let work = tempfile::tempdir().unwrap();
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    for root in [&a, &b] {
+        std::fs::create_dir_all(root).unwrap();
+        for i in 0..20 {
+            std::fs::write(root.join(format!("f{i}")), format!("content {i:04}")).unwrap();
+        }
+    }
+    let cache_file = work.path().join("cache");
+    let roots = vec![a.clone(), b.clone()];
+    let cache = provd_scan::HashCache::load(&cache_file).unwrap();
+    let first = provd_scan::scan_with_cache(&roots, &ScanOptions::default(), &cache).unwrap();
+    cache.save(&cache_file).unwrap();
+    assert_eq!((first.files_hashed, first.files_cached), (40, 0));
+
+    // One file changes (same size, other content): only it is read again,
+    // and the answer follows the change.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(b.join("f3"), "CONTENT 0003").unwrap();
+    let cache = provd_scan::HashCache::load(&cache_file).unwrap();
+    let second = provd_scan::scan_with_cache(&roots, &ScanOptions::default(), &cache).unwrap();
+    assert_eq!((second.files_hashed, second.files_cached), (40, 39));
+    assert_eq!(second.shared_contents, 19);
+    assert_eq!(
+        second,
+        provd_scan::scan(&roots, &ScanOptions::default())
+            .map(|r| provd_scan::Report { files_cached: 39, ..r })
+            .unwrap()
+    );
+
+    // A damaged cache file is only slower, never wrong.
+    std::fs::write(&cache_file, "garbage\n1 2 3\n").unwrap();
+    let cache = provd_scan::HashCache::load(&cache_file).unwrap();
+    let third = provd_scan::scan_with_cache(&roots, &ScanOptions::default(), &cache).unwrap();
+    assert_eq!((third.files_cached, third.shared_contents), (0, 19));
+}
