@@ -60,6 +60,7 @@ pub fn start_registry() -> Registry {
     let child = Command::new("docker-registry")
         .arg("serve")
         .arg(&config)
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -121,6 +122,7 @@ pub fn oci_layout(dir: &Path, layers: &[Vec<u8>], tag: &str) {
 
 pub fn push(layout: &Path, tag: &str, registry: &Registry, repo: &str) {
     let out = Command::new("skopeo")
+        .stdin(Stdio::null())
         .args(["copy", "--quiet", "--dest-tls-verify=false"])
         .arg(format!("oci:{}:{tag}", layout.display()))
         .arg(format!("docker://127.0.0.1:{}/{repo}:{tag}", registry.port))
