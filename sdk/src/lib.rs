@@ -346,11 +346,9 @@ pub mod images {
         })
     }
 
-    /// A page of a fetched image's entries, ordered by path (at most 1000).
-    pub fn entries(reference: &str, offset: u64, limit: u32) -> Result<Vec<Entry>, Error> {
-        Ok(host::entries(reference, offset, limit)?
-            .into_iter()
-            .map(|e| Entry {
+    impl From<host::Entry> for Entry {
+        fn from(e: host::Entry) -> Entry {
+            Entry {
                 path: e.path,
                 kind: e.kind,
                 mode: e.mode,
@@ -360,8 +358,13 @@ pub mod images {
                 size: e.size,
                 hash: e.hash,
                 link_target: e.link_target,
-            })
-            .collect())
+            }
+        }
+    }
+
+    /// A page of a fetched image's entries, ordered by path (at most 1000).
+    pub fn entries(reference: &str, offset: u64, limit: u32) -> Result<Vec<Entry>, Error> {
+        Ok(host::entries(reference, offset, limit)?.into_iter().map(Entry::from).collect())
     }
 
     /// The content of a file of a fetched image, within the plugin's
@@ -412,19 +415,6 @@ pub mod dedup {
 
     /// A page of a planned layer's entries (at most 1000).
     pub fn layer_entries(layer: &str, offset: u64, limit: u32) -> Result<Vec<Entry>, Error> {
-        Ok(host::layer_entries(layer, offset, limit)?
-            .into_iter()
-            .map(|e| Entry {
-                path: e.path,
-                kind: e.kind,
-                mode: e.mode,
-                uid: e.uid,
-                gid: e.gid,
-                mtime: e.mtime,
-                size: e.size,
-                hash: e.hash,
-                link_target: e.link_target,
-            })
-            .collect())
+        Ok(host::layer_entries(layer, offset, limit)?.into_iter().map(Entry::from).collect())
     }
 }

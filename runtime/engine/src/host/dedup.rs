@@ -7,14 +7,12 @@ use provd_bindings::types::Error as WitError;
 use provd_domain::image::Entry;
 
 use crate::host::HostState;
-use crate::host::images::entry_of;
+use crate::host::images::{check_page, entry_of};
 
 /// VMs one call may analyse.
 pub(crate) const MAX_VMS: usize = 64;
 /// Plans one request may keep.
 pub(crate) const MAX_PLANS: usize = 16;
-/// Entries one `layer-entries` page may return.
-const MAX_PAGE: u32 = 1000;
 
 impl HostState {
     /// Every VM's entries, from images fetched in this request.
@@ -142,10 +140,8 @@ impl wit::Host for HostState {
         offset: u64,
         limit: u32,
     ) -> wasmtime::Result<Result<Vec<WitEntry>, WitError>> {
-        if limit > MAX_PAGE {
-            return Ok(Err(WitError::InvalidInput(format!(
-                "limit {limit}: at most {MAX_PAGE} entries per page"
-            ))));
+        if let Err(e) = check_page(limit) {
+            return Ok(Err(e));
         }
         let found = self.plans.iter().find_map(|(prefix, plan)| {
             let id = layer.strip_prefix(prefix.as_str())?;

@@ -109,6 +109,17 @@ fn image_of(r: &ImageRecord) -> Image {
     }
 }
 
+/// Refuses a page larger than [`MAX_PAGE`] entries: pages are how large
+/// listings reach a plugin without being copied in whole.
+pub(crate) fn check_page(limit: u32) -> Result<(), WitError> {
+    if limit > MAX_PAGE {
+        return Err(WitError::InvalidInput(format!(
+            "limit {limit}: at most {MAX_PAGE} entries per page"
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn entry_of(e: Entry) -> WitEntry {
     WitEntry {
         path: e.path,
@@ -189,10 +200,8 @@ impl wit::Host for HostState {
         offset: u64,
         limit: u32,
     ) -> wasmtime::Result<Result<Vec<WitEntry>, WitError>> {
-        if limit > MAX_PAGE {
-            return Ok(Err(WitError::InvalidInput(format!(
-                "limit {limit}: at most {MAX_PAGE} entries per page"
-            ))));
+        if let Err(e) = check_page(limit) {
+            return Ok(Err(e));
         }
         let record = match self.fetched_image(&reference) {
             Ok(r) => r,
