@@ -24,6 +24,8 @@ enum Route {
     Short { sent: Vec<u8>, announced: usize },
     /// Announces the body's length, then sends more after it.
     Extra { body: Vec<u8>, extra: Vec<u8> },
+    /// Waits until the gate opens, then answers 200 with the body.
+    Gate(Arc<tokio::sync::Notify>, Vec<u8>),
 }
 
 struct Server {
@@ -95,6 +97,11 @@ async fn serve(routes: HashMap<&'static str, Route>) -> Server {
                         let _ = tls.write_all(&body).await;
                         let _ = tls.write_all(&extra).await;
                     }
+                    Some(Route::Gate(gate, body)) => {
+                        gate.notified().await;
+                        let _ = tls.write_all(head(body.len()).as_bytes()).await;
+                        let _ = tls.write_all(&body).await;
+                    }
                     None => {
                         let _ = tls.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
                     }
@@ -113,6 +120,10 @@ struct Node {
 }
 
 fn node(server: &Server, stall: Duration) -> Node {
+    node_parallel(server, stall, 4)
+}
+
+fn node_parallel(server: &Server, stall: Duration, parallel: usize) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let store = Arc::new(Store::open(&data).unwrap());
@@ -121,7 +132,7 @@ fn node(server: &Server, stall: Duration) -> Node {
         stall_timeout: stall,
         ..HttpConfig::default()
     };
-    let images = Images::new(store, ImportLimits::default(), 4).with_http(http).unwrap();
+    let images = Images::new(store, ImportLimits::default(), parallel).with_http(http).unwrap();
     Node { _dir: dir, data, images: Arc::new(images) }
 }
 
@@ -291,4 +302,53 @@ async fn twenty_concurrent_requests_download_once() {
     }
     assert!(digests.windows(2).all(|w| w[0] == w[1]));
     assert_eq!(server.hits.lock().unwrap().get("/img.tar.gz"), Some(&1));
+}
+
+async fn wait_for_hit(server: &Server, path: &str) {
+    let start = std::time::Instant::now();
+    while server.hits.lock().unwrap().get(path).is_none() {
+        assert!(start.elapsed() < Duration::from_secs(20), "{path} was never requested");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn different_images_import_in_parallel_up_to_the_limit() {
+    let body = tarball();
+    let digest = sha256_hex(&body);
+    for parallel in [1, 2] {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let server = serve(HashMap::from([
+            ("/slow.tar.gz", Route::Gate(gate.clone(), body.clone())),
+            ("/fast.tar.gz", Route::Body(body.clone())),
+        ]))
+        .await;
+        let node = node_parallel(&server, Duration::from_secs(30), parallel);
+        let slow = {
+            let images = node.images.clone();
+            let r = format!("{}/slow.tar.gz#sha256:{digest}", server.base);
+            tokio::spawn(async move { images.import(&r, Arc::new(NoProgress)).await })
+        };
+        wait_for_hit(&server, "/slow.tar.gz").await;
+        let fast = {
+            let images = node.images.clone();
+            let r = format!("{}/fast.tar.gz#sha256:{digest}", server.base);
+            tokio::spawn(async move { images.import(&r, Arc::new(NoProgress)).await })
+        };
+        if parallel == 1 {
+            // The only import slot is taken: the second image waits.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(server.hits.lock().unwrap().get("/fast.tar.gz").is_none());
+            gate.notify_one();
+            slow.await.unwrap().unwrap();
+            fast.await.unwrap().unwrap();
+        } else {
+            // A second slot: the second image completes while the first waits.
+            fast.await.unwrap().unwrap();
+            assert!(!slow.is_finished());
+            gate.notify_one();
+            slow.await.unwrap().unwrap();
+        }
+        assert_eq!(node.images.store().stats().unwrap().images, 2, "parallel {parallel}");
+    }
 }
