@@ -161,15 +161,7 @@ pub enum PathError {
 /// itself (`.` or `./`). Absolute paths and `..` are refused, not repaired:
 /// an archive that carries them is not trusted to mean anything else.
 pub fn normalize_path(raw: &str) -> Result<Option<String>, PathError> {
-    if raw.is_empty() {
-        return Err(PathError::Empty);
-    }
-    if raw.len() > MAX_PATH_BYTES {
-        return Err(PathError::TooLong(raw.len()));
-    }
-    if raw.chars().any(char::is_control) {
-        return Err(PathError::ControlCharacter);
-    }
+    check_text(raw, MAX_PATH_BYTES)?;
     if raw.starts_with('/') {
         return Err(PathError::Absolute);
     }
@@ -196,13 +188,19 @@ pub fn parent(path: &str) -> Option<&str> {
 /// Checks a symlink target: any relative or absolute text is fine (it is
 /// never followed by provd), within length and without control characters.
 pub fn check_link_target(target: &str) -> Result<(), PathError> {
-    if target.is_empty() {
+    check_text(target, MAX_LINK_TARGET_BYTES)
+}
+
+/// Non-empty, at most `max` bytes, no control characters: what every name
+/// or target taken from an image must be.
+fn check_text(text: &str, max: usize) -> Result<(), PathError> {
+    if text.is_empty() {
         return Err(PathError::Empty);
     }
-    if target.len() > MAX_LINK_TARGET_BYTES {
-        return Err(PathError::TooLong(target.len()));
+    if text.len() > max {
+        return Err(PathError::TooLong(text.len()));
     }
-    if target.chars().any(char::is_control) {
+    if text.chars().any(char::is_control) {
         return Err(PathError::ControlCharacter);
     }
     Ok(())
