@@ -13,6 +13,10 @@ use crate::host::images::{check_page, entry_of};
 pub(crate) const MAX_VMS: usize = 64;
 /// Plans one request may keep.
 pub(crate) const MAX_PLANS: usize = 16;
+/// Entries one call may analyse, summed over its VMs. Each entry costs the
+/// host a few hundred bytes while the analysis runs; a plugin listing the
+/// same large image for many VMs must not make that unbounded.
+pub(crate) const MAX_ANALYSED_ENTRIES: u64 = 8_000_000;
 
 impl HostState {
     /// Every VM's entries, from images fetched in this request.
@@ -26,11 +30,27 @@ impl HostState {
             .ok_or_else(|| WitError::Denied("this node has no image store".into()))?
             .store()
             .clone();
+        let records =
+            vms.iter().map(|v| self.fetched_image(&v.image)).collect::<Result<Vec<_>, _>>()?;
+        let total: u64 = records.iter().map(|r| r.entries).sum();
+        if total > MAX_ANALYSED_ENTRIES {
+            return Err(WitError::QuotaExceeded(format!(
+                "{total} entries over these VMs; one call analyses at most {MAX_ANALYSED_ENTRIES}"
+            )));
+        }
+        // Several VMs often run one image: read its entries once.
+        let mut loaded: std::collections::HashMap<i64, Vec<Entry>> = Default::default();
         let mut out = Vec::with_capacity(vms.len());
-        for v in vms {
-            let record = self.fetched_image(&v.image)?;
-            let entries =
-                store.entries(&record, 0, u64::MAX).map_err(|e| WitError::Failed(e.to_string()))?;
+        for (v, record) in vms.iter().zip(&records) {
+            let entries = match loaded.entry(record.id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.get().clone(),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    let entries = store
+                        .entries(record, 0, u64::MAX)
+                        .map_err(|e| WitError::Failed(e.to_string()))?;
+                    slot.insert(entries).clone()
+                }
+            };
             out.push((v.vm.clone(), entries));
         }
         Ok(out)
