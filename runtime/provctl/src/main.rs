@@ -325,10 +325,8 @@ async fn run_plugin(
     }
     match result {
         Ok(_) => Ok(std::process::ExitCode::SUCCESS),
-        Err(e) if json => {
-            let _ = e;
-            Ok(std::process::ExitCode::FAILURE)
-        }
+        // With --json the error is already in the printed document.
+        Err(_) if json => Ok(std::process::ExitCode::FAILURE),
         Err(e) => Err(e.into()),
     }
 }
