@@ -1,0 +1,1 @@
+//! EROFS image reader.

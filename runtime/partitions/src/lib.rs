@@ -1,0 +1,5 @@
+//! Partitions built from a sharing plan.
+
+pub mod erofs;
+pub mod ext4;
+pub mod reader;
