@@ -1,5 +1,812 @@
-//! Partitions built from a sharing plan.
+//! Partitions built from a sharing plan, and their verification.
+//!
+//! The method stores the files several VMs share once, on a **shared
+//! partition** every one of those VMs can reach, and gives each VM a
+//! **private partition** with only its own files. Here both are built from
+//! a [`provd_dedup::Plan`] and the images in the content store:
+//!
+//! ```text
+//! shared (read-only; EROFS, EROFS+lz4/lz4hc, ext4, or a directory for virtio-fs)
+//!   provd-shared.json            the layers and the VMs of each
+//!   layers/<layer-id>/<path>     each layer's files at their real paths;
+//!                                identical files hard-linked, stored once
+//! private (writable ext4, raw or qcow2), one per VM
+//!   upper/<path>                 the VM's own files and every directory
+//!   work/                        overlayfs work directory
+//!   provd/stack                  its layers, bottom first, one per line
+//!   provd/shared                 fstype= and device= of the shared partition
+//!   provd/partition.json         what the partition was built from
+//!   provd/provd-overlay-root     the initramfs-tools script that stacks them
+//! ```
+//!
+//! At boot the guest's initramfs mounts the private partition as its root
+//! device; the script (see `assets/provd-overlay-root`) moves it aside,
+//! mounts the shared partition read-only and mounts an overlay — the
+//! VM's layers below, `upper/` on top — as the root. A file the VM changes
+//! is copied up into its private partition; the shared one never changes.
+//!
+//! A build stages a tree in a directory the store registered (files copied
+//! from the content store with `copy_file_range`, ownership and modes set),
+//! runs the filesystem builder on it, deletes the tree, and publishes the
+//! result with [`provd_store::Store::publish_partition`]: a partition is
+//! visible whole or not at all, and a failure at any step removes the
+//! build directory. Verification ([`verify_vm`]) reads the built images
+//! with this crate's own readers, never a mount.
 
 pub mod erofs;
 pub mod ext4;
 pub mod reader;
+mod stage;
+mod tools;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use provd_dedup::Plan;
+use provd_domain::image::{Entry, EntryKind};
+use provd_store::{ImageRecord, NewPartition, PartitionRecord, Store, StoreError};
+
+pub use tools::DEFAULT_TOOL_DIRS;
+
+use stage::{Sharing, Stager};
+use tools::{MKE2FS, MKFS_EROFS, QEMU_IMG, Tools};
+
+/// Most layers one VM may stack. The guest mounts its overlay with one
+/// `mount(2)` call whose options must fit in a page (4096 bytes); with the
+/// shared partition at `/run/provd/s` each lower directory takes at most 30
+/// bytes (`/run/provd/s/layers/layer-127:`), so 128 layers leave room for
+/// the upper and work directories.
+pub const MAX_LAYERS_PER_VM: usize = 128;
+
+/// The boot script installed into guests, also written into every private
+/// partition.
+pub const OVERLAY_ROOT_SCRIPT: &str = include_str!("../assets/provd-overlay-root");
+
+/// Why a build or a verification failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PartitionError {
+    /// a file operation failed
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    /// the build lacks a privilege it needs (root: chown, mknod)
+    #[error("{what}: {source} (building partitions needs CAP_CHOWN, CAP_FOWNER and CAP_MKNOD)")]
+    Privilege { what: String, source: std::io::Error },
+    /// the store failed
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// a filesystem tool is not installed
+    #[error("{tool} not found: install the Debian package {package}")]
+    MissingTool { tool: &'static str, package: &'static str },
+    /// a filesystem tool failed
+    #[error("{tool} failed ({status}): {stderr}")]
+    ToolFailed { tool: &'static str, status: String, stderr: String },
+    /// an entry cannot be written to the partition
+    #[error("entry {path:?}: {reason}")]
+    InvalidEntry { path: String, reason: String },
+    /// the plan does not describe the images it is applied to
+    #[error("the plan does not match the image of VM {vm:?}: {reason}")]
+    PlanMismatch { vm: String, reason: String },
+    /// the plan itself is malformed
+    #[error("invalid plan: {0}")]
+    InvalidPlan(String),
+    /// a VM stacks more layers than an overlay can mount
+    #[error("VM {vm:?} stacks {layers} layers; at most {max} can be mounted as one overlay")]
+    TooManyLayers { vm: String, layers: usize, max: usize },
+    /// the partitions would exceed the caller's byte quota
+    #[error("{what} needs {needed} bytes; the quota leaves {quota}")]
+    QuotaExceeded { what: String, needed: u64, quota: u64 },
+    /// the node's disk cannot hold the build
+    #[error("{what} needs {needed} bytes of free space; {free} are free beyond the reserve")]
+    DiskFull { what: String, needed: u64, free: u64 },
+    /// the requested size cannot hold the content
+    #[error("a private partition of {requested} bytes cannot hold VM {vm:?}'s {needed} bytes")]
+    TooSmall { vm: String, requested: u64, needed: u64 },
+    /// a partition the request names does not exist or does not fit
+    #[error("{0}")]
+    NotFound(String),
+    /// an unknown format name
+    #[error("unknown {role} partition format {name:?}; expected one of {expected}")]
+    UnknownFormat { role: &'static str, name: String, expected: &'static str },
+    /// the plan has no layer to put on a shared partition
+    #[error("the plan keeps no layer, so there is nothing to put on a shared partition")]
+    NothingShared,
+    /// an image could not be read back
+    #[error("reading partition {partition}: {reason}")]
+    Unreadable { partition: String, reason: String },
+}
+
+/// Formats of the shared partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SharedFormat {
+    /// EROFS, uncompressed.
+    Erofs,
+    /// EROFS with lz4 compression (fast to build).
+    ErofsLz4,
+    /// EROFS with lz4hc compression (smaller, slower to build).
+    ErofsLz4hc,
+    /// ext4 without a journal.
+    Ext4,
+    /// A plain directory, for export over virtio-fs.
+    Dir,
+}
+
+impl SharedFormat {
+    pub const NAMES: &'static str = "erofs, erofs-lz4, erofs-lz4hc, ext4, dir";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SharedFormat::Erofs => "erofs",
+            SharedFormat::ErofsLz4 => "erofs-lz4",
+            SharedFormat::ErofsLz4hc => "erofs-lz4hc",
+            SharedFormat::Ext4 => "ext4",
+            SharedFormat::Dir => "dir",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<SharedFormat, PartitionError> {
+        [
+            SharedFormat::Erofs,
+            SharedFormat::ErofsLz4,
+            SharedFormat::ErofsLz4hc,
+            SharedFormat::Ext4,
+            SharedFormat::Dir,
+        ]
+        .into_iter()
+        .find(|f| f.as_str() == name)
+        .ok_or_else(|| PartitionError::UnknownFormat {
+            role: "shared",
+            name: name.to_string(),
+            expected: Self::NAMES,
+        })
+    }
+
+    fn file_name(self) -> &'static str {
+        match self {
+            SharedFormat::Erofs | SharedFormat::ErofsLz4 | SharedFormat::ErofsLz4hc => {
+                "shared.erofs"
+            }
+            SharedFormat::Ext4 => "shared.ext4",
+            SharedFormat::Dir => "tree",
+        }
+    }
+
+    /// The `fstype` a guest mounts it with.
+    fn fstype(self) -> &'static str {
+        match self {
+            SharedFormat::Erofs | SharedFormat::ErofsLz4 | SharedFormat::ErofsLz4hc => "erofs",
+            SharedFormat::Ext4 => "ext4",
+            SharedFormat::Dir => "virtiofs",
+        }
+    }
+}
+
+/// Formats of a private partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PrivateFormat {
+    /// A raw ext4 image (sparse).
+    Ext4,
+    /// The same ext4 filesystem in a qcow2 container.
+    Qcow2,
+}
+
+impl PrivateFormat {
+    pub const NAMES: &'static str = "ext4, qcow2";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrivateFormat::Ext4 => "ext4",
+            PrivateFormat::Qcow2 => "qcow2",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<PrivateFormat, PartitionError> {
+        match name {
+            "ext4" => Ok(PrivateFormat::Ext4),
+            "qcow2" => Ok(PrivateFormat::Qcow2),
+            _ => Err(PartitionError::UnknownFormat {
+                role: "private",
+                name: name.to_string(),
+                expected: Self::NAMES,
+            }),
+        }
+    }
+}
+
+/// What every build takes besides the plan.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// The operation the partition belongs to.
+    pub operation: Option<String>,
+    /// Most bytes (size a guest sees) the build may create.
+    pub quota_bytes: u64,
+    /// Where the filesystem tools are looked for.
+    pub tool_dirs: Vec<PathBuf>,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            operation: None,
+            quota_bytes: u64::MAX,
+            tool_dirs: DEFAULT_TOOL_DIRS.iter().map(PathBuf::from).collect(),
+        }
+    }
+}
+
+impl BuildOptions {
+    fn tools(&self) -> Tools {
+        Tools { dirs: self.tool_dirs.clone() }
+    }
+}
+
+/// One layer as the shared partition's manifest names it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerInfo {
+    pub id: String,
+    pub vms: Vec<String>,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// `provd-shared.json`, also the shared partition's database manifest.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedManifest {
+    pub partition: String,
+    pub format: SharedFormat,
+    /// Filesystem UUID (none for a directory).
+    pub uuid: Option<String>,
+    pub layers: Vec<LayerInfo>,
+}
+
+/// Where a private partition finds its shared partition.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedRef {
+    pub partition: String,
+    pub format: SharedFormat,
+    pub uuid: Option<String>,
+}
+
+/// `provd/partition.json`, also the private partition's database manifest.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivateManifest {
+    pub partition: String,
+    pub vm: String,
+    pub format: PrivateFormat,
+    pub uuid: String,
+    /// The image the VM's files come from, and its digest at build time.
+    pub image: String,
+    pub image_digest: String,
+    pub shared: Option<SharedRef>,
+    /// Layer ids, bottom first.
+    pub stack: Vec<String>,
+}
+
+/// A VM and its image.
+#[derive(Debug, Clone)]
+pub struct VmImage {
+    pub vm: String,
+    pub image: ImageRecord,
+}
+
+/// A filesystem UUID derived from the partition id, so a rebuild of the
+/// same partition keeps it and two partitions never share one.
+fn uuid_for(id: &str) -> String {
+    let h = blake3::hash(id.as_bytes());
+    let b = h.as_bytes();
+    let byte = |i: usize| b.get(i).copied().unwrap_or(0);
+    let mut bytes: Vec<u8> = (0..16).map(byte).collect();
+    if let Some(v) = bytes.get_mut(6) {
+        *v = (*v & 0x0f) | 0x40;
+    }
+    if let Some(v) = bytes.get_mut(8) {
+        *v = (*v & 0x3f) | 0x80;
+    }
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        hex.get(0..8).unwrap_or(""),
+        hex.get(8..12).unwrap_or(""),
+        hex.get(12..16).unwrap_or(""),
+        hex.get(16..20).unwrap_or(""),
+        hex.get(20..32).unwrap_or("")
+    )
+}
+
+fn valid_layer_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// An entry as a partition can reproduce it: the modification time is not
+/// part of a file's identity (see the dedup crate), and a hard link is a
+/// regular file with its target's content.
+fn identity(e: &Entry) -> (String, EntryKind, u32, u64, u64, Option<String>, Option<(u32, u32)>, Option<[u8; 32]>) {
+    let kind = if e.kind == EntryKind::Hardlink { EntryKind::File } else { e.kind };
+    let target = if e.kind == EntryKind::Symlink { e.link_target.clone() } else { None };
+    (e.path.clone(), kind, e.mode & 0o7777, e.uid, e.gid, target, e.device, e.hash.map(|h| h.0))
+}
+
+/// Every entry of an image.
+pub fn image_entries(store: &Store, image: &ImageRecord) -> Result<Vec<Entry>, PartitionError> {
+    Ok(store.entries(image, 0, u64::MAX)?)
+}
+
+/// Checks that `plan` is well formed and gives back exactly the image of
+/// each VM in `vms` (all of them when `only` is `None`).
+pub fn check_plan(
+    store: &Store,
+    plan: &Plan,
+    vms: &[VmImage],
+    only: Option<&str>,
+) -> Result<(), PartitionError> {
+    let mut ids = BTreeSet::new();
+    for layer in &plan.layers {
+        if !valid_layer_id(&layer.id) {
+            return Err(PartitionError::InvalidPlan(format!(
+                "layer id {:?} is not 1 to 64 of a-z, 0-9 and -",
+                layer.id
+            )));
+        }
+        if !ids.insert(layer.id.as_str()) {
+            return Err(PartitionError::InvalidPlan(format!("layer id {:?} repeats", layer.id)));
+        }
+    }
+    let mut users: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for (vm, stack) in &plan.stacks {
+        if stack.len() > MAX_LAYERS_PER_VM {
+            return Err(PartitionError::TooManyLayers {
+                vm: vm.clone(),
+                layers: stack.len(),
+                max: MAX_LAYERS_PER_VM,
+            });
+        }
+        for id in stack {
+            if !ids.contains(id.as_str()) {
+                return Err(PartitionError::InvalidPlan(format!(
+                    "VM {vm:?} stacks layer {id:?}, which the plan does not have"
+                )));
+            }
+            users.entry(id.as_str()).or_default().insert(vm.as_str());
+        }
+    }
+    for layer in &plan.layers {
+        let declared: BTreeSet<&str> = layer.vms.iter().map(String::as_str).collect();
+        if users.get(layer.id.as_str()) != Some(&declared) {
+            return Err(PartitionError::InvalidPlan(format!(
+                "layer {:?} names VMs {:?}, but other VMs stack it",
+                layer.id, layer.vms
+            )));
+        }
+    }
+    let known: BTreeSet<&str> = vms.iter().map(|v| v.vm.as_str()).collect();
+    for vm in plan.stacks.keys() {
+        if !known.contains(vm.as_str()) {
+            return Err(PartitionError::PlanMismatch {
+                vm: vm.clone(),
+                reason: "no image was given for this VM".into(),
+            });
+        }
+    }
+    for v in vms.iter().filter(|v| only.is_none_or(|o| o == v.vm)) {
+        let mismatch = |reason: String| PartitionError::PlanMismatch { vm: v.vm.clone(), reason };
+        let planned = plan
+            .reassemble(&v.vm)
+            .ok_or_else(|| mismatch("the plan has no entry for this VM".into()))?;
+        let image = image_entries(store, &v.image)?;
+        let mut want: BTreeMap<String, _> =
+            image.iter().map(|e| (e.path.clone(), identity(e))).collect();
+        for e in &planned {
+            match want.remove(&e.path) {
+                None => return Err(mismatch(format!("{:?} is not in image {}", e.path, v.image.reference))),
+                Some(w) if w != identity(e) => {
+                    return Err(mismatch(format!(
+                        "{:?} differs from image {} in type, content or metadata",
+                        e.path, v.image.reference
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(path) = want.keys().next() {
+            return Err(mismatch(format!(
+                "{path:?} of image {} is in neither its layers nor its private set",
+                v.image.reference
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Deletes a build directory unless the build published it.
+struct BuildDir<'s> {
+    store: &'s Store,
+    name: String,
+    path: PathBuf,
+    published: bool,
+}
+
+impl<'s> BuildDir<'s> {
+    fn new(store: &'s Store) -> Result<BuildDir<'s>, PartitionError> {
+        let (name, path) = store.create_temp_dir()?;
+        Ok(BuildDir { store, name, path, published: false })
+    }
+
+    fn stager(&self, sharing: Sharing) -> Result<Stager<'s>, PartitionError> {
+        let staging = self.store.staging_dir();
+        let io = |e| PartitionError::Io { what: "creating the staging tree".into(), source: e };
+        staging.create_dir(format!("{}/tree", self.name)).map_err(io)?;
+        let root = staging.open_dir(format!("{}/tree", self.name)).map_err(io)?;
+        Ok(Stager::new(self.store, root, sharing))
+    }
+
+    fn remove_tree(&self) -> Result<(), PartitionError> {
+        self.store.staging_dir().remove_dir_all(format!("{}/tree", self.name)).map_err(|e| {
+            PartitionError::Io { what: "removing the staging tree".into(), source: e }
+        })
+    }
+
+    fn publish(mut self, new: &NewPartition) -> Result<PartitionRecord, PartitionError> {
+        let rec = self.store.publish_partition(&self.name, new)?;
+        self.published = true;
+        Ok(rec)
+    }
+}
+
+impl Drop for BuildDir<'_> {
+    fn drop(&mut self) {
+        if !self.published {
+            self.store.remove_temp(&self.name);
+        }
+    }
+}
+
+/// Bytes allocated to a file or, for a directory, to everything under it
+/// (each inode once).
+fn allocated(path: &std::path::Path) -> Result<(u64, u64), PartitionError> {
+    use std::os::unix::fs::MetadataExt;
+    let io = |e| PartitionError::Io { what: format!("measuring {}", path.display()), source: e };
+    let meta = std::fs::symlink_metadata(path).map_err(io)?;
+    if !meta.is_dir() {
+        return Ok((meta.blocks() * 512, meta.len()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let m = entry.metadata().map_err(io)?;
+            if seen.insert(m.ino()) {
+                total += m.blocks() * 512;
+            }
+            if m.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    Ok((total, total))
+}
+
+fn check_room(
+    store: &Store,
+    what: &str,
+    needed: u64,
+    apparent: u64,
+    opts: &BuildOptions,
+) -> Result<(), PartitionError> {
+    if apparent > opts.quota_bytes {
+        return Err(PartitionError::QuotaExceeded {
+            what: what.to_string(),
+            needed: apparent,
+            quota: opts.quota_bytes,
+        });
+    }
+    let free = store.free_bytes()?.saturating_sub(store.min_free_bytes);
+    if needed > free {
+        return Err(PartitionError::DiskFull { what: what.to_string(), needed, free });
+    }
+    Ok(())
+}
+
+/// ext4 image size for `data_blocks` of content in `inodes` inodes, with
+/// room for the filesystem's own metadata.
+fn ext4_bytes(data_blocks: u64, inodes: u64) -> u64 {
+    let data = data_blocks.saturating_mul(4096);
+    let size = data + data / 16 + inodes.saturating_mul(256 + 64) + (32 << 20);
+    size.div_ceil(4 << 20) * (4 << 20)
+}
+
+fn write_small(dir: &cap_std::fs::Dir, name: &str, text: &str, mode: u32) -> Result<(), PartitionError> {
+    use cap_std::fs::PermissionsExt;
+    let io = |e| PartitionError::Io { what: format!("writing {name}"), source: e };
+    dir.write(name, text).map_err(io)?;
+    dir.set_permissions(name, cap_std::fs::Permissions::from_mode(mode)).map_err(io)
+}
+
+/// Builds the shared partition of `plan` in `format` from the images of
+/// `vms`, and publishes it.
+pub fn build_shared(
+    store: &Store,
+    plan: &Plan,
+    vms: &[VmImage],
+    format: SharedFormat,
+    opts: &BuildOptions,
+) -> Result<PartitionRecord, PartitionError> {
+    check_plan(store, plan, vms, None)?;
+    if plan.layers.is_empty() {
+        return Err(PartitionError::NothingShared);
+    }
+    let tools = opts.tools();
+    match format {
+        SharedFormat::Erofs | SharedFormat::ErofsLz4 | SharedFormat::ErofsLz4hc => {
+            tools.find(MKFS_EROFS)?;
+        }
+        SharedFormat::Ext4 => {
+            tools.find(MKE2FS)?;
+        }
+        SharedFormat::Dir => {}
+    }
+    // Upper bound before anything is written: every layer byte copied once
+    // into the tree and once into the image.
+    let files: u64 = plan.layers.iter().map(|l| l.files).sum();
+    let estimate = ext4_bytes(plan.layer_bytes.div_ceil(4096) + files / 8, files);
+    let needed = if format == SharedFormat::Dir { estimate } else { estimate * 2 };
+    check_room(store, "the shared partition", needed, estimate, opts)?;
+
+    let id = provd_store::new_partition_id();
+    let uuid = (format != SharedFormat::Dir).then(|| uuid_for(&id));
+    let build = BuildDir::new(store)?;
+    let mut stager = build.stager(Sharing::Identical)?;
+    for layer in &plan.layers {
+        let prefix = format!("layers/{}/", layer.id);
+        stager.dir(&format!("layers/{}", layer.id))?;
+        for e in &layer.entries {
+            stager.add(&format!("{prefix}{}", e.path), &prefix, e)?;
+        }
+    }
+    let manifest = SharedManifest {
+        partition: id.clone(),
+        format,
+        uuid: uuid.clone(),
+        layers: plan
+            .layers
+            .iter()
+            .map(|l| LayerInfo { id: l.id.clone(), vms: l.vms.clone(), files: l.files, bytes: l.bytes })
+            .collect(),
+    };
+    let manifest_json = serde_json::to_string_pretty(&manifest)
+        .map_err(|e| PartitionError::InvalidPlan(format!("encoding the manifest: {e}")))?;
+    write_small(stager.dir("")?, "provd-shared.json", &manifest_json, 0o444)?;
+    let figures = stager.finish()?;
+
+    let tree = build.path.join("tree");
+    let image = build.path.join(format.file_name());
+    match format {
+        SharedFormat::Erofs | SharedFormat::ErofsLz4 | SharedFormat::ErofsLz4hc => {
+            let mut args: Vec<std::ffi::OsString> = vec!["-q".into()];
+            match format {
+                SharedFormat::ErofsLz4 => args.push("-zlz4".into()),
+                SharedFormat::ErofsLz4hc => args.push("-zlz4hc".into()),
+                _ => {}
+            }
+            args.push(format!("-U{}", uuid.as_deref().unwrap_or_default()).into());
+            args.push(image.clone().into());
+            args.push(tree.clone().into());
+            tools.run(MKFS_EROFS, args)?;
+            build.remove_tree()?;
+        }
+        SharedFormat::Ext4 => {
+            let size = ext4_bytes(figures.data_blocks, figures.inodes);
+            check_room(store, "the shared partition", size, size, opts)?;
+            mke2fs(&tools, &image, &tree, size, figures.inodes + 1024, "provd-shared", uuid.as_deref().unwrap_or_default(), false)?;
+            build.remove_tree()?;
+        }
+        SharedFormat::Dir => {}
+    }
+    let (bytes, apparent) = allocated(&image)?;
+    if apparent > opts.quota_bytes {
+        return Err(PartitionError::QuotaExceeded {
+            what: "the shared partition".into(),
+            needed: apparent,
+            quota: opts.quota_bytes,
+        });
+    }
+    let users: BTreeSet<String> = plan.layers.iter().flat_map(|l| l.vms.iter().cloned()).collect();
+    build.publish(&NewPartition {
+        id,
+        role: "shared".into(),
+        format: format.as_str().into(),
+        file: format.file_name().into(),
+        bytes,
+        apparent_bytes: apparent,
+        operation: opts.operation.clone(),
+        manifest: manifest_json,
+        vms: users.into_iter().collect(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mke2fs(
+    tools: &Tools,
+    image: &std::path::Path,
+    tree: &std::path::Path,
+    size: u64,
+    inodes: u64,
+    label: &str,
+    uuid: &str,
+    writable: bool,
+) -> Result<(), PartitionError> {
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "-q".into(),
+        "-F".into(),
+        "-t".into(),
+        "ext4".into(),
+        "-b".into(),
+        "4096".into(),
+        "-m".into(),
+        "0".into(),
+        "-N".into(),
+        inodes.to_string().into(),
+        "-L".into(),
+        label.into(),
+        "-U".into(),
+        uuid.into(),
+        "-E".into(),
+        "root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1,nodiscard".into(),
+        "-d".into(),
+        tree.into(),
+        image.into(),
+        format!("{}k", size / 1024).into(),
+    ];
+    if !writable {
+        // Nothing writes to a shared partition, so it needs no journal.
+        args.splice(0..0, ["-O".into(), "^has_journal".into()]);
+    }
+    tools.run(MKE2FS, args)
+}
+
+/// Builds the private partition of `vm`: its own files plus what its guest
+/// needs to stack its layers from `shared` at boot. `size_bytes` is the
+/// size the guest sees (default: the content plus a quarter, at least 256
+/// MiB free).
+#[allow(clippy::too_many_arguments)]
+pub fn build_private(
+    store: &Store,
+    plan: &Plan,
+    vms: &[VmImage],
+    vm: &str,
+    shared: Option<&PartitionRecord>,
+    format: PrivateFormat,
+    size_bytes: Option<u64>,
+    opts: &BuildOptions,
+) -> Result<PartitionRecord, PartitionError> {
+    let image = vms
+        .iter()
+        .find(|v| v.vm == vm)
+        .ok_or_else(|| PartitionError::NotFound(format!("no image was given for VM {vm:?}")))?;
+    check_plan(store, plan, vms, Some(vm))?;
+    let stack = plan.stacks.get(vm).cloned().unwrap_or_default();
+    let private = plan.private.get(vm).cloned().unwrap_or_default();
+    let shared_ref = match (stack.is_empty(), shared) {
+        (true, _) => None,
+        (false, None) => {
+            return Err(PartitionError::NotFound(format!(
+                "VM {vm:?} stacks layers {stack:?} but no shared partition was given"
+            )));
+        }
+        (false, Some(rec)) => {
+            let manifest: SharedManifest = serde_json::from_str(&rec.manifest).map_err(|e| {
+                PartitionError::NotFound(format!("partition {} is not a shared partition: {e}", rec.id))
+            })?;
+            for id in &stack {
+                let ok = manifest.layers.iter().any(|l| &l.id == id && l.vms.iter().any(|v| v == vm));
+                if !ok {
+                    return Err(PartitionError::NotFound(format!(
+                        "shared partition {} has no layer {id:?} for VM {vm:?}",
+                        rec.id
+                    )));
+                }
+            }
+            Some(SharedRef { partition: rec.id.clone(), format: manifest.format, uuid: manifest.uuid })
+        }
+    };
+    let tools = opts.tools();
+    tools.find(MKE2FS)?;
+    if format == PrivateFormat::Qcow2 {
+        tools.find(QEMU_IMG)?;
+    }
+    let content: u64 = private.iter().filter(|e| e.kind == EntryKind::File).map(|e| e.size).sum();
+    let needed = ext4_bytes(content.div_ceil(4096) + private.len() as u64 / 8, private.len() as u64);
+    let apparent = match size_bytes {
+        Some(s) if s < needed => {
+            return Err(PartitionError::TooSmall { vm: vm.to_string(), requested: s, needed });
+        }
+        Some(s) => s.div_ceil(4096) * 4096,
+        None => needed + (needed / 4).max(256 << 20),
+    };
+    check_room(store, &format!("the private partition of {vm}"), needed * 2, apparent, opts)?;
+
+    let id = provd_store::new_partition_id();
+    let uuid = uuid_for(&id);
+    let build = BuildDir::new(store)?;
+    let mut stager = build.stager(Sharing::ImageLinks)?;
+    stager.dir("upper")?;
+    stager.dir("work")?;
+    for e in &private {
+        stager.add(&format!("upper/{}", e.path), "upper/", e)?;
+    }
+    let manifest = PrivateManifest {
+        partition: id.clone(),
+        vm: vm.to_string(),
+        format,
+        uuid: uuid.clone(),
+        image: image.image.reference.clone(),
+        image_digest: image.image.digest.clone(),
+        shared: shared_ref.clone(),
+        stack: stack.clone(),
+    };
+    let manifest_json = serde_json::to_string_pretty(&manifest)
+        .map_err(|e| PartitionError::InvalidPlan(format!("encoding the manifest: {e}")))?;
+    let provd = stager.dir("provd")?;
+    write_small(provd, "partition.json", &manifest_json, 0o444)?;
+    let stack_text: String = stack.iter().map(|l| format!("{l}\n")).collect();
+    write_small(provd, "stack", &stack_text, 0o444)?;
+    let shared_text = match &shared_ref {
+        None => String::new(),
+        Some(s) if s.format == SharedFormat::Dir => {
+            format!("fstype=virtiofs\ndevice=provd-{}\n", s.partition)
+        }
+        Some(s) => format!(
+            "fstype={}\ndevice=/dev/disk/by-uuid/{}\n",
+            s.format.fstype(),
+            s.uuid.as_deref().unwrap_or_default()
+        ),
+    };
+    write_small(provd, "shared", &shared_text, 0o444)?;
+    write_small(provd, "provd-overlay-root", OVERLAY_ROOT_SCRIPT, 0o555)?;
+    let figures = stager.finish()?;
+
+    let raw = build.path.join("private.ext4");
+    // Room for the files the guest will create.
+    let inodes = (figures.inodes * 2).max(figures.inodes + 16384);
+    mke2fs(&tools, &raw, &build.path.join("tree"), apparent, inodes, "provd-private", &uuid, true)?;
+    build.remove_tree()?;
+    let file = if format == PrivateFormat::Qcow2 {
+        let qcow = build.path.join("private.qcow2");
+        tools.run(QEMU_IMG, [
+            std::ffi::OsStr::new("convert"),
+            "-f".as_ref(),
+            "raw".as_ref(),
+            "-O".as_ref(),
+            "qcow2".as_ref(),
+            raw.as_os_str(),
+            qcow.as_os_str(),
+        ])?;
+        std::fs::remove_file(&raw)
+            .map_err(|e| PartitionError::Io { what: "removing the raw image".into(), source: e })?;
+        "private.qcow2"
+    } else {
+        "private.ext4"
+    };
+    let (bytes, size) = allocated(&build.path.join(file))?;
+    let mut users = vec![vm.to_string()];
+    users.dedup();
+    build.publish(&NewPartition {
+        id,
+        role: "private".into(),
+        format: format.as_str().into(),
+        file: file.into(),
+        bytes,
+        apparent_bytes: size.max(apparent),
+        operation: opts.operation.clone(),
+        manifest: manifest_json,
+        vms: users,
+    })
+}

@@ -42,6 +42,24 @@ const MIGRATIONS: &[&str] = &[r#"
         size INTEGER NOT NULL,
         refs INTEGER NOT NULL CHECK (refs >= 0)
     ) WITHOUT ROWID;
+"#, r#"
+    CREATE TABLE partitions (
+        id             TEXT PRIMARY KEY,
+        role           TEXT NOT NULL CHECK (role IN ('shared', 'private')),
+        format         TEXT NOT NULL,
+        file           TEXT NOT NULL,
+        bytes          INTEGER NOT NULL,
+        apparent_bytes INTEGER NOT NULL,
+        operation      TEXT,
+        manifest       TEXT NOT NULL,
+        created_at     INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE partition_vms (
+        partition TEXT NOT NULL REFERENCES partitions(id) ON DELETE CASCADE,
+        vm        TEXT NOT NULL,
+        PRIMARY KEY (partition, vm)
+    ) WITHOUT ROWID;
+    CREATE INDEX partition_vms_by_vm ON partition_vms (vm);
 "#];
 
 /// An image as recorded.
@@ -136,14 +154,14 @@ pub(crate) fn image_digest(entries: &[Entry]) -> String {
     format!("blake3:{}", h.finalize().to_hex())
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
-fn to_i64(v: u64) -> i64 {
+pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 

@@ -4,7 +4,8 @@
 //! <data>/provd.lock        exclusive lock: one provd per data directory
 //! <data>/provd.db          SQLite (WAL, synchronous=FULL): images, entries, objects
 //! <data>/objects/ab/cd…    file contents, one read-only file per BLAKE3 digest
-//! <data>/staging/          temporary files of imports in progress
+//! <data>/staging/          temporary files of imports and builds in progress
+//! <data>/partitions/<id>/  published partitions (see `partitions`)
 //! ```
 //!
 //! **Every file access goes through `cap_std` directory handles opened at
@@ -23,6 +24,7 @@
 
 mod db;
 mod objects;
+mod partitions;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +35,7 @@ use provd_domain::image::{Entry, Hash};
 
 pub use db::{ImageRecord, NewImage};
 pub use objects::ObjectWriter;
+pub use partitions::{NewPartition, PartitionRecord, new_partition_id, valid_partition_id};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +91,7 @@ pub struct Store {
     path: PathBuf,
     objects: Dir,
     staging: Dir,
+    partitions: Dir,
     db: Mutex<rusqlite::Connection>,
     /// Objects an import in progress relies on, with how many imports do.
     /// Removal and gc never delete a pinned object.
@@ -137,7 +141,7 @@ impl Store {
         }
         let root = Dir::open_ambient_dir(path, cap_std::ambient_authority())
             .map_err(io("opening the data directory"))?;
-        for sub in ["objects", "staging"] {
+        for sub in ["objects", "staging", "partitions"] {
             match root.create_dir(sub) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -146,11 +150,13 @@ impl Store {
         }
         let objects = root.open_dir("objects").map_err(io("opening objects/"))?;
         let staging = root.open_dir("staging").map_err(io("opening staging/"))?;
+        let partitions = root.open_dir("partitions").map_err(io("opening partitions/"))?;
         let db = db::open(&path.join("provd.db"))?;
         let store = Store {
             path: path.to_path_buf(),
             objects,
             staging,
+            partitions,
             db: Mutex::new(db),
             pins: Mutex::default(),
             temps: Mutex::default(),
@@ -158,8 +164,9 @@ impl Store {
             lock,
         };
         let freed = store.gc()?;
-        if freed != Freed::default() {
-            tracing::info!(?freed, "removed leftovers of an earlier run");
+        let swept = store.sweep_partitions()?;
+        if freed != Freed::default() || swept > 0 {
+            tracing::info!(?freed, partitions = swept, "removed leftovers of an earlier run");
         }
         Ok(store)
     }
@@ -327,11 +334,17 @@ impl Store {
         self.staging.open(name).map_err(|e| self.io_error(format!("opening download {name}"), e))
     }
 
-    /// Deletes a file made by [`Store::create_temp`].
+    /// Deletes a file made by [`Store::create_temp`] or a directory made by
+    /// [`Store::create_temp_dir`].
     pub fn remove_temp(&self, name: &str) {
         self.temps.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
-        if let Err(e) = self.staging.remove_file(name)
-            && e.kind() != std::io::ErrorKind::NotFound
+        if let Err(e) = self.staging.remove_file(name).or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Err(e)
+            } else {
+                self.staging.remove_dir_all(name)
+            }
+        }) && e.kind() != std::io::ErrorKind::NotFound
         {
             tracing::warn!(error = %e, name, "cannot remove a download; gc will");
         }

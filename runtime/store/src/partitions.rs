@@ -1,0 +1,313 @@
+//! Where built partitions live and how they are recorded.
+//!
+//! A partition is built in a staging directory registered with the store
+//! (so garbage collection leaves it alone while the build runs), then
+//! published: the directory is renamed to `partitions/<id>/` and its row
+//! committed. A crash before the rename leaves only a staging leftover,
+//! removed at the next open; a crash between the rename and the commit
+//! leaves a directory without a row, also removed at the next open. So a
+//! partition is visible only once it is complete and recorded.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::db::{now, to_i64};
+use crate::{Store, StoreError};
+
+/// A published partition.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionRecord {
+    /// `p-` and 16 hex digits.
+    pub id: String,
+    /// `shared` or `private`.
+    pub role: String,
+    /// `erofs`, `erofs-lz4`, `erofs-lz4hc`, `ext4`, `dir` or `qcow2`.
+    pub format: String,
+    /// The image file (or directory) inside the partition's directory.
+    pub file: String,
+    /// Bytes allocated on the node's disk.
+    pub bytes: u64,
+    /// Size a guest sees (the image file's length).
+    pub apparent_bytes: u64,
+    /// The operation that created it, if one did.
+    pub operation: Option<String>,
+    /// JSON describing the content (layers and VM sets, or a VM's stack).
+    pub manifest: String,
+    pub created_at: i64,
+    /// VMs using it, sorted.
+    pub vms: Vec<String>,
+}
+
+/// What a builder hands to [`Store::publish_partition`].
+#[derive(Debug, Clone)]
+pub struct NewPartition {
+    pub id: String,
+    pub role: String,
+    pub format: String,
+    pub file: String,
+    pub bytes: u64,
+    pub apparent_bytes: u64,
+    pub operation: Option<String>,
+    pub manifest: String,
+    pub vms: Vec<String>,
+}
+
+const COLUMNS: &str =
+    "id, role, format, file, bytes, apparent_bytes, operation, manifest, created_at";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PartitionRecord> {
+    Ok(PartitionRecord {
+        id: r.get(0)?,
+        role: r.get(1)?,
+        format: r.get(2)?,
+        file: r.get(3)?,
+        bytes: r.get::<_, i64>(4)?.max(0) as u64,
+        apparent_bytes: r.get::<_, i64>(5)?.max(0) as u64,
+        operation: r.get(6)?,
+        manifest: r.get(7)?,
+        created_at: r.get(8)?,
+        vms: Vec::new(),
+    })
+}
+
+fn with_vms(conn: &Connection, mut rec: PartitionRecord) -> rusqlite::Result<PartitionRecord> {
+    let mut stmt =
+        conn.prepare_cached("SELECT vm FROM partition_vms WHERE partition = ?1 ORDER BY vm")?;
+    rec.vms = stmt.query_map([&rec.id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+    Ok(rec)
+}
+
+fn select(
+    conn: &Connection,
+    filter: &str,
+    args: impl rusqlite::Params,
+) -> rusqlite::Result<Vec<PartitionRecord>> {
+    let mut stmt =
+        conn.prepare(&format!("SELECT {COLUMNS} FROM partitions {filter} ORDER BY created_at, id"))?;
+    let rows: Vec<PartitionRecord> = stmt.query_map(args, row)?.collect::<rusqlite::Result<_>>()?;
+    rows.into_iter().map(|r| with_vms(conn, r)).collect()
+}
+
+/// A valid partition id: `p-` and 16 lowercase hex digits. Ids become
+/// directory names, so nothing else is ever accepted.
+pub fn valid_partition_id(id: &str) -> bool {
+    id.strip_prefix("p-").is_some_and(|hex| {
+        hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// A fresh partition id.
+pub fn new_partition_id() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut h = blake3::Hasher::new();
+    h.update(&t.to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&crate::objects::temp_name().into_bytes());
+    let hex = h.finalize().to_hex();
+    format!("p-{}", hex.get(..16).unwrap_or("0000000000000000"))
+}
+
+impl Store {
+    /// Creates an empty directory in staging for a build; gc leaves it alone
+    /// until [`Store::remove_temp`] or [`Store::publish_partition`]. Returns
+    /// its name and absolute path (for the external tools a build runs).
+    pub fn create_temp_dir(&self) -> Result<(String, std::path::PathBuf), StoreError> {
+        let name = format!("part-{}", crate::objects::temp_name());
+        self.staging.create_dir(&name).map_err(|e| self.io_error("creating a build directory", e))?;
+        self.temps.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone());
+        Ok((name.clone(), self.path.join("staging").join(name)))
+    }
+
+    /// The staging directory as a capability handle.
+    pub fn staging_dir(&self) -> &cap_std::fs::Dir {
+        &self.staging
+    }
+
+    /// Free bytes on the data directory's filesystem for unprivileged use.
+    pub fn free_bytes(&self) -> Result<u64, StoreError> {
+        let stat = rustix::fs::fstatvfs(&self.lock)
+            .map_err(|e| self.io_error("checking free space", e.into()))?;
+        Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+    }
+
+    /// Absolute path of a published partition's directory.
+    pub fn partition_path(&self, id: &str) -> Result<std::path::PathBuf, StoreError> {
+        if !valid_partition_id(id) {
+            return Err(StoreError::NotFound(format!("partition {id:?}")));
+        }
+        Ok(self.path.join("partitions").join(id))
+    }
+
+    /// Moves the staging directory `temp` to `partitions/<id>/` and records
+    /// it, so the partition appears whole or not at all.
+    pub fn publish_partition(
+        &self,
+        temp: &str,
+        new: &NewPartition,
+    ) -> Result<PartitionRecord, StoreError> {
+        if !valid_partition_id(&new.id) {
+            return Err(StoreError::NotFound(format!("partition {:?}", new.id)));
+        }
+        // Sync the built files before they become visible under their final
+        // name, so a crash never publishes a partition with missing data.
+        rustix::fs::syncfs(&self.lock).map_err(|e| self.io_error("syncing a build", e.into()))?;
+        self.staging
+            .rename(temp, &self.partitions, &new.id)
+            .map_err(|e| self.io_error(format!("publishing partition {}", new.id), e))?;
+        self.temps.lock().unwrap_or_else(|p| p.into_inner()).remove(temp);
+        let inserted = {
+            let mut db = self.lock_db();
+            insert(&mut db, new)
+        };
+        match inserted {
+            Ok(()) => {}
+            Err(e) => {
+                let _ = self.partitions.remove_dir_all(&new.id);
+                return Err(self.db_error(e));
+            }
+        }
+        self.partition(&new.id)?.ok_or_else(|| StoreError::NotFound(new.id.clone()))
+    }
+
+    /// One partition.
+    pub fn partition(&self, id: &str) -> Result<Option<PartitionRecord>, StoreError> {
+        let db = self.lock_db();
+        let rec = db
+            .query_row(&format!("SELECT {COLUMNS} FROM partitions WHERE id = ?1"), [id], row)
+            .optional()
+            .map_err(|e| self.db_error(e))?;
+        rec.map(|r| with_vms(&db, r)).transpose().map_err(|e| self.db_error(e))
+    }
+
+    /// Every partition, oldest first.
+    pub fn partitions(&self) -> Result<Vec<PartitionRecord>, StoreError> {
+        select(&self.lock_db(), "", []).map_err(|e| self.db_error(e))
+    }
+
+    /// The partitions `vm` uses, oldest first.
+    pub fn partitions_of_vm(&self, vm: &str) -> Result<Vec<PartitionRecord>, StoreError> {
+        select(&self.lock_db(), "WHERE id IN (SELECT partition FROM partition_vms WHERE vm = ?1)", [
+            vm,
+        ])
+        .map_err(|e| self.db_error(e))
+    }
+
+    /// The partitions an operation created, oldest first.
+    pub fn partitions_of_operation(
+        &self,
+        operation: &str,
+    ) -> Result<Vec<PartitionRecord>, StoreError> {
+        select(&self.lock_db(), "WHERE operation = ?1", [operation]).map_err(|e| self.db_error(e))
+    }
+
+    /// Stops `vm` using any partition and removes every partition no VM
+    /// uses any more. Returns the removed partitions.
+    pub fn release_vm(&self, vm: &str) -> Result<Vec<PartitionRecord>, StoreError> {
+        let unused = {
+            let mut db = self.lock_db();
+            release(&mut db, vm).map_err(|e| self.db_error(e))?
+        };
+        // Rows go first: a crash now leaves directories without rows, which
+        // the next open removes.
+        for rec in &unused {
+            self.remove_partition_dir(&rec.id)?;
+        }
+        Ok(unused)
+    }
+
+    /// Removes one partition whatever uses it (an operation rolling back
+    /// what it built).
+    pub fn remove_partition(&self, id: &str) -> Result<Option<PartitionRecord>, StoreError> {
+        let Some(rec) = self.partition(id)? else { return Ok(None) };
+        self.lock_db()
+            .execute("DELETE FROM partitions WHERE id = ?1", [id])
+            .map_err(|e| self.db_error(e))?;
+        self.remove_partition_dir(id)?;
+        Ok(Some(rec))
+    }
+
+    fn remove_partition_dir(&self, id: &str) -> Result<(), StoreError> {
+        match self.partitions.remove_dir_all(id) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io_error(format!("removing partition {id}"), e)),
+        }
+    }
+
+    /// Removes partition directories without a row (a crash between publish
+    /// and commit, or between a release's commit and its deletion). Returns
+    /// how many.
+    pub(crate) fn sweep_partitions(&self) -> Result<u64, StoreError> {
+        let io = |e| self.io_error("listing partitions", e);
+        let known: std::collections::HashSet<String> =
+            self.partitions()?.into_iter().map(|p| p.id).collect();
+        let mut removed = 0;
+        for entry in self.partitions.entries().map_err(io)? {
+            let name = entry.map_err(io)?.file_name().to_string_lossy().into_owned();
+            if !known.contains(&name) {
+                tracing::info!(partition = %name, "removing a partition that was never recorded");
+                self.partitions
+                    .remove_dir_all(&name)
+                    .or_else(|_| self.partitions.remove_file(&name))
+                    .map_err(|e| self.io_error(format!("removing leftover partition {name}"), e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn insert(conn: &mut Connection, new: &NewPartition) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    tx.execute(
+        "INSERT INTO partitions (id, role, format, file, bytes, apparent_bytes, operation, manifest, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            new.id,
+            new.role,
+            new.format,
+            new.file,
+            to_i64(new.bytes),
+            to_i64(new.apparent_bytes),
+            new.operation,
+            new.manifest,
+            now()
+        ],
+    )?;
+    for vm in &new.vms {
+        tx.execute(
+            "INSERT OR IGNORE INTO partition_vms (partition, vm) VALUES (?1, ?2)",
+            params![new.id, vm],
+        )?;
+    }
+    tx.commit()
+}
+
+fn release(conn: &mut Connection, vm: &str) -> rusqlite::Result<Vec<PartitionRecord>> {
+    let tx = conn.transaction()?;
+    let used: Vec<String> = {
+        let mut stmt = tx.prepare("SELECT partition FROM partition_vms WHERE vm = ?1")?;
+        stmt.query_map([vm], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+    };
+    tx.execute("DELETE FROM partition_vms WHERE vm = ?1", [vm])?;
+    let mut unused = Vec::new();
+    for id in used {
+        let users: i64 = tx.query_row(
+            "SELECT count(*) FROM partition_vms WHERE partition = ?1",
+            [&id],
+            |r| r.get(0),
+        )?;
+        if users == 0
+            && let Some(rec) = tx
+                .query_row(&format!("SELECT {COLUMNS} FROM partitions WHERE id = ?1"), [&id], row)
+                .optional()?
+        {
+            tx.execute("DELETE FROM partitions WHERE id = ?1", [&id])?;
+            unused.push(rec);
+        }
+    }
+    tx.commit()?;
+    Ok(unused)
+}
