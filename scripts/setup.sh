@@ -43,5 +43,7 @@ else
 fi
 
 install_missing docker-registry skopeo tar gzip
+# Partition builders and readers: mkfs.erofs/fsck.erofs, mke2fs, qemu-img.
+install_missing erofs-utils e2fsprogs qemu-utils
 
 rustup component add rustfmt clippy >/dev/null 2>&1 || true

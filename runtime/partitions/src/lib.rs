@@ -38,6 +38,7 @@ pub mod ext4;
 pub mod reader;
 mod stage;
 mod tools;
+mod verify;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -47,6 +48,7 @@ use provd_domain::image::{Entry, EntryKind};
 use provd_store::{ImageRecord, NewPartition, PartitionRecord, Store, StoreError};
 
 pub use tools::DEFAULT_TOOL_DIRS;
+pub use verify::{Verification, verify_vm};
 
 use stage::{Sharing, Stager};
 use tools::{MKE2FS, MKFS_EROFS, QEMU_IMG, Tools};
@@ -327,7 +329,9 @@ fn valid_layer_id(id: &str) -> bool {
 /// An entry as a partition can reproduce it: the modification time is not
 /// part of a file's identity (see the dedup crate), and a hard link is a
 /// regular file with its target's content.
-fn identity(e: &Entry) -> (String, EntryKind, u32, u64, u64, Option<String>, Option<(u32, u32)>, Option<[u8; 32]>) {
+fn identity(
+    e: &Entry,
+) -> (String, EntryKind, u32, u64, u64, Option<String>, Option<(u32, u32)>, Option<[u8; 32]>) {
     let kind = if e.kind == EntryKind::Hardlink { EntryKind::File } else { e.kind };
     let target = if e.kind == EntryKind::Symlink { e.link_target.clone() } else { None };
     (e.path.clone(), kind, e.mode & 0o7777, e.uid, e.gid, target, e.device, e.hash.map(|h| h.0))
@@ -404,7 +408,12 @@ pub fn check_plan(
             image.iter().map(|e| (e.path.clone(), identity(e))).collect();
         for e in &planned {
             match want.remove(&e.path) {
-                None => return Err(mismatch(format!("{:?} is not in image {}", e.path, v.image.reference))),
+                None => {
+                    return Err(mismatch(format!(
+                        "{:?} is not in image {}",
+                        e.path, v.image.reference
+                    )));
+                }
                 Some(w) if w != identity(e) => {
                     return Err(mismatch(format!(
                         "{:?} differs from image {} in type, content or metadata",
@@ -447,9 +456,10 @@ impl<'s> BuildDir<'s> {
     }
 
     fn remove_tree(&self) -> Result<(), PartitionError> {
-        self.store.staging_dir().remove_dir_all(format!("{}/tree", self.name)).map_err(|e| {
-            PartitionError::Io { what: "removing the staging tree".into(), source: e }
-        })
+        self.store
+            .staging_dir()
+            .remove_dir_all(format!("{}/tree", self.name))
+            .map_err(|e| PartitionError::Io { what: "removing the staging tree".into(), source: e })
     }
 
     fn publish(mut self, new: &NewPartition) -> Result<PartitionRecord, PartitionError> {
@@ -523,7 +533,12 @@ fn ext4_bytes(data_blocks: u64, inodes: u64) -> u64 {
     size.div_ceil(4 << 20) * (4 << 20)
 }
 
-fn write_small(dir: &cap_std::fs::Dir, name: &str, text: &str, mode: u32) -> Result<(), PartitionError> {
+fn write_small(
+    dir: &cap_std::fs::Dir,
+    name: &str,
+    text: &str,
+    mode: u32,
+) -> Result<(), PartitionError> {
     use cap_std::fs::PermissionsExt;
     let io = |e| PartitionError::Io { what: format!("writing {name}"), source: e };
     dir.write(name, text).map_err(io)?;
@@ -578,7 +593,12 @@ pub fn build_shared(
         layers: plan
             .layers
             .iter()
-            .map(|l| LayerInfo { id: l.id.clone(), vms: l.vms.clone(), files: l.files, bytes: l.bytes })
+            .map(|l| LayerInfo {
+                id: l.id.clone(),
+                vms: l.vms.clone(),
+                files: l.files,
+                bytes: l.bytes,
+            })
             .collect(),
     };
     let manifest_json = serde_json::to_string_pretty(&manifest)
@@ -590,7 +610,7 @@ pub fn build_shared(
     let image = build.path.join(format.file_name());
     match format {
         SharedFormat::Erofs | SharedFormat::ErofsLz4 | SharedFormat::ErofsLz4hc => {
-            let mut args: Vec<std::ffi::OsString> = vec!["-q".into()];
+            let mut args: Vec<std::ffi::OsString> = vec!["--quiet".into()];
             match format {
                 SharedFormat::ErofsLz4 => args.push("-zlz4".into()),
                 SharedFormat::ErofsLz4hc => args.push("-zlz4hc".into()),
@@ -605,7 +625,16 @@ pub fn build_shared(
         SharedFormat::Ext4 => {
             let size = ext4_bytes(figures.data_blocks, figures.inodes);
             check_room(store, "the shared partition", size, size, opts)?;
-            mke2fs(&tools, &image, &tree, size, figures.inodes + 1024, "provd-shared", uuid.as_deref().unwrap_or_default(), false)?;
+            mke2fs(
+                &tools,
+                &image,
+                &tree,
+                size,
+                figures.inodes + 1024,
+                "provd-shared",
+                uuid.as_deref().unwrap_or_default(),
+                false,
+            )?;
             build.remove_tree()?;
         }
         SharedFormat::Dir => {}
@@ -703,10 +732,14 @@ pub fn build_private(
         }
         (false, Some(rec)) => {
             let manifest: SharedManifest = serde_json::from_str(&rec.manifest).map_err(|e| {
-                PartitionError::NotFound(format!("partition {} is not a shared partition: {e}", rec.id))
+                PartitionError::NotFound(format!(
+                    "partition {} is not a shared partition: {e}",
+                    rec.id
+                ))
             })?;
             for id in &stack {
-                let ok = manifest.layers.iter().any(|l| &l.id == id && l.vms.iter().any(|v| v == vm));
+                let ok =
+                    manifest.layers.iter().any(|l| &l.id == id && l.vms.iter().any(|v| v == vm));
                 if !ok {
                     return Err(PartitionError::NotFound(format!(
                         "shared partition {} has no layer {id:?} for VM {vm:?}",
@@ -714,7 +747,11 @@ pub fn build_private(
                     )));
                 }
             }
-            Some(SharedRef { partition: rec.id.clone(), format: manifest.format, uuid: manifest.uuid })
+            Some(SharedRef {
+                partition: rec.id.clone(),
+                format: manifest.format,
+                uuid: manifest.uuid,
+            })
         }
     };
     let tools = opts.tools();
@@ -723,7 +760,8 @@ pub fn build_private(
         tools.find(QEMU_IMG)?;
     }
     let content: u64 = private.iter().filter(|e| e.kind == EntryKind::File).map(|e| e.size).sum();
-    let needed = ext4_bytes(content.div_ceil(4096) + private.len() as u64 / 8, private.len() as u64);
+    let needed =
+        ext4_bytes(content.div_ceil(4096) + private.len() as u64 / 8, private.len() as u64);
     let apparent = match size_bytes {
         Some(s) if s < needed => {
             return Err(PartitionError::TooSmall { vm: vm.to_string(), requested: s, needed });
@@ -780,15 +818,18 @@ pub fn build_private(
     build.remove_tree()?;
     let file = if format == PrivateFormat::Qcow2 {
         let qcow = build.path.join("private.qcow2");
-        tools.run(QEMU_IMG, [
-            std::ffi::OsStr::new("convert"),
-            "-f".as_ref(),
-            "raw".as_ref(),
-            "-O".as_ref(),
-            "qcow2".as_ref(),
-            raw.as_os_str(),
-            qcow.as_os_str(),
-        ])?;
+        tools.run(
+            QEMU_IMG,
+            [
+                std::ffi::OsStr::new("convert"),
+                "-f".as_ref(),
+                "raw".as_ref(),
+                "-O".as_ref(),
+                "qcow2".as_ref(),
+                raw.as_os_str(),
+                qcow.as_os_str(),
+            ],
+        )?;
         std::fs::remove_file(&raw)
             .map_err(|e| PartitionError::Io { what: "removing the raw image".into(), source: e })?;
         "private.qcow2"
@@ -809,4 +850,63 @@ pub fn build_private(
         manifest: manifest_json,
         vms: users,
     })
+}
+
+/// The partitions of a set of VMs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Layout {
+    pub shared: Option<PartitionRecord>,
+    pub private: Vec<PartitionRecord>,
+}
+
+/// Builds the shared partition of `plan` (when it keeps a layer) and every
+/// VM's private partition. On any failure the partitions already built are
+/// removed, so the node is left as it was.
+pub fn build_all(
+    store: &Store,
+    plan: &Plan,
+    vms: &[VmImage],
+    shared_format: SharedFormat,
+    private_format: PrivateFormat,
+    private_size: Option<u64>,
+    opts: &BuildOptions,
+) -> Result<Layout, PartitionError> {
+    let mut built: Vec<String> = Vec::new();
+    let result = (|| {
+        let mut quota = opts.quota_bytes;
+        let shared = if plan.layers.is_empty() {
+            None
+        } else {
+            let rec = build_shared(store, plan, vms, shared_format, opts)?;
+            built.push(rec.id.clone());
+            quota = quota.saturating_sub(rec.apparent_bytes);
+            Some(rec)
+        };
+        let mut private = Vec::new();
+        for v in vms {
+            let step = BuildOptions { quota_bytes: quota, ..opts.clone() };
+            let rec = build_private(
+                store,
+                plan,
+                vms,
+                &v.vm,
+                shared.as_ref(),
+                private_format,
+                private_size,
+                &step,
+            )?;
+            built.push(rec.id.clone());
+            quota = quota.saturating_sub(rec.apparent_bytes);
+            private.push(rec);
+        }
+        Ok(Layout { shared, private })
+    })();
+    if result.is_err() {
+        for id in built.iter().rev() {
+            if let Err(e) = store.remove_partition(id) {
+                tracing::warn!(partition = %id, error = %e, "cannot roll back a partition");
+            }
+        }
+    }
+    result
 }

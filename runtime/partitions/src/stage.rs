@@ -67,9 +67,7 @@ fn errno(what: impl Into<String>) -> impl FnOnce(rustix::io::Errno) -> Partition
     let what = what.into();
     move |e| {
         let source: std::io::Error = e.into();
-        if source.kind() == std::io::ErrorKind::PermissionDenied
-            || e == rustix::io::Errno::PERM
-        {
+        if source.kind() == std::io::ErrorKind::PermissionDenied || e == rustix::io::Errno::PERM {
             PartitionError::Privilege { what, source }
         } else {
             PartitionError::Io { what, source }
@@ -85,7 +83,11 @@ fn blocks(size: u64) -> u64 {
     size.div_ceil(4096)
 }
 
-fn ids(uid: u64, gid: u64, path: &str) -> Result<(rustix::fs::Uid, rustix::fs::Gid), PartitionError> {
+fn ids(
+    uid: u64,
+    gid: u64,
+    path: &str,
+) -> Result<(rustix::fs::Uid, rustix::fs::Gid), PartitionError> {
     let bad = || PartitionError::InvalidEntry {
         path: path.to_string(),
         reason: format!("owner {uid}:{gid} does not fit in 32 bits"),
@@ -155,9 +157,15 @@ impl<'s> Stager<'s> {
         let (uid, gid) = ids(e.uid, e.gid, &e.path)?;
         let mode = Mode::from_raw_mode(e.mode & 0o7777);
         if e.kind == EntryKind::Dir {
-            let dir = self.dir(at)?;
-            rustix::fs::fchown(dir, Some(uid), Some(gid)).map_err(errno(format!("owning {at}")))?;
-            rustix::fs::fchmod(dir, mode).map_err(errno(format!("setting the mode of {at}")))?;
+            self.dir(at)?;
+            let (parent, name) = split(at);
+            let pdir = self.dirs.get(parent).ok_or_else(|| missing(parent))?;
+            // Directory handles are O_PATH descriptors, so ownership and
+            // mode are set through the parent.
+            rustix::fs::chownat(pdir, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(errno(format!("owning {at}")))?;
+            rustix::fs::chmodat(pdir, name, mode, AtFlags::empty())
+                .map_err(errno(format!("setting the mode of {at}")))?;
             self.dir_times.push((at.to_string(), e.mtime));
             return Ok(());
         }
@@ -195,8 +203,14 @@ impl<'s> Stager<'s> {
                 } else {
                     let copied = self.copy(pdir.as_fd(), name, at, e, hash)?;
                     self.bytes_copied += copied;
-                    rustix::fs::chownat(pdir, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
-                        .map_err(errno(format!("owning {at}")))?;
+                    rustix::fs::chownat(
+                        pdir,
+                        name,
+                        Some(uid),
+                        Some(gid),
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    )
+                    .map_err(errno(format!("owning {at}")))?;
                     rustix::fs::chmodat(pdir, name, mode, AtFlags::empty())
                         .map_err(errno(format!("setting the mode of {at}")))?;
                     rustix::fs::utimensat(pdir, name, &times(e.mtime), AtFlags::SYMLINK_NOFOLLOW)
@@ -208,10 +222,11 @@ impl<'s> Stager<'s> {
                 self.written.insert(format!("{image_prefix}{}", e.path), at.to_string());
             }
             EntryKind::Symlink => {
-                let target = e.link_target.as_deref().ok_or_else(|| PartitionError::InvalidEntry {
-                    path: e.path.clone(),
-                    reason: "a symlink without a target".into(),
-                })?;
+                let target =
+                    e.link_target.as_deref().ok_or_else(|| PartitionError::InvalidEntry {
+                        path: e.path.clone(),
+                        reason: "a symlink without a target".into(),
+                    })?;
                 rustix::fs::symlinkat(target, pdir, name)
                     .map_err(errno(format!("creating symlink {at}")))?;
                 rustix::fs::chownat(pdir, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
@@ -228,10 +243,11 @@ impl<'s> Stager<'s> {
                 let (kind, dev) = match e.kind {
                     EntryKind::Fifo => (FileType::Fifo, 0),
                     other => {
-                        let (major, minor) = e.device.ok_or_else(|| PartitionError::InvalidEntry {
-                            path: e.path.clone(),
-                            reason: "a device without major and minor numbers".into(),
-                        })?;
+                        let (major, minor) =
+                            e.device.ok_or_else(|| PartitionError::InvalidEntry {
+                                path: e.path.clone(),
+                                reason: "a device without major and minor numbers".into(),
+                            })?;
                         let kind = if other == EntryKind::CharDevice {
                             FileType::CharacterDevice
                         } else {
@@ -297,8 +313,9 @@ impl<'s> Stager<'s> {
     pub fn finish(mut self) -> Result<StageFigures, PartitionError> {
         self.dir_times.sort_by(|a, b| b.0.cmp(&a.0));
         for (path, mtime) in &self.dir_times {
-            let dir = self.dirs.get(path.as_str()).ok_or_else(|| missing(path))?;
-            rustix::fs::futimens(dir, &times(*mtime))
+            let (parent, name) = split(path);
+            let pdir = self.dirs.get(parent).ok_or_else(|| missing(parent))?;
+            rustix::fs::utimensat(pdir, name, &times(*mtime), AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(errno(format!("setting the time of {path}")))?;
         }
         Ok(StageFigures {
@@ -320,5 +337,8 @@ pub(crate) struct StageFigures {
 }
 
 fn missing(path: &str) -> PartitionError {
-    PartitionError::InvalidEntry { path: path.to_string(), reason: "parent directory missing".into() }
+    PartitionError::InvalidEntry {
+        path: path.to_string(),
+        reason: "parent directory missing".into(),
+    }
 }

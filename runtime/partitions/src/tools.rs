@@ -56,13 +56,20 @@ impl Tools {
             .env_clear()
             .env("LC_ALL", "C")
             .output()
-            .map_err(|e| PartitionError::Io { what: format!("running {}", path.display()), source: e })?;
+            .map_err(|e| PartitionError::Io {
+                what: format!("running {}", path.display()),
+                source: e,
+            })?;
         if out.status.success() {
             return Ok(());
         }
         let text = String::from_utf8_lossy(&out.stderr);
         let start = text.len().saturating_sub(STDERR_KEEP);
         let tail = text.get(start..).unwrap_or_default().trim().to_string();
-        Err(PartitionError::ToolFailed { tool: tool.name, status: out.status.to_string(), stderr: tail })
+        Err(PartitionError::ToolFailed {
+            tool: tool.name,
+            status: out.status.to_string(),
+            stderr: tail,
+        })
     }
 }

@@ -6,6 +6,7 @@
 //! data directory.
 
 mod dedup;
+mod partition;
 mod image;
 
 use std::io::Read;
@@ -49,6 +50,29 @@ enum Command {
         #[command(subcommand)]
         command: DedupCommand,
     },
+    /// Build, list, verify and remove the shared and private partitions of VMs.
+    Partition {
+        /// The node's data directory [env: PROVD_DATA_DIR; default: /var/lib/provd].
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        command: PartitionCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PartitionCommand {
+    /// Plan layers for some VMs and build their shared and private partitions.
+    Build(partition::BuildArgs),
+    /// Prove, without mounting, that each VM's partitions equal its image.
+    Verify(partition::VerifyArgs),
+    /// List the partitions.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release VMs' partitions, deleting those no VM uses any more.
+    Rm(partition::RemoveArgs),
 }
 
 #[derive(Subcommand)]
@@ -145,6 +169,15 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             dedup::plan(args, &image::data_dir(data_dir))
         }
         Command::Dedup { command: DedupCommand::Scan(args), .. } => dedup::scan(args),
+        Command::Partition { data_dir, command } => {
+            let dir = image::data_dir(data_dir);
+            match command {
+                PartitionCommand::Build(args) => partition::build(args, &dir),
+                PartitionCommand::Verify(args) => partition::verify(args, &dir),
+                PartitionCommand::Ls { json } => partition::list(json, &dir),
+                PartitionCommand::Rm(args) => partition::remove(args, &dir),
+            }
+        }
     }
 }
 

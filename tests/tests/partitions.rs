@@ -1,0 +1,393 @@
+// Integration tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+//! Shared and private partitions built from a plan over real images, in
+//! every format, verified by reading the images back without mounting; and
+//! the bad inputs, each refused with nothing left behind.
+
+use std::collections::HashSet;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use provd_dedup::{Plan, Policy, analyze};
+use provd_images::{Images, ImportLimits, NoProgress};
+use provd_partitions::{
+    BuildOptions, PartitionError, PrivateFormat, SharedFormat, VmImage, build_all, build_private,
+    build_shared, verify_vm,
+};
+use provd_store::Store;
+
+struct Node {
+    dir: tempfile::TempDir,
+    data: PathBuf,
+    images: Images,
+}
+
+fn node() -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let store = Arc::new(Store::open(&data).unwrap());
+    Node { images: Images::new(store, ImportLimits::default(), 2), data, dir }
+}
+
+fn write(path: &Path, content: &[u8], mode: u32) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, content).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
+}
+
+fn mknod(path: &Path, kind: &str, major: u32, minor: u32) {
+    let mut cmd = std::process::Command::new("mknod");
+    cmd.arg(path).arg(kind);
+    if kind != "p" {
+        cmd.arg(major.to_string()).arg(minor.to_string());
+    }
+    assert!(cmd.status().unwrap().success());
+}
+
+/// Pseudo-random bytes, so content does not compress away.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Three VM trees: a base every VM has, a part two of them share, each
+/// one's own files, and every kind of entry.
+fn trees(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for (i, name) in ["web", "db", "dev"].iter().enumerate() {
+        let t = root.join(name);
+        // Shared by all three.
+        write(&t.join("usr/lib/libbase.so"), &noise(1, 300_000), 0o644);
+        write(&t.join("usr/bin/tool"), &noise(2, 120_000), 0o755);
+        write(&t.join("usr/bin/su"), &noise(3, 40_000), 0o4755);
+        write(&t.join("usr/bin/wall"), &noise(4, 20_000), 0o2755);
+        write(&t.join("usr/share/doc/empty"), b"", 0o644);
+        write(&t.join("usr/share/doc/readme"), b"read me\n", 0o644);
+        write(&t.join("etc/owned"), &noise(5, 9000), 0o640);
+        chown(&t.join("etc/owned"), 70_000, 1000);
+        std::os::unix::fs::symlink("../lib/libbase.so", t.join("usr/bin/libbase-link")).unwrap();
+        std::os::unix::fs::symlink("x".repeat(100), t.join("usr/bin/long-link")).unwrap();
+        std::fs::hard_link(t.join("usr/bin/tool"), t.join("usr/bin/tool-alias")).unwrap();
+        std::fs::create_dir_all(t.join("dev")).unwrap();
+        mknod(&t.join("dev/null"), "c", 1, 3);
+        mknod(&t.join("dev/loop0"), "b", 7, 0);
+        mknod(&t.join("dev/initctl"), "p", 0, 0);
+        std::fs::create_dir_all(t.join("tmp")).unwrap();
+        std::fs::set_permissions(t.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        // Same content as the shared base, different metadata per VM: not
+        // shareable as a file, stored once by content within a partition.
+        write(&t.join("opt/copy"), &noise(1, 300_000), 0o600 + (i as u32) * 0o10);
+        // Shared by web and db only.
+        if i < 2 {
+            write(&t.join("srv/www/big.bin"), &noise(6, 500_000), 0o644);
+        }
+        // Own files.
+        write(&t.join("etc/hostname"), name.as_bytes(), 0o644);
+        write(&t.join(format!("var/lib/{name}/data")), &noise(10 + i as u64, 200_000), 0o600);
+        write(&t.join("home/ünïcode name"), &noise(20 + i as u64, 100), 0o644);
+        out.push(t);
+    }
+    out
+}
+
+struct Built {
+    node: Node,
+    vms: Vec<VmImage>,
+    plan: Plan,
+}
+
+async fn prepared() -> Built {
+    let node = node();
+    let trees = trees(&node.dir.path().join("trees"));
+    let mut vms = Vec::new();
+    let mut entries = Vec::new();
+    for (t, name) in trees.iter().zip(["web", "db", "dev"]) {
+        let image =
+            node.images.import(&format!("dir:{}", t.display()), Arc::new(NoProgress)).await.unwrap();
+        entries.push((name.to_string(), node.images.store().entries(&image, 0, u64::MAX).unwrap()));
+        vms.push(VmImage { vm: name.to_string(), image });
+    }
+    let plan = analyze(&entries).unwrap().plan(&Policy { min_layer_bytes: 0, max_layers_per_vm: 8 });
+    assert!(plan.layers.len() >= 2, "{:?}", plan.stacks);
+    Built { node, vms, plan }
+}
+
+impl Built {
+    fn store(&self) -> &Store {
+        self.node.images.store()
+    }
+
+    /// Nothing but the images is left: no partition row or directory, no
+    /// staging leftover.
+    fn assert_no_partitions(&self) {
+        assert_eq!(self.store().partitions().unwrap(), vec![]);
+        assert_eq!(std::fs::read_dir(self.node.data.join("partitions")).unwrap().count(), 0);
+        assert_eq!(self.store().staging_files().unwrap(), Vec::<String>::new());
+    }
+}
+
+fn opts() -> BuildOptions {
+    BuildOptions::default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_format_gives_back_every_image_exactly() {
+    let b = prepared().await;
+    let formats = [
+        (SharedFormat::Erofs, PrivateFormat::Ext4),
+        (SharedFormat::ErofsLz4hc, PrivateFormat::Ext4),
+        (SharedFormat::Ext4, PrivateFormat::Qcow2),
+        (SharedFormat::Dir, PrivateFormat::Ext4),
+    ];
+    for (shared, private) in formats {
+        let layout =
+            build_all(b.store(), &b.plan, &b.vms, shared, private, None, &opts()).unwrap();
+        let s = layout.shared.as_ref().unwrap();
+        assert_eq!(s.format, shared.as_str());
+        assert_eq!(s.vms, vec!["db", "dev", "web"]);
+        assert_eq!(layout.private.len(), 3);
+        for v in &b.vms {
+            let report = verify_vm(b.store(), &v.vm, &opts()).unwrap();
+            assert!(report.is_exact(), "{shared:?}/{private:?} {}: {:#?}", v.vm, report.mismatches);
+            assert_eq!(report.entries, b.store().entries(&v.image, 0, u64::MAX).unwrap().len() as u64);
+            assert!(report.files_hashed > 5);
+        }
+        // Every VM gone: every partition gone, nothing left.
+        for v in &b.vms {
+            b.store().release_vm(&v.vm).unwrap();
+        }
+        b.assert_no_partitions();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn identical_files_are_stored_once_in_the_shared_partition() {
+    let b = prepared().await;
+    let shared = build_shared(b.store(), &b.plan, &b.vms, SharedFormat::Dir, &opts()).unwrap();
+    let root = b.store().partition_path(&shared.id).unwrap().join("tree");
+    // The base library is in the layer of all three VMs; the hard link pair
+    // and the `tool` file have one inode.
+    let mut inodes = HashSet::new();
+    let mut names = 0;
+    for layer in std::fs::read_dir(root.join("layers")).unwrap() {
+        let l = layer.unwrap().path();
+        for rel in ["usr/bin/tool", "usr/bin/tool-alias"] {
+            if let Ok(m) = std::fs::symlink_metadata(l.join(rel)) {
+                inodes.insert(m.ino());
+                names += 1;
+            }
+        }
+    }
+    assert_eq!((names, inodes.len()), (2, 1));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("provd-shared.json")).unwrap()).unwrap();
+    assert_eq!(manifest["layers"].as_array().unwrap().len(), b.plan.layers.len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_partition_fails_verification_naming_the_entry() {
+    let b = prepared().await;
+    build_all(b.store(), &b.plan, &b.vms, SharedFormat::Dir, PrivateFormat::Ext4, None, &opts())
+        .unwrap();
+    let shared = b.store().partitions().unwrap().into_iter().find(|p| p.role == "shared").unwrap();
+    let layers = b.store().partition_path(&shared.id).unwrap().join("tree/layers");
+    let layer0 = layers.join(&b.plan.stacks["web"][0]);
+    let target = walkdir_first_file(&layer0);
+    let rel = target.strip_prefix(&layer0).unwrap().to_string_lossy().into_owned();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let report = verify_vm(b.store(), "web", &opts()).unwrap();
+    assert!(!report.is_exact());
+    assert!(
+        report.mismatches.iter().any(|m| m.starts_with(&format!("{rel}: mode 0666"))),
+        "{:#?}",
+        report.mismatches
+    );
+}
+
+fn walkdir_first_file(dir: &Path) -> PathBuf {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mut items: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().path()).collect();
+        items.sort();
+        for p in items {
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_file() && m.len() > 0 {
+                return p;
+            }
+            if m.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    panic!("no file under {}", dir.display());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_for_other_images_is_refused_and_nothing_is_built() {
+    let b = prepared().await;
+    // The plan says web runs what db runs.
+    let mut swapped = b.vms.clone();
+    swapped[0].image = b.vms[1].image.clone();
+    let err = build_shared(b.store(), &b.plan, &swapped, SharedFormat::Erofs, &opts()).unwrap_err();
+    assert!(matches!(&err, PartitionError::PlanMismatch { vm, .. } if vm == "web"), "{err}");
+    // An entry smuggled into a layer with a path that climbs out.
+    let mut evil = b.plan.clone();
+    let mut e = evil.layers[0].entries[0].clone();
+    e.path = "../../../../etc/evil".into();
+    evil.layers[0].entries.push(e);
+    let err = build_shared(b.store(), &evil, &b.vms, SharedFormat::Dir, &opts()).unwrap_err();
+    assert!(matches!(err, PartitionError::PlanMismatch { .. }), "{err}");
+    // A layer id that is not a plain name.
+    let mut evil = b.plan.clone();
+    let old = evil.layers[0].id.clone();
+    evil.layers[0].id = "../up".into();
+    for s in evil.stacks.values_mut() {
+        for id in s.iter_mut().filter(|id| **id == old) {
+            *id = "../up".into();
+        }
+    }
+    let err = build_shared(b.store(), &evil, &b.vms, SharedFormat::Dir, &opts()).unwrap_err();
+    assert!(err.to_string().contains("\"../up\""), "{err}");
+    b.assert_no_partitions();
+    assert!(!b.node.dir.path().join("etc/evil").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn more_layers_than_an_overlay_mounts_are_refused() {
+    let b = prepared().await;
+    let mut plan = b.plan.clone();
+    let stack = plan.stacks.get_mut("web").unwrap();
+    while stack.len() <= provd_partitions::MAX_LAYERS_PER_VM {
+        stack.push(stack[0].clone());
+    }
+    let err = build_shared(b.store(), &plan, &b.vms, SharedFormat::Erofs, &opts()).unwrap_err();
+    assert!(
+        matches!(err, PartitionError::TooManyLayers { ref vm, max: 128, .. } if vm == "web"),
+        "{err}"
+    );
+    b.assert_no_partitions();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quotas_free_space_and_sizes_are_checked_before_building() {
+    let b = prepared().await;
+    let small = BuildOptions { quota_bytes: 1 << 20, ..opts() };
+    let err = build_all(b.store(), &b.plan, &b.vms, SharedFormat::Erofs, PrivateFormat::Ext4, None, &small)
+        .unwrap_err();
+    assert!(matches!(err, PartitionError::QuotaExceeded { quota, .. } if quota == 1 << 20), "{err}");
+    // Enough for the shared partition but not for all private ones: the
+    // shared one is rolled back.
+    let shared_only = BuildOptions { quota_bytes: 300 << 20, ..opts() };
+    let err =
+        build_all(b.store(), &b.plan, &b.vms, SharedFormat::Erofs, PrivateFormat::Ext4, None, &shared_only)
+            .unwrap_err();
+    assert!(matches!(err, PartitionError::QuotaExceeded { .. }), "{err}");
+    b.assert_no_partitions();
+    let err = build_private(
+        b.store(),
+        &b.plan,
+        &b.vms,
+        "web",
+        None,
+        PrivateFormat::Ext4,
+        Some(4096),
+        &opts(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, PartitionError::TooSmall { .. } | PartitionError::NotFound(_)), "{err}");
+    b.assert_no_partitions();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_is_refused_before_anything_is_written() {
+    let Built { node, vms, plan } = prepared().await;
+    let Node { dir: _dir, data, images } = node;
+    drop(images);
+    let mut store = Store::open(&data).unwrap();
+    // A reserve larger than the disk: the build must not start.
+    store.min_free_bytes = u64::MAX / 4;
+    let err = build_shared(&store, &plan, &vms, SharedFormat::Erofs, &opts()).unwrap_err();
+    assert!(matches!(err, PartitionError::DiskFull { .. }), "{err}");
+    assert_eq!(store.partitions().unwrap(), vec![]);
+    assert_eq!(store.staging_files().unwrap(), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_tool_is_named_with_its_package() {
+    let b = prepared().await;
+    let empty = tempfile::tempdir().unwrap();
+    let no_tools = BuildOptions { tool_dirs: vec![empty.path().to_path_buf()], ..opts() };
+    let err = build_shared(b.store(), &b.plan, &b.vms, SharedFormat::ErofsLz4, &no_tools).unwrap_err();
+    assert_eq!(err.to_string(), "mkfs.erofs not found: install the Debian package erofs-utils");
+    let err = build_shared(b.store(), &b.plan, &b.vms, SharedFormat::Ext4, &no_tools).unwrap_err();
+    assert_eq!(err.to_string(), "mke2fs not found: install the Debian package e2fsprogs");
+    b.assert_no_partitions();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_builder_dying_mid_write_leaves_nothing_behind() {
+    let b = prepared().await;
+    // A stand-in mkfs.erofs that writes half an image and then dies, as a
+    // full disk or a kill would leave it.
+    let tools = tempfile::tempdir().unwrap();
+    let fake = tools.path().join("mkfs.erofs");
+    write(
+        &fake,
+        b"#!/bin/sh\nfor a; do last2=$last; last=$a; done\nhead -c 1000000 /dev/zero > \"$last2\"\nkill -9 $$\n",
+        0o755,
+    );
+    let dying = BuildOptions { tool_dirs: vec![tools.path().to_path_buf()], ..opts() };
+    let err = build_shared(b.store(), &b.plan, &b.vms, SharedFormat::Erofs, &dying).unwrap_err();
+    assert!(matches!(err, PartitionError::ToolFailed { tool: "mkfs.erofs", .. }), "{err}");
+    b.assert_no_partitions();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_mid_build_leaves_nothing_visible_after_restart() {
+    let b = prepared().await;
+    let data = b.node.data.clone();
+    // What a crash leaves: a build directory in staging, and a partition
+    // directory renamed into place whose row was never committed.
+    std::fs::create_dir_all(data.join("staging/part-obj-1-1/tree/layers")).unwrap();
+    std::fs::write(data.join("staging/part-obj-1-1/shared.erofs"), b"half").unwrap();
+    std::fs::create_dir_all(data.join("partitions/p-0123456789abcdef")).unwrap();
+    std::fs::write(data.join("partitions/p-0123456789abcdef/shared.erofs"), b"whole").unwrap();
+    let Built { node, .. } = b;
+    let Node { dir: _dir, images, .. } = node;
+    drop(images);
+    let store = Store::open(&data).unwrap();
+    assert_eq!(store.partitions().unwrap(), vec![]);
+    assert_eq!(std::fs::read_dir(data.join("partitions")).unwrap().count(), 0);
+    assert_eq!(store.staging_files().unwrap(), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shared_partition_is_removed_with_its_last_vm() {
+    let b = prepared().await;
+    let layout =
+        build_all(b.store(), &b.plan, &b.vms, SharedFormat::Erofs, PrivateFormat::Ext4, None, &opts())
+            .unwrap();
+    let shared = layout.shared.unwrap();
+    let removed = b.store().release_vm("web").unwrap();
+    assert_eq!(removed.len(), 1, "only web's private partition goes");
+    assert_eq!(removed[0].role, "private");
+    b.store().release_vm("db").unwrap();
+    assert!(b.store().partition(&shared.id).unwrap().is_some());
+    assert!(verify_vm(b.store(), "dev", &opts()).unwrap().is_exact());
+    let removed = b.store().release_vm("dev").unwrap();
+    assert_eq!(removed.len(), 2);
+    b.assert_no_partitions();
+}
