@@ -115,12 +115,16 @@ async fn prepared() -> Built {
     let mut vms = Vec::new();
     let mut entries = Vec::new();
     for (t, name) in trees.iter().zip(["web", "db", "dev"]) {
-        let image =
-            node.images.import(&format!("dir:{}", t.display()), Arc::new(NoProgress)).await.unwrap();
+        let image = node
+            .images
+            .import(&format!("dir:{}", t.display()), Arc::new(NoProgress))
+            .await
+            .unwrap();
         entries.push((name.to_string(), node.images.store().entries(&image, 0, u64::MAX).unwrap()));
         vms.push(VmImage { vm: name.to_string(), image });
     }
-    let plan = analyze(&entries).unwrap().plan(&Policy { min_layer_bytes: 0, max_layers_per_vm: 8 });
+    let plan =
+        analyze(&entries).unwrap().plan(&Policy { min_layer_bytes: 0, max_layers_per_vm: 8 });
     assert!(plan.layers.len() >= 2, "{:?}", plan.stacks);
     Built { node, vms, plan }
 }
@@ -153,8 +157,7 @@ async fn every_format_gives_back_every_image_exactly() {
         (SharedFormat::Dir, PrivateFormat::Ext4),
     ];
     for (shared, private) in formats {
-        let layout =
-            build_all(b.store(), &b.plan, &b.vms, shared, private, None, &opts()).unwrap();
+        let layout = build_all(b.store(), &b.plan, &b.vms, shared, private, None, &opts()).unwrap();
         let s = layout.shared.as_ref().unwrap();
         assert_eq!(s.format, shared.as_str());
         assert_eq!(s.vms, vec!["db", "dev", "web"]);
@@ -162,7 +165,10 @@ async fn every_format_gives_back_every_image_exactly() {
         for v in &b.vms {
             let report = verify_vm(b.store(), &v.vm, &opts()).unwrap();
             assert!(report.is_exact(), "{shared:?}/{private:?} {}: {:#?}", v.vm, report.mismatches);
-            assert_eq!(report.entries, b.store().entries(&v.image, 0, u64::MAX).unwrap().len() as u64);
+            assert_eq!(
+                report.entries,
+                b.store().entries(&v.image, 0, u64::MAX).unwrap().len() as u64
+            );
             assert!(report.files_hashed > 5);
         }
         // Every VM gone: every partition gone, nothing left.
@@ -285,15 +291,33 @@ async fn more_layers_than_an_overlay_mounts_are_refused() {
 async fn quotas_free_space_and_sizes_are_checked_before_building() {
     let b = prepared().await;
     let small = BuildOptions { quota_bytes: 1 << 20, ..opts() };
-    let err = build_all(b.store(), &b.plan, &b.vms, SharedFormat::Erofs, PrivateFormat::Ext4, None, &small)
-        .unwrap_err();
-    assert!(matches!(err, PartitionError::QuotaExceeded { quota, .. } if quota == 1 << 20), "{err}");
+    let err = build_all(
+        b.store(),
+        &b.plan,
+        &b.vms,
+        SharedFormat::Erofs,
+        PrivateFormat::Ext4,
+        None,
+        &small,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, PartitionError::QuotaExceeded { quota, .. } if quota == 1 << 20),
+        "{err}"
+    );
     // Enough for the shared partition but not for all private ones: the
     // shared one is rolled back.
     let shared_only = BuildOptions { quota_bytes: 300 << 20, ..opts() };
-    let err =
-        build_all(b.store(), &b.plan, &b.vms, SharedFormat::Erofs, PrivateFormat::Ext4, None, &shared_only)
-            .unwrap_err();
+    let err = build_all(
+        b.store(),
+        &b.plan,
+        &b.vms,
+        SharedFormat::Erofs,
+        PrivateFormat::Ext4,
+        None,
+        &shared_only,
+    )
+    .unwrap_err();
     assert!(matches!(err, PartitionError::QuotaExceeded { .. }), "{err}");
     b.assert_no_partitions();
     let err = build_private(
@@ -330,7 +354,8 @@ async fn a_missing_tool_is_named_with_its_package() {
     let b = prepared().await;
     let empty = tempfile::tempdir().unwrap();
     let no_tools = BuildOptions { tool_dirs: vec![empty.path().to_path_buf()], ..opts() };
-    let err = build_shared(b.store(), &b.plan, &b.vms, SharedFormat::ErofsLz4, &no_tools).unwrap_err();
+    let err =
+        build_shared(b.store(), &b.plan, &b.vms, SharedFormat::ErofsLz4, &no_tools).unwrap_err();
     assert_eq!(err.to_string(), "mkfs.erofs not found: install the Debian package erofs-utils");
     let err = build_shared(b.store(), &b.plan, &b.vms, SharedFormat::Ext4, &no_tools).unwrap_err();
     assert_eq!(err.to_string(), "mke2fs not found: install the Debian package e2fsprogs");
@@ -377,9 +402,16 @@ async fn a_crash_mid_build_leaves_nothing_visible_after_restart() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shared_partition_is_removed_with_its_last_vm() {
     let b = prepared().await;
-    let layout =
-        build_all(b.store(), &b.plan, &b.vms, SharedFormat::Erofs, PrivateFormat::Ext4, None, &opts())
-            .unwrap();
+    let layout = build_all(
+        b.store(),
+        &b.plan,
+        &b.vms,
+        SharedFormat::Erofs,
+        PrivateFormat::Ext4,
+        None,
+        &opts(),
+    )
+    .unwrap();
     let shared = layout.shared.unwrap();
     let removed = b.store().release_vm("web").unwrap();
     assert_eq!(removed.len(), 1, "only web's private partition goes");

@@ -99,15 +99,18 @@ impl Reader<'_> {
             "ext4" => Ok(Fs::Ext4(Ext4Image::open(&path).map_err(|e| unreadable(&rec.id, e))?)),
             "qcow2" => {
                 let raw = self.temp()?.join("raw.ext4");
-                self.tools.run(QEMU_IMG, [
-                    std::ffi::OsStr::new("convert"),
-                    "-f".as_ref(),
-                    "qcow2".as_ref(),
-                    "-O".as_ref(),
-                    "raw".as_ref(),
-                    path.as_os_str(),
-                    raw.as_os_str(),
-                ])?;
+                self.tools.run(
+                    QEMU_IMG,
+                    [
+                        std::ffi::OsStr::new("convert"),
+                        "-f".as_ref(),
+                        "qcow2".as_ref(),
+                        "-O".as_ref(),
+                        "raw".as_ref(),
+                        path.as_os_str(),
+                        raw.as_os_str(),
+                    ],
+                )?;
                 Ok(Fs::Ext4(Ext4Image::open(&raw).map_err(|e| unreadable(&rec.id, e))?))
             }
             "erofs" | "erofs-lz4" | "erofs-lz4hc" => Ok(Fs::Erofs {
@@ -159,7 +162,9 @@ impl Reader<'_> {
     fn hash(&mut self, id: &str, fs: &mut Fs, e: &FsEntry) -> Result<Hash, PartitionError> {
         let mut hasher = blake3::Hasher::new();
         let n = match fs {
-            Fs::Ext4(img) => img.read_file(e.ino, &mut hasher).map_err(|err| unreadable(id, err))?,
+            Fs::Ext4(img) => {
+                img.read_file(e.ino, &mut hasher).map_err(|err| unreadable(id, err))?
+            }
             Fs::Erofs { image, path, extracted } => {
                 if image.is_compressed(e.ino).map_err(|err| unreadable(id, err))? {
                     let dir = match extracted {
@@ -178,7 +183,9 @@ impl Reader<'_> {
                     image.read_file(e.ino, &mut hasher).map_err(|err| unreadable(id, err))?
                 }
             }
-            Fs::Dir(root) => hash_path(&root.join(&e.path), &mut hasher).map_err(|err| unreadable(id, err))?,
+            Fs::Dir(root) => {
+                hash_path(&root.join(&e.path), &mut hasher).map_err(|err| unreadable(id, err))?
+            }
         };
         if n != e.size {
             return Err(unreadable(id, format!("{}: read {n} bytes of {}", e.path, e.size)));
@@ -232,9 +239,8 @@ fn walk(root: &Path) -> std::io::Result<Vec<FsEntry>> {
                 return Err(std::io::Error::other(format!("{path}: unsupported file type")));
             };
             let rdev = meta.rdev();
-            let device = matches!(kind, EntryKind::CharDevice | EntryKind::BlockDevice).then(|| {
-                (rustix::fs::major(rdev), rustix::fs::minor(rdev))
-            });
+            let device = matches!(kind, EntryKind::CharDevice | EntryKind::BlockDevice)
+                .then(|| (rustix::fs::major(rdev), rustix::fs::minor(rdev)));
             let link_target = if kind == EntryKind::Symlink {
                 Some(std::fs::read_link(item.path())?.to_string_lossy().into_owned())
             } else {
@@ -270,15 +276,26 @@ fn compare(want: &Entry, got: &Found, out: &mut Vec<String>) {
     let g = &got.entry;
     let want_kind = if want.kind == EntryKind::Hardlink { EntryKind::File } else { want.kind };
     if g.kind != want_kind {
-        out.push(format!("{path}: a {} in the partition, a {} in the image", g.kind.as_str(), want_kind.as_str()));
+        out.push(format!(
+            "{path}: a {} in the partition, a {} in the image",
+            g.kind.as_str(),
+            want_kind.as_str()
+        ));
         return;
     }
     // Linux has no permission bits on symlinks.
     if want_kind != EntryKind::Symlink && g.mode != want.mode & 0o7777 {
-        out.push(format!("{path}: mode {} in the partition, {} in the image", octal(g.mode), octal(want.mode & 0o7777)));
+        out.push(format!(
+            "{path}: mode {} in the partition, {} in the image",
+            octal(g.mode),
+            octal(want.mode & 0o7777)
+        ));
     }
     if g.uid != want.uid || g.gid != want.gid {
-        out.push(format!("{path}: owner {}:{} in the partition, {}:{} in the image", g.uid, g.gid, want.uid, want.gid));
+        out.push(format!(
+            "{path}: owner {}:{} in the partition, {}:{} in the image",
+            g.uid, g.gid, want.uid, want.gid
+        ));
     }
     match want_kind {
         EntryKind::File if got.hash != want.hash => out.push(format!(
@@ -290,17 +307,23 @@ fn compare(want: &Entry, got: &Found, out: &mut Vec<String>) {
             "{path}: link to {:?} in the partition, to {:?} in the image",
             g.link_target, want.link_target
         )),
-        EntryKind::CharDevice | EntryKind::BlockDevice if g.device != want.device => out.push(format!(
-            "{path}: device {:?} in the partition, {:?} in the image",
-            g.device, want.device
-        )),
+        EntryKind::CharDevice | EntryKind::BlockDevice if g.device != want.device => {
+            out.push(format!(
+                "{path}: device {:?} in the partition, {:?} in the image",
+                g.device, want.device
+            ))
+        }
         _ => {}
     }
 }
 
 /// Verifies the partitions of `vm` against the image its private partition
 /// was built from.
-pub fn verify_vm(store: &Store, vm: &str, opts: &BuildOptions) -> Result<Verification, PartitionError> {
+pub fn verify_vm(
+    store: &Store,
+    vm: &str,
+    opts: &BuildOptions,
+) -> Result<Verification, PartitionError> {
     let mine = store.partitions_of_vm(vm)?;
     let private = mine
         .iter()
@@ -308,9 +331,12 @@ pub fn verify_vm(store: &Store, vm: &str, opts: &BuildOptions) -> Result<Verific
         .ok_or_else(|| PartitionError::NotFound(format!("VM {vm:?} has no private partition")))?;
     let manifest: PrivateManifest = serde_json::from_str(&private.manifest)
         .map_err(|e| unreadable(&private.id, format!("its manifest: {e}")))?;
-    let image = store
-        .image(&manifest.image)?
-        .ok_or_else(|| PartitionError::NotFound(format!("image {} of VM {vm:?} is no longer in the store", manifest.image)))?;
+    let image = store.image(&manifest.image)?.ok_or_else(|| {
+        PartitionError::NotFound(format!(
+            "image {} of VM {vm:?} is no longer in the store",
+            manifest.image
+        ))
+    })?;
     let mut mismatches = Vec::new();
     if image.digest != manifest.image_digest {
         mismatches.push(format!(
@@ -318,17 +344,26 @@ pub fn verify_vm(store: &Store, vm: &str, opts: &BuildOptions) -> Result<Verific
             image.reference, image.digest, manifest.image_digest
         ));
     }
-    let mut reader = Reader { store, tools: opts.tools(), temps: Vec::new(), files_hashed: 0, bytes_hashed: 0 };
+    let mut reader =
+        Reader { store, tools: opts.tools(), temps: Vec::new(), files_hashed: 0, bytes_hashed: 0 };
 
     let mut view: BTreeMap<String, Found> = BTreeMap::new();
     if let Some(shared_ref) = &manifest.shared {
         let shared = store.partition(&shared_ref.partition)?.ok_or_else(|| {
-            PartitionError::NotFound(format!("shared partition {} of VM {vm:?} is gone", shared_ref.partition))
+            PartitionError::NotFound(format!(
+                "shared partition {} of VM {vm:?} is gone",
+                shared_ref.partition
+            ))
         })?;
         let sm: SharedManifest = serde_json::from_str(&shared.manifest)
             .map_err(|e| unreadable(&shared.id, format!("its manifest: {e}")))?;
         if sm.format != shared_ref.format {
-            mismatches.push(format!("shared partition {} is {}, the private partition expects {}", shared.id, sm.format.as_str(), shared_ref.format.as_str()));
+            mismatches.push(format!(
+                "shared partition {} is {}, the private partition expects {}",
+                shared.id,
+                sm.format.as_str(),
+                shared_ref.format.as_str()
+            ));
         }
         for layer in &manifest.stack {
             if !sm.layers.iter().any(|l| &l.id == layer) {
@@ -368,7 +403,10 @@ pub fn verify_vm(store: &Store, vm: &str, opts: &BuildOptions) -> Result<Verific
                     && target.private
                     && got.entry.ino != target.entry.ino
                 {
-                    mismatches.push(format!("{}: not a hard link to {:?} in the private partition", want.path, want.link_target));
+                    mismatches.push(format!(
+                        "{}: not a hard link to {:?} in the private partition",
+                        want.path, want.link_target
+                    ));
                 }
             }
         }

@@ -6,8 +6,8 @@
 //! data directory.
 
 mod dedup;
-mod partition;
 mod image;
+mod partition;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

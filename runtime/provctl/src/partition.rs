@@ -74,7 +74,9 @@ pub fn build(args: BuildArgs, data_dir: &Path) -> Result<ExitCode> {
             bail!("--vm {spec:?}: write NAME=REFERENCE");
         };
         if !store.partitions_of_vm(name)?.is_empty() {
-            bail!("VM {name:?} already has partitions; release them with `provctl partition rm --vm {name}`");
+            bail!(
+                "VM {name:?} already has partitions; release them with `provctl partition rm --vm {name}`"
+            );
         }
         let image = crate::image::find(&store, reference)?;
         entries.push((name.to_string(), store.entries(&image, 0, u64::MAX)?));
@@ -99,7 +101,11 @@ pub fn build(args: BuildArgs, data_dir: &Path) -> Result<ExitCode> {
     let mut verifications = Vec::new();
     if args.verify {
         for v in &vms {
-            verifications.push(provd_partitions::verify_vm(&store, &v.vm, &BuildOptions::default())?);
+            verifications.push(provd_partitions::verify_vm(
+                &store,
+                &v.vm,
+                &BuildOptions::default(),
+            )?);
         }
     }
     let exact = verifications.iter().all(|v| v.is_exact());

@@ -10,7 +10,8 @@ use crate::{Stats, StoreError};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how
 /// many have run. Never edit one that has shipped: add another.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE images (
         id            INTEGER PRIMARY KEY,
         reference     TEXT NOT NULL UNIQUE,
@@ -42,7 +43,8 @@ const MIGRATIONS: &[&str] = &[r#"
         size INTEGER NOT NULL,
         refs INTEGER NOT NULL CHECK (refs >= 0)
     ) WITHOUT ROWID;
-"#, r#"
+"#,
+    r#"
     CREATE TABLE partitions (
         id             TEXT PRIMARY KEY,
         role           TEXT NOT NULL CHECK (role IN ('shared', 'private')),
@@ -60,7 +62,8 @@ const MIGRATIONS: &[&str] = &[r#"
         PRIMARY KEY (partition, vm)
     ) WITHOUT ROWID;
     CREATE INDEX partition_vms_by_vm ON partition_vms (vm);
-"#];
+"#,
+];
 
 /// An image as recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]

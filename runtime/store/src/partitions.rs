@@ -81,8 +81,8 @@ fn select(
     filter: &str,
     args: impl rusqlite::Params,
 ) -> rusqlite::Result<Vec<PartitionRecord>> {
-    let mut stmt =
-        conn.prepare(&format!("SELECT {COLUMNS} FROM partitions {filter} ORDER BY created_at, id"))?;
+    let mut stmt = conn
+        .prepare(&format!("SELECT {COLUMNS} FROM partitions {filter} ORDER BY created_at, id"))?;
     let rows: Vec<PartitionRecord> = stmt.query_map(args, row)?.collect::<rusqlite::Result<_>>()?;
     rows.into_iter().map(|r| with_vms(conn, r)).collect()
 }
@@ -115,7 +115,9 @@ impl Store {
     /// its name and absolute path (for the external tools a build runs).
     pub fn create_temp_dir(&self) -> Result<(String, std::path::PathBuf), StoreError> {
         let name = format!("part-{}", crate::objects::temp_name());
-        self.staging.create_dir(&name).map_err(|e| self.io_error("creating a build directory", e))?;
+        self.staging
+            .create_dir(&name)
+            .map_err(|e| self.io_error("creating a build directory", e))?;
         self.temps.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone());
         Ok((name.clone(), self.path.join("staging").join(name)))
     }
@@ -188,9 +190,11 @@ impl Store {
 
     /// The partitions `vm` uses, oldest first.
     pub fn partitions_of_vm(&self, vm: &str) -> Result<Vec<PartitionRecord>, StoreError> {
-        select(&self.lock_db(), "WHERE id IN (SELECT partition FROM partition_vms WHERE vm = ?1)", [
-            vm,
-        ])
+        select(
+            &self.lock_db(),
+            "WHERE id IN (SELECT partition FROM partition_vms WHERE vm = ?1)",
+            [vm],
+        )
         .map_err(|e| self.db_error(e))
     }
 
@@ -294,11 +298,10 @@ fn release(conn: &mut Connection, vm: &str) -> rusqlite::Result<Vec<PartitionRec
     tx.execute("DELETE FROM partition_vms WHERE vm = ?1", [vm])?;
     let mut unused = Vec::new();
     for id in used {
-        let users: i64 = tx.query_row(
-            "SELECT count(*) FROM partition_vms WHERE partition = ?1",
-            [&id],
-            |r| r.get(0),
-        )?;
+        let users: i64 =
+            tx.query_row("SELECT count(*) FROM partition_vms WHERE partition = ?1", [&id], |r| {
+                r.get(0)
+            })?;
         if users == 0
             && let Some(rec) = tx
                 .query_row(&format!("SELECT {COLUMNS} FROM partitions WHERE id = ?1"), [&id], row)
