@@ -329,12 +329,20 @@ fn valid_layer_id(id: &str) -> bool {
 /// An entry as a partition can reproduce it: the modification time is not
 /// part of a file's identity (see the dedup crate), and a hard link is a
 /// regular file with its target's content.
-fn identity(
-    e: &Entry,
-) -> (String, EntryKind, u32, u64, u64, Option<String>, Option<(u32, u32)>, Option<[u8; 32]>) {
+fn identity(e: &Entry) -> Entry {
     let kind = if e.kind == EntryKind::Hardlink { EntryKind::File } else { e.kind };
-    let target = if e.kind == EntryKind::Symlink { e.link_target.clone() } else { None };
-    (e.path.clone(), kind, e.mode & 0o7777, e.uid, e.gid, target, e.device, e.hash.map(|h| h.0))
+    Entry {
+        path: e.path.clone(),
+        kind,
+        mode: e.mode & 0o7777,
+        uid: e.uid,
+        gid: e.gid,
+        mtime: 0,
+        size: if kind == EntryKind::File { e.size } else { 0 },
+        hash: e.hash.filter(|_| kind == EntryKind::File),
+        link_target: e.link_target.clone().filter(|_| kind == EntryKind::Symlink),
+        device: e.device,
+    }
 }
 
 /// Every entry of an image.
