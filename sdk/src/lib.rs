@@ -418,3 +418,46 @@ pub mod dedup {
         Ok(host::layer_entries(layer, offset, limit)?.into_iter().map(Entry::from).collect())
     }
 }
+
+/// Shared and private partitions built from a plan of this request.
+///
+/// ```no_run
+/// use provd_sdk::{dedup, partitions};
+/// # let pairs = [("web", "dir:/srv/images/web"), ("db", "dir:/srv/images/db")];
+/// let plan = dedup::plan(&pairs, dedup::Policy { min_layer_bytes: 1 << 20, max_layers_per_vm: 8 })?;
+/// let shared = partitions::create_shared(&plan.plan, "erofs-lz4")?;
+/// for (vm, _) in pairs {
+///     let private = partitions::create_private(&plan.plan, vm, Some(&shared.id), "ext4", 0)?;
+///     partitions::add_file(&private.id, "etc/hostname", format!("{vm}\n").as_bytes(), 0o644)?;
+/// }
+/// # Ok::<(), provd_sdk::Error>(())
+/// ```
+pub mod partitions {
+    use super::Error;
+    use super::wit::provd::plugin::partitions as host;
+
+    pub use host::Partition;
+
+    /// Builds the shared partition of `plan` (`Summary::plan`) in `format`:
+    /// `erofs`, `erofs-lz4`, `erofs-lz4hc`, `ext4` or `dir`.
+    pub fn create_shared(plan: &str, format: &str) -> Result<Partition, Error> {
+        host::create_shared(plan, format).map_err(Error::from)
+    }
+
+    /// Builds `vm`'s private partition (`ext4` or `qcow2`), stacking its
+    /// layers from `shared`; `size_bytes` 0 takes the default size.
+    pub fn create_private(
+        plan: &str,
+        vm: &str,
+        shared: Option<&str>,
+        format: &str,
+        size_bytes: u64,
+    ) -> Result<Partition, Error> {
+        host::create_private(plan, vm, shared, format, size_bytes).map_err(Error::from)
+    }
+
+    /// Writes a small file into a raw ext4 private partition of this request.
+    pub fn add_file(partition: &str, path: &str, content: &[u8], mode: u32) -> Result<(), Error> {
+        host::add_file(partition, path, content, mode).map_err(Error::from)
+    }
+}

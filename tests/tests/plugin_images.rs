@@ -61,7 +61,7 @@ impl Node {
     /// ...and the plugin asks only for `images/*`.
     async fn plugin(&self, max_read: u64) -> Plugin {
         let manifest = Manifest::from_toml(&format!(
-            "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n\
+            "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.partitions]\n\
              [capabilities.images]\nsources = [\"dir:{}/images/*\"]\nmax-read-bytes = {max_read}\n",
             self.work.path().display()
         ))
@@ -149,7 +149,7 @@ async fn sources_outside_the_plugins_or_the_nodes_patterns_are_denied_before_any
 
     // A plugin pattern wider than the node's is narrowed by the node.
     let wide = Manifest::from_toml(
-        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n\
+        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.partitions]\n\
          [capabilities.images]\nsources = [\"dir:/**\"]\n",
     )
     .unwrap();
@@ -209,7 +209,7 @@ async fn references_must_name_their_kind_and_reads_need_a_fetch_and_a_budget() {
 async fn a_node_without_an_image_store_refuses_plugins_that_need_one() {
     let engine = Engine::new(EngineConfig::default()).unwrap();
     let manifest = Manifest::from_toml(
-        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.images]\nsources = [\"dir:/srv/*\"]\n",
+        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.partitions]\n[capabilities.images]\nsources = [\"dir:/srv/*\"]\n",
     )
     .unwrap();
     let err = engine.load(&manifest, IMAGER.wasm()).await.unwrap_err();
@@ -261,4 +261,72 @@ async fn a_plugin_plans_layers_for_fetched_images_through_the_host() {
     let unfetched =
         serde_json::json!({"op": "plan", "vms": [], "min_layer_bytes": 0, "max_layers": 1});
     assert!(node.call(&plugin, unfetched).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_builds_partitions_that_give_back_each_image_and_touches_only_its_own() {
+    let node = node();
+    tree(&node.path("images/web2"));
+    std::fs::write(node.path("images/web2/etc/hostname"), "web-2\n").unwrap();
+    let plugin = node.plugin(1 << 20).await;
+    let web = format!("dir:{}", node.path("images/web").display());
+    let web2 = format!("dir:{}", node.path("images/web2").display());
+    let input = serde_json::json!({
+        "op": "partitions",
+        "vms": [["a", web], ["b", web2]],
+        "min_layer_bytes": 0,
+        "max_layers": 8,
+        "shared_format": "erofs",
+        "private_format": "ext4",
+    });
+    let out = node.call(&plugin, input.clone()).await.unwrap();
+    let built: serde_json::Value = serde_json::from_str(&out.report.output).unwrap();
+    assert_eq!(built.as_array().unwrap().len(), 2);
+    let store = node.images.store();
+    let shared = store.partition(&field(&out, "shared")).unwrap().unwrap();
+    assert_eq!(
+        (shared.role.as_str(), shared.vms.clone()),
+        ("shared", vec!["a".into(), "b".into()])
+    );
+    assert_eq!(shared.operation.as_deref(), Some("op"));
+    // Each VM's partitions equal its image, plus the hostname the plugin wrote.
+    for vm in ["a", "b"] {
+        let report =
+            provd_partitions::verify_vm(store, vm, &provd_partitions::BuildOptions::default())
+                .unwrap();
+        assert!(report.is_exact(), "{vm}: {:#?}", report.mismatches);
+    }
+    let private_a = built[0]["id"].as_str().unwrap().to_string();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&store.partition(&private_a).unwrap().unwrap().manifest).unwrap();
+    assert_eq!(manifest["added"][0]["path"], "etc/hostname");
+
+    // Another request cannot reach them.
+    let err = node
+        .call(&plugin, serde_json::json!({"op": "add-file", "partition": private_a}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("was not created by this request"), "{err}");
+
+    // A quota too small for the partitions: refused, nothing built.
+    let before = store.partitions().unwrap().len();
+    let manifest = Manifest::from_toml(&format!(
+        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n\
+         [capabilities.partitions]\nmax-bytes = 1000000\n\
+         [capabilities.images]\nsources = [\"dir:{}/images/*\"]\n",
+        node.work.path().display()
+    ))
+    .unwrap();
+    let small = node.engine.load(&manifest, IMAGER.wasm()).await.unwrap();
+    let mut input = input;
+    input["vms"] = serde_json::json!([["c", web], ["d", web2]]);
+    let err = node.call(&small, input.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("quota leaves 1000000"), "{err}");
+    assert_eq!(store.partitions().unwrap().len(), before);
+    // A request that fails after building some partitions keeps none: the
+    // shared partition is built, the private one asks for an unknown format.
+    input["private_format"] = serde_json::json!("vfat");
+    let err = node.call(&plugin, input).await.unwrap_err();
+    assert!(err.to_string().contains("unknown private partition format \"vfat\""), "{err}");
+    assert_eq!(store.partitions().unwrap().len(), before);
 }

@@ -20,16 +20,19 @@ pub enum Capability {
     Images,
     /// `provd:plugin/dedup`: sharing analysis and layer plans.
     Dedup,
+    /// `provd:plugin/partitions`: build shared and private partitions.
+    Partitions,
 }
 
 impl Capability {
     /// Every capability, in a stable order.
-    pub const ALL: [Capability; 5] = [
+    pub const ALL: [Capability; 6] = [
         Capability::Log,
         Capability::Progress,
         Capability::Hashing,
         Capability::Images,
         Capability::Dedup,
+        Capability::Partitions,
     ];
 
     /// The name used in `plugin.toml` and in the WIT interface.
@@ -40,6 +43,7 @@ impl Capability {
             Capability::Hashing => "hashing",
             Capability::Images => "images",
             Capability::Dedup => "dedup",
+            Capability::Partitions => "partitions",
         }
     }
 
@@ -82,6 +86,13 @@ pub struct ImagesGrant {
     pub sources: Vec<String>,
     /// Largest file `read-file` returns.
     pub max_read_bytes: u64,
+}
+
+/// What a plugin granted `partitions` may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionsGrant {
+    /// Bytes (sizes guests see) the partitions of one request may total.
+    pub max_bytes: u64,
 }
 
 /// Matches `text` against a glob `pattern`: `*` matches any run of

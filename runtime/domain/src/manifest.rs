@@ -58,6 +58,15 @@ pub struct CapabilityRequests {
     pub hashing: Option<HashingRequest>,
     pub images: Option<ImagesRequest>,
     pub dedup: Option<DedupRequest>,
+    pub partitions: Option<PartitionsRequest>,
+}
+
+/// Parameters of the `partitions` capability.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PartitionsRequest {
+    /// Bytes (sizes guests see) the partitions of one request may total.
+    pub max_bytes: Option<u64>,
 }
 
 /// Parameters of the `dedup` capability (none yet).
@@ -231,6 +240,9 @@ impl Manifest {
         }
         if c.dedup.is_some() {
             out.push(Capability::Dedup);
+        }
+        if c.partitions.is_some() {
+            out.push(Capability::Partitions);
         }
         out
     }

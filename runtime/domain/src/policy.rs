@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::capability::{Capability, HashingGrant, ImagesGrant, LogGrant};
+use crate::capability::{Capability, HashingGrant, ImagesGrant, LogGrant, PartitionsGrant};
 use crate::manifest::Manifest;
 
 const MIB: u64 = 1 << 20;
@@ -62,6 +62,10 @@ pub struct NodePolicy {
     /// Largest `read-file` any plugin may ask for, and the default.
     pub max_image_read_bytes: u64,
     pub default_image_read_bytes: u64,
+    /// Largest partition quota (bytes guests see, per request) any plugin
+    /// may ask for, and the default.
+    pub max_partition_bytes: u64,
+    pub default_partition_bytes: u64,
 }
 
 impl Default for NodePolicy {
@@ -88,6 +92,8 @@ impl Default for NodePolicy {
             image_sources: Vec::new(),
             max_image_read_bytes: 64 * MIB,
             default_image_read_bytes: MIB,
+            max_partition_bytes: 1024 * 1024 * MIB,
+            default_partition_bytes: 64 * 1024 * MIB,
         }
     }
 }
@@ -111,6 +117,7 @@ pub struct CapabilityGrants {
     pub hashing: Option<HashingGrant>,
     pub images: Option<ImagesGrant>,
     pub dedup: bool,
+    pub partitions: Option<PartitionsGrant>,
 }
 
 impl CapabilityGrants {
@@ -122,6 +129,7 @@ impl CapabilityGrants {
             Capability::Hashing => self.hashing.is_some(),
             Capability::Images => self.images.is_some(),
             Capability::Dedup => self.dedup,
+            Capability::Partitions => self.partitions.is_some(),
         }
     }
 }
@@ -242,6 +250,15 @@ impl Manifest {
             ),
         });
 
+        let partitions = c.partitions.as_ref().map(|r| PartitionsGrant {
+            max_bytes: check(
+                "capabilities.partitions.max-bytes",
+                r.max_bytes,
+                p.max_partition_bytes,
+                p.default_partition_bytes,
+            ),
+        });
+
         if !violations.is_empty() {
             return Err(PolicyViolations { plugin: self.name.clone(), violations });
         }
@@ -254,6 +271,7 @@ impl Manifest {
                 hashing,
                 images,
                 dedup: c.dedup.is_some(),
+                partitions,
             },
             limits: Limits {
                 memory_bytes: memory_mib * MIB,

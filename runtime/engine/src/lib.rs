@@ -253,6 +253,9 @@ impl Engine {
             if grant.capabilities.dedup {
                 return Err(LoadError::Unavailable("dedup"));
             }
+            if grant.capabilities.partitions.is_some() {
+                return Err(LoadError::Unavailable("partitions"));
+            }
         }
 
         let digest: Digest = *blake3::hash(&wasm).as_bytes();
@@ -329,6 +332,7 @@ async fn invoke(
     let max_handles = usize::try_from(policy.max_handles).unwrap_or(usize::MAX);
     let (state, streams) = HostState::new(
         p.name.clone(),
+        request.operation_id.clone(),
         p.grant.capabilities.clone(),
         &p.grant.limits,
         max_handles,
@@ -363,6 +367,24 @@ async fn invoke(
         Ok(Err(e)) => Err(InvokeError::Plugin(e.into())),
         Err(e) => Err(classify(e, breached, p.grant.limits.timeout, last_stderr)),
     };
+    if result.is_err() {
+        // A failed request keeps nothing it built.
+        let built = std::mem::take(&mut state.partitions);
+        if let (false, Some(images)) = (built.is_empty(), state.images.clone()) {
+            let store = images.store().clone();
+            let removed = tokio::task::spawn_blocking(move || {
+                for id in built.iter().rev() {
+                    if let Err(e) = store.remove_partition(id) {
+                        tracing::warn!(partition = %id, error = %e, "cannot remove a failed request's partition");
+                    }
+                }
+            })
+            .await;
+            if let Err(e) = removed {
+                tracing::warn!(error = %e, "removing a failed request's partitions panicked");
+            }
+        }
+    }
     (result, log)
 }
 

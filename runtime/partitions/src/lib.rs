@@ -33,6 +33,7 @@
 //! build directory. Verification ([`verify_vm`]) reads the built images
 //! with this crate's own readers, never a mount.
 
+mod customize;
 pub mod erofs;
 pub mod ext4;
 pub mod reader;
@@ -47,6 +48,7 @@ use provd_dedup::Plan;
 use provd_domain::image::{Entry, EntryKind};
 use provd_store::{ImageRecord, NewPartition, PartitionRecord, Store, StoreError};
 
+pub use customize::{AddedFile, MAX_ADDED_FILE_BYTES, add_file};
 pub use tools::DEFAULT_TOOL_DIRS;
 pub use verify::{Verification, verify_vm};
 
@@ -287,6 +289,9 @@ pub struct PrivateManifest {
     pub shared: Option<SharedRef>,
     /// Layer ids, bottom first.
     pub stack: Vec<String>,
+    /// Files added after the build, in the VM's root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub added: Vec<AddedFile>,
 }
 
 /// A VM and its image.
@@ -585,6 +590,7 @@ pub fn build_shared(
 
     let id = provd_store::new_partition_id();
     let uuid = (format != SharedFormat::Dir).then(|| uuid_for(&id));
+    let started = std::time::Instant::now();
     let build = BuildDir::new(store)?;
     let mut stager = build.stager(Sharing::Identical)?;
     for layer in &plan.layers {
@@ -613,6 +619,7 @@ pub fn build_shared(
         .map_err(|e| PartitionError::InvalidPlan(format!("encoding the manifest: {e}")))?;
     write_small(stager.dir("")?, "provd-shared.json", &manifest_json, 0o444)?;
     let figures = stager.finish()?;
+    tracing::debug!(elapsed = ?started.elapsed(), ?figures, "shared tree staged");
 
     let tree = build.path.join("tree");
     let image = build.path.join(format.file_name());
@@ -656,6 +663,7 @@ pub fn build_shared(
         });
     }
     let users: BTreeSet<String> = plan.layers.iter().flat_map(|l| l.vms.iter().cloned()).collect();
+    tracing::debug!(elapsed = ?started.elapsed(), "shared image built");
     build.publish(&NewPartition {
         id,
         role: "shared".into(),
@@ -781,6 +789,7 @@ pub fn build_private(
 
     let id = provd_store::new_partition_id();
     let uuid = uuid_for(&id);
+    let started = std::time::Instant::now();
     let build = BuildDir::new(store)?;
     let mut stager = build.stager(Sharing::ImageLinks)?;
     stager.dir("upper")?;
@@ -797,6 +806,7 @@ pub fn build_private(
         image_digest: image.image.digest.clone(),
         shared: shared_ref.clone(),
         stack: stack.clone(),
+        added: Vec::new(),
     };
     let manifest_json = serde_json::to_string_pretty(&manifest)
         .map_err(|e| PartitionError::InvalidPlan(format!("encoding the manifest: {e}")))?;
@@ -818,6 +828,7 @@ pub fn build_private(
     write_small(provd, "shared", &shared_text, 0o444)?;
     write_small(provd, "provd-overlay-root", OVERLAY_ROOT_SCRIPT, 0o555)?;
     let figures = stager.finish()?;
+    tracing::debug!(vm, elapsed = ?started.elapsed(), ?figures, "private tree staged");
 
     let raw = build.path.join("private.ext4");
     // Room for the files the guest will create.
@@ -847,6 +858,7 @@ pub fn build_private(
     let (bytes, size) = allocated(&build.path.join(file))?;
     let mut users = vec![vm.to_string()];
     users.dedup();
+    tracing::debug!(vm, elapsed = ?started.elapsed(), "private image built");
     build.publish(&NewPartition {
         id,
         role: "private".into(),

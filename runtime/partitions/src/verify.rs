@@ -387,7 +387,23 @@ pub fn verify_vm(
         view.insert(f.entry.path.clone(), f);
     }
 
-    let entries = store.entries(&image, 0, u64::MAX)?;
+    let mut entries = store.entries(&image, 0, u64::MAX)?;
+    // Files added after the build replace or join the image's entries.
+    for added in &manifest.added {
+        entries.retain(|e| e.path != added.path);
+        entries.push(Entry {
+            path: added.path.clone(),
+            kind: EntryKind::File,
+            mode: added.mode,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            size: added.size,
+            hash: Some(added.hash),
+            link_target: None,
+            device: None,
+        });
+    }
     let by_path: HashMap<&str, &Found> = view.iter().map(|(p, f)| (p.as_str(), f)).collect();
     for want in &entries {
         match by_path.get(want.path.as_str()) {

@@ -154,7 +154,9 @@ impl Store {
         }
         // Sync the built files before they become visible under their final
         // name, so a crash never publishes a partition with missing data.
+        let started = std::time::Instant::now();
         rustix::fs::syncfs(&self.lock).map_err(|e| self.io_error("syncing a build", e.into()))?;
+        tracing::debug!(elapsed = ?started.elapsed(), partition = %new.id, "build synced");
         self.staging
             .rename(temp, &self.partitions, &new.id)
             .map_err(|e| self.io_error(format!("publishing partition {}", new.id), e))?;
@@ -171,6 +173,22 @@ impl Store {
             }
         }
         self.partition(&new.id)?.ok_or_else(|| StoreError::NotFound(new.id.clone()))
+    }
+
+    /// Replaces a partition's manifest and allocated bytes after a change
+    /// to its content.
+    pub fn update_partition(&self, id: &str, manifest: &str, bytes: u64) -> Result<(), StoreError> {
+        let changed = self
+            .lock_db()
+            .execute(
+                "UPDATE partitions SET manifest = ?2, bytes = ?3 WHERE id = ?1",
+                params![id, manifest, to_i64(bytes)],
+            )
+            .map_err(|e| self.db_error(e))?;
+        if changed == 0 {
+            return Err(StoreError::NotFound(format!("partition {id}")));
+        }
+        Ok(())
     }
 
     /// One partition.

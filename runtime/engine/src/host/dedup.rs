@@ -9,6 +9,14 @@ use provd_domain::image::Entry;
 use crate::host::HostState;
 use crate::host::images::{check_page, entry_of};
 
+/// A plan made in this request, with what the partition builder needs.
+pub(crate) struct KeptPlan {
+    /// `plan-N`, the id the plugin names it by.
+    pub id: String,
+    pub plan: provd_dedup::Plan,
+    pub vms: Vec<provd_partitions::VmImage>,
+}
+
 /// VMs one call may analyse.
 pub(crate) const MAX_VMS: usize = 64;
 /// Plans one request may keep.
@@ -59,6 +67,7 @@ impl HostState {
 
 fn analysis_summary(a: &provd_dedup::Analysis) -> Summary {
     Summary {
+        plan: String::new(),
         naive_bytes: a.naive_bytes,
         distinct_content_bytes: a.distinct_content_bytes,
         shared_once_bytes: a.shared_once_bytes,
@@ -128,10 +137,17 @@ impl wit::Host for HostState {
             Ok(done) => done,
             Err(e) => return Ok(Err(WitError::InvalidInput(e.to_string()))),
         };
+        let records =
+            match vms.iter().map(|v| self.fetched_image(&v.image)).collect::<Result<Vec<_>, _>>() {
+                Ok(r) => r,
+                Err(e) => return Ok(Err(e)),
+            };
         // Layer ids are unique within the request: plan number + layer.
-        let prefix = format!("plan-{}-", self.plans.len());
+        let id = format!("plan-{}", self.plans.len());
+        let prefix = format!("{id}-");
         let mut summary = analysis_summary(&analysis);
         summary.stored_bytes = plan.stored_bytes;
+        summary.plan = id.clone();
         summary.layers = plan
             .layers
             .iter()
@@ -150,7 +166,12 @@ impl wit::Host for HostState {
                 .map(|s| s.iter().map(|id| format!("{prefix}{id}")).collect())
                 .unwrap_or_default();
         }
-        self.plans.push((prefix, plan));
+        let vm_images = vms
+            .iter()
+            .zip(records)
+            .map(|(v, image)| provd_partitions::VmImage { vm: v.vm.clone(), image })
+            .collect();
+        self.plans.push(KeptPlan { id, plan, vms: vm_images });
         Ok(Ok(summary))
     }
 
@@ -163,9 +184,9 @@ impl wit::Host for HostState {
         if let Err(e) = check_page(limit) {
             return Ok(Err(e));
         }
-        let found = self.plans.iter().find_map(|(prefix, plan)| {
-            let id = layer.strip_prefix(prefix.as_str())?;
-            plan.layers.iter().find(|l| l.id == id)
+        let found = self.plans.iter().find_map(|kept| {
+            let id = layer.strip_prefix(kept.id.as_str())?.strip_prefix('-')?;
+            kept.plan.layers.iter().find(|l| l.id == id)
         });
         let Some(found) = found else {
             return Ok(Err(WitError::NotFound(format!(

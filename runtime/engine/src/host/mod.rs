@@ -5,6 +5,7 @@ mod dedup;
 mod hashing;
 mod images;
 mod log;
+mod partitions;
 mod progress;
 
 use std::sync::Arc;
@@ -39,8 +40,14 @@ pub(crate) struct HostState {
     pub image_sources: Arc<Vec<String>>,
     /// Images fetched in this request, by canonical reference.
     pub fetched: std::collections::HashMap<String, provd_store::ImageRecord>,
-    /// Plans made in this request, with the prefix of their layer ids.
-    pub plans: Vec<(String, provd_dedup::Plan)>,
+    /// Plans made in this request.
+    pub plans: Vec<dedup::KeptPlan>,
+    /// The operation this invocation serves.
+    pub operation: String,
+    /// Partitions created in this request, and the bytes (sizes guests
+    /// see) they total.
+    pub partitions: Vec<String>,
+    pub partition_bytes: u64,
 }
 
 /// What the node lends to every invocation.
@@ -53,6 +60,7 @@ pub(crate) struct NodeServices {
 impl HostState {
     pub(crate) fn new(
         plugin: String,
+        operation: String,
         grants: CapabilityGrants,
         limits: &Limits,
         max_handles: usize,
@@ -88,6 +96,9 @@ impl HostState {
             image_sources: node.image_sources.clone(),
             fetched: std::collections::HashMap::new(),
             plans: Vec::new(),
+            operation,
+            partitions: Vec::new(),
+            partition_bytes: 0,
         };
         (state, [stdout, stderr])
     }
@@ -287,6 +298,9 @@ pub(crate) fn linker(
             }
             Capability::Images => provd_bindings::images::add_to_linker::<_, HasSelf<_>>(l, |t| t)?,
             Capability::Dedup => provd_bindings::dedup::add_to_linker::<_, HasSelf<_>>(l, |t| t)?,
+            Capability::Partitions => {
+                provd_bindings::partitions::add_to_linker::<_, HasSelf<_>>(l, |t| t)?
+            }
         }
     }
     Ok(linker)

@@ -6,12 +6,18 @@
 //!   and BLAKE3 (hashed in the guest);
 //! * `{"op":"plan","vms":[[VM,R],...],"min_layer_bytes":N,"max_layers":N}` —
 //!   fetch every image, plan layers, list each layer's paths;
+//! * `{"op":"partitions","vms":[[VM,R],...],"min_layer_bytes":N,"max_layers":N,
+//!   "shared_format":F,"private_format":F}` — fetch, plan, build the shared
+//!   partition (when a layer is kept) and every VM's private one, and write
+//!   `etc/hostname` into each raw ext4 private partition;
+//! * `{"op":"add-file","partition":ID,"path":P}` — write a file into a
+//!   partition by id (which must be one this request created);
 //! * `{"op":"read-unfetched","image":R,"path":P}` — read without fetching;
 //! * `{"op":"hash-guest"|"hash-host","image":R,"path":P}` — fetch R, then
 //!   hash P by reading it into the guest and hashing in wasm, or by asking
 //!   the host to hash it by handle; reports the time of that step only.
 
-use provd_sdk::{Error, Plugin, Report, Request, dedup, hashing, images};
+use provd_sdk::{Error, Plugin, Report, Request, dedup, hashing, images, partitions};
 use serde::Deserialize;
 use std::time::Instant;
 
@@ -34,6 +40,12 @@ struct Input {
     min_layer_bytes: u64,
     #[serde(default)]
     max_layers: u32,
+    #[serde(default)]
+    shared_format: String,
+    #[serde(default)]
+    private_format: String,
+    #[serde(default)]
+    partition: String,
 }
 
 fn default_limit() -> u32 {
@@ -66,6 +78,49 @@ impl Plugin for Imager {
                 .field("stored_bytes", plan.stored_bytes)
                 .field("naive_bytes", plan.naive_bytes)
                 .output(&layers);
+        }
+        if input.op == "partitions" {
+            for (_, image) in &input.vms {
+                images::fetch(image)?;
+            }
+            let pairs: Vec<(&str, &str)> =
+                input.vms.iter().map(|(v, i)| (v.as_str(), i.as_str())).collect();
+            let policy = dedup::Policy {
+                min_layer_bytes: input.min_layer_bytes,
+                max_layers_per_vm: input.max_layers,
+            };
+            let plan = dedup::plan(&pairs, policy)?;
+            let shared = if plan.layers.is_empty() {
+                None
+            } else {
+                Some(partitions::create_shared(&plan.plan, &input.shared_format)?)
+            };
+            let mut built = Vec::new();
+            for (vm, _) in &pairs {
+                let private = partitions::create_private(
+                    &plan.plan,
+                    vm,
+                    shared.as_ref().map(|s| s.id.as_str()),
+                    &input.private_format,
+                    0,
+                )?;
+                if private.format == "ext4" {
+                    partitions::add_file(
+                        &private.id,
+                        "etc/hostname",
+                        format!("{vm}\n").as_bytes(),
+                        0o644,
+                    )?;
+                }
+                built.push(serde_json::json!({"vm": vm, "id": private.id, "bytes": private.bytes}));
+            }
+            return Report::new("partitioned")
+                .field("shared", shared.map(|s| s.id).unwrap_or_default())
+                .output(&built);
+        }
+        if input.op == "add-file" {
+            partitions::add_file(&input.partition, "etc/motd", b"hello\n", 0o644)?;
+            return Ok(Report::new("added"));
         }
         if input.op == "read-unfetched" {
             let bytes = images::read_file(&input.image, &input.path)?;

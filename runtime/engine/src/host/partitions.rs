@@ -1,0 +1,209 @@
+//! `provd:plugin/partitions`: shared and private partitions built from this
+//! request's plans. A plugin reaches only the partitions its own request
+//! created, within the byte quota of its grant.
+
+use provd_bindings::partitions::{self as wit, Partition};
+use provd_bindings::types::Error as WitError;
+use provd_partitions::{BuildOptions, PartitionError, PrivateFormat, SharedFormat};
+use provd_store::PartitionRecord;
+
+use crate::host::HostState;
+use crate::host::dedup::KeptPlan;
+
+/// Partitions one request may create.
+const MAX_PARTITIONS: usize = 256;
+
+fn wit_partition(p: &PartitionRecord) -> Partition {
+    Partition {
+        id: p.id.clone(),
+        role: p.role.clone(),
+        format: p.format.clone(),
+        bytes: p.bytes,
+        apparent_bytes: p.apparent_bytes,
+        vms: p.vms.clone(),
+    }
+}
+
+/// The plugin-facing form of a build error: what the plugin could fix is
+/// invalid input, a quota is a quota, the node's own trouble is a failure.
+fn wit_error(e: PartitionError) -> WitError {
+    let text = e.to_string();
+    match e {
+        PartitionError::QuotaExceeded { .. } => WitError::QuotaExceeded(text),
+        PartitionError::NotFound(_) => WitError::NotFound(text),
+        PartitionError::InvalidEntry { .. }
+        | PartitionError::PlanMismatch { .. }
+        | PartitionError::InvalidPlan(_)
+        | PartitionError::TooManyLayers { .. }
+        | PartitionError::TooSmall { .. }
+        | PartitionError::UnknownFormat { .. }
+        | PartitionError::NothingShared => WitError::InvalidInput(text),
+        PartitionError::Io { .. }
+        | PartitionError::Privilege { .. }
+        | PartitionError::Store(_)
+        | PartitionError::MissingTool { .. }
+        | PartitionError::ToolFailed { .. }
+        | PartitionError::DiskFull { .. }
+        | PartitionError::Unreadable { .. } => WitError::Failed(text),
+    }
+}
+
+impl HostState {
+    fn kept_plan(&self, id: &str) -> Result<&KeptPlan, WitError> {
+        self.plans
+            .iter()
+            .find(|p| p.id == id)
+            .ok_or_else(|| WitError::NotFound(format!("no plan {id:?} in this request")))
+    }
+
+    fn partition_store(&self) -> Result<std::sync::Arc<provd_store::Store>, WitError> {
+        Ok(self
+            .images
+            .as_ref()
+            .ok_or_else(|| WitError::Denied("this node has no store".into()))?
+            .store()
+            .clone())
+    }
+
+    /// Options for the next build: the grant's quota less what this request
+    /// already built.
+    fn build_options(&self) -> Result<BuildOptions, WitError> {
+        let grant = self
+            .grants
+            .partitions
+            .ok_or_else(|| WitError::Denied("partitions not granted".into()))?;
+        if self.partitions.len() >= MAX_PARTITIONS {
+            return Err(WitError::QuotaExceeded(format!(
+                "at most {MAX_PARTITIONS} partitions per request"
+            )));
+        }
+        Ok(BuildOptions {
+            operation: Some(self.operation.clone()),
+            quota_bytes: grant.max_bytes.saturating_sub(self.partition_bytes),
+            ..BuildOptions::default()
+        })
+    }
+
+    /// A partition this request created.
+    fn own_partition(&self, id: &str) -> Result<PartitionRecord, WitError> {
+        if !self.partitions.iter().any(|p| p == id) {
+            return Err(WitError::NotFound(format!(
+                "partition {id:?} was not created by this request"
+            )));
+        }
+        self.partition_store()?
+            .partition(id)
+            .map_err(|e| WitError::Failed(e.to_string()))?
+            .ok_or_else(|| WitError::NotFound(format!("partition {id:?} no longer exists")))
+    }
+
+    fn record_built(&mut self, rec: &PartitionRecord) {
+        self.partitions.push(rec.id.clone());
+        self.partition_bytes = self.partition_bytes.saturating_add(rec.apparent_bytes);
+    }
+}
+
+/// Runs a blocking build off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, PartitionError> + Send + 'static,
+) -> wasmtime::Result<Result<T, WitError>> {
+    Ok(tokio::task::spawn_blocking(f).await?.map_err(wit_error))
+}
+
+impl wit::Host for HostState {
+    async fn create_shared(
+        &mut self,
+        plan: String,
+        format: String,
+    ) -> wasmtime::Result<Result<Partition, WitError>> {
+        let prepared = (|| {
+            let format = SharedFormat::parse(&format).map_err(wit_error)?;
+            let kept = self.kept_plan(&plan)?;
+            Ok::<_, WitError>((
+                format,
+                kept.plan.clone(),
+                kept.vms.clone(),
+                self.build_options()?,
+                self.partition_store()?,
+            ))
+        })();
+        let (format, plan, vms, opts, store) = match prepared {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        let built =
+            blocking(move || provd_partitions::build_shared(&store, &plan, &vms, format, &opts))
+                .await?;
+        Ok(built.map(|rec| {
+            self.record_built(&rec);
+            wit_partition(&rec)
+        }))
+    }
+
+    async fn create_private(
+        &mut self,
+        plan: String,
+        vm: String,
+        shared: Option<String>,
+        format: String,
+        size_bytes: u64,
+    ) -> wasmtime::Result<Result<Partition, WitError>> {
+        let prepared = (|| {
+            let format = PrivateFormat::parse(&format).map_err(wit_error)?;
+            let kept = self.kept_plan(&plan)?;
+            let shared = shared.as_deref().map(|id| self.own_partition(id)).transpose()?;
+            Ok::<_, WitError>((
+                format,
+                kept.plan.clone(),
+                kept.vms.clone(),
+                shared,
+                self.build_options()?,
+                self.partition_store()?,
+            ))
+        })();
+        let (format, plan, vms, shared, opts, store) = match prepared {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        let size = (size_bytes > 0).then_some(size_bytes);
+        let built = blocking(move || {
+            provd_partitions::build_private(
+                &store,
+                &plan,
+                &vms,
+                &vm,
+                shared.as_ref(),
+                format,
+                size,
+                &opts,
+            )
+        })
+        .await?;
+        Ok(built.map(|rec| {
+            self.record_built(&rec);
+            wit_partition(&rec)
+        }))
+    }
+
+    async fn add_file(
+        &mut self,
+        partition: String,
+        path: String,
+        content: Vec<u8>,
+        mode: u32,
+    ) -> wasmtime::Result<Result<(), WitError>> {
+        let prepared = (|| {
+            let rec = self.own_partition(&partition)?;
+            Ok::<_, WitError>((rec, self.build_options()?, self.partition_store()?))
+        })();
+        let (rec, opts, store) = match prepared {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        let done = blocking(move || {
+            provd_partitions::add_file(&store, &rec.id, &path, &content, mode, &opts).map(|_| ())
+        })
+        .await?;
+        Ok(done)
+    }
+}
