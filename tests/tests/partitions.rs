@@ -340,7 +340,16 @@ async fn a_full_disk_is_refused_before_anything_is_written() {
     let Built { node, vms, plan } = prepared().await;
     let Node { dir: _dir, data, images } = node;
     drop(images);
-    let mut store = Store::open(&data).unwrap();
+    // Import tasks drop their handle on the store a moment after they finish.
+    let mut store = (0..100)
+        .find_map(|_| match Store::open(&data) {
+            Ok(s) => Some(s),
+            Err(_) => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                None
+            }
+        })
+        .unwrap();
     // A reserve larger than the disk: the build must not start.
     store.min_free_bytes = u64::MAX / 4;
     let err = build_shared(&store, &plan, &vms, SharedFormat::Erofs, &opts()).unwrap_err();
@@ -393,7 +402,15 @@ async fn a_crash_mid_build_leaves_nothing_visible_after_restart() {
     let Built { node, .. } = b;
     let Node { dir: _dir, images, .. } = node;
     drop(images);
-    let store = Store::open(&data).unwrap();
+    let store = (0..100)
+        .find_map(|_| match Store::open(&data) {
+            Ok(s) => Some(s),
+            Err(_) => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                None
+            }
+        })
+        .unwrap();
     assert_eq!(store.partitions().unwrap(), vec![]);
     assert_eq!(std::fs::read_dir(data.join("partitions")).unwrap().count(), 0);
     assert_eq!(store.staging_files().unwrap(), Vec::<String>::new());
@@ -422,4 +439,144 @@ async fn a_shared_partition_is_removed_with_its_last_vm() {
     let removed = b.store().release_vm("dev").unwrap();
     assert_eq!(removed.len(), 2);
     b.assert_no_partitions();
+}
+
+/// An entry as the overlay can show it: no modification time, hard links
+/// as the files they name (identical shared files are one inode).
+fn comparable(e: &provd_domain::image::Entry) -> String {
+    use provd_domain::image::EntryKind;
+    let kind = if e.kind == EntryKind::Hardlink { EntryKind::File } else { e.kind };
+    let mode = if kind == EntryKind::Symlink { 0 } else { e.mode & 0o7777 };
+    let target = if kind == EntryKind::Symlink { e.link_target.clone() } else { None };
+    format!(
+        "{} {} {:o} {}:{} {:?} {:?} {:?}",
+        e.path,
+        kind.as_str(),
+        mode,
+        e.uid,
+        e.gid,
+        e.hash,
+        target,
+        e.device
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_boot_script_assembles_each_vms_root_from_its_partitions() {
+    let b = prepared().await;
+    let layout = build_all(
+        b.store(),
+        &b.plan,
+        &b.vms,
+        SharedFormat::Erofs,
+        PrivateFormat::Ext4,
+        None,
+        &opts(),
+    )
+    .unwrap();
+    let shared = layout.shared.unwrap();
+    let shared_image = b.store().partition_path(&shared.id).unwrap().join(&shared.file);
+    let script = b.node.dir.path().join("provd-overlay-root");
+    write(&script, provd_partitions::OVERLAY_ROOT_SCRIPT.as_bytes(), 0o755);
+    for (v, private) in b.vms.iter().zip(&layout.private) {
+        provd_partitions::add_file(
+            b.store(),
+            &private.id,
+            "etc/hostname",
+            b"booted\n",
+            0o644,
+            &opts(),
+        )
+        .unwrap();
+        let image = b.store().partition_path(&private.id).unwrap().join(&private.file);
+        let work = b.node.dir.path().join(format!("boot-{}", v.vm));
+        std::fs::create_dir_all(work.join("root")).unwrap();
+        // In a private mount namespace: mount the private partition as the
+        // initramfs would, run the script, copy the assembled root out.
+        let shell = format!(
+            "set -e; mount {image} {work}/root; rootmnt={work}/root PROVD_RUN={work}/run \
+             PROVD_SHARED_DEVICE={shared} sh {script}; cp -a {work}/root/. {work}/copy",
+            image = image.display(),
+            work = work.display(),
+            shared = shared_image.display(),
+            script = script.display()
+        );
+        let out = std::process::Command::new("unshare")
+            .args(["-m", "sh", "-c", &shell])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("permission denied")
+                || err.contains("Operation not permitted")
+                || err.contains("failed to setup loop device")
+            {
+                eprintln!("skipping the mount check: this environment cannot mount ({err})");
+                return;
+            }
+            panic!("assembling {}'s root failed: {err}", v.vm);
+        }
+        // What the guest sees: its image, with the hostname written above.
+        let seen = b
+            .node
+            .images
+            .import(&format!("dir:{}", work.join("copy").display()), Arc::new(NoProgress))
+            .await
+            .unwrap();
+        let seen: Vec<String> =
+            b.store().entries(&seen, 0, u64::MAX).unwrap().iter().map(comparable).collect();
+        let mut want: Vec<provd_domain::image::Entry> =
+            b.store().entries(&v.image, 0, u64::MAX).unwrap();
+        let hostname = want.iter_mut().find(|e| e.path == "etc/hostname").unwrap();
+        hostname.hash = Some(provd_domain::image::Hash(*blake3::hash(b"booted\n").as_bytes()));
+        hostname.size = 7;
+        let want: Vec<String> = want.iter().map(comparable).collect();
+        assert_eq!(seen, want, "{}", v.vm);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn added_files_are_checked_recorded_and_verified() {
+    let b = prepared().await;
+    let layout = build_all(
+        b.store(),
+        &b.plan,
+        &b.vms,
+        SharedFormat::Erofs,
+        PrivateFormat::Ext4,
+        None,
+        &opts(),
+    )
+    .unwrap();
+    let web = &layout.private[0];
+    assert_eq!(web.vms, vec!["web"]);
+    let add = |path: &str, content: &[u8], mode: u32| {
+        provd_partitions::add_file(b.store(), &web.id, path, content, mode, &opts())
+    };
+    add("etc/hostname", b"web-7\n", 0o644).unwrap();
+    add("var/lib/web/seed.txt", b"seed", 0o600).unwrap();
+    let report = verify_vm(b.store(), "web", &opts()).unwrap();
+    assert!(report.is_exact(), "{:#?}", report.mismatches);
+    let before = std::fs::read(b.store().partition_path(&web.id).unwrap().join(&web.file)).unwrap();
+    for (path, mode, expected) in [
+        ("../etc/passwd", 0o644, "not a normalised relative path"),
+        ("etc/$(reboot)", 0o644, "only A-Z a-z 0-9"),
+        ("etc/shadow", 0o4755, "only permission bits 0777"),
+        ("no/such/dir/file", 0o644, "parent directory is not in"),
+        ("usr/bin", 0o644, "a dir is there"),
+    ] {
+        let err = add(path, b"x", mode).unwrap_err();
+        assert!(err.to_string().contains(expected), "{path}: {err}");
+    }
+    let err =
+        add("etc/big", &vec![0; provd_partitions::MAX_ADDED_FILE_BYTES + 1], 0o644).unwrap_err();
+    assert!(err.to_string().contains("at most"), "{err}");
+    let shared = layout.shared.as_ref().unwrap();
+    let err = provd_partitions::add_file(b.store(), &shared.id, "etc/x", b"x", 0o644, &opts())
+        .unwrap_err();
+    assert!(err.to_string().contains("is shared"), "{err}");
+    // The refusals changed nothing.
+    let after = std::fs::read(b.store().partition_path(&web.id).unwrap().join(&web.file)).unwrap();
+    assert!(before == after);
+    assert_eq!(b.store().staging_files().unwrap(), Vec::<String>::new());
 }
