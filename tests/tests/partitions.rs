@@ -384,9 +384,24 @@ async fn a_builder_dying_mid_write_leaves_nothing_behind() {
         0o755,
     );
     let dying = BuildOptions { tool_dirs: vec![tools.path().to_path_buf()], ..opts() };
-    let err = build_shared(b.store(), &b.plan, &b.vms, SharedFormat::Erofs, &dying).unwrap_err();
+    let err = build_shared(b.store(), &b.plan, &b.vms, SharedFormat::ErofsLz4, &dying).unwrap_err();
     assert!(matches!(err, PartitionError::ToolFailed { tool: "mkfs.erofs", .. }), "{err}");
     b.assert_no_partitions();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn content_lost_from_the_store_mid_write_leaves_nothing_behind() {
+    let b = prepared().await;
+    // The largest layer file's content disappears behind provd's back: the
+    // EROFS writer, streaming from the store, fails part-way through.
+    let victim = b.plan.layers.iter().flat_map(|l| &l.entries).max_by_key(|e| e.size).unwrap();
+    let hex = victim.hash.unwrap().to_hex();
+    std::fs::remove_file(b.node.data.join("objects").join(&hex[..2]).join(&hex)).unwrap();
+    for format in [SharedFormat::Erofs, SharedFormat::Ext4, SharedFormat::Dir] {
+        let err = build_shared(b.store(), &b.plan, &b.vms, format, &opts()).unwrap_err();
+        assert!(err.to_string().contains(&hex), "{format:?}: {err}");
+        b.assert_no_partitions();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -35,6 +35,7 @@
 
 mod customize;
 pub mod erofs;
+pub mod erofs_writer;
 pub mod ext4;
 pub mod reader;
 mod stage;
@@ -303,17 +304,24 @@ pub struct VmImage {
 
 /// A filesystem UUID derived from the partition id, so a rebuild of the
 /// same partition keeps it and two partitions never share one.
-fn uuid_for(id: &str) -> String {
+fn uuid_bytes(id: &str) -> [u8; 16] {
     let h = blake3::hash(id.as_bytes());
-    let b = h.as_bytes();
-    let byte = |i: usize| b.get(i).copied().unwrap_or(0);
-    let mut bytes: Vec<u8> = (0..16).map(byte).collect();
-    if let Some(v) = bytes.get_mut(6) {
-        *v = (*v & 0x0f) | 0x40;
+    let mut bytes = [0u8; 16];
+    for (out, b) in bytes.iter_mut().zip(h.as_bytes()) {
+        *out = *b;
     }
-    if let Some(v) = bytes.get_mut(8) {
-        *v = (*v & 0x3f) | 0x80;
+    // RFC 4122 version 4 and variant bits.
+    if let Some(b) = bytes.get_mut(6) {
+        *b = (*b & 0x0f) | 0x40;
     }
+    if let Some(b) = bytes.get_mut(8) {
+        *b = (*b & 0x3f) | 0x80;
+    }
+    bytes
+}
+
+fn uuid_for(id: &str) -> String {
+    let bytes = uuid_bytes(id);
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     format!(
         "{}-{}-{}-{}-{}",
@@ -558,6 +566,111 @@ fn write_small(
     dir.set_permissions(name, cap_std::fs::Permissions::from_mode(mode)).map_err(io)
 }
 
+/// Hard links to one inode before a new one is started (EROFS keeps the
+/// count in the inode; ext4 tools stop at 65000).
+const MAX_LINKS_PER_INODE: u32 = 60_000;
+
+/// Writes the shared partition of `plan` as an uncompressed EROFS image
+/// straight from the store: every file with the same content, mode and
+/// owner is one inode, layer directories are 0755 root.
+fn write_shared_erofs(
+    store: &Store,
+    plan: &Plan,
+    image: &std::path::Path,
+    id: &str,
+    manifest_json: &str,
+) -> Result<erofs_writer::WriteFigures, PartitionError> {
+    use erofs_writer::{Content, Node};
+    let mut inodes: std::collections::HashMap<
+        (provd_domain::image::Hash, u32, u64, u64),
+        (u64, u32),
+    > = std::collections::HashMap::new();
+    let mut next_inode = 0u64;
+    let mut nodes =
+        Vec::with_capacity(plan.layers.iter().map(|l| l.entries.len()).sum::<usize>() + 1);
+    let owner = |e: &Entry| -> Result<(u32, u32), PartitionError> {
+        match (u32::try_from(e.uid), u32::try_from(e.gid)) {
+            (Ok(u), Ok(g)) => Ok((u, g)),
+            _ => Err(PartitionError::InvalidEntry {
+                path: e.path.clone(),
+                reason: format!("owner {}:{} does not fit in 32 bits", e.uid, e.gid),
+            }),
+        }
+    };
+    for layer in &plan.layers {
+        for e in &layer.entries {
+            let (uid, gid) = owner(e)?;
+            let path = format!("layers/{}/{}", layer.id, e.path);
+            let mode = e.mode & 0o7777;
+            let mut node = Node {
+                path,
+                kind: e.kind,
+                mode,
+                uid,
+                gid,
+                mtime: e.mtime,
+                size: 0,
+                content: None,
+                link_target: None,
+                device: None,
+                inode: None,
+            };
+            match e.kind {
+                EntryKind::File | EntryKind::Hardlink => {
+                    let hash = e.hash.ok_or_else(|| PartitionError::InvalidEntry {
+                        path: e.path.clone(),
+                        reason: "a file without a content digest".into(),
+                    })?;
+                    let slot = inodes.entry((hash, mode, e.uid, e.gid)).or_insert((next_inode, 0));
+                    if slot.1 >= MAX_LINKS_PER_INODE {
+                        next_inode += 1;
+                        *slot = (next_inode, 0);
+                    }
+                    if slot.0 == next_inode {
+                        next_inode += 1;
+                    }
+                    slot.1 += 1;
+                    node.kind = EntryKind::File;
+                    node.size = e.size;
+                    node.content = (e.size > 0).then_some(Content::Object(hash));
+                    node.inode = Some(slot.0);
+                }
+                EntryKind::Symlink => node.link_target = e.link_target.clone(),
+                EntryKind::CharDevice | EntryKind::BlockDevice => node.device = e.device,
+                EntryKind::Fifo | EntryKind::Dir => {}
+            }
+            nodes.push(node);
+        }
+    }
+    nodes.push(Node {
+        path: "provd-shared.json".into(),
+        kind: EntryKind::File,
+        mode: 0o444,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        size: manifest_json.len() as u64,
+        content: Some(Content::Bytes(manifest_json.as_bytes().to_vec())),
+        link_target: None,
+        device: None,
+        inode: None,
+    });
+    let mut open = |hash: &provd_domain::image::Hash| -> std::io::Result<std::fs::File> {
+        store.open_object(hash).map(|f| f.into_std()).map_err(std::io::Error::other)
+    };
+    erofs_writer::write_image(image, &nodes, uuid_bytes(id), "provd-shared", 0, &mut open).map_err(
+        |e| match e {
+            erofs_writer::ErofsWriteError::Invalid { path, reason } => {
+                PartitionError::InvalidEntry { path, reason }
+            }
+            other => PartitionError::Io {
+                what: "writing the EROFS image".into(),
+                source: std::io::Error::other(other.to_string()),
+            },
+        },
+    )
+}
+
 /// Builds the shared partition of `plan` in `format` from the images of
 /// `vms`, and publishes it.
 pub fn build_shared(
@@ -573,9 +686,10 @@ pub fn build_shared(
     }
     let tools = opts.tools();
     match format {
-        SharedFormat::Erofs | SharedFormat::ErofsLz4 | SharedFormat::ErofsLz4hc => {
+        SharedFormat::ErofsLz4 | SharedFormat::ErofsLz4hc => {
             tools.find(MKFS_EROFS)?;
         }
+        SharedFormat::Erofs => {}
         SharedFormat::Ext4 => {
             tools.find(MKE2FS)?;
         }
@@ -592,14 +706,6 @@ pub fn build_shared(
     let uuid = (format != SharedFormat::Dir).then(|| uuid_for(&id));
     let started = std::time::Instant::now();
     let build = BuildDir::new(store)?;
-    let mut stager = build.stager(Sharing::Identical)?;
-    for layer in &plan.layers {
-        let prefix = format!("layers/{}/", layer.id);
-        stager.dir(&format!("layers/{}", layer.id))?;
-        for e in &layer.entries {
-            stager.add(&format!("{prefix}{}", e.path), &prefix, e)?;
-        }
-    }
     let manifest = SharedManifest {
         partition: id.clone(),
         format,
@@ -617,12 +723,26 @@ pub fn build_shared(
     };
     let manifest_json = serde_json::to_string_pretty(&manifest)
         .map_err(|e| PartitionError::InvalidPlan(format!("encoding the manifest: {e}")))?;
+    let image = build.path.join(format.file_name());
+    if format == SharedFormat::Erofs {
+        // Written straight from the store: no staging tree at all.
+        let figures = write_shared_erofs(store, plan, &image, &id, &manifest_json)?;
+        tracing::debug!(elapsed = ?started.elapsed(), ?figures, "shared image written");
+        return finish_shared(build, plan, format, id, manifest_json, opts);
+    }
+    let mut stager = build.stager(Sharing::Identical)?;
+    for layer in &plan.layers {
+        let prefix = format!("layers/{}/", layer.id);
+        stager.dir(&format!("layers/{}", layer.id))?;
+        for e in &layer.entries {
+            stager.add(&format!("{prefix}{}", e.path), &prefix, e)?;
+        }
+    }
     write_small(stager.dir("")?, "provd-shared.json", &manifest_json, 0o444)?;
     let figures = stager.finish()?;
     tracing::debug!(elapsed = ?started.elapsed(), ?figures, "shared tree staged");
 
     let tree = build.path.join("tree");
-    let image = build.path.join(format.file_name());
     match format {
         SharedFormat::Erofs | SharedFormat::ErofsLz4 | SharedFormat::ErofsLz4hc => {
             let mut args: Vec<std::ffi::OsString> = vec!["--quiet".into()];
@@ -654,6 +774,20 @@ pub fn build_shared(
         }
         SharedFormat::Dir => {}
     }
+    tracing::debug!(elapsed = ?started.elapsed(), "shared image built");
+    finish_shared(build, plan, format, id, manifest_json, opts)
+}
+
+/// Measures a built shared image and publishes it.
+fn finish_shared(
+    build: BuildDir<'_>,
+    plan: &Plan,
+    format: SharedFormat,
+    id: String,
+    manifest_json: String,
+    opts: &BuildOptions,
+) -> Result<PartitionRecord, PartitionError> {
+    let image = build.path.join(format.file_name());
     let (bytes, apparent) = allocated(&image)?;
     if apparent > opts.quota_bytes {
         return Err(PartitionError::QuotaExceeded {
@@ -663,7 +797,6 @@ pub fn build_shared(
         });
     }
     let users: BTreeSet<String> = plan.layers.iter().flat_map(|l| l.vms.iter().cloned()).collect();
-    tracing::debug!(elapsed = ?started.elapsed(), "shared image built");
     build.publish(&NewPartition {
         id,
         role: "shared".into(),

@@ -23,7 +23,7 @@ pub struct BuildArgs {
     #[arg(long, default_value_t = 8)]
     max_layers: usize,
     /// erofs, erofs-lz4, erofs-lz4hc, ext4 or dir.
-    #[arg(long, default_value = "erofs-lz4")]
+    #[arg(long, default_value = "erofs")]
     shared_format: String,
     /// ext4 or qcow2.
     #[arg(long, default_value = "ext4")]
