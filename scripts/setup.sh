@@ -45,5 +45,7 @@ fi
 install_missing docker-registry skopeo tar gzip
 # Partition builders and readers: mkfs.erofs/fsck.erofs, mke2fs, qemu-img.
 install_missing erofs-utils e2fsprogs qemu-utils
+# VM configuration: virt-xml-validate (libvirt-clients), NoCloud seed images (xorriso).
+install_missing libvirt-clients xorriso
 
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
