@@ -63,6 +63,24 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX partition_vms_by_vm ON partition_vms (vm);
 "#,
+    r#"
+    CREATE TABLE vms (
+        name       TEXT PRIMARY KEY,
+        spec       TEXT NOT NULL,
+        operation  TEXT,
+        created_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE reservations (
+        vm       TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
+        resource TEXT NOT NULL CHECK (resource IN ('vcpus', 'memory-mib', 'disk-bytes')),
+        amount   INTEGER NOT NULL CHECK (amount >= 0),
+        PRIMARY KEY (vm, resource)
+    ) WITHOUT ROWID;
+    CREATE TABLE vm_macs (
+        mac TEXT PRIMARY KEY,
+        vm  TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE
+    ) WITHOUT ROWID;
+"#,
 ];
 
 /// An image as recorded.

@@ -25,6 +25,7 @@
 mod db;
 mod objects;
 mod partitions;
+mod vms;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,7 @@ use provd_domain::image::{Entry, Hash};
 pub use db::{ImageRecord, NewImage};
 pub use objects::ObjectWriter;
 pub use partitions::{NewPartition, PartitionRecord, new_partition_id, valid_partition_id};
+pub use vms::{NewVm, ReserveError, Resources, VmRecord};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
