@@ -45,7 +45,9 @@ fi
 install_missing docker-registry skopeo tar gzip
 # Partition builders and readers: mkfs.erofs/fsck.erofs, mke2fs, qemu-img.
 install_missing erofs-utils e2fsprogs qemu-utils
-# VM configuration: virt-xml-validate (libvirt-clients), NoCloud seed images (xorriso).
-install_missing libvirt-clients xorriso
+# VM configuration: virt-xml-validate (libvirt-clients; it runs xmllint from
+# libxml2-utils, which libvirt-clients does not depend on), NoCloud seed
+# images (xorriso).
+install_missing libvirt-clients libxml2-utils xorriso
 
 rustup component add rustfmt clippy >/dev/null 2>&1 || true

@@ -461,3 +461,34 @@ pub mod partitions {
         host::add_file(partition, path, content, mode).map_err(Error::from)
     }
 }
+
+/// VMs configured on the node from specs (TOML or JSON, see
+/// `examples/vms/`), on partitions this request built.
+///
+/// ```no_run
+/// use provd_sdk::vm;
+/// # let private_id = "p-0123456789abcdef";
+/// let spec = r#"
+/// name = "web-1"
+/// hypervisor = "libvirt"
+/// vcpus = 2
+/// memory-mib = 2048
+/// image = "dir:/srv/images/web"
+/// [boot]
+/// firmware = "uefi"
+/// "#;
+/// let configured = vm::configure(spec, private_id)?;
+/// # Ok::<(), provd_sdk::Error>(())
+/// ```
+pub mod vm {
+    use super::Error;
+    use super::wit::provd::plugin::vm as host;
+
+    pub use host::Configured;
+
+    /// Configures a VM from `spec` with `private` (a private partition of
+    /// this request built for it) as its root disk.
+    pub fn configure(spec: &str, private: &str) -> Result<Configured, Error> {
+        host::configure(spec, private).map_err(Error::from)
+    }
+}

@@ -42,6 +42,14 @@ fn node() -> Node {
     let policy = NodePolicy {
         // The node allows everything under the work directory...
         image_sources: vec![format!("dir:{}/**", work.path().display())],
+        // Room for 8 vCPUs (16 with 2× over-commit), 8 GiB and 20 GiB of disk.
+        capacity: provd_domain::NodeCapacity {
+            vcpus: 8,
+            memory_mib: 8192,
+            disk_bytes: 20 << 30,
+            cpu_overcommit_percent: 200,
+            ..provd_domain::NodeCapacity::default()
+        },
         ..NodePolicy::default()
     };
     let engine = Engine::new(EngineConfig {
@@ -61,7 +69,7 @@ impl Node {
     /// ...and the plugin asks only for `images/*`.
     async fn plugin(&self, max_read: u64) -> Plugin {
         let manifest = Manifest::from_toml(&format!(
-            "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.partitions]\n\
+            "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.vm]\n[capabilities.partitions]\n\
              [capabilities.images]\nsources = [\"dir:{}/images/*\"]\nmax-read-bytes = {max_read}\n",
             self.work.path().display()
         ))
@@ -149,7 +157,7 @@ async fn sources_outside_the_plugins_or_the_nodes_patterns_are_denied_before_any
 
     // A plugin pattern wider than the node's is narrowed by the node.
     let wide = Manifest::from_toml(
-        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.partitions]\n\
+        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.vm]\n[capabilities.partitions]\n\
          [capabilities.images]\nsources = [\"dir:/**\"]\n",
     )
     .unwrap();
@@ -209,7 +217,7 @@ async fn references_must_name_their_kind_and_reads_need_a_fetch_and_a_budget() {
 async fn a_node_without_an_image_store_refuses_plugins_that_need_one() {
     let engine = Engine::new(EngineConfig::default()).unwrap();
     let manifest = Manifest::from_toml(
-        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.partitions]\n[capabilities.images]\nsources = [\"dir:/srv/*\"]\n",
+        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.vm]\n[capabilities.partitions]\n[capabilities.images]\nsources = [\"dir:/srv/*\"]\n",
     )
     .unwrap();
     let err = engine.load(&manifest, IMAGER.wasm()).await.unwrap_err();
@@ -311,7 +319,7 @@ async fn a_plugin_builds_partitions_that_give_back_each_image_and_touches_only_i
     // A quota too small for the partitions: refused, nothing built.
     let before = store.partitions().unwrap().len();
     let manifest = Manifest::from_toml(&format!(
-        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n\
+        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.vm]\n\
          [capabilities.partitions]\nmax-bytes = 1000000\n\
          [capabilities.images]\nsources = [\"dir:{}/images/*\"]\n",
         node.work.path().display()
@@ -329,4 +337,97 @@ async fn a_plugin_builds_partitions_that_give_back_each_image_and_touches_only_i
     let err = node.call(&plugin, input).await.unwrap_err();
     assert!(err.to_string().contains("unknown private partition format \"vfat\""), "{err}");
     assert_eq!(store.partitions().unwrap().len(), before);
+}
+
+fn spec(name: &str, vcpus: u32, memory_mib: u64) -> String {
+    format!(
+        "name = \"{name}\"\nhypervisor = \"libvirt\"\nvcpus = {vcpus}\nmemory-mib = {memory_mib}\n\
+         image = \"dir:/srv/{name}\"\n[boot]\nfirmware = \"uefi\"\n\
+         [[nics]]\nbridge = \"br0\"\ndhcp4 = true\n\
+         [cloud-init]\nhostname = \"{name}.example\"\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_configures_vms_on_its_partitions_within_grant_and_capacity() {
+    let node = node();
+    tree(&node.path("images/web2"));
+    std::fs::write(node.path("images/web2/etc/hostname"), "web-2\n").unwrap();
+    let plugin = node.plugin(1 << 20).await;
+    let web = format!("dir:{}", node.path("images/web").display());
+    let web2 = format!("dir:{}", node.path("images/web2").display());
+    let input = serde_json::json!({
+        "op": "partitions",
+        "vms": [["a", web], ["b", web2]],
+        "min_layer_bytes": 0,
+        "max_layers": 8,
+        "shared_format": "erofs",
+        "private_format": "ext4",
+        "specs": {"a": spec("a", 4, 2048), "b": spec("b", 2, 1024)},
+    });
+    let out = node.call(&plugin, input.clone()).await.unwrap();
+    let built: serde_json::Value = serde_json::from_str(&out.report.output).unwrap();
+    let store = node.images.store();
+    for (i, vm) in ["a", "b"].iter().enumerate() {
+        assert_eq!(built[i]["config_file"], "domain.xml");
+        assert_eq!(
+            built[i]["disks"],
+            serde_json::json!(["root:root", "shared:shared", "seed:seed"])
+        );
+        let dir = node.path("data/vms").join(vm);
+        let xml = dir.join("domain.xml");
+        assert_eq!(std::fs::read_to_string(&xml).unwrap(), built[i]["config"].as_str().unwrap());
+        let check = std::process::Command::new("virt-xml-validate")
+            .arg(&xml)
+            .arg("domain")
+            .output()
+            .unwrap();
+        assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+        let (label, files) = provd_vm::cloudinit::read_seed_iso(&dir.join("seed.iso")).unwrap();
+        assert_eq!(label, "cidata");
+        let meta = files.iter().find(|(n, _)| n == "meta-data").unwrap();
+        assert!(String::from_utf8_lossy(&meta.1).contains(&format!("{vm}.example")));
+    }
+    let reserved = store.reserved().unwrap();
+    assert_eq!((reserved.vcpus, reserved.memory_mib), (6, 3072));
+
+    // Over the node: 6 + 12 vCPUs > 16. Nothing is reserved, and the failed
+    // request's partitions are removed with it.
+    let partitions_before = store.partitions().unwrap().len();
+    let mut big = input.clone();
+    big["vms"] = serde_json::json!([["c", web], ["d", web2]]);
+    big["specs"] = serde_json::json!({"c": spec("c", 12, 1024)});
+    let err = node.call(&plugin, big).await.unwrap_err();
+    assert!(err.to_string().contains("vcpus: needs 12, 10 free"), "{err}");
+    assert_eq!(store.reserved().unwrap(), reserved);
+    assert_eq!(store.partitions().unwrap().len(), partitions_before);
+    assert!(store.vm("c").unwrap().is_none());
+    assert!(!node.path("data/vms/c").exists());
+
+    // Over the plugin's grant: refused before anything is reserved.
+    let manifest = Manifest::from_toml(&format!(
+        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n\
+         [capabilities.vm]\nmax-vcpus = 2\nhypervisors = [\"firecracker\"]\n[capabilities.partitions]\n\
+         [capabilities.images]\nsources = [\"dir:{}/images/*\"]\n",
+        node.work.path().display()
+    ))
+    .unwrap();
+    let narrow = node.engine.load(&manifest, IMAGER.wasm()).await.unwrap();
+    let mut denied = input.clone();
+    denied["vms"] = serde_json::json!([["e", web], ["f", web2]]);
+    denied["specs"] = serde_json::json!({"e": spec("e", 1, 512)});
+    let err = node.call(&narrow, denied).await.unwrap_err();
+    assert!(err.to_string().contains("libvirt is not among the plugin's hypervisors"), "{err}");
+    assert_eq!(store.reserved().unwrap(), reserved);
+
+    // Deleting a VM gives back exactly its reservations and its private
+    // partition; the shared one stays while b uses it.
+    assert!(provd_vm::node::delete(store, "a").unwrap());
+    let left = store.reserved().unwrap();
+    assert_eq!((left.vcpus, left.memory_mib), (2, 1024));
+    assert!(!node.path("data/vms/a").exists());
+    assert!(store.partitions_of_vm("a").unwrap().is_empty());
+    assert!(provd_vm::node::delete(store, "b").unwrap());
+    assert_eq!(store.reserved().unwrap(), provd_store::Resources::default());
+    assert!(store.partitions().unwrap().is_empty());
 }

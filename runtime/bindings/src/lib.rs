@@ -22,7 +22,7 @@ mod generated {
     });
 }
 
-pub use generated::provd::plugin::{dedup, hashing, images, log, partitions, progress, types};
+pub use generated::provd::plugin::{dedup, hashing, images, log, partitions, progress, types, vm};
 pub use generated::{Provisioner, ProvisionerPre, Report, Request};
 
 /// Host state behind a guest's `hashing.hasher` handle.

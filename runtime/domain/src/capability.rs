@@ -22,17 +22,20 @@ pub enum Capability {
     Dedup,
     /// `provd:plugin/partitions`: build shared and private partitions.
     Partitions,
+    /// `provd:plugin/vm`: configure VMs on the node.
+    Vm,
 }
 
 impl Capability {
     /// Every capability, in a stable order.
-    pub const ALL: [Capability; 6] = [
+    pub const ALL: [Capability; 7] = [
         Capability::Log,
         Capability::Progress,
         Capability::Hashing,
         Capability::Images,
         Capability::Dedup,
         Capability::Partitions,
+        Capability::Vm,
     ];
 
     /// The name used in `plugin.toml` and in the WIT interface.
@@ -44,6 +47,7 @@ impl Capability {
             Capability::Images => "images",
             Capability::Dedup => "dedup",
             Capability::Partitions => "partitions",
+            Capability::Vm => "vm",
         }
     }
 
@@ -94,6 +98,20 @@ pub struct PartitionsGrant {
     /// Bytes (sizes guests see) the partitions of one request may total.
     pub max_bytes: u64,
 }
+
+/// What a plugin granted `vm` may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmGrant {
+    /// Most vCPUs of one VM.
+    pub max_vcpus: u32,
+    /// Most memory of one VM.
+    pub max_memory_mib: u64,
+    /// Hypervisors the plugin may configure VMs for.
+    pub hypervisors: Vec<String>,
+}
+
+/// The hypervisors provd renders configurations for.
+pub const HYPERVISORS: [&str; 3] = ["libvirt", "cloud-hypervisor", "firecracker"];
 
 /// Matches `text` against a glob `pattern`: `*` matches any run of
 /// characters other than `/`, `**` matches any run at all, every other

@@ -33,9 +33,14 @@ pub mod image;
 mod manifest;
 mod policy;
 
-pub use capability::{Capability, HashingGrant, ImagesGrant, LogGrant, glob_match};
+pub use capability::{
+    Capability, HYPERVISORS, HashingGrant, ImagesGrant, LogGrant, PartitionsGrant, VmGrant,
+    glob_match,
+};
 pub use manifest::{
     CapabilityRequests, DedupRequest, HashingRequest, ImagesRequest, LimitRequests, LogRequest,
     Manifest, ManifestError, ProgressRequest,
 };
-pub use policy::{CapabilityGrants, Grant, Limits, NodePolicy, PolicyViolation, PolicyViolations};
+pub use policy::{
+    CapabilityGrants, Grant, Limits, NodeCapacity, NodePolicy, PolicyViolation, PolicyViolations,
+};

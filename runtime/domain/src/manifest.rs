@@ -59,6 +59,20 @@ pub struct CapabilityRequests {
     pub images: Option<ImagesRequest>,
     pub dedup: Option<DedupRequest>,
     pub partitions: Option<PartitionsRequest>,
+    pub vm: Option<VmRequest>,
+}
+
+/// Parameters of the `vm` capability.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct VmRequest {
+    /// Most vCPUs of one VM.
+    pub max_vcpus: Option<u32>,
+    /// Most memory of one VM.
+    pub max_memory_mib: Option<u64>,
+    /// Hypervisors the plugin configures VMs for (default: every one the
+    /// node allows).
+    pub hypervisors: Option<Vec<String>>,
 }
 
 /// Parameters of the `partitions` capability.
@@ -243,6 +257,9 @@ impl Manifest {
         }
         if c.partitions.is_some() {
             out.push(Capability::Partitions);
+        }
+        if c.vm.is_some() {
+            out.push(Capability::Vm);
         }
         out
     }

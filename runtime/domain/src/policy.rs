@@ -3,7 +3,9 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::capability::{Capability, HashingGrant, ImagesGrant, LogGrant, PartitionsGrant};
+use crate::capability::{
+    Capability, HYPERVISORS, HashingGrant, ImagesGrant, LogGrant, PartitionsGrant, VmGrant,
+};
 use crate::manifest::Manifest;
 
 const MIB: u64 = 1 << 20;
@@ -66,6 +68,53 @@ pub struct NodePolicy {
     /// may ask for, and the default.
     pub max_partition_bytes: u64,
     pub default_partition_bytes: u64,
+    /// Largest VM any plugin may configure.
+    pub max_vm_vcpus: u32,
+    pub max_vm_memory_mib: u64,
+    /// Hypervisors this node runs; plugins may configure VMs for these only.
+    pub hypervisors: Vec<String>,
+    /// What the node has for VMs, and how far it may be over-committed.
+    pub capacity: NodeCapacity,
+}
+
+/// A node's resources for VMs. Reservations of all VMs together stay
+/// within `amount × overcommit-percent / 100` of each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeCapacity {
+    pub vcpus: u64,
+    pub memory_mib: u64,
+    pub disk_bytes: u64,
+    pub cpu_overcommit_percent: u32,
+    pub memory_overcommit_percent: u32,
+    pub disk_overcommit_percent: u32,
+}
+
+impl Default for NodeCapacity {
+    /// Nothing: a node must say what it offers before any VM fits.
+    fn default() -> Self {
+        NodeCapacity {
+            vcpus: 0,
+            memory_mib: 0,
+            disk_bytes: 0,
+            cpu_overcommit_percent: 100,
+            memory_overcommit_percent: 100,
+            disk_overcommit_percent: 100,
+        }
+    }
+}
+
+impl NodeCapacity {
+    /// The totals reservations may reach: (vCPUs, MiB, bytes).
+    pub fn effective(&self) -> (u64, u64, u64) {
+        let scale = |v: u64, pct: u32| {
+            u64::try_from(u128::from(v) * u128::from(pct) / 100).unwrap_or(u64::MAX)
+        };
+        (
+            scale(self.vcpus, self.cpu_overcommit_percent),
+            scale(self.memory_mib, self.memory_overcommit_percent),
+            scale(self.disk_bytes, self.disk_overcommit_percent),
+        )
+    }
 }
 
 impl Default for NodePolicy {
@@ -94,6 +143,10 @@ impl Default for NodePolicy {
             default_image_read_bytes: MIB,
             max_partition_bytes: 1024 * 1024 * MIB,
             default_partition_bytes: 64 * 1024 * MIB,
+            max_vm_vcpus: 64,
+            max_vm_memory_mib: 256 * 1024,
+            hypervisors: HYPERVISORS.iter().map(|h| h.to_string()).collect(),
+            capacity: NodeCapacity::default(),
         }
     }
 }
@@ -118,6 +171,7 @@ pub struct CapabilityGrants {
     pub images: Option<ImagesGrant>,
     pub dedup: bool,
     pub partitions: Option<PartitionsGrant>,
+    pub vm: Option<VmGrant>,
 }
 
 impl CapabilityGrants {
@@ -130,6 +184,7 @@ impl CapabilityGrants {
             Capability::Images => self.images.is_some(),
             Capability::Dedup => self.dedup,
             Capability::Partitions => self.partitions.is_some(),
+            Capability::Vm => self.vm.is_some(),
         }
     }
 }
@@ -148,11 +203,20 @@ pub struct PolicyViolation {
     pub field: &'static str,
     pub requested: u64,
     pub allowed: u64,
+    /// A value the node does not offer at all (a name, not a number).
+    pub refused: Option<String>,
 }
 
 impl fmt::Display for PolicyViolation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} = {} exceeds the node's {}", self.field, self.requested, self.allowed)
+        match &self.refused {
+            Some(value) => {
+                write!(f, "{} includes {value:?}, which this node does not offer", self.field)
+            }
+            None => {
+                write!(f, "{} = {} exceeds the node's {}", self.field, self.requested, self.allowed)
+            }
+        }
     }
 }
 
@@ -175,11 +239,17 @@ impl Manifest {
     /// never runs with less than it declared it needs.
     pub fn grant(&self, policy: &NodePolicy) -> Result<Grant, PolicyViolations> {
         let mut violations = Vec::new();
+        let mut hypervisor_refused: Vec<String> = Vec::new();
         let mut check =
             |field: &'static str, requested: Option<u64>, allowed: u64, default: u64| {
                 let value = requested.unwrap_or(default);
                 if value > allowed {
-                    violations.push(PolicyViolation { field, requested: value, allowed });
+                    violations.push(PolicyViolation {
+                        field,
+                        requested: value,
+                        allowed,
+                        refused: None,
+                    });
                 }
                 value.min(allowed)
             };
@@ -259,6 +329,39 @@ impl Manifest {
             ),
         });
 
+        let mut vm = None;
+        if let Some(r) = &c.vm {
+            let max_vcpus = check(
+                "capabilities.vm.max-vcpus",
+                r.max_vcpus.map(u64::from),
+                u64::from(p.max_vm_vcpus),
+                u64::from(p.max_vm_vcpus),
+            );
+            let max_memory_mib = check(
+                "capabilities.vm.max-memory-mib",
+                r.max_memory_mib,
+                p.max_vm_memory_mib,
+                p.max_vm_memory_mib,
+            );
+            let hypervisors = r.hypervisors.clone().unwrap_or_else(|| p.hypervisors.clone());
+            for h in &hypervisors {
+                if !p.hypervisors.contains(h) {
+                    hypervisor_refused.push(h.clone());
+                }
+            }
+            vm = Some(VmGrant {
+                max_vcpus: u32::try_from(max_vcpus).unwrap_or(u32::MAX),
+                max_memory_mib,
+                hypervisors,
+            });
+        }
+
+        violations.extend(hypervisor_refused.into_iter().map(|h| PolicyViolation {
+            field: "capabilities.vm.hypervisors",
+            requested: 0,
+            allowed: 0,
+            refused: Some(h),
+        }));
         if !violations.is_empty() {
             return Err(PolicyViolations { plugin: self.name.clone(), violations });
         }
@@ -272,6 +375,7 @@ impl Manifest {
                 images,
                 dedup: c.dedup.is_some(),
                 partitions,
+                vm,
             },
             limits: Limits {
                 memory_bytes: memory_mib * MIB,

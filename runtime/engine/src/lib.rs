@@ -215,6 +215,7 @@ impl Engine {
         let services = host::NodeServices {
             images: config.images.clone(),
             image_sources: Arc::new(config.policy.image_sources.clone()),
+            capacity: config.policy.capacity,
         };
         Ok(Engine {
             inner: Arc::new(Inner { engine, config, pooling, cache, slots, ticker_stop, services }),
@@ -255,6 +256,9 @@ impl Engine {
             }
             if grant.capabilities.partitions.is_some() {
                 return Err(LoadError::Unavailable("partitions"));
+            }
+            if grant.capabilities.vm.is_some() {
+                return Err(LoadError::Unavailable("vm"));
             }
         }
 
@@ -368,11 +372,18 @@ async fn invoke(
         Err(e) => Err(classify(e, breached, p.grant.limits.timeout, last_stderr)),
     };
     if result.is_err() {
-        // A failed request keeps nothing it built.
+        // A failed request keeps nothing it built: VMs first (they use the
+        // partitions), then partitions.
         let built = std::mem::take(&mut state.partitions);
-        if let (false, Some(images)) = (built.is_empty(), state.images.clone()) {
+        let vms = std::mem::take(&mut state.configured_vms);
+        if let (false, Some(images)) = (built.is_empty() && vms.is_empty(), state.images.clone()) {
             let store = images.store().clone();
             let removed = tokio::task::spawn_blocking(move || {
+                for vm in vms.iter().rev() {
+                    if let Err(e) = provd_vm::node::delete(&store, vm) {
+                        tracing::warn!(vm = %vm, error = %e, "cannot remove a failed request's VM");
+                    }
+                }
                 for id in built.iter().rev() {
                     if let Err(e) = store.remove_partition(id) {
                         tracing::warn!(partition = %id, error = %e, "cannot remove a failed request's partition");

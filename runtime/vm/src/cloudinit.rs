@@ -1,1 +1,1545 @@
-//! cloud-init NoCloud seeds.
+//! cloud-init NoCloud seeds: the `meta-data`, `user-data` and
+//! `network-config` files a guest's cloud-init reads from a small ISO9660
+//! image labelled `cidata`, and the image itself, written with `xorriso`.
+//!
+//! # Instance id
+//!
+//! cloud-init runs its per-instance modules (users, SSH keys, host key
+//! generation, `runcmd`, ...) again whenever the `instance-id` in
+//! `meta-data` changes. provd derives that id from the seed's content:
+//! `provd-` followed by the first 16 hex digits of a BLAKE3 hash over the VM
+//! name, the hostname, and the `user-data` and `network-config` exactly as
+//! rendered (the users are part of the rendered `user-data`). So:
+//!
+//! - rendering the same input again yields the same id, and a restarted or
+//!   re-provisioned VM with an unchanged seed keeps its state;
+//! - changing the user-data, the users, the hostname or the network gives a
+//!   new id, and cloud-init applies the change on the next boot, predictably,
+//!   instead of silently ignoring it as "already done for this instance".
+//!
+//! The price is that a change of the rendering itself (a provd release that
+//! emits different YAML for the same input) is a new instance too, with the
+//! guest's SSH host keys regenerated: the rendering here is kept stable on
+//! purpose.
+//!
+//! # User-data
+//!
+//! The users given in the spec become a `#cloud-config` written by provd.
+//! When the spec also carries its own user-data, both go into a MIME
+//! `multipart/mixed` document, provd's part first: cloud-init merges
+//! cloud-config parts in order, so on a key both set, the user's wins.
+//! User-data must start with one of cloud-init's content markers
+//! (`#cloud-config`, `#!`, `#cloud-boothook`, `#include`,
+//! `## template: jinja`, ...): cloud-init silently ignores anything else, so
+//! provd refuses it instead. A user-data that is already a MIME document is
+//! passed through when it is alone, and refused next to users.
+//!
+//! # YAML
+//!
+//! Every string provd writes into YAML is a double-quoted scalar with
+//! escapes, never a plain one, so no key comment, shell or hostname can turn
+//! into YAML syntax (`: `, `#`, a leading `-`, `yes` read as a boolean by
+//! cloud-init's YAML 1.1 parser, ...).
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Largest total size of the seed's files. Real seeds are a few kilobytes;
+/// cloud-init reads every file whole into memory at boot, and each VM keeps
+/// its own image on the node, so a spec must not be able to grow either
+/// without bound. 1 MiB is far above any legitimate cloud-config and still
+/// small next to a VM's disk.
+pub const MAX_SEED_BYTES: usize = 1 << 20;
+
+/// Largest image `read_seed_iso` extracts. A seed of [`MAX_SEED_BYTES`] makes
+/// an image well under 2 MiB; the bound keeps a stray large image from being
+/// unpacked into the temporary directory.
+const MAX_IMAGE_BYTES: u64 = 16 << 20;
+
+/// The volume label cloud-init's NoCloud data source looks for.
+pub const VOLUME_ID: &str = "cidata";
+
+/// Where `xorriso` is looked for. Fixed rather than taken from `PATH`, so
+/// the daemon's environment cannot substitute the program it runs.
+pub const TOOL_DIRS: &[&str] = &["/usr/bin", "/bin"];
+
+const XORRISO: &str = "xorriso";
+const XORRISO_PACKAGE: &str = "xorriso";
+
+/// Longest stderr tail kept in an error.
+const STDERR_KEEP: usize = 2048;
+
+/// A user created in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedUser {
+    pub name: String,
+    pub ssh_authorized_keys: Vec<String>,
+    /// Passwordless sudo for everything.
+    pub sudo: bool,
+    pub shell: Option<String>,
+}
+
+/// A guest network interface, matched by MAC address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedNic {
+    /// Normalised: lowercase, colon-separated (`52:54:00:12:34:56`).
+    pub mac: String,
+    /// Address with prefix length (`192.0.2.10/24`) and optional gateway.
+    pub ipv4: Option<(String, Option<String>)>,
+    /// Address with prefix length (`2001:db8::10/64`) and optional gateway.
+    pub ipv6: Option<(String, Option<String>)>,
+    pub dhcp4: bool,
+    pub dhcp6: bool,
+    pub dns: Vec<String>,
+}
+
+/// What a seed is made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedInput {
+    /// The VM's name.
+    pub vm: String,
+    pub hostname: String,
+    pub users: Vec<SeedUser>,
+    /// The spec's own user-data, if any.
+    pub user_data: Option<String>,
+    /// A raw network-config that replaces the generated one.
+    pub network_config: Option<String>,
+    pub nics: Vec<SeedNic>,
+}
+
+/// The rendered files of a NoCloud seed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seed {
+    pub meta_data: String,
+    pub user_data: String,
+    /// Absent when there is neither an override nor a NIC.
+    pub network_config: Option<String>,
+    pub instance_id: String,
+}
+
+impl Seed {
+    /// The files of the image, by name, in the order they are written.
+    pub fn files(&self) -> Vec<(&'static str, &str)> {
+        let mut files = vec![("meta-data", self.meta_data.as_str())];
+        files.push(("user-data", self.user_data.as_str()));
+        if let Some(net) = &self.network_config {
+            files.push(("network-config", net.as_str()));
+        }
+        files
+    }
+
+    fn total_bytes(&self) -> usize {
+        self.files().iter().map(|(_, c)| c.len()).sum()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("seed files total {bytes} bytes, more than the {limit} allowed")]
+    TooLarge { bytes: usize, limit: usize },
+    #[error("{tool} not found in {searched}: install the Debian package {package}")]
+    MissingTool { tool: &'static str, package: &'static str, searched: String },
+    #[error("{tool} failed ({status}): {stderr}")]
+    ToolFailed { tool: &'static str, status: String, stderr: String },
+    #[error("seed image {path}: {reason}")]
+    BadImage { path: PathBuf, reason: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> SeedError {
+    SeedError::Invalid { field: field.into(), reason: reason.into() }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SeedError {
+    let what = what.into();
+    move |source| SeedError::Io { what, source }
+}
+
+// ---------------------------------------------------------------------------
+// Rendering
+
+/// Renders the seed's files and derives its instance id.
+pub fn seed_files(input: &SeedInput) -> Result<Seed, SeedError> {
+    check_text("name", &input.vm)?;
+    check_text("hostname", &input.hostname)?;
+    check_users(&input.users)?;
+
+    let user_data = render_user_data(input)?;
+    let network_config = match (&input.network_config, input.nics.is_empty()) {
+        (Some(raw), _) => Some(raw.clone()),
+        (None, false) => Some(render_network_config(&input.nics)?),
+        (None, true) => None,
+    };
+    let instance_id =
+        instance_id(&input.vm, &input.hostname, &user_data, network_config.as_deref());
+    let meta_data = format!(
+        "instance-id: {}\nlocal-hostname: {}\n",
+        yaml_quote(&instance_id),
+        yaml_quote(&input.hostname)
+    );
+    let seed = Seed { meta_data, user_data, network_config, instance_id };
+    check_size(&seed)?;
+    Ok(seed)
+}
+
+fn check_size(seed: &Seed) -> Result<(), SeedError> {
+    let bytes = seed.total_bytes();
+    if bytes > MAX_SEED_BYTES {
+        return Err(SeedError::TooLarge { bytes, limit: MAX_SEED_BYTES });
+    }
+    Ok(())
+}
+
+/// A value that ends up in a file on the guest or on a command line there:
+/// never empty, and free of control characters, which would split an
+/// `authorized_keys` line or a `passwd` entry in two.
+fn check_text(field: &str, value: &str) -> Result<(), SeedError> {
+    if value.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+fn check_users(users: &[SeedUser]) -> Result<(), SeedError> {
+    let mut names = BTreeSet::new();
+    for (i, user) in users.iter().enumerate() {
+        let field = format!("cloud-init.users[{i}]");
+        check_text(&format!("{field}.name"), &user.name)?;
+        if !names.insert(user.name.as_str()) {
+            return Err(invalid(format!("{field}.name"), format!("duplicate user {}", user.name)));
+        }
+        for (j, key) in user.ssh_authorized_keys.iter().enumerate() {
+            check_text(&format!("{field}.ssh_authorized_keys[{j}]"), key)?;
+        }
+        if let Some(shell) = &user.shell {
+            check_text(&format!("{field}.shell"), shell)?;
+        }
+    }
+    Ok(())
+}
+
+fn instance_id(vm: &str, hostname: &str, user_data: &str, network_config: Option<&str>) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"provd cloud-init instance-id v1\0");
+    // Each field is length-prefixed so that moving bytes from one field to
+    // the next cannot produce the same hash input.
+    let mut field = |bytes: &[u8]| {
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    field(vm.as_bytes());
+    field(hostname.as_bytes());
+    field(user_data.as_bytes());
+    match network_config {
+        Some(net) => {
+            field(b"1");
+            field(net.as_bytes());
+        }
+        None => field(b"0"),
+    }
+    let hex = h.finalize().to_hex();
+    format!("provd-{}", hex.get(..16).unwrap_or_default())
+}
+
+/// Quotes `s` as a YAML double-quoted scalar. Besides `"` and `\`, every
+/// character that PyYAML (cloud-init's parser) does not accept literally in
+/// a stream, or that YAML treats as a line break (NEL, LS, PS), is escaped;
+/// so is the BOM, which a reader may drop.
+fn yaml_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if needs_yaml_escape(c) => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn needs_yaml_escape(c: char) -> bool {
+    let u = u32::from(c);
+    u < 0x20
+        || (0x7F..=0x9F).contains(&u)
+        || u == 0x2028
+        || u == 0x2029
+        || u == 0xFEFF
+        || u == 0xFFFE
+        || u == 0xFFFF
+}
+
+/// provd's own `#cloud-config`: the hostname and the spec's users.
+fn render_cloud_config(input: &SeedInput) -> String {
+    let mut out = String::from("#cloud-config\n");
+    out.push_str(&format!("hostname: {}\n", yaml_quote(&input.hostname)));
+    out.push_str("preserve_hostname: false\n");
+    // Without a `users` key cloud-init creates the distribution's default
+    // user; with one, exactly the listed users (no `default` entry: the spec
+    // says who may log in).
+    if !input.users.is_empty() {
+        out.push_str("users:\n");
+    }
+    for user in &input.users {
+        out.push_str(&format!("  - name: {}\n", yaml_quote(&user.name)));
+        // Key-only logins: no password is set, and none may be set later by
+        // a stray `passwd` module default.
+        out.push_str("    lock_passwd: true\n");
+        if user.sudo {
+            out.push_str(&format!("    sudo: {}\n", yaml_quote("ALL=(ALL) NOPASSWD:ALL")));
+        }
+        if let Some(shell) = &user.shell {
+            out.push_str(&format!("    shell: {}\n", yaml_quote(shell)));
+        }
+        if !user.ssh_authorized_keys.is_empty() {
+            out.push_str("    ssh_authorized_keys:\n");
+            for key in &user.ssh_authorized_keys {
+                out.push_str(&format!("      - {}\n", yaml_quote(key)));
+            }
+        }
+    }
+    out
+}
+
+/// How cloud-init would treat a user-data document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UserDataKind {
+    /// One part of this MIME type.
+    Part(&'static str),
+    /// Already a MIME document.
+    Mime,
+}
+
+/// cloud-init's start-of-content markers and the MIME type each stands for
+/// (its `INCLUSION_TYPES_MAP`). Longer markers come first, because
+/// `#cloud-config` is a prefix of `#cloud-config-archive` and `#include` of
+/// `#include-once`.
+const USER_DATA_TYPES: &[(&str, &str)] = &[
+    ("#cloud-config-archive", "text/cloud-config-archive"),
+    ("#cloud-config-jsonp", "text/cloud-config-jsonp"),
+    ("#cloud-config", "text/cloud-config"),
+    ("#cloud-boothook", "text/cloud-boothook"),
+    ("#include-once", "text/x-include-once-url"),
+    ("#include", "text/x-include-url"),
+    ("#part-handler", "text/part-handler"),
+    ("## template: jinja", "text/jinja2"),
+    ("#!", "text/x-shellscript"),
+];
+
+/// Classifies user-data the way cloud-init does: markers are matched on the
+/// text with leading whitespace removed, ignoring ASCII case, and a document
+/// with a `MIME-Version:` header in its first 4 KiB is MIME.
+fn user_data_kind(data: &str) -> Option<UserDataKind> {
+    let head = data.trim_start();
+    for (marker, mime) in USER_DATA_TYPES {
+        if head.get(..marker.len()).is_some_and(|h| h.eq_ignore_ascii_case(marker)) {
+            return Some(UserDataKind::Part(mime));
+        }
+    }
+    let start = data.as_bytes().get(..4096).unwrap_or(data.as_bytes());
+    if start.to_ascii_lowercase().windows(13).any(|w| w == b"mime-version:") {
+        return Some(UserDataKind::Mime);
+    }
+    None
+}
+
+fn render_user_data(input: &SeedInput) -> Result<String, SeedError> {
+    const FIELD: &str = "cloud-init.user-data";
+    let Some(data) = &input.user_data else {
+        return Ok(render_cloud_config(input));
+    };
+    let kind = user_data_kind(data).ok_or_else(|| {
+        invalid(
+            FIELD,
+            "must start with a cloud-init content marker such as #cloud-config, #! or \
+             #cloud-boothook; cloud-init ignores anything else",
+        )
+    })?;
+    if input.users.is_empty() {
+        return Ok(data.clone());
+    }
+    let UserDataKind::Part(mime) = kind else {
+        return Err(invalid(
+            FIELD,
+            "is a MIME document and cannot be combined with cloud-init.users; \
+             add the users to it or leave them out of the spec",
+        ));
+    };
+    let ours = render_cloud_config(input);
+    multipart(&[
+        MimePart { content_type: "text/cloud-config", filename: "provd.cfg", body: &ours },
+        MimePart { content_type: mime, filename: "user-data", body: data },
+    ])
+}
+
+struct MimePart<'a> {
+    content_type: &'static str,
+    filename: &'static str,
+    body: &'a str,
+}
+
+/// A `multipart/mixed` document as cloud-init's `make-mime` writes one. The
+/// boundary comes from the parts' content, so the same parts always give
+/// the same bytes (and instance id).
+fn multipart(parts: &[MimePart<'_>]) -> Result<String, SeedError> {
+    let mut h = blake3::Hasher::new();
+    for part in parts {
+        h.update(&(part.body.len() as u64).to_le_bytes());
+        h.update(part.body.as_bytes());
+    }
+    let hex = h.finalize().to_hex();
+    let boundary = format!("==provd-{}==", hex.get(..32).unwrap_or_default());
+    // A body holding its own hash cannot be made on purpose, but the check
+    // costs nothing and keeps the document well-formed whatever happens.
+    if parts.iter().any(|p| p.body.contains(&boundary)) {
+        return Err(invalid("cloud-init.user-data", "contains the multipart boundary"));
+    }
+    let mut out =
+        format!("Content-Type: multipart/mixed; boundary=\"{boundary}\"\nMIME-Version: 1.0\n\n");
+    for part in parts {
+        out.push_str(&format!("--{boundary}\n"));
+        out.push_str(&format!("Content-Type: {}; charset=\"utf-8\"\n", part.content_type));
+        out.push_str("MIME-Version: 1.0\n");
+        // Plain 7-bit text stays readable in the seed. Anything else is
+        // base64: Python's email parser turns a non-ASCII `8bit` payload into
+        // `\uXXXX` escapes when cloud-init decodes it.
+        let seven_bit = part.body.is_ascii()
+            && part.body.lines().all(|l| l.len() <= 998)
+            && !part.body.contains('\r');
+        if seven_bit {
+            out.push_str("Content-Transfer-Encoding: 7bit\n");
+        } else {
+            out.push_str("Content-Transfer-Encoding: base64\n");
+        }
+        out.push_str(&format!(
+            "Content-Disposition: attachment; filename=\"{}\"\n\n",
+            part.filename
+        ));
+        if seven_bit {
+            out.push_str(part.body);
+        } else {
+            out.push_str(&base64_lines(part.body.as_bytes()));
+        }
+        // The line break before a boundary belongs to the boundary, so the
+        // part's body is decoded back exactly, final newline included.
+        out.push('\n');
+    }
+    out.push_str(&format!("--{boundary}--\n"));
+    Ok(out)
+}
+
+/// Base64 in lines of 76 characters (RFC 2045), without a final newline.
+fn base64_lines(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let sextet = |n: u32, shift: u32| {
+        ALPHABET.get(((n >> shift) & 63) as usize).copied().map(char::from).unwrap_or('=')
+    };
+    let mut out = String::with_capacity(data.len() / 3 * 4 + data.len() / 57 + 4);
+    for (i, chunk) in data.chunks(3).enumerate() {
+        if i > 0 && i % 19 == 0 {
+            out.push('\n');
+        }
+        let byte = |k: usize| u32::from(chunk.get(k).copied().unwrap_or(0));
+        let n = (byte(0) << 16) | (byte(1) << 8) | byte(2);
+        out.push(sextet(n, 18));
+        out.push(sextet(n, 12));
+        out.push(if chunk.len() > 1 { sextet(n, 6) } else { '=' });
+        out.push(if chunk.len() > 2 { sextet(n, 0) } else { '=' });
+    }
+    out
+}
+
+fn check_mac(field: &str, mac: &str) -> Result<(), SeedError> {
+    let ok = mac.len() == 17
+        && mac.split(':').count() == 6
+        && mac.split(':').all(|p| {
+            p.len() == 2 && p.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(field, "must be a lowercase MAC address like 52:54:00:12:34:56"))
+    }
+}
+
+/// Checks an `address/prefix` and its gateway for one address family.
+fn check_static(field: &str, addr: &str, gateway: Option<&str>, v6: bool) -> Result<(), SeedError> {
+    let family = if v6 { "IPv6" } else { "IPv4" };
+    let max_prefix = if v6 { 128 } else { 32 };
+    let parsed = addr.split_once('/').and_then(|(ip, prefix)| {
+        let ip_ok =
+            if v6 { ip.parse::<Ipv6Addr>().is_ok() } else { ip.parse::<Ipv4Addr>().is_ok() };
+        let prefix_ok =
+            !prefix.starts_with('+') && prefix.parse::<u8>().is_ok_and(|p| p <= max_prefix);
+        (ip_ok && prefix_ok).then_some(())
+    });
+    if parsed.is_none() {
+        return Err(invalid(
+            field,
+            format!(
+                "{addr:?} is not an {family} address with a prefix length (like {})",
+                if v6 { "2001:db8::10/64" } else { "192.0.2.10/24" }
+            ),
+        ));
+    }
+    if let Some(gw) = gateway {
+        let ok = if v6 { gw.parse::<Ipv6Addr>().is_ok() } else { gw.parse::<Ipv4Addr>().is_ok() };
+        if !ok {
+            return Err(invalid(
+                format!("{field}.gateway"),
+                format!("{gw:?} is not an {family} address"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_nics(nics: &[SeedNic]) -> Result<(), SeedError> {
+    let mut macs = BTreeSet::new();
+    for (i, nic) in nics.iter().enumerate() {
+        let field = format!("nics[{i}]");
+        check_mac(&format!("{field}.mac"), &nic.mac)?;
+        if !macs.insert(nic.mac.as_str()) {
+            return Err(invalid(
+                format!("{field}.mac"),
+                format!("duplicate MAC address {}", nic.mac),
+            ));
+        }
+        if let Some((addr, gw)) = &nic.ipv4 {
+            check_static(&format!("{field}.ipv4"), addr, gw.as_deref(), false)?;
+        }
+        if let Some((addr, gw)) = &nic.ipv6 {
+            check_static(&format!("{field}.ipv6"), addr, gw.as_deref(), true)?;
+        }
+        for (j, dns) in nic.dns.iter().enumerate() {
+            if dns.parse::<IpAddr>().is_err() {
+                return Err(invalid(
+                    format!("{field}.dns[{j}]"),
+                    format!("{dns:?} is not an IP address"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Netplan-style network config version 2, one `ethernets` entry per NIC.
+fn render_network_config(nics: &[SeedNic]) -> Result<String, SeedError> {
+    check_nics(nics)?;
+    let mut out = String::from("version: 2\nethernets:\n");
+    for (i, nic) in nics.iter().enumerate() {
+        // Each NIC is matched by MAC and named `ethN` after its position in
+        // the spec, both as the entry's id and by `set-name`. The guest then
+        // sees the same names whatever its distribution's naming scheme or
+        // PCI layout, and older cloud-init renderers, which take the entry id
+        // as the interface name when there is no `set-name`, agree.
+        let name = format!("eth{i}");
+        out.push_str(&format!("  {name}:\n"));
+        out.push_str("    match:\n");
+        out.push_str(&format!("      macaddress: {}\n", yaml_quote(&nic.mac)));
+        out.push_str(&format!("    set-name: {}\n", yaml_quote(&name)));
+        out.push_str(&format!("    dhcp4: {}\n", nic.dhcp4));
+        out.push_str(&format!("    dhcp6: {}\n", nic.dhcp6));
+        let statics: Vec<&(String, Option<String>)> =
+            nic.ipv4.iter().chain(nic.ipv6.iter()).collect();
+        if !statics.is_empty() {
+            out.push_str("    addresses:\n");
+            for (addr, _) in &statics {
+                out.push_str(&format!("      - {}\n", yaml_quote(addr)));
+            }
+        }
+        // Default routes are spelled as prefixes, not `to: default`: netplan
+        // 0.99 (Ubuntu 20.04) rejects `default`, while every netplan and
+        // cloud-init renderer understands the prefixes.
+        let routes: Vec<(&str, &str)> = [
+            ("0.0.0.0/0", nic.ipv4.as_ref().and_then(|(_, gw)| gw.as_deref())),
+            ("::/0", nic.ipv6.as_ref().and_then(|(_, gw)| gw.as_deref())),
+        ]
+        .into_iter()
+        .filter_map(|(to, via)| via.map(|via| (to, via)))
+        .collect();
+        if !routes.is_empty() {
+            out.push_str("    routes:\n");
+            for (to, via) in routes {
+                out.push_str(&format!("      - to: {}\n", yaml_quote(to)));
+                out.push_str(&format!("        via: {}\n", yaml_quote(via)));
+            }
+        }
+        if !nic.dns.is_empty() {
+            out.push_str("    nameservers:\n      addresses:\n");
+            for dns in &nic.dns {
+                out.push_str(&format!("        - {}\n", yaml_quote(dns)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------
+// Images
+
+/// xorriso commands run after the files are mapped in: owner root and
+/// read-only modes, so the image carries neither the node's uids nor the
+/// staging directory's private modes; then the image is written.
+#[rustfmt::skip]
+const FINISH_IMAGE: &[&str] = &[
+    "-chown_r", "0", "/", "--",
+    "-chgrp_r", "0", "/", "--",
+    "-find", "/", "-type", "f", "-exec", "chmod", "0444", "--",
+    "-find", "/", "-type", "d", "-exec", "chmod", "0555", "--",
+    "-commit",
+];
+
+fn default_tool_dirs() -> Vec<PathBuf> {
+    TOOL_DIRS.iter().map(PathBuf::from).collect()
+}
+
+fn find_xorriso(dirs: &[PathBuf]) -> Result<PathBuf, SeedError> {
+    dirs.iter().map(|d| d.join(XORRISO)).find(|p| p.is_file()).ok_or_else(|| {
+        SeedError::MissingTool {
+            tool: XORRISO,
+            package: XORRISO_PACKAGE,
+            searched: dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
+        }
+    })
+}
+
+/// Runs xorriso in `cwd` with a clean environment and closed stdin, and
+/// returns its stdout.
+fn run_xorriso(tool: &Path, cwd: &Path, args: &[OsString]) -> Result<String, SeedError> {
+    let out = Command::new(tool)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_clear()
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(io(format!("running {}", tool.display())))?;
+    if !out.status.success() {
+        let text = String::from_utf8_lossy(&out.stderr);
+        let cut = text.len().saturating_sub(STDERR_KEEP);
+        let start = (cut..=text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+        return Err(SeedError::ToolFailed {
+            tool: XORRISO,
+            status: out.status.to_string(),
+            stderr: text.get(start..).unwrap_or_default().trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Writes a NoCloud seed ISO9660 image (volume label `cidata`, files
+/// `meta-data`, `user-data` and `network-config` when present, Joliet and
+/// Rock Ridge) at `out` with `xorriso`, and returns its size in bytes.
+///
+/// The image is built in a temporary file next to `out` and renamed over it,
+/// so on failure nothing is left at `out` (a file already there stays as it
+/// was).
+pub fn write_seed_iso(seed: &Seed, out: &Path) -> Result<u64, SeedError> {
+    write_seed_iso_with(seed, out, &default_tool_dirs())
+}
+
+pub(crate) fn write_seed_iso_with(
+    seed: &Seed,
+    out: &Path,
+    tool_dirs: &[PathBuf],
+) -> Result<u64, SeedError> {
+    check_size(seed)?;
+    let xorriso = find_xorriso(tool_dirs)?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if out.file_name().is_none() {
+        return Err(invalid("out", format!("{} does not name a file", out.display())));
+    }
+
+    let stage = tempfile::Builder::new()
+        .prefix(".provd-seed-")
+        .tempdir_in(parent)
+        .map_err(io(format!("creating a staging directory in {}", parent.display())))?;
+    for (name, content) in seed.files() {
+        let path = stage.path().join(name);
+        std::fs::write(&path, content).map_err(io(format!("writing {}", path.display())))?;
+    }
+    let image = tempfile::Builder::new()
+        .prefix(".provd-seed-")
+        .suffix(".iso.tmp")
+        .tempfile_in(parent)
+        .map_err(io(format!("creating a temporary image in {}", parent.display())))?;
+
+    // xorriso runs in `parent` and gets only the temporary names, which
+    // tempfile makes of safe characters, through its native commands, which
+    // take each path as one argument: its mkisofs emulation mangles a source
+    // path holding `=` (a graft point there).
+    let stage_name = stage.path().file_name().map(OsString::from).unwrap_or_default();
+    let mut outdev = OsString::from("stdio:");
+    outdev.push(image.path().file_name().unwrap_or_default());
+    let mut args: Vec<OsString> = vec!["-outdev".into(), outdev];
+    args.extend(
+        ["-volid", VOLUME_ID, "-joliet", "on", "-rockridge", "on", "-map"].map(OsString::from),
+    );
+    args.push(stage_name);
+    args.push("/".into());
+    args.extend(FINISH_IMAGE.iter().map(OsString::from));
+    run_xorriso(&xorriso, parent, &args)?;
+
+    let file = image.as_file();
+    file.sync_all().map_err(io(format!("syncing {}", image.path().display())))?;
+    let bytes = file.metadata().map_err(io(format!("reading {}", image.path().display())))?.len();
+    if bytes == 0 {
+        return Err(SeedError::ToolFailed {
+            tool: XORRISO,
+            status: "exit status: 0".to_string(),
+            stderr: "wrote an empty image".to_string(),
+        });
+    }
+    image.persist(out).map_err(|e| SeedError::Io {
+        what: format!("renaming the image to {}", out.display()),
+        source: e.error,
+    })?;
+    // The rename is durable only once the directory is synced; failing to
+    // sync it does not undo a complete image, so it is not an error.
+    if let Ok(dir) = std::fs::File::open(parent) {
+        let _ = dir.sync_all();
+    }
+    Ok(bytes)
+}
+
+/// An image's files: path relative to the root and content.
+pub type SeedImageFiles = Vec<(String, Vec<u8>)>;
+
+/// Reads a seed image back with xorriso: its volume id and its files, by
+/// path relative to the root (`meta-data`, ...), sorted by name.
+pub fn read_seed_iso(path: &Path) -> Result<(String, SeedImageFiles), SeedError> {
+    read_seed_iso_with(path, &default_tool_dirs())
+}
+
+pub(crate) fn read_seed_iso_with(
+    path: &Path,
+    tool_dirs: &[PathBuf],
+) -> Result<(String, SeedImageFiles), SeedError> {
+    let xorriso = find_xorriso(tool_dirs)?;
+    let bad =
+        |reason: &str| SeedError::BadImage { path: path.to_path_buf(), reason: reason.into() };
+    let meta = std::fs::metadata(path).map_err(io(format!("reading {}", path.display())))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file"));
+    }
+    if meta.len() > MAX_IMAGE_BYTES {
+        return Err(bad(&format!("larger than {MAX_IMAGE_BYTES} bytes")));
+    }
+    let work = tempfile::Builder::new()
+        .prefix("provd-seed-read-")
+        .tempdir()
+        .map_err(io("creating a temporary directory"))?;
+    // `stdio:` makes xorriso treat the path as a plain file, never as an
+    // optical drive.
+    let mut indev = OsString::from("stdio:");
+    indev.push(std::path::absolute(path).map_err(io(format!("resolving {}", path.display())))?);
+    let args: Vec<OsString> = vec![
+        "-osirrox".into(),
+        "on".into(),
+        "-indev".into(),
+        indev,
+        "-pvd_info".into(),
+        "-extract".into(),
+        "/".into(),
+        "root".into(),
+    ];
+    let result = run_xorriso(&xorriso, work.path(), &args).and_then(|stdout| {
+        // A blank or foreign file loads as an empty medium, which has no
+        // primary volume descriptor to report.
+        if !stdout.lines().any(|l| l.starts_with("PVD address")) {
+            return Err(bad("no ISO9660 volume"));
+        }
+        let volume = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("Volume Id    :"))
+            .map(|v| v.trim().to_string())
+            .ok_or_else(|| bad("no volume id"))?;
+        let mut files = Vec::new();
+        collect_files(&work.path().join("root"), "", &mut files)?;
+        files.sort();
+        Ok((volume, files))
+    });
+    // Extracted directories keep the image's read-only modes; they are made
+    // writable again so the temporary directory can be removed.
+    make_writable(&work.path().join("root"));
+    result
+}
+
+fn collect_files(
+    dir: &Path,
+    prefix: &str,
+    files: &mut Vec<(String, Vec<u8>)>,
+) -> Result<(), SeedError> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(dir).map_err(io(format!("listing {}", dir.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(io(format!("listing {}", dir.display())))?;
+        let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+        let kind = entry.file_type().map_err(io(format!("reading {}", entry.path().display())))?;
+        if kind.is_dir() {
+            collect_files(&entry.path(), &format!("{name}/"), files)?;
+        } else if kind.is_file() {
+            let bytes = std::fs::read(entry.path())
+                .map_err(io(format!("reading {}", entry.path().display())))?;
+            files.push((name, bytes));
+        } else {
+            return Err(SeedError::BadImage {
+                path: entry.path(),
+                reason: "neither a file nor a directory".to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn make_writable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::symlink_metadata(dir) else { return };
+    if !meta.is_dir() {
+        return;
+    }
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            make_writable(&entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+    use super::*;
+    use serde_json::{Value, json};
+    use std::io::Write;
+    use yaml_rust2::{Yaml, YamlLoader};
+
+    type Change<T> = Box<dyn Fn(&mut T)>;
+
+    fn user(name: &str, keys: &[&str]) -> SeedUser {
+        SeedUser {
+            name: name.to_string(),
+            ssh_authorized_keys: keys.iter().map(|k| k.to_string()).collect(),
+            sudo: true,
+            shell: Some("/bin/bash".to_string()),
+        }
+    }
+
+    fn nic() -> SeedNic {
+        SeedNic {
+            mac: "52:54:00:12:34:56".to_string(),
+            ipv4: Some(("192.0.2.10/24".to_string(), Some("192.0.2.1".to_string()))),
+            ipv6: Some(("2001:db8::10/64".to_string(), Some("2001:db8::1".to_string()))),
+            dhcp4: false,
+            dhcp6: false,
+            dns: vec!["192.0.2.53".to_string(), "2001:db8::53".to_string()],
+        }
+    }
+
+    fn input() -> SeedInput {
+        SeedInput {
+            vm: "web-1".to_string(),
+            hostname: "web-1".to_string(),
+            users: vec![user("alice", &["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB alice@laptop"])],
+            user_data: Some("#cloud-config\npackages: [nginx]\n".to_string()),
+            network_config: None,
+            nics: vec![nic()],
+        }
+    }
+
+    /// YAML as JSON, so documents compare with `json!` literals.
+    fn to_json(y: &Yaml) -> Value {
+        match y {
+            Yaml::String(s) => Value::String(s.clone()),
+            Yaml::Integer(i) => json!(i),
+            Yaml::Boolean(b) => Value::Bool(*b),
+            Yaml::Null => Value::Null,
+            Yaml::Array(a) => Value::Array(a.iter().map(to_json).collect()),
+            Yaml::Hash(h) => Value::Object(
+                h.iter()
+                    .map(|(k, v)| (k.as_str().expect("string key").to_string(), to_json(v)))
+                    .collect(),
+            ),
+            other => panic!("unexpected YAML node {other:?}"),
+        }
+    }
+
+    fn parse_yaml(doc: &str) -> Value {
+        let docs = YamlLoader::load_from_str(doc).unwrap_or_else(|e| panic!("{e}\n{doc}"));
+        assert_eq!(docs.len(), 1, "{doc}");
+        let value = to_json(&docs[0]);
+        // cloud-init parses with PyYAML (YAML 1.1); when it is installed it
+        // must read the document the same way.
+        if let Some(py) = pyyaml(doc) {
+            assert_eq!(py, value, "PyYAML disagrees on\n{doc}");
+        }
+        value
+    }
+
+    /// Runs a python3 script; None when python3 or a module it imports is
+    /// not installed (the check is then skipped), a panic on any other
+    /// failure, so a broken check cannot pass silently.
+    fn python(script: &str, stdin: &[u8]) -> Option<Vec<u8>> {
+        let mut child = Command::new("python3")
+            .args(["-c", script])
+            .env("PYTHONIOENCODING", "utf-8")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ok()?;
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            return Some(out.stdout);
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("ModuleNotFoundError"), "python3 failed: {stderr}");
+        None
+    }
+
+    fn pyyaml(doc: &str) -> Option<Value> {
+        let out = python(
+            "import sys, json, yaml\n\
+             print(json.dumps(yaml.safe_load(sys.stdin.buffer.read().decode('utf-8'))))",
+            doc.as_bytes(),
+        )?;
+        Some(serde_json::from_slice(&out).unwrap())
+    }
+
+    fn base64_decode(s: &str) -> Vec<u8> {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let sextets: Vec<u32> = s
+            .bytes()
+            .filter(|b| !b.is_ascii_whitespace() && *b != b'=')
+            .map(|b| ALPHABET.iter().position(|&a| a == b).unwrap() as u32)
+            .collect();
+        let mut out = Vec::new();
+        for chunk in sextets.chunks(4) {
+            let n = chunk.iter().enumerate().fold(0u32, |n, (i, s)| n | (s << (18 - 6 * i)));
+            let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+            out.extend_from_slice(&bytes[..chunk.len() - 1]);
+        }
+        out
+    }
+
+    /// Splits a multipart document into (headers, decoded body) pairs.
+    fn parse_multipart(doc: &str) -> Vec<(String, String)> {
+        let first = doc.lines().next().unwrap();
+        let boundary = first.split("boundary=\"").nth(1).unwrap().trim_end_matches('"');
+        let delimiter = format!("\n--{boundary}");
+        let (_, rest) = doc.split_once(&delimiter).unwrap();
+        let mut parts = Vec::new();
+        for chunk in rest.split(&delimiter) {
+            if chunk.starts_with("--") {
+                assert_eq!(chunk, "--\n");
+                break;
+            }
+            let chunk = chunk.strip_prefix('\n').unwrap();
+            let (headers, body) = chunk.split_once("\n\n").unwrap();
+            let body = if headers.contains("Content-Transfer-Encoding: base64") {
+                String::from_utf8(base64_decode(body)).unwrap()
+            } else {
+                assert!(headers.contains("Content-Transfer-Encoding: 7bit"));
+                body.to_string()
+            };
+            parts.push((headers.to_string(), body));
+        }
+        parts
+    }
+
+    /// The parts as Python's email package (cloud-init's MIME reader)
+    /// decodes them: (content type, text), or None without python3.
+    fn python_parts(doc: &str) -> Option<Vec<(String, String)>> {
+        let out = python(
+            "import sys, json, email\n\
+             msg = email.message_from_string(sys.stdin.buffer.read().decode('utf-8'))\n\
+             parts = [[p.get_content_type(), p.get_payload(decode=True).decode(p.get_content_charset())]\n\
+                      for p in msg.walk() if not p.is_multipart()]\n\
+             print(json.dumps(parts))",
+            doc.as_bytes(),
+        )?;
+        Some(serde_json::from_slice(&out).unwrap())
+    }
+
+    fn err_field(e: SeedError) -> String {
+        match e {
+            SeedError::Invalid { field, .. } => field,
+            other => panic!("expected an invalid field, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn same_input_same_seed_and_changes_give_new_ids() {
+        let a = seed_files(&input()).unwrap();
+        assert_eq!(a, seed_files(&input()).unwrap());
+        assert!(a.instance_id.starts_with("provd-"));
+        let hex = a.instance_id.strip_prefix("provd-").unwrap();
+        assert_eq!(hex.len(), 16);
+        assert!(hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+
+        let changes: Vec<(&str, Change<SeedInput>)> = vec![
+            (
+                "user-data",
+                Box::new(|i| i.user_data = Some("#cloud-config\npackages: [git]\n".into())),
+            ),
+            ("no user-data", Box::new(|i| i.user_data = None)),
+            ("vm", Box::new(|i| i.vm = "web-2".into())),
+            ("hostname", Box::new(|i| i.hostname = "web-one".into())),
+            ("users", Box::new(|i| i.users[0].ssh_authorized_keys.push("ssh-rsa AAAA b".into()))),
+            ("sudo", Box::new(|i| i.users[0].sudo = false)),
+            ("nics", Box::new(|i| i.nics[0].dhcp4 = true)),
+            ("network override", Box::new(|i| i.network_config = Some("version: 2\n".into()))),
+        ];
+        let mut ids = BTreeSet::from([a.instance_id.clone()]);
+        for (what, change) in changes {
+            let mut changed = input();
+            change(&mut changed);
+            let id = seed_files(&changed).unwrap().instance_id;
+            assert!(ids.insert(id), "changing {what} kept an instance id");
+        }
+    }
+
+    #[test]
+    fn meta_data_names_the_instance_and_host() {
+        let seed = seed_files(&input()).unwrap();
+        assert_eq!(
+            parse_yaml(&seed.meta_data),
+            json!({"instance-id": seed.instance_id, "local-hostname": "web-1"})
+        );
+    }
+
+    #[test]
+    fn users_and_user_data_make_a_multipart() {
+        let seed = seed_files(&input()).unwrap();
+        assert!(seed.user_data.starts_with("Content-Type: multipart/mixed; boundary=\""));
+        let parts = parse_multipart(&seed.user_data);
+        assert_eq!(parts.len(), 2);
+        assert!(parts[0].0.contains("Content-Type: text/cloud-config; charset=\"utf-8\""));
+        assert!(parts[0].0.contains("filename=\"provd.cfg\""));
+        assert!(parts[0].1.starts_with("#cloud-config\n"));
+        assert_eq!(
+            parse_yaml(&parts[0].1),
+            json!({
+                "hostname": "web-1",
+                "preserve_hostname": false,
+                "users": [{
+                    "name": "alice",
+                    "lock_passwd": true,
+                    "sudo": "ALL=(ALL) NOPASSWD:ALL",
+                    "shell": "/bin/bash",
+                    "ssh_authorized_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB alice@laptop"],
+                }],
+            })
+        );
+        assert!(parts[1].0.contains("Content-Type: text/cloud-config;"));
+        assert_eq!(parts[1].1, "#cloud-config\npackages: [nginx]\n");
+
+        if let Some(py) = python_parts(&seed.user_data) {
+            assert_eq!(
+                py,
+                vec![
+                    ("text/cloud-config".to_string(), parts[0].1.clone()),
+                    ("text/cloud-config".to_string(), parts[1].1.clone()),
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn user_part_types_follow_cloud_init_markers() {
+        let cases = [
+            ("#!/bin/sh\necho hi\n", "text/x-shellscript"),
+            ("#cloud-boothook\n#!/bin/sh\n", "text/cloud-boothook"),
+            ("#include\nhttps://example.invalid/a\n", "text/x-include-url"),
+            ("#include-once\nhttps://example.invalid/a\n", "text/x-include-once-url"),
+            ("## template: jinja\n#cloud-config\n", "text/jinja2"),
+            ("#cloud-config-archive\n- type: foo\n", "text/cloud-config-archive"),
+            ("  #Cloud-Config\nruncmd: []\n", "text/cloud-config"),
+        ];
+        for (data, mime) in cases {
+            let mut i = input();
+            i.user_data = Some(data.to_string());
+            let seed = seed_files(&i).unwrap();
+            let parts = parse_multipart(&seed.user_data);
+            assert!(parts[1].0.contains(&format!("Content-Type: {mime};")), "{data:?}");
+            assert_eq!(parts[1].1, data);
+            if let Some(py) = python_parts(&seed.user_data) {
+                assert_eq!(py[1], (mime.to_string(), data.to_string()));
+            }
+        }
+    }
+
+    #[test]
+    fn non_ascii_parts_are_base64_and_decode_exactly() {
+        let mut i = input();
+        let data =
+            "#cloud-config\nwrite_files:\n- path: /etc/motd\n  content: \"grüße, 世界 🎉\"\n";
+        i.user_data = Some(data.to_string());
+        i.users[0].ssh_authorized_keys = vec!["ssh-ed25519 AAAA José's key".to_string()];
+        let seed = seed_files(&i).unwrap();
+        assert!(seed.user_data.is_ascii());
+        let parts = parse_multipart(&seed.user_data);
+        assert!(parts[0].1.contains("José"));
+        assert_eq!(parts[1].1, data);
+        if let Some(py) = python_parts(&seed.user_data) {
+            assert_eq!(py[0].1, parts[0].1);
+            assert_eq!(py[1].1, data);
+        }
+    }
+
+    #[test]
+    fn base64_matches_known_vectors() {
+        for (raw, enc) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64_lines(raw.as_bytes()), enc);
+        }
+        let long = vec![0xffu8; 200];
+        let enc = base64_lines(&long);
+        assert!(enc.lines().all(|l| l.len() <= 76));
+        assert_eq!(enc.lines().next().unwrap().len(), 76);
+        assert_eq!(base64_decode(&enc), long);
+    }
+
+    #[test]
+    fn one_source_of_user_data_is_emitted_alone() {
+        let mut only_user_data = input();
+        only_user_data.users.clear();
+        let seed = seed_files(&only_user_data).unwrap();
+        assert_eq!(seed.user_data, "#cloud-config\npackages: [nginx]\n");
+
+        let mut only_users = input();
+        only_users.user_data = None;
+        let seed = seed_files(&only_users).unwrap();
+        assert!(seed.user_data.starts_with("#cloud-config\n"));
+        assert_eq!(parse_yaml(&seed.user_data)["users"][0]["name"], "alice");
+
+        let mut neither = only_users.clone();
+        neither.users.clear();
+        let seed = seed_files(&neither).unwrap();
+        assert_eq!(
+            parse_yaml(&seed.user_data),
+            json!({"hostname": "web-1", "preserve_hostname": false})
+        );
+
+        let mime = "Content-Type: multipart/mixed; boundary=\"x\"\nMIME-Version: 1.0\n\n--x--\n";
+        let mut only_mime = only_user_data.clone();
+        only_mime.user_data = Some(mime.to_string());
+        assert_eq!(seed_files(&only_mime).unwrap().user_data, mime);
+    }
+
+    #[test]
+    fn unknown_user_data_is_refused() {
+        for data in ["hello\n", "", "echo hi\n#!/bin/sh\n", "# cloud-config\n"] {
+            let mut i = input();
+            i.user_data = Some(data.to_string());
+            let e = seed_files(&i).unwrap_err();
+            assert!(e.to_string().starts_with("cloud-init.user-data: "), "{e}");
+            i.users.clear();
+            assert_eq!(err_field(seed_files(&i).unwrap_err()), "cloud-init.user-data");
+        }
+        let mut i = input();
+        i.user_data = Some("MIME-Version: 1.0\nContent-Type: text/plain\n\nhi\n".to_string());
+        assert_eq!(err_field(seed_files(&i).unwrap_err()), "cloud-init.user-data");
+    }
+
+    const HOSTILE: &[&str] = &[
+        "plain",
+        "with \"double\" and 'single' quotes",
+        "back\\slash \\n not a newline",
+        "key: value # not a comment",
+        "- not a list",
+        "[not, a, list]",
+        "{not: a map}",
+        "&anchor *alias !tag %directive @at `tick` |pipe >fold",
+        "yes",
+        "no",
+        "on",
+        "~",
+        "null",
+        "0x1F",
+        "1e3",
+        "012",
+        "  leading and trailing spaces  ",
+        "unicode: grüße 世界 🎉 \u{a0}nbsp",
+        "line\u{2028}separator\u{2029}para\u{85}nel",
+        "\u{feff}bom",
+        "tab\there",
+        "ctrl \u{1} \u{7f} \u{9f} \u{1b}[31m",
+        "new\nline\r\n",
+        "",
+    ];
+
+    #[test]
+    fn quoted_scalars_read_back_exactly() {
+        for s in HOSTILE {
+            let doc = format!("a: {}\nb:\n  - {}\n", yaml_quote(s), yaml_quote(s));
+            assert_eq!(parse_yaml(&doc), json!({"a": s, "b": [s]}), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn hostile_strings_survive_in_user_data_and_meta_data() {
+        // Control characters are refused before rendering, so only the rest
+        // can reach a document.
+        let printable: Vec<&str> = HOSTILE
+            .iter()
+            .copied()
+            .filter(|s| !s.is_empty() && !s.chars().any(char::is_control))
+            .collect();
+        let mut i = input();
+        i.user_data = None;
+        i.hostname = printable.join("|");
+        i.users = printable
+            .iter()
+            .enumerate()
+            .map(|(n, s)| SeedUser {
+                name: format!("{s}{n}"),
+                ssh_authorized_keys: vec![format!("ssh-ed25519 AAAA {s}"), s.to_string()],
+                sudo: n % 2 == 0,
+                shell: Some(s.to_string()),
+            })
+            .collect();
+        let seed = seed_files(&i).unwrap();
+        let meta = parse_yaml(&seed.meta_data);
+        assert_eq!(meta["local-hostname"], i.hostname.as_str());
+        let doc = parse_yaml(&seed.user_data);
+        assert_eq!(doc["hostname"], i.hostname.as_str());
+        let users = doc["users"].as_array().unwrap();
+        assert_eq!(users.len(), i.users.len());
+        for (got, want) in users.iter().zip(&i.users) {
+            assert_eq!(got["name"], want.name.as_str());
+            assert_eq!(got["shell"], want.shell.as_deref().unwrap());
+            assert_eq!(got["ssh_authorized_keys"], json!(want.ssh_authorized_keys));
+            assert_eq!(got.get("sudo").is_some(), want.sudo);
+        }
+    }
+
+    #[test]
+    fn control_characters_and_duplicates_are_refused_by_field() {
+        let mut i = input();
+        i.users[0].ssh_authorized_keys.push("ssh-ed25519 AAAA a\nssh-rsa BBBB evil".into());
+        assert_eq!(
+            err_field(seed_files(&i).unwrap_err()),
+            "cloud-init.users[0].ssh_authorized_keys[1]"
+        );
+
+        let mut i = input();
+        i.users[0].shell = Some("/bin/sh\0".into());
+        assert_eq!(err_field(seed_files(&i).unwrap_err()), "cloud-init.users[0].shell");
+
+        let mut i = input();
+        i.users.push(i.users[0].clone());
+        let e = seed_files(&i).unwrap_err();
+        assert_eq!(e.to_string(), "cloud-init.users[1].name: duplicate user alice");
+
+        let mut i = input();
+        i.hostname = "web\n1".into();
+        assert_eq!(err_field(seed_files(&i).unwrap_err()), "hostname");
+
+        let mut i = input();
+        i.vm = String::new();
+        assert_eq!(seed_files(&i).unwrap_err().to_string(), "name: must not be empty");
+    }
+
+    #[test]
+    fn network_config_is_netplan_v2_by_mac() {
+        let mut i = input();
+        let mut second = nic();
+        second.mac = "52:54:00:ab:cd:ef".into();
+        second.ipv4 = None;
+        second.ipv6 = Some(("2001:db8:1::5/48".into(), None));
+        second.dhcp4 = true;
+        second.dns.clear();
+        i.nics.push(second);
+        let seed = seed_files(&i).unwrap();
+        assert_eq!(
+            parse_yaml(seed.network_config.as_deref().unwrap()),
+            json!({
+                "version": 2,
+                "ethernets": {
+                    "eth0": {
+                        "match": {"macaddress": "52:54:00:12:34:56"},
+                        "set-name": "eth0",
+                        "dhcp4": false,
+                        "dhcp6": false,
+                        "addresses": ["192.0.2.10/24", "2001:db8::10/64"],
+                        "routes": [
+                            {"to": "0.0.0.0/0", "via": "192.0.2.1"},
+                            {"to": "::/0", "via": "2001:db8::1"},
+                        ],
+                        "nameservers": {"addresses": ["192.0.2.53", "2001:db8::53"]},
+                    },
+                    "eth1": {
+                        "match": {"macaddress": "52:54:00:ab:cd:ef"},
+                        "set-name": "eth1",
+                        "dhcp4": true,
+                        "dhcp6": false,
+                        "addresses": ["2001:db8:1::5/48"],
+                    },
+                },
+            })
+        );
+    }
+
+    #[test]
+    fn network_override_is_verbatim_and_no_nics_means_no_file() {
+        let raw = "network:\n  version: 1\n  config: [] # as given\n";
+        let mut i = input();
+        i.network_config = Some(raw.to_string());
+        // An override replaces the NICs' config without checking them.
+        i.nics[0].mac = "not a mac".into();
+        assert_eq!(seed_files(&i).unwrap().network_config.as_deref(), Some(raw));
+
+        let mut i = input();
+        i.nics.clear();
+        assert_eq!(seed_files(&i).unwrap().network_config, None);
+    }
+
+    #[test]
+    fn bad_nics_are_refused_by_field() {
+        let cases: Vec<(Change<SeedNic>, &str)> = vec![
+            (Box::new(|n| n.mac = "52:54:00:12:34:5G".into()), "nics[0].mac"),
+            (Box::new(|n| n.mac = "52:54:00:12:34:5A".into()), "nics[0].mac"),
+            (Box::new(|n| n.mac = "52-54-00-12-34-56".into()), "nics[0].mac"),
+            (Box::new(|n| n.ipv4 = Some(("192.0.2.10".into(), None))), "nics[0].ipv4"),
+            (Box::new(|n| n.ipv4 = Some(("192.0.2.10/33".into(), None))), "nics[0].ipv4"),
+            (Box::new(|n| n.ipv4 = Some(("2001:db8::1/64".into(), None))), "nics[0].ipv4"),
+            (
+                Box::new(|n| n.ipv4 = Some(("192.0.2.10/24".into(), Some("2001:db8::1".into())))),
+                "nics[0].ipv4.gateway",
+            ),
+            (Box::new(|n| n.ipv6 = Some(("2001:db8::1/129".into(), None))), "nics[0].ipv6"),
+            (Box::new(|n| n.ipv6 = Some(("2001:db8::1/+64".into(), None))), "nics[0].ipv6"),
+            (Box::new(|n| n.dns.push("dns.example".into())), "nics[0].dns[2]"),
+        ];
+        for (change, field) in cases {
+            let mut i = input();
+            change(&mut i.nics[0]);
+            assert_eq!(err_field(seed_files(&i).unwrap_err()), field);
+        }
+        let mut i = input();
+        i.nics.push(nic());
+        let e = seed_files(&i).unwrap_err();
+        assert_eq!(e.to_string(), "nics[1].mac: duplicate MAC address 52:54:00:12:34:56");
+    }
+
+    #[test]
+    fn oversized_seeds_are_refused() {
+        let mut i = input();
+        i.user_data = Some(format!("#cloud-config\n#{}\n", "x".repeat(MAX_SEED_BYTES)));
+        assert!(matches!(
+            seed_files(&i).unwrap_err(),
+            SeedError::TooLarge { limit: MAX_SEED_BYTES, .. }
+        ));
+
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("seed.iso");
+        let mut seed = seed_files(&input()).unwrap();
+        seed.user_data = "x".repeat(MAX_SEED_BYTES + 1);
+        assert!(matches!(write_seed_iso(&seed, &out), Err(SeedError::TooLarge { .. })));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Joliet is a supplementary volume descriptor with a UCS-2 escape
+    /// sequence; Rock Ridge announces itself in an `ER` entry.
+    fn assert_joliet_and_rock_ridge(image: &[u8]) {
+        let joliet = (16..32).any(|sector| {
+            let d = &image[sector * 2048..sector * 2048 + 2048];
+            d[0] == 2 && &d[1..6] == b"CD001" && &d[88..90] == b"%/"
+        });
+        assert!(joliet, "no Joliet volume descriptor");
+        let rr = [&b"RRIP_1991A"[..], b"IEEE_P1282", b"IEEE_1282"]
+            .iter()
+            .any(|id| image.windows(id.len()).any(|w| w == *id));
+        assert!(rr, "no Rock Ridge extension record");
+    }
+
+    #[test]
+    fn iso_round_trip_keeps_label_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        for (n, with_net) in [(0, true), (1, false)] {
+            let mut i = input();
+            i.hostname = "hôte-ünïcode".into();
+            if !with_net {
+                i.nics.clear();
+            }
+            let seed = seed_files(&i).unwrap();
+            let out = dir.path().join(format!("seed-{n}.iso"));
+            let bytes = write_seed_iso(&seed, &out).unwrap();
+            assert_eq!(bytes, std::fs::metadata(&out).unwrap().len());
+
+            let (volume, files) = read_seed_iso(&out).unwrap();
+            assert_eq!(volume, "cidata");
+            let want: Vec<(String, Vec<u8>)> = seed
+                .files()
+                .into_iter()
+                .map(|(name, content)| (name.to_string(), content.as_bytes().to_vec()))
+                .collect::<std::collections::BTreeMap<_, _>>()
+                .into_iter()
+                .collect();
+            assert_eq!(files, want);
+            assert_eq!(files.len(), if with_net { 3 } else { 2 });
+
+            let image = std::fs::read(&out).unwrap();
+            assert_joliet_and_rock_ridge(&image);
+            let listing = Command::new("/usr/bin/xorriso")
+                .arg("-indev")
+                .arg(format!("stdio:{}", out.display()))
+                .args(["-find", "/", "-exec", "lsdl", "--"])
+                .output()
+                .unwrap();
+            let listing = String::from_utf8(listing.stdout).unwrap();
+            let modes: Vec<(&str, &str, &str)> = listing
+                .lines()
+                .map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    (f[0], f[2], f[3])
+                })
+                .collect();
+            assert_eq!(modes.len(), files.len() + 1, "{listing}");
+            assert_eq!(modes[0], ("dr-xr-xr-x", "0", "0"), "{listing}");
+            assert!(modes[1..].iter().all(|m| *m == ("-r--r--r--", "0", "0")), "{listing}");
+            if Path::new("/usr/bin/isoinfo").is_file() {
+                let info = Command::new("/usr/bin/isoinfo")
+                    .arg("-d")
+                    .arg("-i")
+                    .arg(&out)
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&info.stdout);
+                assert!(text.contains("Volume id: cidata"), "{text}");
+                assert!(text.contains("Joliet"), "{text}");
+                assert!(text.contains("Rock Ridge"), "{text}");
+            }
+        }
+        // Only the images: no staging directory or temporary file is left.
+        assert_eq!(entries(dir.path()), ["seed-0.iso", "seed-1.iso"]);
+
+        // Writing again replaces the image.
+        let out = dir.path().join("seed-0.iso");
+        let mut i = input();
+        i.nics.clear();
+        let seed = seed_files(&i).unwrap();
+        write_seed_iso(&seed, &out).unwrap();
+        assert_eq!(read_seed_iso(&out).unwrap().1.len(), 2);
+    }
+
+    #[test]
+    fn odd_output_directories_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = seed_files(&input()).unwrap();
+        // A directory whose name xorriso's mkisofs mode would misread, were
+        // it handed the path.
+        let odd = dir.path().join("-o=x y");
+        std::fs::create_dir(&odd).unwrap();
+        let out = odd.join("seed.iso");
+        write_seed_iso(&seed, &out).unwrap();
+        assert_eq!(read_seed_iso(&out).unwrap().0, "cidata");
+        assert_eq!(entries(&odd), ["seed.iso"]);
+    }
+
+    #[test]
+    fn missing_xorriso_is_named_and_leaves_nothing() {
+        let tools = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("seed.iso");
+        let seed = seed_files(&input()).unwrap();
+        let e = write_seed_iso_with(&seed, &out, &[tools.path().to_path_buf()]).unwrap_err();
+        assert!(matches!(e, SeedError::MissingTool { tool: "xorriso", package: "xorriso", .. }));
+        let text = e.to_string();
+        assert!(text.contains("install the Debian package xorriso"), "{text}");
+        assert!(text.contains(&tools.path().display().to_string()), "{text}");
+        assert!(entries(dir.path()).is_empty());
+
+        let e = read_seed_iso_with(&out, &[tools.path().to_path_buf()]).unwrap_err();
+        assert!(matches!(e, SeedError::MissingTool { tool: "xorriso", .. }));
+    }
+
+    #[test]
+    fn failing_xorriso_leaves_nothing_at_out() {
+        use std::os::unix::fs::PermissionsExt;
+        let tools = tempfile::tempdir().unwrap();
+        let fake = tools.path().join("xorriso");
+        // Writes part of an image, then fails, as a full disk would.
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\nprev=\nfor a in \"$@\"; do\n  if [ \"$prev\" = -outdev ]; then echo partial > \"${a#stdio:}\"; fi\n  prev=$a\ndone\necho 'xorriso : FAILURE : no space left' >&2\nexit 5\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("seed.iso");
+        let seed = seed_files(&input()).unwrap();
+        let e = write_seed_iso_with(&seed, &out, &[tools.path().to_path_buf()]).unwrap_err();
+        match e {
+            SeedError::ToolFailed { tool, stderr, .. } => {
+                assert_eq!(tool, "xorriso");
+                assert!(stderr.contains("no space left"), "{stderr}");
+            }
+            other => panic!("expected a tool failure, got {other:?}"),
+        }
+        assert!(entries(dir.path()).is_empty());
+
+        // An image already at `out` stays as it was.
+        std::fs::write(&out, b"previous").unwrap();
+        write_seed_iso_with(&seed, &out, &[tools.path().to_path_buf()]).unwrap_err();
+        assert_eq!(entries(dir.path()), ["seed.iso"]);
+        assert_eq!(std::fs::read(&out).unwrap(), b"previous");
+    }
+
+    #[test]
+    fn reading_a_non_image_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("not.iso");
+        std::fs::write(&path, vec![0u8; 64 * 1024]).unwrap();
+        let e = read_seed_iso(&path).unwrap_err();
+        assert!(matches!(e, SeedError::BadImage { .. } | SeedError::ToolFailed { .. }), "{e:?}");
+        assert!(matches!(read_seed_iso(dir.path()), Err(SeedError::BadImage { .. })));
+        assert!(matches!(read_seed_iso(&dir.path().join("absent.iso")), Err(SeedError::Io { .. })));
+    }
+}

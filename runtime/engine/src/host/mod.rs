@@ -7,6 +7,7 @@ mod images;
 mod log;
 mod partitions;
 mod progress;
+mod vm;
 
 use std::sync::Arc;
 
@@ -48,6 +49,10 @@ pub(crate) struct HostState {
     /// see) they total.
     pub partitions: Vec<String>,
     pub partition_bytes: u64,
+    /// VMs configured in this request.
+    pub configured_vms: Vec<String>,
+    /// The node's capacity for VMs.
+    pub capacity: provd_domain::NodeCapacity,
 }
 
 /// What the node lends to every invocation.
@@ -55,6 +60,7 @@ pub(crate) struct HostState {
 pub(crate) struct NodeServices {
     pub images: Option<Arc<provd_images::Images>>,
     pub image_sources: Arc<Vec<String>>,
+    pub capacity: provd_domain::NodeCapacity,
 }
 
 impl HostState {
@@ -99,6 +105,8 @@ impl HostState {
             operation,
             partitions: Vec::new(),
             partition_bytes: 0,
+            configured_vms: Vec::new(),
+            capacity: node.capacity,
         };
         (state, [stdout, stderr])
     }
@@ -301,6 +309,7 @@ pub(crate) fn linker(
             Capability::Partitions => {
                 provd_bindings::partitions::add_to_linker::<_, HasSelf<_>>(l, |t| t)?
             }
+            Capability::Vm => provd_bindings::vm::add_to_linker::<_, HasSelf<_>>(l, |t| t)?,
         }
     }
     Ok(linker)

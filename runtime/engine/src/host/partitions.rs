@@ -56,7 +56,7 @@ impl HostState {
             .ok_or_else(|| WitError::NotFound(format!("no plan {id:?} in this request")))
     }
 
-    fn partition_store(&self) -> Result<std::sync::Arc<provd_store::Store>, WitError> {
+    pub(crate) fn partition_store(&self) -> Result<std::sync::Arc<provd_store::Store>, WitError> {
         Ok(self
             .images
             .as_ref()
@@ -85,7 +85,7 @@ impl HostState {
     }
 
     /// A partition this request created.
-    fn own_partition(&self, id: &str) -> Result<PartitionRecord, WitError> {
+    pub(crate) fn own_partition(&self, id: &str) -> Result<PartitionRecord, WitError> {
         if !self.partitions.iter().any(|p| p == id) {
             return Err(WitError::NotFound(format!(
                 "partition {id:?} was not created by this request"

@@ -10,6 +10,7 @@
 //!   "shared_format":F,"private_format":F}` — fetch, plan, build the shared
 //!   partition (when a layer is kept) and every VM's private one, and write
 //!   `etc/hostname` into each raw ext4 private partition;
+//!   With `"specs":{VM: SPEC}`, each such VM is then configured from SPEC;
 //! * `{"op":"add-file","partition":ID,"path":P}` — write a file into a
 //!   partition by id (which must be one this request created);
 //! * `{"op":"read-unfetched","image":R,"path":P}` — read without fetching;
@@ -17,7 +18,7 @@
 //!   hash P by reading it into the guest and hashing in wasm, or by asking
 //!   the host to hash it by handle; reports the time of that step only.
 
-use provd_sdk::{Error, Plugin, Report, Request, dedup, hashing, images, partitions};
+use provd_sdk::{Error, Plugin, Report, Request, dedup, hashing, images, partitions, vm};
 use serde::Deserialize;
 use std::time::Instant;
 
@@ -46,6 +47,10 @@ struct Input {
     private_format: String,
     #[serde(default)]
     partition: String,
+    /// For `partitions`: a VM spec per VM name; each VM with one is
+    /// configured on its private partition.
+    #[serde(default)]
+    specs: std::collections::BTreeMap<String, String>,
 }
 
 fn default_limit() -> u32 {
@@ -96,10 +101,10 @@ impl Plugin for Imager {
                 Some(partitions::create_shared(&plan.plan, &input.shared_format)?)
             };
             let mut built = Vec::new();
-            for (vm, _) in &pairs {
+            for (name, _) in &pairs {
                 let private = partitions::create_private(
                     &plan.plan,
-                    vm,
+                    name,
                     shared.as_ref().map(|s| s.id.as_str()),
                     &input.private_format,
                     0,
@@ -108,11 +113,20 @@ impl Plugin for Imager {
                     partitions::add_file(
                         &private.id,
                         "etc/hostname",
-                        format!("{vm}\n").as_bytes(),
+                        format!("{name}\n").as_bytes(),
                         0o644,
                     )?;
                 }
-                built.push(serde_json::json!({"vm": vm, "id": private.id, "bytes": private.bytes}));
+                let mut item =
+                    serde_json::json!({"vm": name, "id": private.id, "bytes": private.bytes});
+                if let Some(spec) = input.specs.get(*name) {
+                    let configured = vm::configure(spec, &private.id)?;
+                    item["config_file"] = configured.config_file.into();
+                    item["config"] = configured.config.into();
+                    item["disks"] = configured.disks.into();
+                    item["macs"] = configured.macs.into();
+                }
+                built.push(item);
             }
             return Report::new("partitioned")
                 .field("shared", shared.map(|s| s.id).unwrap_or_default())

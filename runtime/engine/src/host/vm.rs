@@ -1,0 +1,79 @@
+//! `provd:plugin/vm`: VMs configured on the node from specs, within the
+//! plugin's grant and the node's capacity, on partitions of this request.
+
+use provd_bindings::types::Error as WitError;
+use provd_bindings::vm::{self as wit, Configured};
+use provd_vm::node::VmError;
+
+use crate::host::HostState;
+
+/// VMs one request may configure.
+const MAX_VMS: usize = 64;
+/// Longest spec accepted.
+const MAX_SPEC_BYTES: usize = 256 << 10;
+
+fn wit_error(e: VmError) -> WitError {
+    let text = e.to_string();
+    match e {
+        VmError::Spec(_) => WitError::InvalidInput(text),
+        VmError::Denied { .. } => WitError::Denied(text),
+        VmError::Reserve(provd_store::ReserveError::DoesNotFit { .. }) => {
+            WitError::QuotaExceeded(text)
+        }
+        VmError::Reserve(provd_store::ReserveError::Store(_)) | VmError::Failed(_) => {
+            WitError::Failed(text)
+        }
+        VmError::Reserve(_) => WitError::InvalidInput(text),
+        VmError::NotFound(_) => WitError::NotFound(text),
+    }
+}
+
+impl wit::Host for HostState {
+    async fn configure(
+        &mut self,
+        spec: String,
+        private: String,
+    ) -> wasmtime::Result<Result<Configured, WitError>> {
+        let prepared = (|| {
+            let grant =
+                self.grants.vm.clone().ok_or_else(|| WitError::Denied("vm not granted".into()))?;
+            if spec.len() > MAX_SPEC_BYTES {
+                return Err(WitError::InvalidInput(format!(
+                    "spec is {} bytes; at most {MAX_SPEC_BYTES}",
+                    spec.len()
+                )));
+            }
+            if self.configured_vms.len() >= MAX_VMS {
+                return Err(WitError::QuotaExceeded(format!("at most {MAX_VMS} VMs per request")));
+            }
+            let rec = self.own_partition(&private)?;
+            Ok((grant, rec, self.partition_store()?))
+        })();
+        let (grant, rec, store) = match prepared {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        let capacity = self.capacity;
+        let operation = self.operation.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            provd_vm::node::configure(&store, &spec, &rec, &grant, &capacity, Some(&operation))
+        })
+        .await?;
+        Ok(match done {
+            Ok(c) => {
+                self.configured_vms.push(c.name.clone());
+                Ok(Configured {
+                    name: c.name,
+                    hypervisor: c.hypervisor,
+                    vcpus: c.vcpus,
+                    memory_mib: c.memory_mib,
+                    macs: c.macs,
+                    config_file: c.config_file,
+                    config: c.config,
+                    disks: c.disks,
+                })
+            }
+            Err(e) => Err(wit_error(e)),
+        })
+    }
+}

@@ -1,0 +1,276 @@
+//! libvirt domain XML (QEMU/KVM, q35, x86_64).
+//!
+//! Written with quick-xml's writer so every attribute and text is escaped
+//! by the library, never by string formatting; labels are user text.
+
+use std::io;
+
+use quick_xml::Writer;
+use quick_xml::events::{BytesDecl, BytesText, Event};
+
+use super::{BootPlan, DiskRole, NicBackend, Plan, RenderError, RenderInput, plan};
+use crate::spec::Firmware;
+
+/// XML namespace of the labels in a domain's `<metadata>`.
+pub const LABELS_NAMESPACE: &str = "https://provd.invalid/xmlns/labels/1";
+
+type W = Writer<Vec<u8>>;
+
+/// libvirt's name for the n-th disk on a bus with prefix `vd`/`sd`:
+/// a..z, then aa..zz, as `virDiskNameParse` reads them back.
+fn disk_target(prefix: &str, mut n: usize) -> String {
+    let mut letters = Vec::new();
+    loop {
+        // n % 26 < 26, so the cast cannot truncate.
+        letters.push(b'a' + (n % 26) as u8);
+        if n < 26 {
+            break;
+        }
+        n = n / 26 - 1;
+    }
+    letters.reverse();
+    format!("{prefix}{}", String::from_utf8_lossy(&letters))
+}
+
+/// The domain XML for `input`.
+pub fn libvirt_xml(input: &RenderInput) -> Result<String, RenderError> {
+    let plan = plan(input)?;
+    let mut w = Writer::new_with_indent(Vec::new(), b' ', 2);
+    write_domain(&mut w, &plan)
+        .map_err(|e| RenderError::Write { what: "domain xml", message: e.to_string() })?;
+    let mut text = String::from_utf8(w.into_inner())
+        .map_err(|e| RenderError::Write { what: "domain xml", message: e.to_string() })?;
+    text.push('\n');
+    Ok(text)
+}
+
+fn write_domain(w: &mut W, p: &Plan) -> io::Result<()> {
+    let spec = p.spec;
+    let mem = spec.memory_mib.to_string();
+    let vcpus = spec.vcpus.to_string();
+    w.write_event(Event::Decl(BytesDecl::new("1.0", Some("UTF-8"), None)))?;
+    w.create_element("domain").with_attribute(("type", "kvm")).write_inner_content(|w| {
+        text(w, "name", &spec.name)?;
+        text(w, "uuid", &p.uuid)?;
+        if !spec.labels.is_empty() {
+            w.create_element("metadata").write_inner_content(|w| {
+                w.create_element("provd:labels")
+                    .with_attribute(("xmlns:provd", LABELS_NAMESPACE))
+                    .write_inner_content(|w| {
+                        for (k, v) in &spec.labels {
+                            w.create_element("provd:label")
+                                .with_attribute(("key", k.as_str()))
+                                .write_text_content(BytesText::new(v))?;
+                        }
+                        Ok(())
+                    })?;
+                Ok(())
+            })?;
+        }
+        w.create_element("memory")
+            .with_attribute(("unit", "MiB"))
+            .write_text_content(BytesText::new(&mem))?;
+        w.create_element("currentMemory")
+            .with_attribute(("unit", "MiB"))
+            .write_text_content(BytesText::new(&mem))?;
+        if p.shared_dir.is_some() {
+            // virtiofsd maps guest memory, so it must be shared, file-backed.
+            w.create_element("memoryBacking").write_inner_content(|w| {
+                w.create_element("source").with_attribute(("type", "memfd")).write_empty()?;
+                w.create_element("access").with_attribute(("mode", "shared")).write_empty()?;
+                Ok(())
+            })?;
+        }
+        w.create_element("vcpu")
+            .with_attribute(("placement", "static"))
+            .write_text_content(BytesText::new(&vcpus))?;
+        write_os(w, p)?;
+        w.create_element("features").write_inner_content(|w| {
+            w.create_element("acpi").write_empty()?;
+            w.create_element("apic").write_empty()?;
+            Ok(())
+        })?;
+        // host-passthrough: QEMU's default model (qemu64) lacks the
+        // x86-64-v2 features current distributions require.
+        let cpu = w
+            .create_element("cpu")
+            .with_attribute(("mode", "host-passthrough"))
+            .with_attribute(("check", "none"));
+        match &spec.topology {
+            Some(t) => {
+                cpu.write_inner_content(|w| {
+                    w.create_element("topology")
+                        .with_attribute(("sockets", t.sockets.to_string().as_str()))
+                        .with_attribute(("cores", t.cores.to_string().as_str()))
+                        .with_attribute(("threads", t.threads.to_string().as_str()))
+                        .write_empty()?;
+                    Ok(())
+                })?;
+            }
+            None => {
+                cpu.write_empty()?;
+            }
+        }
+        w.create_element("clock").with_attribute(("offset", "utc")).write_empty()?;
+        text(w, "on_poweroff", "destroy")?;
+        text(w, "on_reboot", "restart")?;
+        text(w, "on_crash", "destroy")?;
+        w.create_element("devices").write_inner_content(|w| write_devices(w, p))?;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+fn text(w: &mut W, name: &str, value: &str) -> io::Result<()> {
+    w.create_element(name).write_text_content(BytesText::new(value))?;
+    Ok(())
+}
+
+fn write_os(w: &mut W, p: &Plan) -> io::Result<()> {
+    let os = w.create_element("os");
+    let os = match &p.boot {
+        BootPlan::Firmware { firmware: Firmware::Uefi, .. } => {
+            // Firmware autoselection: libvirt picks an OVMF build and its
+            // NVRAM template from the host's firmware descriptors.
+            os.with_attribute(("firmware", "efi"))
+        }
+        _ => os,
+    };
+    os.write_inner_content(|w| {
+        w.create_element("type")
+            .with_attribute(("arch", "x86_64"))
+            .with_attribute(("machine", "q35"))
+            .write_text_content(BytesText::new("hvm"))?;
+        match &p.boot {
+            BootPlan::Kernel { kernel, initrd, cmdline } => {
+                text(w, "kernel", kernel)?;
+                if let Some(i) = initrd {
+                    text(w, "initrd", i)?;
+                }
+                if let Some(c) = cmdline {
+                    text(w, "cmdline", c)?;
+                }
+            }
+            BootPlan::Firmware { .. } => {
+                w.create_element("boot").with_attribute(("dev", "hd")).write_empty()?;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+fn write_devices(w: &mut W, p: &Plan) -> io::Result<()> {
+    let mut virtio = 0usize;
+    let mut sata = 0usize;
+    for d in &p.disks {
+        let cdrom = d.role == DiskRole::Seed;
+        let target = if cdrom {
+            sata += 1;
+            disk_target("sd", sata - 1)
+        } else {
+            virtio += 1;
+            disk_target("vd", virtio - 1)
+        };
+        w.create_element("disk")
+            .with_attribute(("type", "file"))
+            .with_attribute(("device", if cdrom { "cdrom" } else { "disk" }))
+            .write_inner_content(|w| {
+                w.create_element("driver")
+                    .with_attribute(("name", "qemu"))
+                    .with_attribute(("type", d.format.as_str()))
+                    .write_empty()?;
+                w.create_element("source").with_attribute(("file", d.path)).write_empty()?;
+                w.create_element("target")
+                    .with_attribute(("dev", target.as_str()))
+                    .with_attribute(("bus", if cdrom { "sata" } else { "virtio" }))
+                    .write_empty()?;
+                if d.read_only {
+                    w.create_element("readonly").write_empty()?;
+                }
+                if d.role == DiskRole::Shared {
+                    w.create_element("shareable").write_empty()?;
+                }
+                // The guest finds the disk by it (/dev/disk/by-id/virtio-<name>).
+                w.create_element("serial").write_text_content(BytesText::new(d.name))?;
+                Ok(())
+            })?;
+    }
+    if let Some(sd) = &p.shared_dir {
+        w.create_element("filesystem")
+            .with_attribute(("type", "mount"))
+            .with_attribute(("accessmode", "passthrough"))
+            .write_inner_content(|w| {
+                w.create_element("driver").with_attribute(("type", "virtiofs")).write_empty()?;
+                w.create_element("source").with_attribute(("dir", sd.path)).write_empty()?;
+                w.create_element("target").with_attribute(("dir", sd.tag)).write_empty()?;
+                w.create_element("readonly").write_empty()?;
+                Ok(())
+            })?;
+    }
+    for nic in &p.nics {
+        let kind = match nic.backend {
+            NicBackend::Bridge(_) => "bridge",
+            NicBackend::Tap(_) => "ethernet",
+        };
+        w.create_element("interface").with_attribute(("type", kind)).write_inner_content(|w| {
+            w.create_element("mac").with_attribute(("address", nic.mac.as_str())).write_empty()?;
+            match nic.backend {
+                NicBackend::Bridge(b) => {
+                    w.create_element("source").with_attribute(("bridge", b)).write_empty()?;
+                }
+                NicBackend::Tap(t) => {
+                    // managed='no': provd creates the tap and owns it.
+                    w.create_element("target")
+                        .with_attribute(("dev", t))
+                        .with_attribute(("managed", "no"))
+                        .write_empty()?;
+                }
+            }
+            w.create_element("model").with_attribute(("type", "virtio")).write_empty()?;
+            Ok(())
+        })?;
+    }
+    w.create_element("serial").with_attribute(("type", "pty")).write_inner_content(|w| {
+        if let Some(log) = p.serial_log {
+            w.create_element("log")
+                .with_attribute(("file", log))
+                .with_attribute(("append", "on"))
+                .write_empty()?;
+        }
+        w.create_element("target").with_attribute(("port", "0")).write_empty()?;
+        Ok(())
+    })?;
+    w.create_element("console").with_attribute(("type", "pty")).write_inner_content(|w| {
+        w.create_element("target")
+            .with_attribute(("type", "serial"))
+            .with_attribute(("port", "0"))
+            .write_empty()?;
+        Ok(())
+    })?;
+    // Entropy for early boot (cloud-init generates host keys).
+    w.create_element("rng").with_attribute(("model", "virtio")).write_inner_content(|w| {
+        w.create_element("backend")
+            .with_attribute(("model", "random"))
+            .write_text_content(BytesText::new("/dev/urandom"))?;
+        Ok(())
+    })?;
+    w.create_element("memballoon").with_attribute(("model", "none")).write_empty()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+    use super::disk_target;
+
+    #[test]
+    fn disk_targets_follow_libvirt_naming() {
+        assert_eq!(disk_target("vd", 0), "vda");
+        assert_eq!(disk_target("vd", 25), "vdz");
+        assert_eq!(disk_target("vd", 26), "vdaa");
+        assert_eq!(disk_target("vd", 27), "vdab");
+        assert_eq!(disk_target("vd", 701), "vdzz");
+        assert_eq!(disk_target("vd", 702), "vdaaa");
+    }
+}

@@ -1,0 +1,1128 @@
+//! Golden tests for the renderers, and the spec's refusals.
+//!
+//! Every example spec under `examples/vms/` is parsed, validated and
+//! rendered for its hypervisor with a fixed render input; the output must
+//! equal `tests/golden/<example>.<xml|json>`. `PROVD_BLESS=1` rewrites the
+//! goldens instead. Domain XML is checked with libvirt's own schema
+//! (`virt-xml-validate`), Cloud Hypervisor and Firecracker JSON against the
+//! field lists of their sources (the binaries are not installed here).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use provd_vm::render::{
+    AttachedDisk, DiskFormat, DiskRole, RenderError, RenderInput, Rendered, SharedDir,
+    cloud_hypervisor_json, firecracker_json, libvirt_xml, render,
+};
+use provd_vm::spec::{
+    Boot, Hypervisor, MAX_SPEC_BYTES, MAX_USER_DATA_BYTES, SpecError, VmSpec, generated_mac,
+    parse_spec,
+};
+use serde_json::Value;
+
+const UUID: &str = "6f1c2a9e-3b7d-4c1e-9a55-0123456789ab";
+const PARTITIONS: &str = "/var/lib/provd/partitions/p-0123456789abcdef";
+
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/vms")
+}
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+fn examples() -> Vec<(String, PathBuf)> {
+    let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(examples_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("toml" | "json")))
+        .map(|p| (p.file_stem().unwrap().to_str().unwrap().to_string(), p))
+        .collect();
+    out.sort();
+    out
+}
+
+fn load(name: &str) -> VmSpec {
+    let path = examples().into_iter().find(|(n, _)| n == name).unwrap().1;
+    parse_spec(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The render input provd would build for `spec`, at fixed paths: the
+/// private root and a disk-format shared partition of one plan, a disk per
+/// data disk, a seed when cloud-init is asked for, and the boot files
+/// resolved under the node's `boot/` folder.
+fn fixed_input(spec: &VmSpec) -> RenderInput<'_> {
+    let vm_dir = format!("/var/lib/provd/vms/{}", spec.name);
+    let mut disks = vec![
+        // Shared first and seed in the middle: renderers must reorder.
+        AttachedDisk {
+            role: DiskRole::Shared,
+            name: "shared".into(),
+            path: format!("{PARTITIONS}/shared.erofs").into(),
+            format: DiskFormat::Raw,
+            read_only: true,
+        },
+        AttachedDisk {
+            role: DiskRole::Private,
+            name: "root".into(),
+            path: format!("{PARTITIONS}/private.ext4").into(),
+            format: DiskFormat::Raw,
+            read_only: false,
+        },
+    ];
+    if spec.cloud_init.is_some() {
+        disks.push(AttachedDisk {
+            role: DiskRole::Seed,
+            name: "seed".into(),
+            path: format!("{vm_dir}/seed.iso").into(),
+            format: DiskFormat::Raw,
+            read_only: true,
+        });
+    }
+    for d in spec.disks.iter().rev() {
+        disks.push(AttachedDisk {
+            role: DiskRole::Data,
+            name: format!("data-{}", d.name),
+            path: format!("{vm_dir}/data-{}.{}", d.name, d.format.as_str()).into(),
+            format: d.format,
+            read_only: false,
+        });
+    }
+    let (kernel, initrd) = match &spec.boot {
+        Boot::Kernel { kernel, initrd, .. } => (
+            Some(PathBuf::from(format!("/var/lib/provd/boot/{kernel}"))),
+            initrd.as_ref().map(|i| PathBuf::from(format!("/var/lib/provd/boot/{i}"))),
+        ),
+        Boot::Firmware { .. } => (None, None),
+    };
+    RenderInput {
+        spec,
+        uuid: UUID.into(),
+        disks,
+        shared_dir: None,
+        kernel,
+        initrd,
+        firmware: None,
+        serial_log: Some(format!("{vm_dir}/serial.log").into()),
+    }
+}
+
+/// The same input with the shared partition as a virtio-fs directory.
+fn with_shared_dir(mut input: RenderInput<'_>) -> RenderInput<'_> {
+    input.disks.retain(|d| d.role != DiskRole::Shared);
+    input.shared_dir = Some(SharedDir {
+        path: format!("{PARTITIONS}/shared").into(),
+        tag: "provd-shared".into(),
+        socket: format!("/run/provd/vms/{}/virtiofs.sock", input.spec.name).into(),
+    });
+    input
+}
+
+/// Compares with the golden file, or rewrites it under `PROVD_BLESS=1`.
+fn check_golden(file: &str, actual: &str) {
+    let path = golden_dir().join(file);
+    if std::env::var("PROVD_BLESS").is_ok_and(|v| v == "1") {
+        std::fs::create_dir_all(golden_dir()).unwrap();
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!("golden {} unreadable ({e}); run with PROVD_BLESS=1 to create it", path.display())
+    });
+    if expected == actual {
+        return;
+    }
+    let mut report = format!(
+        "rendered output differs from {} (PROVD_BLESS=1 cargo test -p provd-vm --test render \
+         rewrites it; review the diff before committing):\n",
+        path.display()
+    );
+    let (e, a): (Vec<&str>, Vec<&str>) = (expected.lines().collect(), actual.lines().collect());
+    let mut shown = 0;
+    for i in 0..e.len().max(a.len()) {
+        let (el, al) = (e.get(i), a.get(i));
+        if el != al {
+            if let Some(l) = el {
+                report.push_str(&format!("-{:>4} {l}\n", i + 1));
+            }
+            if let Some(l) = al {
+                report.push_str(&format!("+{:>4} {l}\n", i + 1));
+            }
+            shown += 1;
+            if shown == 20 {
+                report.push_str("… (more differences)\n");
+                break;
+            }
+        }
+    }
+    panic!("{report}");
+}
+
+/// `virt-xml-validate FILE domain` with Debian's libvirt-clients (setup.sh
+/// installs it); a missing validator fails the test rather than skipping a
+/// check the goldens depend on.
+fn virt_xml_validate(xml: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("domain.xml");
+    std::fs::write(&file, xml).unwrap();
+    let out = Command::new("virt-xml-validate")
+        .arg(&file)
+        .arg("domain")
+        .output()
+        .expect("virt-xml-validate (Debian package libvirt-clients) must be installed");
+    assert!(
+        out.status.success(),
+        "virt-xml-validate refused the domain:\n{}{}\n{xml}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn examples_exist_for_every_hypervisor() {
+    let names: Vec<String> = examples().into_iter().map(|(n, _)| n).collect();
+    for want in ["api", "db", "edge", "web"] {
+        assert!(names.contains(&want.to_string()), "examples/vms/{want}.* missing");
+    }
+    let hypervisors: BTreeSet<&str> =
+        names.iter().map(|n| load(n).hypervisor.as_str()).collect::<Vec<_>>().into_iter().collect();
+    assert_eq!(hypervisors.len(), 3, "{hypervisors:?}");
+}
+
+#[test]
+fn examples_render_to_their_goldens() {
+    for (name, _) in examples() {
+        let spec = load(&name);
+        let Rendered { file_name, text } = render(&fixed_input(&spec)).unwrap();
+        let ext = match spec.hypervisor {
+            Hypervisor::Libvirt => {
+                assert_eq!(file_name, "domain.xml");
+                virt_xml_validate(&text);
+                "xml"
+            }
+            Hypervisor::CloudHypervisor => {
+                assert_eq!(file_name, "vm.json");
+                check_cloud_hypervisor(&serde_json::from_str(&text).unwrap());
+                "json"
+            }
+            Hypervisor::Firecracker => {
+                assert_eq!(file_name, "firecracker.json");
+                check_firecracker(&serde_json::from_str(&text).unwrap());
+                "json"
+            }
+        };
+        check_golden(&format!("{name}.{ext}"), &text);
+    }
+}
+
+#[test]
+fn virtiofs_variants_render_and_validate() {
+    let web = load("web");
+    let xml = libvirt_xml(&with_shared_dir(fixed_input(&web))).unwrap();
+    virt_xml_validate(&xml);
+    assert!(xml.contains("<driver type=\"virtiofs\"/>"), "{xml}");
+    assert!(xml.contains("<access mode=\"shared\"/>"), "{xml}");
+    check_golden("web.virtiofs.xml", &xml);
+
+    let api = load("api");
+    let ch = cloud_hypervisor_json(&with_shared_dir(fixed_input(&api))).unwrap();
+    check_cloud_hypervisor(&ch);
+    assert_eq!(ch["memory"]["shared"], Value::Bool(true));
+    assert_eq!(ch["fs"][0]["tag"], "provd-shared");
+    check_golden("api.virtiofs.json", &format!("{}\n", serde_json::to_string_pretty(&ch).unwrap()));
+}
+
+#[test]
+fn libvirt_disk_layout() {
+    let db = load("db");
+    let xml = libvirt_xml(&fixed_input(&db)).unwrap();
+    // Root first and writable, then shared, then data disks in spec order,
+    // then the seed on sata.
+    let order: Vec<usize> =
+        ["private.ext4", "shared.erofs", "data-pgdata.qcow2", "data-wal.raw", "seed.iso"]
+            .iter()
+            .map(|f| xml.find(f).unwrap_or_else(|| panic!("{f} missing:\n{xml}")))
+            .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}\n{xml}");
+    assert!(xml.contains("<target dev=\"vda\" bus=\"virtio\"/>"));
+    assert!(xml.contains("<target dev=\"vdd\" bus=\"virtio\"/>"));
+    assert!(xml.contains("<target dev=\"sda\" bus=\"sata\"/>"));
+    assert!(xml.contains("<driver name=\"qemu\" type=\"qcow2\"/>"));
+    assert!(xml.contains("<os firmware=\"efi\">"));
+    let root = &xml[xml.find("private.ext4").unwrap()..xml.find("shared.erofs").unwrap()];
+    assert!(!root.contains("<readonly/>"), "root must be writable");
+    let shared = &xml[xml.find("shared.erofs").unwrap()..xml.find("data-pgdata").unwrap()];
+    assert!(shared.contains("<readonly/>") && shared.contains("<shareable/>"));
+}
+
+#[test]
+fn labels_are_escaped_and_parse_back() {
+    let mut web = load("web");
+    web.labels.insert("x/evil".into(), "</provd:label><injected a='1'/>&amp;]]>".into());
+    web.validate().unwrap();
+    let xml = libvirt_xml(&fixed_input(&web)).unwrap();
+    virt_xml_validate(&xml);
+    assert!(!xml.contains("<injected"), "{xml}");
+    // Read it back with libxml2 (the parser libvirt itself uses): every
+    // value round-trips.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("domain.xml");
+    std::fs::write(&file, &xml).unwrap();
+    let mut labels = BTreeMap::new();
+    for k in web.labels.keys() {
+        let xpath = format!(
+            "string(/domain/metadata/*[local-name()='labels']/*[local-name()='label'][@key='{k}'])"
+        );
+        let out = Command::new("xmllint").arg("--xpath").arg(&xpath).arg(&file).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let value = String::from_utf8(out.stdout).unwrap();
+        labels.insert(k.clone(), value.strip_suffix('\n').unwrap_or(&value).to_string());
+    }
+    assert_eq!(labels, web.labels);
+}
+
+#[test]
+fn macs_are_deterministic_and_distinct() {
+    // The documented formula, computed independently.
+    let expected = |name: &str, i: usize| {
+        let mut h = blake3::Hasher::new();
+        h.update(format!("provd-mac\0{name}\0{i}").as_bytes());
+        let b = h.finalize();
+        let b = b.as_bytes();
+        format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+    };
+    let mut by_index0 = BTreeSet::new();
+    let names = 3000;
+    for n in 0..names {
+        let name = format!("vm-{n}");
+        let macs: Vec<String> = (0..8).map(|i| generated_mac(&name, i)).collect();
+        for (i, m) in macs.iter().enumerate() {
+            assert_eq!(m, &generated_mac(&name, i), "not deterministic");
+            assert_eq!(m, &expected(&name, i));
+            let parsed = provd_vm::spec::parse_mac(m).unwrap();
+            assert_eq!(parsed[0] & 1, 0, "multicast {m}");
+        }
+        let distinct: BTreeSet<&String> = macs.iter().collect();
+        assert_eq!(distinct.len(), 8, "{name}: {macs:?}");
+        by_index0.insert(macs[0].clone());
+    }
+    // 24 random bits: among 3000 names about 0.27 collisions are expected
+    // (birthday bound), so a handful means the hash input is not varying.
+    assert!(by_index0.len() >= names - 3, "{} distinct of {names}", by_index0.len());
+
+    // A spec's effective MACs: explicit ones lowercased, others generated.
+    let web = load("web");
+    assert_eq!(web.macs(), vec!["52:54:00:0a:10:01".to_string()]);
+    let api = load("api");
+    assert_eq!(api.macs(), vec![generated_mac("api-3", 0), generated_mac("api-3", 1)]);
+}
+
+// ---- schema checks for the JSON renderers --------------------------------
+
+#[derive(Clone, Copy)]
+enum Ty {
+    Int,
+    Bool,
+    Str,
+    Obj(&'static Schema),
+    Arr(&'static Schema),
+    Enum(&'static [&'static str]),
+}
+
+struct Schema {
+    name: &'static str,
+    fields: &'static [(&'static str, Ty)],
+    required: &'static [&'static str],
+}
+
+fn check_against(schema: &Schema, value: &Value, path: &str) {
+    let obj = value.as_object().unwrap_or_else(|| panic!("{path}: not an object"));
+    for req in schema.required {
+        assert!(obj.contains_key(*req), "{path}: required {}.{req} missing", schema.name);
+    }
+    for (k, v) in obj {
+        let ty = schema
+            .fields
+            .iter()
+            .find(|(n, _)| n == k)
+            .unwrap_or_else(|| panic!("{path}.{k}: not a field of {}", schema.name))
+            .1;
+        let p = format!("{path}.{k}");
+        match ty {
+            Ty::Int => assert!(v.is_u64(), "{p}: not a non-negative integer: {v}"),
+            Ty::Bool => assert!(v.is_boolean(), "{p}: not a boolean: {v}"),
+            Ty::Str => assert!(v.is_string(), "{p}: not a string: {v}"),
+            Ty::Enum(vals) => {
+                assert!(vals.contains(&v.as_str().unwrap_or("")), "{p}: {v} not one of {vals:?}")
+            }
+            Ty::Obj(s) => check_against(s, v, &p),
+            Ty::Arr(s) => {
+                for (i, item) in
+                    v.as_array().unwrap_or_else(|| panic!("{p}: not an array")).iter().enumerate()
+                {
+                    check_against(s, item, &format!("{p}[{i}]"));
+                }
+            }
+        }
+    }
+}
+
+// Cloud Hypervisor: components/schemas in vmm/src/api/openapi/cloud-hypervisor.yaml
+// (cloud-hypervisor/cloud-hypervisor at ae44c297, v51+). Only the objects provd
+// writes are spelled out; their field lists are complete.
+const CH_TOPOLOGY: Schema = Schema {
+    name: "CpuTopology",
+    fields: &[
+        ("threads_per_core", Ty::Int),
+        ("cores_per_die", Ty::Int),
+        ("dies_per_package", Ty::Int),
+        ("packages", Ty::Int),
+    ],
+    required: &[],
+};
+const CH_CPUS: Schema = Schema {
+    name: "CpusConfig",
+    fields: &[
+        ("boot_vcpus", Ty::Int),
+        ("max_vcpus", Ty::Int),
+        ("topology", Ty::Obj(&CH_TOPOLOGY)),
+        ("kvm_hyperv", Ty::Bool),
+        ("max_phys_bits", Ty::Int),
+        ("nested", Ty::Bool),
+        ("affinity", Ty::Str),
+        ("features", Ty::Str),
+        ("core_scheduling", Ty::Enum(&["Vm", "Vcpu", "Off"])),
+    ],
+    required: &["boot_vcpus", "max_vcpus"],
+};
+const CH_MEMORY: Schema = Schema {
+    name: "MemoryConfig",
+    fields: &[
+        ("size", Ty::Int),
+        ("hotplug_size", Ty::Int),
+        ("hotplugged_size", Ty::Int),
+        ("mergeable", Ty::Bool),
+        ("hotplug_method", Ty::Str),
+        ("shared", Ty::Bool),
+        ("hugepages", Ty::Bool),
+        ("hugepage_size", Ty::Int),
+        ("prefault", Ty::Bool),
+        ("reserve", Ty::Bool),
+        ("thp", Ty::Bool),
+        ("zones", Ty::Str),
+    ],
+    required: &["size"],
+};
+const CH_PAYLOAD: Schema = Schema {
+    name: "PayloadConfig",
+    fields: &[
+        ("firmware", Ty::Str),
+        ("kernel", Ty::Str),
+        ("cmdline", Ty::Str),
+        ("initramfs", Ty::Str),
+        ("igvm", Ty::Str),
+        ("host_data", Ty::Str),
+    ],
+    required: &[],
+};
+const CH_DISK: Schema = Schema {
+    name: "DiskConfig",
+    fields: &[
+        ("path", Ty::Str),
+        ("readonly", Ty::Bool),
+        ("direct", Ty::Bool),
+        ("iommu", Ty::Bool),
+        ("num_queues", Ty::Int),
+        ("queue_size", Ty::Int),
+        ("vhost_user", Ty::Bool),
+        ("vhost_socket", Ty::Str),
+        ("rate_limiter_config", Ty::Str),
+        ("pci_segment", Ty::Int),
+        ("pci_device_id", Ty::Int),
+        ("id", Ty::Str),
+        ("serial", Ty::Str),
+        ("rate_limit_group", Ty::Str),
+        ("queue_affinity", Ty::Str),
+        ("backing_files", Ty::Bool),
+        ("sparse", Ty::Bool),
+        ("image_type", Ty::Enum(&["FixedVhd", "Qcow2", "Raw", "Vhdx", "Unknown"])),
+        ("lock_granularity", Ty::Enum(&["ByteRange", "Full"])),
+    ],
+    required: &[],
+};
+const CH_NET: Schema = Schema {
+    name: "NetConfig",
+    fields: &[
+        ("tap", Ty::Str),
+        ("ip", Ty::Str),
+        ("mask", Ty::Str),
+        ("mac", Ty::Str),
+        ("host_mac", Ty::Str),
+        ("mtu", Ty::Int),
+        ("iommu", Ty::Bool),
+        ("num_queues", Ty::Int),
+        ("queue_size", Ty::Int),
+        ("vhost_user", Ty::Bool),
+        ("vhost_socket", Ty::Str),
+        ("vhost_mode", Ty::Str),
+        ("id", Ty::Str),
+        ("pci_segment", Ty::Int),
+        ("pci_device_id", Ty::Int),
+        ("rate_limiter_config", Ty::Str),
+        ("offload_tso", Ty::Bool),
+        ("offload_ufo", Ty::Bool),
+        ("offload_csum", Ty::Bool),
+    ],
+    required: &[],
+};
+const CH_FS: Schema = Schema {
+    name: "FsConfig",
+    fields: &[
+        ("tag", Ty::Str),
+        ("socket", Ty::Str),
+        ("num_queues", Ty::Int),
+        ("queue_size", Ty::Int),
+        ("pci_segment", Ty::Int),
+        ("pci_device_id", Ty::Int),
+        ("id", Ty::Str),
+    ],
+    required: &["num_queues", "queue_size", "socket", "tag"],
+};
+const CH_CONSOLE_MODES: &[&str] = &["Off", "Pty", "Tty", "File", "Socket", "Null"];
+const CH_SERIAL: Schema = Schema {
+    name: "SerialConfig",
+    fields: &[("file", Ty::Str), ("socket", Ty::Str), ("mode", Ty::Enum(CH_CONSOLE_MODES))],
+    required: &["mode"],
+};
+const CH_CONSOLE: Schema = Schema {
+    name: "ConsoleConfig",
+    fields: &[
+        ("file", Ty::Str),
+        ("socket", Ty::Str),
+        ("mode", Ty::Enum(CH_CONSOLE_MODES)),
+        ("iommu", Ty::Bool),
+        ("id", Ty::Str),
+        ("pci_segment", Ty::Int),
+        ("pci_device_id", Ty::Int),
+    ],
+    required: &["mode"],
+};
+// VmConfig: the objects provd does not write are typed Str so that any use
+// of them fails the type check and gets its own schema here first.
+const CH_VM: Schema = Schema {
+    name: "VmConfig",
+    fields: &[
+        ("cpus", Ty::Obj(&CH_CPUS)),
+        ("memory", Ty::Obj(&CH_MEMORY)),
+        ("payload", Ty::Obj(&CH_PAYLOAD)),
+        ("rate_limit_groups", Ty::Str),
+        ("disks", Ty::Arr(&CH_DISK)),
+        ("net", Ty::Arr(&CH_NET)),
+        ("rng", Ty::Str),
+        ("balloon", Ty::Str),
+        ("fs", Ty::Arr(&CH_FS)),
+        ("generic_vhost_user", Ty::Str),
+        ("pmem", Ty::Str),
+        ("serial", Ty::Obj(&CH_SERIAL)),
+        ("console", Ty::Obj(&CH_CONSOLE)),
+        ("debug_console", Ty::Str),
+        ("devices", Ty::Str),
+        ("user_devices", Ty::Str),
+        ("vdpa", Ty::Str),
+        ("vsock", Ty::Str),
+        ("numa", Ty::Str),
+        ("iommu", Ty::Bool),
+        ("watchdog", Ty::Bool),
+        ("rtc", Ty::Str),
+        ("pvpanic", Ty::Bool),
+        ("pci_segments", Ty::Str),
+        ("platform", Ty::Str),
+        ("tpm", Ty::Str),
+        ("landlock_enable", Ty::Bool),
+        ("landlock_rules", Ty::Str),
+    ],
+    required: &["payload"],
+};
+
+fn check_cloud_hypervisor(v: &Value) {
+    check_against(&CH_VM, v, "vm");
+    // Semantics the schema does not state: a payload is a kernel or a
+    // firmware, and device ids are unique across the VM.
+    let payload = v["payload"].as_object().unwrap();
+    assert!(payload.contains_key("kernel") ^ payload.contains_key("firmware"), "{payload:?}");
+    let mut ids = BTreeSet::new();
+    for list in ["disks", "net", "fs"] {
+        for d in v[list].as_array().map(|a| a.as_slice()).unwrap_or_default() {
+            assert!(ids.insert(d["id"].as_str().unwrap().to_string()), "duplicate id {d}");
+        }
+    }
+    assert!(v["cpus"]["boot_vcpus"].as_u64() <= v["cpus"]["max_vcpus"].as_u64());
+}
+
+// Firecracker: VmmConfig in src/vmm/src/resources.rs (kebab-case keys) and
+// the structs of src/vmm/src/vmm_config/{boot_source,drive,machine_config,net}.rs,
+// all deny_unknown_fields (firecracker-microvm/firecracker at 81b38b9d);
+// tests/framework/vm_config.json is the same shape.
+const FC_BOOT: Schema = Schema {
+    name: "BootSourceConfig",
+    fields: &[("kernel_image_path", Ty::Str), ("initrd_path", Ty::Str), ("boot_args", Ty::Str)],
+    required: &["kernel_image_path"],
+};
+const FC_DRIVE: Schema = Schema {
+    name: "BlockDeviceConfig",
+    fields: &[
+        ("drive_id", Ty::Str),
+        ("partuuid", Ty::Str),
+        ("is_root_device", Ty::Bool),
+        ("cache_type", Ty::Enum(&["Unsafe", "Writeback"])),
+        ("is_read_only", Ty::Bool),
+        ("path_on_host", Ty::Str),
+        ("rate_limiter", Ty::Str),
+        ("io_engine", Ty::Enum(&["Sync", "Async"])),
+        ("socket", Ty::Str),
+    ],
+    required: &["drive_id", "is_root_device"],
+};
+const FC_MACHINE: Schema = Schema {
+    name: "MachineConfig",
+    fields: &[
+        ("vcpu_count", Ty::Int),
+        ("mem_size_mib", Ty::Int),
+        ("smt", Ty::Bool),
+        ("cpu_template", Ty::Str),
+        ("track_dirty_pages", Ty::Bool),
+        ("huge_pages", Ty::Enum(&["None", "2M"])),
+        ("gdb_socket_path", Ty::Str),
+    ],
+    required: &["vcpu_count", "mem_size_mib"],
+};
+const FC_NET: Schema = Schema {
+    name: "NetworkInterfaceConfig",
+    fields: &[
+        ("iface_id", Ty::Str),
+        ("host_dev_name", Ty::Str),
+        ("guest_mac", Ty::Str),
+        ("mtu", Ty::Int),
+        ("rx_rate_limiter", Ty::Str),
+        ("tx_rate_limiter", Ty::Str),
+    ],
+    required: &["iface_id", "host_dev_name"],
+};
+const FC_VMM: Schema = Schema {
+    name: "VmmConfig",
+    fields: &[
+        ("balloon", Ty::Str),
+        ("drives", Ty::Arr(&FC_DRIVE)),
+        ("boot-source", Ty::Obj(&FC_BOOT)),
+        ("cpu-config", Ty::Str),
+        ("logger", Ty::Str),
+        ("machine-config", Ty::Obj(&FC_MACHINE)),
+        ("metrics", Ty::Str),
+        ("mmds-config", Ty::Str),
+        ("network-interfaces", Ty::Arr(&FC_NET)),
+        ("vsock", Ty::Str),
+        ("entropy", Ty::Str),
+        ("pmem", Ty::Str),
+        ("memory-hotplug", Ty::Str),
+    ],
+    // `drives` has no serde default in VmmConfig, so it must be present.
+    required: &["boot-source", "drives"],
+};
+
+fn check_firecracker(v: &Value) {
+    check_against(&FC_VMM, v, "config");
+    let m = &v["machine-config"];
+    let vcpus = m["vcpu_count"].as_u64().unwrap();
+    // MachineConfig: 1..=32 vcpus, and 1 or an even number with SMT.
+    assert!((1..=32).contains(&vcpus));
+    if m["smt"] == Value::Bool(true) {
+        assert!(vcpus == 1 || vcpus.is_multiple_of(2));
+    }
+    let drives = v["drives"].as_array().unwrap();
+    assert!(drives.iter().filter(|d| d["is_root_device"] == Value::Bool(true)).count() <= 1);
+    let ids: BTreeSet<&str> = drives.iter().map(|d| d["drive_id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), drives.len());
+    // Guest MACs: six colon-separated hex pairs (MacAddr's parser).
+    for nic in v["network-interfaces"].as_array().unwrap() {
+        provd_vm::spec::parse_mac(nic["guest_mac"].as_str().unwrap()).unwrap();
+    }
+}
+
+// ---- refusals ------------------------------------------------------------
+
+const BASE: &str = r#"
+name = "t"
+hypervisor = "libvirt"
+vcpus = 2
+memory-mib = 1024
+image = "example/image:1"
+"#;
+
+const ED25519: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJDiwd0q0EtpBdN27xv1S9+KrgNRz6jxD4skH2FHqmCr a@b";
+
+fn spec_err(text: &str) -> SpecError {
+    match parse_spec(text) {
+        Ok(s) => panic!("accepted:\n{text}\n{s:?}"),
+        Err(e) => e,
+    }
+}
+
+/// Asserts the spec is refused and the error names `field`, both in its
+/// structured form and in its message.
+fn refused(text: &str, field: &str) -> SpecError {
+    let e = spec_err(text);
+    assert!(e.mentions(field), "error does not name {field}: {e}");
+    assert!(e.to_string().contains(field), "message does not name {field}: {e}");
+    let msg = e.to_string();
+    assert!(!msg.ends_with('.'), "message ends with a period: {msg}");
+    e
+}
+
+fn with(extra: &str) -> String {
+    format!("{BASE}{extra}")
+}
+
+fn replace(from: &str, to: &str) -> String {
+    assert!(BASE.contains(from));
+    BASE.replace(from, to)
+}
+
+#[test]
+fn base_spec_is_valid() {
+    let s = parse_spec(BASE).unwrap();
+    assert_eq!(s.boot, Boot::default());
+    assert_eq!(s.hostname(), "t");
+}
+
+#[test]
+fn vcpus_and_memory_bounds() {
+    refused(&replace("vcpus = 2", "vcpus = 0"), "vcpus");
+    refused(&replace("vcpus = 2", "vcpus = 257"), "vcpus");
+    refused(&replace("vcpus = 2", "vcpus = 4294967295"), "vcpus");
+    // Larger than u32: a type error at parse time, still naming the field.
+    refused(&replace("vcpus = 2", "vcpus = 99999999999"), "vcpus");
+    refused(&replace("vcpus = 2", "vcpus = -1"), "vcpus");
+    refused(&replace("memory-mib = 1024", "memory-mib = 0"), "memory-mib");
+    refused(&replace("memory-mib = 1024", "memory-mib = 127"), "memory-mib");
+    refused(&replace("memory-mib = 1024", "memory-mib = 1048577"), "memory-mib");
+    parse_spec(&replace("memory-mib = 1024", "memory-mib = 1048576")).unwrap();
+    parse_spec(&replace("vcpus = 2", "vcpus = 256")).unwrap();
+}
+
+#[test]
+fn every_problem_is_reported() {
+    let text = replace("vcpus = 2", "vcpus = 0").replace("memory-mib = 1024", "memory-mib = 1");
+    let e = spec_err(&format!("{text}[labels]\n\"Bad Key\" = \"v\"\n"));
+    assert!(e.mentions("vcpus") && e.mentions("memory-mib") && e.mentions("labels"), "{e}");
+    assert_eq!(e.problems.len(), 3, "{e}");
+    assert!(e.to_string().starts_with("3 problems in the spec: "), "{e}");
+}
+
+#[test]
+fn name_rules() {
+    for bad in ["", "1abc", "Web", "web-", "a_b", &"a".repeat(64)] {
+        refused(&replace("name = \"t\"", &format!("name = {bad:?}")), "name");
+    }
+    parse_spec(&replace("name = \"t\"", &format!("name = {:?}", "a".repeat(63)))).unwrap();
+}
+
+#[test]
+fn duplicate_and_multicast_macs() {
+    let dup = with(
+        "[[nics]]\nbridge = \"br0\"\nmac = \"52:54:00:aa:bb:cc\"\n\
+         [[nics]]\nbridge = \"br0\"\nmac = \"52:54:00:AA:BB:CC\"\n",
+    );
+    let e = refused(&dup, "nics[1].mac");
+    assert!(e.to_string().contains("nics[0]"), "{e}");
+    let explicit_equals_generated = with(&format!(
+        "[[nics]]\nbridge = \"br0\"\n[[nics]]\nbridge = \"br0\"\nmac = \"{}\"\n",
+        generated_mac("t", 0)
+    ));
+    refused(&explicit_equals_generated, "nics[1].mac");
+    let e =
+        refused(&with("[[nics]]\nbridge = \"br0\"\nmac = \"01:00:5e:00:00:01\"\n"), "nics[0].mac");
+    assert!(e.to_string().contains("multicast"), "{e}");
+    refused(&with("[[nics]]\nbridge = \"br0\"\nmac = \"52:54:00:00:00\"\n"), "nics[0].mac");
+    refused(&with("[[nics]]\nbridge = \"br0\"\nmac = \"52:54:00:00:00:zz\"\n"), "nics[0].mac");
+}
+
+#[test]
+fn nic_rules() {
+    refused(&with("[[nics]]\nbridge = \"br0\"\ntap = \"tap0\"\n"), "nics[0]");
+    refused(&with("[[nics]]\ndhcp4 = true\n"), "nics[0]");
+    refused(&with("[[nics]]\nbridge = \"a-very-long-bridge-name\"\n"), "nics[0].bridge");
+    refused(&with("[[nics]]\ntap = \"..\"\n"), "nics[0].tap");
+    refused(&with("[[nics]]\ntap = \"tap 0\"\n"), "nics[0].tap");
+    refused(
+        &with(
+            "[[nics]]\nbridge = \"br0\"\ndhcp4 = true\n[nics.ipv4]\naddress = \"192.0.2.10/24\"\n",
+        ),
+        "nics[0].ipv4",
+    );
+    refused(
+        &with(
+            "[[nics]]\nbridge = \"br0\"\n[nics.ipv4]\naddress = \"192.0.2.10/24\"\ngateway = \"192.0.3.1\"\n",
+        ),
+        "nics[0].ipv4.gateway",
+    );
+    refused(
+        &with(
+            "[[nics]]\nbridge = \"br0\"\n[nics.ipv6]\naddress = \"2001:db8::10/64\"\ngateway = \"2001:db9::1\"\n",
+        ),
+        "nics[0].ipv6.gateway",
+    );
+    refused(
+        &with("[[nics]]\nbridge = \"br0\"\n[nics.ipv4]\naddress = \"192.0.2.10/33\"\n"),
+        "nics[0].ipv4.address",
+    );
+    refused(
+        &with("[[nics]]\nbridge = \"br0\"\n[nics.ipv4]\naddress = \"2001:db8::1/64\"\n"),
+        "nics[0].ipv4.address",
+    );
+    refused(&with("[[nics]]\nbridge = \"br0\"\ndns = [\"not-an-ip\"]\n"), "nics[0].dns[0]");
+    refused(
+        &with(
+            "[[nics]]\nbridge = \"br0\"\ndns = [\"1.1.1.1\", \"1.0.0.1\", \"8.8.8.8\", \"8.8.4.4\", \"9.9.9.9\"]\n",
+        ),
+        "nics[0].dns",
+    );
+    let nine: String = (0..9).map(|i| format!("[[nics]]\ntap = \"tap{i}\"\n")).collect();
+    refused(&with(&nine), "nics");
+}
+
+#[test]
+fn hostname_rules() {
+    for bad in ["-web", "web-", "web..example", "we_b", &format!("{}.com", "a".repeat(64))] {
+        refused(&with(&format!("[cloud-init]\nhostname = {bad:?}\n")), "cloud-init.hostname");
+    }
+    let long = vec!["a".repeat(63); 4].join(".");
+    assert!(long.len() > 253);
+    refused(&with(&format!("[cloud-init]\nhostname = {long:?}\n")), "cloud-init.hostname");
+    let s = parse_spec(&with("[cloud-init]\nhostname = \"Web-01.Example.com\"\n")).unwrap();
+    assert_eq!(s.hostname(), "Web-01.Example.com");
+}
+
+fn user_with_key(key: &str) -> String {
+    with(&format!("[[cloud-init.users]]\nname = \"ops\"\nssh-authorized-keys = [{key:?}]\n"))
+}
+
+#[test]
+fn ssh_key_rules() {
+    let field = "cloud-init.users[0].ssh-authorized-keys[0]";
+    parse_spec(&user_with_key(ED25519)).unwrap();
+    // Bad base64: a stray character, and a dropped padding character.
+    refused(&user_with_key(&ED25519.replace("AAAAC3", "AAAA*3")), field);
+    let ecdsa = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBCOKN/S/tVxmgLH7rTTK2PCNJddNzkiSxQLNzU12OPGuf/PtwpTAkdSf+iECU4yuYbl0MNt4IARWF9rODmAk86A=";
+    parse_spec(&user_with_key(ecdsa)).unwrap();
+    refused(&user_with_key(ecdsa.trim_end_matches('=')), field);
+    // Unknown type.
+    let e = refused(&user_with_key(&ED25519.replace("ssh-ed25519", "ssh-dss")), field);
+    assert!(e.to_string().contains("ssh-dss"), "{e}");
+    // Known type, but the blob holds another type.
+    let e = refused(&user_with_key(&ED25519.replace("ssh-ed25519", "ssh-rsa")), field);
+    assert!(e.to_string().contains("ssh-ed25519"), "{e}");
+    // Options, no key data, a truncated blob, an injected second line.
+    refused(&user_with_key(&format!("command=\"/bin/sh\" {ED25519}")), field);
+    refused(&user_with_key("ssh-ed25519"), field);
+    refused(&user_with_key("ssh-ed25519 AAAA"), field);
+    refused(&user_with_key("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5"), field);
+    refused(&user_with_key(&format!("{ED25519}\nssh-rsa AAAA evil")), field);
+    refused(&user_with_key(&format!("{ED25519} {}", "c".repeat(16 * 1024))), field);
+}
+
+#[test]
+fn user_rules() {
+    refused(&with("[[cloud-init.users]]\nname = \"Root\"\n"), "cloud-init.users[0].name");
+    refused(&with("[[cloud-init.users]]\nname = \"9lives\"\n"), "cloud-init.users[0].name");
+    refused(
+        &with("[[cloud-init.users]]\nname = \"a\"\n[[cloud-init.users]]\nname = \"a\"\n"),
+        "cloud-init.users[1].name",
+    );
+    refused(
+        &with("[[cloud-init.users]]\nname = \"a\"\nshell = \"bash\"\n"),
+        "cloud-init.users[0].shell",
+    );
+    refused(
+        &with("[[cloud-init.users]]\nname = \"a\"\nshell = \"/bin/ba sh\"\n"),
+        "cloud-init.users[0].shell",
+    );
+}
+
+#[test]
+fn unknown_fields_are_refused() {
+    let e = refused(&with("colour = \"red\"\n"), "colour");
+    assert!(e.to_string().starts_with("colour: unknown field"), "{e}");
+    let e = refused(&with("[[nics]]\nbridge = \"br0\"\ncolour = \"red\"\n"), "nics[0].colour");
+    assert_eq!(e.problems[0].field, "nics[0].colour");
+    refused(&with("[[nics]]\nbridge = \"br0\"\ncolour = \"red\"\n"), "nics[0].colour");
+    refused(
+        &with(
+            "[[nics]]\nbridge = \"br0\"\n[nics.ipv4]\naddress = \"192.0.2.1/24\"\nmask = \"x\"\n",
+        ),
+        "nics[0].ipv4.mask",
+    );
+    refused(&with("[cloud-init]\nvendor-data = \"x\"\n"), "cloud-init.vendor-data");
+    refused(
+        &with("[[cloud-init.users]]\nname = \"a\"\npassword = \"x\"\n"),
+        "cloud-init.users[0].password",
+    );
+    refused(&with("[topology]\nsockets = 1\ncores = 2\nthreads = 1\ndies = 1\n"), "topology.dies");
+    refused(&with("[[disks]]\nname = \"d\"\nsize-gib = 1\ncache = \"none\"\n"), "disks[0].cache");
+    refused(&with("[boot]\nkernel = \"k\"\nappend = \"x\"\n"), "boot.append");
+    // snake_case spellings are unknown too: one spelling per field.
+    refused(&replace("memory-mib", "memory_mib"), "memory_mib");
+    // JSON: same rules, same paths.
+    let json = r#"{"name":"t","hypervisor":"libvirt","vcpus":1,"memory-mib":512,"image":"i",
+        "nics":[{"tap":"tap0","speed":10}]}"#;
+    refused(json, "nics[0].speed");
+    refused(r#"{"name":"t","extra":1}"#, "extra");
+}
+
+#[test]
+fn boot_rules() {
+    refused(&with("[boot]\nkernel = \"../../etc/shadow\"\n"), "boot.kernel");
+    refused(&with("[boot]\nkernel = \"debian/../../x\"\n"), "boot.kernel");
+    refused(&with("[boot]\nkernel = \"/boot/vmlinuz\"\n"), "boot.kernel");
+    refused(&with("[boot]\nkernel = \"k\"\ninitrd = \"a/../../i\"\n"), "boot.initrd");
+    refused(
+        &with(&format!("[boot]\nkernel = \"k\"\ncmdline = {:?}\n", "x".repeat(2049))),
+        "boot.cmdline",
+    );
+    refused(&with("[boot]\nkernel = \"k\"\ncmdline = \"a\\nb\"\n"), "boot.cmdline");
+    refused(&with("[boot]\nkernel = \"k\"\nfirmware = \"uefi\"\n"), "boot");
+    refused(&with("[boot]\nfirmware = \"uefi\"\ncmdline = \"x\"\n"), "boot");
+    refused(&with("[boot]\n"), "boot");
+    refused(&with("[boot]\nfirmware = \"coreboot\"\n"), "boot");
+    let s = parse_spec(&with("[boot]\nkernel = \"a/vmlinuz\"\n")).unwrap();
+    assert_eq!(s.boot, Boot::Kernel { kernel: "a/vmlinuz".into(), initrd: None, cmdline: None });
+}
+
+#[test]
+fn cloud_init_size_caps() {
+    let big = "#".repeat(MAX_USER_DATA_BYTES + 1);
+    refused(&with(&format!("[cloud-init]\nuser-data = \"{big}\"\n")), "cloud-init.user-data");
+    let ok = "#".repeat(MAX_USER_DATA_BYTES);
+    parse_spec(&with(&format!("[cloud-init]\nuser-data = \"{ok}\"\n"))).unwrap();
+    refused(
+        &with(&format!("[cloud-init]\nnetwork-config = \"{big}\"\n")),
+        "cloud-init.network-config",
+    );
+}
+
+#[test]
+fn oversized_spec_is_refused() {
+    let text = format!("{BASE}# {}\n", "x".repeat(MAX_SPEC_BYTES));
+    refused(&text, "spec");
+    let json = format!("{{\"name\": \"{}\"}}", "x".repeat(MAX_SPEC_BYTES));
+    refused(&json, "spec");
+}
+
+#[test]
+fn syntax_errors_name_the_document() {
+    let e = refused("name = ", "spec");
+    assert!(e.to_string().contains("toml"), "{e}");
+    let e = refused("{\"name\": ", "spec");
+    assert!(e.to_string().contains("json"), "{e}");
+    refused(
+        &format!(
+            "{}\n{{}}",
+            r#"{"name":"t","hypervisor":"libvirt","vcpus":1,"memory-mib":512,"image":"i"}"#
+        ),
+        "spec",
+    );
+    refused(&replace("hypervisor = \"libvirt\"", "hypervisor = \"xen\""), "hypervisor");
+    let e = refused(&replace("name = \"t\"\n", ""), "name");
+    assert!(e.to_string().contains("missing field"), "{e}");
+    refused(
+        &with("[[nics]]\nbridge = \"br0\"\n[nics.ipv4]\ngateway = \"192.0.2.1\"\n"),
+        "nics[0].ipv4.address",
+    );
+}
+
+#[test]
+fn topology_must_match_vcpus() {
+    let e = refused(&with("[topology]\nsockets = 2\ncores = 2\nthreads = 2\n"), "topology");
+    assert!(e.to_string().contains("vcpus"), "{e}");
+    refused(&with("[topology]\nsockets = 0\ncores = 2\nthreads = 1\n"), "topology.sockets");
+    parse_spec(&with("[topology]\nsockets = 1\ncores = 1\nthreads = 2\n")).unwrap();
+    // Overflow of the product in u32 must not wrap to a match.
+    refused(&with("[topology]\nsockets = 65536\ncores = 65536\nthreads = 1\n"), "topology");
+    refused(
+        &with("[topology]\nsockets = 4294967295\ncores = 4294967295\nthreads = 4294967295\n"),
+        "topology",
+    );
+}
+
+#[test]
+fn data_disk_rules() {
+    refused(&with("[[disks]]\nname = \"root\"\nsize-gib = 1\n"), "disks[0].name");
+    refused(&with("[[disks]]\nname = \"Data\"\nsize-gib = 1\n"), "disks[0].name");
+    refused(
+        &with("[[disks]]\nname = \"d\"\nsize-gib = 1\n[[disks]]\nname = \"d\"\nsize-gib = 2\n"),
+        "disks[1].name",
+    );
+    refused(&with("[[disks]]\nname = \"d\"\nsize-gib = 0\n"), "disks[0].size-gib");
+    refused(&with("[[disks]]\nname = \"d\"\nsize-gib = 65537\n"), "disks[0].size-gib");
+    refused(&with("[[disks]]\nname = \"d\"\nsize-gib = 1\nformat = \"vmdk\"\n"), "disks[0].format");
+    let seventeen: String =
+        (0..17).map(|i| format!("[[disks]]\nname = \"d{i}\"\nsize-gib = 1\n")).collect();
+    refused(&with(&seventeen), "disks");
+}
+
+#[test]
+fn label_rules() {
+    refused(&with("[labels]\n\"Upper\" = \"v\"\n"), "labels");
+    refused(&with("[labels]\n\"a b\" = \"v\"\n"), "labels");
+    refused(&with(&format!("[labels]\n{} = \"v\"\n", "k".repeat(64))), "labels");
+    refused(&with(&format!("[labels]\nk = {:?}\n", "v".repeat(257))), "labels.k");
+    refused(&with("[labels]\nk = \"a\\u0007b\"\n"), "labels.k");
+    refused(&with("[labels]\nk = \"a\\uFFFEb\"\n"), "labels.k");
+    let many: String = (0..65).map(|i| format!("k{i} = \"v\"\n")).collect();
+    refused(&with(&format!("[labels]\n{many}")), "labels");
+    parse_spec(&with("[labels]\n\"a.b/c_d-e\" = \"<&>'\\\"\"\n")).unwrap();
+}
+
+#[test]
+fn image_rules() {
+    refused(&replace("image = \"example/image:1\"", "image = \"\""), "image");
+    refused(
+        &replace("image = \"example/image:1\"", &format!("image = {:?}", "i".repeat(2049))),
+        "image",
+    );
+}
+
+#[test]
+fn json_and_toml_agree() {
+    let web = load("web");
+    let json = serde_json::to_string(&web).unwrap();
+    assert_eq!(parse_spec(&json).unwrap(), web);
+    let toml_text = toml::to_string(&web).unwrap();
+    assert_eq!(parse_spec(&toml_text).unwrap(), web);
+    let db = load("db");
+    assert_eq!(parse_spec(&serde_json::to_string(&db).unwrap()).unwrap(), db);
+}
+
+// ---- renderer refusals ---------------------------------------------------
+
+fn render_err(spec: &VmSpec, f: impl FnOnce(&mut RenderInput)) -> RenderError {
+    let mut input = fixed_input(spec);
+    f(&mut input);
+    match render(&input) {
+        Ok(r) => panic!("rendered:\n{}", r.text),
+        Err(e) => e,
+    }
+}
+
+fn field_of(e: &RenderError) -> &str {
+    e.field_name().unwrap_or_else(|| panic!("no field: {e}"))
+}
+
+#[test]
+fn firecracker_refusals() {
+    let ok = firecracker_json(&fixed_input(&load("edge"))).unwrap();
+    check_firecracker(&ok);
+    assert_eq!(ok["machine-config"]["smt"], Value::Bool(true));
+    let mut edge = load("edge");
+    edge.nics[0].tap = None;
+    edge.nics[0].bridge = Some("br0".into());
+    assert_eq!(field_of(&render_err(&edge, |_| {})), "nics[0].bridge");
+
+    let edge = load("edge");
+    let e = render_err(&edge, |i| {
+        *i = with_shared_dir(i.clone());
+    });
+    assert_eq!(field_of(&e), "input.shared_dir");
+    assert!(e.to_string().contains("virtio-fs"), "{e}");
+
+    let mut fw = load("edge");
+    fw.boot = Boot::Firmware { firmware: provd_vm::spec::Firmware::Uefi };
+    assert_eq!(field_of(&render_err(&fw, |_| {})), "boot.firmware");
+
+    let mut big = load("edge");
+    big.vcpus = 33;
+    big.topology = None;
+    let e = render_err(&big, |_| {});
+    assert_eq!(field_of(&e), "vcpus");
+    assert!(e.to_string().contains("32"), "{e}");
+
+    let mut qcow = load("edge");
+    qcow.disks.push(provd_vm::spec::DataDisk {
+        name: "scratch".into(),
+        size_gib: 1,
+        format: DiskFormat::Qcow2,
+    });
+    assert_eq!(field_of(&render_err(&qcow, |_| {})), "disks[0].format");
+
+    let mut topo = load("edge");
+    topo.vcpus = 4;
+    topo.topology = Some(provd_vm::spec::Topology { sockets: 1, cores: 1, threads: 4 });
+    assert_eq!(field_of(&render_err(&topo, |_| {})), "topology.threads");
+}
+
+#[test]
+fn cloud_hypervisor_refusals() {
+    let mut api = load("api");
+    api.nics[1].tap = None;
+    api.nics[1].bridge = Some("br0".into());
+    let e = render_err(&api, |_| {});
+    assert_eq!(field_of(&e), "nics[1].bridge");
+
+    let mut bios = load("api");
+    bios.boot = Boot::default();
+    assert_eq!(field_of(&render_err(&bios, |_| {})), "boot.firmware");
+
+    let mut uefi = load("api");
+    uefi.boot = Boot::Firmware { firmware: provd_vm::spec::Firmware::Uefi };
+    assert_eq!(field_of(&render_err(&uefi, |_| {})), "input.firmware");
+    let mut input = fixed_input(&uefi);
+    input.firmware = Some("/var/lib/provd/boot/CLOUDHV.fd".into());
+    let v = cloud_hypervisor_json(&input).unwrap();
+    check_cloud_hypervisor(&v);
+    assert_eq!(v["payload"]["firmware"], "/var/lib/provd/boot/CLOUDHV.fd");
+}
+
+#[test]
+fn render_input_must_agree_with_spec() {
+    let web = load("web");
+    assert_eq!(field_of(&render_err(&web, |i| i.kernel = None)), "input.kernel");
+    assert_eq!(field_of(&render_err(&web, |i| i.initrd = None)), "input.initrd");
+    assert_eq!(
+        field_of(&render_err(&web, |i| i.kernel = Some("relative/vmlinuz".into()))),
+        "input.kernel"
+    );
+    assert_eq!(field_of(&render_err(&web, |i| i.uuid = "nope".into())), "input.uuid");
+    assert_eq!(
+        field_of(&render_err(&web, |i| i.disks.retain(|d| d.role != DiskRole::Private))),
+        "input.disks"
+    );
+    let e = render_err(&web, |i| {
+        for d in &mut i.disks {
+            if d.role == DiskRole::Shared {
+                d.read_only = false;
+            }
+        }
+    });
+    assert_eq!(field_of(&e), "input.disks[0].read_only");
+    let db = load("db");
+    assert_eq!(
+        field_of(&render_err(&db, |i| i.disks.retain(|d| d.name != "data-wal"))),
+        "disks[1]"
+    );
+    let e = render_err(&db, |i| {
+        for d in &mut i.disks {
+            if d.name == "data-pgdata" {
+                d.format = DiskFormat::Raw;
+            }
+        }
+    });
+    assert!(field_of(&e).ends_with(".format"), "{e}");
+    assert_eq!(field_of(&render_err(&db, |i| i.kernel = Some("/k".into()))), "input.kernel");
+    // An invalid spec is refused by every renderer, whoever built it.
+    let mut bad = load("web");
+    bad.vcpus = 0;
+    let e = render_err(&bad, |_| {});
+    assert!(matches!(&e, RenderError::Spec(s) if s.mentions("vcpus")), "{e}");
+}
