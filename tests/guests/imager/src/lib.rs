@@ -117,15 +117,19 @@ impl Plugin for Imager {
                         0o644,
                     )?;
                 }
-                let mut item =
-                    serde_json::json!({"vm": name, "id": private.id, "bytes": private.bytes});
-                if let Some(spec) = input.specs.get(*name) {
-                    let configured = vm::configure(spec, &private.id)?;
-                    item["config_file"] = configured.config_file.into();
-                    item["config"] = configured.config.into();
-                    item["disks"] = configured.disks.into();
-                    item["macs"] = configured.macs.into();
-                }
+                let item = match input.specs.get(*name) {
+                    Some(spec) => {
+                        let configured = vm::configure(spec, &private.id)?;
+                        serde_json::json!({
+                            "vm": name, "id": private.id, "bytes": private.bytes,
+                            "config_file": configured.config_file, "config": configured.config,
+                            "disks": configured.disks, "macs": configured.macs,
+                        })
+                    }
+                    None => {
+                        serde_json::json!({"vm": name, "id": private.id, "bytes": private.bytes})
+                    }
+                };
                 built.push(item);
             }
             return Report::new("partitioned")
