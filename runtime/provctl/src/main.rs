@@ -8,6 +8,7 @@
 mod dedup;
 mod image;
 mod partition;
+mod vm;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -50,6 +51,14 @@ enum Command {
         #[command(subcommand)]
         command: DedupCommand,
     },
+    /// Check VM specs; list and delete a node's VMs.
+    Vm {
+        /// The node's data directory [env: PROVD_DATA_DIR; default: /var/lib/provd].
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        command: VmCommand,
+    },
     /// Build, list, verify and remove the shared and private partitions of VMs.
     Partition {
         /// The node's data directory [env: PROVD_DATA_DIR; default: /var/lib/provd].
@@ -57,6 +66,26 @@ enum Command {
         data_dir: Option<PathBuf>,
         #[command(subcommand)]
         command: PartitionCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    /// Check a VM spec (TOML or JSON): every problem, with its field.
+    Check {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the VMs and what they reserve.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete VMs: their files, reservations, and partitions no other VM uses.
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
     },
 }
 
@@ -169,6 +198,14 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             dedup::plan(args, &image::data_dir(data_dir))
         }
         Command::Dedup { command: DedupCommand::Scan(args), .. } => dedup::scan(args),
+        Command::Vm { data_dir, command } => {
+            let dir = image::data_dir(data_dir);
+            match command {
+                VmCommand::Check { file, json } => vm::check(&file, json),
+                VmCommand::Ls { json } => vm::list(json, &dir),
+                VmCommand::Rm { names } => vm::remove(&names, &dir),
+            }
+        }
         Command::Partition { data_dir, command } => {
             let dir = image::data_dir(data_dir);
             match command {
