@@ -84,6 +84,20 @@ fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
     output.sync_all()
 }
 
+/// Opens an ext4 image of partition `id` and lists it.
+fn read_ext4(
+    image: &Path,
+    id: &str,
+) -> Result<(Ext4Image, Vec<crate::reader::FsEntry>), PartitionError> {
+    let unreadable = |e: crate::ext4::Ext4Error| PartitionError::Unreadable {
+        partition: id.into(),
+        reason: e.to_string(),
+    };
+    let fs = Ext4Image::open(image).map_err(unreadable)?;
+    let entries = fs.entries(true).map_err(unreadable)?;
+    Ok((fs, entries))
+}
+
 /// Writes `content` at `path` of the VM's root in private partition `id`
 /// (raw ext4), owned by root with permission bits `mode`.
 pub fn add_file(
@@ -137,14 +151,7 @@ pub fn add_file(
     let upper = format!("upper/{path}");
     let (parent, _) = upper.rsplit_once('/').unwrap_or(("upper", ""));
     {
-        let fs = Ext4Image::open(&image).map_err(|e| PartitionError::Unreadable {
-            partition: id.into(),
-            reason: e.to_string(),
-        })?;
-        let entries = fs.entries(true).map_err(|e| PartitionError::Unreadable {
-            partition: id.into(),
-            reason: e.to_string(),
-        })?;
+        let (_, entries) = read_ext4(&image, id)?;
         if !entries.iter().any(|e| e.path == parent && e.kind == EntryKind::Dir) {
             return Err(invalid(path, "its parent directory is not in the VM's private partition"));
         }
@@ -184,14 +191,7 @@ pub fn add_file(
             .run(DEBUGFS, [std::ffi::OsStr::new("-w"), script_arg.as_os_str(), copy.as_os_str()])?;
         // debugfs reports failed commands on stderr but exits 0: read the
         // result back before trusting it.
-        let fs = Ext4Image::open(&copy).map_err(|e| PartitionError::Unreadable {
-            partition: id.into(),
-            reason: e.to_string(),
-        })?;
-        let entries = fs.entries(true).map_err(|e| PartitionError::Unreadable {
-            partition: id.into(),
-            reason: e.to_string(),
-        })?;
+        let (fs, entries) = read_ext4(&copy, id)?;
         let written = entries
             .iter()
             .find(|e| e.path == upper)

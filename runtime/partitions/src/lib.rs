@@ -617,10 +617,7 @@ fn write_shared_erofs(
             };
             match e.kind {
                 EntryKind::File | EntryKind::Hardlink => {
-                    let hash = e.hash.ok_or_else(|| PartitionError::InvalidEntry {
-                        path: e.path.clone(),
-                        reason: "a file without a content digest".into(),
-                    })?;
+                    let hash = stage::content_hash(e)?;
                     let slot = inodes.entry((hash, mode, e.uid, e.gid)).or_insert((next_inode, 0));
                     if slot.1 >= MAX_LINKS_PER_INODE {
                         next_inode += 1;

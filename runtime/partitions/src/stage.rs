@@ -174,10 +174,7 @@ impl<'s> Stager<'s> {
         let pdir = self.dirs.get(parent).ok_or_else(|| missing(parent))?;
         match e.kind {
             EntryKind::File | EntryKind::Hardlink => {
-                let hash = e.hash.ok_or_else(|| PartitionError::InvalidEntry {
-                    path: e.path.clone(),
-                    reason: "a file without a content digest".into(),
-                })?;
+                let hash = content_hash(e)?;
                 let key = (hash, e.mode & 0o7777, e.uid, e.gid);
                 let link_from = match self.sharing {
                     Sharing::Identical => self
@@ -334,6 +331,14 @@ pub(crate) struct StageFigures {
     /// Bytes copied from the store (the build's read cost).
     #[allow(dead_code)]
     pub bytes_copied: u64,
+}
+
+/// The content digest of a file or hard link entry.
+pub(crate) fn content_hash(e: &Entry) -> Result<Hash, PartitionError> {
+    e.hash.ok_or_else(|| PartitionError::InvalidEntry {
+        path: e.path.clone(),
+        reason: "a file without a content digest".into(),
+    })
 }
 
 fn missing(path: &str) -> PartitionError {
