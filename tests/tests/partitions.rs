@@ -65,15 +65,18 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
 
 /// Three VM trees: a base every VM has, a part two of them share, each
 /// one's own files, and every kind of entry.
-fn trees(root: &Path) -> Vec<PathBuf> {
+/// With `specials`, the trees also hold device nodes, a FIFO and setuid and
+/// setgid files, shared and private.
+fn trees(root: &Path, specials: bool) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for (i, name) in ["web", "db", "dev"].iter().enumerate() {
         let t = root.join(name);
         // Shared by all three.
         write(&t.join("usr/lib/libbase.so"), &noise(1, 300_000), 0o644);
         write(&t.join("usr/bin/tool"), &noise(2, 120_000), 0o755);
-        write(&t.join("usr/bin/su"), &noise(3, 40_000), 0o4755);
-        write(&t.join("usr/bin/wall"), &noise(4, 20_000), 0o2755);
+        let (suid, sgid) = if specials { (0o4755, 0o2755) } else { (0o755, 0o755) };
+        write(&t.join("usr/bin/su"), &noise(3, 40_000), suid);
+        write(&t.join("usr/bin/wall"), &noise(4, 20_000), sgid);
         write(&t.join("usr/share/doc/empty"), b"", 0o644);
         write(&t.join("usr/share/doc/readme"), b"read me\n", 0o644);
         write(&t.join("etc/owned"), &noise(5, 9000), 0o640);
@@ -82,9 +85,19 @@ fn trees(root: &Path) -> Vec<PathBuf> {
         std::os::unix::fs::symlink("x".repeat(100), t.join("usr/bin/long-link")).unwrap();
         std::fs::hard_link(t.join("usr/bin/tool"), t.join("usr/bin/tool-alias")).unwrap();
         std::fs::create_dir_all(t.join("dev")).unwrap();
-        mknod(&t.join("dev/null"), "c", 1, 3);
-        mknod(&t.join("dev/loop0"), "b", 7, 0);
-        mknod(&t.join("dev/initctl"), "p", 0, 0);
+        if specials {
+            mknod(&t.join("dev/null"), "c", 1, 3);
+            mknod(&t.join("dev/loop0"), "b", 7, 0);
+            mknod(&t.join("dev/initctl"), "p", 0, 0);
+            // Private ones, one with a space in its name.
+            mknod(&t.join(format!("dev/tty {i}")), "c", 4, i as u32);
+            write(
+                &t.join(format!("usr/local/bin/own-{name}")),
+                &noise(30 + i as u64, 5000),
+                0o4750,
+            );
+            chown(&t.join(format!("usr/local/bin/own-{name}")), 0, 70_000);
+        }
         std::fs::create_dir_all(t.join("tmp")).unwrap();
         std::fs::set_permissions(t.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
         // Same content as the shared base, different metadata per VM: not
@@ -110,8 +123,12 @@ struct Built {
 }
 
 async fn prepared() -> Built {
+    prepared_with(true).await
+}
+
+async fn prepared_with(specials: bool) -> Built {
     let node = node();
-    let trees = trees(&node.dir.path().join("trees"));
+    let trees = trees(&node.dir.path().join("trees"), specials);
     let mut vms = Vec::new();
     let mut entries = Vec::new();
     for (t, name) in trees.iter().zip(["web", "db", "dev"]) {
@@ -154,7 +171,6 @@ async fn every_format_gives_back_every_image_exactly() {
         (SharedFormat::Erofs, PrivateFormat::Ext4),
         (SharedFormat::ErofsLz4hc, PrivateFormat::Ext4),
         (SharedFormat::Ext4, PrivateFormat::Qcow2),
-        (SharedFormat::Dir, PrivateFormat::Ext4),
     ];
     for (shared, private) in formats {
         let layout = build_all(b.store(), &b.plan, &b.vms, shared, private, None, &opts()).unwrap();
@@ -180,8 +196,75 @@ async fn every_format_gives_back_every_image_exactly() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn identical_files_are_stored_once_in_the_shared_partition() {
+async fn a_directory_partition_never_puts_a_device_or_setuid_file_on_the_node() {
+    // A virtio-fs export of a device node would let a guest open a host
+    // device: refused, naming the entry, nothing left.
     let b = prepared().await;
+    let err = build_shared(b.store(), &b.plan, &b.vms, SharedFormat::Dir, &opts()).unwrap_err();
+    assert!(
+        matches!(&err, PartitionError::InvalidEntry { path, reason }
+            if path == "dev/loop0" && reason.contains("directory partition")),
+        "{err}"
+    );
+    b.assert_no_partitions();
+    // Images without them are exported and give back every VM exactly.
+    let b = prepared_with(false).await;
+    build_all(b.store(), &b.plan, &b.vms, SharedFormat::Dir, PrivateFormat::Ext4, None, &opts())
+        .unwrap();
+    for v in &b.vms {
+        let report = verify_vm(b.store(), &v.vm, &opts()).unwrap();
+        assert!(report.is_exact(), "{}: {:#?}", v.vm, report.mismatches);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_device_or_setuid_file_is_ever_created_on_the_node_for_ext4() {
+    // Watch the build directory while ext4 partitions are built: the
+    // staging tree never holds a device, a FIFO or a setuid/setgid file.
+    let b = prepared().await;
+    let staging = b.node.data.join("staging");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut stack = vec![staging.clone()];
+                while let Some(d) = stack.pop() {
+                    let Ok(items) = std::fs::read_dir(&d) else { continue };
+                    for item in items.flatten() {
+                        let Ok(m) = item.metadata() else { continue };
+                        let ft = m.file_type();
+                        use std::os::unix::fs::FileTypeExt;
+                        if ft.is_char_device()
+                            || ft.is_block_device()
+                            || ft.is_fifo()
+                            || m.mode() & 0o6000 != 0
+                        {
+                            seen.push(item.path());
+                        }
+                        if ft.is_dir() {
+                            stack.push(item.path());
+                        }
+                    }
+                }
+            }
+            seen
+        })
+    };
+    build_all(b.store(), &b.plan, &b.vms, SharedFormat::Ext4, PrivateFormat::Ext4, None, &opts())
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(watcher.join().unwrap(), Vec::<PathBuf>::new());
+    for v in &b.vms {
+        let report = verify_vm(b.store(), &v.vm, &opts()).unwrap();
+        assert!(report.is_exact(), "{}: {:#?}", v.vm, report.mismatches);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn identical_files_are_stored_once_in_the_shared_partition() {
+    let b = prepared_with(false).await;
     let shared = build_shared(b.store(), &b.plan, &b.vms, SharedFormat::Dir, &opts()).unwrap();
     let root = b.store().partition_path(&shared.id).unwrap().join("tree");
     // The base library is in the layer of all three VMs; the hard link pair
@@ -205,7 +288,7 @@ async fn identical_files_are_stored_once_in_the_shared_partition() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_changed_partition_fails_verification_naming_the_entry() {
-    let b = prepared().await;
+    let b = prepared_with(false).await;
     build_all(b.store(), &b.plan, &b.vms, SharedFormat::Dir, PrivateFormat::Ext4, None, &opts())
         .unwrap();
     let shared = b.store().partitions().unwrap().into_iter().find(|p| p.role == "shared").unwrap();
@@ -391,7 +474,7 @@ async fn a_builder_dying_mid_write_leaves_nothing_behind() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn content_lost_from_the_store_mid_write_leaves_nothing_behind() {
-    let b = prepared().await;
+    let b = prepared_with(false).await;
     // The largest layer file's content disappears behind provd's back: the
     // EROFS writer, streaming from the store, fails part-way through.
     let victim = b.plan.layers.iter().flat_map(|l| &l.entries).max_by_key(|e| e.size).unwrap();

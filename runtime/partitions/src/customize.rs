@@ -180,7 +180,7 @@ pub fn add_file(
         sparse_copy(&image, &copy).map_err(io("copying the image"))?;
         let script = temp_path.join("script");
         let commands = format!(
-            "rm {upper}\nwrite {} {upper}\nsif {upper} mode 0{:o}\nsif {upper} uid 0\nsif {upper} gid 0\nsif {upper} uid_high 0\nsif {upper} gid_high 0\n",
+            "rm {upper}\nwrite {} {upper}\nsif {upper} mode 0{:o}\nsif {upper} uid 0\nsif {upper} gid 0\n",
             source.display(),
             0o100000 | mode
         );

@@ -53,8 +53,8 @@ pub use customize::{AddedFile, MAX_ADDED_FILE_BYTES, add_file};
 pub use tools::DEFAULT_TOOL_DIRS;
 pub use verify::{Verification, verify_vm};
 
-use stage::{Sharing, Stager};
-use tools::{MKE2FS, MKFS_EROFS, QEMU_IMG, Tools};
+use stage::{Deferred, Sharing, Specials, Stager};
+use tools::{DEBUGFS, MKE2FS, MKFS_EROFS, QEMU_IMG, Tools};
 
 /// Most layers one VM may stack. The guest mounts its overlay with one
 /// `mount(2)` call whose options must fit in a page (4096 bytes); with the
@@ -468,12 +468,12 @@ impl<'s> BuildDir<'s> {
         Ok(BuildDir { store, name, path, published: false })
     }
 
-    fn stager(&self, sharing: Sharing) -> Result<Stager<'s>, PartitionError> {
+    fn stager(&self, sharing: Sharing, specials: Specials) -> Result<Stager<'s>, PartitionError> {
         let staging = self.store.staging_dir();
         let io = |e| PartitionError::Io { what: "creating the staging tree".into(), source: e };
         staging.create_dir(format!("{}/tree", self.name)).map_err(io)?;
         let root = staging.open_dir(format!("{}/tree", self.name)).map_err(io)?;
-        Ok(Stager::new(self.store, root, sharing))
+        Ok(Stager::new(self.store, root, sharing, specials))
     }
 
     fn remove_tree(&self) -> Result<(), PartitionError> {
@@ -727,7 +727,14 @@ pub fn build_shared(
         tracing::debug!(elapsed = ?started.elapsed(), ?figures, "shared image written");
         return finish_shared(build, plan, format, id, manifest_json, opts);
     }
-    let mut stager = build.stager(Sharing::Identical)?;
+    let specials = match format {
+        SharedFormat::Ext4 => Specials::Defer,
+        SharedFormat::Dir => Specials::Refuse,
+        // mkfs.erofs 1.5 can only copy them from the tree; the tree is in a
+        // root-only build directory and deleted as soon as mkfs is done.
+        _ => Specials::Create,
+    };
+    let mut stager = build.stager(Sharing::Identical, specials)?;
     for layer in &plan.layers {
         let prefix = format!("layers/{}/", layer.id);
         stager.dir(&format!("layers/{}", layer.id))?;
@@ -736,6 +743,7 @@ pub fn build_shared(
         }
     }
     write_small(stager.dir("")?, "provd-shared.json", &manifest_json, 0o444)?;
+    let deferred = std::mem::take(&mut stager.deferred);
     let figures = stager.finish()?;
     tracing::debug!(elapsed = ?started.elapsed(), ?figures, "shared tree staged");
 
@@ -768,6 +776,7 @@ pub fn build_shared(
                 false,
             )?;
             build.remove_tree()?;
+            apply_deferred(&tools, &image, &deferred, &build.path)?;
         }
         SharedFormat::Dir => {}
     }
@@ -805,6 +814,99 @@ fn finish_shared(
         manifest: manifest_json,
         vms: users.into_iter().collect(),
     })
+}
+
+/// Adds to an ext4 image what its staging tree left out (devices, FIFOs,
+/// setuid and setgid bits) with `debugfs`, then reads the image back to
+/// check every one: debugfs reports a failed command on stderr and still
+/// exits 0.
+fn apply_deferred(
+    tools: &Tools,
+    image: &std::path::Path,
+    deferred: &[Deferred],
+    scratch: &std::path::Path,
+) -> Result<(), PartitionError> {
+    if deferred.is_empty() {
+        return Ok(());
+    }
+    tools.find(DEBUGFS)?;
+    let mut script = String::new();
+    for d in deferred {
+        // debugfs takes double-quoted arguments but has no escape for a
+        // quote inside one.
+        if d.at.contains('"') || d.at.contains('\\') || d.at.chars().any(char::is_control) {
+            return Err(PartitionError::InvalidEntry {
+                path: d.at.clone(),
+                reason: format!(
+                    "a {} whose name holds a quote, a backslash or a control character cannot be written into ext4 here",
+                    d.kind.as_str()
+                ),
+            });
+        }
+        let q = format!("\"/{}\"", d.at);
+        // mknod takes a name in the current directory, not a path.
+        let (parent, name) = d.at.rsplit_once('/').unwrap_or(("", d.at.as_str()));
+        let at_parent = |args: String| format!("cd \"/{parent}\"\nmknod \"{name}\" {args}\ncd /\n");
+        let (type_bits, make) = match (d.kind, d.device) {
+            (EntryKind::Fifo, _) => (0o010000, at_parent("p".into())),
+            (EntryKind::CharDevice, Some((ma, mi))) => {
+                (0o020000, at_parent(format!("c {ma} {mi}")))
+            }
+            (EntryKind::BlockDevice, Some((ma, mi))) => {
+                (0o060000, at_parent(format!("b {ma} {mi}")))
+            }
+            (EntryKind::File, _) => (0o100000, String::new()),
+            (kind, _) => {
+                return Err(PartitionError::InvalidEntry {
+                    path: d.at.clone(),
+                    reason: format!("a {} without what it needs", kind.as_str()),
+                });
+            }
+        };
+        script.push_str(&make);
+        script.push_str(&format!(
+            "sif {q} mode 0{:o}\nsif {q} uid {}\nsif {q} gid {}\n",
+            type_bits | d.mode,
+            d.uid,
+            d.gid
+        ));
+    }
+    let script_path = scratch.join("deferred.debugfs");
+    std::fs::write(&script_path, script)
+        .map_err(|e| PartitionError::Io { what: "writing the debugfs script".into(), source: e })?;
+    let mut arg = std::ffi::OsString::from("-f");
+    arg.push(&script_path);
+    tools.run(DEBUGFS, [std::ffi::OsStr::new("-w"), arg.as_os_str(), image.as_os_str()])?;
+    let unreadable = |e: ext4::Ext4Error| PartitionError::Unreadable {
+        partition: image.display().to_string(),
+        reason: e.to_string(),
+    };
+    let entries =
+        ext4::Ext4Image::open(image).and_then(|fs| fs.entries(true)).map_err(unreadable)?;
+    let by_path: std::collections::HashMap<&str, &reader::FsEntry> =
+        entries.iter().map(|e| (e.path.as_str(), e)).collect();
+    for d in deferred {
+        let ok = by_path.get(d.at.as_str()).is_some_and(|e| {
+            e.kind == d.kind
+                && e.mode == d.mode
+                && e.uid == u64::from(d.uid)
+                && e.gid == u64::from(d.gid)
+                && (d.device.is_none() || e.device == d.device)
+        });
+        if !ok {
+            return Err(PartitionError::ToolFailed {
+                tool: "debugfs",
+                status: "exit status: 0".into(),
+                stderr: format!(
+                    "{} was not written as a {} with mode {:04o}",
+                    d.at,
+                    d.kind.as_str(),
+                    d.mode
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -921,7 +1023,7 @@ pub fn build_private(
     let uuid = uuid_for(&id);
     let started = std::time::Instant::now();
     let build = BuildDir::new(store)?;
-    let mut stager = build.stager(Sharing::ImageLinks)?;
+    let mut stager = build.stager(Sharing::ImageLinks, Specials::Defer)?;
     stager.dir("upper")?;
     stager.dir("work")?;
     for e in &private {
@@ -957,6 +1059,7 @@ pub fn build_private(
     };
     write_small(provd, "shared", &shared_text, 0o444)?;
     write_small(provd, "provd-overlay-root", OVERLAY_ROOT_SCRIPT, 0o555)?;
+    let deferred = std::mem::take(&mut stager.deferred);
     let figures = stager.finish()?;
     tracing::debug!(vm, elapsed = ?started.elapsed(), ?figures, "private tree staged");
 
@@ -965,6 +1068,7 @@ pub fn build_private(
     let inodes = (figures.inodes * 2).max(figures.inodes + 16384);
     mke2fs(&tools, &raw, &build.path.join("tree"), apparent, inodes, "provd-private", &uuid, true)?;
     build.remove_tree()?;
+    apply_deferred(&tools, &raw, &deferred, &build.path)?;
     let file = if format == PrivateFormat::Qcow2 {
         let qcow = build.path.join("private.qcow2");
         tools.run(

@@ -33,9 +33,42 @@ pub(crate) enum Sharing {
 
 type InodeKey = (Hash, u32, u64, u64);
 
+/// What a staging tree leaves out so that nothing special ever exists on
+/// the node's filesystem: devices and FIFOs are not created, and files are
+/// written without setuid/setgid bits. The filesystem image gets them
+/// afterwards (see `Deferred`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Specials {
+    /// Create them in the staging tree (for builders that cannot be told
+    /// afterwards; the tree is private to root and deleted after the build).
+    Create,
+    /// Leave them out and record them in `Stager::deferred`.
+    Defer,
+    /// Refuse them: the tree is the partition (virtio-fs export), and a
+    /// device node there would let a guest open host devices.
+    Refuse,
+}
+
+/// An entry the staging tree does not hold as it is, for the image builder
+/// to add afterwards.
+#[derive(Debug, Clone)]
+pub(crate) struct Deferred {
+    /// Path inside the tree.
+    pub at: String,
+    pub kind: EntryKind,
+    /// Full permission bits, setuid and setgid included.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub device: Option<(u32, u32)>,
+}
+
 pub(crate) struct Stager<'s> {
     store: &'s Store,
     sharing: Sharing,
+    specials: Specials,
+    /// Entries left for the image builder (with `Specials::Defer`).
+    pub deferred: Vec<Deferred>,
     /// Directories created so far, by path relative to the tree root.
     dirs: HashMap<String, Dir>,
     /// First path written for an inode, and how many names it has.
@@ -103,12 +136,14 @@ fn times(mtime: i64) -> Timestamps {
 }
 
 impl<'s> Stager<'s> {
-    pub fn new(store: &'s Store, root: Dir, sharing: Sharing) -> Stager<'s> {
+    pub fn new(store: &'s Store, root: Dir, sharing: Sharing, specials: Specials) -> Stager<'s> {
         let mut dirs = HashMap::new();
         dirs.insert(String::new(), root);
         Stager {
             store,
             sharing,
+            specials,
+            deferred: Vec::new(),
             dirs,
             inodes: HashMap::new(),
             written: HashMap::new(),
@@ -200,6 +235,29 @@ impl<'s> Stager<'s> {
                 } else {
                     let copied = self.copy(pdir.as_fd(), name, at, e, hash)?;
                     self.bytes_copied += copied;
+                    let special_bits = e.mode & 0o6000;
+                    let mode = if special_bits != 0 && self.specials != Specials::Create {
+                        // Never a setuid or setgid file on the node: the
+                        // bits are set in the image afterwards (ext4) or
+                        // ... refused for a directory export below.
+                        if self.specials == Specials::Refuse {
+                            return Err(PartitionError::InvalidEntry {
+                                path: e.path.clone(),
+                                reason: "setuid and setgid files cannot be placed in a directory partition on the node; use erofs or ext4".into(),
+                            });
+                        }
+                        self.deferred.push(Deferred {
+                            at: at.to_string(),
+                            kind: EntryKind::File,
+                            mode: e.mode & 0o7777,
+                            uid: uid.as_raw(),
+                            gid: gid.as_raw(),
+                            device: None,
+                        });
+                        Mode::from_raw_mode(e.mode & 0o1777)
+                    } else {
+                        mode
+                    };
                     rustix::fs::chownat(
                         pdir,
                         name,
@@ -236,29 +294,35 @@ impl<'s> Stager<'s> {
                     self.data_blocks += 1;
                 }
             }
+            EntryKind::CharDevice | EntryKind::BlockDevice | EntryKind::Fifo
+                if self.specials != Specials::Create =>
+            {
+                if self.specials == Specials::Refuse && e.kind != EntryKind::Fifo {
+                    return Err(PartitionError::InvalidEntry {
+                        path: e.path.clone(),
+                        reason: format!(
+                            "a {} cannot be placed in a directory partition on the node, where a guest could open it through virtio-fs; use erofs or ext4",
+                            e.kind.as_str()
+                        ),
+                    });
+                }
+                if self.specials == Specials::Defer {
+                    self.deferred.push(Deferred {
+                        at: at.to_string(),
+                        kind: e.kind,
+                        mode: e.mode & 0o7777,
+                        uid: uid.as_raw(),
+                        gid: gid.as_raw(),
+                        device: e.device,
+                    });
+                    self.inode_count += 1;
+                    return Ok(());
+                }
+                mknod(pdir, name, at, e, uid, gid, mode)?;
+                self.inode_count += 1;
+            }
             EntryKind::CharDevice | EntryKind::BlockDevice | EntryKind::Fifo => {
-                let (kind, dev) = match e.kind {
-                    EntryKind::Fifo => (FileType::Fifo, 0),
-                    other => {
-                        let (major, minor) =
-                            e.device.ok_or_else(|| PartitionError::InvalidEntry {
-                                path: e.path.clone(),
-                                reason: "a device without major and minor numbers".into(),
-                            })?;
-                        let kind = if other == EntryKind::CharDevice {
-                            FileType::CharacterDevice
-                        } else {
-                            FileType::BlockDevice
-                        };
-                        (kind, rustix::fs::makedev(major, minor))
-                    }
-                };
-                rustix::fs::mknodat(pdir, name, kind, Mode::from_raw_mode(0o600), dev)
-                    .map_err(errno(format!("creating {} {at}", e.kind.as_str())))?;
-                rustix::fs::chownat(pdir, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(errno(format!("owning {at}")))?;
-                rustix::fs::chmodat(pdir, name, mode, AtFlags::empty())
-                    .map_err(errno(format!("setting the mode of {at}")))?;
+                mknod(pdir, name, at, e, uid, gid, mode)?;
                 self.inode_count += 1;
             }
             EntryKind::Dir => {}
@@ -346,4 +410,39 @@ fn missing(path: &str) -> PartitionError {
         path: path.to_string(),
         reason: "parent directory missing".into(),
     }
+}
+
+/// Creates a device node or FIFO in the staging tree (only with
+/// `Specials::Create`).
+fn mknod(
+    pdir: &Dir,
+    name: &str,
+    at: &str,
+    e: &Entry,
+    uid: rustix::fs::Uid,
+    gid: rustix::fs::Gid,
+    mode: Mode,
+) -> Result<(), PartitionError> {
+    let (kind, dev) = match e.kind {
+        EntryKind::Fifo => (FileType::Fifo, 0),
+        other => {
+            let (major, minor) = e.device.ok_or_else(|| PartitionError::InvalidEntry {
+                path: e.path.clone(),
+                reason: "a device without major and minor numbers".into(),
+            })?;
+            let kind = if other == EntryKind::CharDevice {
+                FileType::CharacterDevice
+            } else {
+                FileType::BlockDevice
+            };
+            (kind, rustix::fs::makedev(major, minor))
+        }
+    };
+    rustix::fs::mknodat(pdir, name, kind, Mode::from_raw_mode(0o600), dev)
+        .map_err(errno(format!("creating {} {at}", e.kind.as_str())))?;
+    rustix::fs::chownat(pdir, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(errno(format!("owning {at}")))?;
+    rustix::fs::chmodat(pdir, name, mode, AtFlags::empty())
+        .map_err(errno(format!("setting the mode of {at}")))?;
+    Ok(())
 }
