@@ -678,3 +678,62 @@ async fn added_files_are_checked_recorded_and_verified() {
     assert!(before == after);
     assert_eq!(b.store().staging_files().unwrap(), Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_gets_one_private_partition_stacked_only_on_its_own_plans_layers() {
+    let b = prepared().await;
+    let shared = build_shared(b.store(), &b.plan, &b.vms, SharedFormat::Erofs, &opts()).unwrap();
+    // Another plan (web and dev only) numbers its layers from 0 too, with
+    // other content.
+    let entries: Vec<_> = b
+        .vms
+        .iter()
+        .filter(|v| v.vm != "db")
+        .map(|v| (v.vm.clone(), b.store().entries(&v.image, 0, u64::MAX).unwrap()))
+        .collect();
+    let other =
+        analyze(&entries).unwrap().plan(&Policy { min_layer_bytes: 0, max_layers_per_vm: 8 });
+    assert_eq!(other.layers[0].id, b.plan.layers[0].id);
+    assert_ne!(other.layers[0].entries, b.plan.layers[0].entries);
+    let err = build_private(
+        b.store(),
+        &other,
+        &b.vms,
+        "web",
+        Some(&shared),
+        PrivateFormat::Ext4,
+        None,
+        &opts(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("of this plan"), "{err}");
+    // Its own plan: one private partition, and no second one.
+    build_private(
+        b.store(),
+        &b.plan,
+        &b.vms,
+        "web",
+        Some(&shared),
+        PrivateFormat::Ext4,
+        None,
+        &opts(),
+    )
+    .unwrap();
+    let err = build_private(
+        b.store(),
+        &b.plan,
+        &b.vms,
+        "web",
+        Some(&shared),
+        PrivateFormat::Ext4,
+        None,
+        &opts(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("already has private partition"), "{err}");
+    // Deleting by a name that is not a VM name touches nothing.
+    for bad in ["..", "/", "", "a/b"] {
+        assert!(provd_vm::node::delete(b.store(), bad).is_err(), "{bad:?}");
+    }
+    assert!(b.node.data.join("partitions").exists());
+}

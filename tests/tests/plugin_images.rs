@@ -431,3 +431,37 @@ async fn a_plugin_configures_vms_on_its_partitions_within_grant_and_capacity() {
     assert_eq!(store.reserved().unwrap(), provd_store::Resources::default());
     assert!(store.partitions().unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_stopped_at_its_deadline_keeps_nothing_it_built() {
+    let node = node();
+    tree(&node.path("images/web2"));
+    std::fs::write(node.path("images/web2/etc/hostname"), "web-2\n").unwrap();
+    let manifest = Manifest::from_toml(&format!(
+        "name = \"imager\"\nversion = \"0.1.0\"\n[limits]\ntimeout-ms = 1500\n\
+         [capabilities.hashing]\n[capabilities.dedup]\n[capabilities.vm]\n[capabilities.partitions]\n\
+         [capabilities.images]\nsources = [\"dir:{}/images/*\"]\n",
+        node.work.path().display()
+    ))
+    .unwrap();
+    let plugin = node.engine.load(&manifest, IMAGER.wasm()).await.unwrap();
+    let web = format!("dir:{}", node.path("images/web").display());
+    let web2 = format!("dir:{}", node.path("images/web2").display());
+    let input = serde_json::json!({
+        "op": "partitions",
+        "vms": [["a", web], ["b", web2]],
+        "min_layer_bytes": 0,
+        "max_layers": 8,
+        "shared_format": "erofs",
+        "private_format": "ext4",
+        "specs": {"a": spec("a", 2, 1024)},
+        "then_spin": true,
+    });
+    let err = node.call(&plugin, input).await.unwrap_err();
+    assert!(matches!(err, InvokeError::Limit(_)), "{err}");
+    let store = node.images.store();
+    assert_eq!(store.partitions().unwrap(), vec![]);
+    assert!(store.vms().unwrap().is_empty());
+    assert_eq!(store.reserved().unwrap(), provd_store::Resources::default());
+    assert!(!node.path("data/vms/a").exists());
+}

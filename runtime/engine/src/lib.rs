@@ -307,20 +307,58 @@ impl Engine {
         // The call runs on this task: spawning a task per call costs a
         // cross-thread wake-up, a large share of a warm call. A panic in host
         // code is caught here instead, and ends only this call.
-        let call = AssertUnwindSafe(invoke(&self.inner, plugin, request, observer)).catch_unwind();
-        let (result, log) = match tokio::time::timeout(timeout + HOST_GRACE, call).await {
+        // What the request builds on the node is recorded here, outside
+        // the call, so that it is rolled back however the call ends: an
+        // error, a trap, a timeout or a panic.
+        let ledger = Arc::new(host::Ledger::default());
+        let call = AssertUnwindSafe(invoke(&self.inner, plugin, request, observer, ledger.clone()))
+            .catch_unwind();
+        let outcome = match tokio::time::timeout(timeout + HOST_GRACE, call).await {
             // Dropping the call future on timeout unwinds the plugin's fiber
             // and drops its store.
-            Err(_) => return Err(InvokeError::Limit(Limit::Deadline { timeout })),
+            Err(_) => Err(InvokeError::Limit(Limit::Deadline { timeout })),
             Ok(Err(panic)) => {
                 let message = panic_message(panic);
                 tracing::error!(plugin = %plugin.name(), %message, "host panicked serving a plugin");
-                return Err(InvokeError::Host(format!("host panic: {message}")));
+                Err(InvokeError::Host(format!("host panic: {message}")))
             }
-            Ok(Ok(done)) => done,
+            Ok(Ok((result, log))) => {
+                result.map(|report| Outcome { report, elapsed: started.elapsed(), log })
+            }
         };
-        let report = result?;
-        Ok(Outcome { report, elapsed: started.elapsed(), log })
+        if outcome.is_err() {
+            self.roll_back(&ledger).await;
+        }
+        outcome
+    }
+
+    /// Removes what a failed request built: its VMs first (they use the
+    /// partitions), then its partitions, newest first. Builds still running
+    /// on blocking threads see the ledger closed and remove their own
+    /// result instead of publishing it.
+    async fn roll_back(&self, ledger: &Arc<host::Ledger>) {
+        let (vms, partitions) = ledger.close();
+        if vms.is_empty() && partitions.is_empty() {
+            return;
+        }
+        let Some(images) = self.inner.services.images.clone() else { return };
+        let store = images.store().clone();
+        let done = tokio::task::spawn_blocking(move || {
+            for vm in vms.iter().rev() {
+                if let Err(e) = provd_vm::node::delete(&store, vm) {
+                    tracing::warn!(vm = %vm, error = %e, "cannot remove a failed request's VM");
+                }
+            }
+            for id in partitions.iter().rev() {
+                if let Err(e) = store.remove_partition(id) {
+                    tracing::warn!(partition = %id, error = %e, "cannot remove a failed request's partition");
+                }
+            }
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "rolling back a failed request panicked");
+        }
     }
 }
 
@@ -330,6 +368,7 @@ async fn invoke(
     plugin: &Plugin,
     request: Request,
     observer: Arc<dyn Observer>,
+    ledger: Arc<host::Ledger>,
 ) -> (Result<Report, InvokeError>, LogStats) {
     let p = &plugin.inner;
     let policy = &inner.config.policy;
@@ -337,6 +376,7 @@ async fn invoke(
     let (state, streams) = HostState::new(
         p.name.clone(),
         request.operation_id.clone(),
+        ledger,
         p.grant.capabilities.clone(),
         &p.grant.limits,
         max_handles,
@@ -371,31 +411,6 @@ async fn invoke(
         Ok(Err(e)) => Err(InvokeError::Plugin(e.into())),
         Err(e) => Err(classify(e, breached, p.grant.limits.timeout, last_stderr)),
     };
-    if result.is_err() {
-        // A failed request keeps nothing it built: VMs first (they use the
-        // partitions), then partitions.
-        let built = std::mem::take(&mut state.partitions);
-        let vms = std::mem::take(&mut state.configured_vms);
-        if let (false, Some(images)) = (built.is_empty() && vms.is_empty(), state.images.clone()) {
-            let store = images.store().clone();
-            let removed = tokio::task::spawn_blocking(move || {
-                for vm in vms.iter().rev() {
-                    if let Err(e) = provd_vm::node::delete(&store, vm) {
-                        tracing::warn!(vm = %vm, error = %e, "cannot remove a failed request's VM");
-                    }
-                }
-                for id in built.iter().rev() {
-                    if let Err(e) = store.remove_partition(id) {
-                        tracing::warn!(partition = %id, error = %e, "cannot remove a failed request's partition");
-                    }
-                }
-            })
-            .await;
-            if let Err(e) = removed {
-                tracing::warn!(error = %e, "removing a failed request's partitions panicked");
-            }
-        }
-    }
     (result, log)
 }
 

@@ -254,6 +254,24 @@ pub struct LayerInfo {
     pub vms: Vec<String>,
     pub files: u64,
     pub bytes: u64,
+    /// BLAKE3 over the layer's entries ([`layer_digest`]): a private
+    /// partition stacks a layer only if its plan has exactly this one.
+    #[serde(default)]
+    pub digest: String,
+}
+
+/// BLAKE3 over a layer's entries as a partition reproduces them, in path
+/// order.
+pub fn layer_digest(entries: &[Entry]) -> String {
+    let mut ids: Vec<Entry> = entries.iter().map(identity).collect();
+    ids.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut h = blake3::Hasher::new();
+    for e in &ids {
+        let line = serde_json::to_string(e).unwrap_or_default();
+        h.update(&(line.len() as u64).to_le_bytes());
+        h.update(line.as_bytes());
+    }
+    h.finalize().to_hex().to_string()
 }
 
 /// `provd-shared.json`, also the shared partition's database manifest.
@@ -546,12 +564,30 @@ fn check_room(
     Ok(())
 }
 
+/// Inodes of a private partition holding `staged` inodes: room for the
+/// files the guest will create.
+fn private_inodes(staged: u64) -> u64 {
+    staged.saturating_mul(2).max(staged.saturating_add(16384))
+}
+
+/// Size of a writable ext4 for `data_blocks` of content and `inodes`
+/// inodes (256 bytes each), with mke2fs's journal (at most 64 MiB below
+/// 16 GiB, 256 MiB above).
+fn private_bytes(data_blocks: u64, inodes: u64) -> u64 {
+    let base = ext4_bytes(data_blocks, inodes);
+    let journal: u64 = if base > (16 << 30) { 256 << 20 } else { 64 << 20 };
+    base.saturating_add(journal)
+}
+
 /// ext4 image size for `data_blocks` of content in `inodes` inodes, with
 /// room for the filesystem's own metadata.
 fn ext4_bytes(data_blocks: u64, inodes: u64) -> u64 {
     let data = data_blocks.saturating_mul(4096);
-    let size = data + data / 16 + inodes.saturating_mul(256 + 64) + (32 << 20);
-    size.div_ceil(4 << 20) * (4 << 20)
+    let size = data
+        .saturating_add(data / 16)
+        .saturating_add(inodes.saturating_mul(256 + 64))
+        .saturating_add(32 << 20);
+    size.checked_next_multiple_of(4 << 20).unwrap_or(size)
 }
 
 fn write_small(
@@ -715,6 +751,7 @@ pub fn build_shared(
                 vms: l.vms.clone(),
                 files: l.files,
                 bytes: l.bytes,
+                digest: layer_digest(&l.entries),
             })
             .collect(),
     };
@@ -986,11 +1023,18 @@ pub fn build_private(
                 ))
             })?;
             for id in &stack {
-                let ok =
-                    manifest.layers.iter().any(|l| &l.id == id && l.vms.iter().any(|v| v == vm));
+                // The same layer, not one that happens to share its id
+                // (every plan numbers its layers from 0).
+                let digest =
+                    plan.layers.iter().find(|l| &l.id == id).map(|l| layer_digest(&l.entries));
+                let ok = manifest.layers.iter().any(|l| {
+                    &l.id == id
+                        && l.vms.iter().any(|v| v == vm)
+                        && Some(&l.digest) == digest.as_ref()
+                });
                 if !ok {
                     return Err(PartitionError::NotFound(format!(
-                        "shared partition {} has no layer {id:?} for VM {vm:?}",
+                        "shared partition {} has no layer {id:?} of this plan for VM {vm:?}",
                         rec.id
                     )));
                 }
@@ -1007,17 +1051,36 @@ pub fn build_private(
     if format == PrivateFormat::Qcow2 {
         tools.find(QEMU_IMG)?;
     }
-    let content: u64 = private.iter().filter(|e| e.kind == EntryKind::File).map(|e| e.size).sum();
-    let needed =
-        ext4_bytes(content.div_ceil(4096) + private.len() as u64 / 8, private.len() as u64);
-    let apparent = match size_bytes {
-        Some(s) if s < needed => {
-            return Err(PartitionError::TooSmall { vm: vm.to_string(), requested: s, needed });
+    if let Some(existing) = store.partitions_of_vm(vm)?.into_iter().find(|p| p.role == "private") {
+        // One private partition per VM: which one the VM boots and which
+        // one is verified must never be in doubt.
+        return Err(PartitionError::InvalidPlan(format!(
+            "VM {vm:?} already has private partition {}; release it first",
+            existing.id
+        )));
+    }
+    // A first estimate, before anything is written: every file rounded up
+    // to a block, twice the inodes, the journal.
+    let blocks: u64 =
+        private.iter().filter(|e| e.kind == EntryKind::File).map(|e| e.size.div_ceil(4096)).sum();
+    let entries = private.len() as u64 + 8;
+    let estimate = private_bytes(blocks + entries / 8, private_inodes(entries));
+    let apparent = |needed: u64| -> Result<u64, PartitionError> {
+        match size_bytes {
+            Some(s) if s < needed => {
+                Err(PartitionError::TooSmall { vm: vm.to_string(), requested: s, needed })
+            }
+            Some(s) => Ok(s.checked_next_multiple_of(4096).unwrap_or(s - s % 4096)),
+            None => Ok(needed.saturating_add((needed / 4).max(256 << 20))),
         }
-        Some(s) => s.div_ceil(4096) * 4096,
-        None => needed + (needed / 4).max(256 << 20),
     };
-    check_room(store, &format!("the private partition of {vm}"), needed * 2, apparent, opts)?;
+    check_room(
+        store,
+        &format!("the private partition of {vm}"),
+        estimate.saturating_mul(2),
+        apparent(estimate)?,
+        opts,
+    )?;
 
     let id = provd_store::new_partition_id();
     let uuid = uuid_for(&id);
@@ -1064,8 +1127,12 @@ pub fn build_private(
     tracing::debug!(vm, elapsed = ?started.elapsed(), ?figures, "private tree staged");
 
     let raw = build.path.join("private.ext4");
-    // Room for the files the guest will create.
-    let inodes = (figures.inodes * 2).max(figures.inodes + 16384);
+    // Sized from what was staged: each file's blocks, the inode table, the
+    // journal.
+    let inodes = private_inodes(figures.inodes);
+    let needed = private_bytes(figures.data_blocks, inodes);
+    let apparent = apparent(needed)?;
+    check_room(store, &format!("the private partition of {vm}"), needed, apparent, opts)?;
     mke2fs(&tools, &raw, &build.path.join("tree"), apparent, inodes, "provd-private", &uuid, true)?;
     build.remove_tree()?;
     apply_deferred(&tools, &raw, &deferred, &build.path)?;

@@ -75,7 +75,7 @@ pub(crate) struct Stager<'s> {
     inodes: HashMap<InodeKey, (String, u32)>,
     /// Image path (of the tree's prefix) → where a file was written, for
     /// the image's own hard links.
-    written: HashMap<String, String>,
+    written: HashMap<String, (String, InodeKey)>,
     dir_times: Vec<(String, i64)>,
     /// Filesystem blocks (4 KiB) the content needs, counted once per inode.
     pub data_blocks: u64,
@@ -123,10 +123,11 @@ fn ids(
 ) -> Result<(rustix::fs::Uid, rustix::fs::Gid), PartitionError> {
     let bad = || PartitionError::InvalidEntry {
         path: path.to_string(),
-        reason: format!("owner {uid}:{gid} does not fit in 32 bits"),
+        reason: format!("owner {uid}:{gid} is not a settable 32-bit id"),
     };
-    let uid = u32::try_from(uid).map_err(|_| bad())?;
-    let gid = u32::try_from(gid).map_err(|_| bad())?;
+    // u32::MAX means "leave unchanged" to chown(2), so it cannot be set.
+    let uid = u32::try_from(uid).ok().filter(|&u| u != u32::MAX).ok_or_else(bad)?;
+    let gid = u32::try_from(gid).ok().filter(|&g| g != u32::MAX).ok_or_else(bad)?;
     Ok((rustix::fs::Uid::from_raw(uid), rustix::fs::Gid::from_raw(gid)))
 }
 
@@ -172,6 +173,10 @@ impl<'s> Stager<'s> {
                     io(format!("creating directory {path}"))(e)
                 }
             })?;
+            // Explicitly 0755 root, whatever the daemon's umask: an implied
+            // directory may become part of a guest's root.
+            rustix::fs::chmodat(parent_dir, name, Mode::from_raw_mode(0o755), AtFlags::empty())
+                .map_err(errno(format!("setting the mode of {path}")))?;
             let dir = parent_dir.open_dir(name).map_err(io(format!("opening directory {path}")))?;
             self.inode_count += 1;
             self.data_blocks += 1;
@@ -217,11 +222,14 @@ impl<'s> Stager<'s> {
                         .get(&key)
                         .filter(|(_, links)| *links < MAX_LINKS)
                         .map(|(p, _)| p.clone()),
+                    // Only to a target with the same content and metadata: a
+                    // later layer may have replaced the file a link named.
                     Sharing::ImageLinks if e.kind == EntryKind::Hardlink => e
                         .link_target
                         .as_ref()
                         .and_then(|t| self.written.get(&format!("{image_prefix}{t}")))
-                        .cloned(),
+                        .filter(|(_, target_key)| *target_key == key)
+                        .map(|(at, _)| at.clone()),
                     Sharing::ImageLinks => None,
                 };
                 if let Some(from) = link_from {
@@ -274,7 +282,7 @@ impl<'s> Stager<'s> {
                     self.inode_count += 1;
                     self.data_blocks += blocks(e.size);
                 }
-                self.written.insert(format!("{image_prefix}{}", e.path), at.to_string());
+                self.written.insert(format!("{image_prefix}{}", e.path), (at.to_string(), key));
             }
             EntryKind::Symlink => {
                 let target =

@@ -14,8 +14,6 @@ pub(crate) struct Tool {
 }
 
 pub(crate) const MKFS_EROFS: Tool = Tool { name: "mkfs.erofs", package: "erofs-utils" };
-#[allow(dead_code)]
-pub(crate) const FSCK_EROFS: Tool = Tool { name: "fsck.erofs", package: "erofs-utils" };
 pub(crate) const MKE2FS: Tool = Tool { name: "mke2fs", package: "e2fsprogs" };
 pub(crate) const DEBUGFS: Tool = Tool { name: "debugfs", package: "e2fsprogs" };
 pub(crate) const QEMU_IMG: Tool = Tool { name: "qemu-img", package: "qemu-utils" };

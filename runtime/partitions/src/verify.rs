@@ -4,10 +4,9 @@
 //!
 //! Images are read with this crate's own ext4 and EROFS readers, from the
 //! inodes themselves: extraction tools drop setuid bits and device nodes,
-//! and a mount needs privileges a verifier should not. Content of
-//! compressed EROFS files, which the reader does not decode, is taken from
-//! `fsck.erofs --extract` (erofs-utils), which checks it while extracting;
-//! metadata always comes from the inodes.
+//! and a mount needs privileges a verifier should not. The readers decode
+//! lz4 and lz4hc EROFS content themselves: nothing is extracted onto the
+//! node.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -18,7 +17,7 @@ use provd_store::{PartitionRecord, Store};
 use crate::erofs::ErofsImage;
 use crate::ext4::Ext4Image;
 use crate::reader::FsEntry;
-use crate::tools::{FSCK_EROFS, QEMU_IMG, Tools};
+use crate::tools::{QEMU_IMG, Tools};
 use crate::{BuildOptions, PartitionError, PrivateManifest, SharedManifest};
 
 /// Mismatches listed in full; beyond this only counted.
@@ -55,7 +54,7 @@ fn unreadable(partition: &str, reason: impl std::fmt::Display) -> PartitionError
 /// A filesystem image opened for reading.
 enum Fs {
     Ext4(Ext4Image),
-    Erofs { image: ErofsImage, path: PathBuf, extracted: Option<PathBuf> },
+    Erofs(ErofsImage),
     Dir(PathBuf),
 }
 
@@ -113,11 +112,9 @@ impl Reader<'_> {
                 )?;
                 Ok(Fs::Ext4(Ext4Image::open(&raw).map_err(|e| unreadable(&rec.id, e))?))
             }
-            "erofs" | "erofs-lz4" | "erofs-lz4hc" => Ok(Fs::Erofs {
-                image: ErofsImage::open(&path).map_err(|e| unreadable(&rec.id, e))?,
-                path,
-                extracted: None,
-            }),
+            "erofs" | "erofs-lz4" | "erofs-lz4hc" => {
+                Ok(Fs::Erofs(ErofsImage::open(&path).map_err(|e| unreadable(&rec.id, e))?))
+            }
             "dir" => Ok(Fs::Dir(path)),
             other => Err(unreadable(&rec.id, format!("unknown format {other:?}"))),
         }
@@ -134,7 +131,7 @@ impl Reader<'_> {
     ) -> Result<Vec<Found>, PartitionError> {
         let entries = match fs {
             Fs::Ext4(img) => img.entries(true).map_err(|e| unreadable(id, e))?,
-            Fs::Erofs { image, .. } => image.entries().map_err(|e| unreadable(id, e))?,
+            Fs::Erofs(image) => image.entries().map_err(|e| unreadable(id, e))?,
             Fs::Dir(root) => walk(root).map_err(|e| unreadable(id, e))?,
         };
         let mut hashes: HashMap<u64, Hash> = HashMap::new();
@@ -165,23 +162,10 @@ impl Reader<'_> {
             Fs::Ext4(img) => {
                 img.read_file(e.ino, &mut hasher).map_err(|err| unreadable(id, err))?
             }
-            Fs::Erofs { image, path, extracted } => {
-                if image.is_compressed(e.ino).map_err(|err| unreadable(id, err))? {
-                    let dir = match extracted {
-                        Some(d) => d.clone(),
-                        None => {
-                            let d = self.temp()?.join("x");
-                            let mut arg = std::ffi::OsString::from("--extract=");
-                            arg.push(&d);
-                            self.tools.run(FSCK_EROFS, [arg.as_os_str(), path.as_os_str()])?;
-                            *extracted = Some(d.clone());
-                            d
-                        }
-                    };
-                    hash_path(&dir.join(&e.path), &mut hasher).map_err(|err| unreadable(id, err))?
-                } else {
-                    image.read_file(e.ino, &mut hasher).map_err(|err| unreadable(id, err))?
-                }
+            // lz4 and lz4hc content is decoded by the reader itself, so
+            // nothing is ever extracted onto the node.
+            Fs::Erofs(image) => {
+                image.read_file(e.ino, &mut hasher).map_err(|err| unreadable(id, err))?
             }
             Fs::Dir(root) => {
                 hash_path(&root.join(&e.path), &mut hasher).map_err(|err| unreadable(id, err))?
@@ -264,6 +248,10 @@ fn walk(root: &Path) -> std::io::Result<Vec<FsEntry>> {
         }
     }
     Ok(out)
+}
+
+fn key_of(e: &Entry) -> (Option<Hash>, u32, u64, u64) {
+    (e.hash, e.mode & 0o7777, e.uid, e.gid)
 }
 
 fn octal(mode: u32) -> String {
@@ -405,6 +393,10 @@ pub fn verify_vm(
         });
     }
     let by_path: HashMap<&str, &Found> = view.iter().map(|(p, f)| (p.as_str(), f)).collect();
+    // A hard link is expected to stay one only when its target still has
+    // the same content and metadata (a later layer may have replaced it).
+    let image_keys: HashMap<&str, (Option<Hash>, u32, u64, u64)> =
+        entries.iter().map(|e| (e.path.as_str(), key_of(e))).collect();
     for want in &entries {
         match by_path.get(want.path.as_str()) {
             None => mismatches.push(format!("{}: missing from the partitions", want.path)),
@@ -414,7 +406,9 @@ pub fn verify_vm(
                 // names are private (layers are read-only; sharing an
                 // inode there is invisible).
                 if want.kind == EntryKind::Hardlink
-                    && let Some(target) = want.link_target.as_deref().and_then(|t| by_path.get(t))
+                    && let Some(target_path) = want.link_target.as_deref()
+                    && let Some(target) = by_path.get(target_path)
+                    && image_keys.get(target_path) == Some(&key_of(want))
                     && got.private
                     && target.private
                     && got.entry.ino != target.entry.ino

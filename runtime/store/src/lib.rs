@@ -150,6 +150,13 @@ impl Store {
                 Err(e) => return Err(io(&format!("creating {sub}/"))(e)),
             }
         }
+        // Staging and partitions hold images with other owners' files and
+        // setuid bits: root only, whatever the umask or the parent's mode.
+        for sub in ["objects", "staging", "partitions"] {
+            use cap_std::fs::PermissionsExt;
+            root.set_permissions(sub, cap_std::fs::Permissions::from_mode(0o700))
+                .map_err(io(&format!("restricting {sub}/")))?;
+        }
         let objects = root.open_dir("objects").map_err(io("opening objects/"))?;
         let staging = root.open_dir("staging").map_err(io("opening staging/"))?;
         let partitions = root.open_dir("partitions").map_err(io("opening partitions/"))?;

@@ -410,6 +410,9 @@ fn write_vm(
 /// Deletes a VM: its directory, its record and reservations, and every
 /// partition no other VM uses. Returns whether there was such a VM.
 pub fn delete(store: &Store, name: &str) -> Result<bool, VmError> {
+    // The name becomes a path under the data directory: only a VM name.
+    crate::spec::check_dns_label(name)
+        .map_err(|e| VmError::Spec(format!("VM name {name:?}: {e}")))?;
     let existed = store.delete_vm(name).map_err(|e| VmError::Failed(e.to_string()))?.is_some();
     let dir = vm_dir(store, name);
     if dir.exists() {

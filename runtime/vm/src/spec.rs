@@ -809,7 +809,8 @@ pub(crate) fn is_forbidden_char(c: char) -> bool {
     c.is_control() || c == '\u{FFFE}' || c == '\u{FFFF}'
 }
 
-fn check_dns_label(name: &str) -> Result<(), String> {
+/// Checks a VM name: a DNS label of `a-z 0-9 -`, starting with a letter.
+pub fn check_dns_label(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 63 {
         return Err(format!("must be 1 to 63 bytes, is {}", name.len()));
     }

@@ -45,14 +45,68 @@ pub(crate) struct HostState {
     pub plans: Vec<dedup::KeptPlan>,
     /// The operation this invocation serves.
     pub operation: String,
-    /// Partitions created in this request, and the bytes (sizes guests
-    /// see) they total.
-    pub partitions: Vec<String>,
+    /// What this request built on the node (shared with `provision`, which
+    /// rolls it back if the request fails).
+    pub ledger: Arc<Ledger>,
+    /// Bytes (sizes guests see) of the partitions this request built.
     pub partition_bytes: u64,
-    /// VMs configured in this request.
-    pub configured_vms: Vec<String>,
     /// The node's capacity for VMs.
     pub capacity: provd_domain::NodeCapacity,
+}
+
+/// What one request built on the node, in order. Closed when the request
+/// has failed: a build finishing after that must undo itself.
+#[derive(Debug, Default)]
+pub(crate) struct Ledger {
+    inner: std::sync::Mutex<LedgerState>,
+}
+
+#[derive(Debug, Default)]
+struct LedgerState {
+    closed: bool,
+    vms: Vec<String>,
+    partitions: Vec<String>,
+}
+
+impl Ledger {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LedgerState> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a partition; `false` when the request has already ended and
+    /// the caller must remove it.
+    pub(crate) fn add_partition(&self, id: &str) -> bool {
+        let mut s = self.lock();
+        if !s.closed {
+            s.partitions.push(id.to_string());
+        }
+        !s.closed
+    }
+
+    /// Records a VM; `false` when the request has already ended.
+    pub(crate) fn add_vm(&self, name: &str) -> bool {
+        let mut s = self.lock();
+        if !s.closed {
+            s.vms.push(name.to_string());
+        }
+        !s.closed
+    }
+
+    pub(crate) fn has_partition(&self, id: &str) -> bool {
+        self.lock().partitions.iter().any(|p| p == id)
+    }
+
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        let s = self.lock();
+        (s.vms.len(), s.partitions.len())
+    }
+
+    /// Ends the request: returns what it built and refuses anything more.
+    pub(crate) fn close(&self) -> (Vec<String>, Vec<String>) {
+        let mut s = self.lock();
+        s.closed = true;
+        (std::mem::take(&mut s.vms), std::mem::take(&mut s.partitions))
+    }
 }
 
 /// What the node lends to every invocation.
@@ -64,9 +118,11 @@ pub(crate) struct NodeServices {
 }
 
 impl HostState {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         plugin: String,
         operation: String,
+        ledger: Arc<Ledger>,
         grants: CapabilityGrants,
         limits: &Limits,
         max_handles: usize,
@@ -103,9 +159,8 @@ impl HostState {
             fetched: std::collections::HashMap::new(),
             plans: Vec::new(),
             operation,
-            partitions: Vec::new(),
+            ledger,
             partition_bytes: 0,
-            configured_vms: Vec::new(),
             capacity: node.capacity,
         };
         (state, [stdout, stderr])

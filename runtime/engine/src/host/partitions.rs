@@ -72,7 +72,7 @@ impl HostState {
             .grants
             .partitions
             .ok_or_else(|| WitError::Denied("partitions not granted".into()))?;
-        if self.partitions.len() >= MAX_PARTITIONS {
+        if self.ledger.counts().1 >= MAX_PARTITIONS {
             return Err(WitError::QuotaExceeded(format!(
                 "at most {MAX_PARTITIONS} partitions per request"
             )));
@@ -86,7 +86,7 @@ impl HostState {
 
     /// A partition this request created.
     pub(crate) fn own_partition(&self, id: &str) -> Result<PartitionRecord, WitError> {
-        if !self.partitions.iter().any(|p| p == id) {
+        if !self.ledger.has_partition(id) {
             return Err(WitError::NotFound(format!(
                 "partition {id:?} was not created by this request"
             )));
@@ -98,16 +98,29 @@ impl HostState {
     }
 
     fn record_built(&mut self, rec: &PartitionRecord) {
-        self.partitions.push(rec.id.clone());
         self.partition_bytes = self.partition_bytes.saturating_add(rec.apparent_bytes);
     }
 }
 
-/// Runs a blocking build off the async runtime.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, PartitionError> + Send + 'static,
-) -> wasmtime::Result<Result<T, WitError>> {
-    Ok(tokio::task::spawn_blocking(f).await?.map_err(wit_error))
+/// Runs a blocking build off the async runtime and records what it
+/// published in the request's ledger from the blocking thread itself, so a
+/// request that ends meanwhile (timeout, panic) still rolls it back; if the
+/// ledger is already closed, the build removes its own partition.
+async fn build(
+    ledger: std::sync::Arc<crate::host::Ledger>,
+    store: std::sync::Arc<provd_store::Store>,
+    f: impl FnOnce(&provd_store::Store) -> Result<PartitionRecord, PartitionError> + Send + 'static,
+) -> wasmtime::Result<Result<PartitionRecord, WitError>> {
+    let done = tokio::task::spawn_blocking(move || {
+        let rec = f(&store)?;
+        if !ledger.add_partition(&rec.id) {
+            let _ = store.remove_partition(&rec.id);
+            return Err(PartitionError::NotFound("the request ended before the build did".into()));
+        }
+        Ok(rec)
+    })
+    .await?;
+    Ok(done.map_err(wit_error))
 }
 
 impl wit::Host for HostState {
@@ -131,9 +144,10 @@ impl wit::Host for HostState {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
-        let built =
-            blocking(move || provd_partitions::build_shared(&store, &plan, &vms, format, &opts))
-                .await?;
+        let built = build(self.ledger.clone(), store, move |store| {
+            provd_partitions::build_shared(store, &plan, &vms, format, &opts)
+        })
+        .await?;
         Ok(built.map(|rec| {
             self.record_built(&rec);
             wit_partition(&rec)
@@ -166,9 +180,9 @@ impl wit::Host for HostState {
             Err(e) => return Ok(Err(e)),
         };
         let size = (size_bytes > 0).then_some(size_bytes);
-        let built = blocking(move || {
+        let built = build(self.ledger.clone(), store, move |store| {
             provd_partitions::build_private(
-                &store,
+                store,
                 &plan,
                 &vms,
                 &vm,
@@ -200,10 +214,10 @@ impl wit::Host for HostState {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
-        let done = blocking(move || {
+        let done = tokio::task::spawn_blocking(move || {
             provd_partitions::add_file(&store, &rec.id, &path, &content, mode, &opts).map(|_| ())
         })
         .await?;
-        Ok(done)
+        Ok(done.map_err(wit_error))
     }
 }

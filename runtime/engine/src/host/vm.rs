@@ -43,7 +43,7 @@ impl wit::Host for HostState {
                     spec.len()
                 )));
             }
-            if self.configured_vms.len() >= MAX_VMS {
+            if self.ledger.counts().0 >= MAX_VMS {
                 return Err(WitError::QuotaExceeded(format!("at most {MAX_VMS} VMs per request")));
             }
             let rec = self.own_partition(&private)?;
@@ -55,24 +55,38 @@ impl wit::Host for HostState {
         };
         let capacity = self.capacity;
         let operation = self.operation.clone();
+        let ledger = self.ledger.clone();
         let done = tokio::task::spawn_blocking(move || {
-            provd_vm::node::configure(&store, &spec, &rec, &grant, &capacity, Some(&operation))
+            let c = provd_vm::node::configure(
+                &store,
+                &spec,
+                &rec,
+                &grant,
+                &capacity,
+                Some(&operation),
+            )?;
+            // Recorded from this thread, so a request that ended meanwhile
+            // still removes it; a closed ledger means remove it now.
+            if !ledger.add_vm(&c.name) {
+                let _ = provd_vm::node::delete(&store, &c.name);
+                return Err(VmError::Failed(
+                    "the request ended before the VM was configured".into(),
+                ));
+            }
+            Ok(c)
         })
         .await?;
         Ok(match done {
-            Ok(c) => {
-                self.configured_vms.push(c.name.clone());
-                Ok(Configured {
-                    name: c.name,
-                    hypervisor: c.hypervisor,
-                    vcpus: c.vcpus,
-                    memory_mib: c.memory_mib,
-                    macs: c.macs,
-                    config_file: c.config_file,
-                    config: c.config,
-                    disks: c.disks,
-                })
-            }
+            Ok(c) => Ok(Configured {
+                name: c.name,
+                hypervisor: c.hypervisor,
+                vcpus: c.vcpus,
+                memory_mib: c.memory_mib,
+                macs: c.macs,
+                config_file: c.config_file,
+                config: c.config,
+                disks: c.disks,
+            }),
             Err(e) => Err(wit_error(e)),
         })
     }

@@ -11,6 +11,7 @@
 //!   partition (when a layer is kept) and every VM's private one, and write
 //!   `etc/hostname` into each raw ext4 private partition;
 //!   With `"specs":{VM: SPEC}`, each such VM is then configured from SPEC;
+//!   with `"then_spin":true` it then loops until its deadline stops it;
 //! * `{"op":"add-file","partition":ID,"path":P}` — write a file into a
 //!   partition by id (which must be one this request created);
 //! * `{"op":"read-unfetched","image":R,"path":P}` — read without fetching;
@@ -51,6 +52,10 @@ struct Input {
     /// configured on its private partition.
     #[serde(default)]
     specs: std::collections::BTreeMap<String, String>,
+    /// For `partitions`: spin forever once everything is built, so the
+    /// request ends at its deadline.
+    #[serde(default)]
+    then_spin: bool,
 }
 
 fn default_limit() -> u32 {
@@ -131,6 +136,12 @@ impl Plugin for Imager {
                     }
                 };
                 built.push(item);
+            }
+            if input.then_spin {
+                let mut x: u64 = 0;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
             }
             return Report::new("partitioned")
                 .field("shared", shared.map(|s| s.id).unwrap_or_default())
