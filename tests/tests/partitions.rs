@@ -304,6 +304,39 @@ async fn a_changed_partition_fails_verification_naming_the_entry() {
         "{:#?}",
         report.mismatches
     );
+    // The files the guest's boot script reads are checked too: a dropped
+    // stack file, or a stray file beside upper/, is reported.
+    let private = b
+        .store()
+        .partitions_of_vm("db")
+        .unwrap()
+        .into_iter()
+        .find(|p| p.role == "private")
+        .unwrap();
+    let image = b.store().partition_path(&private.id).unwrap().join(&private.file);
+    let out = std::process::Command::new("debugfs")
+        .args(["-w", "-R", "rm /provd/stack"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = std::process::Command::new("debugfs")
+        .args(["-w", "-R", "mkdir /extra"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let report = verify_vm(b.store(), "db", &opts()).unwrap();
+    assert!(
+        report.mismatches.iter().any(|m| m.starts_with("provd/stack: missing")),
+        "{:#?}",
+        report.mismatches
+    );
+    assert!(
+        report.mismatches.iter().any(|m| m.starts_with("extra: unexpected")),
+        "{:#?}",
+        report.mismatches
+    );
 }
 
 fn walkdir_first_file(dir: &Path) -> PathBuf {
@@ -469,6 +502,16 @@ async fn a_builder_dying_mid_write_leaves_nothing_behind() {
     let dying = BuildOptions { tool_dirs: vec![tools.path().to_path_buf()], ..opts() };
     let err = build_shared(b.store(), &b.plan, &b.vms, SharedFormat::ErofsLz4, &dying).unwrap_err();
     assert!(matches!(err, PartitionError::ToolFailed { tool: "mkfs.erofs", .. }), "{err}");
+    b.assert_no_partitions();
+    // One that hangs is killed at the tool deadline.
+    write(&fake, b"#!/bin/sh\necho working >&2\nexec sleep 60\n", 0o755);
+    let hanging = BuildOptions { tool_timeout: std::time::Duration::from_secs(1), ..dying };
+    let started = std::time::Instant::now();
+    let err =
+        build_shared(b.store(), &b.plan, &b.vms, SharedFormat::ErofsLz4, &hanging).unwrap_err();
+    assert!(err.to_string().contains("killed after 1 s"), "{err}");
+    assert!(err.to_string().contains("working"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
     b.assert_no_partitions();
 }
 

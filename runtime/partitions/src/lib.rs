@@ -228,6 +228,9 @@ pub struct BuildOptions {
     pub quota_bytes: u64,
     /// Where the filesystem tools are looked for.
     pub tool_dirs: Vec<PathBuf>,
+    /// Longest one run of a filesystem tool may take before it is killed
+    /// and the build fails (default 30 minutes).
+    pub tool_timeout: std::time::Duration,
 }
 
 impl Default for BuildOptions {
@@ -236,13 +239,14 @@ impl Default for BuildOptions {
             operation: None,
             quota_bytes: u64::MAX,
             tool_dirs: DEFAULT_TOOL_DIRS.iter().map(PathBuf::from).collect(),
+            tool_timeout: std::time::Duration::from_secs(30 * 60),
         }
     }
 }
 
 impl BuildOptions {
     fn tools(&self) -> Tools {
-        Tools { dirs: self.tool_dirs.clone() }
+        Tools { dirs: self.tool_dirs.clone(), timeout: self.tool_timeout }
     }
 }
 
@@ -311,6 +315,27 @@ pub struct PrivateManifest {
     /// Files added after the build, in the VM's root.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub added: Vec<AddedFile>,
+}
+
+/// `provd/stack` of a private partition: its layers, bottom first.
+pub(crate) fn stack_file(stack: &[String]) -> String {
+    stack.iter().map(|l| format!("{l}\n")).collect()
+}
+
+/// `provd/shared` of a private partition: how its guest finds the shared
+/// partition.
+pub(crate) fn shared_file(shared: Option<&SharedRef>) -> String {
+    match shared {
+        None => String::new(),
+        Some(s) if s.format == SharedFormat::Dir => {
+            format!("fstype=virtiofs\ndevice=provd-{}\n", s.partition)
+        }
+        Some(s) => format!(
+            "fstype={}\ndevice=/dev/disk/by-uuid/{}\n",
+            s.format.fstype(),
+            s.uuid.as_deref().unwrap_or_default()
+        ),
+    }
 }
 
 /// A VM and its image.
@@ -1107,19 +1132,8 @@ pub fn build_private(
         .map_err(|e| PartitionError::InvalidPlan(format!("encoding the manifest: {e}")))?;
     let provd = stager.dir("provd")?;
     write_small(provd, "partition.json", &manifest_json, 0o444)?;
-    let stack_text: String = stack.iter().map(|l| format!("{l}\n")).collect();
-    write_small(provd, "stack", &stack_text, 0o444)?;
-    let shared_text = match &shared_ref {
-        None => String::new(),
-        Some(s) if s.format == SharedFormat::Dir => {
-            format!("fstype=virtiofs\ndevice=provd-{}\n", s.partition)
-        }
-        Some(s) => format!(
-            "fstype={}\ndevice=/dev/disk/by-uuid/{}\n",
-            s.format.fstype(),
-            s.uuid.as_deref().unwrap_or_default()
-        ),
-    };
+    write_small(provd, "stack", &stack_file(&stack), 0o444)?;
+    let shared_text = shared_file(shared_ref.as_ref());
     write_small(provd, "shared", &shared_text, 0o444)?;
     write_small(provd, "provd-overlay-root", OVERLAY_ROOT_SCRIPT, 0o555)?;
     let deferred = std::mem::take(&mut stager.deferred);

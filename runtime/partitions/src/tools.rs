@@ -29,6 +29,8 @@ const STDERR_KEEP: usize = 2048;
 #[derive(Debug, Clone)]
 pub(crate) struct Tools {
     pub dirs: Vec<PathBuf>,
+    /// Longest one run may take.
+    pub timeout: std::time::Duration,
 }
 
 impl Tools {
@@ -40,35 +42,70 @@ impl Tools {
             .ok_or(PartitionError::MissingTool { tool: tool.name, package: tool.package })
     }
 
-    /// Runs `tool` with `args`, stdin closed, stdout discarded.
+    /// Runs `tool` with `args`, stdin closed, stdout discarded, for at most
+    /// `self.timeout`; a tool still running then is killed.
     pub fn run<I, S>(&self, tool: Tool, args: I) -> Result<(), PartitionError>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        use std::io::Read;
         let path = self.find(tool)?;
-        let out = Command::new(&path)
+        let io = |e| PartitionError::Io { what: format!("running {}", path.display()), source: e };
+        let mut child = Command::new(&path)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .env_clear()
             .env("LC_ALL", "C")
-            .output()
-            .map_err(|e| PartitionError::Io {
-                what: format!("running {}", path.display()),
-                source: e,
-            })?;
-        if out.status.success() {
-            return Ok(());
-        }
-        let text = String::from_utf8_lossy(&out.stderr);
+            .spawn()
+            .map_err(io)?;
+        // Keep only the end of stderr, however much the tool writes.
+        let stderr = child.stderr.take().map(|mut err| {
+            std::thread::spawn(move || {
+                let mut kept: Vec<u8> = Vec::new();
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = err.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    kept.extend_from_slice(buf.get(..n).unwrap_or_default());
+                    if kept.len() > 2 * STDERR_KEEP {
+                        kept.drain(..kept.len() - STDERR_KEEP);
+                    }
+                }
+                kept
+            })
+        });
+        let deadline = std::time::Instant::now() + self.timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(io)? {
+                break Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let err = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
+        let text = String::from_utf8_lossy(&err);
         let start = text.len().saturating_sub(STDERR_KEEP);
         let tail = text.get(start..).unwrap_or_default().trim().to_string();
-        Err(PartitionError::ToolFailed {
-            tool: tool.name,
-            status: out.status.to_string(),
-            stderr: tail,
-        })
+        match status {
+            Some(status) if status.success() => Ok(()),
+            Some(status) => Err(PartitionError::ToolFailed {
+                tool: tool.name,
+                status: status.to_string(),
+                stderr: tail,
+            }),
+            None => Err(PartitionError::ToolFailed {
+                tool: tool.name,
+                status: format!("killed after {} s", self.timeout.as_secs()),
+                stderr: tail,
+            }),
+        }
     }
 }

@@ -374,6 +374,39 @@ pub fn verify_vm(
     for f in reader.read(&private.id, &mut fs, &upper, true)? {
         view.insert(f.entry.path.clone(), f);
     }
+    // What the boot script reads must say what the manifest says, and the
+    // partition holds nothing else the guest would see or run.
+    let boot_files = [
+        ("provd/stack", crate::stack_file(&manifest.stack)),
+        ("provd/shared", crate::shared_file(manifest.shared.as_ref())),
+        ("provd/provd-overlay-root", crate::OVERLAY_ROOT_SCRIPT.to_string()),
+    ];
+    let boot = |path: &str| boot_files.iter().any(|(p, _)| *p == path).then(|| path.to_string());
+    let found = reader.read(&private.id, &mut fs, &boot, true)?;
+    for (path, text) in &boot_files {
+        let want = Hash(*blake3::hash(text.as_bytes()).as_bytes());
+        match found.iter().find(|f| f.entry.path == *path) {
+            None => {
+                mismatches.push(format!("{path}: missing from private partition {}", private.id))
+            }
+            Some(f) if f.hash != Some(want) => mismatches
+                .push(format!("{path}: differs from what partition {} records", private.id)),
+            Some(_) => {}
+        }
+    }
+    let stray = |path: &str| {
+        let top = path.split('/').next().unwrap_or_default();
+        (!["upper", "work", "provd", "lost+found"].contains(&top)
+            || (top == "provd"
+                && path != "provd"
+                && path != "provd/partition.json"
+                && !boot_files.iter().any(|(p, _)| *p == path)))
+        .then(|| path.to_string())
+    };
+    for f in reader.read(&private.id, &mut fs, &stray, true)? {
+        mismatches
+            .push(format!("{}: unexpected in private partition {}", f.entry.path, private.id));
+    }
 
     let mut entries = store.entries(&image, 0, u64::MAX)?;
     // Files added after the build replace or join the image's entries.
