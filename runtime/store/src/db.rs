@@ -81,6 +81,31 @@ const MIGRATIONS: &[&str] = &[
         vm  TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE
     ) WITHOUT ROWID;
 "#,
+    r#"
+    CREATE TABLE bundles (
+        name        TEXT NOT NULL,
+        version     TEXT NOT NULL,
+        digest      TEXT NOT NULL,
+        signer      TEXT NOT NULL,
+        manifest    TEXT NOT NULL,
+        grant_json  TEXT NOT NULL,
+        component   BLOB NOT NULL,
+        created     INTEGER NOT NULL,
+        expires     INTEGER NOT NULL,
+        accepted_at INTEGER NOT NULL,
+        PRIMARY KEY (name, version)
+    ) WITHOUT ROWID;
+    CREATE TABLE plugin_heads (
+        name    TEXT PRIMARY KEY,
+        highest TEXT NOT NULL,
+        digest  TEXT NOT NULL,
+        active  TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE clock (
+        id        INTEGER PRIMARY KEY CHECK (id = 1),
+        last_seen INTEGER NOT NULL
+    );
+"#,
 ];
 
 /// An image as recorded.

@@ -22,6 +22,7 @@
 //! and staging leftovers. Objects are counted once per image that uses them;
 //! removing an image frees exactly the objects no other image uses.
 
+mod bundles;
 mod db;
 mod objects;
 mod partitions;
@@ -34,6 +35,7 @@ use std::sync::Mutex;
 use cap_std::fs::Dir;
 use provd_domain::image::{Entry, Hash};
 
+pub use bundles::{AcceptError, Acceptance, BundleRecord, NewBundle};
 pub use db::{ImageRecord, NewImage};
 pub use objects::ObjectWriter;
 pub use partitions::{NewPartition, PartitionRecord, new_partition_id, valid_partition_id};
