@@ -114,7 +114,7 @@ fn the_sharing_analysis_is_pure_computation() {
 #[test]
 fn node_side_crates_do_not_depend_on_the_engine() {
     let ws = workspace();
-    for krate in ["provd-store", "provd-images", "provd-partitions", "provd-vm"] {
+    for krate in ["provd-store", "provd-images", "provd-partitions", "provd-vm", "provd-bundle"] {
         let closure: BTreeSet<String> =
             ws.closure(&ws.id(krate)).iter().map(|id| ws.packages[id].0.clone()).collect();
         for forbidden in ["wasmtime", "provd-engine", "provd-bindings"] {

@@ -110,6 +110,38 @@ pub struct VmGrant {
     pub hypervisors: Vec<String>,
 }
 
+/// WASI interfaces (version 0.2.x) that Rust's standard library imports
+/// through the preview1 adapter or the wasm32-wasip2 target: the only WASI
+/// the engine links, and what a bundle audit accepts. No sockets, no HTTP.
+pub const WASI_INTERFACES: &[&str] = &[
+    "wasi:io/error",
+    "wasi:io/poll",
+    "wasi:io/streams",
+    "wasi:clocks/wall-clock",
+    "wasi:clocks/monotonic-clock",
+    "wasi:random/random",
+    "wasi:random/insecure",
+    "wasi:random/insecure-seed",
+    "wasi:cli/exit",
+    "wasi:cli/environment",
+    "wasi:cli/stdin",
+    "wasi:cli/stdout",
+    "wasi:cli/stderr",
+    "wasi:cli/terminal-input",
+    "wasi:cli/terminal-output",
+    "wasi:cli/terminal-stdin",
+    "wasi:cli/terminal-stdout",
+    "wasi:cli/terminal-stderr",
+    // Linked with no preopened directory, so a plugin sees an empty
+    // filesystem; std imports these unconditionally.
+    "wasi:filesystem/types",
+    "wasi:filesystem/preopens",
+];
+
+/// Interfaces of provd's package linked for every plugin: they hold only
+/// types.
+pub const ALWAYS_LINKED: &[&str] = &["provd:plugin/types"];
+
 /// The hypervisors provd renders configurations for.
 pub const HYPERVISORS: [&str; 3] = ["libvirt", "cloud-hypervisor", "firecracker"];
 

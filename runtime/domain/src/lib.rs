@@ -34,8 +34,8 @@ mod manifest;
 mod policy;
 
 pub use capability::{
-    Capability, HYPERVISORS, HashingGrant, ImagesGrant, LogGrant, PartitionsGrant, VmGrant,
-    glob_match,
+    ALWAYS_LINKED, Capability, HYPERVISORS, HashingGrant, ImagesGrant, LogGrant, PartitionsGrant,
+    VmGrant, WASI_INTERFACES, glob_match,
 };
 pub use manifest::{
     CapabilityRequests, DedupRequest, HashingRequest, ImagesRequest, LimitRequests, LogRequest,

@@ -5,6 +5,7 @@
 //! through the same engine the node uses, and manage the image store of a
 //! data directory.
 
+mod bundle;
 mod dedup;
 mod image;
 mod partition;
@@ -67,6 +68,11 @@ enum Command {
         #[command(subcommand)]
         command: PartitionCommand,
     },
+    /// Generate an Ed25519 key pair for signing plugin bundles.
+    Keygen(bundle::KeygenArgs),
+    /// Build, sign, verify and audit signed plugin bundles.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
 }
 
 #[derive(Subcommand)]
@@ -206,6 +212,8 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 VmCommand::Rm { names } => vm::remove(&names, &dir),
             }
         }
+        Command::Keygen(args) => bundle::keygen(args),
+        Command::Bundle(command) => bundle::run(command),
         Command::Partition { data_dir, command } => {
             let dir = image::data_dir(data_dir);
             match command {

@@ -281,37 +281,7 @@ impl wasmtime::ResourceLimiter for Limiter {
     }
 }
 
-/// WASI interfaces (version 0.2.x) that Rust's standard library imports
-/// through the preview1 adapter or the wasm32-wasip2 target. Nothing else
-/// of WASI is linked: no sockets, no HTTP.
-pub(crate) const WASI_INTERFACES: &[&str] = &[
-    "wasi:io/error",
-    "wasi:io/poll",
-    "wasi:io/streams",
-    "wasi:clocks/wall-clock",
-    "wasi:clocks/monotonic-clock",
-    "wasi:random/random",
-    "wasi:random/insecure",
-    "wasi:random/insecure-seed",
-    "wasi:cli/exit",
-    "wasi:cli/environment",
-    "wasi:cli/stdin",
-    "wasi:cli/stdout",
-    "wasi:cli/stderr",
-    "wasi:cli/terminal-input",
-    "wasi:cli/terminal-output",
-    "wasi:cli/terminal-stdin",
-    "wasi:cli/terminal-stdout",
-    "wasi:cli/terminal-stderr",
-    // Linked with no preopened directory, so a plugin sees an empty
-    // filesystem; std imports these unconditionally.
-    "wasi:filesystem/types",
-    "wasi:filesystem/preopens",
-];
-
-/// Interfaces of provd's package linked for every plugin: they hold only
-/// types.
-pub(crate) const ALWAYS_LINKED: &[&str] = &["provd:plugin/types"];
+pub(crate) use provd_domain::{ALWAYS_LINKED, WASI_INTERFACES};
 
 /// Builds the linker for one grant: the WASI subset above, provd's type-only
 /// interfaces, and exactly the capabilities granted.
