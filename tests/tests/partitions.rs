@@ -107,6 +107,8 @@ fn trees(root: &Path, specials: bool) -> Vec<PathBuf> {
         if i < 2 {
             write(&t.join("srv/www/big.bin"), &noise(6, 500_000), 0o644);
         }
+        // The shared library's content again, under a path of this VM's own.
+        write(&t.join(format!("srv/{name}/libcopy.so")), &noise(1, 300_000), 0o644);
         // Own files.
         write(&t.join("etc/hostname"), name.as_bytes(), 0o644);
         write(&t.join(format!("var/lib/{name}/data")), &noise(10 + i as u64, 200_000), 0o600);
@@ -140,8 +142,11 @@ async fn prepared_with(specials: bool) -> Built {
         entries.push((name.to_string(), node.images.store().entries(&image, 0, u64::MAX).unwrap()));
         vms.push(VmImage { vm: name.to_string(), image });
     }
-    let plan =
-        analyze(&entries).unwrap().plan(&Policy { min_layer_bytes: 0, max_layers_per_vm: 8 });
+    let plan = analyze(&entries).unwrap().plan(&Policy {
+        min_layer_bytes: 0,
+        max_layers_per_vm: 8,
+        share_across_paths: false,
+    });
     assert!(plan.layers.len() >= 2, "{:?}", plan.stacks);
     Built { node, vms, plan }
 }
@@ -734,8 +739,11 @@ async fn a_vm_gets_one_private_partition_stacked_only_on_its_own_plans_layers() 
         .filter(|v| v.vm != "db")
         .map(|v| (v.vm.clone(), b.store().entries(&v.image, 0, u64::MAX).unwrap()))
         .collect();
-    let other =
-        analyze(&entries).unwrap().plan(&Policy { min_layer_bytes: 0, max_layers_per_vm: 8 });
+    let other = analyze(&entries).unwrap().plan(&Policy {
+        min_layer_bytes: 0,
+        max_layers_per_vm: 8,
+        share_across_paths: false,
+    });
     assert_eq!(other.layers[0].id, b.plan.layers[0].id);
     assert_ne!(other.layers[0].entries, b.plan.layers[0].entries);
     let err = build_private(
@@ -779,4 +787,45 @@ async fn a_vm_gets_one_private_partition_stacked_only_on_its_own_plans_layers() 
         assert!(provd_vm::node::delete(b.store(), bad).is_err(), "{bad:?}");
     }
     assert!(b.node.data.join("partitions").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn content_under_other_paths_is_stored_once_and_every_vm_verifies() {
+    let b = prepared().await;
+    let entries: Vec<_> = b
+        .vms
+        .iter()
+        .map(|v| (v.vm.clone(), b.store().entries(&v.image, 0, u64::MAX).unwrap()))
+        .collect();
+    let wide =
+        analyze(&entries).unwrap().plan(&Policy { share_across_paths: true, ..Policy::default() });
+    // Each VM's copy of the library under its own path moved into its alias
+    // layer, stored once with the shared one.
+    assert!(
+        wide.stored_bytes + 3 * 300_000 - 300_000 <= b.plan.stored_bytes + 300_000,
+        "{} vs {}",
+        wide.stored_bytes,
+        b.plan.stored_bytes
+    );
+    assert!(wide.stored_bytes < b.plan.stored_bytes);
+    for v in &b.vms {
+        assert!(!wide.private[&v.vm].iter().any(|e| e.path.ends_with("libcopy.so")));
+    }
+    let layout = build_all(
+        b.store(),
+        &wide,
+        &b.vms,
+        SharedFormat::Erofs,
+        PrivateFormat::Ext4,
+        None,
+        &opts(),
+    )
+    .unwrap();
+    for v in &b.vms {
+        let report = verify_vm(b.store(), &v.vm, &opts()).unwrap();
+        assert!(report.is_exact(), "{}: {:#?}", v.vm, report.mismatches);
+    }
+    // The shared partition holds the library's bytes once, not four times.
+    let shared = layout.shared.unwrap();
+    assert!(shared.bytes < 2 * 300_000 + 1_000_000, "{}", shared.bytes);
 }

@@ -140,11 +140,29 @@ pub struct Policy {
     pub min_layer_bytes: u64,
     /// Most layers one VM may stack under its private set.
     pub max_layers_per_vm: usize,
+    /// Also share content found under other paths: false shares only files
+    /// at the same path in every VM of a layer. True adds, per VM, one
+    /// alias layer holding its files whose content, mode and owner another
+    /// VM or a kept layer also holds; the partition builder stores each
+    /// such file once (hard links within the shared partition).
+    #[serde(default)]
+    pub share_across_paths: bool,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { min_layer_bytes: 0, max_layers_per_vm: 8 }
+        Policy { min_layer_bytes: 0, max_layers_per_vm: 8, share_across_paths: false }
+    }
+}
+
+/// What makes two files the same content on a partition: one inode can hold
+/// both.
+type ContentKey = (Hash, u32, u64, u64);
+
+fn content_key(e: &Entry) -> Option<ContentKey> {
+    match e.kind {
+        EntryKind::File | EntryKind::Hardlink => e.hash.map(|h| (h, e.mode, e.uid, e.gid)),
+        _ => None,
     }
 }
 
@@ -340,12 +358,27 @@ impl Analysis {
                 }
             }
         }
+        if policy.share_across_paths {
+            self.alias_layers(policy, &mut layers, &mut stacks, &mut private);
+        }
         let mut private_bytes = BTreeMap::new();
         for (vm, own) in private.iter_mut() {
             *own = sorted(std::mem::take(own));
             private_bytes.insert(vm.clone(), own.iter().map(file_bytes).sum());
         }
-        let layer_bytes: u64 = layers.iter().map(|l| l.bytes).sum();
+        // Each content (with its mode and owner) counts once however many
+        // layers hold it: the shared partition stores it once.
+        let layer_bytes: u64 = if policy.share_across_paths {
+            let mut seen: HashMap<ContentKey, u64> = HashMap::new();
+            for e in layers.iter().flat_map(|l| &l.entries) {
+                if let (Some(k), EntryKind::File) = (content_key(e), e.kind) {
+                    seen.insert(k, e.size);
+                }
+            }
+            seen.values().sum()
+        } else {
+            layers.iter().map(|l| l.bytes).sum()
+        };
         let stored = layer_bytes + private_bytes.values().sum::<u64>();
         Plan {
             policy: policy.clone(),
@@ -356,6 +389,57 @@ impl Analysis {
             layer_bytes,
             stored_bytes: stored,
             naive_bytes: self.naive_bytes,
+        }
+    }
+}
+
+impl Analysis {
+    /// Moves into one alias layer per VM the files of its private set whose
+    /// content, mode and owner another VM's private set or a kept layer also
+    /// holds, where the VM has room for one more layer.
+    fn alias_layers(
+        &self,
+        policy: &Policy,
+        layers: &mut Vec<PlannedLayer>,
+        stacks: &mut BTreeMap<String, Vec<String>>,
+        private: &mut BTreeMap<String, Vec<Entry>>,
+    ) {
+        let in_layers: HashSet<ContentKey> =
+            layers.iter().flat_map(|l| &l.entries).filter_map(content_key).collect();
+        let mut holders: HashMap<ContentKey, BTreeSet<&str>> = HashMap::new();
+        for (vm, own) in private.iter() {
+            for k in own.iter().filter_map(content_key) {
+                holders.entry(k).or_default().insert(vm.as_str());
+            }
+        }
+        let recurring: HashSet<ContentKey> = holders
+            .into_iter()
+            .filter(|(k, vms)| vms.len() >= 2 || in_layers.contains(k))
+            .map(|(k, _)| k)
+            .collect();
+        for (vm, own) in private.iter_mut() {
+            let Some(stack) = stacks.get_mut(vm) else { continue };
+            if stack.len() >= policy.max_layers_per_vm {
+                continue;
+            }
+            let (alias, keep): (Vec<Entry>, Vec<Entry>) = std::mem::take(own)
+                .into_iter()
+                .partition(|e| content_key(e).is_some_and(|k| recurring.contains(&k)));
+            let bytes: u64 = alias.iter().map(file_bytes).sum();
+            if alias.is_empty() || bytes < policy.min_layer_bytes {
+                *own = keep.into_iter().chain(alias).collect();
+                continue;
+            }
+            *own = keep;
+            let id = format!("layer-{}", layers.len());
+            stack.push(id.clone());
+            layers.push(PlannedLayer {
+                id,
+                vms: vec![vm.clone()],
+                files: alias.iter().filter(|e| e.kind == EntryKind::File).count() as u64,
+                bytes,
+                entries: sorted(alias),
+            });
         }
     }
 }

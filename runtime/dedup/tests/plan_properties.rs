@@ -137,15 +137,19 @@ fn layers_plus_private_reassemble_every_image_for_any_policy() {
             assert!(f.shared_bytes <= f.bytes, "seed {seed}: {f:?}");
         }
 
+        let across = Policy { share_across_paths: true, ..Policy::default() };
         for policy in [
             Policy::default(),
-            Policy { min_layer_bytes: 0, max_layers_per_vm: 1 },
+            Policy { min_layer_bytes: 0, max_layers_per_vm: 1, ..Policy::default() },
             Policy {
                 min_layer_bytes: rng.below(20_000),
                 max_layers_per_vm: 1 + rng.below(3) as usize,
+                share_across_paths: rng.chance(50),
             },
-            Policy { min_layer_bytes: u64::MAX, max_layers_per_vm: 8 },
-            Policy { min_layer_bytes: 0, max_layers_per_vm: 0 },
+            Policy { min_layer_bytes: u64::MAX, max_layers_per_vm: 8, ..Policy::default() },
+            Policy { min_layer_bytes: 0, max_layers_per_vm: 0, ..Policy::default() },
+            across.clone(),
+            Policy { max_layers_per_vm: 2, ..across.clone() },
         ] {
             let plan = analysis.plan(&policy);
             for (name, image) in &vms {
@@ -190,9 +194,17 @@ fn layers_plus_private_reassemble_every_image_for_any_policy() {
             }
             checked += 1;
         }
+        // Sharing content across paths never stores more.
+        let exact = analysis.plan(&Policy::default());
+        let wide = analysis.plan(&across);
+        assert!(wide.stored_bytes <= exact.stored_bytes, "seed {seed}");
         // With no limits, each VM's shared bytes are exactly what left its
         // private set.
-        let open = analysis.plan(&Policy { min_layer_bytes: 0, max_layers_per_vm: usize::MAX });
+        let open = analysis.plan(&Policy {
+            min_layer_bytes: 0,
+            max_layers_per_vm: usize::MAX,
+            ..Policy::default()
+        });
         for f in &analysis.per_vm {
             assert_eq!(open.private_bytes[&f.vm] + f.shared_bytes, f.bytes, "seed {seed}");
         }
@@ -260,4 +272,40 @@ fn content_under_other_paths_is_counted_once() {
     assert!(analysis.layers.is_empty()); // different paths: not the same file
     assert_eq!(analysis.naive_bytes, 1000);
     assert_eq!(analysis.distinct_content_bytes, 500);
+}
+
+#[test]
+fn content_under_other_paths_is_stored_once_when_asked() {
+    let file = |path: &str| Entry {
+        path: path.into(),
+        kind: EntryKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        size: 5000,
+        hash: Some(Hash([7; 32])),
+        link_target: None,
+        device: None,
+    };
+    let vms =
+        vec![("a".to_string(), vec![file("x/lib.so")]), ("b".to_string(), vec![file("y/lib.so")])];
+    let analysis = analyze(&vms).unwrap();
+    let exact = analysis.plan(&Policy::default());
+    assert!(exact.layers.is_empty());
+    assert_eq!(exact.stored_bytes, 10_000);
+    let wide = analysis.plan(&Policy { share_across_paths: true, ..Policy::default() });
+    assert_eq!(wide.layers.len(), 2);
+    assert_eq!(wide.stored_bytes, 5000);
+    for (name, image) in &vms {
+        assert_eq!(&wide.reassemble(name).unwrap(), image);
+        assert!(wide.private[name].is_empty());
+    }
+    // No room for one more layer: nothing moves.
+    let full = analysis.plan(&Policy {
+        share_across_paths: true,
+        max_layers_per_vm: 0,
+        ..Policy::default()
+    });
+    assert_eq!(full.stored_bytes, 10_000);
 }

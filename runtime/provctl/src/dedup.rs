@@ -20,6 +20,9 @@ pub struct PlanArgs {
     /// Most layers under one VM.
     #[arg(long, default_value_t = 8)]
     max_layers: usize,
+    /// Also share content found under other paths (one more layer per VM).
+    #[arg(long)]
+    share_across_paths: bool,
     /// With --json: include every layer's and VM's entries (the whole plan).
     #[arg(long)]
     entries: bool,
@@ -40,8 +43,11 @@ pub fn plan(args: PlanArgs, data_dir: &Path) -> Result<std::process::ExitCode> {
         vms.push((name.to_string(), entries));
     }
     let analysis = analyze(&vms)?;
-    let policy =
-        Policy { min_layer_bytes: args.min_layer_bytes, max_layers_per_vm: args.max_layers };
+    let policy = Policy {
+        min_layer_bytes: args.min_layer_bytes,
+        max_layers_per_vm: args.max_layers,
+        share_across_paths: args.share_across_paths,
+    };
     let plan = analysis.plan(&policy);
     if args.json {
         let mut plan_json = json!(plan);

@@ -22,6 +22,9 @@ pub struct BuildArgs {
     /// Most layers under one VM.
     #[arg(long, default_value_t = 8)]
     max_layers: usize,
+    /// Also share content found under other paths (one more layer per VM).
+    #[arg(long)]
+    share_across_paths: bool,
     /// erofs, erofs-lz4, erofs-lz4hc, ext4 or dir.
     #[arg(long, default_value = "erofs")]
     shared_format: String,
@@ -83,8 +86,11 @@ pub fn build(args: BuildArgs, data_dir: &Path) -> Result<ExitCode> {
         vms.push(VmImage { vm: name.to_string(), image });
     }
     let started = std::time::Instant::now();
-    let policy =
-        Policy { min_layer_bytes: args.min_layer_bytes, max_layers_per_vm: args.max_layers };
+    let policy = Policy {
+        min_layer_bytes: args.min_layer_bytes,
+        max_layers_per_vm: args.max_layers,
+        share_across_paths: args.share_across_paths,
+    };
     let plan = analyze(&entries)?.plan(&policy);
     drop(entries);
     let planned = started.elapsed();

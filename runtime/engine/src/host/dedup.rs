@@ -125,6 +125,7 @@ impl wit::Host for HostState {
         let policy = provd_dedup::Policy {
             min_layer_bytes: policy.min_layer_bytes,
             max_layers_per_vm: usize::try_from(policy.max_layers_per_vm).unwrap_or(usize::MAX),
+            share_across_paths: policy.share_across_paths,
         };
         let computed = tokio::task::spawn_blocking(move || {
             provd_dedup::analyze(&entries).map(|a| {

@@ -76,6 +76,7 @@ impl Plugin for Imager {
             let policy = dedup::Policy {
                 min_layer_bytes: input.min_layer_bytes,
                 max_layers_per_vm: input.max_layers,
+                share_across_paths: false,
             };
             let plan = dedup::plan(&pairs, policy)?;
             let mut layers = Vec::new();
@@ -98,6 +99,7 @@ impl Plugin for Imager {
             let policy = dedup::Policy {
                 min_layer_bytes: input.min_layer_bytes,
                 max_layers_per_vm: input.max_layers,
+                share_across_paths: false,
             };
             let plan = dedup::plan(&pairs, policy)?;
             let shared = if plan.layers.is_empty() {
