@@ -465,3 +465,31 @@ async fn a_request_stopped_at_its_deadline_keeps_nothing_it_built() {
     assert_eq!(store.reserved().unwrap(), provd_store::Resources::default());
     assert!(!node.path("data/vms/a").exists());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_analysis_over_the_entry_bound_is_refused_before_anything_is_loaded() {
+    let node = node();
+    // 125 500 entries; 64 VMs of this image make 8 032 000, just over the
+    // 8 000 000 entries one call may analyse.
+    let big = node.path("images/big");
+    for d in 0..500 {
+        let dir = big.join(format!("d{d:03}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..250 {
+            std::fs::File::create(dir.join(format!("f{f:03}"))).unwrap();
+        }
+    }
+    let plugin = node.plugin(1 << 20).await;
+    let image = format!("dir:{}", big.display());
+    let vms: Vec<(String, String)> = (0..64).map(|i| (format!("vm-{i}"), image.clone())).collect();
+    let input =
+        serde_json::json!({"op": "plan", "vms": vms, "min_layer_bytes": 0, "max_layers": 8});
+    let started = std::time::Instant::now();
+    let err = node.call(&plugin, input).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("8032000 entries over these VMs; one call analyses at most 8000000"),
+        "{err}"
+    );
+    eprintln!("refused after {:?} (import included)", started.elapsed());
+}

@@ -16,7 +16,9 @@
 //! **Plan.** Given a [`Policy`], candidate layers are taken largest first
 //! while every VM of the layer has room for one more layer; layers under
 //! the minimum size, or that do not fit, fold back into the private sets of
-//! their VMs. [`Plan::reassemble`] puts a VM back together (its layers, then
+//! their VMs. With `share_across_paths`, content that recurs under other
+//! paths (same content, mode and owner) moves into one alias layer per VM,
+//! so the partition builder stores it once. [`Plan::reassemble`] puts a VM back together (its layers, then
 //! its private set on top); the tests prove that equals its image, entry by
 //! entry, on generated trees. A shared file carries the modification time
 //! of the first VM of its set: modification times are not part of what
