@@ -381,7 +381,7 @@ pub mod images {
 /// let a = images::fetch("dir:/srv/images/web")?;
 /// let b = images::fetch("dir:/srv/images/api")?;
 /// let vms = [("web-1", a.reference.as_str()), ("api-1", b.reference.as_str())];
-/// let plan = dedup::plan(&vms, dedup::Policy { min_layer_bytes: 1 << 20, max_layers_per_vm: 4 })?;
+/// let plan = dedup::plan(&vms, dedup::Policy { min_layer_bytes: 1 << 20, max_layers_per_vm: 4, share_across_paths: false })?;
 /// for layer in &plan.layers {
 ///     let first_page = dedup::layer_entries(&layer.id, 0, 1000)?;
 /// }
@@ -424,7 +424,7 @@ pub mod dedup {
 /// ```no_run
 /// use provd_sdk::{dedup, partitions};
 /// # let pairs = [("web", "dir:/srv/images/web"), ("db", "dir:/srv/images/db")];
-/// let plan = dedup::plan(&pairs, dedup::Policy { min_layer_bytes: 1 << 20, max_layers_per_vm: 8 })?;
+/// let plan = dedup::plan(&pairs, dedup::Policy { min_layer_bytes: 1 << 20, max_layers_per_vm: 8, share_across_paths: false })?;
 /// let shared = partitions::create_shared(&plan.plan, "erofs-lz4")?;
 /// for (vm, _) in pairs {
 ///     let private = partitions::create_private(&plan.plan, vm, Some(&shared.id), "ext4", 0)?;
