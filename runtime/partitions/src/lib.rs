@@ -627,8 +627,8 @@ fn write_small(
     dir.set_permissions(name, cap_std::fs::Permissions::from_mode(mode)).map_err(io)
 }
 
-/// Hard links to one inode before a new one is started (EROFS keeps the
-/// count in the inode; ext4 tools stop at 65000).
+/// Hard links to one inode before a new one is started: below ext4's limit
+/// of 65000 and EROFS's compact-inode limit of 65535.
 const MAX_LINKS_PER_INODE: u32 = 60_000;
 
 /// Writes the shared partition of `plan` as an uncompressed EROFS image

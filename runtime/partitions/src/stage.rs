@@ -18,10 +18,6 @@ use rustix::fs::{AtFlags, FileType, Mode, Timestamps};
 
 use crate::PartitionError;
 
-/// Hard links to one inode before a new one is started; below ext4's limit
-/// of 65000 and EROFS's compact-inode limit of 65535.
-const MAX_LINKS: u32 = 60_000;
-
 /// How the tree de-duplicates files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Sharing {
@@ -220,7 +216,7 @@ impl<'s> Stager<'s> {
                     Sharing::Identical => self
                         .inodes
                         .get(&key)
-                        .filter(|(_, links)| *links < MAX_LINKS)
+                        .filter(|(_, links)| *links < crate::MAX_LINKS_PER_INODE)
                         .map(|(p, _)| p.clone()),
                     // Only to a target with the same content and metadata: a
                     // later layer may have replaced the file a link named.
