@@ -6,6 +6,10 @@
 //! directory walk is bounded so that a hostile image yields an error rather
 //! than a panic, a hang or an exhausted memory.
 
+use crate::erofs_format::{
+    COMPACT_INODE_SIZE, DIRENT_SIZE, EXTENDED_INODE_SIZE, LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN,
+    MAGIC, NULL_ADDR, SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE,
+};
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::Write;
@@ -16,15 +20,8 @@ use provd_domain::image::EntryKind;
 
 use crate::reader::FsEntry;
 
-const SUPERBLOCK_OFFSET: u64 = 1024;
-const SUPERBLOCK_SIZE: usize = 128;
-const MAGIC: u32 = 0xE0F5_E1E2;
 /// Node ids count 32-byte slots from the start of the metadata area.
 const ISLOT_BITS: u32 = 5;
-const COMPACT_INODE_SIZE: u64 = 32;
-const EXTENDED_INODE_SIZE: u64 = 64;
-const DIRENT_SIZE: usize = 12;
-const NULL_ADDR: u32 = u32::MAX;
 
 // Incompatible features up to and including xattr name prefixes only add
 // layouts that are either handled below or refused where met; anything newer
@@ -33,9 +30,7 @@ const FEATURE_ZERO_PADDING: u32 = 0x1;
 const FEATURE_DEVICE_TABLE: u32 = 0x8;
 const FEATURES_KNOWN: u32 = 0x7f;
 
-const LAYOUT_FLAT_PLAIN: u8 = 0;
 const LAYOUT_COMPRESSED_FULL: u8 = 1;
-const LAYOUT_FLAT_INLINE: u8 = 2;
 const LAYOUT_COMPRESSED_COMPACT: u8 = 3;
 const LAYOUT_CHUNK_BASED: u8 = 4;
 

@@ -34,28 +34,24 @@ use std::path::Path;
 
 use provd_domain::image::{EntryKind, Hash};
 
+use crate::erofs_format::{
+    DIRENT_SIZE, EXTENDED_INODE_SIZE as INODE_SIZE, ISLOT_SIZE, LAYOUT_FLAT_INLINE,
+    LAYOUT_FLAT_PLAIN, MAGIC, NULL_ADDR, SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE,
+};
+
 const BLKSZ_BITS: u8 = 12;
 const BLKSZ: u64 = 1 << BLKSZ_BITS;
-const SUPERBLOCK_OFFSET: u64 = 1024;
-const SUPERBLOCK_SIZE: usize = 128;
-const MAGIC: u32 = 0xE0F5_E1E2;
 /// Like mkfs.erofs, the metadata area starts at block 0 and its first
 /// inode right after the superblock.
 const META_BLKADDR: u32 = 0;
 const FIRST_INODE: u64 = SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE as u64;
-const ISLOT_SIZE: u64 = 32;
-const INODE_SIZE: u64 = 64;
 /// The largest tail kept inline: it must share a block with its inode.
 const MAX_INLINE: u64 = BLKSZ - INODE_SIZE;
-const DIRENT_SIZE: usize = 12;
 const NAME_MAX: usize = 255;
 const SYMLINK_MAX: usize = 4095;
-const NULL_ADDR: u32 = u32::MAX;
 /// Inodes carry their own modification times.
 const FEATURE_COMPAT_MTIME: u32 = 0x2;
 const INODE_EXTENDED: u16 = 1;
-const LAYOUT_FLAT_PLAIN: u16 = 0;
-const LAYOUT_FLAT_INLINE: u16 = 2;
 /// Largest device numbers the kernel's `new_encode_dev` keeps.
 const MAX_MAJOR: u32 = 0xfff;
 const MAX_MINOR: u32 = 0xf_ffff;
@@ -670,7 +666,7 @@ fn put64(b: &mut [u8], at: usize, v: u64) {
 fn inode_bytes(ino: &Ino<'_>, seq: u32) -> [u8; INODE_SIZE as usize] {
     let mut b = [0u8; INODE_SIZE as usize];
     let layout = if ino.inline { LAYOUT_FLAT_INLINE } else { LAYOUT_FLAT_PLAIN };
-    put16(&mut b, 0, INODE_EXTENDED | (layout << 1));
+    put16(&mut b, 0, INODE_EXTENDED | (u16::from(layout) << 1));
     // i_xattr_icount stays 0
     put16(&mut b, 4, ino.ifmt | ino.perm);
     put64(&mut b, 8, ino.size);

@@ -35,6 +35,7 @@
 
 mod customize;
 pub mod erofs;
+mod erofs_format;
 pub mod erofs_writer;
 pub mod ext4;
 pub mod reader;
