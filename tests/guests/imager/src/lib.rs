@@ -64,21 +64,26 @@ fn default_limit() -> u32 {
 
 struct Imager;
 
+/// Fetches every VM's image and plans layers for them.
+fn fetch_and_plan(input: &Input) -> Result<dedup::Summary, Error> {
+    for (_, image) in &input.vms {
+        images::fetch(image)?;
+    }
+    let pairs: Vec<(&str, &str)> =
+        input.vms.iter().map(|(v, i)| (v.as_str(), i.as_str())).collect();
+    let policy = dedup::Policy {
+        min_layer_bytes: input.min_layer_bytes,
+        max_layers_per_vm: input.max_layers,
+        share_across_paths: false,
+    };
+    dedup::plan(&pairs, policy)
+}
+
 impl Plugin for Imager {
     fn provision(request: Request) -> Result<Report, Error> {
         let input: Input = request.input()?;
         if input.op == "plan" {
-            for (_, image) in &input.vms {
-                images::fetch(image)?;
-            }
-            let pairs: Vec<(&str, &str)> =
-                input.vms.iter().map(|(v, i)| (v.as_str(), i.as_str())).collect();
-            let policy = dedup::Policy {
-                min_layer_bytes: input.min_layer_bytes,
-                max_layers_per_vm: input.max_layers,
-                share_across_paths: false,
-            };
-            let plan = dedup::plan(&pairs, policy)?;
+            let plan = fetch_and_plan(&input)?;
             let mut layers = Vec::new();
             for layer in &plan.layers {
                 let entries = dedup::layer_entries(&layer.id, 0, 1000)?;
@@ -91,17 +96,9 @@ impl Plugin for Imager {
                 .output(&layers);
         }
         if input.op == "partitions" {
-            for (_, image) in &input.vms {
-                images::fetch(image)?;
-            }
+            let plan = fetch_and_plan(&input)?;
             let pairs: Vec<(&str, &str)> =
                 input.vms.iter().map(|(v, i)| (v.as_str(), i.as_str())).collect();
-            let policy = dedup::Policy {
-                min_layer_bytes: input.min_layer_bytes,
-                max_layers_per_vm: input.max_layers,
-                share_across_paths: false,
-            };
-            let plan = dedup::plan(&pairs, policy)?;
             let shared = if plan.layers.is_empty() {
                 None
             } else {
