@@ -1388,23 +1388,7 @@ mod tests {
     }
 
     fn expected_kind(m: &fs::Metadata) -> EntryKind {
-        use std::os::unix::fs::FileTypeExt;
-        let t = m.file_type();
-        if t.is_file() {
-            EntryKind::File
-        } else if t.is_dir() {
-            EntryKind::Dir
-        } else if t.is_symlink() {
-            EntryKind::Symlink
-        } else if t.is_char_device() {
-            EntryKind::CharDevice
-        } else if t.is_block_device() {
-            EntryKind::BlockDevice
-        } else if t.is_fifo() {
-            EntryKind::Fifo
-        } else {
-            panic!("unexpected source file type")
-        }
+        crate::reader::kind_of(m.file_type()).expect("unexpected source file type")
     }
 
     fn check_entry(e: &FsEntry, src: &Path) {

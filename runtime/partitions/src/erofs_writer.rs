@@ -902,7 +902,7 @@ mod tests {
     use crate::reader::FsEntry;
     use std::collections::{BTreeMap, HashSet};
     use std::fs;
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use std::os::unix::fs::MetadataExt;
     use std::process::Command;
 
     const MTIME: i64 = 1_700_000_000;
@@ -1238,21 +1238,7 @@ mod tests {
         for (path, (p, m)) in &found {
             let w = &want[path];
             let t = m.file_type();
-            let kind = if t.is_file() {
-                EntryKind::File
-            } else if t.is_dir() {
-                EntryKind::Dir
-            } else if t.is_symlink() {
-                EntryKind::Symlink
-            } else if t.is_char_device() {
-                EntryKind::CharDevice
-            } else if t.is_block_device() {
-                EntryKind::BlockDevice
-            } else if t.is_fifo() {
-                EntryKind::Fifo
-            } else {
-                panic!("{path}: unexpected file type")
-            };
+            let kind = crate::reader::kind_of(t).unwrap();
             assert_eq!(kind, w.kind, "{path}");
             match kind {
                 EntryKind::File => assert!(fs::read(p).unwrap() == w.content, "content of {path}"),

@@ -1114,7 +1114,7 @@ mod tests {
     use std::fs;
     use std::io::Read;
     use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt, chown, lchown, symlink};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt, chown, lchown, symlink};
     use std::process::Command;
 
     /// xorshift64*: deterministic content and corruption without a crate.
@@ -1313,22 +1313,7 @@ mod tests {
     }
 
     fn kind_of(md: &fs::Metadata) -> EntryKind {
-        let t = md.file_type();
-        if t.is_file() {
-            EntryKind::File
-        } else if t.is_dir() {
-            EntryKind::Dir
-        } else if t.is_symlink() {
-            EntryKind::Symlink
-        } else if t.is_char_device() {
-            EntryKind::CharDevice
-        } else if t.is_block_device() {
-            EntryKind::BlockDevice
-        } else if t.is_fifo() {
-            EntryKind::Fifo
-        } else {
-            panic!("unexpected file type {t:?}")
-        }
+        crate::reader::kind_of(md.file_type()).expect("unexpected file type")
     }
 
     /// Asserts that the image holds exactly the source tree, metadata and

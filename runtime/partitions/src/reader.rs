@@ -25,3 +25,23 @@ pub struct FsEntry {
     /// Major and minor of a character or block device.
     pub device: Option<(u32, u32)>,
 }
+
+/// The entry kind of a file on the node (sockets and the like: `None`).
+pub(crate) fn kind_of(t: std::fs::FileType) -> Option<EntryKind> {
+    use std::os::unix::fs::FileTypeExt;
+    Some(if t.is_file() {
+        EntryKind::File
+    } else if t.is_dir() {
+        EntryKind::Dir
+    } else if t.is_symlink() {
+        EntryKind::Symlink
+    } else if t.is_char_device() {
+        EntryKind::CharDevice
+    } else if t.is_block_device() {
+        EntryKind::BlockDevice
+    } else if t.is_fifo() {
+        EntryKind::Fifo
+    } else {
+        return None;
+    })
+}

@@ -192,7 +192,7 @@ use std::os::unix::fs::OpenOptionsExt as _;
 
 /// The entries of a directory-format partition, without following links.
 fn walk(root: &Path) -> std::io::Result<Vec<FsEntry>> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use std::os::unix::fs::MetadataExt;
     let mut out = Vec::new();
     let mut stack = vec![(root.to_path_buf(), String::new(), 0usize)];
     while let Some((dir, rel, depth)) = stack.pop() {
@@ -207,21 +207,8 @@ fn walk(root: &Path) -> std::io::Result<Vec<FsEntry>> {
             let path = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
             let meta = item.metadata()?;
             let ft = meta.file_type();
-            let kind = if ft.is_dir() {
-                EntryKind::Dir
-            } else if ft.is_file() {
-                EntryKind::File
-            } else if ft.is_symlink() {
-                EntryKind::Symlink
-            } else if ft.is_char_device() {
-                EntryKind::CharDevice
-            } else if ft.is_block_device() {
-                EntryKind::BlockDevice
-            } else if ft.is_fifo() {
-                EntryKind::Fifo
-            } else {
-                return Err(std::io::Error::other(format!("{path}: unsupported file type")));
-            };
+            let kind = crate::reader::kind_of(ft)
+                .ok_or_else(|| std::io::Error::other(format!("{path}: unsupported file type")))?;
             let rdev = meta.rdev();
             let device = matches!(kind, EntryKind::CharDevice | EntryKind::BlockDevice)
                 .then(|| (rustix::fs::major(rdev), rustix::fs::minor(rdev)));
