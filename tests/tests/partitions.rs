@@ -156,6 +156,15 @@ impl Built {
         self.node.images.store()
     }
 
+    /// Builds every partition of the plan with default options.
+    fn build(
+        &self,
+        shared: SharedFormat,
+        private: PrivateFormat,
+    ) -> Result<provd_partitions::Layout, PartitionError> {
+        build_all(self.store(), &self.plan, &self.vms, shared, private, None, &opts())
+    }
+
     /// Nothing but the images is left: no partition row or directory, no
     /// staging leftover.
     fn assert_no_partitions(&self) {
@@ -178,7 +187,7 @@ async fn every_format_gives_back_every_image_exactly() {
         (SharedFormat::Ext4, PrivateFormat::Qcow2),
     ];
     for (shared, private) in formats {
-        let layout = build_all(b.store(), &b.plan, &b.vms, shared, private, None, &opts()).unwrap();
+        let layout = b.build(shared, private).unwrap();
         let s = layout.shared.as_ref().unwrap();
         assert_eq!(s.format, shared.as_str());
         assert_eq!(s.vms, vec!["db", "dev", "web"]);
@@ -214,8 +223,7 @@ async fn a_directory_partition_never_puts_a_device_or_setuid_file_on_the_node() 
     b.assert_no_partitions();
     // Images without them are exported and give back every VM exactly.
     let b = prepared_with(false).await;
-    build_all(b.store(), &b.plan, &b.vms, SharedFormat::Dir, PrivateFormat::Ext4, None, &opts())
-        .unwrap();
+    b.build(SharedFormat::Dir, PrivateFormat::Ext4).unwrap();
     for v in &b.vms {
         let report = verify_vm(b.store(), &v.vm, &opts()).unwrap();
         assert!(report.is_exact(), "{}: {:#?}", v.vm, report.mismatches);
@@ -257,8 +265,7 @@ async fn no_device_or_setuid_file_is_ever_created_on_the_node_for_ext4() {
             seen
         })
     };
-    build_all(b.store(), &b.plan, &b.vms, SharedFormat::Ext4, PrivateFormat::Ext4, None, &opts())
-        .unwrap();
+    b.build(SharedFormat::Ext4, PrivateFormat::Ext4).unwrap();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(watcher.join().unwrap(), Vec::<PathBuf>::new());
     for v in &b.vms {
@@ -294,8 +301,7 @@ async fn identical_files_are_stored_once_in_the_shared_partition() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_changed_partition_fails_verification_naming_the_entry() {
     let b = prepared_with(false).await;
-    build_all(b.store(), &b.plan, &b.vms, SharedFormat::Dir, PrivateFormat::Ext4, None, &opts())
-        .unwrap();
+    b.build(SharedFormat::Dir, PrivateFormat::Ext4).unwrap();
     let shared = b.store().partitions().unwrap().into_iter().find(|p| p.role == "shared").unwrap();
     let layers = b.store().partition_path(&shared.id).unwrap().join("tree/layers");
     let layer0 = layers.join(&b.plan.stacks["web"][0]);
@@ -565,16 +571,7 @@ async fn a_crash_mid_build_leaves_nothing_visible_after_restart() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shared_partition_is_removed_with_its_last_vm() {
     let b = prepared().await;
-    let layout = build_all(
-        b.store(),
-        &b.plan,
-        &b.vms,
-        SharedFormat::Erofs,
-        PrivateFormat::Ext4,
-        None,
-        &opts(),
-    )
-    .unwrap();
+    let layout = b.build(SharedFormat::Erofs, PrivateFormat::Ext4).unwrap();
     let shared = layout.shared.unwrap();
     let removed = b.store().release_vm("web").unwrap();
     assert_eq!(removed.len(), 1, "only web's private partition goes");
@@ -610,16 +607,7 @@ fn comparable(e: &provd_domain::image::Entry) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_boot_script_assembles_each_vms_root_from_its_partitions() {
     let b = prepared().await;
-    let layout = build_all(
-        b.store(),
-        &b.plan,
-        &b.vms,
-        SharedFormat::Erofs,
-        PrivateFormat::Ext4,
-        None,
-        &opts(),
-    )
-    .unwrap();
+    let layout = b.build(SharedFormat::Erofs, PrivateFormat::Ext4).unwrap();
     let shared = layout.shared.unwrap();
     let shared_image = b.store().partition_path(&shared.id).unwrap().join(&shared.file);
     let script = b.node.dir.path().join("provd-overlay-root");
@@ -684,16 +672,7 @@ async fn the_boot_script_assembles_each_vms_root_from_its_partitions() {
 #[tokio::test(flavor = "multi_thread")]
 async fn added_files_are_checked_recorded_and_verified() {
     let b = prepared().await;
-    let layout = build_all(
-        b.store(),
-        &b.plan,
-        &b.vms,
-        SharedFormat::Erofs,
-        PrivateFormat::Ext4,
-        None,
-        &opts(),
-    )
-    .unwrap();
+    let layout = b.build(SharedFormat::Erofs, PrivateFormat::Ext4).unwrap();
     let web = &layout.private[0];
     assert_eq!(web.vms, vec!["web"]);
     let add = |path: &str, content: &[u8], mode: u32| {

@@ -66,11 +66,33 @@ impl Node {
         self.work.path().join(rel)
     }
 
+    /// Adds a second image, the web tree with another hostname, and returns
+    /// the references of both.
+    fn two_images(&self) -> (String, String) {
+        tree(&self.path("images/web2"));
+        std::fs::write(self.path("images/web2/etc/hostname"), "web-2\n").unwrap();
+        (
+            format!("dir:{}", self.path("images/web").display()),
+            format!("dir:{}", self.path("images/web2").display()),
+        )
+    }
+
     /// ...and the plugin asks only for `images/*`.
     async fn plugin(&self, max_read: u64) -> Plugin {
+        self.imager(
+            "[capabilities.vm]\n[capabilities.partitions]\n",
+            &format!("max-read-bytes = {max_read}\n"),
+        )
+        .await
+    }
+
+    /// The imager with hashing, dedup and images of `images/*`, plus the
+    /// manifest sections in `extra` and the images parameters in
+    /// `images_extra`.
+    async fn imager(&self, extra: &str, images_extra: &str) -> Plugin {
         let manifest = Manifest::from_toml(&format!(
-            "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.vm]\n[capabilities.partitions]\n\
-             [capabilities.images]\nsources = [\"dir:{}/images/*\"]\nmax-read-bytes = {max_read}\n",
+            "name = \"imager\"\nversion = \"0.1.0\"\n{extra}[capabilities.hashing]\n[capabilities.dedup]\n\
+             [capabilities.images]\nsources = [\"dir:{}/images/*\"]\n{images_extra}",
             self.work.path().display()
         ))
         .unwrap();
@@ -242,12 +264,8 @@ fn image_source_patterns_are_validated() {
 #[tokio::test]
 async fn a_plugin_plans_layers_for_fetched_images_through_the_host() {
     let node = node();
-    // A third image: the web tree with a different hostname.
-    tree(&node.path("images/web2"));
-    std::fs::write(node.path("images/web2/etc/hostname"), "web-2\n").unwrap();
+    let (web, web2) = node.two_images();
     let plugin = node.plugin(1 << 20).await;
-    let web = format!("dir:{}", node.path("images/web").display());
-    let web2 = format!("dir:{}", node.path("images/web2").display());
     let input = serde_json::json!({
         "op": "plan",
         "vms": [["a", web], ["b", web2], ["c", web]],
@@ -274,11 +292,8 @@ async fn a_plugin_plans_layers_for_fetched_images_through_the_host() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plugin_builds_partitions_that_give_back_each_image_and_touches_only_its_own() {
     let node = node();
-    tree(&node.path("images/web2"));
-    std::fs::write(node.path("images/web2/etc/hostname"), "web-2\n").unwrap();
+    let (web, web2) = node.two_images();
     let plugin = node.plugin(1 << 20).await;
-    let web = format!("dir:{}", node.path("images/web").display());
-    let web2 = format!("dir:{}", node.path("images/web2").display());
     let input = serde_json::json!({
         "op": "partitions",
         "vms": [["a", web], ["b", web2]],
@@ -318,14 +333,9 @@ async fn a_plugin_builds_partitions_that_give_back_each_image_and_touches_only_i
 
     // A quota too small for the partitions: refused, nothing built.
     let before = store.partitions().unwrap().len();
-    let manifest = Manifest::from_toml(&format!(
-        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.vm]\n\
-         [capabilities.partitions]\nmax-bytes = 1000000\n\
-         [capabilities.images]\nsources = [\"dir:{}/images/*\"]\n",
-        node.work.path().display()
-    ))
-    .unwrap();
-    let small = node.engine.load(&manifest, IMAGER.wasm()).await.unwrap();
+    let small = node
+        .imager("[capabilities.vm]\n[capabilities.partitions]\nmax-bytes = 1000000\n", "")
+        .await;
     let mut input = input;
     input["vms"] = serde_json::json!([["c", web], ["d", web2]]);
     let err = node.call(&small, input.clone()).await.unwrap_err();
@@ -351,11 +361,8 @@ fn spec(name: &str, vcpus: u32, memory_mib: u64) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plugin_configures_vms_on_its_partitions_within_grant_and_capacity() {
     let node = node();
-    tree(&node.path("images/web2"));
-    std::fs::write(node.path("images/web2/etc/hostname"), "web-2\n").unwrap();
+    let (web, web2) = node.two_images();
     let plugin = node.plugin(1 << 20).await;
-    let web = format!("dir:{}", node.path("images/web").display());
-    let web2 = format!("dir:{}", node.path("images/web2").display());
     let input = serde_json::json!({
         "op": "partitions",
         "vms": [["a", web], ["b", web2]],
@@ -405,14 +412,7 @@ async fn a_plugin_configures_vms_on_its_partitions_within_grant_and_capacity() {
     assert!(!node.path("data/vms/c").exists());
 
     // Over the plugin's grant: refused before anything is reserved.
-    let manifest = Manifest::from_toml(&format!(
-        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n\
-         [capabilities.vm]\nmax-vcpus = 2\nhypervisors = [\"firecracker\"]\n[capabilities.partitions]\n\
-         [capabilities.images]\nsources = [\"dir:{}/images/*\"]\n",
-        node.work.path().display()
-    ))
-    .unwrap();
-    let narrow = node.engine.load(&manifest, IMAGER.wasm()).await.unwrap();
+    let narrow = node.imager("[capabilities.vm]\nmax-vcpus = 2\nhypervisors = [\"firecracker\"]\n[capabilities.partitions]\n", "").await;
     let mut denied = input.clone();
     denied["vms"] = serde_json::json!([["e", web], ["f", web2]]);
     denied["specs"] = serde_json::json!({"e": spec("e", 1, 512)});
@@ -435,18 +435,10 @@ async fn a_plugin_configures_vms_on_its_partitions_within_grant_and_capacity() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_stopped_at_its_deadline_keeps_nothing_it_built() {
     let node = node();
-    tree(&node.path("images/web2"));
-    std::fs::write(node.path("images/web2/etc/hostname"), "web-2\n").unwrap();
-    let manifest = Manifest::from_toml(&format!(
-        "name = \"imager\"\nversion = \"0.1.0\"\n[limits]\ntimeout-ms = 1500\n\
-         [capabilities.hashing]\n[capabilities.dedup]\n[capabilities.vm]\n[capabilities.partitions]\n\
-         [capabilities.images]\nsources = [\"dir:{}/images/*\"]\n",
-        node.work.path().display()
-    ))
-    .unwrap();
-    let plugin = node.engine.load(&manifest, IMAGER.wasm()).await.unwrap();
-    let web = format!("dir:{}", node.path("images/web").display());
-    let web2 = format!("dir:{}", node.path("images/web2").display());
+    let (web, web2) = node.two_images();
+    let plugin = node
+        .imager("[limits]\ntimeout-ms = 1500\n[capabilities.vm]\n[capabilities.partitions]\n", "")
+        .await;
     let input = serde_json::json!({
         "op": "partitions",
         "vms": [["a", web], ["b", web2]],
