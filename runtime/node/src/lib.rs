@@ -35,6 +35,9 @@ pub enum BundleRefused {
     /// the version or the clock refused it
     #[error("bundle refused: {0}")]
     Version(#[from] AcceptError),
+    /// recording it failed inside the node
+    #[error("accepting the bundle failed: {0}")]
+    Internal(String),
 }
 
 /// A bundle the node holds.
@@ -103,11 +106,7 @@ impl Node {
         let store = self.store.clone();
         let outcome = tokio::task::spawn_blocking(move || store.accept_bundle(&record, now))
             .await
-            .map_err(|e| {
-                AcceptError::Store(provd_store::StoreError::NotFound(format!(
-                    "accepting panicked: {e}"
-                )))
-            })??;
+            .map_err(|e| BundleRefused::Internal(e.to_string()))??;
         self.lock().insert((name.clone(), version.clone()), plugin);
         tracing::info!(plugin = %name, %version, signer = %verified.signer, ?outcome, "bundle accepted");
         Ok(Accepted {

@@ -116,6 +116,9 @@ pub enum PartitionError {
     /// the plan has no layer to put on a shared partition
     #[error("the plan keeps no layer, so there is nothing to put on a shared partition")]
     NothingShared,
+    /// the request the build served ended first; its result was removed
+    #[error("the request ended before the build did; its partition was removed")]
+    Cancelled,
     /// an image could not be read back
     #[error("reading partition {partition}: {reason}")]
     Unreadable { partition: String, reason: String },

@@ -44,7 +44,8 @@ fn wit_error(e: PartitionError) -> WitError {
         | PartitionError::MissingTool { .. }
         | PartitionError::ToolFailed { .. }
         | PartitionError::DiskFull { .. }
-        | PartitionError::Unreadable { .. } => WitError::Failed(text),
+        | PartitionError::Unreadable { .. }
+        | PartitionError::Cancelled => WitError::Failed(text),
     }
 }
 
@@ -115,7 +116,7 @@ async fn build(
         let rec = f(&store)?;
         if !ledger.add_partition(&rec.id) {
             let _ = store.remove_partition(&rec.id);
-            return Err(PartitionError::NotFound("the request ended before the build did".into()));
+            return Err(PartitionError::Cancelled);
         }
         Ok(rec)
     })
