@@ -109,6 +109,9 @@ pub enum InvokeError {
     /// provd itself failed while serving the call.
     #[error("host failure while running the plugin: {0}")]
     Host(String),
+    /// The call was cancelled; it stopped at a host call.
+    #[error("cancelled at the plugin's next host call")]
+    Cancelled,
 }
 
 /// The WIT `error` a plugin returned, as host-side data.

@@ -54,7 +54,8 @@ pub use cache::{CacheOutcome, Digest};
 pub use error::{InvokeError, Limit, LoadError, PluginError};
 pub use host::LogStats;
 pub use observe::{
-    CollectingObserver, Level, LogRecord, Observer, ProgressEvent, Source, TracingObserver,
+    CallOutcome, CollectingObserver, HostCall, Level, LogRecord, MAX_ARGS_SUMMARY, Observer,
+    ProgressEvent, Source, TracingObserver,
 };
 pub use provd_bindings::{Report, Request};
 
@@ -180,6 +181,21 @@ impl Plugin {
     }
 }
 
+/// Asks a running call to stop. The plugin sees it at its next host call
+/// (the step boundary): that call traps, the call ends with
+/// [`InvokeError::Cancelled`] and what it built is rolled back.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 /// The result of a successful call.
 #[derive(Debug)]
 pub struct Outcome {
@@ -295,6 +311,18 @@ impl Engine {
         request: Request,
         observer: Arc<dyn Observer>,
     ) -> Result<Outcome, InvokeError> {
+        self.provision_with(plugin, request, observer, Cancel::default()).await
+    }
+
+    /// [`Engine::provision`] that `cancel` can stop at the plugin's next
+    /// host call.
+    pub async fn provision_with(
+        &self,
+        plugin: &Plugin,
+        request: Request,
+        observer: Arc<dyn Observer>,
+        cancel: Cancel,
+    ) -> Result<Outcome, InvokeError> {
         let allowed = self.inner.config.policy.max_concurrent_invocations;
         let _slot = self
             .inner
@@ -311,8 +339,15 @@ impl Engine {
         // the call, so that it is rolled back however the call ends: an
         // error, a trap, a timeout or a panic.
         let ledger = Arc::new(host::Ledger::default());
-        let call = AssertUnwindSafe(invoke(&self.inner, plugin, request, observer, ledger.clone()))
-            .catch_unwind();
+        let call = AssertUnwindSafe(invoke(
+            &self.inner,
+            plugin,
+            request,
+            observer,
+            ledger.clone(),
+            cancel,
+        ))
+        .catch_unwind();
         let outcome = match tokio::time::timeout(timeout + HOST_GRACE, call).await {
             // Dropping the call future on timeout unwinds the plugin's fiber
             // and drops its store.
@@ -369,6 +404,7 @@ async fn invoke(
     request: Request,
     observer: Arc<dyn Observer>,
     ledger: Arc<host::Ledger>,
+    cancel: Cancel,
 ) -> (Result<Report, InvokeError>, LogStats) {
     let p = &plugin.inner;
     let policy = &inner.config.policy;
@@ -380,8 +416,9 @@ async fn invoke(
         p.grant.capabilities.clone(),
         &p.grant.limits,
         max_handles,
-        observer,
+        observer.clone(),
         &inner.services,
+        cancel,
     );
     let mut store = wasmtime::Store::new(&inner.engine, state);
     store.limiter(|s| &mut s.limiter);
@@ -395,7 +432,9 @@ async fn invoke(
     store.epoch_deadline_trap();
 
     let result = async {
+        let started = Instant::now();
         let bindings = p.pre.instantiate_async(&mut store).await?;
+        observer.instantiated(started.elapsed());
         bindings.call_provision(&mut store, &request).await
     }
     .await;
@@ -406,7 +445,9 @@ async fn invoke(
     let breached = state.breached.take().or_else(|| state.limiter.breached.take());
     let log = state.log_stats();
     let last_stderr = state.log.last_stderr();
+    let cancelled = state.cancelled;
     let result = match result {
+        Err(_) if cancelled => Err(InvokeError::Cancelled),
         Ok(Ok(report)) => Ok(report),
         Ok(Err(e)) => Err(InvokeError::Plugin(e.into())),
         Err(e) => Err(classify(e, breached, p.grant.limits.timeout, last_stderr)),

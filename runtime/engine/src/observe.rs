@@ -58,11 +58,66 @@ pub struct ProgressEvent {
     pub total: Option<u64>,
 }
 
+/// How the host answered one host call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// The call was allowed and did what was asked.
+    Ok,
+    /// The call was refused: outside the grant, the node's policy or a
+    /// quota. The text says which.
+    Denied(String),
+    /// The call was allowed but failed (bad input, not found, a node error).
+    Failed(String),
+}
+
+impl CallOutcome {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CallOutcome::Ok => "ok",
+            CallOutcome::Denied(_) => "denied",
+            CallOutcome::Failed(_) => "failed",
+        }
+    }
+
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            CallOutcome::Ok => None,
+            CallOutcome::Denied(d) | CallOutcome::Failed(d) => Some(d),
+        }
+    }
+}
+
+/// One host-call decision, for the audit trail and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCall {
+    pub plugin: String,
+    pub operation: String,
+    /// WIT interface, e.g. `images`.
+    pub interface: &'static str,
+    /// WIT function, e.g. `fetch`.
+    pub function: &'static str,
+    /// The arguments, summarised and bounded (`MAX_ARGS_SUMMARY` bytes):
+    /// references, ids and sizes, never file contents.
+    pub args: String,
+    pub outcome: CallOutcome,
+    /// Bytes the call moved, where that is a figure worth counting: the
+    /// content of an image fetched, the bytes a plan stores once instead
+    /// of once per VM. Zero otherwise.
+    pub bytes: u64,
+}
+
+/// Longest argument summary of a [`HostCall`].
+pub const MAX_ARGS_SUMMARY: usize = 256;
+
 /// Receives what plugins report while they run. Called on the engine's
 /// threads while the plugin waits, so implementations must be quick.
 pub trait Observer: Send + Sync {
     fn log(&self, record: &LogRecord);
     fn progress(&self, event: &ProgressEvent);
+    /// Every host call of a provd interface, once it has been answered.
+    fn host_call(&self, _call: &HostCall) {}
+    /// The plugin was instantiated, taking `elapsed`.
+    fn instantiated(&self, _elapsed: std::time::Duration) {}
 }
 
 /// An observer that forwards to `tracing`.

@@ -120,8 +120,21 @@ impl Node {
 
     /// The plugin new operations run: the active version of `name`.
     pub async fn plugin(&self, name: &str) -> Result<Option<(String, Plugin)>, BundleRefused> {
+        self.plugin_at(name, None).await
+    }
+
+    /// Version `version` of plugin `name`, or its active version when
+    /// `None`; only versions this node has accepted.
+    pub async fn plugin_at(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Option<(String, Plugin)>, BundleRefused> {
         let bundles = self.store.bundles().map_err(AcceptError::from)?;
-        let Some(active) = bundles.into_iter().find(|b| b.name == name && b.active) else {
+        let wanted = bundles.into_iter().find(|b| {
+            b.name == name && version.map_or(b.active, |v| b.version == v)
+        });
+        let Some(active) = wanted else {
             return Ok(None);
         };
         let key = (active.name.clone(), active.version.clone());

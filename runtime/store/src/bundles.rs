@@ -221,3 +221,58 @@ impl Store {
             .map_err(|e| self.db_error(e))
     }
 }
+
+impl Store {
+    /// Makes `version` of plugin `name` the one new operations get: an
+    /// operator's rollback (or roll-forward) to a version this node has
+    /// accepted. The highest accepted version is unchanged, so a bundle
+    /// can still never bring an older one back. Returns the version that
+    /// was active before.
+    pub fn activate_plugin(&self, name: &str, version: &str) -> Result<String, AcceptError> {
+        let mut db = self.lock_db();
+        let err = |e| AcceptError::Store(self.db_error(e));
+        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+        let active: Option<String> = tx
+            .query_row("SELECT active FROM plugin_heads WHERE name = ?1", [name], |r| r.get(0))
+            .optional()
+            .map_err(err)?;
+        let Some(active) = active else {
+            return Err(AcceptError::Store(StoreError::NotFound(format!("plugin {name}"))));
+        };
+        let known: Option<String> = tx
+            .query_row(
+                "SELECT version FROM bundles WHERE name = ?1 AND version = ?2",
+                [name, version],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?;
+        if known.is_none() {
+            return Err(AcceptError::Store(StoreError::NotFound(format!(
+                "plugin {name} version {version}"
+            ))));
+        }
+        tx.execute("UPDATE plugin_heads SET active = ?2 WHERE name = ?1", [name, version])
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(active)
+    }
+
+    /// The newest accepted version of `name` older than its active one:
+    /// what a rollback returns to.
+    pub fn previous_version(&self, name: &str) -> Result<Option<String>, AcceptError> {
+        let bundles = self.bundles()?;
+        let Some(active) = bundles.iter().find(|b| b.name == name && b.active) else {
+            return Ok(None);
+        };
+        let active = parse(&active.version)?;
+        let mut best: Option<semver::Version> = None;
+        for b in bundles.iter().filter(|b| b.name == name) {
+            let v = parse(&b.version)?;
+            if v < active && best.as_ref().is_none_or(|best| v > *best) {
+                best = Some(v);
+            }
+        }
+        Ok(best.map(|v| v.to_string()))
+    }
+}

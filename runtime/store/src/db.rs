@@ -106,6 +106,53 @@ const MIGRATIONS: &[&str] = &[
         last_seen INTEGER NOT NULL
     );
 "#,
+    r#"
+    CREATE TABLE operations (
+        id              TEXT PRIMARY KEY,
+        idempotency_key TEXT UNIQUE,
+        request_digest  TEXT NOT NULL,
+        plugin          TEXT NOT NULL,
+        version         TEXT NOT NULL,
+        input           TEXT NOT NULL,
+        actor           TEXT NOT NULL,
+        state           TEXT NOT NULL
+                        CHECK (state IN ('running', 'succeeded', 'failed', 'cancelled')),
+        phase           TEXT,
+        done            INTEGER,
+        total           INTEGER,
+        report          TEXT,
+        error_code      TEXT,
+        error           TEXT,
+        created_at      INTEGER NOT NULL,
+        finished_at     INTEGER
+    ) WITHOUT ROWID;
+    CREATE INDEX operations_by_state ON operations (state);
+    CREATE TABLE operation_vms (
+        operation TEXT NOT NULL REFERENCES operations(id) ON DELETE CASCADE,
+        vm        TEXT NOT NULL,
+        active    INTEGER NOT NULL CHECK (active IN (0, 1)),
+        PRIMARY KEY (operation, vm)
+    ) WITHOUT ROWID;
+    -- Two operations for one VM name never run at once: the database
+    -- refuses the second while the first holds the name.
+    CREATE UNIQUE INDEX one_running_operation_per_vm ON operation_vms (vm) WHERE active = 1;
+    CREATE TABLE audit (
+        id        INTEGER PRIMARY KEY,
+        at        INTEGER NOT NULL,
+        actor     TEXT NOT NULL,
+        kind      TEXT NOT NULL,
+        plugin    TEXT,
+        version   TEXT,
+        operation TEXT,
+        interface TEXT,
+        function  TEXT,
+        args      TEXT,
+        outcome   TEXT NOT NULL,
+        detail    TEXT,
+        count     INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE INDEX audit_by_operation ON audit (operation);
+"#,
 ];
 
 /// An image as recorded.

@@ -25,6 +25,7 @@
 mod bundles;
 mod db;
 mod objects;
+mod operations;
 mod partitions;
 mod vms;
 
@@ -38,6 +39,10 @@ use provd_domain::image::{Entry, Hash};
 pub use bundles::{AcceptError, Acceptance, BundleRecord, NewBundle};
 pub use db::{ImageRecord, NewImage};
 pub use objects::ObjectWriter;
+pub use operations::{
+    AuditQuery, AuditRecord, NewAudit, NewOperation, OpState, OperationError, OperationRecord,
+    Started,
+};
 pub use partitions::{NewPartition, PartitionRecord, new_partition_id, valid_partition_id};
 pub use vms::{NewVm, ReserveError, Resources, VmRecord};
 

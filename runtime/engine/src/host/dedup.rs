@@ -98,8 +98,8 @@ fn analysis_summary(a: &provd_dedup::Analysis) -> Summary {
     }
 }
 
-impl wit::Host for HostState {
-    async fn analyse(&mut self, vms: Vec<VmImage>) -> wasmtime::Result<Result<Summary, WitError>> {
+impl HostState {
+    async fn analyse_call(&mut self, vms: Vec<VmImage>) -> wasmtime::Result<Result<Summary, WitError>> {
         let entries = match self.vm_entries(&vms) {
             Ok(e) => e,
             Err(e) => return Ok(Err(e)),
@@ -108,7 +108,7 @@ impl wit::Host for HostState {
         Ok(result.map(|a| analysis_summary(&a)).map_err(|e| WitError::InvalidInput(e.to_string())))
     }
 
-    async fn plan(
+    async fn plan_call(
         &mut self,
         vms: Vec<VmImage>,
         policy: Policy,
@@ -176,7 +176,7 @@ impl wit::Host for HostState {
         Ok(Ok(summary))
     }
 
-    async fn layer_entries(
+    async fn layer_entries_call(
         &mut self,
         layer: String,
         offset: u64,
@@ -203,5 +203,53 @@ impl wit::Host for HostState {
             .cloned()
             .map(entry_of)
             .collect()))
+    }
+}
+
+/// The audit summary of a list of VM images: `vm=image` pairs.
+fn vms_summary(vms: &[VmImage]) -> String {
+    vms.iter().map(|v| format!("{}={}", v.vm, v.image)).collect::<Vec<_>>().join(" ")
+}
+
+impl wit::Host for HostState {
+    async fn analyse(&mut self, vms: Vec<VmImage>) -> wasmtime::Result<Result<Summary, WitError>> {
+        self.step()?;
+        let args = vms_summary(&vms);
+        let result = self.analyse_call(vms).await?;
+        self.audit("dedup", "analyse", args, &result);
+        Ok(result)
+    }
+
+    async fn plan(
+        &mut self,
+        vms: Vec<VmImage>,
+        policy: Policy,
+    ) -> wasmtime::Result<Result<Summary, WitError>> {
+        self.step()?;
+        let args = format!(
+            "{} min-layer-bytes={} max-layers-per-vm={} share-across-paths={}",
+            vms_summary(&vms),
+            policy.min_layer_bytes,
+            policy.max_layers_per_vm,
+            policy.share_across_paths
+        );
+        let result = self.plan_call(vms, policy).await?;
+        let saved =
+            result.as_ref().map(|s| s.naive_bytes.saturating_sub(s.stored_bytes)).unwrap_or(0);
+        self.audit_bytes("dedup", "plan", args, &result, saved);
+        Ok(result)
+    }
+
+    async fn layer_entries(
+        &mut self,
+        layer: String,
+        offset: u64,
+        limit: u32,
+    ) -> wasmtime::Result<Result<Vec<WitEntry>, WitError>> {
+        self.step()?;
+        let args = format!("{layer} offset={offset} limit={limit}");
+        let result = self.layer_entries_call(layer, offset, limit).await?;
+        self.audit("dedup", "layer-entries", args, &result);
+        Ok(result)
     }
 }

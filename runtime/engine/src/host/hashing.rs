@@ -27,8 +27,11 @@ impl HostState {
 
 impl wit::Host for HostState {
     async fn blake3(&mut self, data: Vec<u8>) -> wasmtime::Result<Result<Digest, WitError>> {
+        self.step()?;
         self.check_hash_input(data.len())?;
-        Ok(Ok(blake3::hash(&data).to_hex().to_string()))
+        let result = Ok(blake3::hash(&data).to_hex().to_string());
+        self.audit("hashing", "blake3", format!("bytes={}", data.len()), &result);
+        Ok(result)
     }
 
     async fn hash_file(
@@ -36,7 +39,11 @@ impl wit::Host for HostState {
         image: String,
         path: String,
     ) -> wasmtime::Result<Result<Digest, WitError>> {
-        Ok(self.hash_image_file(&image, &path).await)
+        self.step()?;
+        let args = format!("{image} {path}");
+        let result = self.hash_image_file(&image, &path).await;
+        self.audit("hashing", "hash-file", args, &result);
+        Ok(result)
     }
 }
 

@@ -151,8 +151,8 @@ fn import_error(e: &ImportError) -> WitError {
     }
 }
 
-impl wit::Host for HostState {
-    async fn fetch(&mut self, reference: String) -> wasmtime::Result<Result<Image, WitError>> {
+impl HostState {
+    async fn fetch_call(&mut self, reference: String) -> wasmtime::Result<Result<Image, WitError>> {
         let parsed = match self.plugin_reference(&reference) {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
@@ -194,7 +194,7 @@ impl wit::Host for HostState {
         }
     }
 
-    async fn entries(
+    async fn entries_call(
         &mut self,
         reference: String,
         offset: u64,
@@ -218,7 +218,7 @@ impl wit::Host for HostState {
             .map_err(|e| WitError::Failed(e.to_string())))
     }
 
-    async fn read_file(
+    async fn read_file_call(
         &mut self,
         reference: String,
         path: String,
@@ -246,5 +246,41 @@ impl wit::Host for HostState {
             Err(e) => return Ok(Err(e)),
         };
         Ok(service.store().read_object(&hash, max).map_err(|e| WitError::Failed(e.to_string())))
+    }
+}
+
+impl wit::Host for HostState {
+    async fn fetch(&mut self, reference: String) -> wasmtime::Result<Result<Image, WitError>> {
+        self.step()?;
+        let args = reference.clone();
+        let result = self.fetch_call(reference).await?;
+        let bytes = result.as_ref().map(|i| i.bytes).unwrap_or(0);
+        self.audit_bytes("images", "fetch", args, &result, bytes);
+        Ok(result)
+    }
+
+    async fn entries(
+        &mut self,
+        reference: String,
+        offset: u64,
+        limit: u32,
+    ) -> wasmtime::Result<Result<Vec<WitEntry>, WitError>> {
+        self.step()?;
+        let args = format!("{reference} offset={offset} limit={limit}");
+        let result = self.entries_call(reference, offset, limit).await?;
+        self.audit("images", "entries", args, &result);
+        Ok(result)
+    }
+
+    async fn read_file(
+        &mut self,
+        reference: String,
+        path: String,
+    ) -> wasmtime::Result<Result<Vec<u8>, WitError>> {
+        self.step()?;
+        let args = format!("{reference} {path}");
+        let result = self.read_file_call(reference, path).await?;
+        self.audit("images", "read-file", args, &result);
+        Ok(result)
     }
 }

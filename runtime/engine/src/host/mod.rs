@@ -16,7 +16,21 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::error::Limit;
-use crate::observe::{Observer, Source};
+use crate::observe::{CallOutcome, HostCall, Observer, Source};
+
+/// `text` cut to at most [`crate::MAX_ARGS_SUMMARY`] bytes on a character
+/// boundary, marked when cut.
+pub(crate) fn bounded(text: &str) -> String {
+    let max = crate::MAX_ARGS_SUMMARY;
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max - 3;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", text.get(..end).unwrap_or_default())
+}
 
 pub use log::LogStats;
 pub(crate) use log::{LogSink, LogStream};
@@ -52,6 +66,10 @@ pub(crate) struct HostState {
     pub partition_bytes: u64,
     /// The node's capacity for VMs.
     pub capacity: provd_domain::NodeCapacity,
+    /// Set by the caller to stop the request at its next host call.
+    pub cancel: crate::Cancel,
+    /// Whether a host call found the request cancelled.
+    pub cancelled: bool,
 }
 
 /// What one request built on the node, in order. Closed when the request
@@ -128,6 +146,7 @@ impl HostState {
         max_handles: usize,
         observer: Arc<dyn Observer>,
         node: &NodeServices,
+        cancel: crate::Cancel,
     ) -> (HostState, [LogStream; 2]) {
         let log_budget = grants.log.map(|l| l.max_bytes).unwrap_or(0);
         let sink = LogSink::new(plugin.clone(), observer.clone(), log_budget);
@@ -162,6 +181,8 @@ impl HostState {
             ledger,
             partition_bytes: 0,
             capacity: node.capacity,
+            cancel,
+            cancelled: false,
         };
         (state, [stdout, stderr])
     }
@@ -171,6 +192,57 @@ impl HostState {
         let error = wasmtime::Error::msg(limit.to_string());
         self.breached.get_or_insert(limit);
         error
+    }
+
+    /// A step boundary: every provd host call starts here. A cancelled
+    /// request traps, so the call ends and what it built is rolled back.
+    pub(crate) fn step(&mut self) -> wasmtime::Result<()> {
+        if self.cancel.is_cancelled() {
+            self.cancelled = true;
+            return Err(wasmtime::Error::msg("the operation was cancelled"));
+        }
+        Ok(())
+    }
+
+    /// Tells the observer how a host call was answered. `args` is a
+    /// summary the caller builds from references, ids and sizes; it is cut
+    /// to [`crate::MAX_ARGS_SUMMARY`] bytes here.
+    pub(crate) fn audit<T>(
+        &self,
+        interface: &'static str,
+        function: &'static str,
+        args: String,
+        result: &Result<T, provd_bindings::types::Error>,
+    ) {
+        self.audit_bytes(interface, function, args, result, 0);
+    }
+
+    /// [`HostState::audit`] with the bytes the call moved.
+    pub(crate) fn audit_bytes<T>(
+        &self,
+        interface: &'static str,
+        function: &'static str,
+        args: String,
+        result: &Result<T, provd_bindings::types::Error>,
+        bytes: u64,
+    ) {
+        use provd_bindings::types::Error as E;
+        let outcome = match result {
+            Ok(_) => CallOutcome::Ok,
+            Err(E::Denied(m) | E::QuotaExceeded(m)) => CallOutcome::Denied(bounded(m)),
+            Err(E::InvalidInput(m) | E::NotFound(m) | E::Failed(m)) => {
+                CallOutcome::Failed(bounded(m))
+            }
+        };
+        self.observer.host_call(&HostCall {
+            plugin: self.plugin.clone(),
+            operation: self.operation.clone(),
+            interface,
+            function,
+            args: bounded(&args),
+            outcome,
+            bytes,
+        });
     }
 
     pub(crate) fn log_stats(&self) -> LogStats {

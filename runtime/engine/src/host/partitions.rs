@@ -124,8 +124,8 @@ async fn build(
     Ok(done.map_err(wit_error))
 }
 
-impl wit::Host for HostState {
-    async fn create_shared(
+impl HostState {
+    async fn create_shared_call(
         &mut self,
         plan: String,
         format: String,
@@ -155,7 +155,7 @@ impl wit::Host for HostState {
         }))
     }
 
-    async fn create_private(
+    async fn create_private_call(
         &mut self,
         plan: String,
         vm: String,
@@ -200,7 +200,7 @@ impl wit::Host for HostState {
         }))
     }
 
-    async fn add_file(
+    async fn add_file_call(
         &mut self,
         partition: String,
         path: String,
@@ -220,5 +220,51 @@ impl wit::Host for HostState {
         })
         .await?;
         Ok(done.map_err(wit_error))
+    }
+}
+
+impl wit::Host for HostState {
+    async fn create_shared(
+        &mut self,
+        plan: String,
+        format: String,
+    ) -> wasmtime::Result<Result<Partition, WitError>> {
+        self.step()?;
+        let args = format!("{plan} format={format}");
+        let result = self.create_shared_call(plan, format).await?;
+        self.audit("partitions", "create-shared", args, &result);
+        Ok(result)
+    }
+
+    async fn create_private(
+        &mut self,
+        plan: String,
+        vm: String,
+        shared: Option<String>,
+        format: String,
+        size_bytes: u64,
+    ) -> wasmtime::Result<Result<Partition, WitError>> {
+        self.step()?;
+        let args = format!(
+            "{plan} vm={vm} shared={} format={format} size-bytes={size_bytes}",
+            shared.as_deref().unwrap_or("-")
+        );
+        let result = self.create_private_call(plan, vm, shared, format, size_bytes).await?;
+        self.audit("partitions", "create-private", args, &result);
+        Ok(result)
+    }
+
+    async fn add_file(
+        &mut self,
+        partition: String,
+        path: String,
+        content: Vec<u8>,
+        mode: u32,
+    ) -> wasmtime::Result<Result<(), WitError>> {
+        self.step()?;
+        let args = format!("{partition} {path} bytes={} mode={mode:o}", content.len());
+        let result = self.add_file_call(partition, path, content, mode).await?;
+        self.audit("partitions", "add-file", args, &result);
+        Ok(result)
     }
 }

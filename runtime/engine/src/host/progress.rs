@@ -41,22 +41,32 @@ impl wit::Host for HostState {
         done: u64,
         total: Option<u64>,
     ) -> wasmtime::Result<Result<(), WitError>> {
+        self.step()?;
+        let args = format!("{phase} {done}/{}", total.map(|t| t.to_string()).unwrap_or("?".into()));
+        let result = self.report_call(phase, done, total);
+        self.audit("progress", "report", args, &result);
+        Ok(result)
+    }
+}
+
+impl HostState {
+    fn report_call(&mut self, phase: String, done: u64, total: Option<u64>) -> Result<(), WitError> {
         if let Err(problem) = check_phase(&phase) {
-            return Ok(Err(WitError::InvalidInput(problem)));
+            return Err(WitError::InvalidInput(problem));
         }
         if let Some(total) = total
             && done > total
         {
-            return Ok(Err(WitError::InvalidInput(format!(
+            return Err(WitError::InvalidInput(format!(
                 "phase {phase}: done ({done}) exceeds total ({total})"
-            ))));
+            )));
         }
         let state = &mut self.progress;
         if !state.phases.contains(&phase) {
             if state.phases.len() >= MAX_PHASES {
-                return Ok(Err(WitError::InvalidInput(format!(
+                return Err(WitError::InvalidInput(format!(
                     "phase {phase}: at most {MAX_PHASES} distinct phases per request"
-                ))));
+                )));
             }
             state.phases.insert(phase.clone());
         }
@@ -65,7 +75,7 @@ impl wit::Host for HostState {
             let event = ProgressEvent { plugin: self.plugin.clone(), phase, done, total };
             self.observer.progress(&event);
         }
-        Ok(Ok(()))
+        Ok(())
     }
 }
 

@@ -28,8 +28,8 @@ fn wit_error(e: VmError) -> WitError {
     }
 }
 
-impl wit::Host for HostState {
-    async fn configure(
+impl HostState {
+    async fn configure_call(
         &mut self,
         spec: String,
         private: String,
@@ -89,5 +89,22 @@ impl wit::Host for HostState {
             }),
             Err(e) => Err(wit_error(e)),
         })
+    }
+}
+
+impl wit::Host for HostState {
+    async fn configure(
+        &mut self,
+        spec: String,
+        private: String,
+    ) -> wasmtime::Result<Result<Configured, WitError>> {
+        self.step()?;
+        // The spec's name identifies the VM; the spec itself may hold
+        // user-data and keys, which stay out of the audit trail.
+        let name = provd_vm::spec::parse_spec(&spec).map(|s| s.name).unwrap_or_else(|_| "?".into());
+        let args = format!("vm={name} private={private} spec-bytes={}", spec.len());
+        let result = self.configure_call(spec, private).await?;
+        self.audit("vm", "configure", args, &result);
+        Ok(result)
     }
 }

@@ -1,0 +1,737 @@
+//! The HTTP API, version 1. Every error is JSON:
+//! `{"error": {"code": "<stable-code>", "message": "<what was wrong>"}}`.
+//! `docs/api.md` is the reference.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use provd_node::{BundleRefused, Node};
+use provd_store::{AcceptError, AuditQuery, NewAudit, OpState, OperationError, Store};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::config::HttpLimits;
+use crate::metrics::Metrics;
+use crate::ops::{Operations, StartError, StartRequest};
+
+/// Who is calling: the manager certificate's subject, or `local` on the
+/// admin socket.
+#[derive(Debug, Clone)]
+pub struct Peer(pub String);
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub node: Arc<Node>,
+    pub store: Arc<Store>,
+    pub ops: Arc<Operations>,
+    pub metrics: Arc<Metrics>,
+    pub limits: HttpLimits,
+}
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into() }
+    }
+    fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+    fn internal(message: impl std::fmt::Display) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message.to_string())
+    }
+    fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not-found", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> ApiError {
+        match r {
+            JsonRejection::MissingJsonContentType(_) => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "send the body as application/json",
+            ),
+            JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", e.body_text())
+            }
+            other => ApiError::bad("invalid-json", other.body_text()),
+        }
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn ok(status: StatusCode, body: Value) -> ApiResult {
+    Ok((status, axum::Json(body)).into_response())
+}
+
+fn blocking_error(e: tokio::task::JoinError) -> ApiError {
+    ApiError::internal(format!("a worker task failed: {e}"))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(blocking_error)
+}
+
+/// The router of API version 1.
+pub fn router(state: AppState) -> Router {
+    let json_limit = usize::try_from(state.limits.max_json_bytes).unwrap_or(usize::MAX);
+    let bundle_limit = usize::try_from(state.limits.max_bundle_bytes).unwrap_or(usize::MAX);
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/bundles", post(upload_bundle).layer(DefaultBodyLimit::max(bundle_limit)))
+        .route("/v1/bundles", get(list_bundles))
+        .route("/v1/plugins/{name}/activate", post(activate))
+        .route("/v1/plugins/{name}/rollback", post(rollback))
+        .route("/v1/operations", post(start_operation).get(list_operations))
+        .route("/v1/operations/{id}", get(get_operation))
+        .route("/v1/operations/{id}/events", get(operation_events))
+        .route("/v1/operations/{id}/cancel", post(cancel_operation))
+        .route("/v1/vms", get(list_vms))
+        .route("/v1/vms/{name}", get(get_vm))
+        .route("/v1/vms/{name}", delete(delete_vm))
+        .route("/v1/images", get(list_images))
+        .route("/v1/audit", get(audit))
+        .fallback(|| async {
+            ApiError::not_found("no such endpoint; the API is under /v1 (docs/api.md)")
+        })
+        .layer(DefaultBodyLimit::max(json_limit))
+        .with_state(state)
+}
+
+async fn healthz(State(s): State<AppState>) -> ApiResult {
+    let store = s.store.clone();
+    let db = blocking(move || store.stats()).await?;
+    match db {
+        Ok(_) => ok(
+            StatusCode::OK,
+            json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"),
+                   "running-operations": s.ops.running_count()}),
+        ),
+        Err(e) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unhealthy", e.to_string())),
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn refused(e: &BundleRefused) -> ApiError {
+    use provd_bundle::BundleError as B;
+    use provd_engine::LoadError as L;
+    let text = e.to_string();
+    let (status, code) = match e {
+        BundleRefused::Invalid(b) => match b {
+            B::NoTrustedSignature { .. } => (StatusCode::FORBIDDEN, "untrusted-signer"),
+            B::BadSignature { .. } => (StatusCode::FORBIDDEN, "bad-signature"),
+            B::DigestMismatch { .. } | B::SizeMismatch { .. } => {
+                (StatusCode::FORBIDDEN, "tampered")
+            }
+            B::Expired { .. } | B::CreatedInFuture { .. } => {
+                (StatusCode::FORBIDDEN, "outside-validity")
+            }
+            B::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
+            _ => (StatusCode::BAD_REQUEST, "invalid-bundle"),
+        },
+        BundleRefused::Load(l) => match l {
+            L::Policy(_) => (StatusCode::FORBIDDEN, "over-policy"),
+            L::UndeclaredImports(_) => (StatusCode::FORBIDDEN, "undeclared-imports"),
+            L::Unavailable(_) => (StatusCode::FORBIDDEN, "unavailable-capability"),
+            L::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
+            L::Cache { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            _ => (StatusCode::UNPROCESSABLE_ENTITY, "invalid-component"),
+        },
+        BundleRefused::Version(v) => match v {
+            AcceptError::Downgrade { .. } => (StatusCode::CONFLICT, "version-downgrade"),
+            AcceptError::Conflict { .. } => (StatusCode::CONFLICT, "version-conflict"),
+            AcceptError::Expired { .. } => (StatusCode::FORBIDDEN, "outside-validity"),
+            AcceptError::BadVersion(_) => (StatusCode::BAD_REQUEST, "invalid-bundle"),
+            AcceptError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        },
+        BundleRefused::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+    };
+    ApiError::new(status, code, text)
+}
+
+async fn audit_one(store: &Arc<Store>, row: NewAudit) {
+    let store = store.clone();
+    let done = tokio::task::spawn_blocking(move || store.append_audit(&[row])).await;
+    if !matches!(done, Ok(Ok(()))) {
+        tracing::error!(?done, "writing the audit trail failed");
+    }
+}
+
+async fn upload_bundle(
+    State(s): State<AppState>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    body: Bytes,
+) -> ApiResult {
+    let digest = format!("blake3:{}", blake3::hash(&body).to_hex());
+    let result = s.node.accept_bundle(&body, now()).await;
+    let mut row = NewAudit {
+        actor: peer.0.clone(),
+        kind: "bundle".into(),
+        args: Some(format!("bytes={} file-digest={digest}", body.len())),
+        count: 1,
+        ..NewAudit::default()
+    };
+    match result {
+        Ok(a) => {
+            row.plugin = Some(a.name.clone());
+            row.version = Some(a.version.clone());
+            row.outcome = if a.new { "accepted" } else { "already-accepted" }.into();
+            row.detail = Some(format!("signer {} component {}", a.signer, a.digest));
+            audit_one(&s.store, row).await;
+            Metrics::outcome(&s.metrics.bundles, if a.new { "accepted" } else { "unchanged" });
+            let status = if a.new { StatusCode::CREATED } else { StatusCode::OK };
+            ok(status, json!({"bundle": a}))
+        }
+        Err(e) => {
+            let err = refused(&e);
+            row.outcome = "refused".into();
+            row.detail = Some(format!("{}: {}", err.code, err.message));
+            audit_one(&s.store, row).await;
+            Metrics::outcome(&s.metrics.bundles, "refused");
+            tracing::warn!(actor = %peer.0, code = err.code, message = %err.message, "bundle refused");
+            Err(err)
+        }
+    }
+}
+
+async fn list_bundles(State(s): State<AppState>) -> ApiResult {
+    let store = s.store.clone();
+    let bundles = blocking(move || store.bundles()).await?.map_err(ApiError::internal)?;
+    let list: Vec<Value> = bundles
+        .into_iter()
+        .map(|b| {
+            json!({"name": b.name, "version": b.version, "digest": b.digest, "signer": b.signer,
+                   "active": b.active, "accepted-at": b.accepted_at, "expires": b.expires,
+                   "grant": b.grant, "manifest": b.manifest})
+        })
+        .collect();
+    ok(StatusCode::OK, json!({"bundles": list}))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActivateBody {
+    version: String,
+}
+
+async fn set_active(s: &AppState, peer: &Peer, name: &str, version: String) -> ApiResult {
+    let store = s.store.clone();
+    let (n, v) = (name.to_string(), version.clone());
+    let result = blocking(move || store.activate_plugin(&n, &v)).await?;
+    let mut row = NewAudit {
+        actor: peer.0.clone(),
+        kind: "plugin".into(),
+        plugin: Some(name.to_string()),
+        version: Some(version.clone()),
+        function: Some("activate".into()),
+        count: 1,
+        ..NewAudit::default()
+    };
+    match result {
+        Ok(previous) => {
+            row.outcome = "activated".into();
+            row.detail = Some(format!("active version {previous} -> {version}"));
+            audit_one(&s.store, row).await;
+            tracing::warn!(actor = %peer.0, plugin = %name, from = %previous, to = %version, "operator changed the active plugin version");
+            ok(StatusCode::OK, json!({"plugin": name, "active": version, "previous": previous}))
+        }
+        Err(AcceptError::Store(provd_store::StoreError::NotFound(what))) => {
+            row.outcome = "refused".into();
+            row.detail = Some(format!("{what} not accepted on this node"));
+            audit_one(&s.store, row).await;
+            Err(ApiError::not_found(format!("{what} has not been accepted on this node")))
+        }
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}
+
+async fn activate(
+    State(s): State<AppState>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    Path(name): Path<String>,
+    body: Result<axum::Json<ActivateBody>, JsonRejection>,
+) -> ApiResult {
+    let axum::Json(body) = body?;
+    set_active(&s, &peer, &name, body.version).await
+}
+
+async fn rollback(
+    State(s): State<AppState>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let store = s.store.clone();
+    let n = name.clone();
+    let previous = blocking(move || store.previous_version(&n)).await?.map_err(ApiError::internal)?;
+    let Some(previous) = previous else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no-previous-version",
+            format!("plugin {name} has no accepted version older than its active one"),
+        ));
+    };
+    set_active(&s, &peer, &name, previous).await
+}
+
+/// `POST /v1/operations`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct OperationBody {
+    plugin: String,
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    vms: Vec<Value>,
+    #[serde(default)]
+    params: Option<Value>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+/// VM specs one operation may carry.
+const MAX_VMS: usize = 64;
+/// Longest idempotency key.
+const MAX_KEY_LEN: usize = 128;
+
+fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad("invalid-request", format!("{what} {name:?}: use 1 to 64 of a-z 0-9 - _ .")))
+    }
+}
+
+fn start_request(body: OperationBody, header_key: Option<String>, actor: String) -> Result<StartRequest, ApiError> {
+    check_name("plugin", &body.plugin)?;
+    if let Some(v) = &body.version
+        && semver::Version::parse(v).is_err()
+    {
+        return Err(ApiError::bad("invalid-request", format!("version {v:?} is not a semantic version")));
+    }
+    let key = match (header_key, body.idempotency_key) {
+        (Some(h), Some(b)) if h != b => {
+            return Err(ApiError::bad(
+                "invalid-request",
+                "the Idempotency-Key header and idempotency-key field differ",
+            ));
+        }
+        (h, b) => h.or(b),
+    };
+    if let Some(k) = &key
+        && (k.is_empty() || k.len() > MAX_KEY_LEN || k.chars().any(|c| c.is_control()))
+    {
+        return Err(ApiError::bad(
+            "invalid-request",
+            format!("idempotency key: 1 to {MAX_KEY_LEN} printable characters"),
+        ));
+    }
+    if body.vms.len() > MAX_VMS {
+        return Err(ApiError::bad("invalid-request", format!("vms: at most {MAX_VMS} per operation")));
+    }
+    let mut names = Vec::new();
+    for (i, spec) in body.vms.iter().enumerate() {
+        let parsed = provd_vm::spec::parse_spec(&spec.to_string())
+            .map_err(|e| ApiError::bad("invalid-vm-spec", format!("vms[{i}]: {e}")))?;
+        if names.contains(&parsed.name) {
+            return Err(ApiError::bad(
+                "invalid-vm-spec",
+                format!("vms[{i}]: VM {:?} appears twice", parsed.name),
+            ));
+        }
+        names.push(parsed.name);
+    }
+    let mut input = match body.params.clone() {
+        None => serde_json::Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(ApiError::bad("invalid-request", "params: must be a JSON object")),
+    };
+    if !body.vms.is_empty() {
+        if input.contains_key("vms") {
+            return Err(ApiError::bad(
+                "invalid-request",
+                "params.vms: reserved for the VM specs; send them as the top-level `vms`",
+            ));
+        }
+        input.insert("vms".into(), Value::Array(body.vms.clone()));
+    }
+    let canonical = json!({"plugin": body.plugin, "version": body.version, "vms": body.vms,
+                           "params": body.params});
+    Ok(StartRequest {
+        plugin: body.plugin,
+        version: body.version,
+        input: Value::Object(input).to_string(),
+        request_digest: blake3::hash(canonical.to_string().as_bytes()).to_hex().to_string(),
+        idempotency_key: key,
+        vms: names,
+        actor,
+    })
+}
+
+fn operation_json(rec: &provd_store::OperationRecord, live: Option<&crate::ops::Snapshot>) -> Value {
+    let mut v = serde_json::to_value(rec).unwrap_or(Value::Null);
+    if let Some(report) = &rec.report {
+        v["report"] = serde_json::from_str(report).unwrap_or(Value::String(report.clone()));
+    }
+    if let Some(code) = &rec.error_code {
+        v["error"] = json!({"code": code, "message": rec.error});
+    }
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("error_code");
+    }
+    if let Some(s) = live {
+        v["phase"] = json!(s.phase);
+        v["done"] = json!(s.done);
+        v["total"] = json!(s.total);
+        v["seq"] = json!(s.seq);
+    }
+    v
+}
+
+async fn start_operation(
+    State(s): State<AppState>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    headers: HeaderMap,
+    body: Result<axum::Json<OperationBody>, JsonRejection>,
+) -> ApiResult {
+    let axum::Json(body) = body?;
+    let header_key = match headers.get("idempotency-key") {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::bad("invalid-request", "Idempotency-Key: not text"))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let req = start_request(body, header_key, peer.0.clone())?;
+    match s.ops.start(req).await {
+        Ok((rec, true)) => ok(StatusCode::ACCEPTED, json!({"operation": operation_json(&rec, None)})),
+        Ok((rec, false)) => ok(StatusCode::OK, json!({"operation": operation_json(&rec, None)})),
+        Err(StartError::NoPlugin(p)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no-such-plugin",
+            format!("no accepted plugin {p} on this node"),
+        )),
+        Err(StartError::ShuttingDown) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting-down",
+            "the node is shutting down; retry with the same idempotency key",
+        )),
+        Err(StartError::Refused(OperationError::KeyReused { key, operation })) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency-conflict",
+            format!("idempotency key {key:?} was used by {operation} for a different request"),
+        )),
+        Err(StartError::Refused(OperationError::VmBusy { vm, operation })) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "vm-busy",
+            format!("VM {vm:?} is in operation {operation}, which is still running"),
+        )),
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_operations(State(s): State<AppState>, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> ApiResult {
+    let Query(q) = q.map_err(|e| ApiError::bad("invalid-request", e.body_text()))?;
+    let state = match q.state.as_deref() {
+        None => None,
+        Some("running") => Some(OpState::Running),
+        Some("succeeded") => Some(OpState::Succeeded),
+        Some("failed") => Some(OpState::Failed),
+        Some("cancelled") => Some(OpState::Cancelled),
+        Some(other) => {
+            return Err(ApiError::bad(
+                "invalid-request",
+                format!("state {other:?}: one of running, succeeded, failed, cancelled"),
+            ));
+        }
+    };
+    let limit = q.limit.unwrap_or(100).min(1000);
+    let store = s.store.clone();
+    let ops = blocking(move || store.operations(state, limit)).await?.map_err(ApiError::internal)?;
+    let list: Vec<Value> = ops.iter().map(|o| operation_json(o, None)).collect();
+    ok(StatusCode::OK, json!({"operations": list}))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    /// Seconds to wait for a change (long poll).
+    wait: Option<u64>,
+    /// The `seq` the client has seen.
+    since: Option<u64>,
+}
+
+async fn load_operation(s: &AppState, id: &str) -> Result<provd_store::OperationRecord, ApiError> {
+    let store = s.store.clone();
+    let op = id.to_string();
+    blocking(move || store.operation(&op))
+        .await?
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found(format!("no operation {id}")))
+}
+
+async fn get_operation(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    q: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(q) = q.map_err(|e| ApiError::bad("invalid-request", e.body_text()))?;
+    let wait = Duration::from_secs(q.wait.unwrap_or(0).min(s.limits.max_wait_secs));
+    if let Some(mut rx) = s.ops.watch(&id) {
+        let since = q.since.unwrap_or(u64::MAX);
+        if !wait.is_zero() {
+            let _ = tokio::time::timeout(wait, async {
+                loop {
+                    let seen = rx.borrow_and_update().clone();
+                    if seen.seq != since || seen.state.finished() {
+                        return;
+                    }
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await;
+        }
+        let live = rx.borrow().clone();
+        let rec = load_operation(&s, &id).await?;
+        let live = (!rec.state.finished()).then_some(live);
+        return ok(StatusCode::OK, json!({"operation": operation_json(&rec, live.as_ref())}));
+    }
+    let rec = load_operation(&s, &id).await?;
+    ok(StatusCode::OK, json!({"operation": operation_json(&rec, None)}))
+}
+
+async fn operation_events(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let rec = load_operation(&s, &id).await?;
+    let rx = s.ops.watch(&id);
+    let state = s.clone();
+    let stream = async_stream(state, id, rec, rx);
+    Ok(Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default()).into_response())
+}
+
+/// Server-sent events: `progress` for each change, then one `done` with the
+/// finished operation.
+fn async_stream(
+    s: AppState,
+    id: String,
+    rec: provd_store::OperationRecord,
+    rx: Option<tokio::sync::watch::Receiver<crate::ops::Snapshot>>,
+) -> impl futures::Stream<Item = Result<Event, std::convert::Infallible>> {
+    use futures::StreamExt as _;
+    let progress = match rx {
+        Some(rx) => tokio_stream::wrappers::WatchStream::new(rx)
+            .take_while(|snap| futures::future::ready(!snap.state.finished()))
+            .map(|snap| {
+                Ok(Event::default().event("progress").data(serde_json::to_string(&snap).unwrap_or_default()))
+            })
+            .boxed(),
+        None => futures::stream::empty().boxed(),
+    };
+    let done = futures::stream::once(async move {
+        // The record is final once the watch has closed or reported the end.
+        let rec = match load_operation(&s, &id).await {
+            Ok(r) => r,
+            Err(_) => rec,
+        };
+        Ok(Event::default().event("done").data(json!({"operation": operation_json(&rec, None)}).to_string()))
+    });
+    progress.chain(done)
+}
+
+async fn cancel_operation(
+    State(s): State<AppState>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let rec = load_operation(&s, &id).await?;
+    if rec.state.finished() || !s.ops.cancel(&id) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already-finished",
+            format!("operation {id} has already finished ({})", rec.state.as_str()),
+        ));
+    }
+    audit_one(
+        &s.store,
+        NewAudit {
+            actor: peer.0.clone(),
+            kind: "operation".into(),
+            plugin: Some(rec.plugin.clone()),
+            version: Some(rec.version.clone()),
+            operation: Some(id.clone()),
+            function: Some("cancel".into()),
+            outcome: "requested".into(),
+            count: 1,
+            ..NewAudit::default()
+        },
+    )
+    .await;
+    ok(StatusCode::ACCEPTED, json!({"operation": operation_json(&rec, None), "cancel": "requested"}))
+}
+
+fn vm_json(v: &provd_store::VmRecord) -> Value {
+    json!({"name": v.name, "operation": v.operation, "macs": v.macs, "reserved": v.reserved,
+           "created-at": v.created_at,
+           "spec": serde_json::from_str::<Value>(&v.spec).unwrap_or(Value::String(v.spec.clone()))})
+}
+
+async fn list_vms(State(s): State<AppState>) -> ApiResult {
+    let store = s.store.clone();
+    let (vms, reserved) = blocking(move || Ok::<_, provd_store::StoreError>((store.vms()?, store.reserved()?)))
+        .await?
+        .map_err(ApiError::internal)?;
+    let list: Vec<Value> = vms.iter().map(vm_json).collect();
+    ok(StatusCode::OK, json!({"vms": list, "reserved": reserved}))
+}
+
+async fn get_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult {
+    let store = s.store.clone();
+    let n = name.clone();
+    let (vm, parts) = blocking(move || Ok::<_, provd_store::StoreError>((store.vm(&n)?, store.partitions_of_vm(&n)?)))
+        .await?
+        .map_err(ApiError::internal)?;
+    let vm = vm.ok_or_else(|| ApiError::not_found(format!("no VM {name}")))?;
+    let parts: Vec<Value> = parts
+        .iter()
+        .map(|p| json!({"id": p.id, "role": p.role, "format": p.format, "bytes": p.bytes}))
+        .collect();
+    let mut v = vm_json(&vm);
+    v["partitions"] = Value::Array(parts);
+    ok(StatusCode::OK, json!({"vm": v}))
+}
+
+async fn delete_vm(
+    State(s): State<AppState>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    provd_vm::spec::check_dns_label(&name)
+        .map_err(|e| ApiError::bad("invalid-request", format!("VM name {name:?}: {e}")))?;
+    let store = s.store.clone();
+    let n = name.clone();
+    if blocking(move || store.vm(&n)).await?.map_err(ApiError::internal)?.is_none() {
+        return Err(ApiError::not_found(format!("no VM {name}")));
+    }
+    // A deletion is an operation of its own: it holds the VM's name, so no
+    // provisioning of that name runs meanwhile, and it is on the record.
+    let req = StartRequest {
+        plugin: crate::ops::BUILTIN.into(),
+        version: None,
+        input: json!({"delete-vm": name}).to_string(),
+        request_digest: String::new(),
+        idempotency_key: None,
+        vms: vec![name.clone()],
+        actor: peer.0.clone(),
+    };
+    let rec = match s.ops.run_builtin(req).await {
+        Ok(rec) => rec,
+        Err(StartError::Refused(OperationError::VmBusy { vm, operation })) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "vm-busy",
+                format!("VM {vm:?} is in operation {operation}, which is still running"),
+            ));
+        }
+        Err(e) => return Err(ApiError::internal(e)),
+    };
+    if rec.state != OpState::Succeeded {
+        return Err(ApiError::internal(rec.error.unwrap_or_default()));
+    }
+    ok(StatusCode::OK, json!({"deleted": name, "operation": operation_json(&rec, None)}))
+}
+
+async fn list_images(State(s): State<AppState>) -> ApiResult {
+    let store = s.store.clone();
+    let images = blocking(move || store.images()).await?.map_err(ApiError::internal)?;
+    let list: Vec<Value> = images
+        .iter()
+        .map(|i| {
+            json!({"reference": i.reference, "digest": i.digest, "source": i.source,
+                   "source-digest": i.source_digest, "entries": i.entries, "files": i.files,
+                   "bytes": i.bytes, "created-at": i.created_at})
+        })
+        .collect();
+    ok(StatusCode::OK, json!({"images": list}))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    operation: Option<String>,
+    plugin: Option<String>,
+    kind: Option<String>,
+    outcome: Option<String>,
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn audit(
+    State(s): State<AppState>,
+    q: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(q) = q.map_err(|e| ApiError::bad("invalid-request", e.body_text()))?;
+    let query = AuditQuery {
+        operation: q.operation,
+        plugin: q.plugin,
+        kind: q.kind,
+        outcome: q.outcome,
+        after: q.after,
+        limit: q.limit.unwrap_or(0),
+    };
+    let store = s.store.clone();
+    let rows = blocking(move || store.audit(&query)).await?.map_err(ApiError::internal)?;
+    ok(StatusCode::OK, json!({"audit": rows}))
+}

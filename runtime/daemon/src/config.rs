@@ -1,0 +1,236 @@
+//! `provd.toml`: what a node serves, whom it trusts and what it allows.
+//!
+//! Unknown keys are refused at every level, so a misspelt limit is an error
+//! rather than a silently ignored default. Relative paths are taken from the
+//! directory of the configuration file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use provd_domain::{NodeCapacity, NodePolicy};
+use serde::Deserialize;
+
+const MIB: u64 = 1 << 20;
+
+/// The daemon's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// The node's data directory (store, partitions, VMs, artifact cache).
+    pub data_dir: PathBuf,
+    /// TCP address of the mutual-TLS API.
+    pub listen: SocketAddr,
+    /// A unix socket for local administration, without TLS; access is the
+    /// socket's file permissions (0600, owner only).
+    #[serde(default)]
+    pub admin_socket: Option<PathBuf>,
+    pub tls: TlsConfig,
+    /// Public keys (`provctl keygen` `.pub` files) whose bundle
+    /// signatures this node trusts.
+    pub trusted_keys: Vec<PathBuf>,
+    #[serde(default)]
+    pub limits: HttpLimits,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub capacity: CapacityConfig,
+}
+
+/// The server's identity and the managers it accepts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TlsConfig {
+    /// PEM certificate chain of the node.
+    pub cert: PathBuf,
+    /// PEM private key of the node.
+    pub key: PathBuf,
+    /// PEM certificate(s) of the CA that signs manager certificates: a
+    /// client without a certificate from it is refused in the handshake.
+    pub client_ca: PathBuf,
+}
+
+/// Bounds on what a remote party can make the daemon hold or wait for.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HttpLimits {
+    /// Largest bundle upload.
+    pub max_bundle_bytes: u64,
+    /// Largest JSON request body.
+    pub max_json_bytes: u64,
+    /// Time to receive a request's headers.
+    pub header_timeout_secs: u64,
+    /// Time one request may take (uploads and long polls included).
+    pub request_timeout_secs: u64,
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub max_connections: u32,
+    /// Longest wait a long poll may ask for.
+    pub max_wait_secs: u64,
+    /// Operations allowed to run at once; more are refused with `busy`.
+    pub max_running_operations: u32,
+    /// Seconds a graceful shutdown waits for running operations before
+    /// cancelling them.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_bundle_bytes: 80 * MIB,
+            max_json_bytes: MIB,
+            header_timeout_secs: 10,
+            request_timeout_secs: 120,
+            max_connections: 512,
+            max_wait_secs: 60,
+            max_running_operations: 16,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+impl HttpLimits {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+}
+
+/// Ceilings a bundle may be granted; unset keys keep provd's defaults
+/// (`docs/security.md` lists them).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PolicyConfig {
+    /// Image references plugins may fetch (glob patterns); none by default.
+    pub image_sources: Option<Vec<String>>,
+    pub max_memory_mib: Option<u64>,
+    pub max_timeout_secs: Option<u64>,
+    pub max_component_mib: Option<u64>,
+    pub max_partition_bytes: Option<u64>,
+    pub max_vm_vcpus: Option<u32>,
+    pub max_vm_memory_mib: Option<u64>,
+    pub hypervisors: Option<Vec<String>>,
+}
+
+/// What the node can give VMs. Zero (the default) means nothing fits.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CapacityConfig {
+    pub vcpus: u64,
+    pub memory_mib: u64,
+    pub disk_bytes: u64,
+    #[serde(default)]
+    pub cpu_overcommit_percent: u32,
+    #[serde(default)]
+    pub memory_overcommit_percent: u32,
+    #[serde(default)]
+    pub disk_overcommit_percent: u32,
+}
+
+/// Why the configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+}
+
+impl Config {
+    /// Reads and checks `path`; relative paths inside become relative to
+    /// its directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut config.data_dir);
+        fix(&mut config.tls.cert);
+        fix(&mut config.tls.key);
+        fix(&mut config.tls.client_ca);
+        config.trusted_keys.iter_mut().for_each(fix);
+        if let Some(s) = config.admin_socket.as_mut() {
+            fix(s);
+        }
+        if config.trusted_keys.is_empty() {
+            return Err(ConfigError::Parse {
+                path: path.display().to_string(),
+                message: "trusted-keys: at least one key is needed to accept any bundle".into(),
+            });
+        }
+        Ok(config)
+    }
+
+    /// The engine's policy: provd's defaults overlaid with this file.
+    pub fn node_policy(&self) -> NodePolicy {
+        let mut p = NodePolicy::default();
+        let c = &self.policy;
+        if let Some(v) = &c.image_sources {
+            p.image_sources = v.clone();
+        }
+        if let Some(v) = c.max_memory_mib {
+            p.max_memory_bytes = v.saturating_mul(MIB);
+        }
+        if let Some(v) = c.max_timeout_secs {
+            p.max_timeout = Duration::from_secs(v);
+        }
+        if let Some(v) = c.max_component_mib {
+            p.max_component_bytes = v.saturating_mul(MIB);
+        }
+        if let Some(v) = c.max_partition_bytes {
+            p.max_partition_bytes = v;
+            p.default_partition_bytes = p.default_partition_bytes.min(v);
+        }
+        if let Some(v) = c.max_vm_vcpus {
+            p.max_vm_vcpus = v;
+        }
+        if let Some(v) = c.max_vm_memory_mib {
+            p.max_vm_memory_mib = v;
+        }
+        if let Some(v) = &c.hypervisors {
+            p.hypervisors = v.clone();
+        }
+        p.max_concurrent_invocations = self.limits.max_running_operations.max(1);
+        let k = &self.capacity;
+        p.capacity = NodeCapacity {
+            vcpus: k.vcpus,
+            memory_mib: k.memory_mib,
+            disk_bytes: k.disk_bytes,
+            cpu_overcommit_percent: k.cpu_overcommit_percent,
+            memory_overcommit_percent: k.memory_overcommit_percent,
+            disk_overcommit_percent: k.disk_overcommit_percent,
+        };
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_missing_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("provd.toml");
+        let base = "data-dir = \"data\"\nlisten = \"127.0.0.1:0\"\ntrusted-keys = [\"k.pub\"]\n\
+                    [tls]\ncert = \"c\"\nkey = \"k\"\nclient-ca = \"ca\"\n";
+        std::fs::write(&path, format!("{base}[limits]\nmax-bundle-byts = 3\n")).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains("max-bundle-byts"), "{e}");
+        std::fs::write(&path, base.replace("listen = \"127.0.0.1:0\"\n", "")).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains("listen"), "{e}");
+        std::fs::write(&path, base).unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("data"));
+        assert_eq!(c.trusted_keys, vec![dir.path().join("k.pub")]);
+        assert_eq!(c.node_policy().capacity.vcpus, 0);
+    }
+}

@@ -1,0 +1,133 @@
+//! `GET /metrics`: the daemon's figures in the Prometheus text format.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HostCallLabels {
+    pub interface: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabel {
+    pub plugin: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: String,
+    pub status: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every figure the daemon exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub operations: Family<Outcome, Counter>,
+    pub operations_running: Gauge,
+    pub host_calls: Family<HostCallLabels, Counter>,
+    pub bundles: Family<Outcome, Counter>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub instantiation_seconds: HistogramFamily<PluginLabel>,
+    pub call_seconds: HistogramFamily<PluginLabel>,
+    pub bytes_fetched: Counter,
+    pub bytes_deduplicated: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to about 7 minutes: a warm instantiation to a long provisioning.
+    Histogram::new(exponential_buckets(0.000_05, 3.0, 16))
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("provd");
+        let operations = Family::<Outcome, Counter>::default();
+        registry.register("operations", "Operations finished, by outcome", operations.clone());
+        let operations_running = Gauge::default();
+        registry.register(
+            "operations_running",
+            "Operations running now",
+            operations_running.clone(),
+        );
+        let host_calls = Family::<HostCallLabels, Counter>::default();
+        registry.register(
+            "host_calls",
+            "Host calls of plugins, by interface and outcome (ok, denied, failed)",
+            host_calls.clone(),
+        );
+        let bundles = Family::<Outcome, Counter>::default();
+        registry.register("bundles", "Bundle uploads, by outcome", bundles.clone());
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("http_requests", "HTTP requests, by method and status", requests.clone());
+        let instantiation_seconds: HistogramFamily<PluginLabel> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "plugin_instantiation_seconds",
+            "Time to instantiate a plugin for one operation",
+            instantiation_seconds.clone(),
+        );
+        let call_seconds: HistogramFamily<PluginLabel> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "plugin_call_seconds",
+            "Time of one provision call, instantiation included",
+            call_seconds.clone(),
+        );
+        let bytes_fetched = Counter::default();
+        registry.register(
+            "image_bytes_fetched",
+            "Bytes of file content in images plugins fetched",
+            bytes_fetched.clone(),
+        );
+        let bytes_deduplicated = Counter::default();
+        registry.register(
+            "bytes_deduplicated",
+            "Bytes plans stored once instead of once per VM",
+            bytes_deduplicated.clone(),
+        );
+        Metrics {
+            registry,
+            operations,
+            operations_running,
+            host_calls,
+            bundles,
+            requests,
+            instantiation_seconds,
+            call_seconds,
+            bytes_fetched,
+            bytes_deduplicated,
+        }
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+
+    pub fn outcome(family: &Family<Outcome, Counter>, outcome: &str) {
+        family.get_or_create(&Outcome { outcome: outcome.to_string() }).inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

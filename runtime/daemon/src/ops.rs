@@ -1,0 +1,685 @@
+//! Operations: provisioning requests that run supervised, decoupled from
+//! the connection that started them.
+//!
+//! `start` records the operation (idempotency key and VM-name exclusion are
+//! decided by the store in the same transaction) and spawns it. It waits
+//! for a slot (`max-running-operations`), runs the plugin with a
+//! [`Cancel`] token checked at every host call, and finishes the record in
+//! one transaction that also releases its VM names. A failed, cancelled or
+//! interrupted operation is rolled back: the engine removes what its
+//! ledger recorded, and then everything the store recorded against the
+//! operation's id is removed too (VMs newest first, then partitions), which
+//! is also what restart recovery does for an operation a crash left
+//! `running`.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt as _;
+use provd_engine::{CallOutcome, Cancel, HostCall, InvokeError, Observer, PluginError, Request};
+use provd_node::Node;
+use provd_store::{NewAudit, NewOperation, OpState, OperationError, OperationRecord, Started, Store};
+use serde::Serialize;
+use tokio::sync::{Semaphore, watch};
+
+use crate::metrics::{HostCallLabels, Metrics, PluginLabel};
+
+/// Where a running operation stands, as watchers see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Snapshot {
+    /// Increases with every change.
+    pub seq: u64,
+    pub state: OpState,
+    pub phase: Option<String>,
+    pub done: u64,
+    pub total: Option<u64>,
+}
+
+struct Running {
+    cancel: Cancel,
+    snapshot: watch::Sender<Snapshot>,
+}
+
+/// The plugin name of provd's own operations.
+pub const BUILTIN: &str = "provd";
+
+/// Host calls recorded one audit row each; every other call is folded into
+/// one row per (function, outcome) with a count, because plugins make
+/// them by the thousand (hashing, paging, logging, progress).
+const DECISIONS: &[(&str, &str)] = &[
+    ("images", "fetch"),
+    ("images", "read-file"),
+    ("hashing", "hash-file"),
+    ("dedup", "analyse"),
+    ("dedup", "plan"),
+    ("partitions", "create-shared"),
+    ("partitions", "create-private"),
+    ("partitions", "add-file"),
+    ("vm", "configure"),
+];
+/// Individual audit rows kept per operation; beyond, calls are folded.
+const MAX_AUDIT_ROWS: usize = 10_000;
+/// Audit rows buffered before they are written.
+const AUDIT_FLUSH_ROWS: usize = 64;
+
+/// Why an operation could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("no accepted plugin {0}")]
+    NoPlugin(String),
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Refused(#[from] OperationError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The daemon's operations.
+pub struct Operations {
+    node: Arc<Node>,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    running: Mutex<HashMap<String, Arc<Running>>>,
+    slots: Arc<Semaphore>,
+    closed: std::sync::atomic::AtomicBool,
+    idle: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for Operations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Operations").finish_non_exhaustive()
+    }
+}
+
+/// What a start request holds once checked.
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    pub plugin: String,
+    pub version: Option<String>,
+    pub input: String,
+    pub request_digest: String,
+    pub idempotency_key: Option<String>,
+    pub vms: Vec<String>,
+    pub actor: String,
+}
+
+fn new_id() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut h = blake3::Hasher::new();
+    h.update(&t.to_le_bytes());
+    h.update(&n.to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    let hex = h.finalize().to_hex();
+    format!("op-{}", hex.get(..20).unwrap_or("0"))
+}
+
+/// The stable code and message of a failed call.
+pub fn failure(e: &InvokeError) -> (&'static str, String) {
+    let code = match e {
+        InvokeError::Plugin(p) => match p {
+            PluginError::InvalidInput(_) => "plugin-invalid-input",
+            PluginError::Denied(_) => "plugin-denied",
+            PluginError::NotFound(_) => "plugin-not-found",
+            PluginError::QuotaExceeded(_) => "plugin-quota-exceeded",
+            PluginError::Failed(_) => "plugin-failed",
+        },
+        InvokeError::Limit(_) => "plugin-limit",
+        InvokeError::Trap(_) => "plugin-trap",
+        InvokeError::Host(_) => "host-failure",
+        InvokeError::Cancelled => "cancelled",
+    };
+    (code, e.to_string())
+}
+
+impl Operations {
+    pub fn new(
+        node: Arc<Node>,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        max_running: u32,
+    ) -> Arc<Operations> {
+        Arc::new(Operations {
+            node,
+            store,
+            metrics,
+            running: Mutex::default(),
+            slots: Arc::new(Semaphore::new(usize::try_from(max_running.max(1)).unwrap_or(1))),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            idle: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Running>>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rolls back every operation a previous run of the daemon left
+    /// running and records it as failed. Runs before the API listens.
+    pub fn recover(store: &Store) -> Result<usize, provd_store::StoreError> {
+        let stale = store.operations(Some(OpState::Running), u32::MAX)?;
+        for op in &stale {
+            let (vms, partitions) = roll_back(store, &op.id);
+            let message = format!(
+                "provd stopped while the operation ran; on restart it was rolled back \
+                 ({vms} VM(s), {partitions} partition(s) removed)"
+            );
+            store.finish_operation(&op.id, OpState::Failed, None, Some(("interrupted", &message)))?;
+            store.append_audit(&[NewAudit {
+                actor: "provd".into(),
+                kind: "operation".into(),
+                plugin: Some(op.plugin.clone()),
+                version: Some(op.version.clone()),
+                operation: Some(op.id.clone()),
+                outcome: "rolled-back".into(),
+                detail: Some(message.clone()),
+                count: 1,
+                ..NewAudit::default()
+            }])?;
+            tracing::warn!(operation = %op.id, %message, "recovered an interrupted operation");
+        }
+        Ok(stale.len())
+    }
+
+    /// Records and starts an operation, or returns the one its
+    /// idempotency key names (`false` then).
+    pub async fn start(
+        self: &Arc<Self>,
+        req: StartRequest,
+    ) -> Result<(OperationRecord, bool), StartError> {
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StartError::ShuttingDown);
+        }
+        let found = self
+            .node
+            .plugin_at(&req.plugin, req.version.as_deref())
+            .await
+            .map_err(|e| StartError::Internal(e.to_string()))?;
+        let Some((version, plugin)) = found else {
+            let what = match &req.version {
+                Some(v) => format!("{} {v}", req.plugin),
+                None => req.plugin.clone(),
+            };
+            return Err(StartError::NoPlugin(what));
+        };
+        let new = NewOperation {
+            id: new_id(),
+            idempotency_key: req.idempotency_key.clone(),
+            request_digest: req.request_digest.clone(),
+            plugin: req.plugin.clone(),
+            version: version.clone(),
+            input: req.input.clone(),
+            actor: req.actor.clone(),
+            vms: req.vms.clone(),
+        };
+        let store = self.store.clone();
+        let started = tokio::task::spawn_blocking(move || store.start_operation(&new))
+            .await
+            .map_err(|e| StartError::Internal(e.to_string()))??;
+        let rec = match started {
+            Started::Existing(rec) => return Ok((rec, false)),
+            Started::New(rec) => rec,
+        };
+        let (tx, _) = watch::channel(Snapshot {
+            seq: 0,
+            state: OpState::Running,
+            phase: Some("queued".into()),
+            done: 0,
+            total: None,
+        });
+        let running = Arc::new(Running { cancel: Cancel::default(), snapshot: tx });
+        self.lock().insert(rec.id.clone(), running.clone());
+        self.metrics.operations_running.inc();
+        let this = self.clone();
+        let id = rec.id.clone();
+        tokio::spawn(async move {
+            let job = AssertUnwindSafe(this.run(&id, &version, plugin, req, running.clone()));
+            let (state, report, error) = match job.catch_unwind().await {
+                Ok(done) => done,
+                Err(_) => {
+                    // The engine catches panics in host code; this guards
+                    // the daemon's own code around it.
+                    let store = this.store.clone();
+                    let op = id.clone();
+                    let _ = tokio::task::spawn_blocking(move || roll_back(&store, &op)).await;
+                    (OpState::Failed, None, Some(("internal", "the operation panicked".to_string())))
+                }
+            };
+            this.finish(&id, state, report, error, &running).await;
+        });
+        Ok((rec, true))
+    }
+
+    async fn run(
+        &self,
+        id: &str,
+        version: &str,
+        plugin: provd_engine::Plugin,
+        req: StartRequest,
+        running: Arc<Running>,
+    ) -> (OpState, Option<String>, Option<(&'static str, String)>) {
+        let permit = tokio::select! {
+            p = self.slots.clone().acquire_owned() => p.ok(),
+            _ = cancelled(&running.cancel) => None,
+        };
+        let Some(_permit) = permit else {
+            return (OpState::Cancelled, None, Some(("cancelled", "cancelled while queued".into())));
+        };
+        running.snapshot.send_modify(|s| {
+            s.seq += 1;
+            s.phase = Some("started".into());
+        });
+        let observer = Arc::new(OpObserver {
+            operation: id.to_string(),
+            plugin: req.plugin.clone(),
+            version: version.to_string(),
+            actor: req.actor.clone(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            running: running.clone(),
+            audit: Mutex::default(),
+        });
+        let request = Request { operation_id: id.to_string(), input: req.input.clone() };
+        let started = std::time::Instant::now();
+        let result = self
+            .node
+            .engine()
+            .provision_with(&plugin, request, observer.clone(), running.cancel.clone())
+            .await;
+        self.metrics
+            .call_seconds
+            .get_or_create(&PluginLabel { plugin: req.plugin.clone() })
+            .observe(started.elapsed().as_secs_f64());
+        observer.flush().await;
+        match result {
+            Ok(outcome) => {
+                let r = &outcome.report;
+                let output = serde_json::from_str::<serde_json::Value>(&r.output)
+                    .unwrap_or_else(|_| serde_json::Value::String(r.output.clone()));
+                let report = serde_json::json!({
+                    "summary": r.summary,
+                    "fields": r
+                        .fields
+                        .iter()
+                        .map(|f| (f.key.clone(), serde_json::Value::String(f.value.clone())))
+                        .collect::<serde_json::Map<_, _>>(),
+                    "output": output,
+                    "elapsed-ms": outcome.elapsed.as_millis() as u64,
+                });
+                (OpState::Succeeded, Some(report.to_string()), None)
+            }
+            Err(e) => {
+                // The engine has rolled back what its ledger recorded; this
+                // removes anything else recorded against the operation.
+                let store = self.store.clone();
+                let op = id.to_string();
+                let _ = tokio::task::spawn_blocking(move || roll_back(&store, &op)).await;
+                let state = if matches!(e, InvokeError::Cancelled) {
+                    OpState::Cancelled
+                } else {
+                    OpState::Failed
+                };
+                let (code, message) = failure(&e);
+                (state, None, Some((code, message)))
+            }
+        }
+    }
+
+    async fn finish(
+        &self,
+        id: &str,
+        state: OpState,
+        report: Option<String>,
+        error: Option<(&'static str, String)>,
+        running: &Running,
+    ) {
+        let store = self.store.clone();
+        let op = id.to_string();
+        let err = error.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            store.finish_operation(
+                &op,
+                state,
+                report.as_deref(),
+                err.as_ref().map(|(c, m)| (*c, m.as_str())),
+            )
+        })
+        .await;
+        if !matches!(written, Ok(Ok(_))) {
+            tracing::error!(operation = %id, ?written, "recording the end of an operation failed");
+        }
+        Metrics::outcome(&self.metrics.operations, state.as_str());
+        self.metrics.operations_running.dec();
+        match &error {
+            None => tracing::info!(operation = %id, state = state.as_str(), "operation finished"),
+            Some((code, message)) => {
+                tracing::warn!(operation = %id, state = state.as_str(), code, %message, "operation finished")
+            }
+        }
+        running.snapshot.send_modify(|s| {
+            s.seq += 1;
+            s.state = state;
+        });
+        let empty = {
+            let mut map = self.lock();
+            map.remove(id);
+            map.is_empty()
+        };
+        if empty {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Runs one of provd's own operations (deleting a VM) to the end,
+    /// under the same record, name exclusion and audit as a plugin's.
+    pub async fn run_builtin(&self, req: StartRequest) -> Result<OperationRecord, StartError> {
+        let new = NewOperation {
+            id: new_id(),
+            idempotency_key: None,
+            request_digest: req.request_digest.clone(),
+            plugin: BUILTIN.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            input: req.input.clone(),
+            actor: req.actor.clone(),
+            vms: req.vms.clone(),
+        };
+        let store = self.store.clone();
+        let id = new.id.clone();
+        let actor = req.actor.clone();
+        let names = req.vms.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            store.start_operation(&new)?;
+            let mut result = Ok(());
+            for name in &names {
+                if let Err(e) = provd_vm::node::delete(&store, name) {
+                    result = Err(e.to_string());
+                    break;
+                }
+            }
+            let (state, error) = match &result {
+                Ok(()) => (OpState::Succeeded, None),
+                Err(m) => (OpState::Failed, Some(("delete-failed", m.as_str()))),
+            };
+            store.finish_operation(&id, state, None, error)?;
+            store.append_audit(&[NewAudit {
+                actor,
+                kind: "operation".into(),
+                plugin: Some(BUILTIN.into()),
+                operation: Some(id.clone()),
+                function: Some("delete-vm".into()),
+                args: Some(names.join(" ")),
+                outcome: state.as_str().into(),
+                detail: result.err(),
+                count: 1,
+                ..NewAudit::default()
+            }])?;
+            store
+                .operation(&id)?
+                .ok_or_else(|| OperationError::Store(provd_store::StoreError::NotFound(id)))
+        })
+        .await
+        .map_err(|e| StartError::Internal(e.to_string()))??;
+        Metrics::outcome(&self.metrics.operations, done.state.as_str());
+        Ok(done)
+    }
+
+    /// A watch on a running operation; `None` once it has finished.
+    pub fn watch(&self, id: &str) -> Option<watch::Receiver<Snapshot>> {
+        self.lock().get(id).map(|r| r.snapshot.subscribe())
+    }
+
+    /// Asks a running operation to stop at its next step; `false` when it
+    /// is not running.
+    pub fn cancel(&self, id: &str) -> bool {
+        match self.lock().get(id) {
+            Some(r) => {
+                r.cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn running_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Stops taking operations, waits up to `grace` for the running ones,
+    /// then cancels them and waits for their rollback.
+    pub async fn shut_down(&self, grace: Duration) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        if self.wait_idle(grace).await {
+            return;
+        }
+        let ids: Vec<String> = self.lock().keys().cloned().collect();
+        tracing::warn!(operations = ids.len(), "cancelling operations still running at shutdown");
+        for id in &ids {
+            self.cancel(id);
+        }
+        // A plugin stops at its next host call or at its deadline.
+        self.wait_idle(Duration::from_secs(600)).await;
+    }
+
+    async fn wait_idle(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.idle.notified();
+            if self.running_count() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.running_count() == 0;
+            }
+        }
+    }
+}
+
+async fn cancelled(cancel: &Cancel) {
+    while !cancel.is_cancelled() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Removes everything recorded against operation `id`, newest first: its
+/// VMs (with their reservations, seeds and configuration), then its
+/// partitions. Returns how many of each were removed.
+pub fn roll_back(store: &Store, id: &str) -> (usize, usize) {
+    let mut vms = 0;
+    let mut partitions = 0;
+    match store.vms_of_operation(id) {
+        Ok(names) => {
+            for name in names {
+                match provd_vm::node::delete(store, &name) {
+                    Ok(_) => vms += 1,
+                    Err(e) => tracing::error!(operation = %id, vm = %name, error = %e, "rollback: cannot remove VM"),
+                }
+            }
+        }
+        Err(e) => tracing::error!(operation = %id, error = %e, "rollback: cannot list VMs"),
+    }
+    match store.partitions_of_operation(id) {
+        Ok(mut recs) => {
+            recs.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+            for rec in recs {
+                match store.remove_partition(&rec.id) {
+                    Ok(_) => partitions += 1,
+                    Err(e) => tracing::error!(operation = %id, partition = %rec.id, error = %e, "rollback: cannot remove partition"),
+                }
+            }
+        }
+        Err(e) => tracing::error!(operation = %id, error = %e, "rollback: cannot list partitions"),
+    }
+    (vms, partitions)
+}
+
+#[derive(Default)]
+struct AuditBuffer {
+    rows: Vec<NewAudit>,
+    written: usize,
+    folded: HashMap<(&'static str, &'static str, &'static str), u64>,
+}
+
+/// Turns what a running plugin reports into the operation's progress, the
+/// audit trail and the metrics.
+struct OpObserver {
+    operation: String,
+    plugin: String,
+    version: String,
+    actor: String,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    running: Arc<Running>,
+    audit: Mutex<AuditBuffer>,
+}
+
+impl OpObserver {
+    fn buffer(&self) -> std::sync::MutexGuard<'_, AuditBuffer> {
+        self.audit.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn row(&self, interface: &str, function: &str) -> NewAudit {
+        NewAudit {
+            actor: self.actor.clone(),
+            kind: "host-call".into(),
+            plugin: Some(self.plugin.clone()),
+            version: Some(self.version.clone()),
+            operation: Some(self.operation.clone()),
+            interface: Some(interface.into()),
+            function: Some(function.into()),
+            count: 1,
+            ..NewAudit::default()
+        }
+    }
+
+    /// Takes the buffered rows (and, at the end, the folded counts).
+    fn drain(&self, all: bool) -> Vec<NewAudit> {
+        let mut b = self.buffer();
+        let mut rows = std::mem::take(&mut b.rows);
+        b.written += rows.len();
+        if all {
+            let mut folded: Vec<_> = b.folded.drain().collect();
+            folded.sort();
+            for ((interface, function, outcome), count) in folded {
+                let mut row = self.row(interface, function);
+                row.outcome = outcome.into();
+                row.count = count;
+                row.detail = Some(format!("{count} call(s) folded into this entry"));
+                rows.push(row);
+            }
+        }
+        rows
+    }
+
+    fn write_soon(&self, rows: Vec<NewAudit>) {
+        if rows.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.append_audit(&rows) {
+                tracing::error!(error = %e, "writing the audit trail failed");
+            }
+        });
+    }
+
+    async fn flush(&self) {
+        let rows = self.drain(true);
+        let store = self.store.clone();
+        let done = tokio::task::spawn_blocking(move || store.append_audit(&rows)).await;
+        if !matches!(done, Ok(Ok(()))) {
+            tracing::error!(?done, "writing the audit trail failed");
+        }
+    }
+}
+
+impl Observer for OpObserver {
+    fn log(&self, r: &provd_engine::LogRecord) {
+        let fields =
+            r.fields.iter().map(|(k, v)| format!("{k}={v:?}")).collect::<Vec<_>>().join(" ");
+        tracing::info!(
+            operation = %self.operation,
+            plugin = %r.plugin,
+            level = r.level.as_str(),
+            "{} {fields}",
+            r.message
+        );
+    }
+
+    fn progress(&self, e: &provd_engine::ProgressEvent) {
+        let mut changed_phase = false;
+        self.running.snapshot.send_modify(|s| {
+            changed_phase = s.phase.as_deref() != Some(e.phase.as_str());
+            s.seq += 1;
+            s.phase = Some(e.phase.clone());
+            s.done = e.done;
+            s.total = e.total;
+        });
+        if changed_phase {
+            let store = self.store.clone();
+            let (id, phase, done, total) = (self.operation.clone(), e.phase.clone(), e.done, e.total);
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.operation_progress(&id, &phase, done, total) {
+                    tracing::warn!(error = %e, "recording progress failed");
+                }
+            });
+            self.write_soon(self.drain(false));
+        }
+    }
+
+    fn host_call(&self, call: &HostCall) {
+        self.metrics
+            .host_calls
+            .get_or_create(&HostCallLabels {
+                interface: call.interface.into(),
+                outcome: call.outcome.as_str().into(),
+            })
+            .inc();
+        if call.outcome == CallOutcome::Ok {
+            match (call.interface, call.function) {
+                ("images", "fetch") => {
+                    self.metrics.bytes_fetched.inc_by(call.bytes);
+                }
+                ("dedup", "plan") => {
+                    self.metrics.bytes_deduplicated.inc_by(call.bytes);
+                }
+                _ => {}
+            }
+        }
+        let decision = DECISIONS.contains(&(call.interface, call.function))
+            || call.outcome != CallOutcome::Ok;
+        let rows = {
+            let mut b = self.buffer();
+            if decision && b.written + b.rows.len() < MAX_AUDIT_ROWS {
+                let mut row = self.row(call.interface, call.function);
+                row.args = Some(call.args.clone());
+                row.outcome = call.outcome.as_str().into();
+                row.detail = call.outcome.detail().map(str::to_string);
+                b.rows.push(row);
+            } else {
+                *b.folded.entry((call.interface, call.function, call.outcome.as_str())).or_default() +=
+                    1;
+            }
+            if b.rows.len() >= AUDIT_FLUSH_ROWS {
+                b.written += b.rows.len();
+                std::mem::take(&mut b.rows)
+            } else {
+                Vec::new()
+            }
+        };
+        self.write_soon(rows);
+    }
+
+    fn instantiated(&self, elapsed: Duration) {
+        self.metrics
+            .instantiation_seconds
+            .get_or_create(&PluginLabel { plugin: self.plugin.clone() })
+            .observe(elapsed.as_secs_f64());
+    }
+}
