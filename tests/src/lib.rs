@@ -5,7 +5,9 @@
 
 use std::path::Path;
 
+pub mod daemon;
 pub mod oci;
+pub mod pki;
 
 /// A built guest plugin.
 #[derive(Debug, Clone, Copy)]

@@ -78,7 +78,8 @@ pub fn tls_config(files: &TlsFiles) -> Result<rustls::ClientConfig, ClientError>
         .with_root_certificates(roots);
     match (&files.cert, &files.key) {
         (Some(cert), Some(key)) => {
-            let key_der = PrivateKeyDer::from_pem_slice(&pem(key)?).map_err(|e| file_error(key, e))?;
+            let key_der =
+                PrivateKeyDer::from_pem_slice(&pem(key)?).map_err(|e| file_error(key, e))?;
             builder.with_client_auth_cert(certs(cert)?, key_der).map_err(|e| file_error(cert, e))
         }
         (None, None) => Ok(builder.with_no_client_auth()),
@@ -123,22 +124,27 @@ impl Client {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder, url: &str) -> Result<Answer, ClientError> {
-        let resp = req.send().await.map_err(|e| ClientError::Connect {
-            url: url.into(),
-            message: error_chain(&e),
-        })?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| ClientError::Connect { url: url.into(), message: error_chain(&e) })?;
         let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|e| ClientError::Connect {
-            url: url.into(),
-            message: error_chain(&e),
-        })?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Connect { url: url.into(), message: error_chain(&e) })?;
         let body: Value = serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
             url: url.into(),
             message: format!("status {status}, body is not JSON: {e}"),
         })?;
         if status >= 400 {
-            let code = body["error"]["code"].as_str().unwrap_or("unknown").to_string();
-            let message = body["error"]["message"].as_str().unwrap_or("").to_string();
+            let code = body
+                .pointer("/error/code")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown")
+                .to_string();
+            let message =
+                body.pointer("/error/message").and_then(Value::as_str).unwrap_or("").to_string();
             return Err(ClientError::Api { status, code, message });
         }
         Ok(Answer { status, body })
@@ -168,11 +174,8 @@ impl Client {
 
     pub async fn post_bytes(&self, path: &str, bytes: Vec<u8>) -> Result<Answer, ClientError> {
         let url = self.url(path);
-        let req = self
-            .http
-            .post(&url)
-            .header("content-type", "application/octet-stream")
-            .body(bytes);
+        let req =
+            self.http.post(&url).header("content-type", "application/octet-stream").body(bytes);
         self.send(req, &url).await
     }
 
@@ -201,7 +204,7 @@ impl Client {
             Some((secs, since)) => format!("/v1/operations/{id}?wait={secs}&since={since}"),
             None => format!("/v1/operations/{id}"),
         };
-        Ok(self.get(&path).await?.body["operation"].clone())
+        Ok(self.get(&path).await?.body.get("operation").cloned().unwrap_or_default())
     }
 
     /// Follows operation `id` by long polls until it finishes, calling
@@ -215,10 +218,10 @@ impl Client {
         loop {
             let op = self.operation(id, Some((30, since))).await?;
             progress(&op);
-            if op["state"] != "running" {
+            if op.get("state").and_then(Value::as_str) != Some("running") {
                 return Ok(op);
             }
-            since = op["seq"].as_u64().unwrap_or(u64::MAX);
+            since = op.get("seq").and_then(Value::as_u64).unwrap_or(u64::MAX);
         }
     }
 }

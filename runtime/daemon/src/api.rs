@@ -202,8 +202,19 @@ async fn audit_one(store: &Arc<Store>, row: NewAudit) {
 async fn upload_bundle(
     State(s): State<AppState>,
     axum::Extension(peer): axum::Extension<Peer>,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                format!("a bundle may be at most {} bytes", s.limits.max_bundle_bytes),
+            )
+        } else {
+            ApiError::bad("invalid-body", e.body_text())
+        }
+    })?;
     let digest = format!("blake3:{}", blake3::hash(&body).to_hex());
     let result = s.node.accept_bundle(&body, now()).await;
     let mut row = NewAudit {
@@ -304,7 +315,8 @@ async fn rollback(
 ) -> ApiResult {
     let store = s.store.clone();
     let n = name.clone();
-    let previous = blocking(move || store.previous_version(&n)).await?.map_err(ApiError::internal)?;
+    let previous =
+        blocking(move || store.previous_version(&n)).await?.map_err(ApiError::internal)?;
     let Some(previous) = previous else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -342,16 +354,26 @@ fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::bad("invalid-request", format!("{what} {name:?}: use 1 to 64 of a-z 0-9 - _ .")))
+        Err(ApiError::bad(
+            "invalid-request",
+            format!("{what} {name:?}: use 1 to 64 of a-z 0-9 - _ ."),
+        ))
     }
 }
 
-fn start_request(body: OperationBody, header_key: Option<String>, actor: String) -> Result<StartRequest, ApiError> {
+fn start_request(
+    body: OperationBody,
+    header_key: Option<String>,
+    actor: String,
+) -> Result<StartRequest, ApiError> {
     check_name("plugin", &body.plugin)?;
     if let Some(v) = &body.version
         && semver::Version::parse(v).is_err()
     {
-        return Err(ApiError::bad("invalid-request", format!("version {v:?} is not a semantic version")));
+        return Err(ApiError::bad(
+            "invalid-request",
+            format!("version {v:?} is not a semantic version"),
+        ));
     }
     let key = match (header_key, body.idempotency_key) {
         (Some(h), Some(b)) if h != b => {
@@ -371,7 +393,10 @@ fn start_request(body: OperationBody, header_key: Option<String>, actor: String)
         ));
     }
     if body.vms.len() > MAX_VMS {
-        return Err(ApiError::bad("invalid-request", format!("vms: at most {MAX_VMS} per operation")));
+        return Err(ApiError::bad(
+            "invalid-request",
+            format!("vms: at most {MAX_VMS} per operation"),
+        ));
     }
     let mut names = Vec::new();
     for (i, spec) in body.vms.iter().enumerate() {
@@ -412,24 +437,32 @@ fn start_request(body: OperationBody, header_key: Option<String>, actor: String)
     })
 }
 
-fn operation_json(rec: &provd_store::OperationRecord, live: Option<&crate::ops::Snapshot>) -> Value {
-    let mut v = serde_json::to_value(rec).unwrap_or(Value::Null);
+fn operation_json(
+    rec: &provd_store::OperationRecord,
+    live: Option<&crate::ops::Snapshot>,
+) -> Value {
+    let mut v = match serde_json::to_value(rec) {
+        Ok(Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    v.remove("error-code");
     if let Some(report) = &rec.report {
-        v["report"] = serde_json::from_str(report).unwrap_or(Value::String(report.clone()));
+        let report = serde_json::from_str(report).unwrap_or(Value::String(report.clone()));
+        v.insert("report".into(), report);
     }
-    if let Some(code) = &rec.error_code {
-        v["error"] = json!({"code": code, "message": rec.error});
-    }
-    if let Some(obj) = v.as_object_mut() {
-        obj.remove("error_code");
-    }
+    let error = rec.error_code.as_ref().map(|code| json!({"code": code, "message": rec.error}));
+    v.insert("error".into(), error.unwrap_or(Value::Null));
     if let Some(s) = live {
-        v["phase"] = json!(s.phase);
-        v["done"] = json!(s.done);
-        v["total"] = json!(s.total);
-        v["seq"] = json!(s.seq);
+        v.insert("phase".into(), json!(s.phase));
+        v.insert("done".into(), json!(s.done));
+        v.insert("total".into(), json!(s.total));
+        v.insert("seq".into(), json!(s.seq));
     }
-    v
+    Value::Object(v)
+}
+
+fn resources_json(r: &provd_store::Resources) -> Value {
+    json!({"vcpus": r.vcpus, "memory-mib": r.memory_mib, "disk-bytes": r.disk_bytes})
 }
 
 async fn start_operation(
@@ -449,7 +482,9 @@ async fn start_operation(
     };
     let req = start_request(body, header_key, peer.0.clone())?;
     match s.ops.start(req).await {
-        Ok((rec, true)) => ok(StatusCode::ACCEPTED, json!({"operation": operation_json(&rec, None)})),
+        Ok((rec, true)) => {
+            ok(StatusCode::ACCEPTED, json!({"operation": operation_json(&rec, None)}))
+        }
         Ok((rec, false)) => ok(StatusCode::OK, json!({"operation": operation_json(&rec, None)})),
         Err(StartError::NoPlugin(p)) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -461,11 +496,13 @@ async fn start_operation(
             "shutting-down",
             "the node is shutting down; retry with the same idempotency key",
         )),
-        Err(StartError::Refused(OperationError::KeyReused { key, operation })) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "idempotency-conflict",
-            format!("idempotency key {key:?} was used by {operation} for a different request"),
-        )),
+        Err(StartError::Refused(OperationError::KeyReused { key, operation })) => {
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency-conflict",
+                format!("idempotency key {key:?} was used by {operation} for a different request"),
+            ))
+        }
         Err(StartError::Refused(OperationError::VmBusy { vm, operation })) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "vm-busy",
@@ -482,7 +519,10 @@ struct ListQuery {
     limit: Option<u32>,
 }
 
-async fn list_operations(State(s): State<AppState>, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> ApiResult {
+async fn list_operations(
+    State(s): State<AppState>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
     let Query(q) = q.map_err(|e| ApiError::bad("invalid-request", e.body_text()))?;
     let state = match q.state.as_deref() {
         None => None,
@@ -499,7 +539,8 @@ async fn list_operations(State(s): State<AppState>, q: Result<Query<ListQuery>, 
     };
     let limit = q.limit.unwrap_or(100).min(1000);
     let store = s.store.clone();
-    let ops = blocking(move || store.operations(state, limit)).await?.map_err(ApiError::internal)?;
+    let ops =
+        blocking(move || store.operations(state, limit)).await?.map_err(ApiError::internal)?;
     let list: Vec<Value> = ops.iter().map(|o| operation_json(o, None)).collect();
     ok(StatusCode::OK, json!({"operations": list}))
 }
@@ -554,7 +595,10 @@ async fn get_operation(
     ok(StatusCode::OK, json!({"operation": operation_json(&rec, None)}))
 }
 
-async fn operation_events(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn operation_events(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let rec = load_operation(&s, &id).await?;
     let rx = s.ops.watch(&id);
     let state = s.clone();
@@ -575,7 +619,9 @@ fn async_stream(
         Some(rx) => tokio_stream::wrappers::WatchStream::new(rx)
             .take_while(|snap| futures::future::ready(!snap.state.finished()))
             .map(|snap| {
-                Ok(Event::default().event("progress").data(serde_json::to_string(&snap).unwrap_or_default()))
+                Ok(Event::default()
+                    .event("progress")
+                    .data(serde_json::to_string(&snap).unwrap_or_default()))
             })
             .boxed(),
         None => futures::stream::empty().boxed(),
@@ -586,7 +632,9 @@ fn async_stream(
             Ok(r) => r,
             Err(_) => rec,
         };
-        Ok(Event::default().event("done").data(json!({"operation": operation_json(&rec, None)}).to_string()))
+        Ok(Event::default()
+            .event("done")
+            .data(json!({"operation": operation_json(&rec, None)}).to_string()))
     });
     progress.chain(done)
 }
@@ -619,37 +667,45 @@ async fn cancel_operation(
         },
     )
     .await;
-    ok(StatusCode::ACCEPTED, json!({"operation": operation_json(&rec, None), "cancel": "requested"}))
+    ok(
+        StatusCode::ACCEPTED,
+        json!({"operation": operation_json(&rec, None), "cancel": "requested"}),
+    )
 }
 
 fn vm_json(v: &provd_store::VmRecord) -> Value {
-    json!({"name": v.name, "operation": v.operation, "macs": v.macs, "reserved": v.reserved,
+    json!({"name": v.name, "operation": v.operation, "macs": v.macs, "reserved": resources_json(&v.reserved),
            "created-at": v.created_at,
            "spec": serde_json::from_str::<Value>(&v.spec).unwrap_or(Value::String(v.spec.clone()))})
 }
 
 async fn list_vms(State(s): State<AppState>) -> ApiResult {
     let store = s.store.clone();
-    let (vms, reserved) = blocking(move || Ok::<_, provd_store::StoreError>((store.vms()?, store.reserved()?)))
-        .await?
-        .map_err(ApiError::internal)?;
+    let (vms, reserved) =
+        blocking(move || Ok::<_, provd_store::StoreError>((store.vms()?, store.reserved()?)))
+            .await?
+            .map_err(ApiError::internal)?;
     let list: Vec<Value> = vms.iter().map(vm_json).collect();
-    ok(StatusCode::OK, json!({"vms": list, "reserved": reserved}))
+    ok(StatusCode::OK, json!({"vms": list, "reserved": resources_json(&reserved)}))
 }
 
 async fn get_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult {
     let store = s.store.clone();
     let n = name.clone();
-    let (vm, parts) = blocking(move || Ok::<_, provd_store::StoreError>((store.vm(&n)?, store.partitions_of_vm(&n)?)))
-        .await?
-        .map_err(ApiError::internal)?;
+    let (vm, parts) = blocking(move || {
+        Ok::<_, provd_store::StoreError>((store.vm(&n)?, store.partitions_of_vm(&n)?))
+    })
+    .await?
+    .map_err(ApiError::internal)?;
     let vm = vm.ok_or_else(|| ApiError::not_found(format!("no VM {name}")))?;
     let parts: Vec<Value> = parts
         .iter()
         .map(|p| json!({"id": p.id, "role": p.role, "format": p.format, "bytes": p.bytes}))
         .collect();
     let mut v = vm_json(&vm);
-    v["partitions"] = Value::Array(parts);
+    if let Some(m) = v.as_object_mut() {
+        m.insert("partitions".into(), Value::Array(parts));
+    }
     ok(StatusCode::OK, json!({"vm": v}))
 }
 

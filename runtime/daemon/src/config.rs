@@ -52,7 +52,7 @@ pub struct TlsConfig {
 
 /// Bounds on what a remote party can make the daemon hold or wait for.
 #[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct HttpLimits {
     /// Largest bundle upload.
     pub max_bundle_bytes: u64,
@@ -110,19 +110,31 @@ pub struct PolicyConfig {
     pub hypervisors: Option<Vec<String>>,
 }
 
-/// What the node can give VMs. Zero (the default) means nothing fits.
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+/// What the node can give VMs. Zero (the default) means nothing fits;
+/// over-commit is a percentage of the total, 100 (none) by default.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct CapacityConfig {
     pub vcpus: u64,
     pub memory_mib: u64,
     pub disk_bytes: u64,
-    #[serde(default)]
     pub cpu_overcommit_percent: u32,
-    #[serde(default)]
     pub memory_overcommit_percent: u32,
-    #[serde(default)]
     pub disk_overcommit_percent: u32,
+}
+
+impl Default for CapacityConfig {
+    fn default() -> Self {
+        let d = NodeCapacity::default();
+        CapacityConfig {
+            vcpus: d.vcpus,
+            memory_mib: d.memory_mib,
+            disk_bytes: d.disk_bytes,
+            cpu_overcommit_percent: d.cpu_overcommit_percent,
+            memory_overcommit_percent: d.memory_overcommit_percent,
+            disk_overcommit_percent: d.disk_overcommit_percent,
+        }
+    }
 }
 
 /// Why the configuration could not be used.

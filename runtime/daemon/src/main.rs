@@ -38,7 +38,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CheckConfig { config } => provd_daemon::Config::load(&config)
-            .map(|c| println!("{}: ok (listen {}, data {})", config.display(), c.listen, c.data_dir.display()))
+            .map(|c| {
+                println!(
+                    "{}: ok (listen {}, data {})",
+                    config.display(),
+                    c.listen,
+                    c.data_dir.display()
+                )
+            })
             .map_err(anyhow::Error::from),
         Command::Serve { config } => serve(config),
     };

@@ -20,7 +20,9 @@ use std::time::Duration;
 use futures::FutureExt as _;
 use provd_engine::{CallOutcome, Cancel, HostCall, InvokeError, Observer, PluginError, Request};
 use provd_node::Node;
-use provd_store::{NewAudit, NewOperation, OpState, OperationError, OperationRecord, Started, Store};
+use provd_store::{
+    NewAudit, NewOperation, OpState, OperationError, OperationRecord, Started, Store,
+};
 use serde::Serialize;
 use tokio::sync::{Semaphore, watch};
 
@@ -171,7 +173,12 @@ impl Operations {
                 "provd stopped while the operation ran; on restart it was rolled back \
                  ({vms} VM(s), {partitions} partition(s) removed)"
             );
-            store.finish_operation(&op.id, OpState::Failed, None, Some(("interrupted", &message)))?;
+            store.finish_operation(
+                &op.id,
+                OpState::Failed,
+                None,
+                Some(("interrupted", &message)),
+            )?;
             store.append_audit(&[NewAudit {
                 actor: "provd".into(),
                 kind: "operation".into(),
@@ -249,7 +256,11 @@ impl Operations {
                     let store = this.store.clone();
                     let op = id.clone();
                     let _ = tokio::task::spawn_blocking(move || roll_back(&store, &op)).await;
-                    (OpState::Failed, None, Some(("internal", "the operation panicked".to_string())))
+                    (
+                        OpState::Failed,
+                        None,
+                        Some(("internal", "the operation panicked".to_string())),
+                    )
                 }
             };
             this.finish(&id, state, report, error, &running).await;
@@ -270,7 +281,11 @@ impl Operations {
             _ = cancelled(&running.cancel) => None,
         };
         let Some(_permit) = permit else {
-            return (OpState::Cancelled, None, Some(("cancelled", "cancelled while queued".into())));
+            return (
+                OpState::Cancelled,
+                None,
+                Some(("cancelled", "cancelled while queued".into())),
+            );
         };
         running.snapshot.send_modify(|s| {
             s.seq += 1;
@@ -488,17 +503,21 @@ async fn cancelled(cancel: &Cancel) {
 }
 
 /// Removes everything recorded against operation `id`, newest first: its
-/// VMs (with their reservations, seeds and configuration), then its
-/// partitions. Returns how many of each were removed.
+/// VMs (with their reservations, seeds and configuration, and the
+/// partitions only they used), then its remaining partitions. Returns how
+/// many VMs and partitions of the operation are gone.
 pub fn roll_back(store: &Store, id: &str) -> (usize, usize) {
+    let count_partitions = || store.partitions_of_operation(id).map(|p| p.len()).unwrap_or(0);
+    let before = count_partitions();
     let mut vms = 0;
-    let mut partitions = 0;
     match store.vms_of_operation(id) {
         Ok(names) => {
             for name in names {
                 match provd_vm::node::delete(store, &name) {
                     Ok(_) => vms += 1,
-                    Err(e) => tracing::error!(operation = %id, vm = %name, error = %e, "rollback: cannot remove VM"),
+                    Err(e) => {
+                        tracing::error!(operation = %id, vm = %name, error = %e, "rollback: cannot remove VM")
+                    }
                 }
             }
         }
@@ -506,17 +525,16 @@ pub fn roll_back(store: &Store, id: &str) -> (usize, usize) {
     }
     match store.partitions_of_operation(id) {
         Ok(mut recs) => {
-            recs.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+            recs.sort_by_key(|r| std::cmp::Reverse(r.created_at));
             for rec in recs {
-                match store.remove_partition(&rec.id) {
-                    Ok(_) => partitions += 1,
-                    Err(e) => tracing::error!(operation = %id, partition = %rec.id, error = %e, "rollback: cannot remove partition"),
+                if let Err(e) = store.remove_partition(&rec.id) {
+                    tracing::error!(operation = %id, partition = %rec.id, error = %e, "rollback: cannot remove partition");
                 }
             }
         }
         Err(e) => tracing::error!(operation = %id, error = %e, "rollback: cannot list partitions"),
     }
-    (vms, partitions)
+    (vms, before.saturating_sub(count_partitions()))
 }
 
 #[derive(Default)]
@@ -623,7 +641,8 @@ impl Observer for OpObserver {
         });
         if changed_phase {
             let store = self.store.clone();
-            let (id, phase, done, total) = (self.operation.clone(), e.phase.clone(), e.done, e.total);
+            let (id, phase, done, total) =
+                (self.operation.clone(), e.phase.clone(), e.done, e.total);
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = store.operation_progress(&id, &phase, done, total) {
                     tracing::warn!(error = %e, "recording progress failed");
@@ -652,8 +671,8 @@ impl Observer for OpObserver {
                 _ => {}
             }
         }
-        let decision = DECISIONS.contains(&(call.interface, call.function))
-            || call.outcome != CallOutcome::Ok;
+        let decision =
+            DECISIONS.contains(&(call.interface, call.function)) || call.outcome != CallOutcome::Ok;
         let rows = {
             let mut b = self.buffer();
             if decision && b.written + b.rows.len() < MAX_AUDIT_ROWS {
@@ -663,8 +682,9 @@ impl Observer for OpObserver {
                 row.detail = call.outcome.detail().map(str::to_string);
                 b.rows.push(row);
             } else {
-                *b.folded.entry((call.interface, call.function, call.outcome.as_str())).or_default() +=
-                    1;
+                *b.folded
+                    .entry((call.interface, call.function, call.outcome.as_str()))
+                    .or_default() += 1;
             }
             if b.rows.len() >= AUDIT_FLUSH_ROWS {
                 b.written += b.rows.len();

@@ -80,13 +80,8 @@ pub async fn serve(
         metrics.clone(),
         config.limits.max_running_operations,
     );
-    let state = AppState {
-        node,
-        store,
-        ops: ops.clone(),
-        metrics: metrics.clone(),
-        limits: config.limits,
-    };
+    let state =
+        AppState { node, store, ops: ops.clone(), metrics: metrics.clone(), limits: config.limits };
     let timeout = config.limits.request_timeout();
     let router = crate::api::router(state).layer(axum::middleware::from_fn(
         move |req: Request, next: Next| {
@@ -182,14 +177,23 @@ fn connection<I>(
     router: axum::Router,
     peer: Peer,
     header_timeout: Duration,
-) -> hyper::server::conn::http1::Connection<I, impl hyper::service::Service<hyper::Request<hyper::body::Incoming>, Response = Response, Error = std::convert::Infallible, Future = impl Send> + Send>
+) -> hyper::server::conn::http1::Connection<
+    I,
+    impl hyper::service::Service<
+        hyper::Request<hyper::body::Incoming>,
+        Response = Response,
+        Error = std::convert::Infallible,
+        Future = impl Send,
+    > + Send,
+>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(peer.clone());
-        router.clone().oneshot(req.map(axum::body::Body::new))
-    });
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(peer.clone());
+            router.clone().oneshot(req.map(axum::body::Body::new))
+        });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
     builder.serve_connection(io, service)

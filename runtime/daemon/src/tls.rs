@@ -21,7 +21,8 @@ pub enum TlsError {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read { path: path.display().to_string(), source })
+    std::fs::read(path)
+        .map_err(|source| TlsError::Read { path: path.display().to_string(), source })
 }
 
 /// Every certificate in a PEM file; an empty file is an error.

@@ -131,9 +131,9 @@ impl Node {
         version: Option<&str>,
     ) -> Result<Option<(String, Plugin)>, BundleRefused> {
         let bundles = self.store.bundles().map_err(AcceptError::from)?;
-        let wanted = bundles.into_iter().find(|b| {
-            b.name == name && version.map_or(b.active, |v| b.version == v)
-        });
+        let wanted = bundles
+            .into_iter()
+            .find(|b| b.name == name && version.map_or(b.active, |v| b.version == v));
         let Some(active) = wanted else {
             return Ok(None);
         };

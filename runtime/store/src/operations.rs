@@ -67,6 +67,7 @@ pub struct NewOperation {
 
 /// A recorded operation.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct OperationRecord {
     pub id: String,
     pub idempotency_key: Option<String>,
@@ -103,9 +104,7 @@ pub enum Started {
 #[derive(Debug, thiserror::Error)]
 pub enum OperationError {
     /// the key was used for another request
-    #[error(
-        "idempotency key {key:?} was used by operation {operation} for a different request"
-    )]
+    #[error("idempotency key {key:?} was used by operation {operation} for a different request")]
     KeyReused { key: String, operation: String },
     /// a running operation holds one of the VM names
     #[error("VM {vm:?} is in operation {operation}, which is still running")]
@@ -135,6 +134,7 @@ pub struct NewAudit {
 
 /// A recorded audit entry.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct AuditRecord {
     pub id: i64,
     pub at: i64,
@@ -196,15 +196,13 @@ fn with_vms(
     conn: &rusqlite::Connection,
     mut rec: OperationRecord,
 ) -> rusqlite::Result<OperationRecord> {
-    let mut stmt = conn.prepare_cached("SELECT vm FROM operation_vms WHERE operation = ?1 ORDER BY vm")?;
+    let mut stmt =
+        conn.prepare_cached("SELECT vm FROM operation_vms WHERE operation = ?1 ORDER BY vm")?;
     rec.vms = stmt.query_map([&rec.id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
     Ok(rec)
 }
 
-fn operation(
-    conn: &rusqlite::Connection,
-    id: &str,
-) -> rusqlite::Result<Option<OperationRecord>> {
+fn operation(conn: &rusqlite::Connection, id: &str) -> rusqlite::Result<Option<OperationRecord>> {
     let rec = conn
         .query_row(&format!("SELECT {OP_COLUMNS} FROM operations WHERE id = ?1"), [id], op_row)
         .optional()?;
@@ -280,7 +278,8 @@ impl Store {
         }
         let rec = operation(&tx, &op.id).map_err(err)?;
         tx.commit().map_err(err)?;
-        rec.map(Started::New).ok_or_else(|| OperationError::Store(StoreError::NotFound(op.id.clone())))
+        rec.map(Started::New)
+            .ok_or_else(|| OperationError::Store(StoreError::NotFound(op.id.clone())))
     }
 
     /// Records the latest progress of a running operation.
@@ -319,14 +318,7 @@ impl Store {
                 "UPDATE operations SET state = ?2, report = ?3, error_code = ?4, error = ?5,
                                        finished_at = ?6
                  WHERE id = ?1 AND state = 'running'",
-                params![
-                    id,
-                    state.as_str(),
-                    report,
-                    error.map(|e| e.0),
-                    error.map(|e| e.1),
-                    now()
-                ],
+                params![id, state.as_str(), report, error.map(|e| e.0), error.map(|e| e.1), now()],
             )
             .map_err(err)?;
         tx.execute("UPDATE operation_vms SET active = 0 WHERE operation = ?1", [id])

@@ -99,7 +99,10 @@ fn analysis_summary(a: &provd_dedup::Analysis) -> Summary {
 }
 
 impl HostState {
-    async fn analyse_call(&mut self, vms: Vec<VmImage>) -> wasmtime::Result<Result<Summary, WitError>> {
+    async fn analyse_call(
+        &mut self,
+        vms: Vec<VmImage>,
+    ) -> wasmtime::Result<Result<Summary, WitError>> {
         let entries = match self.vm_entries(&vms) {
             Ok(e) => e,
             Err(e) => return Ok(Err(e)),

@@ -50,7 +50,12 @@ impl wit::Host for HostState {
 }
 
 impl HostState {
-    fn report_call(&mut self, phase: String, done: u64, total: Option<u64>) -> Result<(), WitError> {
+    fn report_call(
+        &mut self,
+        phase: String,
+        done: u64,
+        total: Option<u64>,
+    ) -> Result<(), WitError> {
         if let Err(problem) = check_phase(&phase) {
             return Err(WitError::InvalidInput(problem));
         }

@@ -36,8 +36,10 @@ struct Input {
     #[serde(default = "default_limit")]
     limit: u32,
     /// For `plan`: (vm, image) pairs and the policy.
+    /// `[vm, image]` pairs, or VM specs as the daemon sends them (their
+    /// `name` and `image`; each spec also configures its VM).
     #[serde(default)]
-    vms: Vec<(String, String)>,
+    vms: Vec<VmArg>,
     #[serde(default)]
     min_layer_bytes: u64,
     #[serde(default)]
@@ -56,6 +58,45 @@ struct Input {
     /// request ends at its deadline.
     #[serde(default)]
     then_spin: bool,
+    /// After building, report progress in a loop until cancelled: every
+    /// report is a host call, where a cancel takes effect.
+    #[serde(default)]
+    then_wait: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum VmArg {
+    Pair(String, String),
+    Spec(serde_json::Value),
+}
+
+impl Input {
+    /// `(vm, image)` pairs, and the specs of VMs given as specs.
+    fn normalise(&mut self) -> Result<(), Error> {
+        for arg in &mut self.vms {
+            if let VmArg::Spec(spec) = arg {
+                let name = spec["name"].as_str().unwrap_or_default().to_string();
+                let image = spec["image"].as_str().unwrap_or_default().to_string();
+                if name.is_empty() || image.is_empty() {
+                    return Err(Error::InvalidInput("vms: a spec needs name and image".into()));
+                }
+                self.specs.insert(name.clone(), spec.to_string());
+                *arg = VmArg::Pair(name, image);
+            }
+        }
+        Ok(())
+    }
+
+    fn pairs(&self) -> Vec<(&str, &str)> {
+        self.vms
+            .iter()
+            .filter_map(|v| match v {
+                VmArg::Pair(vm, image) => Some((vm.as_str(), image.as_str())),
+                VmArg::Spec(_) => None,
+            })
+            .collect()
+    }
 }
 
 fn default_limit() -> u32 {
@@ -66,11 +107,10 @@ struct Imager;
 
 /// Fetches every VM's image and plans layers for them.
 fn fetch_and_plan(input: &Input) -> Result<dedup::Summary, Error> {
-    for (_, image) in &input.vms {
+    let pairs = input.pairs();
+    for (_, image) in &pairs {
         images::fetch(image)?;
     }
-    let pairs: Vec<(&str, &str)> =
-        input.vms.iter().map(|(v, i)| (v.as_str(), i.as_str())).collect();
     let policy = dedup::Policy {
         min_layer_bytes: input.min_layer_bytes,
         max_layers_per_vm: input.max_layers,
@@ -81,7 +121,8 @@ fn fetch_and_plan(input: &Input) -> Result<dedup::Summary, Error> {
 
 impl Plugin for Imager {
     fn provision(request: Request) -> Result<Report, Error> {
-        let input: Input = request.input()?;
+        let mut input: Input = request.input()?;
+        input.normalise()?;
         if input.op == "plan" {
             let plan = fetch_and_plan(&input)?;
             let mut layers = Vec::new();
@@ -97,8 +138,7 @@ impl Plugin for Imager {
         }
         if input.op == "partitions" {
             let plan = fetch_and_plan(&input)?;
-            let pairs: Vec<(&str, &str)> =
-                input.vms.iter().map(|(v, i)| (v.as_str(), i.as_str())).collect();
+            let pairs = input.pairs();
             let shared = if plan.layers.is_empty() {
                 None
             } else {
@@ -135,6 +175,16 @@ impl Plugin for Imager {
                     }
                 };
                 built.push(item);
+            }
+            if input.then_wait {
+                let mut i = 0;
+                loop {
+                    provd_sdk::progress::report("waiting", i, None)?;
+                    i += 1;
+                    for _ in 0..100_000 {
+                        std::hint::black_box(i);
+                    }
+                }
             }
             if input.then_spin {
                 let mut x: u64 = 0;

@@ -1,0 +1,502 @@
+// Integration tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+//! The real daemon over HTTPS on 127.0.0.1 with certificates made here:
+//! mutual TLS, bundle verification on upload, operations (idempotency,
+//! VM-name exclusion, cancel, rollback), the audit trail, metrics,
+//! SIGKILL in the middle of an operation, operator rollback, and graceful
+//! shutdown.
+
+use std::path::Path;
+use std::time::Duration;
+
+use provd_client::{Client, ClientError, TlsFiles};
+use provd_tests::daemon::{DEFAULT_EXTRA, TestNode};
+use provd_tests::pki::Pki;
+use provd_tests::{HELLO, IMAGER};
+use serde_json::{Value, json};
+
+const PROVD: &str = env!("CARGO_BIN_EXE_provd");
+
+const HELLO_MANIFEST: &str = "name = \"hello\"\nversion = \"VERSION\"\n[capabilities.log]\n\
+     [capabilities.progress]\n[capabilities.hashing]\n[limits]\nmemory-mib = 16\n";
+
+fn hello(version: &str) -> String {
+    HELLO_MANIFEST.replace("VERSION", version)
+}
+
+fn imager(version: &str, images: &Path) -> String {
+    format!(
+        "name = \"imager\"\nversion = \"{version}\"\n[capabilities.log]\n[capabilities.progress]\n\
+         [capabilities.hashing]\n[capabilities.dedup]\n[capabilities.vm]\n[capabilities.partitions]\n\
+         [capabilities.images]\nsources = [\"dir:{}/*\"]\n[limits]\nmemory-mib = 128\ntimeout-ms = 120000\n",
+        images.display()
+    )
+}
+
+/// A node with images under `<dir>/images` that plugins may fetch.
+fn node(dir: &Path, extra: &str) -> TestNode {
+    let images = dir.join("images");
+    for (name, host) in [("web", "web-1"), ("db", "db-1")] {
+        let root = images.join(name);
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/hostname"), format!("{host}\n")).unwrap();
+        std::fs::write(root.join("etc/os-release"), "ID=test\n").unwrap();
+        std::fs::write(root.join("lib.so"), vec![7u8; 300_000]).unwrap();
+    }
+    let policy = format!(
+        "[policy]\nimage-sources = [\"dir:{}/**\"]\nmax-memory-mib = 256\n{DEFAULT_EXTRA}{extra}",
+        images.display()
+    );
+    TestNode::start(Path::new(PROVD), dir, &policy).unwrap()
+}
+
+fn client(node: &TestNode) -> Client {
+    let (ca, cert, key) = node.tls();
+    Client::new(&node.url, &TlsFiles { ca, cert: Some(cert), key: Some(key) }).unwrap()
+}
+
+fn spec(name: &str, image: &Path) -> Value {
+    json!({"name": name, "hypervisor": "libvirt", "vcpus": 1, "memory-mib": 512,
+           "image": format!("dir:{}", image.display()),
+           "boot": {"firmware": "uefi"},
+           "nics": [{"bridge": "br0", "dhcp4": true}]})
+}
+
+fn partitions_params(wait: bool) -> Value {
+    json!({"op": "partitions", "min_layer_bytes": 0, "max_layers": 8,
+           "shared_format": "erofs", "private_format": "ext4", "then_wait": wait})
+}
+
+async fn wait_until(client: &Client, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let mut op = Value::Null;
+    for _ in 0..600 {
+        op = client.operation(id, Some((1, u64::MAX))).await.unwrap();
+        if pred(&op) {
+            return op;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("operation {id} never reached the expected state; last seen: {op}");
+}
+
+fn code(e: ClientError) -> (u16, String, String) {
+    match e {
+        ClientError::Api { status, code, message } => (status, code, message),
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+/// What the node holds: VMs, partitions on disk, reserved resources.
+async fn node_state(client: &Client, data: &Path) -> (usize, usize, Value) {
+    let vms = client.get("/v1/vms").await.unwrap().body;
+    let partitions = std::fs::read_dir(data.join("partitions")).map(|d| d.count()).unwrap_or(0);
+    (vms["vms"].as_array().unwrap().len(), partitions, vms["reserved"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_managers_with_a_certificate_from_the_trusted_ca_get_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), "");
+    let (ca, cert, key) = node.tls();
+    // No client certificate: the handshake fails, no HTTP status at all.
+    let anonymous =
+        Client::new(&node.url, &TlsFiles { ca: ca.clone(), cert: None, key: None }).unwrap();
+    let e = anonymous.get("/healthz").await.unwrap_err();
+    assert!(matches!(e, ClientError::Connect { .. }), "{e}");
+    // A certificate from another CA.
+    let other = Pki::new(&dir.path().join("other"), "other-ca").unwrap();
+    let stranger = other.client("stranger", "stranger").unwrap();
+    let c = Client::new(
+        &node.url,
+        &TlsFiles { ca: ca.clone(), cert: Some(stranger.cert), key: Some(stranger.key) },
+    )
+    .unwrap();
+    let e = c.get("/healthz").await.unwrap_err();
+    assert!(matches!(e, ClientError::Connect { .. }), "{e}");
+    // The manager's certificate.
+    let c = Client::new(&node.url, &TlsFiles { ca, cert: Some(cert), key: Some(key) }).unwrap();
+    let health = c.get("/healthz").await.unwrap().body;
+    assert_eq!(health["status"], "ok");
+    let e = code(c.get("/v2/anything").await.unwrap_err());
+    assert_eq!((e.0, e.1.as_str()), (404, "not-found"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bundles_are_verified_on_upload_and_every_refusal_is_named_and_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), "[limits]\nmax-bundle-bytes = 4194304\n");
+    let c = client(&node);
+    let wasm = HELLO.wasm();
+
+    let v2 = node.bundle(&hello("2.0.0"), &wasm);
+    let a = c.deploy(v2.clone()).await.unwrap();
+    assert_eq!(a.status, 201);
+    assert_eq!(a.body["bundle"]["version"], "2.0.0");
+    // The identical bundle again: accepted, nothing new.
+    assert_eq!(c.deploy(v2.clone()).await.unwrap().status, 200);
+
+    // An older version: a replay or a downgrade.
+    let e = code(c.deploy(node.bundle(&hello("1.0.0"), &wasm)).await.unwrap_err());
+    assert_eq!((e.0, e.1.as_str()), (409, "version-downgrade"), "{}", e.2);
+    // Signed by a key the node does not trust.
+    let stranger = provd_bundle::SigningKey::generate().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let unsigned = provd_bundle::build(&hello("3.0.0"), &wasm, now - 60, now + 3600).unwrap();
+    let forged = provd_bundle::sign(&unsigned, &stranger).unwrap();
+    let e = code(c.deploy(forged).await.unwrap_err());
+    assert_eq!((e.0, e.1.as_str()), (403, "untrusted-signer"), "{}", e.2);
+    // A component changed after signing.
+    let mut tampered = node.bundle(&hello("3.0.1"), &wasm);
+    // The component is the bulk of the file: its middle is component bytes.
+    let middle = tampered.len() / 2;
+    tampered[middle] ^= 0xff;
+    let e = code(c.deploy(tampered).await.unwrap_err());
+    assert_eq!(e.0, 403, "{e:?}");
+    assert!(["tampered", "bad-signature"].contains(&e.1.as_str()), "{e:?}");
+    // More memory than the node's policy allows: the exact excess is named.
+    let greedy = hello("3.0.2").replace("memory-mib = 16", "memory-mib = 1024");
+    let e = code(c.deploy(node.bundle(&greedy, &wasm)).await.unwrap_err());
+    assert_eq!((e.0, e.1.as_str()), (403, "over-policy"), "{}", e.2);
+    assert!(e.2.contains("memory"), "{}", e.2);
+    // Larger than the upload limit.
+    let e = code(c.post_bytes("/v1/bundles", vec![0u8; 5 << 20]).await.unwrap_err());
+    assert_eq!((e.0, e.1.as_str()), (413, "too-large"), "{}", e.2);
+    // Garbage.
+    let e = code(c.deploy(b"not a bundle".to_vec()).await.unwrap_err());
+    assert_eq!((e.0, e.1.as_str()), (400, "invalid-bundle"), "{}", e.2);
+
+    // Only 2.0.0 is on the node.
+    let bundles = c.get("/v1/bundles").await.unwrap().body;
+    let versions: Vec<&str> = bundles["bundles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions, ["2.0.0"]);
+    // Every upload is on the record, with who sent it.
+    let audit = c.get("/v1/audit?kind=bundle").await.unwrap().body;
+    let outcomes: Vec<&str> =
+        audit["audit"].as_array().unwrap().iter().map(|a| a["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes[..2], ["accepted", "already-accepted"]);
+    assert_eq!(outcomes.iter().filter(|o| **o == "refused").count(), 5, "{outcomes:?}");
+    assert!(audit["audit"].as_array().unwrap().iter().all(|a| a["actor"] == "manager-1"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_json_and_bad_specs_get_errors_that_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), "");
+    let c = client(&node);
+    c.deploy(node.bundle(&hello("1.0.0"), &HELLO.wasm())).await.unwrap();
+
+    let raw = reqwest_client(&node);
+    let resp = raw
+        .post(format!("{}/v1/operations", node.url))
+        .header("content-type", "application/json")
+        .body("{\"plugin\": \"hello\",")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid-json");
+
+    let e = code(c.provision(&json!({"plugin": "hello", "colour": "red"})).await.unwrap_err());
+    assert_eq!((e.0, e.1.as_str()), (400, "invalid-json"));
+    assert!(e.2.contains("colour"), "{}", e.2);
+    let e = code(c.provision(&json!({"plugin": "nope"})).await.unwrap_err());
+    assert_eq!((e.0, e.1.as_str()), (404, "no-such-plugin"));
+    let bad = json!({"name": "Bad_Name", "hypervisor": "libvirt", "vcpus": 1, "memory-mib": 512, "image": "x"});
+    let e = code(c.provision(&json!({"plugin": "hello", "vms": [bad]})).await.unwrap_err());
+    assert_eq!((e.0, e.1.as_str()), (400, "invalid-vm-spec"));
+    assert!(e.2.starts_with("vms[0]"), "{}", e.2);
+    let e = code(c.provision(&json!({"plugin": "hello", "params": [1, 2]})).await.unwrap_err());
+    assert_eq!((e.0, e.1.as_str()), (400, "invalid-request"));
+    // A body over the JSON limit.
+    let big = json!({"plugin": "hello", "params": {"pad": "x".repeat(2 << 20)}});
+    let e = code(c.provision(&big).await.unwrap_err());
+    assert_eq!((e.0, e.1.as_str()), (413, "too-large"), "{}", e.2);
+}
+
+fn reqwest_client(node: &TestNode) -> reqwest::Client {
+    let (ca, cert, key) = node.tls();
+    let tls = provd_client::tls_config(&TlsFiles { ca, cert: Some(cert), key: Some(key) }).unwrap();
+    reqwest::Client::builder().use_preconfigured_tls(tls).build().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operation_runs_once_per_idempotency_key_and_reports_progress_audit_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), "");
+    let c = client(&node);
+    c.deploy(node.bundle(&hello("1.0.0"), &HELLO.wasm())).await.unwrap();
+    let request = json!({"plugin": "hello", "params": {"name": "n1", "items": ["a", "b", "c"]},
+                         "idempotency-key": "k-1"});
+    let first = c.provision(&request).await.unwrap();
+    assert_eq!(first.status, 202);
+    let id = first.body["operation"]["id"].as_str().unwrap().to_string();
+    let again = c.provision(&request).await.unwrap();
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body["operation"]["id"], id.as_str());
+    let mut other = request.clone();
+    other["params"]["name"] = json!("n2");
+    let e = code(c.provision(&other).await.unwrap_err());
+    assert_eq!((e.0, e.1.as_str()), (409, "idempotency-conflict"));
+
+    let mut seen = Vec::new();
+    let done = c.wait(&id, |op| seen.push(op["state"].clone())).await.unwrap();
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["version"], "1.0.0");
+    assert_eq!(done["report"]["summary"], "hello, n1: hashed 3 items");
+    assert_eq!(done["report"]["output"].as_array().unwrap().len(), 3);
+    assert_eq!(done["actor"], "manager-1");
+
+    // The audit trail: the progress and hashing calls, folded with counts.
+    let audit = c.get(&format!("/v1/audit?operation={id}")).await.unwrap().body;
+    let rows = audit["audit"].as_array().unwrap();
+    let count = |f: &str| -> u64 {
+        rows.iter().filter(|r| r["function"] == f).map(|r| r["count"].as_u64().unwrap()).sum()
+    };
+    assert_eq!(count("blake3"), 3, "{audit}");
+    assert_eq!(count("report"), 4, "{audit}");
+    assert!(rows.iter().all(|r| r["plugin"] == "hello" && r["version"] == "1.0.0"));
+
+    let metrics = c.get_text("/metrics").await.unwrap();
+    assert!(metrics.contains("provd_operations_total{outcome=\"succeeded\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("provd_host_calls_total{interface=\"hashing\",outcome=\"ok\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("provd_plugin_instantiation_seconds_count{plugin=\"hello\"} 1"),
+        "{metrics}"
+    );
+
+    // A plugin error is a typed failure.
+    let bad = c.provision(&json!({"plugin": "hello", "params": {"name": ""}})).await.unwrap();
+    let id = bad.body["operation"]["id"].as_str().unwrap();
+    let done = c.wait(id, |_| {}).await.unwrap();
+    assert_eq!(done["state"], "failed");
+    assert_eq!(done["error"]["code"], "plugin-invalid-input", "{done}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_vm_name_is_in_one_operation_at_a_time_and_cancel_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), "");
+    let c = client(&node);
+    let images = dir.path().join("images");
+    c.deploy(node.bundle(&imager("1.0.0", &images), &IMAGER.wasm())).await.unwrap();
+    let web = spec("web-1", &images.join("web"));
+    let db = spec("db-1", &images.join("db"));
+
+    let slow = json!({"plugin": "imager", "vms": [web, db], "params": partitions_params(true)});
+    let a = c.provision(&slow).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    // Once it waits, it has built its partitions and configured both VMs.
+    wait_until(&c, &a, |op| op["phase"] == "waiting").await;
+    let (vms, partitions, _) = node_state(&c, &node.data).await;
+    assert_eq!((vms, partitions), (2, 3));
+
+    // The same VM name in another operation, while the first runs.
+    let e = code(
+        c.provision(&json!({"plugin": "imager", "vms": [spec("web-1", &images.join("web"))],
+                                      "params": partitions_params(false)}))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.0, e.1.as_str()), (409, "vm-busy"));
+    assert!(e.2.contains(&a), "{}", e.2);
+
+    // Cancel: it stops at its next host call and everything is undone.
+    let cancel = c.post_json(&format!("/v1/operations/{a}/cancel"), &json!({})).await.unwrap();
+    assert_eq!(cancel.status, 202);
+    let done = c.wait(&a, |_| {}).await.unwrap();
+    assert_eq!(done["state"], "cancelled", "{done}");
+    let (vms, partitions, reserved) = node_state(&c, &node.data).await;
+    assert_eq!((vms, partitions), (0, 0));
+    assert_eq!(reserved, json!({"vcpus": 0, "memory-mib": 0, "disk-bytes": 0}));
+    let e = code(c.post_json(&format!("/v1/operations/{a}/cancel"), &json!({})).await.unwrap_err());
+    assert_eq!((e.0, e.1.as_str()), (409, "already-finished"));
+
+    // Now the name is free.
+    let quick = json!({"plugin": "imager", "vms": [spec("web-1", &images.join("web"))],
+                       "params": partitions_params(false)});
+    let b =
+        c.provision(&quick).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    let done = c.wait(&b, |_| {}).await.unwrap();
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let vm = c.get("/v1/vms/web-1").await.unwrap().body;
+    assert_eq!(vm["vm"]["operation"], b.as_str());
+    // Every decision of the operation is on the record.
+    let audit = c.get(&format!("/v1/audit?operation={b}&kind=host-call")).await.unwrap().body;
+    let calls: Vec<String> = audit["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{}.{}:{}",
+                r["interface"].as_str().unwrap(),
+                r["function"].as_str().unwrap(),
+                r["outcome"].as_str().unwrap()
+            )
+        })
+        .collect();
+    for expected in
+        ["images.fetch:ok", "dedup.plan:ok", "partitions.create-private:ok", "vm.configure:ok"]
+    {
+        assert!(calls.iter().any(|c| c == expected), "{expected} missing from {calls:?}");
+    }
+    let fetch =
+        audit["audit"].as_array().unwrap().iter().find(|r| r["function"] == "fetch").unwrap();
+    assert!(fetch["args"].as_str().unwrap().contains("images/web"), "{fetch}");
+
+    // Deleting the VM is an operation too, and gives everything back.
+    let deleted = c.delete("/v1/vms/web-1").await.unwrap().body;
+    assert_eq!(deleted["operation"]["state"], "succeeded");
+    let (vms, partitions, reserved) = node_state(&c, &node.data).await;
+    assert_eq!((vms, partitions), (0, 0));
+    assert_eq!(reserved["vcpus"], 0);
+    let e = code(c.delete("/v1/vms/web-1").await.unwrap_err());
+    assert_eq!((e.0, e.1.as_str()), (404, "not-found"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_in_the_middle_of_an_operation_is_rolled_back_at_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = node(dir.path(), "");
+    let c = client(&node);
+    let images = dir.path().join("images");
+    c.deploy(node.bundle(&imager("1.0.0", &images), &IMAGER.wasm())).await.unwrap();
+    let request = json!({"plugin": "imager",
+                         "vms": [spec("web-1", &images.join("web")), spec("db-1", &images.join("db"))],
+                         "params": partitions_params(true), "idempotency-key": "kill-me"});
+    let id =
+        c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    wait_until(&c, &id, |op| op["phase"] == "waiting").await;
+    assert_eq!(node_state(&c, &node.data).await.0, 2);
+    assert!(node.data.join("vms/web-1").exists());
+
+    node.kill();
+    node.restart().unwrap();
+    let c = client(&node);
+    let op = c.operation(&id, None).await.unwrap();
+    assert_eq!(op["state"], "failed", "{op}");
+    assert_eq!(op["error"]["code"], "interrupted", "{op}");
+    assert!(op["error"]["message"].as_str().unwrap().contains("2 VM(s), 3 partition(s)"), "{op}");
+    let (vms, partitions, reserved) = node_state(&c, &node.data).await;
+    assert_eq!((vms, partitions), (0, 0));
+    assert_eq!(reserved["vcpus"], 0);
+    assert!(!node.data.join("vms/web-1").exists());
+    assert_eq!(std::fs::read_dir(node.data.join("staging")).unwrap().count(), 0);
+    // The names are free again, and the key still names the old operation.
+    let again = c.provision(&request).await.unwrap();
+    assert_eq!((again.status, again.body["operation"]["id"].as_str().unwrap()), (200, id.as_str()));
+    let fresh = json!({"plugin": "imager", "vms": [spec("web-1", &images.join("web"))],
+                       "params": partitions_params(false)});
+    let b =
+        c.provision(&fresh).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    assert_eq!(c.wait(&b, |_| {}).await.unwrap()["state"], "succeeded");
+    let audit = c.get(&format!("/v1/audit?operation={id}&kind=operation")).await.unwrap().body;
+    assert_eq!(audit["audit"][0]["outcome"], "rolled-back", "{audit}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_leaves_running_operations_on_their_version_and_an_operator_can_roll_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = node(dir.path(), "");
+    let c = client(&node);
+    let images = dir.path().join("images");
+    c.deploy(node.bundle(&imager("1.0.0", &images), &IMAGER.wasm())).await.unwrap();
+    let slow = json!({"plugin": "imager", "vms": [spec("web-1", &images.join("web"))],
+                      "params": partitions_params(true)});
+    let a = c.provision(&slow).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    wait_until(&c, &a, |op| op["phase"] == "waiting").await;
+
+    c.deploy(node.bundle(&imager("1.1.0", &images), &IMAGER.wasm())).await.unwrap();
+    let quick = json!({"plugin": "imager", "vms": [spec("db-1", &images.join("db"))],
+                       "params": partitions_params(false)});
+    let b =
+        c.provision(&quick).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    let done = c.wait(&b, |_| {}).await.unwrap();
+    assert_eq!(
+        (done["state"].as_str(), done["version"].as_str()),
+        (Some("succeeded"), Some("1.1.0"))
+    );
+    let running = c.operation(&a, None).await.unwrap();
+    assert_eq!(
+        (running["state"].as_str(), running["version"].as_str()),
+        (Some("running"), Some("1.0.0"))
+    );
+    c.post_json(&format!("/v1/operations/{a}/cancel"), &json!({})).await.unwrap();
+    assert_eq!(c.wait(&a, |_| {}).await.unwrap()["state"], "cancelled");
+
+    // The operator rolls back: new operations get 1.0.0 again.
+    let r = c.post_json("/v1/plugins/imager/rollback", &json!({})).await.unwrap().body;
+    assert_eq!((r["previous"].as_str(), r["active"].as_str()), (Some("1.1.0"), Some("1.0.0")));
+    let e = code(c.post_json("/v1/plugins/imager/rollback", &json!({})).await.unwrap_err());
+    assert_eq!((e.0, e.1.as_str()), (409, "no-previous-version"));
+    c.delete("/v1/vms/db-1").await.unwrap();
+    let d =
+        c.provision(&quick).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    assert_eq!(c.wait(&d, |_| {}).await.unwrap()["version"], "1.0.0");
+    // A bundle cannot do what the operator did: 1.0.0 stays below the
+    // highest accepted, so only the identical 1.1.0 is taken again.
+    let e =
+        code(c.deploy(node.bundle(&imager("1.0.1", &images), &IMAGER.wasm())).await.unwrap_err());
+    assert_eq!(e.1, "version-downgrade");
+    // Forward again, explicitly.
+    c.post_json("/v1/plugins/imager/activate", &json!({"version": "1.1.0"})).await.unwrap();
+    let audit = c.get("/v1/audit?kind=plugin").await.unwrap().body;
+    let changes: Vec<&str> =
+        audit["audit"].as_array().unwrap().iter().map(|r| r["detail"].as_str().unwrap()).collect();
+    assert_eq!(changes, ["active version 1.1.0 -> 1.0.0", "active version 1.0.0 -> 1.1.0"]);
+
+    // SIGTERM: a clean stop, and the state survives it.
+    let status = node.terminate().unwrap();
+    assert!(status.success(), "{status:?}");
+    node.restart().unwrap();
+    let c = client(&node);
+    let bundles = c.get("/v1/bundles").await.unwrap().body;
+    let active: Vec<&str> = bundles["bundles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["active"] == true)
+        .map(|b| b["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(active, ["1.1.0"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_disconnects_mid_upload_leaves_nothing_and_the_node_serves_on() {
+    use tokio::io::AsyncWriteExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), "");
+    let (ca, cert, key) = node.tls();
+    let tls = provd_client::tls_config(&TlsFiles { ca, cert: Some(cert), key: Some(key) }).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let addr = node.url.trim_start_matches("https://").to_string();
+    let bundle = node.bundle(&hello("1.0.0"), &HELLO.wasm());
+    for cut in [10, bundle.len() / 2, bundle.len() - 1] {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut stream = connector.connect(name, tcp).await.unwrap();
+        let head = format!(
+            "POST /v1/bundles HTTP/1.1\r\nhost: node\r\ncontent-type: application/octet-stream\r\n\
+             content-length: {}\r\n\r\n",
+            bundle.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&bundle[..cut]).await.unwrap();
+        stream.flush().await.unwrap();
+        drop(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c = client(&node);
+    assert_eq!(c.get("/v1/bundles").await.unwrap().body["bundles"], json!([]));
+    assert_eq!(c.get("/healthz").await.unwrap().body["status"], "ok");
+    assert_eq!(c.deploy(bundle).await.unwrap().status, 201);
+}

@@ -1,0 +1,140 @@
+//! A real `provd serve` for tests and benchmarks: certificates, a signing
+//! key, a configuration file and the daemon process, on 127.0.0.1.
+
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::pki::{Identity, Pki};
+
+/// Everything a test needs to talk to a node.
+#[derive(Debug)]
+pub struct TestNode {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub data: PathBuf,
+    pub pki: Pki,
+    pub manager: Identity,
+    /// Trusted by the node.
+    pub signer: provd_bundle::SigningKey,
+    binary: PathBuf,
+    child: Option<Child>,
+    pub url: String,
+    /// The daemon's stderr log.
+    pub log: PathBuf,
+}
+
+/// What the configuration says beyond the defaults: TOML appended to it.
+pub const DEFAULT_EXTRA: &str =
+    "[capacity]\nvcpus = 16\nmemory-mib = 32768\ndisk-bytes = 107374182400\n";
+
+impl TestNode {
+    /// Writes certificates, a key and a configuration under `dir`, with
+    /// `extra` TOML appended (sections such as `[policy]`), and starts the
+    /// daemon `binary`.
+    pub fn start(binary: &Path, dir: &Path, extra: &str) -> std::io::Result<TestNode> {
+        let pki = Pki::new(&dir.join("pki"), "managers-ca")?;
+        let server = pki.server("node")?;
+        let manager = pki.client("manager", "manager-1")?;
+        let signer = provd_bundle::SigningKey::generate()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let public = dir.join("signer.pub");
+        signer
+            .public_key()
+            .write_file(&public, "test signer")
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let data = dir.join("data");
+        let config = dir.join("provd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data-dir = {data:?}\nlisten = \"127.0.0.1:0\"\ntrusted-keys = [{public:?}]\n\
+                 admin-socket = {sock:?}\n\
+                 [tls]\ncert = {cert:?}\nkey = {key:?}\nclient-ca = {ca:?}\n{extra}",
+                sock = dir.join("admin.sock"),
+                cert = server.cert,
+                key = server.key,
+                ca = pki.ca_pem,
+            ),
+        )?;
+        let mut node = TestNode {
+            dir: dir.to_path_buf(),
+            config,
+            data,
+            pki,
+            manager,
+            signer,
+            binary: binary.to_path_buf(),
+            child: None,
+            url: String::new(),
+            log: dir.join("provd.log"),
+        };
+        node.restart()?;
+        Ok(node)
+    }
+
+    /// Starts the daemon (again) and waits until it listens.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut child = Command::new(&self.binary)
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("PROVD_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let Some(addr) = line.trim().strip_prefix("provd listening on ") else {
+            let _ = child.kill();
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            return Err(std::io::Error::other(format!("provd did not start: {line:?}\n{log}")));
+        };
+        self.url = addr.to_string();
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the daemon with SIGKILL: no shutdown, no cleanup.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it; its exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        c.wait().ok()
+    }
+
+    /// The client files of the node's manager.
+    pub fn tls(&self) -> (PathBuf, PathBuf, PathBuf) {
+        (self.pki.ca_pem.clone(), self.manager.cert.clone(), self.manager.key.clone())
+    }
+
+    /// A signed bundle of `component` with `manifest`, valid for a day.
+    pub fn bundle(&self, manifest: &str, component: &[u8]) -> Vec<u8> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        provd_bundle::build(manifest, component, now - 60, now + 86_400)
+            .and_then(|b| provd_bundle::sign(&b, &self.signer))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
