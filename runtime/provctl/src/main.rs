@@ -1,14 +1,17 @@
 //! `provctl`: the command line of provd's managers and plugin authors.
 //!
-//! So far it works on the local machine: build a plugin crate into a
-//! component, check it against its manifest and the node policy, run it
-//! through the same engine the node uses, and manage the image store of a
-//! data directory.
+//! Against nodes (`remote`): deploy signed bundles, provision, follow
+//! operations, list VMs, images and bundles, roll a plugin back and read
+//! the audit trail, over mutual TLS and on many nodes at once. On the local
+//! machine: build a plugin crate into a component, check it against its
+//! manifest and the node policy, run it through the same engine the node
+//! uses, sign bundles, and manage the store of a data directory.
 
 mod bundle;
 mod dedup;
 mod image;
 mod partition;
+mod remote;
 mod vm;
 
 use std::io::Read;
@@ -73,6 +76,8 @@ enum Command {
     /// Build, sign, verify and audit signed plugin bundles.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
+    #[command(flatten)]
+    Remote(remote::RemoteCommand),
 }
 
 #[derive(Subcommand)]
@@ -214,6 +219,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         }
         Command::Keygen(args) => bundle::keygen(args),
         Command::Bundle(command) => bundle::run(command),
+        Command::Remote(command) => remote::run(command).await,
         Command::Partition { data_dir, command } => {
             let dir = image::data_dir(data_dir);
             match command {
@@ -415,6 +421,7 @@ fn error_kind(e: &InvokeError) -> &'static str {
         InvokeError::Limit(_) => "limit",
         InvokeError::Trap(_) => "trap",
         InvokeError::Host(_) => "host",
+        InvokeError::Cancelled => "cancelled",
     }
 }
 
