@@ -1,0 +1,201 @@
+//! Load on a real `provd serve` over mutual TLS on 127.0.0.1. Run with:
+//!
+//! ```text
+//! cargo build --release -p provd-daemon -p provd-bench
+//! target/release/bench-daemon            # SECONDS=5 OPS=400 by default
+//! ```
+//!
+//! Prints requests/s and p50/p99 latency of status reads
+//! (`GET /v1/operations/{id}`) at several concurrencies, provisioning
+//! operations per second with the trivial `hello` plugin (start, then
+//! follow by long poll until succeeded), and the daemon's resident memory
+//! at rest and at its peak under each load. The load generator shares the
+//! machine with the daemon.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use provd_client::{Client, TlsFiles};
+use provd_tests::HELLO;
+use provd_tests::daemon::{DEFAULT_EXTRA, TestNode};
+use serde_json::json;
+
+const HELLO_MANIFEST: &str = "name = \"hello\"\nversion = \"1.0.0\"\n[capabilities.log]\n\
+     [capabilities.progress]\n[capabilities.hashing]\n[limits]\nmemory-mib = 16\n";
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Samples the daemon's RSS until stopped; returns the peak.
+fn sample_peak(pid: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut peak = 0;
+        while !stop.load(Ordering::Relaxed) {
+            peak = peak.max(rss_kib(pid));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        peak.max(rss_kib(pid))
+    })
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied().unwrap_or_default()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let seconds: u64 = std::env::var("SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let ops: usize = std::env::var("OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(400);
+    let provd = std::env::current_exe()?.with_file_name("provd");
+    if !provd.exists() {
+        bail!("{} is missing: cargo build --release -p provd-daemon", provd.display());
+    }
+    let dir = tempfile::tempdir()?;
+    let extra = format!("{DEFAULT_EXTRA}[limits]\nmax-running-operations = 16\n");
+    let node = TestNode::start(&provd, dir.path(), &extra).context("starting provd")?;
+    let pid = node.pid().context("no pid")?;
+    let (ca, cert, key) = node.tls();
+    let client = Client::new(&node.url, &TlsFiles { ca, cert: Some(cert), key: Some(key) })?;
+    client.deploy(node.bundle(HELLO_MANIFEST, &HELLO.wasm())).await?;
+    let params = json!({"name": "bench", "items": ["a", "b", "c"]});
+    let first = client.provision(&json!({"plugin": "hello", "params": params})).await?;
+    let id =
+        first.body.pointer("/operation/id").and_then(|v| v.as_str()).context("no id")?.to_string();
+    client.wait(&id, |_| {}).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    println!("provd {} on {} (2 CPUs shared with the load generator)", provd.display(), node.url);
+    println!("daemon RSS at rest: {:.1} MiB", rss_kib(pid) as f64 / 1024.0);
+
+    println!("\nstatus reads, GET /v1/operations/{{id}}, {seconds} s each:");
+    println!(
+        "{:>11} {:>10} {:>9} {:>9} {:>13}",
+        "concurrency", "req/s", "p50 ms", "p99 ms", "peak RSS MiB"
+    );
+    for concurrency in [1usize, 16, 64] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = sample_peak(pid, stop.clone());
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let errors = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let c = client.clone();
+            let id = id.clone();
+            let errors = errors.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    if c.operation(&id, None).await.is_err() {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    lat.push(t.elapsed());
+                }
+                lat
+            }));
+        }
+        let started = Instant::now();
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await?);
+        }
+        let elapsed = started.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        let peak = sampler.join().unwrap_or(0);
+        lat.sort();
+        println!(
+            "{:>11} {:>10.0} {:>9.2} {:>9.2} {:>13.1}{}",
+            concurrency,
+            lat.len() as f64 / elapsed.as_secs_f64(),
+            ms(percentile(&lat, 0.5)),
+            ms(percentile(&lat, 0.99)),
+            peak as f64 / 1024.0,
+            match errors.load(Ordering::Relaxed) {
+                0 => String::new(),
+                n => format!("  ({n} errors)"),
+            }
+        );
+    }
+
+    println!("\nprovisioning with the hello plugin: {ops} operations, start + follow to the end:");
+    println!(
+        "{:>11} {:>10} {:>9} {:>9} {:>13}",
+        "concurrency", "ops/s", "p50 ms", "p99 ms", "peak RSS MiB"
+    );
+    for concurrency in [1usize, 16] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = sample_peak(pid, stop.clone());
+        let next = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let c = client.clone();
+            let next = next.clone();
+            let failures = failures.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while (next.fetch_add(1, Ordering::Relaxed) as usize) < ops {
+                    let t = Instant::now();
+                    let req = json!({"plugin": "hello", "params": {"name": "bench", "items": ["a", "b", "c"]}});
+                    let ok = match c.provision(&req).await {
+                        Ok(a) => {
+                            let id = a.body
+                                .pointer("/operation/id")
+                                .and_then(|v| v.as_str())
+                                .unwrap_or_default()
+                                .to_string();
+                            matches!(c.wait(&id, |_| {}).await, Ok(op) if op.get("state").and_then(|s| s.as_str()) == Some("succeeded"))
+                        }
+                        Err(_) => false,
+                    };
+                    if !ok {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    lat.push(t.elapsed());
+                }
+                lat
+            }));
+        }
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await?);
+        }
+        let elapsed = started.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        let peak = sampler.join().unwrap_or(0);
+        lat.sort();
+        println!(
+            "{:>11} {:>10.1} {:>9.2} {:>9.2} {:>13.1}{}",
+            concurrency,
+            lat.len() as f64 / elapsed.as_secs_f64(),
+            ms(percentile(&lat, 0.5)),
+            ms(percentile(&lat, 0.99)),
+            peak as f64 / 1024.0,
+            match failures.load(Ordering::Relaxed) {
+                0 => String::new(),
+                n => format!("  ({n} failed)"),
+            }
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    println!("\ndaemon RSS after the load: {:.1} MiB", rss_kib(pid) as f64 / 1024.0);
+    Ok(())
+}
