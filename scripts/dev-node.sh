@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Prepares a node directory to try provd on one machine:
+#   a CA, the node's certificate (127.0.0.1, localhost), a manager
+#   certificate signed by the same CA, a bundle-signing key pair, and
+#   provd.toml listening on 127.0.0.1:${PORT:-7443}.
+# Real nodes get their certificates from the operator's PKI; this is for trying.
+#
+#   scripts/dev-node.sh DIR
+set -euo pipefail
+dir=${1:?usage: scripts/dev-node.sh DIR}
+port=${PORT:-7443}
+provctl=${PROVCTL:-provctl}
+mkdir -p "$dir/pki"
+cd "$dir"
+umask 077
+
+key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+
+key pki/ca.key
+openssl req -x509 -new -key pki/ca.key -days 365 -subj "/CN=provd dev CA" \
+  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+  -out pki/ca.pem 2>/dev/null
+
+issue() { # name cn extensions
+  key "pki/$1.key"
+  openssl req -new -key "pki/$1.key" -subj "/CN=$2" -out "pki/$1.csr" 2>/dev/null
+  printf '%s\n' "$3" > "pki/$1.ext"
+  openssl x509 -req -in "pki/$1.csr" -CA pki/ca.pem -CAkey pki/ca.key -CAcreateserial \
+    -days 365 -extfile "pki/$1.ext" -out "pki/$1.pem" 2>/dev/null
+  rm -f "pki/$1.csr" "pki/$1.ext"
+}
+issue node "provd node" "subjectAltName=IP:127.0.0.1,DNS:localhost
+extendedKeyUsage=serverAuth
+keyUsage=critical,digitalSignature"
+issue manager "admin" "extendedKeyUsage=clientAuth
+keyUsage=critical,digitalSignature"
+
+"$provctl" keygen signer --dir . >/dev/null
+
+cat > provd.toml <<TOML
+# provd serve --config provd.toml (docs/api.md lists every key)
+data-dir = "data"
+listen = "127.0.0.1:$port"
+admin-socket = "admin.sock"
+trusted-keys = ["signer.pub"]
+
+[tls]
+cert = "pki/node.pem"
+key = "pki/node.key"
+client-ca = "pki/ca.pem"
+
+[policy]
+image-sources = ["dir:$(pwd)/images/**"]
+
+[capacity]
+vcpus = 8
+memory-mib = 16384
+disk-bytes = 107374182400
+TOML
+
+cat > manager.env <<ENV
+export PROVCTL_CA=$(pwd)/pki/ca.pem
+export PROVCTL_CERT=$(pwd)/pki/manager.pem
+export PROVCTL_KEY=$(pwd)/pki/manager.key
+ENV
+echo "node directory ready: $(pwd)"
+echo "  start the node:  provd serve --config $(pwd)/provd.toml"
+echo "  as the manager:  source $(pwd)/manager.env; provctl health --node https://127.0.0.1:$port"
