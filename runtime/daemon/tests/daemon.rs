@@ -500,3 +500,86 @@ async fn a_client_that_disconnects_mid_upload_leaves_nothing_and_the_node_serves
     assert_eq!(c.get("/healthz").await.unwrap().body["status"], "ok");
     assert_eq!(c.deploy(bundle).await.unwrap().status, 201);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_requests_for_one_vm_at_the_same_moment_start_one_operation() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), "");
+    let c = client(&node);
+    let images = dir.path().join("images");
+    c.deploy(node.bundle(&imager("1.0.0", &images), &IMAGER.wasm())).await.unwrap();
+    for round in 0..5 {
+        let name = format!("race-{round}");
+        let request = json!({"plugin": "imager", "vms": [spec(&name, &images.join("web"))],
+                             "params": partitions_params(true)});
+        let (a, b) = tokio::join!(c.provision(&request), c.provision(&request));
+        let (won, lost) = match (a, b) {
+            (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w, l),
+            (a, b) => panic!("expected one start and one refusal, got {a:?} and {b:?}"),
+        };
+        let (status, code, _) = code(lost);
+        assert_eq!((status, code.as_str()), (409, "vm-busy"));
+        let id = won.body["operation"]["id"].as_str().unwrap().to_string();
+        c.post_json(&format!("/v1/operations/{id}/cancel"), &json!({})).await.unwrap();
+        assert_eq!(c.wait(&id, |_| {}).await.unwrap()["state"], "cancelled");
+    }
+    assert_eq!(node_state(&c, &node.data).await.0, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_sent_events_follow_an_operation_to_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), "");
+    let c = client(&node);
+    let images = dir.path().join("images");
+    c.deploy(node.bundle(&imager("1.0.0", &images), &IMAGER.wasm())).await.unwrap();
+    let slow = json!({"plugin": "imager", "vms": [spec("web-1", &images.join("web"))],
+                      "params": partitions_params(true)});
+    let id =
+        c.provision(&slow).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    wait_until(&c, &id, |op| op["phase"] == "waiting").await;
+    let raw = reqwest_client(&node);
+    let events = raw.get(format!("{}/v1/operations/{id}/events", node.url)).send().await.unwrap();
+    assert_eq!(events.headers()["content-type"], "text/event-stream");
+    let canceller = {
+        let c = c.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            c.post_json(&format!("/v1/operations/{id}/cancel"), &json!({})).await.unwrap();
+        })
+    };
+    // The stream ends by itself after the `done` event.
+    let text = tokio::time::timeout(Duration::from_secs(60), events.text()).await.unwrap().unwrap();
+    canceller.await.unwrap();
+    assert!(text.contains("event: progress\ndata: {"), "{text}");
+    assert!(text.contains("\"phase\":\"waiting\""), "{text}");
+    let done = text.split("event: done\ndata: ").nth(1).unwrap().lines().next().unwrap();
+    let done: Value = serde_json::from_str(done).unwrap();
+    assert_eq!(done["operation"]["state"], "cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_socket_is_owner_only_and_its_actions_are_recorded_as_local() {
+    use std::os::unix::fs::PermissionsExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), "");
+    let socket = dir.path().join("admin.sock");
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let bundle = node.bundle(&hello("1.0.0"), &HELLO.wasm());
+    let mut stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let head = format!(
+        "POST /v1/bundles HTTP/1.1\r\nhost: local\r\nconnection: close\r\n\
+         content-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
+        bundle.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&bundle).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    let audit = client(&node).get("/v1/audit?kind=bundle").await.unwrap().body;
+    assert_eq!(audit["audit"][0]["actor"], "local");
+}
