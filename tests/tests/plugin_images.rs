@@ -91,7 +91,7 @@ impl Node {
     /// `images_extra`.
     async fn imager(&self, extra: &str, images_extra: &str) -> Plugin {
         let manifest = Manifest::from_toml(&format!(
-            "name = \"imager\"\nversion = \"0.1.0\"\n{extra}[capabilities.hashing]\n[capabilities.dedup]\n\
+            "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.progress]\n{extra}[capabilities.hashing]\n[capabilities.dedup]\n\
              [capabilities.images]\nsources = [\"dir:{}/images/*\"]\n{images_extra}",
             self.work.path().display()
         ))
@@ -179,7 +179,7 @@ async fn sources_outside_the_plugins_or_the_nodes_patterns_are_denied_before_any
 
     // A plugin pattern wider than the node's is narrowed by the node.
     let wide = Manifest::from_toml(
-        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.vm]\n[capabilities.partitions]\n\
+        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.progress]\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.vm]\n[capabilities.partitions]\n\
          [capabilities.images]\nsources = [\"dir:/**\"]\n",
     )
     .unwrap();
@@ -239,7 +239,7 @@ async fn references_must_name_their_kind_and_reads_need_a_fetch_and_a_budget() {
 async fn a_node_without_an_image_store_refuses_plugins_that_need_one() {
     let engine = Engine::new(EngineConfig::default()).unwrap();
     let manifest = Manifest::from_toml(
-        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.vm]\n[capabilities.partitions]\n[capabilities.images]\nsources = [\"dir:/srv/*\"]\n",
+        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.progress]\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.vm]\n[capabilities.partitions]\n[capabilities.images]\nsources = [\"dir:/srv/*\"]\n",
     )
     .unwrap();
     let err = engine.load(&manifest, IMAGER.wasm()).await.unwrap_err();

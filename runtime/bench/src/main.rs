@@ -262,7 +262,7 @@ async fn hash_by_handle(data: &[u8], expected: &str) -> Result<()> {
     let engine =
         Engine::new(EngineConfig { policy, images: Some(images), ..EngineConfig::default() })?;
     let manifest = Manifest::from_toml(&format!(
-        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.vm]\n[capabilities.partitions]\n[capabilities.images]\n\
+        "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.progress]\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.vm]\n[capabilities.partitions]\n[capabilities.images]\n\
          sources = [\"dir:{}\"]\nmax-read-bytes = 134217728\n[limits]\nmemory-mib = 512\n",
         tree.display()
     ))?;
