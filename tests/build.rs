@@ -12,6 +12,7 @@ const GUESTS: &[(&str, &str)] = &[
     ("hostile", "tests/guests/hostile"),
     ("hashbench", "tests/guests/hashbench"),
     ("imager", "tests/guests/imager"),
+    ("shared-partition", "plugins/shared-partition"),
 ];
 
 fn main() {
@@ -19,7 +20,7 @@ fn main() {
         std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
     );
     let root = manifest_dir.parent().expect("tests/ sits in the workspace root").to_path_buf();
-    for dir in ["sdk", "wit", "examples/hello", "tests/guests"] {
+    for dir in ["sdk", "wit", "examples/hello", "plugins", "tests/guests"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     println!("cargo:rerun-if-changed={}", root.join("Cargo.toml").display());

@@ -122,6 +122,13 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async {
             ApiError::not_found("no such endpoint; the API is under /v1 (docs/api.md)")
         })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "this endpoint does not take that method (docs/api.md)",
+            )
+        })
         .layer(DefaultBodyLimit::max(json_limit))
         .with_state(state)
 }
@@ -231,7 +238,10 @@ async fn upload_bundle(
             row.outcome = if a.new { "accepted" } else { "already-accepted" }.into();
             row.detail = Some(format!("signer {} component {}", a.signer, a.digest));
             audit_one(&s.store, row).await;
-            Metrics::outcome(&s.metrics.bundles, if a.new { "accepted" } else { "unchanged" });
+            Metrics::outcome(
+                &s.metrics.bundles,
+                if a.new { "accepted" } else { "already-accepted" },
+            );
             let status = if a.new { StatusCode::CREATED } else { StatusCode::OK };
             ok(status, json!({"bundle": a}))
         }
@@ -318,6 +328,15 @@ async fn rollback(
     let previous =
         blocking(move || store.previous_version(&n)).await?.map_err(ApiError::internal)?;
     let Some(previous) = previous else {
+        let store = s.store.clone();
+        let known = blocking(move || store.bundles())
+            .await?
+            .map_err(ApiError::internal)?
+            .iter()
+            .any(|b| b.name == name);
+        if !known {
+            return Err(ApiError::not_found(format!("no accepted plugin {name} on this node")));
+        }
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "no-previous-version",
@@ -571,7 +590,8 @@ async fn get_operation(
     let Query(q) = q.map_err(|e| ApiError::bad("invalid-request", e.body_text()))?;
     let wait = Duration::from_secs(q.wait.unwrap_or(0).min(s.limits.max_wait_secs));
     if let Some(mut rx) = s.ops.watch(&id) {
-        let since = q.since.unwrap_or(u64::MAX);
+        // Without `since`, a long poll waits for the next change.
+        let since = q.since.unwrap_or_else(|| rx.borrow().seq);
         if !wait.is_zero() {
             let _ = tokio::time::timeout(wait, async {
                 loop {

@@ -66,7 +66,7 @@ pub struct HttpLimits {
     pub max_connections: u32,
     /// Longest wait a long poll may ask for.
     pub max_wait_secs: u64,
-    /// Operations allowed to run at once; more are refused with `busy`.
+    /// Operations allowed to run at once; more wait in the `queued` phase.
     pub max_running_operations: u32,
     /// Seconds a graceful shutdown waits for running operations before
     /// cancelling them.
@@ -169,6 +169,22 @@ impl Config {
         config.trusted_keys.iter_mut().for_each(fix);
         if let Some(s) = config.admin_socket.as_mut() {
             fix(s);
+        }
+        let l = &config.limits;
+        for (key, value) in [
+            ("limits.max-connections", u64::from(l.max_connections)),
+            ("limits.max-running-operations", u64::from(l.max_running_operations)),
+            ("limits.max-json-bytes", l.max_json_bytes),
+            ("limits.max-bundle-bytes", l.max_bundle_bytes),
+            ("limits.header-timeout-secs", l.header_timeout_secs),
+            ("limits.request-timeout-secs", l.request_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Parse {
+                    path: path.display().to_string(),
+                    message: format!("{key}: must be at least 1"),
+                });
+            }
         }
         if config.trusted_keys.is_empty() {
             return Err(ConfigError::Parse {

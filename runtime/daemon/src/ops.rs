@@ -42,6 +42,8 @@ pub struct Snapshot {
 struct Running {
     cancel: Cancel,
     snapshot: watch::Sender<Snapshot>,
+    /// The audit trail's row of this operation, completed at each entry.
+    record: NewAudit,
 }
 
 /// The plugin name of provd's own operations.
@@ -241,7 +243,25 @@ impl Operations {
             done: 0,
             total: None,
         });
-        let running = Arc::new(Running { cancel: Cancel::default(), snapshot: tx });
+        let record = NewAudit {
+            actor: req.actor.clone(),
+            kind: "operation".into(),
+            plugin: Some(req.plugin.clone()),
+            version: Some(version.clone()),
+            operation: Some(rec.id.clone()),
+            args: Some(format!("vms={}", req.vms.join(","))),
+            count: 1,
+            ..NewAudit::default()
+        };
+        let mut started = record.clone();
+        started.function = Some("start".into());
+        started.outcome = "started".into();
+        let store = self.store.clone();
+        let written = tokio::task::spawn_blocking(move || store.append_audit(&[started])).await;
+        if !matches!(written, Ok(Ok(()))) {
+            tracing::error!(?written, "writing the audit trail failed");
+        }
+        let running = Arc::new(Running { cancel: Cancel::default(), snapshot: tx, record });
         self.lock().insert(rec.id.clone(), running.clone());
         self.metrics.operations_running.inc();
         let this = self.clone();
@@ -358,13 +378,18 @@ impl Operations {
         let store = self.store.clone();
         let op = id.to_string();
         let err = error.clone();
+        let mut row = running.record.clone();
+        row.function = Some("finish".into());
+        row.outcome = state.as_str().into();
+        row.detail = error.as_ref().map(|(c, m)| format!("{c}: {m}"));
         let written = tokio::task::spawn_blocking(move || {
             store.finish_operation(
                 &op,
                 state,
                 report.as_deref(),
                 err.as_ref().map(|(c, m)| (*c, m.as_str())),
-            )
+            )?;
+            store.append_audit(&[row])
         })
         .await;
         if !matches!(written, Ok(Ok(_))) {

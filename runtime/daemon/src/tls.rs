@@ -74,26 +74,89 @@ pub fn server_config(
 }
 
 /// The subject of a client certificate, as the audit trail names the
-/// manager: its first common name, else its serial number.
+/// manager: the common name of its subject, or `unnamed-client`.
 pub fn peer_name(cert: &CertificateDer<'_>) -> String {
-    // Reading one attribute does not justify an X.509 parser dependency:
-    // the common name is the UTF8String/PrintableString after the CN OID
-    // (2.5.4.3) in the DER; the issuer's CN comes first, the subject's
-    // last, so the last match is the subject.
-    const CN_OID: &[u8] = &[0x06, 0x03, 0x55, 0x04, 0x03];
-    let der = cert.as_ref();
-    let mut found = None;
-    let mut i = 0;
-    while let Some(window) = der.get(i..i + CN_OID.len()) {
-        if window == CN_OID
-            && let (Some(&tag), Some(&len)) = (der.get(i + 5), der.get(i + 6))
-            && matches!(tag, 0x0c | 0x13 | 0x16)
-            && len < 0x80
-            && let Some(value) = der.get(i + 7..i + 7 + usize::from(len))
-        {
-            found = Some(String::from_utf8_lossy(value).into_owned());
+    subject_common_name(cert.as_ref()).unwrap_or_else(|| "unnamed-client".into())
+}
+
+/// One DER element: (tag, content, rest).
+fn tlv(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = der.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 {
+            return None;
         }
-        i += 1;
+        let bytes = rest.get(..n)?;
+        let len = bytes.iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        (len, rest.get(n..)?)
+    };
+    Some((tag, rest.get(..len)?, rest.get(len..)?))
+}
+
+/// The subject's common name, read from the certificate's DER structure
+/// (Certificate → TBSCertificate → subject → RDNs), so that no other name in
+/// the certificate (the issuer's, one inside an extension) can stand in for
+/// it. Reading one attribute does not justify an X.509 parser dependency.
+fn subject_common_name(der: &[u8]) -> Option<String> {
+    const SEQUENCE: u8 = 0x30;
+    const CN_OID: &[u8] = &[0x55, 0x04, 0x03];
+    let (tag, cert, _) = tlv(der)?;
+    if tag != SEQUENCE {
+        return None;
     }
-    found.unwrap_or_else(|| "unnamed-client".into())
+    let (tag, tbs, _) = tlv(cert)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let mut fields = tbs;
+    // [0] version is optional; then serial, signature, issuer, validity.
+    let (tag, _, rest) = tlv(fields)?;
+    fields = if tag == 0xa0 { tlv(rest)?.2 } else { rest };
+    for _ in 0..3 {
+        fields = tlv(fields)?.2;
+    }
+    let (tag, mut rdns, _) = tlv(fields)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let mut found = None;
+    while !rdns.is_empty() {
+        let (_, set, rest) = tlv(rdns)?;
+        rdns = rest;
+        let mut attrs = set;
+        while !attrs.is_empty() {
+            let (_, attr, rest) = tlv(attrs)?;
+            attrs = rest;
+            let (_, oid, value) = tlv(attr)?;
+            let (vtag, value, _) = tlv(value)?;
+            if oid == CN_OID && matches!(vtag, 0x0c | 0x13 | 0x16) {
+                found = Some(String::from_utf8_lossy(value).into_owned());
+            }
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_actor_is_the_subject_common_name_even_when_long() {
+        use rcgen::{CertificateParams, DnType, KeyPair};
+        for cn in ["manager-1", &"m".repeat(300)] {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.distinguished_name.push(DnType::OrganizationName, "provd");
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            assert_eq!(peer_name(cert.der()), cn);
+        }
+        assert_eq!(peer_name(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])), "unnamed-client");
+    }
 }

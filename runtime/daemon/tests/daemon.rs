@@ -400,7 +400,9 @@ async fn sigkill_in_the_middle_of_an_operation_is_rolled_back_at_restart() {
         c.provision(&fresh).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
     assert_eq!(c.wait(&b, |_| {}).await.unwrap()["state"], "succeeded");
     let audit = c.get(&format!("/v1/audit?operation={id}&kind=operation")).await.unwrap().body;
-    assert_eq!(audit["audit"][0]["outcome"], "rolled-back", "{audit}");
+    let outcomes: Vec<&str> =
+        audit["audit"].as_array().unwrap().iter().map(|r| r["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes, ["started", "rolled-back"], "{audit}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -582,4 +584,43 @@ async fn the_admin_socket_is_owner_only_and_its_actions_are_recorded_as_local() 
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
     let audit = client(&node).get("/v1/audit?kind=bundle").await.unwrap().body;
     assert_eq!(audit["audit"][0]["actor"], "local");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_stops_a_plugin_that_makes_no_more_host_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), "");
+    let c = client(&node);
+    let images = dir.path().join("images");
+    c.deploy(node.bundle(&imager("1.0.0", &images), &IMAGER.wasm())).await.unwrap();
+    let mut params = partitions_params(false);
+    params["then_spin"] = json!(true);
+    let spin =
+        json!({"plugin": "imager", "vms": [spec("web-1", &images.join("web"))], "params": params});
+    let id =
+        c.provision(&spin).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    // Configured, then spinning in wasm without host calls.
+    for _ in 0..600 {
+        if node_state(&c, &node.data).await.0 == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(node_state(&c, &node.data).await.0, 1);
+    let asked = std::time::Instant::now();
+    c.post_json(&format!("/v1/operations/{id}/cancel"), &json!({})).await.unwrap();
+    let done = c.wait(&id, |_| {}).await.unwrap();
+    // Its deadline is 120 s away: the cancel, not the deadline, stopped it.
+    assert!(asked.elapsed() < Duration::from_secs(30), "{:?}", asked.elapsed());
+    assert_eq!(done["state"], "cancelled", "{done}");
+    assert_eq!(node_state(&c, &node.data).await.0, 0);
+    // The audit trail has the start, the cancel and the end.
+    let audit = c.get(&format!("/v1/audit?operation={id}&kind=operation")).await.unwrap().body;
+    let steps: Vec<String> = audit["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{}:{}", r["function"].as_str().unwrap(), r["outcome"].as_str().unwrap()))
+        .collect();
+    assert_eq!(steps, ["start:started", "cancel:requested", "finish:cancelled"], "{audit}");
 }

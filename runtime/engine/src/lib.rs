@@ -98,6 +98,11 @@ const TABLE_KEEP_RESIDENT: usize = 64 << 10;
 /// code stops at the epoch deadline; this only catches host code that does
 /// not return.
 const HOST_GRACE: Duration = Duration::from_secs(2);
+/// How often a running call checks whether it was cancelled.
+const CANCEL_POLL: Duration = Duration::from_millis(20);
+/// Epoch ticks between two checks of a running plugin for a cancel (with
+/// the default 10 ms tick, 100 ms).
+const CANCEL_CHECK_TICKS: u64 = 10;
 
 /// A wasmtime engine configured for provd, with its artifact cache and the
 /// thread that advances epochs.
@@ -339,6 +344,7 @@ impl Engine {
         // the call, so that it is rolled back however the call ends: an
         // error, a trap, a timeout or a panic.
         let ledger = Arc::new(host::Ledger::default());
+        let cancel_watch = cancel.clone();
         let call = AssertUnwindSafe(invoke(
             &self.inner,
             plugin,
@@ -348,10 +354,26 @@ impl Engine {
             cancel,
         ))
         .catch_unwind();
-        let outcome = match tokio::time::timeout(timeout + HOST_GRACE, call).await {
+        // A cancel takes effect at the plugin's next host call; a plugin
+        // that makes none within the grace is dropped like one past its
+        // deadline.
+        let watch_cancel = async {
+            while !cancel_watch.is_cancelled() {
+                tokio::time::sleep(CANCEL_POLL).await;
+            }
+            tokio::time::sleep(HOST_GRACE).await;
+        };
+        let timed = async {
+            tokio::select! {
+                r = tokio::time::timeout(timeout + HOST_GRACE, call) => r.map_err(|_| false),
+                () = watch_cancel => Err(true),
+            }
+        };
+        let outcome = match timed.await {
+            Err(true) => Err(InvokeError::Cancelled),
             // Dropping the call future on timeout unwinds the plugin's fiber
             // and drops its store.
-            Err(_) => Err(InvokeError::Limit(Limit::Deadline { timeout })),
+            Err(false) => Err(InvokeError::Limit(Limit::Deadline { timeout })),
             Ok(Err(panic)) => {
                 let message = panic_message(panic);
                 tracing::error!(plugin = %plugin.name(), %message, "host panicked serving a plugin");
@@ -427,9 +449,25 @@ async fn invoke(
     let tick = inner.config.epoch_tick.as_nanos().max(1);
     // The ticker's phase is arbitrary, so the first tick may come at once:
     // one extra tick keeps the deadline from ever firing before the timeout.
-    let ticks = p.grant.limits.timeout.as_nanos().div_ceil(tick) + 1;
-    store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
-    store.epoch_deadline_trap();
+    let ticks =
+        u64::try_from(p.grant.limits.timeout.as_nanos().div_ceil(tick) + 1).unwrap_or(u64::MAX);
+    // The deadline is checked in slices, so that a cancel also stops a
+    // plugin that never calls the host: wasm traps at the end of the slice
+    // in which its operation was cancelled, or at its deadline.
+    let mut left = ticks;
+    store.set_epoch_deadline(left.min(CANCEL_CHECK_TICKS));
+    store.epoch_deadline_callback(move |mut ctx| {
+        left = left.saturating_sub(CANCEL_CHECK_TICKS);
+        let state = ctx.data_mut();
+        if state.cancel.is_cancelled() {
+            state.cancelled = true;
+            return Ok(wasmtime::UpdateDeadline::Interrupt);
+        }
+        if left == 0 {
+            return Ok(wasmtime::UpdateDeadline::Interrupt);
+        }
+        Ok(wasmtime::UpdateDeadline::Continue(left.min(CANCEL_CHECK_TICKS)))
+    });
 
     let result = async {
         let started = Instant::now();

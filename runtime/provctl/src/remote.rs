@@ -10,7 +10,9 @@
 //! | 1 | an operation ended failed or cancelled |
 //! | 3 | a node could not be reached (connection, TLS, timeout) |
 //! | 4 | a node refused the request (its error code is printed) |
-//! | 5 | a local problem: a file, the inventory, the arguments |
+//! | 5 | a local problem: a file, the inventory, a spec, `--params` |
+//!
+//! Arguments clap cannot parse exit 2.
 //!
 //! With several nodes the highest code wins.
 
@@ -216,8 +218,14 @@ fn print(results: &[NodeResult], json: bool, human: impl Fn(&Value) -> String) {
             .iter()
             .map(|r| match &r.result {
                 Ok(v) => json!({"node": r.node, "ok": !r.failed, "result": v}),
-                Err(e) => json!({"node": r.node, "ok": false,
-                                 "error": {"code": e.code().unwrap_or("unreachable"), "message": e.to_string()}}),
+                Err(e) => {
+                    let code = match e {
+                        ClientError::File { .. } => "local",
+                        _ => e.code().unwrap_or("unreachable"),
+                    };
+                    json!({"node": r.node, "ok": false,
+                           "error": {"code": code, "message": e.to_string()}})
+                }
             })
             .collect();
         println!("{:#}", json!({"nodes": nodes}));
@@ -364,7 +372,19 @@ fn read_spec(path: &Path) -> Result<Value> {
     }
 }
 
+/// Runs a manager command; a local problem (arguments, files, inventory)
+/// is reported here and exits 5.
 pub async fn run(command: RemoteCommand) -> Result<ExitCode> {
+    match run_command(command).await {
+        Ok(code) => Ok(ExitCode::from(code)),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            Ok(ExitCode::from(EXIT_LOCAL))
+        }
+    }
+}
+
+async fn run_command(command: RemoteCommand) -> Result<u8> {
     let code = match command {
         RemoteCommand::Deploy { bundle, target } => {
             let (nodes, tls) = load_target(&target)?;
@@ -635,5 +655,5 @@ pub async fn run(command: RemoteCommand) -> Result<ExitCode> {
             exit_of(&results)
         }
     };
-    Ok(ExitCode::from(code))
+    Ok(code)
 }

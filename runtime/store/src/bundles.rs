@@ -20,7 +20,8 @@ pub struct NewBundle {
     /// Key id of the signer whose signature was trusted.
     pub signer: String,
     pub manifest: String,
-    /// What the node granted, as JSON, for the audit trail.
+    /// What the node granted (capabilities with parameters, limits), as
+    /// readable text, for the audit trail.
     pub grant: String,
     pub component: Vec<u8>,
     pub created: u64,

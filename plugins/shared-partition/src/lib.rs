@@ -1,0 +1,306 @@
+//! The method of US 10,365,935 as a provd plugin.
+//!
+//! Input (the daemon's operation document: its `params`, with the VM specs
+//! under `vms`):
+//!
+//! ```json
+//! {"vms": [{"name": "web-1", "image": "oci://…", "hypervisor": "libvirt", …}, …],
+//!  "min-layer-bytes": 1048576, "max-layers-per-vm": 16,
+//!  "shared-format": "erofs", "private-format": "ext4", "private-size-bytes": 0,
+//!  "share-across-paths": false, "hypervisor": "libvirt"}
+//! ```
+//!
+//! Every parameter but `vms` is optional. Steps, each reported as progress:
+//!
+//! 1. `fetch-images`: every distinct image of the VMs, through the host;
+//! 2. `plan`: the host analyses which files the images share and chooses
+//!    layers (sets of files with the same VM set) under the policy;
+//! 3. `shared-partition`: one shared partition holding every layer, built
+//!    by the host (skipped when nothing is shared);
+//! 4. `private-partitions`: per VM, a private partition with only its own
+//!    files and what its guest needs to stack its layers;
+//! 5. `configure-vms`: per VM, its hypervisor configuration with the
+//!    private partition as root disk and the shared partition attached
+//!    read-only;
+//!
+//! then a report: per layer its VMs, files and bytes; per VM its private
+//! bytes and layers; totals naive against stored, and the saving.
+//!
+//! Each request builds its own shared partition for its VMs. VMs added to
+//! the node later come with a request of their own, which builds a new
+//! shared partition for them: existing VMs and their partitions are never
+//! modified (extend, never rebuild and migrate). If anything fails, the
+//! host rolls back every partition and VM this request built.
+
+use std::collections::BTreeMap;
+
+use provd_sdk::{Error, Plugin, Report, Request, dedup, images, log, partitions, progress, vm};
+use serde::{Deserialize, Serialize};
+
+/// VMs one request may provision (the host's own bound is 64).
+const MAX_VMS: usize = 64;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct Input {
+    vms: Vec<serde_json::Value>,
+    #[serde(default = "default_min_layer_bytes")]
+    min_layer_bytes: u64,
+    #[serde(default = "default_max_layers")]
+    max_layers_per_vm: u32,
+    #[serde(default = "default_shared_format")]
+    shared_format: String,
+    #[serde(default = "default_private_format")]
+    private_format: String,
+    #[serde(default)]
+    private_size_bytes: u64,
+    #[serde(default)]
+    share_across_paths: bool,
+    /// Every VM's hypervisor: set where a spec has none, refused where a
+    /// spec names another.
+    #[serde(default)]
+    hypervisor: Option<String>,
+}
+
+fn default_min_layer_bytes() -> u64 {
+    // A layer smaller than this costs the guest an overlay layer for little.
+    64 << 10
+}
+fn default_max_layers() -> u32 {
+    16
+}
+fn default_shared_format() -> String {
+    "erofs".into()
+}
+fn default_private_format() -> String {
+    "ext4".into()
+}
+
+/// One VM of the request.
+struct Vm {
+    name: String,
+    image: String,
+    spec: serde_json::Value,
+}
+
+#[derive(Serialize)]
+struct LayerReport {
+    id: String,
+    vms: Vec<String>,
+    files: u64,
+    bytes: u64,
+}
+
+#[derive(Serialize)]
+struct VmReport {
+    name: String,
+    image: String,
+    /// Bytes of the VM's image.
+    image_bytes: u64,
+    /// Of those, bytes left to its private partition by the plan.
+    private_bytes: u64,
+    layers: Vec<String>,
+    private_partition: String,
+    /// The private partition's size on the node's disk.
+    private_partition_bytes: u64,
+    hypervisor: String,
+    config_file: String,
+    macs: Vec<String>,
+    disks: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Totals {
+    /// Every VM's image as its own copy.
+    naive_bytes: u64,
+    /// What the plan stores: the layers once, each VM's own files.
+    stored_bytes: u64,
+    saving_bytes: u64,
+    /// Bytes on the node's disk: the shared partition and the private ones.
+    shared_partition_bytes: u64,
+    private_partitions_bytes: u64,
+}
+
+#[derive(Serialize)]
+struct Output {
+    shared_partition: Option<String>,
+    layers: Vec<LayerReport>,
+    vms: Vec<VmReport>,
+    totals: Totals,
+}
+
+fn vms_of(input: &Input) -> Result<Vec<Vm>, Error> {
+    if input.vms.is_empty() {
+        return Err(Error::InvalidInput("vms: give at least one VM spec".into()));
+    }
+    if input.vms.len() > MAX_VMS {
+        return Err(Error::InvalidInput(format!("vms: at most {MAX_VMS} per request")));
+    }
+    let mut out = Vec::new();
+    for (i, spec) in input.vms.iter().enumerate() {
+        let text = |key: &str| spec.get(key).and_then(|v| v.as_str()).map(str::to_string);
+        let name =
+            text("name").ok_or_else(|| Error::InvalidInput(format!("vms[{i}].name: missing")))?;
+        let image =
+            text("image").ok_or_else(|| Error::InvalidInput(format!("vms[{i}].image: missing")))?;
+        if out.iter().any(|v: &Vm| v.name == name) {
+            return Err(Error::InvalidInput(format!("vms[{i}]: VM {name:?} appears twice")));
+        }
+        let mut spec = spec.clone();
+        if let Some(h) = &input.hypervisor {
+            match text("hypervisor") {
+                Some(own) if own != *h => {
+                    return Err(Error::InvalidInput(format!(
+                        "vms[{i}].hypervisor: {own:?}, but the request's hypervisor is {h:?}"
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    if let Some(obj) = spec.as_object_mut() {
+                        obj.insert("hypervisor".into(), serde_json::Value::String(h.clone()));
+                    }
+                }
+            }
+        }
+        out.push(Vm { name, image, spec });
+    }
+    Ok(out)
+}
+
+struct SharedPartition;
+
+impl Plugin for SharedPartition {
+    fn provision(request: Request) -> Result<Report, Error> {
+        let input: Input = request.input()?;
+        let vms = vms_of(&input)?;
+        let n = vms.len() as u64;
+
+        // 1. Images, each once.
+        let mut distinct: Vec<&str> = vms.iter().map(|v| v.image.as_str()).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let total = distinct.len() as u64;
+        progress::report("fetch-images", 0, Some(total))?;
+        let mut image_bytes = BTreeMap::new();
+        for (i, reference) in distinct.iter().enumerate() {
+            let image = images::fetch(reference)?;
+            log::info("image fetched", &[("reference", &image.reference), ("bytes", &image.bytes)]);
+            image_bytes.insert(reference.to_string(), image.bytes);
+            progress::report("fetch-images", i as u64 + 1, Some(total))?;
+        }
+
+        // 2. What the images share, and the layers.
+        progress::report("plan", 0, Some(1))?;
+        let pairs: Vec<(&str, &str)> =
+            vms.iter().map(|v| (v.name.as_str(), v.image.as_str())).collect();
+        let policy = dedup::Policy {
+            min_layer_bytes: input.min_layer_bytes,
+            max_layers_per_vm: input.max_layers_per_vm,
+            share_across_paths: input.share_across_paths,
+        };
+        let plan = dedup::plan(&pairs, policy)?;
+        progress::report("plan", 1, Some(1))?;
+        log::info(
+            "plan",
+            &[
+                ("layers", &plan.layers.len()),
+                ("naive_bytes", &plan.naive_bytes),
+                ("stored_bytes", &plan.stored_bytes),
+            ],
+        );
+
+        // 3. One shared partition for every layer.
+        let shared = if plan.layers.is_empty() {
+            log::info("nothing shared: no shared partition", &[]);
+            None
+        } else {
+            progress::report("shared-partition", 0, Some(1))?;
+            let p = partitions::create_shared(&plan.plan, &input.shared_format)?;
+            progress::report("shared-partition", 1, Some(1))?;
+            Some(p)
+        };
+
+        // 4. A private partition per VM.
+        progress::report("private-partitions", 0, Some(n))?;
+        let mut privates = Vec::new();
+        for (i, v) in vms.iter().enumerate() {
+            let p = partitions::create_private(
+                &plan.plan,
+                &v.name,
+                shared.as_ref().map(|s| s.id.as_str()),
+                &input.private_format,
+                input.private_size_bytes,
+            )?;
+            privates.push(p);
+            progress::report("private-partitions", i as u64 + 1, Some(n))?;
+        }
+
+        // 5. Each VM configured on its partitions.
+        progress::report("configure-vms", 0, Some(n))?;
+        let mut reports = Vec::new();
+        for (i, (v, private)) in vms.iter().zip(&privates).enumerate() {
+            let configured = vm::configure(&v.spec.to_string(), &private.id)?;
+            let figures = plan.vms.iter().find(|f| f.vm == v.name);
+            reports.push(VmReport {
+                name: v.name.clone(),
+                image: v.image.clone(),
+                image_bytes: figures.map(|f| f.bytes).unwrap_or(0),
+                private_bytes: figures.map(|f| f.private_bytes).unwrap_or(0),
+                layers: figures.map(|f| f.layers.clone()).unwrap_or_default(),
+                private_partition: private.id.clone(),
+                private_partition_bytes: private.bytes,
+                hypervisor: configured.hypervisor,
+                config_file: configured.config_file,
+                macs: configured.macs,
+                disks: configured.disks,
+            });
+            progress::report("configure-vms", i as u64 + 1, Some(n))?;
+        }
+
+        let totals = Totals {
+            naive_bytes: plan.naive_bytes,
+            stored_bytes: plan.stored_bytes,
+            saving_bytes: plan.naive_bytes.saturating_sub(plan.stored_bytes),
+            shared_partition_bytes: shared.as_ref().map(|s| s.bytes).unwrap_or(0),
+            private_partitions_bytes: privates.iter().map(|p| p.bytes).sum(),
+        };
+        let percent = if totals.naive_bytes == 0 {
+            0.0
+        } else {
+            totals.saving_bytes as f64 * 100.0 / totals.naive_bytes as f64
+        };
+        let summary = format!(
+            "{n} VMs provisioned: {} of {} bytes stored, {:.1} % saved, {} layer(s) shared",
+            totals.stored_bytes,
+            totals.naive_bytes,
+            percent,
+            plan.layers.len()
+        );
+        let output = Output {
+            shared_partition: shared.as_ref().map(|s| s.id.clone()),
+            layers: plan
+                .layers
+                .iter()
+                .map(|l| LayerReport {
+                    id: l.id.clone(),
+                    vms: l.vms.clone(),
+                    files: l.files,
+                    bytes: l.bytes,
+                })
+                .collect(),
+            vms: reports,
+            totals,
+        };
+        Report::new(summary)
+            .field("vms", n)
+            .field("layers", plan.layers.len())
+            .field("naive-bytes", output.totals.naive_bytes)
+            .field("stored-bytes", output.totals.stored_bytes)
+            .field("saving-bytes", output.totals.saving_bytes)
+            .field("saving-percent", format!("{percent:.1}"))
+            .field("shared-partition", output.shared_partition.clone().unwrap_or_default())
+            .output(&output)
+    }
+}
+
+provd_sdk::export_plugin!(SharedPartition);
