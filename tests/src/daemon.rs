@@ -122,14 +122,22 @@ impl TestNode {
     }
 
     /// A signed bundle of `component` with `manifest`, valid for a day.
+    /// A manifest or component the bundle format refuses gives an empty
+    /// bundle, after printing why (the node then refuses it, naming it).
     pub fn bundle(&self, manifest: &str, component: &[u8]) -> Vec<u8> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        provd_bundle::build(manifest, component, now - 60, now + 86_400)
+        match provd_bundle::build(manifest, component, now - 60, now + 86_400)
             .and_then(|b| provd_bundle::sign(&b, &self.signer))
-            .unwrap_or_default()
+        {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("cannot build the bundle: {e}");
+                Vec::new()
+            }
+        }
     }
 }
 

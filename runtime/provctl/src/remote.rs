@@ -292,6 +292,11 @@ fn describe_operation(op: &Value) -> String {
     if let Some(summary) = op.pointer("/report/summary").and_then(Value::as_str) {
         line.push_str(&format!("\n  {summary}"));
     }
+    if let Some(fields) = op.pointer("/report/fields").and_then(Value::as_object) {
+        for (k, v) in fields {
+            line.push_str(&format!("\n  {k}: {}", v.as_str().unwrap_or_default()));
+        }
+    }
     if let Some(code) = op.pointer("/error/code").and_then(Value::as_str) {
         line.push_str(&format!("\n  error {code}: {}", str_of(op, "/error/message")));
     }

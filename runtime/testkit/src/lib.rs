@@ -42,6 +42,8 @@ pub enum HarnessError {
     Manifest { path: PathBuf, source: provd_domain::ManifestError },
     #[error("cannot locate the cargo workspace of {0}")]
     Workspace(PathBuf),
+    #[error("the harness's store: {0}")]
+    Store(#[from] provd_store::StoreError),
 }
 
 /// An engine over a temporary data directory.
@@ -78,6 +80,30 @@ impl Harness {
             .map_err(|source| HarnessError::Io { path: std::env::temp_dir(), source })?;
         config.cache_dir = Some(data_dir.path().join("cache"));
         let engine = Engine::new(config)?;
+        Ok(Harness { engine, data_dir })
+    }
+
+    /// A harness whose node has an image store in its data directory and
+    /// lets plugins fetch the images whose references match `sources`
+    /// (glob patterns, e.g. `dir:/srv/images/*`); the plugin's own
+    /// `capabilities.images.sources` must match too.
+    pub fn with_images(sources: &[&str]) -> Result<Harness, HarnessError> {
+        let data_dir = tempfile::Builder::new()
+            .prefix("provd-test-")
+            .tempdir()
+            .map_err(|source| HarnessError::Io { path: std::env::temp_dir(), source })?;
+        let store = Arc::new(provd_store::Store::open(&data_dir.path().join("data"))?);
+        let images = provd_images::Images::new(store, provd_images::ImportLimits::default(), 2);
+        let policy = NodePolicy {
+            image_sources: sources.iter().map(|s| s.to_string()).collect(),
+            ..NodePolicy::default()
+        };
+        let engine = Engine::new(EngineConfig {
+            policy,
+            cache_dir: Some(data_dir.path().join("cache")),
+            images: Some(Arc::new(images)),
+            ..EngineConfig::default()
+        })?;
         Ok(Harness { engine, data_dir })
     }
 

@@ -1,0 +1,229 @@
+// Integration tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+//! The product end to end: the shared-partition bundle signed and deployed
+//! to a real daemon over mutual TLS, three VMs provisioned from images in a
+//! real OCI registry on 127.0.0.1, every VM's partitions verified against
+//! its image, every domain XML validated by `virt-xml-validate`, the report
+//! checked, and the node back to empty after every VM is deleted.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use provd_client::{Client, TlsFiles};
+use provd_tests::SHARED_PARTITION;
+use provd_tests::daemon::{DEFAULT_EXTRA, TestNode};
+use provd_tests::oci::{oci_layout, push, start_registry};
+use serde_json::{Value, json};
+
+const PROVD: &str = env!("CARGO_BIN_EXE_provd");
+
+/// A tar layer of regular files (with their directories).
+fn layer(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dirs = std::collections::BTreeSet::new();
+    for (path, _) in files {
+        let mut p = Path::new(path).parent();
+        while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
+            dirs.insert(d.to_path_buf());
+            p = d.parent();
+        }
+    }
+    for d in dirs {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o755);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_size(0);
+        b.append_data(&mut h, &d, &[][..]).unwrap();
+    }
+    for (path, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_size(data.len() as u64);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, path, data.as_slice()).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+fn content(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+fn spec(name: &str, image: &str) -> Value {
+    json!({"name": name, "hypervisor": "libvirt", "vcpus": 1, "memory-mib": 512, "image": image,
+           "boot": {"firmware": "uefi"}, "nics": [{"bridge": "br0", "dhcp4": true}],
+           "cloud-init": {"hostname": format!("{name}.example")}})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_when_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = start_registry();
+    // A base every image has, a library web and api share, and each one's own.
+    let base: Vec<(&str, Vec<u8>)> = vec![
+        ("usr/lib/libc.so.6", content(1, 900_000)),
+        ("usr/bin/sh", content(2, 120_000)),
+        ("etc/os-release", b"ID=demo\n".to_vec()),
+    ];
+    let images = [
+        (
+            "web",
+            vec![
+                ("usr/lib/libapp.so", content(3, 400_000)),
+                ("srv/web/index.html", content(4, 5_000)),
+            ],
+        ),
+        (
+            "api",
+            vec![
+                ("usr/lib/libapp.so", content(3, 400_000)),
+                ("srv/api/api.bin", content(5, 250_000)),
+            ],
+        ),
+        ("db", vec![("var/lib/db/engine", content(6, 700_000))]),
+    ];
+    let mut references = Vec::new();
+    for (name, own) in &images {
+        let layout = dir.path().join(format!("layout-{name}"));
+        let own: Vec<(&str, Vec<u8>)> = own.iter().map(|(p, c)| (*p, c.clone())).collect();
+        oci_layout(&layout, &[layer(&base), layer(&own)], "v1");
+        push(&layout, "v1", &registry, &format!("demo/{name}"));
+        references.push(format!("oci+http://127.0.0.1:{}/demo/{name}:v1", registry.port));
+    }
+
+    let extra = format!(
+        "[policy]\nimage-sources = [\"oci+http://127.0.0.1:{}/demo/**\"]\n{DEFAULT_EXTRA}",
+        registry.port
+    );
+    let mut node = TestNode::start(Path::new(PROVD), &dir.path().join("node"), &extra).unwrap();
+    let (ca, cert, key) = node.tls();
+    let c = Client::new(&node.url, &TlsFiles { ca, cert: Some(cert), key: Some(key) }).unwrap();
+    let manifest = std::fs::read_to_string(SHARED_PARTITION.dir().join("plugin.toml")).unwrap();
+    let deployed = c.deploy(node.bundle(&manifest, &SHARED_PARTITION.wasm())).await.unwrap();
+    assert_eq!(deployed.status, 201);
+
+    let names = ["web-1", "api-1", "db-1"];
+    let vms: Vec<Value> = names.iter().zip(&references).map(|(n, r)| spec(n, r)).collect();
+    let request = json!({"plugin": "shared-partition", "vms": vms, "idempotency-key": "e2e-1",
+                         "params": {"min-layer-bytes": 0, "shared-format": "erofs",
+                                    "private-format": "ext4"}});
+    let started = c.provision(&request).await.unwrap();
+    let id = started.body["operation"]["id"].as_str().unwrap().to_string();
+    let mut phases = Vec::new();
+    let done = c
+        .wait(&id, |op| {
+            if let Some(p) = op["phase"].as_str()
+                && phases.last().map(String::as_str) != Some(p)
+            {
+                phases.push(p.to_string());
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    // The retry of the same request is the same operation.
+    let again = c.provision(&request).await.unwrap();
+    assert_eq!((again.status, again.body["operation"]["id"].as_str()), (200, Some(id.as_str())));
+
+    // The report: the base in one layer of all three, the library in one
+    // of web and api; each VM keeps only its own files.
+    let report = &done["report"]["output"];
+    let layers = report["layers"].as_array().unwrap();
+    let layer_of = |vms: &[&str]| {
+        layers
+            .iter()
+            .find(|l| {
+                let mut got: Vec<&str> =
+                    l["vms"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+                got.sort_unstable();
+                let mut want = vms.to_vec();
+                want.sort_unstable();
+                got == want
+            })
+            .unwrap_or_else(|| panic!("no layer of {vms:?} in {layers:?}"))
+    };
+    let all = layer_of(&["api-1", "db-1", "web-1"]);
+    assert_eq!(all["bytes"], 900_000 + 120_000 + 8);
+    assert_eq!(layer_of(&["api-1", "web-1"])["bytes"], 400_000);
+    let totals = &report["totals"];
+    let naive = 3 * (900_000 + 120_000 + 8) + 2 * 400_000 + 5_000 + 250_000 + 700_000;
+    let stored = (900_000 + 120_000 + 8) + 400_000 + 5_000 + 250_000 + 700_000;
+    assert_eq!(totals["naive_bytes"], naive);
+    assert_eq!(totals["stored_bytes"], stored);
+    assert_eq!(totals["saving_bytes"], naive - stored);
+    let per_vm = report["vms"].as_array().unwrap();
+    assert_eq!(per_vm.len(), 3);
+    let web = per_vm.iter().find(|v| v["name"] == "web-1").unwrap();
+    assert_eq!(web["private_bytes"], 5_000);
+    assert_eq!(web["layers"].as_array().unwrap().len(), 2);
+    assert!(
+        web["disks"].as_array().unwrap().iter().any(|d| d.as_str().unwrap().starts_with("shared")),
+        "{web}"
+    );
+    let fields = &done["report"]["fields"];
+    assert_eq!(fields["vms"], "3");
+    for phase in ["fetch-images", "plan", "shared-partition", "private-partitions", "configure-vms"]
+    {
+        assert!(phases.iter().any(|p| p == phase), "{phase} not seen in {phases:?}");
+    }
+
+    // Every domain XML is valid libvirt.
+    for name in names {
+        let xml = node.data.join("vms").join(name).join("domain.xml");
+        let check = std::process::Command::new("virt-xml-validate")
+            .arg(&xml)
+            .arg("domain")
+            .output()
+            .unwrap();
+        assert!(check.status.success(), "{name}: {}", String::from_utf8_lossy(&check.stderr));
+    }
+    // The audit trail has each decision.
+    let audit = c.get(&format!("/v1/audit?operation={id}&kind=host-call")).await.unwrap().body;
+    let count =
+        |f: &str| audit["audit"].as_array().unwrap().iter().filter(|r| r["function"] == f).count();
+    assert_eq!((count("fetch"), count("plan"), count("create-shared")), (3, 1, 1));
+    assert_eq!((count("create-private"), count("configure")), (3, 3));
+
+    // Each VM's private partition on its layers is exactly its image,
+    // read with provd's own readers while the node is stopped.
+    assert!(node.terminate().unwrap().success());
+    {
+        let store = Arc::new(provd_store::Store::open(&node.data).unwrap());
+        for name in names {
+            let v = provd_partitions::verify_vm(&store, name, &Default::default()).unwrap();
+            assert!(v.mismatches.is_empty(), "{name}: {:?}", v.mismatches);
+            assert!(v.entries > 0);
+        }
+    }
+    node.restart().unwrap();
+    let c = Client::new(&node.url, &{
+        let (ca, cert, key) = node.tls();
+        TlsFiles { ca, cert: Some(cert), key: Some(key) }
+    })
+    .unwrap();
+
+    // Deleting every VM gives everything back.
+    for name in names {
+        c.delete(&format!("/v1/vms/{name}")).await.unwrap();
+    }
+    let state = c.get("/v1/vms").await.unwrap().body;
+    assert_eq!(state["vms"], json!([]));
+    assert_eq!(state["reserved"], json!({"vcpus": 0, "memory-mib": 0, "disk-bytes": 0}));
+    assert_eq!(std::fs::read_dir(node.data.join("partitions")).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(node.data.join("vms")).unwrap().count(), 0);
+    node.terminate();
+    let store = provd_store::Store::open(&node.data).unwrap();
+    assert!(store.partitions().unwrap().is_empty());
+    assert!(store.missing_objects().unwrap().is_empty());
+    // Nothing unreferenced: the images stay (the node's image cache), and a
+    // collection finds nothing to free.
+    assert_eq!(store.images().unwrap().len(), 3);
+    assert_eq!(store.gc().unwrap(), provd_store::Freed::default());
+}
