@@ -14,7 +14,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+# Empty as root, else sudo: a prefix rather than a function, so that `$!` of
+# a background command is provd's (or sudo's, which passes signals on).
+root_prefix=()
+[ "$(id -u)" -eq 0 ] || root_prefix=(sudo)
 
 bash scripts/setup.sh
 echo "quickstart: building provd and provctl"
@@ -28,9 +31,9 @@ echo "quickstart: node directory $node"
 PORT=0 PROVCTL="$bin/provctl" bash scripts/dev-node.sh "$node" >/dev/null
 bash scripts/demo-images.sh "$node/images"
 
-as_root "$bin/provd" serve --config "$node/provd.toml" >"$node/provd.out" 2>"$node/provd.log" &
+"${root_prefix[@]}" "$bin/provd" serve --config "$node/provd.toml" >"$node/provd.out" 2>"$node/provd.log" &
 pid=$!
-stop_node() { as_root kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; }
+stop_node() { "${root_prefix[@]}" kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; }
 trap stop_node EXIT
 url=""
 for _ in $(seq 300); do
@@ -79,7 +82,7 @@ provctl audit --operation "$id" --node "$url" >"$work/audit.txt"
 stop_node
 trap - EXIT
 echo "quickstart: verifying every VM against its image (node stopped)"
-as_root "$bin/provctl" partition verify --data-dir "$node/data"
+"${root_prefix[@]}" "$bin/provctl" partition verify --data-dir "$node/data"
 for xml in "$node"/data/vms/*/domain.xml; do
   virt-xml-validate "$xml" domain >/dev/null
 done
