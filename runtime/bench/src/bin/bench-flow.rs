@@ -1,0 +1,308 @@
+//! The product's flow end to end, and how it grows with the number of VMs.
+//! Run with:
+//!
+//! ```text
+//! cargo build --release -p provd-daemon -p provd-bench
+//! target/release/bench-flow        # ROOTS=/var/tmp/rootfs-a:/var/tmp/rootfs-b:/var/tmp/rootfs-c COUNTS="2 4 8 16 32"
+//! ```
+//!
+//! A real `provd serve` (release) over mutual TLS runs the `shared-partition`
+//! plugin for N VMs drawn in turn from the root filesystems in `ROOTS`
+//! (by default three `debootstrap --variant=minbase` roots with different
+//! package sets). For each N it prints the wall time of each phase as the
+//! plugin reports it, the bytes provd puts on disk (shared partition,
+//! private partitions, seeds) against the two peers measured in the same
+//! run on the same roots, and the daemon's peak resident memory:
+//!
+//! * naive: a full ext4 image per VM (`mke2fs -d` of its root);
+//! * qcow2: a qcow2 base per image (`qemu-img convert` of that ext4) and a
+//!   qcow2 overlay per VM on it (`qemu-img create -b`), how Nova shares a
+//!   base between VMs of one image.
+//!
+//! Images are imported once, in a first run with one VM per root (its
+//! `fetch-images` phase is the import); every N after that finds them in the
+//! store. The node is emptied (every VM deleted) between runs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use provd_client::{Client, TlsFiles};
+use provd_tests::SHARED_PARTITION;
+use provd_tests::daemon::TestNode;
+use serde_json::{Value, json};
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Bytes allocated on disk under `path` (`du -B1 -s`).
+fn allocated(path: &Path) -> Result<u64> {
+    let out = Command::new("du").arg("-B1").arg("-s").arg(path).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().next().and_then(|n| n.parse().ok()).context("du")
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+/// The peers' files for one root: (naive ext4 bytes, qcow2 base bytes,
+/// qcow2 overlay bytes, seconds to make the ext4, seconds to convert).
+struct Peer {
+    naive: u64,
+    base: u64,
+    overlay: u64,
+    naive_secs: f64,
+    base_secs: f64,
+}
+
+fn peers(root: &Path, dir: &Path, i: usize) -> Result<Peer> {
+    let ext4 = dir.join(format!("root{i}.ext4"));
+    // The same sizing as scripts/bench-partitions.sh: content + 30 % + 64 MiB.
+    let size = allocated(root)? * 13 / 10 + (64 << 20);
+    let t = Instant::now();
+    run(Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(root)
+        .arg(&ext4)
+        .arg(format!("{}k", size / 1024)))?;
+    let naive_secs = t.elapsed().as_secs_f64();
+    let base = dir.join(format!("base{i}.qcow2"));
+    let t = Instant::now();
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&ext4)
+        .arg(&base))?;
+    let base_secs = t.elapsed().as_secs_f64();
+    let overlay = dir.join(format!("overlay{i}.qcow2"));
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-b"])
+        .arg(&base)
+        .args(["-F", "qcow2"])
+        .arg(&overlay))?;
+    Ok(Peer {
+        naive: allocated(&ext4)?,
+        base: allocated(&base)?,
+        overlay: allocated(&overlay)?,
+        naive_secs,
+        base_secs,
+    })
+}
+
+fn spec(name: &str, root: &Path) -> Value {
+    json!({"name": name, "hypervisor": "libvirt", "vcpus": 1, "memory-mib": 256,
+           "image": format!("dir:{}", root.display()), "boot": {"firmware": "uefi"},
+           "nics": [{"bridge": "br0", "dhcp4": true}]})
+}
+
+/// One provisioning of `n` VMs: (phase → seconds, total seconds, report, peak RSS KiB).
+async fn provision(
+    c: &Client,
+    pid: u32,
+    roots: &[PathBuf],
+    n: usize,
+) -> Result<(BTreeMap<String, f64>, f64, Value, u64)> {
+    let vms: Vec<Value> =
+        (0..n).zip(roots.iter().cycle()).map(|(i, root)| spec(&format!("vm-{i}"), root)).collect();
+    let request = json!({"plugin": "shared-partition", "vms": vms,
+                         "params": {"shared-format": "erofs", "private-format": "ext4"}});
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(Ordering::Relaxed) {
+                peak = peak.max(rss_kib(pid));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        })
+    };
+    let started = Instant::now();
+    let op = c.provision(&request).await?;
+    let id = op.body.pointer("/operation/id").and_then(Value::as_str).context("no id")?.to_string();
+    let mut marks: Vec<(String, Instant)> = Vec::new();
+    let done = c
+        .wait(&id, |op| {
+            if let Some(p) = op.get("phase").and_then(Value::as_str)
+                && marks.last().map(|(m, _)| m.as_str()) != Some(p)
+            {
+                marks.push((p.to_string(), Instant::now()));
+            }
+        })
+        .await?;
+    let end = Instant::now();
+    stop.store(true, Ordering::Relaxed);
+    let peak = sampler.join().unwrap_or(0);
+    if done.get("state").and_then(Value::as_str) != Some("succeeded") {
+        bail!("provisioning {n} VMs: {done:#}");
+    }
+    let mut phases = BTreeMap::new();
+    for (i, (phase, at)) in marks.iter().enumerate() {
+        let next = marks.get(i + 1).map(|(_, t)| *t).unwrap_or(end);
+        *phases.entry(phase.clone()).or_insert(0.0) += (next - *at).as_secs_f64();
+    }
+    let report = done.get("report").cloned().unwrap_or_default();
+    Ok((phases, (end - started).as_secs_f64(), report, peak))
+}
+
+async fn empty(c: &Client, n: usize) -> Result<()> {
+    for i in 0..n {
+        c.delete(&format!("/v1/vms/vm-{i}")).await?;
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let roots: Vec<PathBuf> = std::env::var("ROOTS")
+        .unwrap_or_else(|_| "/var/tmp/rootfs-a:/var/tmp/rootfs-b:/var/tmp/rootfs-c".into())
+        .split(':')
+        .map(PathBuf::from)
+        .collect();
+    let counts: Vec<usize> = std::env::var("COUNTS")
+        .unwrap_or_else(|_| "2 4 8 16 32".into())
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    for r in &roots {
+        if !r.is_dir() {
+            bail!(
+                "{} is missing: build it with debootstrap --variant=minbase (docs/benchmarks.md)",
+                r.display()
+            );
+        }
+    }
+    let provd = std::env::current_exe()?.with_file_name("provd");
+    if !provd.exists() {
+        bail!("{} is missing: cargo build --release -p provd-daemon", provd.display());
+    }
+    let work = tempfile::Builder::new().prefix("provd-bench-flow-").tempdir_in("/var/tmp")?;
+    let sources: Vec<String> = roots.iter().map(|r| format!("\"dir:{}\"", r.display())).collect();
+    let extra = format!(
+        "[policy]\nimage-sources = [{}]\n[capacity]\nvcpus = 256\nmemory-mib = 1048576\n\
+         disk-bytes = 109951162777600\n",
+        sources.join(", ")
+    );
+    let node = TestNode::start(&provd, work.path(), &extra).context("starting provd")?;
+    let pid = node.pid().context("no pid")?;
+    let (ca, cert, key) = node.tls();
+    let c = Client::new(&node.url, &TlsFiles { ca, cert: Some(cert), key: Some(key) })?;
+    let manifest = std::fs::read_to_string(SHARED_PARTITION.dir().join("plugin.toml"))?;
+    c.deploy(node.bundle(&manifest, &SHARED_PARTITION.wasm())).await?;
+    println!("provd {} on {}; roots:", provd.display(), node.url);
+    for r in &roots {
+        println!("  {} ({:.1} MiB allocated)", r.display(), mib(allocated(r)?));
+    }
+    println!("daemon RSS at rest: {:.1} MiB", rss_kib(pid) as f64 / 1024.0);
+
+    // The peers, on the same roots.
+    let peer_dir = work.path().join("peers");
+    std::fs::create_dir_all(&peer_dir)?;
+    let peer: Vec<Peer> =
+        roots.iter().enumerate().map(|(i, r)| peers(r, &peer_dir, i)).collect::<Result<_>>()?;
+    for (r, p) in roots.iter().zip(&peer) {
+        println!(
+            "  peer files of {}: ext4 {:.1} MiB ({:.2} s), qcow2 base {:.1} MiB (+{:.2} s), overlay {:.2} MiB",
+            r.display(),
+            mib(p.naive),
+            p.naive_secs,
+            mib(p.base),
+            p.base_secs,
+            mib(p.overlay)
+        );
+    }
+
+    // First run: one VM per root; its fetch phase imports the images.
+    let (phases, total, _, peak) = provision(&c, pid, &roots, roots.len()).await?;
+    println!(
+        "\nimport + first provisioning of {} VMs: {total:.2} s (fetch-images {:.2} s), peak RSS {:.1} MiB",
+        roots.len(),
+        phases.get("fetch-images").copied().unwrap_or(0.0),
+        peak as f64 / 1024.0
+    );
+    empty(&c, roots.len()).await?;
+
+    let order = ["fetch-images", "plan", "shared-partition", "private-partitions", "configure-vms"];
+    println!("\nimages in the store; seconds per phase, bytes on disk, provd's peak RSS:");
+    println!(
+        "{:>4} {:>7} {:>6} {:>6} {:>7} {:>8} {:>9} {:>9} {:>11} {:>11} {:>7} {:>11} {:>7} {:>8}",
+        "VMs",
+        "fetch",
+        "plan",
+        "shared",
+        "private",
+        "config",
+        "total s",
+        "provd MiB",
+        "naive MiB",
+        "naive s*",
+        "ratio",
+        "qcow2 MiB",
+        "ratio",
+        "RSS MiB"
+    );
+    for &n in &counts {
+        let (phases, total, report, peak) = provision(&c, pid, &roots, n).await?;
+        let t = |p: &str| phases.get(p).copied().unwrap_or(0.0);
+        let shared = report
+            .pointer("/output/totals/shared_partition_bytes")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let private = report
+            .pointer("/output/totals/private_partitions_bytes")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let seeds = allocated(&node.data.join("vms"))?;
+        let provd_bytes = shared + private + seeds;
+        let used: Vec<&Peer> = peer.iter().cycle().take(n).collect();
+        let naive: u64 = used.iter().map(|p| p.naive).sum();
+        let naive_secs: f64 = used.iter().map(|p| p.naive_secs).sum();
+        let bases: u64 = peer.iter().take(n.min(peer.len())).map(|p| p.base).sum();
+        let qcow2 = bases + used.iter().map(|p| p.overlay).sum::<u64>();
+        println!(
+            "{:>4} {:>7.2} {:>6.2} {:>6.2} {:>7.2} {:>8.2} {:>9.2} {:>9.1} {:>11.1} {:>11.2} {:>7.3} {:>11.1} {:>7.3} {:>8.1}",
+            n,
+            t(order[0]),
+            t(order[1]),
+            t(order[2]),
+            t(order[3]),
+            t(order[4]),
+            total,
+            mib(provd_bytes),
+            mib(naive),
+            naive_secs,
+            provd_bytes as f64 / naive as f64,
+            mib(qcow2),
+            provd_bytes as f64 / qcow2 as f64,
+            peak as f64 / 1024.0
+        );
+        empty(&c, n).await?;
+    }
+    println!(
+        "\n* naive s: the measured mke2fs time of each VM's root, summed over the VMs \
+         (a full image per VM is made per VM)."
+    );
+    println!("daemon RSS at the end: {:.1} MiB", rss_kib(pid) as f64 / 1024.0);
+    Ok(())
+}
