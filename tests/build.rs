@@ -13,6 +13,7 @@ const GUESTS: &[(&str, &str)] = &[
     ("hashbench", "tests/guests/hashbench"),
     ("imager", "tests/guests/imager"),
     ("shared-partition", "plugins/shared-partition"),
+    ("cloud-init", "plugins/cloud-init"),
 ];
 
 fn main() {

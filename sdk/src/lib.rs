@@ -491,4 +491,11 @@ pub mod vm {
     pub fn configure(spec: &str, private: &str) -> Result<Configured, Error> {
         host::configure(spec, private).map_err(Error::from)
     }
+
+    /// Rewrites the cloud-init seed of a VM this operation names (or this
+    /// request configured) from `spec`: its spec with another `cloud-init`
+    /// section or other NIC addresses. Returns the seed's new instance id.
+    pub fn customize(spec: &str) -> Result<String, Error> {
+        host::customize(spec).map_err(Error::from)
+    }
 }

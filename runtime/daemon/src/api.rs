@@ -130,7 +130,39 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(json_limit))
+        .layer(axum::middleware::from_fn_with_state(state.limits, refuse_announced_excess))
         .with_state(state)
+}
+
+/// Refuses a body whose announced length is over the route's limit before
+/// reading any of it; bodies without a length are cut at the limit while
+/// they are read (`DefaultBodyLimit`).
+async fn refuse_announced_excess(
+    State(limits): State<HttpLimits>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limit = if req.uri().path() == "/v1/bundles" {
+        limits.max_bundle_bytes
+    } else {
+        limits.max_json_bytes
+    };
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = announced
+        && len > limit
+    {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            format!("the body is {len} bytes; this endpoint takes at most {limit}"),
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 async fn healthz(State(s): State<AppState>) -> ApiResult {

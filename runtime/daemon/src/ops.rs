@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt as _;
-use provd_engine::{CallOutcome, Cancel, HostCall, InvokeError, Observer, PluginError, Request};
+use provd_engine::{
+    CallOptions, CallOutcome, Cancel, HostCall, InvokeError, Observer, PluginError, Request,
+};
 use provd_node::Node;
 use provd_store::{
     NewAudit, NewOperation, OpState, OperationError, OperationRecord, Started, Store,
@@ -62,6 +64,7 @@ const DECISIONS: &[(&str, &str)] = &[
     ("partitions", "create-private"),
     ("partitions", "add-file"),
     ("vm", "configure"),
+    ("vm", "customize"),
 ];
 /// Individual audit rows kept per operation; beyond, calls are folded.
 const MAX_AUDIT_ROWS: usize = 10_000;
@@ -326,7 +329,12 @@ impl Operations {
         let result = self
             .node
             .engine()
-            .provision_with(&plugin, request, observer.clone(), running.cancel.clone())
+            .provision_with(
+                &plugin,
+                request,
+                observer.clone(),
+                CallOptions { cancel: running.cancel.clone(), vms: req.vms.clone() },
+            )
             .await;
         self.metrics
             .call_seconds

@@ -11,9 +11,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use provd_client::{Client, TlsFiles};
-use provd_tests::SHARED_PARTITION;
 use provd_tests::daemon::{DEFAULT_EXTRA, TestNode};
 use provd_tests::oci::{oci_layout, push, start_registry};
+use provd_tests::{CLOUD_INIT, SHARED_PARTITION};
 use serde_json::{Value, json};
 
 const PROVD: &str = env!("CARGO_BIN_EXE_provd");
@@ -190,6 +190,45 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
         |f: &str| audit["audit"].as_array().unwrap().iter().filter(|r| r["function"] == f).count();
     assert_eq!((count("fetch"), count("plan"), count("create-shared")), (3, 1, 1));
     assert_eq!((count("create-private"), count("configure")), (3, 3));
+
+    // The cloud-init plugin customises web-1: a new hostname and a user,
+    // written as a new seed in place of the attached one.
+    let manifest = std::fs::read_to_string(CLOUD_INIT.dir().join("plugin.toml")).unwrap();
+    c.deploy(node.bundle(&manifest, &CLOUD_INIT.wasm())).await.unwrap();
+    let seed = node.data.join("vms/web-1/seed.iso");
+    let (_, before) = provd_vm::cloudinit::read_seed_iso(&seed).unwrap();
+    let mut web_spec = spec("web-1", &references[0]);
+    web_spec["cloud-init"] = json!({"hostname": "www.example.net", "users": [{"name": "ops",
+        "ssh-authorized-keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJDiwd0q0EtpBdN27xv1S9+KrgNRz6jxD4skH2FHqmCr ops@example.com"]}]});
+    let custom =
+        c.provision(&json!({"plugin": "cloud-init", "vms": [web_spec.clone()]})).await.unwrap();
+    let custom_id = custom.body["operation"]["id"].as_str().unwrap().to_string();
+    let done_custom = c.wait(&custom_id, |_| {}).await.unwrap();
+    assert_eq!(done_custom["state"], "succeeded", "{done_custom:#}");
+    let (label, after) = provd_vm::cloudinit::read_seed_iso(&seed).unwrap();
+    assert_eq!(label, "cidata");
+    let file = |files: &[(String, Vec<u8>)], name: &str| {
+        files
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| String::from_utf8_lossy(c).into_owned())
+            .unwrap()
+    };
+    assert!(file(&after, "meta-data").contains("www.example.net"), "{after:?}");
+    assert!(file(&after, "user-data").contains("ops@example.com"), "{after:?}");
+    assert_ne!(file(&before, "meta-data"), file(&after, "meta-data"));
+    let id_now = done_custom["report"]["output"][0]["instance_id"].as_str().unwrap();
+    assert!(file(&after, "meta-data").contains(id_now));
+    // Anything beyond cloud-init and addresses is refused, naming the field,
+    // and the seed stays as it was.
+    let mut bigger = web_spec.clone();
+    bigger["vcpus"] = json!(4);
+    let refused = c.provision(&json!({"plugin": "cloud-init", "vms": [bigger]})).await.unwrap();
+    let refused_id = refused.body["operation"]["id"].as_str().unwrap().to_string();
+    let refused = c.wait(&refused_id, |_| {}).await.unwrap();
+    assert_eq!(refused["error"]["code"], "plugin-denied", "{refused:#}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("vcpus"), "{refused:#}");
+    assert_eq!(provd_vm::cloudinit::read_seed_iso(&seed).unwrap().1, after);
 
     // Each VM's private partition on its layers is exactly its image,
     // read with provd's own readers while the node is stopped.

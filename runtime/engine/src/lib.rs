@@ -201,6 +201,17 @@ impl Cancel {
     }
 }
 
+/// What the caller of [`Engine::provision_with`] controls about a call.
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    /// Stops the call at the plugin's next host call or epoch slice.
+    pub cancel: Cancel,
+    /// The VM names the operation is about (the daemon holds them for it):
+    /// besides VMs the request configures itself, the only VMs a plugin may
+    /// change.
+    pub vms: Vec<String>,
+}
+
 /// The result of a successful call.
 #[derive(Debug)]
 pub struct Outcome {
@@ -316,18 +327,19 @@ impl Engine {
         request: Request,
         observer: Arc<dyn Observer>,
     ) -> Result<Outcome, InvokeError> {
-        self.provision_with(plugin, request, observer, Cancel::default()).await
+        self.provision_with(plugin, request, observer, CallOptions::default()).await
     }
 
-    /// [`Engine::provision`] that `cancel` can stop at the plugin's next
-    /// host call.
+    /// [`Engine::provision`] with the caller's options: a cancel token and
+    /// the operation's VM names.
     pub async fn provision_with(
         &self,
         plugin: &Plugin,
         request: Request,
         observer: Arc<dyn Observer>,
-        cancel: Cancel,
+        options: CallOptions,
     ) -> Result<Outcome, InvokeError> {
+        let cancel = options.cancel.clone();
         let allowed = self.inner.config.policy.max_concurrent_invocations;
         let _slot = self
             .inner
@@ -351,7 +363,7 @@ impl Engine {
             request,
             observer,
             ledger.clone(),
-            cancel,
+            options,
         ))
         .catch_unwind();
         // A cancel takes effect at the plugin's next host call; a plugin
@@ -426,7 +438,7 @@ async fn invoke(
     request: Request,
     observer: Arc<dyn Observer>,
     ledger: Arc<host::Ledger>,
-    cancel: Cancel,
+    options: CallOptions,
 ) -> (Result<Report, InvokeError>, LogStats) {
     let p = &plugin.inner;
     let policy = &inner.config.policy;
@@ -440,7 +452,7 @@ async fn invoke(
         max_handles,
         observer.clone(),
         &inner.services,
-        cancel,
+        options,
     );
     let mut store = wasmtime::Store::new(&inner.engine, state);
     store.limiter(|s| &mut s.limiter);

@@ -198,6 +198,16 @@ impl Store {
         Ok(rec)
     }
 
+    /// Replaces the recorded spec of VM `name` (its cloud-init was
+    /// customised); `false` when there is no such VM.
+    pub fn update_vm_spec(&self, name: &str, spec: &str) -> Result<bool, StoreError> {
+        let changed = self
+            .lock_db()
+            .execute("UPDATE vms SET spec = ?2 WHERE name = ?1", [name, spec])
+            .map_err(|e| self.db_error(e))?;
+        Ok(changed == 1)
+    }
+
     /// One VM.
     pub fn vm(&self, name: &str) -> Result<Option<VmRecord>, StoreError> {
         record(&self.lock_db(), name).map_err(|e| self.db_error(e))

@@ -422,3 +422,85 @@ pub fn delete(store: &Store, name: &str) -> Result<bool, VmError> {
     let released = store.release_vm(name).map_err(|e| VmError::Failed(e.to_string()))?;
     Ok(existed || !released.is_empty())
 }
+
+/// A VM's seed rewritten by [`customize`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Customized {
+    pub name: String,
+    /// The new seed's instance id: cloud-init applies the seed at the next
+    /// boot because it differs from the last one.
+    pub instance_id: String,
+    /// The seed image, attached to the VM since it was configured.
+    pub seed: PathBuf,
+}
+
+/// The part of a spec that `customize` may not change: everything but the
+/// cloud-init section and the NICs' addressing.
+fn fixed_part(spec: &VmSpec) -> VmSpec {
+    let mut fixed = spec.clone();
+    fixed.cloud_init = None;
+    for nic in &mut fixed.nics {
+        nic.ipv4 = None;
+        nic.ipv6 = None;
+        nic.dhcp4 = false;
+        nic.dhcp6 = false;
+        nic.dns.clear();
+    }
+    fixed
+}
+
+/// Rewrites the cloud-init seed of an existing VM from `spec_text`: its
+/// recorded spec with another `cloud-init` section (hostname, users, SSH
+/// keys, user-data, network-config) or other NIC addresses. Any other
+/// difference is refused, naming the field, because it would change what
+/// the hypervisor runs rather than what the guest is told. The new seed is
+/// written beside the old one and renamed over it, then the recorded spec
+/// is updated; a failure leaves the old seed and spec in place.
+pub fn customize(store: &Store, spec_text: &str, grant: &VmGrant) -> Result<Customized, VmError> {
+    let new = parse_spec(spec_text).map_err(|e| VmError::Spec(e.to_string()))?;
+    check_grant(&new, grant)?;
+    let rec = store
+        .vm(&new.name)
+        .map_err(|e| VmError::Failed(e.to_string()))?
+        .ok_or_else(|| VmError::NotFound(format!("no VM {:?} on this node", new.name)))?;
+    let old = parse_spec(&rec.spec).map_err(|e| VmError::Failed(format!("recorded spec: {e}")))?;
+    let (a, b) = (fixed_part(&old), fixed_part(&new));
+    if a != b {
+        let field = [
+            ("hypervisor", a.hypervisor != b.hypervisor),
+            ("vcpus", a.vcpus != b.vcpus),
+            ("topology", a.topology != b.topology),
+            ("memory-mib", a.memory_mib != b.memory_mib),
+            ("image", a.image != b.image),
+            ("disks", a.disks != b.disks),
+            ("nics", a.nics != b.nics),
+            ("boot", a.boot != b.boot),
+            ("labels", a.labels != b.labels),
+        ]
+        .into_iter()
+        .find(|(_, differs)| *differs)
+        .map(|(f, _)| f)
+        .unwrap_or("spec");
+        return Err(VmError::Denied {
+            field: field.into(),
+            reason: "only the cloud-init section and NIC addresses of a configured VM can be \
+                     changed; configure it again for anything else"
+                .into(),
+        });
+    }
+    let seed = seed_files(&seed_input(&new)).map_err(|e| VmError::Spec(e.to_string()))?;
+    let dir = vm_dir(store, &new.name);
+    let path = dir.join("seed.iso");
+    let temp = dir.join("seed.iso.new");
+    let io = |what: &str, e: std::io::Error| VmError::Failed(format!("{what}: {e}"));
+    write_seed_iso(&seed, &temp).map_err(|e| {
+        let _ = std::fs::remove_file(&temp);
+        VmError::Failed(e.to_string())
+    })?;
+    std::fs::rename(&temp, &path).map_err(|e| {
+        let _ = std::fs::remove_file(&temp);
+        io("replacing seed.iso", e)
+    })?;
+    store.update_vm_spec(&new.name, spec_text).map_err(|e| VmError::Failed(e.to_string()))?;
+    Ok(Customized { name: new.name, instance_id: seed.instance_id, seed: path })
+}

@@ -68,6 +68,8 @@ pub(crate) struct HostState {
     pub capacity: provd_domain::NodeCapacity,
     /// Set by the caller to stop the request at its next host call.
     pub cancel: crate::Cancel,
+    /// The VM names the operation is about.
+    pub operation_vms: Vec<String>,
     /// Whether a host call found the request cancelled.
     pub cancelled: bool,
 }
@@ -110,6 +112,10 @@ impl Ledger {
         !s.closed
     }
 
+    pub(crate) fn has_vm(&self, name: &str) -> bool {
+        self.lock().vms.iter().any(|v| v == name)
+    }
+
     pub(crate) fn has_partition(&self, id: &str) -> bool {
         self.lock().partitions.iter().any(|p| p == id)
     }
@@ -146,7 +152,7 @@ impl HostState {
         max_handles: usize,
         observer: Arc<dyn Observer>,
         node: &NodeServices,
-        cancel: crate::Cancel,
+        options: crate::CallOptions,
     ) -> (HostState, [LogStream; 2]) {
         let log_budget = grants.log.map(|l| l.max_bytes).unwrap_or(0);
         let sink = LogSink::new(plugin.clone(), observer.clone(), log_budget);
@@ -181,7 +187,8 @@ impl HostState {
             ledger,
             partition_bytes: 0,
             capacity: node.capacity,
-            cancel,
+            cancel: options.cancel,
+            operation_vms: options.vms,
             cancelled: false,
         };
         (state, [stdout, stderr])

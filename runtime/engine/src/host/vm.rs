@@ -107,4 +107,49 @@ impl wit::Host for HostState {
         self.audit("vm", "configure", args, &result);
         Ok(result)
     }
+
+    async fn customize(&mut self, spec: String) -> wasmtime::Result<Result<String, WitError>> {
+        self.step()?;
+        let name = provd_vm::spec::parse_spec(&spec).map(|s| s.name).unwrap_or_else(|_| "?".into());
+        let args = format!("vm={name} spec-bytes={}", spec.len());
+        let result = self.customize_call(name, spec).await?;
+        self.audit("vm", "customize", args, &result);
+        Ok(result)
+    }
+}
+
+impl HostState {
+    async fn customize_call(
+        &mut self,
+        name: String,
+        spec: String,
+    ) -> wasmtime::Result<Result<String, WitError>> {
+        let prepared = (|| {
+            let grant =
+                self.grants.vm.clone().ok_or_else(|| WitError::Denied("vm not granted".into()))?;
+            if spec.len() > MAX_SPEC_BYTES {
+                return Err(WitError::InvalidInput(format!(
+                    "spec is {} bytes; at most {MAX_SPEC_BYTES}",
+                    spec.len()
+                )));
+            }
+            // A plugin changes only the VMs its operation is about: those
+            // it configured itself, or those the operation names (and the
+            // daemon holds for it).
+            if !self.ledger.has_vm(&name) && !self.operation_vms.contains(&name) {
+                return Err(WitError::Denied(format!(
+                    "VM {name:?} is neither configured by this request nor named by its operation"
+                )));
+            }
+            Ok((grant, self.partition_store()?))
+        })();
+        let (grant, store) = match prepared {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        let done =
+            tokio::task::spawn_blocking(move || provd_vm::node::customize(&store, &spec, &grant))
+                .await?;
+        Ok(done.map(|c| c.instance_id).map_err(wit_error))
+    }
 }
