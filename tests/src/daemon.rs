@@ -79,7 +79,7 @@ impl TestNode {
         let mut child = Command::new(&self.binary)
             .args(["serve", "--config"])
             .arg(&self.config)
-            .env("PROVD_LOG", "info")
+            .env("PROVD_LOG", std::env::var("PROVD_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()?;
