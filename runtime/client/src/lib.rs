@@ -164,7 +164,18 @@ impl Client {
             .send()
             .await
             .map_err(|e| ClientError::Connect { url: url.clone(), message: error_chain(&e) })?;
-        resp.text().await.map_err(|e| ClientError::Connect { url, message: error_chain(&e) })
+        let status = resp.status().as_u16();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| ClientError::Connect { url: url.clone(), message: error_chain(&e) })?;
+        if status >= 400 {
+            let body: Value = serde_json::from_str(&text).unwrap_or_default();
+            let code = body.pointer("/error/code").and_then(Value::as_str).unwrap_or("unknown");
+            let message = body.pointer("/error/message").and_then(Value::as_str).unwrap_or("");
+            return Err(ClientError::Api { status, code: code.into(), message: message.into() });
+        }
+        Ok(text)
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> Result<Answer, ClientError> {
@@ -200,6 +211,7 @@ impl Client {
         id: &str,
         wait: Option<(u64, u64)>,
     ) -> Result<Value, ClientError> {
+        let id = encode(id);
         let path = match wait {
             Some((secs, since)) => format!("/v1/operations/{id}?wait={secs}&since={since}"),
             None => format!("/v1/operations/{id}"),
@@ -221,9 +233,31 @@ impl Client {
             if op.get("state").and_then(Value::as_str) != Some("running") {
                 return Ok(op);
             }
-            since = op.get("seq").and_then(Value::as_u64).unwrap_or(u64::MAX);
+            match op.get("seq").and_then(Value::as_u64) {
+                Some(seq) => since = seq,
+                // Running but not live on the node (its end being recorded):
+                // ask again shortly rather than at once.
+                None => {
+                    since = u64::MAX;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
         }
     }
+}
+
+/// `text` for a URL path segment or query value: everything but
+/// unreserved characters percent-encoded.
+pub fn encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// An error with its causes, which is where reqwest says what failed

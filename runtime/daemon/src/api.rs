@@ -532,7 +532,12 @@ async fn start_operation(
         None => None,
     };
     let req = start_request(body, header_key, peer.0.clone())?;
-    match s.ops.start(req).await {
+    // Recorded and spawned on a task of its own: a client that disconnects
+    // meanwhile cannot leave an operation recorded but never run.
+    let ops = s.ops.clone();
+    let started =
+        tokio::spawn(async move { ops.start(req).await }).await.map_err(blocking_error)?;
+    match started {
         Ok((rec, true)) => {
             ok(StatusCode::ACCEPTED, json!({"operation": operation_json(&rec, None)}))
         }
@@ -541,6 +546,11 @@ async fn start_operation(
             StatusCode::NOT_FOUND,
             "no-such-plugin",
             format!("no accepted plugin {p} on this node"),
+        )),
+        Err(StartError::Busy(n)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!("{n} operations are running or queued, the most this node takes; retry later"),
         )),
         Err(StartError::ShuttingDown) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

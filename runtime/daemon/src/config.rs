@@ -68,6 +68,8 @@ pub struct HttpLimits {
     pub max_wait_secs: u64,
     /// Operations allowed to run at once; more wait in the `queued` phase.
     pub max_running_operations: u32,
+    /// Operations allowed to wait for a slot; more are refused with `busy`.
+    pub max_queued_operations: u32,
     /// Seconds a graceful shutdown waits for running operations before
     /// cancelling them.
     pub shutdown_grace_secs: u64,
@@ -83,6 +85,7 @@ impl Default for HttpLimits {
             max_connections: 512,
             max_wait_secs: 60,
             max_running_operations: 16,
+            max_queued_operations: 256,
             shutdown_grace_secs: 30,
         }
     }

@@ -78,6 +78,8 @@ pub enum StartError {
     NoPlugin(String),
     #[error("the node is shutting down")]
     ShuttingDown,
+    #[error("{0} operations are running or queued")]
+    Busy(usize),
     #[error(transparent)]
     Refused(#[from] OperationError),
     #[error("{0}")]
@@ -91,6 +93,8 @@ pub struct Operations {
     metrics: Arc<Metrics>,
     running: Mutex<HashMap<String, Arc<Running>>>,
     slots: Arc<Semaphore>,
+    /// Operations running or queued at most; more are refused.
+    max_held: usize,
     closed: std::sync::atomic::AtomicBool,
     idle: tokio::sync::Notify,
 }
@@ -152,6 +156,7 @@ impl Operations {
         store: Arc<Store>,
         metrics: Arc<Metrics>,
         max_running: u32,
+        max_queued: u32,
     ) -> Arc<Operations> {
         Arc::new(Operations {
             node,
@@ -159,6 +164,7 @@ impl Operations {
             metrics,
             running: Mutex::default(),
             slots: Arc::new(Semaphore::new(usize::try_from(max_running.max(1)).unwrap_or(1))),
+            max_held: usize::try_from(max_running.saturating_add(max_queued)).unwrap_or(usize::MAX),
             closed: std::sync::atomic::AtomicBool::new(false),
             idle: tokio::sync::Notify::new(),
         })
@@ -208,6 +214,10 @@ impl Operations {
     ) -> Result<(OperationRecord, bool), StartError> {
         if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(StartError::ShuttingDown);
+        }
+        let held = self.running_count();
+        if held >= self.max_held {
+            return Err(StartError::Busy(held));
         }
         let found = self
             .node
@@ -323,6 +333,7 @@ impl Operations {
             metrics: self.metrics.clone(),
             running: running.clone(),
             audit: Mutex::default(),
+            persisted: Mutex::default(),
         });
         let request = Request { operation_id: id.to_string(), input: req.input.clone() };
         let started = std::time::Instant::now();
@@ -333,7 +344,7 @@ impl Operations {
                 &plugin,
                 request,
                 observer.clone(),
-                CallOptions { cancel: running.cancel.clone(), vms: req.vms.clone() },
+                CallOptions { cancel: running.cancel.clone(), vms: Some(req.vms.clone()) },
             )
             .await;
         self.metrics
@@ -390,17 +401,40 @@ impl Operations {
         row.function = Some("finish".into());
         row.outcome = state.as_str().into();
         row.detail = error.as_ref().map(|(c, m)| format!("{c}: {m}"));
+        let (phase, done, total) = {
+            let snap = running.snapshot.borrow();
+            (snap.phase.clone(), snap.done, snap.total)
+        };
         let written = tokio::task::spawn_blocking(move || {
-            store.finish_operation(
-                &op,
-                state,
-                report.as_deref(),
-                err.as_ref().map(|(c, m)| (*c, m.as_str())),
-            )?;
-            store.append_audit(&[row])
+            // The end must be on record: an operation left `running` would be
+            // rolled back at the next start, successful or not. A store that
+            // fails (a full disk) gets a few more chances.
+            let mut last = None;
+            for attempt in 0..5u32 {
+                if attempt > 0 {
+                    std::thread::sleep(Duration::from_millis(200 << attempt));
+                }
+                let result = (|| {
+                    if let Some(phase) = &phase {
+                        store.operation_progress(&op, phase, done, total)?;
+                    }
+                    store.finish_operation(
+                        &op,
+                        state,
+                        report.as_deref(),
+                        err.as_ref().map(|(c, m)| (*c, m.as_str())),
+                    )?;
+                    store.append_audit(std::slice::from_ref(&row))
+                })();
+                match result {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last)
         })
         .await;
-        if !matches!(written, Ok(Ok(_))) {
+        if !matches!(written, Ok(Ok(()))) {
             tracing::error!(operation = %id, ?written, "recording the end of an operation failed");
         }
         Metrics::outcome(&self.metrics.operations, state.as_str());
@@ -588,6 +622,8 @@ struct OpObserver {
     metrics: Arc<Metrics>,
     running: Arc<Running>,
     audit: Mutex<AuditBuffer>,
+    /// When progress was last written to the store.
+    persisted: Mutex<Option<std::time::Instant>>,
 }
 
 impl OpObserver {
@@ -672,7 +708,18 @@ impl Observer for OpObserver {
             s.done = e.done;
             s.total = e.total;
         });
-        if changed_phase {
+        // The phase is persisted when it changes, at most once a second: a
+        // plugin flipping between phases must not turn into a stream of
+        // synchronous commits. The end persists the last one.
+        let due = {
+            let mut last = self.persisted.lock().unwrap_or_else(|p| p.into_inner());
+            let due = changed_phase && last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if due {
             let store = self.store.clone();
             let (id, phase, done, total) =
                 (self.operation.clone(), e.phase.clone(), e.done, e.total);

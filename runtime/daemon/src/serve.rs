@@ -79,6 +79,7 @@ pub async fn serve(
         store.clone(),
         metrics.clone(),
         config.limits.max_running_operations,
+        config.limits.max_queued_operations,
     );
     let state =
         AppState { node, store, ops: ops.clone(), metrics: metrics.clone(), limits: config.limits };
@@ -133,13 +134,20 @@ pub async fn serve(
                             return;
                         }
                     };
-                    let peer = tls
+                    let named = tls
                         .get_ref()
                         .1
                         .peer_certificates()
                         .and_then(|c| c.first())
                         .map(crate::tls::peer_name)
-                        .unwrap_or_else(|| "unauthenticated".into());
+                        .unwrap_or_else(|| Err("no client certificate".into()));
+                    let peer = match named {
+                        Ok(name) => name,
+                        Err(why) => {
+                            tracing::warn!(%remote, %why, "client certificate refused");
+                            return;
+                        }
+                    };
                     let conn = connection(TokioIo::new(tls), router, Peer(peer), header_timeout);
                     if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(%remote, error = %e, "connection ended with an error");
@@ -207,10 +215,23 @@ fn bind_admin(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     // A socket left by a stopped provd; the data directory lock guarantees
     // no other provd serves this node.
     let _ = std::fs::remove_file(path);
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("binding the admin socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    // Bound inside a fresh owner-only directory, made 0600 there and only
+    // then moved into place: nobody else can connect in between.
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let private = parent.join(format!(".provd-admin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::create_dir(&private)?;
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))?;
+    let inner = private.join("admin.sock");
+    let bound = tokio::net::UnixListener::bind(&inner)
+        .with_context(|| format!("binding the admin socket {}", path.display()))
+        .and_then(|l| {
+            std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+            std::fs::rename(&inner, path)?;
+            Ok(l)
+        });
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
 async fn accept_admin(
@@ -224,7 +245,12 @@ async fn accept_admin(
 
 /// Every request: a time limit, counted by status.
 async fn guard(req: Request, next: Next, timeout: Duration, metrics: Arc<Metrics>) -> Response {
-    let method = req.method().to_string();
+    // Only the methods the API knows get a label of their own: a client
+    // inventing methods must not grow the metrics without bound.
+    let method = match req.method().as_str() {
+        m @ ("GET" | "POST" | "DELETE" | "PUT" | "HEAD" | "OPTIONS" | "PATCH") => m.to_string(),
+        _ => "other".to_string(),
+    };
     let response = match tokio::time::timeout(timeout, next.run(req)).await {
         Ok(r) => r,
         Err(_) => ApiError::new(

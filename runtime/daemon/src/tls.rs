@@ -74,9 +74,22 @@ pub fn server_config(
 }
 
 /// The subject of a client certificate, as the audit trail names the
-/// manager: the common name of its subject, or `unnamed-client`.
-pub fn peer_name(cert: &CertificateDer<'_>) -> String {
-    subject_common_name(cert.as_ref()).unwrap_or_else(|| "unnamed-client".into())
+/// manager: the one common name of its subject. A subject with several
+/// common names (which one a CA checked is not known), a name provd uses
+/// for itself (`local`, `provd`), or control characters (which would forge
+/// lines in a listing) is refused.
+pub fn peer_name(cert: &CertificateDer<'_>) -> Result<String, String> {
+    let names = subject_common_names(cert.as_ref()).ok_or("the certificate cannot be read")?;
+    let [name] = names.as_slice() else {
+        return Err(format!("the subject has {} common names; one is needed", names.len()));
+    };
+    if matches!(name.as_str(), "local" | "provd" | "unnamed-client") {
+        return Err(format!("the common name {name:?} is reserved"));
+    }
+    if name.is_empty() || name.chars().any(char::is_control) {
+        return Err("the common name is empty or has control characters".into());
+    }
+    Ok(name.clone())
 }
 
 /// One DER element: (tag, content, rest).
@@ -101,7 +114,7 @@ fn tlv(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 /// (Certificate → TBSCertificate → subject → RDNs), so that no other name in
 /// the certificate (the issuer's, one inside an extension) can stand in for
 /// it. Reading one attribute does not justify an X.509 parser dependency.
-fn subject_common_name(der: &[u8]) -> Option<String> {
+fn subject_common_names(der: &[u8]) -> Option<Vec<String>> {
     const SEQUENCE: u8 = 0x30;
     const CN_OID: &[u8] = &[0x55, 0x04, 0x03];
     let (tag, cert, _) = tlv(der)?;
@@ -123,7 +136,7 @@ fn subject_common_name(der: &[u8]) -> Option<String> {
     if tag != SEQUENCE {
         return None;
     }
-    let mut found = None;
+    let mut found = Vec::new();
     while !rdns.is_empty() {
         let (_, set, rest) = tlv(rdns)?;
         rdns = rest;
@@ -133,12 +146,18 @@ fn subject_common_name(der: &[u8]) -> Option<String> {
             attrs = rest;
             let (_, oid, value) = tlv(attr)?;
             let (vtag, value, _) = tlv(value)?;
-            if oid == CN_OID && matches!(vtag, 0x0c | 0x13 | 0x16) {
-                found = Some(String::from_utf8_lossy(value).into_owned());
+            if oid == CN_OID {
+                // UTF8String, PrintableString, IA5String; another string
+                // type still counts as a common name, unreadable.
+                let text = match vtag {
+                    0x0c | 0x13 | 0x16 => String::from_utf8_lossy(value).into_owned(),
+                    _ => "\u{0}".into(),
+                };
+                found.push(text);
             }
         }
     }
-    found
+    Some(found)
 }
 
 #[cfg(test)]
@@ -155,8 +174,19 @@ mod tests {
             params.distinguished_name.push(DnType::OrganizationName, "provd");
             let key = KeyPair::generate().unwrap();
             let cert = params.self_signed(&key).unwrap();
-            assert_eq!(peer_name(cert.der()), cn);
+            assert_eq!(peer_name(cert.der()).unwrap(), cn);
         }
-        assert_eq!(peer_name(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])), "unnamed-client");
+        assert!(peer_name(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])).is_err());
+        let named = |cns: &[&str]| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            for cn in cns {
+                params.distinguished_name.push(DnType::CommonName, *cn);
+            }
+            params.self_signed(&KeyPair::generate().unwrap()).unwrap()
+        };
+        // rcgen keeps one value per attribute type: a reserved name and a
+        // control character are refused.
+        assert!(peer_name(named(&["local"]).der()).is_err());
+        assert!(peer_name(named(&["a\nb"]).der()).is_err());
     }
 }

@@ -219,16 +219,21 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
     assert_ne!(file(&before, "meta-data"), file(&after, "meta-data"));
     let id_now = done_custom["report"]["output"][0]["instance_id"].as_str().unwrap();
     assert!(file(&after, "meta-data").contains(id_now));
-    // Anything beyond cloud-init and addresses is refused, naming the field,
-    // and the seed stays as it was.
-    let mut bigger = web_spec.clone();
+    // Anything beyond cloud-init and addresses is refused, naming the field;
+    // web-1, customised first in that operation, gets its seed back.
+    let mut again = web_spec.clone();
+    again["cloud-init"]["hostname"] = json!("other.example.net");
+    let mut bigger = spec("api-1", &references[1]);
     bigger["vcpus"] = json!(4);
-    let refused = c.provision(&json!({"plugin": "cloud-init", "vms": [bigger]})).await.unwrap();
+    let refused =
+        c.provision(&json!({"plugin": "cloud-init", "vms": [again, bigger]})).await.unwrap();
     let refused_id = refused.body["operation"]["id"].as_str().unwrap().to_string();
     let refused = c.wait(&refused_id, |_| {}).await.unwrap();
     assert_eq!(refused["error"]["code"], "plugin-denied", "{refused:#}");
     assert!(refused["error"]["message"].as_str().unwrap().contains("vcpus"), "{refused:#}");
     assert_eq!(provd_vm::cloudinit::read_seed_iso(&seed).unwrap().1, after);
+    let web = c.get("/v1/vms/web-1").await.unwrap().body;
+    assert_eq!(web["vm"]["spec"]["cloud-init"]["hostname"], "www.example.net", "{web}");
 
     // Each VM's private partition on its layers is exactly its image,
     // read with provd's own readers while the node is stopped.

@@ -100,9 +100,9 @@ const TABLE_KEEP_RESIDENT: usize = 64 << 10;
 const HOST_GRACE: Duration = Duration::from_secs(2);
 /// How often a running call checks whether it was cancelled.
 const CANCEL_POLL: Duration = Duration::from_millis(20);
-/// Epoch ticks between two checks of a running plugin for a cancel (with
-/// the default 10 ms tick, 100 ms).
-const CANCEL_CHECK_TICKS: u64 = 10;
+/// Epoch ticks in one slice of a running plugin, after which it yields and
+/// its cancel and deadline are checked (with the default 10 ms tick, 50 ms).
+const CANCEL_CHECK_TICKS: u64 = 5;
 
 /// A wasmtime engine configured for provd, with its artifact cache and the
 /// thread that advances epochs.
@@ -207,9 +207,9 @@ pub struct CallOptions {
     /// Stops the call at the plugin's next host call or epoch slice.
     pub cancel: Cancel,
     /// The VM names the operation is about (the daemon holds them for it):
-    /// besides VMs the request configures itself, the only VMs a plugin may
-    /// change.
-    pub vms: Vec<String>,
+    /// when given, the only VMs the plugin may configure or customise.
+    /// `None` (local tools, tests) leaves the names free.
+    pub vms: Option<Vec<String>>,
 }
 
 /// The result of a successful call.
@@ -357,6 +357,7 @@ impl Engine {
         // error, a trap, a timeout or a panic.
         let ledger = Arc::new(host::Ledger::default());
         let cancel_watch = cancel.clone();
+        let operation = request.operation_id.clone();
         let call = AssertUnwindSafe(invoke(
             &self.inner,
             plugin,
@@ -396,7 +397,7 @@ impl Engine {
             }
         };
         if outcome.is_err() {
-            self.roll_back(&ledger).await;
+            self.roll_back(&ledger, &operation).await;
         }
         outcome
     }
@@ -405,15 +406,34 @@ impl Engine {
     /// partitions), then its partitions, newest first. Builds still running
     /// on blocking threads see the ledger closed and remove their own
     /// result instead of publishing it.
-    async fn roll_back(&self, ledger: &Arc<host::Ledger>) {
+    async fn roll_back(&self, ledger: &Arc<host::Ledger>, operation: &str) {
         let (vms, partitions) = ledger.close();
-        if vms.is_empty() && partitions.is_empty() {
+        let customized = ledger.take_customized();
+        if vms.is_empty() && partitions.is_empty() && customized.is_empty() {
             return;
         }
         let Some(images) = self.inner.services.images.clone() else { return };
         let store = images.store().clone();
+        let operation = operation.to_string();
         let done = tokio::task::spawn_blocking(move || {
+            // Customisations first, newest first, so that a VM customised
+            // twice gets its first seed back.
+            for c in customized.iter().rev() {
+                if let Err(e) = provd_vm::node::restore_seed(&store, &c.vm, &c.spec, &c.seed) {
+                    tracing::warn!(vm = %c.vm, error = %e, "cannot undo a failed request's customisation");
+                }
+            }
             for vm in vms.iter().rev() {
+                // Only the VM this request configured: the name may have
+                // been deleted and taken by another operation since.
+                match store.vm(vm) {
+                    Ok(Some(rec)) if rec.operation.as_deref() == Some(operation.as_str()) => {}
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::warn!(vm = %vm, error = %e, "cannot read a failed request's VM");
+                        continue;
+                    }
+                }
                 if let Err(e) = provd_vm::node::delete(&store, vm) {
                     tracing::warn!(vm = %vm, error = %e, "cannot remove a failed request's VM");
                 }
@@ -458,27 +478,24 @@ async fn invoke(
     store.limiter(|s| &mut s.limiter);
     store.set_hostcall_fuel(usize::try_from(policy.max_hostcall_bytes).unwrap_or(usize::MAX));
     store.set_max_component_handles(max_handles);
-    let tick = inner.config.epoch_tick.as_nanos().max(1);
-    // The ticker's phase is arbitrary, so the first tick may come at once:
-    // one extra tick keeps the deadline from ever firing before the timeout.
-    let ticks =
-        u64::try_from(p.grant.limits.timeout.as_nanos().div_ceil(tick) + 1).unwrap_or(u64::MAX);
-    // The deadline is checked in slices, so that a cancel also stops a
-    // plugin that never calls the host: wasm traps at the end of the slice
-    // in which its operation was cancelled, or at its deadline.
-    let mut left = ticks;
-    store.set_epoch_deadline(left.min(CANCEL_CHECK_TICKS));
+    // Wasm runs in slices of a few epoch ticks. At the end of each it
+    // yields to the async runtime (so a plugin that never calls the host
+    // does not hold a worker thread), and stops if its operation was
+    // cancelled or its deadline, a fixed instant, has passed. Measuring the
+    // deadline on the clock rather than in ticks charges time spent in host
+    // calls too, and never fires before the timeout.
+    let deadline = Instant::now() + p.grant.limits.timeout;
+    store.set_epoch_deadline(CANCEL_CHECK_TICKS);
     store.epoch_deadline_callback(move |mut ctx| {
-        left = left.saturating_sub(CANCEL_CHECK_TICKS);
         let state = ctx.data_mut();
         if state.cancel.is_cancelled() {
             state.cancelled = true;
             return Ok(wasmtime::UpdateDeadline::Interrupt);
         }
-        if left == 0 {
+        if Instant::now() >= deadline {
             return Ok(wasmtime::UpdateDeadline::Interrupt);
         }
-        Ok(wasmtime::UpdateDeadline::Continue(left.min(CANCEL_CHECK_TICKS)))
+        Ok(wasmtime::UpdateDeadline::Yield(CANCEL_CHECK_TICKS))
     });
 
     let result = async {

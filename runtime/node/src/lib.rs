@@ -86,7 +86,11 @@ impl Node {
 
     /// Verifies, checks, compiles and records a bundle (see the crate doc).
     pub async fn accept_bundle(&self, bytes: &[u8], now: u64) -> Result<Accepted, BundleRefused> {
-        let now = self.store.observe_clock(now).map_err(AcceptError::from)?;
+        let store = self.store.clone();
+        let now = tokio::task::spawn_blocking(move || store.observe_clock(now))
+            .await
+            .map_err(|e| BundleRefused::Internal(e.to_string()))?
+            .map_err(AcceptError::from)?;
         let verified = provd_bundle::verify(bytes, &self.trusted, now)?;
         let name = verified.name.clone();
         let version = verified.version.to_string();
@@ -130,7 +134,12 @@ impl Node {
         name: &str,
         version: Option<&str>,
     ) -> Result<Option<(String, Plugin)>, BundleRefused> {
-        let bundles = self.store.bundles().map_err(AcceptError::from)?;
+        // SQLite off the async runtime's threads.
+        let store = self.store.clone();
+        let bundles = tokio::task::spawn_blocking(move || store.bundles())
+            .await
+            .map_err(|e| BundleRefused::Internal(e.to_string()))?
+            .map_err(AcceptError::from)?;
         let wanted = bundles
             .into_iter()
             .find(|b| b.name == name && version.map_or(b.active, |v| b.version == v));
@@ -145,11 +154,14 @@ impl Node {
         // artifact cache spares the compilation).
         let manifest =
             provd_domain::Manifest::from_toml(&active.manifest).map_err(LoadError::from)?;
-        let component = self
-            .store
-            .bundle_component(&active.name, &active.version)
-            .map_err(AcceptError::from)?
-            .unwrap_or_default();
+        let store = self.store.clone();
+        let (name, version) = (active.name.clone(), active.version.clone());
+        let component =
+            tokio::task::spawn_blocking(move || store.bundle_component(&name, &version))
+                .await
+                .map_err(|e| BundleRefused::Internal(e.to_string()))?
+                .map_err(AcceptError::from)?
+                .unwrap_or_default();
         let plugin = self.engine.load(&manifest, component).await?;
         self.lock().insert(key, plugin.clone());
         Ok(Some((active.version, plugin)))

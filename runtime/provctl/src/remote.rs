@@ -22,7 +22,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Subcommand};
-use provd_client::{Client, ClientError, TlsFiles};
+use provd_client::{Client, ClientError, TlsFiles, encode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -493,7 +493,7 @@ async fn run_command(command: RemoteCommand) -> Result<u8> {
         RemoteCommand::Cancel { operation, target } => {
             let (nodes, tls) = load_target(&target)?;
             let results = fan_out(&nodes, &tls, |c| {
-                let path = format!("/v1/operations/{operation}/cancel");
+                let path = format!("/v1/operations/{}/cancel", encode(&operation));
                 async move { ok_body(c.post_json(&path, &json!({})).await) }
             })
             .await;
@@ -508,7 +508,9 @@ async fn run_command(command: RemoteCommand) -> Result<u8> {
                 let delete = delete.clone();
                 async move {
                     match delete {
-                        Some(name) => ok_body(c.delete(&format!("/v1/vms/{name}")).await),
+                        Some(name) => {
+                            ok_body(c.delete(&format!("/v1/vms/{}", encode(&name))).await)
+                        }
                         None => ok_body(c.get("/v1/vms").await),
                     }
                 }
@@ -584,8 +586,10 @@ async fn run_command(command: RemoteCommand) -> Result<u8> {
             let (nodes, tls) = load_target(&target)?;
             let results = fan_out(&nodes, &tls, |c| {
                 let (path, body) = match &to {
-                    Some(v) => (format!("/v1/plugins/{plugin}/activate"), json!({"version": v})),
-                    None => (format!("/v1/plugins/{plugin}/rollback"), json!({})),
+                    Some(v) => {
+                        (format!("/v1/plugins/{}/activate", encode(&plugin)), json!({"version": v}))
+                    }
+                    None => (format!("/v1/plugins/{}/rollback", encode(&plugin)), json!({})),
                 };
                 async move { ok_body(c.post_json(&path, &body).await) }
             })
@@ -607,7 +611,7 @@ async fn run_command(command: RemoteCommand) -> Result<u8> {
                 [("operation", operation), ("plugin", plugin), ("kind", kind), ("outcome", outcome)]
             {
                 if let Some(v) = v {
-                    query.push(format!("{k}={v}"));
+                    query.push(format!("{k}={}", encode(&v)));
                 }
             }
             let path = format!("/v1/audit?{}", query.join("&"));

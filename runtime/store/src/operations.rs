@@ -332,7 +332,8 @@ impl Store {
         operation(&self.lock_db(), id).map_err(|e| self.db_error(e))
     }
 
-    /// Operations, newest first; only `state` ones when given.
+    /// Operations, newest first; only `state` ones when given. Their
+    /// `input` is left empty.
     pub fn operations(
         &self,
         state: Option<OpState>,
@@ -341,9 +342,12 @@ impl Store {
         let db = self.lock_db();
         let err = |e| self.db_error(e);
         let mut stmt = db
+            // A list leaves out each operation's input (up to a megabyte
+            // each), which it does not return.
             .prepare(&format!(
-                "SELECT {OP_COLUMNS} FROM operations WHERE (?1 IS NULL OR state = ?1)
-                 ORDER BY created_at DESC, id DESC LIMIT ?2"
+                "SELECT {} FROM operations WHERE (?1 IS NULL OR state = ?1)
+                 ORDER BY created_at DESC, id DESC LIMIT ?2",
+                OP_COLUMNS.replace("input,", "'' AS input,")
             ))
             .map_err(err)?;
         let rows = stmt

@@ -432,6 +432,9 @@ pub struct Customized {
     pub instance_id: String,
     /// The seed image, attached to the VM since it was configured.
     pub seed: PathBuf,
+    /// What [`restore_seed`] needs to undo it: the spec and seed before.
+    pub previous_spec: String,
+    pub previous_seed: Vec<u8>,
 }
 
 /// The part of a spec that `customize` may not change: everything but the
@@ -491,16 +494,46 @@ pub fn customize(store: &Store, spec_text: &str, grant: &VmGrant) -> Result<Cust
     let seed = seed_files(&seed_input(&new)).map_err(|e| VmError::Spec(e.to_string()))?;
     let dir = vm_dir(store, &new.name);
     let path = dir.join("seed.iso");
+    let previous_seed = std::fs::read(&path)
+        .map_err(|e| VmError::Failed(format!("reading {}: {e}", path.display())))?;
     let temp = dir.join("seed.iso.new");
-    let io = |what: &str, e: std::io::Error| VmError::Failed(format!("{what}: {e}"));
     write_seed_iso(&seed, &temp).map_err(|e| {
         let _ = std::fs::remove_file(&temp);
         VmError::Failed(e.to_string())
     })?;
-    std::fs::rename(&temp, &path).map_err(|e| {
+    // The spec first, then the seed: if the rename fails the old spec goes
+    // back, so the record always describes the seed the VM has.
+    if let Err(e) = store.update_vm_spec(&new.name, spec_text) {
         let _ = std::fs::remove_file(&temp);
-        io("replacing seed.iso", e)
+        return Err(VmError::Failed(e.to_string()));
+    }
+    if let Err(e) = std::fs::rename(&temp, &path) {
+        let _ = std::fs::remove_file(&temp);
+        let _ = store.update_vm_spec(&new.name, &rec.spec);
+        return Err(VmError::Failed(format!("replacing seed.iso: {e}")));
+    }
+    Ok(Customized {
+        name: new.name,
+        instance_id: seed.instance_id,
+        seed: path,
+        previous_spec: rec.spec,
+        previous_seed,
+    })
+}
+
+/// Puts back the spec and seed a [`customize`] replaced (the request that
+/// customised the VM failed).
+pub fn restore_seed(store: &Store, name: &str, spec: &str, seed: &[u8]) -> Result<(), VmError> {
+    crate::spec::check_dns_label(name)
+        .map_err(|e| VmError::Spec(format!("VM name {name:?}: {e}")))?;
+    let dir = vm_dir(store, name);
+    let temp = dir.join("seed.iso.new");
+    let io = |what: &str, e: std::io::Error| VmError::Failed(format!("{what}: {e}"));
+    std::fs::write(&temp, seed).map_err(|e| io("writing seed.iso.new", e))?;
+    std::fs::rename(&temp, dir.join("seed.iso")).map_err(|e| {
+        let _ = std::fs::remove_file(&temp);
+        io("restoring seed.iso", e)
     })?;
-    store.update_vm_spec(&new.name, spec_text).map_err(|e| VmError::Failed(e.to_string()))?;
-    Ok(Customized { name: new.name, instance_id: seed.instance_id, seed: path })
+    store.update_vm_spec(name, spec).map_err(|e| VmError::Failed(e.to_string()))?;
+    Ok(())
 }

@@ -27,41 +27,51 @@ pub(crate) const MAX_PLANS: usize = 16;
 pub(crate) const MAX_ANALYSED_ENTRIES: u64 = 8_000_000;
 
 impl HostState {
-    /// Every VM's entries, from images fetched in this request.
-    fn vm_entries(&self, vms: &[VmImage]) -> Result<Vec<(String, Vec<Entry>)>, WitError> {
+    /// Every VM's entries, from images fetched in this request, read on a
+    /// blocking thread: an analysis may load millions of rows.
+    async fn vm_entries(
+        &mut self,
+        vms: &[VmImage],
+    ) -> wasmtime::Result<Result<Vec<(String, Vec<Entry>)>, WitError>> {
         if vms.len() > MAX_VMS {
-            return Err(WitError::InvalidInput(format!("at most {MAX_VMS} VMs per call")));
+            return Ok(Err(WitError::InvalidInput(format!("at most {MAX_VMS} VMs per call"))));
         }
-        let store = self
-            .images
-            .as_ref()
-            .ok_or_else(|| WitError::Denied("this node has no image store".into()))?
-            .store()
-            .clone();
+        let Some(images) = self.images.as_ref() else {
+            return Ok(Err(WitError::Denied("this node has no image store".into())));
+        };
+        let store = images.store().clone();
         let records =
-            vms.iter().map(|v| self.fetched_image(&v.image)).collect::<Result<Vec<_>, _>>()?;
+            match vms.iter().map(|v| self.fetched_image(&v.image)).collect::<Result<Vec<_>, _>>() {
+                Ok(r) => r,
+                Err(e) => return Ok(Err(e)),
+            };
         let total: u64 = records.iter().map(|r| r.entries).sum();
         if total > MAX_ANALYSED_ENTRIES {
-            return Err(WitError::QuotaExceeded(format!(
+            return Ok(Err(WitError::QuotaExceeded(format!(
                 "{total} entries over these VMs; one call analyses at most {MAX_ANALYSED_ENTRIES}"
-            )));
+            ))));
         }
-        // Several VMs often run one image: read its entries once.
-        let mut loaded: std::collections::HashMap<i64, Vec<Entry>> = Default::default();
-        let mut out = Vec::with_capacity(vms.len());
-        for (v, record) in vms.iter().zip(&records) {
-            let entries = match loaded.entry(record.id) {
-                std::collections::hash_map::Entry::Occupied(e) => e.get().clone(),
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    let entries = store
-                        .entries(record, 0, u64::MAX)
-                        .map_err(|e| WitError::Failed(e.to_string()))?;
-                    slot.insert(entries).clone()
-                }
-            };
-            out.push((v.vm.clone(), entries));
-        }
-        Ok(out)
+        let names: Vec<String> = vms.iter().map(|v| v.vm.clone()).collect();
+        let loaded = tokio::task::spawn_blocking(move || {
+            // Several VMs often run one image: read its entries once.
+            let mut loaded: std::collections::HashMap<i64, Vec<Entry>> = Default::default();
+            let mut out = Vec::with_capacity(names.len());
+            for (vm, record) in names.into_iter().zip(&records) {
+                let entries = match loaded.entry(record.id) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.get().clone(),
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        let entries = store
+                            .entries(record, 0, u64::MAX)
+                            .map_err(|e| WitError::Failed(e.to_string()))?;
+                        slot.insert(entries).clone()
+                    }
+                };
+                out.push((vm, entries));
+            }
+            Ok(out)
+        })
+        .await?;
+        Ok(loaded)
     }
 }
 
@@ -103,7 +113,7 @@ impl HostState {
         &mut self,
         vms: Vec<VmImage>,
     ) -> wasmtime::Result<Result<Summary, WitError>> {
-        let entries = match self.vm_entries(&vms) {
+        let entries = match self.vm_entries(&vms).await? {
             Ok(e) => e,
             Err(e) => return Ok(Err(e)),
         };
@@ -121,7 +131,7 @@ impl HostState {
                 "at most {MAX_PLANS} plans per request"
             ))));
         }
-        let entries = match self.vm_entries(&vms) {
+        let entries = match self.vm_entries(&vms).await? {
             Ok(e) => e,
             Err(e) => return Ok(Err(e)),
         };

@@ -211,9 +211,11 @@ impl HostState {
             Ok(s) => s.clone(),
             Err(e) => return Ok(Err(e)),
         };
-        Ok(service
-            .store()
-            .entries(&record, offset, u64::from(limit))
+        let store = service.store().clone();
+        let page =
+            tokio::task::spawn_blocking(move || store.entries(&record, offset, u64::from(limit)))
+                .await?;
+        Ok(page
             .map(|entries| entries.into_iter().map(entry_of).collect())
             .map_err(|e| WitError::Failed(e.to_string())))
     }
@@ -245,7 +247,9 @@ impl HostState {
             Ok(s) => s.clone(),
             Err(e) => return Ok(Err(e)),
         };
-        Ok(service.store().read_object(&hash, max).map_err(|e| WitError::Failed(e.to_string())))
+        let store = service.store().clone();
+        let read = tokio::task::spawn_blocking(move || store.read_object(&hash, max)).await?;
+        Ok(read.map_err(|e| WitError::Failed(e.to_string())))
     }
 }
 

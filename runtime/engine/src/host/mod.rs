@@ -68,8 +68,8 @@ pub(crate) struct HostState {
     pub capacity: provd_domain::NodeCapacity,
     /// Set by the caller to stop the request at its next host call.
     pub cancel: crate::Cancel,
-    /// The VM names the operation is about.
-    pub operation_vms: Vec<String>,
+    /// The VM names the operation is about, when it names them.
+    pub operation_vms: Option<Vec<String>>,
     /// Whether a host call found the request cancelled.
     pub cancelled: bool,
 }
@@ -86,6 +86,15 @@ struct LedgerState {
     closed: bool,
     vms: Vec<String>,
     partitions: Vec<String>,
+    customized: Vec<Customization>,
+}
+
+/// A VM's spec and seed as they were before this request customised it.
+#[derive(Debug, Clone)]
+pub(crate) struct Customization {
+    pub vm: String,
+    pub spec: String,
+    pub seed: Vec<u8>,
 }
 
 impl Ledger {
@@ -112,6 +121,16 @@ impl Ledger {
         !s.closed
     }
 
+    /// Records a customisation to undo if the request fails; `false` when
+    /// the request has already ended.
+    pub(crate) fn add_customization(&self, c: Customization) -> bool {
+        let mut s = self.lock();
+        if !s.closed {
+            s.customized.push(c);
+        }
+        !s.closed
+    }
+
     pub(crate) fn has_vm(&self, name: &str) -> bool {
         self.lock().vms.iter().any(|v| v == name)
     }
@@ -130,6 +149,11 @@ impl Ledger {
         let mut s = self.lock();
         s.closed = true;
         (std::mem::take(&mut s.vms), std::mem::take(&mut s.partitions))
+    }
+
+    /// The customisations of a closed request, to undo.
+    pub(crate) fn take_customized(&self) -> Vec<Customization> {
+        std::mem::take(&mut self.lock().customized)
     }
 }
 

@@ -103,6 +103,15 @@ impl wit::Host for HostState {
         // user-data and keys, which stay out of the audit trail.
         let name = provd_vm::spec::parse_spec(&spec).map(|s| s.name).unwrap_or_else(|_| "?".into());
         let args = format!("vm={name} private={private} spec-bytes={}", spec.len());
+        // When the operation names its VMs (the daemon holds those names
+        // for it), a plugin configures only those.
+        if self.operation_vms.as_ref().is_some_and(|vms| !vms.contains(&name)) {
+            let result: Result<Configured, WitError> = Err(WitError::Denied(format!(
+                "VM {name:?} is not among the VMs this operation names"
+            )));
+            self.audit("vm", "configure", args, &result);
+            return Ok(result);
+        }
         let result = self.configure_call(spec, private).await?;
         self.audit("vm", "configure", args, &result);
         Ok(result)
@@ -134,9 +143,13 @@ impl HostState {
                 )));
             }
             // A plugin changes only the VMs its operation is about: those
-            // it configured itself, or those the operation names (and the
-            // daemon holds for it).
-            if !self.ledger.has_vm(&name) && !self.operation_vms.contains(&name) {
+            // the operation names (and the daemon holds for it), or, when
+            // it names none (local tools), those this request configured.
+            let allowed = match &self.operation_vms {
+                Some(vms) => vms.contains(&name),
+                None => self.ledger.has_vm(&name),
+            };
+            if !allowed {
                 return Err(WitError::Denied(format!(
                     "VM {name:?} is neither configured by this request nor named by its operation"
                 )));
@@ -147,9 +160,30 @@ impl HostState {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
-        let done =
-            tokio::task::spawn_blocking(move || provd_vm::node::customize(&store, &spec, &grant))
-                .await?;
+        let ledger = self.ledger.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let c = provd_vm::node::customize(&store, &spec, &grant)?;
+            // Recorded from this thread, so that a request that ended
+            // meanwhile still undoes it; a closed ledger means undo it now.
+            let undo = crate::host::Customization {
+                vm: c.name.clone(),
+                spec: c.previous_spec.clone(),
+                seed: c.previous_seed.clone(),
+            };
+            if !ledger.add_customization(undo) {
+                let _ = provd_vm::node::restore_seed(
+                    &store,
+                    &c.name,
+                    &c.previous_spec,
+                    &c.previous_seed,
+                );
+                return Err(VmError::Failed(
+                    "the request ended before the VM was customised".into(),
+                ));
+            }
+            Ok(c)
+        })
+        .await?;
         Ok(done.map(|c| c.instance_id).map_err(wit_error))
     }
 }
