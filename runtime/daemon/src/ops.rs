@@ -184,13 +184,7 @@ impl Operations {
                 "provd stopped while the operation ran; on restart it was rolled back \
                  ({vms} VM(s), {partitions} partition(s) removed)"
             );
-            store.finish_operation(
-                &op.id,
-                OpState::Failed,
-                None,
-                Some(("interrupted", &message)),
-            )?;
-            store.append_audit(&[NewAudit {
+            let row = NewAudit {
                 actor: "provd".into(),
                 kind: "operation".into(),
                 plugin: Some(op.plugin.clone()),
@@ -200,7 +194,15 @@ impl Operations {
                 detail: Some(message.clone()),
                 count: 1,
                 ..NewAudit::default()
-            }])?;
+            };
+            store.finish_operation(
+                &op.id,
+                OpState::Failed,
+                None,
+                Some(("interrupted", &message)),
+                None,
+                &[row],
+            )?;
             tracing::warn!(operation = %op.id, %message, "recovered an interrupted operation");
         }
         Ok(stale.len())
@@ -241,10 +243,24 @@ impl Operations {
             actor: req.actor.clone(),
             vms: req.vms.clone(),
         };
+        let record = NewAudit {
+            actor: req.actor.clone(),
+            kind: "operation".into(),
+            plugin: Some(req.plugin.clone()),
+            version: Some(version.clone()),
+            operation: Some(new.id.clone()),
+            args: Some(format!("vms={}", req.vms.join(","))),
+            count: 1,
+            ..NewAudit::default()
+        };
+        let mut started_row = record.clone();
+        started_row.function = Some("start".into());
+        started_row.outcome = "started".into();
         let store = self.store.clone();
-        let started = tokio::task::spawn_blocking(move || store.start_operation(&new))
-            .await
-            .map_err(|e| StartError::Internal(e.to_string()))??;
+        let started =
+            tokio::task::spawn_blocking(move || store.start_operation(&new, &[started_row]))
+                .await
+                .map_err(|e| StartError::Internal(e.to_string()))??;
         let rec = match started {
             Started::Existing(rec) => return Ok((rec, false)),
             Started::New(rec) => rec,
@@ -256,24 +272,6 @@ impl Operations {
             done: 0,
             total: None,
         });
-        let record = NewAudit {
-            actor: req.actor.clone(),
-            kind: "operation".into(),
-            plugin: Some(req.plugin.clone()),
-            version: Some(version.clone()),
-            operation: Some(rec.id.clone()),
-            args: Some(format!("vms={}", req.vms.join(","))),
-            count: 1,
-            ..NewAudit::default()
-        };
-        let mut started = record.clone();
-        started.function = Some("start".into());
-        started.outcome = "started".into();
-        let store = self.store.clone();
-        let written = tokio::task::spawn_blocking(move || store.append_audit(&[started])).await;
-        if !matches!(written, Ok(Ok(()))) {
-            tracing::error!(?written, "writing the audit trail failed");
-        }
         let running = Arc::new(Running { cancel: Cancel::default(), snapshot: tx, record });
         self.lock().insert(rec.id.clone(), running.clone());
         self.metrics.operations_running.inc();
@@ -281,7 +279,7 @@ impl Operations {
         let id = rec.id.clone();
         tokio::spawn(async move {
             let job = AssertUnwindSafe(this.run(&id, &version, plugin, req, running.clone()));
-            let (state, report, error) = match job.catch_unwind().await {
+            let (state, report, error, audit) = match job.catch_unwind().await {
                 Ok(done) => done,
                 Err(_) => {
                     // The engine catches panics in host code; this guards
@@ -293,10 +291,11 @@ impl Operations {
                         OpState::Failed,
                         None,
                         Some(("internal", "the operation panicked".to_string())),
+                        Vec::new(),
                     )
                 }
             };
-            this.finish(&id, state, report, error, &running).await;
+            this.finish(&id, state, report, error, audit, &running).await;
         });
         Ok((rec, true))
     }
@@ -308,7 +307,7 @@ impl Operations {
         plugin: provd_engine::Plugin,
         req: StartRequest,
         running: Arc<Running>,
-    ) -> (OpState, Option<String>, Option<(&'static str, String)>) {
+    ) -> (OpState, Option<String>, Option<(&'static str, String)>, Vec<NewAudit>) {
         let permit = tokio::select! {
             p = self.slots.clone().acquire_owned() => p.ok(),
             _ = cancelled(&running.cancel) => None,
@@ -318,6 +317,7 @@ impl Operations {
                 OpState::Cancelled,
                 None,
                 Some(("cancelled", "cancelled while queued".into())),
+                Vec::new(),
             );
         };
         running.snapshot.send_modify(|s| {
@@ -351,7 +351,7 @@ impl Operations {
             .call_seconds
             .get_or_create(&PluginLabel { plugin: req.plugin.clone() })
             .observe(started.elapsed().as_secs_f64());
-        observer.flush().await;
+        let audit = observer.drain(true);
         match result {
             Ok(outcome) => {
                 let r = &outcome.report;
@@ -367,7 +367,7 @@ impl Operations {
                     "output": output,
                     "elapsed-ms": outcome.elapsed.as_millis() as u64,
                 });
-                (OpState::Succeeded, Some(report.to_string()), None)
+                (OpState::Succeeded, Some(report.to_string()), None, audit)
             }
             Err(e) => {
                 // The engine has rolled back what its ledger recorded; this
@@ -381,7 +381,7 @@ impl Operations {
                     OpState::Failed
                 };
                 let (code, message) = failure(&e);
-                (state, None, Some((code, message)))
+                (state, None, Some((code, message)), audit)
             }
         }
     }
@@ -392,6 +392,7 @@ impl Operations {
         state: OpState,
         report: Option<String>,
         error: Option<(&'static str, String)>,
+        mut audit: Vec<NewAudit>,
         running: &Running,
     ) {
         let store = self.store.clone();
@@ -401,6 +402,7 @@ impl Operations {
         row.function = Some("finish".into());
         row.outcome = state.as_str().into();
         row.detail = error.as_ref().map(|(c, m)| format!("{c}: {m}"));
+        audit.push(row);
         let (phase, done, total) = {
             let snap = running.snapshot.borrow();
             (snap.phase.clone(), snap.done, snap.total)
@@ -414,20 +416,18 @@ impl Operations {
                 if attempt > 0 {
                     std::thread::sleep(Duration::from_millis(200 << attempt));
                 }
-                let result = (|| {
-                    if let Some(phase) = &phase {
-                        store.operation_progress(&op, phase, done, total)?;
-                    }
-                    store.finish_operation(
-                        &op,
-                        state,
-                        report.as_deref(),
-                        err.as_ref().map(|(c, m)| (*c, m.as_str())),
-                    )?;
-                    store.append_audit(std::slice::from_ref(&row))
-                })();
+                // One transaction: the last progress, the end, the release
+                // of the names and the operation's remaining audit rows.
+                let result = store.finish_operation(
+                    &op,
+                    state,
+                    report.as_deref(),
+                    err.as_ref().map(|(c, m)| (*c, m.as_str())),
+                    phase.as_deref().map(|p| (p, done, total)),
+                    &audit,
+                );
                 match result {
-                    Ok(()) => return Ok(()),
+                    Ok(_) => return Ok(()),
                     Err(e) => last = Some(e),
                 }
             }
@@ -477,7 +477,7 @@ impl Operations {
         let actor = req.actor.clone();
         let names = req.vms.clone();
         let done = tokio::task::spawn_blocking(move || {
-            store.start_operation(&new)?;
+            store.start_operation(&new, &[])?;
             let mut result = Ok(());
             for name in &names {
                 if let Err(e) = provd_vm::node::delete(&store, name) {
@@ -489,8 +489,7 @@ impl Operations {
                 Ok(()) => (OpState::Succeeded, None),
                 Err(m) => (OpState::Failed, Some(("delete-failed", m.as_str()))),
             };
-            store.finish_operation(&id, state, None, error)?;
-            store.append_audit(&[NewAudit {
+            let row = NewAudit {
                 actor,
                 kind: "operation".into(),
                 plugin: Some(BUILTIN.into()),
@@ -498,10 +497,11 @@ impl Operations {
                 function: Some("delete-vm".into()),
                 args: Some(names.join(" ")),
                 outcome: state.as_str().into(),
-                detail: result.err(),
+                detail: result.as_ref().err().cloned(),
                 count: 1,
                 ..NewAudit::default()
-            }])?;
+            };
+            store.finish_operation(&id, state, None, error, None, &[row])?;
             store
                 .operation(&id)?
                 .ok_or_else(|| OperationError::Store(provd_store::StoreError::NotFound(id)))
@@ -674,15 +674,6 @@ impl OpObserver {
                 tracing::error!(error = %e, "writing the audit trail failed");
             }
         });
-    }
-
-    async fn flush(&self) {
-        let rows = self.drain(true);
-        let store = self.store.clone();
-        let done = tokio::task::spawn_blocking(move || store.append_audit(&rows)).await;
-        if !matches!(done, Ok(Ok(()))) {
-            tracing::error!(?done, "writing the audit trail failed");
-        }
     }
 }
 

@@ -209,6 +209,32 @@ fn operation(conn: &rusqlite::Connection, id: &str) -> rusqlite::Result<Option<O
     rec.map(|r| with_vms(conn, r)).transpose()
 }
 
+fn insert_audit(conn: &rusqlite::Connection, entries: &[NewAudit]) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO audit (at, actor, kind, plugin, version, operation, interface,
+                            function, args, outcome, detail, count)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?;
+    let at = now();
+    for a in entries {
+        stmt.execute(params![
+            at,
+            a.actor,
+            a.kind,
+            a.plugin,
+            a.version,
+            a.operation,
+            a.interface,
+            a.function,
+            a.args,
+            a.outcome,
+            a.detail,
+            to_i64(a.count.max(1))
+        ])?;
+    }
+    Ok(())
+}
+
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -216,8 +242,12 @@ fn to_i64(v: u64) -> i64 {
 impl Store {
     /// Records a new running operation and takes its VM names, or returns
     /// the operation its idempotency key already names; all in one
-    /// transaction.
-    pub fn start_operation(&self, op: &NewOperation) -> Result<Started, OperationError> {
+    /// transaction, with `audit` (written only for a new operation).
+    pub fn start_operation(
+        &self,
+        op: &NewOperation,
+        audit: &[NewAudit],
+    ) -> Result<Started, OperationError> {
         let mut db = self.lock_db();
         let err = |e| OperationError::Store(self.db_error(e));
         let tx = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
@@ -276,6 +306,7 @@ impl Store {
             )
             .map_err(err)?;
         }
+        insert_audit(&tx, audit).map_err(err)?;
         let rec = operation(&tx, &op.id).map_err(err)?;
         tx.commit().map_err(err)?;
         rec.map(Started::New)
@@ -301,18 +332,28 @@ impl Store {
     }
 
     /// Finishes a running operation and releases its VM names, in one
-    /// transaction. Finishing one that is already finished changes nothing
-    /// and returns `false`.
+    /// transaction with its last progress and `audit`. Finishing one that
+    /// is already finished changes nothing and returns `false`.
     pub fn finish_operation(
         &self,
         id: &str,
         state: OpState,
         report: Option<&str>,
         error: Option<(&str, &str)>,
+        progress: Option<(&str, u64, Option<u64>)>,
+        audit: &[NewAudit],
     ) -> Result<bool, StoreError> {
         let mut db = self.lock_db();
         let err = |e| self.db_error(e);
         let tx = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+        if let Some((phase, done, total)) = progress {
+            tx.execute(
+                "UPDATE operations SET phase = ?2, done = ?3, total = ?4
+                 WHERE id = ?1 AND state = 'running'",
+                params![id, phase, to_i64(done), total.map(to_i64)],
+            )
+            .map_err(err)?;
+        }
         let changed = tx
             .execute(
                 "UPDATE operations SET state = ?2, report = ?3, error_code = ?4, error = ?5,
@@ -323,6 +364,9 @@ impl Store {
             .map_err(err)?;
         tx.execute("UPDATE operation_vms SET active = 0 WHERE operation = ?1", [id])
             .map_err(err)?;
+        if changed == 1 {
+            insert_audit(&tx, audit).map_err(err)?;
+        }
         tx.commit().map_err(err)?;
         Ok(changed == 1)
     }
@@ -377,33 +421,7 @@ impl Store {
         let mut db = self.lock_db();
         let err = |e| self.db_error(e);
         let tx = db.transaction().map_err(err)?;
-        {
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT INTO audit (at, actor, kind, plugin, version, operation, interface,
-                                        function, args, outcome, detail, count)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                )
-                .map_err(err)?;
-            let at = now();
-            for a in entries {
-                stmt.execute(params![
-                    at,
-                    a.actor,
-                    a.kind,
-                    a.plugin,
-                    a.version,
-                    a.operation,
-                    a.interface,
-                    a.function,
-                    a.args,
-                    a.outcome,
-                    a.detail,
-                    to_i64(a.count.max(1))
-                ])
-                .map_err(err)?;
-            }
-        }
+        insert_audit(&tx, entries).map_err(err)?;
         tx.commit().map_err(err)
     }
 
