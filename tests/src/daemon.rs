@@ -101,6 +101,11 @@ impl TestNode {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The daemon's resident memory in KiB (`VmRSS`), 0 if unknown.
+    pub fn rss_kib(&self) -> u64 {
+        self.pid().map(rss_kib).unwrap_or(0)
+    }
+
     /// Kills the daemon with SIGKILL: no shutdown, no cleanup.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -145,4 +150,32 @@ impl Drop for TestNode {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Resident memory of process `pid` in KiB (`VmRSS`), 0 if unknown.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Samples the resident memory of `pid` every 10 ms until `stop` is set;
+/// the thread returns the peak in KiB.
+pub fn sample_peak_rss(
+    pid: u32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut peak = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            peak = peak.max(rss_kib(pid));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        peak.max(rss_kib(pid))
+    })
 }

@@ -33,8 +33,10 @@ pub struct Config {
     pub limits: HttpLimits,
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// What the node can give VMs; zero (the default) means nothing fits,
+    /// over-commit is a percentage (100, none, by default).
     #[serde(default)]
-    pub capacity: CapacityConfig,
+    pub capacity: NodeCapacity,
 }
 
 /// The server's identity and the managers it accepts.
@@ -111,33 +113,6 @@ pub struct PolicyConfig {
     pub max_vm_vcpus: Option<u32>,
     pub max_vm_memory_mib: Option<u64>,
     pub hypervisors: Option<Vec<String>>,
-}
-
-/// What the node can give VMs. Zero (the default) means nothing fits;
-/// over-commit is a percentage of the total, 100 (none) by default.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
-pub struct CapacityConfig {
-    pub vcpus: u64,
-    pub memory_mib: u64,
-    pub disk_bytes: u64,
-    pub cpu_overcommit_percent: u32,
-    pub memory_overcommit_percent: u32,
-    pub disk_overcommit_percent: u32,
-}
-
-impl Default for CapacityConfig {
-    fn default() -> Self {
-        let d = NodeCapacity::default();
-        CapacityConfig {
-            vcpus: d.vcpus,
-            memory_mib: d.memory_mib,
-            disk_bytes: d.disk_bytes,
-            cpu_overcommit_percent: d.cpu_overcommit_percent,
-            memory_overcommit_percent: d.memory_overcommit_percent,
-            disk_overcommit_percent: d.disk_overcommit_percent,
-        }
-    }
 }
 
 /// Why the configuration could not be used.
@@ -228,15 +203,7 @@ impl Config {
             p.hypervisors = v.clone();
         }
         p.max_concurrent_invocations = self.limits.max_running_operations.max(1);
-        let k = &self.capacity;
-        p.capacity = NodeCapacity {
-            vcpus: k.vcpus,
-            memory_mib: k.memory_mib,
-            disk_bytes: k.disk_bytes,
-            cpu_overcommit_percent: k.cpu_overcommit_percent,
-            memory_overcommit_percent: k.memory_overcommit_percent,
-            disk_overcommit_percent: k.disk_overcommit_percent,
-        };
+        p.capacity = self.capacity;
         p
     }
 }

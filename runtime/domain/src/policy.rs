@@ -78,8 +78,11 @@ pub struct NodePolicy {
 }
 
 /// A node's resources for VMs. Reservations of all VMs together stay
-/// within `amount × overcommit-percent / 100` of each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// within `amount × overcommit-percent / 100` of each. In a configuration
+/// file (`[capacity]` of `provd.toml`) every key is optional and unknown
+/// keys are refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct NodeCapacity {
     pub vcpus: u64,
     pub memory_mib: u64,

@@ -19,34 +19,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use provd_client::{Client, TlsFiles};
 use provd_tests::HELLO;
-use provd_tests::daemon::{DEFAULT_EXTRA, TestNode};
+use provd_tests::daemon::{DEFAULT_EXTRA, TestNode, rss_kib, sample_peak_rss};
 use serde_json::json;
 
 const HELLO_MANIFEST: &str = "name = \"hello\"\nversion = \"1.0.0\"\n[capabilities.log]\n\
      [capabilities.progress]\n[capabilities.hashing]\n[limits]\nmemory-mib = 16\n";
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// Samples the daemon's RSS until stopped; returns the peak.
-fn sample_peak(pid: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
-    std::thread::spawn(move || {
-        let mut peak = 0;
-        while !stop.load(Ordering::Relaxed) {
-            peak = peak.max(rss_kib(pid));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        peak.max(rss_kib(pid))
-    })
-}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -91,7 +68,7 @@ async fn main() -> Result<()> {
     );
     for concurrency in [1usize, 16, 64] {
         let stop = Arc::new(AtomicBool::new(false));
-        let sampler = sample_peak(pid, stop.clone());
+        let sampler = sample_peak_rss(pid, stop.clone());
         let deadline = Instant::now() + Duration::from_secs(seconds);
         let errors = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
@@ -141,7 +118,7 @@ async fn main() -> Result<()> {
     );
     for concurrency in [1usize, 16] {
         let stop = Arc::new(AtomicBool::new(false));
-        let sampler = sample_peak(pid, stop.clone());
+        let sampler = sample_peak_rss(pid, stop.clone());
         let next = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(AtomicU64::new(0));
         let started = Instant::now();

@@ -28,24 +28,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use provd_client::{Client, TlsFiles};
 use provd_tests::SHARED_PARTITION;
-use provd_tests::daemon::TestNode;
+use provd_tests::daemon::{TestNode, rss_kib, sample_peak_rss};
 use serde_json::{Value, json};
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 /// Bytes allocated on disk under `path` (`du -B1 -s`).
 fn allocated(path: &Path) -> Result<u64> {
@@ -127,17 +116,7 @@ async fn provision(
     let request = json!({"plugin": "shared-partition", "vms": vms,
                          "params": {"shared-format": "erofs", "private-format": "ext4"}});
     let stop = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut peak = 0;
-            while !stop.load(Ordering::Relaxed) {
-                peak = peak.max(rss_kib(pid));
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            peak
-        })
-    };
+    let sampler = sample_peak_rss(pid, stop.clone());
     let started = Instant::now();
     let op = c.provision(&request).await?;
     let id = op.body.pointer("/operation/id").and_then(Value::as_str).context("no id")?.to_string();

@@ -29,20 +29,26 @@ fn wit_error(e: VmError) -> WitError {
 }
 
 impl HostState {
+    /// The plugin's `vm` grant, for a spec within the size bound.
+    fn vm_grant(&self, spec: &str) -> Result<provd_domain::VmGrant, WitError> {
+        let grant =
+            self.grants.vm.clone().ok_or_else(|| WitError::Denied("vm not granted".into()))?;
+        if spec.len() > MAX_SPEC_BYTES {
+            return Err(WitError::InvalidInput(format!(
+                "spec is {} bytes; at most {MAX_SPEC_BYTES}",
+                spec.len()
+            )));
+        }
+        Ok(grant)
+    }
+
     async fn configure_call(
         &mut self,
         spec: String,
         private: String,
     ) -> wasmtime::Result<Result<Configured, WitError>> {
         let prepared = (|| {
-            let grant =
-                self.grants.vm.clone().ok_or_else(|| WitError::Denied("vm not granted".into()))?;
-            if spec.len() > MAX_SPEC_BYTES {
-                return Err(WitError::InvalidInput(format!(
-                    "spec is {} bytes; at most {MAX_SPEC_BYTES}",
-                    spec.len()
-                )));
-            }
+            let grant = self.vm_grant(&spec)?;
             if self.ledger.counts().0 >= MAX_VMS {
                 return Err(WitError::QuotaExceeded(format!("at most {MAX_VMS} VMs per request")));
             }
@@ -134,14 +140,7 @@ impl HostState {
         spec: String,
     ) -> wasmtime::Result<Result<String, WitError>> {
         let prepared = (|| {
-            let grant =
-                self.grants.vm.clone().ok_or_else(|| WitError::Denied("vm not granted".into()))?;
-            if spec.len() > MAX_SPEC_BYTES {
-                return Err(WitError::InvalidInput(format!(
-                    "spec is {} bytes; at most {MAX_SPEC_BYTES}",
-                    spec.len()
-                )));
-            }
+            let grant = self.vm_grant(&spec)?;
             // A plugin changes only the VMs its operation is about: those
             // the operation names (and the daemon holds for it), or, when
             // it names none (local tools), those this request configured.
