@@ -72,6 +72,10 @@ pub struct HttpLimits {
     pub max_running_operations: u32,
     /// Operations allowed to wait for a slot; more are refused with `busy`.
     pub max_queued_operations: u32,
+    /// Finished operations kept; older ones are forgotten.
+    pub keep_operations: u64,
+    /// Audit rows kept; older ones are forgotten.
+    pub keep_audit_rows: u64,
     /// Seconds a graceful shutdown waits for running operations before
     /// cancelling them.
     pub shutdown_grace_secs: u64,
@@ -88,6 +92,8 @@ impl Default for HttpLimits {
             max_wait_secs: 60,
             max_running_operations: 16,
             max_queued_operations: 256,
+            keep_operations: 100_000,
+            keep_audit_rows: 10_000_000,
             shutdown_grace_secs: 30,
         }
     }

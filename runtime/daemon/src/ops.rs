@@ -48,6 +48,9 @@ struct Running {
     record: NewAudit,
 }
 
+/// Finished operations between two prunings of the history.
+const PRUNE_EVERY: u64 = 64;
+
 /// The plugin name of provd's own operations.
 pub const BUILTIN: &str = "provd";
 
@@ -95,6 +98,10 @@ pub struct Operations {
     slots: Arc<Semaphore>,
     /// Operations running or queued at most; more are refused.
     max_held: usize,
+    /// History kept: finished operations, audit rows.
+    keep: (u64, u64),
+    /// Operations finished since the history was last pruned.
+    since_prune: std::sync::atomic::AtomicU64,
     closed: std::sync::atomic::AtomicBool,
     idle: tokio::sync::Notify,
 }
@@ -157,6 +164,7 @@ impl Operations {
         metrics: Arc<Metrics>,
         max_running: u32,
         max_queued: u32,
+        keep: (u64, u64),
     ) -> Arc<Operations> {
         Arc::new(Operations {
             node,
@@ -165,6 +173,8 @@ impl Operations {
             running: Mutex::default(),
             slots: Arc::new(Semaphore::new(usize::try_from(max_running.max(1)).unwrap_or(1))),
             max_held: usize::try_from(max_running.saturating_add(max_queued)).unwrap_or(usize::MAX),
+            keep,
+            since_prune: std::sync::atomic::AtomicU64::new(0),
             closed: std::sync::atomic::AtomicBool::new(false),
             idle: tokio::sync::Notify::new(),
         })
@@ -439,6 +449,7 @@ impl Operations {
         }
         Metrics::outcome(&self.metrics.operations, state.as_str());
         self.metrics.operations_running.dec();
+        self.prune_now_and_then().await;
         match &error {
             None => tracing::info!(operation = %id, state = state.as_str(), "operation finished"),
             Some((code, message)) => {
@@ -510,6 +521,24 @@ impl Operations {
         .map_err(|e| StartError::Internal(e.to_string()))??;
         Metrics::outcome(&self.metrics.operations, done.state.as_str());
         Ok(done)
+    }
+
+    /// Every 64 finished operations, forgets the history beyond what the
+    /// configuration keeps.
+    async fn prune_now_and_then(&self) {
+        let n = self.since_prune.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n % PRUNE_EVERY != 0 {
+            return;
+        }
+        let store = self.store.clone();
+        let (ops, rows) = self.keep;
+        match tokio::task::spawn_blocking(move || store.prune_history(ops, rows)).await {
+            Ok(Ok((0, 0))) => {}
+            Ok(Ok((ops, rows))) => {
+                tracing::info!(operations = ops, audit_rows = rows, "old history forgotten")
+            }
+            other => tracing::warn!(?other, "pruning the history failed"),
+        }
     }
 
     /// A watch on a running operation; `None` once it has finished.

@@ -80,6 +80,7 @@ pub async fn serve(
         metrics.clone(),
         config.limits.max_running_operations,
         config.limits.max_queued_operations,
+        (config.limits.keep_operations, config.limits.keep_audit_rows),
     );
     let state =
         AppState { node, store, ops: ops.clone(), metrics: metrics.clone(), limits: config.limits };

@@ -402,6 +402,36 @@ impl Store {
         rows.into_iter().map(|r| with_vms(&db, r).map_err(err)).collect()
     }
 
+    /// Forgets the oldest finished operations beyond `keep_operations` and
+    /// the oldest audit rows beyond `keep_audit_rows`, so that the history
+    /// a remote party can make grows only so far. Running operations and
+    /// the rows of the newest ones stay. Returns how many of each went.
+    pub fn prune_history(
+        &self,
+        keep_operations: u64,
+        keep_audit_rows: u64,
+    ) -> Result<(u64, u64), StoreError> {
+        let mut db = self.lock_db();
+        let err = |e| self.db_error(e);
+        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+        let ops = tx
+            .execute(
+                "DELETE FROM operations WHERE id IN (
+                     SELECT id FROM operations WHERE state != 'running'
+                     ORDER BY finished_at DESC, id DESC LIMIT -1 OFFSET ?1)",
+                [to_i64(keep_operations)],
+            )
+            .map_err(err)?;
+        let rows = tx
+            .execute(
+                "DELETE FROM audit WHERE id <= (SELECT max(id) FROM audit) - ?1",
+                [to_i64(keep_audit_rows)],
+            )
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok((ops as u64, rows as u64))
+    }
+
     /// Names of the VMs an operation configured, newest first.
     pub fn vms_of_operation(&self, id: &str) -> Result<Vec<String>, StoreError> {
         let db = self.lock_db();
