@@ -527,7 +527,7 @@ impl Operations {
     /// configuration keeps.
     async fn prune_now_and_then(&self) {
         let n = self.since_prune.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if n % PRUNE_EVERY != 0 {
+        if !n.is_multiple_of(PRUNE_EVERY) {
             return;
         }
         let store = self.store.clone();
