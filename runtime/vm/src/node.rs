@@ -414,12 +414,15 @@ pub fn delete(store: &Store, name: &str) -> Result<bool, VmError> {
     crate::spec::check_dns_label(name)
         .map_err(|e| VmError::Spec(format!("VM name {name:?}: {e}")))?;
     let existed = store.delete_vm(name).map_err(|e| VmError::Failed(e.to_string()))?.is_some();
+    // The partitions before the directory: a directory that cannot be
+    // removed is only a leftover (configuring the name again clears it),
+    // while unreleased partitions would hold disk with no VM to find them.
+    let released = store.release_vm(name).map_err(|e| VmError::Failed(e.to_string()))?;
     let dir = vm_dir(store, name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir)
             .map_err(|e| VmError::Failed(format!("removing {}: {e}", dir.display())))?;
     }
-    let released = store.release_vm(name).map_err(|e| VmError::Failed(e.to_string()))?;
     Ok(existed || !released.is_empty())
 }
 
