@@ -99,6 +99,13 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(blocking_error)
 }
 
+/// Runs a handler's effects on a task of their own: a client that
+/// disconnects mid-request drops only the wait for the answer, never an
+/// action half done or its audit row.
+async fn detached(f: impl std::future::Future<Output = ApiResult> + Send + 'static) -> ApiResult {
+    tokio::spawn(f).await.map_err(blocking_error)?
+}
+
 /// The router of API version 1.
 pub fn router(state: AppState) -> Router {
     let json_limit = usize::try_from(state.limits.max_json_bytes).unwrap_or(usize::MAX);
@@ -254,6 +261,10 @@ async fn upload_bundle(
             ApiError::bad("invalid-body", e.body_text())
         }
     })?;
+    detached(accept_upload(s, peer, body)).await
+}
+
+async fn accept_upload(s: AppState, peer: Peer, body: Bytes) -> ApiResult {
     let digest = format!("blake3:{}", blake3::hash(&body).to_hex());
     let result = s.node.accept_bundle(&body, now()).await;
     let mut row = NewAudit {
@@ -347,7 +358,7 @@ async fn activate(
     body: Result<axum::Json<ActivateBody>, JsonRejection>,
 ) -> ApiResult {
     let axum::Json(body) = body?;
-    set_active(&s, &peer, &name, body.version).await
+    detached(async move { set_active(&s, &peer, &name, body.version).await }).await
 }
 
 async fn rollback(
@@ -355,6 +366,10 @@ async fn rollback(
     axum::Extension(peer): axum::Extension<Peer>,
     Path(name): Path<String>,
 ) -> ApiResult {
+    detached(roll_back_plugin(s, peer, name)).await
+}
+
+async fn roll_back_plugin(s: AppState, peer: Peer, name: String) -> ApiResult {
     let store = s.store.clone();
     let n = name.clone();
     let previous =
@@ -706,6 +721,10 @@ async fn cancel_operation(
     axum::Extension(peer): axum::Extension<Peer>,
     Path(id): Path<String>,
 ) -> ApiResult {
+    detached(cancel_now(s, peer, id)).await
+}
+
+async fn cancel_now(s: AppState, peer: Peer, id: String) -> ApiResult {
     let rec = load_operation(&s, &id).await?;
     if rec.state.finished() || !s.ops.cancel(&id) {
         return Err(ApiError::new(
@@ -776,6 +795,10 @@ async fn delete_vm(
     axum::Extension(peer): axum::Extension<Peer>,
     Path(name): Path<String>,
 ) -> ApiResult {
+    detached(delete_vm_now(s, peer, name)).await
+}
+
+async fn delete_vm_now(s: AppState, peer: Peer, name: String) -> ApiResult {
     provd_vm::spec::check_dns_label(&name)
         .map_err(|e| ApiError::bad("invalid-request", format!("VM name {name:?}: {e}")))?;
     let store = s.store.clone();
