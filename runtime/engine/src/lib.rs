@@ -399,6 +399,8 @@ impl Engine {
         if outcome.is_err() {
             self.roll_back(&ledger, &operation).await;
         }
+        // The slot is held until nothing of this request still runs.
+        ledger.settle().await;
         outcome
     }
 

@@ -79,6 +79,21 @@ pub(crate) struct HostState {
 #[derive(Debug, Default)]
 pub(crate) struct Ledger {
     inner: std::sync::Mutex<LedgerState>,
+    /// Changes to the node running on blocking threads for this request.
+    in_flight: std::sync::atomic::AtomicUsize,
+    settled: tokio::sync::Notify,
+}
+
+/// One change in flight; dropping it (on its blocking thread, however the
+/// change ends) tells the ledger.
+pub(crate) struct InFlight(Arc<Ledger>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.0.settled.notify_waiters();
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -149,6 +164,25 @@ impl Ledger {
         let mut s = self.lock();
         s.closed = true;
         (std::mem::take(&mut s.vms), std::mem::take(&mut s.partitions))
+    }
+
+    /// Counts a change that is about to run on a blocking thread.
+    pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlight(self.clone())
+    }
+
+    /// Waits until no change of this request is running any more: a request
+    /// that was stopped keeps its slot until its builds have finished (and,
+    /// seeing the ledger closed, removed their own results).
+    pub(crate) async fn settle(&self) {
+        loop {
+            let notified = self.settled.notified();
+            if self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// The customisations of a closed request, to undo.

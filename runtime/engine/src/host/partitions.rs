@@ -112,7 +112,9 @@ async fn build(
     store: std::sync::Arc<provd_store::Store>,
     f: impl FnOnce(&provd_store::Store) -> Result<PartitionRecord, PartitionError> + Send + 'static,
 ) -> wasmtime::Result<Result<PartitionRecord, WitError>> {
+    let flight = ledger.begin();
     let done = tokio::task::spawn_blocking(move || {
+        let _flight = flight;
         let rec = f(&store)?;
         if !ledger.add_partition(&rec.id) {
             let _ = store.remove_partition(&rec.id);
@@ -215,7 +217,9 @@ impl HostState {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
+        let flight = self.ledger.begin();
         let done = tokio::task::spawn_blocking(move || {
+            let _flight = flight;
             provd_partitions::add_file(&store, &rec.id, &path, &content, mode, &opts).map(|_| ())
         })
         .await?;

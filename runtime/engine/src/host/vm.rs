@@ -62,7 +62,9 @@ impl HostState {
         let capacity = self.capacity;
         let operation = self.operation.clone();
         let ledger = self.ledger.clone();
+        let flight = self.ledger.begin();
         let done = tokio::task::spawn_blocking(move || {
+            let _flight = flight;
             let c = provd_vm::node::configure(
                 &store,
                 &spec,
@@ -160,7 +162,9 @@ impl HostState {
             Err(e) => return Ok(Err(e)),
         };
         let ledger = self.ledger.clone();
+        let flight = self.ledger.begin();
         let done = tokio::task::spawn_blocking(move || {
+            let _flight = flight;
             let c = provd_vm::node::customize(&store, &spec, &grant)?;
             // Recorded from this thread, so that a request that ended
             // meanwhile still undoes it; a closed ledger means undo it now.
