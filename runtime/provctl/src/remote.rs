@@ -155,6 +155,9 @@ pub struct ProvisionArgs {
     /// A VM spec file (TOML or JSON); repeat for several.
     #[arg(long = "vm", value_name = "FILE")]
     vms: Vec<PathBuf>,
+    /// More VM spec files, as plain arguments.
+    #[arg(value_name = "SPEC")]
+    spec_files: Vec<PathBuf>,
     /// Plugin parameters: a JSON object, or @FILE.
     #[arg(long)]
     params: Option<String>,
@@ -419,7 +422,12 @@ async fn run_command(command: RemoteCommand) -> Result<u8> {
             if let Some(v) = &args.version {
                 request.insert("version".into(), json!(v));
             }
-            let specs = args.vms.iter().map(|p| read_spec(p)).collect::<Result<Vec<_>>>()?;
+            let specs = args
+                .vms
+                .iter()
+                .chain(&args.spec_files)
+                .map(|p| read_spec(p))
+                .collect::<Result<Vec<_>>>()?;
             if !specs.is_empty() {
                 request.insert("vms".into(), Value::Array(specs));
             }

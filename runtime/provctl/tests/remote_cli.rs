@@ -106,6 +106,13 @@ fn a_manager_deploys_provisions_and_follows_on_two_nodes() {
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stdout).contains("plugin-invalid-input"));
 
+    // VM spec files as arguments reach the plugin under `vms` (hello has
+    // no such input, and says so).
+    let web = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/vms/web.toml");
+    let out = provctl(&a, None, &["provision", "--plugin", "hello", web, "--params", params]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unknown field `vms`"));
+
     // A refusal exits 4 and names the node's code; b has no hello.
     let garbage = dir.path().join("garbage.provd");
     std::fs::write(&garbage, b"garbage").unwrap();
