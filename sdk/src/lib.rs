@@ -456,6 +456,19 @@ pub mod partitions {
         host::create_private(plan, vm, shared, format, size_bytes).map_err(Error::from)
     }
 
+    /// [`create_private`] for each of `vms`, built side by side on the
+    /// node's cores; the partitions come back in the order of `vms`.
+    pub fn create_privates(
+        plan: &str,
+        vms: &[&str],
+        shared: Option<&str>,
+        format: &str,
+        size_bytes: u64,
+    ) -> Result<Vec<Partition>, Error> {
+        let vms: Vec<String> = vms.iter().map(|v| (*v).to_string()).collect();
+        host::create_privates(plan, &vms, shared, format, size_bytes).map_err(Error::from)
+    }
+
     /// Writes a small file into a raw ext4 private partition of this request.
     pub fn add_file(partition: &str, path: &str, content: &[u8], mode: u32) -> Result<(), Error> {
         host::add_file(partition, path, content, mode).map_err(Error::from)

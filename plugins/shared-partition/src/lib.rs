@@ -18,7 +18,8 @@
 //! 3. `shared-partition`: one shared partition holding every layer, built
 //!    by the host (skipped when nothing is shared);
 //! 4. `private-partitions`: per VM, a private partition with only its own
-//!    files and what its guest needs to stack its layers;
+//!    files and what its guest needs to stack its layers (the host builds
+//!    them side by side);
 //! 5. `configure-vms`: per VM, its hypervisor configuration with the
 //!    private partition as root disk and the shared partition attached
 //!    read-only;
@@ -220,20 +221,17 @@ impl Plugin for SharedPartition {
             Some(p)
         };
 
-        // 4. A private partition per VM.
+        // 4. A private partition per VM, built side by side by the host.
         progress::report("private-partitions", 0, Some(n))?;
-        let mut privates = Vec::new();
-        for (i, v) in vms.iter().enumerate() {
-            let p = partitions::create_private(
-                &plan.plan,
-                &v.name,
-                shared.as_ref().map(|s| s.id.as_str()),
-                &input.private_format,
-                input.private_size_bytes,
-            )?;
-            privates.push(p);
-            progress::report("private-partitions", i as u64 + 1, Some(n))?;
-        }
+        let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
+        let privates = partitions::create_privates(
+            &plan.plan,
+            &names,
+            shared.as_ref().map(|s| s.id.as_str()),
+            &input.private_format,
+            input.private_size_bytes,
+        )?;
+        progress::report("private-partitions", n, Some(n))?;
 
         // 5. Each VM configured on its partitions.
         progress::report("configure-vms", 0, Some(n))?;

@@ -65,6 +65,7 @@ const DECISIONS: &[(&str, &str)] = &[
     ("dedup", "plan"),
     ("partitions", "create-shared"),
     ("partitions", "create-private"),
+    ("partitions", "create-privates"),
     ("partitions", "add-file"),
     ("vm", "configure"),
     ("vm", "customize"),

@@ -49,6 +49,52 @@ fn wit_error(e: PartitionError) -> WitError {
     }
 }
 
+/// Runs `count` builds on up to four threads (the node's cores), each
+/// recorded in the ledger from its own thread as `build` does. Stops
+/// starting new builds after the first failure. Results are in build order;
+/// builds not started are absent.
+fn build_side_by_side(
+    store: &provd_store::Store,
+    ledger: &crate::host::Ledger,
+    count: usize,
+    build_one: impl Fn(usize) -> Result<PartitionRecord, PartitionError> + Sync,
+) -> Vec<Result<PartitionRecord, PartitionError>> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4);
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let results: std::sync::Mutex<Vec<Option<Result<PartitionRecord, PartitionError>>>> =
+        std::sync::Mutex::new((0..count).map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..workers.min(count) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= count || failed.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let result = build_one(i).and_then(|rec| {
+                        if ledger.add_partition(&rec.id) {
+                            Ok(rec)
+                        } else {
+                            let _ = store.remove_partition(&rec.id);
+                            Err(PartitionError::Cancelled)
+                        }
+                    });
+                    if result.is_err() {
+                        failed.store(true, Ordering::SeqCst);
+                    }
+                    let mut all = results.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(slot) = all.get_mut(i) {
+                        *slot = Some(result);
+                    }
+                }
+            });
+        }
+    });
+    results.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().flatten().collect()
+}
+
 impl HostState {
     fn kept_plan(&self, id: &str) -> Result<&KeptPlan, WitError> {
         self.plans
@@ -202,6 +248,88 @@ impl HostState {
         }))
     }
 
+    async fn create_privates_call(
+        &mut self,
+        plan: String,
+        names: Vec<String>,
+        shared: Option<String>,
+        format: String,
+        size_bytes: u64,
+    ) -> wasmtime::Result<Result<Vec<Partition>, WitError>> {
+        let prepared = (|| {
+            let format = PrivateFormat::parse(&format).map_err(wit_error)?;
+            let kept = self.kept_plan(&plan)?;
+            let shared = shared.as_deref().map(|id| self.own_partition(id)).transpose()?;
+            if self.ledger.counts().1.saturating_add(names.len()) > MAX_PARTITIONS {
+                return Err(WitError::QuotaExceeded(format!(
+                    "at most {MAX_PARTITIONS} partitions per request"
+                )));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            if let Some(dup) = names.iter().find(|n| !seen.insert(n.as_str())) {
+                return Err(WitError::InvalidInput(format!("VM {dup:?} is listed twice")));
+            }
+            Ok::<_, WitError>((
+                format,
+                kept.plan.clone(),
+                kept.vms.clone(),
+                shared,
+                self.build_options()?,
+                self.partition_store()?,
+            ))
+        })();
+        let (format, plan, vms, shared, opts, store) = match prepared {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        let size = (size_bytes > 0).then_some(size_bytes);
+        let ledger = self.ledger.clone();
+        let flight = ledger.begin();
+        let built = tokio::task::spawn_blocking(move || {
+            let _flight = flight;
+            build_side_by_side(&store, &ledger, names.len(), |i| {
+                let vm = names.get(i).map(String::as_str).unwrap_or_default();
+                provd_partitions::build_private(
+                    &store,
+                    &plan,
+                    &vms,
+                    vm,
+                    shared.as_ref(),
+                    format,
+                    size,
+                    &opts,
+                )
+            })
+        })
+        .await?;
+        let mut out = Vec::new();
+        let mut first_error = None;
+        for result in built {
+            match result {
+                Ok(rec) => {
+                    self.record_built(&rec);
+                    out.push(wit_partition(&rec));
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Ok(Err(wit_error(e)));
+        }
+        // Each build checked the quota left when the batch began; together
+        // they must fit it too.
+        let max = self.grants.partitions.map(|g| g.max_bytes).unwrap_or(0);
+        if self.partition_bytes > max {
+            return Ok(Err(WitError::QuotaExceeded(format!(
+                "the partitions of this request take {} bytes; its grant allows {max}",
+                self.partition_bytes
+            ))));
+        }
+        Ok(Ok(out))
+    }
+
     async fn add_file_call(
         &mut self,
         partition: String,
@@ -255,6 +383,25 @@ impl wit::Host for HostState {
         );
         let result = self.create_private_call(plan, vm, shared, format, size_bytes).await?;
         self.audit("partitions", "create-private", args, &result);
+        Ok(result)
+    }
+
+    async fn create_privates(
+        &mut self,
+        plan: String,
+        vms: Vec<String>,
+        shared: Option<String>,
+        format: String,
+        size_bytes: u64,
+    ) -> wasmtime::Result<Result<Vec<Partition>, WitError>> {
+        self.step()?;
+        let args = format!(
+            "{plan} vms={} shared={} format={format} size-bytes={size_bytes}",
+            vms.join(","),
+            shared.as_deref().unwrap_or("-")
+        );
+        let result = self.create_privates_call(plan, vms, shared, format, size_bytes).await?;
+        self.audit("partitions", "create-privates", args, &result);
         Ok(result)
     }
 
