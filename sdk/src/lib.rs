@@ -505,6 +505,14 @@ pub mod vm {
         host::configure(spec, private).map_err(Error::from)
     }
 
+    /// [`configure`] for each `(spec, private)` pair, side by side on the
+    /// node's cores; the results come back in the order of `vms`.
+    pub fn configure_all(vms: &[(&str, &str)]) -> Result<Vec<Configured>, Error> {
+        let vms: Vec<(String, String)> =
+            vms.iter().map(|(s, p)| ((*s).to_string(), (*p).to_string())).collect();
+        host::configure_all(&vms).map_err(Error::from)
+    }
+
     /// Rewrites the cloud-init seed of a VM this operation names (or this
     /// request configured) from `spec`: its spec with another `cloud-init`
     /// section or other NIC addresses. Returns the seed's new instance id.

@@ -22,7 +22,7 @@
 //!    them side by side);
 //! 5. `configure-vms`: per VM, its hypervisor configuration with the
 //!    private partition as root disk and the shared partition attached
-//!    read-only;
+//!    read-only (the host configures them side by side);
 //!
 //! then a report: per layer its VMs, files and bytes; per VM its private
 //! bytes and layers; totals naive against stored, and the saving.
@@ -233,11 +233,15 @@ impl Plugin for SharedPartition {
         )?;
         progress::report("private-partitions", n, Some(n))?;
 
-        // 5. Each VM configured on its partitions.
+        // 5. Each VM configured on its partitions, side by side by the host.
         progress::report("configure-vms", 0, Some(n))?;
+        let specs: Vec<String> = vms.iter().map(|v| v.spec.to_string()).collect();
+        let pairs: Vec<(&str, &str)> =
+            specs.iter().zip(&privates).map(|(s, p)| (s.as_str(), p.id.as_str())).collect();
+        let configured = vm::configure_all(&pairs)?;
+        progress::report("configure-vms", n, Some(n))?;
         let mut reports = Vec::new();
-        for (i, (v, private)) in vms.iter().zip(&privates).enumerate() {
-            let configured = vm::configure(&v.spec.to_string(), &private.id)?;
+        for ((v, private), configured) in vms.iter().zip(&privates).zip(configured) {
             let figures = plan.vms.iter().find(|f| f.vm == v.name);
             reports.push(VmReport {
                 name: v.name.clone(),
@@ -252,7 +256,6 @@ impl Plugin for SharedPartition {
                 macs: configured.macs,
                 disks: configured.disks,
             });
-            progress::report("configure-vms", i as u64 + 1, Some(n))?;
         }
 
         let totals = Totals {

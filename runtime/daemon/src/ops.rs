@@ -68,6 +68,7 @@ const DECISIONS: &[(&str, &str)] = &[
     ("partitions", "create-privates"),
     ("partitions", "add-file"),
     ("vm", "configure"),
+    ("vm", "configure-all"),
     ("vm", "customize"),
 ];
 /// Individual audit rows kept per operation; beyond, calls are folded.

@@ -189,7 +189,7 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
     let count =
         |f: &str| audit["audit"].as_array().unwrap().iter().filter(|r| r["function"] == f).count();
     assert_eq!((count("fetch"), count("plan"), count("create-shared")), (3, 1, 1));
-    assert_eq!((count("create-privates"), count("configure")), (1, 3));
+    assert_eq!((count("create-privates"), count("configure-all")), (1, 1));
 
     // The cloud-init plugin customises web-1: a new hostname and a user,
     // written as a new seed in place of the attached one.

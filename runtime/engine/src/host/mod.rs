@@ -191,6 +191,42 @@ impl Ledger {
     }
 }
 
+/// Runs `run(0..count)` on up to four threads (the node's cores) and
+/// returns the results in order. After the first failure no new item is
+/// started; items never started are absent from the result.
+pub(crate) fn side_by_side<T: Send, E: Send>(
+    count: usize,
+    run: impl Fn(usize) -> Result<T, E> + Sync,
+) -> Vec<Result<T, E>> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4);
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let results: std::sync::Mutex<Vec<Option<Result<T, E>>>> =
+        std::sync::Mutex::new((0..count).map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..workers.min(count) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= count || failed.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let result = run(i);
+                    if result.is_err() {
+                        failed.store(true, Ordering::SeqCst);
+                    }
+                    let mut all = results.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(slot) = all.get_mut(i) {
+                        *slot = Some(result);
+                    }
+                }
+            });
+        }
+    });
+    results.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().flatten().collect()
+}
+
 /// What the node lends to every invocation.
 #[derive(Clone, Default)]
 pub(crate) struct NodeServices {

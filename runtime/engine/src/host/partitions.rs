@@ -49,52 +49,6 @@ fn wit_error(e: PartitionError) -> WitError {
     }
 }
 
-/// Runs `count` builds on up to four threads (the node's cores), each
-/// recorded in the ledger from its own thread as `build` does. Stops
-/// starting new builds after the first failure. Results are in build order;
-/// builds not started are absent.
-fn build_side_by_side(
-    store: &provd_store::Store,
-    ledger: &crate::host::Ledger,
-    count: usize,
-    build_one: impl Fn(usize) -> Result<PartitionRecord, PartitionError> + Sync,
-) -> Vec<Result<PartitionRecord, PartitionError>> {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4);
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let results: std::sync::Mutex<Vec<Option<Result<PartitionRecord, PartitionError>>>> =
-        std::sync::Mutex::new((0..count).map(|_| None).collect());
-    std::thread::scope(|scope| {
-        for _ in 0..workers.min(count) {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= count || failed.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let result = build_one(i).and_then(|rec| {
-                        if ledger.add_partition(&rec.id) {
-                            Ok(rec)
-                        } else {
-                            let _ = store.remove_partition(&rec.id);
-                            Err(PartitionError::Cancelled)
-                        }
-                    });
-                    if result.is_err() {
-                        failed.store(true, Ordering::SeqCst);
-                    }
-                    let mut all = results.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(slot) = all.get_mut(i) {
-                        *slot = Some(result);
-                    }
-                }
-            });
-        }
-    });
-    results.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().flatten().collect()
-}
-
 impl HostState {
     fn kept_plan(&self, id: &str) -> Result<&KeptPlan, WitError> {
         self.plans
@@ -287,9 +241,9 @@ impl HostState {
         let flight = ledger.begin();
         let built = tokio::task::spawn_blocking(move || {
             let _flight = flight;
-            build_side_by_side(&store, &ledger, names.len(), |i| {
+            crate::host::side_by_side(names.len(), |i| {
                 let vm = names.get(i).map(String::as_str).unwrap_or_default();
-                provd_partitions::build_private(
+                let rec = provd_partitions::build_private(
                     &store,
                     &plan,
                     &vms,
@@ -298,7 +252,14 @@ impl HostState {
                     format,
                     size,
                     &opts,
-                )
+                )?;
+                // Recorded from its own thread, as `build` does.
+                if ledger.add_partition(&rec.id) {
+                    Ok(rec)
+                } else {
+                    let _ = store.remove_partition(&rec.id);
+                    Err(PartitionError::Cancelled)
+                }
             })
         })
         .await?;

@@ -84,23 +84,111 @@ impl HostState {
             Ok(c)
         })
         .await?;
-        Ok(match done {
-            Ok(c) => Ok(Configured {
-                name: c.name,
-                hypervisor: c.hypervisor,
-                vcpus: c.vcpus,
-                memory_mib: c.memory_mib,
-                macs: c.macs,
-                config_file: c.config_file,
-                config: c.config,
-                disks: c.disks,
-            }),
-            Err(e) => Err(wit_error(e)),
+        Ok(done.map(wit_configured).map_err(wit_error))
+    }
+}
+
+fn wit_configured(c: provd_vm::node::Configured) -> Configured {
+    Configured {
+        name: c.name,
+        hypervisor: c.hypervisor,
+        vcpus: c.vcpus,
+        memory_mib: c.memory_mib,
+        macs: c.macs,
+        config_file: c.config_file,
+        config: c.config,
+        disks: c.disks,
+    }
+}
+
+impl HostState {
+    async fn configure_all_call(
+        &mut self,
+        vms: Vec<(String, String)>,
+    ) -> wasmtime::Result<Result<Vec<Configured>, WitError>> {
+        let prepared = (|| {
+            if self.ledger.counts().0.saturating_add(vms.len()) > MAX_VMS {
+                return Err(WitError::QuotaExceeded(format!("at most {MAX_VMS} VMs per request")));
+            }
+            let mut items = Vec::with_capacity(vms.len());
+            for (spec, private) in &vms {
+                let grant = self.vm_grant(spec)?;
+                let name = provd_vm::spec::parse_spec(spec)
+                    .map(|s| s.name)
+                    .map_err(|e| WitError::InvalidInput(e.to_string()))?;
+                if self.operation_vms.as_ref().is_some_and(|vms| !vms.contains(&name)) {
+                    return Err(WitError::Denied(format!(
+                        "VM {name:?} is not among the VMs this operation names"
+                    )));
+                }
+                items.push((spec.clone(), self.own_partition(private)?, grant));
+            }
+            Ok((items, self.partition_store()?))
+        })();
+        let (items, store) = match prepared {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        let capacity = self.capacity;
+        let operation = self.operation.clone();
+        let ledger = self.ledger.clone();
+        let flight = self.ledger.begin();
+        let done = tokio::task::spawn_blocking(move || {
+            let _flight = flight;
+            crate::host::side_by_side(items.len(), |i| {
+                let Some((spec, rec, grant)) = items.get(i) else {
+                    return Err(VmError::Failed("no such item".into()));
+                };
+                let c = provd_vm::node::configure(
+                    &store,
+                    spec,
+                    rec,
+                    grant,
+                    &capacity,
+                    Some(&operation),
+                )?;
+                // Recorded from its own thread, as `configure` does.
+                if !ledger.add_vm(&c.name) {
+                    let _ = provd_vm::node::delete(&store, &c.name);
+                    return Err(VmError::Failed(
+                        "the request ended before the VM was configured".into(),
+                    ));
+                }
+                Ok(c)
+            })
         })
+        .await?;
+        let mut out = Vec::with_capacity(done.len());
+        for result in done {
+            match result {
+                Ok(c) => out.push(wit_configured(c)),
+                Err(e) => return Ok(Err(wit_error(e))),
+            }
+        }
+        Ok(Ok(out))
     }
 }
 
 impl wit::Host for HostState {
+    async fn configure_all(
+        &mut self,
+        vms: Vec<(String, String)>,
+    ) -> wasmtime::Result<Result<Vec<Configured>, WitError>> {
+        self.step()?;
+        let names: Vec<String> = vms
+            .iter()
+            .map(|(spec, private)| {
+                let name =
+                    provd_vm::spec::parse_spec(spec).map(|s| s.name).unwrap_or_else(|_| "?".into());
+                format!("{name}:{private}")
+            })
+            .collect();
+        let args = format!("vms={}", names.join(","));
+        let result = self.configure_all_call(vms).await?;
+        self.audit("vm", "configure-all", args, &result);
+        Ok(result)
+    }
+
     async fn configure(
         &mut self,
         spec: String,
