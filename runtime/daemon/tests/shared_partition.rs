@@ -271,3 +271,47 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
     assert_eq!(store.images().unwrap().len(), 3);
     assert_eq!(store.gc().unwrap(), provd_store::Freed::default());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_that_does_not_fit_fails_the_request_and_nothing_of_it_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    for (name, own) in [("web", 3u8), ("api", 4), ("db", 5)] {
+        let root = images.join(name);
+        std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+        std::fs::write(root.join("usr/lib/libc.so.6"), content(1, 300_000)).unwrap();
+        std::fs::write(root.join("usr/lib/own.bin"), content(own, 100_000)).unwrap();
+    }
+    // Room for two VMs of one vCPU, not three.
+    let extra = format!(
+        "[policy]\nimage-sources = [\"dir:{}/**\"]\n[capacity]\nvcpus = 2\nmemory-mib = 8192\n\
+         disk-bytes = 107374182400\n",
+        images.display()
+    );
+    let node = TestNode::start(Path::new(PROVD), &dir.path().join("node"), &extra).unwrap();
+    let (ca, cert, key) = node.tls();
+    let c = Client::new(&node.url, &TlsFiles { ca, cert: Some(cert), key: Some(key) }).unwrap();
+    let manifest = std::fs::read_to_string(SHARED_PARTITION.dir().join("plugin.toml")).unwrap();
+    c.deploy(node.bundle(&manifest, &SHARED_PARTITION.wasm())).await.unwrap();
+    let vms: Vec<Value> = ["web", "api", "db"]
+        .iter()
+        .map(|n| spec(&format!("{n}-1"), &format!("dir:{}", images.join(n).display())))
+        .collect();
+    let request =
+        json!({"plugin": "shared-partition", "vms": vms, "params": {"min-layer-bytes": 0}});
+    let id =
+        c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    let done = c.wait(&id, |_| {}).await.unwrap();
+    assert_eq!(done["state"], "failed", "{done:#}");
+    assert_eq!(done["error"]["code"], "plugin-quota-exceeded", "{done:#}");
+    assert!(done["error"]["message"].as_str().unwrap().contains("vcpus"), "{done:#}");
+    // Every partition and VM the request built is gone, reservations too.
+    let state = c.get("/v1/vms").await.unwrap().body;
+    assert_eq!(state["vms"], json!([]));
+    assert_eq!(state["reserved"], json!({"vcpus": 0, "memory-mib": 0, "disk-bytes": 0}));
+    assert_eq!(std::fs::read_dir(node.data.join("partitions")).unwrap().count(), 0);
+    let vm_dirs = std::fs::read_dir(node.data.join("vms")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(vm_dirs, 0);
+    let audit = c.get(&format!("/v1/audit?operation={id}&outcome=denied")).await.unwrap().body;
+    assert_eq!(audit["audit"][0]["function"], "configure-all", "{audit}");
+}
