@@ -50,6 +50,18 @@ fn wit_error(e: PartitionError) -> WitError {
 }
 
 impl HostState {
+    fn private_inputs(
+        &self,
+        plan: &str,
+        shared: Option<&str>,
+        format: &str,
+    ) -> Result<PrivateInputs, WitError> {
+        let format = PrivateFormat::parse(format).map_err(wit_error)?;
+        let kept = self.kept_plan(plan)?;
+        let shared = shared.map(|id| self.own_partition(id)).transpose()?;
+        Ok((format, kept.plan.clone(), kept.vms.clone(), shared))
+    }
+
     fn kept_plan(&self, id: &str) -> Result<&KeptPlan, WitError> {
         self.plans
             .iter()
@@ -115,16 +127,32 @@ async fn build(
     let flight = ledger.begin();
     let done = tokio::task::spawn_blocking(move || {
         let _flight = flight;
-        let rec = f(&store)?;
-        if !ledger.add_partition(&rec.id) {
-            let _ = store.remove_partition(&rec.id);
-            return Err(PartitionError::Cancelled);
-        }
-        Ok(rec)
+        keep_or_remove(&ledger, &store, f(&store)?)
     })
     .await?;
     Ok(done.map_err(wit_error))
 }
+
+/// Records a partition a build just published in the request's ledger,
+/// from the build's own thread, so that a request that ended meanwhile still
+/// rolls it back; if the ledger is already closed, removes it now.
+fn keep_or_remove(
+    ledger: &crate::host::Ledger,
+    store: &provd_store::Store,
+    rec: PartitionRecord,
+) -> Result<PartitionRecord, PartitionError> {
+    if ledger.add_partition(&rec.id) {
+        Ok(rec)
+    } else {
+        let _ = store.remove_partition(&rec.id);
+        Err(PartitionError::Cancelled)
+    }
+}
+
+/// What a private-partition build takes from the request: the format, the
+/// kept plan and its VMs, and the shared partition to stack on.
+type PrivateInputs =
+    (PrivateFormat, provd_dedup::Plan, Vec<provd_partitions::VmImage>, Option<PartitionRecord>);
 
 impl HostState {
     async fn create_shared_call(
@@ -166,19 +194,10 @@ impl HostState {
         size_bytes: u64,
     ) -> wasmtime::Result<Result<Partition, WitError>> {
         let prepared = (|| {
-            let format = PrivateFormat::parse(&format).map_err(wit_error)?;
-            let kept = self.kept_plan(&plan)?;
-            let shared = shared.as_deref().map(|id| self.own_partition(id)).transpose()?;
-            Ok::<_, WitError>((
-                format,
-                kept.plan.clone(),
-                kept.vms.clone(),
-                shared,
-                self.build_options()?,
-                self.partition_store()?,
-            ))
+            let inputs = self.private_inputs(&plan, shared.as_deref(), &format)?;
+            Ok::<_, WitError>((inputs, self.build_options()?, self.partition_store()?))
         })();
-        let (format, plan, vms, shared, opts, store) = match prepared {
+        let ((format, plan, vms, shared), opts, store) = match prepared {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
@@ -211,9 +230,7 @@ impl HostState {
         size_bytes: u64,
     ) -> wasmtime::Result<Result<Vec<Partition>, WitError>> {
         let prepared = (|| {
-            let format = PrivateFormat::parse(&format).map_err(wit_error)?;
-            let kept = self.kept_plan(&plan)?;
-            let shared = shared.as_deref().map(|id| self.own_partition(id)).transpose()?;
+            let inputs = self.private_inputs(&plan, shared.as_deref(), &format)?;
             if self.ledger.counts().1.saturating_add(names.len()) > MAX_PARTITIONS {
                 return Err(WitError::QuotaExceeded(format!(
                     "at most {MAX_PARTITIONS} partitions per request"
@@ -223,16 +240,9 @@ impl HostState {
             if let Some(dup) = names.iter().find(|n| !seen.insert(n.as_str())) {
                 return Err(WitError::InvalidInput(format!("VM {dup:?} is listed twice")));
             }
-            Ok::<_, WitError>((
-                format,
-                kept.plan.clone(),
-                kept.vms.clone(),
-                shared,
-                self.build_options()?,
-                self.partition_store()?,
-            ))
+            Ok::<_, WitError>((inputs, self.build_options()?, self.partition_store()?))
         })();
-        let (format, plan, vms, shared, opts, store) = match prepared {
+        let ((format, plan, vms, shared), opts, store) = match prepared {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
@@ -253,13 +263,7 @@ impl HostState {
                     size,
                     &opts,
                 )?;
-                // Recorded from its own thread, as `build` does.
-                if ledger.add_partition(&rec.id) {
-                    Ok(rec)
-                } else {
-                    let _ = store.remove_partition(&rec.id);
-                    Err(PartitionError::Cancelled)
-                }
+                keep_or_remove(&ledger, &store, rec)
             })
         })
         .await?;

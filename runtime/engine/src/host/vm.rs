@@ -65,27 +65,31 @@ impl HostState {
         let flight = self.ledger.begin();
         let done = tokio::task::spawn_blocking(move || {
             let _flight = flight;
-            let c = provd_vm::node::configure(
-                &store,
-                &spec,
-                &rec,
-                &grant,
-                &capacity,
-                Some(&operation),
-            )?;
-            // Recorded from this thread, so a request that ended meanwhile
-            // still removes it; a closed ledger means remove it now.
-            if !ledger.add_vm(&c.name) {
-                let _ = provd_vm::node::delete(&store, &c.name);
-                return Err(VmError::Failed(
-                    "the request ended before the VM was configured".into(),
-                ));
-            }
-            Ok(c)
+            configure_recorded(&store, &ledger, &spec, &rec, &grant, &capacity, &operation)
         })
         .await?;
         Ok(done.map(wit_configured).map_err(wit_error))
     }
+}
+
+/// Configures a VM and records it in the request's ledger from the same
+/// blocking thread, so that a request that ended meanwhile still removes
+/// it; a closed ledger means remove it now.
+fn configure_recorded(
+    store: &provd_store::Store,
+    ledger: &crate::host::Ledger,
+    spec: &str,
+    private: &provd_store::PartitionRecord,
+    grant: &provd_domain::VmGrant,
+    capacity: &provd_domain::NodeCapacity,
+    operation: &str,
+) -> Result<provd_vm::node::Configured, VmError> {
+    let c = provd_vm::node::configure(store, spec, private, grant, capacity, Some(operation))?;
+    if !ledger.add_vm(&c.name) {
+        let _ = provd_vm::node::delete(store, &c.name);
+        return Err(VmError::Failed("the request ended before the VM was configured".into()));
+    }
+    Ok(c)
 }
 
 fn wit_configured(c: provd_vm::node::Configured) -> Configured {
@@ -139,22 +143,7 @@ impl HostState {
                 let Some((spec, rec, grant)) = items.get(i) else {
                     return Err(VmError::Failed("no such item".into()));
                 };
-                let c = provd_vm::node::configure(
-                    &store,
-                    spec,
-                    rec,
-                    grant,
-                    &capacity,
-                    Some(&operation),
-                )?;
-                // Recorded from its own thread, as `configure` does.
-                if !ledger.add_vm(&c.name) {
-                    let _ = provd_vm::node::delete(&store, &c.name);
-                    return Err(VmError::Failed(
-                        "the request ended before the VM was configured".into(),
-                    ));
-                }
-                Ok(c)
+                configure_recorded(&store, &ledger, spec, rec, grant, &capacity, &operation)
             })
         })
         .await?;
