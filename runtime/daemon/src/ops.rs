@@ -127,18 +127,7 @@ pub struct StartRequest {
 }
 
 fn new_id() -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut h = blake3::Hasher::new();
-    h.update(&t.to_le_bytes());
-    h.update(&n.to_le_bytes());
-    h.update(&std::process::id().to_le_bytes());
-    let hex = h.finalize().to_hex();
-    format!("op-{}", hex.get(..20).unwrap_or("0"))
+    provd_store::new_id("op", 20)
 }
 
 /// The stable code and message of a failed call.

@@ -43,7 +43,7 @@ pub use operations::{
     AuditQuery, AuditRecord, NewAudit, NewOperation, OpState, OperationError, OperationRecord,
     Started,
 };
-pub use partitions::{NewPartition, PartitionRecord, new_partition_id, valid_partition_id};
+pub use partitions::{NewPartition, PartitionRecord, new_id, new_partition_id, valid_partition_id};
 pub use vms::{NewVm, ReserveError, Resources, VmRecord};
 
 /// Why a store operation failed.

@@ -97,6 +97,13 @@ pub fn valid_partition_id(id: &str) -> bool {
 
 /// A fresh partition id.
 pub fn new_partition_id() -> String {
+    new_id("p", 16)
+}
+
+/// A fresh id for a record of this node: `prefix`, `-`, then `hex_len`
+/// (at most 64) hex digits of BLAKE3 over the time, this process and a
+/// counter, so that ids never repeat within a process or across restarts.
+pub fn new_id(prefix: &str, hex_len: usize) -> String {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -106,7 +113,7 @@ pub fn new_partition_id() -> String {
     h.update(&std::process::id().to_le_bytes());
     h.update(&crate::objects::temp_name().into_bytes());
     let hex = h.finalize().to_hex();
-    format!("p-{}", hex.get(..16).unwrap_or("0000000000000000"))
+    format!("{prefix}-{}", hex.get(..hex_len.min(64)).unwrap_or_default())
 }
 
 impl Store {
