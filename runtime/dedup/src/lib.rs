@@ -32,18 +32,25 @@
 //!     path: path.into(), kind: EntryKind::File, mode: 0o644, uid: 0, gid: 0, mtime: 0,
 //!     size: 1000, hash: Some(Hash([byte; 32])), link_target: None, device: None,
 //! };
-//! let a = vec![file("bin/sh", 1), file("etc/hostname", 2)];
-//! let b = vec![file("bin/sh", 1), file("etc/hostname", 3)];
+//! let dir = |path: &str| Entry { kind: EntryKind::Dir, mode: 0o755, size: 0, hash: None, ..file(path, 0) };
+//! let a = vec![dir("bin"), file("bin/sh", 1), dir("etc"), file("etc/hostname", 2)];
+//! let b = vec![dir("bin"), file("bin/sh", 1), dir("etc"), file("etc/hostname", 3)];
 //! let analysis = analyze(&[("vm-a".into(), a.clone()), ("vm-b".into(), b.clone())]).unwrap();
 //! assert_eq!(analysis.layers.len(), 1); // bin/sh, shared by both
 //! let plan = analysis.plan(&Policy::default());
 //! assert_eq!(plan.reassemble("vm-a").unwrap(), a);
 //! ```
 
+mod node;
+mod overlay;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use provd_domain::image::{Entry, EntryKind, Hash};
 use serde::Serialize;
+
+pub use node::{NodeLayer, plan_on_node};
+pub use overlay::{VmView, overlay_view};
 
 /// Why an analysis could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -149,11 +156,35 @@ pub struct Policy {
     /// such file once (hard links within the shared partition).
     #[serde(default)]
     pub share_across_paths: bool,
+    /// Put a VM's files that no other VM of the plan holds into a layer of
+    /// their own rather than its private set, so that the next VM of the
+    /// same image, arriving in a later request, stacks them instead of
+    /// storing them again. Files under `min_layer_bytes` stay private.
+    #[serde(default)]
+    pub layer_unique_files: bool,
+    /// Most shared partitions one VM may stack layers from (each is a disk
+    /// its hypervisor attaches). Layers the node holds on further
+    /// partitions are not stacked: their files are stored again.
+    #[serde(default = "default_max_shared_partitions")]
+    pub max_shared_partitions: usize,
 }
+
+fn default_max_shared_partitions() -> usize {
+    DEFAULT_MAX_SHARED_PARTITIONS
+}
+
+/// The default bound on shared partitions per VM.
+pub const DEFAULT_MAX_SHARED_PARTITIONS: usize = 8;
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { min_layer_bytes: 0, max_layers_per_vm: 8, share_across_paths: false }
+        Policy {
+            min_layer_bytes: 0,
+            max_layers_per_vm: 8,
+            share_across_paths: false,
+            layer_unique_files: false,
+            max_shared_partitions: DEFAULT_MAX_SHARED_PARTITIONS,
+        }
     }
 }
 
@@ -171,12 +202,43 @@ fn content_key(e: &Entry) -> Option<ContentKey> {
 /// A layer the plan keeps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct PlannedLayer {
-    /// `layer-0`, `layer-1`, … in the order chosen.
+    /// `layer-0`, `layer-1`, … for layers to build, in the order chosen;
+    /// `node-0`, `node-1`, … for layers the node already holds.
     pub id: String,
+    /// The VMs of this plan that stack it.
     pub vms: Vec<String>,
     pub files: u64,
     pub bytes: u64,
     pub entries: Vec<Entry>,
+    /// Where the node already holds it; `None` for a layer to build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeRef>,
+}
+
+/// A layer on one of the node's shared partitions.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+pub struct NodeRef {
+    /// The shared partition holding it.
+    pub partition: String,
+    /// Its directory on that partition: `layers/<name>`.
+    pub name: String,
+    /// BLAKE3 over its entries, as recorded when it was built.
+    pub digest: String,
+}
+
+/// Where a VM's file bytes come from under a plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct VmShare {
+    /// Regular-file bytes of its image.
+    pub image_bytes: u64,
+    /// Of those, bytes that layers the node already holds provide.
+    pub node_bytes: u64,
+    /// Bytes that layers this plan builds provide.
+    pub new_shared_bytes: u64,
+    /// Bytes left in its private set.
+    pub private_bytes: u64,
+    /// Paths its private set hides from the layers below (whiteouts).
+    pub whiteouts: u64,
 }
 
 /// Which layers to build, and what stays private to each VM. A value: it
@@ -196,6 +258,13 @@ pub struct Plan {
     /// Layer bytes plus every private set: what the node stores.
     pub stored_bytes: u64,
     pub naive_bytes: u64,
+    /// Per VM, paths of its private set that hide what its layers hold at
+    /// that path and below (overlay whiteouts), path order.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub whiteouts: BTreeMap<String, Vec<String>>,
+    /// Per VM, where its bytes come from.
+    #[serde(default)]
+    pub shares: BTreeMap<String, VmShare>,
 }
 
 fn file_bytes(e: &Entry) -> u64 {
@@ -323,17 +392,27 @@ fn sorted(mut entries: Vec<Entry>) -> Vec<Entry> {
 impl Analysis {
     /// Chooses the layers to build under `policy`.
     pub fn plan(&self, policy: &Policy) -> Plan {
+        let room = self.vms.iter().map(|v| (v.clone(), policy.max_layers_per_vm)).collect();
+        let mut plan = self.plan_with_room(policy, &room);
+        overlay::finish(&mut plan, &self.images);
+        plan
+    }
+
+    /// [`Analysis::plan`] where each VM may take at most `room[vm]` layers
+    /// (fewer than the policy's when it already stacks some), before the
+    /// private sets are checked against the images.
+    pub(crate) fn plan_with_room(&self, policy: &Policy, room: &BTreeMap<String, usize>) -> Plan {
+        let room_of = |vm: &str| room.get(vm).copied().unwrap_or(0);
         let mut stacks: BTreeMap<String, Vec<String>> =
             self.vms.iter().map(|v| (v.clone(), Vec::new())).collect();
         let mut private = self.private.clone();
         let mut layers = Vec::new();
         for layer in &self.layers {
             let fits = layer.bytes >= policy.min_layer_bytes
-                && policy.max_layers_per_vm > 0
                 && layer
                     .vms
                     .iter()
-                    .all(|vm| stacks.get(vm).is_some_and(|s| s.len() < policy.max_layers_per_vm));
+                    .all(|vm| stacks.get(vm).is_some_and(|s| s.len() < room_of(vm)));
             if fits {
                 let id = format!("layer-{}", layers.len());
                 for vm in &layer.vms {
@@ -347,6 +426,7 @@ impl Analysis {
                     files: layer.files,
                     bytes: layer.bytes,
                     entries: layer.entries.clone(),
+                    node: None,
                 });
             } else {
                 // Folded away: every VM of the set keeps its own copy, with
@@ -361,7 +441,10 @@ impl Analysis {
             }
         }
         if policy.share_across_paths {
-            self.alias_layers(policy, &mut layers, &mut stacks, &mut private);
+            self.alias_layers(&room_of, policy, &mut layers, &mut stacks, &mut private);
+        }
+        if policy.layer_unique_files {
+            unique_layers(&room_of, policy, &mut layers, &mut stacks, &mut private);
         }
         let mut private_bytes = BTreeMap::new();
         for (vm, own) in private.iter_mut() {
@@ -391,7 +474,45 @@ impl Analysis {
             layer_bytes,
             stored_bytes: stored,
             naive_bytes: self.naive_bytes,
+            whiteouts: BTreeMap::new(),
+            shares: BTreeMap::new(),
         }
+    }
+}
+
+/// Moves each VM's remaining private files into a layer of its own, where
+/// it has room for one more layer and they weigh at least the minimum.
+/// Directories stay private (see the crate's documentation).
+fn unique_layers(
+    room_of: &dyn Fn(&str) -> usize,
+    policy: &Policy,
+    layers: &mut Vec<PlannedLayer>,
+    stacks: &mut BTreeMap<String, Vec<String>>,
+    private: &mut BTreeMap<String, Vec<Entry>>,
+) {
+    for (vm, own) in private.iter_mut() {
+        let Some(stack) = stacks.get_mut(vm) else { continue };
+        if stack.len() >= room_of(vm) {
+            continue;
+        }
+        let (files, dirs): (Vec<Entry>, Vec<Entry>) =
+            std::mem::take(own).into_iter().partition(|e| e.kind != EntryKind::Dir);
+        let bytes: u64 = files.iter().map(file_bytes).sum();
+        if files.is_empty() || bytes < policy.min_layer_bytes.max(1) {
+            *own = dirs.into_iter().chain(files).collect();
+            continue;
+        }
+        *own = dirs;
+        let id = format!("layer-{}", layers.len());
+        stack.push(id.clone());
+        layers.push(PlannedLayer {
+            id,
+            vms: vec![vm.clone()],
+            files: files.len() as u64,
+            bytes,
+            entries: sorted(files),
+            node: None,
+        });
     }
 }
 
@@ -401,6 +522,7 @@ impl Analysis {
     /// holds, where the VM has room for one more layer.
     fn alias_layers(
         &self,
+        room_of: &dyn Fn(&str) -> usize,
         policy: &Policy,
         layers: &mut Vec<PlannedLayer>,
         stacks: &mut BTreeMap<String, Vec<String>>,
@@ -421,7 +543,7 @@ impl Analysis {
             .collect();
         for (vm, own) in private.iter_mut() {
             let Some(stack) = stacks.get_mut(vm) else { continue };
-            if stack.len() >= policy.max_layers_per_vm {
+            if stack.len() >= room_of(vm) {
                 continue;
             }
             let (alias, keep): (Vec<Entry>, Vec<Entry>) = std::mem::take(own)
@@ -441,28 +563,44 @@ impl Analysis {
                 files: alias.iter().filter(|e| e.kind == EntryKind::File).count() as u64,
                 bytes,
                 entries: sorted(alias),
+                node: None,
             });
         }
     }
 }
 
 impl Plan {
-    /// A VM's image as its layers and private set give it back: layers
-    /// bottom up, the private set on top, later entries replacing earlier
-    /// ones at the same path. `None` for an unknown VM.
+    /// A VM's root as its layers and private set give it back, with the
+    /// overlay's rules: layers bottom up, each hiding what lies below it at
+    /// its paths (a file hides a directory's whole tree, the directories a
+    /// layer's files sit in hide a file at that path), then the private
+    /// set on top with its whiteouts. Directories that only a layer
+    /// implies appear as root-owned 0755 directories. `None` for an
+    /// unknown VM.
     pub fn reassemble(&self, vm: &str) -> Option<Vec<Entry>> {
         let stack = self.stacks.get(vm)?;
-        let mut merged: BTreeMap<String, Entry> = BTreeMap::new();
-        for id in stack {
-            if let Some(layer) = self.layers.iter().find(|l| &l.id == id) {
-                for e in &layer.entries {
-                    merged.insert(e.path.clone(), e.clone());
-                }
+        let lowers: Vec<&[Entry]> = stack
+            .iter()
+            .filter_map(|id| self.layers.iter().find(|l| &l.id == id))
+            .map(|l| l.entries.as_slice())
+            .collect();
+        let empty = Vec::new();
+        let whiteouts = self.whiteouts.get(vm).unwrap_or(&empty);
+        let view = overlay_view(&lowers, self.private.get(vm)?, whiteouts);
+        Some(view.entries())
+    }
+
+    /// The node's shared partitions a VM's stack reaches, in the order its
+    /// layers first use them.
+    pub fn node_partitions(&self, vm: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for id in self.stacks.get(vm).into_iter().flatten() {
+            if let Some(node) = self.layers.iter().find(|l| &l.id == id).and_then(|l| l.node.as_ref())
+                && !out.contains(&node.partition)
+            {
+                out.push(node.partition.clone());
             }
         }
-        for e in self.private.get(vm)? {
-            merged.insert(e.path.clone(), e.clone());
-        }
-        Some(merged.into_values().collect())
+        out
     }
 }

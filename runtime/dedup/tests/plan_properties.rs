@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 
-use provd_dedup::{Policy, analyze};
+use provd_dedup::{NodeLayer, NodeRef, Policy, analyze, plan_on_node};
 use provd_domain::image::{Entry, EntryKind, Hash};
 
 /// xorshift64*: deterministic, so a failing seed can be replayed.
@@ -97,6 +97,26 @@ fn mutate(rng: &mut Rng, mut image: Vec<Entry>) -> Vec<Entry> {
         h.link_target = Some(target.path.clone());
         image.push(h);
     }
+    // Where images disagree on what a path is: a directory in one, a
+    // symlink in another (as /bin on merged-/usr systems), a file turned
+    // into a directory.
+    if rng.chance(15) {
+        image.retain(|e| e.path != "d2" && !e.path.starts_with("d2/"));
+        let mut link = entry("d2".into(), EntryKind::Symlink, rng);
+        link.mode = 0o777;
+        link.link_target = Some("d0".into());
+        image.push(link);
+    }
+    if rng.chance(15) && image.iter().any(|e| e.path == "d3/f0") {
+        image.retain(|e| e.path != "d3/f0" && e.link_target.as_deref() != Some("d3/f0"));
+        let mut dir = entry("d3/f0".into(), EntryKind::Dir, rng);
+        dir.mode = 0o750;
+        image.push(dir);
+        let mut inner = entry("d3/f0/inner".into(), EntryKind::File, rng);
+        inner.hash = Some(Hash([77; 32]));
+        inner.size = 5000;
+        image.push(inner);
+    }
     image.sort_by(|a, b| a.path.cmp(&b.path));
     image
 }
@@ -145,7 +165,10 @@ fn layers_plus_private_reassemble_every_image_for_any_policy() {
                 min_layer_bytes: rng.below(20_000),
                 max_layers_per_vm: 1 + rng.below(3) as usize,
                 share_across_paths: rng.chance(50),
+                layer_unique_files: rng.chance(50),
+                ..Policy::default()
             },
+            Policy { layer_unique_files: true, ..Policy::default() },
             Policy { min_layer_bytes: u64::MAX, max_layers_per_vm: 8, ..Policy::default() },
             Policy { min_layer_bytes: 0, max_layers_per_vm: 0, ..Policy::default() },
             across.clone(),
@@ -288,8 +311,17 @@ fn content_under_other_paths_is_stored_once_when_asked() {
         link_target: None,
         device: None,
     };
-    let vms =
-        vec![("a".to_string(), vec![file("x/lib.so")]), ("b".to_string(), vec![file("y/lib.so")])];
+    let dir = |path: &str| Entry {
+        kind: EntryKind::Dir,
+        size: 0,
+        hash: None,
+        mode: 0o755,
+        ..file(path)
+    };
+    let vms = vec![
+        ("a".to_string(), vec![dir("x"), file("x/lib.so")]),
+        ("b".to_string(), vec![dir("y"), file("y/lib.so")]),
+    ];
     let analysis = analyze(&vms).unwrap();
     let exact = analysis.plan(&Policy::default());
     assert!(exact.layers.is_empty());
@@ -299,7 +331,7 @@ fn content_under_other_paths_is_stored_once_when_asked() {
     assert_eq!(wide.stored_bytes, 5000);
     for (name, image) in &vms {
         assert_eq!(&wide.reassemble(name).unwrap(), image);
-        assert!(wide.private[name].is_empty());
+        assert!(wide.private[name].iter().all(|e| e.kind == EntryKind::Dir));
     }
     // No room for one more layer: nothing moves.
     let full = analysis.plan(&Policy {
@@ -308,4 +340,132 @@ fn content_under_other_paths_is_stored_once_when_asked() {
         ..Policy::default()
     });
     assert_eq!(full.stored_bytes, 10_000);
+}
+
+/// The layers a plan builds, as the node holds them afterwards.
+fn commit(plan: &provd_dedup::Plan, partition: &str, node: &mut Vec<NodeLayer>) {
+    for l in plan.layers.iter().filter(|l| l.node.is_none()) {
+        node.push(NodeLayer {
+            node: NodeRef {
+                partition: partition.into(),
+                name: l.id.clone(),
+                digest: format!("{partition}/{}", l.id),
+            },
+            entries: l.entries.clone(),
+        });
+    }
+}
+
+#[test]
+fn vms_arriving_one_request_at_a_time_reassemble_exactly_on_the_layers_the_node_holds() {
+    let mut checked = 0;
+    for seed in 1..=200u64 {
+        let mut rng = Rng(seed.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1);
+        let bases: Vec<Vec<Entry>> = (0..3).map(|f| base(&mut rng, 100 + f)).collect();
+        let flavours: Vec<Vec<Entry>> =
+            bases.iter().map(|b| mutate(&mut rng, b.clone())).collect();
+        let policy = Policy {
+            min_layer_bytes: if rng.chance(50) { 0 } else { rng.below(5_000) },
+            max_layers_per_vm: 1 + rng.below(6) as usize,
+            share_across_paths: rng.chance(30),
+            layer_unique_files: rng.chance(70),
+            max_shared_partitions: 1 + rng.below(3) as usize,
+        };
+        let mut node: Vec<NodeLayer> = Vec::new();
+        for request in 0..8 {
+            let count = 1 + rng.below(2) as usize;
+            let vms: Vec<(String, Vec<Entry>)> = (0..count)
+                .map(|v| {
+                    let image = if rng.chance(70) {
+                        flavours[rng.below(3) as usize].clone()
+                    } else {
+                        let b = bases[rng.below(3) as usize].clone();
+                        mutate(&mut rng, b)
+                    };
+                    (format!("r{request}-vm{v}"), image)
+                })
+                .collect();
+            let plan = plan_on_node(&vms, &node, &policy).unwrap();
+            for (name, image) in &vms {
+                let back = plan.reassemble(name).unwrap();
+                assert_eq!(
+                    without_mtime(&back),
+                    without_mtime(image),
+                    "seed {seed} request {request} {policy:?} {name}"
+                );
+                let stack = &plan.stacks[name];
+                assert!(stack.len() <= policy.max_layers_per_vm, "seed {seed}");
+                let mut partitions = plan.node_partitions(name);
+                if stack.iter().any(|id| id.starts_with("layer-")) {
+                    partitions.push("new".into());
+                }
+                assert!(partitions.len() <= policy.max_shared_partitions, "seed {seed}");
+                let share = &plan.shares[name];
+                assert_eq!(share.image_bytes, file_bytes(image));
+                assert_eq!(
+                    share.node_bytes + share.new_shared_bytes + share.private_bytes,
+                    share.image_bytes,
+                    "seed {seed} {name}"
+                );
+                for id in stack {
+                    let layer = plan.layers.iter().find(|l| &l.id == id).unwrap();
+                    assert!(layer.vms.contains(name));
+                    assert!(layer.entries.iter().all(|e| e.kind != EntryKind::Dir));
+                }
+            }
+            assert_eq!(
+                plan.stored_bytes,
+                plan.layer_bytes + plan.private_bytes.values().sum::<u64>()
+            );
+            commit(&plan, &format!("p-{request}"), &mut node);
+            checked += 1;
+        }
+    }
+    println!("{checked} generated requests reassembled exactly on the node's layers");
+}
+
+#[test]
+fn a_vm_arriving_alone_stores_only_what_the_node_lacks() {
+    let mut rng = Rng(11);
+    let b = base(&mut rng, 1);
+    let web = mutate(&mut rng, b);
+    let mut api = web.clone();
+    // api: one file of web's gone, one changed, one of its own.
+    api.retain(|e| e.path != "d0/f3");
+    let changed = api.iter_mut().find(|e| e.path == "d1/f2").unwrap();
+    changed.hash = Some(Hash([250; 32]));
+    changed.size = 4321;
+    let mut own = entry("d2/api".into(), EntryKind::File, &mut rng);
+    own.hash = Some(Hash([251; 32]));
+    own.size = 1234;
+    api.push(own);
+    api.sort_by(|a, b| a.path.cmp(&b.path));
+    let policy = Policy { layer_unique_files: true, ..Policy::default() };
+    let mut node = Vec::new();
+
+    // web-1 alone: its files go to a layer of its own, for later VMs.
+    let first = plan_on_node(&[("web-1".into(), web.clone())], &node, &policy).unwrap();
+    assert_eq!(first.layers.len(), 1);
+    assert_eq!(first.shares["web-1"].new_shared_bytes, file_bytes(&web));
+    assert_eq!(first.shares["web-1"].private_bytes, 0);
+    assert!(first.private["web-1"].iter().all(|e| e.kind == EntryKind::Dir));
+    commit(&first, "p-1", &mut node);
+
+    // web-2 alone: everything comes from the node.
+    let second = plan_on_node(&[("web-2".into(), web.clone())], &node, &policy).unwrap();
+    assert_eq!(second.stacks["web-2"], ["node-0"]);
+    assert_eq!(second.layers[0].node.as_ref().unwrap().partition, "p-1");
+    assert_eq!(second.stored_bytes, 0);
+    assert_eq!(second.shares["web-2"].node_bytes, file_bytes(&web));
+    assert!(second.whiteouts.is_empty());
+
+    // api-1 alone: web's layer with d0/f3 hidden; its changed and own
+    // files are all it stores.
+    let third = plan_on_node(&[("api-1".into(), api.clone())], &node, &policy).unwrap();
+    assert_eq!(third.whiteouts["api-1"], ["d0/f3"]);
+    assert_eq!(third.stored_bytes, 4321 + 1234);
+    let share = &third.shares["api-1"];
+    assert_eq!(share.new_shared_bytes, 4321 + 1234);
+    assert_eq!(share.node_bytes, file_bytes(&api) - 4321 - 1234);
+    assert_eq!(without_mtime(&third.reassemble("api-1").unwrap()), without_mtime(&api));
 }

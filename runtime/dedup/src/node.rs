@@ -1,0 +1,218 @@
+//! Plans made against the layers a node already holds.
+//!
+//! VMs arrive one request at a time. A layer built for an earlier request
+//! is immutable and known by its digest; a new VM stacks it when it holds
+//! enough of the VM's files exactly as the VM's image has them (same path,
+//! type, mode, owner, content, link target and device). What such a layer
+//! holds that the image lacks is hidden by whiteouts in the VM's private
+//! set, and what it holds differently is overridden there, so the VM sees
+//! exactly its image (proved by [`crate::Plan::reassemble`]). Only the
+//! files no chosen layer gives go on: into layers of this plan (files the
+//! new VMs share, or with [`Policy::layer_unique_files`] a VM's own) or into
+//! the VM's private set.
+//!
+//! Layers are chosen per VM, greedily, by the bytes of its files they give
+//! that no layer chosen before gives, less the bytes they would cover up;
+//! a layer giving fewer than `min_layer_bytes` is not worth an overlay
+//! layer. One layer and one shared partition are always left for the
+//! plan's own layers, within `max_layers_per_vm` and
+//! `max_shared_partitions`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use provd_domain::image::{Entry, EntryKind};
+
+use crate::{
+    DedupError, FileKey, MAX_VMS, NodeRef, Plan, PlannedLayer, Policy, analyze, file_bytes,
+    overlay,
+};
+
+/// A layer on one of the node's shared partitions, with its entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeLayer {
+    pub node: NodeRef,
+    /// Its entries, as recorded when it was built.
+    pub entries: Vec<Entry>,
+}
+
+/// What a node layer gives one VM.
+struct Candidate<'a> {
+    layer: usize,
+    /// Paths it gives exactly as the image has them, with their bytes.
+    gives: Vec<(&'a str, u64)>,
+    /// Paths where it holds something else than the image.
+    differs: HashSet<&'a str>,
+}
+
+fn check_input(vms: &[(String, Vec<Entry>)]) -> Result<(), DedupError> {
+    if vms.len() > MAX_VMS {
+        return Err(DedupError::TooManyVms(vms.len()));
+    }
+    let mut names = HashSet::new();
+    for (name, entries) in vms {
+        if !names.insert(name) {
+            return Err(DedupError::DuplicateVm(name.clone()));
+        }
+        let mut paths = HashSet::new();
+        for e in entries {
+            if !paths.insert(&e.path) {
+                return Err(DedupError::DuplicatePath { vm: name.clone(), path: e.path.clone() });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Node layers for one VM, bottom first.
+fn choose(image: &HashMap<&str, &Entry>, node: &[NodeLayer], policy: &Policy) -> Vec<usize> {
+    let mut candidates: Vec<Candidate> = Vec::new();
+    for (i, layer) in node.iter().enumerate() {
+        let mut gives = Vec::new();
+        let mut differs = HashSet::new();
+        for e in &layer.entries {
+            match image.get(e.path.as_str()) {
+                Some(own) if FileKey::of(own) == FileKey::of(e) => {
+                    gives.push((own.path.as_str(), file_bytes(own)))
+                }
+                Some(own) => {
+                    differs.insert(own.path.as_str());
+                }
+                None => {}
+            }
+        }
+        if !gives.is_empty() {
+            candidates.push(Candidate { layer: i, gives, differs });
+        }
+    }
+    let max_layers = policy.max_layers_per_vm.saturating_sub(1);
+    let max_partitions = policy.max_shared_partitions.saturating_sub(1);
+    let mut chosen: Vec<usize> = Vec::new();
+    let mut partitions: Vec<&str> = Vec::new();
+    // Path → bytes, for the paths chosen layers give.
+    let mut given: HashMap<&str, u64> = HashMap::new();
+    while chosen.len() < max_layers {
+        let mut best: Option<(usize, u64)> = None;
+        for (k, c) in candidates.iter().enumerate() {
+            let partition = node.get(c.layer).map(|l| l.node.partition.as_str()).unwrap_or("");
+            if !partitions.contains(&partition) && partitions.len() >= max_partitions {
+                continue;
+            }
+            let new: u64 = c.gives.iter().filter(|(p, _)| !given.contains_key(p)).map(|g| g.1).sum();
+            let lost: u64 = c.differs.iter().filter_map(|p| given.get(p)).sum();
+            let gain = new.saturating_sub(lost);
+            if best.is_none_or(|(_, b)| gain > b) {
+                best = Some((k, gain));
+            }
+        }
+        let Some((k, gain)) = best else { break };
+        if gain == 0 || gain < policy.min_layer_bytes {
+            break;
+        }
+        let c = candidates.swap_remove(k);
+        for p in &c.differs {
+            given.remove(p);
+        }
+        for (p, bytes) in &c.gives {
+            given.insert(p, *bytes);
+        }
+        if let Some(layer) = node.get(c.layer)
+            && !partitions.contains(&layer.node.partition.as_str())
+        {
+            partitions.push(&layer.node.partition);
+        }
+        chosen.push(c.layer);
+    }
+    chosen
+}
+
+/// Plans `vms` (name, entries) on a node holding the layers `node`: each VM
+/// stacks the node layers that give it the most, and only the rest is
+/// planned as [`crate::Analysis::plan`] would. Node layers are named
+/// `node-0`, `node-1`, … in the plan, in the order first chosen; the plan's
+/// own layers `layer-0`, `layer-1`, ….
+pub fn plan_on_node(
+    vms: &[(String, Vec<Entry>)],
+    node: &[NodeLayer],
+    policy: &Policy,
+) -> Result<Plan, DedupError> {
+    check_input(vms)?;
+    let mut node_ids: BTreeMap<usize, String> = BTreeMap::new();
+    let mut node_order: Vec<usize> = Vec::new();
+    let mut chosen: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut residuals: Vec<(String, Vec<Entry>)> = Vec::with_capacity(vms.len());
+    for (name, entries) in vms {
+        let image: HashMap<&str, &Entry> = entries.iter().map(|e| (e.path.as_str(), e)).collect();
+        let picked = if policy.max_layers_per_vm == 0 { Vec::new() } else { choose(&image, node, policy) };
+        let lowers: Vec<&[Entry]> =
+            picked.iter().filter_map(|&i| node.get(i)).map(|l| l.entries.as_slice()).collect();
+        let view = overlay::overlay_view(&lowers, &[], &[]);
+        // The rest: every directory, and every entry the chosen layers do
+        // not show exactly as the image has it.
+        let rest: Vec<Entry> = entries
+            .iter()
+            .filter(|e| {
+                e.kind == EntryKind::Dir
+                    || !matches!(
+                        (view.get(&e.path), view.source(&e.path)),
+                        (Some(got), Some(overlay::Source::Layer(_))) if FileKey::of(got) == FileKey::of(e)
+                    )
+            })
+            .cloned()
+            .collect();
+        for &i in &picked {
+            if !node_ids.contains_key(&i) {
+                node_ids.insert(i, format!("node-{}", node_order.len()));
+                node_order.push(i);
+            }
+        }
+        chosen.insert(name.clone(), picked);
+        residuals.push((name.clone(), rest));
+    }
+
+    let analysis = analyze(&residuals)?;
+    let room: BTreeMap<String, usize> = vms
+        .iter()
+        .map(|(name, _)| {
+            let used = chosen.get(name).map(Vec::len).unwrap_or(0);
+            (name.clone(), policy.max_layers_per_vm.saturating_sub(used))
+        })
+        .collect();
+    let mut plan = analysis.plan_with_room(policy, &room);
+
+    let mut layers: Vec<PlannedLayer> = Vec::new();
+    for &i in &node_order {
+        let Some(layer) = node.get(i) else { continue };
+        let users: Vec<String> = chosen
+            .iter()
+            .filter(|(_, picked)| picked.contains(&i))
+            .map(|(vm, _)| vm.clone())
+            .collect();
+        layers.push(PlannedLayer {
+            id: node_ids.get(&i).cloned().unwrap_or_default(),
+            vms: users,
+            files: layer.entries.iter().filter(|e| e.kind != EntryKind::Dir).count() as u64,
+            bytes: layer.entries.iter().map(file_bytes).sum(),
+            entries: layer.entries.clone(),
+            node: Some(layer.node.clone()),
+        });
+    }
+    layers.append(&mut plan.layers);
+    plan.layers = layers;
+    for (vm, stack) in plan.stacks.iter_mut() {
+        let mut full: Vec<String> = chosen
+            .get(vm)
+            .into_iter()
+            .flatten()
+            .filter_map(|i| node_ids.get(i).cloned())
+            .collect();
+        full.append(stack);
+        *stack = full;
+    }
+    plan.naive_bytes = vms.iter().flat_map(|(_, es)| es).map(file_bytes).sum();
+    let images: BTreeMap<String, BTreeMap<String, Entry>> = vms
+        .iter()
+        .map(|(name, es)| (name.clone(), es.iter().map(|e| (e.path.clone(), e.clone())).collect()))
+        .collect();
+    overlay::finish(&mut plan, &images);
+    Ok(plan)
+}

@@ -1,0 +1,269 @@
+//! What a guest sees through its overlay root, computed from manifests.
+//!
+//! A VM's root is an overlay: its layers read-only below, its private set
+//! writable on top. The rules modelled here are the kernel's:
+//!
+//! - a layer hides, at each of its paths, what the layers below hold there;
+//!   a file (anything but a directory) hides a lower directory's whole tree;
+//! - a layer's files sit in directories the layer implies; such a directory
+//!   hides a lower file at its path and merges with a lower directory;
+//! - the private set lies on top; its whiteouts hide a path and everything
+//!   below it.
+//!
+//! Layers never hold directories (see the crate's documentation), so a
+//! directory only a layer implies shows as root-owned 0755; a plan
+//! puts every directory of an image in the private set, whose metadata
+//! wins.
+
+use std::collections::{BTreeMap, HashSet};
+
+use provd_domain::image::{Entry, EntryKind};
+
+use crate::{FileKey, Plan, VmShare, file_bytes, sorted};
+
+/// Where a path of a view comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// An entry of the layer at this index of the stack (bottom is 0).
+    Layer(usize),
+    /// A directory the layer at this index implies.
+    Implied(usize),
+    /// The private set.
+    Private,
+}
+
+#[derive(Debug, Clone)]
+struct Slot {
+    entry: Entry,
+    source: Source,
+}
+
+/// The entries a guest sees, by path.
+#[derive(Debug, Clone, Default)]
+pub struct VmView {
+    slots: BTreeMap<String, Slot>,
+}
+
+fn implied_dir(path: &str) -> Entry {
+    Entry {
+        path: path.to_string(),
+        kind: EntryKind::Dir,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        size: 0,
+        hash: None,
+        link_target: None,
+        device: None,
+    }
+}
+
+/// The ancestors of a path, outermost first: `a/b/c` gives `a`, `a/b`.
+fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    path.match_indices('/').filter_map(move |(i, _)| path.get(..i))
+}
+
+impl VmView {
+    /// Removes `path` and everything below it.
+    fn hide(&mut self, path: &str) {
+        self.slots.remove(path);
+        // Every path below `p` sorts in [`p/`, `p0`): `0` follows `/`.
+        let below: Vec<String> = self
+            .slots
+            .range(format!("{path}/")..format!("{path}0"))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in below {
+            self.slots.remove(&k);
+        }
+    }
+
+    /// Puts `entry` on top of what is there, as an overlay layer would.
+    fn place(&mut self, entry: Entry, source: Source) {
+        if entry.kind == EntryKind::Dir {
+            // A directory merges with a lower directory and hides a lower
+            // file at its path.
+            if self.slots.get(&entry.path).is_some_and(|s| s.entry.kind != EntryKind::Dir) {
+                self.slots.remove(&entry.path);
+            }
+        } else {
+            self.hide(&entry.path);
+        }
+        self.slots.insert(entry.path.clone(), Slot { entry, source });
+    }
+
+    /// The entry at `path`, if the guest sees one.
+    pub fn get(&self, path: &str) -> Option<&Entry> {
+        self.slots.get(path).map(|s| &s.entry)
+    }
+
+    /// Where the entry at `path` comes from.
+    pub fn source(&self, path: &str) -> Option<Source> {
+        self.slots.get(path).map(|s| s.source)
+    }
+
+    /// Every entry, in path order.
+    pub fn entries(&self) -> Vec<Entry> {
+        self.slots.values().map(|s| s.entry.clone()).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+/// The view of `lowers` (bottom first) under `private` with `whiteouts`.
+pub fn overlay_view(lowers: &[&[Entry]], private: &[Entry], whiteouts: &[String]) -> VmView {
+    let mut view = VmView::default();
+    for (i, layer) in lowers.iter().enumerate() {
+        let mut dirs: Vec<&str> = layer.iter().flat_map(|e| ancestors(&e.path)).collect();
+        dirs.sort_unstable();
+        dirs.dedup();
+        for d in dirs {
+            view.place(implied_dir(d), Source::Implied(i));
+        }
+        for e in *layer {
+            view.place(e.clone(), Source::Layer(i));
+        }
+    }
+    for w in whiteouts {
+        view.hide(w);
+    }
+    // Parents before children, so a directory never hides its own files.
+    let mut own: Vec<&Entry> = private.iter().collect();
+    own.sort_by(|a, b| a.path.cmp(&b.path));
+    for e in own {
+        view.place(e.clone(), Source::Private);
+    }
+    view
+}
+
+/// Sets each VM's private set, whiteouts and byte shares from its stack and
+/// its image: what the layers show exactly as the image has it stays with
+/// them, every directory and every other entry of the image goes to the
+/// private set, and what the layers show that the image lacks is hidden by
+/// a whiteout at its outermost path.
+pub(crate) fn finish(plan: &mut Plan, images: &BTreeMap<String, BTreeMap<String, Entry>>) {
+    let vms: Vec<String> = plan.stacks.keys().cloned().collect();
+    plan.whiteouts.clear();
+    plan.shares.clear();
+    for vm in vms {
+        let Some(image) = images.get(&vm) else { continue };
+        let stack: Vec<&crate::PlannedLayer> = plan
+            .stacks
+            .get(&vm)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| plan.layers.iter().find(|l| &l.id == id))
+            .collect();
+        let lowers: Vec<&[Entry]> = stack.iter().map(|l| l.entries.as_slice()).collect();
+        let view = overlay_view(&lowers, &[], &[]);
+        let mut share = VmShare::default();
+        let mut private = Vec::new();
+        for e in image.values() {
+            share.image_bytes += file_bytes(e);
+            let provider = match (e.kind, view.slots.get(&e.path)) {
+                (EntryKind::Dir, _) => None,
+                (_, Some(Slot { entry, source: Source::Layer(i) }))
+                    if FileKey::of(entry) == FileKey::of(e) =>
+                {
+                    stack.get(*i)
+                }
+                _ => None,
+            };
+            match provider {
+                Some(layer) if layer.node.is_some() => share.node_bytes += file_bytes(e),
+                Some(_) => share.new_shared_bytes += file_bytes(e),
+                None => {
+                    share.private_bytes += file_bytes(e);
+                    private.push(e.clone());
+                }
+            }
+        }
+        let mut hidden: HashSet<&str> = HashSet::new();
+        let mut whiteouts = Vec::new();
+        for path in view.slots.keys() {
+            // An image without an entry for a directory its files sit in
+            // still needs that directory.
+            if image.contains_key(path)
+                || image.range(format!("{path}/")..format!("{path}0")).next().is_some()
+            {
+                continue;
+            }
+            let covered = ancestors(path).any(|a| {
+                hidden.contains(a) || image.get(a).is_some_and(|e| e.kind != EntryKind::Dir)
+            });
+            if !covered {
+                hidden.insert(path);
+                whiteouts.push(path.clone());
+            }
+        }
+        share.whiteouts = whiteouts.len() as u64;
+        plan.private_bytes.insert(vm.clone(), share.private_bytes);
+        plan.private.insert(vm.clone(), sorted(private));
+        if !whiteouts.is_empty() {
+            plan.whiteouts.insert(vm.clone(), whiteouts);
+        }
+        plan.shares.insert(vm, share);
+    }
+    plan.stored_bytes = plan.layer_bytes + plan.private_bytes.values().sum::<u64>();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use provd_domain::image::Hash;
+
+    fn file(path: &str, byte: u8) -> Entry {
+        Entry {
+            path: path.into(),
+            kind: EntryKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            size: 10,
+            hash: Some(Hash([byte; 32])),
+            link_target: None,
+            device: None,
+        }
+    }
+
+    fn symlink(path: &str, target: &str) -> Entry {
+        Entry {
+            kind: EntryKind::Symlink,
+            size: 0,
+            hash: None,
+            link_target: Some(target.into()),
+            ..file(path, 0)
+        }
+    }
+
+    fn paths(v: &VmView) -> Vec<String> {
+        v.entries().into_iter().map(|e| format!("{}:{}", e.path, e.kind.as_str())).collect()
+    }
+
+    #[test]
+    fn a_file_hides_a_lower_tree_and_an_implied_directory_hides_a_lower_file() {
+        let low = [symlink("bin", "usr/bin"), file("etc/a", 1)];
+        let high = [file("bin/sh", 2), file("etc", 3)];
+        let v = overlay_view(&[&low, &high], &[], &[]);
+        assert_eq!(paths(&v), ["bin:dir", "bin/sh:file", "etc:file"]);
+        assert_eq!(v.source("bin"), Some(Source::Implied(1)));
+    }
+
+    #[test]
+    fn whiteouts_hide_a_path_and_its_tree_and_private_entries_win() {
+        let low = [file("a/b/c", 1), file("a/d", 2), file("e", 3)];
+        let private = [implied_dir("a"), file("e", 4)];
+        let v = overlay_view(&[&low], &private, &["a/b".to_string()]);
+        assert_eq!(paths(&v), ["a:dir", "a/d:file", "e:file"]);
+        assert_eq!(v.get("e").and_then(|e| e.hash), Some(Hash([4; 32])));
+        assert_eq!(v.source("e"), Some(Source::Private));
+    }
+}
