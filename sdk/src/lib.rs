@@ -381,7 +381,14 @@ pub mod images {
 /// let a = images::fetch("dir:/srv/images/web")?;
 /// let b = images::fetch("dir:/srv/images/api")?;
 /// let vms = [("web-1", a.reference.as_str()), ("api-1", b.reference.as_str())];
-/// let plan = dedup::plan(&vms, dedup::Policy { min_layer_bytes: 1 << 20, max_layers_per_vm: 4, share_across_paths: false })?;
+/// let policy = dedup::Policy {
+///     min_layer_bytes: 1 << 20,
+///     max_layers_per_vm: 4,
+///     share_across_paths: false,
+///     node_layers: true,         // stack what the node already holds
+///     layer_unique_files: true,  // keep each image's own files for its next VM
+/// };
+/// let plan = dedup::plan(&vms, policy)?;
 /// for layer in &plan.layers {
 ///     let first_page = dedup::layer_entries(&layer.id, 0, 1000)?;
 /// }
@@ -424,7 +431,14 @@ pub mod dedup {
 /// ```no_run
 /// use provd_sdk::{dedup, partitions};
 /// # let pairs = [("web", "dir:/srv/images/web"), ("db", "dir:/srv/images/db")];
-/// let plan = dedup::plan(&pairs, dedup::Policy { min_layer_bytes: 1 << 20, max_layers_per_vm: 8, share_across_paths: false })?;
+/// let policy = dedup::Policy {
+///     min_layer_bytes: 1 << 20,
+///     max_layers_per_vm: 8,
+///     share_across_paths: false,
+///     node_layers: false,
+///     layer_unique_files: false,
+/// };
+/// let plan = dedup::plan(&pairs, policy)?;
 /// let shared = partitions::create_shared(&plan.plan, "erofs-lz4")?;
 /// for (vm, _) in pairs {
 ///     let private = partitions::create_private(&plan.plan, vm, Some(&shared.id), "ext4", 0)?;

@@ -146,6 +146,7 @@ async fn prepared_with(specials: bool) -> Built {
         min_layer_bytes: 0,
         max_layers_per_vm: 8,
         share_across_paths: false,
+        ..Policy::default()
     });
     assert!(plan.layers.len() >= 2, "{:?}", plan.stacks);
     Built { node, vms, plan }
@@ -190,7 +191,9 @@ async fn every_format_gives_back_every_image_exactly() {
         let layout = b.build(shared, private).unwrap();
         let s = layout.shared.as_ref().unwrap();
         assert_eq!(s.format, shared.as_str());
-        assert_eq!(s.vms, vec!["db", "dev", "web"]);
+        // Its users are the VMs whose stacks name its layers.
+        let users = b.store().partition(&s.id).unwrap().unwrap().vms;
+        assert_eq!(users, vec!["db", "dev", "web"]);
         assert_eq!(layout.private.len(), 3);
         for v in &b.vms {
             let report = verify_vm(b.store(), &v.vm, &opts()).unwrap();
@@ -722,6 +725,7 @@ async fn a_vm_gets_one_private_partition_stacked_only_on_its_own_plans_layers() 
         min_layer_bytes: 0,
         max_layers_per_vm: 8,
         share_across_paths: false,
+        ..Policy::default()
     });
     assert_eq!(other.layers[0].id, b.plan.layers[0].id);
     assert_ne!(other.layers[0].entries, b.plan.layers[0].entries);

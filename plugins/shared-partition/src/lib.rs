@@ -7,31 +7,38 @@
 //! {"vms": [{"name": "web-1", "image": "oci://…", "hypervisor": "libvirt", …}, …],
 //!  "min-layer-bytes": 1048576, "max-layers-per-vm": 16,
 //!  "shared-format": "erofs", "private-format": "ext4", "private-size-bytes": 0,
-//!  "share-across-paths": false, "hypervisor": "libvirt"}
+//!  "share-across-paths": false, "node-layers": true, "layer-unique-files": true,
+//!  "hypervisor": "libvirt"}
 //! ```
 //!
 //! Every parameter but `vms` is optional. Steps, each reported as progress:
 //!
 //! 1. `fetch-images`: every distinct image of the VMs, through the host;
-//! 2. `plan`: the host analyses which files the images share and chooses
-//!    layers (sets of files with the same VM set) under the policy;
-//! 3. `shared-partition`: one shared partition holding every layer, built
-//!    by the host (skipped when nothing is shared);
+//! 2. `plan`: the host plans each VM against the layers the node already
+//!    holds (`node-layers`): it stacks those giving it enough of its files
+//!    exactly as its image has them; of the rest, files several VMs of the
+//!    request share form new layers, and with `layer-unique-files` each
+//!    VM's remaining files form a layer of their own, so that the next VM
+//!    of its image, arriving alone, stores nothing again;
+//! 3. `shared-partition`: one new shared partition holding the new layers,
+//!    built by the host (skipped when the plan builds none);
 //! 4. `private-partitions`: per VM, a private partition with only its own
-//!    files and what its guest needs to stack its layers (the host builds
-//!    them side by side);
+//!    files, whiteouts for what its layers hold that its image lacks, and
+//!    what its guest needs to stack its layers (the host builds them side
+//!    by side);
 //! 5. `configure-vms`: per VM, its hypervisor configuration with the
-//!    private partition as root disk and the shared partition attached
-//!    read-only (the host configures them side by side);
+//!    private partition as root disk and every shared partition its layers
+//!    are on attached read-only (the host configures them side by side);
 //!
-//! then a report: per layer its VMs, files and bytes; per VM its private
-//! bytes and layers; totals naive against stored, and the saving.
+//! then a report: per layer its VMs, files, bytes and where it is; per VM
+//! the bytes its image takes from layers already on the node, from new
+//! shared layers and from its private partition; totals naive against
+//! stored anew, and the saving.
 //!
-//! Each request builds its own shared partition for its VMs. VMs added to
-//! the node later come with a request of their own, which builds a new
-//! shared partition for them: existing VMs and their partitions are never
-//! modified (extend, never rebuild and migrate). If anything fails, the
-//! host rolls back every partition and VM this request built.
+//! Existing VMs and their partitions are never modified: a request only
+//! adds partitions and VMs, and a shared partition stays as long as a VM
+//! stacks one of its layers. If anything fails, the host rolls back every
+//! partition and VM this request built.
 
 use std::collections::BTreeMap;
 
@@ -57,12 +64,19 @@ struct Input {
     private_size_bytes: u64,
     #[serde(default)]
     share_across_paths: bool,
+    #[serde(default = "yes")]
+    node_layers: bool,
+    #[serde(default = "yes")]
+    layer_unique_files: bool,
     /// Every VM's hypervisor: set where a spec has none, refused where a
     /// spec names another.
     #[serde(default)]
     hypervisor: Option<String>,
 }
 
+fn yes() -> bool {
+    true
+}
 fn default_min_layer_bytes() -> u64 {
     // A layer smaller than this costs the guest an overlay layer for little.
     64 << 10
@@ -90,6 +104,11 @@ struct LayerReport {
     vms: Vec<String>,
     files: u64,
     bytes: u64,
+    /// The shared partition holding it: one the node already had, or the
+    /// one this request built.
+    partition: Option<String>,
+    /// Whether the node already held it.
+    on_node: bool,
 }
 
 #[derive(Serialize)]
@@ -98,8 +117,14 @@ struct VmReport {
     image: String,
     /// Bytes of the VM's image.
     image_bytes: u64,
-    /// Of those, bytes left to its private partition by the plan.
+    /// Of those, bytes that layers already on the node give.
+    node_layer_bytes: u64,
+    /// Bytes that the layers this request built give.
+    new_shared_bytes: u64,
+    /// Bytes left to its private partition by the plan.
     private_bytes: u64,
+    /// Paths its private partition hides from its layers.
+    whiteouts: u64,
     layers: Vec<String>,
     private_partition: String,
     /// The private partition's size on the node's disk.
@@ -114,8 +139,11 @@ struct VmReport {
 struct Totals {
     /// Every VM's image as its own copy.
     naive_bytes: u64,
-    /// What the plan stores: the layers once, each VM's own files.
+    /// What this request stores anew: its new layers once, each VM's own
+    /// files.
     stored_bytes: u64,
+    /// Bytes of the VMs' images that layers already on the node give.
+    node_layer_bytes: u64,
     saving_bytes: u64,
     /// Bytes on the node's disk: the shared partition and the private ones.
     shared_partition_bytes: u64,
@@ -198,8 +226,11 @@ impl Plugin for SharedPartition {
             min_layer_bytes: input.min_layer_bytes,
             max_layers_per_vm: input.max_layers_per_vm,
             share_across_paths: input.share_across_paths,
+            node_layers: input.node_layers,
+            layer_unique_files: input.layer_unique_files,
         };
         let plan = dedup::plan(&pairs, policy)?;
+        let new_layers = plan.layers.iter().filter(|l| l.partition.is_none()).count();
         progress::report("plan", 1, Some(1))?;
         log::info(
             "plan",
@@ -210,9 +241,9 @@ impl Plugin for SharedPartition {
             ],
         );
 
-        // 3. One shared partition for every layer.
-        let shared = if plan.layers.is_empty() {
-            log::info("nothing shared: no shared partition", &[]);
+        // 3. One new shared partition for the layers the node lacks.
+        let shared = if new_layers == 0 {
+            log::info("no new layer: no new shared partition", &[]);
             None
         } else {
             progress::report("shared-partition", 0, Some(1))?;
@@ -247,7 +278,10 @@ impl Plugin for SharedPartition {
                 name: v.name.clone(),
                 image: v.image.clone(),
                 image_bytes: figures.map(|f| f.bytes).unwrap_or(0),
+                node_layer_bytes: figures.map(|f| f.node_bytes).unwrap_or(0),
+                new_shared_bytes: figures.map(|f| f.new_shared_bytes).unwrap_or(0),
                 private_bytes: figures.map(|f| f.private_bytes).unwrap_or(0),
+                whiteouts: figures.map(|f| f.whiteouts).unwrap_or(0),
                 layers: figures.map(|f| f.layers.clone()).unwrap_or_default(),
                 private_partition: private.id.clone(),
                 private_partition_bytes: private.bytes,
@@ -261,6 +295,7 @@ impl Plugin for SharedPartition {
         let totals = Totals {
             naive_bytes: plan.naive_bytes,
             stored_bytes: plan.stored_bytes,
+            node_layer_bytes: plan.vms.iter().map(|f| f.node_bytes).sum(),
             saving_bytes: plan.naive_bytes.saturating_sub(plan.stored_bytes),
             shared_partition_bytes: shared.as_ref().map(|s| s.bytes).unwrap_or(0),
             private_partitions_bytes: privates.iter().map(|p| p.bytes).sum(),
@@ -271,11 +306,13 @@ impl Plugin for SharedPartition {
             totals.saving_bytes as f64 * 100.0 / totals.naive_bytes as f64
         };
         let summary = format!(
-            "{n} VMs provisioned: {} of {} bytes stored, {:.1} % saved, {} layer(s) shared",
+            "{n} VMs provisioned: {} of {} bytes stored, {:.1} % saved ({} from layers already on the node), {} new layer(s), {} from the node",
             totals.stored_bytes,
             totals.naive_bytes,
             percent,
-            plan.layers.len()
+            totals.node_layer_bytes,
+            new_layers,
+            plan.layers.len() - new_layers
         );
         let output = Output {
             shared_partition: shared.as_ref().map(|s| s.id.clone()),
@@ -287,6 +324,8 @@ impl Plugin for SharedPartition {
                     vms: l.vms.clone(),
                     files: l.files,
                     bytes: l.bytes,
+                    on_node: l.partition.is_some(),
+                    partition: l.partition.clone().or_else(|| shared.as_ref().map(|s| s.id.clone())),
                 })
                 .collect(),
             vms: reports,
@@ -295,6 +334,8 @@ impl Plugin for SharedPartition {
         Report::new(summary)
             .field("vms", n)
             .field("layers", plan.layers.len())
+            .field("new-layers", new_layers)
+            .field("node-layer-bytes", output.totals.node_layer_bytes)
             .field("naive-bytes", output.totals.naive_bytes)
             .field("stored-bytes", output.totals.stored_bytes)
             .field("saving-bytes", output.totals.saving_bytes)

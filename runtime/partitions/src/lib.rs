@@ -48,7 +48,9 @@ use std::path::PathBuf;
 
 use provd_dedup::Plan;
 use provd_domain::image::{Entry, EntryKind};
-use provd_store::{ImageRecord, NewPartition, PartitionRecord, Store, StoreError};
+use provd_store::{
+    ImageRecord, NewLayer, NewPartition, PartitionRecord, StackedLayer, Store, StoreError,
+};
 
 pub use customize::{AddedFile, MAX_ADDED_FILE_BYTES, add_file};
 pub use tools::DEFAULT_TOOL_DIRS;
@@ -98,6 +100,9 @@ pub enum PartitionError {
     /// a VM stacks more layers than an overlay can mount
     #[error("VM {vm:?} stacks {layers} layers; at most {max} can be mounted as one overlay")]
     TooManyLayers { vm: String, layers: usize, max: usize },
+    /// a VM would stack layers from more shared partitions than it attaches
+    #[error("VM {vm:?} would attach {partitions} shared partitions; at most {max} are attached to one VM")]
+    TooManyShared { vm: String, partitions: usize, max: usize },
     /// the partitions would exceed the caller's byte quota
     #[error("{what} needs {needed} bytes; the quota leaves {quota}")]
     QuotaExceeded { what: String, needed: u64, quota: u64 },
@@ -293,13 +298,69 @@ pub struct SharedManifest {
     pub layers: Vec<LayerInfo>,
 }
 
-/// Where a private partition finds its shared partition.
+/// Where a private partition finds one of its shared partitions.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SharedRef {
     pub partition: String,
     pub format: SharedFormat,
     pub uuid: Option<String>,
+}
+
+/// One layer of a private partition's stack.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StackItem {
+    /// Index into the manifest's `shared` list.
+    pub shared: usize,
+    /// The layer's directory on that partition: `layers/<layer>`.
+    pub layer: String,
+    /// Its digest ([`layer_digest`]); empty in manifests written before
+    /// layers were node-wide.
+    #[serde(default)]
+    pub digest: String,
+}
+
+/// Most shared partitions one VM attaches: each is a disk (or a virtio-fs
+/// export) of its hypervisor and a mount in its initramfs. Well below what
+/// libvirt, Cloud Hypervisor and Firecracker attach, so that a VM keeps
+/// room for its data disks; a plan never reaches past it (the files of
+/// layers on further partitions are stored again).
+pub const MAX_SHARED_PER_VM: usize = provd_dedup::DEFAULT_MAX_SHARED_PARTITIONS;
+
+/// Reads `shared` as a list, or as the single partition (or null) that
+/// manifests held before layers were node-wide.
+fn shared_refs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SharedRef>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Any {
+        Many(Vec<SharedRef>),
+        One(SharedRef),
+    }
+    Ok(match <Option<Any> as serde::Deserialize>::deserialize(d)? {
+        None => Vec::new(),
+        Some(Any::Many(v)) => v,
+        Some(Any::One(one)) => vec![one],
+    })
+}
+
+/// Reads `stack` as items, or as the layer ids (all on one shared
+/// partition) that manifests held before.
+fn stack_items<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<StackItem>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Item {
+        Legacy(String),
+        Now(StackItem),
+    }
+    let items = <Vec<Item> as serde::Deserialize>::deserialize(d)?;
+    Ok(items
+        .into_iter()
+        .map(|i| match i {
+            Item::Legacy(layer) => StackItem { shared: 0, layer, digest: String::new() },
+            Item::Now(item) => item,
+        })
+        .collect())
 }
 
 /// `provd/partition.json`, also the private partition's database manifest.
@@ -313,33 +374,102 @@ pub struct PrivateManifest {
     /// The image the VM's files come from, and its digest at build time.
     pub image: String,
     pub image_digest: String,
-    pub shared: Option<SharedRef>,
-    /// Layer ids, bottom first.
-    pub stack: Vec<String>,
+    /// The shared partitions its layers are on, in the order the boot
+    /// script mounts them.
+    #[serde(deserialize_with = "shared_refs")]
+    pub shared: Vec<SharedRef>,
+    /// Its layers, bottom first.
+    #[serde(deserialize_with = "stack_items")]
+    pub stack: Vec<StackItem>,
+    /// Paths of its image's root where it hides what its layers hold.
+    #[serde(default)]
+    pub whiteouts: u64,
     /// Files added after the build, in the VM's root.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub added: Vec<AddedFile>,
 }
 
-/// `provd/stack` of a private partition: its layers, bottom first.
-pub(crate) fn stack_file(stack: &[String]) -> String {
-    stack.iter().map(|l| format!("{l}\n")).collect()
+impl PrivateManifest {
+    /// Written before layers were node-wide: one shared partition, and
+    /// boot files in the format of that time.
+    fn is_legacy(&self) -> bool {
+        self.stack.iter().any(|s| s.digest.is_empty())
+    }
 }
 
-/// `provd/shared` of a private partition: how its guest finds the shared
-/// partition.
-pub(crate) fn shared_file(shared: Option<&SharedRef>) -> String {
-    match shared {
-        None => String::new(),
-        Some(s) if s.format == SharedFormat::Dir => {
-            format!("fstype=virtiofs\ndevice=provd-{}\n", s.partition)
-        }
-        Some(s) => format!(
-            "fstype={}\ndevice=/dev/disk/by-uuid/{}\n",
-            s.format.fstype(),
-            s.uuid.as_deref().unwrap_or_default()
-        ),
+/// How a guest finds a shared partition: the fstype and the device (or
+/// virtio-fs tag) it mounts.
+fn mount_source(s: &SharedRef) -> (&'static str, String) {
+    if s.format == SharedFormat::Dir {
+        ("virtiofs", format!("provd-{}", s.partition))
+    } else {
+        (s.format.fstype(), format!("/dev/disk/by-uuid/{}", s.uuid.as_deref().unwrap_or_default()))
     }
+}
+
+/// `provd/stack` of a private partition: its layers, bottom first, one
+/// `<shared index> <layer>` per line.
+pub(crate) fn stack_file(m: &PrivateManifest) -> String {
+    if m.is_legacy() {
+        return m.stack.iter().map(|s| format!("{}\n", s.layer)).collect();
+    }
+    m.stack.iter().map(|s| format!("{} {}\n", s.shared, s.layer)).collect()
+}
+
+/// `provd/shared` of a private partition: how its guest finds each shared
+/// partition, one `<index> <fstype> <device>` per line.
+pub(crate) fn shared_file(m: &PrivateManifest) -> String {
+    if m.is_legacy() {
+        return match m.shared.first() {
+            None => String::new(),
+            Some(s) => {
+                let (fstype, device) = mount_source(s);
+                format!("fstype={fstype}\ndevice={device}\n")
+            }
+        };
+    }
+    m.shared
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let (fstype, device) = mount_source(s);
+            format!("{i} {fstype} {device}\n")
+        })
+        .collect()
+}
+
+/// Node layers one plan considers. Each costs its entries in memory while
+/// the plan is made; past this the largest are kept.
+pub const MAX_NODE_LAYERS: usize = 1024;
+
+/// The layers the node offers to new VMs (see [`Store::layers`]), with
+/// their entries: the largest first, within `max_entries` entries in all
+/// and [`MAX_NODE_LAYERS`].
+pub fn node_layers(
+    store: &Store,
+    max_entries: u64,
+) -> Result<Vec<provd_dedup::NodeLayer>, StoreError> {
+    let mut records = store.layers(true)?;
+    records.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.partition.cmp(&b.partition)));
+    let mut left = max_entries;
+    let mut out = Vec::new();
+    for r in records.into_iter().take(MAX_NODE_LAYERS) {
+        if r.files > left {
+            continue;
+        }
+        let entries = store.layer_entries(&r.partition, &r.name)?;
+        left = left.saturating_sub(entries.len() as u64);
+        out.push(provd_dedup::NodeLayer {
+            node: provd_dedup::NodeRef { partition: r.partition, name: r.name, digest: r.digest },
+            entries,
+        });
+    }
+    Ok(out)
+}
+
+/// The layers of a plan that are to be built (not already on the node).
+fn new_layers(plan: &Plan) -> impl Iterator<Item = &provd_dedup::PlannedLayer> {
+    plan.layers.iter().filter(|l| l.node.is_none())
 }
 
 /// A VM and its image.
@@ -472,6 +602,19 @@ pub fn check_plan(
             .reassemble(&v.vm)
             .ok_or_else(|| mismatch("the plan has no entry for this VM".into()))?;
         let image = image_entries(store, &v.image)?;
+        if let Some(e) = image
+            .iter()
+            .find(|e| e.kind == EntryKind::CharDevice && e.device == Some((0, 0)))
+        {
+            return Err(PartitionError::InvalidEntry {
+                path: e.path.clone(),
+                reason: format!(
+                    "image {} holds a character device 0:0, which an overlay root shows as a \
+                     deleted file (a whiteout); it cannot be given back",
+                    v.image.reference
+                ),
+            });
+        }
         let mut want: BTreeMap<String, _> =
             image.iter().map(|e| (e.path.clone(), identity(e))).collect();
         for e in &planned {
@@ -652,7 +795,7 @@ fn write_shared_erofs(
     > = std::collections::HashMap::new();
     let mut next_inode = 0u64;
     let mut nodes =
-        Vec::with_capacity(plan.layers.iter().map(|l| l.entries.len()).sum::<usize>() + 1);
+        Vec::with_capacity(new_layers(plan).map(|l| l.entries.len()).sum::<usize>() + 1);
     let owner = |e: &Entry| -> Result<(u32, u32), PartitionError> {
         match (u32::try_from(e.uid), u32::try_from(e.gid)) {
             (Ok(u), Ok(g)) => Ok((u, g)),
@@ -662,7 +805,7 @@ fn write_shared_erofs(
             }),
         }
     };
-    for layer in &plan.layers {
+    for layer in new_layers(plan) {
         for e in &layer.entries {
             let (uid, gid) = owner(e)?;
             let path = format!("layers/{}/{}", layer.id, e.path);
@@ -743,7 +886,7 @@ pub fn build_shared(
     opts: &BuildOptions,
 ) -> Result<PartitionRecord, PartitionError> {
     check_plan(store, plan, vms, None)?;
-    if plan.layers.is_empty() {
+    if new_layers(plan).next().is_none() {
         return Err(PartitionError::NothingShared);
     }
     let tools = opts.tools();
@@ -759,7 +902,7 @@ pub fn build_shared(
     }
     // Upper bound before anything is written: every layer byte copied once
     // into the tree and once into the image.
-    let files: u64 = plan.layers.iter().map(|l| l.files).sum();
+    let files: u64 = new_layers(plan).map(|l| l.files).sum();
     let estimate = ext4_bytes(plan.layer_bytes.div_ceil(4096) + files / 8, files);
     let needed = if format == SharedFormat::Dir { estimate } else { estimate * 2 };
     check_room(store, "the shared partition", needed, estimate, opts)?;
@@ -772,9 +915,7 @@ pub fn build_shared(
         partition: id.clone(),
         format,
         uuid: uuid.clone(),
-        layers: plan
-            .layers
-            .iter()
+        layers: new_layers(plan)
             .map(|l| LayerInfo {
                 id: l.id.clone(),
                 vms: l.vms.clone(),
@@ -801,7 +942,7 @@ pub fn build_shared(
         _ => Specials::Create,
     };
     let mut stager = build.stager(Sharing::Identical, specials)?;
-    for layer in &plan.layers {
+    for layer in new_layers(plan) {
         let prefix = format!("layers/{}/", layer.id);
         stager.dir(&format!("layers/{}", layer.id))?;
         for e in &layer.entries {
@@ -868,7 +1009,16 @@ fn finish_shared(
             quota: opts.quota_bytes,
         });
     }
-    let users: BTreeSet<String> = plan.layers.iter().flat_map(|l| l.vms.iter().cloned()).collect();
+    // Its users are the stacks that will name its layers.
+    let layers = new_layers(plan)
+        .map(|l| NewLayer {
+            name: l.id.clone(),
+            digest: layer_digest(&l.entries),
+            files: l.files,
+            bytes: l.bytes,
+            entries: l.entries.clone(),
+        })
+        .collect();
     build.publish(&NewPartition {
         id,
         role: "shared".into(),
@@ -878,7 +1028,9 @@ fn finish_shared(
         apparent_bytes: apparent,
         operation: opts.operation.clone(),
         manifest: manifest_json,
-        vms: users.into_iter().collect(),
+        vms: Vec::new(),
+        layers,
+        stack: Vec::new(),
     })
 }
 
@@ -1035,46 +1187,10 @@ pub fn build_private(
         .find(|v| v.vm == vm)
         .ok_or_else(|| PartitionError::NotFound(format!("no image was given for VM {vm:?}")))?;
     check_plan(store, plan, vms, Some(vm))?;
-    let stack = plan.stacks.get(vm).cloned().unwrap_or_default();
+    let stack_ids = plan.stacks.get(vm).cloned().unwrap_or_default();
     let private = plan.private.get(vm).cloned().unwrap_or_default();
-    let shared_ref = match (stack.is_empty(), shared) {
-        (true, _) => None,
-        (false, None) => {
-            return Err(PartitionError::NotFound(format!(
-                "VM {vm:?} stacks layers {stack:?} but no shared partition was given"
-            )));
-        }
-        (false, Some(rec)) => {
-            let manifest: SharedManifest = serde_json::from_str(&rec.manifest).map_err(|e| {
-                PartitionError::NotFound(format!(
-                    "partition {} is not a shared partition: {e}",
-                    rec.id
-                ))
-            })?;
-            for id in &stack {
-                // The same layer, not one that happens to share its id
-                // (every plan numbers its layers from 0).
-                let digest =
-                    plan.layers.iter().find(|l| &l.id == id).map(|l| layer_digest(&l.entries));
-                let ok = manifest.layers.iter().any(|l| {
-                    &l.id == id
-                        && l.vms.iter().any(|v| v == vm)
-                        && Some(&l.digest) == digest.as_ref()
-                });
-                if !ok {
-                    return Err(PartitionError::NotFound(format!(
-                        "shared partition {} has no layer {id:?} of this plan for VM {vm:?}",
-                        rec.id
-                    )));
-                }
-            }
-            Some(SharedRef {
-                partition: rec.id.clone(),
-                format: manifest.format,
-                uuid: manifest.uuid,
-            })
-        }
-    };
+    let whiteouts = plan.whiteouts.get(vm).cloned().unwrap_or_default();
+    let (shared_refs, stack, stack_rows) = resolve_stack(store, plan, vm, &stack_ids, shared)?;
     let tools = opts.tools();
     tools.find(MKE2FS)?;
     if format == PrivateFormat::Qcow2 {
@@ -1121,6 +1237,11 @@ pub fn build_private(
     for e in &private {
         stager.add(&format!("upper/{}", e.path), "upper/", e)?;
     }
+    // What the layers hold and the image lacks: overlay whiteouts, written
+    // into the image by debugfs like every device node.
+    for path in &whiteouts {
+        stager.add(&format!("upper/{path}"), "upper/", &whiteout(path))?;
+    }
     let manifest = PrivateManifest {
         partition: id.clone(),
         vm: vm.to_string(),
@@ -1128,17 +1249,17 @@ pub fn build_private(
         uuid: uuid.clone(),
         image: image.image.reference.clone(),
         image_digest: image.image.digest.clone(),
-        shared: shared_ref.clone(),
-        stack: stack.clone(),
+        shared: shared_refs,
+        stack,
+        whiteouts: whiteouts.len() as u64,
         added: Vec::new(),
     };
     let manifest_json = serde_json::to_string_pretty(&manifest)
         .map_err(|e| PartitionError::InvalidPlan(format!("encoding the manifest: {e}")))?;
     let provd = stager.dir("provd")?;
     write_small(provd, "partition.json", &manifest_json, 0o444)?;
-    write_small(provd, "stack", &stack_file(&stack), 0o444)?;
-    let shared_text = shared_file(shared_ref.as_ref());
-    write_small(provd, "shared", &shared_text, 0o444)?;
+    write_small(provd, "stack", &stack_file(&manifest), 0o444)?;
+    write_small(provd, "shared", &shared_file(&manifest), 0o444)?;
     write_small(provd, "provd-overlay-root", OVERLAY_ROOT_SCRIPT, 0o555)?;
     let deferred = std::mem::take(&mut stager.deferred);
     let figures = stager.finish()?;
@@ -1188,7 +1309,128 @@ pub fn build_private(
         operation: opts.operation.clone(),
         manifest: manifest_json,
         vms: users,
+        layers: Vec::new(),
+        stack: stack_rows,
     })
+}
+
+/// An overlay whiteout: a character device 0:0 in the upper layer hides
+/// the path in every layer below.
+pub fn whiteout(path: &str) -> Entry {
+    Entry {
+        path: path.to_string(),
+        kind: EntryKind::CharDevice,
+        mode: 0,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        size: 0,
+        hash: None,
+        link_target: None,
+        device: Some((0, 0)),
+    }
+}
+
+/// What a stack is made of.
+type ResolvedStack = (Vec<SharedRef>, Vec<StackItem>, Vec<StackedLayer>);
+
+/// Finds each layer `vm` stacks: a layer the node already holds (still
+/// there, with the digest the plan was made against) or one of `shared`,
+/// the shared partition this plan built. Returns the shared partitions in
+/// the order the stack first uses them, the stack as the manifest records
+/// it, and as the store does.
+fn resolve_stack(
+    store: &Store,
+    plan: &Plan,
+    vm: &str,
+    ids: &[String],
+    shared: Option<&PartitionRecord>,
+) -> Result<ResolvedStack, PartitionError> {
+    let on_node = if plan.layers.iter().any(|l| l.node.is_some()) {
+        store.layers(false)?
+    } else {
+        Vec::new()
+    };
+    let mut refs: Vec<SharedRef> = Vec::new();
+    let mut items = Vec::new();
+    let mut rows = Vec::new();
+    for id in ids {
+        let layer = plan.layers.iter().find(|l| &l.id == id).ok_or_else(|| {
+            PartitionError::InvalidPlan(format!("VM {vm:?} stacks layer {id:?}, which the plan does not have"))
+        })?;
+        let digest = layer_digest(&layer.entries);
+        let (partition, name) = match &layer.node {
+            Some(node) => {
+                let there = on_node.iter().any(|l| {
+                    l.partition == node.partition && l.name == node.name && l.digest == node.digest
+                });
+                if !there {
+                    return Err(PartitionError::NotFound(format!(
+                        "layer {} of shared partition {} is no longer on the node",
+                        node.name, node.partition
+                    )));
+                }
+                if node.digest != digest {
+                    return Err(PartitionError::InvalidPlan(format!(
+                        "layer {id:?} does not have the entries of node layer {}/{}",
+                        node.partition, node.name
+                    )));
+                }
+                (node.partition.clone(), node.name.clone())
+            }
+            None => {
+                let rec = shared.ok_or_else(|| {
+                    PartitionError::NotFound(format!(
+                        "VM {vm:?} stacks layer {id:?} of this plan but no shared partition was given"
+                    ))
+                })?;
+                let manifest: SharedManifest = serde_json::from_str(&rec.manifest).map_err(|e| {
+                    PartitionError::NotFound(format!(
+                        "partition {} is not a shared partition: {e}",
+                        rec.id
+                    ))
+                })?;
+                // The same layer, not one that happens to share its id
+                // (every plan numbers its layers from 0).
+                let ok = manifest.layers.iter().any(|l| {
+                    &l.id == id && l.vms.iter().any(|v| v == vm) && l.digest == digest
+                });
+                if !ok {
+                    return Err(PartitionError::NotFound(format!(
+                        "shared partition {} has no layer {id:?} of this plan for VM {vm:?}",
+                        rec.id
+                    )));
+                }
+                (rec.id.clone(), id.clone())
+            }
+        };
+        let index = match refs.iter().position(|r| r.partition == partition) {
+            Some(i) => i,
+            None => {
+                let rec = store.partition(&partition)?.ok_or_else(|| {
+                    PartitionError::NotFound(format!("shared partition {partition} is gone"))
+                })?;
+                let sm: SharedManifest = serde_json::from_str(&rec.manifest).map_err(|e| {
+                    PartitionError::NotFound(format!(
+                        "partition {} is not a shared partition: {e}",
+                        rec.id
+                    ))
+                })?;
+                refs.push(SharedRef { partition: rec.id, format: sm.format, uuid: sm.uuid });
+                refs.len() - 1
+            }
+        };
+        items.push(StackItem { shared: index, layer: name.clone(), digest });
+        rows.push(StackedLayer { shared: partition, layer: name });
+    }
+    if refs.len() > MAX_SHARED_PER_VM {
+        return Err(PartitionError::TooManyShared {
+            vm: vm.to_string(),
+            partitions: refs.len(),
+            max: MAX_SHARED_PER_VM,
+        });
+    }
+    Ok((refs, items, rows))
 }
 
 /// The partitions of a set of VMs.
@@ -1213,7 +1455,7 @@ pub fn build_all(
     let mut built: Vec<String> = Vec::new();
     let result = (|| {
         let mut quota = opts.quota_bytes;
-        let shared = if plan.layers.is_empty() {
+        let shared = if new_layers(plan).next().is_none() {
             None
         } else {
             let rec = build_shared(store, plan, vms, shared_format, opts)?;

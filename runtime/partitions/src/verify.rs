@@ -29,7 +29,9 @@ pub struct Verification {
     pub vm: String,
     pub image: String,
     pub private: String,
-    pub shared: Option<String>,
+    /// The shared partitions its layers are on.
+    pub shared: Vec<String>,
+    /// Its layers, bottom first, as `<shared partition>/<layer>`.
     pub layers: Vec<String>,
     /// Image entries compared.
     pub entries: u64,
@@ -65,6 +67,42 @@ struct Found {
     hash: Option<Hash>,
     /// Which partition it came from (for hard-link checks).
     private: bool,
+}
+
+/// What a guest sees through its overlay root, as read back.
+#[derive(Default)]
+struct View {
+    slots: BTreeMap<String, Found>,
+}
+
+impl View {
+    /// Removes `path` and everything below it.
+    fn hide(&mut self, path: &str) {
+        self.slots.remove(path);
+        // Every path below `p` sorts in [`p/`, `p0`): `0` follows `/`.
+        let below: Vec<String> = self
+            .slots
+            .range(format!("{path}/")..format!("{path}0"))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in below {
+            self.slots.remove(&k);
+        }
+    }
+
+    /// Puts `f` on top of what is there: a directory merges with a lower
+    /// directory and hides a lower file; anything else hides what lies at
+    /// and below its path.
+    fn place(&mut self, f: Found) {
+        if f.entry.kind == EntryKind::Dir {
+            if self.slots.get(&f.entry.path).is_some_and(|s| s.entry.kind != EntryKind::Dir) {
+                self.slots.remove(&f.entry.path);
+            }
+        } else {
+            self.hide(&f.entry.path);
+        }
+        self.slots.insert(f.entry.path.clone(), f);
+    }
 }
 
 struct Reader<'s> {
@@ -322,8 +360,28 @@ pub fn verify_vm(
     let mut reader =
         Reader { store, tools: opts.tools(), temps: Vec::new(), files_hashed: 0, bytes_hashed: 0 };
 
-    let mut view: BTreeMap<String, Found> = BTreeMap::new();
-    if let Some(shared_ref) = &manifest.shared {
+    // The stack on record must be the one the partition carries.
+    let recorded = store.stack_of(&private.id)?;
+    let carried: Vec<(String, String)> = manifest
+        .stack
+        .iter()
+        .map(|i| {
+            let partition = manifest.shared.get(i.shared).map(|r| r.partition.clone());
+            (partition.unwrap_or_default(), i.layer.clone())
+        })
+        .collect();
+    let on_record: Vec<(String, String)> =
+        recorded.iter().map(|s| (s.shared.clone(), s.layer.clone())).collect();
+    if carried != on_record {
+        mismatches.push(format!(
+            "the stack of private partition {} is {carried:?}; the node records {on_record:?}",
+            private.id
+        ));
+    }
+
+    // Each shared partition once, the layers it gives kept apart.
+    let mut layers: HashMap<(usize, String), Vec<Found>> = HashMap::new();
+    for (index, shared_ref) in manifest.shared.iter().enumerate() {
         let shared = store.partition(&shared_ref.partition)?.ok_or_else(|| {
             PartitionError::NotFound(format!(
                 "shared partition {} of VM {vm:?} is gone",
@@ -340,32 +398,69 @@ pub fn verify_vm(
                 shared_ref.format.as_str()
             ));
         }
-        for layer in &manifest.stack {
-            if !sm.layers.iter().any(|l| &l.id == layer) {
-                mismatches.push(format!("layer {layer} is not in shared partition {}", shared.id));
+        let names: Vec<&str> = manifest
+            .stack
+            .iter()
+            .filter(|i| i.shared == index)
+            .map(|i| i.layer.as_str())
+            .collect();
+        for item in manifest.stack.iter().filter(|i| i.shared == index) {
+            match sm.layers.iter().find(|l| l.id == item.layer) {
+                None => mismatches
+                    .push(format!("layer {} is not in shared partition {}", item.layer, shared.id)),
+                Some(l) if !item.digest.is_empty() && l.digest != item.digest => mismatches.push(
+                    format!("layer {} of shared partition {} has another digest", l.id, shared.id),
+                ),
+                Some(_) => {}
             }
         }
         let mut fs = reader.open(&shared)?;
-        let stack = &manifest.stack;
-        // Layers hold disjoint paths, so their order does not matter here.
         let keep = |path: &str| {
             let (layer, rest) = path.strip_prefix("layers/")?.split_once('/')?;
-            stack.iter().any(|l| l == layer).then(|| rest.to_string())
+            names.contains(&layer).then(|| format!("{layer}/{rest}"))
         };
-        for f in reader.read(&shared.id, &mut fs, &keep, false)? {
-            view.insert(f.entry.path.clone(), f);
+        for mut f in reader.read(&shared.id, &mut fs, &keep, false)? {
+            let (layer, rest) = f.entry.path.split_once('/').unwrap_or_default();
+            let layer = layer.to_string();
+            f.entry.path = rest.to_string();
+            layers.entry((index, layer)).or_default().push(f);
+        }
+    }
+    // The overlay's view: layers bottom up, then the private partition's
+    // upper directory with its whiteouts.
+    let mut view = View::default();
+    for item in &manifest.stack {
+        let mut found = layers.remove(&(item.shared, item.layer.clone())).unwrap_or_default();
+        found.sort_by(|a, b| a.entry.path.cmp(&b.entry.path));
+        for f in found {
+            view.place(f);
         }
     }
     let mut fs = reader.open(private)?;
     let upper = |path: &str| path.strip_prefix("upper/").map(str::to_string);
-    for f in reader.read(&private.id, &mut fs, &upper, true)? {
-        view.insert(f.entry.path.clone(), f);
+    let mut own = reader.read(&private.id, &mut fs, &upper, true)?;
+    own.sort_by(|a, b| a.entry.path.cmp(&b.entry.path));
+    let mut whiteouts = 0u64;
+    for f in own {
+        if f.entry.kind == EntryKind::CharDevice && f.entry.device == Some((0, 0)) {
+            whiteouts += 1;
+            view.hide(&f.entry.path);
+        } else {
+            view.place(f);
+        }
     }
+    if whiteouts != manifest.whiteouts {
+        mismatches.push(format!(
+            "private partition {} holds {whiteouts} whiteouts; it was built with {}",
+            private.id, manifest.whiteouts
+        ));
+    }
+    let view = view.slots;
     // What the boot script reads must say what the manifest says, and the
     // partition holds nothing else the guest would see or run.
     let boot_files = [
-        ("provd/stack", crate::stack_file(&manifest.stack)),
-        ("provd/shared", crate::shared_file(manifest.shared.as_ref())),
+        ("provd/stack", crate::stack_file(&manifest)),
+        ("provd/shared", crate::shared_file(&manifest)),
         ("provd/provd-overlay-root", crate::OVERLAY_ROOT_SCRIPT.to_string()),
     ];
     let boot = |path: &str| boot_files.iter().any(|(p, _)| *p == path).then(|| path.to_string());
@@ -451,8 +546,16 @@ pub fn verify_vm(
         vm: vm.to_string(),
         image: image.reference.clone(),
         private: private.id.clone(),
-        shared: manifest.shared.as_ref().map(|s| s.partition.clone()),
-        layers: manifest.stack.clone(),
+        shared: manifest.shared.iter().map(|s| s.partition.clone()).collect(),
+        layers: manifest
+            .stack
+            .iter()
+            .map(|i| {
+                let partition =
+                    manifest.shared.get(i.shared).map(|r| r.partition.as_str()).unwrap_or("");
+                format!("{partition}/{}", i.layer)
+            })
+            .collect(),
         entries: entries.len() as u64,
         files_hashed: reader.files_hashed,
         bytes_hashed: reader.bytes_hashed,

@@ -23,6 +23,14 @@ pub struct PlanArgs {
     /// Also share content found under other paths (one more layer per VM).
     #[arg(long)]
     share_across_paths: bool,
+    /// Plan against the layers the node's shared partitions already hold:
+    /// each VM stacks those giving it at least --min-layer-bytes of its files.
+    #[arg(long)]
+    node_layers: bool,
+    /// Put each VM's files no other VM of the plan holds into a layer of
+    /// their own, for later VMs of the same image to stack.
+    #[arg(long)]
+    layer_unique_files: bool,
     /// With --json: include every layer's and VM's entries (the whole plan).
     #[arg(long)]
     entries: bool,
@@ -47,8 +55,15 @@ pub fn plan(args: PlanArgs, data_dir: &Path) -> Result<std::process::ExitCode> {
         min_layer_bytes: args.min_layer_bytes,
         max_layers_per_vm: args.max_layers,
         share_across_paths: args.share_across_paths,
+        layer_unique_files: args.layer_unique_files,
+        max_shared_partitions: provd_partitions::MAX_SHARED_PER_VM,
     };
-    let plan = analysis.plan(&policy);
+    let node = if args.node_layers {
+        provd_partitions::node_layers(&store, NODE_LAYER_ENTRIES)?
+    } else {
+        Vec::new()
+    };
+    let plan = provd_dedup::plan_on_node(&vms, &node, &policy)?;
     if args.json {
         let mut plan_json = json!(plan);
         if !args.entries {
@@ -175,3 +190,6 @@ pub fn scan(args: ScanArgs) -> Result<std::process::ExitCode> {
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
+
+/// Entries of the node's layers one plan reads at most.
+pub(crate) const NODE_LAYER_ENTRIES: u64 = 8_000_000;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use provd_dedup::{Policy, analyze};
+use provd_dedup::Policy;
 use provd_partitions::{BuildOptions, PrivateFormat, SharedFormat, VmImage};
 use provd_store::Store;
 use serde_json::json;
@@ -25,6 +25,14 @@ pub struct BuildArgs {
     /// Also share content found under other paths (one more layer per VM).
     #[arg(long)]
     share_across_paths: bool,
+    /// Plan against the layers the node's shared partitions already hold:
+    /// each VM stacks those giving it at least --min-layer-bytes of its files.
+    #[arg(long)]
+    node_layers: bool,
+    /// Put each VM's files no other VM of the plan holds into a layer of
+    /// their own, for later VMs of the same image to stack.
+    #[arg(long)]
+    layer_unique_files: bool,
     /// erofs, erofs-lz4, erofs-lz4hc, ext4 or dir.
     #[arg(long, default_value = "erofs")]
     shared_format: String,
@@ -90,8 +98,15 @@ pub fn build(args: BuildArgs, data_dir: &Path) -> Result<ExitCode> {
         min_layer_bytes: args.min_layer_bytes,
         max_layers_per_vm: args.max_layers,
         share_across_paths: args.share_across_paths,
+        layer_unique_files: args.layer_unique_files,
+        max_shared_partitions: provd_partitions::MAX_SHARED_PER_VM,
     };
-    let plan = analyze(&entries)?.plan(&policy);
+    let node = if args.node_layers {
+        provd_partitions::node_layers(&store, crate::dedup::NODE_LAYER_ENTRIES)?
+    } else {
+        Vec::new()
+    };
+    let plan = provd_dedup::plan_on_node(&entries, &node, &policy)?;
     drop(entries);
     let planned = started.elapsed();
     let layout = provd_partitions::build_all(

@@ -153,6 +153,65 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX audit_by_operation ON audit (operation);
 "#,
+    // Layers become node-wide: each shared partition's layers are recorded
+    // with their entries, and each private partition's stack names the
+    // layers it stacks, so that a shared partition is kept while any stack
+    // names one of its layers and new VMs can be planned against them.
+    // Partitions built before keep working; their layers' entries were
+    // never recorded, so they are not offered to new VMs.
+    r#"
+    CREATE TABLE layers (
+        partition TEXT NOT NULL REFERENCES partitions(id) ON DELETE CASCADE,
+        name      TEXT NOT NULL,
+        digest    TEXT NOT NULL,
+        files     INTEGER NOT NULL,
+        bytes     INTEGER NOT NULL,
+        recorded  INTEGER NOT NULL DEFAULT 0 CHECK (recorded IN (0, 1)),
+        PRIMARY KEY (partition, name)
+    ) WITHOUT ROWID;
+    CREATE INDEX layers_by_digest ON layers (digest);
+    CREATE TABLE layer_entries (
+        partition   TEXT NOT NULL,
+        layer       TEXT NOT NULL,
+        path        TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        mode        INTEGER NOT NULL,
+        uid         INTEGER NOT NULL,
+        gid         INTEGER NOT NULL,
+        mtime       INTEGER NOT NULL,
+        size        INTEGER NOT NULL,
+        hash        BLOB,
+        link_target TEXT,
+        dev_major   INTEGER,
+        dev_minor   INTEGER,
+        PRIMARY KEY (partition, layer, path),
+        FOREIGN KEY (partition, layer) REFERENCES layers (partition, name) ON DELETE CASCADE
+    ) WITHOUT ROWID;
+    -- No cascade towards the layer: a shared partition some stack still
+    -- names cannot be deleted.
+    CREATE TABLE partition_stack (
+        private  TEXT NOT NULL REFERENCES partitions(id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        shared   TEXT NOT NULL,
+        layer    TEXT NOT NULL,
+        PRIMARY KEY (private, position),
+        FOREIGN KEY (shared, layer) REFERENCES layers (partition, name)
+    ) WITHOUT ROWID;
+    CREATE INDEX partition_stack_by_shared ON partition_stack (shared, layer);
+    INSERT INTO layers (partition, name, digest, files, bytes)
+        SELECT p.id, json_extract(l.value, '$.id'), coalesce(json_extract(l.value, '$.digest'), ''),
+               coalesce(json_extract(l.value, '$.files'), 0), coalesce(json_extract(l.value, '$.bytes'), 0)
+        FROM partitions p, json_each(p.manifest, '$.layers') l
+        WHERE p.role = 'shared';
+    INSERT INTO partition_stack (private, position, shared, layer)
+        SELECT p.id, s.key, json_extract(p.manifest, '$.shared.partition'), s.value
+        FROM partitions p, json_each(p.manifest, '$.stack') s
+        WHERE p.role = 'private'
+          AND EXISTS (SELECT 1 FROM layers
+                      WHERE partition = json_extract(p.manifest, '$.shared.partition')
+                        AND name = s.value);
+    DELETE FROM partition_vms WHERE partition IN (SELECT id FROM partitions WHERE role = 'shared');
+"#,
 ];
 
 /// An image as recorded.
@@ -373,7 +432,7 @@ pub(crate) fn images(conn: &Connection) -> rusqlite::Result<Vec<ImageRecord>> {
     rows.collect()
 }
 
-fn entry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
+pub(crate) fn entry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
     let kind: String = r.get(1)?;
     let hash: Option<Vec<u8>> = r.get(7)?;
     let major: Option<u32> = r.get(9)?;
@@ -398,7 +457,7 @@ fn entry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
     })
 }
 
-const ENTRY_COLUMNS: &str =
+pub(crate) const ENTRY_COLUMNS: &str =
     "path, kind, mode, uid, gid, mtime, size, hash, link_target, dev_major, dev_minor";
 
 pub(crate) fn entries(

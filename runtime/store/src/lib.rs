@@ -43,7 +43,10 @@ pub use operations::{
     AuditQuery, AuditRecord, NewAudit, NewOperation, OpState, OperationError, OperationRecord,
     Started,
 };
-pub use partitions::{NewPartition, PartitionRecord, new_id, new_partition_id, valid_partition_id};
+pub use partitions::{
+    LayerRecord, NewLayer, NewPartition, PartitionRecord, StackedLayer, new_id, new_partition_id,
+    valid_partition_id,
+};
 pub use vms::{NewVm, ReserveError, Resources, VmRecord};
 
 /// Why a store operation failed.
@@ -73,6 +76,9 @@ pub enum StoreError {
     /// no such image or object
     #[error("{0} not found")]
     NotFound(String),
+    /// something still uses what was to be removed
+    #[error("{0}")]
+    InUse(String),
 }
 
 /// Figures of a removal or a garbage collection.
@@ -180,7 +186,7 @@ impl Store {
             lock,
         };
         let freed = store.gc()?;
-        let swept = store.sweep_partitions()?;
+        let swept = store.sweep_partitions()? + store.free_unused_shared()?.len() as u64;
         if freed != Freed::default() || swept > 0 {
             tracing::info!(?freed, partitions = swept, "removed leftovers of an earlier run");
         }

@@ -8,9 +8,12 @@
 //! leaves a directory without a row, also removed at the next open. So a
 //! partition is visible only once it is complete and recorded.
 
+use std::collections::BTreeSet;
+
+use provd_domain::image::Entry;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::db::{now, to_i64};
+use crate::db::{ENTRY_COLUMNS, entry_row, now, to_i64};
 use crate::{Store, StoreError};
 
 /// A published partition.
@@ -33,7 +36,48 @@ pub struct PartitionRecord {
     /// JSON describing the content (layers and VM sets, or a VM's stack).
     pub manifest: String,
     pub created_at: i64,
-    /// VMs using it, sorted.
+    /// VMs using it, sorted: a private partition's VM, or the VMs whose
+    /// stacks name a layer of a shared partition.
+    pub vms: Vec<String>,
+}
+
+/// A layer a shared partition holds, as [`Store::publish_partition`]
+/// records it.
+#[derive(Debug, Clone)]
+pub struct NewLayer {
+    /// Its directory on the partition: `layers/<name>`.
+    pub name: String,
+    /// BLAKE3 over its entries.
+    pub digest: String,
+    pub files: u64,
+    pub bytes: u64,
+    /// Its entries, kept so that later VMs can be planned against it.
+    pub entries: Vec<Entry>,
+}
+
+/// One layer of a private partition's stack.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StackedLayer {
+    /// The shared partition holding it.
+    pub shared: String,
+    /// Its name on that partition.
+    pub layer: String,
+}
+
+/// A layer on one of the node's shared partitions.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LayerRecord {
+    pub partition: String,
+    pub name: String,
+    pub digest: String,
+    pub files: u64,
+    pub bytes: u64,
+    /// Whether its entries are on record (layers built before they were
+    /// are not offered to new VMs).
+    pub recorded: bool,
+    /// The shared partition's format.
+    pub format: String,
+    /// VMs whose stacks name it, sorted.
     pub vms: Vec<String>,
 }
 
@@ -48,7 +92,13 @@ pub struct NewPartition {
     pub apparent_bytes: u64,
     pub operation: Option<String>,
     pub manifest: String,
+    /// The VM of a private partition (a shared partition's users are the
+    /// stacks that name its layers).
     pub vms: Vec<String>,
+    /// The layers of a shared partition.
+    pub layers: Vec<NewLayer>,
+    /// The stack of a private partition, bottom first.
+    pub stack: Vec<StackedLayer>,
 }
 
 const COLUMNS: &str =
@@ -70,10 +120,58 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PartitionRecord> {
 }
 
 fn with_vms(conn: &Connection, mut rec: PartitionRecord) -> rusqlite::Result<PartitionRecord> {
-    let mut stmt =
-        conn.prepare_cached("SELECT vm FROM partition_vms WHERE partition = ?1 ORDER BY vm")?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT vm FROM partition_vms WHERE partition = ?1
+         UNION
+         SELECT v.vm FROM partition_stack s JOIN partition_vms v ON v.partition = s.private
+         WHERE s.shared = ?1
+         ORDER BY 1",
+    )?;
     rec.vms = stmt.query_map([&rec.id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
     Ok(rec)
+}
+
+/// The shared partitions stacked by `private`.
+fn stacked_shared(conn: &Connection, private: &str) -> rusqlite::Result<BTreeSet<String>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT DISTINCT shared FROM partition_stack WHERE private = ?1")?;
+    stmt.query_map([private], |r| r.get(0))?.collect()
+}
+
+/// Of `candidates`, the shared partitions no stack names any more and no
+/// running operation is building on, deleted in `tx`. A shared partition
+/// that an operation still running created is that operation's to keep or
+/// remove.
+fn delete_unused_shared(
+    tx: &rusqlite::Transaction<'_>,
+    candidates: &BTreeSet<String>,
+) -> rusqlite::Result<Vec<PartitionRecord>> {
+    let mut out = Vec::new();
+    for id in candidates {
+        let unused: bool = tx.query_row(
+            "SELECT NOT EXISTS (SELECT 1 FROM partition_stack WHERE shared = ?1)
+                AND NOT EXISTS (SELECT 1 FROM partition_vms WHERE partition = ?1)
+                AND NOT EXISTS (SELECT 1 FROM partitions p JOIN operations o ON o.id = p.operation
+                                WHERE p.id = ?1 AND o.state = 'running')",
+            [id],
+            |r| r.get(0),
+        )?;
+        if !unused {
+            continue;
+        }
+        if let Some(rec) = tx
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM partitions WHERE id = ?1 AND role = 'shared'"),
+                [id],
+                row,
+            )
+            .optional()?
+        {
+            tx.execute("DELETE FROM partitions WHERE id = ?1", [id])?;
+            out.push(rec);
+        }
+    }
+    Ok(out)
 }
 
 fn select(
@@ -213,14 +311,95 @@ impl Store {
         select(&self.lock_db(), "", []).map_err(|e| self.db_error(e))
     }
 
-    /// The partitions `vm` uses, oldest first.
+    /// The partitions `vm` uses, oldest first: its private partition and
+    /// every shared partition its stack reaches.
     pub fn partitions_of_vm(&self, vm: &str) -> Result<Vec<PartitionRecord>, StoreError> {
         select(
             &self.lock_db(),
-            "WHERE id IN (SELECT partition FROM partition_vms WHERE vm = ?1)",
+            "WHERE id IN (SELECT partition FROM partition_vms WHERE vm = ?1)
+                OR id IN (SELECT s.shared FROM partition_stack s
+                          JOIN partition_vms v ON v.partition = s.private WHERE v.vm = ?1)",
             [vm],
         )
         .map_err(|e| self.db_error(e))
+    }
+
+    /// The stack of a private partition, bottom first.
+    pub fn stack_of(&self, private: &str) -> Result<Vec<StackedLayer>, StoreError> {
+        let db = self.lock_db();
+        let mut stmt = db
+            .prepare_cached(
+                "SELECT shared, layer FROM partition_stack WHERE private = ?1 ORDER BY position",
+            )
+            .map_err(|e| self.db_error(e))?;
+        stmt.query_map([private], |r| Ok(StackedLayer { shared: r.get(0)?, layer: r.get(1)? }))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.db_error(e))
+    }
+
+    /// Every layer on the node's shared partitions, oldest first, with the
+    /// VMs whose stacks name it. With `offered`, only the layers a new VM
+    /// may be planned against: entries on record, on a partition that no
+    /// running operation is still building.
+    pub fn layers(&self, offered: bool) -> Result<Vec<LayerRecord>, StoreError> {
+        let db = self.lock_db();
+        let filter = if offered {
+            "WHERE l.recorded = 1 AND NOT EXISTS
+                (SELECT 1 FROM operations o WHERE o.id = p.operation AND o.state = 'running')"
+        } else {
+            ""
+        };
+        let mut stmt = db
+            .prepare(&format!(
+                "SELECT l.partition, l.name, l.digest, l.files, l.bytes, l.recorded, p.format
+                 FROM layers l JOIN partitions p ON p.id = l.partition {filter}
+                 ORDER BY p.created_at, l.partition, l.name"
+            ))
+            .map_err(|e| self.db_error(e))?;
+        let mut layers: Vec<LayerRecord> = stmt
+            .query_map([], |r| {
+                Ok(LayerRecord {
+                    partition: r.get(0)?,
+                    name: r.get(1)?,
+                    digest: r.get(2)?,
+                    files: r.get::<_, i64>(3)?.max(0) as u64,
+                    bytes: r.get::<_, i64>(4)?.max(0) as u64,
+                    recorded: r.get::<_, i64>(5)? == 1,
+                    format: r.get(6)?,
+                    vms: Vec::new(),
+                })
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.db_error(e))?;
+        let mut users = db
+            .prepare_cached(
+                "SELECT DISTINCT v.vm FROM partition_stack s
+                 JOIN partition_vms v ON v.partition = s.private
+                 WHERE s.shared = ?1 AND s.layer = ?2 ORDER BY v.vm",
+            )
+            .map_err(|e| self.db_error(e))?;
+        for l in layers.iter_mut() {
+            l.vms = users
+                .query_map([&l.partition, &l.name], |r| r.get(0))
+                .and_then(|rows| rows.collect())
+                .map_err(|e| self.db_error(e))?;
+        }
+        Ok(layers)
+    }
+
+    /// The entries of a layer, in path order (empty when none are on
+    /// record).
+    pub fn layer_entries(&self, partition: &str, layer: &str) -> Result<Vec<Entry>, StoreError> {
+        let db = self.lock_db();
+        let mut stmt = db
+            .prepare_cached(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM layer_entries
+                 WHERE partition = ?1 AND layer = ?2 ORDER BY path"
+            ))
+            .map_err(|e| self.db_error(e))?;
+        stmt.query_map([partition, layer], entry_row)
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.db_error(e))
     }
 
     /// The partitions an operation created, oldest first.
@@ -246,15 +425,54 @@ impl Store {
         Ok(unused)
     }
 
-    /// Removes one partition whatever uses it (an operation rolling back
-    /// what it built).
+    /// Removes one partition whatever VM uses it (an operation rolling
+    /// back what it built), and the shared partitions only its stack still
+    /// named. A shared partition that a stack names is refused.
     pub fn remove_partition(&self, id: &str) -> Result<Option<PartitionRecord>, StoreError> {
         let Some(rec) = self.partition(id)? else { return Ok(None) };
-        self.lock_db()
-            .execute("DELETE FROM partitions WHERE id = ?1", [id])
-            .map_err(|e| self.db_error(e))?;
+        let freed = {
+            let mut db = self.lock_db();
+            remove(&mut db, id).map_err(|e| self.db_error(e))?
+        };
+        let freed = match freed {
+            Ok(freed) => freed,
+            Err(stackers) => {
+                return Err(StoreError::InUse(format!(
+                    "shared partition {id} holds layers that private partitions {} stack",
+                    stackers.join(", ")
+                )));
+            }
+        };
         self.remove_partition_dir(id)?;
+        for other in &freed {
+            self.remove_partition_dir(&other.id)?;
+        }
         Ok(Some(rec))
+    }
+
+    /// Removes the shared partitions that no stack names, that no VM is
+    /// recorded on and that no running operation is building on (a crash
+    /// between releasing their last VM and deleting them, or a request
+    /// that built one and never stacked it). Returns them.
+    pub fn free_unused_shared(&self) -> Result<Vec<PartitionRecord>, StoreError> {
+        let freed = {
+            let mut db = self.lock_db();
+            (|| {
+                let tx = db.transaction()?;
+                let ids: BTreeSet<String> = {
+                    let mut stmt = tx.prepare("SELECT id FROM partitions WHERE role = 'shared'")?;
+                    stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+                };
+                let freed = delete_unused_shared(&tx, &ids)?;
+                tx.commit()?;
+                Ok(freed)
+            })()
+            .map_err(|e| self.db_error(e))?
+        };
+        for rec in &freed {
+            self.remove_partition_dir(&rec.id)?;
+        }
+        Ok(freed)
     }
 
     fn remove_partition_dir(&self, id: &str) -> Result<(), StoreError> {
@@ -288,6 +506,30 @@ impl Store {
     }
 }
 
+/// Deletes partition `id` and the shared partitions only it stacked;
+/// `Err(stackers)` when `id` is a shared partition some stack names.
+#[allow(clippy::type_complexity)]
+fn remove(
+    conn: &mut Connection,
+    id: &str,
+) -> rusqlite::Result<Result<Vec<PartitionRecord>, Vec<String>>> {
+    let tx = conn.transaction()?;
+    let stackers: Vec<String> = {
+        let mut stmt = tx.prepare(
+            "SELECT DISTINCT private FROM partition_stack WHERE shared = ?1 ORDER BY private",
+        )?;
+        stmt.query_map([id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+    };
+    if !stackers.is_empty() {
+        return Ok(Err(stackers));
+    }
+    let stacked = stacked_shared(&tx, id)?;
+    tx.execute("DELETE FROM partitions WHERE id = ?1", [id])?;
+    let freed = delete_unused_shared(&tx, &stacked)?;
+    tx.commit()?;
+    Ok(Ok(freed))
+}
+
 fn insert(conn: &mut Connection, new: &NewPartition) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     tx.execute(
@@ -311,6 +553,45 @@ fn insert(conn: &mut Connection, new: &NewPartition) -> rusqlite::Result<()> {
             params![new.id, vm],
         )?;
     }
+    {
+        let mut layer = tx.prepare(
+            "INSERT INTO layers (partition, name, digest, files, bytes, recorded)
+             VALUES (?1, ?2, ?3, ?4, ?5, 1)",
+        )?;
+        let mut entry = tx.prepare(
+            "INSERT INTO layer_entries (partition, layer, path, kind, mode, uid, gid, mtime, size,
+                                        hash, link_target, dev_major, dev_minor)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )?;
+        for l in &new.layers {
+            layer.execute(params![new.id, l.name, l.digest, to_i64(l.files), to_i64(l.bytes)])?;
+            for e in &l.entries {
+                entry.execute(params![
+                    new.id,
+                    l.name,
+                    e.path,
+                    e.kind.as_str(),
+                    e.mode,
+                    to_i64(e.uid),
+                    to_i64(e.gid),
+                    e.mtime,
+                    to_i64(e.size),
+                    e.hash.map(|h| h.0.to_vec()),
+                    e.link_target,
+                    e.device.map(|d| d.0),
+                    e.device.map(|d| d.1),
+                ])?;
+            }
+        }
+        // A layer removed since the plan was made fails the foreign key:
+        // the partition is not published.
+        let mut stack = tx.prepare(
+            "INSERT INTO partition_stack (private, position, shared, layer) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for (i, s) in new.stack.iter().enumerate() {
+            stack.execute(params![new.id, to_i64(i as u64), s.shared, s.layer])?;
+        }
+    }
     tx.commit()
 }
 
@@ -322,20 +603,32 @@ fn release(conn: &mut Connection, vm: &str) -> rusqlite::Result<Vec<PartitionRec
     };
     tx.execute("DELETE FROM partition_vms WHERE vm = ?1", [vm])?;
     let mut unused = Vec::new();
+    let mut stacked = BTreeSet::new();
     for id in used {
         let users: i64 =
             tx.query_row("SELECT count(*) FROM partition_vms WHERE partition = ?1", [&id], |r| {
                 r.get(0)
             })?;
-        if users == 0
-            && let Some(rec) = tx
-                .query_row(&format!("SELECT {COLUMNS} FROM partitions WHERE id = ?1"), [&id], row)
-                .optional()?
+        if users > 0 {
+            continue;
+        }
+        // A private partition goes with its VM, and with it its stack.
+        stacked.extend(stacked_shared(&tx, &id)?);
+        if let Some(rec) = tx
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM partitions WHERE id = ?1 AND role = 'private'"),
+                [&id],
+                row,
+            )
+            .optional()?
         {
             tx.execute("DELETE FROM partitions WHERE id = ?1", [&id])?;
             unused.push(rec);
+        } else {
+            stacked.insert(id);
         }
     }
+    unused.extend(delete_unused_shared(&tx, &stacked)?);
     tx.commit()?;
     Ok(unused)
 }

@@ -204,20 +204,18 @@ pub fn configure(
         .join(&private.file);
     let private_format =
         if private.format == "qcow2" { DiskFormat::Qcow2 } else { DiskFormat::Raw };
-    let shared = match &manifest.shared {
-        None => None,
-        Some(s) => {
-            let rec = store
-                .partition(&s.partition)
-                .map_err(|e| VmError::Failed(e.to_string()))?
-                .ok_or_else(|| {
-                    VmError::NotFound(format!("shared partition {} is gone", s.partition))
-                })?;
-            let sm: SharedManifest = serde_json::from_str(&rec.manifest)
-                .map_err(|e| VmError::Failed(format!("partition {}: {e}", rec.id)))?;
-            Some((rec, sm))
-        }
-    };
+    // Every shared partition its stack reaches, in the order its boot
+    // files list them.
+    let mut shared = Vec::with_capacity(manifest.shared.len());
+    for s in &manifest.shared {
+        let rec = store
+            .partition(&s.partition)
+            .map_err(|e| VmError::Failed(e.to_string()))?
+            .ok_or_else(|| VmError::NotFound(format!("shared partition {} is gone", s.partition)))?;
+        let sm: SharedManifest = serde_json::from_str(&rec.manifest)
+            .map_err(|e| VmError::Failed(format!("partition {}: {e}", rec.id)))?;
+        shared.push((rec, sm));
+    }
     let (kernel, initrd) = match &spec.boot {
         Boot::Kernel { kernel, initrd, .. } => (
             Some(boot_file(store, "boot.kernel", kernel)?),
@@ -252,7 +250,7 @@ pub fn configure(
     )?;
     let dir = vm_dir(store, &spec.name);
     let boot = BootFiles { kernel, initrd, firmware };
-    let built = write_vm(store, &spec, &dir, &private_path, private_format, shared.as_ref(), boot);
+    let built = write_vm(store, &spec, &dir, &private_path, private_format, &shared, boot);
     match built {
         Ok((config_file, config, disks)) => Ok(Configured {
             name: spec.name.clone(),
@@ -295,7 +293,7 @@ fn write_vm(
     dir: &Path,
     private_path: &Path,
     private_format: DiskFormat,
-    shared: Option<&(PartitionRecord, SharedManifest)>,
+    shared: &[(PartitionRecord, SharedManifest)],
     boot: BootFiles,
 ) -> Result<Written, VmError> {
     let io = |what: String| move |e: std::io::Error| VmError::Failed(format!("{what}: {e}"));
@@ -312,22 +310,22 @@ fn write_vm(
         format: private_format,
         read_only: false,
     }];
-    let mut shared_dir = None;
-    if let Some((rec, sm)) = shared {
+    let mut shared_dirs = Vec::new();
+    for (i, (rec, sm)) in shared.iter().enumerate() {
         let path = store
             .partition_path(&rec.id)
             .map_err(|e| VmError::NotFound(e.to_string()))?
             .join(&rec.file);
         if sm.format == SharedFormat::Dir {
-            shared_dir = Some(SharedDir {
+            shared_dirs.push(SharedDir {
                 path,
                 tag: format!("provd-{}", rec.id),
-                socket: dir.join("virtiofs.sock"),
+                socket: dir.join(format!("virtiofs-{i}.sock")),
             });
         } else {
             disks.push(AttachedDisk {
                 role: DiskRole::Shared,
-                name: "shared".into(),
+                name: format!("shared-{i}"),
                 path,
                 format: DiskFormat::Raw,
                 read_only: true,
@@ -383,7 +381,7 @@ fn write_vm(
         spec,
         uuid: uuid_of(&spec.name),
         disks: disks.clone(),
-        shared_dir,
+        shared_dirs,
         kernel: boot.kernel,
         initrd: boot.initrd,
         firmware: boot.firmware,

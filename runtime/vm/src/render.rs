@@ -44,8 +44,9 @@ pub enum DiskRole {
 pub struct AttachedDisk {
     /// Its role.
     pub role: DiskRole,
-    /// Its name, used as the device id: `root`, `shared`, `seed`, and
-    /// `data-<name>` for the spec's data disk `<name>`.
+    /// Its name, used as the device id: `root`, `shared-<n>` (from 0, in
+    /// the order the VM's boot files list its shared partitions), `seed`,
+    /// and `data-<name>` for the spec's data disk `<name>`.
     pub name: String,
     /// Absolute host path.
     pub path: PathBuf,
@@ -77,8 +78,8 @@ pub struct RenderInput<'a> {
     /// Every disk to attach, in any order: renderers order them root,
     /// shared, data (in spec order), seed.
     pub disks: Vec<AttachedDisk>,
-    /// virtio-fs export, when the shared partition is a directory.
-    pub shared_dir: Option<SharedDir>,
+    /// virtio-fs exports, one per directory-format shared partition.
+    pub shared_dirs: Vec<SharedDir>,
     /// Resolved absolute kernel path; set exactly when the spec boots a kernel.
     pub kernel: Option<PathBuf>,
     /// Resolved absolute initrd path; set exactly when the spec names one.
@@ -207,8 +208,21 @@ struct Plan<'a> {
     disks: Vec<Disk<'a>>,
     nics: Vec<NicPlan<'a>>,
     boot: BootPlan<'a>,
-    shared_dir: Option<SharedDirPlan<'a>>,
+    shared_dirs: Vec<SharedDirPlan<'a>>,
     serial_log: Option<&'a str>,
+}
+
+/// Most shared partitions (disks and virtio-fs exports together) one VM
+/// attaches; provd's partition builder never stacks a VM on more.
+pub const MAX_SHARED_ATTACHED: usize = 8;
+
+/// The index of a shared disk's name `shared-<n>`.
+fn shared_index(name: &str) -> Option<usize> {
+    let n = name.strip_prefix("shared-")?;
+    if n.is_empty() || n.len() > 3 || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
 }
 
 /// A host path as the configurations need it: absolute, UTF-8, and free of
@@ -272,7 +286,8 @@ fn plan_disks<'a>(input: &'a RenderInput) -> Result<Vec<Disk<'a>>, RenderError> 
         }
         let expected_name = match d.role {
             DiskRole::Private => Some("root"),
-            DiskRole::Shared => Some("shared"),
+            DiskRole::Shared if shared_index(&d.name).is_some() => None,
+            DiskRole::Shared => Some("shared-<n>"),
             DiskRole::Seed => Some("seed"),
             DiskRole::Data => None,
         };
@@ -360,10 +375,13 @@ fn plan_disks<'a>(input: &'a RenderInput) -> Result<Vec<Disk<'a>>, RenderError> 
             ));
         }
     }
-    if count(DiskRole::Shared) > 0 && input.shared_dir.is_some() {
+    if count(DiskRole::Shared) + input.shared_dirs.len() > MAX_SHARED_ATTACHED {
         return Err(RenderError::field(
-            "input.shared_dir",
-            "the shared partition is either a disk or a directory, not both",
+            "input.disks",
+            format!(
+                "{} shared partitions; at most {MAX_SHARED_ATTACHED} are attached to one vm",
+                count(DiskRole::Shared) + input.shared_dirs.len()
+            ),
         ));
     }
     // Names are unique, so roles are at most one each apart from data,
@@ -375,7 +393,12 @@ fn plan_disks<'a>(input: &'a RenderInput) -> Result<Vec<Disk<'a>>, RenderError> 
             .strip_prefix("data-")
             .and_then(|n| spec.disks.iter().position(|s| s.name == n))
             .unwrap_or(0);
-        (role_rank(d.role), if d.role == DiskRole::Data { data_idx } else { 0 })
+        let index = match d.role {
+            DiskRole::Data => data_idx,
+            DiskRole::Shared => shared_index(d.name).unwrap_or(0),
+            _ => 0,
+        };
+        (role_rank(d.role), index)
     });
     Ok(disks)
 }
@@ -447,32 +470,32 @@ fn plan<'a>(input: &'a RenderInput<'a>) -> Result<Plan<'a>, RenderError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     let boot = plan_boot(input)?;
-    let shared_dir = match &input.shared_dir {
-        None => None,
-        Some(sd) => {
-            let tag = sd.tag.as_str();
-            if tag.is_empty()
-                || tag.len() > 36
-                || !tag
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-            {
-                // 36 bytes is the virtio-fs config space's tag field.
-                return Err(RenderError::field(
-                    "input.shared_dir.tag",
-                    format!("{tag:?} is not 1 to 36 of [A-Za-z0-9._-]"),
-                ));
-            }
-            Some(SharedDirPlan {
-                path: host_path(&sd.path, "input.shared_dir.path")?,
-                tag,
-                socket: host_path(&sd.socket, "input.shared_dir.socket")?,
-            })
+    let mut shared_dirs = Vec::with_capacity(input.shared_dirs.len());
+    for (k, sd) in input.shared_dirs.iter().enumerate() {
+        let f = format!("input.shared_dirs[{k}]");
+        let tag = sd.tag.as_str();
+        if tag.is_empty()
+            || tag.len() > 36
+            || !tag.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            // 36 bytes is the virtio-fs config space's tag field.
+            return Err(RenderError::field(
+                format!("{f}.tag"),
+                format!("{tag:?} is not 1 to 36 of [A-Za-z0-9._-]"),
+            ));
         }
-    };
+        if shared_dirs.iter().any(|d: &SharedDirPlan| d.tag == tag) {
+            return Err(RenderError::field(format!("{f}.tag"), format!("{tag:?} is exported twice")));
+        }
+        shared_dirs.push(SharedDirPlan {
+            path: host_path(&sd.path, &format!("{f}.path"))?,
+            tag,
+            socket: host_path(&sd.socket, &format!("{f}.socket"))?,
+        });
+    }
     let serial_log = match &input.serial_log {
         Some(p) => Some(host_path(p, "input.serial_log")?),
         None => None,
     };
-    Ok(Plan { spec, uuid, disks, nics, boot, shared_dir, serial_log })
+    Ok(Plan { spec, uuid, disks, nics, boot, shared_dirs, serial_log })
 }

@@ -59,7 +59,7 @@ fn fixed_input(spec: &VmSpec) -> RenderInput<'_> {
         // Shared first and seed in the middle: renderers must reorder.
         AttachedDisk {
             role: DiskRole::Shared,
-            name: "shared".into(),
+            name: "shared-0".into(),
             path: format!("{PARTITIONS}/shared.erofs").into(),
             format: DiskFormat::Raw,
             read_only: true,
@@ -101,7 +101,7 @@ fn fixed_input(spec: &VmSpec) -> RenderInput<'_> {
         spec,
         uuid: UUID.into(),
         disks,
-        shared_dir: None,
+        shared_dirs: Vec::new(),
         kernel,
         initrd,
         firmware: None,
@@ -112,11 +112,11 @@ fn fixed_input(spec: &VmSpec) -> RenderInput<'_> {
 /// The same input with the shared partition as a virtio-fs directory.
 fn with_shared_dir(mut input: RenderInput<'_>) -> RenderInput<'_> {
     input.disks.retain(|d| d.role != DiskRole::Shared);
-    input.shared_dir = Some(SharedDir {
+    input.shared_dirs = vec![SharedDir {
         path: format!("{PARTITIONS}/shared").into(),
         tag: "provd-shared".into(),
         socket: format!("/run/provd/vms/{}/virtiofs.sock", input.spec.name).into(),
-    });
+    }];
     input
 }
 
@@ -1034,7 +1034,7 @@ fn firecracker_refusals() {
     let e = render_err(&edge, |i| {
         *i = with_shared_dir(i.clone());
     });
-    assert_eq!(field_of(&e), "input.shared_dir");
+    assert_eq!(field_of(&e), "input.shared_dirs");
     assert!(e.to_string().contains("virtio-fs"), "{e}");
 
     let mut fw = load("edge");

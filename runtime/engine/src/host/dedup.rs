@@ -91,6 +91,7 @@ fn analysis_summary(a: &provd_dedup::Analysis) -> Summary {
                 vms: l.vms.clone(),
                 files: l.files,
                 bytes: l.bytes,
+                partition: None,
             })
             .collect(),
         vms: a
@@ -102,6 +103,9 @@ fn analysis_summary(a: &provd_dedup::Analysis) -> Summary {
                 shared_bytes: f.shared_bytes,
                 private_bytes: 0,
                 layers: Vec::new(),
+                node_bytes: 0,
+                new_shared_bytes: 0,
+                whiteouts: 0,
             })
             .collect(),
         stored_bytes: 0,
@@ -135,16 +139,34 @@ impl HostState {
             Ok(e) => e,
             Err(e) => return Ok(Err(e)),
         };
+        let use_node = policy.node_layers;
         let policy = provd_dedup::Policy {
             min_layer_bytes: policy.min_layer_bytes,
             max_layers_per_vm: usize::try_from(policy.max_layers_per_vm).unwrap_or(usize::MAX),
             share_across_paths: policy.share_across_paths,
+            layer_unique_files: policy.layer_unique_files,
+            max_shared_partitions: provd_partitions::MAX_SHARED_PER_VM,
+        };
+        let node = if use_node {
+            let store = match self.partition_store() {
+                Ok(s) => s,
+                Err(e) => return Ok(Err(e)),
+            };
+            let budget = MAX_ANALYSED_ENTRIES
+                .saturating_sub(entries.iter().map(|(_, es)| es.len() as u64).sum());
+            match tokio::task::spawn_blocking(move || provd_partitions::node_layers(&store, budget))
+                .await?
+            {
+                Ok(layers) => layers,
+                Err(e) => return Ok(Err(WitError::Failed(e.to_string()))),
+            }
+        } else {
+            Vec::new()
         };
         let computed = tokio::task::spawn_blocking(move || {
-            provd_dedup::analyze(&entries).map(|a| {
-                let plan = a.plan(&policy);
-                (a, plan)
-            })
+            let analysis = provd_dedup::analyze(&entries)?;
+            let plan = provd_dedup::plan_on_node(&entries, &node, &policy)?;
+            Ok::<_, provd_dedup::DedupError>((analysis, plan))
         })
         .await?;
         let (analysis, plan) = match computed {
@@ -170,10 +192,15 @@ impl HostState {
                 vms: l.vms.clone(),
                 files: l.files,
                 bytes: l.bytes,
+                partition: l.node.as_ref().map(|n| n.partition.clone()),
             })
             .collect();
         for f in summary.vms.iter_mut() {
-            f.private_bytes = plan.private_bytes.get(&f.vm).copied().unwrap_or(0);
+            let share = plan.shares.get(&f.vm).cloned().unwrap_or_default();
+            f.private_bytes = share.private_bytes;
+            f.node_bytes = share.node_bytes;
+            f.new_shared_bytes = share.new_shared_bytes;
+            f.whiteouts = share.whiteouts;
             f.layers = plan
                 .stacks
                 .get(&f.vm)
@@ -207,6 +234,13 @@ impl HostState {
                 "no layer {layer:?} in this request's plans"
             ))));
         };
+        if found.node.is_some() {
+            // Built for other requests' VMs: what it holds beyond what this
+            // request's images hold is theirs to know.
+            return Ok(Err(WitError::Denied(format!(
+                "layer {layer:?} is one the node already holds; only layers this request builds are listed"
+            ))));
+        }
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         Ok(Ok(found
             .entries
@@ -240,11 +274,13 @@ impl wit::Host for HostState {
     ) -> wasmtime::Result<Result<Summary, WitError>> {
         self.step()?;
         let args = format!(
-            "{} min-layer-bytes={} max-layers-per-vm={} share-across-paths={}",
+            "{} min-layer-bytes={} max-layers-per-vm={} share-across-paths={} node-layers={} layer-unique-files={}",
             vms_summary(&vms),
             policy.min_layer_bytes,
             policy.max_layers_per_vm,
-            policy.share_across_paths
+            policy.share_across_paths,
+            policy.node_layers,
+            policy.layer_unique_files
         );
         let result = self.plan_call(vms, policy).await?;
         let saved =

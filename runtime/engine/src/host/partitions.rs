@@ -35,6 +35,7 @@ fn wit_error(e: PartitionError) -> WitError {
         | PartitionError::PlanMismatch { .. }
         | PartitionError::InvalidPlan(_)
         | PartitionError::TooManyLayers { .. }
+        | PartitionError::TooManyShared { .. }
         | PartitionError::TooSmall { .. }
         | PartitionError::UnknownFormat { .. }
         | PartitionError::NothingShared => WitError::InvalidInput(text),

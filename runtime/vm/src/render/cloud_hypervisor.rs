@@ -37,7 +37,7 @@ pub fn cloud_hypervisor_json(input: &RenderInput) -> Result<Value, RenderError> 
             // Bytes; validation bounds memory-mib to 2^20, so no overflow.
             "size": spec.memory_mib.saturating_mul(1024 * 1024),
             // vhost-user (virtiofsd) maps guest memory: it must be shared.
-            "shared": p.shared_dir.is_some(),
+            "shared": !p.shared_dirs.is_empty(),
         }),
     );
 
@@ -114,18 +114,23 @@ pub fn cloud_hypervisor_json(input: &RenderInput) -> Result<Value, RenderError> 
         vm.insert("net".into(), Value::Array(net));
     }
 
-    if let Some(sd) = &p.shared_dir {
-        vm.insert(
-            "fs".into(),
-            json!([{
-                "id": "fs0",
-                "tag": sd.tag,
-                "socket": sd.socket,
-                // Required by the OpenAPI schema; these are the VMM's defaults.
-                "num_queues": 1,
-                "queue_size": 1024,
-            }]),
-        );
+    if !p.shared_dirs.is_empty() {
+        let fs: Vec<Value> = p
+            .shared_dirs
+            .iter()
+            .enumerate()
+            .map(|(i, sd)| {
+                json!({
+                    "id": format!("fs{i}"),
+                    "tag": sd.tag,
+                    "socket": sd.socket,
+                    // Required by the OpenAPI schema; these are the VMM's defaults.
+                    "num_queues": 1,
+                    "queue_size": 1024,
+                })
+            })
+            .collect();
+        vm.insert("fs".into(), Value::Array(fs));
     }
 
     vm.insert(

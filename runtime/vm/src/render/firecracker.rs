@@ -51,9 +51,9 @@ pub fn firecracker_json(input: &RenderInput) -> Result<Value, RenderError> {
             "firecracker boots a kernel directly and has no firmware; set boot.kernel",
         ));
     };
-    if p.shared_dir.is_some() {
+    if !p.shared_dirs.is_empty() {
         return Err(RenderError::field(
-            "input.shared_dir",
+            "input.shared_dirs",
             "firecracker has no virtio-fs; use a disk-format shared partition",
         ));
     }

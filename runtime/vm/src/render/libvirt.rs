@@ -73,7 +73,7 @@ fn write_domain(w: &mut W, p: &Plan) -> io::Result<()> {
         w.create_element("currentMemory")
             .with_attribute(("unit", "MiB"))
             .write_text_content(BytesText::new(&mem))?;
-        if p.shared_dir.is_some() {
+        if !p.shared_dirs.is_empty() {
             // virtiofsd maps guest memory, so it must be shared, file-backed.
             w.create_element("memoryBacking").write_inner_content(|w| {
                 w.create_element("source").with_attribute(("type", "memfd")).write_empty()?;
@@ -196,7 +196,7 @@ fn write_devices(w: &mut W, p: &Plan) -> io::Result<()> {
                 Ok(())
             })?;
     }
-    if let Some(sd) = &p.shared_dir {
+    for sd in &p.shared_dirs {
         w.create_element("filesystem")
             .with_attribute(("type", "mount"))
             .with_attribute(("accessmode", "passthrough"))

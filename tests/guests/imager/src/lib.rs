@@ -115,6 +115,8 @@ fn fetch_and_plan(input: &Input) -> Result<dedup::Summary, Error> {
         min_layer_bytes: input.min_layer_bytes,
         max_layers_per_vm: input.max_layers,
         share_across_paths: false,
+        node_layers: false,
+        layer_unique_files: false,
     };
     dedup::plan(&pairs, policy)
 }
