@@ -16,7 +16,7 @@ use provd_partitions::{
     BuildOptions, PartitionError, PrivateFormat, SharedFormat, VmImage, build_all, build_private,
     build_shared, verify_vm,
 };
-use provd_store::Store;
+use provd_store::{ImageRecord, PartitionRecord, Store};
 
 struct Node {
     dir: tempfile::TempDir,
@@ -607,14 +607,63 @@ fn comparable(e: &provd_domain::image::Entry) -> String {
     )
 }
 
+/// Assembles `private`'s root with the boot script in a private mount
+/// namespace, each shared partition `i` of its boot files mounted from
+/// `shared[i]` (a loop mount of the image file), and copies the root out.
+/// Returns what the guest sees, or `None` where this environment cannot
+/// mount.
+async fn assemble(b: &Built, private: &PartitionRecord, shared: &[PathBuf]) -> Option<Vec<String>> {
+    let script = b.node.dir.path().join("provd-overlay-root");
+    write(&script, provd_partitions::OVERLAY_ROOT_SCRIPT.as_bytes(), 0o755);
+    let image = b.store().partition_path(&private.id).unwrap().join(&private.file);
+    let work = b.node.dir.path().join(format!("boot-{}", private.id));
+    std::fs::create_dir_all(work.join("root")).unwrap();
+    let devices: String = shared
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("PROVD_SHARED_DEVICE_{i}={} ", p.display()))
+        .collect();
+    // As the initramfs would: mount the private partition as the root,
+    // run the script, copy the assembled root out.
+    let shell = format!(
+        "set -e; mount {image} {work}/root; rootmnt={work}/root PROVD_RUN={work}/run \
+         {devices}sh {script}; cp -a {work}/root/. {work}/copy",
+        image = image.display(),
+        work = work.display(),
+        script = script.display()
+    );
+    let out =
+        std::process::Command::new("unshare").args(["-m", "sh", "-c", &shell]).output().unwrap();
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("permission denied")
+            || err.contains("Operation not permitted")
+            || err.contains("failed to setup loop device")
+        {
+            eprintln!("skipping the mount check: this environment cannot mount ({err})");
+            return None;
+        }
+        panic!("assembling the root of {} failed: {err}", private.id);
+    }
+    let seen = b
+        .node
+        .images
+        .import(&format!("dir:{}", work.join("copy").display()), Arc::new(NoProgress))
+        .await
+        .unwrap();
+    Some(b.store().entries(&seen, 0, u64::MAX).unwrap().iter().map(comparable).collect())
+}
+
+fn partition_file(store: &Store, rec: &PartitionRecord) -> PathBuf {
+    store.partition_path(&rec.id).unwrap().join(&rec.file)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_boot_script_assembles_each_vms_root_from_its_partitions() {
     let b = prepared().await;
     let layout = b.build(SharedFormat::Erofs, PrivateFormat::Ext4).unwrap();
     let shared = layout.shared.unwrap();
-    let shared_image = b.store().partition_path(&shared.id).unwrap().join(&shared.file);
-    let script = b.node.dir.path().join("provd-overlay-root");
-    write(&script, provd_partitions::OVERLAY_ROOT_SCRIPT.as_bytes(), 0o755);
+    let shared_image = partition_file(b.store(), &shared);
     for (v, private) in b.vms.iter().zip(&layout.private) {
         provd_partitions::add_file(
             b.store(),
@@ -625,43 +674,10 @@ async fn the_boot_script_assembles_each_vms_root_from_its_partitions() {
             &opts(),
         )
         .unwrap();
-        let image = b.store().partition_path(&private.id).unwrap().join(&private.file);
-        let work = b.node.dir.path().join(format!("boot-{}", v.vm));
-        std::fs::create_dir_all(work.join("root")).unwrap();
-        // In a private mount namespace: mount the private partition as the
-        // initramfs would, run the script, copy the assembled root out.
-        let shell = format!(
-            "set -e; mount {image} {work}/root; rootmnt={work}/root PROVD_RUN={work}/run \
-             PROVD_SHARED_DEVICE={shared} sh {script}; cp -a {work}/root/. {work}/copy",
-            image = image.display(),
-            work = work.display(),
-            shared = shared_image.display(),
-            script = script.display()
-        );
-        let out = std::process::Command::new("unshare")
-            .args(["-m", "sh", "-c", &shell])
-            .output()
-            .unwrap();
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            if err.contains("permission denied")
-                || err.contains("Operation not permitted")
-                || err.contains("failed to setup loop device")
-            {
-                eprintln!("skipping the mount check: this environment cannot mount ({err})");
-                return;
-            }
-            panic!("assembling {}'s root failed: {err}", v.vm);
-        }
+        let Some(seen) = assemble(&b, private, std::slice::from_ref(&shared_image)).await else {
+            return;
+        };
         // What the guest sees: its image, with the hostname written above.
-        let seen = b
-            .node
-            .images
-            .import(&format!("dir:{}", work.join("copy").display()), Arc::new(NoProgress))
-            .await
-            .unwrap();
-        let seen: Vec<String> =
-            b.store().entries(&seen, 0, u64::MAX).unwrap().iter().map(comparable).collect();
         let mut want: Vec<provd_domain::image::Entry> =
             b.store().entries(&v.image, 0, u64::MAX).unwrap();
         let hostname = want.iter_mut().find(|e| e.path == "etc/hostname").unwrap();
@@ -670,6 +686,82 @@ async fn the_boot_script_assembles_each_vms_root_from_its_partitions() {
         let want: Vec<String> = want.iter().map(comparable).collect();
         assert_eq!(seen, want, "{}", v.vm);
     }
+}
+
+/// One request of one VM on the node as it stands: planned against the
+/// layers the node holds, built, and its figures.
+fn one_vm_request(b: &Built, vm: &str, image: &ImageRecord) -> (Plan, provd_partitions::Layout) {
+    let vms = vec![VmImage { vm: vm.to_string(), image: image.clone() }];
+    let entries = vec![(vm.to_string(), b.store().entries(image, 0, u64::MAX).unwrap())];
+    let node = provd_partitions::node_layers(b.store(), 1_000_000).unwrap();
+    let policy = Policy { min_layer_bytes: 0, layer_unique_files: true, ..Policy::default() };
+    let plan = provd_dedup::plan_on_node(&entries, &node, &policy).unwrap();
+    let layout =
+        build_all(b.store(), &plan, &vms, SharedFormat::Erofs, PrivateFormat::Ext4, None, &opts())
+            .unwrap();
+    (plan, layout)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vms_arriving_one_at_a_time_stack_what_the_node_holds_and_boot_exactly() {
+    let b = prepared().await;
+    let (web, db) = (b.vms[0].image.clone(), b.vms[1].image.clone());
+    let image_bytes = |image: &ImageRecord| image.bytes;
+
+    // web-1 alone: its files form a layer of its own on a new partition.
+    let (plan, first) = one_vm_request(&b, "web-1", &web);
+    let p1 = first.shared.clone().unwrap();
+    assert_eq!(plan.shares["web-1"].new_shared_bytes, image_bytes(&web));
+    assert_eq!(plan.shares["web-1"].private_bytes, 0);
+
+    // web-2 alone: everything from the node; no shared partition built,
+    // not one file byte stored again.
+    let (plan, second) = one_vm_request(&b, "web-2", &web);
+    assert!(second.shared.is_none());
+    assert_eq!(plan.stored_bytes, 0);
+    assert_eq!(plan.shares["web-2"].node_bytes, image_bytes(&web));
+    assert_eq!(b.store().stack_of(&second.private[0].id).unwrap()[0].shared, p1.id);
+
+    // db alone: web's layer with what db lacks hidden, and db's own files
+    // on a second shared partition.
+    let (plan, third) = one_vm_request(&b, "db-1", &db);
+    let p3 = third.shared.clone().unwrap();
+    let share = &plan.shares["db-1"];
+    assert!(share.whiteouts > 0, "{share:?}");
+    assert!(share.node_bytes > 0 && share.new_shared_bytes > 0, "{share:?}");
+    assert_eq!(share.node_bytes + share.new_shared_bytes + share.private_bytes, image_bytes(&db));
+    assert_eq!(plan.stored_bytes, share.new_shared_bytes + share.private_bytes);
+    let db_partitions: Vec<String> =
+        b.store().partitions_of_vm("db-1").unwrap().into_iter().map(|p| p.id).collect();
+    assert!(db_partitions.contains(&p1.id) && db_partitions.contains(&p3.id));
+    assert_eq!(b.store().partition(&p1.id).unwrap().unwrap().vms, ["db-1", "web-1", "web-2"]);
+
+    for vm in ["web-1", "web-2", "db-1"] {
+        let report = verify_vm(b.store(), vm, &opts()).unwrap();
+        assert!(report.is_exact(), "{vm}: {:#?}", report.mismatches);
+    }
+    assert_eq!(verify_vm(b.store(), "db-1", &opts()).unwrap().shared, [p1.id.clone(), p3.id.clone()]);
+
+    // The kernel's overlay shows db exactly its image from two shared
+    // partitions and its whiteouts.
+    let shared = [partition_file(b.store(), &p1), partition_file(b.store(), &p3)];
+    if let Some(seen) = assemble(&b, &third.private[0], &shared).await {
+        let want: Vec<String> =
+            b.store().entries(&db, 0, u64::MAX).unwrap().iter().map(comparable).collect();
+        assert_eq!(seen, want);
+    }
+
+    // A shared partition a stack names cannot go; it goes with the last
+    // VM stacking it, and nothing else is left.
+    let err = b.store().remove_partition(&p1.id).unwrap_err();
+    assert!(err.to_string().contains("stack"), "{err}");
+    b.store().release_vm("web-1").unwrap();
+    b.store().release_vm("web-2").unwrap();
+    assert!(b.store().partition(&p1.id).unwrap().is_some(), "db-1 still stacks it");
+    assert!(verify_vm(b.store(), "db-1", &opts()).unwrap().is_exact());
+    let removed = b.store().release_vm("db-1").unwrap();
+    assert_eq!(removed.len(), 3, "db's private partition and both shared ones");
+    b.assert_no_partitions();
 }
 
 #[tokio::test(flavor = "multi_thread")]
