@@ -161,8 +161,11 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
     let per_vm = report["vms"].as_array().unwrap();
     assert_eq!(per_vm.len(), 3);
     let web = per_vm.iter().find(|v| v["name"] == "web-1").unwrap();
-    assert_eq!(web["private_bytes"], 5_000);
-    assert_eq!(web["layers"].as_array().unwrap().len(), 2);
+    // Its own file is in a layer of its own, for the next VM of its image.
+    assert_eq!(web["private_bytes"], 0);
+    assert_eq!(web["new_shared_bytes"], 900_000 + 120_000 + 8 + 400_000 + 5_000);
+    assert_eq!(web["node_layer_bytes"], 0);
+    assert_eq!(web["layers"].as_array().unwrap().len(), 3);
     assert!(
         web["disks"].as_array().unwrap().iter().any(|d| d.as_str().unwrap().starts_with("shared")),
         "{web}"
@@ -173,6 +176,49 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
     {
         assert!(phases.iter().any(|p| p == phase), "{phase} not seen in {phases:?}");
     }
+
+    // web-2 alone, the image of web-1: every byte from the layers already
+    // on the node, no shared partition built, nothing stored again.
+    let alone = json!({"plugin": "shared-partition", "vms": [spec("web-2", &references[0])],
+                       "params": {"min-layer-bytes": 0}});
+    let started = c.provision(&alone).await.unwrap();
+    let alone_id = started.body["operation"]["id"].as_str().unwrap().to_string();
+    let alone_done = c.wait(&alone_id, |_| {}).await.unwrap();
+    assert_eq!(alone_done["state"], "succeeded", "{alone_done:#}");
+    let web_bytes: u64 = 900_000 + 120_000 + 8 + 400_000 + 5_000;
+    let out = &alone_done["report"]["output"];
+    assert_eq!(out["shared_partition"], Value::Null);
+    assert_eq!(out["totals"]["naive_bytes"], web_bytes);
+    assert_eq!(out["totals"]["stored_bytes"], 0);
+    assert_eq!(out["totals"]["node_layer_bytes"], web_bytes);
+    assert_eq!(out["totals"]["saving_bytes"], web_bytes);
+    let web2 = &out["vms"][0];
+    assert_eq!(
+        (&web2["node_layer_bytes"], &web2["new_shared_bytes"], &web2["private_bytes"]),
+        (&json!(web_bytes), &json!(0), &json!(0))
+    );
+    assert_eq!(web2["whiteouts"], 0);
+    assert_eq!(web2["layers"].as_array().unwrap().len(), 3);
+    assert!(out["layers"].as_array().unwrap().iter().all(|l| l["on_node"] == true), "{out:#}");
+    let summary = alone_done["report"]["summary"].as_str().unwrap();
+    assert!(summary.starts_with(&format!("1 VMs provisioned: 0 of {web_bytes} bytes stored")), "{summary}");
+    // Its shared disk is web-1's shared partition.
+    let shared_of = |vm: &str| {
+        let xml = std::fs::read_to_string(node.data.join("vms").join(vm).join("domain.xml")).unwrap();
+        xml.lines()
+            .filter(|l| l.contains("shared.erofs"))
+            .map(|l| l.trim().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(shared_of("web-2"), shared_of("web-1"));
+    assert_eq!(shared_of("web-2").len(), 1);
+    let alone_audit =
+        c.get(&format!("/v1/audit?operation={alone_id}&kind=host-call")).await.unwrap().body;
+    assert!(
+        !alone_audit["audit"].as_array().unwrap().iter().any(|r| r["function"] == "create-shared"),
+        "{alone_audit}"
+    );
+    let names = ["web-1", "api-1", "db-1", "web-2"];
 
     // Every domain XML is valid libvirt.
     for name in names {
