@@ -740,7 +740,10 @@ async fn vms_arriving_one_at_a_time_stack_what_the_node_holds_and_boot_exactly()
         let report = verify_vm(b.store(), vm, &opts()).unwrap();
         assert!(report.is_exact(), "{vm}: {:#?}", report.mismatches);
     }
-    assert_eq!(verify_vm(b.store(), "db-1", &opts()).unwrap().shared, [p1.id.clone(), p3.id.clone()]);
+    assert_eq!(
+        verify_vm(b.store(), "db-1", &opts()).unwrap().shared,
+        [p1.id.clone(), p3.id.clone()]
+    );
 
     // The kernel's overlay shows db exactly its image from two shared
     // partitions and its whiteouts.
@@ -903,4 +906,75 @@ async fn content_under_other_paths_is_stored_once_and_every_vm_verifies() {
     // The shared partition holds the library's bytes once, not four times.
     let shared = layout.shared.unwrap();
     assert!(shared.bytes < 2 * 300_000 + 1_000_000, "{}", shared.bytes);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repack_packs_the_layers_in_use_into_one_partition_and_every_vm_sees_the_same() {
+    let b = prepared().await;
+    let (web, db, dev) = (b.vms[0].image.clone(), b.vms[1].image.clone(), b.vms[2].image.clone());
+    // One request per VM: web, db, dev, web, db, dev.
+    for (i, image) in [&web, &db, &dev, &web, &db, &dev].into_iter().enumerate() {
+        let (plan, _) = one_vm_request(&b, &format!("vm-{i}"), image);
+        // Each image's files are stored once however many of its VMs come.
+        if i >= 3 {
+            assert_eq!(plan.stored_bytes, 0, "vm-{i}: {:?}", plan.shares);
+        }
+    }
+    let shared_before: Vec<PartitionRecord> =
+        b.store().partitions().unwrap().into_iter().filter(|p| p.role == "shared").collect();
+    assert_eq!(shared_before.len(), 3, "web's, db's own and dev's own layers");
+    // Half the VMs go: web's first layer is still used, partly.
+    for vm in ["vm-0", "vm-2", "vm-4"] {
+        b.store().release_vm(vm).unwrap();
+    }
+    let usage = b.store().layer_usage().unwrap();
+    let before: u64 = b
+        .store()
+        .partitions()
+        .unwrap()
+        .iter()
+        .filter(|p| p.role == "shared")
+        .map(|p| p.bytes)
+        .sum();
+
+    let done = provd_vm::repack::repack(b.store(), None, SharedFormat::Erofs, &opts()).unwrap();
+    assert_eq!(done.moved, ["vm-1", "vm-3", "vm-5"], "{done:#?}");
+    assert!(done.failed.is_empty() && done.skipped.is_empty(), "{done:#?}");
+    let shared_after: Vec<PartitionRecord> =
+        b.store().partitions().unwrap().into_iter().filter(|p| p.role == "shared").collect();
+    assert_eq!(shared_after.len(), 1, "every old shared partition freed");
+    assert_eq!(Some(&shared_after[0]), done.partition.as_ref());
+    assert_eq!(done.shared_bytes_before, before);
+    assert!(done.shared_bytes_after <= before, "{done:#?}");
+    assert_eq!(shared_after[0].vms, ["vm-1", "vm-3", "vm-5"]);
+    let after = b.store().layer_usage().unwrap();
+    assert!(after.unused_bytes == 0 && after.bytes <= usage.bytes, "{usage:?} → {after:?}");
+    for vm in ["vm-1", "vm-3", "vm-5"] {
+        let report = verify_vm(b.store(), vm, &opts()).unwrap();
+        assert!(report.is_exact(), "{vm}: {:#?}", report.mismatches);
+        assert_eq!(report.shared, [shared_after[0].id.clone()]);
+    }
+    // The kernel's overlay agrees for the VM with whiteouts (db on web's
+    // layer, now cut to what db sees).
+    let private = b
+        .store()
+        .partitions_of_vm("vm-1")
+        .unwrap()
+        .into_iter()
+        .find(|p| p.role == "private")
+        .unwrap();
+    if let Some(seen) = assemble(&b, &private, &[partition_file(b.store(), &shared_after[0])]).await
+    {
+        let want: Vec<String> =
+            b.store().entries(&db, 0, u64::MAX).unwrap().iter().map(comparable).collect();
+        assert_eq!(seen, want);
+    }
+    // A VM arriving after the repack stacks the repacked layers.
+    let (plan, _) = one_vm_request(&b, "vm-6", &dev);
+    assert_eq!(plan.stored_bytes, 0, "{:?}", plan.shares);
+    assert!(verify_vm(b.store(), "vm-6", &opts()).unwrap().is_exact());
+    for vm in ["vm-1", "vm-3", "vm-5", "vm-6"] {
+        b.store().release_vm(vm).unwrap();
+    }
+    b.assert_no_partitions();
 }

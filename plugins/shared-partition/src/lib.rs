@@ -325,7 +325,10 @@ impl Plugin for SharedPartition {
                     files: l.files,
                     bytes: l.bytes,
                     on_node: l.partition.is_some(),
-                    partition: l.partition.clone().or_else(|| shared.as_ref().map(|s| s.id.clone())),
+                    partition: l
+                        .partition
+                        .clone()
+                        .or_else(|| shared.as_ref().map(|s| s.id.clone())),
                 })
                 .collect(),
             vms: reports,

@@ -24,6 +24,12 @@ pub struct PluginLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StackersLabel {
+    /// How many VMs stack the layers: `0`, `1` or `2+`.
+    pub vms: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub method: String,
     pub status: String,
@@ -44,6 +50,7 @@ pub struct Metrics {
     pub call_seconds: HistogramFamily<PluginLabel>,
     pub bytes_fetched: Counter,
     pub bytes_deduplicated: Counter,
+    pub layer_bytes: Family<StackersLabel, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -98,6 +105,13 @@ impl Metrics {
             "Bytes plans stored once instead of once per VM",
             bytes_deduplicated.clone(),
         );
+        let layer_bytes = Family::<StackersLabel, Gauge>::default();
+        registry.register(
+            "layer_bytes",
+            "File bytes the node's layers hold, by how many VMs stack them (0, 1, 2+); \
+             those of 0 and 1 are fragmentation",
+            layer_bytes.clone(),
+        );
         Metrics {
             registry,
             operations,
@@ -109,6 +123,18 @@ impl Metrics {
             call_seconds,
             bytes_fetched,
             bytes_deduplicated,
+            layer_bytes,
+        }
+    }
+
+    /// Sets the layer gauges from the store's figures.
+    pub fn set_layer_usage(&self, usage: &provd_store::LayerUsage) {
+        for (vms, bytes) in
+            [("0", usage.unused_bytes), ("1", usage.single_bytes), ("2+", usage.shared_bytes)]
+        {
+            self.layer_bytes
+                .get_or_create(&StackersLabel { vms: vms.into() })
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
     }
 

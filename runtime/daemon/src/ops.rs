@@ -612,7 +612,9 @@ pub fn roll_back(store: &Store, id: &str) -> (usize, usize) {
     }
     match store.partitions_of_operation(id) {
         Ok(mut recs) => {
-            recs.sort_by_key(|r| std::cmp::Reverse(r.created_at));
+            // Private partitions first: a shared partition cannot go while
+            // a stack names one of its layers.
+            recs.sort_by_key(|r| (r.role == "shared", std::cmp::Reverse(r.created_at)));
             for rec in recs {
                 if let Err(e) = store.remove_partition(&rec.id) {
                     tracing::error!(operation = %id, partition = %rec.id, error = %e, "rollback: cannot remove partition");

@@ -201,10 +201,14 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
     assert_eq!(web2["layers"].as_array().unwrap().len(), 3);
     assert!(out["layers"].as_array().unwrap().iter().all(|l| l["on_node"] == true), "{out:#}");
     let summary = alone_done["report"]["summary"].as_str().unwrap();
-    assert!(summary.starts_with(&format!("1 VMs provisioned: 0 of {web_bytes} bytes stored")), "{summary}");
+    assert!(
+        summary.starts_with(&format!("1 VMs provisioned: 0 of {web_bytes} bytes stored")),
+        "{summary}"
+    );
     // Its shared disk is web-1's shared partition.
     let shared_of = |vm: &str| {
-        let xml = std::fs::read_to_string(node.data.join("vms").join(vm).join("domain.xml")).unwrap();
+        let xml =
+            std::fs::read_to_string(node.data.join("vms").join(vm).join("domain.xml")).unwrap();
         xml.lines()
             .filter(|l| l.contains("shared.erofs"))
             .map(|l| l.trim().to_string())

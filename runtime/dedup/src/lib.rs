@@ -50,7 +50,7 @@ use provd_domain::image::{Entry, EntryKind, Hash};
 use serde::Serialize;
 
 pub use node::{NodeLayer, plan_on_node};
-pub use overlay::{VmView, overlay_view};
+pub use overlay::{Source, VmLayout, VmView, overlay_view, vm_layout};
 
 /// Why an analysis could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -409,10 +409,7 @@ impl Analysis {
         let mut layers = Vec::new();
         for layer in &self.layers {
             let fits = layer.bytes >= policy.min_layer_bytes
-                && layer
-                    .vms
-                    .iter()
-                    .all(|vm| stacks.get(vm).is_some_and(|s| s.len() < room_of(vm)));
+                && layer.vms.iter().all(|vm| stacks.get(vm).is_some_and(|s| s.len() < room_of(vm)));
             if fits {
                 let id = format!("layer-{}", layers.len());
                 for vm in &layer.vms {
@@ -595,7 +592,8 @@ impl Plan {
     pub fn node_partitions(&self, vm: &str) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
         for id in self.stacks.get(vm).into_iter().flatten() {
-            if let Some(node) = self.layers.iter().find(|l| &l.id == id).and_then(|l| l.node.as_ref())
+            if let Some(node) =
+                self.layers.iter().find(|l| &l.id == id).and_then(|l| l.node.as_ref())
                 && !out.contains(&node.partition)
             {
                 out.push(node.partition.clone());

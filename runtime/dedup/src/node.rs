@@ -23,8 +23,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use provd_domain::image::{Entry, EntryKind};
 
 use crate::{
-    DedupError, FileKey, MAX_VMS, NodeRef, Plan, PlannedLayer, Policy, analyze, file_bytes,
-    overlay,
+    DedupError, FileKey, MAX_VMS, NodeRef, Plan, PlannedLayer, Policy, analyze, file_bytes, overlay,
 };
 
 /// A layer on one of the node's shared partitions, with its entries.
@@ -86,7 +85,7 @@ fn choose(image: &HashMap<&str, &Entry>, node: &[NodeLayer], policy: &Policy) ->
     }
     let max_layers = policy.max_layers_per_vm.saturating_sub(1);
     let max_partitions = policy.max_shared_partitions.saturating_sub(1);
-    let mut chosen: Vec<usize> = Vec::new();
+    let mut chosen: Vec<Candidate> = Vec::new();
     let mut partitions: Vec<&str> = Vec::new();
     // Path → bytes, for the paths chosen layers give.
     let mut given: HashMap<&str, u64> = HashMap::new();
@@ -97,9 +96,11 @@ fn choose(image: &HashMap<&str, &Entry>, node: &[NodeLayer], policy: &Policy) ->
             if !partitions.contains(&partition) && partitions.len() >= max_partitions {
                 continue;
             }
-            let new: u64 = c.gives.iter().filter(|(p, _)| !given.contains_key(p)).map(|g| g.1).sum();
-            let lost: u64 = c.differs.iter().filter_map(|p| given.get(p)).sum();
-            let gain = new.saturating_sub(lost);
+            // What it holds differently from a chosen layer's correct
+            // entry costs nothing when it is stacked below that layer
+            // (see `order`).
+            let gain: u64 =
+                c.gives.iter().filter(|(p, _)| !given.contains_key(p)).map(|g| g.1).sum();
             if best.is_none_or(|(_, b)| gain > b) {
                 best = Some((k, gain));
             }
@@ -109,9 +110,6 @@ fn choose(image: &HashMap<&str, &Entry>, node: &[NodeLayer], policy: &Policy) ->
             break;
         }
         let c = candidates.swap_remove(k);
-        for p in &c.differs {
-            given.remove(p);
-        }
         for (p, bytes) in &c.gives {
             given.insert(p, *bytes);
         }
@@ -120,9 +118,41 @@ fn choose(image: &HashMap<&str, &Entry>, node: &[NodeLayer], policy: &Policy) ->
         {
             partitions.push(&layer.node.partition);
         }
-        chosen.push(c.layer);
+        chosen.push(c);
     }
-    chosen
+    order(chosen)
+}
+
+/// Stacks the chosen layers so that a layer holding a path differently
+/// from the image lies below every chosen layer holding it as the image
+/// has it; among layers free to go next, the one chosen first goes lower.
+/// Where the layers disagree both ways (a cycle), the rest follow in the
+/// order chosen, and the plan's private set overrides what ends up hidden.
+fn order(chosen: Vec<Candidate>) -> Vec<usize> {
+    let n = chosen.len();
+    // above[a] holds the layers that must lie above layer a.
+    let mut below_count = vec![0usize; n];
+    let mut above: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (a, ca) in chosen.iter().enumerate() {
+        for (b, cb) in chosen.iter().enumerate() {
+            if a != b && cb.gives.iter().any(|(p, _)| ca.differs.contains(p)) {
+                above[a].push(b);
+                below_count[b] += 1;
+            }
+        }
+    }
+    let mut placed = vec![false; n];
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let next = (0..n).find(|&i| !placed[i] && below_count[i] == 0);
+        let Some(i) = next.or_else(|| (0..n).find(|&i| !placed[i])) else { break };
+        placed[i] = true;
+        for &b in &above[i] {
+            below_count[b] = below_count[b].saturating_sub(1);
+        }
+        out.push(chosen[i].layer);
+    }
+    out
 }
 
 /// Plans `vms` (name, entries) on a node holding the layers `node`: each VM
@@ -142,7 +172,8 @@ pub fn plan_on_node(
     let mut residuals: Vec<(String, Vec<Entry>)> = Vec::with_capacity(vms.len());
     for (name, entries) in vms {
         let image: HashMap<&str, &Entry> = entries.iter().map(|e| (e.path.as_str(), e)).collect();
-        let picked = if policy.max_layers_per_vm == 0 { Vec::new() } else { choose(&image, node, policy) };
+        let picked =
+            if policy.max_layers_per_vm == 0 { Vec::new() } else { choose(&image, node, policy) };
         let lowers: Vec<&[Entry]> =
             picked.iter().filter_map(|&i| node.get(i)).map(|l| l.entries.as_slice()).collect();
         let view = overlay::overlay_view(&lowers, &[], &[]);
@@ -199,12 +230,8 @@ pub fn plan_on_node(
     layers.append(&mut plan.layers);
     plan.layers = layers;
     for (vm, stack) in plan.stacks.iter_mut() {
-        let mut full: Vec<String> = chosen
-            .get(vm)
-            .into_iter()
-            .flatten()
-            .filter_map(|i| node_ids.get(i).cloned())
-            .collect();
+        let mut full: Vec<String> =
+            chosen.get(vm).into_iter().flatten().filter_map(|i| node_ids.get(i).cloned()).collect();
         full.append(stack);
         *stack = full;
     }

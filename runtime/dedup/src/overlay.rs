@@ -15,7 +15,7 @@
 //! puts every directory of an image in the private set, whose metadata
 //! wins.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use provd_domain::image::{Entry, EntryKind};
 
@@ -143,11 +143,94 @@ pub fn overlay_view(lowers: &[&[Entry]], private: &[Entry], whiteouts: &[String]
     view
 }
 
+/// A VM's layout on a stack of layers: what its private set must hold,
+/// where it hides what its layers hold, and which entries of each layer it
+/// sees.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmLayout {
+    /// Every directory of the image and every entry its layers do not show
+    /// exactly as the image has it, path order.
+    pub private: Vec<Entry>,
+    /// The outermost paths its layers hold that the image lacks.
+    pub whiteouts: Vec<String>,
+    /// Per layer of the stack (bottom first), the indices of its entries
+    /// the VM sees.
+    pub used: Vec<Vec<usize>>,
+    /// Regular-file bytes of the image each layer gives, per layer.
+    pub given_bytes: Vec<u64>,
+    pub image_bytes: u64,
+    pub private_bytes: u64,
+}
+
+/// The layout of a VM whose image is `image` (by path) on `lowers`
+/// (bottom first): what the layers show exactly as the image has it stays
+/// with them, every directory and every other entry of the image goes to
+/// the private set, and what the layers show that the image lacks is
+/// hidden by a whiteout at its outermost path.
+pub fn vm_layout(lowers: &[&[Entry]], image: &BTreeMap<String, Entry>) -> VmLayout {
+    let view = overlay_view(lowers, &[], &[]);
+    let mut layout = VmLayout {
+        used: vec![Vec::new(); lowers.len()],
+        given_bytes: vec![0; lowers.len()],
+        ..VmLayout::default()
+    };
+    let mut index: Vec<HashMap<&str, usize>> = Vec::new();
+    for layer in lowers {
+        index.push(layer.iter().enumerate().map(|(i, e)| (e.path.as_str(), i)).collect());
+    }
+    for e in image.values() {
+        layout.image_bytes += file_bytes(e);
+        let provider = match (e.kind, view.slots.get(&e.path)) {
+            (EntryKind::Dir, _) => None,
+            (_, Some(Slot { entry, source: Source::Layer(i) }))
+                if FileKey::of(entry) == FileKey::of(e) =>
+            {
+                Some(*i)
+            }
+            _ => None,
+        };
+        match provider {
+            Some(i) => {
+                if let (Some(used), Some(at)) =
+                    (layout.used.get_mut(i), index.get(i).and_then(|m| m.get(e.path.as_str())))
+                {
+                    used.push(*at);
+                }
+                if let Some(b) = layout.given_bytes.get_mut(i) {
+                    *b += file_bytes(e);
+                }
+            }
+            None => {
+                layout.private_bytes += file_bytes(e);
+                layout.private.push(e.clone());
+            }
+        }
+    }
+    let mut hidden: HashSet<&str> = HashSet::new();
+    for path in view.slots.keys() {
+        // An image without an entry for a directory its files sit in
+        // still needs that directory.
+        if image.contains_key(path)
+            || image.range(format!("{path}/")..format!("{path}0")).next().is_some()
+        {
+            continue;
+        }
+        let covered = ancestors(path)
+            .any(|a| hidden.contains(a) || image.get(a).is_some_and(|e| e.kind != EntryKind::Dir));
+        if !covered {
+            hidden.insert(path);
+            layout.whiteouts.push(path.clone());
+        }
+    }
+    for used in layout.used.iter_mut() {
+        used.sort_unstable();
+    }
+    layout.private = sorted(layout.private);
+    layout
+}
+
 /// Sets each VM's private set, whiteouts and byte shares from its stack and
-/// its image: what the layers show exactly as the image has it stays with
-/// them, every directory and every other entry of the image goes to the
-/// private set, and what the layers show that the image lacks is hidden by
-/// a whiteout at its outermost path.
+/// its image (see [`vm_layout`]).
 pub(crate) fn finish(plan: &mut Plan, images: &BTreeMap<String, BTreeMap<String, Entry>>) {
     let vms: Vec<String> = plan.stacks.keys().cloned().collect();
     plan.whiteouts.clear();
@@ -162,52 +245,24 @@ pub(crate) fn finish(plan: &mut Plan, images: &BTreeMap<String, BTreeMap<String,
             .filter_map(|id| plan.layers.iter().find(|l| &l.id == id))
             .collect();
         let lowers: Vec<&[Entry]> = stack.iter().map(|l| l.entries.as_slice()).collect();
-        let view = overlay_view(&lowers, &[], &[]);
-        let mut share = VmShare::default();
-        let mut private = Vec::new();
-        for e in image.values() {
-            share.image_bytes += file_bytes(e);
-            let provider = match (e.kind, view.slots.get(&e.path)) {
-                (EntryKind::Dir, _) => None,
-                (_, Some(Slot { entry, source: Source::Layer(i) }))
-                    if FileKey::of(entry) == FileKey::of(e) =>
-                {
-                    stack.get(*i)
-                }
-                _ => None,
-            };
-            match provider {
-                Some(layer) if layer.node.is_some() => share.node_bytes += file_bytes(e),
-                Some(_) => share.new_shared_bytes += file_bytes(e),
-                None => {
-                    share.private_bytes += file_bytes(e);
-                    private.push(e.clone());
-                }
+        let layout = vm_layout(&lowers, image);
+        let mut share = VmShare {
+            image_bytes: layout.image_bytes,
+            private_bytes: layout.private_bytes,
+            whiteouts: layout.whiteouts.len() as u64,
+            ..VmShare::default()
+        };
+        for (layer, bytes) in stack.iter().zip(&layout.given_bytes) {
+            if layer.node.is_some() {
+                share.node_bytes += bytes;
+            } else {
+                share.new_shared_bytes += bytes;
             }
         }
-        let mut hidden: HashSet<&str> = HashSet::new();
-        let mut whiteouts = Vec::new();
-        for path in view.slots.keys() {
-            // An image without an entry for a directory its files sit in
-            // still needs that directory.
-            if image.contains_key(path)
-                || image.range(format!("{path}/")..format!("{path}0")).next().is_some()
-            {
-                continue;
-            }
-            let covered = ancestors(path).any(|a| {
-                hidden.contains(a) || image.get(a).is_some_and(|e| e.kind != EntryKind::Dir)
-            });
-            if !covered {
-                hidden.insert(path);
-                whiteouts.push(path.clone());
-            }
-        }
-        share.whiteouts = whiteouts.len() as u64;
         plan.private_bytes.insert(vm.clone(), share.private_bytes);
-        plan.private.insert(vm.clone(), sorted(private));
-        if !whiteouts.is_empty() {
-            plan.whiteouts.insert(vm.clone(), whiteouts);
+        plan.private.insert(vm.clone(), layout.private);
+        if !layout.whiteouts.is_empty() {
+            plan.whiteouts.insert(vm.clone(), layout.whiteouts);
         }
         plan.shares.insert(vm, share);
     }

@@ -311,13 +311,8 @@ fn content_under_other_paths_is_stored_once_when_asked() {
         link_target: None,
         device: None,
     };
-    let dir = |path: &str| Entry {
-        kind: EntryKind::Dir,
-        size: 0,
-        hash: None,
-        mode: 0o755,
-        ..file(path)
-    };
+    let dir =
+        |path: &str| Entry { kind: EntryKind::Dir, size: 0, hash: None, mode: 0o755, ..file(path) };
     let vms = vec![
         ("a".to_string(), vec![dir("x"), file("x/lib.so")]),
         ("b".to_string(), vec![dir("y"), file("y/lib.so")]),
@@ -362,8 +357,7 @@ fn vms_arriving_one_request_at_a_time_reassemble_exactly_on_the_layers_the_node_
     for seed in 1..=200u64 {
         let mut rng = Rng(seed.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1);
         let bases: Vec<Vec<Entry>> = (0..3).map(|f| base(&mut rng, 100 + f)).collect();
-        let flavours: Vec<Vec<Entry>> =
-            bases.iter().map(|b| mutate(&mut rng, b.clone())).collect();
+        let flavours: Vec<Vec<Entry>> = bases.iter().map(|b| mutate(&mut rng, b.clone())).collect();
         let policy = Policy {
             min_layer_bytes: if rng.chance(50) { 0 } else { rng.below(5_000) },
             max_layers_per_vm: 1 + rng.below(6) as usize,
@@ -468,4 +462,30 @@ fn a_vm_arriving_alone_stores_only_what_the_node_lacks() {
     assert_eq!(share.new_shared_bytes, 4321 + 1234);
     assert_eq!(share.node_bytes, file_bytes(&api) - 4321 - 1234);
     assert_eq!(without_mtime(&third.reassemble("api-1").unwrap()), without_mtime(&api));
+}
+
+#[test]
+fn layers_holding_a_path_differently_are_stacked_below_the_one_holding_it_right() {
+    let mut rng = Rng(5);
+    let mut web = base(&mut rng, 1);
+    web.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut dev = web.clone();
+    let hostname = dev.iter_mut().find(|e| e.path == "d0/f0").unwrap();
+    hostname.hash = Some(Hash([240; 32]));
+    hostname.size = 3;
+    let policy = Policy { layer_unique_files: true, ..Policy::default() };
+    let mut node = Vec::new();
+    let first = plan_on_node(&[("web".into(), web.clone())], &node, &policy).unwrap();
+    commit(&first, "p-web", &mut node);
+    let second = plan_on_node(&[("dev".into(), dev.clone())], &node, &policy).unwrap();
+    commit(&second, "p-dev", &mut node);
+    assert_eq!(second.stored_bytes, 3, "only dev's own d0/f0");
+    // Both layers on the node now; dev's own layer is the larger gain for
+    // nothing but must still lie above web's, which holds d0/f0 otherwise.
+    let third = plan_on_node(&[("dev-2".into(), dev.clone())], &node, &policy).unwrap();
+    assert_eq!(third.stored_bytes, 0, "{:?}", third.stacks);
+    let top = third.stacks["dev-2"].last().unwrap();
+    let top = third.layers.iter().find(|l| &l.id == top).unwrap();
+    assert_eq!(top.node.as_ref().unwrap().partition, "p-dev");
+    assert_eq!(without_mtime(&third.reassemble("dev-2").unwrap()), without_mtime(&dev));
 }

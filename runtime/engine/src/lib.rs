@@ -440,7 +440,15 @@ impl Engine {
                     tracing::warn!(vm = %vm, error = %e, "cannot remove a failed request's VM");
                 }
             }
+            // Newest first; a shared partition still named by a stack of
+            // this request (built out of order) goes in a second pass.
+            let mut left = Vec::new();
             for id in partitions.iter().rev() {
+                if store.remove_partition(id).is_err() {
+                    left.push(id);
+                }
+            }
+            for id in left {
                 if let Err(e) = store.remove_partition(id) {
                     tracing::warn!(partition = %id, error = %e, "cannot remove a failed request's partition");
                 }

@@ -53,7 +53,7 @@ fn check_path(path: &str) -> Result<(), PartitionError> {
 
 /// Copies `src` to a new file `dst` keeping holes, so a sparse image stays
 /// sparse.
-fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
+pub(crate) fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
     let input = std::fs::File::open(src)?;
     let len = input.metadata()?.len();
     let output = std::fs::OpenOptions::new().write(true).create_new(true).open(dst)?;
@@ -85,7 +85,7 @@ fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
 }
 
 /// Opens an ext4 image of partition `id` and lists it.
-fn read_ext4(
+pub(crate) fn read_ext4(
     image: &Path,
     id: &str,
 ) -> Result<(Ext4Image, Vec<crate::reader::FsEntry>), PartitionError> {

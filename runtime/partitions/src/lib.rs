@@ -39,6 +39,7 @@ mod erofs_format;
 pub mod erofs_writer;
 pub mod ext4;
 pub mod reader;
+pub mod repack;
 mod stage;
 mod tools;
 mod verify;
@@ -101,7 +102,9 @@ pub enum PartitionError {
     #[error("VM {vm:?} stacks {layers} layers; at most {max} can be mounted as one overlay")]
     TooManyLayers { vm: String, layers: usize, max: usize },
     /// a VM would stack layers from more shared partitions than it attaches
-    #[error("VM {vm:?} would attach {partitions} shared partitions; at most {max} are attached to one VM")]
+    #[error(
+        "VM {vm:?} would attach {partitions} shared partitions; at most {max} are attached to one VM"
+    )]
     TooManyShared { vm: String, partitions: usize, max: usize },
     /// the partitions would exceed the caller's byte quota
     #[error("{what} needs {needed} bytes; the quota leaves {quota}")]
@@ -602,9 +605,8 @@ pub fn check_plan(
             .reassemble(&v.vm)
             .ok_or_else(|| mismatch("the plan has no entry for this VM".into()))?;
         let image = image_entries(store, &v.image)?;
-        if let Some(e) = image
-            .iter()
-            .find(|e| e.kind == EntryKind::CharDevice && e.device == Some((0, 0)))
+        if let Some(e) =
+            image.iter().find(|e| e.kind == EntryKind::CharDevice && e.device == Some((0, 0)))
         {
             return Err(PartitionError::InvalidEntry {
                 path: e.path.clone(),
@@ -1356,7 +1358,9 @@ fn resolve_stack(
     let mut rows = Vec::new();
     for id in ids {
         let layer = plan.layers.iter().find(|l| &l.id == id).ok_or_else(|| {
-            PartitionError::InvalidPlan(format!("VM {vm:?} stacks layer {id:?}, which the plan does not have"))
+            PartitionError::InvalidPlan(format!(
+                "VM {vm:?} stacks layer {id:?}, which the plan does not have"
+            ))
         })?;
         let digest = layer_digest(&layer.entries);
         let (partition, name) = match &layer.node {
@@ -1384,17 +1388,19 @@ fn resolve_stack(
                         "VM {vm:?} stacks layer {id:?} of this plan but no shared partition was given"
                     ))
                 })?;
-                let manifest: SharedManifest = serde_json::from_str(&rec.manifest).map_err(|e| {
-                    PartitionError::NotFound(format!(
-                        "partition {} is not a shared partition: {e}",
-                        rec.id
-                    ))
-                })?;
+                let manifest: SharedManifest =
+                    serde_json::from_str(&rec.manifest).map_err(|e| {
+                        PartitionError::NotFound(format!(
+                            "partition {} is not a shared partition: {e}",
+                            rec.id
+                        ))
+                    })?;
                 // The same layer, not one that happens to share its id
                 // (every plan numbers its layers from 0).
-                let ok = manifest.layers.iter().any(|l| {
-                    &l.id == id && l.vms.iter().any(|v| v == vm) && l.digest == digest
-                });
+                let ok = manifest
+                    .layers
+                    .iter()
+                    .any(|l| &l.id == id && l.vms.iter().any(|v| v == vm) && l.digest == digest);
                 if !ok {
                     return Err(PartitionError::NotFound(format!(
                         "shared partition {} has no layer {id:?} of this plan for VM {vm:?}",

@@ -398,12 +398,8 @@ pub fn verify_vm(
                 shared_ref.format.as_str()
             ));
         }
-        let names: Vec<&str> = manifest
-            .stack
-            .iter()
-            .filter(|i| i.shared == index)
-            .map(|i| i.layer.as_str())
-            .collect();
+        let names: Vec<&str> =
+            manifest.stack.iter().filter(|i| i.shared == index).map(|i| i.layer.as_str()).collect();
         for item in manifest.stack.iter().filter(|i| i.shared == index) {
             match sm.layers.iter().find(|l| l.id == item.layer) {
                 None => mismatches

@@ -113,6 +113,12 @@ enum PartitionCommand {
     },
     /// Release VMs' partitions, deleting those no VM uses any more.
     Rm(partition::RemoveArgs),
+    /// List the layers on the node's shared partitions, the VMs stacking
+    /// each, and the bytes held by layers fewer than two VMs stack.
+    Layers {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -227,6 +233,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 PartitionCommand::Verify(args) => partition::verify(args, &dir),
                 PartitionCommand::Ls { json } => partition::list(json, &dir),
                 PartitionCommand::Rm(args) => partition::remove(args, &dir),
+                PartitionCommand::Layers { json } => partition::layers(json, &dir),
             }
         }
     }

@@ -248,6 +248,41 @@ pub fn list(json_out: bool, data_dir: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn layers(json_out: bool, data_dir: &Path) -> Result<ExitCode> {
+    let store = open(data_dir)?;
+    let layers = store.layers(false)?;
+    let usage = store.layer_usage()?;
+    if json_out {
+        println!(
+            "{:#}",
+            json!({"layers": layers, "usage": usage, "fragmented_bytes": usage.fragmented_bytes()})
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    for l in &layers {
+        println!(
+            "{}/{:<10} {:>7} files {:>9.1} MiB  {}{}",
+            l.partition,
+            l.name,
+            l.files,
+            mib(l.bytes),
+            if l.vms.is_empty() { "(no VM)".to_string() } else { l.vms.join(",") },
+            if l.recorded { "" } else { "  (entries not on record: not offered to new VMs)" }
+        );
+    }
+    println!(
+        "{} layers, {:.1} MiB: {:.1} MiB stacked by two or more VMs, {:.1} MiB by one, {:.1} MiB by none; \
+         fragmented (fewer than two VMs): {:.1} MiB",
+        usage.layers,
+        mib(usage.bytes),
+        mib(usage.shared_bytes),
+        mib(usage.single_bytes),
+        mib(usage.unused_bytes),
+        mib(usage.fragmented_bytes())
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn remove(args: RemoveArgs, data_dir: &Path) -> Result<ExitCode> {
     let store = open(data_dir)?;
     for vm in &args.vms {

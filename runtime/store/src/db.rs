@@ -189,12 +189,16 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     -- No cascade towards the layer: a shared partition some stack still
     -- names cannot be deleted.
+    -- A repack writes a private partition's new stack as pending rows
+    -- before it rewrites the partition, and drops the old rows after: both
+    -- stacks keep their partitions while the move is under way.
     CREATE TABLE partition_stack (
         private  TEXT NOT NULL REFERENCES partitions(id) ON DELETE CASCADE,
+        pending  INTEGER NOT NULL DEFAULT 0 CHECK (pending IN (0, 1)),
         position INTEGER NOT NULL,
         shared   TEXT NOT NULL,
         layer    TEXT NOT NULL,
-        PRIMARY KEY (private, position),
+        PRIMARY KEY (private, pending, position),
         FOREIGN KEY (shared, layer) REFERENCES layers (partition, name)
     ) WITHOUT ROWID;
     CREATE INDEX partition_stack_by_shared ON partition_stack (shared, layer);

@@ -44,8 +44,8 @@ pub use operations::{
     Started,
 };
 pub use partitions::{
-    LayerRecord, NewLayer, NewPartition, PartitionRecord, StackedLayer, new_id, new_partition_id,
-    valid_partition_id,
+    LayerRecord, LayerUsage, NewLayer, NewPartition, PartitionRecord, StackedLayer, new_id,
+    new_partition_id, valid_partition_id,
 };
 pub use vms::{NewVm, ReserveError, Resources, VmRecord};
 

@@ -64,6 +64,29 @@ pub struct StackedLayer {
     pub layer: String,
 }
 
+/// How the node's layers are used: bytes of file content they hold, by how
+/// many VMs stack them. Layers that fewer than two VMs stack are
+/// fragmentation: they share nothing (yet), and a repack would drop or merge
+/// them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LayerUsage {
+    pub layers: u64,
+    pub bytes: u64,
+    /// Held by layers no VM stacks (on a partition another layer keeps).
+    pub unused_bytes: u64,
+    /// Held by layers exactly one VM stacks.
+    pub single_bytes: u64,
+    /// Held by layers two or more VMs stack.
+    pub shared_bytes: u64,
+}
+
+impl LayerUsage {
+    /// Bytes held by layers that fewer than two VMs stack.
+    pub fn fragmented_bytes(&self) -> u64 {
+        self.unused_bytes + self.single_bytes
+    }
+}
+
 /// A layer on one of the node's shared partitions.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct LayerRecord {
@@ -329,12 +352,125 @@ impl Store {
         let db = self.lock_db();
         let mut stmt = db
             .prepare_cached(
-                "SELECT shared, layer FROM partition_stack WHERE private = ?1 ORDER BY position",
+                "SELECT shared, layer FROM partition_stack WHERE private = ?1 AND pending = 0
+                 ORDER BY position",
             )
             .map_err(|e| self.db_error(e))?;
         stmt.query_map([private], |r| Ok(StackedLayer { shared: r.get(0)?, layer: r.get(1)? }))
             .and_then(|rows| rows.collect())
             .map_err(|e| self.db_error(e))
+    }
+
+    /// Records `stack` as the pending new stack of private partition
+    /// `private`: from now on both its stacks keep their shared partitions,
+    /// until [`Store::finish_restack`] or [`Store::abort_restack`].
+    pub fn begin_restack(&self, private: &str, stack: &[StackedLayer]) -> Result<(), StoreError> {
+        let mut db = self.lock_db();
+        (|| {
+            let tx = db.transaction()?;
+            tx.execute(
+                "DELETE FROM partition_stack WHERE private = ?1 AND pending = 1",
+                [private],
+            )?;
+            let mut insert = tx.prepare(
+                "INSERT INTO partition_stack (private, pending, position, shared, layer)
+                 VALUES (?1, 1, ?2, ?3, ?4)",
+            )?;
+            for (i, s) in stack.iter().enumerate() {
+                insert.execute(params![private, to_i64(i as u64), s.shared, s.layer])?;
+            }
+            drop(insert);
+            tx.commit()
+        })()
+        .map_err(|e| self.db_error(e))
+    }
+
+    /// Makes the pending stack of `private` its stack, with its new
+    /// manifest and allocated bytes, and removes the shared partitions no
+    /// stack names any more. Returns those.
+    pub fn finish_restack(
+        &self,
+        private: &str,
+        manifest: &str,
+        bytes: u64,
+    ) -> Result<Vec<PartitionRecord>, StoreError> {
+        let freed = {
+            let mut db = self.lock_db();
+            (|| {
+                let tx = db.transaction()?;
+                let old = stacked_shared(&tx, private)?;
+                tx.execute(
+                    "DELETE FROM partition_stack WHERE private = ?1 AND pending = 0",
+                    [private],
+                )?;
+                tx.execute(
+                    "UPDATE partition_stack SET pending = 0 WHERE private = ?1 AND pending = 1",
+                    [private],
+                )?;
+                tx.execute(
+                    "UPDATE partitions SET manifest = ?2, bytes = ?3 WHERE id = ?1",
+                    params![private, manifest, to_i64(bytes)],
+                )?;
+                let freed = delete_unused_shared(&tx, &old)?;
+                tx.commit()?;
+                Ok(freed)
+            })()
+            .map_err(|e| self.db_error(e))?
+        };
+        for rec in &freed {
+            self.remove_partition_dir(&rec.id)?;
+        }
+        Ok(freed)
+    }
+
+    /// Drops the pending stack of `private` (its partition was not
+    /// rewritten), and the shared partitions only it named.
+    pub fn abort_restack(&self, private: &str) -> Result<Vec<PartitionRecord>, StoreError> {
+        let freed = {
+            let mut db = self.lock_db();
+            (|| {
+                let tx = db.transaction()?;
+                let named: BTreeSet<String> = {
+                    let mut stmt = tx.prepare(
+                        "SELECT DISTINCT shared FROM partition_stack WHERE private = ?1 AND pending = 1",
+                    )?;
+                    stmt.query_map([private], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+                };
+                tx.execute("DELETE FROM partition_stack WHERE private = ?1 AND pending = 1", [private])?;
+                let freed = delete_unused_shared(&tx, &named)?;
+                tx.commit()?;
+                Ok(freed)
+            })()
+            .map_err(|e| self.db_error(e))?
+        };
+        for rec in &freed {
+            self.remove_partition_dir(&rec.id)?;
+        }
+        Ok(freed)
+    }
+
+    /// Private partitions with a pending stack (a repack stopped midway),
+    /// each with that stack.
+    pub fn pending_restacks(&self) -> Result<Vec<(String, Vec<StackedLayer>)>, StoreError> {
+        let db = self.lock_db();
+        let mut stmt = db
+            .prepare(
+                "SELECT private, shared, layer FROM partition_stack WHERE pending = 1
+                 ORDER BY private, position",
+            )
+            .map_err(|e| self.db_error(e))?;
+        let rows: Vec<(String, String, String)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.db_error(e))?;
+        let mut out: Vec<(String, Vec<StackedLayer>)> = Vec::new();
+        for (private, shared, layer) in rows {
+            match out.last_mut() {
+                Some((p, stack)) if *p == private => stack.push(StackedLayer { shared, layer }),
+                _ => out.push((private, vec![StackedLayer { shared, layer }])),
+            }
+        }
+        Ok(out)
     }
 
     /// Every layer on the node's shared partitions, oldest first, with the
@@ -385,6 +521,21 @@ impl Store {
                 .map_err(|e| self.db_error(e))?;
         }
         Ok(layers)
+    }
+
+    /// How the node's layers are used (see [`LayerUsage`]).
+    pub fn layer_usage(&self) -> Result<LayerUsage, StoreError> {
+        let mut usage = LayerUsage::default();
+        for l in self.layers(false)? {
+            usage.layers += 1;
+            usage.bytes += l.bytes;
+            match l.vms.len() {
+                0 => usage.unused_bytes += l.bytes,
+                1 => usage.single_bytes += l.bytes,
+                _ => usage.shared_bytes += l.bytes,
+            }
+        }
+        Ok(usage)
     }
 
     /// The entries of a layer, in path order (empty when none are on
@@ -586,7 +737,8 @@ fn insert(conn: &mut Connection, new: &NewPartition) -> rusqlite::Result<()> {
         // A layer removed since the plan was made fails the foreign key:
         // the partition is not published.
         let mut stack = tx.prepare(
-            "INSERT INTO partition_stack (private, position, shared, layer) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO partition_stack (private, pending, position, shared, layer)
+             VALUES (?1, 0, ?2, ?3, ?4)",
         )?;
         for (i, s) in new.stack.iter().enumerate() {
             stack.execute(params![new.id, to_i64(i as u64), s.shared, s.layer])?;

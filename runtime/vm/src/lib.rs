@@ -3,4 +3,5 @@
 pub mod cloudinit;
 pub mod node;
 pub mod render;
+pub mod repack;
 pub mod spec;

@@ -169,18 +169,17 @@ fn seed_input(spec: &VmSpec) -> SeedInput {
     }
 }
 
-/// Configures the VM `spec_text` describes, with `private` as its root
-/// disk, for a plugin holding `grant`, on a node of `capacity`.
-pub fn configure(
-    store: &Store,
-    spec_text: &str,
-    private: &PartitionRecord,
-    grant: &VmGrant,
-    capacity: &NodeCapacity,
-    operation: Option<&str>,
-) -> Result<Configured, VmError> {
-    let spec = parse_spec(spec_text).map_err(|e| VmError::Spec(e.to_string()))?;
-    check_grant(&spec, grant)?;
+/// What a VM's configuration is made from besides its spec: its private
+/// partition, the shared partitions its stack reaches and its boot files.
+struct Resolved {
+    private_path: PathBuf,
+    private_format: DiskFormat,
+    shared: Vec<(PartitionRecord, SharedManifest)>,
+    boot: BootFiles,
+}
+
+/// Resolves what `spec`'s configuration on `private` needs.
+fn resolve(store: &Store, spec: &VmSpec, private: &PartitionRecord) -> Result<Resolved, VmError> {
     if private.role != "private" {
         return Err(VmError::NotFound(format!(
             "partition {} is not a private partition",
@@ -208,10 +207,10 @@ pub fn configure(
     // files list them.
     let mut shared = Vec::with_capacity(manifest.shared.len());
     for s in &manifest.shared {
-        let rec = store
-            .partition(&s.partition)
-            .map_err(|e| VmError::Failed(e.to_string()))?
-            .ok_or_else(|| VmError::NotFound(format!("shared partition {} is gone", s.partition)))?;
+        let rec =
+            store.partition(&s.partition).map_err(|e| VmError::Failed(e.to_string()))?.ok_or_else(
+                || VmError::NotFound(format!("shared partition {} is gone", s.partition)),
+            )?;
         let sm: SharedManifest = serde_json::from_str(&rec.manifest)
             .map_err(|e| VmError::Failed(format!("partition {}: {e}", rec.id)))?;
         shared.push((rec, sm));
@@ -231,6 +230,27 @@ pub fn configure(
         }
         _ => None,
     };
+    Ok(Resolved {
+        private_path,
+        private_format,
+        shared,
+        boot: BootFiles { kernel, initrd, firmware },
+    })
+}
+
+/// Configures the VM `spec_text` describes, with `private` as its root
+/// disk, for a plugin holding `grant`, on a node of `capacity`.
+pub fn configure(
+    store: &Store,
+    spec_text: &str,
+    private: &PartitionRecord,
+    grant: &VmGrant,
+    capacity: &NodeCapacity,
+    operation: Option<&str>,
+) -> Result<Configured, VmError> {
+    let spec = parse_spec(spec_text).map_err(|e| VmError::Spec(e.to_string()))?;
+    check_grant(&spec, grant)?;
+    let resolved = resolve(store, &spec, private)?;
     let data_bytes: u64 = spec.disks.iter().map(|d| d.size_gib.saturating_mul(1 << 30)).sum();
     let needs = Resources {
         vcpus: u64::from(spec.vcpus),
@@ -249,8 +269,7 @@ pub fn configure(
         &capacity_of(capacity),
     )?;
     let dir = vm_dir(store, &spec.name);
-    let boot = BootFiles { kernel, initrd, firmware };
-    let built = write_vm(store, &spec, &dir, &private_path, private_format, &shared, boot);
+    let built = write_vm(store, &spec, &dir, &resolved);
     match built {
         Ok((config_file, config, disks)) => Ok(Configured {
             name: spec.name.clone(),
@@ -287,31 +306,30 @@ struct BootFiles {
     firmware: Option<PathBuf>,
 }
 
-fn write_vm(
+/// The file a data disk of the spec is kept in, in the VM's directory.
+fn data_file(d: &crate::spec::DataDisk) -> (String, DiskFormat) {
+    match d.format {
+        crate::spec::DiskFormat::Qcow2 => (format!("data-{}.qcow2", d.name), DiskFormat::Qcow2),
+        crate::spec::DiskFormat::Raw => (format!("data-{}.raw", d.name), DiskFormat::Raw),
+    }
+}
+
+/// Every disk and virtio-fs export of a VM, with their host paths.
+fn attachments(
     store: &Store,
     spec: &VmSpec,
     dir: &Path,
-    private_path: &Path,
-    private_format: DiskFormat,
-    shared: &[(PartitionRecord, SharedManifest)],
-    boot: BootFiles,
-) -> Result<Written, VmError> {
-    let io = |what: String| move |e: std::io::Error| VmError::Failed(format!("{what}: {e}"));
-    // A directory left by a crash holds nothing of value: the record that
-    // would own it was never committed or has been deleted.
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(io(format!("clearing {}", dir.display())))?;
-    }
-    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    r: &Resolved,
+) -> Result<(Vec<AttachedDisk>, Vec<SharedDir>), VmError> {
     let mut disks = vec![AttachedDisk {
         role: DiskRole::Private,
         name: "root".into(),
-        path: private_path.to_path_buf(),
-        format: private_format,
+        path: r.private_path.clone(),
+        format: r.private_format,
         read_only: false,
     }];
     let mut shared_dirs = Vec::new();
-    for (i, (rec, sm)) in shared.iter().enumerate() {
+    for (i, (rec, sm)) in r.shared.iter().enumerate() {
         let path = store
             .partition_path(&rec.id)
             .map_err(|e| VmError::NotFound(e.to_string()))?
@@ -333,10 +351,76 @@ fn write_vm(
         }
     }
     for d in &spec.disks {
-        let (file, format) = match d.format {
-            crate::spec::DiskFormat::Qcow2 => (format!("data-{}.qcow2", d.name), DiskFormat::Qcow2),
-            crate::spec::DiskFormat::Raw => (format!("data-{}.raw", d.name), DiskFormat::Raw),
-        };
+        let (file, format) = data_file(d);
+        disks.push(AttachedDisk {
+            role: DiskRole::Data,
+            name: d.name.clone(),
+            path: dir.join(&file),
+            format,
+            read_only: false,
+        });
+    }
+    disks.push(AttachedDisk {
+        role: DiskRole::Seed,
+        name: "seed".into(),
+        path: dir.join("seed.iso"),
+        format: DiskFormat::Raw,
+        read_only: true,
+    });
+    Ok((disks, shared_dirs))
+}
+
+/// Renders the hypervisor's configuration and writes it beside, then over,
+/// the one in `dir`. Returns its file name, text and the disks as
+/// `role:name`.
+fn render_config(
+    spec: &VmSpec,
+    dir: &Path,
+    disks: Vec<AttachedDisk>,
+    shared_dirs: Vec<SharedDir>,
+    boot: &BootFiles,
+) -> Result<Written, VmError> {
+    let io = |what: String| move |e: std::io::Error| VmError::Failed(format!("{what}: {e}"));
+    let input = RenderInput {
+        spec,
+        uuid: uuid_of(&spec.name),
+        disks: disks.clone(),
+        shared_dirs,
+        kernel: boot.kernel.clone(),
+        initrd: boot.initrd.clone(),
+        firmware: boot.firmware.clone(),
+        serial_log: Some(dir.join("serial.log")),
+    };
+    let rendered = render(&input).map_err(|e| VmError::Spec(e.to_string()))?;
+    let temp = dir.join(format!("{}.new", rendered.file_name));
+    std::fs::write(&temp, &rendered.text).map_err(io(format!("writing {}", temp.display())))?;
+    std::fs::rename(&temp, dir.join(rendered.file_name))
+        .map_err(io(format!("writing {}", rendered.file_name)))?;
+    let names = disks
+        .iter()
+        .map(|d| {
+            let role = match d.role {
+                DiskRole::Private => "root",
+                DiskRole::Shared => "shared",
+                DiskRole::Data => "data",
+                DiskRole::Seed => "seed",
+            };
+            format!("{role}:{}", d.name)
+        })
+        .collect();
+    Ok((rendered.file_name.to_string(), rendered.text, names))
+}
+
+fn write_vm(store: &Store, spec: &VmSpec, dir: &Path, r: &Resolved) -> Result<Written, VmError> {
+    let io = |what: String| move |e: std::io::Error| VmError::Failed(format!("{what}: {e}"));
+    // A directory left by a crash holds nothing of value: the record that
+    // would own it was never committed or has been deleted.
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(io(format!("clearing {}", dir.display())))?;
+    }
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    for d in &spec.disks {
+        let (file, format) = data_file(d);
         let path = dir.join(&file);
         let bytes = d.size_gib.saturating_mul(1 << 30);
         match format {
@@ -359,50 +443,39 @@ fn write_vm(
                 }
             }
         }
-        disks.push(AttachedDisk {
-            role: DiskRole::Data,
-            name: d.name.clone(),
-            path,
-            format,
-            read_only: false,
-        });
     }
     let seed = seed_files(&seed_input(spec)).map_err(|e| VmError::Spec(e.to_string()))?;
-    let seed_path = dir.join("seed.iso");
-    write_seed_iso(&seed, &seed_path).map_err(|e| VmError::Failed(e.to_string()))?;
-    disks.push(AttachedDisk {
-        role: DiskRole::Seed,
-        name: "seed".into(),
-        path: seed_path,
-        format: DiskFormat::Raw,
-        read_only: true,
-    });
-    let input = RenderInput {
-        spec,
-        uuid: uuid_of(&spec.name),
-        disks: disks.clone(),
-        shared_dirs,
-        kernel: boot.kernel,
-        initrd: boot.initrd,
-        firmware: boot.firmware,
-        serial_log: Some(dir.join("serial.log")),
-    };
-    let rendered = render(&input).map_err(|e| VmError::Spec(e.to_string()))?;
-    std::fs::write(dir.join(rendered.file_name), &rendered.text)
-        .map_err(io(format!("writing {}", rendered.file_name)))?;
-    let names = disks
-        .iter()
-        .map(|d| {
-            let role = match d.role {
-                DiskRole::Private => "root",
-                DiskRole::Shared => "shared",
-                DiskRole::Data => "data",
-                DiskRole::Seed => "seed",
-            };
-            format!("{role}:{}", d.name)
-        })
-        .collect();
-    Ok((rendered.file_name.to_string(), rendered.text, names))
+    write_seed_iso(&seed, &dir.join("seed.iso")).map_err(|e| VmError::Failed(e.to_string()))?;
+    let (disks, shared_dirs) = attachments(store, spec, dir, r)?;
+    render_config(spec, dir, disks, shared_dirs, &r.boot)
+}
+
+/// Writes VM `name`'s hypervisor configuration again from its recorded
+/// spec and the partitions its private partition's manifest names (after
+/// a repack moved it onto other shared partitions). Nothing else of the VM
+/// changes.
+pub fn rerender(store: &Store, name: &str) -> Result<(), VmError> {
+    let private = store
+        .partitions_of_vm(name)
+        .map_err(|e| VmError::Failed(e.to_string()))?
+        .into_iter()
+        .find(|p| p.role == "private")
+        .ok_or_else(|| VmError::NotFound(format!("VM {name:?} has no private partition")))?;
+    rerender_on(store, name, &private)
+}
+
+/// [`rerender`] with `private` as the VM's private partition record (its
+/// manifest possibly newer than the one on record).
+pub fn rerender_on(store: &Store, name: &str, private: &PartitionRecord) -> Result<(), VmError> {
+    let rec = store
+        .vm(name)
+        .map_err(|e| VmError::Failed(e.to_string()))?
+        .ok_or_else(|| VmError::NotFound(format!("no VM {name:?} on this node")))?;
+    let spec = parse_spec(&rec.spec).map_err(|e| VmError::Failed(format!("recorded spec: {e}")))?;
+    let resolved = resolve(store, &spec, private)?;
+    let dir = vm_dir(store, &spec.name);
+    let (disks, shared_dirs) = attachments(store, &spec, &dir, &resolved)?;
+    render_config(&spec, &dir, disks, shared_dirs, &resolved.boot).map(|_| ())
 }
 
 /// Deletes a VM: its directory, its record and reservations, and every

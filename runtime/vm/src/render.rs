@@ -485,7 +485,10 @@ fn plan<'a>(input: &'a RenderInput<'a>) -> Result<Plan<'a>, RenderError> {
             ));
         }
         if shared_dirs.iter().any(|d: &SharedDirPlan| d.tag == tag) {
-            return Err(RenderError::field(format!("{f}.tag"), format!("{tag:?} is exported twice")));
+            return Err(RenderError::field(
+                format!("{f}.tag"),
+                format!("{tag:?} is exported twice"),
+            ));
         }
         shared_dirs.push(SharedDirPlan {
             path: host_path(&sd.path, &format!("{f}.path"))?,

@@ -22,6 +22,12 @@
 //! Images are imported once, in a first run with one VM per root (its
 //! `fetch-images` phase is the import); every N after that finds them in the
 //! store. The node is emptied (every VM deleted) between runs.
+//!
+//! Then (`MODE=both`, the default, or `MODE=alone`) `ALONE` VMs (32) arrive
+//! one request each, in the order of the roots (web, api, db, web, …), as
+//! hosting customers order them: the time of each request, the bytes on
+//! disk after it against the single request of as many VMs and against
+//! qcow2, then every other VM is deleted. `MODE=single` skips it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -104,15 +110,20 @@ fn spec(name: &str, root: &Path) -> Value {
            "nics": [{"bridge": "br0", "dhcp4": true}]})
 }
 
-/// One provisioning of `n` VMs: (phase → seconds, total seconds, report, peak RSS KiB).
-async fn provision(
-    c: &Client,
-    pid: u32,
-    roots: &[PathBuf],
-    n: usize,
-) -> Result<(BTreeMap<String, f64>, f64, Value, u64)> {
+/// What one provisioning took: phase → seconds, total seconds, the
+/// report, the daemon's peak RSS in KiB.
+type Provisioned = (BTreeMap<String, f64>, f64, Value, u64);
+
+/// One provisioning of `n` VMs, `vm-0`… drawn in turn from `roots`.
+async fn provision(c: &Client, pid: u32, roots: &[PathBuf], n: usize) -> Result<Provisioned> {
     let vms: Vec<Value> =
         (0..n).zip(roots.iter().cycle()).map(|(i, root)| spec(&format!("vm-{i}"), root)).collect();
+    provision_specs(c, pid, vms).await
+}
+
+/// One provisioning of the VMs `vms` describes.
+async fn provision_specs(c: &Client, pid: u32, vms: Vec<Value>) -> Result<Provisioned> {
+    let n = vms.len();
     let request = json!({"plugin": "shared-partition", "vms": vms,
                          "params": {"shared-format": "erofs", "private-format": "ext4"}});
     let stop = Arc::new(AtomicBool::new(false));
@@ -150,6 +161,89 @@ async fn empty(c: &Client, n: usize) -> Result<()> {
         c.delete(&format!("/v1/vms/vm-{i}")).await?;
     }
     Ok(())
+}
+
+/// Bytes provd holds for its VMs: partitions, seeds and configurations.
+fn node_bytes(data: &Path) -> Result<u64> {
+    Ok(allocated(&data.join("partitions"))? + allocated(&data.join("vms"))?)
+}
+
+/// `n` VMs arriving one request each, drawn in turn from `roots` (web,
+/// api, db, web, …): the time of each request and the bytes on disk after
+/// it; then every other VM deleted. Returns the bytes after the last
+/// request.
+async fn one_at_a_time(
+    c: &Client,
+    pid: u32,
+    data: &Path,
+    roots: &[PathBuf],
+    n: usize,
+    single_bytes: Option<u64>,
+    qcow2: u64,
+) -> Result<u64> {
+    println!(
+        "
+{n} VMs, one request each (roots in turn):"
+    );
+    println!(
+        "{:>8} {:>9} {:>8} {:>9} {:>11} {:>11} {:>9}",
+        "request", "total s", "plan s", "shared s", "stored MiB", "node MiB", "RSS MiB"
+    );
+    let mut times = Vec::with_capacity(n);
+    let mut bytes = 0;
+    for (i, root) in (0..n).zip(roots.iter().cycle()) {
+        let (phases, total, report, peak) =
+            provision_specs(c, pid, vec![spec(&format!("vm-{i}"), root)]).await?;
+        times.push(total);
+        bytes = node_bytes(data)?;
+        let stored =
+            report.pointer("/output/totals/stored_bytes").and_then(Value::as_u64).unwrap_or(0);
+        if i < 4 || (i + 1).is_power_of_two() || i + 1 == n {
+            println!(
+                "{:>8} {:>9.2} {:>8.2} {:>9.2} {:>11.1} {:>11.1} {:>9.1}",
+                i + 1,
+                total,
+                phases.get("plan").copied().unwrap_or(0.0),
+                phases.get("shared-partition").copied().unwrap_or(0.0),
+                mib(stored),
+                mib(bytes),
+                peak as f64 / 1024.0
+            );
+        }
+    }
+    let (second, last) =
+        (times.get(1).copied().unwrap_or(0.0), times.last().copied().unwrap_or(0.0));
+    let rest: Vec<f64> = times.iter().skip(roots.len()).copied().collect();
+    let mean = rest.iter().sum::<f64>() / rest.len().max(1) as f64;
+    println!(
+        "request {n} took {last:.2} s, request 2 {second:.2} s (ratio {:.2}); \
+         requests {}..{n}: mean {mean:.2} s",
+        last / second.max(f64::MIN_POSITIVE),
+        roots.len() + 1
+    );
+    print!("on disk after {n} requests: {:.1} MiB", mib(bytes));
+    if let Some(single) = single_bytes {
+        print!(
+            ", {:.3}x the single request of {n} VMs ({:.1} MiB)",
+            bytes as f64 / single as f64,
+            mib(single)
+        );
+    }
+    println!(", {:.3}x qcow2 base + overlays ({:.1} MiB)", bytes as f64 / qcow2 as f64, mib(qcow2));
+    let t = Instant::now();
+    for i in (1..n).step_by(2) {
+        c.delete(&format!("/v1/vms/vm-{i}")).await?;
+    }
+    println!(
+        "every other VM deleted ({:.2} s): {:.1} MiB on disk for the {} left",
+        t.elapsed().as_secs_f64(),
+        mib(node_bytes(data)?),
+        n.div_ceil(2)
+    );
+    for i in (0..n).step_by(2) {
+        c.delete(&format!("/v1/vms/vm-{i}")).await?;
+    }
+    Ok(bytes)
 }
 
 #[tokio::main]
@@ -241,7 +335,9 @@ async fn main() -> Result<()> {
         "ratio",
         "RSS MiB"
     );
-    for &n in &counts {
+    let mode = std::env::var("MODE").unwrap_or_else(|_| "both".into());
+    let mut single_bytes = BTreeMap::new();
+    for &n in counts.iter().filter(|_| mode != "alone") {
         let (phases, total, report, peak) = provision(&c, pid, &roots, n).await?;
         let t = |p: &str| phases.get(p).copied().unwrap_or(0.0);
         let shared = report
@@ -254,6 +350,7 @@ async fn main() -> Result<()> {
             .unwrap_or(0);
         let seeds = allocated(&node.data.join("vms"))?;
         let provd_bytes = shared + private + seeds;
+        single_bytes.insert(n, node_bytes(&node.data)?);
         let used: Vec<&Peer> = peer.iter().cycle().take(n).collect();
         let naive: u64 = used.iter().map(|p| p.naive).sum();
         let naive_secs: f64 = used.iter().map(|p| p.naive_secs).sum();
@@ -282,6 +379,13 @@ async fn main() -> Result<()> {
         "\n* naive s: the measured mke2fs time of each VM's root, summed over the VMs \
          (a full image per VM is made per VM)."
     );
+    if mode != "single" {
+        let n = std::env::var("ALONE").ok().and_then(|v| v.parse().ok()).unwrap_or(32usize);
+        let used: Vec<&Peer> = peer.iter().cycle().take(n).collect();
+        let qcow2 = peer.iter().take(n.min(peer.len())).map(|p| p.base).sum::<u64>()
+            + used.iter().map(|p| p.overlay).sum::<u64>();
+        one_at_a_time(&c, pid, &node.data, &roots, n, single_bytes.get(&n).copied(), qcow2).await?;
+    }
     println!("daemon RSS at the end: {:.1} MiB", rss_kib(pid) as f64 / 1024.0);
     Ok(())
 }

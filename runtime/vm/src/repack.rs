@@ -1,0 +1,174 @@
+//! Repacking the node's layers and moving stopped VMs onto them.
+//!
+//! [`repack`] plans one new shared partition for the layers a set of VMs
+//! stack, cut to what they see (`provd_partitions::repack`), builds it,
+//! then moves each VM: its new stack is recorded as pending (both stacks
+//! now keep their partitions), the boot files of its private partition are
+//! rewritten on a copy renamed over it, its hypervisor configuration is
+//! written again, and the pending stack becomes its stack, which frees the
+//! shared partitions no stack names any more. A crash at any step leaves
+//! a pending stack that [`recover`] settles at the next start from what the
+//! private partition itself carries: no VM loses a layer it boots from and
+//! no partition is left that nothing uses.
+//!
+//! provd does not run the VMs, so it cannot tell whether one is running:
+//! the caller names the VMs that are stopped (rewriting the partition of a
+//! running VM would change its disk under it).
+
+use provd_partitions::repack::{carried_manifest, moved_manifest, plan_repack, rewrite_boot_files};
+use provd_partitions::{BuildOptions, SharedFormat};
+use provd_store::{PartitionRecord, Store};
+
+use crate::node::{VmError, rerender_on};
+
+/// What a repack did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Repacked {
+    /// The new shared partition (none when no VM could be moved).
+    pub partition: Option<PartitionRecord>,
+    pub moved: Vec<String>,
+    /// VMs left where they are, with the reason.
+    pub skipped: Vec<(String, String)>,
+    /// VMs whose move failed, with the error; they keep their stack.
+    pub failed: Vec<(String, String)>,
+    /// Shared partitions freed (no stack names them any more).
+    pub freed: Vec<String>,
+    /// Bytes of the node's shared partitions before and after.
+    pub shared_bytes_before: u64,
+    pub shared_bytes_after: u64,
+}
+
+fn shared_bytes(store: &Store) -> Result<u64, VmError> {
+    Ok(store
+        .partitions()
+        .map_err(|e| VmError::Failed(e.to_string()))?
+        .iter()
+        .filter(|p| p.role == "shared")
+        .map(|p| p.bytes)
+        .sum())
+}
+
+fn failed(e: impl std::fmt::Display) -> VmError {
+    VmError::Failed(e.to_string())
+}
+
+/// Repacks the layers of the stopped VMs `vms` (every VM with a private
+/// partition when `None`) into one new shared partition in `format` and
+/// moves them onto it.
+pub fn repack(
+    store: &Store,
+    vms: Option<&[String]>,
+    format: SharedFormat,
+    opts: &BuildOptions,
+) -> Result<Repacked, VmError> {
+    let mut out = Repacked { shared_bytes_before: shared_bytes(store)?, ..Repacked::default() };
+    let planned = plan_repack(store, vms).map_err(failed)?;
+    out.skipped = planned.skipped.clone();
+    if planned.moves.is_empty() || planned.plan.layers.is_empty() {
+        out.shared_bytes_after = out.shared_bytes_before;
+        return Ok(out);
+    }
+    let shared = provd_partitions::build_shared(store, &planned.plan, &planned.vms, format, opts)
+        .map_err(failed)?;
+    for mv in &planned.moves {
+        match move_vm(store, mv, &planned.plan, &shared, opts) {
+            Ok(freed) => {
+                out.moved.push(mv.vm.clone());
+                out.freed.extend(freed.into_iter().map(|p| p.id));
+            }
+            Err(e) => out.failed.push((mv.vm.clone(), e.to_string())),
+        }
+    }
+    if out.moved.is_empty() {
+        // Nothing stacks it: it goes.
+        store.remove_partition(&shared.id).map_err(failed)?;
+    } else {
+        out.partition = store.partition(&shared.id).map_err(failed)?;
+    }
+    out.shared_bytes_after = shared_bytes(store)?;
+    Ok(out)
+}
+
+/// Moves one VM onto `shared`; returns the shared partitions freed.
+fn move_vm(
+    store: &Store,
+    mv: &provd_partitions::repack::Move,
+    plan: &provd_dedup::Plan,
+    shared: &PartitionRecord,
+    opts: &BuildOptions,
+) -> Result<Vec<PartitionRecord>, VmError> {
+    let (manifest, rows) = moved_manifest(mv, plan, shared).map_err(failed)?;
+    let json = serde_json::to_string_pretty(&manifest).map_err(failed)?;
+    store.begin_restack(&mv.private.id, &rows).map_err(failed)?;
+    let bytes = match rewrite_boot_files(store, &mv.private, &manifest, opts) {
+        Ok(b) => b,
+        Err(e) => {
+            // The partition was not touched: its old stack stands.
+            let _ = store.abort_restack(&mv.private.id);
+            return Err(failed(e));
+        }
+    };
+    // From here the partition boots from the new stack; a failure leaves
+    // the stack pending for `recover` to finish.
+    finish(store, &mv.vm, &mv.private, &json, bytes)
+}
+
+/// Writes the VM's configuration for its rewritten partition, then makes
+/// the pending stack its stack: only then are the old shared partitions
+/// deleted, once nothing names them.
+fn finish(
+    store: &Store,
+    vm: &str,
+    private: &PartitionRecord,
+    manifest: &str,
+    bytes: u64,
+) -> Result<Vec<PartitionRecord>, VmError> {
+    let now = PartitionRecord { manifest: manifest.to_string(), ..private.clone() };
+    // Partitions built without a VM configured on them (`provctl partition
+    // build`) have no configuration to write.
+    if store.vm(vm).map_err(failed)?.is_some() {
+        rerender_on(store, vm, &now)?;
+    }
+    store.finish_restack(&private.id, manifest, bytes).map_err(failed)
+}
+
+/// Settles the moves a crash interrupted: a private partition whose boot
+/// files already carry its pending stack keeps it (its configuration is
+/// written again); any other drops it. Returns how many were settled.
+pub fn recover(store: &Store) -> Result<usize, VmError> {
+    let pending = store.pending_restacks().map_err(failed)?;
+    for (private, stack) in &pending {
+        let Some(rec) = store.partition(private).map_err(failed)? else { continue };
+        let carried = carried_manifest(store, &rec).ok();
+        let carries_new = carried.as_ref().is_some_and(|m| {
+            let named: Vec<(String, String)> = m
+                .stack
+                .iter()
+                .map(|i| {
+                    let p = m.shared.get(i.shared).map(|s| s.partition.clone()).unwrap_or_default();
+                    (p, i.layer.clone())
+                })
+                .collect();
+            let pending: Vec<(String, String)> =
+                stack.iter().map(|s| (s.shared.clone(), s.layer.clone())).collect();
+            named == pending
+        });
+        match (carries_new, carried) {
+            (true, Some(m)) => {
+                let json = serde_json::to_string_pretty(&m).map_err(failed)?;
+                let image = store.partition_path(&rec.id).map_err(failed)?.join(&rec.file);
+                let bytes = std::fs::metadata(&image)
+                    .map(|md| std::os::unix::fs::MetadataExt::blocks(&md) * 512)
+                    .unwrap_or(rec.bytes);
+                let vm = rec.vms.first().cloned().unwrap_or_default();
+                finish(store, &vm, &rec, &json, bytes)?;
+                tracing::info!(partition = %rec.id, vm, "finished a repack move a crash interrupted");
+            }
+            _ => {
+                store.abort_restack(&rec.id).map_err(failed)?;
+                tracing::info!(partition = %rec.id, "dropped a repack move a crash interrupted");
+            }
+        }
+    }
+    Ok(pending.len())
+}
