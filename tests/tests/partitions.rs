@@ -978,3 +978,67 @@ async fn a_repack_packs_the_layers_in_use_into_one_partition_and_every_vm_sees_t
     }
     b.assert_no_partitions();
 }
+
+/// A repack stopped at each of its steps (as a crash would leave it) is
+/// settled at the next start: every VM boots from a complete stack it
+/// carries, and no shared partition is left that nothing names.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repack_interrupted_at_any_step_is_settled_at_the_next_start() {
+    use provd_partitions::repack::{moved_manifest, plan_repack, rewrite_boot_files};
+    let b = prepared().await;
+    let (web, db) = (b.vms[0].image.clone(), b.vms[1].image.clone());
+    for (i, image) in [&web, &db, &web].into_iter().enumerate() {
+        one_vm_request(&b, &format!("vm-{i}"), image);
+    }
+    b.store().release_vm("vm-0").unwrap();
+    let shared_ids = |store: &Store| -> Vec<String> {
+        let mut ids: Vec<String> = store
+            .partitions()
+            .unwrap()
+            .into_iter()
+            .filter(|p| p.role == "shared")
+            .map(|p| p.id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let before = shared_ids(b.store());
+    let all_exact = |b: &Built| {
+        for vm in ["vm-1", "vm-2"] {
+            let report = verify_vm(b.store(), vm, &opts()).unwrap();
+            assert!(report.is_exact(), "{vm}: {:#?}", report.mismatches);
+        }
+    };
+    for step in 0..3 {
+        let planned = plan_repack(b.store(), None).unwrap();
+        assert_eq!(planned.moves.len(), 2);
+        let shared =
+            build_shared(b.store(), &planned.plan, &planned.vms, SharedFormat::Erofs, &opts())
+                .unwrap();
+        let mv = &planned.moves[0];
+        let (manifest, rows) = moved_manifest(mv, &planned.plan, &shared).unwrap();
+        if step >= 1 {
+            b.store().begin_restack(&mv.private.id, &rows).unwrap();
+        }
+        if step >= 2 {
+            rewrite_boot_files(b.store(), &mv.private, &manifest, &opts()).unwrap();
+        }
+        // The next start: moves settled, unused shared partitions freed.
+        provd_vm::repack::recover(b.store()).unwrap();
+        b.store().free_unused_shared().unwrap();
+        all_exact(&b);
+        assert!(b.store().pending_restacks().unwrap().is_empty());
+        let now = shared_ids(b.store());
+        if step < 2 {
+            assert_eq!(now, before, "step {step}: the new partition is gone, nothing moved");
+        } else {
+            assert!(now.contains(&shared.id), "step {step}: {} carries it", mv.vm);
+            assert_eq!(b.store().stack_of(&mv.private.id).unwrap()[0].shared, shared.id);
+        }
+    }
+    // A full repack then leaves one shared partition.
+    let done = provd_vm::repack::repack(b.store(), None, SharedFormat::Erofs, &opts()).unwrap();
+    assert_eq!(done.moved.len(), 2, "{done:#?}");
+    assert_eq!(shared_ids(b.store()).len(), 1);
+    all_exact(&b);
+}

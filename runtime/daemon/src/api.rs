@@ -126,6 +126,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/vms/{name}", delete(delete_vm))
         .route("/v1/images", get(list_images))
         .route("/v1/audit", get(audit))
+        .route("/v1/repack", post(repack))
         .fallback(|| async {
             ApiError::not_found("no such endpoint; the API is under /v1 (docs/api.md)")
         })
@@ -825,7 +826,7 @@ async fn delete_vm_now(s: AppState, peer: Peer, name: String) -> ApiResult {
         vms: vec![name.clone()],
         actor: peer.0.clone(),
     };
-    let rec = match s.ops.run_builtin(req).await {
+    let rec = match s.ops.run_builtin(req, crate::ops::Builtin::DeleteVms).await {
         Ok(rec) => rec,
         Err(StartError::Refused(OperationError::VmBusy { vm, operation })) => {
             return Err(ApiError::new(
@@ -841,6 +842,83 @@ async fn delete_vm_now(s: AppState, peer: Peer, name: String) -> ApiResult {
     }
     ok(StatusCode::OK, json!({"deleted": name, "operation": operation_json(&rec, None)}))
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RepackRequest {
+    /// The stopped VMs to move; every VM on the node when absent.
+    vms: Option<Vec<String>>,
+    /// The new shared partition's format (`erofs` by default).
+    shared_format: Option<String>,
+}
+
+async fn repack(
+    State(s): State<AppState>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    body: Result<axum::Json<RepackRequest>, JsonRejection>,
+) -> ApiResult {
+    let axum::Json(req) = body?;
+    detached(repack_now(s, peer, req)).await
+}
+
+async fn repack_now(s: AppState, peer: Peer, req: RepackRequest) -> ApiResult {
+    let format =
+        provd_partitions::SharedFormat::parse(req.shared_format.as_deref().unwrap_or("erofs"))
+            .map_err(|e| ApiError::bad("invalid-request", format!("shared-format: {e}")))?;
+    let names = match req.vms {
+        Some(names) => {
+            for (i, n) in names.iter().enumerate() {
+                provd_vm::spec::check_dns_label(n).map_err(|e| {
+                    ApiError::bad("invalid-request", format!("vms[{i}]: {n:?}: {e}"))
+                })?;
+            }
+            names
+        }
+        None => {
+            let store = s.store.clone();
+            blocking(move || store.vms())
+                .await?
+                .map_err(ApiError::internal)?
+                .into_iter()
+                .map(|v| v.name)
+                .collect()
+        }
+    };
+    if names.len() > MAX_REPACK_VMS {
+        return Err(ApiError::bad(
+            "invalid-request",
+            format!("vms: {} VMs; one repack moves at most {MAX_REPACK_VMS}", names.len()),
+        ));
+    }
+    let req = StartRequest {
+        plugin: crate::ops::BUILTIN.into(),
+        version: None,
+        input: json!({"repack": names, "shared-format": format.as_str()}).to_string(),
+        request_digest: String::new(),
+        idempotency_key: None,
+        vms: names,
+        actor: peer.0.clone(),
+    };
+    let rec = match s.ops.run_builtin(req, crate::ops::Builtin::Repack { format }).await {
+        Ok(rec) => rec,
+        Err(StartError::Refused(OperationError::VmBusy { vm, operation })) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "vm-busy",
+                format!("VM {vm:?} is in operation {operation}, which is still running"),
+            ));
+        }
+        Err(e) => return Err(ApiError::internal(e)),
+    };
+    let report: Value =
+        rec.report.as_deref().and_then(|r| serde_json::from_str(r).ok()).unwrap_or(Value::Null);
+    let status =
+        if rec.state == OpState::Succeeded { StatusCode::OK } else { StatusCode::CONFLICT };
+    ok(status, json!({"repack": report, "operation": operation_json(&rec, None)}))
+}
+
+/// VMs one repack moves at most (each is a partition rewrite).
+const MAX_REPACK_VMS: usize = 4096;
 
 async fn list_images(State(s): State<AppState>) -> ApiResult {
     let store = s.store.clone();

@@ -54,6 +54,16 @@ const PRUNE_EVERY: u64 = 64;
 /// The plugin name of provd's own operations.
 pub const BUILTIN: &str = "provd";
 
+/// What a built-in operation does with the VMs it holds.
+#[derive(Debug, Clone, Copy)]
+pub enum Builtin {
+    /// Deletes them.
+    DeleteVms,
+    /// Moves them (stopped) onto one new shared partition of the layers
+    /// they use.
+    Repack { format: provd_partitions::SharedFormat },
+}
+
 /// Host calls recorded one audit row each; every other call is folded into
 /// one row per (function, outcome) with a count, because plugins make
 /// them by the thousand (hashing, paging, logging, progress).
@@ -463,7 +473,14 @@ impl Operations {
 
     /// Runs one of provd's own operations (deleting a VM) to the end,
     /// under the same record, name exclusion and audit as a plugin's.
-    pub async fn run_builtin(&self, req: StartRequest) -> Result<OperationRecord, StartError> {
+    /// Runs a built-in operation: it holds the names of `req.vms` (so no
+    /// provisioning or deletion of them runs meanwhile) and is recorded
+    /// and audited like any operation.
+    pub async fn run_builtin(
+        &self,
+        req: StartRequest,
+        action: Builtin,
+    ) -> Result<OperationRecord, StartError> {
         let new = NewOperation {
             id: new_id(),
             idempotency_key: None,
@@ -480,30 +497,59 @@ impl Operations {
         let names = req.vms.clone();
         let done = tokio::task::spawn_blocking(move || {
             store.start_operation(&new, &[])?;
-            let mut result = Ok(());
-            for name in &names {
-                if let Err(e) = provd_vm::node::delete(&store, name) {
-                    result = Err(e.to_string());
-                    break;
-                }
-            }
+            let (function, result, report): (&str, Result<(), (&str, String)>, Option<String>) =
+                match action {
+                    Builtin::DeleteVms => {
+                        let mut result = Ok(());
+                        for name in &names {
+                            if let Err(e) = provd_vm::node::delete(&store, name) {
+                                result = Err(("delete-failed", e.to_string()));
+                                break;
+                            }
+                        }
+                        ("delete-vm", result, None)
+                    }
+                    Builtin::Repack { format } => {
+                        let opts = provd_partitions::BuildOptions {
+                            operation: Some(id.clone()),
+                            ..provd_partitions::BuildOptions::default()
+                        };
+                        match provd_vm::repack::repack(&store, Some(&names), format, &opts) {
+                            Ok(done) => {
+                                let report = serde_json::to_string(&done).ok();
+                                let result = if done.failed.is_empty() {
+                                    Ok(())
+                                } else {
+                                    let failed: Vec<String> = done
+                                        .failed
+                                        .iter()
+                                        .map(|(vm, e)| format!("{vm}: {e}"))
+                                        .collect();
+                                    Err(("repack-incomplete", failed.join("; ")))
+                                };
+                                ("repack", result, report)
+                            }
+                            Err(e) => ("repack", Err(("repack-failed", e.to_string())), None),
+                        }
+                    }
+                };
             let (state, error) = match &result {
                 Ok(()) => (OpState::Succeeded, None),
-                Err(m) => (OpState::Failed, Some(("delete-failed", m.as_str()))),
+                Err((code, m)) => (OpState::Failed, Some((*code, m.as_str()))),
             };
             let row = NewAudit {
                 actor,
                 kind: "operation".into(),
                 plugin: Some(BUILTIN.into()),
                 operation: Some(id.clone()),
-                function: Some("delete-vm".into()),
+                function: Some(function.into()),
                 args: Some(names.join(" ")),
                 outcome: state.as_str().into(),
-                detail: result.as_ref().err().cloned(),
+                detail: result.as_ref().err().map(|(_, m)| m.clone()),
                 count: 1,
                 ..NewAudit::default()
             };
-            store.finish_operation(&id, state, None, error, None, &[row])?;
+            store.finish_operation(&id, state, report.as_deref(), error, None, &[row])?;
             store
                 .operation(&id)?
                 .ok_or_else(|| OperationError::Store(provd_store::StoreError::NotFound(id)))
@@ -616,7 +662,11 @@ pub fn roll_back(store: &Store, id: &str) -> (usize, usize) {
             // a stack names one of its layers.
             recs.sort_by_key(|r| (r.role == "shared", std::cmp::Reverse(r.created_at)));
             for rec in recs {
-                if let Err(e) = store.remove_partition(&rec.id) {
+                if let Err(provd_store::StoreError::InUse(why)) = store.remove_partition(&rec.id) {
+                    // A repack's partition VMs were moved onto before the
+                    // crash: theirs now, it goes with the last of them.
+                    tracing::info!(operation = %id, partition = %rec.id, why, "rollback: partition kept");
+                } else if let Err(e) = store.remove_partition(&rec.id) {
                     tracing::error!(operation = %id, partition = %rec.id, error = %e, "rollback: cannot remove partition");
                 }
             }

@@ -47,6 +47,15 @@ pub async fn serve(
         tokio::task::spawn_blocking(move || Store::open(&data)).await??
     };
     let store = Arc::new(store);
+    // Repack moves a stop interrupted are settled first, from what each
+    // private partition carries; then interrupted operations roll back.
+    let settled = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || provd_vm::repack::recover(&store)).await??
+    };
+    if settled > 0 {
+        tracing::warn!(moves = settled, "settled repack moves interrupted by a stop");
+    }
     let recovered = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || Operations::recover(&store)).await??

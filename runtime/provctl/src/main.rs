@@ -113,6 +113,9 @@ enum PartitionCommand {
     },
     /// Release VMs' partitions, deleting those no VM uses any more.
     Rm(partition::RemoveArgs),
+    /// Pack the layers the (stopped) VMs use into one new shared partition,
+    /// move them onto it and free what nothing uses any more.
+    Repack(partition::RepackArgs),
     /// List the layers on the node's shared partitions, the VMs stacking
     /// each, and the bytes held by layers fewer than two VMs stack.
     Layers {
@@ -234,6 +237,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 PartitionCommand::Ls { json } => partition::list(json, &dir),
                 PartitionCommand::Rm(args) => partition::remove(args, &dir),
                 PartitionCommand::Layers { json } => partition::layers(json, &dir),
+                PartitionCommand::Repack(args) => partition::repack(args, &dir),
             }
         }
     }

@@ -248,6 +248,47 @@ pub fn list(json_out: bool, data_dir: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[derive(Args)]
+pub struct RepackArgs {
+    /// A stopped VM to move (repeat); every VM with a private partition
+    /// when absent.
+    #[arg(long = "vm", value_name = "NAME")]
+    vms: Vec<String>,
+    /// erofs, erofs-lz4, erofs-lz4hc, ext4 or dir.
+    #[arg(long, default_value = "erofs")]
+    shared_format: String,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn repack(args: RepackArgs, data_dir: &Path) -> Result<ExitCode> {
+    let store = open(data_dir)?;
+    let format = SharedFormat::parse(&args.shared_format)?;
+    let only = (!args.vms.is_empty()).then_some(args.vms.as_slice());
+    let started = std::time::Instant::now();
+    let done = provd_vm::repack::repack(&store, only, format, &BuildOptions::default())?;
+    let secs = started.elapsed().as_secs_f64();
+    if args.json {
+        println!("{:#}", json!({"repack": done, "seconds": secs}));
+    } else {
+        println!(
+            "moved {} VM(s) onto {} in {secs:.2} s, freed {} shared partition(s); shared partitions {:.1} MiB -> {:.1} MiB",
+            done.moved.len(),
+            done.partition.as_ref().map(|p| p.id.as_str()).unwrap_or("no new partition"),
+            done.freed.len(),
+            mib(done.shared_bytes_before),
+            mib(done.shared_bytes_after)
+        );
+        for (vm, why) in &done.skipped {
+            println!("skipped {vm}: {why}");
+        }
+        for (vm, why) in &done.failed {
+            println!("failed {vm}: {why}");
+        }
+    }
+    Ok(if done.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
 pub fn layers(json_out: bool, data_dir: &Path) -> Result<ExitCode> {
     let store = open(data_dir)?;
     let layers = store.layers(false)?;

@@ -101,6 +101,21 @@ pub enum RemoteCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Packs the layers the node's stopped VMs use into one new shared
+    /// partition (each layer cut to what they see), moves those VMs onto it
+    /// and frees the shared partitions nothing uses any more.
+    Repack {
+        /// A stopped VM to move (repeat); every VM of the node when absent.
+        /// provd rewrites the boot files of each VM's root disk: stop the
+        /// VMs first.
+        #[arg(long = "vm", value_name = "NAME")]
+        vms: Vec<String>,
+        /// erofs, erofs-lz4, erofs-lz4hc, ext4 or dir.
+        #[arg(long, default_value = "erofs")]
+        shared_format: String,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Lists the images of every node.
     Images {
         #[command(flatten)]
@@ -541,6 +556,46 @@ async fn run_command(command: RemoteCommand) -> Result<u8> {
                 }
                 if out.is_empty() {
                     out.push_str("no VMs\n");
+                }
+                out
+            });
+            exit_of(&results)
+        }
+        RemoteCommand::Repack { vms, shared_format, target } => {
+            let (nodes, tls) = load_target(&target)?;
+            let mut body = json!({"shared-format": shared_format});
+            if !vms.is_empty() {
+                body["vms"] = json!(vms);
+            }
+            let results = fan_out(&nodes, &tls, |c| {
+                let body = body.clone();
+                async move { ok_body(c.post_json("/v1/repack", &body).await) }
+            })
+            .await;
+            print(&results, target.json, |v| {
+                let r = at(v, "repack");
+                let count = |k: &str| r.get(k).and_then(Value::as_array).map(Vec::len).unwrap_or(0);
+                let mib = |k: &str| {
+                    r.get(k).and_then(Value::as_u64).unwrap_or(0) as f64 / f64::from(1 << 20)
+                };
+                let mut out = format!(
+                    "moved {} VM(s) onto {}, freed {} shared partition(s); shared partitions {:.1} MiB -> {:.1} MiB\n",
+                    count("moved"),
+                    r.pointer("/partition/id")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no new partition"),
+                    count("freed"),
+                    mib("shared_bytes_before"),
+                    mib("shared_bytes_after"),
+                );
+                for (what, key) in [("skipped", "skipped"), ("failed", "failed")] {
+                    for pair in r.get(key).and_then(Value::as_array).into_iter().flatten() {
+                        out.push_str(&format!(
+                            "{what} {}: {}\n",
+                            pair.get(0).and_then(Value::as_str).unwrap_or(""),
+                            pair.get(1).and_then(Value::as_str).unwrap_or("")
+                        ));
+                    }
                 }
                 out
             });
