@@ -365,3 +365,115 @@ async fn a_vm_that_does_not_fit_fails_the_request_and_nothing_of_it_stays() {
     let audit = c.get(&format!("/v1/audit?operation={id}&outcome=denied")).await.unwrap().body;
     assert_eq!(audit["audit"][0]["function"], "configure-all", "{audit}");
 }
+
+/// Hosting customers order VMs one at a time: each request shares what the
+/// node holds, VMs come and go, a repack packs what is in use, and every
+/// VM stays exactly its image.
+#[tokio::test(flavor = "multi_thread")]
+async fn vms_ordered_one_at_a_time_share_the_node_and_a_repack_keeps_every_vm_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    let base = [("usr/lib/libc.so.6", content(1, 300_000)), ("usr/bin/sh", content(2, 50_000))];
+    let own = [("web", 3u8, 40_000usize), ("api", 4, 60_000), ("db", 5, 80_000)];
+    for (name, seed, len) in own {
+        let root = images.join(name);
+        for (path, data) in base.iter().chain([&(
+            if name == "db" { "var/lib/db/engine" } else { "srv/app/app.bin" },
+            content(seed, len),
+        )]) {
+            let file = root.join(path);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(file, data).unwrap();
+        }
+    }
+    let extra =
+        format!("[policy]\nimage-sources = [\"dir:{}/**\"]\n{DEFAULT_EXTRA}", images.display());
+    let mut node = TestNode::start(Path::new(PROVD), &dir.path().join("node"), &extra).unwrap();
+    let (ca, cert, key) = node.tls();
+    let c = Client::new(&node.url, &TlsFiles { ca, cert: Some(cert), key: Some(key) }).unwrap();
+    let manifest = std::fs::read_to_string(SHARED_PARTITION.dir().join("plugin.toml")).unwrap();
+    c.deploy(node.bundle(&manifest, &SHARED_PARTITION.wasm())).await.unwrap();
+    let image = |name: &str| format!("dir:{}", images.join(name).display());
+    let base_bytes: u64 = 350_000;
+    // (VM, image, bytes it stores anew)
+    let order = [
+        ("web-1", "web", base_bytes + 40_000),
+        ("api-1", "api", 60_000),
+        ("db-1", "db", 80_000),
+        ("web-2", "web", 0),
+        ("api-2", "api", 0),
+        ("db-2", "db", 0),
+    ];
+    for (vm, img, stored) in order {
+        let request = json!({"plugin": "shared-partition", "vms": [spec(vm, &image(img))],
+                             "params": {"min-layer-bytes": 0}});
+        let id = c.provision(&request).await.unwrap().body["operation"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let done = c.wait(&id, |_| {}).await.unwrap();
+        assert_eq!(done["state"], "succeeded", "{vm}: {done:#}");
+        let totals = &done["report"]["output"]["totals"];
+        assert_eq!(totals["stored_bytes"], stored, "{vm}: {totals}");
+        let own = if img == "db" {
+            80_000
+        } else if img == "api" {
+            60_000
+        } else {
+            40_000
+        };
+        assert_eq!(totals["naive_bytes"], base_bytes + own, "{vm}");
+        assert_eq!(totals["node_layer_bytes"], base_bytes + own - stored, "{vm}");
+    }
+    // Three shared partitions (one per image's first VM); api's and db's
+    // first VMs hide web's own file under web's layer.
+    let partitions = |data: &Path| std::fs::read_dir(data.join("partitions")).unwrap().count();
+    assert_eq!(partitions(&node.data), 3 + 6);
+    let metrics = c.get_text("/metrics").await.unwrap();
+    assert!(metrics.contains("provd_layer_bytes{vms=\"2+\"}"), "{metrics}");
+
+    // VMs go; then the stopped rest is repacked onto one partition.
+    for vm in ["web-1", "api-1", "db-1"] {
+        c.delete(&format!("/v1/vms/{vm}")).await.unwrap();
+    }
+    let repacked = c.post_json("/v1/repack", &json!({})).await.unwrap();
+    assert_eq!(repacked.status, 200, "{:#}", repacked.body);
+    let r = &repacked.body["repack"];
+    assert_eq!(r["moved"], json!(["api-2", "db-2", "web-2"]), "{r:#}");
+    assert_eq!(r["skipped"], json!([]));
+    assert_eq!(r["freed"].as_array().unwrap().len(), 3, "{r:#}");
+    let new_partition = r["partition"]["id"].as_str().unwrap().to_string();
+    assert_eq!(partitions(&node.data), 1 + 3);
+    for vm in ["web-2", "api-2", "db-2"] {
+        let xml = node.data.join("vms").join(vm).join("domain.xml");
+        let text = std::fs::read_to_string(&xml).unwrap();
+        assert!(text.contains(&new_partition), "{vm} attaches the new partition");
+        let check = std::process::Command::new("virt-xml-validate")
+            .arg(&xml)
+            .arg("domain")
+            .output()
+            .unwrap();
+        assert!(check.status.success(), "{vm}: {}", String::from_utf8_lossy(&check.stderr));
+    }
+    let audit = c.get("/v1/audit?kind=operation&plugin=provd").await.unwrap().body;
+    assert!(
+        audit["audit"].as_array().unwrap().iter().any(|a| a["function"] == "repack"),
+        "{audit}"
+    );
+    // A VM arriving after the repack stores nothing either.
+    let request = json!({"plugin": "shared-partition", "vms": [spec("web-3", &image("web"))],
+                         "params": {"min-layer-bytes": 0}});
+    let id =
+        c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    let done = c.wait(&id, |_| {}).await.unwrap();
+    assert_eq!(done["report"]["output"]["totals"]["stored_bytes"], 0, "{done:#}");
+
+    assert!(node.terminate().unwrap().success());
+    let store = provd_store::Store::open(&node.data).unwrap();
+    for vm in ["web-2", "api-2", "db-2", "web-3"] {
+        let v = provd_partitions::verify_vm(&store, vm, &Default::default()).unwrap();
+        assert!(v.mismatches.is_empty(), "{vm}: {:?}", v.mismatches);
+        assert_eq!(v.shared, [new_partition.clone()], "{vm}");
+    }
+    assert_eq!(store.layer_usage().unwrap().unused_bytes, 0);
+}
