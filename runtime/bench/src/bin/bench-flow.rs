@@ -234,11 +234,28 @@ async fn one_at_a_time(
     for i in (1..n).step_by(2) {
         c.delete(&format!("/v1/vms/vm-{i}")).await?;
     }
+    let left = node_bytes(data)?;
     println!(
         "every other VM deleted ({:.2} s): {:.1} MiB on disk for the {} left",
         t.elapsed().as_secs_f64(),
-        mib(node_bytes(data)?),
+        mib(left),
         n.div_ceil(2)
+    );
+    let t = Instant::now();
+    let repacked = c.post_json("/v1/repack", &json!({})).await?;
+    let secs = t.elapsed().as_secs_f64();
+    let r = repacked.body.get("repack").cloned().unwrap_or_default();
+    let count = |k: &str| r.get(k).and_then(Value::as_array).map(Vec::len).unwrap_or(0);
+    println!(
+        "repack of the {} left: {secs:.2} s, {} moved, {} shared partitions freed; \
+         {:.1} MiB on disk ({:.3}x before the repack); shared partitions {:.1} -> {:.1} MiB",
+        n.div_ceil(2),
+        count("moved"),
+        count("freed"),
+        mib(node_bytes(data)?),
+        node_bytes(data)? as f64 / left as f64,
+        mib(r.get("shared_bytes_before").and_then(Value::as_u64).unwrap_or(0)),
+        mib(r.get("shared_bytes_after").and_then(Value::as_u64).unwrap_or(0)),
     );
     for i in (0..n).step_by(2) {
         c.delete(&format!("/v1/vms/vm-{i}")).await?;
