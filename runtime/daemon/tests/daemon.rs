@@ -461,6 +461,47 @@ async fn sigkill_in_the_middle_of_an_operation_is_rolled_back_at_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn sigkill_while_a_vm_stacks_another_vms_layer_loses_no_layer_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = node(dir.path(), "");
+    let c = client(&node);
+    let images = dir.path().join("images");
+    c.deploy(node.bundle(&imager("1.0.0", &images), &IMAGER.wasm())).await.unwrap();
+    let mut params = partitions_params(false);
+    params["node_layers"] = json!(true);
+    params["layer_unique_files"] = json!(true);
+    let first = json!({"plugin": "imager", "vms": [spec("web-1", &images.join("web"))],
+                       "params": params.clone()});
+    let a =
+        c.provision(&first).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    assert_eq!(c.wait(&a, |_| {}).await.unwrap()["state"], "succeeded");
+    let before = node_state(&c, &node.data).await.1;
+    assert_eq!(before, 2, "web-1's shared and private partitions");
+    // web-2 stacks web-1's layer; the node dies while it runs.
+    params["then_wait"] = json!(true);
+    let second = json!({"plugin": "imager", "vms": [spec("web-2", &images.join("web"))],
+                        "params": params});
+    let b =
+        c.provision(&second).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    wait_until(&c, &b, |op| op["phase"] == "waiting").await;
+    assert_eq!(node_state(&c, &node.data).await.1, 3, "web-2's private partition, no shared one");
+    node.kill();
+    node.restart().unwrap();
+    let c = client(&node);
+    let op = c.operation(&b, None).await.unwrap();
+    assert_eq!(op["error"]["code"], "interrupted", "{op}");
+    // web-2 is gone; web-1's layer stays, whole, and nothing else is left.
+    let (vms, partitions, _) = node_state(&c, &node.data).await;
+    assert_eq!((vms, partitions), (1, 2));
+    node.terminate();
+    let store = provd_store::Store::open(&node.data).unwrap();
+    let v = provd_partitions::verify_vm(&store, "web-1", &Default::default()).unwrap();
+    assert!(v.is_exact(), "{:?}", v.mismatches);
+    assert_eq!(store.layers(false).unwrap()[0].vms, ["web-1"]);
+    assert_eq!(std::fs::read_dir(node.data.join("staging")).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_upgrade_leaves_running_operations_on_their_version_and_an_operator_can_roll_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut node = node(dir.path(), "");

@@ -62,6 +62,12 @@ struct Input {
     /// report is a host call, where a cancel takes effect.
     #[serde(default)]
     then_wait: bool,
+    /// For `plan` and `partitions`: the policy's `node-layers` and
+    /// `layer-unique-files`.
+    #[serde(default)]
+    node_layers: bool,
+    #[serde(default)]
+    layer_unique_files: bool,
 }
 
 #[derive(Deserialize)]
@@ -115,8 +121,8 @@ fn fetch_and_plan(input: &Input) -> Result<dedup::Summary, Error> {
         min_layer_bytes: input.min_layer_bytes,
         max_layers_per_vm: input.max_layers,
         share_across_paths: false,
-        node_layers: false,
-        layer_unique_files: false,
+        node_layers: input.node_layers,
+        layer_unique_files: input.layer_unique_files,
     };
     dedup::plan(&pairs, policy)
 }
@@ -141,7 +147,7 @@ impl Plugin for Imager {
         if input.op == "partitions" {
             let plan = fetch_and_plan(&input)?;
             let pairs = input.pairs();
-            let shared = if plan.layers.is_empty() {
+            let shared = if plan.layers.iter().all(|l| l.partition.is_some()) {
                 None
             } else {
                 Some(partitions::create_shared(&plan.plan, &input.shared_format)?)
