@@ -473,7 +473,7 @@ async fn vms_ordered_one_at_a_time_share_the_node_and_a_repack_keeps_every_vm_ex
     for vm in ["web-2", "api-2", "db-2", "web-3"] {
         let v = provd_partitions::verify_vm(&store, vm, &Default::default()).unwrap();
         assert!(v.mismatches.is_empty(), "{vm}: {:?}", v.mismatches);
-        assert_eq!(v.shared, [new_partition.clone()], "{vm}");
+        assert_eq!(v.shared, std::slice::from_ref(&new_partition), "{vm}");
     }
     assert_eq!(store.layer_usage().unwrap().unused_bytes, 0);
 }

@@ -129,28 +129,17 @@ fn choose(image: &HashMap<&str, &Entry>, node: &[NodeLayer], policy: &Policy) ->
 /// Where the layers disagree both ways (a cycle), the rest follow in the
 /// order chosen, and the plan's private set overrides what ends up hidden.
 fn order(chosen: Vec<Candidate>) -> Vec<usize> {
-    let n = chosen.len();
-    // above[a] holds the layers that must lie above layer a.
-    let mut below_count = vec![0usize; n];
-    let mut above: Vec<Vec<usize>> = vec![Vec::new(); n];
-    for (a, ca) in chosen.iter().enumerate() {
-        for (b, cb) in chosen.iter().enumerate() {
-            if a != b && cb.gives.iter().any(|(p, _)| ca.differs.contains(p)) {
-                above[a].push(b);
-                below_count[b] += 1;
-            }
-        }
-    }
-    let mut placed = vec![false; n];
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let next = (0..n).find(|&i| !placed[i] && below_count[i] == 0);
-        let Some(i) = next.or_else(|| (0..n).find(|&i| !placed[i])) else { break };
-        placed[i] = true;
-        for &b in &above[i] {
-            below_count[b] = below_count[b].saturating_sub(1);
-        }
-        out.push(chosen[i].layer);
+    // Layers not placed yet, in the order chosen.
+    let mut left: Vec<Candidate> = chosen;
+    let mut out = Vec::with_capacity(left.len());
+    while !left.is_empty() {
+        // A layer may go next (lowest) when no layer left holds otherwise
+        // a path it holds as the image has it: such a layer must lie below.
+        let free = left.iter().position(|c| {
+            !left.iter().any(|other| c.gives.iter().any(|(p, _)| other.differs.contains(p)))
+        });
+        let c = left.remove(free.unwrap_or(0));
+        out.push(c.layer);
     }
     out
 }
@@ -191,8 +180,8 @@ pub fn plan_on_node(
             .cloned()
             .collect();
         for &i in &picked {
-            if !node_ids.contains_key(&i) {
-                node_ids.insert(i, format!("node-{}", node_order.len()));
+            if let std::collections::btree_map::Entry::Vacant(slot) = node_ids.entry(i) {
+                slot.insert(format!("node-{}", node_order.len()));
                 node_order.push(i);
             }
         }

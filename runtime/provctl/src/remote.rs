@@ -563,10 +563,11 @@ async fn run_command(command: RemoteCommand) -> Result<u8> {
         }
         RemoteCommand::Repack { vms, shared_format, target } => {
             let (nodes, tls) = load_target(&target)?;
-            let mut body = json!({"shared-format": shared_format});
-            if !vms.is_empty() {
-                body["vms"] = json!(vms);
-            }
+            let body = if vms.is_empty() {
+                json!({"shared-format": shared_format})
+            } else {
+                json!({"shared-format": shared_format, "vms": vms})
+            };
             let results = fan_out(&nodes, &tls, |c| {
                 let body = body.clone();
                 async move { ok_body(c.post_json("/v1/repack", &body).await) }
