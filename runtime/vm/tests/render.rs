@@ -1126,3 +1126,57 @@ fn render_input_must_agree_with_spec() {
     let e = render_err(&bad, |_| {});
     assert!(matches!(&e, RenderError::Spec(s) if s.mentions("vcpus")), "{e}");
 }
+
+/// The input with `n` disk-format shared partitions, given last first.
+fn with_shared_disks(mut input: RenderInput<'_>, n: usize) -> RenderInput<'_> {
+    input.disks.retain(|d| d.role != DiskRole::Shared);
+    for i in (0..n).rev() {
+        input.disks.push(AttachedDisk {
+            role: DiskRole::Shared,
+            name: format!("shared-{i}"),
+            path: format!("{PARTITIONS}/shared-{i}.erofs").into(),
+            format: DiskFormat::Raw,
+            read_only: true,
+        });
+    }
+    input
+}
+
+#[test]
+fn several_shared_partitions_are_attached_in_order_read_only_and_bounded() {
+    let web = load("web");
+    let input = with_shared_disks(fixed_input(&web), 3);
+    let xml = libvirt_xml(&input).unwrap();
+    let at = |s: &str| xml.find(s).unwrap_or_else(|| panic!("{s} not in {xml}"));
+    // Root first, then shared-0, shared-1, shared-2: the order the boot
+    // files list them.
+    assert!(at("private.ext4") < at("shared-0.erofs"));
+    assert!(
+        at("shared-0.erofs") < at("shared-1.erofs") && at("shared-1.erofs") < at("shared-2.erofs")
+    );
+    assert_eq!(xml.matches("<shareable/>").count(), 3);
+    assert!(at("<serial>shared-2</serial>") > 0);
+    let api = load("api");
+    let ch = cloud_hypervisor_json(&with_shared_disks(fixed_input(&api), 2)).unwrap();
+    let ids: Vec<&str> =
+        ch["disks"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(&ids[..3], ["root", "shared-0", "shared-1"]);
+    assert!(ch["disks"][1]["readonly"].as_bool().unwrap());
+    let edge = load("edge");
+    let fc = firecracker_json(&with_shared_disks(fixed_input(&edge), 2)).unwrap();
+    let drives: Vec<&str> =
+        fc["drives"].as_array().unwrap().iter().map(|d| d["drive_id"].as_str().unwrap()).collect();
+    assert_eq!(&drives[..3], ["root", "shared-0", "shared-1"]);
+    assert!(fc["drives"][2]["is_read_only"].as_bool().unwrap());
+    // Past the bound: refused, naming the input.
+    let e = render_err(&web, |i| *i = with_shared_disks(i.clone(), 9));
+    assert_eq!(field_of(&e), "input.disks");
+    assert!(e.to_string().contains("at most 8"), "{e}");
+    // A shared disk not named shared-<n> is refused.
+    let e = render_err(&web, |i| {
+        if let Some(d) = i.disks.iter_mut().find(|d| d.role == DiskRole::Shared) {
+            d.name = "shared".into();
+        }
+    });
+    assert!(e.to_string().contains("shared-<n>"), "{e}");
+}
