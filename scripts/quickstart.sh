@@ -6,7 +6,8 @@
 #      machine's Debian packages (scripts/demo-images.sh);
 #   3. starts the node (`provd serve`, mutual TLS on 127.0.0.1);
 #   4. builds, signs and deploys the shared-partition plugin;
-#   5. provisions three VMs with it and prints its report;
+#   5. provisions three VMs with it and prints its report, then a fourth VM
+#      alone, which stores none of its image's files again;
 #   6. stops the node and verifies the result: each VM's private partition
 #      on its shared layers equals its image, each domain XML is valid.
 # Building partitions needs root (ownership, device numbers): run as root or
@@ -54,21 +55,24 @@ provctl deploy "$work/shared-partition.provd" --node "$url"
 
 mkdir -p "$work/vms"
 vms=()
-for image in web api db; do
-  spec="$work/vms/$image-1.json"
-  cat >"$spec" <<JSON
+# write_spec NAME IMAGE: a VM spec file for VM NAME of image IMAGE.
+write_spec() {
+  cat >"$work/vms/$1.json" <<JSON
 {
-  "name": "$image-1",
+  "name": "$1",
   "hypervisor": "libvirt",
   "vcpus": 1,
   "memory-mib": 1024,
-  "image": "dir:$node/images/$image",
+  "image": "dir:$node/images/$2",
   "boot": { "firmware": "uefi" },
   "nics": [ { "bridge": "br0", "dhcp4": true } ],
-  "cloud-init": { "hostname": "$image-1.example" }
+  "cloud-init": { "hostname": "$1.example" }
 }
 JSON
-  vms+=(--vm "$spec")
+}
+for image in web api db; do
+  write_spec "$image-1" "$image"
+  vms+=(--vm "$work/vms/$image-1.json")
 done
 
 echo "quickstart: provisioning web-1, api-1 and db-1"
@@ -78,6 +82,14 @@ provctl provision --plugin shared-partition "${vms[@]}" \
 id=$(head -n1 "$work/report.txt" | cut -d' ' -f1)
 provctl status "$id" --node "$url" --json >"$work/report.json"
 provctl audit --operation "$id" --node "$url" >"$work/audit.txt"
+
+# Customers order VMs one at a time: web-2 arrives alone and takes every
+# file of its image from the layers the node already holds.
+echo "quickstart: provisioning web-2 alone"
+write_spec web-2 web
+provctl provision --plugin shared-partition --vm "$work/vms/web-2.json" \
+  --params '{"shared-format": "erofs", "private-format": "ext4"}' \
+  --idempotency-key quickstart-web-2 --node "$url" | tee "$work/report-web-2.txt"
 
 stop_node
 trap - EXIT
@@ -90,7 +102,7 @@ echo "quickstart: every domain XML is valid libvirt"
 cat <<EOF2
 
 quickstart: done. Outputs:
-  report           $work/report.json (and report.txt)
+  report           $work/report.json (and report.txt, report-web-2.txt)
   audit trail      $work/audit.txt
   VM configs       $node/data/vms/<name>/  (domain.xml, seed.iso)
   partitions       $node/data/partitions/

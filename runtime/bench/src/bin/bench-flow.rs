@@ -186,8 +186,16 @@ async fn one_at_a_time(
 {n} VMs, one request each (roots in turn):"
     );
     println!(
-        "{:>8} {:>9} {:>8} {:>9} {:>11} {:>11} {:>9}",
-        "request", "total s", "plan s", "shared s", "stored MiB", "node MiB", "RSS MiB"
+        "{:>8} {:>9} {:>8} {:>9} {:>10} {:>9} {:>11} {:>11} {:>9}",
+        "request",
+        "total s",
+        "plan s",
+        "shared s",
+        "private s",
+        "config s",
+        "stored MiB",
+        "node MiB",
+        "RSS MiB"
     );
     let mut times = Vec::with_capacity(n);
     let mut bytes = 0;
@@ -198,18 +206,19 @@ async fn one_at_a_time(
         bytes = node_bytes(data)?;
         let stored =
             report.pointer("/output/totals/stored_bytes").and_then(Value::as_u64).unwrap_or(0);
-        if i < 4 || (i + 1).is_power_of_two() || i + 1 == n {
-            println!(
-                "{:>8} {:>9.2} {:>8.2} {:>9.2} {:>11.1} {:>11.1} {:>9.1}",
-                i + 1,
-                total,
-                phases.get("plan").copied().unwrap_or(0.0),
-                phases.get("shared-partition").copied().unwrap_or(0.0),
-                mib(stored),
-                mib(bytes),
-                peak as f64 / 1024.0
-            );
-        }
+        let t = |p: &str| phases.get(p).copied().unwrap_or(0.0);
+        println!(
+            "{:>8} {:>9.2} {:>8.2} {:>9.2} {:>10.2} {:>9.2} {:>11.1} {:>11.1} {:>9.1}",
+            i + 1,
+            total,
+            t("plan"),
+            t("shared-partition"),
+            t("private-partitions"),
+            t("configure-vms"),
+            mib(stored),
+            mib(bytes),
+            peak as f64 / 1024.0
+        );
     }
     let (second, last) =
         (times.get(1).copied().unwrap_or(0.0), times.last().copied().unwrap_or(0.0));
