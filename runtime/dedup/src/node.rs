@@ -158,11 +158,18 @@ pub fn plan_on_node(
     let mut node_ids: BTreeMap<usize, String> = BTreeMap::new();
     let mut node_order: Vec<usize> = Vec::new();
     let mut chosen: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    let mut residuals: Vec<(String, Vec<Entry>)> = Vec::with_capacity(vms.len());
+    // Per VM, what is left for this plan's own layers once node layers
+    // give their part (`None`: its whole image, not copied).
+    let mut residuals: Vec<(String, Option<Vec<Entry>>)> = Vec::with_capacity(vms.len());
     for (name, entries) in vms {
         let image: HashMap<&str, &Entry> = entries.iter().map(|e| (e.path.as_str(), e)).collect();
         let picked =
             if policy.max_layers_per_vm == 0 { Vec::new() } else { choose(&image, node, policy) };
+        if picked.is_empty() {
+            chosen.insert(name.clone(), picked);
+            residuals.push((name.clone(), None));
+            continue;
+        }
         let lowers: Vec<&[Entry]> =
             picked.iter().filter_map(|&i| node.get(i)).map(|l| l.entries.as_slice()).collect();
         let view = overlay::overlay_view(&lowers, &[], &[]);
@@ -186,10 +193,19 @@ pub fn plan_on_node(
             }
         }
         chosen.insert(name.clone(), picked);
-        residuals.push((name.clone(), rest));
+        residuals.push((name.clone(), Some(rest)));
     }
 
-    let analysis = analyze(&residuals)?;
+    let analysis = if residuals.iter().all(|(_, r)| r.is_none()) {
+        analyze(vms)?
+    } else {
+        let owned: Vec<(String, Vec<Entry>)> = residuals
+            .into_iter()
+            .zip(vms)
+            .map(|((name, rest), (_, image))| (name, rest.unwrap_or_else(|| image.clone())))
+            .collect();
+        analyze(&owned)?
+    };
     let room: BTreeMap<String, usize> = vms
         .iter()
         .map(|(name, _)| {
@@ -198,6 +214,9 @@ pub fn plan_on_node(
         })
         .collect();
     let mut plan = analysis.plan_with_room(policy, &room);
+    // The analysis holds every entry several times over: gone before the
+    // private sets are worked out, so the two never weigh at once.
+    drop(analysis);
 
     let mut layers: Vec<PlannedLayer> = Vec::new();
     for &i in &node_order {

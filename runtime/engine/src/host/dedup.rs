@@ -164,12 +164,14 @@ impl HostState {
             Vec::new()
         };
         let computed = tokio::task::spawn_blocking(move || {
-            let analysis = provd_dedup::analyze(&entries)?;
+            // The analysis's figures only, so that it is gone before the
+            // plan, which holds the entries again, is made.
+            let figures = analysis_summary(&provd_dedup::analyze(&entries)?);
             let plan = provd_dedup::plan_on_node(&entries, &node, &policy)?;
-            Ok::<_, provd_dedup::DedupError>((analysis, plan))
+            Ok::<_, provd_dedup::DedupError>((figures, plan))
         })
         .await?;
-        let (analysis, plan) = match computed {
+        let (figures, plan) = match computed {
             Ok(done) => done,
             Err(e) => return Ok(Err(WitError::InvalidInput(e.to_string()))),
         };
@@ -181,7 +183,7 @@ impl HostState {
         // Layer ids are unique within the request: plan number + layer.
         let id = format!("plan-{}", self.plans.len());
         let prefix = format!("{id}-");
-        let mut summary = analysis_summary(&analysis);
+        let mut summary = figures;
         summary.stored_bytes = plan.stored_bytes;
         summary.plan = id.clone();
         summary.layers = plan
