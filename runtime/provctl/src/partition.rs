@@ -109,7 +109,7 @@ pub fn build(args: BuildArgs, data_dir: &Path) -> Result<ExitCode> {
     let plan = provd_dedup::plan_on_node(&entries, &node, &policy)?;
     drop(entries);
     let planned = started.elapsed();
-    let layout = provd_partitions::build_all(
+    let mut layout = provd_partitions::build_all(
         &store,
         &plan,
         &vms,
@@ -119,6 +119,10 @@ pub fn build(args: BuildArgs, data_dir: &Path) -> Result<ExitCode> {
         &BuildOptions::default(),
     )?;
     let built = started.elapsed();
+    // The shared partition's users are the stacks built after it.
+    if let Some(s) = layout.shared.take() {
+        layout.shared = Some(store.partition(&s.id)?.unwrap_or(s));
+    }
     let mut verifications = Vec::new();
     if args.verify {
         for v in &vms {
