@@ -846,8 +846,11 @@ async fn delete_vm_now(s: AppState, peer: Peer, name: String) -> ApiResult {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RepackRequest {
-    /// The stopped VMs to move; every VM on the node when absent.
+    /// The stopped VMs to move.
     vms: Option<Vec<String>>,
+    /// Every VM on the node instead (all of them stopped).
+    #[serde(default)]
+    all: bool,
     /// The new shared partition's format (`erofs` by default).
     shared_format: Option<String>,
 }
@@ -866,6 +869,17 @@ async fn repack_now(s: AppState, peer: Peer, req: RepackRequest) -> ApiResult {
         provd_partitions::SharedFormat::parse(req.shared_format.as_deref().unwrap_or("erofs"))
             .map_err(|e| ApiError::bad("invalid-request", format!("shared-format: {e}")))?;
     let names = match req.vms {
+        Some(_) if req.all => {
+            return Err(ApiError::bad("invalid-request", "give vms or all, not both"));
+        }
+        None if !req.all => {
+            // provd cannot tell whether a VM runs: the caller names the
+            // stopped ones, or says that all are.
+            return Err(ApiError::bad(
+                "invalid-request",
+                "vms: name the stopped VMs to move, or set \"all\": true when every VM is stopped",
+            ));
+        }
         Some(names) => {
             for (i, n) in names.iter().enumerate() {
                 provd_vm::spec::check_dns_label(n).map_err(|e| {

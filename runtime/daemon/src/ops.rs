@@ -438,7 +438,15 @@ impl Operations {
                     &audit,
                 );
                 match result {
-                    Ok(_) => return Ok(()),
+                    Ok(_) => {
+                        // A shared partition the operation built and no
+                        // stack names (a plugin that never stacked it)
+                        // goes now, not at the next start.
+                        if let Err(e) = store.free_unused_shared() {
+                            tracing::warn!(operation = %op, error = %e, "freeing unused shared partitions");
+                        }
+                        return Ok(());
+                    }
                     Err(e) => last = Some(e),
                 }
             }
@@ -662,12 +670,16 @@ pub fn roll_back(store: &Store, id: &str) -> (usize, usize) {
             // a stack names one of its layers.
             recs.sort_by_key(|r| (r.role == "shared", std::cmp::Reverse(r.created_at)));
             for rec in recs {
-                if let Err(provd_store::StoreError::InUse(why)) = store.remove_partition(&rec.id) {
+                match store.remove_partition(&rec.id) {
+                    Ok(_) => {}
                     // A repack's partition VMs were moved onto before the
                     // crash: theirs now, it goes with the last of them.
-                    tracing::info!(operation = %id, partition = %rec.id, why, "rollback: partition kept");
-                } else if let Err(e) = store.remove_partition(&rec.id) {
-                    tracing::error!(operation = %id, partition = %rec.id, error = %e, "rollback: cannot remove partition");
+                    Err(provd_store::StoreError::InUse(why)) => {
+                        tracing::info!(operation = %id, partition = %rec.id, why, "rollback: partition kept");
+                    }
+                    Err(e) => {
+                        tracing::error!(operation = %id, partition = %rec.id, error = %e, "rollback: cannot remove partition");
+                    }
                 }
             }
         }

@@ -436,7 +436,11 @@ async fn vms_ordered_one_at_a_time_share_the_node_and_a_repack_keeps_every_vm_ex
     for vm in ["web-1", "api-1", "db-1"] {
         c.delete(&format!("/v1/vms/{vm}")).await.unwrap();
     }
-    let repacked = c.post_json("/v1/repack", &json!({})).await.unwrap();
+    // provd cannot tell whether a VM runs: the caller names them or says
+    // all are stopped.
+    let e = c.post_json("/v1/repack", &json!({})).await.unwrap_err();
+    assert!(e.to_string().contains("name the stopped VMs"), "{e}");
+    let repacked = c.post_json("/v1/repack", &json!({"all": true})).await.unwrap();
     assert_eq!(repacked.status, 200, "{:#}", repacked.body);
     let r = &repacked.body["repack"];
     assert_eq!(r["moved"], json!(["api-2", "db-2", "web-2"]), "{r:#}");

@@ -12,9 +12,11 @@
 //! the VM's private set.
 //!
 //! Layers are chosen per VM, greedily, by the bytes of its files they give
-//! that no layer chosen before gives, less the bytes they would cover up;
-//! a layer giving fewer than `min_layer_bytes` is not worth an overlay
-//! layer. One layer and one shared partition are always left for the
+//! that no layer chosen before gives; a layer giving fewer than
+//! `min_layer_bytes` is not worth an overlay layer. The chosen layers are
+//! then stacked so that a layer holding a path otherwise than the image
+//! lies below the layers holding it as the image does; whatever still ends
+//! up hidden is overridden by the private set. One layer and one shared partition are always left for the
 //! plan's own layers, within `max_layers_per_vm` and
 //! `max_shared_partitions`.
 

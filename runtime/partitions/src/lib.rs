@@ -393,10 +393,14 @@ pub struct PrivateManifest {
 }
 
 impl PrivateManifest {
-    /// Written before layers were node-wide: one shared partition, and
-    /// boot files in the format of that time.
-    fn is_legacy(&self) -> bool {
-        self.stack.iter().any(|s| s.digest.is_empty())
+    /// Whether its boot files take the one-partition format (`fstype=` and
+    /// `device=` lines, bare layer names): whenever it stacks at most one
+    /// shared partition. Guests whose initramfs carries the boot script of
+    /// an earlier provd read only that format, so a VM on one shared
+    /// partition (every VM after a repack) boots with either script; only
+    /// a VM on several needs the current one.
+    fn one_partition_format(&self) -> bool {
+        self.shared.len() <= 1
     }
 }
 
@@ -411,18 +415,19 @@ fn mount_source(s: &SharedRef) -> (&'static str, String) {
 }
 
 /// `provd/stack` of a private partition: its layers, bottom first, one
-/// `<shared index> <layer>` per line.
+/// `<shared index> <layer>` per line (bare layer names on one partition).
 pub(crate) fn stack_file(m: &PrivateManifest) -> String {
-    if m.is_legacy() {
+    if m.one_partition_format() {
         return m.stack.iter().map(|s| format!("{}\n", s.layer)).collect();
     }
     m.stack.iter().map(|s| format!("{} {}\n", s.shared, s.layer)).collect()
 }
 
 /// `provd/shared` of a private partition: how its guest finds each shared
-/// partition, one `<index> <fstype> <device>` per line.
+/// partition, one `<index> <fstype> <device>` per line (`fstype=` and
+/// `device=` lines for one partition).
 pub(crate) fn shared_file(m: &PrivateManifest) -> String {
-    if m.is_legacy() {
+    if m.one_partition_format() {
         return match m.shared.first() {
             None => String::new(),
             Some(s) => {

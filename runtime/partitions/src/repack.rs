@@ -83,6 +83,8 @@ pub fn plan_repack(store: &Store, only: Option<&[String]>) -> Result<RepackPlan,
     chosen.sort_by(|a, b| a.0.cmp(&b.0));
     chosen.dedup_by(|a, b| a.0 == b.0);
 
+    let pending: BTreeSet<String> =
+        store.pending_restacks()?.into_iter().map(|(private, _)| private).collect();
     let recorded: BTreeSet<Key> = store
         .layers(false)?
         .into_iter()
@@ -100,6 +102,10 @@ pub fn plan_repack(store: &Store, only: Option<&[String]>) -> Result<RepackPlan,
     let mut candidates = Vec::new();
     for (vm, private) in chosen {
         let skip = |why: &str| (vm.clone(), why.to_string());
+        if pending.contains(&private.id) {
+            skipped.push(skip("an earlier move of it is not settled (it is at the next start)"));
+            continue;
+        }
         if private.format != "ext4" {
             skipped.push(skip(
                 "its private partition is qcow2; only raw ext4 boot files are rewritten in place",
@@ -314,6 +320,11 @@ pub fn moved_manifest(
         });
         rows.push(StackedLayer { shared: shared.id.clone(), layer: id.clone() });
     }
+    // A VM that sees nothing of its layers any more attaches no shared
+    // partition: nothing would keep one alive for it.
+    if items.is_empty() {
+        manifest.shared.clear();
+    }
     manifest.stack = items;
     Ok((manifest, rows))
 }
@@ -391,7 +402,15 @@ pub fn rewrite_boot_files(
     })();
     store.remove_temp(&temp);
     result?;
-    Ok(crate::allocated(&image)?.0)
+    // Replaced: nothing after this may fail the move (its caller would
+    // take the partition for untouched). The rename is made durable before
+    // the old partitions can be deleted; the size is a figure only.
+    if let Some(dir) = image.parent()
+        && let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all())
+    {
+        tracing::warn!(partition = %private.id, error = %e, "syncing a rewritten partition's directory");
+    }
+    Ok(crate::allocated(&image).map(|(b, _)| b).unwrap_or(private.bytes))
 }
 
 /// The manifest a private partition carries in `provd/partition.json`.

@@ -254,10 +254,12 @@ pub fn list(json_out: bool, data_dir: &Path) -> Result<ExitCode> {
 
 #[derive(Args)]
 pub struct RepackArgs {
-    /// A stopped VM to move (repeat); every VM with a private partition
-    /// when absent.
-    #[arg(long = "vm", value_name = "NAME")]
+    /// A stopped VM to move (repeat).
+    #[arg(long = "vm", value_name = "NAME", required_unless_present = "all")]
     vms: Vec<String>,
+    /// Every VM with a private partition, all of them stopped.
+    #[arg(long, conflicts_with = "vms")]
+    all: bool,
     /// erofs, erofs-lz4, erofs-lz4hc, ext4 or dir.
     #[arg(long, default_value = "erofs")]
     shared_format: String,
@@ -268,7 +270,7 @@ pub struct RepackArgs {
 pub fn repack(args: RepackArgs, data_dir: &Path) -> Result<ExitCode> {
     let store = open(data_dir)?;
     let format = SharedFormat::parse(&args.shared_format)?;
-    let only = (!args.vms.is_empty()).then_some(args.vms.as_slice());
+    let only = (!args.all).then_some(args.vms.as_slice());
     let started = std::time::Instant::now();
     let done = provd_vm::repack::repack(&store, only, format, &BuildOptions::default())?;
     let secs = started.elapsed().as_secs_f64();

@@ -105,11 +105,13 @@ pub enum RemoteCommand {
     /// partition (each layer cut to what they see), moves those VMs onto it
     /// and frees the shared partitions nothing uses any more.
     Repack {
-        /// A stopped VM to move (repeat); every VM of the node when absent.
-        /// provd rewrites the boot files of each VM's root disk: stop the
-        /// VMs first.
-        #[arg(long = "vm", value_name = "NAME")]
+        /// A stopped VM to move (repeat). provd rewrites the boot files of
+        /// each VM's root disk: stop the VMs first.
+        #[arg(long = "vm", value_name = "NAME", required_unless_present = "all")]
         vms: Vec<String>,
+        /// Every VM of the node, all of them stopped.
+        #[arg(long, conflicts_with = "vms")]
+        all: bool,
         /// erofs, erofs-lz4, erofs-lz4hc, ext4 or dir.
         #[arg(long, default_value = "erofs")]
         shared_format: String,
@@ -561,10 +563,10 @@ async fn run_command(command: RemoteCommand) -> Result<u8> {
             });
             exit_of(&results)
         }
-        RemoteCommand::Repack { vms, shared_format, target } => {
+        RemoteCommand::Repack { vms, all, shared_format, target } => {
             let (nodes, tls) = load_target(&target)?;
-            let body = if vms.is_empty() {
-                json!({"shared-format": shared_format})
+            let body = if all {
+                json!({"shared-format": shared_format, "all": true})
             } else {
                 json!({"shared-format": shared_format, "vms": vms})
             };

@@ -147,7 +147,7 @@ fn with_vms(conn: &Connection, mut rec: PartitionRecord) -> rusqlite::Result<Par
         "SELECT vm FROM partition_vms WHERE partition = ?1
          UNION
          SELECT v.vm FROM partition_stack s JOIN partition_vms v ON v.partition = s.private
-         WHERE s.shared = ?1
+         WHERE s.shared = ?1 AND s.pending = 0
          ORDER BY 1",
     )?;
     rec.vms = stmt.query_map([&rec.id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
@@ -341,7 +341,8 @@ impl Store {
             &self.lock_db(),
             "WHERE id IN (SELECT partition FROM partition_vms WHERE vm = ?1)
                 OR id IN (SELECT s.shared FROM partition_stack s
-                          JOIN partition_vms v ON v.partition = s.private WHERE v.vm = ?1)",
+                          JOIN partition_vms v ON v.partition = s.private
+                          WHERE v.vm = ?1 AND s.pending = 0)",
             [vm],
         )
         .map_err(|e| self.db_error(e))
@@ -424,29 +425,14 @@ impl Store {
     }
 
     /// Drops the pending stack of `private` (its partition was not
-    /// rewritten), and the shared partitions only it named.
-    pub fn abort_restack(&self, private: &str) -> Result<Vec<PartitionRecord>, StoreError> {
-        let freed = {
-            let mut db = self.lock_db();
-            (|| {
-                let tx = db.transaction()?;
-                let named: BTreeSet<String> = {
-                    let mut stmt = tx.prepare(
-                        "SELECT DISTINCT shared FROM partition_stack WHERE private = ?1 AND pending = 1",
-                    )?;
-                    stmt.query_map([private], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
-                };
-                tx.execute("DELETE FROM partition_stack WHERE private = ?1 AND pending = 1", [private])?;
-                let freed = delete_unused_shared(&tx, &named)?;
-                tx.commit()?;
-                Ok(freed)
-            })()
-            .map_err(|e| self.db_error(e))?
-        };
-        for rec in &freed {
-            self.remove_partition_dir(&rec.id)?;
-        }
-        Ok(freed)
+    /// rewritten). The shared partitions only it named stay until
+    /// [`Store::free_unused_shared`]: a repack still moving other VMs onto
+    /// them must not lose them to one failed move.
+    pub fn abort_restack(&self, private: &str) -> Result<(), StoreError> {
+        self.lock_db()
+            .execute("DELETE FROM partition_stack WHERE private = ?1 AND pending = 1", [private])
+            .map_err(|e| self.db_error(e))?;
+        Ok(())
     }
 
     /// Private partitions with a pending stack (a repack stopped midway),
@@ -511,7 +497,7 @@ impl Store {
             .prepare_cached(
                 "SELECT DISTINCT v.vm FROM partition_stack s
                  JOIN partition_vms v ON v.partition = s.private
-                 WHERE s.shared = ?1 AND s.layer = ?2 ORDER BY v.vm",
+                 WHERE s.shared = ?1 AND s.layer = ?2 AND s.pending = 0 ORDER BY v.vm",
             )
             .map_err(|e| self.db_error(e))?;
         for l in layers.iter_mut() {

@@ -61,6 +61,9 @@ pub fn repack(
     format: SharedFormat,
     opts: &BuildOptions,
 ) -> Result<Repacked, VmError> {
+    // A move an earlier repack could not finish is settled first: its VM
+    // boots from the stack its partition carries.
+    recover(store)?;
     let mut out = Repacked { shared_bytes_before: shared_bytes(store)?, ..Repacked::default() };
     let planned = plan_repack(store, vms).map_err(failed)?;
     out.skipped = planned.skipped.clone();
@@ -79,12 +82,18 @@ pub fn repack(
             Err(e) => out.failed.push((mv.vm.clone(), e.to_string())),
         }
     }
+    out.partition = store.partition(&shared.id).map_err(failed)?;
     if out.moved.is_empty() {
-        // Nothing stacks it: it goes.
-        store.remove_partition(&shared.id).map_err(failed)?;
-    } else {
-        out.partition = store.partition(&shared.id).map_err(failed)?;
+        // Nothing stacks it, unless a move left it pending (then `recover`
+        // settles it at the next start or repack).
+        match store.remove_partition(&shared.id) {
+            Ok(_) => out.partition = None,
+            Err(provd_store::StoreError::InUse(_)) => {}
+            Err(e) => return Err(failed(e)),
+        }
     }
+    // Partitions only a failed move named.
+    out.freed.extend(store.free_unused_shared().map_err(failed)?.into_iter().map(|p| p.id));
     out.shared_bytes_after = shared_bytes(store)?;
     Ok(out)
 }
@@ -103,7 +112,8 @@ fn move_vm(
     let bytes = match rewrite_boot_files(store, &mv.private, &manifest, opts) {
         Ok(b) => b,
         Err(e) => {
-            // The partition was not touched: its old stack stands.
+            // The partition was not replaced (every error comes before the
+            // rename): its old stack stands.
             let _ = store.abort_restack(&mv.private.id);
             return Err(failed(e));
         }
@@ -169,6 +179,9 @@ pub fn recover(store: &Store) -> Result<usize, VmError> {
                 tracing::info!(partition = %rec.id, "dropped a repack move a crash interrupted");
             }
         }
+    }
+    if !pending.is_empty() {
+        store.free_unused_shared().map_err(failed)?;
     }
     Ok(pending.len())
 }

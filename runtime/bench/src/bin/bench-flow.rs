@@ -251,7 +251,7 @@ async fn one_at_a_time(
         n.div_ceil(2)
     );
     let t = Instant::now();
-    let repacked = c.post_json("/v1/repack", &json!({})).await?;
+    let repacked = c.post_json("/v1/repack", &json!({"all": true})).await?;
     let secs = t.elapsed().as_secs_f64();
     let r = repacked.body.get("repack").cloned().unwrap_or_default();
     let count = |k: &str| r.get(k).and_then(Value::as_array).map(Vec::len).unwrap_or(0);

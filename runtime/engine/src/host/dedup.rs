@@ -142,7 +142,10 @@ impl HostState {
         let use_node = policy.node_layers;
         let policy = provd_dedup::Policy {
             min_layer_bytes: policy.min_layer_bytes,
-            max_layers_per_vm: usize::try_from(policy.max_layers_per_vm).unwrap_or(usize::MAX),
+            // Past what an overlay mounts, the build would refuse the plan.
+            max_layers_per_vm: usize::try_from(policy.max_layers_per_vm)
+                .unwrap_or(usize::MAX)
+                .min(provd_partitions::MAX_LAYERS_PER_VM),
             share_across_paths: policy.share_across_paths,
             layer_unique_files: policy.layer_unique_files,
             max_shared_partitions: provd_partitions::MAX_SHARED_PER_VM,
