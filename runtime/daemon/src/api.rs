@@ -826,21 +826,25 @@ async fn delete_vm_now(s: AppState, peer: Peer, name: String) -> ApiResult {
         vms: vec![name.clone()],
         actor: peer.0.clone(),
     };
-    let rec = match s.ops.run_builtin(req, crate::ops::Builtin::DeleteVms).await {
-        Ok(rec) => rec,
-        Err(StartError::Refused(OperationError::VmBusy { vm, operation })) => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "vm-busy",
-                format!("VM {vm:?} is in operation {operation}, which is still running"),
-            ));
-        }
-        Err(e) => return Err(ApiError::internal(e)),
-    };
+    let rec =
+        s.ops.run_builtin(req, crate::ops::Builtin::DeleteVms).await.map_err(builtin_error)?;
     if rec.state != OpState::Succeeded {
         return Err(ApiError::internal(rec.error.unwrap_or_default()));
     }
     ok(StatusCode::OK, json!({"deleted": name, "operation": operation_json(&rec, None)}))
+}
+
+/// The answer to a built-in operation that could not run: another holds
+/// one of its VMs, or the node failed.
+fn builtin_error(e: StartError) -> ApiError {
+    match e {
+        StartError::Refused(OperationError::VmBusy { vm, operation }) => ApiError::new(
+            StatusCode::CONFLICT,
+            "vm-busy",
+            format!("VM {vm:?} is in operation {operation}, which is still running"),
+        ),
+        e => ApiError::internal(e),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -913,17 +917,11 @@ async fn repack_now(s: AppState, peer: Peer, req: RepackRequest) -> ApiResult {
         vms: names,
         actor: peer.0.clone(),
     };
-    let rec = match s.ops.run_builtin(req, crate::ops::Builtin::Repack { format }).await {
-        Ok(rec) => rec,
-        Err(StartError::Refused(OperationError::VmBusy { vm, operation })) => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "vm-busy",
-                format!("VM {vm:?} is in operation {operation}, which is still running"),
-            ));
-        }
-        Err(e) => return Err(ApiError::internal(e)),
-    };
+    let rec = s
+        .ops
+        .run_builtin(req, crate::ops::Builtin::Repack { format })
+        .await
+        .map_err(builtin_error)?;
     let report: Value =
         rec.report.as_deref().and_then(|r| serde_json::from_str(r).ok()).unwrap_or(Value::Null);
     let status =

@@ -64,19 +64,21 @@ fn ancestors(path: &str) -> impl Iterator<Item = &str> {
     path.match_indices('/').filter_map(move |(i, _)| path.get(..i))
 }
 
+/// Removes `path` and everything below it from a map keyed by path.
+pub fn remove_tree<V>(map: &mut BTreeMap<String, V>, path: &str) {
+    map.remove(path);
+    // Every path below `p` sorts in [`p/`, `p0`): `0` follows `/`.
+    let below: Vec<String> =
+        map.range(format!("{path}/")..format!("{path}0")).map(|(k, _)| k.clone()).collect();
+    for k in below {
+        map.remove(&k);
+    }
+}
+
 impl VmView {
     /// Removes `path` and everything below it.
     fn hide(&mut self, path: &str) {
-        self.slots.remove(path);
-        // Every path below `p` sorts in [`p/`, `p0`): `0` follows `/`.
-        let below: Vec<String> = self
-            .slots
-            .range(format!("{path}/")..format!("{path}0"))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in below {
-            self.slots.remove(&k);
-        }
+        remove_tree(&mut self.slots, path);
     }
 
     /// Puts `entry` on top of what is there, as an overlay layer would.

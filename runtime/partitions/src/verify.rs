@@ -78,16 +78,7 @@ struct View {
 impl View {
     /// Removes `path` and everything below it.
     fn hide(&mut self, path: &str) {
-        self.slots.remove(path);
-        // Every path below `p` sorts in [`p/`, `p0`): `0` follows `/`.
-        let below: Vec<String> = self
-            .slots
-            .range(format!("{path}/")..format!("{path}0"))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in below {
-            self.slots.remove(&k);
-        }
+        provd_dedup::remove_tree(&mut self.slots, path);
     }
 
     /// Puts `f` on top of what is there: a directory merges with a lower
