@@ -1502,3 +1502,52 @@ pub fn build_all(
     }
     result
 }
+
+#[cfg(test)]
+mod manifest_tests {
+    // Tests: a failed unwrap is a failed test.
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A private partition built before layers were node-wide keeps its
+    /// manifest and the boot files it carries.
+    #[test]
+    fn an_earlier_manifest_parses_and_gives_back_its_boot_files() {
+        let old = r#"{"partition":"p-0000000000000002","vm":"web","format":"ext4","uuid":"u2",
+            "image":"dir:/a","image_digest":"x",
+            "shared":{"partition":"p-0000000000000001","format":"erofs","uuid":"1234"},
+            "stack":["layer-0","layer-1"]}"#;
+        let m: PrivateManifest = serde_json::from_str(old).unwrap();
+        assert_eq!(m.shared.len(), 1);
+        assert_eq!(
+            m.stack[1],
+            StackItem { shared: 0, layer: "layer-1".into(), digest: String::new() }
+        );
+        assert_eq!(stack_file(&m), "layer-0\nlayer-1\n");
+        assert_eq!(shared_file(&m), "fstype=erofs\ndevice=/dev/disk/by-uuid/1234\n");
+        let none: PrivateManifest = serde_json::from_str(
+            r#"{"partition":"p","vm":"v","format":"ext4","uuid":"u","image":"i","image_digest":"d",
+                "shared":null,"stack":[]}"#,
+        )
+        .unwrap();
+        assert!(none.shared.is_empty());
+        assert_eq!((stack_file(&none), shared_file(&none)), (String::new(), String::new()));
+        // Two partitions: the indexed format; it round-trips.
+        let mut two = m.clone();
+        two.shared.push(SharedRef {
+            partition: "p-0000000000000009".into(),
+            format: SharedFormat::Dir,
+            uuid: None,
+        });
+        two.stack[1].shared = 1;
+        assert_eq!(stack_file(&two), "0 layer-0\n1 layer-1\n");
+        assert_eq!(
+            shared_file(&two),
+            "0 erofs /dev/disk/by-uuid/1234\n1 virtiofs provd-p-0000000000000009\n"
+        );
+        let back: PrivateManifest =
+            serde_json::from_str(&serde_json::to_string(&two).unwrap()).unwrap();
+        assert_eq!(back, two);
+    }
+}

@@ -568,3 +568,103 @@ pub(crate) fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
         object_bytes: bytes.max(0) as u64,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    // Tests: a failed unwrap is a failed test.
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+    use super::*;
+
+    /// A node built before layers were node-wide keeps its partitions: the
+    /// migration records each shared partition's layers (entries unknown)
+    /// and each private partition's stack from their manifests, and a
+    /// shared partition's users become the stacks naming its layers.
+    #[test]
+    fn partitions_of_an_earlier_version_get_their_layers_and_stacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("provd.db");
+        let conn = Connection::open(&path).unwrap();
+        for m in MIGRATIONS.iter().take(5) {
+            conn.execute_batch(m).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 5).unwrap();
+        let shared = r#"{"partition":"p-0000000000000001","format":"erofs","uuid":"u",
+            "layers":[{"id":"layer-0","vms":["web","db"],"files":3,"bytes":300,"digest":"d0"},
+                      {"id":"layer-1","vms":["web"],"files":1,"bytes":10,"digest":"d1"}]}"#;
+        let web = r#"{"partition":"p-0000000000000002","vm":"web","format":"ext4","uuid":"u2",
+            "image":"dir:/a","image_digest":"x",
+            "shared":{"partition":"p-0000000000000001","format":"erofs","uuid":"u"},
+            "stack":["layer-0","layer-1"]}"#;
+        let db = r#"{"partition":"p-0000000000000003","vm":"db","format":"ext4","uuid":"u3",
+            "image":"dir:/b","image_digest":"y",
+            "shared":{"partition":"p-0000000000000001","format":"erofs","uuid":"u"},
+            "stack":["layer-0"]}"#;
+        let lone = r#"{"partition":"p-0000000000000004","vm":"lone","format":"ext4","uuid":"u4",
+            "image":"dir:/c","image_digest":"z","shared":null,"stack":[]}"#;
+        for (id, role, manifest, vms) in [
+            ("p-0000000000000001", "shared", shared, vec!["web", "db"]),
+            ("p-0000000000000002", "private", web, vec!["web"]),
+            ("p-0000000000000003", "private", db, vec!["db"]),
+            ("p-0000000000000004", "private", lone, vec!["lone"]),
+        ] {
+            conn.execute(
+                "INSERT INTO partitions (id, role, format, file, bytes, apparent_bytes, operation, manifest, created_at)
+                 VALUES (?1, ?2, 'erofs', 'f', 1, 1, NULL, ?3, 0)",
+                params![id, role, manifest],
+            )
+            .unwrap();
+            for vm in vms {
+                conn.execute(
+                    "INSERT INTO partition_vms (partition, vm) VALUES (?1, ?2)",
+                    params![id, vm],
+                )
+                .unwrap();
+            }
+        }
+        drop(conn);
+
+        let conn = open(&path).unwrap();
+        let layers: Vec<(String, String, i64, i64)> = conn
+            .prepare("SELECT name, digest, bytes, recorded FROM layers ORDER BY name")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            layers,
+            [("layer-0".into(), "d0".into(), 300, 0), ("layer-1".into(), "d1".into(), 10, 0)]
+        );
+        let stacks: Vec<(String, i64, String, String)> = conn
+            .prepare("SELECT private, position, shared, layer FROM partition_stack ORDER BY private, position")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let row = |p: &str, i: i64, l: &str| {
+            (p.to_string(), i, "p-0000000000000001".to_string(), l.to_string())
+        };
+        assert_eq!(
+            stacks,
+            [
+                row("p-0000000000000002", 0, "layer-0"),
+                row("p-0000000000000002", 1, "layer-1"),
+                row("p-0000000000000003", 0, "layer-0"),
+            ]
+        );
+        let shared_users: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM partition_vms WHERE partition = 'p-0000000000000001'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(shared_users, 0, "a shared partition's users are now its stacks");
+        // The stacks keep it: the database refuses to delete it.
+        assert!(
+            conn.execute("DELETE FROM partitions WHERE id = 'p-0000000000000001'", []).is_err()
+        );
+    }
+}
