@@ -395,24 +395,38 @@ impl Store {
         manifest: &str,
         bytes: u64,
     ) -> Result<Vec<PartitionRecord>, StoreError> {
+        self.free_in(|tx| {
+            let old = stacked_shared(tx, private)?;
+            tx.execute(
+                "DELETE FROM partition_stack WHERE private = ?1 AND pending = 0",
+                [private],
+            )?;
+            tx.execute(
+                "UPDATE partition_stack SET pending = 0 WHERE private = ?1 AND pending = 1",
+                [private],
+            )?;
+            tx.execute(
+                "UPDATE partitions SET manifest = ?2, bytes = ?3 WHERE id = ?1",
+                params![private, manifest, to_i64(bytes)],
+            )?;
+            Ok(old)
+        })
+    }
+
+    /// Runs `change` in one transaction, deletes in it those of the shared
+    /// partitions it returns that nothing uses any more, commits, then
+    /// removes their directories (rows first: a crash in between leaves
+    /// directories without rows, which the next open removes).
+    fn free_in(
+        &self,
+        change: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<BTreeSet<String>>,
+    ) -> Result<Vec<PartitionRecord>, StoreError> {
         let freed = {
             let mut db = self.lock_db();
             (|| {
                 let tx = db.transaction()?;
-                let old = stacked_shared(&tx, private)?;
-                tx.execute(
-                    "DELETE FROM partition_stack WHERE private = ?1 AND pending = 0",
-                    [private],
-                )?;
-                tx.execute(
-                    "UPDATE partition_stack SET pending = 0 WHERE private = ?1 AND pending = 1",
-                    [private],
-                )?;
-                tx.execute(
-                    "UPDATE partitions SET manifest = ?2, bytes = ?3 WHERE id = ?1",
-                    params![private, manifest, to_i64(bytes)],
-                )?;
-                let freed = delete_unused_shared(&tx, &old)?;
+                let candidates = change(&tx)?;
+                let freed = delete_unused_shared(&tx, &candidates)?;
                 tx.commit()?;
                 Ok(freed)
             })()
@@ -592,24 +606,10 @@ impl Store {
     /// between releasing their last VM and deleting them, or a request
     /// that built one and never stacked it). Returns them.
     pub fn free_unused_shared(&self) -> Result<Vec<PartitionRecord>, StoreError> {
-        let freed = {
-            let mut db = self.lock_db();
-            (|| {
-                let tx = db.transaction()?;
-                let ids: BTreeSet<String> = {
-                    let mut stmt = tx.prepare("SELECT id FROM partitions WHERE role = 'shared'")?;
-                    stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
-                };
-                let freed = delete_unused_shared(&tx, &ids)?;
-                tx.commit()?;
-                Ok(freed)
-            })()
-            .map_err(|e| self.db_error(e))?
-        };
-        for rec in &freed {
-            self.remove_partition_dir(&rec.id)?;
-        }
-        Ok(freed)
+        self.free_in(|tx| {
+            let mut stmt = tx.prepare("SELECT id FROM partitions WHERE role = 'shared'")?;
+            stmt.query_map([], |r| r.get(0))?.collect()
+        })
     }
 
     fn remove_partition_dir(&self, id: &str) -> Result<(), StoreError> {
