@@ -64,27 +64,47 @@ fn check_input(vms: &[(String, Vec<Entry>)]) -> Result<(), DedupError> {
     Ok(())
 }
 
-/// Node layers for one VM, bottom first.
-fn choose(image: &HashMap<&str, &Entry>, node: &[NodeLayer], policy: &Policy) -> Vec<usize> {
-    let mut candidates: Vec<Candidate> = Vec::new();
+/// The node layers' entries by path: (layer, entry) for each layer
+/// holding the path. Built once per plan, so that matching a VM costs its
+/// own entries, however many VMs and layers there are.
+type NodeIndex<'a> = HashMap<&'a str, Vec<(usize, &'a Entry)>>;
+
+fn node_index(node: &[NodeLayer]) -> NodeIndex<'_> {
+    let mut index: NodeIndex = HashMap::new();
     for (i, layer) in node.iter().enumerate() {
-        let mut gives = Vec::new();
-        let mut differs = HashSet::new();
         for e in &layer.entries {
-            match image.get(e.path.as_str()) {
-                Some(own) if FileKey::of(own) == FileKey::of(e) => {
-                    gives.push((own.path.as_str(), file_bytes(own)))
-                }
-                Some(own) => {
-                    differs.insert(own.path.as_str());
-                }
-                None => {}
-            }
-        }
-        if !gives.is_empty() {
-            candidates.push(Candidate { layer: i, gives, differs });
+            index.entry(e.path.as_str()).or_default().push((i, e));
         }
     }
+    index
+}
+
+/// Node layers for one VM whose image is `entries`, bottom first.
+fn choose<'a>(
+    entries: &'a [Entry],
+    index: &NodeIndex<'_>,
+    node: &[NodeLayer],
+    policy: &Policy,
+) -> Vec<usize> {
+    let mut by_layer: HashMap<usize, Candidate<'a>> = HashMap::new();
+    for own in entries {
+        for (i, e) in index.get(own.path.as_str()).into_iter().flatten() {
+            let c = by_layer.entry(*i).or_insert_with(|| Candidate {
+                layer: *i,
+                gives: Vec::new(),
+                differs: HashSet::new(),
+            });
+            if FileKey::of(own) == FileKey::of(e) {
+                c.gives.push((own.path.as_str(), file_bytes(own)));
+            } else {
+                c.differs.insert(own.path.as_str());
+            }
+        }
+    }
+    let mut candidates: Vec<Candidate> =
+        by_layer.into_values().filter(|c| !c.gives.is_empty()).collect();
+    // Ties go to the layer the node listed first, whatever the hash order.
+    candidates.sort_by_key(|c| c.layer);
     let max_layers = policy.max_layers_per_vm.saturating_sub(1);
     let max_partitions = policy.max_shared_partitions.saturating_sub(1);
     let mut chosen: Vec<Candidate> = Vec::new();
@@ -163,10 +183,13 @@ pub fn plan_on_node(
     // Per VM, what is left for this plan's own layers once node layers
     // give their part (`None`: its whole image, not copied).
     let mut residuals: Vec<(String, Option<Vec<Entry>>)> = Vec::with_capacity(vms.len());
+    let index = node_index(node);
     for (name, entries) in vms {
-        let image: HashMap<&str, &Entry> = entries.iter().map(|e| (e.path.as_str(), e)).collect();
-        let picked =
-            if policy.max_layers_per_vm == 0 { Vec::new() } else { choose(&image, node, policy) };
+        let picked = if policy.max_layers_per_vm == 0 {
+            Vec::new()
+        } else {
+            choose(entries, &index, node, policy)
+        };
         if picked.is_empty() {
             chosen.insert(name.clone(), picked);
             residuals.push((name.clone(), None));
