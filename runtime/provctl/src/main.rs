@@ -71,6 +71,10 @@ enum Command {
         #[command(subcommand)]
         command: PartitionCommand,
     },
+    /// Build the initramfs that boots VMs from their partitions with a
+    /// kernel the node provides.
+    #[command(subcommand)]
+    Boot(BootCommand),
     /// Generate an Ed25519 key pair for signing plugin bundles.
     Keygen(bundle::KeygenArgs),
     /// Build, sign, verify and audit signed plugin bundles.
@@ -97,6 +101,27 @@ enum VmCommand {
     Rm {
         #[arg(required = true)]
         names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BootCommand {
+    /// Build the initramfs for one kernel: static busybox, the modules of
+    /// that kernel a guest needs (virtio, EROFS, overlayfs, virtio-fs) with
+    /// their dependencies, /init and the overlay boot script.
+    Initramfs {
+        /// The kernel's modules: /lib/modules/<version> of the kernel package
+        /// (Debian's linux-image-cloud-amd64, for example).
+        #[arg(long, value_name = "DIR")]
+        modules_dir: PathBuf,
+        /// A statically linked busybox (Debian's busybox-static).
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+        /// Where to write it, for example <data>/boot/provd-initrd.img.
+        #[arg(short, long, value_name = "FILE")]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -225,6 +250,25 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 VmCommand::Ls { json } => vm::list(json, &dir),
                 VmCommand::Rm { names } => vm::remove(&names, &dir),
             }
+        }
+        Command::Boot(BootCommand::Initramfs { modules_dir, busybox, out, json }) => {
+            let built = provd_vm::boot::build_initramfs(
+                &modules_dir,
+                &busybox,
+                provd_partitions::OVERLAY_ROOT_SCRIPT,
+                &out,
+            )?;
+            if json {
+                println!("{:#}", serde_json::json!(built));
+            } else {
+                println!(
+                    "{}: {} bytes, modules {}",
+                    built.path.display(),
+                    built.bytes,
+                    built.modules.join(" ")
+                );
+            }
+            Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Keygen(args) => bundle::keygen(args),
         Command::Bundle(command) => bundle::run(command),

@@ -1,5 +1,6 @@
 //! VM configuration: specs, renderers and cloud-init seeds.
 
+pub mod boot;
 pub mod cloudinit;
 pub mod node;
 pub mod render;
