@@ -50,7 +50,7 @@ use provd_domain::image::{Entry, EntryKind, Hash};
 use serde::Serialize;
 
 pub use node::{NodeLayer, plan_on_node};
-pub use overlay::{Source, VmLayout, VmView, overlay_view, remove_tree, vm_layout};
+pub use overlay::{VmLayout, VmView, overlay_view, place, remove_tree, vm_layout};
 
 /// Why an analysis could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -16,9 +16,9 @@
 //! `min_layer_bytes` is not worth an overlay layer. The chosen layers are
 //! then stacked so that a layer holding a path otherwise than the image
 //! lies below the layers holding it as the image does; whatever still ends
-//! up hidden is overridden by the private set. One layer and one shared partition are always left for the
-//! plan's own layers, within `max_layers_per_vm` and
-//! `max_shared_partitions`.
+//! up hidden is overridden by the private set. One layer and one shared
+//! partition are always left for the plan's own layers, within
+//! `max_layers_per_vm` and `max_shared_partitions`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -200,17 +200,8 @@ pub fn plan_on_node(
         let view = overlay::overlay_view(&lowers, &[], &[]);
         // The rest: every directory, and every entry the chosen layers do
         // not show exactly as the image has it.
-        let rest: Vec<Entry> = entries
-            .iter()
-            .filter(|e| {
-                e.kind == EntryKind::Dir
-                    || !matches!(
-                        (view.get(&e.path), view.source(&e.path)),
-                        (Some(got), Some(overlay::Source::Layer(_))) if FileKey::of(got) == FileKey::of(e)
-                    )
-            })
-            .cloned()
-            .collect();
+        let rest: Vec<Entry> =
+            entries.iter().filter(|e| view.layer_giving(e).is_none()).cloned().collect();
         for &i in &picked {
             if let std::collections::btree_map::Entry::Vacant(slot) = node_ids.entry(i) {
                 slot.insert(format!("node-{}", node_order.len()));

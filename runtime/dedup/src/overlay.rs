@@ -15,7 +15,7 @@
 //! puts every directory of an image in the private set, whose metadata
 //! wins.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use provd_domain::image::{Entry, EntryKind};
 
@@ -23,9 +23,10 @@ use crate::{FileKey, Plan, VmShare, file_bytes, sorted};
 
 /// Where a path of a view comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// An entry of the layer at this index of the stack (bottom is 0).
-    Layer(usize),
+enum Source {
+    /// The entry at `entry` of the layer at `layer` in the stack (bottom
+    /// is 0).
+    Layer { layer: usize, entry: usize },
     /// A directory the layer at this index implies.
     Implied(usize),
     /// The private set.
@@ -75,47 +76,52 @@ pub fn remove_tree<V>(map: &mut BTreeMap<String, V>, path: &str) {
     }
 }
 
-impl VmView {
-    /// Removes `path` and everything below it.
-    fn hide(&mut self, path: &str) {
-        remove_tree(&mut self.slots, path);
-    }
-
-    /// Puts `entry` on top of what is there, as an overlay layer would.
-    fn place(&mut self, entry: Entry, source: Source) {
-        if entry.kind == EntryKind::Dir {
-            // A directory merges with a lower directory and hides a lower
-            // file at its path.
-            if self.slots.get(&entry.path).is_some_and(|s| s.entry.kind != EntryKind::Dir) {
-                self.slots.remove(&entry.path);
-            }
-        } else {
-            self.hide(&entry.path);
+/// Puts `value` at `path` of a map keyed by path on top of what is there,
+/// as an overlay layer would: a directory merges with a lower directory and
+/// hides a lower file at its path; anything else hides what lies at and
+/// below its path. `is_dir` tells what a value already there is.
+pub fn place<V>(
+    map: &mut BTreeMap<String, V>,
+    path: &str,
+    dir: bool,
+    value: V,
+    is_dir: impl Fn(&V) -> bool,
+) {
+    if dir {
+        if map.get(path).is_some_and(|v| !is_dir(v)) {
+            map.remove(path);
         }
-        self.slots.insert(entry.path.clone(), Slot { entry, source });
+    } else {
+        remove_tree(map, path);
+    }
+    map.insert(path.to_string(), value);
+}
+
+impl VmView {
+    fn place(&mut self, entry: Entry, source: Source) {
+        let (path, dir) = (entry.path.clone(), entry.kind == EntryKind::Dir);
+        place(&mut self.slots, &path, dir, Slot { entry, source }, |s| {
+            s.entry.kind == EntryKind::Dir
+        });
     }
 
-    /// The entry at `path`, if the guest sees one.
-    pub fn get(&self, path: &str) -> Option<&Entry> {
-        self.slots.get(path).map(|s| &s.entry)
-    }
-
-    /// Where the entry at `path` comes from.
-    pub fn source(&self, path: &str) -> Option<Source> {
-        self.slots.get(path).map(|s| s.source)
+    /// The layer (and its entry) that shows `e` exactly as it is (path,
+    /// type, mode, owner, content, link target, device; directories are
+    /// never given by a layer).
+    pub fn layer_giving(&self, e: &Entry) -> Option<(usize, usize)> {
+        match self.slots.get(&e.path) {
+            Some(Slot { entry, source: Source::Layer { layer, entry: at } })
+                if e.kind != EntryKind::Dir && FileKey::of(entry) == FileKey::of(e) =>
+            {
+                Some((*layer, *at))
+            }
+            _ => None,
+        }
     }
 
     /// Every entry, in path order.
     pub fn entries(&self) -> Vec<Entry> {
         self.slots.values().map(|s| s.entry.clone()).collect()
-    }
-
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
     }
 }
 
@@ -129,12 +135,12 @@ pub fn overlay_view(lowers: &[&[Entry]], private: &[Entry], whiteouts: &[String]
         for d in dirs {
             view.place(implied_dir(d), Source::Implied(i));
         }
-        for e in *layer {
-            view.place(e.clone(), Source::Layer(i));
+        for (at, e) in layer.iter().enumerate() {
+            view.place(e.clone(), Source::Layer { layer: i, entry: at });
         }
     }
     for w in whiteouts {
-        view.hide(w);
+        remove_tree(&mut view.slots, w);
     }
     // Parents before children, so a directory never hides its own files.
     let mut own: Vec<&Entry> = private.iter().collect();
@@ -176,27 +182,12 @@ pub fn vm_layout(lowers: &[&[Entry]], image: &BTreeMap<String, Entry>) -> VmLayo
         given_bytes: vec![0; lowers.len()],
         ..VmLayout::default()
     };
-    let mut index: Vec<HashMap<&str, usize>> = Vec::new();
-    for layer in lowers {
-        index.push(layer.iter().enumerate().map(|(i, e)| (e.path.as_str(), i)).collect());
-    }
     for e in image.values() {
         layout.image_bytes += file_bytes(e);
-        let provider = match (e.kind, view.slots.get(&e.path)) {
-            (EntryKind::Dir, _) => None,
-            (_, Some(Slot { entry, source: Source::Layer(i) }))
-                if FileKey::of(entry) == FileKey::of(e) =>
-            {
-                Some(*i)
-            }
-            _ => None,
-        };
-        match provider {
-            Some(i) => {
-                if let (Some(used), Some(at)) =
-                    (layout.used.get_mut(i), index.get(i).and_then(|m| m.get(e.path.as_str())))
-                {
-                    used.push(*at);
+        match view.layer_giving(e) {
+            Some((i, at)) => {
+                if let Some(used) = layout.used.get_mut(i) {
+                    used.push(at);
                 }
                 if let Some(b) = layout.given_bytes.get_mut(i) {
                     *b += file_bytes(e);
@@ -311,7 +302,7 @@ mod tests {
         let high = [file("bin/sh", 2), file("etc", 3)];
         let v = overlay_view(&[&low, &high], &[], &[]);
         assert_eq!(paths(&v), ["bin:dir", "bin/sh:file", "etc:file"]);
-        assert_eq!(v.source("bin"), Some(Source::Implied(1)));
+        assert_eq!(v.slots.get("bin").map(|s| s.source), Some(Source::Implied(1)));
     }
 
     #[test]
@@ -320,7 +311,7 @@ mod tests {
         let private = [implied_dir("a"), file("e", 4)];
         let v = overlay_view(&[&low], &private, &["a/b".to_string()]);
         assert_eq!(paths(&v), ["a:dir", "a/d:file", "e:file"]);
-        assert_eq!(v.get("e").and_then(|e| e.hash), Some(Hash([4; 32])));
-        assert_eq!(v.source("e"), Some(Source::Private));
+        assert_eq!(v.slots.get("e").and_then(|s| s.entry.hash), Some(Hash([4; 32])));
+        assert_eq!(v.slots.get("e").map(|s| s.source), Some(Source::Private));
     }
 }

@@ -81,18 +81,11 @@ impl View {
         provd_dedup::remove_tree(&mut self.slots, path);
     }
 
-    /// Puts `f` on top of what is there: a directory merges with a lower
-    /// directory and hides a lower file; anything else hides what lies at
-    /// and below its path.
+    /// Puts `f` on top of what is there, with the overlay's rules (the
+    /// same as the planner's model).
     fn place(&mut self, f: Found) {
-        if f.entry.kind == EntryKind::Dir {
-            if self.slots.get(&f.entry.path).is_some_and(|s| s.entry.kind != EntryKind::Dir) {
-                self.slots.remove(&f.entry.path);
-            }
-        } else {
-            self.hide(&f.entry.path);
-        }
-        self.slots.insert(f.entry.path.clone(), f);
+        let (path, dir) = (f.entry.path.clone(), f.entry.kind == EntryKind::Dir);
+        provd_dedup::place(&mut self.slots, &path, dir, f, |s| s.entry.kind == EntryKind::Dir);
     }
 }
 
