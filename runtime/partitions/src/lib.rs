@@ -393,6 +393,17 @@ pub struct PrivateManifest {
 }
 
 impl PrivateManifest {
+    /// Its stack as (shared partition, layer) pairs, bottom first.
+    pub fn stack_names(&self) -> Vec<(String, String)> {
+        self.stack
+            .iter()
+            .map(|i| {
+                let partition = self.shared.get(i.shared).map(|r| r.partition.clone());
+                (partition.unwrap_or_default(), i.layer.clone())
+            })
+            .collect()
+    }
+
     /// Whether its boot files take the one-partition format (`fstype=` and
     /// `device=` lines, bare layer names): whenever it stacks at most one
     /// shared partition. Guests whose initramfs carries the boot script of
@@ -1338,6 +1349,13 @@ pub fn whiteout(path: &str) -> Entry {
     }
 }
 
+/// The manifest of a shared partition.
+pub fn shared_manifest(rec: &PartitionRecord) -> Result<SharedManifest, PartitionError> {
+    serde_json::from_str(&rec.manifest).map_err(|e| {
+        PartitionError::NotFound(format!("partition {} is not a shared partition: {e}", rec.id))
+    })
+}
+
 /// What a stack is made of.
 type ResolvedStack = (Vec<SharedRef>, Vec<StackItem>, Vec<StackedLayer>);
 
@@ -1357,6 +1375,13 @@ fn resolve_stack(
         store.layers(false)?
     } else {
         Vec::new()
+    };
+    // This plan's shared partition, read once, when a layer of the stack is
+    // one it built.
+    let builds = ids.iter().any(|id| plan.layers.iter().any(|l| &l.id == id && l.node.is_none()));
+    let own = match shared {
+        Some(rec) if builds => Some((rec, shared_manifest(rec)?)),
+        _ => None,
     };
     let mut refs: Vec<SharedRef> = Vec::new();
     let mut items = Vec::new();
@@ -1388,18 +1413,11 @@ fn resolve_stack(
                 (node.partition.clone(), node.name.clone())
             }
             None => {
-                let rec = shared.ok_or_else(|| {
+                let (rec, manifest) = own.as_ref().ok_or_else(|| {
                     PartitionError::NotFound(format!(
                         "VM {vm:?} stacks layer {id:?} of this plan but no shared partition was given"
                     ))
                 })?;
-                let manifest: SharedManifest =
-                    serde_json::from_str(&rec.manifest).map_err(|e| {
-                        PartitionError::NotFound(format!(
-                            "partition {} is not a shared partition: {e}",
-                            rec.id
-                        ))
-                    })?;
                 // The same layer, not one that happens to share its id
                 // (every plan numbers its layers from 0).
                 let ok = manifest
@@ -1421,12 +1439,7 @@ fn resolve_stack(
                 let rec = store.partition(&partition)?.ok_or_else(|| {
                     PartitionError::NotFound(format!("shared partition {partition} is gone"))
                 })?;
-                let sm: SharedManifest = serde_json::from_str(&rec.manifest).map_err(|e| {
-                    PartitionError::NotFound(format!(
-                        "partition {} is not a shared partition: {e}",
-                        rec.id
-                    ))
-                })?;
+                let sm = shared_manifest(&rec)?;
                 refs.push(SharedRef { partition: rec.id, format: sm.format, uuid: sm.uuid });
                 refs.len() - 1
             }

@@ -180,17 +180,11 @@ pub fn plan_repack(store: &Store, only: Option<&[String]>) -> Result<RepackPlan,
         let mut layers: Vec<(String, Vec<Entry>)> = Vec::new();
         let mut by_digest: HashMap<String, String> = HashMap::new();
         for k in &order {
-            let all = entries.get(k).cloned().unwrap_or_default();
-            let cut: Vec<Entry> = if whole.contains(k) {
-                all
-            } else {
-                let keep = used.get(k).cloned().unwrap_or_default();
-                all.into_iter()
-                    .enumerate()
-                    .filter(|(i, _)| keep.contains(i))
-                    .map(|(_, e)| e)
-                    .collect()
-            };
+            let all = entries.get(k).into_iter().flatten().enumerate();
+            let cut: Vec<Entry> = all
+                .filter(|(i, _)| whole.contains(k) || used.get(k).is_some_and(|u| u.contains(i)))
+                .map(|(_, e)| e.clone())
+                .collect();
             if cut.is_empty() {
                 names.insert(k.clone(), None);
                 continue;
@@ -300,9 +294,7 @@ pub fn moved_manifest(
     plan: &Plan,
     shared: &PartitionRecord,
 ) -> Result<(PrivateManifest, Vec<StackedLayer>), PartitionError> {
-    let sm: crate::SharedManifest = serde_json::from_str(&shared.manifest).map_err(|e| {
-        PartitionError::Unreadable { partition: shared.id.clone(), reason: e.to_string() }
-    })?;
+    let sm = crate::shared_manifest(shared)?;
     let mut manifest = mv.manifest.clone();
     manifest.shared =
         vec![SharedRef { partition: shared.id.clone(), format: sm.format, uuid: sm.uuid }];
@@ -410,7 +402,17 @@ pub fn rewrite_boot_files(
     {
         tracing::warn!(partition = %private.id, error = %e, "syncing a rewritten partition's directory");
     }
-    Ok(crate::allocated(&image).map(|(b, _)| b).unwrap_or(private.bytes))
+    Ok(allocated_bytes(store, private))
+}
+
+/// Bytes a partition's image takes on the node's disk now (its record's
+/// figure when it cannot be measured).
+pub fn allocated_bytes(store: &Store, rec: &PartitionRecord) -> u64 {
+    store
+        .partition_path(&rec.id)
+        .ok()
+        .and_then(|dir| crate::allocated(&dir.join(&rec.file)).ok())
+        .map_or(rec.bytes, |(bytes, _)| bytes)
 }
 
 /// The manifest a private partition carries in `provd/partition.json`.

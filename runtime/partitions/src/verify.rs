@@ -346,14 +346,7 @@ pub fn verify_vm(
 
     // The stack on record must be the one the partition carries.
     let recorded = store.stack_of(&private.id)?;
-    let carried: Vec<(String, String)> = manifest
-        .stack
-        .iter()
-        .map(|i| {
-            let partition = manifest.shared.get(i.shared).map(|r| r.partition.clone());
-            (partition.unwrap_or_default(), i.layer.clone())
-        })
-        .collect();
+    let carried = manifest.stack_names();
     let on_record: Vec<(String, String)> =
         recorded.iter().map(|s| (s.shared.clone(), s.layer.clone())).collect();
     if carried != on_record {
@@ -527,15 +520,7 @@ pub fn verify_vm(
         image: image.reference.clone(),
         private: private.id.clone(),
         shared: manifest.shared.iter().map(|s| s.partition.clone()).collect(),
-        layers: manifest
-            .stack
-            .iter()
-            .map(|i| {
-                let partition =
-                    manifest.shared.get(i.shared).map(|r| r.partition.as_str()).unwrap_or("");
-                format!("{partition}/{}", i.layer)
-            })
-            .collect(),
+        layers: carried.iter().map(|(partition, layer)| format!("{partition}/{layer}")).collect(),
         entries: entries.len() as u64,
         files_hashed: reader.files_hashed,
         bytes_hashed: reader.bytes_hashed,

@@ -15,7 +15,9 @@
 //! the caller names the VMs that are stopped (rewriting the partition of a
 //! running VM would change its disk under it).
 
-use provd_partitions::repack::{carried_manifest, moved_manifest, plan_repack, rewrite_boot_files};
+use provd_partitions::repack::{
+    allocated_bytes, carried_manifest, moved_manifest, plan_repack, rewrite_boot_files,
+};
 use provd_partitions::{BuildOptions, SharedFormat};
 use provd_store::{PartitionRecord, Store};
 
@@ -150,26 +152,13 @@ pub fn recover(store: &Store) -> Result<usize, VmError> {
     for (private, stack) in &pending {
         let Some(rec) = store.partition(private).map_err(failed)? else { continue };
         let carried = carried_manifest(store, &rec).ok();
-        let carries_new = carried.as_ref().is_some_and(|m| {
-            let named: Vec<(String, String)> = m
-                .stack
-                .iter()
-                .map(|i| {
-                    let p = m.shared.get(i.shared).map(|s| s.partition.clone()).unwrap_or_default();
-                    (p, i.layer.clone())
-                })
-                .collect();
-            let pending: Vec<(String, String)> =
-                stack.iter().map(|s| (s.shared.clone(), s.layer.clone())).collect();
-            named == pending
-        });
+        let pending: Vec<(String, String)> =
+            stack.iter().map(|s| (s.shared.clone(), s.layer.clone())).collect();
+        let carries_new = carried.as_ref().is_some_and(|m| m.stack_names() == pending);
         match (carries_new, carried) {
             (true, Some(m)) => {
                 let json = serde_json::to_string_pretty(&m).map_err(failed)?;
-                let image = store.partition_path(&rec.id).map_err(failed)?.join(&rec.file);
-                let bytes = std::fs::metadata(&image)
-                    .map(|md| std::os::unix::fs::MetadataExt::blocks(&md) * 512)
-                    .unwrap_or(rec.bytes);
+                let bytes = allocated_bytes(store, &rec);
                 let vm = rec.vms.first().cloned().unwrap_or_default();
                 finish(store, &vm, &rec, &json, bytes)?;
                 tracing::info!(partition = %rec.id, vm, "finished a repack move a crash interrupted");
