@@ -358,20 +358,7 @@ pub(crate) fn insert_image(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         )?;
         for e in entries {
-            insert.execute(params![
-                id,
-                e.path,
-                e.kind.as_str(),
-                e.mode,
-                to_i64(e.uid),
-                to_i64(e.gid),
-                e.mtime,
-                to_i64(e.size),
-                e.hash.map(|h| h.0.to_vec()),
-                e.link_target,
-                e.device.map(|d| d.0),
-                e.device.map(|d| d.1),
-            ])?;
+            insert_entry(&mut insert, &[&id], e)?;
         }
         // Each image counts once per object it uses, however many paths
         // share that content.
@@ -459,6 +446,33 @@ pub(crate) fn entry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
         link_target: r.get(8)?,
         device: major.zip(minor),
     })
+}
+
+/// Inserts `e` with `insert`, a statement whose parameters are `key`
+/// followed by the columns of [`ENTRY_COLUMNS`] (image entries and layer
+/// entries are stored alike).
+pub(crate) fn insert_entry(
+    insert: &mut rusqlite::Statement<'_>,
+    key: &[&dyn rusqlite::ToSql],
+    e: &Entry,
+) -> rusqlite::Result<usize> {
+    let (kind, uid, gid, size) = (e.kind.as_str(), to_i64(e.uid), to_i64(e.gid), to_i64(e.size));
+    let hash = e.hash.map(|h| h.0.to_vec());
+    let (major, minor) = (e.device.map(|d| d.0), e.device.map(|d| d.1));
+    let columns: [&dyn rusqlite::ToSql; 11] = [
+        &e.path,
+        &kind,
+        &e.mode,
+        &uid,
+        &gid,
+        &e.mtime,
+        &size,
+        &hash,
+        &e.link_target,
+        &major,
+        &minor,
+    ];
+    insert.execute(rusqlite::params_from_iter(key.iter().chain(columns.iter())))
 }
 
 pub(crate) const ENTRY_COLUMNS: &str =

@@ -8,12 +8,12 @@
 //! leaves a directory without a row, also removed at the next open. So a
 //! partition is visible only once it is complete and recorded.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use provd_domain::image::Entry;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::db::{ENTRY_COLUMNS, entry_row, now, to_i64};
+use crate::db::{ENTRY_COLUMNS, entry_row, insert_entry, now, to_i64};
 use crate::{Store, StoreError};
 
 /// A published partition.
@@ -507,18 +507,25 @@ impl Store {
             })
             .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(|e| self.db_error(e))?;
-        let mut users = db
+        // Every layer's VMs in one query, not one per layer: plans, builds
+        // and each metrics scrape read all layers.
+        let mut users: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        let mut stmt = db
             .prepare_cached(
-                "SELECT DISTINCT v.vm FROM partition_stack s
+                "SELECT DISTINCT s.shared, s.layer, v.vm FROM partition_stack s
                  JOIN partition_vms v ON v.partition = s.private
-                 WHERE s.shared = ?1 AND s.layer = ?2 AND s.pending = 0 ORDER BY v.vm",
+                 WHERE s.pending = 0 ORDER BY s.shared, s.layer, v.vm",
             )
             .map_err(|e| self.db_error(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?)))
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.db_error(e))?;
+        for (shared, layer, vm) in rows {
+            users.entry((shared, layer)).or_default().push(vm);
+        }
         for l in layers.iter_mut() {
-            l.vms = users
-                .query_map([&l.partition, &l.name], |r| r.get(0))
-                .and_then(|rows| rows.collect())
-                .map_err(|e| self.db_error(e))?;
+            l.vms = users.remove(&(l.partition.clone(), l.name.clone())).unwrap_or_default();
         }
         Ok(layers)
     }
@@ -703,21 +710,7 @@ fn insert(conn: &mut Connection, new: &NewPartition) -> rusqlite::Result<()> {
         for l in &new.layers {
             layer.execute(params![new.id, l.name, l.digest, to_i64(l.files), to_i64(l.bytes)])?;
             for e in &l.entries {
-                entry.execute(params![
-                    new.id,
-                    l.name,
-                    e.path,
-                    e.kind.as_str(),
-                    e.mode,
-                    to_i64(e.uid),
-                    to_i64(e.gid),
-                    e.mtime,
-                    to_i64(e.size),
-                    e.hash.map(|h| h.0.to_vec()),
-                    e.link_target,
-                    e.device.map(|d| d.0),
-                    e.device.map(|d| d.1),
-                ])?;
+                insert_entry(&mut entry, &[&new.id, &l.name], e)?;
             }
         }
         // A layer removed since the plan was made fails the foreign key:
