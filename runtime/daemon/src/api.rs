@@ -192,8 +192,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
     let store = s.store.clone();
     match tokio::task::spawn_blocking(move || store.layer_usage()).await {
         Ok(Ok(usage)) => s.metrics.set_layer_usage(&usage),
-        Ok(Err(e)) => tracing::warn!(error = %e, "reading the layer figures for metrics"),
-        Err(e) => tracing::warn!(error = %e, "reading the layer figures for metrics"),
+        failed => tracing::warn!(?failed, "reading the layer figures for metrics"),
     }
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],

@@ -442,7 +442,7 @@ impl Operations {
                         // A shared partition the operation built and no
                         // stack names (a plugin that never stacked it)
                         // goes now, not at the next start.
-                        if let Err(e) = store.free_unused_shared() {
+                        if let Err(e) = store.free_unused_shared_of(&op) {
                             tracing::warn!(operation = %op, error = %e, "freeing unused shared partitions");
                         }
                         return Ok(());
@@ -479,11 +479,10 @@ impl Operations {
         }
     }
 
-    /// Runs one of provd's own operations (deleting a VM) to the end,
-    /// under the same record, name exclusion and audit as a plugin's.
-    /// Runs a built-in operation: it holds the names of `req.vms` (so no
-    /// provisioning or deletion of them runs meanwhile) and is recorded
-    /// and audited like any operation.
+    /// Runs one of provd's own operations (deleting VMs, a repack) to the
+    /// end, under the same record, name exclusion and audit as a
+    /// plugin's: it holds the names of `req.vms`, so no provisioning or
+    /// deletion of them runs meanwhile.
     pub async fn run_builtin(
         &self,
         req: StartRequest,

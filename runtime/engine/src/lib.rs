@@ -440,15 +440,9 @@ impl Engine {
                     tracing::warn!(vm = %vm, error = %e, "cannot remove a failed request's VM");
                 }
             }
-            // Newest first; a shared partition still named by a stack of
-            // this request (built out of order) goes in a second pass.
-            let mut left = Vec::new();
+            // Newest first: a private partition is recorded after the
+            // shared partitions it stacks, so it goes before them.
             for id in partitions.iter().rev() {
-                if store.remove_partition(id).is_err() {
-                    left.push(id);
-                }
-            }
-            for id in left {
                 if let Err(e) = store.remove_partition(id) {
                     tracing::warn!(partition = %id, error = %e, "cannot remove a failed request's partition");
                 }

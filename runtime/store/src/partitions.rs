@@ -619,6 +619,19 @@ impl Store {
         })
     }
 
+    /// [`Store::free_unused_shared`] for the shared partitions operation
+    /// `operation` built, when it has ended: what it left unstacked.
+    pub fn free_unused_shared_of(
+        &self,
+        operation: &str,
+    ) -> Result<Vec<PartitionRecord>, StoreError> {
+        self.free_in(|tx| {
+            let mut stmt =
+                tx.prepare("SELECT id FROM partitions WHERE role = 'shared' AND operation = ?1")?;
+            stmt.query_map([operation], |r| r.get(0))?.collect()
+        })
+    }
+
     fn remove_partition_dir(&self, id: &str) -> Result<(), StoreError> {
         match self.partitions.remove_dir_all(id) {
             Ok(()) => Ok(()),

@@ -61,11 +61,13 @@ pub fn module_order(
     wanted: &[&str],
     dir: &Path,
 ) -> Result<Vec<String>, BootError> {
-    let mut deps: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
+    // Module name → its file; file → the files it needs.
+    let mut path_of: BTreeMap<String, String> = BTreeMap::new();
+    let mut by_path: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for line in modules_dep.lines() {
         let Some((path, rest)) = line.split_once(':') else { continue };
-        let needs: Vec<String> = rest.split_whitespace().map(str::to_string).collect();
-        deps.insert(module_name(path), (path.to_string(), needs));
+        path_of.insert(module_name(path), path.to_string());
+        by_path.insert(path.to_string(), rest.split_whitespace().map(str::to_string).collect());
     }
     let built_in: BTreeSet<String> = builtin.lines().map(module_name).collect();
     let mut order = Vec::new();
@@ -86,12 +88,10 @@ pub fn module_order(
         }
         order.push(path.to_string());
     }
-    let by_path: BTreeMap<String, Vec<String>> =
-        deps.values().map(|(p, n)| (p.clone(), n.clone())).collect();
     for name in wanted {
         let name = name.replace('-', "_");
-        match deps.get(&name) {
-            Some((path, _)) => visit(path, &by_path, &mut seen, &mut order),
+        match path_of.get(&name) {
+            Some(path) => visit(path, &by_path, &mut seen, &mut order),
             None if built_in.contains(&name) => {}
             None => {
                 return Err(BootError::MissingModule {
