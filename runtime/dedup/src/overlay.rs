@@ -45,21 +45,6 @@ pub struct VmView {
     slots: BTreeMap<String, Slot>,
 }
 
-fn implied_dir(path: &str) -> Entry {
-    Entry {
-        path: path.to_string(),
-        kind: EntryKind::Dir,
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-        mtime: 0,
-        size: 0,
-        hash: None,
-        link_target: None,
-        device: None,
-    }
-}
-
 /// The ancestors of a path, outermost first: `a/b/c` gives `a`, `a/b`.
 fn ancestors(path: &str) -> impl Iterator<Item = &str> {
     path.match_indices('/').filter_map(move |(i, _)| path.get(..i))
@@ -133,7 +118,7 @@ pub fn overlay_view(lowers: &[&[Entry]], private: &[Entry], whiteouts: &[String]
         dirs.sort_unstable();
         dirs.dedup();
         for d in dirs {
-            view.place(implied_dir(d), Source::Implied(i));
+            view.place(Entry::implied_dir(d), Source::Implied(i));
         }
         for (at, e) in layer.iter().enumerate() {
             view.place(e.clone(), Source::Layer { layer: i, entry: at });
@@ -308,7 +293,7 @@ mod tests {
     #[test]
     fn whiteouts_hide_a_path_and_its_tree_and_private_entries_win() {
         let low = [file("a/b/c", 1), file("a/d", 2), file("e", 3)];
-        let private = [implied_dir("a"), file("e", 4)];
+        let private = [Entry::implied_dir("a"), file("e", 4)];
         let v = overlay_view(&[&low], &private, &["a/b".to_string()]);
         assert_eq!(paths(&v), ["a:dir", "a/d:file", "e:file"]);
         assert_eq!(v.slots.get("e").and_then(|s| s.entry.hash), Some(Hash([4; 32])));

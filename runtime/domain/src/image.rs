@@ -135,6 +135,27 @@ pub struct Entry {
     pub device: Option<(u32, u32)>,
 }
 
+impl Entry {
+    /// A directory that only the entries below it imply: root-owned 0755,
+    /// time 0 (what an import records for a parent an archive leaves out,
+    /// and what an overlay layer shows for the directories its files sit
+    /// in).
+    pub fn implied_dir(path: impl Into<String>) -> Entry {
+        Entry {
+            path: path.into(),
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            size: 0,
+            hash: None,
+            link_target: None,
+            device: None,
+        }
+    }
+}
+
 /// Why a path was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {

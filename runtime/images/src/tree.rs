@@ -187,21 +187,7 @@ impl TreeBuilder {
             }
         }
         for dir in implied {
-            self.entries.insert(
-                dir.clone(),
-                Entry {
-                    path: dir,
-                    kind: EntryKind::Dir,
-                    mode: 0o755,
-                    uid: 0,
-                    gid: 0,
-                    mtime: 0,
-                    size: 0,
-                    hash: None,
-                    link_target: None,
-                    device: None,
-                },
-            );
+            self.entries.insert(dir.clone(), Entry::implied_dir(dir));
         }
         self.entries.into_values().collect()
     }
