@@ -20,6 +20,10 @@ kernel/fs/erofs/erofs.ko: kernel/lib/libcrc32c.ko
 kernel/fs/overlayfs/overlay.ko:
 kernel/fs/fuse/fuse.ko:
 kernel/fs/fuse/virtiofs.ko: kernel/fs/fuse/fuse.ko
+kernel/drivers/cdrom/cdrom.ko:
+kernel/fs/isofs/isofs.ko: kernel/drivers/cdrom/cdrom.ko
+kernel/drivers/net/net_failover.ko:
+kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
 ";
 const BUILTIN: &str = "kernel/fs/ext4/ext4.ko\n";
 

@@ -239,7 +239,7 @@ fn libvirt_disk_layout() {
     let db = load("db");
     let xml = libvirt_xml(&fixed_input(&db)).unwrap();
     // Root first and writable, then shared, then data disks in spec order,
-    // then the seed on sata.
+    // then the seed, every one a virtio disk (a cloud kernel has no SATA).
     let order: Vec<usize> =
         ["private.ext4", "shared.erofs", "data-pgdata.qcow2", "data-wal.raw", "seed.iso"]
             .iter()
@@ -248,7 +248,8 @@ fn libvirt_disk_layout() {
     assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}\n{xml}");
     assert!(xml.contains("<target dev=\"vda\" bus=\"virtio\"/>"));
     assert!(xml.contains("<target dev=\"vdd\" bus=\"virtio\"/>"));
-    assert!(xml.contains("<target dev=\"sda\" bus=\"sata\"/>"));
+    assert!(xml.contains("<target dev=\"vde\" bus=\"virtio\"/>"));
+    assert!(!xml.contains("sata") && !xml.contains("cdrom"), "{xml}");
     assert!(xml.contains("<driver name=\"qemu\" type=\"qcow2\"/>"));
     assert!(xml.contains("<os firmware=\"efi\">"));
     let root = &xml[xml.find("private.ext4").unwrap()..xml.find("shared.erofs").unwrap()];

@@ -161,20 +161,15 @@ fn write_os(w: &mut W, p: &Plan) -> io::Result<()> {
 }
 
 fn write_devices(w: &mut W, p: &Plan) -> io::Result<()> {
-    let mut virtio = 0usize;
-    let mut sata = 0usize;
-    for d in &p.disks {
-        let cdrom = d.role == DiskRole::Seed;
-        let target = if cdrom {
-            sata += 1;
-            disk_target("sd", sata - 1)
-        } else {
-            virtio += 1;
-            disk_target("vd", virtio - 1)
-        };
+    // Every disk, the seed too, is a virtio disk: cloud-init finds its seed
+    // by the label `cidata` on any block device, and kernels built for
+    // virtual machines (Debian's cloud kernel) have no SATA driver for a
+    // CD-ROM on q35.
+    for (i, d) in p.disks.iter().enumerate() {
+        let target = disk_target("vd", i);
         w.create_element("disk")
             .with_attribute(("type", "file"))
-            .with_attribute(("device", if cdrom { "cdrom" } else { "disk" }))
+            .with_attribute(("device", "disk"))
             .write_inner_content(|w| {
                 w.create_element("driver")
                     .with_attribute(("name", "qemu"))
@@ -183,7 +178,7 @@ fn write_devices(w: &mut W, p: &Plan) -> io::Result<()> {
                 w.create_element("source").with_attribute(("file", d.path)).write_empty()?;
                 w.create_element("target")
                     .with_attribute(("dev", target.as_str()))
-                    .with_attribute(("bus", if cdrom { "sata" } else { "virtio" }))
+                    .with_attribute(("bus", "virtio"))
                     .write_empty()?;
                 if d.read_only {
                     w.create_element("readonly").write_empty()?;
