@@ -5,6 +5,9 @@
 #   (the route that works where rustup cannot download targets).
 # - the real peers the tests start: docker-registry (an OCI registry) and
 #   skopeo (pushes images to it).
+# - qemu-system-x86, busybox-static, kmod and debootstrap for the boot tests:
+#   guests boot under qemu with Debian's cloud kernel (unpacked, not
+#   installed, by scripts/guest-kernel.sh) and an initramfs provd builds.
 # - rustfmt and clippy for the checks.
 set -euo pipefail
 
@@ -43,6 +46,14 @@ else
 fi
 
 install_missing docker-registry skopeo tar gzip
+# Boot tests. Without recommends: qemu's would pull a desktop stack. Its
+# packages may replace a newer qemu-utils with bookworm's, so qemu-utils
+# is checked after it.
+if ! dpkg -s qemu-system-x86 busybox-static kmod debootstrap >/dev/null 2>&1; then
+  [ "$updated" = yes ] || { as_root apt-get update -q; updated=yes; }
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    qemu-system-x86 busybox-static kmod debootstrap
+fi
 # Partition builders and readers: mkfs.erofs/fsck.erofs, mke2fs, qemu-img.
 install_missing erofs-utils e2fsprogs qemu-utils
 # VM configuration: virt-xml-validate (libvirt-clients; it runs xmllint from

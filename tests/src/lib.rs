@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+pub mod boot;
 pub mod daemon;
 pub mod oci;
 pub mod pki;

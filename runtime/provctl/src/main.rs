@@ -123,6 +123,24 @@ enum BootCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Boot a VM from the libvirt domain XML provd wrote for it, under plain
+    /// qemu-system-x86_64 (no libvirtd): its disks with their serials, its
+    /// kernel, initrd and command line, its console on standard output.
+    /// Network interfaces are left out. For smoke tests of a VM's layout.
+    Run {
+        /// <data>/vms/<name>/domain.xml of a VM that boots a kernel.
+        domain: PathBuf,
+        /// kvm, tcg, or auto: KVM where /dev/kvm opens and the CPU has
+        /// virtualisation extensions, TCG (software) otherwise.
+        #[arg(long, default_value = "auto")]
+        accel: String,
+        /// Stop the guest after this many seconds (exit status 124).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Print the qemu command instead of running it.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -269,6 +287,9 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 );
             }
             Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Boot(BootCommand::Run { domain, accel, timeout, dry_run }) => {
+            vm::boot_run(&domain, &accel, timeout, dry_run)
         }
         Command::Keygen(args) => bundle::keygen(args),
         Command::Bundle(command) => bundle::run(command),

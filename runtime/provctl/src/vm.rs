@@ -85,3 +85,50 @@ pub fn remove(names: &[String], data_dir: &Path) -> Result<ExitCode> {
     }
     Ok(code)
 }
+
+/// `provctl boot run`: boots the VM a domain XML describes under plain
+/// qemu, its console on standard output, for at most `timeout` seconds.
+pub fn boot_run(domain: &Path, accel: &str, timeout: u64, dry_run: bool) -> Result<ExitCode> {
+    use provd_vm::qemu::{Accel, parse_domain, qemu_args, qemu_binary};
+    let accel = match accel {
+        "auto" => Accel::detect(),
+        "kvm" => Accel::Kvm,
+        "tcg" => Accel::Tcg,
+        other => anyhow::bail!("--accel {other:?}: use kvm, tcg or auto"),
+    };
+    let xml =
+        std::fs::read_to_string(domain).with_context(|| format!("reading {}", domain.display()))?;
+    let parsed = parse_domain(&xml).with_context(|| domain.display().to_string())?;
+    let args = qemu_args(&parsed, accel);
+    let qemu = qemu_binary()?;
+    if dry_run {
+        println!("{} {}", qemu.display(), args.join(" "));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if parsed.nics_left_out > 0 {
+        eprintln!(
+            "provctl: {}: {} network interface(s) left out; the guest boots without network",
+            parsed.name, parsed.nics_left_out
+        );
+    }
+    eprintln!("provctl: booting {} under qemu ({})", parsed.name, accel.as_str());
+    let mut child = std::process::Command::new(&qemu)
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", qemu.display()))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+    loop {
+        if let Some(status) = child.try_wait().context("waiting for qemu")? {
+            return Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+        }
+        if std::time::Instant::now() >= deadline {
+            // The guest is a throwaway: stopping qemu is the power button.
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!("provctl: {} still running after {timeout} s; stopped", parsed.name);
+            return Ok(ExitCode::from(124));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

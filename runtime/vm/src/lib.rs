@@ -3,6 +3,7 @@
 pub mod boot;
 pub mod cloudinit;
 pub mod node;
+pub mod qemu;
 pub mod render;
 pub mod repack;
 pub mod spec;

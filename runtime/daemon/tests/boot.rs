@@ -1,0 +1,228 @@
+// Integration tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+//! Guests boot from what provd wrote. Two VMs of two Debian roots (this
+//! machine's packages; debootstrap with cloud-init) are provisioned by the
+//! real daemon with Debian's cloud kernel and provd's initramfs, their
+//! seeds customised by the cloud-init plugin, then booted twice each under
+//! qemu from their libvirt domain XML. Each guest's first process reports
+//! on the console; the test compares that with the image: `/` is the
+//! overlay, `/etc/os-release` and files from its shared layer and from its
+//! own private files hash as in the image, a file written in the first
+//! boot is there in the second, the shared partition is unchanged, and
+//! cloud-init applied the hostname and SSH key of the seed.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use provd_client::{Client, TlsFiles};
+use provd_tests::boot::{
+    Console, add_check, boot, cloud_root, demo_roots, file_digest, guest_kernel, install_boot_files,
+};
+use provd_tests::daemon::{DEFAULT_EXTRA, TestNode};
+use provd_tests::{CLOUD_INIT, SHARED_PARTITION};
+use serde_json::{Value, json};
+use sha2::Digest;
+
+const PROVD: &str = env!("CARGO_BIN_EXE_provd");
+/// Software emulation boots a Debian root in seconds; cloud-init's Python
+/// takes longer. Generous, so that a slow CI machine does not fail a boot
+/// that works.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJDiwd0q0EtpBdN27xv1S9+KrgNRz6jxD4skH2FHqmCr ops@example.com";
+
+/// Regular files of a tree by path (relative, with a leading `/`): size,
+/// mode, owner.
+fn files(root: &Path) -> BTreeMap<String, (u64, u32, u32, u32)> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let m = e.path().symlink_metadata().unwrap();
+            if m.is_dir() {
+                todo.push(e.path());
+            } else if m.is_file() {
+                let rel = e.path().strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                out.insert(format!("/{rel}"), (m.len(), m.mode(), m.uid(), m.gid()));
+            }
+        }
+    }
+    out
+}
+
+fn sha256(path: &Path) -> String {
+    let data = std::fs::read(path).unwrap();
+    sha2::Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The largest `n` of `paths` (by size) that are at least 4 KiB, readable
+/// by anyone (the check runs as root, but keep to plain files), under
+/// `/usr`.
+fn largest(paths: Vec<(&String, u64)>, n: usize) -> Vec<String> {
+    let mut v: Vec<_> =
+        paths.into_iter().filter(|(p, s)| *s >= 4096 && p.starts_with("/usr/")).collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    v.into_iter().take(n).map(|(p, _)| p.clone()).collect()
+}
+
+fn spec(name: &str, root: &Path) -> Value {
+    json!({"name": name, "hypervisor": "libvirt", "vcpus": 1, "memory-mib": 512,
+           "image": format!("dir:{}", root.display()),
+           "boot": {"kernel": "vmlinuz", "initrd": "provd-initrd.img",
+                    "cmdline": "console=ttyS0 panic=-1 init=/usr/sbin/provd-check"},
+           "cloud-init": {"hostname": format!("{name}.example")}})
+}
+
+/// Boots, and fails with the console when the check did not finish.
+fn boot_checked(domain: &Path, what: &str) -> Console {
+    let console = boot(domain, BOOT_TIMEOUT).unwrap();
+    assert!(
+        console.finished() && console.exited,
+        "{what}: the guest's check did not finish in {:?} (exited: {}):\n{}",
+        console.elapsed,
+        console.exited,
+        console.text()
+    );
+    console
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_images() {
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("boot");
+    std::fs::create_dir_all(&cache).unwrap();
+    let kernel = guest_kernel(&cache.join("kernel")).unwrap();
+    let cloud_cached = cloud_root(&cache.join("cloud-root")).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    demo_roots(&dir.path().join("demo")).unwrap();
+    let web = dir.path().join("demo/web");
+    let cloud = dir.path().join("cloud");
+    let copied =
+        std::process::Command::new("cp").arg("-a").arg(&cloud_cached).arg(&cloud).status().unwrap();
+    assert!(copied.success());
+
+    // Files of each kind: in both roots exactly alike (the plan puts them
+    // on the shared partition), and each root's own (its private
+    // partition, with layer-unique-files off).
+    let (web_files, cloud_files) = (files(&web), files(&cloud));
+    let same: Vec<(&String, u64)> = web_files
+        .iter()
+        .filter(|(p, meta)| {
+            cloud_files.get(*p) == Some(meta)
+                && sha256(&web.join(&p[1..])) == sha256(&cloud.join(&p[1..]))
+        })
+        .map(|(p, m)| (p, m.0))
+        .collect();
+    let shared = largest(same, 4);
+    assert!(!shared.is_empty(), "the two roots have no file alike under /usr");
+    let own = |mine: &BTreeMap<String, (u64, u32, u32, u32)>,
+               other: &BTreeMap<String, (u64, u32, u32, u32)>| {
+        largest(
+            mine.iter().filter(|(p, _)| !other.contains_key(*p)).map(|(p, m)| (p, m.0)).collect(),
+            4,
+        )
+    };
+    let lists = [
+        ("web-1", web.clone(), [shared.clone(), own(&web_files, &cloud_files)].concat()),
+        ("cloud-1", cloud.clone(), [shared.clone(), own(&cloud_files, &web_files)].concat()),
+    ];
+    for (_, root, list) in &lists {
+        add_check(root, list).unwrap();
+    }
+
+    let extra = format!(
+        "[policy]\nimage-sources = [\"dir:{}\", \"dir:{}\"]\n{DEFAULT_EXTRA}",
+        web.display(),
+        cloud.display()
+    );
+    let node = TestNode::start(Path::new(PROVD), &dir.path().join("node"), &extra).unwrap();
+    install_boot_files(&kernel, &node.data).unwrap();
+    let (ca, cert, key) = node.tls();
+    let c = Client::new(&node.url, &TlsFiles { ca, cert: Some(cert), key: Some(key) }).unwrap();
+    for fixture in [SHARED_PARTITION, CLOUD_INIT] {
+        let manifest = std::fs::read_to_string(fixture.dir().join("plugin.toml")).unwrap();
+        assert_eq!(c.deploy(node.bundle(&manifest, &fixture.wasm())).await.unwrap().status, 201);
+    }
+    let vms: Vec<Value> = lists.iter().map(|(n, r, _)| spec(n, r)).collect();
+    let request = json!({"plugin": "shared-partition", "vms": vms,
+                         "params": {"min-layer-bytes": 0, "layer-unique-files": false,
+                                    "shared-format": "erofs", "private-format": "ext4"}});
+    let started = c.provision(&request).await.unwrap();
+    let id = started.body["operation"]["id"].as_str().unwrap().to_string();
+    let done = c.wait(&id, |_| {}).await.unwrap();
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    for vm in done["report"]["output"]["vms"].as_array().unwrap() {
+        assert!(vm["new_shared_bytes"].as_u64().unwrap() > 0, "{vm:#}");
+        assert!(vm["private_bytes"].as_u64().unwrap() > 0, "{vm:#}");
+    }
+    // cloud-1's seed rewritten by the cloud-init plugin: another hostname
+    // and a user with a key, which the guest's cloud-init must apply.
+    let mut custom = spec("cloud-1", &cloud);
+    custom["cloud-init"] = json!({"hostname": "www.example.net",
+                                  "users": [{"name": "ops", "ssh-authorized-keys": [KEY]}]});
+    let customised = c.provision(&json!({"plugin": "cloud-init", "vms": [custom]})).await.unwrap();
+    let cid = customised.body["operation"]["id"].as_str().unwrap().to_string();
+    let done = c.wait(&cid, |_| {}).await.unwrap();
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+
+    for (name, root, list) in &lists {
+        let domain = node.data.join("vms").join(name).join("domain.xml");
+        let parsed =
+            provd_vm::qemu::parse_domain(&std::fs::read_to_string(&domain).unwrap()).unwrap();
+        let disk = |serial: &str| -> PathBuf {
+            parsed.disks.iter().find(|d| d.serial == serial).unwrap().file.clone()
+        };
+        let shared_disk = disk("shared-0");
+        let private_disk = disk("root");
+        let shared_before = file_digest(&shared_disk).unwrap();
+        let private_before = file_digest(&private_disk).unwrap();
+
+        let first = boot_checked(&domain, &format!("{name}, first boot"));
+        let context = first.text();
+        assert_eq!(first.facts("root"), ["overlay"], "{name}:\n{context}");
+        let os_release: Vec<String> = std::fs::read_to_string(root.join("etc/os-release"))
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        assert_eq!(first.facts("os-release"), os_release, "{name}:\n{context}");
+        let expected: Vec<String> =
+            list.iter().map(|p| format!("{} {p}", sha256(&root.join(&p[1..])))).collect();
+        assert_eq!(first.facts("sha256"), expected, "{name}:\n{context}");
+        assert_eq!(first.facts("boot"), ["1"], "{name}:\n{context}");
+        assert!(
+            first.facts("cannot").is_empty() && first.facts("cloud-init").is_empty(),
+            "{context}"
+        );
+
+        let second = boot_checked(&domain, &format!("{name}, second boot"));
+        assert_eq!(
+            second.facts("boot"),
+            ["2"],
+            "{name}: the first boot's write is gone:\n{}",
+            second.text()
+        );
+        assert_eq!(second.facts("sha256"), expected, "{name}:\n{}", second.text());
+        // Writes land in the private partition; the shared one is as built.
+        assert_eq!(file_digest(&shared_disk).unwrap(), shared_before, "{name}");
+        assert_ne!(file_digest(&private_disk).unwrap(), private_before, "{name}");
+
+        if *name == "cloud-1" {
+            // cloud-init gives the kernel the first label of the seed's
+            // hostname (`prefer_fqdn_over_hostname` is off by default).
+            assert_eq!(first.facts("hostname"), ["www"], "{context}");
+            assert_eq!(first.facts("key"), [format!("ops {KEY}")], "{context}");
+        } else {
+            assert!(first.facts("hostname").is_empty(), "{context}");
+        }
+        eprintln!(
+            "{name}: first check line after {:?}, boot {:?} / {:?}",
+            first.first_check_line.unwrap_or_default(),
+            first.elapsed,
+            second.elapsed
+        );
+    }
+}
