@@ -6,6 +6,8 @@
 #   api: base + perl-base findutils diffutils
 #   db:  base + util-linux ncurses-bin ncurses-base
 # base: base-files libc6 bash coreutils dash sed grep
+# Each also carries /usr/sbin/provd-check (scripts/provd-check), the first
+# process of a guest booted to check its layout.
 #
 #   scripts/demo-images.sh DIR      # writes DIR/web, DIR/api, DIR/db
 set -euo pipefail
@@ -40,5 +42,6 @@ for image in web api db; do
   rm -f "$list"
   mkdir -p "$tree/etc"
   printf '%s\n' "$image" > "$tree/etc/hostname"
+  install -D -m 0755 "$(dirname "$0")/provd-check" "$tree/usr/sbin/provd-check"
   echo "demo-images: $tree ($(du -sh "$tree" | cut -f1))"
 done

@@ -88,8 +88,11 @@ pub fn add_check(root: &Path, files: &[String]) -> Result<(), String> {
 pub struct Console {
     /// Every console line.
     pub lines: Vec<String>,
-    /// From qemu's start to the first `provd-check:` line.
+    /// From qemu's start to the first `provd-check:` line: the guest's
+    /// first process is running.
     pub first_check_line: Option<Duration>,
+    /// From qemu's start to `provd-check: end`.
+    pub check_end: Option<Duration>,
     /// From qemu's start to its exit.
     pub elapsed: Duration,
     /// Whether qemu ended by itself (false: stopped at the deadline).
@@ -122,8 +125,13 @@ impl Console {
 pub fn boot(domain: &Path, timeout: Duration) -> Result<Console, String> {
     let xml = std::fs::read_to_string(domain).map_err(|e| format!("{}: {e}", domain.display()))?;
     let parsed = provd_vm::qemu::parse_domain(&xml).map_err(|e| e.to_string())?;
+    boot_domain(&parsed, timeout)
+}
+
+/// [`boot`] of a parsed domain (which a caller may have changed).
+pub fn boot_domain(parsed: &provd_vm::qemu::Domain, timeout: Duration) -> Result<Console, String> {
     let accel = provd_vm::qemu::Accel::detect();
-    let args = provd_vm::qemu::qemu_args(&parsed, accel);
+    let args = provd_vm::qemu::qemu_args(parsed, accel);
     let qemu = provd_vm::qemu::qemu_binary().map_err(|e| e.to_string())?;
     let started = Instant::now();
     let mut child = Command::new(&qemu)
@@ -157,6 +165,7 @@ pub fn boot(domain: &Path, timeout: Duration) -> Result<Console, String> {
     let deadline = started + timeout;
     let mut lines = Vec::new();
     let mut first_check_line = None;
+    let mut check_end = None;
     let mut exited = false;
     loop {
         let now = Instant::now();
@@ -167,6 +176,9 @@ pub fn boot(domain: &Path, timeout: Duration) -> Result<Console, String> {
             Ok((at, line)) => {
                 if first_check_line.is_none() && line.starts_with("provd-check:") {
                     first_check_line = Some(at - started);
+                }
+                if line.trim_end_matches('\r') == "provd-check: end" {
+                    check_end = Some(at - started);
                 }
                 lines.push(line);
             }
@@ -186,7 +198,7 @@ pub fn boot(domain: &Path, timeout: Duration) -> Result<Console, String> {
     let _ = reader.join();
     let _ = err_reader.join();
     lines.extend(rx.try_iter().map(|(_, l)| l));
-    Ok(Console { lines, first_check_line, elapsed, exited })
+    Ok(Console { lines, first_check_line, check_end, elapsed, exited })
 }
 
 /// BLAKE3 of a file, hex.
