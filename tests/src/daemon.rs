@@ -22,6 +22,9 @@ pub struct TestNode {
     pub url: String,
     /// The daemon's stderr log.
     pub log: PathBuf,
+    /// Working directory and `--config` argument, when the daemon is
+    /// started as a user would from a shell: a relative path.
+    relative: Option<(PathBuf, PathBuf)>,
 }
 
 /// What the configuration says beyond the defaults: TOML appended to it.
@@ -68,17 +71,34 @@ impl TestNode {
             child: None,
             url: String::new(),
             log: dir.join("provd.log"),
+            relative: None,
         };
         node.restart()?;
         Ok(node)
     }
 
+    /// Rewrites the configuration with every path relative to its
+    /// directory, and from the next restart starts the daemon in the
+    /// directory above with `--config <dir name>/provd.toml`.
+    pub fn use_relative_config(&mut self) -> std::io::Result<()> {
+        let text = std::fs::read_to_string(&self.config)?;
+        let prefix = format!("\"{}/", self.dir.display());
+        std::fs::write(&self.config, text.replace(&prefix, "\""))?;
+        let parent = self.dir.parent().ok_or_else(|| std::io::Error::other("no parent"))?;
+        let name = self.dir.file_name().ok_or_else(|| std::io::Error::other("no name"))?;
+        self.relative = Some((parent.to_path_buf(), Path::new(name).join("provd.toml")));
+        Ok(())
+    }
+
     /// Starts the daemon (again) and waits until it listens.
     pub fn restart(&mut self) -> std::io::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let mut child = Command::new(&self.binary)
-            .args(["serve", "--config"])
-            .arg(&self.config)
+        let mut command = Command::new(&self.binary);
+        match &self.relative {
+            Some((cwd, config)) => command.current_dir(cwd).args(["serve", "--config"]).arg(config),
+            None => command.args(["serve", "--config"]).arg(&self.config),
+        };
+        let mut child = command
             .env("PROVD_LOG", std::env::var("PROVD_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::piped())
             .stderr(log)

@@ -131,8 +131,8 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Reads and checks `path`; relative paths inside become relative to
-    /// its directory.
+    /// Reads and checks `path`; relative paths inside become absolute,
+    /// relative to its directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
@@ -140,7 +140,12 @@ impl Config {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        // Every path the daemon keeps is absolute: a relative `--config`
+        // would otherwise leave relative paths that the VM configurations
+        // (which must name absolute host paths) refuse.
+        let absolute = std::path::absolute(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let base = absolute.parent().unwrap_or(Path::new("/")).to_path_buf();
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);

@@ -720,3 +720,29 @@ async fn a_cancel_stops_a_plugin_that_makes_no_more_host_calls() {
         .collect();
     assert_eq!(steps, ["start:started", "cancel:requested", "finish:cancelled"], "{audit}");
 }
+
+/// A user starts the daemon from a shell with a relative `--config` whose
+/// paths are relative to it: every path is made absolute at load, and a
+/// provisioning writes under the node's data directory.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relative_config_path_from_another_directory_provisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = node(&dir.path().join("node"), "");
+    node.terminate();
+    node.use_relative_config().unwrap();
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    assert!(text.contains("data-dir = \"data\""), "{text}");
+    node.restart().unwrap();
+    let c = client(&node);
+    let images = dir.path().join("node/images");
+    c.deploy(node.bundle(&imager("1.0.0", &images), &IMAGER.wasm())).await.unwrap();
+    let request = json!({"plugin": "imager", "vms": [spec("web-1", &images.join("web"))],
+                         "params": partitions_params(false)});
+    let id =
+        c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    let done = c.wait(&id, |_| {}).await.unwrap();
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let xml = std::fs::read_to_string(node.data.join("vms/web-1/domain.xml")).unwrap();
+    let data = node.data.canonicalize().unwrap();
+    assert!(xml.contains(&format!("<source file=\"{}/partitions/", data.display())), "{xml}");
+}

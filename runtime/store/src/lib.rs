@@ -129,6 +129,14 @@ impl Store {
     /// Opens (creating if needed) the store in `path`, takes its lock,
     /// checks the database and collects garbage left by a crash.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        // The store hands out paths that VM configurations name; those must
+        // be absolute whatever directory the caller started in.
+        let absolute = std::path::absolute(path).map_err(|source| StoreError::Io {
+            what: "resolving the data directory".into(),
+            dir: path.display().to_string(),
+            source,
+        })?;
+        let path = absolute.as_path();
         let display = path.display().to_string();
         let io = |what: &str| {
             let dir = display.clone();
