@@ -142,9 +142,14 @@ async fn main() -> Result<()> {
         .provision(&json!({"plugin": "shared-partition", "vms": vms,
                             "params": {"shared-format": "erofs", "private-format": "ext4"}}))
         .await?;
-    let id = started.body["operation"]["id"].as_str().context("no operation id")?.to_string();
+    let id = started
+        .body
+        .pointer("/operation/id")
+        .and_then(serde_json::Value::as_str)
+        .context("no operation id")?
+        .to_string();
     let done = c.wait(&id, |_| {}).await?;
-    if done["state"] != "succeeded" {
+    if done.get("state").and_then(serde_json::Value::as_str) != Some("succeeded") {
         bail!("provisioning failed: {done:#}");
     }
 
