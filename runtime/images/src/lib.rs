@@ -13,7 +13,7 @@
 //! imports of different references run in parallel up to a limit.
 
 mod archive;
-mod oci;
+pub mod oci;
 mod reference;
 mod tree;
 mod tree_dir;
