@@ -45,7 +45,7 @@ else
   echo "setup: guest toolchain: Debian rustc, wasm32-wasip1 + build-std + reactor adapter"
 fi
 
-install_missing docker-registry skopeo tar gzip
+install_missing docker-registry skopeo tar gzip zstd
 # Boot tests. Without recommends: qemu's would pull a desktop stack. Its
 # packages may replace a newer qemu-utils with bookworm's, so qemu-utils
 # is checked after it.

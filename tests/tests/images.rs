@@ -506,3 +506,510 @@ fn leftovers_of_a_crash_are_collected_when_the_store_opens() {
     assert!(!data.join("objects").join(&stray[..2]).join(&stray).exists());
     assert!(store.staging_files().unwrap().is_empty());
 }
+
+/// How an entry's name (and link target) is written in the archive: the
+/// old header's 100-byte field, a GNU long-name record, or a PAX record.
+/// A trick must be refused whichever way it is spelled.
+#[derive(Debug, Clone, Copy)]
+enum Enc {
+    Ustar,
+    Gnu,
+    Pax,
+}
+
+/// One entry of a generated archive.
+#[derive(Debug, Clone)]
+struct E {
+    name: Vec<u8>,
+    kind: tar::EntryType,
+    link: Vec<u8>,
+    mode: u32,
+    device: Option<(u32, u32)>,
+    data: Vec<u8>,
+}
+
+fn ef(name: &[u8], data: &[u8]) -> E {
+    E {
+        name: name.to_vec(),
+        kind: tar::EntryType::Regular,
+        link: Vec::new(),
+        mode: 0o644,
+        device: None,
+        data: data.to_vec(),
+    }
+}
+fn ed(name: &[u8]) -> E {
+    E { kind: tar::EntryType::Directory, mode: 0o755, ..ef(name, b"") }
+}
+fn esym(name: &[u8], target: &[u8]) -> E {
+    E { kind: tar::EntryType::Symlink, link: target.to_vec(), mode: 0o777, ..ef(name, b"") }
+}
+fn ehard(name: &[u8], target: &[u8]) -> E {
+    E { kind: tar::EntryType::Link, link: target.to_vec(), ..ef(name, b"") }
+}
+fn edev(name: &[u8], kind: tar::EntryType, major: u32, minor: u32) -> E {
+    E { kind, device: Some((major, minor)), ..ef(name, b"") }
+}
+
+/// A raw header record (name and link cut to the old 100-byte fields)
+/// and its data, padded to 512 bytes.
+fn record(out: &mut Vec<u8>, e: &E) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(e.kind);
+    h.set_size(e.data.len() as u64);
+    h.set_mode(e.mode);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    if let Some((major, minor)) = e.device {
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+    }
+    let old = h.as_old_mut();
+    let n = e.name.len().min(old.name.len());
+    old.name[..n].copy_from_slice(&e.name[..n]);
+    let l = e.link.len().min(old.linkname.len());
+    old.linkname[..l].copy_from_slice(&e.link[..l]);
+    h.set_cksum();
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(&e.data);
+    out.resize(out.len().next_multiple_of(512), 0);
+}
+
+/// `<length> <key>=<value>\n`, the length counting itself.
+fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
+    let body = key.len() + value.len() + 3;
+    let mut len = body + 1;
+    while len.to_string().len() + body != len {
+        len = len.to_string().len() + body;
+    }
+    [format!("{len} {key}=").as_bytes(), value, b"\n"].concat()
+}
+
+fn entry(out: &mut Vec<u8>, enc: Enc, e: &E) {
+    let placeholder = |e: &E| E {
+        name: b"placeholder".to_vec(),
+        link: if e.link.is_empty() { Vec::new() } else { b"placeholder".to_vec() },
+        ..e.clone()
+    };
+    match enc {
+        Enc::Ustar => {
+            assert!(e.name.len() <= 100 && e.link.len() <= 100, "{e:?} does not fit ustar");
+            record(out, e);
+        }
+        Enc::Gnu => {
+            let long = |kind, value: &[u8]| E {
+                kind,
+                data: [value, b"\0"].concat(),
+                ..ef(b"././@LongLink", b"")
+            };
+            record(out, &long(tar::EntryType::GNULongName, &e.name));
+            if !e.link.is_empty() {
+                record(out, &long(tar::EntryType::GNULongLink, &e.link));
+            }
+            record(out, &placeholder(e));
+        }
+        Enc::Pax => {
+            let mut ext = pax_record("path", &e.name);
+            if !e.link.is_empty() {
+                ext.extend(pax_record("linkpath", &e.link));
+            }
+            record(out, &E { kind: tar::EntryType::XHeader, data: ext, ..ef(b"pax", b"") });
+            record(out, &placeholder(e));
+        }
+    }
+}
+
+fn generated(enc: Enc, entries: &[E]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in entries {
+        entry(&mut out, enc, e);
+    }
+    out.extend_from_slice(&[0; 1024]);
+    out
+}
+
+#[derive(Debug)]
+enum Expect {
+    /// Refused with a message holding this text.
+    Refused(&'static str),
+    /// Imported, with these paths of these kinds (and nothing created for
+    /// them but their records and regular files' content objects).
+    Accepted(Vec<(&'static str, EntryKind)>),
+}
+
+/// Every archive trick, each spelled in every header encoding where names
+/// matter: traversal in every spelling, link chains, names that collide,
+/// control characters and broken UTF-8, devices and setuid files, size
+/// lies and truncation. Each must end exactly as expected and write
+/// nothing outside the data directory; a refusal leaves the store empty.
+#[tokio::test]
+async fn a_generated_corpus_of_hostile_archives_each_ends_exactly_as_expected() {
+    use EntryKind::{BlockDevice, CharDevice, Dir, Fifo, File, Hardlink, Symlink};
+    use Expect::{Accepted, Refused};
+    let good = || ef(b"etc/good", b"good content that must not stay behind");
+    let mut named: Vec<(String, Vec<E>, Expect)> = Vec::new();
+    let mut add = |what: &str, entries: Vec<E>, expect: Expect| {
+        named.push((what.to_string(), entries, expect));
+    };
+    // Traversal, every spelling: refused.
+    for path in [&b"/etc/passwd"[..], b"//etc/passwd", b"/./etc/passwd", b"/", b"/.."] {
+        add(
+            &format!("absolute {}", String::from_utf8_lossy(path)),
+            vec![good(), ef(path, b"x")],
+            Refused("is absolute"),
+        );
+    }
+    for path in [
+        &b"../etc/passwd"[..],
+        b"a/../../etc/passwd",
+        b"./../etc/passwd",
+        b"a/b/../../../etc/passwd",
+        b"a/../b/../../x",
+        b"..",
+        b"../",
+        b"a/..",
+        b"a/b/..",
+        b"./..",
+        b"a/./../..",
+    ] {
+        add(
+            &format!("dot-dot {}", String::from_utf8_lossy(path)),
+            vec![good(), ef(path, b"x")],
+            Refused("`..` component"),
+        );
+    }
+    // Look-alikes of `..` are ordinary names on Linux: kept as written,
+    // inside the image.
+    for (path, stored) in [
+        (&b"..\\etc\\passwd"[..], "..\\etc\\passwd"),
+        (b"...", "..."),
+        (b"a/...b", "a/...b"),
+        (b"%2e%2e/x", "%2e%2e/x"),
+        ("\u{2025}/x".as_bytes(), "\u{2025}/x"),
+        ("\u{ff0e}\u{ff0e}/x".as_bytes(), "\u{ff0e}\u{ff0e}/x"),
+        (b". ./x", ". ./x"),
+    ] {
+        add(
+            &format!("look-alike {stored}"),
+            vec![good(), ef(path, b"x")],
+            Accepted(vec![(stored, File)]),
+        );
+    }
+    // Names no filesystem path may have.
+    for (path, why) in [
+        (&b"a\nb"[..], "control character|malformed record"),
+        (b"a\rb", "control character"),
+        (b"a\x7fb", "control character"),
+        (b"\x1b[2Jx", "control character"),
+        (b"a\tb", "control character"),
+        (b"\xc0\xae\xc0\xae/x", "not valid UTF-8"),
+        (b"caf\xe9", "not valid UTF-8"),
+        (b"\xed\xa0\x80", "not valid UTF-8"),
+    ] {
+        add(
+            &format!("name {:?}", String::from_utf8_lossy(path)),
+            vec![good(), ef(path, b"x")],
+            Refused(why),
+        );
+    }
+    // Spellings of a name the image already has: one entry each.
+    for path in [&b"etc//good"[..], b"./etc/good", b"etc/./good", b"etc/good/", b"./etc//./good"] {
+        add(
+            &format!("duplicate {}", String::from_utf8_lossy(path)),
+            vec![good(), ef(path, b"other")],
+            Refused("appears twice"),
+        );
+    }
+    // Names that differ only in case or Unicode normalisation are
+    // different names on Linux filesystems: both kept.
+    add(
+        "case-colliding",
+        vec![good(), ef(b"etc/GOOD", b"x"), ef(b"ETC/good", b"y")],
+        Accepted(vec![("etc/good", File), ("etc/GOOD", File), ("ETC/good", File)]),
+    );
+    add(
+        "NFC and NFD",
+        vec![ef("caf\u{e9}".as_bytes(), b"1"), ef("cafe\u{301}".as_bytes(), b"2")],
+        Accepted(vec![("caf\u{e9}", File), ("cafe\u{301}", File)]),
+    );
+    // Link chains: writing through a symlink is refused wherever it sits.
+    add(
+        "file through a symlink to /etc",
+        vec![good(), esym(b"evil", b"/etc"), ef(b"evil/passwd", b"x")],
+        Refused("its parent evil is a symlink"),
+    );
+    add(
+        "file through a symlink to ..",
+        vec![good(), esym(b"evil", b".."), ef(b"evil/x", b"x")],
+        Refused("its parent evil is a symlink"),
+    );
+    add(
+        "file through a symlink chain",
+        vec![good(), esym(b"b", b"/etc"), esym(b"a", b"b"), ef(b"a/passwd", b"x")],
+        Refused("its parent a is a symlink"),
+    );
+    add(
+        "file through a deep symlink",
+        vec![good(), ed(b"d/"), esym(b"d/l", b"/"), ef(b"d/l/etc/passwd", b"x")],
+        Refused("is a symlink"),
+    );
+    add(
+        "directory through a symlink",
+        vec![good(), esym(b"evil", b"/"), ed(b"evil/etc/")],
+        Refused("its parent evil is a symlink"),
+    );
+    add(
+        "symlink over a symlink",
+        vec![good(), esym(b"l", b"a"), esym(b"l", b"/etc")],
+        Refused("appears twice"),
+    );
+    add(
+        "directory over a symlink",
+        vec![good(), esym(b"evil", b"/etc"), ed(b"evil/")],
+        Refused("appears twice"),
+    );
+    add(
+        "hard link through a symlink",
+        vec![good(), esym(b"evil", b"/etc"), ehard(b"evil/h", b"etc/good")],
+        Refused("its parent evil is a symlink"),
+    );
+    add(
+        "hard link out by ..",
+        vec![good(), ehard(b"h", b"../../etc/shadow")],
+        Refused("`..` component"),
+    );
+    add(
+        "hard link to an absolute path",
+        vec![good(), ehard(b"h", b"/etc/shadow")],
+        Refused("is absolute"),
+    );
+    add("hard link to itself", vec![good(), ehard(b"h", b"h")], Refused("not an earlier file"));
+    add(
+        "hard link to a later file",
+        vec![good(), ehard(b"h", b"later"), ef(b"later", b"x")],
+        Refused("not an earlier file"),
+    );
+    add(
+        "hard link to a directory",
+        vec![good(), ed(b"d/"), ehard(b"h", b"d")],
+        Refused("which is a dir"),
+    );
+    add(
+        "hard link to a symlink",
+        vec![good(), esym(b"s", b"/etc/shadow"), ehard(b"h", b"s")],
+        Refused("which is a symlink"),
+    );
+    add(
+        "hard link to a device",
+        vec![good(), edev(b"null", tar::EntryType::Char, 1, 3), ehard(b"h", b"null")],
+        Refused("which is a char"),
+    );
+    add(
+        "hard link through a chain",
+        vec![good(), ehard(b"h1", b"etc/good"), ehard(b"h2", b"h1")],
+        Accepted(vec![("h1", Hardlink), ("h2", Hardlink), ("etc/good", File)]),
+    );
+    // Symlink targets are recorded, never followed.
+    add(
+        "symlink to /etc/shadow",
+        vec![good(), esym(b"s", b"/etc/shadow")],
+        Accepted(vec![("s", Symlink)]),
+    );
+    add(
+        "symlink to ../../..",
+        vec![good(), esym(b"s", b"../../..")],
+        Accepted(vec![("s", Symlink)]),
+    );
+    add(
+        "symlink with a control character",
+        vec![good(), esym(b"s", b"a\x07b")],
+        Refused("control character"),
+    );
+    add(
+        "symlink with an empty target",
+        vec![good(), esym(b"s", b"")],
+        Refused("link without a target"),
+    );
+    // Devices and setuid files are recorded, never created.
+    add(
+        "character device",
+        vec![good(), ed(b"dev/"), edev(b"dev/mem", tar::EntryType::Char, 1, 1)],
+        Accepted(vec![("dev/mem", CharDevice)]),
+    );
+    add(
+        "block device",
+        vec![good(), ed(b"dev/"), edev(b"dev/sda", tar::EntryType::Block, 8, 0)],
+        Accepted(vec![("dev/sda", BlockDevice)]),
+    );
+    add(
+        "device with the largest numbers",
+        vec![edev(b"d", tar::EntryType::Block, 0o7777777, 0o7777777)],
+        Accepted(vec![("d", BlockDevice)]),
+    );
+    add(
+        "fifo",
+        vec![E { kind: tar::EntryType::Fifo, ..ef(b"run/initctl", b"") }],
+        Accepted(vec![("run", Dir), ("run/initctl", Fifo)]),
+    );
+    add(
+        "setuid root shell",
+        vec![E { mode: 0o4755, ..ef(b"bin/su", b"#!/bin/sh\n") }],
+        Accepted(vec![("bin/su", File)]),
+    );
+    add(
+        "setgid sticky directory",
+        vec![E { mode: 0o3777, ..ed(b"tmp/") }],
+        Accepted(vec![("tmp", Dir)]),
+    );
+    add(
+        "root that is a file",
+        vec![good(), ef(b"./", b"x")],
+        Refused("names the image root but is not a directory"),
+    );
+    add("empty name", vec![good(), ef(b"", b"x")], Refused("path is empty"));
+
+    let mut cases: Vec<(String, Vec<u8>, &Expect)> = Vec::new();
+    for (what, entries, expect) in &named {
+        let fits = entries.iter().all(|e| e.name.len() <= 100 && e.link.len() <= 100);
+        for enc in [Enc::Ustar, Enc::Gnu, Enc::Pax] {
+            if matches!(enc, Enc::Ustar) && !fits {
+                continue;
+            }
+            cases.push((format!("{what} ({enc:?})"), generated(enc, entries), expect));
+        }
+    }
+    // Compressed, a trick is the same trick.
+    let traversal = Refused("`..` component");
+    let plain = generated(Enc::Pax, &[good(), ef(b"a/../../etc/passwd", b"x")]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&plain).unwrap();
+    cases.push(("dot-dot, gzip".into(), gz.finish().unwrap(), &traversal));
+    cases.push((
+        "dot-dot, zstd".into(),
+        zstd::encode_all(plain.as_slice(), 3).unwrap(),
+        &traversal,
+    ));
+    let mut twice = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    twice.write_all(&plain[..512]).unwrap();
+    let mut members = twice.finish().unwrap();
+    let mut rest = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    rest.write_all(&plain[512..]).unwrap();
+    members.extend(rest.finish().unwrap());
+    cases.push(("dot-dot split over two gzip members".into(), members, &traversal));
+    // Size lies.
+    let truncated = Refused("archive ends inside this entry's content");
+    let too_big = Refused("files may be at most");
+    let mut short = generated(Enc::Ustar, &[good(), ef(b"big", &[1; 5000])]);
+    short.truncate(512 * 3);
+    cases.push(("size larger than the data".into(), short, &truncated));
+    let mut huge = generated(Enc::Ustar, &[good(), ef(b"huge", b"x")]);
+    // base-256 size of 2^62 in the second header.
+    let size_field = 1024 + 124;
+    huge[size_field..size_field + 12].copy_from_slice(&[0x80, 0, 0, 0, 0x40, 0, 0, 0, 0, 0, 0, 0]);
+    fix_checksum(&mut huge[1024..1536]);
+    cases.push(("size of 2^62 bytes".into(), huge, &too_big));
+    let pax_size = [generated(Enc::Ustar, &[good()]).split_at(1024).0.to_vec(), {
+        let mut out = Vec::new();
+        record(
+            &mut out,
+            &E {
+                kind: tar::EntryType::XHeader,
+                data: pax_record("size", b"99999999999999"),
+                ..ef(b"pax", b"")
+            },
+        );
+        record(&mut out, &ef(b"liar", b"x"));
+        out.extend_from_slice(&[0; 1024]);
+        out
+    }]
+    .concat();
+    cases.push(("PAX size lie".into(), pax_size, &too_big));
+    let mut garbage_size = generated(Enc::Ustar, &[good(), ef(b"g", b"x")]);
+    garbage_size[1024 + 124..1024 + 136].copy_from_slice(b"zzzzzzzzzzz\0");
+    fix_checksum(&mut garbage_size[1024..1536]);
+    let not_a_number = Refused("numeric field was not a number");
+    cases.push(("size not a number".into(), garbage_size, &not_a_number));
+    let long_path = [b"d/".repeat(2100), b"f".to_vec()].concat();
+    cases.push((
+        "a 4201-byte path".into(),
+        generated(Enc::Pax, &[good(), ef(&long_path, b"x")]),
+        &Refused("… (4201 bytes)\" path is 4201 bytes long; at most 4096"),
+    ));
+
+    let mut outcomes = (0, 0);
+    let mut wrong = Vec::new();
+    for (what, bytes, expect) in &cases {
+        let node = node();
+        let before = listing(node._dir.path());
+        let result = import_bytes(&node, bytes).await;
+        match (expect, result) {
+            (Refused(text), Err(e)) => {
+                let message = e.to_string();
+                // `a|b`: either text (a trick caught at one of two steps,
+                // depending on its spelling).
+                if !text.split('|').any(|t| message.contains(t)) {
+                    wrong.push(format!("{what}: refused with {message}"));
+                }
+                node.assert_empty();
+                outcomes.0 += 1;
+            }
+            (Accepted(paths), Ok(record)) => {
+                for (path, kind) in paths {
+                    let e = node.store().entry(&record, path).unwrap();
+                    if e.as_ref().map(|e| e.kind) != Some(*kind) {
+                        wrong.push(format!("{what}: {path} is {e:?}"));
+                    }
+                }
+                // Content objects are plain read-only files: no mode bit
+                // of an entry (setuid, exec) reaches the disk.
+                for object in node.object_files() {
+                    let meta = std::fs::symlink_metadata(&object).unwrap();
+                    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+                    assert!(meta.is_file() && mode & 0o7111 == 0, "{what}: {object:?} {mode:o}");
+                }
+                outcomes.1 += 1;
+            }
+            (expect, result) => wrong.push(format!(
+                "{what}: expected {expect:?}, got {:?}",
+                result.map(|r| r.reference)
+            )),
+        }
+        // Nothing outside the data directory: beside it, only the input.
+        let after = listing(node._dir.path());
+        let new: Vec<_> = after.difference(&before).filter(|p| !p.starts_with("in-")).collect();
+        assert!(new.is_empty(), "{what}: wrote {new:?} beside the data directory");
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} cases ended otherwise:\n{}",
+        wrong.len(),
+        cases.len(),
+        wrong.join("\n")
+    );
+    assert!(cases.len() >= 150, "only {} generated cases", cases.len());
+    println!(
+        "{} generated hostile archives: {} refused, {} contained",
+        cases.len(),
+        outcomes.0,
+        outcomes.1
+    );
+}
+
+/// Writes a header's checksum again after a field was changed by hand.
+fn fix_checksum(header: &mut [u8]) {
+    let sum: u32 = header
+        .iter()
+        .enumerate()
+        .map(|(i, b)| if (148..156).contains(&i) { 32 } else { u32::from(*b) })
+        .sum();
+    header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+}
+
+/// Names directly in `dir`.
+fn listing(dir: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}

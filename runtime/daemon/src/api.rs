@@ -511,6 +511,19 @@ fn start_request(
     })
 }
 
+/// The checks `POST /v1/operations` makes of a body before the node is
+/// asked anything (JSON shape, plugin name, version, idempotency key, every
+/// VM spec, params), as the handler makes them; for the fuzz target.
+pub fn parse_operation_body(
+    body: &[u8],
+    header_key: Option<&str>,
+    actor: &str,
+) -> Result<StartRequest, ApiError> {
+    let body: OperationBody = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad("invalid-request", format!("body: {e}")))?;
+    start_request(body, header_key.map(str::to_string), actor.to_string())
+}
+
 fn operation_json(
     rec: &provd_store::OperationRecord,
     live: Option<&crate::ops::Snapshot>,

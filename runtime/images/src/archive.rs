@@ -197,8 +197,20 @@ fn read_entries<R: Read>(
 ) -> Result<(), ImportError> {
     for entry in archive.entries().map_err(|e| archive_error(reference, e))? {
         let mut entry = entry.map_err(|e| archive_error(reference, e))?;
+        // The tar reader skips a PAX record it cannot parse (it splits them
+        // at newlines, where POSIX counts lengths) and falls back to the
+        // header's own fields: provd would record another name than other
+        // tools read. Such an entry is refused.
+        let pax_broken = match entry.pax_extensions() {
+            Ok(Some(mut records)) => records.any(|r| r.is_err()),
+            Ok(None) => false,
+            Err(_) => true,
+        };
         let raw = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw).into_owned();
+        if pax_broken {
+            return Err(tree.entry_error(&shown, "its PAX extended header has a malformed record"));
+        }
         let raw = std::str::from_utf8(&raw)
             .map_err(|_| tree.entry_error(&shown, "name is not valid UTF-8"))?
             .to_string();

@@ -34,7 +34,7 @@ impl TreeBuilder {
     pub(crate) fn entry_error(&self, path: &str, problem: impl Into<String>) -> ImportError {
         ImportError::Entry {
             reference: self.reference.clone(),
-            entry: path.to_string(),
+            entry: shortened(path),
             problem: problem.into(),
         }
     }
@@ -191,4 +191,21 @@ impl TreeBuilder {
         }
         self.entries.into_values().collect()
     }
+}
+
+/// Longest entry name quoted whole in an error; a hostile archive's names
+/// may be kilobytes long, and errors travel to logs and API answers.
+const MAX_SHOWN_NAME_BYTES: usize = 256;
+
+/// `path`, or its first [`MAX_SHOWN_NAME_BYTES`] (at a character
+/// boundary) followed by `…` and its length.
+fn shortened(path: &str) -> String {
+    if path.len() <= MAX_SHOWN_NAME_BYTES {
+        return path.to_string();
+    }
+    let mut end = MAX_SHOWN_NAME_BYTES;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", path.get(..end).unwrap_or_default(), path.len())
 }
