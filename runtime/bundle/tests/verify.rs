@@ -9,7 +9,8 @@ mod common;
 use common::{CREATED, EXPIRES, HELLO_MANIFEST, NOW, hello_component, sections};
 use provd_bundle::container::RawBundle;
 use provd_bundle::{
-    BundleError, MAX_BUNDLE_BYTES, MAX_CLOCK_SKEW_SECS, PublicKey, SigningKey, build, sign, verify,
+    BundleError, MAX_BUNDLE_BYTES, MAX_CLOCK_SKEW_SECS, MAX_SIGNATURES, PublicKey, SigningKey,
+    build, sign, verify,
 };
 use serde_json::{Value, json};
 
@@ -457,4 +458,419 @@ fn public_keys_round_trip_through_lines() {
         k.key_id(),
         blake3::hash(&k.public_key().to_bytes()).to_hex().as_str()[..16].to_string()
     );
+}
+
+/// What a generated hostile bundle must be refused as.
+type Check = Box<dyn Fn(&BundleError) -> bool>;
+
+fn is(pred: impl Fn(&BundleError) -> bool + 'static) -> Check {
+    Box::new(pred)
+}
+
+/// Hostile bundles generated from one good one: every header field
+/// removed, nulled or of the wrong type; versions, validity windows,
+/// capabilities and component facts that disagree with what was signed;
+/// non-canonical spellings; signature lists malformed in every way; the
+/// container's magic, version and lengths lying. Most are signed by the
+/// trusted key (a careless or captured signer), so that each is refused by
+/// the check it targets and not merely for a missing signature. Each ends in
+/// the expected refusal.
+#[test]
+fn a_generated_corpus_of_hostile_bundles_each_refused_as_expected() {
+    let k = key(1);
+    let trusted = [k.public_key()];
+    let bundle = signed(&[]);
+    let raw = RawBundle::parse(&bundle).unwrap();
+    let component = raw.component.to_vec();
+    let h = header_json(&bundle);
+    let signed_header = |v: &Value| sign_raw(&canonical(v), &component, &k);
+    let mut cases: Vec<(String, Vec<u8>, Check)> = Vec::new();
+
+    // Every header field: gone, null, or of another JSON type.
+    let fields: Vec<String> = h.as_object().unwrap().keys().cloned().collect();
+    for f in &fields {
+        let mut gone = h.clone();
+        gone.as_object_mut().unwrap().remove(f);
+        let name = f.clone();
+        cases.push((
+            format!("header without `{f}`"),
+            signed_header(&gone),
+            is(move |e| e.to_string().contains(&format!("missing field `{name}`"))),
+        ));
+        for (label, value) in
+            [("null", json!(null)), ("a list", json!([])), ("a float", json!(1.5))]
+        {
+            let mut v = h.clone();
+            v[f] = value;
+            // A float is never canonical; the others fail the header's
+            // shape, or (the capabilities, kept as JSON) differ from the
+            // manifest's.
+            cases.push((
+                format!("header `{f}` is {label}"),
+                signed_header(&v),
+                is(|e| {
+                    matches!(
+                        e,
+                        BundleError::Header(_)
+                            | BundleError::NotCanonical(_)
+                            | BundleError::ManifestMismatch { .. }
+                    )
+                }),
+            ));
+        }
+    }
+    // Versions: malformed, or not the manifest's.
+    for version in ["0.1", "v0.1.0", "0.1.0-", "01.0.0", "", " 0.1.0", "0.1.0\n", "1.0.0"] {
+        let mut v = h.clone();
+        v["version"] = json!(version);
+        cases.push((
+            format!("version {version:?}"),
+            signed_header(&v),
+            is(|e| {
+                matches!(
+                    e,
+                    BundleError::ManifestMismatch { field: "version", .. }
+                        | BundleError::Field { field: "version", .. }
+                        | BundleError::Header(_)
+                )
+            }),
+        ));
+    }
+    for name in ["Hello", "hello ", "other", "", "../hello", "hello/x"] {
+        let mut v = h.clone();
+        v["name"] = json!(name);
+        cases.push((
+            format!("name {name:?}"),
+            signed_header(&v),
+            is(|e| {
+                matches!(
+                    e,
+                    BundleError::ManifestMismatch { field: "name", .. }
+                        | BundleError::Field { field: "name", .. }
+                        | BundleError::Header(_)
+                )
+            }),
+        ));
+    }
+    // Validity windows.
+    let window = |created: u64, expires: u64| {
+        let mut v = h.clone();
+        v["created"] = json!(created);
+        v["expires"] = json!(expires);
+        signed_header(&v)
+    };
+    cases.push((
+        "expired an hour ago".into(),
+        window(CREATED - 7200, NOW - 3600),
+        is(|e| matches!(e, BundleError::Expired { .. })),
+    ));
+    cases.push((
+        "expired a second ago".into(),
+        window(CREATED, NOW - 1),
+        is(|e| matches!(e, BundleError::Expired { .. })),
+    ));
+    cases.push((
+        "created a day ahead".into(),
+        window(NOW + 86_400, NOW + 2 * 86_400),
+        is(|e| matches!(e, BundleError::CreatedInFuture { .. })),
+    ));
+    cases.push((
+        "created past the clock skew".into(),
+        window(NOW + MAX_CLOCK_SKEW_SECS + 1, EXPIRES),
+        is(|e| matches!(e, BundleError::CreatedInFuture { .. })),
+    ));
+    cases.push((
+        "expires before it is created".into(),
+        window(NOW, NOW - 10),
+        is(|e| matches!(e, BundleError::BadValidity { .. } | BundleError::Expired { .. })),
+    ));
+    cases.push((
+        "created at the end of time".into(),
+        window(u64::MAX, u64::MAX),
+        is(|e| matches!(e, BundleError::CreatedInFuture { .. } | BundleError::Header(_))),
+    ));
+    for created in [json!(-1), json!("1750000000"), json!(1e10)] {
+        let mut v = h.clone();
+        v["created"] = created.clone();
+        cases.push((
+            format!("created {created}"),
+            signed_header(&v),
+            is(|e| matches!(e, BundleError::Header(_) | BundleError::NotCanonical(_))),
+        ));
+    }
+    // Capabilities that are not the manifest's: each one added, each
+    // declared one removed or widened.
+    for cap in ["images", "dedup", "partitions", "vm"] {
+        let mut v = h.clone();
+        v["capabilities"][cap] = json!({});
+        cases.push((
+            format!("capability {cap} added"),
+            signed_header(&v),
+            is(|e| {
+                matches!(
+                    e,
+                    BundleError::ManifestMismatch { field: "capabilities", .. }
+                        | BundleError::Header(_)
+                )
+            }),
+        ));
+    }
+    let declared: Vec<String> = h["capabilities"].as_object().unwrap().keys().cloned().collect();
+    for cap in &declared {
+        let mut v = h.clone();
+        v["capabilities"].as_object_mut().unwrap().remove(cap);
+        cases.push((
+            format!("capability {cap} removed"),
+            signed_header(&v),
+            is(|e| matches!(e, BundleError::ManifestMismatch { field: "capabilities", .. })),
+        ));
+        let mut v = h.clone();
+        v["capabilities"][cap] = json!({"max-bytes": 1u64 << 40, "max-input-bytes": 1u64 << 40});
+        cases.push((
+            format!("capability {cap} widened"),
+            signed_header(&v),
+            is(|e| {
+                matches!(
+                    e,
+                    BundleError::ManifestMismatch { field: "capabilities", .. }
+                        | BundleError::Header(_)
+                )
+            }),
+        ));
+    }
+    // The component: another digest, another size, other bytes.
+    let digest = h["component-digest"].as_str().unwrap().to_string();
+    for (i, replacement) in [(7, '0'), (20, 'f'), (digest.len() - 1, 'a')] {
+        let mut d: Vec<char> = digest.chars().collect();
+        d[i] = if d[i] == replacement { '1' } else { replacement };
+        let mut v = h.clone();
+        v["component-digest"] = json!(d.iter().collect::<String>());
+        cases.push((
+            format!("digest changed at {i}"),
+            signed_header(&v),
+            is(|e| matches!(e, BundleError::DigestMismatch { .. })),
+        ));
+    }
+    for d in ["", "blake3:", "sha256:00", "BLAKE3:00"] {
+        let mut v = h.clone();
+        v["component-digest"] = json!(d);
+        cases.push((
+            format!("digest {d:?}"),
+            signed_header(&v),
+            is(|e| matches!(e, BundleError::DigestMismatch { .. } | BundleError::Field { .. })),
+        ));
+    }
+    for size in [0, component.len() as u64 - 1, component.len() as u64 + 1, u64::MAX] {
+        let mut v = h.clone();
+        v["component-size"] = json!(size);
+        cases.push((
+            format!("component size {size}"),
+            signed_header(&v),
+            is(|e| matches!(e, BundleError::SizeMismatch { .. })),
+        ));
+    }
+    // The component differs from the one the header names, signed by the
+    // trusted key outside the library (sign() checks what it signs).
+    let appended = [component.as_slice(), b"\0"].concat();
+    let other = common::component(&["provd:plugin/log@0.1.0"], true);
+    for (label, bytes) in [
+        ("a byte appended to the component", &appended[..]),
+        ("another component", &other[..]),
+        ("an empty component", &b""[..]),
+        ("the component cut by one byte", &component[..component.len() - 1]),
+    ] {
+        cases.push((
+            label.into(),
+            sign_raw(&canonical(&h), bytes, &k),
+            is(|e| {
+                matches!(e, BundleError::SizeMismatch { .. } | BundleError::DigestMismatch { .. })
+            }),
+        ));
+    }
+    // Canonical form.
+    let text = String::from_utf8(canonical(&h)).unwrap();
+    for (label, spelled) in [
+        ("pretty-printed", String::from_utf8(serde_json::to_vec_pretty(&h).unwrap()).unwrap()),
+        ("trailing newline", format!("{text}\n")),
+        ("leading space", format!(" {text}")),
+        ("byte-order mark", format!("\u{feff}{text}")),
+        ("escaped letter", text.replacen("\"hello\"", "\"\\u0068ello\"", 1)),
+        ("keys reversed", {
+            let mut pairs: Vec<(String, Value)> =
+                h.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            pairs.reverse();
+            let inner: Vec<String> = pairs
+                .iter()
+                .map(|(k, v)| format!("{}:{}", serde_json::to_string(k).unwrap(), v))
+                .collect();
+            format!("{{{}}}", inner.join(","))
+        }),
+        (
+            "integer as float",
+            text.replacen(
+                &format!("\"created\":{CREATED}"),
+                &format!("\"created\":{CREATED}.0"),
+                1,
+            ),
+        ),
+        (
+            "integer with exponent",
+            text.replacen(&format!("\"created\":{CREATED}"), "\"created\":1.75e9", 1),
+        ),
+        (
+            "duplicate key",
+            text.replacen("{\"capabilities\":", "{\"capabilities\":{},\"capabilities\":", 1),
+        ),
+    ] {
+        assert_ne!(spelled, text, "{label} changed nothing");
+        cases.push((
+            format!("header {label}"),
+            sign_raw(spelled.as_bytes(), &component, &k),
+            is(|e| matches!(e, BundleError::NotCanonical(_) | BundleError::Header(_))),
+        ));
+    }
+    // Signatures.
+    let good = signed(&[&k]);
+    let raw_good = RawBundle::parse(&good).unwrap();
+    let header_bytes = raw_good.header.to_vec();
+    let entry: Value = serde_json::from_slice::<Value>(raw_good.signatures).unwrap()[0].clone();
+    let sig_hex = entry["signature"].as_str().unwrap().to_string();
+    let with_signatures = |list: &[u8]| {
+        RawBundle { header: &header_bytes, component: &component, signatures: list }
+            .to_bytes()
+            .unwrap()
+    };
+    let unsigned_check = || {
+        is(|e| {
+            matches!(
+                e,
+                BundleError::NoTrustedSignature { .. }
+                    | BundleError::Signatures(_)
+                    | BundleError::BadSignature { .. }
+                    | BundleError::NotCanonical(_)
+                    | BundleError::DuplicateSignature(_)
+                    | BundleError::TooManySignatures(_)
+            )
+        })
+    };
+    let mut lists: Vec<(String, Vec<u8>)> = vec![
+        ("no signatures".into(), b"[]".to_vec()),
+        ("not a list".into(), b"{}".to_vec()),
+        ("not JSON".into(), b"[".to_vec()),
+        ("empty section".into(), Vec::new()),
+        (
+            "signed by an untrusted key".into(),
+            RawBundle::parse(&signed(&[&key(2)])).unwrap().signatures.to_vec(),
+        ),
+    ];
+    let one = |e: Value| canonical(&json!([e]));
+    let flipped = {
+        let mut b = sig_hex.clone().into_bytes();
+        b[0] = if b[0] == b'0' { b'1' } else { b'0' };
+        String::from_utf8(b).unwrap()
+    };
+    for (label, e) in [
+        (
+            "signature one byte short",
+            json!({"key-id": entry["key-id"], "signature": &sig_hex[..126]}),
+        ),
+        (
+            "signature one byte long",
+            json!({"key-id": entry["key-id"], "signature": format!("{sig_hex}00")}),
+        ),
+        (
+            "signature in upper case",
+            json!({"key-id": entry["key-id"], "signature": sig_hex.to_uppercase()}),
+        ),
+        ("signature not hex", json!({"key-id": entry["key-id"], "signature": "zz".repeat(64)})),
+        ("signature all zero", json!({"key-id": entry["key-id"], "signature": "00".repeat(64)})),
+        ("signature with a flipped bit", json!({"key-id": entry["key-id"], "signature": flipped})),
+        (
+            "signature under another key id",
+            json!({"key-id": key(2).key_id(), "signature": sig_hex}),
+        ),
+        (
+            "signature with an extra field",
+            json!({"key-id": entry["key-id"], "signature": sig_hex, "note": "x"}),
+        ),
+        ("signature without a key id", json!({"signature": sig_hex})),
+        ("signature without a signature", json!({"key-id": entry["key-id"]})),
+        ("key id of another type", json!({"key-id": 1, "signature": sig_hex})),
+    ] {
+        lists.push((label.into(), one(e)));
+    }
+    lists.push(("the same signature twice".into(), canonical(&json!([entry, entry]))));
+    let many: Vec<Value> = (0..=MAX_SIGNATURES as u8)
+        .map(|i| json!({"key-id": key(i + 10).key_id(), "signature": sig_hex}))
+        .collect();
+    lists.push(("one signature over the limit".into(), canonical(&Value::Array(many))));
+    lists.push((
+        "signatures pretty-printed".into(),
+        serde_json::to_vec_pretty(&json!([entry])).unwrap(),
+    ));
+    for (label, list) in lists {
+        cases.push((label, with_signatures(&list), unsigned_check()));
+    }
+    // The container.
+    let lengths = sections(&good);
+    let mut bad = |label: &str, f: &dyn Fn(&mut Vec<u8>), check: Check| {
+        let mut b = good.clone();
+        f(&mut b);
+        cases.push((label.into(), b, check));
+    };
+    bad("no magic", &|b| b[0] = b'X', is(|e| matches!(e, BundleError::BadMagic)));
+    bad(
+        "lower-case magic",
+        &|b| b[..8].copy_from_slice(b"provdbnd"),
+        is(|e| matches!(e, BundleError::BadMagic)),
+    );
+    for version in [0u16, 2, 255, u16::MAX] {
+        bad(
+            &format!("format version {version}"),
+            &|b| b[8..10].copy_from_slice(&version.to_le_bytes()),
+            is(|e| matches!(e, BundleError::UnsupportedVersion(_))),
+        );
+    }
+    for (i, range) in lengths.iter().enumerate() {
+        let at = range.start - 4;
+        let len = range.len() as u32;
+        for (label, value) in
+            [("one more", len + 1), ("one less", len.saturating_sub(1)), ("the largest", u32::MAX)]
+        {
+            bad(
+                &format!("section {i} length {label}"),
+                &|b| b[at..at + 4].copy_from_slice(&value.to_le_bytes()),
+                is(|_| true),
+            );
+        }
+    }
+    bad(
+        "a byte after the last section",
+        &|b| b.push(0),
+        is(|e| matches!(e, BundleError::TrailingBytes(1))),
+    );
+    bad("only the magic", &|b| b.truncate(8), is(|e| matches!(e, BundleError::Truncated { .. })));
+    bad(
+        "empty file",
+        &|b| b.clear(),
+        is(|e| matches!(e, BundleError::Truncated { .. } | BundleError::BadMagic)),
+    );
+
+    let mut wrong = Vec::new();
+    for (what, bytes, check) in &cases {
+        match verify(bytes, &trusted, NOW) {
+            Ok(_) => wrong.push(format!("{what}: verified")),
+            Err(e) if !check(&e) => wrong.push(format!("{what}: refused as {e}")),
+            Err(_) => {}
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} ended otherwise:\n{}",
+        wrong.len(),
+        cases.len(),
+        wrong.join("\n")
+    );
+    assert!(cases.len() >= 100, "only {} generated bundles", cases.len());
+    println!("{} generated hostile bundles refused as expected", cases.len());
 }
