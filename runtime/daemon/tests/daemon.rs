@@ -746,3 +746,155 @@ async fn a_relative_config_path_from_another_directory_provisions() {
     let data = node.data.canonicalize().unwrap();
     assert!(xml.contains(&format!("<source file=\"{}/partitions/", data.display())), "{xml}");
 }
+
+/// Starts a provisioning of `vms` (names) from the web image; returns the
+/// operation id or the API error.
+async fn start(
+    c: &Client,
+    images: &Path,
+    names: &[String],
+) -> Result<String, (u16, String, String)> {
+    let vms: Vec<Value> = names.iter().map(|n| spec(n, &images.join("web"))).collect();
+    let request = json!({"plugin": "imager", "vms": vms, "params": partitions_params(false)});
+    match c.provision(&request).await {
+        Ok(a) => Ok(a.body["operation"]["id"].as_str().unwrap().to_string()),
+        Err(e) => Err(code(e)),
+    }
+}
+
+/// Races with exact outcomes: eight operations importing one image at
+/// once, an upgrade racing provisionings, and deletions racing the
+/// re-provisioning of the same name. After each, the node's VMs,
+/// partitions and reservations agree exactly.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_imports_upgrades_and_deletions_end_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), "");
+    let c = client(&node);
+    let images = dir.path().join("images");
+    c.deploy(node.bundle(&imager("1.0.0", &images), &IMAGER.wasm())).await.unwrap();
+    // Each VM of the imager holds one private partition; its shared one is
+    // used by all of one operation's VMs.
+    let check = |expected_vms: usize| {
+        let c = &c;
+        let data = node.data.clone();
+        async move {
+            let (vms, _, reserved) = node_state(c, &data).await;
+            assert_eq!(vms, expected_vms);
+            assert_eq!(reserved["vcpus"], json!(expected_vms), "{reserved}");
+            assert_eq!(reserved["memory-mib"], json!(512 * expected_vms), "{reserved}");
+        }
+    };
+
+    // Eight operations fetch the same image at once: all succeed, and the
+    // node holds the image once.
+    let names: Vec<String> = (0..8).map(|i| format!("web-{i}")).collect();
+    let started = futures::future::join_all(
+        names.iter().map(|n| start(&c, &images, std::slice::from_ref(n))),
+    )
+    .await;
+    for (name, id) in names.iter().zip(&started) {
+        let id = id.as_ref().unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_eq!(c.wait(id, |_| {}).await.unwrap()["state"], "succeeded", "{name}");
+    }
+    let listed = c.get("/v1/images").await.unwrap().body;
+    assert_eq!(listed["images"].as_array().unwrap().len(), 1, "{listed}");
+    check(8).await;
+
+    // An upgrade races four provisionings: each runs whole on one version,
+    // and every operation started after the upload answered runs the new.
+    let bundle = node.bundle(&imager("1.1.0", &images), &IMAGER.wasm());
+    let racing: Vec<String> = (0..4).map(|i| format!("up-{i}")).collect();
+    let (deployed, ids) = tokio::join!(
+        c.deploy(bundle),
+        futures::future::join_all(racing.iter().map(|n| start(
+            &c,
+            &images,
+            std::slice::from_ref(n)
+        )))
+    );
+    assert_eq!(deployed.unwrap().status, 201);
+    for id in &ids {
+        let done = c.wait(id.as_ref().unwrap(), |_| {}).await.unwrap();
+        assert_eq!(done["state"], "succeeded");
+        assert!(["1.0.0", "1.1.0"].contains(&done["version"].as_str().unwrap()), "{done}");
+    }
+    let after = start(&c, &images, &["up-after".to_string()]).await.unwrap();
+    let done = c.wait(&after, |_| {}).await.unwrap();
+    assert_eq!(
+        (done["state"].as_str(), done["version"].as_str()),
+        (Some("succeeded"), Some("1.1.0"))
+    );
+    check(13).await;
+
+    // A deletion races the provisioning of the same name, five times: the
+    // name is in at most one operation; whichever order they run in, the
+    // VM exists exactly when the provisioning succeeded after the delete.
+    for round in 0..5 {
+        let name = format!("web-{round}");
+        let path = format!("/v1/vms/{name}");
+        let (deleted, provisioned) =
+            tokio::join!(c.delete(&path), start(&c, &images, std::slice::from_ref(&name)));
+        let deleted_ok = match deleted {
+            Ok(d) => {
+                assert_eq!(d.body["operation"]["state"], "succeeded");
+                true
+            }
+            Err(e) => {
+                let (status, code, _) = code(e);
+                assert_eq!((status, code.as_str()), (409, "vm-busy"), "round {round}");
+                false
+            }
+        };
+        let provisioned_ok = match provisioned {
+            Ok(id) => {
+                let done = c.wait(&id, |_| {}).await.unwrap();
+                match done["state"].as_str() {
+                    Some("succeeded") => true,
+                    // Started before the delete: the old VM still held
+                    // the name (its record, or its private partition,
+                    // whichever step the plugin reached first).
+                    Some("failed") => {
+                        let message = done["error"]["message"].as_str().unwrap_or_default();
+                        assert!(
+                            message.contains(&name)
+                                && (message.contains("already exists")
+                                    || message.contains("already has private partition")),
+                            "round {round}: {done}"
+                        );
+                        false
+                    }
+                    other => panic!("round {round}: {other:?} {done}"),
+                }
+            }
+            Err((status, code, _)) => {
+                assert_eq!((status, code.as_str()), (409, "vm-busy"), "round {round}");
+                false
+            }
+        };
+        assert!(deleted_ok || !provisioned_ok, "round {round}: provisioned over a VM not deleted");
+        println!("round {round}: deleted {deleted_ok}, provisioned again {provisioned_ok}");
+        let exists = c.get(&format!("/v1/vms/{name}")).await.is_ok();
+        assert_eq!(exists, provisioned_ok || !deleted_ok, "round {round}");
+    }
+    // Whatever the rounds gave, the node's records and disk agree: the
+    // reservations are the VMs', every partition on disk is on record and
+    // used by a VM on record.
+    let (vms, partitions, reserved) = node_state(&c, &node.data).await;
+    assert_eq!(reserved["vcpus"], json!(vms), "{reserved}");
+    let mut node = node;
+    node.terminate();
+    let store = provd_store::Store::open(&node.data).unwrap();
+    let records = store.partitions().unwrap();
+    assert_eq!(records.len(), partitions);
+    let names: Vec<String> = store.vms().unwrap().into_iter().map(|v| v.name).collect();
+    assert_eq!(names.len(), vms);
+    let mut used = std::collections::BTreeSet::new();
+    for n in &names {
+        for p in store.partitions_of_vm(n).unwrap() {
+            used.insert(p.id);
+        }
+    }
+    let on_record: std::collections::BTreeSet<String> = records.into_iter().map(|p| p.id).collect();
+    assert_eq!(used, on_record, "partitions no VM uses");
+}
