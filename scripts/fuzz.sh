@@ -65,9 +65,9 @@ if [ -d "$corpus/archive" ]; then
   tar -C "$tree" -cf "$corpus/archive/seed.tar" .
   gzip -c "$corpus/archive/seed.tar" >"$corpus/archive/seed.tar.gz"
   zstd -q -c "$corpus/archive/seed.tar" >"$corpus/archive/seed.tar.zst"
-  mkdir -p "$work/layer/etc"
+  mkdir -p "$work/layer/etc" "$work/layer/var"
   : >"$work/layer/etc/.wh.os-release"
-  : >"$work/layer/var/.wh..wh..opq" 2>/dev/null || { mkdir -p "$work/layer/var"; : >"$work/layer/var/.wh..wh..opq"; }
+  : >"$work/layer/var/.wh..wh..opq"
   tar -C "$work/layer" -cf "$corpus/archive/seed-whiteouts.tar" .
 fi
 if [ -d "$corpus/bundle" ]; then
