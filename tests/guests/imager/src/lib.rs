@@ -62,6 +62,12 @@ struct Input {
     /// report is a host call, where a cancel takes effect.
     #[serde(default)]
     then_wait: bool,
+    /// For `partitions`: after this many of its building or configuring
+    /// host calls (0: right after the plan), report progress `paused` in
+    /// a loop until cancelled or killed; the crash tests kill the daemon
+    /// there, at each journalled step in turn.
+    #[serde(default)]
+    pause_after: Option<u32>,
     /// For `plan` and `partitions`: the policy's `node-layers` and
     /// `layer-unique-files`.
     #[serde(default)]
@@ -127,6 +133,19 @@ fn fetch_and_plan(input: &Input) -> Result<dedup::Summary, Error> {
     dedup::plan(&pairs, policy)
 }
 
+/// Reports progress `phase` in a loop, forever: every report is a host
+/// call, where a cancel takes effect.
+fn wait(phase: &str) -> Result<(), Error> {
+    let mut i = 0;
+    loop {
+        provd_sdk::progress::report(phase, i, None)?;
+        i += 1;
+        for _ in 0..100_000 {
+            std::hint::black_box(i);
+        }
+    }
+}
+
 impl Plugin for Imager {
     fn provision(request: Request) -> Result<Report, Error> {
         let mut input: Input = request.input()?;
@@ -147,10 +166,21 @@ impl Plugin for Imager {
         if input.op == "partitions" {
             let plan = fetch_and_plan(&input)?;
             let pairs = input.pairs();
+            let mut steps = 0;
+            let mut step = |done: u32| -> Result<(), Error> {
+                steps += done;
+                if input.pause_after == Some(steps) {
+                    wait("paused")?;
+                }
+                Ok(())
+            };
+            step(0)?;
             let shared = if plan.layers.iter().all(|l| l.partition.is_some()) {
                 None
             } else {
-                Some(partitions::create_shared(&plan.plan, &input.shared_format)?)
+                let s = partitions::create_shared(&plan.plan, &input.shared_format)?;
+                step(1)?;
+                Some(s)
             };
             let mut built = Vec::new();
             for (name, _) in &pairs {
@@ -161,6 +191,7 @@ impl Plugin for Imager {
                     &input.private_format,
                     0,
                 )?;
+                step(1)?;
                 if private.format == "ext4" {
                     partitions::add_file(
                         &private.id,
@@ -168,10 +199,12 @@ impl Plugin for Imager {
                         format!("{name}\n").as_bytes(),
                         0o644,
                     )?;
+                    step(1)?;
                 }
                 let item = match input.specs.get(*name) {
                     Some(spec) => {
                         let configured = vm::configure(spec, &private.id)?;
+                        step(1)?;
                         serde_json::json!({
                             "vm": name, "id": private.id, "bytes": private.bytes,
                             "config_file": configured.config_file, "config": configured.config,
@@ -185,14 +218,7 @@ impl Plugin for Imager {
                 built.push(item);
             }
             if input.then_wait {
-                let mut i = 0;
-                loop {
-                    provd_sdk::progress::report("waiting", i, None)?;
-                    i += 1;
-                    for _ in 0..100_000 {
-                        std::hint::black_box(i);
-                    }
-                }
+                wait("waiting")?;
             }
             if input.then_spin {
                 let mut x: u64 = 0;
