@@ -12,6 +12,7 @@ const GUESTS: &[(&str, &str)] = &[
     ("hostile", "tests/guests/hostile"),
     ("hashbench", "tests/guests/hashbench"),
     ("imager", "tests/guests/imager"),
+    ("abuser", "tests/guests/abuser"),
     ("shared-partition", "plugins/shared-partition"),
     ("cloud-init", "plugins/cloud-init"),
 ];

@@ -762,14 +762,21 @@ impl OpObserver {
 
 impl Observer for OpObserver {
     fn log(&self, r: &provd_engine::LogRecord) {
-        let fields =
-            r.fields.iter().map(|(k, v)| format!("{k}={v:?}")).collect::<Vec<_>>().join(" ");
+        // A plugin's text goes into the node's log escaped: a newline or a
+        // terminal escape in it must not forge log lines or reach a
+        // terminal as a control sequence.
+        let fields = r
+            .fields
+            .iter()
+            .map(|(k, v)| format!("{}={v:?}", k.escape_debug()))
+            .collect::<Vec<_>>()
+            .join(" ");
         tracing::info!(
             operation = %self.operation,
             plugin = %r.plugin,
             level = r.level.as_str(),
             "{} {fields}",
-            r.message
+            r.message.escape_debug()
         );
     }
 

@@ -36,6 +36,13 @@ impl HostState {
         if vms.len() > MAX_VMS {
             return Ok(Err(WitError::InvalidInput(format!("at most {MAX_VMS} VMs per call"))));
         }
+        // A plan's VM names become partition manifests and later name VMs:
+        // only names a VM can have are taken.
+        for (i, v) in vms.iter().enumerate() {
+            if let Err(e) = provd_vm::spec::check_dns_label(&v.vm) {
+                return Ok(Err(WitError::InvalidInput(format!("vms[{i}].vm: {e}"))));
+            }
+        }
         let Some(images) = self.images.as_ref() else {
             return Ok(Err(WitError::Denied("this node has no image store".into())));
         };
