@@ -46,6 +46,8 @@ else
 fi
 
 install_missing docker-registry skopeo tar gzip zstd
+# cargo fuzz (scripts/fuzz.sh) compiles libFuzzer, which is C++.
+install_missing g++
 # Boot tests. Without recommends: qemu's would pull a desktop stack. Its
 # packages may replace a newer qemu-utils with bookworm's, so qemu-utils
 # is checked after it.
