@@ -112,9 +112,26 @@ fn the_sharing_analysis_is_pure_computation() {
 }
 
 #[test]
+fn the_filesystem_formats_know_nothing_of_images_plans_or_the_store() {
+    let ws = workspace();
+    let closure: BTreeSet<String> =
+        ws.closure(&ws.id("provd-formats")).iter().map(|id| ws.packages[id].0.clone()).collect();
+    for forbidden in ["provd-store", "provd-images", "provd-dedup", "rusqlite", "tokio"] {
+        assert!(!closure.contains(forbidden), "provd-formats depends on {forbidden}");
+    }
+}
+
+#[test]
 fn node_side_crates_do_not_depend_on_the_engine() {
     let ws = workspace();
-    for krate in ["provd-store", "provd-images", "provd-partitions", "provd-vm", "provd-bundle"] {
+    for krate in [
+        "provd-store",
+        "provd-images",
+        "provd-formats",
+        "provd-partitions",
+        "provd-vm",
+        "provd-bundle",
+    ] {
         let closure: BTreeSet<String> =
             ws.closure(&ws.id(krate)).iter().map(|id| ws.packages[id].0.clone()).collect();
         for forbidden in ["wasmtime", "provd-engine", "provd-bindings"] {

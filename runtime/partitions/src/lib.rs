@@ -34,11 +34,8 @@
 //! with this crate's own readers, never a mount.
 
 mod customize;
-pub mod erofs;
-mod erofs_format;
-pub mod erofs_writer;
-pub mod ext4;
-pub mod reader;
+// The formats live in provd-formats; their paths here stay as they were.
+pub use provd_formats::{erofs, erofs_writer, ext4, reader};
 pub mod repack;
 mod stage;
 mod tools;

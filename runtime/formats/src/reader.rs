@@ -27,7 +27,7 @@ pub struct FsEntry {
 }
 
 /// The entry kind of a file on the node (sockets and the like: `None`).
-pub(crate) fn kind_of(t: std::fs::FileType) -> Option<EntryKind> {
+pub fn kind_of(t: std::fs::FileType) -> Option<EntryKind> {
     use std::os::unix::fs::FileTypeExt;
     Some(if t.is_file() {
         EntryKind::File
