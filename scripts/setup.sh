@@ -59,8 +59,8 @@ fi
 # Partition builders and readers: mkfs.erofs/fsck.erofs, mke2fs, qemu-img.
 install_missing erofs-utils e2fsprogs qemu-utils
 # VM configuration: virt-xml-validate (libvirt-clients; it runs xmllint from
-# libxml2-utils, which libvirt-clients does not depend on), NoCloud seed
-# images (xorriso).
+# libxml2-utils, which libvirt-clients does not depend on), and xorriso,
+# with which the tests read NoCloud seeds back (provd writes them itself).
 install_missing libvirt-clients libxml2-utils xorriso
 
 rustup component add rustfmt clippy >/dev/null 2>&1 || true

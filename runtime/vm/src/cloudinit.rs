@@ -43,6 +43,7 @@
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
+use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -596,18 +597,6 @@ fn render_network_config(nics: &[SeedNic]) -> Result<String, SeedError> {
 // ---------------------------------------------------------------------------
 // Images
 
-/// xorriso commands run after the files are mapped in: owner root and
-/// read-only modes, so the image carries neither the node's uids nor the
-/// staging directory's private modes; then the image is written.
-#[rustfmt::skip]
-const FINISH_IMAGE: &[&str] = &[
-    "-chown_r", "0", "/", "--",
-    "-chgrp_r", "0", "/", "--",
-    "-find", "/", "-type", "f", "-exec", "chmod", "0444", "--",
-    "-find", "/", "-type", "d", "-exec", "chmod", "0555", "--",
-    "-commit",
-];
-
 fn default_tool_dirs() -> Vec<PathBuf> {
     TOOL_DIRS.iter().map(PathBuf::from).collect()
 }
@@ -650,22 +639,18 @@ fn run_xorriso(tool: &Path, cwd: &Path, args: &[OsString]) -> Result<String, See
 
 /// Writes a NoCloud seed ISO9660 image (volume label `cidata`, files
 /// `meta-data`, `user-data` and `network-config` when present, Joliet and
-/// Rock Ridge) at `out` with `xorriso`, and returns its size in bytes.
+/// Rock Ridge, written by provd itself: `iso9660.rs`) at `out`, and returns
+/// its size in bytes.
 ///
 /// The image is built in a temporary file next to `out` and renamed over it,
 /// so on failure nothing is left at `out` (a file already there stays as it
 /// was).
 pub fn write_seed_iso(seed: &Seed, out: &Path) -> Result<u64, SeedError> {
-    write_seed_iso_with(seed, out, &default_tool_dirs())
+    write_seed_iso_native(seed, out)
 }
 
-pub(crate) fn write_seed_iso_with(
-    seed: &Seed,
-    out: &Path,
-    tool_dirs: &[PathBuf],
-) -> Result<u64, SeedError> {
+fn write_seed_iso_native(seed: &Seed, out: &Path) -> Result<u64, SeedError> {
     check_size(seed)?;
-    let xorriso = find_xorriso(tool_dirs)?;
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -673,57 +658,22 @@ pub(crate) fn write_seed_iso_with(
     if out.file_name().is_none() {
         return Err(invalid("out", format!("{} does not name a file", out.display())));
     }
-
-    let stage = tempfile::Builder::new()
-        .prefix(".provd-seed-")
-        .tempdir_in(parent)
-        .map_err(io(format!("creating a staging directory in {}", parent.display())))?;
-    for (name, content) in seed.files() {
-        let path = stage.path().join(name);
-        std::fs::write(&path, content).map_err(io(format!("writing {}", path.display())))?;
-    }
-    let image = tempfile::Builder::new()
+    let files: Vec<(&str, &[u8])> =
+        seed.files().into_iter().map(|(name, content)| (name, content.as_bytes())).collect();
+    let bytes =
+        crate::iso9660::image(VOLUME_ID, &files).map_err(|e| invalid("seed", e.to_string()))?;
+    let mut image = tempfile::Builder::new()
         .prefix(".provd-seed-")
         .suffix(".iso.tmp")
         .tempfile_in(parent)
         .map_err(io(format!("creating a temporary image in {}", parent.display())))?;
-
-    // xorriso runs in `parent` and gets only the temporary names, which
-    // tempfile makes of safe characters, through its native commands, which
-    // take each path as one argument: its mkisofs emulation mangles a source
-    // path holding `=` (a graft point there).
-    let stage_name = stage.path().file_name().map(OsString::from).unwrap_or_default();
-    let mut outdev = OsString::from("stdio:");
-    outdev.push(image.path().file_name().unwrap_or_default());
-    let mut args: Vec<OsString> = vec!["-outdev".into(), outdev];
-    args.extend(
-        ["-volid", VOLUME_ID, "-joliet", "on", "-rockridge", "on", "-map"].map(OsString::from),
-    );
-    args.push(stage_name);
-    args.push("/".into());
-    args.extend(FINISH_IMAGE.iter().map(OsString::from));
-    run_xorriso(&xorriso, parent, &args)?;
-
-    let file = image.as_file();
-    file.sync_all().map_err(io(format!("syncing {}", image.path().display())))?;
-    let bytes = file.metadata().map_err(io(format!("reading {}", image.path().display())))?.len();
-    if bytes == 0 {
-        return Err(SeedError::ToolFailed {
-            tool: XORRISO,
-            status: "exit status: 0".to_string(),
-            stderr: "wrote an empty image".to_string(),
-        });
-    }
+    image.write_all(&bytes).map_err(io(format!("writing {}", image.path().display())))?;
+    image.as_file().sync_all().map_err(io(format!("syncing {}", image.path().display())))?;
     image.persist(out).map_err(|e| SeedError::Io {
         what: format!("renaming the image to {}", out.display()),
         source: e.error,
     })?;
-    // The rename is durable only once the directory is synced; failing to
-    // sync it does not undo a complete image, so it is not an error.
-    if let Ok(dir) = std::fs::File::open(parent) {
-        let _ = dir.sync_all();
-    }
-    Ok(bytes)
+    Ok(bytes.len() as u64)
 }
 
 /// An image's files: path relative to the root and content.
@@ -1483,53 +1433,34 @@ mod tests {
     }
 
     #[test]
-    fn missing_xorriso_is_named_and_leaves_nothing() {
+    fn missing_xorriso_is_named_when_reading() {
         let tools = tempfile::tempdir().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("seed.iso");
-        let seed = seed_files(&input()).unwrap();
-        let e = write_seed_iso_with(&seed, &out, &[tools.path().to_path_buf()]).unwrap_err();
+        write_seed_iso(&seed_files(&input()).unwrap(), &out).unwrap();
+        let e = read_seed_iso_with(&out, &[tools.path().to_path_buf()]).unwrap_err();
         assert!(matches!(e, SeedError::MissingTool { tool: "xorriso", package: "xorriso", .. }));
         let text = e.to_string();
         assert!(text.contains("install the Debian package xorriso"), "{text}");
         assert!(text.contains(&tools.path().display().to_string()), "{text}");
-        assert!(entries(dir.path()).is_empty());
-
-        let e = read_seed_iso_with(&out, &[tools.path().to_path_buf()]).unwrap_err();
-        assert!(matches!(e, SeedError::MissingTool { tool: "xorriso", .. }));
     }
 
     #[test]
-    fn failing_xorriso_leaves_nothing_at_out() {
-        use std::os::unix::fs::PermissionsExt;
-        let tools = tempfile::tempdir().unwrap();
-        let fake = tools.path().join("xorriso");
-        // Writes part of an image, then fails, as a full disk would.
-        std::fs::write(
-            &fake,
-            "#!/bin/sh\nprev=\nfor a in \"$@\"; do\n  if [ \"$prev\" = -outdev ]; then echo partial > \"${a#stdio:}\"; fi\n  prev=$a\ndone\necho 'xorriso : FAILURE : no space left' >&2\nexit 5\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-
+    fn a_failed_write_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("seed.iso");
         let seed = seed_files(&input()).unwrap();
-        let e = write_seed_iso_with(&seed, &out, &[tools.path().to_path_buf()]).unwrap_err();
-        match e {
-            SeedError::ToolFailed { tool, stderr, .. } => {
-                assert_eq!(tool, "xorriso");
-                assert!(stderr.contains("no space left"), "{stderr}");
-            }
-            other => panic!("expected a tool failure, got {other:?}"),
-        }
-        assert!(entries(dir.path()).is_empty());
-
-        // An image already at `out` stays as it was.
-        std::fs::write(&out, b"previous").unwrap();
-        write_seed_iso_with(&seed, &out, &[tools.path().to_path_buf()]).unwrap_err();
+        // A directory where the image should go: the rename fails.
+        let out = dir.path().join("seed.iso");
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join("kept"), b"x").unwrap();
+        let e = write_seed_iso(&seed, &out).unwrap_err();
+        assert!(matches!(e, SeedError::Io { .. }), "{e:?}");
         assert_eq!(entries(dir.path()), ["seed.iso"]);
-        assert_eq!(std::fs::read(&out).unwrap(), b"previous");
+        assert_eq!(entries(&out), ["kept"]);
+        // A directory that does not exist.
+        let e = write_seed_iso(&seed, &dir.path().join("missing/seed.iso")).unwrap_err();
+        assert!(matches!(e, SeedError::Io { .. }), "{e:?}");
+        assert_eq!(entries(dir.path()), ["seed.iso"]);
     }
 
     #[test]
