@@ -199,314 +199,6 @@ async fn a_data_directory_has_one_owner() {
 // ---------------------------------------------------------------------
 // Hostile archives, built byte by byte so that nothing sanitises them.
 
-enum Item<'a> {
-    File(&'a [u8], &'a [u8]),
-    Dir(&'a [u8]),
-    Symlink(&'a [u8], &'a [u8]),
-    Hardlink(&'a [u8], &'a [u8]),
-    CharDevice(&'a [u8], u32, u32),
-}
-
-fn raw_header(name: &[u8], kind: tar::EntryType, size: u64) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(kind);
-    h.set_size(size);
-    h.set_mode(0o644);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(1_700_000_000);
-    let field = &mut h.as_old_mut().name;
-    assert!(name.len() <= field.len(), "test names fit the old header");
-    field[..name.len()].copy_from_slice(name);
-    h
-}
-
-fn set_link(h: &mut tar::Header, target: &[u8]) {
-    let field = &mut h.as_old_mut().linkname;
-    field[..target.len()].copy_from_slice(target);
-}
-
-fn archive(items: &[Item<'_>]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for item in items {
-        let mut h;
-        let data: &[u8] = match item {
-            Item::File(name, data) => {
-                h = raw_header(name, tar::EntryType::Regular, data.len() as u64);
-                data
-            }
-            Item::Dir(name) => {
-                h = raw_header(name, tar::EntryType::Directory, 0);
-                &[]
-            }
-            Item::Symlink(name, target) => {
-                h = raw_header(name, tar::EntryType::Symlink, 0);
-                set_link(&mut h, target);
-                &[]
-            }
-            Item::Hardlink(name, target) => {
-                h = raw_header(name, tar::EntryType::Link, 0);
-                set_link(&mut h, target);
-                &[]
-            }
-            Item::CharDevice(name, major, minor) => {
-                h = raw_header(name, tar::EntryType::Char, 0);
-                h.set_device_major(*major).unwrap();
-                h.set_device_minor(*minor).unwrap();
-                &[]
-            }
-        };
-        h.set_cksum();
-        b.append(&h, data).unwrap();
-    }
-    b.into_inner().unwrap()
-}
-
-async fn import_bytes(
-    node: &Node,
-    bytes: &[u8],
-) -> Result<provd_store::ImageRecord, Arc<ImportError>> {
-    let file = node._dir.path().join(format!("in-{}.tar", blake3::hash(bytes).to_hex()));
-    std::fs::write(&file, bytes).unwrap();
-    node.import(file.to_str().unwrap()).await
-}
-
-/// The good content every hostile archive starts with, so that a failure
-/// has objects to clean up.
-const GOOD: Item<'static> = Item::File(b"etc/good", b"good content that must not stay behind");
-
-#[tokio::test]
-async fn hostile_archives_are_refused_naming_the_entry_and_leave_nothing() {
-    let long = vec![b'x'; 300];
-    let long_name = [b"dir/".as_slice(), &long[..90]].concat();
-    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        (
-            "absolute path",
-            archive(&[GOOD, Item::File(b"/etc/passwd", b"x")]),
-            "entry \"/etc/passwd\" path is absolute",
-        ),
-        (
-            "dot-dot",
-            archive(&[GOOD, Item::File(b"a/../../etc/passwd", b"x")]),
-            "entry \"a/../../etc/passwd\" path has a `..` component",
-        ),
-        (
-            "write through a symlink",
-            archive(&[GOOD, Item::Symlink(b"evil", b"/etc"), Item::File(b"evil/passwd", b"x")]),
-            "entry \"evil/passwd\" its parent evil is a symlink, not a directory",
-        ),
-        (
-            "hard link outside",
-            archive(&[GOOD, Item::Hardlink(b"h", b"../../etc/shadow")]),
-            "entry \"h\" hard link target has a `..` component",
-        ),
-        (
-            "hard link to a later entry",
-            archive(&[GOOD, Item::Hardlink(b"h", b"later"), Item::File(b"later", b"x")]),
-            "entry \"h\" hard link to later, which is not an earlier file of this image",
-        ),
-        (
-            "hard link to a directory",
-            archive(&[GOOD, Item::Dir(b"d/"), Item::Hardlink(b"h", b"d")]),
-            "entry \"h\" hard link to d, which is a dir",
-        ),
-        (
-            "file replaced by a directory",
-            archive(&[GOOD, Item::File(b"x", b"1"), Item::Dir(b"x/")]),
-            "entry \"x\" appears twice in the image",
-        ),
-        (
-            "directory replaced by a file",
-            archive(&[GOOD, Item::Dir(b"x/"), Item::File(b"x/y", b"1"), Item::File(b"x", b"2")]),
-            "entry \"x\" appears twice in the image",
-        ),
-        (
-            "duplicate entry",
-            archive(&[GOOD, Item::File(b"etc/good", b"other")]),
-            "entry \"etc/good\" appears twice",
-        ),
-        (
-            "newline in a name",
-            archive(&[GOOD, Item::File(b"a\nb", b"x")]),
-            "contains a control character",
-        ),
-        (
-            "NUL inside a name",
-            archive(&[GOOD, Item::File(b"a\x01b", b"x")]),
-            "contains a control character",
-        ),
-        (
-            "invalid UTF-8",
-            archive(&[GOOD, Item::File(b"caf\xe9", b"x")]),
-            "name is not valid UTF-8",
-        ),
-        (
-            "component too long",
-            {
-                // A long name needs a GNU long-name record, which the
-                // builder writes for us.
-                let mut b = tar::Builder::new(Vec::new());
-                let mut h = tar::Header::new_gnu();
-                h.set_size(1);
-                h.set_mode(0o644);
-                h.set_entry_type(tar::EntryType::Regular);
-                let name = String::from_utf8([b"a/".as_slice(), &long].concat()).unwrap();
-                b.append_data(&mut h, name, &b"x"[..]).unwrap();
-                b.into_inner().unwrap()
-            },
-            "has a component of 300 bytes; at most 255",
-        ),
-        (
-            "symlink target with NUL-like control",
-            archive(&[GOOD, Item::Symlink(b"l", b"a\x07b")]),
-            "symlink target contains a control character",
-        ),
-        (
-            "root that is a file",
-            archive(&[GOOD, Item::File(b"./", b"x")]),
-            "names the image root but is not a directory",
-        ),
-        (
-            "long but legal name then dup",
-            archive(&[Item::File(&long_name, b"1"), Item::File(&long_name, b"2")]),
-            "appears twice",
-        ),
-    ];
-    let mut tried = 0;
-    for (what, bytes, expected) in cases {
-        let node = node();
-        let err = import_bytes(&node, &bytes).await.unwrap_err();
-        let text = err.to_string();
-        assert!(text.contains(expected), "{what}: {text}");
-        node.assert_empty();
-        tried += 1;
-    }
-    println!("{tried} hostile archives refused, nothing left behind");
-}
-
-#[tokio::test]
-async fn a_truncated_archive_is_refused_naming_the_entry() {
-    let big = vec![9u8; 100_000];
-    let bytes = archive(&[GOOD, Item::File(b"usr/lib/big.so", &big)]);
-    let node = node();
-    let err = import_bytes(&node, &bytes[..bytes.len() - 60_000]).await.unwrap_err();
-    let text = err.to_string();
-    assert!(text.contains("usr/lib/big.so"), "{text}");
-    node.assert_empty();
-}
-
-#[tokio::test]
-async fn devices_are_recorded_never_created() {
-    let node = node();
-    let record =
-        import_bytes(&node, &archive(&[Item::Dir(b"dev/"), Item::CharDevice(b"dev/null", 1, 3)]))
-            .await
-            .unwrap();
-    let e = node.store().entry(&record, "dev/null").unwrap().unwrap();
-    assert_eq!((e.kind, e.device), (EntryKind::CharDevice, Some((1, 3))));
-    assert!(node.object_files().is_empty());
-}
-
-#[tokio::test]
-async fn implied_directories_are_recorded() {
-    let node = node();
-    let record = import_bytes(&node, &archive(&[Item::File(b"a/b/c", b"x")])).await.unwrap();
-    let paths: Vec<String> =
-        node.store().entries(&record, 0, 10).unwrap().into_iter().map(|e| e.path).collect();
-    assert_eq!(paths, ["a", "a/b", "a/b/c"]);
-}
-
-#[tokio::test]
-async fn compression_bombs_are_stopped_by_ratio_and_by_size() {
-    let zeros = vec![0u8; 16 << 20];
-    let tar = archive(&[GOOD, Item::File(b"bomb", &zeros)]);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    gz.write_all(&tar).unwrap();
-    let gz = gz.finish().unwrap();
-    let zst = zstd::encode_all(tar.as_slice(), 19).unwrap();
-    println!("bomb: {} bytes unpack from {} (gzip) and {} (zstd)", tar.len(), gz.len(), zst.len());
-
-    let by_ratio =
-        ImportLimits { ratio_grace_bytes: 1 << 20, max_ratio: 100, ..ImportLimits::default() };
-    for bytes in [&gz, &zst] {
-        let node = node_with(by_ratio.clone());
-        let err = import_bytes(&node, bytes).await.unwrap_err();
-        assert!(
-            err.to_string().contains("more decompression ratio than the limit of 100"),
-            "{err}"
-        );
-        node.assert_empty();
-    }
-    let by_size = ImportLimits { max_unpacked_bytes: 4 << 20, ..ImportLimits::default() };
-    let node = node_with(by_size);
-    let err = import_bytes(&node, &tar).await.unwrap_err();
-    assert!(err.to_string().contains("more unpacked bytes than the limit of 4194304"), "{err}");
-    node.assert_empty();
-
-    let by_file = ImportLimits { max_file_bytes: 1 << 20, ..ImportLimits::default() };
-    let node = node_with(by_file);
-    let err = import_bytes(&node, &tar).await.unwrap_err();
-    assert!(
-        err.to_string().contains("entry \"bomb\" is 16777216 bytes; files may be at most 1048576"),
-        "{err}"
-    );
-    node.assert_empty();
-}
-
-#[tokio::test]
-async fn too_many_entries_are_refused() {
-    let limits = ImportLimits { max_entries: 3, ..ImportLimits::default() };
-    let node = node_with(limits);
-    let err = import_bytes(
-        &node,
-        &archive(&[GOOD, Item::File(b"b", b"1"), Item::File(b"c", b"2"), Item::File(b"d", b"3")]),
-    )
-    .await
-    .unwrap_err();
-    assert!(err.to_string().contains("more entries than the limit of 3"), "{err}");
-    node.assert_empty();
-}
-
-#[tokio::test]
-async fn garbage_is_refused_as_a_malformed_archive() {
-    let node = node();
-    let mut bytes = archive(&[GOOD]);
-    bytes[148..156].copy_from_slice(b"99999999"); // break the header checksum
-    let err = import_bytes(&node, &bytes).await.unwrap_err();
-    assert!(matches!(*err, ImportError::Archive { .. }), "{err}");
-    node.assert_empty();
-}
-
-#[tokio::test]
-async fn an_import_that_would_fill_the_disk_is_refused_and_leaves_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(&dir.path().join("data")).unwrap();
-    store.min_free_bytes = u64::MAX;
-    let node = Node {
-        images: Images::new(Arc::new(store), ImportLimits::default(), 1),
-        data: dir.path().join("data"),
-        _dir: dir,
-    };
-    let err = import_bytes(&node, &archive(&[GOOD])).await.unwrap_err();
-    assert!(err.to_string().contains("must stay free"), "{err}");
-    node.assert_empty();
-}
-
-#[test]
-fn leftovers_of_a_crash_are_collected_when_the_store_opens() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    drop(Store::open(&data).unwrap());
-    // What a crash between writing objects and committing leaves behind.
-    let stray = blake3::hash(b"stray").to_hex().to_string();
-    std::fs::create_dir_all(data.join("objects").join(&stray[..2])).unwrap();
-    std::fs::write(data.join("objects").join(&stray[..2]).join(&stray), b"stray").unwrap();
-    std::fs::write(data.join("staging/obj-1-1"), b"half written").unwrap();
-    let store = Store::open(&data).unwrap();
-    assert!(!data.join("objects").join(&stray[..2]).join(&stray).exists());
-    assert!(store.staging_files().unwrap().is_empty());
-}
-
 /// How an entry's name (and link target) is written in the archive: the
 /// old header's 100-byte field, a GNU long-name record, or a PAX record.
 /// A trick must be refused whichever way it is spelled.
@@ -629,6 +321,254 @@ fn generated(enc: Enc, entries: &[E]) -> Vec<u8> {
     out
 }
 
+/// A ustar archive of `entries`, each name in the header's own field.
+fn archive(entries: &[E]) -> Vec<u8> {
+    generated(Enc::Ustar, entries)
+}
+
+async fn import_bytes(
+    node: &Node,
+    bytes: &[u8],
+) -> Result<provd_store::ImageRecord, Arc<ImportError>> {
+    let file = node._dir.path().join(format!("in-{}.tar", blake3::hash(bytes).to_hex()));
+    std::fs::write(&file, bytes).unwrap();
+    node.import(file.to_str().unwrap()).await
+}
+
+/// The good content every hostile archive starts with, so that a failure
+/// has objects to clean up.
+fn good() -> E {
+    ef(b"etc/good", b"good content that must not stay behind")
+}
+
+#[tokio::test]
+async fn hostile_archives_are_refused_naming_the_entry_and_leave_nothing() {
+    let long = vec![b'x'; 300];
+    let long_name = [b"dir/".as_slice(), &long[..90]].concat();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "absolute path",
+            archive(&[good(), ef(b"/etc/passwd", b"x")]),
+            "entry \"/etc/passwd\" path is absolute",
+        ),
+        (
+            "dot-dot",
+            archive(&[good(), ef(b"a/../../etc/passwd", b"x")]),
+            "entry \"a/../../etc/passwd\" path has a `..` component",
+        ),
+        (
+            "write through a symlink",
+            archive(&[good(), esym(b"evil", b"/etc"), ef(b"evil/passwd", b"x")]),
+            "entry \"evil/passwd\" its parent evil is a symlink, not a directory",
+        ),
+        (
+            "hard link outside",
+            archive(&[good(), ehard(b"h", b"../../etc/shadow")]),
+            "entry \"h\" hard link target has a `..` component",
+        ),
+        (
+            "hard link to a later entry",
+            archive(&[good(), ehard(b"h", b"later"), ef(b"later", b"x")]),
+            "entry \"h\" hard link to later, which is not an earlier file of this image",
+        ),
+        (
+            "hard link to a directory",
+            archive(&[good(), ed(b"d/"), ehard(b"h", b"d")]),
+            "entry \"h\" hard link to d, which is a dir",
+        ),
+        (
+            "file replaced by a directory",
+            archive(&[good(), ef(b"x", b"1"), ed(b"x/")]),
+            "entry \"x\" appears twice in the image",
+        ),
+        (
+            "directory replaced by a file",
+            archive(&[good(), ed(b"x/"), ef(b"x/y", b"1"), ef(b"x", b"2")]),
+            "entry \"x\" appears twice in the image",
+        ),
+        (
+            "duplicate entry",
+            archive(&[good(), ef(b"etc/good", b"other")]),
+            "entry \"etc/good\" appears twice",
+        ),
+        (
+            "newline in a name",
+            archive(&[good(), ef(b"a\nb", b"x")]),
+            "contains a control character",
+        ),
+        (
+            "NUL inside a name",
+            archive(&[good(), ef(b"a\x01b", b"x")]),
+            "contains a control character",
+        ),
+        ("invalid UTF-8", archive(&[good(), ef(b"caf\xe9", b"x")]), "name is not valid UTF-8"),
+        (
+            "component too long",
+            {
+                // A long name needs a GNU long-name record, which the
+                // builder writes for us.
+                let mut b = tar::Builder::new(Vec::new());
+                let mut h = tar::Header::new_gnu();
+                h.set_size(1);
+                h.set_mode(0o644);
+                h.set_entry_type(tar::EntryType::Regular);
+                let name = String::from_utf8([b"a/".as_slice(), &long].concat()).unwrap();
+                b.append_data(&mut h, name, &b"x"[..]).unwrap();
+                b.into_inner().unwrap()
+            },
+            "has a component of 300 bytes; at most 255",
+        ),
+        (
+            "symlink target with NUL-like control",
+            archive(&[good(), esym(b"l", b"a\x07b")]),
+            "symlink target contains a control character",
+        ),
+        (
+            "root that is a file",
+            archive(&[good(), ef(b"./", b"x")]),
+            "names the image root but is not a directory",
+        ),
+        (
+            "long but legal name then dup",
+            archive(&[ef(&long_name, b"1"), ef(&long_name, b"2")]),
+            "appears twice",
+        ),
+    ];
+    let mut tried = 0;
+    for (what, bytes, expected) in cases {
+        let node = node();
+        let err = import_bytes(&node, &bytes).await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(expected), "{what}: {text}");
+        node.assert_empty();
+        tried += 1;
+    }
+    println!("{tried} hostile archives refused, nothing left behind");
+}
+
+#[tokio::test]
+async fn a_truncated_archive_is_refused_naming_the_entry() {
+    let big = vec![9u8; 100_000];
+    let bytes = archive(&[good(), ef(b"usr/lib/big.so", &big)]);
+    let node = node();
+    let err = import_bytes(&node, &bytes[..bytes.len() - 60_000]).await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("usr/lib/big.so"), "{text}");
+    node.assert_empty();
+}
+
+#[tokio::test]
+async fn devices_are_recorded_never_created() {
+    let node = node();
+    let record = import_bytes(
+        &node,
+        &archive(&[ed(b"dev/"), edev(b"dev/null", tar::EntryType::Char, 1, 3)]),
+    )
+    .await
+    .unwrap();
+    let e = node.store().entry(&record, "dev/null").unwrap().unwrap();
+    assert_eq!((e.kind, e.device), (EntryKind::CharDevice, Some((1, 3))));
+    assert!(node.object_files().is_empty());
+}
+
+#[tokio::test]
+async fn implied_directories_are_recorded() {
+    let node = node();
+    let record = import_bytes(&node, &archive(&[ef(b"a/b/c", b"x")])).await.unwrap();
+    let paths: Vec<String> =
+        node.store().entries(&record, 0, 10).unwrap().into_iter().map(|e| e.path).collect();
+    assert_eq!(paths, ["a", "a/b", "a/b/c"]);
+}
+
+#[tokio::test]
+async fn compression_bombs_are_stopped_by_ratio_and_by_size() {
+    let zeros = vec![0u8; 16 << 20];
+    let tar = archive(&[good(), ef(b"bomb", &zeros)]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&tar).unwrap();
+    let gz = gz.finish().unwrap();
+    let zst = zstd::encode_all(tar.as_slice(), 19).unwrap();
+    println!("bomb: {} bytes unpack from {} (gzip) and {} (zstd)", tar.len(), gz.len(), zst.len());
+
+    let by_ratio =
+        ImportLimits { ratio_grace_bytes: 1 << 20, max_ratio: 100, ..ImportLimits::default() };
+    for bytes in [&gz, &zst] {
+        let node = node_with(by_ratio.clone());
+        let err = import_bytes(&node, bytes).await.unwrap_err();
+        assert!(
+            err.to_string().contains("more decompression ratio than the limit of 100"),
+            "{err}"
+        );
+        node.assert_empty();
+    }
+    let by_size = ImportLimits { max_unpacked_bytes: 4 << 20, ..ImportLimits::default() };
+    let node = node_with(by_size);
+    let err = import_bytes(&node, &tar).await.unwrap_err();
+    assert!(err.to_string().contains("more unpacked bytes than the limit of 4194304"), "{err}");
+    node.assert_empty();
+
+    let by_file = ImportLimits { max_file_bytes: 1 << 20, ..ImportLimits::default() };
+    let node = node_with(by_file);
+    let err = import_bytes(&node, &tar).await.unwrap_err();
+    assert!(
+        err.to_string().contains("entry \"bomb\" is 16777216 bytes; files may be at most 1048576"),
+        "{err}"
+    );
+    node.assert_empty();
+}
+
+#[tokio::test]
+async fn too_many_entries_are_refused() {
+    let limits = ImportLimits { max_entries: 3, ..ImportLimits::default() };
+    let node = node_with(limits);
+    let err =
+        import_bytes(&node, &archive(&[good(), ef(b"b", b"1"), ef(b"c", b"2"), ef(b"d", b"3")]))
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains("more entries than the limit of 3"), "{err}");
+    node.assert_empty();
+}
+
+#[tokio::test]
+async fn garbage_is_refused_as_a_malformed_archive() {
+    let node = node();
+    let mut bytes = archive(&[good()]);
+    bytes[148..156].copy_from_slice(b"99999999"); // break the header checksum
+    let err = import_bytes(&node, &bytes).await.unwrap_err();
+    assert!(matches!(*err, ImportError::Archive { .. }), "{err}");
+    node.assert_empty();
+}
+
+#[tokio::test]
+async fn an_import_that_would_fill_the_disk_is_refused_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&dir.path().join("data")).unwrap();
+    store.min_free_bytes = u64::MAX;
+    let node = Node {
+        images: Images::new(Arc::new(store), ImportLimits::default(), 1),
+        data: dir.path().join("data"),
+        _dir: dir,
+    };
+    let err = import_bytes(&node, &archive(&[good()])).await.unwrap_err();
+    assert!(err.to_string().contains("must stay free"), "{err}");
+    node.assert_empty();
+}
+
+#[test]
+fn leftovers_of_a_crash_are_collected_when_the_store_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    drop(Store::open(&data).unwrap());
+    // What a crash between writing objects and committing leaves behind.
+    let stray = blake3::hash(b"stray").to_hex().to_string();
+    std::fs::create_dir_all(data.join("objects").join(&stray[..2])).unwrap();
+    std::fs::write(data.join("objects").join(&stray[..2]).join(&stray), b"stray").unwrap();
+    std::fs::write(data.join("staging/obj-1-1"), b"half written").unwrap();
+    let store = Store::open(&data).unwrap();
+    assert!(!data.join("objects").join(&stray[..2]).join(&stray).exists());
+    assert!(store.staging_files().unwrap().is_empty());
+}
+
 #[derive(Debug)]
 enum Expect {
     /// Refused with a message holding this text.
@@ -647,7 +587,6 @@ enum Expect {
 async fn a_generated_corpus_of_hostile_archives_each_ends_exactly_as_expected() {
     use EntryKind::{BlockDevice, CharDevice, Dir, Fifo, File, Hardlink, Symlink};
     use Expect::{Accepted, Refused};
-    let good = || ef(b"etc/good", b"good content that must not stay behind");
     let mut named: Vec<(String, Vec<E>, Expect)> = Vec::new();
     let mut add = |what: &str, entries: Vec<E>, expect: Expect| {
         named.push((what.to_string(), entries, expect));
