@@ -28,6 +28,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use provd_bench::{allocated, run};
 use provd_client::{Client, TlsFiles};
 use provd_tests::SHARED_PARTITION;
 use provd_tests::boot::{
@@ -37,21 +38,6 @@ use provd_tests::daemon::TestNode;
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(600);
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output()?;
-    if !out.status.success() {
-        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
-
-/// Bytes allocated on disk under `path` (`du -B1 -s`).
-fn allocated(path: &Path) -> Result<u64> {
-    let out = Command::new("du").arg("-B1").arg("-s").arg(path).output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace().next().and_then(|n| n.parse().ok()).context("du")
-}
 
 /// A copy of `file` beside it, to restore it from between boots.
 fn keep(file: &Path) -> Result<PathBuf> {

@@ -37,25 +37,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use provd_bench::{allocated, run};
 use provd_client::{Client, TlsFiles};
 use provd_tests::SHARED_PARTITION;
 use provd_tests::daemon::{TestNode, rss_kib, sample_peak_rss};
 use serde_json::{Value, json};
-
-/// Bytes allocated on disk under `path` (`du -B1 -s`).
-fn allocated(path: &Path) -> Result<u64> {
-    let out = Command::new("du").arg("-B1").arg("-s").arg(path).output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace().next().and_then(|n| n.parse().ok()).context("du")
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output()?;
-    if !out.status.success() {
-        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
 
 fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
