@@ -203,9 +203,6 @@ fn shortened(path: &str) -> String {
     if path.len() <= MAX_SHOWN_NAME_BYTES {
         return path.to_string();
     }
-    let mut end = MAX_SHOWN_NAME_BYTES;
-    while !path.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = path.floor_char_boundary(MAX_SHOWN_NAME_BYTES);
     format!("{}… ({} bytes)", path.get(..end).unwrap_or_default(), path.len())
 }

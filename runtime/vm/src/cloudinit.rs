@@ -627,7 +627,7 @@ fn run_xorriso(tool: &Path, cwd: &Path, args: &[OsString]) -> Result<String, See
     if !out.status.success() {
         let text = String::from_utf8_lossy(&out.stderr);
         let cut = text.len().saturating_sub(STDERR_KEEP);
-        let start = (cut..=text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+        let start = text.ceil_char_boundary(cut);
         return Err(SeedError::ToolFailed {
             tool: XORRISO,
             status: out.status.to_string(),

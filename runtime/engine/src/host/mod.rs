@@ -25,10 +25,7 @@ pub(crate) fn bounded(text: &str) -> String {
     if text.len() <= max {
         return text.to_string();
     }
-    let mut end = max - 3;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = text.floor_char_boundary(max - 3);
     format!("{}...", text.get(..end).unwrap_or_default())
 }
 
