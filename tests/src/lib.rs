@@ -10,6 +10,14 @@ pub mod daemon;
 pub mod oci;
 pub mod pki;
 
+/// The names directly in `dir`: what tests compare before and after a case
+/// to see that nothing was written beside a node's data directory.
+pub fn names_in(dir: &Path) -> std::io::Result<std::collections::BTreeSet<String>> {
+    std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect()
+}
+
 /// A built guest plugin.
 #[derive(Debug, Clone, Copy)]
 pub struct Fixture {

@@ -254,15 +254,6 @@ async fn run(engine: &Engine, plugin: &Plugin, input: &Value) -> String {
     }
 }
 
-fn listing(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn every_host_call_with_hostile_arguments_ends_as_the_reviewed_table_says() {
     let work = tempfile::tempdir().unwrap();
@@ -284,7 +275,7 @@ async fn every_host_call_with_hostile_arguments_ends_as_the_reviewed_table_says(
     let plugin = engine.load(&manifest(work.path()), ABUSER.wasm()).await.unwrap();
     let web = format!("dir:{}/images/web", work.path().display());
     let elsewhere = format!("dir:{}/elsewhere/db", work.path().display());
-    let before = listing(work.path());
+    let before = provd_tests::names_in(work.path()).unwrap();
     let benign = json!({"call": "progress.report", "args": ["fine", 1, 1]});
 
     let mut table = String::new();
@@ -294,7 +285,11 @@ async fn every_host_call_with_hostile_arguments_ends_as_the_reviewed_table_says(
         let got = got.replace(&work.path().display().to_string(), "<work>");
         writeln!(table, "{name} => {got}").unwrap();
         assert_eq!(run(&engine, &plugin, &benign).await, "ok: reported", "after {name}");
-        assert_eq!(listing(work.path()), before, "after {name}: written beside the data directory");
+        assert_eq!(
+            provd_tests::names_in(work.path()).unwrap(),
+            before,
+            "after {name}: written beside the data directory"
+        );
         // What a case built goes, as an operation's rollback would take
         // it, so that the next case starts on an empty node.
         for vm in store.vms().unwrap() {

@@ -880,7 +880,7 @@ async fn a_generated_corpus_of_hostile_archives_each_ends_exactly_as_expected() 
     let mut wrong = Vec::new();
     for (what, bytes, expect) in &cases {
         let node = node();
-        let before = listing(node._dir.path());
+        let before = provd_tests::names_in(node._dir.path()).unwrap();
         let result = import_bytes(&node, bytes).await;
         match (expect, result) {
             (Refused(text), Err(e)) => {
@@ -915,7 +915,7 @@ async fn a_generated_corpus_of_hostile_archives_each_ends_exactly_as_expected() 
             )),
         }
         // Nothing outside the data directory: beside it, only the input.
-        let after = listing(node._dir.path());
+        let after = provd_tests::names_in(node._dir.path()).unwrap();
         let new: Vec<_> = after.difference(&before).filter(|p| !p.starts_with("in-")).collect();
         assert!(new.is_empty(), "{what}: wrote {new:?} beside the data directory");
     }
@@ -943,12 +943,4 @@ fn fix_checksum(header: &mut [u8]) {
         .map(|(i, b)| if (148..156).contains(&i) { 32 } else { u32::from(*b) })
         .sum();
     header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-}
-
-/// Names directly in `dir`.
-fn listing(dir: &Path) -> std::collections::BTreeSet<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect()
 }
