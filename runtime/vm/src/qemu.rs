@@ -122,7 +122,10 @@ pub fn parse_domain(xml: &str) -> Result<Domain, QemuError> {
     }
     let mut reader = Reader::from_str(xml);
     let mut d = Domain::default();
-    let mut path: Vec<String> = Vec::new();
+    // Where the reader is, `domain/devices/disk`, kept by pushing and
+    // truncating: each event costs its own name, whatever the depth.
+    let mut at = String::new();
+    let mut starts: Vec<usize> = Vec::new();
     let mut disk: Option<QemuDisk> = None;
     let mut memory_unit = String::from("KiB");
     let mut kernel = None;
@@ -136,9 +139,12 @@ pub fn parse_domain(xml: &str) -> Result<Domain, QemuError> {
         })?;
         match event {
             Event::Start(ref e) | Event::Empty(ref e) => {
-                let name = e.name().as_ref().to_string();
                 text.clear();
-                let at = format!("{}/{name}", path.join("/"));
+                starts.push(at.len());
+                if !at.is_empty() {
+                    at.push('/');
+                }
+                at.push_str(e.name().as_ref());
                 match at.as_str() {
                     "domain/memory" => {
                         memory_unit = attr(e, "unit")?.unwrap_or_else(|| "KiB".into());
@@ -176,11 +182,12 @@ pub fn parse_domain(xml: &str) -> Result<Domain, QemuError> {
                     "domain/devices/interface" => d.nics_left_out += 1,
                     _ => {}
                 }
-                if matches!(event, Event::Start(_)) {
-                    path.push(name);
-                } else if at == "domain/devices/disk" {
-                    // An empty <disk/> has no source.
-                    return Err(QemuError::Invalid("a disk without a source".into()));
+                if matches!(event, Event::Empty(_)) {
+                    if at == "domain/devices/disk" {
+                        // An empty <disk/> has no source.
+                        return Err(QemuError::Invalid("a disk without a source".into()));
+                    }
+                    at.truncate(starts.pop().unwrap_or(0));
                 }
             }
             Event::Text(t) => text.push_str(&t.xml_content(XmlVersion::Implicit1_0)),
@@ -200,7 +207,7 @@ pub fn parse_domain(xml: &str) -> Result<Domain, QemuError> {
             }
             Event::End(_) => {
                 let text = std::mem::take(&mut text).trim().to_string();
-                match path.join("/").as_str() {
+                match at.as_str() {
                     "domain/name" => d.name = text,
                     "domain/memory" => {
                         let n: u64 = text
@@ -228,7 +235,7 @@ pub fn parse_domain(xml: &str) -> Result<Domain, QemuError> {
                     }
                     _ => {}
                 }
-                if path.join("/") == "domain/devices/disk"
+                if at == "domain/devices/disk"
                     && let Some(k) = disk.take()
                 {
                     if k.file.as_os_str().is_empty() {
@@ -236,7 +243,7 @@ pub fn parse_domain(xml: &str) -> Result<Domain, QemuError> {
                     }
                     d.disks.push(k);
                 }
-                path.pop();
+                at.truncate(starts.pop().unwrap_or(0));
             }
             Event::Eof => break,
             _ => {}
