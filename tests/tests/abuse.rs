@@ -8,7 +8,10 @@
 //! that are not the plugin's, extreme numbers, huge and duplicated lists,
 //! more live handles than allowed, byte strings past the grant and past
 //! the per-call limit; deeper calls put the hostile argument behind a real
-//! plan or a built partition. Each case's outcome (the host's error kind,
+//! plan or a built partition; the WASI subset every plugin is linked with
+//! (random bytes past wasmtime-wasi's limit, stdin, 64 MiB of stdout,
+//! 100000 pollables, exit) and resource handles forged by number, reused
+//! after drop or of another type. Each case's outcome (the host's error kind,
 //! or the engine's limit) is compared with `tests/abuse.expected`, a table
 //! read and checked by hand (`PROVD_BLESS=1` rewrites it; review the
 //! diff). After each case the same engine serves a well-behaved call, and
@@ -216,6 +219,39 @@ fn cases(web: &str, elsewhere: &str) -> Vec<(String, Value)> {
     );
     add("hashing 999 live hashers".into(), "hashing.hashers", json!([999]));
     add("hashing 1001 live hashers".into(), "hashing.hashers", json!([1001]));
+    // The WASI subset every plugin is linked with.
+    for n in [0u64, 1 << 20, 64 << 20, u64::MAX] {
+        add(format!("wasi.random-bytes {n}"), "wasi.random-bytes", json!([n]));
+        add(format!("wasi.insecure-random-bytes {n}"), "wasi.insecure-random-bytes", json!([n]));
+    }
+    add("wasi.environment".into(), "wasi.environment", json!([]));
+    add("wasi.preopens".into(), "wasi.preopens", json!([]));
+    add("wasi.stdin-read 1 GiB".into(), "wasi.stdin-read", json!([1u64 << 30]));
+    add("wasi.stdout 64 MiB".into(), "wasi.stdout-write", json!([{"bytes": 4096}, 16384]));
+    add(
+        "wasi.stdout one write past 4 KiB".into(),
+        "wasi.stdout-write",
+        json!([{"bytes": 5000}, 1]),
+    );
+    add(
+        "wasi.stderr a forged log line".into(),
+        "wasi.stderr-write",
+        json!(["done\nINFO provd: operation finished\n", 1]),
+    );
+    add("wasi.sleep 0".into(), "wasi.sleep", json!([0]));
+    add("wasi 1000 live pollables".into(), "wasi.pollables", json!([1000]));
+    add("wasi 100000 live pollables".into(), "wasi.pollables", json!([100_000]));
+    add("wasi.exit ok".into(), "wasi.exit", json!([true]));
+    add("wasi.exit error".into(), "wasi.exit", json!([false]));
+    // Resource handles forged by number, reused after drop, or of another
+    // type: the canonical ABI's checks, not the plugin's good manners.
+    for n in [0u64, 1, 7, 12345, u64::from(u32::MAX)] {
+        add(format!("wasi descriptor forged {n}"), "wasi.forged-descriptor", json!([n]));
+        add(format!("hasher forged {n}"), "handle.forged-hasher", json!([n]));
+    }
+    add("hasher used after drop".into(), "handle.hasher-after-drop", json!([]));
+    add("pollable used as a hasher".into(), "handle.pollable-as-hasher", json!([]));
+    add("hasher used as a pollable".into(), "handle.hasher-as-pollable", json!([]));
     out
 }
 
@@ -363,5 +399,45 @@ async fn each_capability_missing_from_the_grant_refuses_the_plugin_by_name() {
             offending[0].starts_with(&format!("provd:plugin/{cap}@0.1.0 (capability `{cap}`")),
             "{cap}: {offending:?}"
         );
+    }
+}
+
+/// A plugin that blocks in a host call (a WASI sleep of 584 years, a poll
+/// on it) is stopped by its deadline like one that spins in wasm: the
+/// deadline covers time spent in the host too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_blocked_in_a_host_call_is_stopped_by_its_deadline() {
+    let work = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&work.path().join("data")).unwrap());
+    let images = Arc::new(Images::new(store, ImportLimits::default(), 1));
+    let engine =
+        Engine::new(EngineConfig { images: Some(images), ..EngineConfig::default() }).unwrap();
+    let m = Manifest::from_toml(
+        "name = \"abuser\"\nversion = \"0.1.0\"\n[capabilities.log]\n[capabilities.progress]\n\
+         [capabilities.hashing]\nmax-input-bytes = 1048576\n[capabilities.dedup]\n\
+         [capabilities.partitions]\n[capabilities.vm]\n[capabilities.images]\nsources = [\"dir:/nonexistent/*\"]\n\
+         [limits]\ntimeout-ms = 1500\n",
+    )
+    .unwrap();
+    let plugin = engine.load(&m, ABUSER.wasm()).await.unwrap();
+    for input in [
+        json!({"call": "wasi.sleep", "args": [u64::MAX]}),
+        json!({"call": "wasi.stdin-read", "args": [1]}),
+    ] {
+        let started = std::time::Instant::now();
+        let got = run(&engine, &plugin, &input).await;
+        let took = started.elapsed();
+        println!("{input} => {got} after {took:?}");
+        if input["call"] == "wasi.sleep" {
+            assert!(
+                got.starts_with("engine: ") && got.contains("deadline: the call ran past 1.5s"),
+                "{got}"
+            );
+            assert!(took < std::time::Duration::from_secs(30), "{took:?}");
+        } else {
+            assert_eq!(got, "ok: stream error StreamError::Closed");
+        }
+        let benign = json!({"call": "progress.report", "args": ["fine", 1, 1]});
+        assert_eq!(run(&engine, &plugin, &benign).await, "ok: reported");
     }
 }

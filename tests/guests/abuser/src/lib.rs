@@ -12,6 +12,9 @@
 //! error's kind, and `message` what came with it.
 
 #![allow(clippy::indexing_slicing)]
+// Forging resource handles by number needs `from_handle`, which is unsafe
+// by design: that forgery is what the host must survive.
+#![allow(unsafe_code)]
 
 use provd_sdk::{
     Error, Plugin, Report, Request, dedup, hashing, images, log, partitions, progress, vm,
@@ -218,6 +221,105 @@ fn run(call: &str, a: &[Value]) -> Result<String, Error> {
             let s = dedup::plan(&refs(&p), policy(&Value::Null))?;
             let private = partitions::create_private(&s.plan, &p[0].0, None, "ext4", 0)?;
             vm::configure(&text(&arg(1))?, &private.id)?.config_file
+        }
+        other => return wasi(other, a),
+    })
+}
+
+/// The WASI subset every plugin is linked with, and handles forged by
+/// number: what the canonical ABI and wasmtime-wasi must refuse.
+fn wasi(call: &str, a: &[Value]) -> Result<String, Error> {
+    use wasip2::{cli, clocks, filesystem, io, random};
+    let arg = |i: usize| a.get(i).cloned().unwrap_or(Value::Null);
+    Ok(match call {
+        "wasi.random-bytes" => {
+            format!("{} bytes", random::random::get_random_bytes(number(&arg(0))?).len())
+        }
+        "wasi.insecure-random-bytes" => {
+            format!("{} bytes", random::insecure::get_insecure_random_bytes(number(&arg(0))?).len())
+        }
+        "wasi.environment" => format!(
+            "{} variables, {} arguments, cwd {:?}",
+            cli::environment::get_environment().len(),
+            cli::environment::get_arguments().len(),
+            cli::environment::initial_cwd()
+        ),
+        "wasi.preopens" => {
+            format!("{} directories", filesystem::preopens::get_directories().len())
+        }
+        "wasi.stdin-read" => match cli::stdin::get_stdin().blocking_read(number(&arg(0))?) {
+            Ok(b) => format!("{} bytes", b.len()),
+            Err(e) => format!("stream error {e:?}"),
+        },
+        "wasi.stdout-write" | "wasi.stderr-write" => {
+            let out = if call == "wasi.stdout-write" {
+                cli::stdout::get_stdout()
+            } else {
+                cli::stderr::get_stderr()
+            };
+            let chunk = bytes(&arg(0))?;
+            let times = number(&arg(1))?;
+            let mut written = 0u64;
+            for _ in 0..times {
+                if let Err(e) = out.blocking_write_and_flush(&chunk) {
+                    return Ok(format!("stream error after {written} bytes: {e:?}"));
+                }
+                written += chunk.len() as u64;
+            }
+            format!("{written} bytes written")
+        }
+        "wasi.sleep" => {
+            clocks::monotonic_clock::subscribe_duration(number(&arg(0))?).block();
+            "woke".into()
+        }
+        "wasi.pollables" => {
+            // Many live host resources at once, then one poll over all.
+            let n = number(&arg(0))?;
+            let mut live = Vec::new();
+            for _ in 0..n {
+                live.push(clocks::monotonic_clock::subscribe_duration(0));
+            }
+            let refs: Vec<&io::poll::Pollable> = live.iter().collect();
+            format!("{} ready", io::poll::poll(&refs).len())
+        }
+        "wasi.exit" => {
+            let ok = arg(0).as_bool().unwrap_or(false);
+            cli::exit::exit(if ok { Ok(()) } else { Err(()) });
+            "returned from exit".into()
+        }
+        "wasi.forged-descriptor" => {
+            // SAFETY: deliberately not; the host must refuse the handle.
+            let d = unsafe { filesystem::types::Descriptor::from_handle(small(&arg(0))?) };
+            format!("{:?}", d.stat().map(|s| s.size))
+        }
+        "handle.forged-hasher" => {
+            // SAFETY: deliberately not; the host must refuse the handle.
+            let h = unsafe {
+                provd_sdk::wit::provd::plugin::hashing::Hasher::from_handle(small(&arg(0))?)
+            };
+            format!("{:?}", h.finish())
+        }
+        "handle.hasher-after-drop" => {
+            let h = provd_sdk::wit::provd::plugin::hashing::Hasher::new();
+            let n = h.handle();
+            drop(h);
+            // SAFETY: deliberately not: the handle was dropped.
+            let again = unsafe { provd_sdk::wit::provd::plugin::hashing::Hasher::from_handle(n) };
+            format!("{:?}", again.finish())
+        }
+        "handle.pollable-as-hasher" => {
+            let p = clocks::monotonic_clock::subscribe_duration(0);
+            let n = p.take_handle();
+            // SAFETY: deliberately not: the handle is a pollable's.
+            let h = unsafe { provd_sdk::wit::provd::plugin::hashing::Hasher::from_handle(n) };
+            format!("{:?}", h.finish())
+        }
+        "handle.hasher-as-pollable" => {
+            let h = provd_sdk::wit::provd::plugin::hashing::Hasher::new();
+            let n = h.take_handle();
+            // SAFETY: deliberately not: the handle is a hasher's.
+            let p = unsafe { io::poll::Pollable::from_handle(n) };
+            format!("ready {}", p.ready())
         }
         other => return Err(Error::InvalidInput(format!("no call {other:?}"))),
     })
