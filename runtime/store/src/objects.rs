@@ -281,7 +281,7 @@ pub(crate) fn open(store: &Store, hash: &Hash) -> Result<cap_std::fs::File, Stor
 pub(crate) fn read(store: &Store, hash: &Hash, max: u64) -> Result<Vec<u8>, StoreError> {
     let file = open(store, hash)?;
     let mut buf = Vec::new();
-    file.take(max + 1)
+    file.take(max.saturating_add(1))
         .read_to_end(&mut buf)
         .map_err(|e| store.io_error(format!("reading object {hash}"), e))?;
     if buf.len() as u64 > max {
