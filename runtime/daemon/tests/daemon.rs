@@ -1078,3 +1078,90 @@ fn walk(dir: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// SIGKILL inside host calls: the daemon is killed while a file is being
+/// written in its staging directory (an image import inside `images.fetch`,
+/// a partition inside `partitions.create-*`), at growing delays after the
+/// file appears. After each restart the operation either finished before
+/// the kill or is recorded as interrupted with everything it built rolled
+/// back: no VM, partition, staging file or reservation is left, and the
+/// node provisions the same VMs whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_inside_host_calls_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = node(dir.path(), "");
+    let images = dir.path().join("images");
+    // Images large enough that importing and building take a while.
+    for (name, seed) in [("big-web", 1u64), ("big-db", 2)] {
+        let root = images.join(name);
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/hostname"), format!("{name}\n")).unwrap();
+        for i in 0..48u64 {
+            let shared = i < 32;
+            let mut x = if shared { i } else { seed << 32 | i };
+            let data: Vec<u8> = (0..200_000)
+                .map(|_| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    (x >> 33) as u8
+                })
+                .collect();
+            std::fs::write(root.join(format!("f{i}.so")), data).unwrap();
+        }
+    }
+    client(&node).deploy(node.bundle(&imager("1.0.0", &images), &IMAGER.wasm())).await.unwrap();
+    let vms = [spec("web-1", &images.join("big-web")), spec("db-1", &images.join("big-db"))];
+    let request = json!({"plugin": "imager", "vms": vms, "params": partitions_params(false)});
+    let staging = node.data.join("staging");
+    let mut inside = 0;
+    for delay_ms in [0u64, 1, 3, 6, 10, 15, 20, 30, 40, 50, 60, 80, 100, 130, 160, 320] {
+        let c = client(&node);
+        let id = c.provision(&request).await.unwrap().body["operation"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        // Wait for a file in staging: some host call is writing.
+        let mut seen = false;
+        for _ in 0..20_000 {
+            if std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0) > 0 {
+                seen = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        node.kill();
+        node.restart().unwrap();
+        let c = client(&node);
+        let op = c.operation(&id, None).await.unwrap();
+        let state = op["state"].as_str().unwrap().to_string();
+        let message = op["error"]["message"].as_str().unwrap_or_default().to_string();
+        println!("staging file seen: {seen}, killed {delay_ms} ms later: {state} {message}");
+        let (vms_left, partitions, reserved) = node_state(&c, &node.data).await;
+        assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0, "{delay_ms} ms");
+        if state == "succeeded" {
+            assert_eq!(vms_left, 2, "{delay_ms} ms");
+            for vm in ["web-1", "db-1"] {
+                c.delete(&format!("/v1/vms/{vm}")).await.unwrap();
+            }
+        } else {
+            assert_eq!(
+                (state.as_str(), op["error"]["code"].as_str()),
+                ("failed", Some("interrupted")),
+                "{delay_ms} ms: {op}"
+            );
+            assert_eq!((vms_left, partitions), (0, 0), "{delay_ms} ms");
+            assert_eq!(reserved, json!({"vcpus": 0, "memory-mib": 0, "disk-bytes": 0}));
+            if seen {
+                inside += 1;
+            }
+        }
+        let vm_dirs = std::fs::read_dir(node.data.join("vms")).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(vm_dirs, 0, "{delay_ms} ms");
+    }
+    println!("{inside} kills while a host call wrote to staging, each rolled back");
+    assert!(inside >= 5, "only {inside} kills landed inside a host call");
+    let c = client(&node);
+    let id =
+        c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    assert_eq!(c.wait(&id, |_| {}).await.unwrap()["state"], "succeeded");
+}
