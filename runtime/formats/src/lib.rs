@@ -3,6 +3,7 @@
 //!
 //! - `ext4`: the reader of ext4 images (private partitions, ext4 shared
 //!   partitions), used to verify them and to read back what a guest wrote;
+//!   `ext4_writer`: the writer of private partitions, journal included;
 //! - `erofs`: the EROFS reader; `erofs_writer`: the EROFS writer that builds
 //!   shared partitions straight from content objects; `erofs_format`: the
 //!   on-disk layout both share;
@@ -16,4 +17,5 @@ pub mod erofs;
 mod erofs_format;
 pub mod erofs_writer;
 pub mod ext4;
+pub mod ext4_writer;
 pub mod reader;
