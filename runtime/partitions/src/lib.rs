@@ -35,7 +35,7 @@
 
 mod customize;
 // The formats live in provd-formats; their paths here stay as they were.
-pub use provd_formats::{erofs, erofs_writer, ext4, reader};
+pub use provd_formats::{erofs, erofs_writer, ext4, ext4_writer, reader};
 pub mod repack;
 mod stage;
 mod tools;
@@ -54,7 +54,7 @@ pub use customize::{AddedFile, MAX_ADDED_FILE_BYTES, add_file};
 pub use tools::DEFAULT_TOOL_DIRS;
 pub use verify::{Verification, verify_vm};
 
-use stage::{Deferred, Sharing, Specials, Stager};
+use stage::{Deferred, Specials, Stager};
 use tools::{DEBUGFS, MKE2FS, MKFS_EROFS, QEMU_IMG, Tools};
 
 /// Most layers one VM may stack. The guest mounts its overlay with one
@@ -673,12 +673,12 @@ impl<'s> BuildDir<'s> {
         Ok(BuildDir { store, name, path, published: false })
     }
 
-    fn stager(&self, sharing: Sharing, specials: Specials) -> Result<Stager<'s>, PartitionError> {
+    fn stager(&self, specials: Specials) -> Result<Stager<'s>, PartitionError> {
         let staging = self.store.staging_dir();
         let io = |e| PartitionError::Io { what: "creating the staging tree".into(), source: e };
         staging.create_dir(format!("{}/tree", self.name)).map_err(io)?;
         let root = staging.open_dir(format!("{}/tree", self.name)).map_err(io)?;
-        Ok(Stager::new(self.store, root, sharing, specials))
+        Ok(Stager::new(self.store, root, specials))
     }
 
     fn remove_tree(&self) -> Result<(), PartitionError> {
@@ -956,12 +956,12 @@ pub fn build_shared(
         // root-only build directory and deleted as soon as mkfs is done.
         _ => Specials::Create,
     };
-    let mut stager = build.stager(Sharing::Identical, specials)?;
+    let mut stager = build.stager(specials)?;
     for layer in new_layers(plan) {
         let prefix = format!("layers/{}/", layer.id);
         stager.dir(&format!("layers/{}", layer.id))?;
         for e in &layer.entries {
-            stager.add(&format!("{prefix}{}", e.path), &prefix, e)?;
+            stager.add(&format!("{prefix}{}", e.path), e)?;
         }
     }
     write_small(stager.dir("")?, "provd-shared.json", &manifest_json, 0o444)?;
@@ -1182,6 +1182,96 @@ fn mke2fs(
     tools.run(MKE2FS, args)
 }
 
+/// The nodes of a private partition: the VM's own entries under `upper/`
+/// (only the image's own hard links kept: the partition is writable, and
+/// files that were separate must stay separate), its whiteouts, `work/`
+/// for overlayfs, and `provd/` with what the guest needs to stack its
+/// layers.
+fn private_nodes(
+    private: &[Entry],
+    whiteouts: &[String],
+    manifest: &PrivateManifest,
+    manifest_json: &str,
+) -> Result<Vec<ext4_writer::Node>, PartitionError> {
+    use ext4_writer::{Content, Node};
+    let dir = |path: &str, mode: u32| Node {
+        path: path.into(),
+        kind: EntryKind::Dir,
+        mode,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        size: 0,
+        content: None,
+        link_target: None,
+        device: None,
+        inode: None,
+    };
+    let small = |path: &str, text: &str, mode: u32| Node {
+        kind: EntryKind::File,
+        size: text.len() as u64,
+        content: Some(Content::Bytes(text.as_bytes().to_vec())),
+        ..dir(path, mode)
+    };
+    let mut nodes = Vec::with_capacity(private.len() + whiteouts.len() + 8);
+    nodes.push(dir("upper", 0o755));
+    nodes.push(dir("work", 0o755));
+    // Image path -> (inode key, content key) of each file written, for the
+    // image's own hard links.
+    type ContentKey = (provd_domain::image::Hash, u32, u64, u64);
+    let mut files: std::collections::HashMap<&str, (u64, ContentKey)> =
+        std::collections::HashMap::new();
+    let owned: Vec<Entry> = whiteouts.iter().map(|p| whiteout(p)).collect();
+    for (k, e) in private.iter().chain(&owned).enumerate() {
+        let (uid, gid) = match (u32::try_from(e.uid), u32::try_from(e.gid)) {
+            (Ok(u), Ok(g)) if u != u32::MAX && g != u32::MAX => (u, g),
+            _ => {
+                return Err(PartitionError::InvalidEntry {
+                    path: e.path.clone(),
+                    reason: format!("owner {}:{} is not a settable 32-bit id", e.uid, e.gid),
+                });
+            }
+        };
+        let mode = e.mode & 0o7777;
+        let mut node = Node {
+            path: format!("upper/{}", e.path),
+            kind: e.kind,
+            mode,
+            uid,
+            gid,
+            mtime: e.mtime,
+            ..dir("", 0)
+        };
+        match e.kind {
+            EntryKind::File | EntryKind::Hardlink => {
+                let hash = stage::content_hash(e)?;
+                let key = (hash, mode, e.uid, e.gid);
+                let linked = (e.kind == EntryKind::Hardlink)
+                    .then(|| e.link_target.as_deref().and_then(|t| files.get(t)))
+                    .flatten()
+                    .filter(|(_, k)| *k == key)
+                    .map(|(inode, _)| *inode);
+                let inode = linked.unwrap_or(k as u64);
+                node.kind = EntryKind::File;
+                node.size = e.size;
+                node.content = (e.size > 0).then_some(Content::Object(hash));
+                node.inode = Some(inode);
+                files.insert(e.path.as_str(), (inode, key));
+            }
+            EntryKind::Symlink => node.link_target = e.link_target.clone(),
+            EntryKind::CharDevice | EntryKind::BlockDevice => node.device = e.device,
+            EntryKind::Fifo | EntryKind::Dir => {}
+        }
+        nodes.push(node);
+    }
+    nodes.push(dir("provd", 0o755));
+    nodes.push(small("provd/partition.json", manifest_json, 0o444));
+    nodes.push(small("provd/stack", &stack_file(manifest), 0o444));
+    nodes.push(small("provd/shared", &shared_file(manifest), 0o444));
+    nodes.push(small("provd/provd-overlay-root", OVERLAY_ROOT_SCRIPT, 0o555));
+    Ok(nodes)
+}
+
 /// Builds the private partition of `vm`: its own files plus what its guest
 /// needs to stack its layers from `shared` at boot. `size_bytes` is the
 /// size the guest sees (default: the content plus a quarter, at least 256
@@ -1207,7 +1297,6 @@ pub fn build_private(
     let whiteouts = plan.whiteouts.get(vm).cloned().unwrap_or_default();
     let (shared_refs, stack, stack_rows) = resolve_stack(store, plan, vm, &stack_ids, shared)?;
     let tools = opts.tools();
-    tools.find(MKE2FS)?;
     if format == PrivateFormat::Qcow2 {
         tools.find(QEMU_IMG)?;
     }
@@ -1246,17 +1335,6 @@ pub fn build_private(
     let uuid = uuid_for(&id);
     let started = std::time::Instant::now();
     let build = BuildDir::new(store)?;
-    let mut stager = build.stager(Sharing::ImageLinks, Specials::Defer)?;
-    stager.dir("upper")?;
-    stager.dir("work")?;
-    for e in &private {
-        stager.add(&format!("upper/{}", e.path), "upper/", e)?;
-    }
-    // What the layers hold and the image lacks: overlay whiteouts, written
-    // into the image by debugfs like every device node.
-    for path in &whiteouts {
-        stager.add(&format!("upper/{path}"), "upper/", &whiteout(path))?;
-    }
     let manifest = PrivateManifest {
         partition: id.clone(),
         vm: vm.to_string(),
@@ -1271,25 +1349,48 @@ pub fn build_private(
     };
     let manifest_json = serde_json::to_string_pretty(&manifest)
         .map_err(|e| PartitionError::InvalidPlan(format!("encoding the manifest: {e}")))?;
-    let provd = stager.dir("provd")?;
-    write_small(provd, "partition.json", &manifest_json, 0o444)?;
-    write_small(provd, "stack", &stack_file(&manifest), 0o444)?;
-    write_small(provd, "shared", &shared_file(&manifest), 0o444)?;
-    write_small(provd, "provd-overlay-root", OVERLAY_ROOT_SCRIPT, 0o555)?;
-    let deferred = std::mem::take(&mut stager.deferred);
-    let figures = stager.finish()?;
-    tracing::debug!(vm, elapsed = ?started.elapsed(), ?figures, "private tree staged");
-
-    let raw = build.path.join("private.ext4");
-    // Sized from what was staged: each file's blocks, the inode table, the
+    let nodes = private_nodes(&private, &whiteouts, &manifest, &manifest_json)?;
+    // Sized from the nodes: each inode's blocks, the inode table, the
     // journal.
-    let inodes = private_inodes(figures.inodes);
-    let needed = private_bytes(figures.data_blocks, inodes);
+    let mut counted = std::collections::HashSet::new();
+    let data_blocks: u64 = nodes
+        .iter()
+        .map(|n| match n.kind {
+            EntryKind::File if n.inode.is_none_or(|k| counted.insert(k)) => n.size.div_ceil(4096),
+            EntryKind::Dir => 1,
+            EntryKind::Symlink => 1,
+            _ => 0,
+        })
+        .sum();
+    let inodes = private_inodes(nodes.len() as u64 + 16);
+    let needed = private_bytes(data_blocks, inodes);
     let apparent = apparent(needed)?;
     check_room(store, &format!("the private partition of {vm}"), needed, apparent, opts)?;
-    mke2fs(&tools, &raw, &build.path.join("tree"), apparent, inodes, "provd-private", &uuid, true)?;
-    build.remove_tree()?;
-    apply_deferred(&tools, &raw, &deferred, &build.path)?;
+    let raw = build.path.join("private.ext4");
+    let mut open = |hash: &provd_domain::image::Hash| -> std::io::Result<std::fs::File> {
+        store.open_object(hash).map(|f| f.into_std()).map_err(std::io::Error::other)
+    };
+    let ext4_opts = ext4_writer::Ext4Options {
+        size_bytes: apparent,
+        inodes,
+        uuid: uuid_bytes(&id),
+        label: "provd-private".into(),
+        hash_seed: uuid_bytes(&format!("{id}/hash-seed")),
+        now: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+    };
+    let figures =
+        ext4_writer::write_image(&raw, &nodes, &ext4_opts, &mut open).map_err(|e| match e {
+            ext4_writer::Ext4WriteError::Io { what, source } => PartitionError::Io { what, source },
+            ext4_writer::Ext4WriteError::Invalid { path, reason } => {
+                PartitionError::InvalidEntry { path, reason }
+            }
+            other => {
+                PartitionError::InvalidEntry { path: String::new(), reason: other.to_string() }
+            }
+        })?;
+    tracing::debug!(vm, elapsed = ?started.elapsed(), ?figures, "private image written");
     let file = if format == PrivateFormat::Qcow2 {
         let qcow = build.path.join("private.qcow2");
         tools.run(

@@ -2,11 +2,10 @@
 //! exact type, ownership and permissions, ready for a filesystem builder.
 //!
 //! File contents come from the content store. Identical files are written
-//! once: in a shared tree every later file with the same content and
-//! metadata becomes a hard link to the first (so the built filesystem
-//! stores it once); in a private tree only the image's own hard links are
-//! kept, because a private partition is writable and two files that were
-//! separate must stay separate.
+//! once: every later file with the same content and metadata becomes a
+//! hard link to the first, so the built filesystem stores it once. (The
+//! tree serves the shared formats built by external tools; private
+//! partitions are written by `ext4_writer` without a tree.)
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
@@ -17,15 +16,6 @@ use provd_store::Store;
 use rustix::fs::{AtFlags, FileType, Mode, Timestamps};
 
 use crate::PartitionError;
-
-/// How the tree de-duplicates files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Sharing {
-    /// Every file with the same content and metadata is one inode.
-    Identical,
-    /// Only the image's own hard links are kept.
-    ImageLinks,
-}
 
 type InodeKey = (Hash, u32, u64, u64);
 
@@ -61,7 +51,6 @@ pub(crate) struct Deferred {
 
 pub(crate) struct Stager<'s> {
     store: &'s Store,
-    sharing: Sharing,
     specials: Specials,
     /// Entries left for the image builder (with `Specials::Defer`).
     pub deferred: Vec<Deferred>,
@@ -69,9 +58,6 @@ pub(crate) struct Stager<'s> {
     dirs: HashMap<String, Dir>,
     /// First path written for an inode, and how many names it has.
     inodes: HashMap<InodeKey, (String, u32)>,
-    /// Image path (of the tree's prefix) → where a file was written, for
-    /// the image's own hard links.
-    written: HashMap<String, (String, InodeKey)>,
     dir_times: Vec<(String, i64)>,
     /// Filesystem blocks (4 KiB) the content needs, counted once per inode.
     pub data_blocks: u64,
@@ -133,17 +119,15 @@ fn times(mtime: i64) -> Timestamps {
 }
 
 impl<'s> Stager<'s> {
-    pub fn new(store: &'s Store, root: Dir, sharing: Sharing, specials: Specials) -> Stager<'s> {
+    pub fn new(store: &'s Store, root: Dir, specials: Specials) -> Stager<'s> {
         let mut dirs = HashMap::new();
         dirs.insert(String::new(), root);
         Stager {
             store,
-            sharing,
             specials,
             deferred: Vec::new(),
             dirs,
             inodes: HashMap::new(),
-            written: HashMap::new(),
             dir_times: Vec::new(),
             data_blocks: 0,
             inode_count: 0,
@@ -183,7 +167,7 @@ impl<'s> Stager<'s> {
 
     /// Writes `e` at `at` (a path under the tree root). `image_prefix` is
     /// what `at` has in front of `e.path`, for resolving hard links.
-    pub fn add(&mut self, at: &str, image_prefix: &str, e: &Entry) -> Result<(), PartitionError> {
+    pub fn add(&mut self, at: &str, e: &Entry) -> Result<(), PartitionError> {
         if at.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
             return Err(PartitionError::InvalidEntry {
                 path: e.path.clone(),
@@ -212,22 +196,11 @@ impl<'s> Stager<'s> {
             EntryKind::File | EntryKind::Hardlink => {
                 let hash = content_hash(e)?;
                 let key = (hash, e.mode & 0o7777, e.uid, e.gid);
-                let link_from = match self.sharing {
-                    Sharing::Identical => self
-                        .inodes
-                        .get(&key)
-                        .filter(|(_, links)| *links < crate::MAX_LINKS_PER_INODE)
-                        .map(|(p, _)| p.clone()),
-                    // Only to a target with the same content and metadata: a
-                    // later layer may have replaced the file a link named.
-                    Sharing::ImageLinks if e.kind == EntryKind::Hardlink => e
-                        .link_target
-                        .as_ref()
-                        .and_then(|t| self.written.get(&format!("{image_prefix}{t}")))
-                        .filter(|(_, target_key)| *target_key == key)
-                        .map(|(at, _)| at.clone()),
-                    Sharing::ImageLinks => None,
-                };
+                let link_from = self
+                    .inodes
+                    .get(&key)
+                    .filter(|(_, links)| *links < crate::MAX_LINKS_PER_INODE)
+                    .map(|(p, _)| p.clone());
                 if let Some(from) = link_from {
                     let (fparent, fname) = split(&from);
                     let fdir = self.dirs.get(fparent).ok_or_else(|| missing(fparent))?;
@@ -278,7 +251,6 @@ impl<'s> Stager<'s> {
                     self.inode_count += 1;
                     self.data_blocks += blocks(e.size);
                 }
-                self.written.insert(format!("{image_prefix}{}", e.path), (at.to_string(), key));
             }
             EntryKind::Symlink => {
                 let target =
