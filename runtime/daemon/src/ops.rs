@@ -363,6 +363,20 @@ impl Operations {
             .get_or_create(&PluginLabel { plugin: req.plugin.clone() })
             .observe(started.elapsed().as_secs_f64());
         let audit = observer.drain(true);
+        // What the operation wrote becomes durable here, with one syncfs,
+        // before its success is recorded; a failed sync fails it and rolls
+        // it back.
+        let result = match result {
+            Ok(outcome) => {
+                let store = self.store.clone();
+                match tokio::task::spawn_blocking(move || store.sync()).await {
+                    Ok(Ok(())) => Ok(outcome),
+                    Ok(Err(e)) => Err(InvokeError::Host(e.to_string())),
+                    Err(e) => Err(InvokeError::Host(format!("syncing the data directory: {e}"))),
+                }
+            }
+            Err(e) => Err(e),
+        };
         match result {
             Ok(outcome) => {
                 let r = &outcome.report;

@@ -201,6 +201,18 @@ impl Store {
         Ok(store)
     }
 
+    /// Makes everything written to the data directory's filesystem durable
+    /// (one `syncfs`): what an operation built, before its success is
+    /// recorded. A failure means some write since the last sync is lost;
+    /// it is reported once, so the caller must not retry and count on it.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        rustix::fs::syncfs(&self.lock)
+            .map_err(|e| self.io_error("syncing the data directory", e.into()))?;
+        tracing::debug!(elapsed = ?started.elapsed(), "data directory synced");
+        Ok(())
+    }
+
     /// The data directory.
     pub fn path(&self) -> &Path {
         &self.path

@@ -282,9 +282,16 @@ impl Store {
         }
         // Sync the built files before they become visible under their final
         // name, so a crash never publishes a partition with missing data.
-        let started = std::time::Instant::now();
-        rustix::fs::syncfs(&self.lock).map_err(|e| self.io_error("syncing a build", e.into()))?;
-        tracing::debug!(elapsed = ?started.elapsed(), partition = %new.id, "build synced");
+        // A partition of an operation is synced with everything else the
+        // operation wrote, once, before its success is recorded
+        // (`Store::sync`); until then a crash rolls the whole operation
+        // back, this partition with it.
+        if new.operation.is_none() {
+            let started = std::time::Instant::now();
+            rustix::fs::syncfs(&self.lock)
+                .map_err(|e| self.io_error("syncing a build", e.into()))?;
+            tracing::debug!(elapsed = ?started.elapsed(), partition = %new.id, "build synced");
+        }
         self.staging
             .rename(temp, &self.partitions, &new.id)
             .map_err(|e| self.io_error(format!("publishing partition {}", new.id), e))?;

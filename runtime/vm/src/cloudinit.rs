@@ -646,10 +646,13 @@ fn run_xorriso(tool: &Path, cwd: &Path, args: &[OsString]) -> Result<String, See
 /// so on failure nothing is left at `out` (a file already there stays as it
 /// was).
 pub fn write_seed_iso(seed: &Seed, out: &Path) -> Result<u64, SeedError> {
-    write_seed_iso_native(seed, out)
+    write_seed_iso_with(seed, out, true)
 }
 
-fn write_seed_iso_native(seed: &Seed, out: &Path) -> Result<u64, SeedError> {
+/// [`write_seed_iso`], syncing the image before the rename only if
+/// `durable`: a caller that syncs the whole filesystem afterwards (an
+/// operation, at its end) need not sync each file.
+pub fn write_seed_iso_with(seed: &Seed, out: &Path, durable: bool) -> Result<u64, SeedError> {
     check_size(seed)?;
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -668,7 +671,9 @@ fn write_seed_iso_native(seed: &Seed, out: &Path) -> Result<u64, SeedError> {
         .tempfile_in(parent)
         .map_err(io(format!("creating a temporary image in {}", parent.display())))?;
     image.write_all(&bytes).map_err(io(format!("writing {}", image.path().display())))?;
-    image.as_file().sync_all().map_err(io(format!("syncing {}", image.path().display())))?;
+    if durable {
+        image.as_file().sync_all().map_err(io(format!("syncing {}", image.path().display())))?;
+    }
     image.persist(out).map_err(|e| SeedError::Io {
         what: format!("renaming the image to {}", out.display()),
         source: e.error,

@@ -13,7 +13,9 @@ use provd_domain::{NodeCapacity, VmGrant};
 use provd_partitions::{PrivateManifest, SharedFormat, SharedManifest};
 use provd_store::{NewVm, PartitionRecord, ReserveError, Resources, Store};
 
-use crate::cloudinit::{SeedInput, SeedNic, SeedUser, seed_files, write_seed_iso};
+use crate::cloudinit::{
+    SeedInput, SeedNic, SeedUser, seed_files, write_seed_iso, write_seed_iso_with,
+};
 use crate::render::{AttachedDisk, DiskFormat, DiskRole, RenderInput, SharedDir, render};
 use crate::spec::{Boot, VmSpec, parse_spec};
 
@@ -269,7 +271,9 @@ pub fn configure(
         &capacity_of(capacity),
     )?;
     let dir = vm_dir(store, &spec.name);
-    let built = write_vm(store, &spec, &dir, &resolved);
+    // In an operation, the operation's end makes everything durable with
+    // one syncfs; alone, the seed is synced itself.
+    let built = write_vm(store, &spec, &dir, &resolved, operation.is_none());
     match built {
         Ok((config_file, config, disks)) => Ok(Configured {
             name: spec.name.clone(),
@@ -411,7 +415,13 @@ fn render_config(
     Ok((rendered.file_name.to_string(), rendered.text, names))
 }
 
-fn write_vm(store: &Store, spec: &VmSpec, dir: &Path, r: &Resolved) -> Result<Written, VmError> {
+fn write_vm(
+    store: &Store,
+    spec: &VmSpec,
+    dir: &Path,
+    r: &Resolved,
+    durable: bool,
+) -> Result<Written, VmError> {
     let io = |what: String| move |e: std::io::Error| VmError::Failed(format!("{what}: {e}"));
     // A directory left by a crash holds nothing of value: the record that
     // would own it was never committed or has been deleted.
@@ -445,7 +455,8 @@ fn write_vm(store: &Store, spec: &VmSpec, dir: &Path, r: &Resolved) -> Result<Wr
         }
     }
     let seed = seed_files(&seed_input(spec)).map_err(|e| VmError::Spec(e.to_string()))?;
-    write_seed_iso(&seed, &dir.join("seed.iso")).map_err(|e| VmError::Failed(e.to_string()))?;
+    write_seed_iso_with(&seed, &dir.join("seed.iso"), durable)
+        .map_err(|e| VmError::Failed(e.to_string()))?;
     let (disks, shared_dirs) = attachments(store, spec, dir, r)?;
     render_config(spec, dir, disks, shared_dirs, &r.boot)
 }

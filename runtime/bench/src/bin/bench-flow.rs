@@ -50,6 +50,7 @@ fn mib(b: u64) -> f64 {
 /// The peers' files for one root: (naive ext4 bytes, qcow2 base bytes,
 /// qcow2 overlay bytes, seconds to make the ext4, seconds to convert).
 struct Peer {
+    base_path: PathBuf,
     naive: u64,
     base: u64,
     overlay: u64,
@@ -76,18 +77,30 @@ fn peers(root: &Path, dir: &Path, i: usize) -> Result<Peer> {
         .arg(&base))?;
     let base_secs = t.elapsed().as_secs_f64();
     let overlay = dir.join(format!("overlay{i}.qcow2"));
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-b"])
-        .arg(&base)
-        .args(["-F", "qcow2"])
-        .arg(&overlay))?;
+    make_overlay(&base, &overlay)?;
     Ok(Peer {
         naive: allocated(&ext4)?,
         base: allocated(&base)?,
+        base_path: base,
         overlay: allocated(&overlay)?,
         naive_secs,
         base_secs,
     })
+}
+
+/// A qcow2 overlay on `base`: what Nova and Proxmox make per VM.
+fn make_overlay(base: &Path, overlay: &Path) -> Result<()> {
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-b"])
+        .arg(base)
+        .args(["-F", "qcow2"])
+        .arg(overlay))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn spec(name: &str, root: &Path) -> Value {
@@ -165,8 +178,11 @@ async fn one_at_a_time(
     roots: &[PathBuf],
     n: usize,
     single_bytes: Option<u64>,
-    qcow2: u64,
+    peer: &[Peer],
 ) -> Result<u64> {
+    let used: Vec<&Peer> = peer.iter().cycle().take(n).collect();
+    let qcow2 = peer.iter().take(n.min(peer.len())).map(|p| p.base).sum::<u64>()
+        + used.iter().map(|p| p.overlay).sum::<u64>();
     println!(
         "
 {n} VMs, one request each (roots in turn):"
@@ -184,6 +200,7 @@ async fn one_at_a_time(
         "RSS MiB"
     );
     let mut times = Vec::with_capacity(n);
+    let mut parts: Vec<[f64; 4]> = Vec::with_capacity(n);
     let mut bytes = 0;
     for (i, root) in (0..n).zip(roots.iter().cycle()) {
         let (phases, total, report, peak) =
@@ -193,8 +210,11 @@ async fn one_at_a_time(
         let stored =
             report.pointer("/output/totals/stored_bytes").and_then(Value::as_u64).unwrap_or(0);
         let t = |p: &str| phases.get(p).copied().unwrap_or(0.0);
+        let known =
+            t("plan") + t("shared-partition") + t("private-partitions") + t("configure-vms");
+        parts.push([t("plan"), t("private-partitions"), t("configure-vms"), total - known]);
         println!(
-            "{:>8} {:>9.2} {:>8.2} {:>9.2} {:>10.2} {:>9.2} {:>11.1} {:>11.1} {:>9.1}",
+            "{:>8} {:>9.3} {:>8.3} {:>9.3} {:>10.3} {:>9.3} {:>11.1} {:>11.1} {:>9.1}",
             i + 1,
             total,
             t("plan"),
@@ -225,6 +245,43 @@ async fn one_at_a_time(
         );
     }
     println!(", {:.3}x qcow2 base + overlays ({:.1} MiB)", bytes as f64 / qcow2 as f64, mib(qcow2));
+    // Where a request of a VM whose layers the node holds spends its time.
+    let later = parts.get(roots.len()..).unwrap_or_default();
+    let col = |k: usize| later.iter().map(|p| p.get(k).copied().unwrap_or(0.0)).collect::<Vec<_>>();
+    println!(
+        "requests {}..{n}, median seconds: total {:.3}, plan {:.3}, private partition {:.3}, \
+         configuration {:.3}, the rest (HTTP, plugin, operation records) {:.3}",
+        roots.len() + 1,
+        median(&rest),
+        median(&col(0)),
+        median(&col(1)),
+        median(&col(2)),
+        median(&col(3))
+    );
+    // The peer in the same run: an overlay per VM on its image's base.
+    let dir = tempfile::Builder::new().prefix("provd-bench-overlays-").tempdir_in("/var/tmp")?;
+    let mut overlay_secs = Vec::with_capacity(n);
+    for (i, p) in used.iter().enumerate() {
+        let t = Instant::now();
+        make_overlay(&p.base_path, &dir.path().join(format!("vm-{i}.qcow2")))?;
+        overlay_secs.push(t.elapsed().as_secs_f64());
+    }
+    let overlays: f64 = overlay_secs.iter().sum();
+    let bases: f64 = peer.iter().take(n.min(peer.len())).map(|p| p.naive_secs + p.base_secs).sum();
+    let provd: f64 = times.iter().sum();
+    println!(
+        "qcow2 overlay per VM (qemu-img create -b): median {:.3} s; provd's request of a VM \
+         whose layers the node holds: median {:.3} s ({:.2}x)",
+        median(&overlay_secs),
+        median(&rest),
+        median(&rest) / median(&overlay_secs).max(f64::MIN_POSITIVE)
+    );
+    println!(
+        "{n} VMs: provd {provd:.2} s in {n} requests (images in the store); qcow2 {:.2} s \
+         (bases: mke2fs -d + convert {bases:.2} s, overlays {overlays:.2} s): {:.2}x",
+        bases + overlays,
+        provd / (bases + overlays).max(f64::MIN_POSITIVE)
+    );
     let t = Instant::now();
     for i in (1..n).step_by(2) {
         c.delete(&format!("/v1/vms/vm-{i}")).await?;
@@ -393,10 +450,7 @@ async fn main() -> Result<()> {
     );
     if mode != "single" {
         let n = std::env::var("ALONE").ok().and_then(|v| v.parse().ok()).unwrap_or(32usize);
-        let used: Vec<&Peer> = peer.iter().cycle().take(n).collect();
-        let qcow2 = peer.iter().take(n.min(peer.len())).map(|p| p.base).sum::<u64>()
-            + used.iter().map(|p| p.overlay).sum::<u64>();
-        one_at_a_time(&c, pid, &node.data, &roots, n, single_bytes.get(&n).copied(), qcow2).await?;
+        one_at_a_time(&c, pid, &node.data, &roots, n, single_bytes.get(&n).copied(), &peer).await?;
     }
     println!("daemon RSS at the end: {:.1} MiB", rss_kib(pid) as f64 / 1024.0);
     Ok(())
