@@ -453,5 +453,10 @@ async fn main() -> Result<()> {
         one_at_a_time(&c, pid, &node.data, &roots, n, single_bytes.get(&n).copied(), &peer).await?;
     }
     println!("daemon RSS at the end: {:.1} MiB", rss_kib(pid) as f64 / 1024.0);
+    // The daemon's log (with PROVD_LOG=debug, its build timings) outlives
+    // the run's directory if asked.
+    if let Some(keep) = std::env::var_os("KEEP_LOG") {
+        std::fs::copy(&node.log, &keep)?;
+    }
     Ok(())
 }
