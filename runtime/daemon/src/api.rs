@@ -35,6 +35,8 @@ pub struct AppState {
     pub ops: Arc<Operations>,
     pub metrics: Arc<Metrics>,
     pub limits: HttpLimits,
+    /// What the node offers VMs (`GET /v1/capacity`).
+    pub capacity: provd_domain::NodeCapacity,
 }
 
 /// An error response.
@@ -125,6 +127,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/vms/{name}", get(get_vm))
         .route("/v1/vms/{name}", delete(delete_vm))
         .route("/v1/images", get(list_images))
+        .route("/v1/capacity", get(capacity))
+        .route("/v1/layers", get(list_layers))
+        .route("/v1/layers/{partition}/{layer}/entries", get(layer_entries))
         .route("/v1/audit", get(audit))
         .route("/v1/repack", post(repack))
         .fallback(|| async {
@@ -956,6 +961,147 @@ async fn list_images(State(s): State<AppState>) -> ApiResult {
         })
         .collect();
     ok(StatusCode::OK, json!({"images": list}))
+}
+
+/// Most layers in one page of `GET /v1/layers`.
+const MAX_LAYERS_PAGE: u32 = 500;
+/// Most entries in one page of a layer's entries.
+const MAX_ENTRIES_PAGE: u32 = 5000;
+
+/// What the node can still give VMs: its capacity (over-commit applied),
+/// what VMs reserve, and the data directory's free space beyond the
+/// reserve. A remote manager places VMs from this and `GET /v1/layers`.
+async fn capacity(State(s): State<AppState>) -> ApiResult {
+    let store = s.store.clone();
+    let (reserved, fs_free, vms) = blocking(move || {
+        let free = store.free_bytes()?.saturating_sub(store.min_free_bytes);
+        Ok::<_, provd_store::StoreError>((store.reserved()?, free, store.vms()?.len()))
+    })
+    .await?
+    .map_err(ApiError::internal)?;
+    let total = provd_vm::node::capacity_of(&s.capacity);
+    let part = |t: u64, r: u64| json!({"total": t, "reserved": r, "free": t.saturating_sub(r)});
+    let mut disk = part(total.disk_bytes, reserved.disk_bytes);
+    if let Some(m) = disk.as_object_mut() {
+        let free = total.disk_bytes.saturating_sub(reserved.disk_bytes).min(fs_free);
+        m.insert("free".into(), json!(free));
+        m.insert("filesystem-free".into(), json!(fs_free));
+    }
+    ok(
+        StatusCode::OK,
+        json!({"vcpus": part(total.vcpus, reserved.vcpus),
+               "memory-mib": part(total.memory_mib, reserved.memory_mib),
+               "disk-bytes": disk, "vms": vms}),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LayerPage {
+    /// `partition/layer` of the last layer of the previous page.
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+/// The layers new VMs may stack, by partition and name, a page at a time:
+/// digest, files, bytes, and the VMs that stack each.
+async fn list_layers(
+    State(s): State<AppState>,
+    q: Result<Query<LayerPage>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(q) = q.map_err(|e| ApiError::bad("invalid-request", e.body_text()))?;
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_LAYERS_PAGE) as usize;
+    let after = match &q.after {
+        Some(a) => {
+            Some(a.split_once('/').map(|(p, l)| (p.to_string(), l.to_string())).ok_or_else(
+                || ApiError::bad("invalid-request", format!("after {a:?}: write PARTITION/LAYER")),
+            )?)
+        }
+        None => None,
+    };
+    let store = s.store.clone();
+    let mut layers = blocking(move || store.layers(true)).await?.map_err(ApiError::internal)?;
+    layers.sort_by(|a, b| (&a.partition, &a.name).cmp(&(&b.partition, &b.name)));
+    let total = layers.len();
+    let start = match &after {
+        Some((p, l)) => layers.partition_point(|x| (&x.partition, &x.name) <= (p, l)),
+        None => 0,
+    };
+    let page: Vec<&provd_store::LayerRecord> = layers.iter().skip(start).take(limit).collect();
+    let next = if start + page.len() < total {
+        page.last().map(|l| format!("{}/{}", l.partition, l.name))
+    } else {
+        None
+    };
+    let list: Vec<Value> = page
+        .iter()
+        .map(|l| {
+            json!({"partition": l.partition, "layer": l.name, "digest": l.digest,
+                   "files": l.files, "bytes": l.bytes, "format": l.format, "vms": l.vms})
+        })
+        .collect();
+    ok(StatusCode::OK, json!({"layers": list, "total": total, "next": next}))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntryPage {
+    /// Entries to skip.
+    after: Option<u64>,
+    limit: Option<u32>,
+}
+
+/// A layer's regular files: path, size and BLAKE3, a page at a time; what
+/// a manager compares a new VM's image with.
+async fn layer_entries(
+    State(s): State<AppState>,
+    Path((partition, layer)): Path<(String, String)>,
+    q: Result<Query<EntryPage>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(q) = q.map_err(|e| ApiError::bad("invalid-request", e.body_text()))?;
+    if !provd_store::valid_partition_id(&partition) {
+        return Err(ApiError::bad(
+            "invalid-request",
+            format!("{partition:?} is not a partition id"),
+        ));
+    }
+    let limit = q.limit.unwrap_or(1000).clamp(1, MAX_ENTRIES_PAGE) as usize;
+    let after = q.after.unwrap_or(0);
+    let store = s.store.clone();
+    let (p, l) = (partition.clone(), layer.clone());
+    let (known, entries) = blocking(move || {
+        let known = store.layers(true)?.iter().any(|x| x.partition == p && x.name == l);
+        let entries = if known { store.layer_entries(&p, &l)? } else { Vec::new() };
+        Ok::<_, provd_store::StoreError>((known, entries))
+    })
+    .await?
+    .map_err(ApiError::internal)?;
+    if !known {
+        return Err(ApiError::not_found(format!("no layer {layer} on partition {partition}")));
+    }
+    let files: Vec<&provd_domain::image::Entry> = entries
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.kind,
+                provd_domain::image::EntryKind::File | provd_domain::image::EntryKind::Hardlink
+            ) && e.hash.is_some()
+        })
+        .collect();
+    let total = files.len() as u64;
+    let start = usize::try_from(after).unwrap_or(usize::MAX);
+    let page: Vec<Value> = files
+        .iter()
+        .skip(start)
+        .take(limit)
+        .map(|e| {
+            json!({"path": e.path, "size": e.size,
+                   "blake3": e.hash.map(|h| h.to_hex()).unwrap_or_default()})
+        })
+        .collect();
+    let end = after.saturating_add(page.len() as u64);
+    let next = (end < total).then_some(end);
+    ok(StatusCode::OK, json!({"entries": page, "total": total, "next": next}))
 }
 
 #[derive(Debug, Deserialize)]

@@ -91,8 +91,14 @@ pub async fn serve(
         config.limits.max_queued_operations,
         (config.limits.keep_operations, config.limits.keep_audit_rows),
     );
-    let state =
-        AppState { node, store, ops: ops.clone(), metrics: metrics.clone(), limits: config.limits };
+    let state = AppState {
+        node,
+        store,
+        ops: ops.clone(),
+        metrics: metrics.clone(),
+        limits: config.limits,
+        capacity: config.capacity,
+    };
     let timeout = config.limits.request_timeout();
     let router = crate::api::router(state).layer(axum::middleware::from_fn(
         move |req: Request, next: Next| {

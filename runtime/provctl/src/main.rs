@@ -11,6 +11,7 @@ mod bundle;
 mod dedup;
 mod image;
 mod partition;
+mod place;
 mod remote;
 mod vm;
 

@@ -77,8 +77,25 @@ pub enum RemoteCommand {
         #[command(flatten)]
         target: Target,
     },
-    /// Starts an operation on every node and follows it to the end.
+    /// Starts an operation on every node and follows it to the end; with
+    /// --place, each VM on the node `place` chooses, one operation per node.
     Provision(ProvisionArgs),
+    /// Chooses a node for each VM: where it fits and its image adds the
+    /// fewest bytes to what the node's layers hold (ties: the most free
+    /// vCPUs). Asks every node at once; a node that does not answer in
+    /// time is reported and skipped.
+    Place {
+        /// VM spec files (TOML or JSON), placed in this order.
+        #[arg(value_name = "SPEC", required = true)]
+        specs: Vec<PathBuf>,
+        #[command(flatten)]
+        how: PlaceOptions,
+        /// Print every node's score for every VM.
+        #[arg(long)]
+        explain: bool,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Shows one operation (following it with --follow), or the latest ones.
     Status {
         operation: Option<String>,
@@ -184,8 +201,37 @@ pub struct ProvisionArgs {
     /// Return once the operation is started instead of following it.
     #[arg(long)]
     no_wait: bool,
+    /// Send each VM to the node `provctl place` chooses for it
+    /// (one operation per node) instead of every VM to every node.
+    #[arg(long)]
+    place: bool,
+    #[command(flatten)]
+    how: PlaceOptions,
     #[command(flatten)]
     target: Target,
+}
+
+/// How `place` chooses.
+#[derive(Args, Debug, Clone)]
+pub struct PlaceOptions {
+    /// sharing (fewest new bytes), round-robin or most-free (memory).
+    #[arg(long, default_value = "sharing")]
+    policy: String,
+    /// Seconds each node has to answer.
+    #[arg(long, default_value_t = 30)]
+    node_timeout: u64,
+}
+
+impl PlaceOptions {
+    fn options(&self) -> Result<crate::place::Options> {
+        let Some(policy) = provd_placement::Policy::parse(&self.policy) else {
+            bail!("--policy {:?}: write sharing, round-robin or most-free", self.policy);
+        };
+        Ok(crate::place::Options {
+            policy,
+            timeout: std::time::Duration::from_secs(self.node_timeout.max(1)),
+        })
+    }
 }
 
 fn load_target(t: &Target) -> Result<(Vec<String>, TlsFiles)> {
@@ -446,7 +492,7 @@ async fn run_command(command: RemoteCommand) -> Result<u8> {
                 .map(|p| read_spec(p))
                 .collect::<Result<Vec<_>>>()?;
             if !specs.is_empty() {
-                request.insert("vms".into(), Value::Array(specs));
+                request.insert("vms".into(), Value::Array(specs.clone()));
             }
             if let Some(p) = read_params(&args.params)? {
                 request.insert("params".into(), p);
@@ -455,9 +501,42 @@ async fn run_command(command: RemoteCommand) -> Result<u8> {
                 request.insert("idempotency-key".into(), json!(k));
             }
             let request = Value::Object(request);
+            // With --place: each node gets its own VMs, and its own key.
+            let mut requests: std::collections::BTreeMap<String, Value> =
+                nodes.iter().map(|n| (n.clone(), request.clone())).collect();
+            let mut nodes = nodes;
+            if args.place {
+                let placement =
+                    crate::place::run(&nodes, &tls, &specs, &args.how.options()?).await?;
+                let unplaced = placement.unplaced();
+                if !unplaced.is_empty() {
+                    eprint!("{}", placement.describe(true));
+                    let names: Vec<&str> = unplaced.iter().map(|d| d.vm.as_str()).collect();
+                    eprintln!("error: no node fits {}; nothing was provisioned", names.join(", "));
+                    return Ok(EXIT_REFUSED);
+                }
+                if !args.target.json {
+                    print!("{}", placement.describe(false));
+                }
+                requests.clear();
+                for (node, vms) in placement.by_node(&specs) {
+                    let mut r = request.clone();
+                    if let Some(m) = r.as_object_mut() {
+                        m.insert("vms".into(), Value::Array(vms));
+                        if let Some(k) = &args.idempotency_key {
+                            m.insert(
+                                "idempotency-key".into(),
+                                json!(crate::place::key_for(k, &node)),
+                            );
+                        }
+                    }
+                    requests.insert(node, r);
+                }
+                nodes = requests.keys().cloned().collect();
+            }
             let multi = bars(args.target.json || args.no_wait);
             let results = fan_out(&nodes, &tls, |c| {
-                let request = request.clone();
+                let request = requests.get(c.base()).cloned().unwrap_or_else(|| request.clone());
                 let bar = new_bar(&multi);
                 let no_wait = args.no_wait;
                 async move {
@@ -481,6 +560,17 @@ async fn run_command(command: RemoteCommand) -> Result<u8> {
             .await;
             print(&results, args.target.json, describe_operation);
             exit_of(&results)
+        }
+        RemoteCommand::Place { specs, how, explain, target } => {
+            let (nodes, tls) = load_target(&target)?;
+            let specs = specs.iter().map(|p| read_spec(p)).collect::<Result<Vec<_>>>()?;
+            let placement = crate::place::run(&nodes, &tls, &specs, &how.options()?).await?;
+            if target.json {
+                println!("{:#}", placement.to_json(explain));
+            } else {
+                print!("{}", placement.describe(explain));
+            }
+            if placement.unplaced().is_empty() { 0 } else { EXIT_REFUSED }
         }
         RemoteCommand::Status { operation, follow: wait, target } => {
             let (nodes, tls) = load_target(&target)?;

@@ -315,6 +315,36 @@ pub fn scan_with_cache(
     })
 }
 
+/// One regular non-empty file of a tree and its content's BLAKE3.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDigest {
+    /// Relative to the tree's root, `/`-separated.
+    pub path: String,
+    pub size: u64,
+    pub digest: [u8; 32],
+}
+
+/// Every regular non-empty file under `root` with its digest, in path
+/// order, read by `threads` workers (a placement's view of an image: what
+/// it would store, by path and content). Names that are not UTF-8 are
+/// skipped, as provd's images refuse them.
+pub fn file_digests(root: &Path, threads: usize) -> Result<Vec<FileDigest>, ScanError> {
+    let threads = threads.max(1);
+    let files = walk(std::slice::from_ref(&root.to_path_buf()), threads)?;
+    let all: Vec<usize> = (0..files.len()).collect();
+    let (digests, _) = hash_all(&files, &all, threads, &HashCache::default())?;
+    let mut out: Vec<FileDigest> = files
+        .iter()
+        .zip(digests)
+        .filter_map(|(f, digest)| {
+            let rel = f.path.strip_prefix(root).ok()?.to_str()?.to_string();
+            Some(FileDigest { path: rel, size: f.size, digest })
+        })
+        .collect();
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
 /// Walks every root with `threads` workers sharing one queue of directories.
 fn walk(roots: &[PathBuf], threads: usize) -> Result<Vec<Found>, ScanError> {
     let queue: Mutex<Vec<(usize, PathBuf)>> =
