@@ -112,7 +112,7 @@ fn main() -> Result<()> {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ seed);
         let vms: Vec<Vm> = (0..vms_n)
             .map(|i| {
-                let vcpus = [1, 2, 4][(rng.next() % 3) as usize];
+                let vcpus = 1u64 << (rng.next() % 3);
                 Vm {
                     name: format!("vm-{i}"),
                     image: (rng.next() % images.len() as u64) as usize,
@@ -148,7 +148,9 @@ fn main() -> Result<()> {
             if k == 0 {
                 stored_sharing = stored;
             }
-            totals[k] += stored;
+            if let Some(t) = totals.get_mut(k) {
+                *t += stored;
+            }
             let per_node: Vec<usize> = nodes
                 .iter()
                 .map(|n| decisions.iter().filter(|d| d.node.as_deref() == Some(&n.name)).count())
@@ -164,14 +166,15 @@ fn main() -> Result<()> {
             );
         }
     }
+    let [sharing, round_robin, most_free] = totals;
     println!(
         "\nmean over {orders} orders: sharing {:.1} MiB; round-robin {:.1} MiB ({:.2}x); \
          most-free {:.1} MiB ({:.2}x)",
-        mib(totals[0] / orders),
-        mib(totals[1] / orders),
-        totals[1] as f64 / totals[0] as f64,
-        mib(totals[2] / orders),
-        totals[2] as f64 / totals[0] as f64
+        mib(sharing / orders),
+        mib(round_robin / orders),
+        round_robin as f64 / sharing as f64,
+        mib(most_free / orders),
+        most_free as f64 / sharing as f64
     );
     Ok(())
 }
