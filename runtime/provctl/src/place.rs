@@ -5,7 +5,8 @@
 //! The manager keeps no state of its own: every decision is made from what
 //! the nodes answer in this run (`GET /v1/capacity`, `GET /v1/layers` and
 //! each layer's entries) and from the images' files, which the manager
-//! reads once per image.
+//! reads once per image (a `dir:` tree where it is; any other source
+//! fetched into a scratch store that is removed afterwards).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -202,28 +203,42 @@ async fn survey(c: &Client) -> Result<Node, String> {
     Ok(Node { name: c.base().to_string(), free, held })
 }
 
-/// The files of an image the manager can read itself.
-fn image_files(reference: &str) -> Result<Image> {
-    let Some(dir) = reference.strip_prefix("dir:") else {
-        bail!(
-            "image {reference}: placement reads an image's files from a `dir:` reference; \
-             reading other sources at the manager is not implemented"
-        );
-    };
-    let root = PathBuf::from(dir);
-    let files = provd_scan::file_digests(&root, 4)
-        .with_context(|| format!("reading the files of {reference}"))?;
-    Ok(Image {
-        reference: reference.to_string(),
-        files: files
+/// The files of an image, read once by the manager: a `dir:` tree is
+/// walked and hashed where it is; any other reference (`tar:`, HTTP(S),
+/// OCI) is imported as a node would import it, into a store in a temporary
+/// directory removed afterwards, so the paths are normalised exactly as
+/// the nodes normalise them.
+async fn image_files(reference: &str) -> Result<Image> {
+    let files: Vec<File> = if let Some(dir) = reference.strip_prefix("dir:") {
+        provd_scan::file_digests(&PathBuf::from(dir), 4)
+            .with_context(|| format!("reading the files of {reference}"))?
             .into_iter()
             .map(|f| File { path: f.path, size: f.size, digest: f.digest })
-            .collect(),
-    })
+            .collect()
+    } else {
+        let scratch = tempfile::tempdir().context("making a scratch directory")?;
+        let store = std::sync::Arc::new(
+            provd_store::Store::open(&scratch.path().join("data"))
+                .context("opening a scratch store")?,
+        );
+        let images =
+            provd_images::Images::new(store.clone(), provd_images::ImportLimits::default(), 2);
+        let image = images
+            .import(reference, std::sync::Arc::new(provd_images::NoProgress))
+            .await
+            .with_context(|| format!("fetching {reference} to read its files"))?;
+        store
+            .entries(&image, 0, u64::MAX)?
+            .into_iter()
+            .filter(|e| e.size > 0)
+            .filter_map(|e| e.hash.map(|h| File { path: e.path, size: e.size, digest: h.0 }))
+            .collect()
+    };
+    Ok(Image { reference: reference.to_string(), files })
 }
 
 /// The VMs of `specs` and their images, each image read once.
-pub fn vms_of(specs: &[Value]) -> Result<(Vec<Vm>, Vec<Image>)> {
+pub async fn vms_of(specs: &[Value]) -> Result<(Vec<Vm>, Vec<Image>)> {
     let mut images: Vec<Image> = Vec::new();
     let mut vms = Vec::with_capacity(specs.len());
     for spec in specs {
@@ -235,7 +250,7 @@ pub fn vms_of(specs: &[Value]) -> Result<(Vec<Vm>, Vec<Image>)> {
         let image = match images.iter().position(|i| i.reference == reference) {
             Some(i) => i,
             None => {
-                images.push(image_files(reference)?);
+                images.push(image_files(reference).await?);
                 images.len() - 1
             }
         };
@@ -265,7 +280,7 @@ pub async fn run(
     specs: &[Value],
     options: &Options,
 ) -> Result<Placement> {
-    let (vms, images) = vms_of(specs)?;
+    let (vms, images) = vms_of(specs).await?;
     let answers = futures::future::join_all(nodes.iter().map(|url| async move {
         let answer = match Client::new(url, tls) {
             Ok(c) => match tokio::time::timeout(options.timeout, survey(&c)).await {

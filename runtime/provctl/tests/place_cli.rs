@@ -44,8 +44,9 @@ fn image(root: &Path, files: &[(&str, u64, usize)]) {
 
 fn spec(dir: &Path, name: &str, image: &Path, vcpus: u64) -> PathBuf {
     let file = dir.join(format!("{name}.json"));
+    let kind = if image.extension().is_some_and(|e| e == "tar") { "tar" } else { "dir" };
     let spec = json!({"name": name, "hypervisor": "libvirt", "vcpus": vcpus, "memory-mib": 512,
-                      "image": format!("dir:{}", image.display()), "boot": {"firmware": "uefi"},
+                      "image": format!("{kind}:{}", image.display()), "boot": {"firmware": "uefi"},
                       "nics": [{"bridge": "br0", "dhcp4": true}]});
     std::fs::write(&file, spec.to_string()).unwrap();
     file
@@ -90,11 +91,22 @@ async fn the_manager_places_each_vm_where_it_shares_most_and_provisions_it_there
     image(&images.join("web"), &[lib, ("srv/web/index.html", 2, 20_000), ("etc/web", 3, 100)]);
     image(&images.join("db"), &[lib, ("var/lib/db/data", 4, 80_000), ("etc/db", 5, 100)]);
     image(&images.join("other"), &[("opt/other/bin", 6, 300_000)]);
+    // other comes as a tarball: the manager fetches it into a scratch store.
+    let tarball = images.join("other.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(images.join("other"))
+        .arg("-cf")
+        .arg(&tarball)
+        .arg("opt")
+        .status()
+        .unwrap();
+    assert!(status.success());
 
     let extra = |vcpus: u64| {
         format!(
-            "[policy]\nimage-sources = [\"dir:{}/**\"]\n[capacity]\nvcpus = {vcpus}\n\
-             memory-mib = 32768\ndisk-bytes = 107374182400\n",
+            "[policy]\nimage-sources = [\"dir:{0}/**\", \"tar:{0}/**\"]\n[capacity]\n\
+             vcpus = {vcpus}\nmemory-mib = 32768\ndisk-bytes = 107374182400\n",
             images.display()
         )
     };
@@ -163,7 +175,7 @@ async fn the_manager_places_each_vm_where_it_shares_most_and_provisions_it_there
     let specs = [
         spec(dir.path(), "web-2", &images.join("web"), 1),
         spec(dir.path(), "db-1", &images.join("db"), 1),
-        spec(dir.path(), "other-1", &images.join("other"), 1),
+        spec(dir.path(), "other-1", &tarball, 1),
     ];
     let spec_args: Vec<&str> = specs.iter().map(|p| p.to_str().unwrap()).collect();
     let mut args = vec!["place", "--json", "--explain", "--node-timeout", "10"];
