@@ -63,4 +63,15 @@ install_missing erofs-utils e2fsprogs qemu-utils
 # with which the tests read NoCloud seeds back (provd writes them itself).
 install_missing libvirt-clients libxml2-utils xorriso
 
+# Python plugins are built with componentize-py (PyPI), kept in the
+# repository's ignored .cache/py, where provd's build finds it.
+install_missing python3-venv
+py="$(cd "$(dirname "$0")/.." && pwd)/.cache/py"
+componentize_py_version=0.25.1
+if ! "$py/bin/componentize-py" --version 2>/dev/null | grep -qx "componentize-py $componentize_py_version"; then
+  python3 -m venv "$py"
+  "$py/bin/pip" install -q "componentize-py==$componentize_py_version"
+fi
+echo "setup: $("$py/bin/componentize-py" --version) in $py"
+
 rustup component add rustfmt clippy >/dev/null 2>&1 || true

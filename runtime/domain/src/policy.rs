@@ -128,7 +128,7 @@ impl Default for NodePolicy {
             max_timeout: Duration::from_secs(600),
             default_timeout: Duration::from_secs(30),
             wasm_stack_bytes: 512 * KIB,
-            max_instances: 32,
+            max_instances: 64,
             max_tables: 16,
             max_table_elements: 100_000,
             max_memories: 8,

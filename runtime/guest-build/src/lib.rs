@@ -50,7 +50,20 @@ pub enum BuildError {
     /// turning the core module into a component failed
     #[error("encoding {path} as a component: {message}")]
     Encode { path: PathBuf, message: String },
+    /// componentize-py, which builds Python plugins, is not installed
+    #[error(
+        "componentize-py not found: `pip install componentize-py=={}` (scripts/setup.sh puts it in \
+         .cache/py), or set PROVD_COMPONENTIZE_PY",
+        python::COMPONENTIZE_PY_VERSION
+    )]
+    NoComponentizePy,
+    /// componentize-py failed; its output went to stderr
+    #[error("componentize-py failed building {what} ({status})")]
+    Componentize { what: String, status: std::process::ExitStatus },
 }
+
+mod python;
+pub use python::{COMPONENTIZE_PY_VERSION, build_python, is_python_plugin};
 
 /// A wasm toolchain found on this machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -156,7 +156,23 @@ pub fn read_manifest(path: &Path) -> Result<Manifest, HarnessError> {
 /// Builds the plugin crate at `crate_dir` into a component and returns its
 /// path. Guest builds share one target directory per workspace
 /// (`<target>/guest`), so a crate is compiled once and later calls are quick.
+///
+/// A Python plugin (`plugin.toml` beside `app.py`) is built with
+/// componentize-py instead (`provd_guest_build::build_python`), into the
+/// same guest directory (`$PROVD_GUEST_TARGET_DIR`, `$CARGO_TARGET_DIR/guest`,
+/// else `target/guest` under the plugin).
 pub fn build_crate(crate_dir: &Path) -> Result<PathBuf, HarnessError> {
+    if provd_guest_build::is_python_plugin(crate_dir) {
+        let out = match (
+            std::env::var_os("PROVD_GUEST_TARGET_DIR"),
+            std::env::var_os("CARGO_TARGET_DIR"),
+        ) {
+            (Some(d), _) => PathBuf::from(d),
+            (None, Some(d)) => PathBuf::from(d).join("guest"),
+            (None, None) => crate_dir.join("target").join("guest"),
+        };
+        return Ok(provd_guest_build::build_python(crate_dir, &out)?);
+    }
     let manifest_path = crate_dir.join("Cargo.toml");
     let target_dir = guest_target_dir(&manifest_path)?;
     let toolchain = Toolchain::detect()?;

@@ -1,0 +1,105 @@
+// Integration tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+//! A plugin written in Python (`examples/image-guard-py`, the image-guard
+//! example ported): built with componentize-py by provd's build, run through
+//! the testkit as its author would, then signed, deployed to a real daemon
+//! and run in an operation, under the same grants, limits and import audit
+//! as a Rust plugin.
+
+use std::path::{Path, PathBuf};
+
+use provd_client::{Client, TlsFiles};
+use provd_testkit::Harness;
+use provd_testkit::provd_engine::{InvokeError, PluginError};
+use provd_tests::daemon::{DEFAULT_EXTRA, TestNode};
+use serde_json::{Value, json};
+
+const PROVD: &str = env!("CARGO_BIN_EXE_provd");
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/image-guard-py")
+}
+
+fn image(root: &Path, key: bool) {
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/hostname"), "vm\n").unwrap();
+    if key {
+        std::fs::create_dir_all(root.join("root/.ssh")).unwrap();
+        std::fs::write(root.join("root/.ssh/id_rsa"), "-----BEGIN OPENSSH PRIVATE KEY-----\n")
+            .unwrap();
+    }
+}
+
+fn input(images: &Path, vms: &[(&str, &str)]) -> String {
+    let vms: Vec<Value> = vms
+        .iter()
+        .map(|(n, d)| json!({"name": n, "image": format!("dir:{}/{d}", images.display())}))
+        .collect();
+    json!({"vms": vms, "forbidden": ["root/.ssh/id_rsa", "etc/shadow-"]}).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_python_image_guard_allows_and_refuses_as_the_rust_one_does() {
+    let images = tempfile::tempdir().unwrap();
+    image(&images.path().join("clean"), false);
+    image(&images.path().join("leaky"), true);
+    let sources = format!("dir:{}/*", images.path().display());
+    let harness = Harness::with_images(&[&sources]).unwrap();
+    let plugin = harness.load_crate(example()).await.unwrap();
+    // It imports exactly what plugin.toml declares: no WASI at all.
+    let imports: Vec<&str> = plugin.imports().iter().map(String::as_str).collect();
+    assert!(imports.iter().all(|i| i.starts_with("provd:plugin/")), "{imports:?}");
+
+    let run = harness.run(&plugin, &input(images.path(), &[("a", "clean"), ("b", "clean")])).await;
+    let outcome = run.result.unwrap();
+    assert_eq!(outcome.report.summary, "2 VM(s) checked, no forbidden file");
+    let output: Value = serde_json::from_str(&outcome.report.output).unwrap();
+    assert_eq!(output[1]["vm"], "b", "{output}");
+    assert!(run.observer.logs().iter().any(|l| l.message == "checked"), "no log record");
+
+    let run = harness.run(&plugin, &input(images.path(), &[("a", "clean"), ("b", "leaky")])).await;
+    match run.result {
+        Err(InvokeError::Plugin(PluginError::Denied(m))) => {
+            assert_eq!(m, "forbidden files in images: b: root/.ssh/id_rsa")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let run = harness.run(&plugin, r#"{"vms": [], "forbidden": []}"#).await;
+    match run.result {
+        Err(InvokeError::Plugin(PluginError::InvalidInput(m))) => {
+            assert_eq!(m, "forbidden: list at least one path")
+        }
+        other => panic!("expected invalid input, got {other:?}"),
+    }
+    // An exception of the plugin's own is a failed request, named.
+    let run = harness.run(&plugin, r#"{"vms": [{"name": "a"}], "forbidden": ["x"]}"#).await;
+    match run.result {
+        Err(InvokeError::Plugin(PluginError::Failed(m))) => assert_eq!(m, "KeyError: 'image'"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_plugin_is_signed_deployed_and_run_by_a_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    image(&images.join("clean"), false);
+    let extra =
+        format!("[policy]\nimage-sources = [\"dir:{}/**\"]\n{DEFAULT_EXTRA}", images.display());
+    let node = TestNode::start(Path::new(PROVD), dir.path(), &extra).unwrap();
+    let (ca, cert, key) = node.tls();
+    let c = Client::new(&node.url, &TlsFiles { ca, cert: Some(cert), key: Some(key) }).unwrap();
+    let component = provd_testkit::build_crate(&example()).unwrap();
+    let manifest = std::fs::read_to_string(example().join("plugin.toml")).unwrap();
+    let deployed =
+        c.deploy(node.bundle(&manifest, &std::fs::read(&component).unwrap())).await.unwrap();
+    assert_eq!(deployed.body["bundle"]["name"], "image-guard-py", "{}", deployed.body);
+    let request = json!({"plugin": "image-guard-py",
+                         "params": serde_json::from_str::<Value>(&input(&images, &[("a", "clean")])).unwrap()});
+    let id =
+        c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    let op = c.wait(&id, |_| {}).await.unwrap();
+    assert_eq!(op["state"], "succeeded", "{op}");
+    assert_eq!(op["report"]["summary"], "1 VM(s) checked, no forbidden file", "{op}");
+}

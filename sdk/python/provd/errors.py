@@ -1,0 +1,97 @@
+"""The errors of the WIT contract as exceptions.
+
+Host calls raise them for refusals a plugin can handle; a plugin raises
+them from ``provision`` to fail the request with that kind.
+"""
+
+from __future__ import annotations
+
+
+class ProvdError(Exception):
+    """An error the node and the manager can tell apart by kind."""
+
+    kind = "failed"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def _to_wit(self):
+        from wit_world.imports import types
+
+        cls = {
+            "invalid-input": types.Error_InvalidInput,
+            "denied": types.Error_Denied,
+            "not-found": types.Error_NotFound,
+            "quota-exceeded": types.Error_QuotaExceeded,
+        }.get(self.kind, types.Error_Failed)
+        return cls(self.message)
+
+
+class InvalidInput(ProvdError):
+    """The input was malformed; the message names the field."""
+
+    kind = "invalid-input"
+
+
+class Denied(ProvdError):
+    """The node's policy does not allow this."""
+
+    kind = "denied"
+
+
+class NotFound(ProvdError):
+    """Something the call named does not exist."""
+
+    kind = "not-found"
+
+
+class QuotaExceeded(ProvdError):
+    """A quota the plugin runs under would be exceeded."""
+
+    kind = "quota-exceeded"
+
+
+class Failed(ProvdError):
+    """The operation failed; the message says why."""
+
+    kind = "failed"
+
+
+_BY_WIT = {
+    "Error_InvalidInput": InvalidInput,
+    "Error_Denied": Denied,
+    "Error_NotFound": NotFound,
+    "Error_QuotaExceeded": QuotaExceeded,
+    "Error_Failed": Failed,
+}
+
+
+def from_wit(err) -> ProvdError:
+    """The exception for a WIT error value (``Err(...).value``)."""
+    value = getattr(err, "value", err)
+    cls = _BY_WIT.get(type(value).__name__, Failed)
+    return cls(getattr(value, "value", str(value)))
+
+
+def call(f, *args):
+    """Calls a host function, raising its WIT error as a ProvdError."""
+    from componentize_py_types import Err
+
+    try:
+        return f(*args)
+    except Err as e:
+        raise from_wit(e) from None
+
+
+def capability(name: str):
+    """The WIT module of capability ``name``, or a clear error if the
+    plugin's world (its plugin.toml) does not import it."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"wit_world.imports.{name}")
+    except ModuleNotFoundError:
+        raise Denied(
+            f"capability `{name}` is not declared in plugin.toml, so this plugin was built without it"
+        ) from None
