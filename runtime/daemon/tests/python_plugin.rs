@@ -103,3 +103,55 @@ async fn a_python_plugin_is_signed_deployed_and_run_by_a_daemon() {
     assert_eq!(op["state"], "succeeded", "{op}");
     assert_eq!(op["report"]["summary"], "1 VM(s) checked, no forbidden file", "{op}");
 }
+
+/// The shared-partition flow in Python (`examples/shared-partition-py`):
+/// every capability of the SDK through a real daemon, two VMs of two
+/// images that share a library.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shared_partition_flow_in_python_provisions_two_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    for (name, own) in [("web", 3u8), ("db", 4)] {
+        let root = images.join(name);
+        std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("usr/lib/libshared.so"), vec![7u8; 400_000]).unwrap();
+        std::fs::write(root.join("etc/own"), vec![own; 50_000]).unwrap();
+    }
+    let extra =
+        format!("[policy]\nimage-sources = [\"dir:{}/**\"]\n{DEFAULT_EXTRA}", images.display());
+    let node = TestNode::start(Path::new(PROVD), dir.path(), &extra).unwrap();
+    let (ca, cert, key) = node.tls();
+    let c = Client::new(&node.url, &TlsFiles { ca, cert: Some(cert), key: Some(key) }).unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/shared-partition-py");
+    let component = provd_testkit::build_crate(&example).unwrap();
+    let manifest = std::fs::read_to_string(example.join("plugin.toml")).unwrap();
+    c.deploy(node.bundle(&manifest, &std::fs::read(&component).unwrap())).await.unwrap();
+    let spec = |name: &str, image: &str| {
+        json!({"name": name, "hypervisor": "libvirt", "vcpus": 1, "memory-mib": 512,
+               "image": format!("dir:{}", images.join(image).display()),
+               "boot": {"firmware": "uefi"}, "nics": [{"bridge": "br0", "dhcp4": true}]})
+    };
+    let request = json!({"plugin": "shared-partition-py",
+                         "vms": [spec("web-1", "web"), spec("db-1", "db")],
+                         "params": {"min-layer-bytes": 0}});
+    let id =
+        c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    let op = c.wait(&id, |_| {}).await.unwrap();
+    assert_eq!(op["state"], "succeeded", "{op}");
+    assert_eq!(op["report"]["summary"], "2 VM(s) on a new shared partition", "{op}");
+    let stored = op["report"]["fields"]["stored-bytes"].as_str().unwrap().parse::<u64>().unwrap();
+    let naive = op["report"]["fields"]["naive-bytes"].as_str().unwrap().parse::<u64>().unwrap();
+    assert!(stored < naive, "{op}");
+    for name in ["web-1", "db-1"] {
+        let vm = c.get(&format!("/v1/vms/{name}")).await.unwrap().body;
+        let roles: Vec<&str> = vm["vm"]["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["role"].as_str().unwrap())
+            .collect();
+        assert!(roles.contains(&"private") && roles.contains(&"shared"), "{vm}");
+        assert!(node.data.join("vms").join(name).join("domain.xml").is_file());
+    }
+}

@@ -543,6 +543,8 @@ fn classify(
         _ => {}
     }
     let text = format!("{error:#}");
+    // The whole of it (wasm backtrace included) for whoever debugs a plugin.
+    tracing::debug!(error = %text, "plugin call failed");
     if text.contains("too much data is being copied between the host and the guest") {
         return InvokeError::Limit(Limit::HostcallBytes);
     }

@@ -80,8 +80,8 @@ class Report:
 
     def _to_wit(self):
         import wit_world
-        from wit_world.imports import types
 
+        types = errors.capability("types")
         return wit_world.Report(
             summary=self.summary,
             fields=[types.Field(key=str(k), value=str(v)) for k, v in self.fields.items()],
@@ -101,9 +101,16 @@ def export(plugin: Type[Plugin]) -> type:
     ``app.py``): it turns the WIT request into a :class:`Request`, calls
     ``plugin().provision``, and turns a :class:`ProvdError` into the WIT
     error the node records. Any other exception fails the request with its
-    type and message."""
+    type and message.
+
+    It runs while the component is built, and imports every module the
+    plugin can use then: a plugin has no filesystem, so a module first
+    imported while a request runs is not found (import what you need at the
+    top of ``app.py``)."""
     import wit_world
     from componentize_py_types import Err
+
+    errors.preload()
 
     class WitWorld(wit_world.WitWorld):
         def provision(self, request):

@@ -17,8 +17,7 @@ class ProvdError(Exception):
         self.message = message
 
     def _to_wit(self):
-        from wit_world.imports import types
-
+        types = capability("types")
         cls = {
             "invalid-input": types.Error_InvalidInput,
             "denied": types.Error_Denied,
@@ -74,24 +73,44 @@ def from_wit(err) -> ProvdError:
     return cls(getattr(value, "value", str(value)))
 
 
-def call(f, *args):
-    """Calls a host function, raising its WIT error as a ProvdError."""
+# The WIT modules, imported once while the component is built
+# (`provd.export` runs at build time): a plugin has no filesystem, so a
+# module first imported while a request runs cannot be found.
+_MODULES: dict = {}
+_ERR = None
+
+
+def preload() -> None:
+    """Imports the WIT bindings of every capability the plugin's world has."""
+    global _ERR
+    import importlib
+
     from componentize_py_types import Err
 
+    _ERR = Err
+    for name in ("types", "log", "progress", "hashing", "images", "dedup", "partitions", "vm"):
+        try:
+            _MODULES[name] = importlib.import_module(f"wit_world.imports.{name}")
+        except ModuleNotFoundError:
+            pass
+
+
+def call(f, *args):
+    """Calls a host function, raising its WIT error as a ProvdError."""
     try:
         return f(*args)
-    except Err as e:
-        raise from_wit(e) from None
+    except Exception as e:
+        if _ERR is not None and isinstance(e, _ERR):
+            raise from_wit(e) from None
+        raise
 
 
 def capability(name: str):
-    """The WIT module of capability ``name``, or a clear error if the
-    plugin's world (its plugin.toml) does not import it."""
-    import importlib
-
-    try:
-        return importlib.import_module(f"wit_world.imports.{name}")
-    except ModuleNotFoundError:
+    """The WIT module of capability ``name``, or ``Denied`` if the plugin's
+    world (its plugin.toml) does not import it."""
+    module = _MODULES.get(name)
+    if module is None:
         raise Denied(
             f"capability `{name}` is not declared in plugin.toml, so this plugin was built without it"
-        ) from None
+        )
+    return module

@@ -10,8 +10,7 @@ from .errors import capability
 
 def _write(level: str, message: str, fields: dict[str, Any]) -> None:
     wit = capability("log")
-    from wit_world.imports import types
-
+    types = capability("types")
     wit.write(
         getattr(wit.Level, level),
         message,
