@@ -105,6 +105,15 @@ pub fn build_python(dir: &Path, out_dir: &Path) -> Result<PathBuf, BuildError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "plugin".into());
+    if !dir.join("app.py").is_file() {
+        return Err(BuildError::Manifest {
+            path: dir.join("pyproject.toml"),
+            message:
+                "a Python plugin's module is app.py (binding `WitWorld = provd.export(...)`), \
+                      and there is none beside plugin.toml"
+                    .into(),
+        });
+    }
     let caps = declared(&dir.join("plugin.toml"))?;
     let work = out_dir.join("python").join(&name);
     let wit = work.join("wit");
