@@ -75,6 +75,10 @@ pub fn repack(
     }
     let shared = provd_partitions::build_shared(store, &planned.plan, &planned.vms, format, opts)
         .map_err(failed)?;
+    // The VMs' boot files are about to name it, and each move is final on
+    // its own: the partition must be on disk before the first one (an
+    // operation's partitions are otherwise synced once, at its end).
+    store.sync().map_err(failed)?;
     for mv in &planned.moves {
         match move_vm(store, mv, &planned.plan, &shared, opts) {
             Ok(freed) => {
