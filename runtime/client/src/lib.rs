@@ -65,6 +65,10 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ClientError> {
     Ok(certs)
 }
 
+/// Longest answer read from a node (a page of 5000 layer entries is about
+/// 1 MiB; an operation with its report, at most a few).
+pub const MAX_ANSWER_BYTES: usize = 64 << 20;
+
 /// The rustls configuration for `files`.
 pub fn tls_config(files: &TlsFiles) -> Result<rustls::ClientConfig, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -129,10 +133,23 @@ impl Client {
             .await
             .map_err(|e| ClientError::Connect { url: url.into(), message: error_chain(&e) })?;
         let status = resp.status().as_u16();
-        let bytes = resp
-            .bytes()
+        // A node's answer is read chunk by chunk up to a bound: a node that
+        // sends without end must not exhaust the manager's memory.
+        let mut resp = resp;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
             .await
-            .map_err(|e| ClientError::Connect { url: url.into(), message: error_chain(&e) })?;
+            .map_err(|e| ClientError::Connect { url: url.into(), message: error_chain(&e) })?
+        {
+            if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(ClientError::Protocol {
+                    url: url.into(),
+                    message: format!("answer longer than {MAX_ANSWER_BYTES} bytes"),
+                });
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         let body: Value = serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
             url: url.into(),
             message: format!("status {status}, body is not JSON: {e}"),

@@ -1069,31 +1069,22 @@ async fn layer_entries(
     let after = q.after.unwrap_or(0);
     let store = s.store.clone();
     let (p, l) = (partition.clone(), layer.clone());
-    let (known, entries) = blocking(move || {
+    let (known, (files, total)) = blocking(move || {
         let known = store.layers(true)?.iter().any(|x| x.partition == p && x.name == l);
-        let entries = if known { store.layer_entries(&p, &l)? } else { Vec::new() };
-        Ok::<_, provd_store::StoreError>((known, entries))
+        let page = if known {
+            store.layer_files_page(&p, &l, after, limit as u32)?
+        } else {
+            (Vec::new(), 0)
+        };
+        Ok::<_, provd_store::StoreError>((known, page))
     })
     .await?
     .map_err(ApiError::internal)?;
     if !known {
         return Err(ApiError::not_found(format!("no layer {layer} on partition {partition}")));
     }
-    let files: Vec<&provd_domain::image::Entry> = entries
-        .iter()
-        .filter(|e| {
-            matches!(
-                e.kind,
-                provd_domain::image::EntryKind::File | provd_domain::image::EntryKind::Hardlink
-            ) && e.hash.is_some()
-        })
-        .collect();
-    let total = files.len() as u64;
-    let start = usize::try_from(after).unwrap_or(usize::MAX);
     let page: Vec<Value> = files
         .iter()
-        .skip(start)
-        .take(limit)
         .map(|e| {
             json!({"path": e.path, "size": e.size,
                    "blake3": e.hash.map(|h| h.to_hex()).unwrap_or_default()})

@@ -347,6 +347,9 @@ impl Operations {
             persisted: Mutex::default(),
         });
         let request = Request { operation_id: id.to_string(), input: req.input.clone() };
+        // Taken before the plugin writes anything, so that the sync at the
+        // end hears of every failed write since (see `Store::sync_point`).
+        let point = self.store.sync_point();
         let started = std::time::Instant::now();
         let result = self
             .node
@@ -369,7 +372,11 @@ impl Operations {
         let result = match result {
             Ok(outcome) => {
                 let store = self.store.clone();
-                match tokio::task::spawn_blocking(move || store.sync()).await {
+                let synced = move || match point {
+                    Ok(point) => store.sync_since(&point),
+                    Err(e) => Err(e),
+                };
+                match tokio::task::spawn_blocking(synced).await {
                     Ok(Ok(())) => Ok(outcome),
                     Ok(Err(e)) => Err(InvokeError::Host(e.to_string())),
                     Err(e) => Err(InvokeError::Host(format!("syncing the data directory: {e}"))),
@@ -516,67 +523,77 @@ impl Operations {
         let id = new.id.clone();
         let actor = req.actor.clone();
         let names = req.vms.clone();
-        let done = tokio::task::spawn_blocking(move || {
-            store.start_operation(&new, &[])?;
-            let (function, result, report): (&str, Result<(), (&str, String)>, Option<String>) =
-                match action {
-                    Builtin::DeleteVms => {
-                        let mut result = Ok(());
-                        for name in &names {
-                            if let Err(e) = provd_vm::node::delete(&store, name) {
-                                result = Err(("delete-failed", e.to_string()));
-                                break;
+        let done =
+            tokio::task::spawn_blocking(move || {
+                store.start_operation(&new, &[])?;
+                let (function, result, report): (&str, Result<(), (&str, String)>, Option<String>) =
+                    match action {
+                        Builtin::DeleteVms => {
+                            let mut result = Ok(());
+                            for name in &names {
+                                if let Err(e) = provd_vm::node::delete(&store, name) {
+                                    result = Err(("delete-failed", e.to_string()));
+                                    break;
+                                }
+                            }
+                            ("delete-vm", result, None)
+                        }
+                        Builtin::Repack { format } => {
+                            let opts = provd_partitions::BuildOptions {
+                                operation: Some(id.clone()),
+                                ..provd_partitions::BuildOptions::default()
+                            };
+                            let repacked =
+                                provd_vm::repack::repack(&store, Some(&names), format, &opts)
+                                    .and_then(|done| {
+                                        // The moved VMs' configurations, durable
+                                        // before the repack is on record as done.
+                                        store.sync().map(|()| done).map_err(|e| {
+                                            provd_vm::node::VmError::Failed(e.to_string())
+                                        })
+                                    });
+                            match repacked {
+                                Ok(done) => {
+                                    let report = serde_json::to_string(&done).ok();
+                                    let result = if done.failed.is_empty() {
+                                        Ok(())
+                                    } else {
+                                        let failed: Vec<String> = done
+                                            .failed
+                                            .iter()
+                                            .map(|(vm, e)| format!("{vm}: {e}"))
+                                            .collect();
+                                        Err(("repack-incomplete", failed.join("; ")))
+                                    };
+                                    ("repack", result, report)
+                                }
+                                Err(e) => ("repack", Err(("repack-failed", e.to_string())), None),
                             }
                         }
-                        ("delete-vm", result, None)
-                    }
-                    Builtin::Repack { format } => {
-                        let opts = provd_partitions::BuildOptions {
-                            operation: Some(id.clone()),
-                            ..provd_partitions::BuildOptions::default()
-                        };
-                        match provd_vm::repack::repack(&store, Some(&names), format, &opts) {
-                            Ok(done) => {
-                                let report = serde_json::to_string(&done).ok();
-                                let result = if done.failed.is_empty() {
-                                    Ok(())
-                                } else {
-                                    let failed: Vec<String> = done
-                                        .failed
-                                        .iter()
-                                        .map(|(vm, e)| format!("{vm}: {e}"))
-                                        .collect();
-                                    Err(("repack-incomplete", failed.join("; ")))
-                                };
-                                ("repack", result, report)
-                            }
-                            Err(e) => ("repack", Err(("repack-failed", e.to_string())), None),
-                        }
-                    }
+                    };
+                let (state, error) = match &result {
+                    Ok(()) => (OpState::Succeeded, None),
+                    Err((code, m)) => (OpState::Failed, Some((*code, m.as_str()))),
                 };
-            let (state, error) = match &result {
-                Ok(()) => (OpState::Succeeded, None),
-                Err((code, m)) => (OpState::Failed, Some((*code, m.as_str()))),
-            };
-            let row = NewAudit {
-                actor,
-                kind: "operation".into(),
-                plugin: Some(BUILTIN.into()),
-                operation: Some(id.clone()),
-                function: Some(function.into()),
-                args: Some(names.join(" ")),
-                outcome: state.as_str().into(),
-                detail: result.as_ref().err().map(|(_, m)| m.clone()),
-                count: 1,
-                ..NewAudit::default()
-            };
-            store.finish_operation(&id, state, report.as_deref(), error, None, &[row])?;
-            store
-                .operation(&id)?
-                .ok_or_else(|| OperationError::Store(provd_store::StoreError::NotFound(id)))
-        })
-        .await
-        .map_err(|e| StartError::Internal(e.to_string()))??;
+                let row = NewAudit {
+                    actor,
+                    kind: "operation".into(),
+                    plugin: Some(BUILTIN.into()),
+                    operation: Some(id.clone()),
+                    function: Some(function.into()),
+                    args: Some(names.join(" ")),
+                    outcome: state.as_str().into(),
+                    detail: result.as_ref().err().map(|(_, m)| m.clone()),
+                    count: 1,
+                    ..NewAudit::default()
+                };
+                store.finish_operation(&id, state, report.as_deref(), error, None, &[row])?;
+                store
+                    .operation(&id)?
+                    .ok_or_else(|| OperationError::Store(provd_store::StoreError::NotFound(id)))
+            })
+            .await
+            .map_err(|e| StartError::Internal(e.to_string()))??;
         Metrics::outcome(&self.metrics.operations, done.state.as_str());
         Ok(done)
     }

@@ -581,13 +581,13 @@ impl Geometry {
         }
         loop {
             let groups = blocks.div_ceil(BLOCKS_PER_GROUP);
-            let inodes_per_group =
-                inodes.div_ceil(groups).next_multiple_of(INODES_PER_BLOCK).max(INODES_PER_BLOCK);
-            if inodes_per_group > BLOCKS_PER_GROUP {
-                return Err(Ext4WriteError::TooSmall(format!(
-                    "{inodes} inodes need more than {groups} block groups of 32768"
-                )));
-            }
+            // The inodes asked for are room to grow; a group's inode bitmap
+            // holds at most 32768, so a small image gets fewer. Whether the
+            // inodes in use fit is checked by the caller.
+            let inodes_per_group = inodes
+                .div_ceil(groups)
+                .next_multiple_of(INODES_PER_BLOCK)
+                .clamp(INODES_PER_BLOCK, BLOCKS_PER_GROUP);
             let g = Geometry {
                 blocks,
                 groups,

@@ -293,3 +293,30 @@ fn libc_major(dev: u64) -> u32 {
 fn libc_minor(dev: u64) -> u32 {
     (((dev >> 12) & 0xffff_ff00) | (dev & 0xff)) as u32
 }
+
+/// More inodes asked for than a small image's groups can hold is room that
+/// shrinks to what fits (32768 per group); only the inodes in use must fit.
+#[test]
+fn many_entries_in_a_small_image_fit_when_the_inodes_in_use_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("many.ext4");
+    let nodes: Vec<Node> = (0..6000)
+        .map(|i| Node {
+            device: Some((0, 0)),
+            ..node(&format!("upper/w{i}"), EntryKind::CharDevice, 0)
+        })
+        .collect();
+    write_image(&image, &nodes, &opts(300 << 20, 500_000), &mut |_| unreachable!()).unwrap();
+    e2fsck(&image);
+    // One group (32 MiB) holds 32768 inodes: 33000 entries do not fit.
+    let nodes: Vec<Node> = (0..33_000)
+        .map(|i| Node {
+            device: Some((0, 0)),
+            ..node(&format!("upper/w{i}"), EntryKind::CharDevice, 0)
+        })
+        .collect();
+    let err = write_image(&image, &nodes, &opts(32 << 20, 500_000), &mut |_| unreachable!())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("inodes are needed"), "{err}");
+}

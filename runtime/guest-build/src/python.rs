@@ -77,6 +77,16 @@ fn declared(manifest: &Path) -> Result<Vec<&'static str>, BuildError> {
         }
     }
     out.sort_by_key(|c| CAPABILITIES.iter().position(|x| x == c));
+    // dedup's entries are of the images interface's type: a world with
+    // dedup imports images too, which the node would refuse undeclared.
+    if out.contains(&"dedup") && !out.contains(&"images") {
+        return Err(BuildError::Manifest {
+            path: manifest.into(),
+            message: "capability `dedup` uses the images interface's types: declare \
+                      [capabilities.images] as well"
+                .into(),
+        });
+    }
     Ok(out)
 }
 

@@ -22,6 +22,8 @@ use serde_json::{Value, json};
 const MAX_ENTRIES_PER_NODE: usize = 4_000_000;
 /// Layers read from one node.
 const MAX_LAYERS_PER_NODE: usize = 10_000;
+/// Longest entry path a node may answer (provd's own limit).
+const MAX_PATH_BYTES: usize = 4096;
 /// Disk a VM takes whatever the node holds, besides its data disks: its
 /// private partition's directories, whiteouts and free room, as provd
 /// reserves it (256 MiB of room at least).
@@ -157,6 +159,10 @@ async fn survey(c: &Client) -> Result<Node, String> {
             None => "/v1/layers?limit=500".to_string(),
         };
         let page = c.get(&path).await.map_err(err)?.body;
+        let listed = page.get("layers").and_then(Value::as_array).map_or(0, Vec::len);
+        if listed > 500 {
+            return Err(format!("a page of {listed} layers, past the 500 asked for"));
+        }
         for l in page.get("layers").and_then(Value::as_array).into_iter().flatten() {
             let p = l.get("partition").and_then(Value::as_str).unwrap_or_default();
             let n = l.get("layer").and_then(Value::as_str).unwrap_or_default();
@@ -183,6 +189,12 @@ async fn survey(c: &Client) -> Result<Node, String> {
             let page = c.get(&path).await.map_err(err)?.body;
             let entries =
                 page.get("entries").and_then(Value::as_array).cloned().unwrap_or_default();
+            if entries.len() > 5000 {
+                return Err(format!(
+                    "a page of {} entries, past the 5000 asked for",
+                    entries.len()
+                ));
+            }
             read += entries.len();
             if read > MAX_ENTRIES_PER_NODE {
                 return Err(format!("more than {MAX_ENTRIES_PER_NODE} layer entries"));
@@ -190,8 +202,16 @@ async fn survey(c: &Client) -> Result<Node, String> {
             for e in &entries {
                 let path = e.get("path").and_then(Value::as_str);
                 let digest = e.get("blake3").and_then(Value::as_str).and_then(digest_of);
-                if let (Some(p), Some(d)) = (path, digest) {
-                    held.insert((p.to_string(), d));
+                match (path, digest) {
+                    (Some(p), Some(d)) if p.len() <= MAX_PATH_BYTES => {
+                        held.insert((p.to_string(), d));
+                    }
+                    _ => {
+                        return Err(
+                            "an entry without a path of at most 4096 bytes and a BLAKE3 digest"
+                                .into(),
+                        );
+                    }
                 }
             }
             match page.get("next").and_then(Value::as_u64) {

@@ -249,6 +249,14 @@ fn load_target(t: &Target) -> Result<(Vec<String>, TlsFiles)> {
         key = key.or(inv.key.map(rel));
         nodes.extend(inv.nodes.into_iter().map(|n| n.url));
     }
+    // One spelling per node, each once: the answers are matched to nodes by
+    // URL, and a node listed twice would be asked (and counted) twice.
+    let mut seen = std::collections::HashSet::new();
+    let nodes: Vec<String> = nodes
+        .into_iter()
+        .map(|n| n.trim_end_matches('/').to_string())
+        .filter(|n| seen.insert(n.clone()))
+        .collect();
     if nodes.is_empty() {
         bail!("no node: give --node URL or --inventory FILE");
     }
@@ -536,10 +544,19 @@ async fn run_command(command: RemoteCommand) -> Result<u8> {
             }
             let multi = bars(args.target.json || args.no_wait);
             let results = fan_out(&nodes, &tls, |c| {
-                let request = requests.get(c.base()).cloned().unwrap_or_else(|| request.clone());
+                // Every node has its request (nodes were normalised like
+                // the client's base); a miss would send every VM to it.
+                let request = requests.get(c.base()).cloned();
                 let bar = new_bar(&multi);
                 let no_wait = args.no_wait;
                 async move {
+                    let Some(request) = request else {
+                        let message = "no request was prepared for this node".to_string();
+                        return (
+                            Err(ClientError::Connect { url: c.base().into(), message }),
+                            false,
+                        );
+                    };
                     let started = match c.provision(&request).await {
                         Ok(a) => at(&a.body, "operation").clone(),
                         Err(e) => return (Err(e), false),

@@ -122,6 +122,11 @@ pub struct Store {
     lock: std::fs::File,
 }
 
+/// A handle taken when an operation starts, to sync its writes at its end
+/// (`Store::sync_point`, `Store::sync_since`).
+#[derive(Debug)]
+pub struct SyncPoint(std::fs::File);
+
 /// Default free space an import must leave on the disk.
 pub const DEFAULT_MIN_FREE_BYTES: u64 = 256 << 20;
 
@@ -208,6 +213,26 @@ impl Store {
     pub fn sync(&self) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
         rustix::fs::syncfs(&self.lock)
+            .map_err(|e| self.io_error("syncing the data directory", e.into()))?;
+        tracing::debug!(elapsed = ?started.elapsed(), "data directory synced");
+        Ok(())
+    }
+
+    /// A point to sync from: a handle on the data directory opened now.
+    /// The kernel reports a failed write-back once per open file; an
+    /// operation that syncs through its own handle learns of every failure
+    /// since it started, even one another caller's sync reported first.
+    pub fn sync_point(&self) -> Result<SyncPoint, StoreError> {
+        std::fs::File::open(&self.path)
+            .map(SyncPoint)
+            .map_err(|e| self.io_error("opening the data directory to sync", e))
+    }
+
+    /// Makes everything written to the data directory's filesystem durable,
+    /// failing if any write-back failed since `point` was taken.
+    pub fn sync_since(&self, point: &SyncPoint) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        rustix::fs::syncfs(&point.0)
             .map_err(|e| self.io_error("syncing the data directory", e.into()))?;
         tracing::debug!(elapsed = ?started.elapsed(), "data directory synced");
         Ok(())

@@ -567,6 +567,40 @@ impl Store {
             .map_err(|e| self.db_error(e))
     }
 
+    /// A page of a layer's entries that have content (regular files and
+    /// hard links), by path, and how many there are: paged in SQL, so a
+    /// page costs its own rows, not the layer's.
+    pub fn layer_files_page(
+        &self,
+        partition: &str,
+        layer: &str,
+        offset: u64,
+        limit: u32,
+    ) -> Result<(Vec<Entry>, u64), StoreError> {
+        let db = self.lock_db();
+        let total: i64 = db
+            .query_row(
+                "SELECT count(*) FROM layer_entries
+                 WHERE partition = ?1 AND layer = ?2 AND hash IS NOT NULL",
+                [partition, layer],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.db_error(e))?;
+        let mut stmt = db
+            .prepare_cached(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM layer_entries
+                 WHERE partition = ?1 AND layer = ?2 AND hash IS NOT NULL
+                 ORDER BY path LIMIT ?3 OFFSET ?4"
+            ))
+            .map_err(|e| self.db_error(e))?;
+        let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map(rusqlite::params![partition, layer, i64::from(limit), offset], entry_row)
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.db_error(e))?;
+        Ok((rows, total.max(0) as u64))
+    }
+
     /// The partitions an operation created, oldest first.
     pub fn partitions_of_operation(
         &self,

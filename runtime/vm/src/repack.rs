@@ -73,12 +73,19 @@ pub fn repack(
         out.shared_bytes_after = out.shared_bytes_before;
         return Ok(out);
     }
+    let point = store.sync_point().map_err(failed)?;
     let shared = provd_partitions::build_shared(store, &planned.plan, &planned.vms, format, opts)
         .map_err(failed)?;
     // The VMs' boot files are about to name it, and each move is final on
     // its own: the partition must be on disk before the first one (an
-    // operation's partitions are otherwise synced once, at its end).
-    store.sync().map_err(failed)?;
+    // operation's partitions are otherwise synced once, at its end). If it
+    // cannot be, it goes: nothing may stack a partition that may be torn.
+    if let Err(e) = store.sync_since(&point) {
+        if let Err(rm) = store.remove_partition(&shared.id) {
+            tracing::warn!(partition = %shared.id, error = %rm, "removing an unsynced partition");
+        }
+        return Err(failed(e));
+    }
     for mv in &planned.moves {
         match move_vm(store, mv, &planned.plan, &shared, opts) {
             Ok(freed) => {
