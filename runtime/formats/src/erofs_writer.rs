@@ -38,6 +38,11 @@ use crate::erofs_format::{
     DIRENT_SIZE, EXTENDED_INODE_SIZE as INODE_SIZE, ISLOT_SIZE, LAYOUT_FLAT_INLINE,
     LAYOUT_FLAT_PLAIN, MAGIC, NULL_ADDR, SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE,
 };
+pub use crate::node::{Content, Node};
+use crate::node::{
+    FT_BLKDEV, FT_CHRDEV, FT_DIR, FT_FIFO, FT_REG_FILE, FT_SYMLINK, NodeError, S_IFBLK, S_IFCHR,
+    S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, check_node, file_name, put16, put32, put64,
+};
 
 const BLKSZ_BITS: u8 = 12;
 const BLKSZ: u64 = 1 << BLKSZ_BITS;
@@ -47,67 +52,12 @@ const META_BLKADDR: u32 = 0;
 const FIRST_INODE: u64 = SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE as u64;
 /// The largest tail kept inline: it must share a block with its inode.
 const MAX_INLINE: u64 = BLKSZ - INODE_SIZE;
-const NAME_MAX: usize = 255;
-const SYMLINK_MAX: usize = 4095;
 /// Inodes carry their own modification times.
 const FEATURE_COMPAT_MTIME: u32 = 0x2;
 const INODE_EXTENDED: u16 = 1;
 /// Largest device numbers the kernel's `new_encode_dev` keeps.
-const MAX_MAJOR: u32 = 0xfff;
-const MAX_MINOR: u32 = 0xf_ffff;
 /// Metadata is gathered in memory and written out in pieces of this size.
 const META_FLUSH: usize = 1 << 20;
-
-const FT_REG_FILE: u8 = 1;
-const FT_DIR: u8 = 2;
-const FT_CHRDEV: u8 = 3;
-const FT_BLKDEV: u8 = 4;
-const FT_FIFO: u8 = 5;
-const FT_SYMLINK: u8 = 7;
-
-const S_IFREG: u16 = 0o100_000;
-const S_IFDIR: u16 = 0o040_000;
-const S_IFLNK: u16 = 0o120_000;
-const S_IFCHR: u16 = 0o020_000;
-const S_IFBLK: u16 = 0o060_000;
-const S_IFIFO: u16 = 0o010_000;
-
-/// Where a regular file's bytes come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Content {
-    Bytes(Vec<u8>),
-    Object(Hash),
-}
-
-/// One entry of the image to write.
-#[derive(Debug, Clone)]
-pub struct Node {
-    /// Relative path, '/'-separated, no leading '/', no empty/"."/".."
-    /// components. Not the root.
-    pub path: String,
-    /// File, Dir, Symlink, CharDevice, BlockDevice or Fifo (Hardlink is
-    /// refused: use `inode`).
-    pub kind: EntryKind,
-    /// Permission bits including setuid, setgid and sticky; bits beyond
-    /// `0o7777` are ignored.
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub mtime: i64,
-    /// Regular files: content length; must equal what `open`/Bytes yields.
-    /// Ignored for other kinds.
-    pub size: u64,
-    /// Regular files only (`None` is allowed for an empty file).
-    pub content: Option<Content>,
-    /// Symlinks only.
-    pub link_target: Option<String>,
-    /// Char/block devices only: (major, minor).
-    pub device: Option<(u32, u32)>,
-    /// Regular files with the same `Some(key)` are hard links to one inode
-    /// (metadata and content taken from the first; nlink = number of
-    /// names). Refused on other kinds.
-    pub inode: Option<u64>,
-}
 
 /// What a write produced.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -136,6 +86,17 @@ pub enum ErofsWriteError {
     /// a file's content does not have the size its node states
     #[error("content of {path:?} is {got} bytes, not the {expected} its node states")]
     ContentMismatch { path: String, expected: u64, got: u64 },
+}
+
+impl From<NodeError> for ErofsWriteError {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::Invalid { path, reason } => ErofsWriteError::Invalid { path, reason },
+            NodeError::ContentMismatch { path, expected, got } => {
+                ErofsWriteError::ContentMismatch { path, expected, got }
+            }
+        }
+    }
 }
 
 fn invalid(path: &str, reason: impl Into<String>) -> ErofsWriteError {
@@ -258,103 +219,6 @@ fn dir_ino(path: &str, perm: u32, uid: u32, gid: u32, mtime: i64, parent: usize)
         inline: false,
         blkaddr: NULL_ADDR,
     }
-}
-
-fn check_path(path: &str) -> Result<(), ErofsWriteError> {
-    if path.is_empty() {
-        return Err(invalid(path, "the root cannot be given as a node"));
-    }
-    for c in path.split('/') {
-        if c.is_empty() || c == "." || c == ".." {
-            return Err(invalid(path, format!("path component {c:?} is not allowed")));
-        }
-        if c.len() > NAME_MAX {
-            return Err(invalid(
-                path,
-                format!("name of {} bytes is longer than {NAME_MAX}", c.len()),
-            ));
-        }
-        if c.contains('\0') {
-            return Err(invalid(path, "name contains a nul byte"));
-        }
-    }
-    Ok(())
-}
-
-/// Checks what can be checked of one node on its own.
-fn check_node(n: &Node) -> Result<(), ErofsWriteError> {
-    let path = n.path.as_str();
-    check_path(path)?;
-    if n.kind == EntryKind::Hardlink {
-        return Err(invalid(path, "hard links are given as files sharing an `inode` key"));
-    }
-    let is_file = n.kind == EntryKind::File;
-    let is_link = n.kind == EntryKind::Symlink;
-    let is_dev = matches!(n.kind, EntryKind::CharDevice | EntryKind::BlockDevice);
-    if n.content.is_some() && !is_file {
-        return Err(invalid(path, format!("a {} has no content", n.kind.as_str())));
-    }
-    if n.link_target.is_some() && !is_link {
-        return Err(invalid(path, format!("a {} has no link target", n.kind.as_str())));
-    }
-    if n.device.is_some() && !is_dev {
-        return Err(invalid(path, format!("a {} has no device numbers", n.kind.as_str())));
-    }
-    if n.inode.is_some() && !is_file {
-        return Err(invalid(
-            path,
-            format!("a {} cannot be hard-linked; only regular files can", n.kind.as_str()),
-        ));
-    }
-    if is_file {
-        match &n.content {
-            None if n.size > 0 => {
-                return Err(invalid(path, format!("a file of {} bytes has no content", n.size)));
-            }
-            Some(Content::Bytes(b)) if b.len() as u64 != n.size => {
-                return Err(ErofsWriteError::ContentMismatch {
-                    path: path.to_string(),
-                    expected: n.size,
-                    got: b.len() as u64,
-                });
-            }
-            _ => {}
-        }
-    }
-    if is_link {
-        let target = n.link_target.as_deref().unwrap_or_default();
-        if target.is_empty() {
-            return Err(invalid(path, "a symlink needs a non-empty target"));
-        }
-        if target.len() > SYMLINK_MAX {
-            return Err(invalid(
-                path,
-                format!("symlink target of {} bytes is longer than {SYMLINK_MAX}", target.len()),
-            ));
-        }
-        if target.contains('\0') {
-            return Err(invalid(path, "symlink target contains a nul byte"));
-        }
-    }
-    if is_dev {
-        match n.device {
-            None => return Err(invalid(path, "a device needs its major and minor numbers")),
-            Some((major, minor)) if major > MAX_MAJOR || minor > MAX_MINOR => {
-                return Err(invalid(
-                    path,
-                    format!(
-                        "device {major}:{minor} does not fit (major at most {MAX_MAJOR}, minor at most {MAX_MINOR})"
-                    ),
-                ));
-            }
-            Some(_) => {}
-        }
-    }
-    Ok(())
-}
-
-fn file_name(path: &str) -> &[u8] {
-    path.rsplit_once('/').map_or(path, |(_, name)| name).as_bytes()
 }
 
 struct TreeBuilder<'a> {
@@ -642,24 +506,6 @@ fn write_at(file: &File, out: &Path, bytes: &[u8], at: u64) -> Result<(), ErofsW
         what: format!("writing {} bytes at byte {at} of {}", bytes.len(), out.display()),
         source,
     })
-}
-
-fn put16(b: &mut [u8], at: usize, v: u16) {
-    if let Some(s) = b.get_mut(at..at + 2) {
-        s.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
-fn put32(b: &mut [u8], at: usize, v: u32) {
-    if let Some(s) = b.get_mut(at..at + 4) {
-        s.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
-fn put64(b: &mut [u8], at: usize, v: u64) {
-    if let Some(s) = b.get_mut(at..at + 8) {
-        s.copy_from_slice(&v.to_le_bytes());
-    }
 }
 
 /// The extended (64-byte) on-disk inode.

@@ -27,7 +27,11 @@ use std::path::Path;
 
 use provd_domain::image::{EntryKind, Hash};
 
-pub use crate::erofs_writer::{Content, Node};
+pub use crate::node::{Content, Node};
+use crate::node::{
+    FT_BLKDEV, FT_CHRDEV, FT_DIR, FT_FIFO, FT_REG_FILE, FT_SYMLINK, NodeError, S_IFBLK, S_IFCHR,
+    S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, check_node, file_name, put_bytes, put16, put32,
+};
 
 const BS: u64 = 4096;
 const BLOCKS_PER_GROUP: u64 = 32768;
@@ -44,8 +48,6 @@ const EXTENTS_IN_INODE: usize = 4;
 const EXTENTS_PER_BLOCK: usize = ((BS - 12) / 12) as usize;
 const EXTENT_MAGIC: u16 = 0xF30A;
 const MAX_LINKS: u32 = 65000;
-const NAME_MAX: usize = 255;
-const SYMLINK_MAX: usize = 4095;
 const FAST_SYMLINK_MAX: usize = 59;
 /// Smallest image: one group with room for the journal and the root.
 const MIN_BLOCKS: u64 = 8192;
@@ -69,20 +71,6 @@ const FL_EXTENTS: u32 = 0x80000;
 
 const JBD2_MAGIC: u32 = 0xC03B_3998;
 const JBD2_SUPERBLOCK_V2: u32 = 4;
-
-const S_IFIFO: u16 = 0o010_000;
-const S_IFCHR: u16 = 0o020_000;
-const S_IFDIR: u16 = 0o040_000;
-const S_IFBLK: u16 = 0o060_000;
-const S_IFREG: u16 = 0o100_000;
-const S_IFLNK: u16 = 0o120_000;
-
-const FT_REG_FILE: u8 = 1;
-const FT_DIR: u8 = 2;
-const FT_CHRDEV: u8 = 3;
-const FT_BLKDEV: u8 = 4;
-const FT_FIFO: u8 = 5;
-const FT_SYMLINK: u8 = 7;
 
 /// What the image looks like apart from its nodes.
 #[derive(Debug, Clone)]
@@ -134,6 +122,17 @@ pub enum Ext4WriteError {
     /// the nodes do not fit the requested size or inode count
     #[error("the ext4 image does not fit: {0}")]
     TooSmall(String),
+}
+
+impl From<NodeError> for Ext4WriteError {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::Invalid { path, reason } => Ext4WriteError::Invalid { path, reason },
+            NodeError::ContentMismatch { path, expected, got } => {
+                Ext4WriteError::ContentMismatch { path, expected, got }
+            }
+        }
+    }
 }
 
 fn invalid(path: &str, reason: impl Into<String>) -> Ext4WriteError {
@@ -238,31 +237,6 @@ impl<'a> Ino<'a> {
     }
 }
 
-fn check_path(path: &str) -> Result<(), Ext4WriteError> {
-    if path.is_empty() {
-        return Err(invalid(path, "the root cannot be given as a node"));
-    }
-    for c in path.split('/') {
-        if c.is_empty() || c == "." || c == ".." {
-            return Err(invalid(path, format!("path component {c:?} is not allowed")));
-        }
-        if c.len() > NAME_MAX {
-            return Err(invalid(
-                path,
-                format!("name of {} bytes is longer than {NAME_MAX}", c.len()),
-            ));
-        }
-        if c.contains('\0') {
-            return Err(invalid(path, "name contains a nul byte"));
-        }
-    }
-    Ok(())
-}
-
-fn file_name(path: &str) -> &[u8] {
-    path.rsplit_once('/').map_or(path, |(_, name)| name).as_bytes()
-}
-
 struct Tree<'a> {
     by_path: HashMap<&'a str, &'a Node>,
     dirs: HashMap<&'a str, usize>,
@@ -332,7 +306,7 @@ impl<'a> Tree<'a> {
 fn build_tree<'a>(nodes: &'a [Node], now: i64) -> Result<Vec<Ino<'a>>, Ext4WriteError> {
     let mut by_path = HashMap::with_capacity(nodes.len());
     for n in nodes {
-        check_path(&n.path)?;
+        check_node(n)?;
         if by_path.insert(n.path.as_str(), n).is_some() {
             return Err(invalid(&n.path, "given twice"));
         }
@@ -386,38 +360,16 @@ fn build_tree<'a>(nodes: &'a [Node], now: i64) -> Result<Vec<Ino<'a>>, Ext4Write
             EntryKind::File => {
                 let mut ino = Ino::new(path, FT_REG_FILE, S_IFREG, Some(n), parent);
                 ino.size = n.size;
+                // `check_node` saw to it that the size and the content agree.
                 ino.source = match &n.content {
-                    None if n.size > 0 => {
-                        return Err(invalid(
-                            path,
-                            format!("a file of {} bytes has no content", n.size),
-                        ));
-                    }
                     None => Source::None,
-                    Some(Content::Bytes(b)) => {
-                        if b.len() as u64 != n.size {
-                            return Err(Ext4WriteError::ContentMismatch {
-                                path: path.to_string(),
-                                expected: n.size,
-                                got: b.len() as u64,
-                            });
-                        }
-                        Source::Bytes(b)
-                    }
+                    Some(Content::Bytes(b)) => Source::Bytes(b),
                     Some(Content::Object(h)) => Source::Object(h),
                 };
                 ino
             }
             EntryKind::Symlink => {
                 let target = n.link_target.as_deref().unwrap_or_default();
-                if target.is_empty() || target.len() > SYMLINK_MAX || target.contains('\0') {
-                    return Err(invalid(
-                        path,
-                        format!(
-                            "a symlink target of 1 to {SYMLINK_MAX} bytes without nul is needed"
-                        ),
-                    ));
-                }
                 let mut ino = Ino::new(path, FT_SYMLINK, S_IFLNK, Some(n), parent);
                 ino.perm = 0o777;
                 ino.size = target.len() as u64;
@@ -431,20 +383,15 @@ fn build_tree<'a>(nodes: &'a [Node], now: i64) -> Result<Vec<Ino<'a>>, Ext4Write
                     (FT_BLKDEV, S_IFBLK)
                 };
                 let mut ino = Ino::new(path, ft, fmt, Some(n), parent);
-                let (major, minor) = n
-                    .device
-                    .ok_or_else(|| invalid(path, "a device needs its major and minor numbers"))?;
-                if major > 0xfff || minor > 0xf_ffff {
-                    return Err(invalid(path, format!("device {major}:{minor} does not fit")));
-                }
-                ino.device = (major, minor);
+                ino.device = n.device.unwrap_or_default();
                 ino
             }
             EntryKind::Fifo => Ino::new(path, FT_FIFO, S_IFIFO, Some(n), parent),
-            EntryKind::Hardlink => {
-                return Err(invalid(path, "hard links are given as files sharing an `inode` key"));
+            EntryKind::Hardlink | EntryKind::Dir => {
+                return Err(internal(
+                    "a kind `check_node` refuses, or a directory, in the file branch",
+                ));
             }
-            EntryKind::Dir => return Err(internal("directory in the file branch")),
         };
         ino.parent = parent;
         let i = t.inodes.len();
@@ -493,28 +440,8 @@ fn build_tree<'a>(nodes: &'a [Node], now: i64) -> Result<Vec<Ino<'a>>, Ext4Write
     Ok(inodes)
 }
 
-fn put16(buf: &mut [u8], at: usize, v: u16) {
-    if let Some(s) = buf.get_mut(at..at + 2) {
-        s.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
-fn put32(buf: &mut [u8], at: usize, v: u32) {
-    if let Some(s) = buf.get_mut(at..at + 4) {
-        s.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
 fn put_be32(buf: &mut [u8], at: usize, v: u32) {
-    if let Some(s) = buf.get_mut(at..at + 4) {
-        s.copy_from_slice(&v.to_be_bytes());
-    }
-}
-
-fn put_bytes(buf: &mut [u8], at: usize, v: &[u8]) {
-    if let Some(s) = buf.get_mut(at..at + v.len()) {
-        s.copy_from_slice(v);
-    }
+    put_bytes(buf, at, &v.to_be_bytes());
 }
 
 /// Linear directory blocks: each entry 8 bytes and its name padded to 4,
