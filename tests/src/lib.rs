@@ -18,6 +18,30 @@ pub fn names_in(dir: &Path) -> std::io::Result<std::collections::BTreeSet<String
         .collect()
 }
 
+/// `len` bytes that differ with `seed` (a 64-bit LCG's high bits): file
+/// content that is distinct per seed, the same on every run, and does not
+/// compress.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 33) as u8
+        })
+        .collect()
+}
+
+/// `files` files `usr/lib/f<i>.so` of `size` bytes under `root`, file `i`
+/// of content `pseudo_random(size, seed << 32 | i)`.
+pub fn library_tree(root: &Path, files: usize, size: usize, seed: u8) -> std::io::Result<()> {
+    std::fs::create_dir_all(root.join("usr/lib"))?;
+    for i in 0..files {
+        let data = pseudo_random(size, u64::from(seed) << 32 | i as u64);
+        std::fs::write(root.join(format!("usr/lib/f{i}.so")), data)?;
+    }
+    Ok(())
+}
+
 /// A built guest plugin.
 #[derive(Debug, Clone, Copy)]
 pub struct Fixture {

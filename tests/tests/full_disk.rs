@@ -67,16 +67,7 @@ impl Drop for SmallDisk {
 
 /// A tree of `files` files of `size` bytes of distinct content.
 fn tree(root: &Path, files: usize, size: usize, seed: u8) {
-    std::fs::create_dir_all(root.join("usr/lib")).unwrap();
-    for i in 0..files {
-        let mut data = vec![0u8; size];
-        let mut x = u64::from(seed) << 32 | i as u64;
-        for b in &mut data {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            *b = (x >> 33) as u8;
-        }
-        std::fs::write(root.join(format!("usr/lib/f{i}.so")), data).unwrap();
-    }
+    provd_tests::library_tree(root, files, size, seed).unwrap();
 }
 
 fn store_on(disk: &SmallDisk) -> Arc<Store> {

@@ -1098,13 +1098,7 @@ async fn sigkill_inside_host_calls_leaves_nothing() {
         std::fs::write(root.join("etc/hostname"), format!("{name}\n")).unwrap();
         for i in 0..48u64 {
             let shared = i < 32;
-            let mut x = if shared { i } else { seed << 32 | i };
-            let data: Vec<u8> = (0..200_000)
-                .map(|_| {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    (x >> 33) as u8
-                })
-                .collect();
+            let data = provd_tests::pseudo_random(200_000, if shared { i } else { seed << 32 | i });
             std::fs::write(root.join(format!("f{i}.so")), data).unwrap();
         }
     }

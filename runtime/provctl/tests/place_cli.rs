@@ -17,28 +17,14 @@ use provd_tests::SHARED_PARTITION;
 use provd_tests::daemon::TestNode;
 use serde_json::{Value, json};
 
-fn provd_binary() -> PathBuf {
-    let provctl = Path::new(env!("CARGO_BIN_EXE_provctl"));
-    let provd = provctl.with_file_name("provd");
-    assert!(provd.exists(), "{} is missing: run `cargo test --workspace`", provd.display());
-    provd
-}
-
-fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed;
-    (0..len)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (x >> 33) as u8
-        })
-        .collect()
-}
+mod common;
+use common::provd_binary;
 
 fn image(root: &Path, files: &[(&str, u64, usize)]) {
     for (path, seed, len) in files {
         let p = root.join(path);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, content(*seed, *len)).unwrap();
+        std::fs::write(p, provd_tests::pseudo_random(*len, *seed)).unwrap();
     }
 }
 

@@ -5,24 +5,15 @@
 //! and rollback against real daemons over mutual TLS, on two nodes at once,
 //! with the documented exit codes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use provd_tests::HELLO;
 use provd_tests::daemon::{DEFAULT_EXTRA, TestNode};
 use serde_json::Value;
 
-/// `provd` is built beside `provctl` by `cargo test --workspace`.
-fn provd_binary() -> PathBuf {
-    let provctl = Path::new(env!("CARGO_BIN_EXE_provctl"));
-    let provd = provctl.with_file_name("provd");
-    assert!(
-        provd.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` (or build provd-daemon first)",
-        provd.display()
-    );
-    provd
-}
+mod common;
+use common::provd_binary;
 
 const HELLO_MANIFEST: &str = "name = \"hello\"\nversion = \"VERSION\"\n[capabilities.log]\n\
      [capabilities.progress]\n[capabilities.hashing]\n[limits]\nmemory-mib = 16\n";
