@@ -179,6 +179,7 @@ async fn flow(store: &Arc<Store>, src: &Path) -> Flow {
     // The build runs in a journalled operation, as the daemon runs it: a
     // rollback the failing disk refuses is finished at the next start.
     let id = provd_store::new_id("op-", 16);
+    let point = store.sync_point().unwrap();
     let op = NewOperation {
         id: id.clone(),
         idempotency_key: None,
@@ -205,7 +206,7 @@ async fn flow(store: &Arc<Store>, src: &Path) -> Flow {
     out.steps.push(("build", Ok(())));
     // As the daemon does: one sync of everything the operation wrote, then
     // its success on record.
-    if let Err(e) = store.sync() {
+    if let Err(e) = store.sync_since(&point) {
         out.steps.push(("sync", Err(e.to_string())));
         let _ =
             store.finish_operation(&id, OpState::Failed, None, Some(("failed", "x")), None, &[]);

@@ -525,6 +525,8 @@ impl Operations {
         let names = req.vms.clone();
         let done =
             tokio::task::spawn_blocking(move || {
+                // Taken before the builtin writes anything (`Store::sync_point`).
+                let point = store.sync_point()?;
                 store.start_operation(&new, &[])?;
                 let (function, result, report): (&str, Result<(), (&str, String)>, Option<String>) =
                     match action {
@@ -548,7 +550,7 @@ impl Operations {
                                     .and_then(|done| {
                                         // The moved VMs' configurations, durable
                                         // before the repack is on record as done.
-                                        store.sync().map(|()| done).map_err(|e| {
+                                        store.sync_since(&point).map(|()| done).map_err(|e| {
                                             provd_vm::node::VmError::Failed(e.to_string())
                                         })
                                     });

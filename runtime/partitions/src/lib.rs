@@ -665,12 +665,15 @@ struct BuildDir<'s> {
     name: String,
     path: PathBuf,
     published: bool,
+    /// Taken before anything of the build is written, for its sync.
+    point: provd_store::SyncPoint,
 }
 
 impl<'s> BuildDir<'s> {
     fn new(store: &'s Store) -> Result<BuildDir<'s>, PartitionError> {
+        let point = store.sync_point()?;
         let (name, path) = store.create_temp_dir()?;
-        Ok(BuildDir { store, name, path, published: false })
+        Ok(BuildDir { store, name, path, published: false, point })
     }
 
     fn stager(&self, specials: Specials) -> Result<Stager<'s>, PartitionError> {
@@ -689,7 +692,7 @@ impl<'s> BuildDir<'s> {
     }
 
     fn publish(mut self, new: &NewPartition) -> Result<PartitionRecord, PartitionError> {
-        let rec = self.store.publish_partition(&self.name, new)?;
+        let rec = self.store.publish_partition(&self.name, new, &self.point)?;
         self.published = true;
         Ok(rec)
     }

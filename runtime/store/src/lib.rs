@@ -127,6 +127,12 @@ pub struct Store {
 #[derive(Debug)]
 pub struct SyncPoint(std::fs::File);
 
+impl SyncPoint {
+    fn syncfs(&self) -> rustix::io::Result<()> {
+        rustix::fs::syncfs(&self.0)
+    }
+}
+
 /// Default free space an import must leave on the disk.
 pub const DEFAULT_MIN_FREE_BYTES: u64 = 256 << 20;
 
@@ -206,18 +212,6 @@ impl Store {
         Ok(store)
     }
 
-    /// Makes everything written to the data directory's filesystem durable
-    /// (one `syncfs`): what an operation built, before its success is
-    /// recorded. A failure means some write since the last sync is lost;
-    /// it is reported once, so the caller must not retry and count on it.
-    pub fn sync(&self) -> Result<(), StoreError> {
-        let started = std::time::Instant::now();
-        rustix::fs::syncfs(&self.lock)
-            .map_err(|e| self.io_error("syncing the data directory", e.into()))?;
-        tracing::debug!(elapsed = ?started.elapsed(), "data directory synced");
-        Ok(())
-    }
-
     /// A point to sync from: a handle on the data directory opened now.
     /// The kernel reports a failed write-back once per open file; an
     /// operation that syncs through its own handle learns of every failure
@@ -232,8 +226,7 @@ impl Store {
     /// failing if any write-back failed since `point` was taken.
     pub fn sync_since(&self, point: &SyncPoint) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
-        rustix::fs::syncfs(&point.0)
-            .map_err(|e| self.io_error("syncing the data directory", e.into()))?;
+        point.syncfs().map_err(|e| self.io_error("syncing the data directory", e.into()))?;
         tracing::debug!(elapsed = ?started.elapsed(), "data directory synced");
         Ok(())
     }

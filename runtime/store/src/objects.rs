@@ -41,11 +41,23 @@ pub struct ObjectWriter<'s> {
     next_space_check: u64,
     /// Set at commit: the objects the committed image uses.
     committed: Option<std::collections::HashSet<Hash>>,
+    /// Where this import's sync starts from (`Store::sync_point`).
+    point: Option<crate::SyncPoint>,
 }
 
 impl<'s> ObjectWriter<'s> {
     pub(crate) fn new(store: &'s Store) -> Self {
-        ObjectWriter { store, pinned: Vec::new(), written: 0, next_space_check: 0, committed: None }
+        ObjectWriter {
+            store,
+            pinned: Vec::new(),
+            written: 0,
+            next_space_check: 0,
+            committed: None,
+            // Taken before the first object is written: the import's sync
+            // hears of every failed write-back since, whoever synced first
+            // (the store's own handle is the fallback if it cannot open).
+            point: store.sync_point().ok(),
+        }
     }
 
     /// Bytes of new object content this import wrote.
@@ -200,8 +212,11 @@ impl<'s> ObjectWriter<'s> {
     pub(crate) fn sync(&mut self) -> Result<(), StoreError> {
         // One syncfs flushes every object written, far cheaper than an
         // fsync per file for images of tens of thousands of files.
-        rustix::fs::syncfs(&self.store.lock)
-            .map_err(|e| self.store.io_error("syncing objects", e.into()))
+        match &self.point {
+            Some(point) => point.syncfs(),
+            None => rustix::fs::syncfs(&self.store.lock),
+        }
+        .map_err(|e| self.store.io_error("syncing objects", e.into()))
     }
 
     pub(crate) fn committed(&mut self, used: std::collections::HashSet<Hash>) {

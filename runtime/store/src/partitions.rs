@@ -271,11 +271,14 @@ impl Store {
     }
 
     /// Moves the staging directory `temp` to `partitions/<id>/` and records
-    /// it, so the partition appears whole or not at all.
+    /// it, so the partition appears whole or not at all. A partition of no
+    /// operation is synced first, from `since` (taken when its build
+    /// started).
     pub fn publish_partition(
         &self,
         temp: &str,
         new: &NewPartition,
+        since: &crate::SyncPoint,
     ) -> Result<PartitionRecord, StoreError> {
         if !valid_partition_id(&new.id) {
             return Err(StoreError::NotFound(format!("partition {:?}", new.id)));
@@ -284,13 +287,10 @@ impl Store {
         // name, so a crash never publishes a partition with missing data.
         // A partition of an operation is synced with everything else the
         // operation wrote, once, before its success is recorded
-        // (`Store::sync`); until then a crash rolls the whole operation
+        // (`Store::sync_since`); until then a crash rolls the whole operation
         // back, this partition with it.
         if new.operation.is_none() {
-            let started = std::time::Instant::now();
-            rustix::fs::syncfs(&self.lock)
-                .map_err(|e| self.io_error("syncing a build", e.into()))?;
-            tracing::debug!(elapsed = ?started.elapsed(), partition = %new.id, "build synced");
+            self.sync_since(since)?;
         }
         self.staging
             .rename(temp, &self.partitions, &new.id)
