@@ -49,6 +49,11 @@ cert = "pki/node.pem"
 key = "pki/node.key"
 client-ca = "pki/ca.pem"
 
+# Manager certificates by common name (or group:O) and what they may do:
+# admins everything, operators operations and VMs, readers GET only.
+[access]
+admins = ["admin"]
+
 [policy]
 image-sources = ["dir:$(pwd)/images/**"]
 

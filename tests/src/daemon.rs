@@ -48,12 +48,15 @@ impl TestNode {
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let data = dir.join("data");
         let config = dir.join("provd.toml");
+        // The node's manager administers it, unless the test says who does.
+        let access =
+            if extra.contains("[access]") { "" } else { "[access]\nadmins = [\"manager-1\"]\n" };
         std::fs::write(
             &config,
             format!(
                 "data-dir = {data:?}\nlisten = \"127.0.0.1:0\"\ntrusted-keys = [{public:?}]\n\
                  admin-socket = {sock:?}\n\
-                 [tls]\ncert = {cert:?}\nkey = {key:?}\nclient-ca = {ca:?}\n{extra}",
+                 [tls]\ncert = {cert:?}\nkey = {key:?}\nclient-ca = {ca:?}\n{access}{extra}",
                 sock = dir.join("admin.sock"),
                 cert = server.cert,
                 key = server.key,
@@ -150,11 +153,16 @@ impl TestNode {
     /// A manifest or component the bundle format refuses gives an empty
     /// bundle, after printing why (the node then refuses it, naming it).
     pub fn bundle(&self, manifest: &str, component: &[u8]) -> Vec<u8> {
+        self.bundle_valid_for(manifest, component, 86_400)
+    }
+
+    /// A signed bundle that expires `seconds` from now.
+    pub fn bundle_valid_for(&self, manifest: &str, component: &[u8], seconds: u64) -> Vec<u8> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        match provd_bundle::build(manifest, component, now - 60, now + 86_400)
+        match provd_bundle::build(manifest, component, now - 60, now + seconds)
             .and_then(|b| provd_bundle::sign(&b, &self.signer))
         {
             Ok(b) => b,

@@ -18,6 +18,25 @@ pub fn names_in(dir: &Path) -> std::io::Result<std::collections::BTreeSet<String
         .collect()
 }
 
+/// Every regular file beneath `dir`, symbolic links not followed: what
+/// tests read back to show a secret reached none of a node's files.
+pub fn files_under(dir: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file() {
+                out.push(entry.path());
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// `len` bytes that differ with `seed` (a 64-bit LCG's high bits): file
 /// content that is distinct per seed, the same on every run, and does not
 /// compress.

@@ -14,6 +14,8 @@ pub struct Pki {
     ca: CertifiedIssuer<'static, KeyPair>,
     /// The CA certificate.
     pub ca_pem: PathBuf,
+    /// The CA's private key.
+    pub ca_key: PathBuf,
 }
 
 /// A certificate and its key, as files.
@@ -42,21 +44,28 @@ impl Pki {
         params.distinguished_name.push(DnType::CommonName, name);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let key = KeyPair::generate().map_err(|e| fail("ca key", e))?;
+        // The key as a file too, for `openssl ca` (revocation lists).
+        let ca_key = dir.join(format!("{name}.key"));
+        std::fs::write(&ca_key, key.serialize_pem())?;
         let ca = CertifiedIssuer::self_signed(params, key).map_err(|e| fail("ca", e))?;
         let ca_pem = dir.join(format!("{name}.pem"));
         std::fs::write(&ca_pem, ca.pem())?;
-        Ok(Pki { dir: dir.to_path_buf(), ca, ca_pem })
+        Ok(Pki { dir: dir.to_path_buf(), ca, ca_pem, ca_key })
     }
 
     fn issue(
         &self,
         file: &str,
         cn: &str,
+        organisation: Option<&str>,
         sans: Vec<String>,
         server: bool,
     ) -> std::io::Result<Identity> {
         let mut params = CertificateParams::new(sans).map_err(|e| fail(cn, e))?;
         params.distinguished_name.push(DnType::CommonName, cn);
+        if let Some(o) = organisation {
+            params.distinguished_name.push(DnType::OrganizationName, o);
+        }
         params.extended_key_usages = vec![if server {
             ExtendedKeyUsagePurpose::ServerAuth
         } else {
@@ -75,11 +84,16 @@ impl Pki {
 
     /// A node certificate valid for 127.0.0.1 and localhost.
     pub fn server(&self, file: &str) -> std::io::Result<Identity> {
-        self.issue(file, "provd node", vec!["127.0.0.1".into(), "localhost".into()], true)
+        self.issue(file, "provd node", None, vec!["127.0.0.1".into(), "localhost".into()], true)
     }
 
     /// A manager certificate with common name `cn`.
     pub fn client(&self, file: &str, cn: &str) -> std::io::Result<Identity> {
-        self.issue(file, cn, Vec::new(), false)
+        self.issue(file, cn, None, Vec::new(), false)
+    }
+
+    /// A manager certificate with common name `cn` and organisation `o`.
+    pub fn client_in(&self, file: &str, cn: &str, o: &str) -> std::io::Result<Identity> {
+        self.issue(file, cn, Some(o), Vec::new(), false)
     }
 }

@@ -49,7 +49,7 @@ async fn a_signed_bundle_is_accepted_once_and_runs() {
     assert_eq!(first.signer, key.key_id());
     // The identical bundle again: accepted, nothing new.
     assert!(!node.accept_bundle(&bundle, NOW + 1).await.unwrap().new);
-    let (version, plugin) = node.plugin("hello").await.unwrap().unwrap();
+    let (version, plugin) = node.plugin("hello", NOW + 3).await.unwrap().unwrap();
     assert_eq!(version, "1.0.0");
     let request = Request { operation_id: "op-1".into(), input: "{\"name\":\"node\"}".into() };
     node.engine()
@@ -58,7 +58,7 @@ async fn a_signed_bundle_is_accepted_once_and_runs() {
         .unwrap();
     // A newer version becomes active; an older one is a replay.
     node.accept_bundle(&signed(&key, "1.1.0", 16), NOW + 2).await.unwrap();
-    assert_eq!(node.plugin("hello").await.unwrap().unwrap().0, "1.1.0");
+    assert_eq!(node.plugin("hello", NOW + 3).await.unwrap().unwrap().0, "1.1.0");
     let err = node.accept_bundle(&bundle, NOW + 3).await.unwrap_err();
     assert!(err.to_string().contains("older than 1.1.0"), "{err}");
 }
@@ -86,5 +86,5 @@ async fn bundles_failing_any_check_are_refused_and_nothing_is_recorded() {
     let err = node.accept_bundle(&signed(&key, "1.0.0", 16), NOW + 2 * 86_400).await.unwrap_err();
     assert!(err.to_string().contains("expired"), "{err}");
     assert!(node.store().bundles().unwrap().is_empty());
-    assert!(node.plugin("hello").await.unwrap().is_none());
+    assert!(node.plugin("hello", NOW + 3).await.unwrap().is_none());
 }

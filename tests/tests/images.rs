@@ -136,7 +136,7 @@ async fn a_tree_and_its_archives_import_to_the_same_image() {
     // Objects are read-only files.
     use std::os::unix::fs::PermissionsExt;
     for f in node.object_files() {
-        assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o444);
+        assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o400);
     }
 }
 

@@ -18,14 +18,18 @@ use provd_store::{AcceptError, AuditQuery, NewAudit, OpState, OperationError, St
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::access::Role;
 use crate::config::HttpLimits;
 use crate::metrics::Metrics;
 use crate::ops::{Operations, StartError, StartRequest};
 
-/// Who is calling: the manager certificate's subject, or `local` on the
-/// admin socket.
+/// Who is calling: the manager certificate's common name, or `local` on the
+/// admin socket, and the role `[access]` gives it.
 #[derive(Debug, Clone)]
-pub struct Peer(pub String);
+pub struct Peer {
+    pub name: String,
+    pub role: Option<Role>,
+}
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
@@ -144,7 +148,56 @@ pub fn router(state: AppState) -> Router {
         })
         .layer(DefaultBodyLimit::max(json_limit))
         .layer(axum::middleware::from_fn_with_state(state.limits, refuse_announced_excess))
+        .layer(axum::middleware::from_fn_with_state(state.store.clone(), authorize))
         .with_state(state)
+}
+
+/// Refuses, before anything else reads the request, what the caller's role
+/// does not cover (`access.rs`), and audits the refusal with the actor.
+async fn authorize(
+    State(store): State<Arc<Store>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(needed) = crate::access::required(req.method(), req.uri().path()) else {
+        return next.run(req).await;
+    };
+    let (name, role) = match req.extensions().get::<Peer>() {
+        Some(p) => (p.name.clone(), p.role),
+        None => ("unnamed-client".to_string(), None),
+    };
+    if role.is_some_and(|r| r >= needed) {
+        return next.run(req).await;
+    }
+    let has = role.map_or("no role", Role::name);
+    // The path is cut: it is the caller's text, and the row's is bounded.
+    let path = req.uri().path();
+    let path = path.get(..path.floor_char_boundary(200)).unwrap_or_default();
+    let what = format!("{} {path}", req.method());
+    tracing::warn!(actor = %name, request = %what, needed = needed.name(), has, "access denied");
+    audit_one(
+        &store,
+        NewAudit {
+            actor: name.clone(),
+            kind: "access".into(),
+            outcome: "denied".into(),
+            args: Some(what.clone()),
+            detail: Some(format!("needs {}; {name:?} has {has}", needed.name())),
+            count: 1,
+            ..NewAudit::default()
+        },
+    )
+    .await;
+    let mut response = ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!("{what} needs the {} role; the certificate {name:?} has {has}", needed.name()),
+    )
+    .into_response();
+    // The body, if any, is never read: the connection cannot carry another
+    // request, and the client must not reuse it.
+    response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    response
 }
 
 /// Refuses a body whose announced length is over the route's limit before
@@ -245,6 +298,8 @@ fn refused(e: &BundleRefused) -> ApiError {
             AcceptError::BadVersion(_) => (StatusCode::BAD_REQUEST, "invalid-bundle"),
             AcceptError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         },
+        BundleRefused::Untrusted { .. } => (StatusCode::FORBIDDEN, "untrusted-signer"),
+        BundleRefused::Expired { .. } => (StatusCode::FORBIDDEN, "outside-validity"),
         BundleRefused::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     };
     ApiError::new(status, code, text)
@@ -281,7 +336,7 @@ async fn accept_upload(s: AppState, peer: Peer, body: Bytes) -> ApiResult {
     let digest = format!("blake3:{}", blake3::hash(&body).to_hex());
     let result = s.node.accept_bundle(&body, now()).await;
     let mut row = NewAudit {
-        actor: peer.0.clone(),
+        actor: peer.name.clone(),
         kind: "bundle".into(),
         args: Some(format!("bytes={} file-digest={digest}", body.len())),
         count: 1,
@@ -307,7 +362,7 @@ async fn accept_upload(s: AppState, peer: Peer, body: Bytes) -> ApiResult {
             row.detail = Some(format!("{}: {}", err.code, err.message));
             audit_one(&s.store, row).await;
             Metrics::outcome(&s.metrics.bundles, "refused");
-            tracing::warn!(actor = %peer.0, code = err.code, message = %err.message, "bundle refused");
+            tracing::warn!(actor = %peer.name, code = err.code, message = %err.message, "bundle refused");
             Err(err)
         }
     }
@@ -338,7 +393,7 @@ async fn set_active(s: &AppState, peer: &Peer, name: &str, version: String) -> A
     let (n, v) = (name.to_string(), version.clone());
     let result = blocking(move || store.activate_plugin(&n, &v)).await?;
     let mut row = NewAudit {
-        actor: peer.0.clone(),
+        actor: peer.name.clone(),
         kind: "plugin".into(),
         plugin: Some(name.to_string()),
         version: Some(version.clone()),
@@ -351,7 +406,7 @@ async fn set_active(s: &AppState, peer: &Peer, name: &str, version: String) -> A
             row.outcome = "activated".into();
             row.detail = Some(format!("active version {previous} -> {version}"));
             audit_one(&s.store, row).await;
-            tracing::warn!(actor = %peer.0, plugin = %name, from = %previous, to = %version, "operator changed the active plugin version");
+            tracing::warn!(actor = %peer.name, plugin = %name, from = %previous, to = %version, "operator changed the active plugin version");
             ok(StatusCode::OK, json!({"plugin": name, "active": version, "previous": previous}))
         }
         Err(AcceptError::Store(provd_store::StoreError::NotFound(what))) => {
@@ -419,6 +474,9 @@ struct OperationBody {
     params: Option<Value>,
     #[serde(default)]
     idempotency_key: Option<String>,
+    /// Run `version` even though it is not the active one (audited).
+    #[serde(default)]
+    allow_inactive: bool,
 }
 
 /// VM specs one operation may carry.
@@ -503,8 +561,14 @@ fn start_request(
         }
         input.insert("vms".into(), Value::Array(body.vms.clone()));
     }
-    let canonical = json!({"plugin": body.plugin, "version": body.version, "vms": body.vms,
-                           "params": body.params});
+    let mut canonical = json!({"plugin": body.plugin, "version": body.version, "vms": body.vms,
+                               "params": body.params});
+    // Only when set, so the digests of requests without it stay as they were.
+    if body.allow_inactive
+        && let Some(m) = canonical.as_object_mut()
+    {
+        m.insert("allow-inactive".into(), Value::Bool(true));
+    }
     Ok(StartRequest {
         plugin: body.plugin,
         version: body.version,
@@ -513,6 +577,7 @@ fn start_request(
         idempotency_key: key,
         vms: names,
         actor,
+        allow_inactive: body.allow_inactive,
     })
 }
 
@@ -572,7 +637,7 @@ async fn start_operation(
         ),
         None => None,
     };
-    let req = start_request(body, header_key, peer.0.clone())?;
+    let req = start_request(body, header_key, peer.name.clone())?;
     // Recorded and spawned on a task of its own: a client that disconnects
     // meanwhile cannot leave an operation recorded but never run.
     let ops = s.ops.clone();
@@ -588,6 +653,12 @@ async fn start_operation(
             "no-such-plugin",
             format!("no accepted plugin {p} on this node"),
         )),
+        Err(StartError::Distrusted(message)) => {
+            Err(ApiError::new(StatusCode::FORBIDDEN, "untrusted-bundle", message))
+        }
+        Err(e @ StartError::Inactive { .. }) => {
+            Err(ApiError::new(StatusCode::CONFLICT, "inactive-version", e.to_string()))
+        }
         Err(StartError::Busy(n)) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "busy",
@@ -762,7 +833,7 @@ async fn cancel_now(s: AppState, peer: Peer, id: String) -> ApiResult {
     audit_one(
         &s.store,
         NewAudit {
-            actor: peer.0.clone(),
+            actor: peer.name.clone(),
             kind: "operation".into(),
             plugin: Some(rec.plugin.clone()),
             version: Some(rec.version.clone()),
@@ -841,7 +912,8 @@ async fn delete_vm_now(s: AppState, peer: Peer, name: String) -> ApiResult {
         request_digest: String::new(),
         idempotency_key: None,
         vms: vec![name.clone()],
-        actor: peer.0.clone(),
+        actor: peer.name.clone(),
+        allow_inactive: false,
     };
     let rec =
         s.ops.run_builtin(req, crate::ops::Builtin::DeleteVms).await.map_err(builtin_error)?;
@@ -932,7 +1004,8 @@ async fn repack_now(s: AppState, peer: Peer, req: RepackRequest) -> ApiResult {
         request_digest: String::new(),
         idempotency_key: None,
         vms: names,
-        actor: peer.0.clone(),
+        actor: peer.name.clone(),
+        allow_inactive: false,
     };
     let rec = s
         .ops

@@ -37,6 +37,10 @@ pub struct Config {
     /// over-commit is a percentage (100, none, by default).
     #[serde(default)]
     pub capacity: NodeCapacity,
+    /// Which manager certificates hold which role; none by default
+    /// (`access.rs`).
+    #[serde(default)]
+    pub access: crate::access::AccessConfig,
 }
 
 /// The server's identity and the managers it accepts.
@@ -50,6 +54,11 @@ pub struct TlsConfig {
     /// PEM certificate(s) of the CA that signs manager certificates: a
     /// client without a certificate from it is refused in the handshake.
     pub client_ca: PathBuf,
+    /// PEM certificate revocation list(s) of that CA: a revoked manager
+    /// certificate fails the handshake. Read again, with the rest of
+    /// `[tls]`, when provd receives SIGHUP.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
 }
 
 /// Bounds on what a remote party can make the daemon hold or wait for.
@@ -64,8 +73,20 @@ pub struct HttpLimits {
     pub header_timeout_secs: u64,
     /// Time one request may take (uploads and long polls included).
     pub request_timeout_secs: u64,
-    /// Connections served at once; more wait in the kernel's backlog.
+    /// TCP connections served at once; more are closed when accepted.
     pub max_connections: u32,
+    /// Authenticated connections from one address at once.
+    pub max_connections_per_address: u32,
+    /// TLS handshakes in flight at once: not yet known to be managers, a
+    /// new one closes the oldest over this bound.
+    pub max_handshakes: u32,
+    /// TLS handshakes in flight from one address; a new one closes that
+    /// address's oldest over this bound.
+    pub max_handshakes_per_address: u32,
+    /// Time a TLS handshake may take.
+    pub handshake_timeout_secs: u64,
+    /// Connections on the admin socket at once, apart from the TCP ones.
+    pub max_admin_connections: u32,
     /// Longest wait a long poll may ask for.
     pub max_wait_secs: u64,
     /// Operations allowed to run at once; more wait in the `queued` phase.
@@ -89,6 +110,11 @@ impl Default for HttpLimits {
             header_timeout_secs: 10,
             request_timeout_secs: 120,
             max_connections: 512,
+            max_connections_per_address: 64,
+            max_handshakes: 256,
+            max_handshakes_per_address: 32,
+            handshake_timeout_secs: 3,
+            max_admin_connections: 16,
             max_wait_secs: 60,
             max_running_operations: 16,
             max_queued_operations: 256,
@@ -155,6 +181,9 @@ impl Config {
         fix(&mut config.tls.cert);
         fix(&mut config.tls.key);
         fix(&mut config.tls.client_ca);
+        if let Some(crl) = config.tls.crl.as_mut() {
+            fix(crl);
+        }
         config.trusted_keys.iter_mut().for_each(fix);
         if let Some(s) = config.admin_socket.as_mut() {
             fix(s);
@@ -162,6 +191,11 @@ impl Config {
         let l = &config.limits;
         for (key, value) in [
             ("limits.max-connections", u64::from(l.max_connections)),
+            ("limits.max-connections-per-address", u64::from(l.max_connections_per_address)),
+            ("limits.max-handshakes", u64::from(l.max_handshakes)),
+            ("limits.max-handshakes-per-address", u64::from(l.max_handshakes_per_address)),
+            ("limits.handshake-timeout-secs", l.handshake_timeout_secs),
+            ("limits.max-admin-connections", u64::from(l.max_admin_connections)),
             ("limits.max-running-operations", u64::from(l.max_running_operations)),
             ("limits.max-json-bytes", l.max_json_bytes),
             ("limits.max-bundle-bytes", l.max_bundle_bytes),
@@ -174,6 +208,18 @@ impl Config {
                     message: format!("{key}: must be at least 1"),
                 });
             }
+        }
+        config
+            .access
+            .check()
+            .map_err(|message| ConfigError::Parse { path: path.display().to_string(), message })?;
+        for pattern in config.policy.image_sources.iter().flatten() {
+            provd_domain::check_pattern(pattern, provd_domain::MAX_PATTERN_LEN).map_err(|why| {
+                ConfigError::Parse {
+                    path: path.display().to_string(),
+                    message: format!("policy.image-sources: {why}"),
+                }
+            })?;
         }
         if config.trusted_keys.is_empty() {
             return Err(ConfigError::Parse {

@@ -6,6 +6,7 @@
 //! trail and its metrics. `docs/api.md` is the reference and
 //! `docs/security.md` the threat model.
 
+pub mod access;
 pub mod api;
 pub mod config;
 pub mod metrics;

@@ -47,7 +47,10 @@ fn main() -> ExitCode {
                 )
             })
             .map_err(anyhow::Error::from),
-        Command::Serve { config } => serve(config),
+        Command::Serve { config } => {
+            provd_store::own_files_only();
+            serve(config)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

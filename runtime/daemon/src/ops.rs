@@ -21,7 +21,7 @@ use futures::FutureExt as _;
 use provd_engine::{
     CallOptions, CallOutcome, Cancel, HostCall, InvokeError, Observer, PluginError, Request,
 };
-use provd_node::Node;
+use provd_node::{BundleRefused, Node, Selected};
 use provd_store::{
     NewAudit, NewOperation, OpState, OperationError, OperationRecord, Started, Store,
 };
@@ -91,6 +91,14 @@ const AUDIT_FLUSH_ROWS: usize = 64;
 pub enum StartError {
     #[error("no accepted plugin {0}")]
     NoPlugin(String),
+    /// The bundle's signer is no longer trusted or it expired.
+    #[error("{0}")]
+    Distrusted(String),
+    /// A version other than the active one, without `allow-inactive`.
+    #[error(
+        "{plugin} {version} is not the active version ({active}); set allow-inactive to run it"
+    )]
+    Inactive { plugin: String, version: String, active: String },
     #[error("the node is shutting down")]
     ShuttingDown,
     #[error("{0} operations are running or queued")]
@@ -134,6 +142,8 @@ pub struct StartRequest {
     pub idempotency_key: Option<String>,
     pub vms: Vec<String>,
     pub actor: String,
+    /// The request may run a version other than the active one.
+    pub allow_inactive: bool,
 }
 
 fn new_id() -> String {
@@ -219,6 +229,38 @@ impl Operations {
         Ok(stale.len())
     }
 
+    /// An audit row about a request before it became an operation: a
+    /// refusal, or a version run on explicit request.
+    async fn audit_refusal(&self, req: &StartRequest, outcome: &str, detail: &str) {
+        let row = NewAudit {
+            actor: req.actor.clone(),
+            kind: "operation".into(),
+            plugin: Some(req.plugin.clone()),
+            version: req.version.clone(),
+            args: Some(format!("vms={}", req.vms.join(","))),
+            outcome: outcome.into(),
+            detail: Some(detail.into()),
+            count: 1,
+            ..NewAudit::default()
+        };
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.append_audit(&[row])).await {
+            Ok(Ok(())) => {}
+            failed => tracing::error!(?failed, "recording an audit row"),
+        }
+    }
+
+    /// The active version of `plugin`, for messages; `none` if unknown.
+    async fn active_version(&self, plugin: &str) -> String {
+        let store = self.store.clone();
+        let bundles = tokio::task::spawn_blocking(move || store.bundles()).await;
+        bundles
+            .ok()
+            .and_then(Result::ok)
+            .and_then(|b| b.into_iter().find(|b| b.name == plugin && b.active))
+            .map_or_else(|| "none".to_string(), |b| b.version)
+    }
+
     /// Records and starts an operation, or returns the one its
     /// idempotency key names (`false` then).
     pub async fn start(
@@ -232,18 +274,43 @@ impl Operations {
         if held >= self.max_held {
             return Err(StartError::Busy(held));
         }
-        let found = self
-            .node
-            .plugin_at(&req.plugin, req.version.as_deref())
-            .await
-            .map_err(|e| StartError::Internal(e.to_string()))?;
-        let Some((version, plugin)) = found else {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let found = match self.node.plugin_at(&req.plugin, req.version.as_deref(), now).await {
+            Ok(found) => found,
+            Err(e @ (BundleRefused::Untrusted { .. } | BundleRefused::Expired { .. })) => {
+                let message = e.to_string();
+                tracing::warn!(actor = %req.actor, plugin = %req.plugin, %message, "operation refused");
+                self.audit_refusal(&req, "untrusted-bundle", &message).await;
+                return Err(StartError::Distrusted(message));
+            }
+            Err(e) => return Err(StartError::Internal(e.to_string())),
+        };
+        let Some(Selected { version, plugin, active }) = found else {
             let what = match &req.version {
                 Some(v) => format!("{} {v}", req.plugin),
                 None => req.plugin.clone(),
             };
             return Err(StartError::NoPlugin(what));
         };
+        if !active {
+            let current = self.active_version(&req.plugin).await;
+            if !req.allow_inactive {
+                return Err(StartError::Inactive {
+                    plugin: req.plugin.clone(),
+                    version,
+                    active: current,
+                });
+            }
+            let message = format!(
+                "{} {version} runs instead of the active version ({current}), as the request allowed",
+                req.plugin
+            );
+            tracing::warn!(actor = %req.actor, %message, "inactive version");
+            self.audit_refusal(&req, "inactive-version", &message).await;
+        }
         let new = NewOperation {
             id: new_id(),
             idempotency_key: req.idempotency_key.clone(),

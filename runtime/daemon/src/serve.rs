@@ -2,7 +2,9 @@
 //! owner-only admin socket, bounded connections and timeouts, graceful
 //! shutdown.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +21,7 @@ use provd_store::Store;
 use tokio::net::TcpListener;
 use tower::ServiceExt as _;
 
+use crate::access::Role;
 use crate::api::{ApiError, AppState, Peer};
 use crate::config::Config;
 use crate::metrics::{Metrics, RequestLabels};
@@ -41,7 +44,9 @@ pub async fn serve(
     on_bound: impl FnOnce(Bound),
 ) -> anyhow::Result<()> {
     let data = config.data_dir.clone();
-    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    // Refused before anything is opened: a directory other users can read
+    // is not the node's alone. Store::open creates a missing one 0700.
+    provd_store::check_private(&data)?;
     let store = {
         let data = data.clone();
         tokio::task::spawn_blocking(move || Store::open(&data)).await??
@@ -70,13 +75,20 @@ pub async fn serve(
                 .with_context(|| format!("trusted key {}", path.display()))?,
         );
     }
-    let images = Arc::new(provd_images::Images::new(
-        store.clone(),
-        provd_images::ImportLimits::default(),
-        PARALLEL_IMPORTS,
-    ));
+    let policy = config.node_policy();
+    // Local images only beneath the roots the policy's patterns name, never
+    // through a symbolic link past them.
+    let local = provd_images::LocalSources::from_patterns(&policy.image_sources);
+    let images = Arc::new(
+        provd_images::Images::new(
+            store.clone(),
+            provd_images::ImportLimits::default(),
+            PARALLEL_IMPORTS,
+        )
+        .with_local_sources(local),
+    );
     let engine = Engine::new(EngineConfig {
-        policy: config.node_policy(),
+        policy,
         cache_dir: Some(data.join("cache")),
         images: Some(images),
         ..EngineConfig::default()
@@ -107,8 +119,11 @@ pub async fn serve(
         },
     ));
 
-    let tls = crate::tls::server_config(&config.tls.cert, &config.tls.key, &config.tls.client_ca)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    // Swapped whole on SIGHUP; a connection keeps the configuration it
+    // started its handshake with.
+    let tls_shared = Arc::new(std::sync::RwLock::new(crate::tls::server_config(&config.tls)?));
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP")?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -120,33 +135,49 @@ pub async fn serve(
     tracing::info!(%addr, data = %data.display(), "provd listening");
     on_bound(Bound { addr });
 
+    let access = Arc::new(config.access.clone());
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(
-        usize::try_from(config.limits.max_connections).unwrap_or(1),
+    let gate = Arc::new(Gate::new(&config.limits));
+    let admin_slots = Arc::new(tokio::sync::Semaphore::new(
+        usize::try_from(config.limits.max_admin_connections).unwrap_or(1),
     ));
     let header_timeout = Duration::from_secs(config.limits.header_timeout_secs);
+    let handshake_timeout = Duration::from_secs(config.limits.handshake_timeout_secs);
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p?,
-            _ = &mut shutdown => break,
-        };
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((tcp, remote)) = accepted else { continue };
-                let acceptor = acceptor.clone();
+                let (ticket, mut closed) = gate.handshake(remote.ip());
+                let tls_config = tls_shared.read().unwrap_or_else(|p| p.into_inner()).clone();
                 let router = router.clone();
                 let watcher = graceful.watcher();
+                let access = access.clone();
+                let gate = gate.clone();
                 tokio::spawn(async move {
-                    let _permit = permit;
-                    let tls = match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::info!(%remote, error = %e, "TLS handshake refused");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::info!(%remote, "TLS handshake timed out");
+                    let deadline = tokio::time::Instant::now() + handshake_timeout;
+                    let hello = tokio_rustls::LazyConfigAcceptor::new(
+                        rustls::server::Acceptor::default(),
+                        tcp,
+                    );
+                    let Some(start) = handshake_step(hello, deadline, &mut closed, remote).await
+                    else {
+                        return;
+                    };
+                    // A client that sent a whole ClientHello is closed to
+                    // make room only after every one that did not.
+                    ticket.hello_read();
+                    let rest = start.into_stream(tls_config);
+                    let Some(tls) = handshake_step(rest, deadline, &mut closed, remote).await else {
+                        return;
+                    };
+                    if !ticket.complete() {
+                        return;
+                    }
+                    let slot = match gate.establish(remote.ip()) {
+                        Ok(slot) => slot,
+                        Err(why) => {
+                            tracing::warn!(%remote, why, "connection closed");
                             return;
                         }
                     };
@@ -155,30 +186,50 @@ pub async fn serve(
                         .1
                         .peer_certificates()
                         .and_then(|c| c.first())
-                        .map(crate::tls::peer_name)
+                        .map(crate::tls::peer_subject)
                         .unwrap_or_else(|| Err("no client certificate".into()));
                     let peer = match named {
-                        Ok(name) => name,
+                        Ok(subject) => Peer { role: access.role(&subject), name: subject.name },
                         Err(why) => {
                             tracing::warn!(%remote, %why, "client certificate refused");
                             return;
                         }
                     };
-                    let conn = connection(TokioIo::new(tls), router, Peer(peer), header_timeout);
+                    let conn = connection(TokioIo::new(tls), router, peer, header_timeout);
                     if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(%remote, error = %e, "connection ended with an error");
                     }
+                    drop(slot);
                 });
             }
             accepted = accept_admin(admin.as_ref()) => {
                 let Ok(stream) = accepted else { continue };
+                // Slots of its own: the TCP side being full never locks
+                // the node's administrator out.
+                let Ok(permit) = admin_slots.clone().try_acquire_owned() else {
+                    tracing::warn!("admin socket: every slot is taken; connection closed");
+                    continue;
+                };
                 let router = router.clone();
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let conn = connection(TokioIo::new(stream), router, Peer("local".into()), header_timeout);
+                    // Reaching the socket takes the node's root account.
+                    let local = Peer { name: "local".into(), role: Some(Role::Admin) };
+                    let conn = connection(TokioIo::new(stream), router, local, header_timeout);
                     let _ = watcher.watch(conn).await;
                 });
+            }
+            _ = hangups.recv() => {
+                // A bad file keeps the running configuration: a typo must
+                // not lock every manager out.
+                match crate::tls::server_config(&config.tls) {
+                    Ok(tls) => {
+                        *tls_shared.write().unwrap_or_else(|p| p.into_inner()) = tls;
+                        tracing::info!("SIGHUP: TLS certificates and revocation lists read again");
+                    }
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: TLS files refused; the previous ones stay in use"),
+                }
             }
             _ = &mut shutdown => break,
         }
@@ -194,6 +245,201 @@ pub async fn serve(
     }
     tracing::info!("provd stopped");
     Ok(())
+}
+
+/// Bounds on TCP connections.
+///
+/// A connection still in its TLS handshake has proved nothing: it holds a
+/// place in `pending`, at most `max_handshakes` in all and
+/// `max_handshakes_per_address` from one address, and when a new one comes
+/// the oldest over either bound is closed to make room. So idle or slow
+/// handshakes can delay a manager by the time they hold a place, never
+/// refuse it: whoever floods must keep opening connections faster than a
+/// manager's handshake completes. An authenticated connection takes one of
+/// `max_connections`, and one of `max_connections_per_address` of its
+/// address; over either it is closed.
+struct Gate {
+    connections: Arc<tokio::sync::Semaphore>,
+    established: Arc<std::sync::Mutex<HashMap<IpAddr, u32>>>,
+    max_per_address: u32,
+    pending: Arc<std::sync::Mutex<Pending>>,
+}
+
+/// Handshakes in flight, oldest first.
+#[derive(Default)]
+struct Pending {
+    next: u64,
+    /// (id, address, whether its ClientHello was read) by age.
+    order: std::collections::VecDeque<(u64, IpAddr, bool)>,
+    per_address: HashMap<IpAddr, u32>,
+    /// Dropping a sender closes that handshake.
+    cancels: HashMap<u64, tokio::sync::oneshot::Sender<()>>,
+    max: usize,
+    max_per_address: u32,
+}
+
+impl Pending {
+    fn remove(&mut self, id: u64) -> bool {
+        let Some(pos) = self.order.iter().position(|(i, _, _)| *i == id) else {
+            return false;
+        };
+        if let Some((_, ip, _)) = self.order.remove(pos) {
+            self.release(ip);
+        }
+        self.cancels.remove(&id);
+        true
+    }
+
+    fn release(&mut self, ip: IpAddr) {
+        if let Some(n) = self.per_address.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_address.remove(&ip);
+            }
+        }
+    }
+
+    /// Closes the oldest handshake (from `ip` when given) that has not sent
+    /// its ClientHello, or else the oldest.
+    fn evict_oldest(&mut self, ip: Option<IpAddr>) {
+        let from = |a: &IpAddr| ip.is_none_or(|ip| *a == ip);
+        let pos = self
+            .order
+            .iter()
+            .position(|(_, a, hello)| !hello && from(a))
+            .or_else(|| self.order.iter().position(|(_, a, _)| from(a)));
+        if let Some((id, a, _)) = pos.and_then(|p| self.order.remove(p)) {
+            self.release(a);
+            self.cancels.remove(&id);
+        }
+    }
+}
+
+/// A handshake's place; dropping it frees the place.
+struct HandshakeTicket {
+    id: u64,
+    pending: Arc<std::sync::Mutex<Pending>>,
+}
+
+impl HandshakeTicket {
+    /// Its ClientHello was read.
+    fn hello_read(&self) {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = p.order.iter_mut().find(|(i, _, _)| *i == self.id) {
+            entry.2 = true;
+        }
+    }
+
+    /// The handshake is over: false if it was closed to make room
+    /// meanwhile (the connection is then dropped too).
+    fn complete(&self) -> bool {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(self.id)
+    }
+}
+
+impl Drop for HandshakeTicket {
+    fn drop(&mut self) {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(self.id);
+    }
+}
+
+/// An authenticated connection's share of the bounds.
+struct Established {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    ip: IpAddr,
+    counts: Arc<std::sync::Mutex<HashMap<IpAddr, u32>>>,
+}
+
+impl Drop for Established {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Gate {
+    fn new(limits: &crate::config::HttpLimits) -> Gate {
+        let pending = Pending {
+            max: usize::try_from(limits.max_handshakes).unwrap_or(1),
+            max_per_address: limits.max_handshakes_per_address,
+            ..Pending::default()
+        };
+        Gate {
+            connections: Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(limits.max_connections).unwrap_or(1),
+            )),
+            established: Arc::default(),
+            max_per_address: limits.max_connections_per_address,
+            pending: Arc::new(std::sync::Mutex::new(pending)),
+        }
+    }
+
+    /// A place for a new handshake from `ip`, closing the oldest over a
+    /// bound; the receiver resolves when this one is closed in turn.
+    fn handshake(&self, ip: IpAddr) -> (HandshakeTicket, tokio::sync::oneshot::Receiver<()>) {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        while p.per_address.get(&ip).copied().unwrap_or(0) >= p.max_per_address {
+            p.evict_oldest(Some(ip));
+        }
+        while p.order.len() >= p.max {
+            p.evict_oldest(None);
+        }
+        let id = p.next;
+        p.next += 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        p.order.push_back((id, ip, false));
+        *p.per_address.entry(ip).or_insert(0) += 1;
+        p.cancels.insert(id, tx);
+        (HandshakeTicket { id, pending: self.pending.clone() }, rx)
+    }
+
+    /// A slot for an authenticated connection from `ip`.
+    fn establish(&self, ip: IpAddr) -> Result<Established, &'static str> {
+        let slot = self
+            .connections
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "every connection slot is taken")?;
+        let mut counts = self.established.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= self.max_per_address {
+            return Err("connections from this address are at their limit");
+        }
+        *n += 1;
+        Ok(Established { _slot: slot, ip, counts: self.established.clone() })
+    }
+}
+
+/// One step of a TLS handshake, within its deadline, unless the handshake
+/// is closed to make room first; `None` (logged) ends the connection.
+async fn handshake_step<T>(
+    step: impl Future<Output = std::io::Result<T>>,
+    deadline: tokio::time::Instant,
+    closed: &mut tokio::sync::oneshot::Receiver<()>,
+    remote: std::net::SocketAddr,
+) -> Option<T> {
+    tokio::select! {
+        done = tokio::time::timeout_at(deadline, step) => match done {
+            Ok(Ok(t)) => Some(t),
+            Ok(Err(e)) => {
+                tracing::info!(%remote, error = %e, "TLS handshake refused");
+                None
+            }
+            Err(_) => {
+                tracing::info!(%remote, "TLS handshake timed out");
+                None
+            }
+        },
+        _ = closed => {
+            tracing::debug!(%remote, "handshake closed to make room for newer ones");
+            None
+        }
+    }
 }
 
 fn connection<I>(

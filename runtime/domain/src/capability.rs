@@ -145,70 +145,9 @@ pub const ALWAYS_LINKED: &[&str] = &["provd:plugin/types"];
 /// The hypervisors provd renders configurations for.
 pub const HYPERVISORS: [&str; 3] = ["libvirt", "cloud-hypervisor", "firecracker"];
 
-/// Matches `text` against a glob `pattern`: `*` matches any run of
-/// characters other than `/`, `**` matches any run at all, every other
-/// character matches itself.
-pub fn glob_match(pattern: &str, text: &str) -> bool {
-    // Simulated as a set of reachable text positions per pattern token, so
-    // the cost is bounded by pattern length × text length whatever the
-    // pattern: no backtracking for a hostile pattern to exploit.
-    let t = text.as_bytes();
-    let mut reach = vec![false; t.len() + 1];
-    if let Some(first) = reach.first_mut() {
-        *first = true;
-    }
-    let p = pattern.as_bytes();
-    let mut i = 0;
-    while let Some(&c) = p.get(i) {
-        let mut next = vec![false; t.len() + 1];
-        if c == b'*' {
-            let double = p.get(i + 1) == Some(&b'*');
-            i += if double { 2 } else { 1 };
-            let mut open = false;
-            for (pos, slot) in next.iter_mut().enumerate() {
-                open |= reach.get(pos).copied().unwrap_or(false);
-                *slot = open;
-                // A single star does not cross '/'.
-                if !double && t.get(pos) == Some(&b'/') {
-                    open = false;
-                }
-            }
-        } else {
-            i += 1;
-            for pos in 0..t.len() {
-                if reach.get(pos).copied().unwrap_or(false)
-                    && t.get(pos) == Some(&c)
-                    && let Some(slot) = next.get_mut(pos + 1)
-                {
-                    *slot = true;
-                }
-            }
-        }
-        reach = next;
-    }
-    reach.last().copied().unwrap_or(false)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn globs() {
-        assert!(glob_match("dir:/srv/images/*", "dir:/srv/images/web"));
-        assert!(!glob_match("dir:/srv/images/*", "dir:/srv/images/web/x"));
-        assert!(glob_match("dir:/srv/images/**", "dir:/srv/images/web/x"));
-        assert!(glob_match("tar:/srv/*.tar.zst", "tar:/srv/a.tar.zst"));
-        assert!(!glob_match("tar:/srv/*.tar.zst", "tar:/srv/a.tar"));
-        assert!(!glob_match("dir:/srv/images/*", "dir:/etc"));
-        assert!(glob_match("**", "dir:/anything/at/all"));
-        assert!(!glob_match("", "x"));
-        assert!(glob_match("", ""));
-        assert!(glob_match("a*b*c", "axbyc"));
-        // A pattern that makes backtracking matchers exponential.
-        let hostile = "*a".repeat(30) + "b";
-        assert!(!glob_match(&hostile, &"a".repeat(1000)));
-    }
 
     #[test]
     fn import_names_map_to_capabilities() {

@@ -31,16 +31,18 @@
 mod capability;
 pub mod image;
 mod manifest;
+mod pattern;
 mod policy;
 
 pub use capability::{
     ALWAYS_LINKED, Capability, HYPERVISORS, HashingGrant, ImagesGrant, LogGrant, PartitionsGrant,
-    VmGrant, WASI_INTERFACES, glob_match,
+    VmGrant, WASI_INTERFACES,
 };
 pub use manifest::{
     CapabilityRequests, DedupRequest, HashingRequest, ImagesRequest, LimitRequests, LogRequest,
-    Manifest, ManifestError, ProgressRequest,
+    MAX_PATTERN_LEN, Manifest, ManifestError, ProgressRequest,
 };
+pub use pattern::{PATTERN_SCHEMES, check_pattern, glob_match, local_root};
 pub use policy::{
     CapabilityGrants, Grant, Limits, NodeCapacity, NodePolicy, PolicyViolation, PolicyViolations,
 };

@@ -216,21 +216,8 @@ impl Manifest {
                 ));
             }
             for pattern in &images.sources {
-                let scheme_ok = ["dir:/", "tar:/", "http://", "https://", "oci://", "oci+http://"]
-                    .iter()
-                    .any(|scheme| pattern.starts_with(scheme));
-                if !scheme_ok
-                    || pattern.len() > MAX_PATTERN_LEN
-                    || pattern.chars().any(char::is_control)
-                {
-                    return Err(field(
-                        "capabilities.images.sources",
-                        format!(
-                            "{pattern:?} is not a reference pattern: start with dir:/, tar:/, \
-                             http(s):// or oci(+http)://, at most {MAX_PATTERN_LEN} characters"
-                        ),
-                    ));
-                }
+                crate::check_pattern(pattern, MAX_PATTERN_LEN)
+                    .map_err(|why| field("capabilities.images.sources", why))?;
             }
         }
         Ok(())

@@ -137,6 +137,12 @@ pub fn build_python(dir: &Path, out_dir: &Path) -> Result<PathBuf, BuildError> {
     let components = out_dir.join("components");
     std::fs::create_dir_all(&components).map_err(io(&components))?;
     let out = components.join(format!("{name}.wasm"));
+    // Written under a name of its own and renamed into place: two builds of
+    // one plugin at once (tests run in parallel) must never let a reader
+    // see half a component.
+    static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let partial = components.join(format!(".{name}.wasm.{}.{n}", std::process::id()));
     let tool = componentize_py()?;
     let status = Command::new(&tool)
         .arg("--quiet")
@@ -149,11 +155,13 @@ pub fn build_python(dir: &Path, out_dir: &Path) -> Result<PathBuf, BuildError> {
         .arg(work.join("sdk"))
         .arg("app")
         .arg("-o")
-        .arg(&out)
+        .arg(&partial)
         .status()
         .map_err(io(&tool))?;
     if !status.success() {
+        let _ = std::fs::remove_file(&partial);
         return Err(BuildError::Componentize { what: dir.display().to_string(), status });
     }
+    std::fs::rename(&partial, &out).map_err(io(&out))?;
     Ok(out)
 }

@@ -13,6 +13,7 @@
 //! imports of different references run in parallel up to a limit.
 
 mod archive;
+mod local;
 pub mod oci;
 mod reference;
 mod tree;
@@ -25,6 +26,7 @@ use std::sync::{Arc, Mutex};
 
 use provd_store::{ImageRecord, NewImage, Store, StoreError};
 
+pub use local::LocalSources;
 pub use reference::{Digest, OciRef, Reference, ReferenceError};
 
 /// How HTTP(S) archives are fetched.
@@ -136,6 +138,7 @@ pub struct Images {
     /// then fail with that reason.
     http: Result<reqwest::Client, String>,
     http_config: HttpConfig,
+    local: LocalSources,
 }
 
 impl Images {
@@ -149,7 +152,16 @@ impl Images {
             reads: Arc::default(),
             http: http_client(&HttpConfig::default()),
             http_config: HttpConfig::default(),
+            local: LocalSources::Ambient,
         }
+    }
+
+    /// Where `dir:` and `tar:` references may be opened: a daemon passes
+    /// its policy's roots ([`LocalSources::from_patterns`]); without this
+    /// call a path is opened as given, for the administrator's own tools.
+    pub fn with_local_sources(mut self, local: LocalSources) -> Images {
+        self.local = local;
+        self
     }
 
     /// Sets how HTTP(S) archives are fetched.
@@ -221,8 +233,10 @@ impl Images {
                 let store = self.store.clone();
                 let limits = self.limits.clone();
                 let reference = reference.clone();
+                let local = self.local.clone();
                 let task = tokio::task::spawn_blocking(move || {
-                    import_blocking(&store, &reference, &limits, progress.as_ref(), fetched)
+                    let source = Source { reference: &reference, local: &local, fetched };
+                    import_blocking(&store, source, &limits, progress.as_ref())
                 });
                 task.await
                     .unwrap_or_else(|_| Err(ImportError::Interrupted(key.clone())))
@@ -386,29 +400,32 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// What an import reads: the reference, where local ones may be opened,
+/// and what was downloaded for a remote one.
+struct Source<'a> {
+    reference: &'a Reference,
+    local: &'a LocalSources,
+    fetched: Fetched,
+}
+
 fn import_blocking(
     store: &Store,
-    reference: &Reference,
+    source: Source<'_>,
     limits: &ImportLimits,
     progress: &dyn Progress,
-    fetched: Fetched,
 ) -> Result<ImageRecord, ImportError> {
+    let Source { reference, local, fetched } = source;
     let key = reference.to_string();
     let mut objects = store.writer();
     let mut tree = tree::TreeBuilder::new(key.clone(), limits.clone());
     match reference {
         Reference::Dir(path) => {
-            let root =
-                cap_std::fs::Dir::open_ambient_dir(path, cap_std::ambient_authority()).map_err(
-                    |e| ImportError::Source { reference: key.clone(), detail: e.to_string() },
-                )?;
+            let file = local::open(local, path, local::Want::Dir, &key)?;
+            let root = cap_std::fs::Dir::from_std_file(file);
             tree_dir::walk(&root, &mut tree, &mut objects, &key, progress)?;
         }
         Reference::Tar(path) => {
-            let file = std::fs::File::open(path).map_err(|e| ImportError::Source {
-                reference: key.clone(),
-                detail: e.to_string(),
-            })?;
+            let file = local::open(local, path, local::Want::File, &key)?;
             let layer = Layer { file, layered: false };
             unpack_file(layer, &mut tree, &mut objects, limits, &key, progress)?;
         }

@@ -82,6 +82,10 @@ pub enum ReferenceError {
     MissingDigest(String),
     #[error("image reference {0:?}: {1}")]
     BadUrl(String, String),
+    /// A path that could climb, or name one place two ways: `.`, `..`,
+    /// an empty component, an encoded or look-alike separator.
+    #[error("image reference {0:?}: {1}")]
+    BadPath(String, String),
 }
 
 impl Reference {
@@ -111,18 +115,16 @@ impl Reference {
         } else {
             (None, text)
         };
+        check_local_path(text, path)?;
         let path = Path::new(path);
-        if !path.is_absolute() {
-            return Err(ReferenceError::Relative(owned()));
-        }
         let is_dir = match kind {
             Some(is_dir) => is_dir,
-            None => match std::fs::metadata(path) {
+            None => match std::fs::symlink_metadata(path) {
                 Ok(m) => m.is_dir(),
                 Err(_) => return Err(ReferenceError::Missing(owned())),
             },
         };
-        let path = normalize(path);
+        let path = path.to_path_buf();
         Ok(if is_dir { Reference::Dir(path) } else { Reference::Tar(path) })
     }
 
@@ -139,6 +141,7 @@ impl Reference {
 
 fn parse_oci(text: &str, rest: &str, plain_http: bool) -> Result<Reference, ReferenceError> {
     let bad = |why: &str| ReferenceError::BadUrl(text.to_string(), why.to_string());
+    check_url_path(text, rest)?;
     let (registry, path) = rest.split_once('/').ok_or_else(|| bad("no repository"))?;
     if registry.is_empty()
         || !registry.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
@@ -157,23 +160,21 @@ fn parse_oci(text: &str, rest: &str, plain_http: bool) -> Result<Reference, Refe
             Some((repo, tag)) if !tag.contains('/') => (repo, tag),
             _ => (path, "latest"),
         };
-        let tag_ok = !tag.is_empty()
-            && tag.len() <= 128
+        // `[\w][\w.-]{0,127}`, as the distribution spec has it.
+        let tag_ok = tag.len() <= 128
+            && tag.chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
             && tag.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
         if !tag_ok {
             return Err(bad("bad tag"));
         }
         (repo, tag.to_string())
     };
-    // Repository names per the distribution spec: lowercase components of
-    // [a-z0-9] with single separators.
+    // Repository names per the distribution spec: components of [a-z0-9]
+    // joined by `.`, `_`, `__` or runs of `-`, so no component is `.`, `..`
+    // or starts or ends with a separator.
     let repo_ok = !repository.is_empty()
         && repository.len() <= 255
-        && repository.split('/').all(|c| {
-            !c.is_empty()
-                && c.chars()
-                    .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || "._-".contains(ch))
-        });
+        && repository.split('/').all(repository_component);
     if !repo_ok {
         return Err(bad("bad repository name"));
     }
@@ -185,8 +186,39 @@ fn parse_oci(text: &str, rest: &str, plain_http: bool) -> Result<Reference, Refe
     }))
 }
 
+/// One component of a repository name:
+/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`.
+fn repository_component(c: &str) -> bool {
+    let alnum = |ch: char| ch.is_ascii_lowercase() || ch.is_ascii_digit();
+    let b = c.as_bytes();
+    if !c.chars().next().is_some_and(alnum) || !c.chars().last().is_some_and(alnum) {
+        return false;
+    }
+    let mut run = String::new();
+    for ch in c.chars() {
+        if alnum(ch) {
+            let ok = run.is_empty()
+                || run == "."
+                || run == "_"
+                || run == "__"
+                || run.bytes().all(|x| x == b'-');
+            if !ok {
+                return false;
+            }
+            run.clear();
+        } else if "._-".contains(ch) {
+            run.push(ch);
+        } else {
+            return false;
+        }
+    }
+    !b.is_empty()
+}
+
 fn parse_http(text: &str) -> Result<Reference, ReferenceError> {
     let owned = || text.to_string();
+    let rest = text.split_once("://").map(|(_, r)| r).unwrap_or_default();
+    check_url_path(text, rest)?;
     let (url, fragment) =
         text.split_once('#').ok_or_else(|| ReferenceError::MissingDigest(owned()))?;
     let (algorithm, hex) =
@@ -220,11 +252,67 @@ fn parse_http(text: &str) -> Result<Reference, ReferenceError> {
     })
 }
 
-/// Removes `.` components and trailing slashes without touching the
-/// filesystem (`..` is kept: resolving it lexically could change meaning
-/// across symlinks).
-fn normalize(path: &Path) -> PathBuf {
-    path.components().collect()
+/// Characters that are, or stand in for, a path separator or a dot in some
+/// decoder: a reference carrying one is refused rather than interpreted.
+const LOOKALIKES: [char; 6] = ['\\', '\u{2215}', '\u{2044}', '\u{ff0f}', '\u{ff3c}', '\u{29f8}'];
+
+/// Percent-encodings of `/`, `\`, `.` and NUL: a later decoder (an HTTP
+/// server, a registry) would see a separator or a climb the checks here did
+/// not.
+fn encoded_separator(text: &str) -> Option<&'static str> {
+    let lower = text.to_ascii_lowercase();
+    ["%2f", "%5c", "%2e", "%00", "%25"].into_iter().find(|e| lower.contains(e))
+}
+
+/// A local path is absolute and made of plain components: no `.`, `..`,
+/// empty component (`//`, a trailing `/`), encoded or look-alike separator.
+fn check_local_path(text: &str, path: &str) -> Result<(), ReferenceError> {
+    let bad = |why: String| Err(ReferenceError::BadPath(text.to_string(), why));
+    if !path.starts_with('/') {
+        return Err(ReferenceError::Relative(text.to_string()));
+    }
+    if path == "/" {
+        return bad("the root directory is not an image".into());
+    }
+    if let Some(c) = path.chars().find(|c| LOOKALIKES.contains(c)) {
+        return bad(format!("{c:?} is not accepted in a path"));
+    }
+    if let Some(e) = encoded_separator(path) {
+        return bad(format!("percent-encoded {e:?} is not accepted in a path"));
+    }
+    for component in path.split('/').skip(1) {
+        match component {
+            "" => return bad("empty path component (`//` or a trailing `/`)".into()),
+            "." | ".." => return bad(format!("{component:?} is not accepted in a path")),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The path of a URL as written (before a parser resolves `..` or decodes
+/// anything): its components must be plain too.
+fn check_url_path(text: &str, scheme_rest: &str) -> Result<(), ReferenceError> {
+    let bad = |why: String| Err(ReferenceError::BadPath(text.to_string(), why));
+    if let Some(c) = scheme_rest.chars().find(|c| LOOKALIKES.contains(c)) {
+        return bad(format!("{c:?} is not accepted in a reference"));
+    }
+    let before_fragment = scheme_rest.split('#').next().unwrap_or_default();
+    if let Some(e) = encoded_separator(before_fragment) {
+        return bad(format!("percent-encoded {e:?} is not accepted in a reference"));
+    }
+    let path = before_fragment.split('?').next().unwrap_or_default();
+    // The first component is the host; a trailing slash (which a URL
+    // parser adds to an empty path) is not an empty component.
+    let path = path.strip_suffix('/').unwrap_or(path);
+    for component in path.split('/').skip(1) {
+        match component {
+            "" => return bad("empty path component".into()),
+            "." | ".." => return bad(format!("{component:?} is not accepted in a reference")),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Display for Reference {
@@ -251,7 +339,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display().to_string();
         assert_eq!(Reference::parse(&d).unwrap().to_string(), format!("dir:{d}"));
-        assert_eq!(Reference::parse(&format!("{d}/./")).unwrap().to_string(), format!("dir:{d}"));
+        for climbing in
+            [format!("{d}/./"), format!("{d}/../x"), format!("dir:{d}//x"), format!("{d}/")]
+        {
+            assert!(
+                matches!(Reference::parse(&climbing), Err(ReferenceError::BadPath(..))),
+                "{climbing}"
+            );
+        }
         let tar = dir.path().join("x.tar");
         std::fs::write(&tar, b"").unwrap();
         let t = tar.display().to_string();
@@ -294,6 +389,9 @@ mod tests {
         ));
         let r = Reference::parse(&format!("https://H/x.tar#blake3:{d}")).unwrap();
         assert_eq!(r.to_string(), format!("https://h/x.tar#blake3:{d}"));
+        // The canonical form of an empty path parses again.
+        let r = Reference::parse(&format!("https://h#sha256:{d}")).unwrap();
+        assert_eq!(Reference::parse(&r.to_string()).unwrap(), r);
         assert!(matches!(Reference::parse("/a\nb"), Err(ReferenceError::Control(_))));
     }
 }

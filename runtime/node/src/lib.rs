@@ -38,6 +38,24 @@ pub enum BundleRefused {
     /// recording it failed inside the node
     #[error("accepting the bundle failed: {0}")]
     Internal(String),
+    /// the key that signed an accepted bundle is no longer trusted
+    #[error(
+        "{name} {version} was signed by key {signer}, which this node no longer trusts; \
+         upload it signed by a trusted key"
+    )]
+    Untrusted { name: String, version: String, signer: String },
+    /// an accepted bundle's validity ended
+    #[error("{name} {version} expired at {expires} (unix seconds; now {now}); upload a new bundle")]
+    Expired { name: String, version: String, expires: u64, now: u64 },
+}
+
+/// The plugin an operation runs, as [`Node::plugin_at`] chose it.
+#[derive(Debug, Clone)]
+pub struct Selected {
+    pub version: String,
+    pub plugin: Plugin,
+    /// Whether it is the version new operations get by default.
+    pub active: bool,
 }
 
 /// A bundle the node holds.
@@ -122,48 +140,81 @@ impl Node {
         })
     }
 
-    /// The plugin new operations run: the active version of `name`.
-    pub async fn plugin(&self, name: &str) -> Result<Option<(String, Plugin)>, BundleRefused> {
-        self.plugin_at(name, None).await
+    /// The plugin new operations run: the active version of `name`, at
+    /// `now` (unix seconds).
+    pub async fn plugin(
+        &self,
+        name: &str,
+        now: u64,
+    ) -> Result<Option<(String, Plugin)>, BundleRefused> {
+        Ok(self.plugin_at(name, None, now).await?.map(|s| (s.version, s.plugin)))
     }
 
     /// Version `version` of plugin `name`, or its active version when
-    /// `None`; only versions this node has accepted.
+    /// `None`; only versions this node has accepted, and only while the
+    /// key that signed them is still trusted and they have not expired:
+    /// trust is checked at every run, not only at upload. `now` is unix
+    /// seconds.
     pub async fn plugin_at(
         &self,
         name: &str,
         version: Option<&str>,
-    ) -> Result<Option<(String, Plugin)>, BundleRefused> {
-        // SQLite off the async runtime's threads.
+        now: u64,
+    ) -> Result<Option<Selected>, BundleRefused> {
+        // SQLite off the async runtime's threads. The store's clock never
+        // runs backwards, so setting the system clock back cannot revive an
+        // expired bundle.
         let store = self.store.clone();
-        let bundles = tokio::task::spawn_blocking(move || store.bundles())
-            .await
-            .map_err(|e| BundleRefused::Internal(e.to_string()))?
-            .map_err(AcceptError::from)?;
+        let (bundles, now) = tokio::task::spawn_blocking(move || {
+            let now = store.observe_clock(now)?;
+            store.bundles().map(|b| (b, now))
+        })
+        .await
+        .map_err(|e| BundleRefused::Internal(e.to_string()))?
+        .map_err(AcceptError::from)?;
         let wanted = bundles
             .into_iter()
             .find(|b| b.name == name && version.map_or(b.active, |v| b.version == v));
-        let Some(active) = wanted else {
+        let Some(record) = wanted else {
             return Ok(None);
         };
-        let key = (active.name.clone(), active.version.clone());
-        if let Some(p) = self.lock().get(&key) {
-            return Ok(Some((active.version, p.clone())));
+        if !self.trusted.iter().any(|k| k.key_id() == record.signer) {
+            return Err(BundleRefused::Untrusted {
+                name: record.name,
+                version: record.version,
+                signer: record.signer,
+            });
         }
-        // Accepted in an earlier run of the daemon: load it again (the
-        // artifact cache spares the compilation).
-        let manifest =
-            provd_domain::Manifest::from_toml(&active.manifest).map_err(LoadError::from)?;
-        let store = self.store.clone();
-        let (name, version) = (active.name.clone(), active.version.clone());
-        let component =
-            tokio::task::spawn_blocking(move || store.bundle_component(&name, &version))
-                .await
-                .map_err(|e| BundleRefused::Internal(e.to_string()))?
-                .map_err(AcceptError::from)?
-                .unwrap_or_default();
-        let plugin = self.engine.load(&manifest, component).await?;
-        self.lock().insert(key, plugin.clone());
-        Ok(Some((active.version, plugin)))
+        if record.expires <= now {
+            return Err(BundleRefused::Expired {
+                name: record.name,
+                version: record.version,
+                expires: record.expires,
+                now,
+            });
+        }
+        let key = (record.name.clone(), record.version.clone());
+        let cached = self.lock().get(&key).cloned();
+        let plugin = match cached {
+            Some(p) => p,
+            None => {
+                // Accepted in an earlier run of the daemon: load it again
+                // (the artifact cache spares the compilation).
+                let manifest =
+                    provd_domain::Manifest::from_toml(&record.manifest).map_err(LoadError::from)?;
+                let store = self.store.clone();
+                let (name, version) = (record.name.clone(), record.version.clone());
+                let component =
+                    tokio::task::spawn_blocking(move || store.bundle_component(&name, &version))
+                        .await
+                        .map_err(|e| BundleRefused::Internal(e.to_string()))?
+                        .map_err(AcceptError::from)?
+                        .unwrap_or_default();
+                let plugin = self.engine.load(&manifest, component).await?;
+                self.lock().insert(key, plugin.clone());
+                plugin
+            }
+        };
+        Ok(Some(Selected { version: record.version, plugin, active: record.active }))
     }
 }

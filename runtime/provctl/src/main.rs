@@ -249,6 +249,18 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<std::process::ExitCode> {
+    // Commands that write a node's data directory keep what they create
+    // the node's own, as provd does.
+    if matches!(
+        cli.command,
+        Command::Image { .. }
+            | Command::Dedup { .. }
+            | Command::Vm { .. }
+            | Command::Partition { .. }
+            | Command::Plugin(PluginCommand::Run { .. })
+    ) {
+        provd_store::own_files_only();
+    }
     match cli.command {
         Command::Plugin(PluginCommand::Build { dir, json }) => build(&dir, json),
         Command::Plugin(PluginCommand::Check { source, json }) => check(&source, json).await,

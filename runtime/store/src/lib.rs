@@ -27,6 +27,7 @@ mod db;
 mod objects;
 mod operations;
 mod partitions;
+mod private;
 mod vms;
 
 use std::collections::HashMap;
@@ -39,6 +40,8 @@ use provd_domain::image::{Entry, Hash};
 pub use bundles::{AcceptError, Acceptance, BundleRecord, NewBundle};
 pub use db::{ImageRecord, NewImage};
 pub use objects::ObjectWriter;
+pub use private::check_private;
+
 pub use operations::{
     AuditQuery, AuditRecord, NewAudit, NewOperation, OpState, OperationError, OperationRecord,
     Started,
@@ -79,6 +82,12 @@ pub enum StoreError {
     /// something still uses what was to be removed
     #[error("{0}")]
     InUse(String),
+    /// a path in the data directory is open to other users
+    #[error(
+        "{path} is mode {mode:04o}: other users may reach or read it, and the node's data must \
+         be its own ({fix})"
+    )]
+    Exposed { path: String, mode: u32, fix: String },
 }
 
 /// Figures of a removal or a garbage collection.
@@ -135,6 +144,15 @@ impl SyncPoint {
 
 /// Default free space an import must leave on the disk.
 pub const DEFAULT_MIN_FREE_BYTES: u64 = 256 << 20;
+
+/// Makes every file and directory this process creates from now on its
+/// owner's alone (umask 077). The binaries that write a data directory call
+/// it first: partitions, seeds and configurations are created by several
+/// crates through plain `std::fs`, and the mask is the one place that covers
+/// them all. It is process-wide, so a library never calls it for its caller.
+pub fn own_files_only() {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+}
 
 impl Store {
     /// Opens (creating if needed) the store in `path`, takes its lock,
@@ -193,6 +211,17 @@ impl Store {
         let staging = root.open_dir("staging").map_err(io("opening staging/"))?;
         let partitions = root.open_dir("partitions").map_err(io("opening partitions/"))?;
         let db = db::open(&path.join("provd.db"))?;
+        // Stored requests (VM specs, user-data) and every layer's hashes:
+        // the owner's alone, whatever the umask of the process that made
+        // them. SQLite gives its journal files the database's mode.
+        for name in ["provd.db", "provd.db-wal", "provd.db-shm", "provd.lock"] {
+            use cap_std::fs::PermissionsExt;
+            match root.set_permissions(name, cap_std::fs::Permissions::from_mode(0o600)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&format!("restricting {name}"))(e)),
+            }
+        }
         let store = Store {
             path: path.to_path_buf(),
             objects,

@@ -157,8 +157,9 @@ impl<'s> ObjectWriter<'s> {
             }
         }
         check_length(what, total, size)?;
+        // Read-only, and the node's own (docs/security.md).
         file.set_permissions(Permissions::from_std(std::os::unix::fs::PermissionsExt::from_mode(
-            0o444,
+            0o400,
         )))
         .map_err(|e| store.io_error(format!("making {what} read-only"), e))?;
         Ok(Hash(*hasher.finalize().as_bytes()))

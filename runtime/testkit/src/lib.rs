@@ -93,11 +93,14 @@ impl Harness {
             .tempdir()
             .map_err(|source| HarnessError::Io { path: std::env::temp_dir(), source })?;
         let store = Arc::new(provd_store::Store::open(&data_dir.path().join("data"))?);
-        let images = provd_images::Images::new(store, provd_images::ImportLimits::default(), 2);
         let policy = NodePolicy {
             image_sources: sources.iter().map(|s| s.to_string()).collect(),
             ..NodePolicy::default()
         };
+        // Confined as the daemon confines them.
+        let local = provd_images::LocalSources::from_patterns(&policy.image_sources);
+        let images = provd_images::Images::new(store, provd_images::ImportLimits::default(), 2)
+            .with_local_sources(local);
         let engine = Engine::new(EngineConfig {
             policy,
             cache_dir: Some(data_dir.path().join("cache")),

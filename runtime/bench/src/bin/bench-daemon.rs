@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use provd_bench::{ms, percentile};
 use provd_client::{Client, TlsFiles};
 use provd_tests::HELLO;
 use provd_tests::daemon::{DEFAULT_EXTRA, TestNode, rss_kib, sample_peak_rss};
@@ -24,18 +25,6 @@ use serde_json::json;
 
 const HELLO_MANIFEST: &str = "name = \"hello\"\nversion = \"1.0.0\"\n[capabilities.log]\n\
      [capabilities.progress]\n[capabilities.hashing]\n[limits]\nmemory-mib = 16\n";
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(i).copied().unwrap_or_default()
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
 
 #[tokio::main]
 async fn main() -> Result<()> {
