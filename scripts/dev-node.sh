@@ -56,6 +56,11 @@ admins = ["admin"]
 
 [policy]
 image-sources = ["dir:$(pwd)/images/**"]
+# The host networks and boot files VMs may use; none unless listed.
+vm-bridges = ["br0"]
+vm-taps = ["tap-*"]
+vm-boot-files = ["vmlinuz", "provd-initrd.img"]
+vm-cmdlines = ["console=ttyS0 *"]
 
 [capacity]
 vcpus = 8

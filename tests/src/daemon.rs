@@ -51,6 +51,17 @@ impl TestNode {
         // The node's manager administers it, unless the test says who does.
         let access =
             if extra.contains("[access]") { "" } else { "[access]\nadmins = [\"manager-1\"]\n" };
+        // VMs may use any host network and boot file, unless the test
+        // says which.
+        let allow = "vm-bridges = [\"*\"]\nvm-taps = [\"*\"]\nvm-boot-files = [\"**\"]\n\
+                     vm-cmdlines = [\"*\"]\n";
+        let extra = if extra.contains("vm-bridges") {
+            extra.to_string()
+        } else if extra.contains("[policy]\n") {
+            extra.replacen("[policy]\n", &format!("[policy]\n{allow}"), 1)
+        } else {
+            format!("{extra}\n[policy]\n{allow}")
+        };
         std::fs::write(
             &config,
             format!(

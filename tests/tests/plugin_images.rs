@@ -42,6 +42,10 @@ fn node() -> Node {
     let policy = NodePolicy {
         // The node allows everything under the work directory...
         image_sources: vec![format!("dir:{}/**", work.path().display())],
+        vm_allow: provd_domain::VmAllow {
+            bridges: vec!["br0".into(), "mgmt0".into()],
+            ..Default::default()
+        },
         // Room for 8 vCPUs (16 with 2× over-commit), 8 GiB and 20 GiB of disk.
         capacity: provd_domain::NodeCapacity {
             vcpus: 8,
@@ -484,4 +488,136 @@ async fn an_analysis_over_the_entry_bound_is_refused_before_anything_is_loaded()
         "{err}"
     );
     eprintln!("refused after {:?} (import included)", started.elapsed());
+}
+
+/// The manager's spec of `name`, as the daemon hands it to the engine.
+fn asked(name: &str) -> (String, String) {
+    let parsed = provd_vm::spec::parse_spec(&spec(name, 2, 1024)).unwrap();
+    (name.to_string(), serde_json::to_string(&parsed).unwrap())
+}
+
+/// A call as the daemon makes it: the operation names `vms` and hands the
+/// manager's spec of each.
+async fn call_as_operation(
+    engine: &Engine,
+    plugin: Plugin,
+    input: serde_json::Value,
+    vms: &[&str],
+) -> Result<Outcome, InvokeError> {
+    let vms: Vec<String> = vms.iter().map(|v| v.to_string()).collect();
+    let options = provd_engine::CallOptions {
+        specs: vms.iter().map(|v| asked(v)).collect(),
+        vms: Some(vms),
+        ..provd_engine::CallOptions::default()
+    };
+    let request = Request { operation_id: "op".into(), input: input.to_string() };
+    engine.provision_with(&plugin, request, Arc::new(CollectingObserver::default()), options).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_configures_only_the_operations_vms_with_the_managers_spec() {
+    let node = node();
+    let (web, web2) = node.two_images();
+    let call = |plugin: Plugin, input: serde_json::Value, vms: &'static [&'static str]| {
+        call_as_operation(&node.engine, plugin, input, vms)
+    };
+    let plugin = node.plugin(1 << 20).await;
+    let store = node.images.store().clone();
+    let partitions = |vms: serde_json::Value, specs: serde_json::Value| {
+        serde_json::json!({"op": "partitions", "vms": vms, "min_layer_bytes": 0, "max_layers": 8,
+                           "shared_format": "erofs", "private_format": "ext4", "specs": specs})
+    };
+
+    // A network the manager did not ask for: refused, naming the field.
+    let other_bridge = spec("a", 2, 1024).replace("br0", "mgmt0");
+    let err = call(
+        plugin.clone(),
+        partitions(serde_json::json!([["a", web]]), serde_json::json!({"a": other_bridge})),
+        &["a"],
+    )
+    .await
+    .unwrap_err();
+    match err {
+        InvokeError::Plugin(PluginError::Denied(m)) => {
+            assert!(m.contains("differs from the one its operation was given in nics"), "{m}");
+            assert!(m.contains("may set none"), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(store.vms().unwrap().is_empty());
+    assert!(store.partitions().unwrap().is_empty());
+    // A bridge the node does not list is refused whoever asks.
+    let unlisted = spec("a", 2, 1024).replace("br0", "storage9");
+    let err = call(
+        plugin.clone(),
+        partitions(serde_json::json!([["a", web]]), serde_json::json!({"a": unlisted})),
+        &["a"],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("\"storage9\" is not among the bridges this node lets VMs join"),
+        "{err}"
+    );
+
+    // A VM outside the operation: no plan, no partition.
+    let err = call(
+        plugin.clone(),
+        partitions(serde_json::json!([["a", web], ["b", web2]]), serde_json::json!({})),
+        &["a"],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, InvokeError::Plugin(PluginError::Denied(ref m)) if m.contains("\"b\" is not among the VMs this operation names")),
+        "{err}"
+    );
+
+    // Both named, only one configured: the other's private partition is
+    // freed when the operation ends; the configured VM keeps its own.
+    let out = call(
+        plugin.clone(),
+        partitions(
+            serde_json::json!([["a", web], ["b", web2]]),
+            serde_json::json!({"a": spec("a", 2, 1024)}),
+        ),
+        &["a", "b"],
+    )
+    .await
+    .unwrap();
+    let built: serde_json::Value = serde_json::from_str(&out.report.output).unwrap();
+    assert_eq!(built.as_array().unwrap().len(), 2);
+    let privates: Vec<Vec<String>> = store
+        .partitions()
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.role == "private")
+        .map(|p| p.vms)
+        .collect();
+    assert_eq!(privates, vec![vec!["a".to_string()]]);
+    assert_eq!(store.vms().unwrap().len(), 1);
+
+    // A grant that lets the plugin set labels and cloud-init sets those,
+    // and still not the network.
+    let grant =
+        "[capabilities.vm]\nmay-set = [\"labels\", \"cloud-init\"]\n[capabilities.partitions]\n";
+    let lenient = node.imager(grant, "max-read-bytes = 1048576\n").await;
+    let relabelled =
+        spec("b", 2, 1024).replace("b.example", "b.other") + "[labels]\nteam = \"x\"\n";
+    call(
+        lenient.clone(),
+        partitions(serde_json::json!([["b", web2]]), serde_json::json!({"b": relabelled})),
+        &["b"],
+    )
+    .await
+    .unwrap();
+    let moved = spec("c", 2, 1024).replace("br0", "mgmt0");
+    let err = call(
+        lenient,
+        partitions(serde_json::json!([["c", web2]]), serde_json::json!({"c": moved})),
+        &["c"],
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("in nics; this plugin may set labels, cloud-init"), "{err}");
 }

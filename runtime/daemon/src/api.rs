@@ -481,6 +481,15 @@ struct OperationBody {
 
 /// VM specs one operation may carry.
 const MAX_VMS: usize = 64;
+/// Separates the actor from the key in a stored idempotency key; a
+/// control character, which neither may contain.
+const KEY_SCOPE: char = '\u{1f}';
+
+/// The key as its manager sent it, without the actor's scope.
+fn unscoped(key: &str) -> &str {
+    key.split_once(KEY_SCOPE).map_or(key, |(_, k)| k)
+}
+
 /// Longest idempotency key.
 const MAX_KEY_LEN: usize = 128;
 
@@ -536,6 +545,7 @@ fn start_request(
         ));
     }
     let mut names = Vec::new();
+    let mut specs = std::collections::BTreeMap::new();
     for (i, spec) in body.vms.iter().enumerate() {
         let parsed = provd_vm::spec::parse_spec(&spec.to_string())
             .map_err(|e| ApiError::bad("invalid-vm-spec", format!("vms[{i}]: {e}")))?;
@@ -545,6 +555,8 @@ fn start_request(
                 format!("vms[{i}]: VM {:?} appears twice", parsed.name),
             ));
         }
+        let json = serde_json::to_string(&parsed).map_err(ApiError::internal)?;
+        specs.insert(parsed.name.clone(), json);
         names.push(parsed.name);
     }
     let mut input = match body.params.clone() {
@@ -574,10 +586,13 @@ fn start_request(
         version: body.version,
         input: Value::Object(input).to_string(),
         request_digest: blake3::hash(canonical.to_string().as_bytes()).to_hex().to_string(),
-        idempotency_key: key,
+        // Each manager's keys are its own: another manager's same key names
+        // another operation, never this one's record.
+        idempotency_key: key.map(|k| format!("{actor}{KEY_SCOPE}{k}")),
         vms: names,
         actor,
         allow_inactive: body.allow_inactive,
+        specs,
     })
 }
 
@@ -603,6 +618,9 @@ fn operation_json(
         _ => serde_json::Map::new(),
     };
     v.remove("error-code");
+    if let Some(key) = &rec.idempotency_key {
+        v.insert("idempotency-key".into(), Value::String(unscoped(key).to_string()));
+    }
     if let Some(report) = &rec.report {
         let report = serde_json::from_str(report).unwrap_or(Value::String(report.clone()));
         v.insert("report".into(), report);
@@ -638,6 +656,22 @@ async fn start_operation(
         None => None,
     };
     let req = start_request(body, header_key, peer.name.clone())?;
+    // The node's bounds on host networks and boot files hold for the
+    // manager's specs as for what a plugin passes.
+    let allow = &s.node.engine().policy().vm_allow;
+    let mut beyond = Vec::new();
+    for (name, spec) in &req.specs {
+        if let Ok(parsed) = provd_vm::spec::parse_spec(spec) {
+            beyond.extend(
+                provd_vm::spec::beyond_node(&parsed, allow)
+                    .into_iter()
+                    .map(|m| format!("{name}: {m}")),
+            );
+        }
+    }
+    if !beyond.is_empty() {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "over-policy", beyond.join("; ")));
+    }
     // Recorded and spawned on a task of its own: a client that disconnects
     // meanwhile cannot leave an operation recorded but never run.
     let ops = s.ops.clone();
@@ -670,6 +704,7 @@ async fn start_operation(
             "the node is shutting down; retry with the same idempotency key",
         )),
         Err(StartError::Refused(OperationError::KeyReused { key, operation })) => {
+            let key = unscoped(&key);
             Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "idempotency-conflict",
@@ -914,6 +949,7 @@ async fn delete_vm_now(s: AppState, peer: Peer, name: String) -> ApiResult {
         vms: vec![name.clone()],
         actor: peer.name.clone(),
         allow_inactive: false,
+        specs: std::collections::BTreeMap::new(),
     };
     let rec =
         s.ops.run_builtin(req, crate::ops::Builtin::DeleteVms).await.map_err(builtin_error)?;
@@ -1006,6 +1042,7 @@ async fn repack_now(s: AppState, peer: Peer, req: RepackRequest) -> ApiResult {
         vms: names,
         actor: peer.name.clone(),
         allow_inactive: false,
+        specs: std::collections::BTreeMap::new(),
     };
     let rec = s
         .ops

@@ -111,8 +111,8 @@ impl Default for HttpLimits {
             request_timeout_secs: 120,
             max_connections: 512,
             max_connections_per_address: 64,
-            max_handshakes: 256,
-            max_handshakes_per_address: 32,
+            max_handshakes: 512,
+            max_handshakes_per_address: 128,
             handshake_timeout_secs: 3,
             max_admin_connections: 16,
             max_wait_secs: 60,
@@ -145,6 +145,15 @@ pub struct PolicyConfig {
     pub max_vm_vcpus: Option<u32>,
     pub max_vm_memory_mib: Option<u64>,
     pub hypervisors: Option<Vec<String>>,
+    /// Host bridges VM NICs may join (`*` wildcards); none by default.
+    pub vm_bridges: Option<Vec<String>>,
+    /// Existing host taps VM NICs may use; none by default.
+    pub vm_taps: Option<Vec<String>>,
+    /// Kernels and initramfs images under `boot/` VMs may boot (image
+    /// pattern syntax, relative); none by default.
+    pub vm_boot_files: Option<Vec<String>>,
+    /// Kernel command lines VMs may pass (`*` wildcards); none by default.
+    pub vm_cmdlines: Option<Vec<String>>,
 }
 
 /// Why the configuration could not be used.
@@ -213,6 +222,33 @@ impl Config {
             .access
             .check()
             .map_err(|message| ConfigError::Parse { path: path.display().to_string(), message })?;
+        let p = &config.policy;
+        for (key, list) in [
+            ("policy.vm-bridges", &p.vm_bridges),
+            ("policy.vm-taps", &p.vm_taps),
+            ("policy.vm-boot-files", &p.vm_boot_files),
+            ("policy.vm-cmdlines", &p.vm_cmdlines),
+        ] {
+            let list = list.as_deref().unwrap_or_default();
+            let bad = list.len() > 256
+                || list.iter().any(|e| {
+                    e.is_empty()
+                        || e.len() > provd_domain::MAX_PATTERN_LEN
+                        || e.chars().any(char::is_control)
+                        || (key == "policy.vm-boot-files"
+                            && (e.starts_with('/')
+                                || e.split('/').any(|c| c.is_empty() || c == "." || c == "..")))
+                });
+            if bad {
+                return Err(ConfigError::Parse {
+                    path: path.display().to_string(),
+                    message: format!(
+                        "{key}: at most 256 non-empty patterns without control characters \
+                         (boot files relative to boot/, without `.`, `..` or empty components)"
+                    ),
+                });
+            }
+        }
         for pattern in config.policy.image_sources.iter().flatten() {
             provd_domain::check_pattern(pattern, provd_domain::MAX_PATTERN_LEN).map_err(|why| {
                 ConfigError::Parse {
@@ -237,6 +273,12 @@ impl Config {
         if let Some(v) = &c.image_sources {
             p.image_sources = v.clone();
         }
+        p.vm_allow = provd_domain::VmAllow {
+            bridges: c.vm_bridges.clone().unwrap_or_default(),
+            taps: c.vm_taps.clone().unwrap_or_default(),
+            boot_files: c.vm_boot_files.clone().unwrap_or_default(),
+            cmdlines: c.vm_cmdlines.clone().unwrap_or_default(),
+        };
         if let Some(v) = c.max_memory_mib {
             p.max_memory_bytes = v.saturating_mul(MIB);
         }

@@ -144,6 +144,8 @@ pub struct StartRequest {
     pub actor: String,
     /// The request may run a version other than the active one.
     pub allow_inactive: bool,
+    /// The manager's spec of each VM, by name, as validated JSON.
+    pub specs: std::collections::BTreeMap<String, String>,
 }
 
 fn new_id() -> String {
@@ -425,7 +427,11 @@ impl Operations {
                 &plugin,
                 request,
                 observer.clone(),
-                CallOptions { cancel: running.cancel.clone(), vms: Some(req.vms.clone()) },
+                CallOptions {
+                    cancel: running.cancel.clone(),
+                    vms: Some(req.vms.clone()),
+                    specs: req.specs.clone(),
+                },
             )
             .await;
         self.metrics

@@ -148,6 +148,10 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((tcp, remote)) = accepted else { continue };
+                // The handshake and small answers go out as written: with
+                // Nagle, a flight of several records waits for the peer's
+                // delayed ACK (40 ms on Linux) on every new connection.
+                let _ = tcp.set_nodelay(true);
                 let (ticket, mut closed) = gate.handshake(remote.ip());
                 let tls_config = tls_shared.read().unwrap_or_else(|p| p.into_inner()).clone();
                 let router = router.clone();

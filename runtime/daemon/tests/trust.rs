@@ -40,12 +40,17 @@ fn imager(images: &Path) -> String {
 /// A node allowing `dir:<dir>/images/**`, as scripts/dev-node.sh sets one
 /// up: its certificates and keys lie in `<dir>/pki`, beside `images/`.
 fn node(dir: &Path, extra: &str) -> TestNode {
+    node_with(dir, "", extra)
+}
+
+/// [`node`] with `policy` lines added to its `[policy]`.
+fn node_with(dir: &Path, policy: &str, extra: &str) -> TestNode {
     let web = dir.join("images/web");
     std::fs::create_dir_all(web.join("etc")).unwrap();
     std::fs::write(web.join("etc/hostname"), "web-1\n").unwrap();
     std::fs::write(web.join("lib.so"), vec![7u8; 100_000]).unwrap();
     let policy = format!(
-        "[policy]\nimage-sources = [\"dir:{}/images/**\"]\nmax-memory-mib = 256\n{DEFAULT_EXTRA}{extra}",
+        "[policy]\nimage-sources = [\"dir:{}/images/**\"]\nmax-memory-mib = 256\n{policy}{DEFAULT_EXTRA}{extra}",
         dir.display()
     );
     TestNode::start(Path::new(PROVD), dir, &policy).unwrap()
@@ -517,4 +522,75 @@ async fn the_data_directory_is_the_nodes_own_and_provd_refuses_a_looser_one() {
     }
     node.restart().unwrap();
     assert_eq!(admin(&node).get("/healthz").await.unwrap().body["status"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idempotency_key_names_an_operation_of_its_own_manager_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), "[access]\nadmins = [\"manager-1\"]\noperators = [\"ops-bot\"]\n");
+    let admin = admin(&node);
+    let ops = client_as(&node, &node.pki.client("ops", "ops-bot").unwrap());
+    admin.deploy(node.bundle(&hello("1.0.0"), &HELLO.wasm())).await.unwrap();
+    let request = |who: &str| json!({"plugin": "hello", "params": {"name": who, "items": []}, "idempotency-key": "nightly-1"});
+    let first = admin.provision(&request("a")).await.unwrap();
+    assert_eq!(first.status, 202);
+    let id = first.body["operation"]["id"].as_str().unwrap().to_string();
+    assert_eq!(first.body["operation"]["idempotency-key"], "nightly-1");
+    // Another manager, the same key, another request: its own operation,
+    // not the first one's record and not a conflict.
+    let other = ops.provision(&request("b")).await.unwrap();
+    assert_eq!(other.status, 202);
+    assert_ne!(other.body["operation"]["id"], id.as_str());
+    // The first manager's retry finds its own.
+    let again = admin.provision(&request("a")).await.unwrap();
+    assert_eq!((again.status, again.body["operation"]["id"].as_str()), (200, Some(id.as_str())));
+    let e = api_error(admin.provision(&request("c")).await.unwrap_err());
+    assert_eq!((e.0, e.1.as_str()), (409, "idempotency-conflict"));
+    assert!(e.2.contains("\"nightly-1\""), "{}", e.2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vms_join_only_the_networks_and_boot_only_the_files_the_node_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = "vm-bridges = [\"br0\", \"br-tenant-*\"]\nvm-boot-files = [\"vmlinuz\"]\n\
+                  vm-cmdlines = [\"console=ttyS0 *\"]\n";
+    let node = node_with(dir.path(), policy, "");
+    let c = admin(&node);
+    let images = dir.path().join("images");
+    c.deploy(node.bundle(&imager(&images), &IMAGER.wasm())).await.unwrap();
+    let image = format!("dir:{}/web", images.display());
+    let provision = |spec: Value| {
+        let c = &c;
+        async move {
+            c.provision(&json!({"plugin": "imager", "vms": [spec], "params": partitions_params()}))
+                .await
+        }
+    };
+    let mut management = spec("a", &image);
+    management["nics"] = json!([{"bridge": "mgmt0", "dhcp4": true}, {"tap": "tap0"}]);
+    let mut own_kernel = spec("b", &image);
+    own_kernel["boot"] =
+        json!({"kernel": "other/vmlinuz", "initrd": "initrd.img", "cmdline": "init=/bin/sh"});
+    for (spec, expected) in [
+        (management, vec!["nics[0].bridge: \"mgmt0\"", "nics[1].tap: \"tap0\""]),
+        (
+            own_kernel,
+            vec!["boot.kernel: \"other/vmlinuz\"", "boot.initrd: \"initrd.img\"", "boot.cmdline"],
+        ),
+    ] {
+        let (status, code, message) = api_error(provision(spec).await.unwrap_err());
+        assert_eq!((status, code.as_str()), (403, "over-policy"), "{message}");
+        for e in expected {
+            assert!(message.contains(e), "{e} missing from {message}");
+        }
+    }
+    assert!(c.get("/v1/vms").await.unwrap().body["vms"].as_array().unwrap().is_empty());
+    // Within the lists: provisioned.
+    std::fs::create_dir_all(node.data.join("boot")).unwrap();
+    std::fs::write(node.data.join("boot/vmlinuz"), b"a kernel").unwrap();
+    let mut tenant = spec("c", &image);
+    tenant["nics"] = json!([{"bridge": "br-tenant-7", "dhcp4": true}]);
+    tenant["boot"] = json!({"kernel": "vmlinuz", "cmdline": "console=ttyS0 quiet"});
+    let id = provision(tenant).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    assert_eq!(c.wait(&id, |_| {}).await.unwrap()["state"], "succeeded");
 }

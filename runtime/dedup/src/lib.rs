@@ -567,6 +567,26 @@ impl Analysis {
 }
 
 impl Plan {
+    /// Host memory the plan holds, estimated from its entries (each its
+    /// struct plus the text it owns) and whiteout paths: what a host that
+    /// keeps plans for later calls bounds.
+    pub fn held_bytes(&self) -> u64 {
+        let entry = |e: &Entry| {
+            (std::mem::size_of::<Entry>()
+                + e.path.len()
+                + e.link_target.as_ref().map_or(0, String::len)) as u64
+        };
+        let layers: u64 = self.layers.iter().flat_map(|l| &l.entries).map(entry).sum();
+        let private: u64 = self.private.values().flatten().map(entry).sum();
+        let whiteouts: u64 = self
+            .whiteouts
+            .values()
+            .flatten()
+            .map(|p| (std::mem::size_of::<String>() + p.len()) as u64)
+            .sum();
+        layers + private + whiteouts
+    }
+
     /// A VM's root as its layers and private set give it back, with the
     /// overlay's rules: layers bottom up, each hiding what lies below it at
     /// its paths (a file hides a directory's whole tree, the directories a

@@ -255,6 +255,19 @@ fn identical_images_share_everything_but_directories() {
     // The plan is a value: it survives a round trip through JSON.
     let back: provd_dedup::Plan = serde_json::from_value(json).unwrap();
     assert_eq!(back, plan);
+    // What it holds grows with the VMs' private sets (their directories).
+    let entries = |p: &provd_dedup::Plan| {
+        p.layers.iter().map(|l| l.entries.len()).sum::<usize>()
+            + p.private.values().map(Vec::len).sum::<usize>()
+    };
+    let held = plan.held_bytes();
+    let per_entry = std::mem::size_of::<Entry>() as u64;
+    assert!(held >= entries(&plan) as u64 * per_entry, "{held}");
+    let more: Vec<(String, Vec<Entry>)> =
+        (0..6).map(|i| (format!("vm-{i}"), image.clone())).collect();
+    let bigger = analyze(&more).unwrap().plan(&Policy::default());
+    let dirs = image.len() as u64 - non_dirs;
+    assert!(bigger.held_bytes() >= held + 3 * dirs * per_entry, "{}", bigger.held_bytes());
 }
 
 #[test]

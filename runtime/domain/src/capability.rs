@@ -108,7 +108,27 @@ pub struct VmGrant {
     pub max_memory_mib: u64,
     /// Hypervisors the plugin may configure VMs for.
     pub hypervisors: Vec<String>,
+    /// Top-level spec fields the plugin may set differently from the
+    /// operation's spec for that VM; every other field must be the
+    /// manager's.
+    pub may_set: Vec<String>,
 }
+
+/// Top-level fields of a VM spec (`provd_vm::spec::VmSpec`, as its JSON
+/// names them) a grant may let a plugin set: all but `name`, which is what
+/// ties a configuration to the manager's spec.
+pub const VM_SPEC_FIELDS: [&str; 10] = [
+    "hypervisor",
+    "vcpus",
+    "topology",
+    "memory-mib",
+    "image",
+    "disks",
+    "nics",
+    "cloud-init",
+    "boot",
+    "labels",
+];
 
 /// WASI interfaces (version 0.2.x) that Rust's standard library imports
 /// through the preview1 adapter or the wasm32-wasip2 target: the only WASI

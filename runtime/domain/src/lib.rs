@@ -36,13 +36,14 @@ mod policy;
 
 pub use capability::{
     ALWAYS_LINKED, Capability, HYPERVISORS, HashingGrant, ImagesGrant, LogGrant, PartitionsGrant,
-    VmGrant, WASI_INTERFACES,
+    VM_SPEC_FIELDS, VmGrant, WASI_INTERFACES,
 };
 pub use manifest::{
     CapabilityRequests, DedupRequest, HashingRequest, ImagesRequest, LimitRequests, LogRequest,
     MAX_PATTERN_LEN, Manifest, ManifestError, ProgressRequest,
 };
-pub use pattern::{PATTERN_SCHEMES, check_pattern, glob_match, local_root};
+pub use pattern::{PATTERN_SCHEMES, check_pattern, glob_match, local_root, wildcard_match};
 pub use policy::{
     CapabilityGrants, Grant, Limits, NodeCapacity, NodePolicy, PolicyViolation, PolicyViolations,
+    VmAllow,
 };

@@ -73,6 +73,11 @@ pub struct VmRequest {
     /// Hypervisors the plugin configures VMs for (default: every one the
     /// node allows).
     pub hypervisors: Option<Vec<String>>,
+    /// Top-level fields of a VM spec the plugin may set differently from
+    /// the spec the manager sent (default: none; see
+    /// [`crate::VM_SPEC_FIELDS`]).
+    #[serde(default)]
+    pub may_set: Vec<String>,
 }
 
 /// Parameters of the `partitions` capability.
@@ -201,6 +206,19 @@ impl Manifest {
         }
         if let Some(HashingRequest { max_input_bytes: Some(0) }) = c.hashing {
             return Err(field("capabilities.hashing.max-input-bytes", "must be at least 1".into()));
+        }
+        if let Some(vm) = &c.vm {
+            for f in &vm.may_set {
+                if !crate::VM_SPEC_FIELDS.contains(&f.as_str()) {
+                    return Err(field(
+                        "capabilities.vm.may-set",
+                        format!(
+                            "{f:?} is not a field a plugin may set; one of {}",
+                            crate::VM_SPEC_FIELDS.join(", ")
+                        ),
+                    ));
+                }
+            }
         }
         if let Some(images) = &c.images {
             if images.max_read_bytes == Some(0) {

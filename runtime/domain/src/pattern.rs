@@ -72,6 +72,12 @@ fn component_match(pattern: &str, text: &str) -> bool {
     if text.is_empty() {
         return false;
     }
+    wildcard_match(pattern, text)
+}
+
+/// `*` matches any run of characters, `/` included; every other character
+/// itself. For names and command lines, which have no components.
+pub fn wildcard_match(pattern: &str, text: &str) -> bool {
     // Positions of the text reachable after each pattern byte; no
     // backtracking for a hostile pattern to exploit.
     let tb = text.as_bytes();

@@ -75,6 +75,25 @@ pub struct NodePolicy {
     pub hypervisors: Vec<String>,
     /// What the node has for VMs, and how far it may be over-committed.
     pub capacity: NodeCapacity,
+    /// The host networks and boot files VMs may use, whoever asks.
+    pub vm_allow: VmAllow,
+}
+
+/// What of the host a VM spec may name, as patterns: `*` matches any run
+/// of characters (bridge and tap names, command lines), and boot paths
+/// (relative to the node's `boot/` folder) match by component as image
+/// patterns do. Empty, the default: a VM joins no host network and boots
+/// no kernel of the node's; firmware boot from its own disk needs nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmAllow {
+    /// Host bridges a NIC may join.
+    pub bridges: Vec<String>,
+    /// Existing host tap devices a NIC may use.
+    pub taps: Vec<String>,
+    /// Kernels and initramfs images under `boot/` a VM may boot.
+    pub boot_files: Vec<String>,
+    /// Kernel command lines a VM may pass.
+    pub cmdlines: Vec<String>,
 }
 
 /// A node's resources for VMs. Reservations of all VMs together stay
@@ -150,6 +169,7 @@ impl Default for NodePolicy {
             max_vm_memory_mib: 256 * 1024,
             hypervisors: HYPERVISORS.iter().map(|h| h.to_string()).collect(),
             capacity: NodeCapacity::default(),
+            vm_allow: VmAllow::default(),
         }
     }
 }
@@ -356,6 +376,7 @@ impl Manifest {
                 max_vcpus: u32::try_from(max_vcpus).unwrap_or(u32::MAX),
                 max_memory_mib,
                 hypervisors,
+                may_set: r.may_set.clone(),
             });
         }
 

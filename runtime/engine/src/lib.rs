@@ -210,6 +210,10 @@ pub struct CallOptions {
     /// when given, the only VMs the plugin may configure or customise.
     /// `None` (local tools, tests) leaves the names free.
     pub vms: Option<Vec<String>>,
+    /// The manager's spec of each VM the operation names, as JSON: a
+    /// plugin configures or customises such a VM only with this spec,
+    /// apart from the fields its grant's `may-set` lists.
+    pub specs: std::collections::BTreeMap<String, String>,
 }
 
 /// The result of a successful call.
@@ -247,6 +251,7 @@ impl Engine {
         let services = host::NodeServices {
             images: config.images.clone(),
             image_sources: Arc::new(config.policy.image_sources.clone()),
+            vm_allow: Arc::new(config.policy.vm_allow.clone()),
             capacity: config.policy.capacity,
         };
         Ok(Engine {
@@ -340,6 +345,7 @@ impl Engine {
         options: CallOptions,
     ) -> Result<Outcome, InvokeError> {
         let cancel = options.cancel.clone();
+        let names_given = options.vms.is_some();
         let allowed = self.inner.config.policy.max_concurrent_invocations;
         let _slot = self
             .inner
@@ -398,10 +404,50 @@ impl Engine {
         };
         if outcome.is_err() {
             self.roll_back(&ledger, &operation).await;
+        } else if names_given {
+            self.free_unconfigured(&ledger).await;
         }
         // The slot is held until nothing of this request still runs.
         ledger.settle().await;
         outcome
+    }
+
+    /// After an operation that names its VMs succeeds: removes the private
+    /// partitions it built for a VM it did not configure. Nothing else
+    /// would ever use or free them, and the VM that rightfully has that
+    /// name would find its partition taken.
+    async fn free_unconfigured(&self, ledger: &Arc<host::Ledger>) {
+        let (vms, partitions) = ledger.close();
+        if partitions.is_empty() {
+            return;
+        }
+        let Some(images) = self.inner.services.images.clone() else { return };
+        let store = images.store().clone();
+        let done = tokio::task::spawn_blocking(move || {
+            for id in partitions.iter().rev() {
+                let unused = match store.partition(id) {
+                    Ok(Some(rec)) => {
+                        rec.role == "private" && !rec.vms.iter().any(|v| vms.contains(v))
+                    }
+                    Ok(None) => false,
+                    Err(e) => {
+                        tracing::warn!(partition = %id, error = %e, "cannot read a partition");
+                        false
+                    }
+                };
+                if !unused {
+                    continue;
+                }
+                match store.remove_partition(id) {
+                    Ok(_) => tracing::info!(partition = %id, "freed a private partition no VM of its operation was configured on"),
+                    Err(e) => tracing::warn!(partition = %id, error = %e, "cannot free an unconfigured private partition"),
+                }
+            }
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "freeing unconfigured partitions failed");
+        }
     }
 
     /// Removes what a failed request built: its VMs first (they use the

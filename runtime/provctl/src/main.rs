@@ -191,6 +191,10 @@ enum PluginCommand {
     Check {
         #[command(flatten)]
         source: PluginSource,
+        /// The node's provd.toml, whose [policy] the plugin is checked
+        /// against; provd's default policy without it.
+        #[arg(long)]
+        config: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -263,7 +267,9 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     }
     match cli.command {
         Command::Plugin(PluginCommand::Build { dir, json }) => build(&dir, json),
-        Command::Plugin(PluginCommand::Check { source, json }) => check(&source, json).await,
+        Command::Plugin(PluginCommand::Check { source, config, json }) => {
+            check(&source, config.as_deref(), json).await
+        }
         Command::Plugin(PluginCommand::Run { source, input, data_dir, json }) => {
             run_plugin(&source, &input, data_dir, json).await
         }
@@ -373,6 +379,13 @@ fn describe(plugin: &Plugin) -> serde_json::Value {
             "log": c.log.map(|g| json!({ "max-bytes": g.max_bytes })),
             "progress": c.progress.then(|| json!({})),
             "hashing": c.hashing.map(|g| json!({ "max-input-bytes": g.max_input_bytes })),
+            "images": c.images.as_ref().map(|g| json!({
+                "sources": g.sources, "max-read-bytes": g.max_read_bytes })),
+            "dedup": c.dedup.then(|| json!({})),
+            "partitions": c.partitions.map(|g| json!({ "max-bytes": g.max_bytes })),
+            "vm": c.vm.as_ref().map(|g| json!({
+                "max-vcpus": g.max_vcpus, "max-memory-mib": g.max_memory_mib,
+                "hypervisors": g.hypervisors, "may-set": g.may_set })),
         },
         "limits": {
             "memory-bytes": l.memory_bytes,
@@ -386,14 +399,40 @@ fn describe(plugin: &Plugin) -> serde_json::Value {
     })
 }
 
-async fn check(source: &PluginSource, json: bool) -> Result<std::process::ExitCode> {
-    let engine = Engine::new(EngineConfig::default())?;
+async fn check(
+    source: &PluginSource,
+    config: Option<&Path>,
+    json: bool,
+) -> Result<std::process::ExitCode> {
+    let (policy, against) = match config {
+        Some(path) => {
+            let config = provd_daemon::Config::load(path)?;
+            (config.node_policy(), format!("the policy of {}", path.display()))
+        }
+        None => (NodePolicy::default(), "provd's default policy".to_string()),
+    };
+    // Node services over a scratch store, so that a plugin declaring
+    // images, dedup, partitions or vm loads as a node would load it;
+    // nothing runs, so nothing is ever written there.
+    let scratch = tempfile::tempdir().context("a scratch directory")?;
+    let store = Arc::new(provd_store::Store::open(&scratch.path().join("data"))?);
+    let images = provd_images::Images::new(store, provd_images::ImportLimits::default(), 1)
+        .with_local_sources(provd_images::LocalSources::from_patterns(&policy.image_sources));
+    let engine = Engine::new(EngineConfig {
+        policy,
+        images: Some(Arc::new(images)),
+        ..EngineConfig::default()
+    })?;
     let plugin = load(source, &engine).await?;
-    let d = describe(&plugin);
+    let mut d = describe(&plugin);
+    if let Some(m) = d.as_object_mut() {
+        m.insert("checked-against".into(), json!(against));
+    }
     if json {
         println!("{d:#}");
     } else {
         println!("plugin {} {} (blake3 {})", plugin.name(), plugin.version(), plugin.digest_hex());
+        println!("checked against {against}");
         println!("capabilities: {}", d.get("capabilities").unwrap_or(&json!(null)));
         println!("limits: {}", d.get("limits").unwrap_or(&json!(null)));
         println!("imports:");

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use provd_tests::{HELLO, HOSTILE};
+use provd_tests::{HELLO, HOSTILE, SHARED_PARTITION};
 
 fn provctl(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_provctl")).args(args).output().unwrap()
@@ -254,4 +254,72 @@ fn dedup_plan_finds_what_the_vms_share() {
     let out = provctl(&["dedup", "plan", "--data-dir", data, "--vm", "nonsense"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("write NAME=REFERENCE"));
+}
+
+#[test]
+fn check_shows_the_grant_of_plugins_that_need_node_services_against_a_nodes_policy() {
+    let flagship = SHARED_PARTITION.dir().join("plugin.toml");
+    let manifest = flagship.to_str().unwrap();
+    // The flagship plugin declares images, dedup, partitions and vm.
+    let out = provctl(&[
+        "plugin",
+        "check",
+        "--component",
+        SHARED_PARTITION.component,
+        "--manifest",
+        manifest,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = stdout_json(&out);
+    for capability in ["images", "dedup", "partitions", "vm"] {
+        assert!(!v["capabilities"][capability].is_null(), "{capability}: {v}");
+    }
+    assert_eq!(v["checked-against"], "provd's default policy");
+
+    // Against a node's provd.toml: its ceilings decide.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("provd.toml");
+    let write = |policy: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "data-dir = \"data\"\nlisten = \"127.0.0.1:0\"\ntrusted-keys = [\"k.pub\"]\n\
+                 [tls]\ncert = \"c.pem\"\nkey = \"c.key\"\nclient-ca = \"ca.pem\"\n[policy]\n{policy}"
+            ),
+        )
+        .unwrap();
+    };
+    write("image-sources = [\"dir:/srv/images/*\"]\n");
+    let out = provctl(&[
+        "plugin",
+        "check",
+        "--component",
+        SHARED_PARTITION.component,
+        "--manifest",
+        manifest,
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("checked against the policy of {}", config.display())),
+        "{text}"
+    );
+    assert!(text.contains("provd:plugin/vm@0.1.0"), "{text}");
+    write("max-vm-vcpus = 1\nmax-memory-mib = 1\n");
+    let out = provctl(&[
+        "plugin",
+        "check",
+        "--component",
+        SHARED_PARTITION.component,
+        "--manifest",
+        manifest,
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("limits.memory-mib"), "{stderr}");
 }

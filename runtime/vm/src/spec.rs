@@ -516,6 +516,61 @@ impl From<Boot> for BootFields {
     }
 }
 
+/// What of the node's `allow` lists `spec` goes beyond: each NIC's bridge or
+/// tap, the kernel and initramfs, the command line; one line per field,
+/// empty when the node allows it all.
+pub fn beyond_node(spec: &VmSpec, allow: &provd_domain::VmAllow) -> Vec<String> {
+    let named =
+        |list: &[String], text: &str| list.iter().any(|p| provd_domain::wildcard_match(p, text));
+    let mut out = Vec::new();
+    for (i, nic) in spec.nics.iter().enumerate() {
+        if let Some(b) = &nic.bridge
+            && !named(&allow.bridges, b)
+        {
+            out.push(format!("nics[{i}].bridge: {b:?} is not among the bridges this node lets VMs join (policy.vm-bridges)"));
+        }
+        if let Some(t) = &nic.tap
+            && !named(&allow.taps, t)
+        {
+            out.push(format!(
+                "nics[{i}].tap: {t:?} is not among the taps this node lets VMs use (policy.vm-taps)"
+            ));
+        }
+    }
+    if let Boot::Kernel { kernel, initrd, cmdline } = &spec.boot {
+        let file = |f: &str| allow.boot_files.iter().any(|p| provd_domain::glob_match(p, f));
+        for (field, path) in [("boot.kernel", Some(kernel)), ("boot.initrd", initrd.as_ref())] {
+            if let Some(path) = path
+                && !file(path)
+            {
+                out.push(format!("{field}: {path:?} is not among the boot files this node lets VMs use (policy.vm-boot-files)"));
+            }
+        }
+        if let Some(c) = cmdline
+            && !named(&allow.cmdlines, c)
+        {
+            out.push(format!("boot.cmdline: {c:?} matches none of this node's policy.vm-cmdlines"));
+        }
+    }
+    out
+}
+
+/// The top-level fields, by the names a spec's JSON gives them, in which
+/// `a` and `b` differ: what the host compares a plugin's spec with the
+/// manager's by.
+pub fn differing_fields(a: &VmSpec, b: &VmSpec) -> Vec<String> {
+    let fields = |s: &VmSpec| match serde_json::to_value(s) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    let (a, b) = (fields(a), fields(b));
+    let mut differ: Vec<String> =
+        a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).cloned().collect();
+    differ.sort();
+    differ.dedup();
+    differ
+}
+
 /// Parses a spec in JSON when its first non-whitespace character is `{`, in
 /// TOML otherwise, then validates it.
 pub fn parse_spec(text: &str) -> Result<VmSpec, SpecError> {

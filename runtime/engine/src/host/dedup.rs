@@ -21,6 +21,11 @@ pub(crate) struct KeptPlan {
 pub(crate) const MAX_VMS: usize = 64;
 /// Plans one request may keep.
 pub(crate) const MAX_PLANS: usize = 16;
+/// Host memory the plans one request keeps may hold together (entries and
+/// paths, `Plan::held_bytes`): with the default 16 operations running at
+/// once, 4 GiB at worst on the node. A Debian root is ~40 000 entries, a
+/// few MiB in a plan.
+pub(crate) const MAX_KEPT_PLAN_BYTES: u64 = 256 << 20;
 /// Entries one call may analyse, summed over its VMs. Each entry costs the
 /// host a few hundred bytes while the analysis runs; a plugin listing the
 /// same large image for many VMs must not make that unbounded.
@@ -41,6 +46,9 @@ impl HostState {
         for (i, v) in vms.iter().enumerate() {
             if let Err(e) = provd_vm::spec::check_dns_label(&v.vm) {
                 return Ok(Err(WitError::InvalidInput(format!("vms[{i}].vm: {e}"))));
+            }
+            if let Err(e) = self.operation_vm(&v.vm) {
+                return Ok(Err(e));
             }
         }
         let Some(images) = self.images.as_ref() else {
@@ -190,6 +198,14 @@ impl HostState {
                 Ok(r) => r,
                 Err(e) => return Ok(Err(e)),
             };
+        let held: u64 = self.plans.iter().map(|k| k.plan.held_bytes()).sum();
+        let more = plan.held_bytes();
+        if held.saturating_add(more) > MAX_KEPT_PLAN_BYTES {
+            return Ok(Err(WitError::QuotaExceeded(format!(
+                "this plan would hold {more} bytes of host memory beside the {held} the \
+                 request's plans hold; at most {MAX_KEPT_PLAN_BYTES} in all"
+            ))));
+        }
         // Layer ids are unique within the request: plan number + layer.
         let id = format!("plan-{}", self.plans.len());
         let prefix = format!("{id}-");

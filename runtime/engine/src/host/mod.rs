@@ -50,6 +50,8 @@ pub(crate) struct HostState {
     pub images: Option<Arc<provd_images::Images>>,
     /// The node's allowed image reference patterns.
     pub image_sources: Arc<Vec<String>>,
+    /// The host networks and boot files the node lets VMs use.
+    pub vm_allow: Arc<provd_domain::VmAllow>,
     /// Images fetched in this request, by canonical reference.
     pub fetched: std::collections::HashMap<String, provd_store::ImageRecord>,
     /// Plans made in this request.
@@ -67,6 +69,8 @@ pub(crate) struct HostState {
     pub cancel: crate::Cancel,
     /// The VM names the operation is about, when it names them.
     pub operation_vms: Option<Vec<String>>,
+    /// The manager's spec of each VM the operation names (JSON).
+    pub operation_specs: std::collections::BTreeMap<String, String>,
     /// Whether a host call found the request cancelled.
     pub cancelled: bool,
 }
@@ -230,6 +234,7 @@ pub(crate) struct NodeServices {
     pub images: Option<Arc<provd_images::Images>>,
     pub image_sources: Arc<Vec<String>>,
     pub capacity: provd_domain::NodeCapacity,
+    pub vm_allow: Arc<provd_domain::VmAllow>,
 }
 
 impl HostState {
@@ -272,6 +277,7 @@ impl HostState {
             breached: None,
             images: node.images.clone(),
             image_sources: node.image_sources.clone(),
+            vm_allow: node.vm_allow.clone(),
             fetched: std::collections::HashMap::new(),
             plans: Vec::new(),
             operation,
@@ -280,9 +286,23 @@ impl HostState {
             capacity: node.capacity,
             cancel: options.cancel,
             operation_vms: options.vms,
+            operation_specs: options.specs,
             cancelled: false,
         };
         (state, [stdout, stderr])
+    }
+
+    /// When the operation names its VMs, `name` must be one of them: a
+    /// plugin plans, builds and configures only for those.
+    pub(crate) fn operation_vm(&self, name: &str) -> Result<(), provd_bindings::types::Error> {
+        match &self.operation_vms {
+            Some(vms) if !vms.iter().any(|v| v == name) => {
+                Err(provd_bindings::types::Error::Denied(format!(
+                    "VM {name:?} is not among the VMs this operation names"
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Records `limit` as the reason the plugin stops and returns the trap.

@@ -195,6 +195,7 @@ impl HostState {
         size_bytes: u64,
     ) -> wasmtime::Result<Result<Partition, WitError>> {
         let prepared = (|| {
+            self.operation_vm(&vm)?;
             let inputs = self.private_inputs(&plan, shared.as_deref(), &format)?;
             Ok::<_, WitError>((inputs, self.build_options()?, self.partition_store()?))
         })();
@@ -240,6 +241,9 @@ impl HostState {
             let mut seen = std::collections::BTreeSet::new();
             if let Some(dup) = names.iter().find(|n| !seen.insert(n.as_str())) {
                 return Err(WitError::InvalidInput(format!("VM {dup:?} is listed twice")));
+            }
+            for name in &names {
+                self.operation_vm(name)?;
             }
             Ok::<_, WitError>((inputs, self.build_options()?, self.partition_store()?))
         })();

@@ -29,6 +29,49 @@ fn wit_error(e: VmError) -> WitError {
 }
 
 impl HostState {
+    /// A spec the plugin passes, against the node's `vm_allow` (bridges,
+    /// taps, boot files, command lines), then against the manager's spec of
+    /// that VM: every top-level field must be the manager's, but those the
+    /// grant's `may-set` lists. A VM the manager sent no spec for (local
+    /// tools) is not compared.
+    fn as_the_manager_asked(
+        &self,
+        spec: &str,
+        grant: &provd_domain::VmGrant,
+    ) -> Result<(), WitError> {
+        // A spec that does not parse is refused where it is used, after the
+        // checks of the partition and the VM's name.
+        let Ok(parsed) = provd_vm::spec::parse_spec(spec) else {
+            return Ok(());
+        };
+        // The node's own bounds first: they hold whoever wrote the spec.
+        let beyond = provd_vm::spec::beyond_node(&parsed, &self.vm_allow);
+        if !beyond.is_empty() {
+            return Err(WitError::Denied(beyond.join("; ")));
+        }
+        let Some(asked) = self.operation_specs.get(&parsed.name) else {
+            return Ok(());
+        };
+        // The manager's spec was checked when the operation was accepted.
+        let asked = provd_vm::spec::parse_spec(asked).map_err(|e| {
+            WitError::Failed(format!("the operation's spec of {:?}: {e}", parsed.name))
+        })?;
+        let differ: Vec<String> = provd_vm::spec::differing_fields(&parsed, &asked)
+            .into_iter()
+            .filter(|f| !grant.may_set.contains(f))
+            .collect();
+        if differ.is_empty() {
+            return Ok(());
+        }
+        Err(WitError::Denied(format!(
+            "the spec of VM {:?} differs from the one its operation was given in {}; this \
+             plugin may set {}",
+            parsed.name,
+            differ.join(", "),
+            if grant.may_set.is_empty() { "none".to_string() } else { grant.may_set.join(", ") }
+        )))
+    }
+
     /// The plugin's `vm` grant, for a spec within the size bound.
     fn vm_grant(&self, spec: &str) -> Result<provd_domain::VmGrant, WitError> {
         let grant =
@@ -53,6 +96,7 @@ impl HostState {
                 return Err(WitError::QuotaExceeded(format!("at most {MAX_VMS} VMs per request")));
             }
             let rec = self.own_partition(&private)?;
+            self.as_the_manager_asked(&spec, &grant)?;
             Ok((grant, rec, self.partition_store()?))
         })();
         let (grant, rec, store) = match prepared {
@@ -120,12 +164,10 @@ impl HostState {
                 let name = provd_vm::spec::parse_spec(spec)
                     .map(|s| s.name)
                     .map_err(|e| WitError::InvalidInput(e.to_string()))?;
-                if self.operation_vms.as_ref().is_some_and(|vms| !vms.contains(&name)) {
-                    return Err(WitError::Denied(format!(
-                        "VM {name:?} is not among the VMs this operation names"
-                    )));
-                }
-                items.push((spec.clone(), self.own_partition(private)?, grant));
+                self.operation_vm(&name)?;
+                let rec = self.own_partition(private)?;
+                self.as_the_manager_asked(spec, &grant)?;
+                items.push((spec.clone(), rec, grant));
             }
             Ok((items, self.partition_store()?))
         })();
@@ -190,10 +232,8 @@ impl wit::Host for HostState {
         let args = format!("vm={name} private={private} spec-bytes={}", spec.len());
         // When the operation names its VMs (the daemon holds those names
         // for it), a plugin configures only those.
-        if self.operation_vms.as_ref().is_some_and(|vms| !vms.contains(&name)) {
-            let result: Result<Configured, WitError> = Err(WitError::Denied(format!(
-                "VM {name:?} is not among the VMs this operation names"
-            )));
+        if let Err(e) = self.operation_vm(&name) {
+            let result: Result<Configured, WitError> = Err(e);
             self.audit("vm", "configure", args, &result);
             return Ok(result);
         }
@@ -232,6 +272,7 @@ impl HostState {
                     "VM {name:?} is neither configured by this request nor named by its operation"
                 )));
             }
+            self.as_the_manager_asked(&spec, &grant)?;
             Ok((grant, self.partition_store()?))
         })();
         let (grant, store) = match prepared {
