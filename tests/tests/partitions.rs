@@ -1018,10 +1018,17 @@ async fn a_repack_interrupted_at_any_step_is_settled_at_the_next_start() {
         let mv = &planned.moves[0];
         let (manifest, rows) = moved_manifest(mv, &planned.plan, &shared).unwrap();
         if step >= 1 {
-            b.store().begin_restack(&mv.private.id, &rows).unwrap();
+            let json = serde_json::to_string_pretty(&manifest).unwrap();
+            b.store().begin_restack(&mv.private.id, &rows, &json).unwrap();
         }
+        // At step 2 the boot files are rewritten, with what the partition
+        // carries changed as a guest could change it (its image and digest
+        // here): the node keeps its own manifest, not that text.
+        let mut tampered = manifest.clone();
+        tampered.image = "dir:/guest-says-so".into();
+        tampered.image_digest = "0".repeat(64);
         if step >= 2 {
-            rewrite_boot_files(b.store(), &mv.private, &manifest, &opts()).unwrap();
+            rewrite_boot_files(b.store(), &mv.private, &tampered, &opts()).unwrap();
         }
         // The next start: moves settled, unused shared partitions freed.
         provd_vm::repack::recover(b.store()).unwrap();
@@ -1034,6 +1041,9 @@ async fn a_repack_interrupted_at_any_step_is_settled_at_the_next_start() {
         } else {
             assert!(now.contains(&shared.id), "step {step}: {} carries it", mv.vm);
             assert_eq!(b.store().stack_of(&mv.private.id).unwrap()[0].shared, shared.id);
+            let stored = b.store().partition(&mv.private.id).unwrap().unwrap().manifest;
+            let stored: provd_partitions::PrivateManifest = serde_json::from_str(&stored).unwrap();
+            assert_eq!(stored, manifest, "step {step}: the node's own manifest is stored");
         }
     }
     // A full repack then leaves one shared partition.

@@ -216,6 +216,15 @@ const MIGRATIONS: &[&str] = &[
                         AND name = s.value);
     DELETE FROM partition_vms WHERE partition IN (SELECT id FROM partitions WHERE role = 'shared');
 "#,
+    // The manifest a repack move computed, kept beside its pending stack:
+    // recovery stores the node's own text, never what it reads back from
+    // the guest-writable partition.
+    r#"
+    CREATE TABLE pending_manifests (
+        private  TEXT PRIMARY KEY REFERENCES partitions (id) ON DELETE CASCADE,
+        manifest TEXT NOT NULL
+    ) WITHOUT ROWID;
+"#,
 ];
 
 /// An image as recorded.

@@ -370,15 +370,26 @@ impl Store {
     }
 
     /// Records `stack` as the pending new stack of private partition
-    /// `private`: from now on both its stacks keep their shared partitions,
-    /// until [`Store::finish_restack`] or [`Store::abort_restack`].
-    pub fn begin_restack(&self, private: &str, stack: &[StackedLayer]) -> Result<(), StoreError> {
+    /// `private`, and `manifest` as the manifest it will then have: from now
+    /// on both its stacks keep their shared partitions, until
+    /// [`Store::finish_restack`] or [`Store::abort_restack`].
+    pub fn begin_restack(
+        &self,
+        private: &str,
+        stack: &[StackedLayer],
+        manifest: &str,
+    ) -> Result<(), StoreError> {
         let mut db = self.lock_db();
         (|| {
             let tx = db.transaction()?;
             tx.execute(
                 "DELETE FROM partition_stack WHERE private = ?1 AND pending = 1",
                 [private],
+            )?;
+            tx.execute(
+                "INSERT INTO pending_manifests (private, manifest) VALUES (?1, ?2)
+                 ON CONFLICT (private) DO UPDATE SET manifest = excluded.manifest",
+                params![private, manifest],
             )?;
             let mut insert = tx.prepare(
                 "INSERT INTO partition_stack (private, pending, position, shared, layer)
@@ -416,6 +427,7 @@ impl Store {
                 "UPDATE partitions SET manifest = ?2, bytes = ?3 WHERE id = ?1",
                 params![private, manifest, to_i64(bytes)],
             )?;
+            tx.execute("DELETE FROM pending_manifests WHERE private = ?1", [private])?;
             Ok(old)
         })
     }
@@ -450,10 +462,29 @@ impl Store {
     /// [`Store::free_unused_shared`]: a repack still moving other VMs onto
     /// them must not lose them to one failed move.
     pub fn abort_restack(&self, private: &str) -> Result<(), StoreError> {
+        let mut db = self.lock_db();
+        (|| {
+            let tx = db.transaction()?;
+            tx.execute(
+                "DELETE FROM partition_stack WHERE private = ?1 AND pending = 1",
+                [private],
+            )?;
+            tx.execute("DELETE FROM pending_manifests WHERE private = ?1", [private])?;
+            tx.commit()
+        })()
+        .map_err(|e| self.db_error(e))
+    }
+
+    /// The manifest recorded with the pending stack of `private`, if any.
+    pub fn pending_manifest(&self, private: &str) -> Result<Option<String>, StoreError> {
         self.lock_db()
-            .execute("DELETE FROM partition_stack WHERE private = ?1 AND pending = 1", [private])
-            .map_err(|e| self.db_error(e))?;
-        Ok(())
+            .query_row(
+                "SELECT manifest FROM pending_manifests WHERE private = ?1",
+                [private],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.db_error(e))
     }
 
     /// Private partitions with a pending stack (a repack stopped midway),

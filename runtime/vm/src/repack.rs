@@ -121,7 +121,7 @@ fn move_vm(
 ) -> Result<Vec<PartitionRecord>, VmError> {
     let (manifest, rows) = moved_manifest(mv, plan, shared).map_err(failed)?;
     let json = serde_json::to_string_pretty(&manifest).map_err(failed)?;
-    store.begin_restack(&mv.private.id, &rows).map_err(failed)?;
+    store.begin_restack(&mv.private.id, &rows, &json).map_err(failed)?;
     let bytes = match rewrite_boot_files(store, &mv.private, &manifest, opts) {
         Ok(b) => b,
         Err(e) => {
@@ -162,13 +162,17 @@ pub fn recover(store: &Store) -> Result<usize, VmError> {
     let pending = store.pending_restacks().map_err(failed)?;
     for (private, stack) in &pending {
         let Some(rec) = store.partition(private).map_err(failed)? else { continue };
+        // What the partition carries only tells whether its boot files were
+        // rewritten; what is stored is the node's own manifest, recorded
+        // when the move began, never text read back from a partition the
+        // guest writes.
+        let ours = store.pending_manifest(private).map_err(failed)?;
         let carried = carried_manifest(store, &rec).ok();
         let pending: Vec<(String, String)> =
             stack.iter().map(|s| (s.shared.clone(), s.layer.clone())).collect();
         let carries_new = carried.as_ref().is_some_and(|m| m.stack_names() == pending);
-        match (carries_new, carried) {
-            (true, Some(m)) => {
-                let json = serde_json::to_string_pretty(&m).map_err(failed)?;
+        match (carries_new, ours) {
+            (true, Some(json)) => {
                 let bytes = allocated_bytes(store, &rec);
                 let vm = rec.vms.first().cloned().unwrap_or_default();
                 finish(store, &vm, &rec, &json, bytes)?;
