@@ -621,3 +621,54 @@ async fn a_plugin_configures_only_the_operations_vms_with_the_managers_spec() {
     .unwrap_err();
     assert!(err.to_string().contains("in nics; this plugin may set labels, cloud-init"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_customisation_interrupted_by_a_stop_is_undone_from_its_journal() {
+    let node = node();
+    let (web, _) = node.two_images();
+    let plugin = node.plugin(1 << 20).await;
+    let input = serde_json::json!({
+        "op": "partitions", "vms": [["a", web]], "min_layer_bytes": 0, "max_layers": 8,
+        "shared_format": "erofs", "private_format": "ext4", "specs": {"a": spec("a", 2, 1024)},
+    });
+    node.call(&plugin, input).await.unwrap();
+    let store = node.images.store();
+    let seed = node.path("data/vms/a/seed.iso");
+    let undo = node.path("data/vms/a/customize.undo.json");
+    let (seed_before, spec_before) =
+        (std::fs::read(&seed).unwrap(), store.vm("a").unwrap().unwrap().spec);
+    let grant = provd_domain::VmGrant {
+        max_vcpus: 64,
+        max_memory_mib: 1 << 20,
+        hypervisors: vec!["libvirt".into()],
+        may_set: Vec::new(),
+    };
+    let changed = spec("a", 2, 1024).replace("a.example", "a.changed");
+
+    // Customised by an operation, journalled, then the node stops before
+    // the operation's end is on record: the next start undoes it.
+    provd_vm::node::customize(store, &changed, &grant, Some("op-crashed")).unwrap();
+    assert_ne!(std::fs::read(&seed).unwrap(), seed_before);
+    assert!(undo.exists());
+    let undone = provd_vm::node::recover_customizations(store, |_| false).unwrap();
+    assert_eq!(undone, ["a"]);
+    assert_eq!(std::fs::read(&seed).unwrap(), seed_before);
+    assert_eq!(store.vm("a").unwrap().unwrap().spec, spec_before);
+    assert!(!undo.exists());
+
+    // Twice in one operation: the journal keeps the state before the first.
+    provd_vm::node::customize(store, &changed, &grant, Some("op-twice")).unwrap();
+    let third = spec("a", 2, 1024).replace("a.example", "a.third");
+    provd_vm::node::customize(store, &third, &grant, Some("op-twice")).unwrap();
+    provd_vm::node::recover_customizations(store, |_| false).unwrap();
+    assert_eq!(std::fs::read(&seed).unwrap(), seed_before);
+
+    // An operation recorded as succeeded keeps its seed; its journal goes.
+    provd_vm::node::customize(store, &changed, &grant, Some("op-done")).unwrap();
+    let kept = std::fs::read(&seed).unwrap();
+    assert!(
+        provd_vm::node::recover_customizations(store, |op| op == "op-done").unwrap().is_empty()
+    );
+    assert_eq!(std::fs::read(&seed).unwrap(), kept);
+    assert!(!undo.exists());
+}

@@ -110,7 +110,7 @@ impl Default for HttpLimits {
             header_timeout_secs: 10,
             request_timeout_secs: 120,
             max_connections: 512,
-            max_connections_per_address: 64,
+            max_connections_per_address: 256,
             max_handshakes: 512,
             max_handshakes_per_address: 128,
             handshake_timeout_secs: 3,

@@ -533,6 +533,12 @@ impl Operations {
                 );
                 match result {
                     Ok(_) => {
+                        // Its end is on record: the undo of what it
+                        // customised is no longer needed (a failed one was
+                        // undone already).
+                        if let Err(e) = provd_vm::node::settle_customizations_of(&store, &op) {
+                            tracing::warn!(operation = %op, error = %e, "settling customisations");
+                        }
                         // A shared partition the operation built and no
                         // stack names (a plugin that never stacked it)
                         // goes now, not at the next start.

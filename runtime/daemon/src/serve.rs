@@ -68,6 +68,24 @@ pub async fn serve(
     if recovered > 0 {
         tracing::warn!(operations = recovered, "rolled back operations interrupted by a stop");
     }
+    // Customisations whose operation did not succeed are undone from their
+    // journal; the others are settled.
+    let undone = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            provd_vm::node::recover_customizations(&store, |op| {
+                store
+                    .operation(op)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|r| r.state == provd_store::OpState::Succeeded)
+            })
+        })
+        .await??
+    };
+    if !undone.is_empty() {
+        tracing::warn!(vms = ?undone, "undid customisations of operations interrupted by a stop");
+    }
     let mut trusted = Vec::new();
     for path in &config.trusted_keys {
         trusted.push(

@@ -282,6 +282,9 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
     assert_ne!(file(&before, "meta-data"), file(&after, "meta-data"));
     let id_now = done_custom["report"]["output"][0]["instance_id"].as_str().unwrap();
     assert!(file(&after, "meta-data").contains(id_now));
+    // Its journal is settled with the operation's end.
+    let undo = node.data.join("vms/web-1/customize.undo.json");
+    assert!(!undo.exists());
     // Anything beyond cloud-init and addresses is refused, naming the field;
     // web-1, customised first in that operation, gets its seed back.
     let mut again = web_spec.clone();
@@ -295,6 +298,7 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
     assert_eq!(refused["error"]["code"], "plugin-denied", "{refused:#}");
     assert!(refused["error"]["message"].as_str().unwrap().contains("vcpus"), "{refused:#}");
     assert_eq!(provd_vm::cloudinit::read_seed_iso(&seed).unwrap().1, after);
+    assert!(!undo.exists());
     let web = c.get("/v1/vms/web-1").await.unwrap().body;
     assert_eq!(web["vm"]["spec"]["cloud-init"]["hostname"], "www.example.net", "{web}");
 

@@ -594,3 +594,54 @@ async fn vms_join_only_the_networks_and_boot_only_the_files_the_node_lists() {
     let id = provision(tenant).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
     assert_eq!(c.wait(&id, |_| {}).await.unwrap()["state"], "succeeded");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_cannot_rewrite_the_managers_spec_or_build_for_vms_outside_its_operation() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), "");
+    let c = admin(&node);
+    let images = dir.path().join("images");
+    c.deploy(node.bundle(&imager(&images), &IMAGER.wasm())).await.unwrap();
+    let image = format!("dir:{}/web", images.display());
+    let run = |body: Value| {
+        let c = &c;
+        async move {
+            let id = c.provision(&body).await.unwrap().body["operation"]["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            c.wait(&id, |_| {}).await.unwrap()
+        }
+    };
+    // The manager asks for web-1 on br0; the plugin configures it on a
+    // management network with its own user-data.
+    let mut rewritten = spec("web-1", &image);
+    rewritten["nics"] = json!([{"bridge": "mgmt0", "dhcp4": true}]);
+    rewritten["cloud-init"] = json!({"user-data": "#cloud-config\nusers: [{name: intruder}]\n"});
+    let mut params = partitions_params();
+    params["specs"] = json!({"web-1": rewritten.to_string()});
+    let done =
+        run(json!({"plugin": "imager", "vms": [spec("web-1", &image)], "params": params})).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "plugin-denied", "{done}");
+    let message = done["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("differs from the one its operation was given in cloud-init, nics"),
+        "{message}"
+    );
+    // A plan and partitions for a VM the operation does not name.
+    let mut params = partitions_params();
+    params["vms"] = json!([["victim", image]]);
+    let done = run(json!({"plugin": "imager", "params": params})).await;
+    assert_eq!(done["error"]["code"], "plugin-denied", "{done}");
+    assert!(
+        done["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"victim\" is not among the VMs this operation names"),
+        "{done}"
+    );
+    // Nothing of either is left.
+    assert!(c.get("/v1/vms").await.unwrap().body["vms"].as_array().unwrap().is_empty());
+    assert_eq!(std::fs::read_dir(node.data.join("partitions")).unwrap().count(), 0);
+}

@@ -166,7 +166,7 @@ impl Node {
         // expired bundle.
         let store = self.store.clone();
         let (bundles, now) = tokio::task::spawn_blocking(move || {
-            let now = store.observe_clock(now)?;
+            let now = store.clock_at_least(now)?;
             store.bundles().map(|b| (b, now))
         })
         .await

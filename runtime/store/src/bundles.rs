@@ -78,6 +78,18 @@ fn parse(version: &str) -> Result<semver::Version, AcceptError> {
 }
 
 impl Store {
+    /// The later of `now` and the latest time the store has recorded,
+    /// without recording anything: what a check at every run reads (a
+    /// write there would cost every operation one more durable commit).
+    pub fn clock_at_least(&self, now: u64) -> Result<u64, StoreError> {
+        let seen: Option<i64> = self
+            .lock_db()
+            .query_row("SELECT last_seen FROM clock WHERE id = 1", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.db_error(e))?;
+        Ok(seen.map(|s| s.max(0) as u64).unwrap_or(0).max(now))
+    }
+
     /// Advances the node's clock as the store has seen it to `now` and
     /// returns the later of the two: the clock never runs backwards.
     pub fn observe_clock(&self, now: u64) -> Result<u64, StoreError> {

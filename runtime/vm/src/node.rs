@@ -65,6 +65,128 @@ fn vm_dir(store: &Store, name: &str) -> PathBuf {
     store.path().join("vms").join(name)
 }
 
+/// Beside a VM's seed while an operation's customisation of it is not
+/// settled: the operation, the spec and (in `UNDO_SEED`) the seed before.
+const UNDO_RECORD: &str = "customize.undo.json";
+const UNDO_SEED: &str = "seed.iso.undo";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct UndoRecord {
+    operation: String,
+    spec: String,
+}
+
+/// Writes the undo of a customisation durably, the seed first: the record
+/// is what makes it count. An undo already there for this operation stays:
+/// it holds the state before the operation's first customisation.
+fn write_undo(
+    store: &Store,
+    dir: &Path,
+    operation: &str,
+    spec: &str,
+    seed: &[u8],
+) -> Result<(), VmError> {
+    let fail = |what: &str, e: std::io::Error| VmError::Failed(format!("{what}: {e}"));
+    if let Ok(text) = std::fs::read_to_string(dir.join(UNDO_RECORD)) {
+        let other = serde_json::from_str::<UndoRecord>(&text).ok().map(|u| u.operation);
+        if other.as_deref() == Some(operation) {
+            return Ok(());
+        }
+        // The undo of an operation whose end is on record (settled just
+        // after it) is stale; one of a running operation is not.
+        let running = other
+            .and_then(|op| store.operation(&op).ok().flatten())
+            .is_some_and(|r| r.state == provd_store::OpState::Running);
+        if running {
+            return Err(VmError::Failed(format!(
+                "{} holds a customisation of a running operation",
+                dir.display()
+            )));
+        }
+    }
+    let record = serde_json::to_vec(&UndoRecord { operation: operation.into(), spec: spec.into() })
+        .map_err(|e| VmError::Failed(e.to_string()))?;
+    for (name, bytes) in [(UNDO_SEED, seed), (UNDO_RECORD, record.as_slice())] {
+        let temp = dir.join(format!("{name}.new"));
+        let written = (|| {
+            let mut f = std::fs::File::create(&temp)?;
+            std::io::Write::write_all(&mut f, bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&temp, dir.join(name))
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&temp);
+            return Err(fail(&format!("writing {name}"), e));
+        }
+    }
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| fail("syncing the VM's folder", e))
+}
+
+/// Removes the undo of `vm`'s customisation by `operation`, once that
+/// operation's end is on record (or its customisation undone).
+pub fn settle_customization(store: &Store, vm: &str, operation: &str) -> Result<bool, VmError> {
+    crate::spec::check_dns_label(vm).map_err(|e| VmError::Spec(format!("VM name {vm:?}: {e}")))?;
+    let dir = vm_dir(store, vm);
+    let Ok(text) = std::fs::read_to_string(dir.join(UNDO_RECORD)) else { return Ok(false) };
+    if serde_json::from_str::<UndoRecord>(&text).is_ok_and(|u| u.operation != operation) {
+        return Ok(false);
+    }
+    // The record first: without it a leftover seed copy means nothing.
+    std::fs::remove_file(dir.join(UNDO_RECORD))
+        .map_err(|e| VmError::Failed(format!("removing {UNDO_RECORD}: {e}")))?;
+    let _ = std::fs::remove_file(dir.join(UNDO_SEED));
+    Ok(true)
+}
+
+/// Settles the customisations `operation` made, once its end is on record.
+pub fn settle_customizations_of(store: &Store, operation: &str) -> Result<usize, VmError> {
+    let mut settled = 0;
+    let Ok(entries) = std::fs::read_dir(store.path().join("vms")) else { return Ok(0) };
+    for entry in entries.flatten() {
+        if !entry.path().join(UNDO_RECORD).exists() {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if settle_customization(store, &name, operation)? {
+            settled += 1;
+        }
+    }
+    Ok(settled)
+}
+
+/// Settles every customisation a stop left unsettled: kept when its
+/// operation `succeeded` says so, otherwise undone (the seed and spec from
+/// before put back). Run at start, after interrupted operations are
+/// recorded as failed. Returns the VMs whose customisation was undone.
+pub fn recover_customizations(
+    store: &Store,
+    succeeded: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, VmError> {
+    let mut undone = Vec::new();
+    let Ok(entries) = std::fs::read_dir(store.path().join("vms")) else { return Ok(undone) };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let dir = entry.path();
+        // A stop between the two renames leaves a seed copy alone.
+        let Ok(text) = std::fs::read_to_string(dir.join(UNDO_RECORD)) else {
+            let _ = std::fs::remove_file(dir.join(UNDO_SEED));
+            continue;
+        };
+        let record: UndoRecord = serde_json::from_str(&text)
+            .map_err(|e| VmError::Failed(format!("{}: {e}", dir.join(UNDO_RECORD).display())))?;
+        if !succeeded(&record.operation) {
+            let seed = std::fs::read(dir.join(UNDO_SEED))
+                .map_err(|e| VmError::Failed(format!("reading {UNDO_SEED} of {name}: {e}")))?;
+            restore_seed(store, &name, &record.spec, &seed)?;
+            undone.push(name.clone());
+        }
+        settle_customization(store, &name, &record.operation)?;
+    }
+    Ok(undone)
+}
+
 /// A UUID derived from the VM name: stable across re-renders, distinct per
 /// name.
 fn uuid_of(name: &str) -> String {
@@ -544,7 +666,12 @@ fn fixed_part(spec: &VmSpec) -> VmSpec {
 /// the hypervisor runs rather than what the guest is told. The new seed is
 /// written beside the old one and renamed over it, then the recorded spec
 /// is updated; a failure leaves the old seed and spec in place.
-pub fn customize(store: &Store, spec_text: &str, grant: &VmGrant) -> Result<Customized, VmError> {
+pub fn customize(
+    store: &Store,
+    spec_text: &str,
+    grant: &VmGrant,
+    journal: Option<&str>,
+) -> Result<Customized, VmError> {
     let new = parse_spec(spec_text).map_err(|e| VmError::Spec(e.to_string()))?;
     check_grant(&new, grant)?;
     let rec = store
@@ -581,6 +708,11 @@ pub fn customize(store: &Store, spec_text: &str, grant: &VmGrant) -> Result<Cust
     let path = dir.join("seed.iso");
     let previous_seed = std::fs::read(&path)
         .map_err(|e| VmError::Failed(format!("reading {}: {e}", path.display())))?;
+    // Before anything changes, what undoes it is on disk, so that a crash
+    // of an operation that is then rolled back restores it too.
+    if let Some(operation) = journal {
+        write_undo(store, &dir, operation, &rec.spec, &previous_seed)?;
+    }
     let temp = dir.join("seed.iso.new");
     write_seed_iso(&seed, &temp).map_err(|e| {
         let _ = std::fs::remove_file(&temp);

@@ -281,9 +281,12 @@ impl HostState {
         };
         let ledger = self.ledger.clone();
         let flight = self.ledger.begin();
+        // Journalled when the daemon runs the operation: it settles the
+        // undo once the operation's end is on record.
+        let journal = self.operation_vms.is_some().then(|| self.operation.clone());
         let done = tokio::task::spawn_blocking(move || {
             let _flight = flight;
-            let c = provd_vm::node::customize(&store, &spec, &grant)?;
+            let c = provd_vm::node::customize(&store, &spec, &grant, journal.as_deref())?;
             // Recorded from this thread, so that a request that ended
             // meanwhile still undoes it; a closed ledger means undo it now.
             let undo = crate::host::Customization {

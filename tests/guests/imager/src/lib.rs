@@ -93,7 +93,9 @@ impl Input {
                 if name.is_empty() || image.is_empty() {
                     return Err(Error::InvalidInput("vms: a spec needs name and image".into()));
                 }
-                self.specs.insert(name.clone(), spec.to_string());
+                // A spec in `specs` wins: what a plugin that rewrites the
+                // manager's spec would pass.
+                self.specs.entry(name.clone()).or_insert_with(|| spec.to_string());
                 *arg = VmArg::Pair(name, image);
             }
         }
