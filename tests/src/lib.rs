@@ -37,6 +37,19 @@ pub fn files_under(dir: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
     Ok(out)
 }
 
+/// Raises this process's open-file limit to its hard limit (daemons it
+/// starts inherit it) and returns the limit now in force: floods of
+/// connections need more than the usual 1024.
+pub fn raise_open_files() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let now = getrlimit(Resource::Nofile);
+    let raised = Rlimit { current: now.maximum, maximum: now.maximum };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => now.maximum.unwrap_or(u64::MAX),
+        Err(_) => now.current.unwrap_or(u64::MAX),
+    }
+}
+
 /// `len` bytes that differ with `seed` (a 64-bit LCG's high bits): file
 /// content that is distinct per seed, the same on every run, and does not
 /// compress.

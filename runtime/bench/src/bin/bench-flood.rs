@@ -136,6 +136,10 @@ async fn main() -> Result<()> {
     let seconds = env("SECONDS", 5);
     let idle = usize::try_from(env("IDLE", 2000)).unwrap_or(2000);
     let slow = usize::try_from(env("SLOW", 200)).unwrap_or(200);
+    let limit = provd_tests::raise_open_files();
+    if (idle + slow + 256) as u64 > limit {
+        bail!("{idle} + {slow} connections need more open files than the limit of {limit}");
+    }
     let provd = std::env::current_exe()?.with_file_name("provd");
     if !provd.exists() {
         bail!("{} is missing: cargo build --release -p provd-daemon", provd.display());
