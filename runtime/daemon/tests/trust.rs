@@ -474,9 +474,15 @@ async fn idle_and_slow_connections_from_one_address_do_not_keep_managers_or_the_
     };
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for _ in 0..5 {
-        // A new client each time: a new connection and handshake.
-        let health = admin(&node).get("/healthz").await.unwrap();
-        assert_eq!(health.body["status"], "ok");
+        // A new client each time: a new connection and handshake. From the
+        // flooding address itself a handshake can be closed to make room
+        // when 128 newer ones arrive before its ClientHello is read
+        // (docs/benchmarks.md: about one in 3,000); a client retries once.
+        let mut health = admin(&node).get("/healthz").await;
+        if matches!(health, Err(ClientError::Connect { .. })) {
+            health = admin(&node).get("/healthz").await;
+        }
+        assert_eq!(health.unwrap().body["status"], "ok");
     }
     // The admin socket has slots of its own.
     let mut unix = std::os::unix::net::UnixStream::connect(dir.path().join("admin.sock")).unwrap();
