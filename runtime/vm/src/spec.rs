@@ -1225,4 +1225,38 @@ mod tests {
             assert!(check_boot_path(bad).is_err(), "{bad}");
         }
     }
+
+    #[test]
+    fn the_fields_a_grant_may_name_are_the_specs_own() {
+        // Every field set, so each appears in the JSON form.
+        let text = r#"
+            name = "web-1"
+            hypervisor = "libvirt"
+            vcpus = 2
+            memory-mib = 1024
+            image = "dir:/srv/images/web"
+            topology = { sockets = 1, cores = 2, threads = 1 }
+            labels = { team = "x" }
+            [boot]
+            kernel = "vmlinuz"
+            [[disks]]
+            name = "data"
+            size-gib = 1
+            [[nics]]
+            bridge = "br0"
+            dhcp4 = true
+            [cloud-init]
+            hostname = "web-1.example"
+        "#;
+        let spec = parse_spec(text).unwrap();
+        let serde_json::Value::Object(json) = serde_json::to_value(&spec).unwrap() else {
+            panic!("a spec is an object")
+        };
+        let mut keys: Vec<&str> =
+            json.keys().map(String::as_str).filter(|k| *k != "name").collect();
+        keys.sort_unstable();
+        let mut allowed = provd_domain::VM_SPEC_FIELDS.to_vec();
+        allowed.sort_unstable();
+        assert_eq!(keys, allowed);
+    }
 }
