@@ -650,7 +650,7 @@ async fn a_customisation_interrupted_by_a_stop_is_undone_from_its_journal() {
     provd_vm::node::customize(store, &changed, &grant, Some("op-crashed")).unwrap();
     assert_ne!(std::fs::read(&seed).unwrap(), seed_before);
     assert!(undo.exists());
-    let undone = provd_vm::node::recover_customizations(store, |_| false).unwrap();
+    let undone = provd_vm::node::recover_customizations(store, |_| Ok(false)).unwrap();
     assert_eq!(undone, ["a"]);
     assert_eq!(std::fs::read(&seed).unwrap(), seed_before);
     assert_eq!(store.vm("a").unwrap().unwrap().spec, spec_before);
@@ -660,14 +660,23 @@ async fn a_customisation_interrupted_by_a_stop_is_undone_from_its_journal() {
     provd_vm::node::customize(store, &changed, &grant, Some("op-twice")).unwrap();
     let third = spec("a", 2, 1024).replace("a.example", "a.third");
     provd_vm::node::customize(store, &third, &grant, Some("op-twice")).unwrap();
-    provd_vm::node::recover_customizations(store, |_| false).unwrap();
+    provd_vm::node::recover_customizations(store, |_| Ok(false)).unwrap();
     assert_eq!(std::fs::read(&seed).unwrap(), seed_before);
+
+    // The daemon closes the journal with the operation's end: another
+    // operation's end leaves it, a failed end puts the seed back.
+    provd_vm::node::customize(store, &changed, &grant, Some("op-failed")).unwrap();
+    assert!(!provd_vm::node::end_customization(store, "a", "op-other", false).unwrap());
+    assert!(undo.exists());
+    assert!(provd_vm::node::end_customization(store, "a", "op-failed", false).unwrap());
+    assert_eq!(std::fs::read(&seed).unwrap(), seed_before);
+    assert!(!undo.exists());
 
     // An operation recorded as succeeded keeps its seed; its journal goes.
     provd_vm::node::customize(store, &changed, &grant, Some("op-done")).unwrap();
     let kept = std::fs::read(&seed).unwrap();
     assert!(
-        provd_vm::node::recover_customizations(store, |op| op == "op-done").unwrap().is_empty()
+        provd_vm::node::recover_customizations(store, |op| Ok(op == "op-done")).unwrap().is_empty()
     );
     assert_eq!(std::fs::read(&seed).unwrap(), kept);
     assert!(!undo.exists());

@@ -43,6 +43,8 @@ pub struct Snapshot {
 
 struct Running {
     cancel: Cancel,
+    /// The VMs the operation names: the only ones it may customise.
+    vms: Vec<String>,
     snapshot: watch::Sender<Snapshot>,
     /// The audit trail's row of this operation, completed at each entry.
     record: NewAudit,
@@ -352,7 +354,12 @@ impl Operations {
             done: 0,
             total: None,
         });
-        let running = Arc::new(Running { cancel: Cancel::default(), snapshot: tx, record });
+        let running = Arc::new(Running {
+            cancel: Cancel::default(),
+            vms: rec.vms.clone(),
+            snapshot: tx,
+            record,
+        });
         self.lock().insert(rec.id.clone(), running.clone());
         self.metrics.operations_running.inc();
         let this = self.clone();
@@ -512,6 +519,7 @@ impl Operations {
             let snap = running.snapshot.borrow();
             (snap.phase.clone(), snap.done, snap.total)
         };
+        let vms = running.vms.clone();
         let written = tokio::task::spawn_blocking(move || {
             // The end must be on record: an operation left `running` would be
             // rolled back at the next start, successful or not. A store that
@@ -533,11 +541,14 @@ impl Operations {
                 );
                 match result {
                     Ok(_) => {
-                        // Its end is on record: the undo of what it
-                        // customised is no longer needed (a failed one was
-                        // undone already).
-                        if let Err(e) = provd_vm::node::settle_customizations_of(&store, &op) {
-                            tracing::warn!(operation = %op, error = %e, "settling customisations");
+                        // Its end is on record: what it customised stays
+                        // if it succeeded and is put back from its journal
+                        // otherwise (whatever undid it already, or not).
+                        let keep = state == OpState::Succeeded;
+                        for vm in &vms {
+                            if let Err(e) = provd_vm::node::end_customization(&store, vm, &op, keep) {
+                                tracing::warn!(operation = %op, %vm, error = %e, "closing a customisation's journal");
+                            }
                         }
                         // A shared partition the operation built and no
                         // stack names (a plugin that never stacked it)

@@ -69,16 +69,15 @@ pub async fn serve(
         tracing::warn!(operations = recovered, "rolled back operations interrupted by a stop");
     }
     // Customisations whose operation did not succeed are undone from their
-    // journal; the others are settled.
+    // journal; the others are kept.
     let undone = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || {
             provd_vm::node::recover_customizations(&store, |op| {
-                store
+                let rec = store
                     .operation(op)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|r| r.state == provd_store::OpState::Succeeded)
+                    .map_err(|e| provd_vm::node::VmError::Failed(e.to_string()))?;
+                Ok(rec.is_some_and(|r| r.state == provd_store::OpState::Succeeded))
             })
         })
         .await??

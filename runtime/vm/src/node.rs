@@ -87,15 +87,15 @@ fn write_undo(
     seed: &[u8],
 ) -> Result<(), VmError> {
     let fail = |what: &str, e: std::io::Error| VmError::Failed(format!("{what}: {e}"));
-    if let Ok(text) = std::fs::read_to_string(dir.join(UNDO_RECORD)) {
-        let other = serde_json::from_str::<UndoRecord>(&text).ok().map(|u| u.operation);
-        if other.as_deref() == Some(operation) {
+    if let Some(other) = undo_record(dir)? {
+        if other.operation == operation {
             return Ok(());
         }
-        // The undo of an operation whose end is on record (settled just
+        // The journal of an operation whose end is on record (closed just
         // after it) is stale; one of a running operation is not.
-        let running = other
-            .and_then(|op| store.operation(&op).ok().flatten())
+        let running = store
+            .operation(&other.operation)
+            .map_err(|e| VmError::Failed(e.to_string()))?
             .is_some_and(|r| r.state == provd_store::OpState::Running);
         if running {
             return Err(VmError::Failed(format!(
@@ -124,65 +124,68 @@ fn write_undo(
         .map_err(|e| fail("syncing the VM's folder", e))
 }
 
-/// Removes the undo of `vm`'s customisation by `operation`, once that
-/// operation's end is on record (or its customisation undone).
-pub fn settle_customization(store: &Store, vm: &str, operation: &str) -> Result<bool, VmError> {
+/// The journal of `vm`'s customisation, if one is open.
+fn undo_record(dir: &Path) -> Result<Option<UndoRecord>, VmError> {
+    let path = dir.join(UNDO_RECORD);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| VmError::Failed(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(VmError::Failed(format!("reading {}: {e}", path.display()))),
+    }
+}
+
+/// Closes the journal of `vm`'s customisation by `operation` once that
+/// operation's end is known: the customisation stays when `keep`,
+/// otherwise the spec and seed from before it are put back; then the
+/// journal goes. Returns whether one was undone.
+pub fn end_customization(
+    store: &Store,
+    vm: &str,
+    operation: &str,
+    keep: bool,
+) -> Result<bool, VmError> {
     crate::spec::check_dns_label(vm).map_err(|e| VmError::Spec(format!("VM name {vm:?}: {e}")))?;
     let dir = vm_dir(store, vm);
-    let Ok(text) = std::fs::read_to_string(dir.join(UNDO_RECORD)) else { return Ok(false) };
-    if serde_json::from_str::<UndoRecord>(&text).is_ok_and(|u| u.operation != operation) {
+    let Some(record) = undo_record(&dir)? else { return Ok(false) };
+    if record.operation != operation {
         return Ok(false);
+    }
+    if !keep {
+        let seed = std::fs::read(dir.join(UNDO_SEED))
+            .map_err(|e| VmError::Failed(format!("reading {UNDO_SEED} of {vm}: {e}")))?;
+        restore_seed(store, vm, &record.spec, &seed)?;
     }
     // The record first: without it a leftover seed copy means nothing.
     std::fs::remove_file(dir.join(UNDO_RECORD))
-        .map_err(|e| VmError::Failed(format!("removing {UNDO_RECORD}: {e}")))?;
+        .map_err(|e| VmError::Failed(format!("removing {UNDO_RECORD} of {vm}: {e}")))?;
     let _ = std::fs::remove_file(dir.join(UNDO_SEED));
-    Ok(true)
+    Ok(!keep)
 }
 
-/// Settles the customisations `operation` made, once its end is on record.
-pub fn settle_customizations_of(store: &Store, operation: &str) -> Result<usize, VmError> {
-    let mut settled = 0;
-    let Ok(entries) = std::fs::read_dir(store.path().join("vms")) else { return Ok(0) };
-    for entry in entries.flatten() {
-        if !entry.path().join(UNDO_RECORD).exists() {
-            continue;
-        }
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if settle_customization(store, &name, operation)? {
-            settled += 1;
-        }
-    }
-    Ok(settled)
-}
-
-/// Settles every customisation a stop left unsettled: kept when its
-/// operation `succeeded` says so, otherwise undone (the seed and spec from
-/// before put back). Run at start, after interrupted operations are
-/// recorded as failed. Returns the VMs whose customisation was undone.
+/// Closes every journal a stop left open, keeping a customisation when
+/// `succeeded` says its operation succeeded and undoing it otherwise. Run
+/// at start, after interrupted operations are recorded as failed. Returns
+/// the VMs whose customisation was undone.
 pub fn recover_customizations(
     store: &Store,
-    succeeded: impl Fn(&str) -> bool,
+    succeeded: impl Fn(&str) -> Result<bool, VmError>,
 ) -> Result<Vec<String>, VmError> {
     let mut undone = Vec::new();
     let Ok(entries) = std::fs::read_dir(store.path().join("vms")) else { return Ok(undone) };
     for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let dir = entry.path();
-        // A stop between the two renames leaves a seed copy alone.
-        let Ok(text) = std::fs::read_to_string(dir.join(UNDO_RECORD)) else {
-            let _ = std::fs::remove_file(dir.join(UNDO_SEED));
+        let Some(record) = undo_record(&entry.path())? else {
+            // A stop between the two renames of `write_undo` leaves a seed
+            // copy alone, which means nothing.
+            let _ = std::fs::remove_file(entry.path().join(UNDO_SEED));
             continue;
         };
-        let record: UndoRecord = serde_json::from_str(&text)
-            .map_err(|e| VmError::Failed(format!("{}: {e}", dir.join(UNDO_RECORD).display())))?;
-        if !succeeded(&record.operation) {
-            let seed = std::fs::read(dir.join(UNDO_SEED))
-                .map_err(|e| VmError::Failed(format!("reading {UNDO_SEED} of {name}: {e}")))?;
-            restore_seed(store, &name, &record.spec, &seed)?;
-            undone.push(name.clone());
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let keep = succeeded(&record.operation)?;
+        if end_customization(store, &name, &record.operation, keep)? {
+            undone.push(name);
         }
-        settle_customization(store, &name, &record.operation)?;
     }
     Ok(undone)
 }
