@@ -50,7 +50,8 @@ struct Running {
     record: NewAudit,
 }
 
-/// Finished operations between two prunings of the history.
+/// Finished operations and refused requests between two prunings of the
+/// history.
 const PRUNE_EVERY: u64 = 64;
 
 /// The plugin name of provd's own operations.
@@ -148,6 +149,14 @@ pub struct StartRequest {
     pub allow_inactive: bool,
     /// The manager's spec of each VM, by name, as validated JSON.
     pub specs: std::collections::BTreeMap<String, String>,
+}
+
+/// Seconds since the epoch by the system clock (0 before it).
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn new_id() -> String {
@@ -278,11 +287,8 @@ impl Operations {
         if held >= self.max_held {
             return Err(StartError::Busy(held));
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let found = match self.node.plugin_at(&req.plugin, req.version.as_deref(), now).await {
+        let found = match self.node.plugin_at(&req.plugin, req.version.as_deref(), unix_now()).await
+        {
             Ok(found) => found,
             Err(e @ (BundleRefused::Untrusted { .. } | BundleRefused::Expired { .. })) => {
                 let message = e.to_string();
@@ -690,9 +696,9 @@ impl Operations {
         Ok(done)
     }
 
-    /// Every 64 finished operations, forgets the history beyond what the
-    /// configuration keeps.
-    async fn prune_now_and_then(&self) {
+    /// Forgets the oldest history past its bounds, every `PRUNE_EVERY`
+    /// calls: after each operation and each refused request's audit row.
+    pub(crate) async fn prune_now_and_then(&self) {
         let n = self.since_prune.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if !n.is_multiple_of(PRUNE_EVERY) {
             return;

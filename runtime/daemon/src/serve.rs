@@ -281,58 +281,81 @@ pub async fn serve(
 /// address; over either it is closed.
 struct Gate {
     connections: Arc<tokio::sync::Semaphore>,
-    established: Arc<std::sync::Mutex<HashMap<IpAddr, u32>>>,
+    established: Arc<std::sync::Mutex<PerAddress>>,
     max_per_address: u32,
     pending: Arc<std::sync::Mutex<Pending>>,
+}
+
+/// Connections per address; an address with none has no entry.
+#[derive(Default)]
+struct PerAddress(HashMap<IpAddr, u32>);
+
+impl PerAddress {
+    fn count(&self, ip: IpAddr) -> u32 {
+        self.0.get(&ip).copied().unwrap_or(0)
+    }
+
+    fn add(&mut self, ip: IpAddr) {
+        *self.0.entry(ip).or_insert(0) += 1;
+    }
+
+    fn release(&mut self, ip: IpAddr) {
+        if let Some(n) = self.0.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.0.remove(&ip);
+            }
+        }
+    }
+}
+
+/// A handshake in flight.
+struct InFlight {
+    id: u64,
+    ip: IpAddr,
+    /// Its ClientHello was read.
+    hello: bool,
+    /// Dropped (with the entry) to close the handshake.
+    _cancel: tokio::sync::oneshot::Sender<()>,
 }
 
 /// Handshakes in flight, oldest first.
 #[derive(Default)]
 struct Pending {
     next: u64,
-    /// (id, address, whether its ClientHello was read) by age.
-    order: std::collections::VecDeque<(u64, IpAddr, bool)>,
-    per_address: HashMap<IpAddr, u32>,
-    /// Dropping a sender closes that handshake.
-    cancels: HashMap<u64, tokio::sync::oneshot::Sender<()>>,
+    order: std::collections::VecDeque<InFlight>,
+    per_address: PerAddress,
     max: usize,
     max_per_address: u32,
 }
 
 impl Pending {
-    fn remove(&mut self, id: u64) -> bool {
-        let Some(pos) = self.order.iter().position(|(i, _, _)| *i == id) else {
-            return false;
-        };
-        if let Some((_, ip, _)) = self.order.remove(pos) {
-            self.release(ip);
+    /// Takes entry `pos` out, closing its handshake if it still runs.
+    fn take(&mut self, pos: usize) -> bool {
+        match self.order.remove(pos) {
+            Some(entry) => {
+                self.per_address.release(entry.ip);
+                true
+            }
+            None => false,
         }
-        self.cancels.remove(&id);
-        true
     }
 
-    fn release(&mut self, ip: IpAddr) {
-        if let Some(n) = self.per_address.get_mut(&ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.per_address.remove(&ip);
-            }
-        }
+    fn remove(&mut self, id: u64) -> bool {
+        let pos = self.order.iter().position(|e| e.id == id);
+        pos.is_some_and(|p| self.take(p))
     }
 
     /// Closes the oldest handshake (from `ip` when given) that has not sent
-    /// its ClientHello, or else the oldest.
-    fn evict_oldest(&mut self, ip: Option<IpAddr>) {
-        let from = |a: &IpAddr| ip.is_none_or(|ip| *a == ip);
+    /// its ClientHello, or else the oldest; false when there is none.
+    fn evict_oldest(&mut self, ip: Option<IpAddr>) -> bool {
+        let from = |e: &InFlight| ip.is_none_or(|ip| e.ip == ip);
         let pos = self
             .order
             .iter()
-            .position(|(_, a, hello)| !hello && from(a))
-            .or_else(|| self.order.iter().position(|(_, a, _)| from(a)));
-        if let Some((id, a, _)) = pos.and_then(|p| self.order.remove(p)) {
-            self.release(a);
-            self.cancels.remove(&id);
-        }
+            .position(|e| !e.hello && from(e))
+            .or_else(|| self.order.iter().position(from));
+        pos.is_some_and(|p| self.take(p))
     }
 }
 
@@ -346,8 +369,8 @@ impl HandshakeTicket {
     /// Its ClientHello was read.
     fn hello_read(&self) {
         let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = p.order.iter_mut().find(|(i, _, _)| *i == self.id) {
-            entry.2 = true;
+        if let Some(entry) = p.order.iter_mut().find(|e| e.id == self.id) {
+            entry.hello = true;
         }
     }
 
@@ -368,18 +391,12 @@ impl Drop for HandshakeTicket {
 struct Established {
     _slot: tokio::sync::OwnedSemaphorePermit,
     ip: IpAddr,
-    counts: Arc<std::sync::Mutex<HashMap<IpAddr, u32>>>,
+    counts: Arc<std::sync::Mutex<PerAddress>>,
 }
 
 impl Drop for Established {
     fn drop(&mut self) {
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = counts.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                counts.remove(&self.ip);
-            }
-        }
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).release(self.ip);
     }
 }
 
@@ -404,18 +421,13 @@ impl Gate {
     /// bound; the receiver resolves when this one is closed in turn.
     fn handshake(&self, ip: IpAddr) -> (HandshakeTicket, tokio::sync::oneshot::Receiver<()>) {
         let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        while p.per_address.get(&ip).copied().unwrap_or(0) >= p.max_per_address {
-            p.evict_oldest(Some(ip));
-        }
-        while p.order.len() >= p.max {
-            p.evict_oldest(None);
-        }
+        while p.per_address.count(ip) >= p.max_per_address && p.evict_oldest(Some(ip)) {}
+        while p.order.len() >= p.max && p.evict_oldest(None) {}
         let id = p.next;
         p.next += 1;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        p.order.push_back((id, ip, false));
-        *p.per_address.entry(ip).or_insert(0) += 1;
-        p.cancels.insert(id, tx);
+        p.order.push_back(InFlight { id, ip, hello: false, _cancel: tx });
+        p.per_address.add(ip);
         (HandshakeTicket { id, pending: self.pending.clone() }, rx)
     }
 
@@ -427,11 +439,10 @@ impl Gate {
             .try_acquire_owned()
             .map_err(|_| "every connection slot is taken")?;
         let mut counts = self.established.lock().unwrap_or_else(|p| p.into_inner());
-        let n = counts.entry(ip).or_insert(0);
-        if *n >= self.max_per_address {
+        if counts.count(ip) >= self.max_per_address {
             return Err("connections from this address are at their limit");
         }
-        *n += 1;
+        counts.add(ip);
         Ok(Established { _slot: slot, ip, counts: self.established.clone() })
     }
 }
