@@ -491,9 +491,8 @@ async fn an_analysis_over_the_entry_bound_is_refused_before_anything_is_loaded()
 }
 
 /// The manager's spec of `name`, as the daemon hands it to the engine.
-fn asked(name: &str) -> (String, String) {
-    let parsed = provd_vm::spec::parse_spec(&spec(name, 2, 1024)).unwrap();
-    (name.to_string(), serde_json::to_string(&parsed).unwrap())
+fn asked(name: &str) -> (String, provd_vm::spec::VmSpec) {
+    (name.to_string(), provd_vm::spec::parse_spec(&spec(name, 2, 1024)).unwrap())
 }
 
 /// A call as the daemon makes it: the operation names `vms` and hands the

@@ -551,9 +551,8 @@ fn start_request(
                 format!("vms[{i}]: VM {:?} appears twice", parsed.name),
             ));
         }
-        let json = serde_json::to_string(&parsed).map_err(ApiError::internal)?;
-        specs.insert(parsed.name.clone(), json);
-        names.push(parsed.name);
+        names.push(parsed.name.clone());
+        specs.insert(parsed.name.clone(), parsed);
     }
     let mut input = match body.params.clone() {
         None => serde_json::Map::new(),
@@ -657,13 +656,9 @@ async fn start_operation(
     let allow = &s.node.engine().policy().vm_allow;
     let mut beyond = Vec::new();
     for (name, spec) in &req.specs {
-        if let Ok(parsed) = provd_vm::spec::parse_spec(spec) {
-            beyond.extend(
-                provd_vm::spec::beyond_node(&parsed, allow)
-                    .into_iter()
-                    .map(|m| format!("{name}: {m}")),
-            );
-        }
+        beyond.extend(
+            provd_vm::spec::beyond_node(spec, allow).into_iter().map(|m| format!("{name}: {m}")),
+        );
     }
     if !beyond.is_empty() {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "over-policy", beyond.join("; ")));

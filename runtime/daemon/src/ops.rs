@@ -147,8 +147,8 @@ pub struct StartRequest {
     pub actor: String,
     /// The request may run a version other than the active one.
     pub allow_inactive: bool,
-    /// The manager's spec of each VM, by name, as validated JSON.
-    pub specs: std::collections::BTreeMap<String, String>,
+    /// The manager's spec of each VM, by name, as validated.
+    pub specs: std::collections::BTreeMap<String, provd_vm::spec::VmSpec>,
 }
 
 /// Seconds since the epoch by the system clock (0 before it).
@@ -263,17 +263,6 @@ impl Operations {
         }
     }
 
-    /// The active version of `plugin`, for messages; `none` if unknown.
-    async fn active_version(&self, plugin: &str) -> String {
-        let store = self.store.clone();
-        let bundles = tokio::task::spawn_blocking(move || store.bundles()).await;
-        bundles
-            .ok()
-            .and_then(Result::ok)
-            .and_then(|b| b.into_iter().find(|b| b.name == plugin && b.active))
-            .map_or_else(|| "none".to_string(), |b| b.version)
-    }
-
     /// Records and starts an operation, or returns the one its
     /// idempotency key names (`false` then).
     pub async fn start(
@@ -305,8 +294,8 @@ impl Operations {
             };
             return Err(StartError::NoPlugin(what));
         };
-        if !active {
-            let current = self.active_version(&req.plugin).await;
+        if active.as_deref() != Some(version.as_str()) {
+            let current = active.unwrap_or_else(|| "none".into());
             if !req.allow_inactive {
                 return Err(StartError::Inactive {
                     plugin: req.plugin.clone(),

@@ -210,10 +210,10 @@ pub struct CallOptions {
     /// when given, the only VMs the plugin may configure or customise.
     /// `None` (local tools, tests) leaves the names free.
     pub vms: Option<Vec<String>>,
-    /// The manager's spec of each VM the operation names, as JSON: a
-    /// plugin configures or customises such a VM only with this spec,
-    /// apart from the fields its grant's `may-set` lists.
-    pub specs: std::collections::BTreeMap<String, String>,
+    /// The manager's spec of each VM the operation names: a plugin
+    /// configures or customises such a VM only with this spec, apart from
+    /// the fields its grant's `may-set` lists.
+    pub specs: std::collections::BTreeMap<String, provd_vm::spec::VmSpec>,
 }
 
 /// The result of a successful call.

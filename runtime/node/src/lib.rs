@@ -54,8 +54,8 @@ pub enum BundleRefused {
 pub struct Selected {
     pub version: String,
     pub plugin: Plugin,
-    /// Whether it is the version new operations get by default.
-    pub active: bool,
+    /// The version new operations get by default, if the plugin has one.
+    pub active: Option<String>,
 }
 
 /// A bundle the node holds.
@@ -172,6 +172,7 @@ impl Node {
         .await
         .map_err(|e| BundleRefused::Internal(e.to_string()))?
         .map_err(AcceptError::from)?;
+        let active = bundles.iter().find(|b| b.name == name && b.active).map(|b| b.version.clone());
         let wanted = bundles
             .into_iter()
             .find(|b| b.name == name && version.map_or(b.active, |v| b.version == v));
@@ -215,6 +216,6 @@ impl Node {
                 plugin
             }
         };
-        Ok(Some(Selected { version: record.version, plugin, active: record.active }))
+        Ok(Some(Selected { version: record.version, plugin, active }))
     }
 }

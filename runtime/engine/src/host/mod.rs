@@ -69,8 +69,8 @@ pub(crate) struct HostState {
     pub cancel: crate::Cancel,
     /// The VM names the operation is about, when it names them.
     pub operation_vms: Option<Vec<String>>,
-    /// The manager's spec of each VM the operation names (JSON).
-    pub operation_specs: std::collections::BTreeMap<String, String>,
+    /// The manager's spec of each VM the operation names.
+    pub operation_specs: std::collections::BTreeMap<String, provd_vm::spec::VmSpec>,
     /// Whether a host call found the request cancelled.
     pub cancelled: bool,
 }

@@ -52,11 +52,7 @@ impl HostState {
         let Some(asked) = self.operation_specs.get(&parsed.name) else {
             return Ok(());
         };
-        // The manager's spec was checked when the operation was accepted.
-        let asked = provd_vm::spec::parse_spec(asked).map_err(|e| {
-            WitError::Failed(format!("the operation's spec of {:?}: {e}", parsed.name))
-        })?;
-        let differ: Vec<String> = provd_vm::spec::differing_fields(&parsed, &asked)
+        let differ: Vec<String> = provd_vm::spec::differing_fields(&parsed, asked)
             .into_iter()
             .filter(|f| !grant.may_set.contains(f))
             .collect();
