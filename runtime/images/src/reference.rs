@@ -190,7 +190,6 @@ fn parse_oci(text: &str, rest: &str, plain_http: bool) -> Result<Reference, Refe
 /// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`.
 fn repository_component(c: &str) -> bool {
     let alnum = |ch: char| ch.is_ascii_lowercase() || ch.is_ascii_digit();
-    let b = c.as_bytes();
     if !c.chars().next().is_some_and(alnum) || !c.chars().last().is_some_and(alnum) {
         return false;
     }
@@ -212,7 +211,7 @@ fn repository_component(c: &str) -> bool {
             return false;
         }
     }
-    !b.is_empty()
+    true
 }
 
 fn parse_http(text: &str) -> Result<Reference, ReferenceError> {
@@ -280,12 +279,24 @@ fn check_local_path(text: &str, path: &str) -> Result<(), ReferenceError> {
     if let Some(e) = encoded_separator(path) {
         return bad(format!("percent-encoded {e:?} is not accepted in a path"));
     }
+    plain_components(text, path, "empty path component (`//` or a trailing `/`)", "a path")
+}
+
+/// Every `/`-separated component of `path` after the first (the empty one
+/// before a leading `/`, or a URL's host) is neither empty nor `.` or `..`.
+fn plain_components(
+    text: &str,
+    path: &str,
+    empty: &str,
+    within: &str,
+) -> Result<(), ReferenceError> {
     for component in path.split('/').skip(1) {
-        match component {
-            "" => return bad("empty path component (`//` or a trailing `/`)".into()),
-            "." | ".." => return bad(format!("{component:?} is not accepted in a path")),
-            _ => {}
-        }
+        let why = match component {
+            "" => empty.to_string(),
+            "." | ".." => format!("{component:?} is not accepted in {within}"),
+            _ => continue,
+        };
+        return Err(ReferenceError::BadPath(text.to_string(), why));
     }
     Ok(())
 }
@@ -305,14 +316,7 @@ fn check_url_path(text: &str, scheme_rest: &str) -> Result<(), ReferenceError> {
     // The first component is the host; a trailing slash (which a URL
     // parser adds to an empty path) is not an empty component.
     let path = path.strip_suffix('/').unwrap_or(path);
-    for component in path.split('/').skip(1) {
-        match component {
-            "" => return bad("empty path component".into()),
-            "." | ".." => return bad(format!("{component:?} is not accepted in a reference")),
-            _ => {}
-        }
-    }
-    Ok(())
+    plain_components(text, path, "empty path component", "a reference")
 }
 
 impl fmt::Display for Reference {

@@ -82,8 +82,11 @@ impl Store {
     /// without recording anything: what a check at every run reads (a
     /// write there would cost every operation one more durable commit).
     pub fn clock_at_least(&self, now: u64) -> Result<u64, StoreError> {
-        let seen: Option<i64> = self
-            .lock_db()
+        self.clock_in(&self.lock_db(), now)
+    }
+
+    fn clock_in(&self, db: &rusqlite::Connection, now: u64) -> Result<u64, StoreError> {
+        let seen: Option<i64> = db
             .query_row("SELECT last_seen FROM clock WHERE id = 1", [], |r| r.get(0))
             .optional()
             .map_err(|e| self.db_error(e))?;
@@ -93,13 +96,10 @@ impl Store {
     /// Advances the node's clock as the store has seen it to `now` and
     /// returns the later of the two: the clock never runs backwards.
     pub fn observe_clock(&self, now: u64) -> Result<u64, StoreError> {
+        // Read and written under one lock, so two observers cannot move it
+        // back.
         let db = self.lock_db();
-        let seen: Option<i64> = db
-            .query_row("SELECT last_seen FROM clock WHERE id = 1", [], |r| r.get(0))
-            .optional()
-            .map_err(|e| self.db_error(e))?;
-        let seen = seen.map(|s| s.max(0) as u64).unwrap_or(0);
-        let later = seen.max(now);
+        let later = self.clock_in(&db, now)?;
         db.execute(
             "INSERT INTO clock (id, last_seen) VALUES (1, ?1)
              ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen",

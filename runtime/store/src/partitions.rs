@@ -382,13 +382,9 @@ impl Store {
         let mut db = self.lock_db();
         (|| {
             let tx = db.transaction()?;
+            drop_pending(&tx, private)?;
             tx.execute(
-                "DELETE FROM partition_stack WHERE private = ?1 AND pending = 1",
-                [private],
-            )?;
-            tx.execute(
-                "INSERT INTO pending_manifests (private, manifest) VALUES (?1, ?2)
-                 ON CONFLICT (private) DO UPDATE SET manifest = excluded.manifest",
+                "INSERT INTO pending_manifests (private, manifest) VALUES (?1, ?2)",
                 params![private, manifest],
             )?;
             let mut insert = tx.prepare(
@@ -465,11 +461,7 @@ impl Store {
         let mut db = self.lock_db();
         (|| {
             let tx = db.transaction()?;
-            tx.execute(
-                "DELETE FROM partition_stack WHERE private = ?1 AND pending = 1",
-                [private],
-            )?;
-            tx.execute("DELETE FROM pending_manifests WHERE private = ?1", [private])?;
+            drop_pending(&tx, private)?;
             tx.commit()
         })()
         .map_err(|e| self.db_error(e))
@@ -847,4 +839,11 @@ fn release(conn: &mut Connection, vm: &str) -> rusqlite::Result<Vec<PartitionRec
     unused.extend(delete_unused_shared(&tx, &stacked)?);
     tx.commit()?;
     Ok(unused)
+}
+
+/// Forgets the pending stack of `private` and the manifest recorded with it.
+fn drop_pending(tx: &rusqlite::Transaction<'_>, private: &str) -> rusqlite::Result<()> {
+    tx.execute("DELETE FROM partition_stack WHERE private = ?1 AND pending = 1", [private])?;
+    tx.execute("DELETE FROM pending_manifests WHERE private = ?1", [private])?;
+    Ok(())
 }

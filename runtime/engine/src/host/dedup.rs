@@ -15,6 +15,8 @@ pub(crate) struct KeptPlan {
     pub id: String,
     pub plan: provd_dedup::Plan,
     pub vms: Vec<provd_partitions::VmImage>,
+    /// `plan.held_bytes()`, counted once when it is kept.
+    pub held_bytes: u64,
 }
 
 /// VMs one call may analyse.
@@ -198,7 +200,7 @@ impl HostState {
                 Ok(r) => r,
                 Err(e) => return Ok(Err(e)),
             };
-        let held: u64 = self.plans.iter().map(|k| k.plan.held_bytes()).sum();
+        let held: u64 = self.plans.iter().map(|k| k.held_bytes).sum();
         let more = plan.held_bytes();
         if held.saturating_add(more) > MAX_KEPT_PLAN_BYTES {
             return Ok(Err(WitError::QuotaExceeded(format!(
@@ -240,7 +242,7 @@ impl HostState {
             .zip(records)
             .map(|(v, image)| provd_partitions::VmImage { vm: v.vm.clone(), image })
             .collect();
-        self.plans.push(KeptPlan { id, plan, vms: vm_images });
+        self.plans.push(KeptPlan { id, plan, vms: vm_images, held_bytes: more });
         Ok(Ok(summary))
     }
 

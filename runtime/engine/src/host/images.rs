@@ -33,8 +33,7 @@ impl HostState {
         if text.len() > MAX_NAME_LEN {
             return Err(WitError::InvalidInput(format!("reference is {} bytes long", text.len())));
         }
-        let explicit = ["dir:/", "tar:/", "http://", "https://", "oci://", "oci+http://"];
-        if !explicit.iter().any(|scheme| text.starts_with(scheme)) {
+        if !provd_domain::PATTERN_SCHEMES.iter().any(|scheme| text.starts_with(scheme)) {
             return Err(WitError::InvalidInput(format!(
                 "reference {text:?}: write dir:/path, tar:/path, an http(s) URL with its digest \
                  or an oci:// reference"
