@@ -260,16 +260,21 @@ fn dedup_plan_finds_what_the_vms_share() {
 fn check_shows_the_grant_of_plugins_that_need_node_services_against_a_nodes_policy() {
     let flagship = SHARED_PARTITION.dir().join("plugin.toml");
     let manifest = flagship.to_str().unwrap();
+    // `provctl plugin check` of the flagship plugin, with `extra` arguments.
+    let check = |extra: &[&str]| {
+        let mut args = vec![
+            "plugin",
+            "check",
+            "--component",
+            SHARED_PARTITION.component,
+            "--manifest",
+            manifest,
+        ];
+        args.extend_from_slice(extra);
+        provctl(&args)
+    };
     // The flagship plugin declares images, dedup, partitions and vm.
-    let out = provctl(&[
-        "plugin",
-        "check",
-        "--component",
-        SHARED_PARTITION.component,
-        "--manifest",
-        manifest,
-        "--json",
-    ]);
+    let out = check(&["--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v = stdout_json(&out);
     for capability in ["images", "dedup", "partitions", "vm"] {
@@ -290,17 +295,9 @@ fn check_shows_the_grant_of_plugins_that_need_node_services_against_a_nodes_poli
         )
         .unwrap();
     };
+    let against = ["--config", config.to_str().unwrap()];
     write("image-sources = [\"dir:/srv/images/*\"]\n");
-    let out = provctl(&[
-        "plugin",
-        "check",
-        "--component",
-        SHARED_PARTITION.component,
-        "--manifest",
-        manifest,
-        "--config",
-        config.to_str().unwrap(),
-    ]);
+    let out = check(&against);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -309,16 +306,7 @@ fn check_shows_the_grant_of_plugins_that_need_node_services_against_a_nodes_poli
     );
     assert!(text.contains("provd:plugin/vm@0.1.0"), "{text}");
     write("max-vm-vcpus = 1\nmax-memory-mib = 1\n");
-    let out = provctl(&[
-        "plugin",
-        "check",
-        "--component",
-        SHARED_PARTITION.component,
-        "--manifest",
-        manifest,
-        "--config",
-        config.to_str().unwrap(),
-    ]);
+    let out = check(&against);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("limits.memory-mib"), "{stderr}");
