@@ -103,6 +103,28 @@ enum VmCommand {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Keep a Cloud Hypervisor VM's serial console in a log of bounded size:
+    /// read the VMM's serial.sock in the VM's directory and write serial.log
+    /// beside it, rotated at --max-bytes with --keep older files. Run it
+    /// beside the VMM (for example as a service of its own); without it the
+    /// console's output is not kept.
+    ConsoleLog {
+        /// The VM's directory, <data>/vms/<name>.
+        vm_dir: PathBuf,
+        /// Bytes in one log file before it is rotated.
+        #[arg(long, default_value_t = provd_vm::console::DEFAULT_MAX_BYTES)]
+        max_bytes: u64,
+        /// Older files kept (serial.log.1 is the newest of them).
+        #[arg(long, default_value_t = provd_vm::console::DEFAULT_KEEP)]
+        keep: u32,
+        /// Seconds to wait for the VMM's socket to appear.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+        /// Stop when the VMM closes the console instead of waiting for it to
+        /// listen again.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -286,6 +308,9 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 VmCommand::Check { file, json } => vm::check(&file, json),
                 VmCommand::Ls { json } => vm::list(json, &dir),
                 VmCommand::Rm { names } => vm::remove(&names, &dir),
+                VmCommand::ConsoleLog { vm_dir, max_bytes, keep, wait, once } => {
+                    vm::console_log(&vm_dir, max_bytes, keep, wait, once)
+                }
             }
         }
         Command::Boot(BootCommand::Initramfs { modules_dir, busybox, out, json }) => {

@@ -132,3 +132,38 @@ pub fn boot_run(domain: &Path, accel: &str, timeout: u64, dry_run: bool) -> Resu
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Copies the VMM's serial console into a capped, rotated log until the VMM
+/// closes it (`once`) or forever, waiting for it to listen again after each
+/// close. Fails when no VMM listens within `wait` seconds of the start.
+pub fn console_log(
+    vm_dir: &Path,
+    max_bytes: u64,
+    keep: u32,
+    wait: u64,
+    once: bool,
+) -> Result<ExitCode> {
+    use provd_vm::console::{RotatingLog, SOCKET_NAME, connect, copy_connection};
+    let socket = vm_dir.join(SOCKET_NAME);
+    let log_path = vm_dir.join("serial.log");
+    let mut log = RotatingLog::open(&log_path, max_bytes, keep)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let wait = std::time::Duration::from_secs(wait);
+    let mut first = true;
+    loop {
+        let stream = connect(&socket, wait)
+            .with_context(|| format!("connecting to {}", socket.display()))?;
+        let Some(mut stream) = stream else {
+            if first || once {
+                anyhow::bail!("no VMM listens on {} after {} s", socket.display(), wait.as_secs());
+            }
+            continue;
+        };
+        first = false;
+        copy_connection(&mut stream, &mut log)
+            .with_context(|| format!("copying {} into {}", socket.display(), log_path.display()))?;
+        if once {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}

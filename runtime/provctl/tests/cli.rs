@@ -311,3 +311,45 @@ fn check_shows_the_grant_of_plugins_that_need_node_services_against_a_nodes_poli
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("limits.memory-mib"), "{stderr}");
 }
+
+#[test]
+fn console_log_keeps_a_vmms_serial_output_capped_and_rotated() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    // The VMM's side, as Cloud Hypervisor's `Socket` serial mode has it: it
+    // listens on serial.sock in the VM's directory.
+    let listener = std::os::unix::net::UnixListener::bind(dir.path().join("serial.sock")).unwrap();
+    let printed: Vec<u8> = (0..25_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let sent = printed.clone();
+    let vmm = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.write_all(&sent).unwrap();
+    });
+    let vm_dir = dir.path().to_str().unwrap();
+    let out = provctl(&[
+        "vm",
+        "console-log",
+        vm_dir,
+        "--max-bytes",
+        "10000",
+        "--keep",
+        "1",
+        "--wait",
+        "10",
+        "--once",
+    ]);
+    vmm.join().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cur = std::fs::read(dir.path().join("serial.log")).unwrap();
+    let older = std::fs::read(dir.path().join("serial.log.1")).unwrap();
+    assert!(!dir.path().join("serial.log.2").exists());
+    assert_eq!((older.len(), cur.len()), (10_000, 5_000));
+    assert_eq!([older, cur].concat(), printed[10_000..]);
+
+    // No VMM: a clear error naming the socket, after the wait.
+    std::fs::remove_file(dir.path().join("serial.sock")).unwrap();
+    let out = provctl(&["vm", "console-log", vm_dir, "--wait", "0", "--once"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no VMM listens on") && err.contains("serial.sock"), "{err}");
+}

@@ -2,6 +2,7 @@
 
 pub mod boot;
 pub mod cloudinit;
+pub mod console;
 pub mod iso9660;
 pub mod node;
 pub mod qemu;

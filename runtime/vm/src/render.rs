@@ -88,9 +88,11 @@ pub struct RenderInput<'a> {
     /// libvirt selects its firmware itself and Firecracker boots no
     /// firmware, so both ignore it.
     pub firmware: Option<PathBuf>,
-    /// Where the serial console is logged; a pty when absent. Firecracker's
-    /// config file cannot name one (its serial goes to the process's
-    /// stdout, which provd redirects), so it ignores this.
+    /// Where the serial console is logged; a pty when absent. libvirt hands
+    /// it to virtlogd, which caps and rotates it. Cloud Hypervisor listens on
+    /// `serial.sock` beside it, for the console reader that keeps it capped
+    /// (`crate::console`). Firecracker's config file cannot name one (its
+    /// serial goes to the process's stdout), so it ignores this.
     pub serial_log: Option<PathBuf>,
 }
 

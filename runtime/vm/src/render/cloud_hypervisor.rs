@@ -133,13 +133,31 @@ pub fn cloud_hypervisor_json(input: &RenderInput) -> Result<Value, RenderError> 
         vm.insert("fs".into(), Value::Array(fs));
     }
 
-    vm.insert(
-        "serial".into(),
-        match p.serial_log {
-            Some(file) => json!({ "mode": "File", "file": file }),
-            None => json!({ "mode": "Pty" }),
-        },
-    );
+    // A `File` serial grows without bound as the guest prints. The VMM
+    // listens on a socket beside the log instead, and the console reader
+    // (`provctl vm console-log`, see `crate::console`) keeps the log capped
+    // and rotated.
+    let serial = match p.serial_log {
+        Some(file) => {
+            let socket = match file.rsplit_once('/') {
+                Some((dir, _)) => format!("{dir}/{}", crate::console::SOCKET_NAME),
+                None => crate::console::SOCKET_NAME.to_string(),
+            };
+            if socket.len() > crate::console::MAX_SOCKET_PATH {
+                return Err(RenderError::field(
+                    "input.serial_log",
+                    format!(
+                        "the serial socket {socket} is longer than a Unix socket path \
+                         holds ({} bytes)",
+                        crate::console::MAX_SOCKET_PATH
+                    ),
+                ));
+            }
+            json!({ "mode": "Socket", "socket": socket })
+        }
+        None => json!({ "mode": "Pty" }),
+    };
+    vm.insert("serial".into(), serial);
     // One console is enough: the serial port, which every kernel has early.
     vm.insert("console".into(), json!({ "mode": "Off" }));
     Ok(Value::Object(vm))
