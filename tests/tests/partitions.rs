@@ -693,7 +693,7 @@ async fn the_boot_script_assembles_each_vms_root_from_its_partitions() {
 fn one_vm_request(b: &Built, vm: &str, image: &ImageRecord) -> (Plan, provd_partitions::Layout) {
     let vms = vec![VmImage { vm: vm.to_string(), image: image.clone() }];
     let entries = vec![(vm.to_string(), b.store().entries(image, 0, u64::MAX).unwrap())];
-    let node = provd_partitions::node_layers(b.store(), 1_000_000).unwrap();
+    let node = provd_partitions::node_layers(b.store(), 1_000_000, &|_| true).unwrap();
     let policy = Policy { min_layer_bytes: 0, layer_unique_files: true, ..Policy::default() };
     let plan = provd_dedup::plan_on_node(&entries, &node, &policy).unwrap();
     let layout =
@@ -1051,4 +1051,47 @@ async fn a_repack_interrupted_at_any_step_is_settled_at_the_next_start() {
     assert_eq!(done.moved.len(), 2, "{done:#?}");
     assert_eq!(shared_ids(b.store()).len(), 1);
     all_exact(&b);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stack_reaching_another_tenants_partition_is_refused_whatever_the_plan_says() {
+    let b = prepared().await;
+    let web = b.vms[0].image.clone();
+    // web-1 of tenant a: its files on a shared partition of domain tenant:a.
+    let of = |t: &str| BuildOptions { domain: format!("tenant:{t}"), ..opts() };
+    let vms = vec![VmImage { vm: "web-1".into(), image: web.clone() }];
+    let entries = vec![("web-1".to_string(), b.store().entries(&web, 0, u64::MAX).unwrap())];
+    let policy = Policy { min_layer_bytes: 0, layer_unique_files: true, ..Policy::default() };
+    let plan = provd_dedup::plan_on_node(&entries, &[], &policy).unwrap();
+    let shared =
+        provd_partitions::build_shared(b.store(), &plan, &vms, SharedFormat::Erofs, &of("a"))
+            .unwrap();
+    assert_eq!(shared.domain, "tenant:a");
+
+    // A plan for tenant b made against every layer, as a forged plan would
+    // be: it stacks a's layer, and building b's private partition on it is
+    // refused, naming the partition and its domain.
+    let vms = vec![VmImage { vm: "web-2".into(), image: web.clone() }];
+    let entries = vec![("web-2".to_string(), b.store().entries(&web, 0, u64::MAX).unwrap())];
+    let all = provd_partitions::node_layers(b.store(), 1_000_000, &|_| true).unwrap();
+    let forged = provd_dedup::plan_on_node(&entries, &all, &policy).unwrap();
+    assert_eq!(forged.shares["web-2"].node_bytes, web.bytes);
+    let err =
+        build_private(b.store(), &forged, &vms, "web-2", None, PrivateFormat::Ext4, None, &of("b"))
+            .unwrap_err();
+    assert!(matches!(err, PartitionError::OtherDomain { .. }), "{err}");
+    assert!(err.to_string().contains(&shared.id) && err.to_string().contains("tenant:a"), "{err}");
+    assert!(b.store().partitions_of_vm("web-2").unwrap().is_empty());
+
+    // The layers tenant b may see hold nothing of a's; tenant a's own VM
+    // stacks them.
+    let visible_to_b = provd_partitions::node_layers(b.store(), 1_000_000, &|d| {
+        provd_domain::trust::may_see("b", d)
+    })
+    .unwrap();
+    assert!(visible_to_b.is_empty());
+    let private =
+        build_private(b.store(), &forged, &vms, "web-2", None, PrivateFormat::Ext4, None, &of("a"))
+            .unwrap();
+    assert_eq!(private.domain, "tenant:a");
 }

@@ -22,6 +22,10 @@
 //!    of its image, arriving alone, stores nothing again;
 //! 3. `shared-partition`: one new shared partition holding the new layers,
 //!    built by the host (skipped when the plan builds none);
+//!
+//! Steps 2 and 3 run once per tenant of the request's VMs (a spec's
+//! `tenant`, `default` when absent): a plan's layers belong to one trust
+//! domain, and a VM stacks only public layers and its own tenant's;
 //! 4. `private-partitions`: per VM, a private partition with only its own
 //!    files, whiteouts for what its layers hold that its image lacks, and
 //!    what its guest needs to stack its layers (the host builds them side
@@ -95,6 +99,8 @@ fn default_private_format() -> String {
 struct Vm {
     name: String,
     image: String,
+    /// Its spec's tenant, or `default`.
+    tenant: String,
     spec: serde_json::Value,
 }
 
@@ -114,6 +120,7 @@ struct LayerReport {
 #[derive(Serialize)]
 struct VmReport {
     name: String,
+    tenant: String,
     image: String,
     /// Bytes of the VM's image.
     image_bytes: u64,
@@ -152,7 +159,9 @@ struct Totals {
 
 #[derive(Serialize)]
 struct Output {
-    shared_partition: Option<String>,
+    /// The shared partitions this request built: one per tenant whose plan
+    /// builds new layers.
+    shared_partitions: Vec<String>,
     layers: Vec<LayerReport>,
     vms: Vec<VmReport>,
     totals: Totals,
@@ -191,12 +200,23 @@ fn vms_of(input: &Input) -> Result<Vec<Vm>, Error> {
                 }
             }
         }
-        out.push(Vm { name, image, spec });
+        let tenant = text("tenant").unwrap_or_else(|| "default".into());
+        out.push(Vm { name, image, tenant, spec });
     }
     Ok(out)
 }
 
 struct SharedPartition;
+
+/// One tenant's VMs (indices into the request's), planned and built
+/// together: a plan's layers belong to one trust domain, so VMs of
+/// different tenants are planned apart (the host refuses a plan that mixes
+/// them over images that are not all public).
+struct Group {
+    vms: Vec<usize>,
+    plan: dedup::Summary,
+    shared: Option<partitions::Partition>,
+}
 
 impl Plugin for SharedPartition {
     fn provision(request: Request) -> Result<Report, Error> {
@@ -218,10 +238,16 @@ impl Plugin for SharedPartition {
             progress::report("fetch-images", i as u64 + 1, Some(total))?;
         }
 
-        // 2. What the images share, and the layers.
-        progress::report("plan", 0, Some(1))?;
-        let pairs: Vec<(&str, &str)> =
-            vms.iter().map(|v| (v.name.as_str(), v.image.as_str())).collect();
+        // 2. What the images share, and the layers: one plan per tenant.
+        let mut tenants: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (i, v) in vms.iter().enumerate() {
+            match tenants.iter_mut().find(|(t, _)| *t == v.tenant) {
+                Some((_, members)) => members.push(i),
+                None => tenants.push((v.tenant.as_str(), vec![i])),
+            }
+        }
+        let plans = tenants.len() as u64;
+        progress::report("plan", 0, Some(plans))?;
         let policy = dedup::Policy {
             min_layer_bytes: input.min_layer_bytes,
             max_layers_per_vm: input.max_layers_per_vm,
@@ -229,39 +255,65 @@ impl Plugin for SharedPartition {
             node_layers: input.node_layers,
             layer_unique_files: input.layer_unique_files,
         };
-        let plan = dedup::plan(&pairs, policy)?;
-        let new_layers = plan.layers.iter().filter(|l| l.partition.is_none()).count();
-        progress::report("plan", 1, Some(1))?;
-        log::info(
-            "plan",
-            &[
-                ("layers", &plan.layers.len()),
-                ("naive_bytes", &plan.naive_bytes),
-                ("stored_bytes", &plan.stored_bytes),
-            ],
-        );
+        let mut groups = Vec::new();
+        for (k, (tenant, members)) in tenants.into_iter().enumerate() {
+            let pairs: Vec<(&str, &str)> = members
+                .iter()
+                .filter_map(|i| vms.get(*i))
+                .map(|v| (v.name.as_str(), v.image.as_str()))
+                .collect();
+            let plan = dedup::plan(&pairs, policy)?;
+            log::info(
+                "plan",
+                &[
+                    ("tenant", &tenant),
+                    ("layers", &plan.layers.len()),
+                    ("naive_bytes", &plan.naive_bytes),
+                    ("stored_bytes", &plan.stored_bytes),
+                ],
+            );
+            progress::report("plan", k as u64 + 1, Some(plans))?;
+            groups.push(Group { vms: members, plan, shared: None });
+        }
+        let new_layers = |g: &Group| g.plan.layers.iter().filter(|l| l.partition.is_none()).count();
 
-        // 3. One new shared partition for the layers the node lacks.
-        let shared = if new_layers == 0 {
+        // 3. A new shared partition per plan for the layers the node lacks.
+        let building = groups.iter().filter(|g| new_layers(g) > 0).count() as u64;
+        if building == 0 {
             log::info("no new layer: no new shared partition", &[]);
-            None
         } else {
-            progress::report("shared-partition", 0, Some(1))?;
-            let p = partitions::create_shared(&plan.plan, &input.shared_format)?;
-            progress::report("shared-partition", 1, Some(1))?;
-            Some(p)
-        };
+            progress::report("shared-partition", 0, Some(building))?;
+            let mut built = 0;
+            for g in groups.iter_mut().filter(|g| new_layers(g) > 0) {
+                g.shared = Some(partitions::create_shared(&g.plan.plan, &input.shared_format)?);
+                built += 1;
+                progress::report("shared-partition", built, Some(building))?;
+            }
+        }
 
         // 4. A private partition per VM, built side by side by the host.
         progress::report("private-partitions", 0, Some(n))?;
-        let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
-        let privates = partitions::create_privates(
-            &plan.plan,
-            &names,
-            shared.as_ref().map(|s| s.id.as_str()),
-            &input.private_format,
-            input.private_size_bytes,
-        )?;
+        let mut privates: Vec<Option<partitions::Partition>> = vms.iter().map(|_| None).collect();
+        for g in &groups {
+            let names: Vec<&str> =
+                g.vms.iter().filter_map(|i| vms.get(*i)).map(|v| v.name.as_str()).collect();
+            let built = partitions::create_privates(
+                &g.plan.plan,
+                &names,
+                g.shared.as_ref().map(|s| s.id.as_str()),
+                &input.private_format,
+                input.private_size_bytes,
+            )?;
+            for (i, p) in g.vms.iter().zip(built) {
+                if let Some(slot) = privates.get_mut(*i) {
+                    *slot = Some(p);
+                }
+            }
+        }
+        let privates: Vec<partitions::Partition> = privates.into_iter().flatten().collect();
+        if privates.len() != vms.len() {
+            return Err(Error::Failed("the host built fewer private partitions than asked".into()));
+        }
         progress::report("private-partitions", n, Some(n))?;
 
         // 5. Each VM configured on its partitions, side by side by the host.
@@ -272,10 +324,15 @@ impl Plugin for SharedPartition {
         let configured = vm::configure_all(&pairs)?;
         progress::report("configure-vms", n, Some(n))?;
         let mut reports = Vec::new();
-        for ((v, private), configured) in vms.iter().zip(&privates).zip(configured) {
-            let figures = plan.vms.iter().find(|f| f.vm == v.name);
+        for (i, ((v, private), configured)) in vms.iter().zip(&privates).zip(configured).enumerate()
+        {
+            let figures = groups
+                .iter()
+                .find(|g| g.vms.contains(&i))
+                .and_then(|g| g.plan.vms.iter().find(|f| f.vm == v.name));
             reports.push(VmReport {
                 name: v.name.clone(),
+                tenant: v.tenant.clone(),
                 image: v.image.clone(),
                 image_bytes: figures.map(|f| f.bytes).unwrap_or(0),
                 node_layer_bytes: figures.map(|f| f.node_bytes).unwrap_or(0),
@@ -292,12 +349,18 @@ impl Plugin for SharedPartition {
             });
         }
 
+        let naive_bytes: u64 = groups.iter().map(|g| g.plan.naive_bytes).sum();
+        let stored_bytes: u64 = groups.iter().map(|g| g.plan.stored_bytes).sum();
         let totals = Totals {
-            naive_bytes: plan.naive_bytes,
-            stored_bytes: plan.stored_bytes,
-            node_layer_bytes: plan.vms.iter().map(|f| f.node_bytes).sum(),
-            saving_bytes: plan.naive_bytes.saturating_sub(plan.stored_bytes),
-            shared_partition_bytes: shared.as_ref().map(|s| s.bytes).unwrap_or(0),
+            naive_bytes,
+            stored_bytes,
+            node_layer_bytes: groups.iter().flat_map(|g| &g.plan.vms).map(|f| f.node_bytes).sum(),
+            saving_bytes: naive_bytes.saturating_sub(stored_bytes),
+            shared_partition_bytes: groups
+                .iter()
+                .filter_map(|g| g.shared.as_ref())
+                .map(|s| s.bytes)
+                .sum(),
             private_partitions_bytes: privates.iter().map(|p| p.bytes).sum(),
         };
         let percent = if totals.naive_bytes == 0 {
@@ -305,30 +368,37 @@ impl Plugin for SharedPartition {
         } else {
             totals.saving_bytes as f64 * 100.0 / totals.naive_bytes as f64
         };
+        let all_layers: usize = groups.iter().map(|g| g.plan.layers.len()).sum();
+        let all_new: usize = groups.iter().map(new_layers).sum();
         let summary = format!(
             "{n} VMs provisioned: {} of {} bytes stored, {:.1} % saved ({} from layers already on the node), {} new layer(s), {} from the node",
             totals.stored_bytes,
             totals.naive_bytes,
             percent,
             totals.node_layer_bytes,
-            new_layers,
-            plan.layers.len() - new_layers
+            all_new,
+            all_layers - all_new
         );
         let output = Output {
-            shared_partition: shared.as_ref().map(|s| s.id.clone()),
-            layers: plan
-                .layers
+            shared_partitions: groups
                 .iter()
-                .map(|l| LayerReport {
-                    id: l.id.clone(),
-                    vms: l.vms.clone(),
-                    files: l.files,
-                    bytes: l.bytes,
-                    on_node: l.partition.is_some(),
-                    partition: l
-                        .partition
-                        .clone()
-                        .or_else(|| shared.as_ref().map(|s| s.id.clone())),
+                .filter_map(|g| g.shared.as_ref())
+                .map(|s| s.id.clone())
+                .collect(),
+            layers: groups
+                .iter()
+                .flat_map(|g| {
+                    g.plan.layers.iter().map(|l| LayerReport {
+                        id: l.id.clone(),
+                        vms: l.vms.clone(),
+                        files: l.files,
+                        bytes: l.bytes,
+                        on_node: l.partition.is_some(),
+                        partition: l
+                            .partition
+                            .clone()
+                            .or_else(|| g.shared.as_ref().map(|s| s.id.clone())),
+                    })
                 })
                 .collect(),
             vms: reports,
@@ -336,14 +406,14 @@ impl Plugin for SharedPartition {
         };
         Report::new(summary)
             .field("vms", n)
-            .field("layers", plan.layers.len())
-            .field("new-layers", new_layers)
+            .field("layers", all_layers)
+            .field("new-layers", all_new)
             .field("node-layer-bytes", output.totals.node_layer_bytes)
             .field("naive-bytes", output.totals.naive_bytes)
             .field("stored-bytes", output.totals.stored_bytes)
             .field("saving-bytes", output.totals.saving_bytes)
             .field("saving-percent", format!("{percent:.1}"))
-            .field("shared-partition", output.shared_partition.clone().unwrap_or_default())
+            .field("shared-partitions", output.shared_partitions.join(","))
             .output(&output)
     }
 }

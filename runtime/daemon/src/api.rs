@@ -1138,7 +1138,8 @@ async fn list_layers(
         .iter()
         .map(|l| {
             json!({"partition": l.partition, "layer": l.name, "digest": l.digest,
-                   "files": l.files, "bytes": l.bytes, "format": l.format, "vms": l.vms})
+                   "files": l.files, "bytes": l.bytes, "format": l.format, "vms": l.vms,
+                   "domain": l.domain})
         })
         .collect();
     ok(StatusCode::OK, json!({"layers": list, "total": total, "next": next}))

@@ -41,6 +41,20 @@ pub struct Config {
     /// (`access.rs`).
     #[serde(default)]
     pub access: crate::access::AccessConfig,
+    /// What VMs of different tenants may share.
+    #[serde(default)]
+    pub sharing: SharingConfig,
+}
+
+/// `[sharing]`: the provider's public catalogue, whose layers VMs of every
+/// tenant may stack. Images matching no pattern belong to the tenant of the
+/// VM that names them.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SharingConfig {
+    /// Image reference patterns, in the syntax of `policy.image-sources`.
+    #[serde(default)]
+    pub public_images: Vec<String>,
 }
 
 /// The server's identity and the managers it accepts.
@@ -257,6 +271,20 @@ impl Config {
                 }
             })?;
         }
+        if config.sharing.public_images.len() > 256 {
+            return Err(ConfigError::Parse {
+                path: path.display().to_string(),
+                message: "sharing.public-images: at most 256 patterns".into(),
+            });
+        }
+        for pattern in &config.sharing.public_images {
+            provd_domain::check_pattern(pattern, provd_domain::MAX_PATTERN_LEN).map_err(|why| {
+                ConfigError::Parse {
+                    path: path.display().to_string(),
+                    message: format!("sharing.public-images: {why}"),
+                }
+            })?;
+        }
         if config.trusted_keys.is_empty() {
             return Err(ConfigError::Parse {
                 path: path.display().to_string(),
@@ -273,6 +301,7 @@ impl Config {
         if let Some(v) = &c.image_sources {
             p.image_sources = v.clone();
         }
+        p.public_images = self.sharing.public_images.clone();
         p.vm_allow = provd_domain::VmAllow {
             bridges: c.vm_bridges.clone().unwrap_or_default(),
             taps: c.vm_taps.clone().unwrap_or_default(),

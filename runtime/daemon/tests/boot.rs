@@ -183,6 +183,14 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
         let first = boot_checked(&domain, &format!("{name}, first boot"));
         let context = first.text();
         assert_eq!(first.facts("root"), ["overlay"], "{name}:\n{context}");
+        // No shared partition stays mounted beside the overlay: the guest
+        // reaches its layers only through its own image's view.
+        let mounts = first.facts("mount");
+        assert!(mounts.iter().any(|m| m.starts_with("/ overlay ")), "{name}:\n{context}");
+        assert!(
+            !mounts.iter().any(|m| m.starts_with("/run/provd/s") || m.contains("erofs")),
+            "{name}: a shared partition is mounted in the guest:\n{context}"
+        );
         let os_release: Vec<String> = std::fs::read_to_string(root.join("etc/os-release"))
             .unwrap()
             .lines()

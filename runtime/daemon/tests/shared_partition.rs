@@ -200,7 +200,7 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
     assert_eq!(alone_done["state"], "succeeded", "{alone_done:#}");
     let web_bytes: u64 = 900_000 + 120_000 + 8 + 400_000 + 5_000;
     let out = &alone_done["report"]["output"];
-    assert_eq!(out["shared_partition"], Value::Null);
+    assert_eq!(out["shared_partitions"], json!([]));
     assert_eq!(out["totals"]["naive_bytes"], web_bytes);
     assert_eq!(out["totals"]["stored_bytes"], 0);
     assert_eq!(out["totals"]["node_layer_bytes"], web_bytes);

@@ -116,7 +116,8 @@ pub struct VmGrant {
 
 /// Top-level fields of a VM spec (`provd_vm::spec::VmSpec`, as its JSON
 /// names them) a grant may let a plugin set: all but `name`, which is what
-/// ties a configuration to the manager's spec.
+/// ties a configuration to the manager's spec, and `tenant`, which decides
+/// whose files the VM may reach.
 pub const VM_SPEC_FIELDS: [&str; 10] = [
     "hypervisor",
     "vcpus",

@@ -33,6 +33,7 @@ pub mod image;
 mod manifest;
 mod pattern;
 mod policy;
+pub mod trust;
 
 pub use capability::{
     ALWAYS_LINKED, Capability, HYPERVISORS, HashingGrant, ImagesGrant, LogGrant, PartitionsGrant,

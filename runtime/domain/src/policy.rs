@@ -61,6 +61,11 @@ pub struct NodePolicy {
     /// Image reference patterns any plugin may fetch from; a plugin's own
     /// patterns narrow this further. Empty: no plugin fetches images.
     pub image_sources: Vec<String>,
+    /// Image reference patterns of the provider's public catalogue
+    /// (`[sharing] public-images`): their layers may be shared by VMs of
+    /// every tenant. Any other image belongs to the tenant of the VM that
+    /// names it (see [`crate::trust`]). Empty: no image is public.
+    pub public_images: Vec<String>,
     /// Largest `read-file` any plugin may ask for, and the default.
     pub max_image_read_bytes: u64,
     pub default_image_read_bytes: u64,
@@ -161,6 +166,7 @@ impl Default for NodePolicy {
             default_hash_input_bytes: 16 * MIB,
             max_concurrent_invocations: 64,
             image_sources: Vec::new(),
+            public_images: Vec::new(),
             max_image_read_bytes: 64 * MIB,
             default_image_read_bytes: MIB,
             max_partition_bytes: 1024 * 1024 * MIB,

@@ -251,6 +251,7 @@ impl Engine {
         let services = host::NodeServices {
             images: config.images.clone(),
             image_sources: Arc::new(config.policy.image_sources.clone()),
+            public_images: Arc::new(config.policy.public_images.clone()),
             vm_allow: Arc::new(config.policy.vm_allow.clone()),
             capacity: config.policy.capacity,
         };

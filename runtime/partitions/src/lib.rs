@@ -127,6 +127,12 @@ pub enum PartitionError {
     /// an image could not be read back
     #[error("reading partition {partition}: {reason}")]
     Unreadable { partition: String, reason: String },
+    /// a VM would stack a partition of a trust domain its tenant may not see
+    #[error(
+        "VM {vm:?} of tenant {tenant:?} may not stack shared partition {partition} (domain {domain}); \
+         a VM stacks only public layers and its own tenant's"
+    )]
+    OtherDomain { vm: String, tenant: String, partition: String, domain: String },
 }
 
 /// Formats of the shared partition.
@@ -240,6 +246,10 @@ pub struct BuildOptions {
     /// Longest one run of a filesystem tool may take before it is killed
     /// and the build fails (default 30 minutes).
     pub tool_timeout: std::time::Duration,
+    /// The trust domain of what is built (`provd_domain::trust`): a shared
+    /// partition's layers, or the tenant of a private partition's VM, whose
+    /// stack may then reach only `public` and its own domain.
+    pub domain: String,
 }
 
 impl Default for BuildOptions {
@@ -249,6 +259,7 @@ impl Default for BuildOptions {
             quota_bytes: u64::MAX,
             tool_dirs: DEFAULT_TOOL_DIRS.iter().map(PathBuf::from).collect(),
             tool_timeout: std::time::Duration::from_secs(30 * 60),
+            domain: provd_domain::trust::LEGACY_DOMAIN.to_string(),
         }
     }
 }
@@ -458,14 +469,18 @@ pub(crate) fn shared_file(m: &PrivateManifest) -> String {
 /// the plan is made; past this the largest are kept.
 pub const MAX_NODE_LAYERS: usize = 1024;
 
-/// The layers the node offers to new VMs (see [`Store::layers`]), with
-/// their entries: the largest first, within `max_entries` entries in all
-/// and [`MAX_NODE_LAYERS`].
+/// The layers the node offers to new VMs (see [`Store::layers`]) whose
+/// trust domain `visible` accepts, with their entries: the largest first,
+/// within `max_entries` entries in all and [`MAX_NODE_LAYERS`]. A plan made
+/// only against layers its VMs may see neither stacks nor counts nor
+/// reveals the others.
 pub fn node_layers(
     store: &Store,
     max_entries: u64,
+    visible: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<provd_dedup::NodeLayer>, StoreError> {
     let mut records = store.layers(true)?;
+    records.retain(|r| visible(&r.domain));
     records.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.partition.cmp(&b.partition)));
     let mut left = max_entries;
     let mut out = Vec::new();
@@ -1049,6 +1064,7 @@ fn finish_shared(
         vms: Vec::new(),
         layers,
         stack: Vec::new(),
+        domain: opts.domain.clone(),
     })
 }
 
@@ -1298,7 +1314,8 @@ pub fn build_private(
     let stack_ids = plan.stacks.get(vm).cloned().unwrap_or_default();
     let private = plan.private.get(vm).cloned().unwrap_or_default();
     let whiteouts = plan.whiteouts.get(vm).cloned().unwrap_or_default();
-    let (shared_refs, stack, stack_rows) = resolve_stack(store, plan, vm, &stack_ids, shared)?;
+    let (shared_refs, stack, stack_rows) =
+        resolve_stack(store, plan, vm, &stack_ids, shared, &opts.domain)?;
     let tools = opts.tools();
     if format == PrivateFormat::Qcow2 {
         tools.find(QEMU_IMG)?;
@@ -1430,6 +1447,7 @@ pub fn build_private(
         vms: users,
         layers: Vec::new(),
         stack: stack_rows,
+        domain: opts.domain.clone(),
     })
 }
 
@@ -1471,6 +1489,7 @@ fn resolve_stack(
     vm: &str,
     ids: &[String],
     shared: Option<&PartitionRecord>,
+    domain: &str,
 ) -> Result<ResolvedStack, PartitionError> {
     let on_node = if plan.layers.iter().any(|l| l.node.is_some()) {
         store.layers(false)?
@@ -1540,6 +1559,17 @@ fn resolve_stack(
                 let rec = store.partition(&partition)?.ok_or_else(|| {
                     PartitionError::NotFound(format!("shared partition {partition} is gone"))
                 })?;
+                // Whatever the plan says: a guest reads every byte of what
+                // it attaches, so its tenant must be allowed all of it.
+                let tenant = domain.strip_prefix("tenant:").unwrap_or("");
+                if !provd_domain::trust::may_see(tenant, &rec.domain) {
+                    return Err(PartitionError::OtherDomain {
+                        vm: vm.to_string(),
+                        tenant: tenant.to_string(),
+                        partition: rec.id,
+                        domain: rec.domain,
+                    });
+                }
                 let sm = shared_manifest(&rec)?;
                 refs.push(SharedRef { partition: rec.id, format: sm.format, uuid: sm.uuid });
                 refs.len() - 1

@@ -48,6 +48,11 @@ pub struct RepackPlan {
     /// Layers (source partition, layer) kept whole because cutting them
     /// would change what a VM sees.
     pub kept_whole: Vec<(String, String)>,
+    /// The trust domain of the new shared partition: `public` when every
+    /// moved VM stacks only public layers, else the one tenant's domain
+    /// they all stack. A repack never mixes domains: a VM whose stack is of
+    /// another domain than the first moved VM's is left where it is.
+    pub domain: String,
 }
 
 type Key = (String, String);
@@ -100,6 +105,7 @@ pub fn plan_repack(store: &Store, only: Option<&[String]>) -> Result<RepackPlan,
         layout: provd_dedup::VmLayout,
     }
     let mut candidates = Vec::new();
+    let mut domain: Option<String> = None;
     for (vm, private) in chosen {
         let skip = |why: &str| (vm.clone(), why.to_string());
         if pending.contains(&private.id) {
@@ -135,6 +141,29 @@ pub fn plan_repack(store: &Store, only: Option<&[String]>) -> Result<RepackPlan,
         if image.digest != manifest.image_digest {
             skipped.push(skip("its image changed since its partition was built"));
             continue;
+        }
+        // The domain of what the stack holds: public, or its tenant's when
+        // any of its layers is.
+        let mut stack_domain = provd_domain::trust::PUBLIC.to_string();
+        for shared in keys.iter().map(|k| &k.0).collect::<BTreeSet<_>>() {
+            let d = store.partition(shared)?.map(|r| r.domain).unwrap_or_default();
+            if d != provd_domain::trust::PUBLIC {
+                stack_domain = d;
+            }
+        }
+        match &domain {
+            None => domain = Some(stack_domain),
+            Some(d) if *d != stack_domain => {
+                skipped.push((
+                    vm.clone(),
+                    format!(
+                        "its layers are of domain {stack_domain}, not {d}: a repack never mixes \
+                         trust domains; repack it on its own"
+                    ),
+                ));
+                continue;
+            }
+            Some(_) => {}
         }
         for k in &keys {
             if !entries.contains_key(k) {
@@ -270,7 +299,14 @@ pub fn plan_repack(store: &Store, only: Option<&[String]>) -> Result<RepackPlan,
     }
     plan.stored_bytes = plan.layer_bytes + plan.private_bytes.values().sum::<u64>();
     let (moves, vms) = candidates.into_iter().map(|c| (c.mv, c.image)).unzip();
-    Ok(RepackPlan { plan, vms, moves, skipped, kept_whole: whole.into_iter().collect() })
+    Ok(RepackPlan {
+        plan,
+        vms,
+        moves,
+        skipped,
+        kept_whole: whole.into_iter().collect(),
+        domain: domain.unwrap_or_else(|| provd_domain::trust::LEGACY_DOMAIN.to_string()),
+    })
 }
 
 /// A VM's new stack: its layers' new names in order, a layer cut to

@@ -59,7 +59,10 @@ pub fn plan(args: PlanArgs, data_dir: &Path) -> Result<std::process::ExitCode> {
         max_shared_partitions: provd_partitions::MAX_SHARED_PER_VM,
     };
     let node = if args.node_layers {
-        provd_partitions::node_layers(&store, NODE_LAYER_ENTRIES)?
+        provd_partitions::node_layers(&store, NODE_LAYER_ENTRIES, &|d| {
+            // Built locally, for the default tenant.
+            provd_domain::trust::may_see(provd_domain::trust::DEFAULT_TENANT, d)
+        })?
     } else {
         Vec::new()
     };

@@ -102,7 +102,9 @@ pub fn build(args: BuildArgs, data_dir: &Path) -> Result<ExitCode> {
         max_shared_partitions: provd_partitions::MAX_SHARED_PER_VM,
     };
     let node = if args.node_layers {
-        provd_partitions::node_layers(&store, crate::dedup::NODE_LAYER_ENTRIES)?
+        provd_partitions::node_layers(&store, crate::dedup::NODE_LAYER_ENTRIES, &|d| {
+            provd_domain::trust::may_see(provd_domain::trust::DEFAULT_TENANT, d)
+        })?
     } else {
         Vec::new()
     };

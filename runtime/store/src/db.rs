@@ -225,6 +225,13 @@ const MIGRATIONS: &[&str] = &[
         manifest TEXT NOT NULL
     ) WITHOUT ROWID;
 "#,
+    // Every partition has a trust domain: a shared partition holds layers of
+    // one domain only, and a VM of tenant T stacks only `public` and
+    // `tenant:T`. Partitions built before belong to the default tenant.
+    r#"
+    ALTER TABLE partitions ADD COLUMN domain TEXT NOT NULL DEFAULT 'tenant:default'
+        CHECK (domain = 'public' OR domain GLOB 'tenant:?*');
+"#,
 ];
 
 /// An image as recorded.

@@ -39,6 +39,10 @@ pub struct PartitionRecord {
     /// VMs using it, sorted: a private partition's VM, or the VMs whose
     /// stacks name a layer of a shared partition.
     pub vms: Vec<String>,
+    /// Its trust domain (`provd_domain::trust`): `public` or `tenant:<name>`.
+    /// A shared partition's layers are all of it; a private partition's is
+    /// its VM's tenant's.
+    pub domain: String,
 }
 
 /// A layer a shared partition holds, as [`Store::publish_partition`]
@@ -102,6 +106,8 @@ pub struct LayerRecord {
     pub format: String,
     /// VMs whose stacks name it, sorted.
     pub vms: Vec<String>,
+    /// Its shared partition's trust domain.
+    pub domain: String,
 }
 
 /// What a builder hands to [`Store::publish_partition`].
@@ -122,10 +128,12 @@ pub struct NewPartition {
     pub layers: Vec<NewLayer>,
     /// The stack of a private partition, bottom first.
     pub stack: Vec<StackedLayer>,
+    /// Its trust domain, see [`PartitionRecord::domain`].
+    pub domain: String,
 }
 
 const COLUMNS: &str =
-    "id, role, format, file, bytes, apparent_bytes, operation, manifest, created_at";
+    "id, role, format, file, bytes, apparent_bytes, operation, manifest, created_at, domain";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PartitionRecord> {
     Ok(PartitionRecord {
@@ -139,6 +147,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PartitionRecord> {
         manifest: r.get(7)?,
         created_at: r.get(8)?,
         vms: Vec::new(),
+        domain: r.get(9)?,
     })
 }
 
@@ -517,7 +526,7 @@ impl Store {
         };
         let mut stmt = db
             .prepare(&format!(
-                "SELECT l.partition, l.name, l.digest, l.files, l.bytes, l.recorded, p.format
+                "SELECT l.partition, l.name, l.digest, l.files, l.bytes, l.recorded, p.format, p.domain
                  FROM layers l JOIN partitions p ON p.id = l.partition {filter}
                  ORDER BY p.created_at, l.partition, l.name"
             ))
@@ -533,6 +542,7 @@ impl Store {
                     recorded: r.get::<_, i64>(5)? == 1,
                     format: r.get(6)?,
                     vms: Vec::new(),
+                    domain: r.get(7)?,
                 })
             })
             .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
@@ -754,8 +764,8 @@ fn remove(
 fn insert(conn: &mut Connection, new: &NewPartition) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     tx.execute(
-        "INSERT INTO partitions (id, role, format, file, bytes, apparent_bytes, operation, manifest, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO partitions (id, role, format, file, bytes, apparent_bytes, operation, manifest, created_at, domain)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         params![
             new.id,
             new.role,
@@ -765,7 +775,8 @@ fn insert(conn: &mut Connection, new: &NewPartition) -> rusqlite::Result<()> {
             to_i64(new.apparent_bytes),
             new.operation,
             new.manifest,
-            now()
+            now(),
+            new.domain
         ],
     )?;
     for vm in &new.vms {

@@ -324,6 +324,19 @@ fn resolve(store: &Store, spec: &VmSpec, private: &PartitionRecord) -> Result<Re
             ),
         });
     }
+    // The tenant decides whose bytes the guest may read: its private
+    // partition must be of its tenant and each shared partition it attaches
+    // public or its tenant's, whatever built them.
+    let tenant = spec.tenant();
+    if private.domain != provd_domain::trust::tenant_domain(tenant) {
+        return Err(VmError::Denied {
+            field: "tenant".into(),
+            reason: format!(
+                "partition {} was built for domain {}, not for tenant {tenant:?}",
+                private.id, private.domain
+            ),
+        });
+    }
     let private_path = store
         .partition_path(&private.id)
         .map_err(|e| VmError::NotFound(e.to_string()))?
@@ -338,6 +351,15 @@ fn resolve(store: &Store, spec: &VmSpec, private: &PartitionRecord) -> Result<Re
             store.partition(&s.partition).map_err(|e| VmError::Failed(e.to_string()))?.ok_or_else(
                 || VmError::NotFound(format!("shared partition {} is gone", s.partition)),
             )?;
+        if !provd_domain::trust::may_see(tenant, &rec.domain) {
+            return Err(VmError::Denied {
+                field: "tenant".into(),
+                reason: format!(
+                    "a VM of tenant {tenant:?} may not attach shared partition {} (domain {})",
+                    rec.id, rec.domain
+                ),
+            });
+        }
         let sm: SharedManifest = serde_json::from_str(&rec.manifest)
             .map_err(|e| VmError::Failed(format!("partition {}: {e}", rec.id)))?;
         shared.push((rec, sm));

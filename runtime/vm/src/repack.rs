@@ -74,8 +74,10 @@ pub fn repack(
         return Ok(out);
     }
     let point = store.sync_point().map_err(failed)?;
-    let shared = provd_partitions::build_shared(store, &planned.plan, &planned.vms, format, opts)
-        .map_err(failed)?;
+    let shared_opts = BuildOptions { domain: planned.domain.clone(), ..opts.clone() };
+    let shared =
+        provd_partitions::build_shared(store, &planned.plan, &planned.vms, format, &shared_opts)
+            .map_err(failed)?;
     // The VMs' boot files are about to name it, and each move is final on
     // its own: the partition must be on disk before the first one (an
     // operation's partitions are otherwise synced once, at its end). If it

@@ -145,6 +145,11 @@ pub struct VmSpec {
     /// A DNS label: 1 to 63 of `[a-z0-9-]`, starting with a letter, not
     /// ending with `-`; it names the domain and the generated MACs.
     pub name: String,
+    /// The tenant the VM belongs to, a DNS label; absent means
+    /// [`provd_domain::trust::DEFAULT_TENANT`]. Its guest may stack and
+    /// attach only the public catalogue's layers and its tenant's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     /// Which hypervisor runs the VM.
     pub hypervisor: Hypervisor,
     /// Number of vCPUs, 1 to [`MAX_VCPUS`].
@@ -677,6 +682,11 @@ impl VmSpec {
         if let Err(m) = check_dns_label(&self.name) {
             p.push("name", m);
         }
+        if let Some(t) = &self.tenant
+            && !provd_domain::trust::valid_tenant(t)
+        {
+            p.push("tenant", format!("{t:?} is not a DNS label (1 to 63 of a-z, 0-9 and -)"));
+        }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             p.push("vcpus", format!("{} is not between 1 and {MAX_VCPUS}", self.vcpus));
         }
@@ -837,6 +847,11 @@ impl VmSpec {
                 None => generated_mac(&self.name, i),
             })
             .collect()
+    }
+
+    /// The VM's tenant: its spec's, or the default tenant.
+    pub fn tenant(&self) -> &str {
+        self.tenant.as_deref().unwrap_or(provd_domain::trust::DEFAULT_TENANT)
     }
 
     /// The guest host name: cloud-init's, or the VM name.
@@ -1253,7 +1268,7 @@ mod tests {
             panic!("a spec is an object")
         };
         let mut keys: Vec<&str> =
-            json.keys().map(String::as_str).filter(|k| *k != "name").collect();
+            json.keys().map(String::as_str).filter(|k| !["name", "tenant"].contains(k)).collect();
         keys.sort_unstable();
         let mut allowed = provd_domain::VM_SPEC_FIELDS.to_vec();
         allowed.sort_unstable();

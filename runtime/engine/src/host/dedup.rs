@@ -17,6 +17,8 @@ pub(crate) struct KeptPlan {
     pub vms: Vec<provd_partitions::VmImage>,
     /// `plan.held_bytes()`, counted once when it is kept.
     pub held_bytes: u64,
+    /// The trust domain of the layers it builds (`provd_domain::trust`).
+    pub domain: String,
 }
 
 /// VMs one call may analyse.
@@ -92,6 +94,39 @@ impl HostState {
     }
 }
 
+impl HostState {
+    /// The trust domain of the layers a plan of `vms` builds, and the VMs'
+    /// tenants: `public` when every VM runs an image of the public
+    /// catalogue, else the one tenant's domain all of them belong to. A
+    /// plan mixing tenants over images that are not all public is refused:
+    /// its layers would hold one tenant's files for another's VMs.
+    fn plan_domain(
+        &self,
+        vms: &[VmImage],
+    ) -> Result<(String, std::collections::BTreeSet<String>), WitError> {
+        let mut tenants = std::collections::BTreeSet::new();
+        let mut all_public = true;
+        for v in vms {
+            tenants.insert(self.vm_tenant(&v.vm));
+            let image = self.fetched_image(&v.image)?;
+            all_public &=
+                provd_domain::trust::is_public_image(&self.public_images, &image.reference);
+        }
+        if all_public {
+            return Ok((provd_domain::trust::PUBLIC.to_string(), tenants));
+        }
+        match tenants.iter().collect::<Vec<_>>().as_slice() {
+            [one] => Ok((provd_domain::trust::tenant_domain(one), tenants.clone())),
+            many => Err(WitError::InvalidInput(format!(
+                "these VMs belong to tenants {} and not all of them run images of the public \
+                 catalogue: a plan's layers are of one trust domain; plan each tenant's VMs \
+                 separately",
+                many.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+}
+
 fn analysis_summary(a: &provd_dedup::Analysis) -> Summary {
     Summary {
         plan: String::new(),
@@ -156,6 +191,10 @@ impl HostState {
             Ok(e) => e,
             Err(e) => return Ok(Err(e)),
         };
+        let (domain, tenants) = match self.plan_domain(&vms) {
+            Ok(d) => d,
+            Err(e) => return Ok(Err(e)),
+        };
         let use_node = policy.node_layers;
         let policy = provd_dedup::Policy {
             min_layer_bytes: policy.min_layer_bytes,
@@ -174,8 +213,13 @@ impl HostState {
             };
             let budget = MAX_ANALYSED_ENTRIES
                 .saturating_sub(entries.iter().map(|(_, es)| es.len() as u64).sum());
-            match tokio::task::spawn_blocking(move || provd_partitions::node_layers(&store, budget))
-                .await?
+            // Only layers every VM of the plan may see: the others are
+            // neither stacked nor counted in the plan's figures.
+            let visible = move |d: &str| tenants.iter().all(|t| provd_domain::trust::may_see(t, d));
+            match tokio::task::spawn_blocking(move || {
+                provd_partitions::node_layers(&store, budget, &visible)
+            })
+            .await?
             {
                 Ok(layers) => layers,
                 Err(e) => return Ok(Err(WitError::Failed(e.to_string()))),
@@ -242,7 +286,7 @@ impl HostState {
             .zip(records)
             .map(|(v, image)| provd_partitions::VmImage { vm: v.vm.clone(), image })
             .collect();
-        self.plans.push(KeptPlan { id, plan, vms: vm_images, held_bytes: more });
+        self.plans.push(KeptPlan { id, plan, vms: vm_images, held_bytes: more, domain });
         Ok(Ok(summary))
     }
 

@@ -50,6 +50,8 @@ pub(crate) struct HostState {
     pub images: Option<Arc<provd_images::Images>>,
     /// The node's allowed image reference patterns.
     pub image_sources: Arc<Vec<String>>,
+    /// The patterns of the provider's public catalogue (`[sharing]`).
+    pub public_images: Arc<Vec<String>>,
     /// The host networks and boot files the node lets VMs use.
     pub vm_allow: Arc<provd_domain::VmAllow>,
     /// Images fetched in this request, by canonical reference.
@@ -233,6 +235,7 @@ pub(crate) fn side_by_side<T: Send, E: Send>(
 pub(crate) struct NodeServices {
     pub images: Option<Arc<provd_images::Images>>,
     pub image_sources: Arc<Vec<String>>,
+    pub public_images: Arc<Vec<String>>,
     pub capacity: provd_domain::NodeCapacity,
     pub vm_allow: Arc<provd_domain::VmAllow>,
 }
@@ -277,6 +280,7 @@ impl HostState {
             breached: None,
             images: node.images.clone(),
             image_sources: node.image_sources.clone(),
+            public_images: node.public_images.clone(),
             vm_allow: node.vm_allow.clone(),
             fetched: std::collections::HashMap::new(),
             plans: Vec::new(),
@@ -290,6 +294,15 @@ impl HostState {
             cancelled: false,
         };
         (state, [stdout, stderr])
+    }
+
+    /// The tenant of VM `name`: its spec's, as the manager gave it, or the
+    /// default tenant where the call has no spec for it (a local run).
+    pub(crate) fn vm_tenant(&self, name: &str) -> String {
+        self.operation_specs
+            .get(name)
+            .map(|s| s.tenant().to_string())
+            .unwrap_or_else(|| provd_domain::trust::DEFAULT_TENANT.to_string())
     }
 
     /// When the operation names its VMs, `name` must be one of them: a

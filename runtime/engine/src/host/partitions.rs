@@ -31,6 +31,7 @@ fn wit_error(e: PartitionError) -> WitError {
     match e {
         PartitionError::QuotaExceeded { .. } => WitError::QuotaExceeded(text),
         PartitionError::NotFound(_) => WitError::NotFound(text),
+        PartitionError::OtherDomain { .. } => WitError::Denied(text),
         PartitionError::InvalidEntry { .. }
         | PartitionError::PlanMismatch { .. }
         | PartitionError::InvalidPlan(_)
@@ -111,6 +112,15 @@ impl HostState {
             .ok_or_else(|| WitError::NotFound(format!("partition {id:?} no longer exists")))
     }
 
+    /// Options for `vm`'s private partition: of its tenant's domain, so its
+    /// stack may reach only public layers and its tenant's.
+    fn private_options(&self, vm: &str) -> Result<BuildOptions, WitError> {
+        Ok(BuildOptions {
+            domain: provd_domain::trust::tenant_domain(&self.vm_tenant(vm)),
+            ..self.build_options()?
+        })
+    }
+
     fn record_built(&mut self, rec: &PartitionRecord) {
         self.partition_bytes = self.partition_bytes.saturating_add(rec.apparent_bytes);
     }
@@ -164,11 +174,13 @@ impl HostState {
         let prepared = (|| {
             let format = SharedFormat::parse(&format).map_err(wit_error)?;
             let kept = self.kept_plan(&plan)?;
+            // The plan's layers are all of its domain, and so is the partition.
+            let opts = BuildOptions { domain: kept.domain.clone(), ..self.build_options()? };
             Ok::<_, WitError>((
                 format,
                 kept.plan.clone(),
                 kept.vms.clone(),
-                self.build_options()?,
+                opts,
                 self.partition_store()?,
             ))
         })();
@@ -197,7 +209,7 @@ impl HostState {
         let prepared = (|| {
             self.operation_vm(&vm)?;
             let inputs = self.private_inputs(&plan, shared.as_deref(), &format)?;
-            Ok::<_, WitError>((inputs, self.build_options()?, self.partition_store()?))
+            Ok::<_, WitError>((inputs, self.private_options(&vm)?, self.partition_store()?))
         })();
         let ((format, plan, vms, shared), opts, store) = match prepared {
             Ok(p) => p,
@@ -242,12 +254,14 @@ impl HostState {
             if let Some(dup) = names.iter().find(|n| !seen.insert(n.as_str())) {
                 return Err(WitError::InvalidInput(format!("VM {dup:?} is listed twice")));
             }
+            let mut options = Vec::with_capacity(names.len());
             for name in &names {
                 self.operation_vm(name)?;
+                options.push(self.private_options(name)?);
             }
-            Ok::<_, WitError>((inputs, self.build_options()?, self.partition_store()?))
+            Ok::<_, WitError>((inputs, options, self.partition_store()?))
         })();
-        let ((format, plan, vms, shared), opts, store) = match prepared {
+        let ((format, plan, vms, shared), options, store) = match prepared {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
@@ -258,6 +272,7 @@ impl HostState {
             let _flight = flight;
             crate::host::side_by_side(names.len(), |i| {
                 let vm = names.get(i).map(String::as_str).unwrap_or_default();
+                let opts = options.get(i).cloned().unwrap_or_default();
                 let rec = provd_partitions::build_private(
                     &store,
                     &plan,
