@@ -62,6 +62,11 @@ vm-taps = ["tap-*"]
 vm-boot-files = ["vmlinuz", "provd-initrd.img"]
 vm-cmdlines = ["console=ttyS0 *"]
 
+# The provider's public catalogue: VMs of every tenant share its layers.
+# Any other image is its VM's tenant's own.
+[sharing]
+public-images = ["dir:$(pwd)/images/web", "dir:$(pwd)/images/api", "dir:$(pwd)/images/db"]
+
 [capacity]
 vcpus = 8
 memory-mib = 16384

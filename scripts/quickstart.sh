@@ -7,7 +7,9 @@
 #   3. starts the node (`provd serve`, mutual TLS on 127.0.0.1);
 #   4. builds, signs and deploys the shared-partition plugin;
 #   5. provisions three VMs with it and prints its report, then a fourth VM
-#      alone, which stores none of its image's files again;
+#      alone, which stores none of its image's files again, then a VM of
+#      another tenant, whose image is web plus its own files: it shares the
+#      public catalogue's layers and nothing of the first tenant's;
 #   6. stops the node and verifies the result: each VM's private partition
 #      on its shared layers equals its image, each domain XML is valid;
 #   7. with PROVD_QUICKSTART_BOOT=1, boots web-boot, a fifth VM of the web
@@ -58,11 +60,13 @@ provctl deploy "$work/shared-partition.provd" --node "$url"
 
 mkdir -p "$work/vms"
 vms=()
-# write_spec NAME IMAGE: a VM spec file for VM NAME of image IMAGE.
+# write_spec NAME IMAGE [TENANT]: a VM spec file for VM NAME of image IMAGE,
+# of TENANT (the default tenant when not given).
 write_spec() {
   cat >"$work/vms/$1.json" <<JSON
 {
-  "name": "$1",
+  "name": "$1",${3:+
+  "tenant": "$3",}
   "hypervisor": "libvirt",
   "vcpus": 1,
   "memory-mib": 1024,
@@ -93,6 +97,19 @@ write_spec web-2 web
 provctl provision --plugin shared-partition --vm "$work/vms/web-2.json" \
   --params '{"shared-format": "erofs", "private-format": "ext4"}' \
   --idempotency-key quickstart-web-2 --node "$url" | tee "$work/report-web-2.txt"
+
+# Another tenant's VM: acme's shop image is the public web image plus
+# acme's own files. It takes web's files from the public layers; acme's own
+# go to a layer of acme's, which no other tenant's VM may stack.
+echo "quickstart: provisioning shop-1 alone, of tenant acme (web plus 1 MiB of its own)"
+cp -a "$node/images/web" "$node/images/acme-shop"
+mkdir -p "$node/images/acme-shop/srv/shop"
+head -c 1048576 /dev/urandom >"$node/images/acme-shop/srv/shop/catalogue.db"
+echo "acme-shop" >"$node/images/acme-shop/etc/hostname"
+write_spec shop-1 acme-shop acme
+provctl provision --plugin shared-partition --vm "$work/vms/shop-1.json" \
+  --params '{"shared-format": "erofs", "private-format": "ext4"}' \
+  --idempotency-key quickstart-shop-1 --node "$url" | tee "$work/report-shop-1.txt"
 
 boot="${PROVD_QUICKSTART_BOOT:-0}"
 if [ "$boot" = 1 ]; then
@@ -143,7 +160,7 @@ fi
 cat <<EOF2
 
 quickstart: done. Outputs:
-  report           $work/report.json (and report.txt, report-web-2.txt)
+  report           $work/report.json (and report.txt, report-web-2.txt, report-shop-1.txt)
   audit trail      $work/audit.txt
   VM configs       $node/data/vms/<name>/  (domain.xml, seed.iso)
   partitions       $node/data/partitions/

@@ -10,7 +10,10 @@
 //! overlay, `/etc/os-release` and files from its shared layer and from its
 //! own private files hash as in the image, a file written in the first
 //! boot is there in the second, the shared partition is unchanged, and
-//! cloud-init applied the hostname and SSH key of the seed.
+//! cloud-init applied the hostname and SSH key of the seed. A VM of another
+//! tenant, whose image is web's plus a secret, is provisioned first: no
+//! shared partition is mounted in either guest, and reading every one of
+//! their disks raw finds none of its secret.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -132,11 +135,31 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
     for (_, root, list) in &lists {
         add_check(root, list).unwrap();
     }
+    // Another tenant's image: web's root and that tenant's secret. Its VM
+    // comes first; neither guest booted below may reach a byte of it,
+    // though its layer holds every file of web's image.
+    let secret = format!("provd-tenant-secret-{}", blake3::hash(b"other").to_hex());
+    let rot13: String = secret
+        .chars()
+        .map(|c| match c {
+            'a'..='z' => (((c as u8 - b'a') + 13) % 26 + b'a') as char,
+            _ => c,
+        })
+        .collect();
+    for (_, root, _) in &lists {
+        std::fs::write(root.join("etc/provd-check.absent"), format!("{rot13}\n")).unwrap();
+    }
+    let other = dir.path().join("other");
+    let copied = std::process::Command::new("cp").arg("-a").arg(&web).arg(&other).status().unwrap();
+    assert!(copied.success());
+    std::fs::remove_file(other.join("etc/provd-check.absent")).unwrap();
+    std::fs::write(other.join("etc/credentials"), format!("{secret}\n")).unwrap();
 
     let extra = format!(
-        "[policy]\nimage-sources = [\"dir:{}\", \"dir:{}\"]\n{DEFAULT_EXTRA}",
+        "[policy]\nimage-sources = [\"dir:{}\", \"dir:{}\", \"dir:{}\"]\n{DEFAULT_EXTRA}",
         web.display(),
-        cloud.display()
+        cloud.display(),
+        other.display()
     );
     let node = TestNode::start(Path::new(PROVD), &dir.path().join("node"), &extra).unwrap();
     install_boot_files(&kernel, &node.data).unwrap();
@@ -146,6 +169,15 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
         let manifest = std::fs::read_to_string(fixture.dir().join("plugin.toml")).unwrap();
         assert_eq!(c.deploy(node.bundle(&manifest, &fixture.wasm())).await.unwrap().status, 201);
     }
+    let mut other_vm = spec("other-1", &other);
+    other_vm["tenant"] = json!("other");
+    let request = json!({"plugin": "shared-partition", "vms": [other_vm],
+                         "params": {"min-layer-bytes": 0, "shared-format": "erofs"}});
+    let started = c.provision(&request).await.unwrap();
+    let id = started.body["operation"]["id"].as_str().unwrap().to_string();
+    let done = c.wait(&id, |_| {}).await.unwrap();
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+
     let vms: Vec<Value> = lists.iter().map(|(n, r, _)| spec(n, r)).collect();
     let request = json!({"plugin": "shared-partition", "vms": vms,
                          "params": {"min-layer-bytes": 0, "layer-unique-files": false,
@@ -201,6 +233,13 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
             list.iter().map(|p| format!("{} {p}", sha256(&root.join(&p[1..])))).collect();
         assert_eq!(first.facts("sha256"), expected, "{name}:\n{context}");
         assert_eq!(first.facts("boot"), ["1"], "{name}:\n{context}");
+        // Every disk read raw: the other tenant's secret is on none.
+        let absent = first.facts("absent");
+        assert!(absent.len() >= 2, "{name}: disks scanned: {absent:?}\n{context}");
+        assert!(
+            absent.iter().all(|a| a.ends_with(" 0")),
+            "{name} reads the other tenant's secret: {absent:?}"
+        );
         assert!(
             first.facts("cannot").is_empty() && first.facts("cloud-init").is_empty(),
             "{context}"

@@ -16,7 +16,7 @@
 //! with the most free memory (Nova's default RAM weigher, also how Proxmox
 //! and Incus balance).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// One regular file of an image: path (relative, `/`-separated), size and
 /// BLAKE3 content digest.
@@ -55,8 +55,23 @@ pub struct Resources {
 pub struct Node {
     pub name: String,
     pub free: Resources,
-    /// (path, digest) of every file its layers hold.
-    pub held: HashSet<(String, [u8; 32])>,
+    /// (path, digest) of every file its layers hold, by the layers' trust
+    /// domain (`public` or `tenant:<name>`): a VM shares only what the
+    /// public layers and its own tenant's hold.
+    pub held: HashMap<String, HashSet<(String, [u8; 32])>>,
+}
+
+impl Node {
+    /// The sets of files a VM of `tenant` may share.
+    fn visible(&self, tenant: &str) -> Vec<&HashSet<(String, [u8; 32])>> {
+        self.held.iter().filter(|(d, _)| may_see(tenant, d)).map(|(_, set)| set).collect()
+    }
+}
+
+/// Whether a VM of `tenant` may stack layers of `domain` (as nodes decide
+/// it: `provd_domain::trust::may_see`).
+fn may_see(tenant: &str, domain: &str) -> bool {
+    domain == "public" || domain.strip_prefix("tenant:") == Some(tenant)
 }
 
 /// A VM to place: its image (an index into the images) and what it
@@ -64,6 +79,8 @@ pub struct Node {
 #[derive(Debug, Clone)]
 pub struct Vm {
     pub name: String,
+    /// Its spec's tenant (`default` when the spec names none).
+    pub tenant: String,
     pub image: usize,
     pub vcpus: u64,
     pub memory_mib: u64,
@@ -127,14 +144,17 @@ pub struct Decision {
     pub scores: Vec<Score>,
 }
 
-/// Bytes of `image` that `held` lacks, each (path, content) once.
-pub fn new_bytes(image: &Image, held: &HashSet<(String, [u8; 32])>) -> u64 {
+/// Bytes of `image` that none of `held` holds, each (path, content) once.
+pub fn new_bytes(image: &Image, held: &[&HashSet<(String, [u8; 32])>]) -> u64 {
     let mut seen = HashSet::new();
     image
         .files
         .iter()
         .filter(|f| seen.insert((f.path.as_str(), f.digest)))
-        .filter(|f| !held.contains(&(f.path.clone(), f.digest)))
+        .filter(|f| {
+            let key = (f.path.clone(), f.digest);
+            !held.iter().any(|h| h.contains(&key))
+        })
         .map(|f| f.size)
         .sum()
 }
@@ -171,7 +191,7 @@ pub fn place(vms: &[Vm], images: &[Image], nodes: &mut [Node], policy: Policy) -
         let scores: Vec<Score> = nodes
             .iter()
             .map(|n| {
-                let new = new_bytes(image, &n.held);
+                let new = new_bytes(image, &n.visible(&vm.tenant));
                 Score {
                     node: n.name.clone(),
                     new_bytes: new,
@@ -221,11 +241,17 @@ pub fn place(vms: &[Vm], images: &[Image], nodes: &mut [Node], policy: Policy) -
         if let Some(i) = chosen
             && let Some(node) = nodes.get_mut(i)
         {
-            let new = new_bytes(image, &node.held);
+            let new = new_bytes(image, &node.visible(&vm.tenant));
             node.free.vcpus -= vm.vcpus;
             node.free.memory_mib -= vm.memory_mib;
             node.free.disk_bytes -= vm.disk_bytes.saturating_add(new);
-            node.held.extend(image.files.iter().map(|f| (f.path.clone(), f.digest)));
+            // Counted as its tenant's: the manager does not know which
+            // images a node's catalogue makes public, and so never counts
+            // on sharing a later VM of another tenant could not have.
+            node.held
+                .entry(format!("tenant:{}", vm.tenant))
+                .or_default()
+                .extend(image.files.iter().map(|f| (f.path.clone(), f.digest)));
             decision.node = Some(node.name.clone());
             decision.new_bytes = new;
         }
@@ -251,15 +277,50 @@ mod tests {
     }
 
     fn node(name: &str, vcpus: u64, held: &[(&str, u8)]) -> Node {
+        let files = held.iter().map(|&(p, d)| (p.to_string(), [d; 32])).collect();
         Node {
             name: name.into(),
             free: Resources { vcpus, memory_mib: vcpus * 1024, disk_bytes: 1 << 40 },
-            held: held.iter().map(|&(p, d)| (p.to_string(), [d; 32])).collect(),
+            held: HashMap::from([("public".to_string(), files)]),
         }
     }
 
     fn vm(name: &str, image: usize) -> Vm {
-        Vm { name: name.into(), image, vcpus: 1, memory_mib: 1024, disk_bytes: 0 }
+        Vm {
+            name: name.into(),
+            tenant: "default".into(),
+            image,
+            vcpus: 1,
+            memory_mib: 1024,
+            disk_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn a_vm_counts_only_the_public_layers_and_its_own_tenants() {
+        let images = vec![image("shop", &[("usr/lib/a", 1, 100), ("srv/shop", 2, 50)])];
+        // n1 holds the shop's files, but in tenant b's layers; n2 holds only
+        // the public library.
+        let mut n1 = node("n1", 8, &[]);
+        n1.held.insert(
+            "tenant:b".into(),
+            HashSet::from([("usr/lib/a".to_string(), [1; 32]), ("srv/shop".to_string(), [2; 32])]),
+        );
+        let mut nodes = vec![n1, node("n2", 4, &[("usr/lib/a", 1)])];
+        let a = Vm { tenant: "a".into(), ..vm("a-1", 0) };
+        let d = place(std::slice::from_ref(&a), &images, &mut nodes, Policy::Sharing);
+        assert_eq!(d[0].scores[0].new_bytes, 150, "b's layers are not a's to share");
+        assert_eq!((d[0].node.as_deref(), d[0].new_bytes), (Some("n2"), 50));
+        // Tenant b's VM shares its own tenant's layers on n1.
+        let b = Vm { tenant: "b".into(), ..vm("b-1", 0) };
+        let d = place(&[b], &images, &mut nodes, Policy::Sharing);
+        assert_eq!((d[0].node.as_deref(), d[0].new_bytes), (Some("n1"), 0));
+        // a's placed VM counts for a's next VM, not for anyone else's.
+        let d = place(&[Vm { name: "a-2".into(), ..a }], &images, &mut nodes, Policy::Sharing);
+        assert_eq!(d[0].scores[1].new_bytes, 0);
+        let c = Vm { tenant: "c".into(), ..vm("c-1", 0) };
+        let d = place(&[c], &images, &mut nodes, Policy::Sharing);
+        assert_eq!(d[0].scores[1].new_bytes, 50);
     }
 
     #[test]

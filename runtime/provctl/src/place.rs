@@ -8,7 +8,7 @@
 //! reads once per image (a `dir:` tree where it is; any other source
 //! fetched into a scratch store that is removed afterwards).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -151,7 +151,8 @@ async fn survey(c: &Client) -> Result<Node, String> {
         memory_mib: u64_at(&cap, "/memory-mib/free")?,
         disk_bytes: u64_at(&cap, "/disk-bytes/free")?,
     };
-    let mut layers: Vec<(String, String)> = Vec::new();
+    // (partition, layer, trust domain)
+    let mut layers: Vec<(String, String, String)> = Vec::new();
     let mut after: Option<String> = None;
     loop {
         let path = match &after {
@@ -166,7 +167,13 @@ async fn survey(c: &Client) -> Result<Node, String> {
         for l in page.get("layers").and_then(Value::as_array).into_iter().flatten() {
             let p = l.get("partition").and_then(Value::as_str).unwrap_or_default();
             let n = l.get("layer").and_then(Value::as_str).unwrap_or_default();
-            layers.push((p.to_string(), n.to_string()));
+            // A node that names no domain predates them: its layers are
+            // the default tenant's.
+            let d = l.get("domain").and_then(Value::as_str).unwrap_or("tenant:default");
+            if d.len() > 80 {
+                return Err(format!("layer {p}/{n}: a domain of {} bytes", d.len()));
+            }
+            layers.push((p.to_string(), n.to_string(), d.to_string()));
         }
         if layers.len() > MAX_LAYERS_PER_NODE {
             return Err(format!("more than {MAX_LAYERS_PER_NODE} layers"));
@@ -176,9 +183,9 @@ async fn survey(c: &Client) -> Result<Node, String> {
             _ => break,
         }
     }
-    let mut held = HashSet::new();
+    let mut held: HashMap<String, HashSet<(String, [u8; 32])>> = HashMap::new();
     let mut read = 0usize;
-    for (partition, layer) in &layers {
+    for (partition, layer, domain) in &layers {
         let mut offset = 0u64;
         loop {
             let path = format!(
@@ -204,7 +211,7 @@ async fn survey(c: &Client) -> Result<Node, String> {
                 let digest = e.get("blake3").and_then(Value::as_str).and_then(digest_of);
                 match (path, digest) {
                     (Some(p), Some(d)) if p.len() <= MAX_PATH_BYTES => {
-                        held.insert((p.to_string(), d));
+                        held.entry(domain.clone()).or_default().insert((p.to_string(), d));
                     }
                     _ => {
                         return Err(
@@ -282,8 +289,10 @@ pub async fn vms_of(specs: &[Value]) -> Result<(Vec<Vm>, Vec<Image>)> {
             .filter_map(|d| d.get("size-gib").and_then(Value::as_u64))
             .map(|g| g.saturating_mul(1 << 30))
             .sum();
+        let tenant = spec.get("tenant").and_then(Value::as_str).unwrap_or("default").to_string();
         vms.push(Vm {
             name,
+            tenant,
             image,
             vcpus: spec.get("vcpus").and_then(Value::as_u64).unwrap_or(1),
             memory_mib: spec.get("memory-mib").and_then(Value::as_u64).unwrap_or(0),

@@ -28,6 +28,13 @@
 //! hosting customers order them: the time of each request, the bytes on
 //! disk after it against the single request of as many VMs and against
 //! qcow2, then every other VM is deleted. `MODE=single` skips it.
+//!
+//! `MODE=tenants` instead makes three tenants' custom images (each a root
+//! of `ROOTS`, which are the node's public catalogue, plus 1–3 MiB of its
+//! own files) and provisions `ALONE` VMs (12) of them one request each,
+//! after one VM of each public root: once with each VM's tenant, once all
+//! of the default tenant, with bytes on disk against qcow2 and the median
+//! one-VM request time of each.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -315,6 +322,97 @@ async fn one_at_a_time(
     Ok(bytes)
 }
 
+/// A tenant's custom image: `root` (a public image) plus `own_mib` MiB of
+/// the tenant's own files, written under `dir`.
+fn custom_root(root: &Path, dir: &Path, own_mib: usize) -> Result<PathBuf> {
+    run(Command::new("cp").arg("-a").arg(root).arg(dir))?;
+    let own = dir.join("srv/tenant");
+    std::fs::create_dir_all(&own)?;
+    for i in 0..own_mib {
+        // Bytes no other tenant has: BLAKE3 in counter mode over the path.
+        let mut bytes = Vec::with_capacity(1 << 20);
+        let mut k = 0u64;
+        while bytes.len() < 1 << 20 {
+            let mut h = blake3::Hasher::new();
+            h.update(dir.as_os_str().as_encoded_bytes());
+            h.update(&(i as u64).to_le_bytes());
+            h.update(&k.to_le_bytes());
+            bytes.extend_from_slice(h.finalize().as_bytes());
+            k += 1;
+        }
+        std::fs::write(own.join(format!("data-{i}")), bytes)?;
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// `n` VMs of three tenants, one request each, after one VM of each public
+/// root: VM i is tenant `t<i mod 3>`'s, of its custom image (public root
+/// i mod 3 plus 1–3 MiB of its own). Run twice on the same images: with
+/// each VM's tenant, then every VM of the default tenant (`--` the sharing
+/// a single-tenant node gets). Prints bytes on disk of each against qcow2
+/// (a base per custom image and an overlay per VM) and the median time of a
+/// request, whose difference is what the domain checks cost.
+async fn tenants(
+    c: &Client,
+    pid: u32,
+    data: &Path,
+    roots: &[PathBuf],
+    customs: &[PathBuf],
+    n: usize,
+) -> Result<()> {
+    let dir = tempfile::Builder::new().prefix("provd-bench-tenants-").tempdir_in("/var/tmp")?;
+    let peer: Vec<Peer> =
+        customs.iter().enumerate().map(|(i, r)| peers(r, dir.path(), i)).collect::<Result<_>>()?;
+    let qcow2 = peer.iter().map(|p| p.base).sum::<u64>()
+        + peer.iter().cycle().take(n).map(|p| p.overlay).sum::<u64>();
+    println!(
+        "
+{n} VMs of 3 tenants, one request each, after one VM of each public root:"
+    );
+    let mut results = Vec::new();
+    for tenanted in [true, false] {
+        for (i, root) in roots.iter().enumerate() {
+            provision_specs(c, pid, vec![spec(&format!("pub-{i}"), root)]).await?;
+        }
+        let start = node_bytes(data)?;
+        let mut times = Vec::with_capacity(n);
+        for (i, custom) in (0..n).zip(customs.iter().cycle()) {
+            let mut vm = spec(&format!("vm-{i}"), custom);
+            if tenanted && let Some(obj) = vm.as_object_mut() {
+                obj.insert("tenant".into(), json!(format!("t{}", i % customs.len())));
+            }
+            let (_, total, _, _) = provision_specs(c, pid, vec![vm]).await?;
+            times.push(total);
+        }
+        let bytes = node_bytes(data)?;
+        let label = if tenanted { "3 tenants" } else { "one tenant" };
+        println!(
+            "  {label:>10}: {:.1} MiB on disk ({:.1} MiB the public VMs, {:.1} MiB the {n}              tenants' VMs), {:.3}x qcow2 base + overlays ({:.1} MiB); one-VM request median              {:.3} s",
+            mib(bytes),
+            mib(start),
+            mib(bytes.saturating_sub(start)),
+            bytes as f64 / qcow2 as f64,
+            mib(qcow2),
+            median(&times)
+        );
+        results.push((bytes, median(&times)));
+        for i in 0..n {
+            c.delete(&format!("/v1/vms/vm-{i}")).await?;
+        }
+        for i in 0..roots.len() {
+            c.delete(&format!("/v1/vms/pub-{i}")).await?;
+        }
+    }
+    if let [(tb, tt), (sb, st)] = results.as_slice() {
+        println!(
+            "  3 tenants against one: {:.3}x the bytes, {:.3}x the one-VM request time              (the domain checks)",
+            *tb as f64 / *sb as f64,
+            tt / st.max(f64::MIN_POSITIVE)
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let roots: Vec<PathBuf> = std::env::var("ROOTS")
@@ -340,11 +438,28 @@ async fn main() -> Result<()> {
         bail!("{} is missing: cargo build --release -p provd-daemon", provd.display());
     }
     let work = tempfile::Builder::new().prefix("provd-bench-flow-").tempdir_in("/var/tmp")?;
-    let sources: Vec<String> = roots.iter().map(|r| format!("\"dir:{}\"", r.display())).collect();
+    let mode = std::env::var("MODE").unwrap_or_else(|_| "both".into());
+    // MODE=tenants: three tenants' custom images, each a root plus 1–3 MiB
+    // of its own; the roots are the public catalogue.
+    let customs: Vec<PathBuf> = if mode == "tenants" {
+        let dir = work.path().join("tenants");
+        std::fs::create_dir_all(&dir)?;
+        roots
+            .iter()
+            .enumerate()
+            .map(|(i, r)| custom_root(r, &dir.join(format!("t{i}")), i + 1))
+            .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    let sources: Vec<String> =
+        roots.iter().chain(&customs).map(|r| format!("\"dir:{}\"", r.display())).collect();
+    let public: Vec<String> = roots.iter().map(|r| format!("\"dir:{}\"", r.display())).collect();
     let extra = format!(
-        "[policy]\nimage-sources = [{}]\n[capacity]\nvcpus = 256\nmemory-mib = 1048576\n\
-         disk-bytes = 109951162777600\n",
-        sources.join(", ")
+        "[policy]\nimage-sources = [{}]\n[sharing]\npublic-images = [{}]\n\
+         [capacity]\nvcpus = 256\nmemory-mib = 1048576\ndisk-bytes = 109951162777600\n",
+        sources.join(", "),
+        public.join(", ")
     );
     let node = TestNode::start(&provd, work.path(), &extra).context("starting provd")?;
     let pid = node.pid().context("no pid")?;
@@ -404,8 +519,13 @@ async fn main() -> Result<()> {
         "ratio",
         "RSS MiB"
     );
-    let mode = std::env::var("MODE").unwrap_or_else(|_| "both".into());
     let mut single_bytes = BTreeMap::new();
+    if mode == "tenants" {
+        let n = std::env::var("ALONE").ok().and_then(|v| v.parse().ok()).unwrap_or(12usize);
+        tenants(&c, pid, &node.data, &roots, &customs, n).await?;
+        println!("daemon RSS at the end: {:.1} MiB", rss_kib(pid) as f64 / 1024.0);
+        return Ok(());
+    }
     for &n in counts.iter().filter(|_| mode != "alone") {
         let (phases, total, report, peak) = provision(&c, pid, &roots, n).await?;
         let t = |p: &str| phases.get(p).copied().unwrap_or(0.0);

@@ -86,12 +86,11 @@ fn main() -> Result<()> {
         println!("  {}: {} files, {:.1} MiB", i.reference, i.files.len(), mib(i.bytes()));
     }
     let union = {
-        let mut all =
-            Node { name: String::new(), free: Resources::default(), held: Default::default() };
+        let mut all = std::collections::HashSet::new();
         let mut bytes = 0;
         for i in &images {
-            bytes += provd_placement::new_bytes(i, &all.held);
-            all.held.extend(i.files.iter().map(|f| (f.path.clone(), f.digest)));
+            bytes += provd_placement::new_bytes(i, &[&all]);
+            all.extend(i.files.iter().map(|f| (f.path.clone(), f.digest)));
         }
         bytes
     };
@@ -115,6 +114,7 @@ fn main() -> Result<()> {
                 let vcpus = 1u64 << (rng.next() % 3);
                 Vm {
                     name: format!("vm-{i}"),
+                    tenant: "default".into(),
                     image: (rng.next() % images.len() as u64) as usize,
                     vcpus,
                     memory_mib: vcpus * 2048,
