@@ -63,10 +63,12 @@ vms=()
 # write_spec NAME IMAGE [TENANT]: a VM spec file for VM NAME of image IMAGE,
 # of TENANT (the default tenant when not given).
 write_spec() {
+  local tenant=""
+  [ -z "${3:-}" ] || tenant="
+  \"tenant\": \"$3\","
   cat >"$work/vms/$1.json" <<JSON
 {
-  "name": "$1",${3:+
-  "tenant": "$3",}
+  "name": "$1",$tenant
   "hypervisor": "libvirt",
   "vcpus": 1,
   "memory-mib": 1024,
