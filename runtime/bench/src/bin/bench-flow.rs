@@ -387,7 +387,7 @@ async fn tenants(
         let bytes = node_bytes(data)?;
         let label = if tenanted { "3 tenants" } else { "one tenant" };
         println!(
-            "  {label:>10}: {:.1} MiB on disk ({:.1} MiB the public VMs, {:.1} MiB the {n}              tenants' VMs), {:.3}x qcow2 base + overlays ({:.1} MiB); one-VM request median              {:.3} s",
+            "  {label:>10}: {:.1} MiB on disk ({:.1} MiB the public VMs, {:.1} MiB the {n} tenants' VMs), {:.3}x qcow2 base + overlays ({:.1} MiB); one-VM request median {:.3} s",
             mib(bytes),
             mib(start),
             mib(bytes.saturating_sub(start)),
@@ -405,7 +405,7 @@ async fn tenants(
     }
     if let [(tb, tt), (sb, st)] = results.as_slice() {
         println!(
-            "  3 tenants against one: {:.3}x the bytes, {:.3}x the one-VM request time              (the domain checks)",
+            "  3 tenants against one: {:.3}x the bytes, {:.3}x the one-VM request time (the domain checks)",
             *tb as f64 / *sb as f64,
             tt / st.max(f64::MIN_POSITIVE)
         );
