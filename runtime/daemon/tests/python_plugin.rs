@@ -154,4 +154,33 @@ async fn the_shared_partition_flow_in_python_provisions_two_vms() {
         assert!(roles.contains(&"private") && roles.contains(&"shared"), "{vm}");
         assert!(node.data.join("vms").join(name).join("domain.xml").is_file());
     }
+
+    // This plugin plans all its VMs at once. VMs of two tenants over images
+    // that are no public catalogue's would share layers across tenants:
+    // the host refuses the plan, and nothing of the request is left.
+    let tenant = |name: &str, image: &str, t: &str| {
+        let mut s = spec(name, image);
+        s["tenant"] = json!(t);
+        s
+    };
+    let request = json!({"plugin": "shared-partition-py",
+                         "vms": [tenant("x-1", "web", "x"), tenant("y-1", "db", "y")],
+                         "params": {"min-layer-bytes": 0}});
+    let id =
+        c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    let op = c.wait(&id, |_| {}).await.unwrap();
+    assert_eq!(op["state"], "failed", "{op}");
+    assert!(op.to_string().contains("plan each tenant's VMs separately"), "{op}");
+    for name in ["x-1", "y-1"] {
+        assert!(c.get(&format!("/v1/vms/{name}")).await.is_err(), "{name} was configured");
+    }
+    let audit = c.get(&format!("/v1/audit?operation={id}&kind=host-call")).await.unwrap().body;
+    assert!(
+        audit["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["function"] == "plan" && a["outcome"] != "ok"),
+        "{audit:#}"
+    );
 }

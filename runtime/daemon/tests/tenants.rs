@@ -206,6 +206,27 @@ async fn tenants_share_the_public_catalogue_and_never_each_others_files() {
         assert!(!files.iter().any(|f| holds(f, &needle(other))), "{vm} reaches {other}'s secret");
     }
 
+    // A repack of every VM never mixes domains: the first VM's domain
+    // (tenant a's) is repacked, the others are left where they are, saying
+    // why, and still no VM reaches the other tenant's secret.
+    let repacked = c.post_json("/v1/repack", &json!({"all": true})).await.unwrap();
+    assert_eq!(repacked.status, 200, "{:#}", repacked.body);
+    let r = &repacked.body["repack"];
+    assert_eq!(r["moved"], json!(["a-1", "a-2"]), "{r:#}");
+    assert_eq!(r["partition"]["domain"], "tenant:a", "{r:#}");
+    let skipped = r["skipped"].to_string();
+    for vm in ["b-1", "b-2", "web-1"] {
+        assert!(skipped.contains(vm), "{vm} is not skipped: {r:#}");
+    }
+    assert!(skipped.contains("never mixes trust domains"), "{r:#}");
+    for (vm, other) in [("a-1", "b"), ("a-2", "b"), ("b-1", "a"), ("b-2", "a"), ("web-1", "a")] {
+        let files = attached(&node.data.join("vms").join(vm).join("domain.xml"), &node.data);
+        assert!(!files.iter().any(|f| holds(f, &needle(other))), "{vm} reaches {other}'s secret");
+    }
+    let new_partition = r["partition"]["id"].as_str().unwrap();
+    let a1 = std::fs::read_to_string(node.data.join("vms/a-1/domain.xml")).unwrap();
+    assert!(a1.contains(new_partition), "a-1 attaches the repacked partition");
+
     // A tenant the spec names that is no DNS label is refused up front.
     let bad = json!({"plugin": "shared-partition", "vms": [spec("c-1", Some("C/../a"), &web)]});
     match c.provision(&bad).await {
