@@ -242,11 +242,12 @@ pub fn list(json_out: bool, data_dir: &Path) -> Result<ExitCode> {
     } else {
         for p in &all {
             println!(
-                "{}  {:<7} {:<11} {:>9.1} MiB  {}",
+                "{}  {:<7} {:<11} {:>9.1} MiB  {:<16} {}",
                 p.id,
                 p.role,
                 p.format,
                 mib(p.bytes),
+                p.domain,
                 p.vms.join(",")
             );
         }
@@ -310,11 +311,12 @@ pub fn layers(json_out: bool, data_dir: &Path) -> Result<ExitCode> {
     }
     for l in &layers {
         println!(
-            "{}/{:<10} {:>7} files {:>9.1} MiB  {}{}",
+            "{}/{:<10} {:>7} files {:>9.1} MiB  {:<16} {}{}",
             l.partition,
             l.name,
             l.files,
             mib(l.bytes),
+            l.domain,
             if l.vms.is_empty() { "(no VM)".to_string() } else { l.vms.join(",") },
             if l.recorded { "" } else { "  (entries not on record: not offered to new VMs)" }
         );

@@ -50,9 +50,15 @@ pub fn list(json_out: bool, data_dir: &Path) -> Result<ExitCode> {
         println!("{:#}", json!(vms));
     } else {
         for vm in &vms {
+            // The tenant as recorded in its spec; a spec that no longer
+            // parses (written by another version) shows `?`.
+            let tenant = provd_vm::spec::parse_spec(&vm.spec)
+                .map(|s| s.tenant().to_string())
+                .unwrap_or_else(|_| "?".into());
             println!(
-                "{:<24} {:>3} vCPUs {:>7} MiB {:>9.1} GiB  {}",
+                "{:<24} {:<12} {:>3} vCPUs {:>7} MiB {:>9.1} GiB  {}",
                 vm.name,
+                tenant,
                 vm.reserved.vcpus,
                 vm.reserved.memory_mib,
                 vm.reserved.disk_bytes as f64 / (1u64 << 30) as f64,
