@@ -415,7 +415,10 @@ pub mod dedup {
     }
 
     /// Chooses layers under `policy`; the layers' entries stay with the host
-    /// and are read a page at a time with [`layer_entries`].
+    /// and are read a page at a time with [`layer_entries`]. The VMs of one
+    /// plan are of one tenant, unless all run images of the node's public
+    /// catalogue: the host refuses a plan that would share one tenant's
+    /// files with another's VMs.
     pub fn plan(pairs: &[(&str, &str)], policy: Policy) -> Result<Summary, Error> {
         host::plan(&vms(pairs), policy).map_err(Error::from)
     }
