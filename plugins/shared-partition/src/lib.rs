@@ -115,6 +115,8 @@ struct LayerReport {
     partition: Option<String>,
     /// Whether the node already held it.
     on_node: bool,
+    /// `public` or `tenant:<name>`: whose VMs may stack it.
+    domain: String,
 }
 
 #[derive(Serialize)]
@@ -394,6 +396,7 @@ impl Plugin for SharedPartition {
                         files: l.files,
                         bytes: l.bytes,
                         on_node: l.partition.is_some(),
+                        domain: l.domain.clone(),
                         partition: l
                             .partition
                             .clone()

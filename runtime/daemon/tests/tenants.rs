@@ -162,6 +162,17 @@ async fn tenants_share_the_public_catalogue_and_never_each_others_files() {
         let naive = totals["naive_bytes"].as_u64().unwrap();
         assert_eq!(naive, base_bytes + 300_000 + 20_000);
         assert_eq!(totals["node_layer_bytes"], base_bytes, "{totals}");
+        // The report names each layer's domain: the catalogue's it stacks,
+        // its tenant's it builds.
+        let mut domains: Vec<String> = done["report"]["output"]["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["domain"].as_str().unwrap().to_string())
+            .collect();
+        domains.sort();
+        domains.dedup();
+        assert_eq!(domains, ["public".to_string(), format!("tenant:{t}")], "{done:#}");
         let saving = totals["saving_bytes"].as_u64().unwrap() as f64 / naive as f64;
         assert!(saving >= 0.8, "tenant {t} saves {:.1} %", saving * 100.0);
         eprintln!("tenant {t}: {:.1} % saved", saving * 100.0);

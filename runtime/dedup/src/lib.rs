@@ -224,6 +224,10 @@ pub struct NodeRef {
     pub name: String,
     /// BLAKE3 over its entries, as recorded when it was built.
     pub digest: String,
+    /// Its partition's trust domain (`public` or `tenant:<name>`), carried
+    /// for reports: which VMs may stack it was decided when it was offered.
+    #[serde(default)]
+    pub domain: String,
 }
 
 /// Where a VM's file bytes come from under a plan.

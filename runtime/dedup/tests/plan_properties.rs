@@ -358,6 +358,7 @@ fn commit(plan: &provd_dedup::Plan, partition: &str, node: &mut Vec<NodeLayer>) 
                 partition: partition.into(),
                 name: l.id.clone(),
                 digest: format!("{partition}/{}", l.id),
+                domain: String::new(),
             },
             entries: l.entries.clone(),
         });

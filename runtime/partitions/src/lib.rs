@@ -491,7 +491,12 @@ pub fn node_layers(
         let entries = store.layer_entries(&r.partition, &r.name)?;
         left = left.saturating_sub(entries.len() as u64);
         out.push(provd_dedup::NodeLayer {
-            node: provd_dedup::NodeRef { partition: r.partition, name: r.name, digest: r.digest },
+            node: provd_dedup::NodeRef {
+                partition: r.partition,
+                name: r.name,
+                digest: r.digest,
+                domain: r.domain,
+            },
             entries,
         });
     }

@@ -144,6 +144,7 @@ fn analysis_summary(a: &provd_dedup::Analysis) -> Summary {
                 files: l.files,
                 bytes: l.bytes,
                 partition: None,
+                domain: String::new(),
             })
             .collect(),
         vms: a
@@ -267,6 +268,7 @@ impl HostState {
                 files: l.files,
                 bytes: l.bytes,
                 partition: l.node.as_ref().map(|n| n.partition.clone()),
+                domain: l.node.as_ref().map_or_else(|| domain.clone(), |n| n.domain.clone()),
             })
             .collect();
         for f in summary.vms.iter_mut() {
