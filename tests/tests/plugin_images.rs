@@ -490,9 +490,24 @@ async fn an_analysis_over_the_entry_bound_is_refused_before_anything_is_loaded()
     eprintln!("refused after {:?} (import included)", started.elapsed());
 }
 
-/// The manager's spec of `name`, as the daemon hands it to the engine.
-fn asked(name: &str) -> (String, provd_vm::spec::VmSpec) {
-    (name.to_string(), provd_vm::spec::parse_spec(&spec(name, 2, 1024)).unwrap())
+/// `spec(name, 2, 1024)` of image `image`.
+fn spec_of(name: &str, image: &str) -> String {
+    spec(name, 2, 1024).replace(&format!("dir:/srv/{name}"), image)
+}
+
+/// The manager's spec of `name`, as the daemon hands it to the engine: of
+/// the image the input plans it with, as the manager's spec names the
+/// image the VM is built from.
+fn asked(name: &str, input: &serde_json::Value) -> (String, provd_vm::spec::VmSpec) {
+    let image = input["vms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|pair| pair[0] == name)
+        .and_then(|pair| pair[1].as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("dir:/srv/{name}"));
+    (name.to_string(), provd_vm::spec::parse_spec(&spec_of(name, &image)).unwrap())
 }
 
 /// A call as the daemon makes it: the operation names `vms` and hands the
@@ -505,7 +520,7 @@ async fn call_as_operation(
 ) -> Result<Outcome, InvokeError> {
     let vms: Vec<String> = vms.iter().map(|v| v.to_string()).collect();
     let options = provd_engine::CallOptions {
-        specs: vms.iter().map(|v| asked(v)).collect(),
+        specs: vms.iter().map(|v| asked(v, &input)).collect(),
         vms: Some(vms),
         ..provd_engine::CallOptions::default()
     };
@@ -528,7 +543,7 @@ async fn a_plugin_configures_only_the_operations_vms_with_the_managers_spec() {
     };
 
     // A network the manager did not ask for: refused, naming the field.
-    let other_bridge = spec("a", 2, 1024).replace("br0", "mgmt0");
+    let other_bridge = spec_of("a", &web).replace("br0", "mgmt0");
     let err = call(
         plugin.clone(),
         partitions(serde_json::json!([["a", web]]), serde_json::json!({"a": other_bridge})),
@@ -546,7 +561,7 @@ async fn a_plugin_configures_only_the_operations_vms_with_the_managers_spec() {
     assert!(store.vms().unwrap().is_empty());
     assert!(store.partitions().unwrap().is_empty());
     // A bridge the node does not list is refused whoever asks.
-    let unlisted = spec("a", 2, 1024).replace("br0", "storage9");
+    let unlisted = spec_of("a", &web).replace("br0", "storage9");
     let err = call(
         plugin.clone(),
         partitions(serde_json::json!([["a", web]]), serde_json::json!({"a": unlisted})),
@@ -562,7 +577,7 @@ async fn a_plugin_configures_only_the_operations_vms_with_the_managers_spec() {
     // A VM outside the operation: no plan, no partition.
     let err = call(
         plugin.clone(),
-        partitions(serde_json::json!([["a", web], ["b", web2]]), serde_json::json!({})),
+        partitions(serde_json::json!([["a", web], ["b", web]]), serde_json::json!({})),
         &["a"],
     )
     .await
@@ -578,7 +593,7 @@ async fn a_plugin_configures_only_the_operations_vms_with_the_managers_spec() {
         plugin.clone(),
         partitions(
             serde_json::json!([["a", web], ["b", web2]]),
-            serde_json::json!({"a": spec("a", 2, 1024)}),
+            serde_json::json!({"a": spec_of("a", &web)}),
         ),
         &["a", "b"],
     )
@@ -602,7 +617,7 @@ async fn a_plugin_configures_only_the_operations_vms_with_the_managers_spec() {
         "[capabilities.vm]\nmay-set = [\"labels\", \"cloud-init\"]\n[capabilities.partitions]\n";
     let lenient = node.imager(grant, "max-read-bytes = 1048576\n").await;
     let relabelled =
-        spec("b", 2, 1024).replace("b.example", "b.other") + "[labels]\nteam = \"x\"\n";
+        spec_of("b", &web2).replace("b.example", "b.other") + "[labels]\nteam = \"x\"\n";
     call(
         lenient.clone(),
         partitions(serde_json::json!([["b", web2]]), serde_json::json!({"b": relabelled})),
@@ -610,7 +625,7 @@ async fn a_plugin_configures_only_the_operations_vms_with_the_managers_spec() {
     )
     .await
     .unwrap();
-    let moved = spec("c", 2, 1024).replace("br0", "mgmt0");
+    let moved = spec_of("c", &web2).replace("br0", "mgmt0");
     let err = call(
         lenient,
         partitions(serde_json::json!([["c", web2]]), serde_json::json!({"c": moved})),
@@ -679,4 +694,59 @@ async fn a_customisation_interrupted_by_a_stop_is_undone_from_its_journal() {
     );
     assert_eq!(std::fs::read(&seed).unwrap(), kept);
     assert!(!undo.exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operations_vm_gets_only_the_files_of_its_own_image() {
+    let node = node();
+    let (web, web2) = node.two_images();
+    let plugin = node.plugin(1 << 20).await;
+    // An operation naming VMs with their manager's specs: (name, image,
+    // tenant).
+    let run = |input: serde_json::Value, vms: &[(&str, &str, Option<&str>)]| {
+        let specs = vms
+            .iter()
+            .map(|(n, i, t)| {
+                let mut s = provd_vm::spec::parse_spec(&spec_of(n, i)).unwrap();
+                s.tenant = t.map(str::to_string);
+                (n.to_string(), s)
+            })
+            .collect();
+        let options = provd_engine::CallOptions {
+            specs,
+            vms: Some(vms.iter().map(|(n, _, _)| n.to_string()).collect()),
+            ..provd_engine::CallOptions::default()
+        };
+        let request = Request { operation_id: "op".into(), input: input.to_string() };
+        node.engine.provision_with(
+            &plugin,
+            request,
+            Arc::new(CollectingObserver::default()),
+            options,
+        )
+    };
+
+    // An image no spec of the operation names is not fetched: whatever it
+    // holds could end up in the operation's VMs.
+    let err = run(serde_json::json!({"op": "fetch", "image": web2}), &[("a", &web, None)])
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("is neither an image this operation's VM specs name"),
+        "{err}"
+    );
+    // Another VM's image for this one: not planned.
+    let plan = serde_json::json!({"op": "plan", "vms": [["a", web2]], "min_layer_bytes": 0,
+                                  "max_layers": 8});
+    let err = run(plan, &[("a", &web, None), ("b", &web2, None)]).await.unwrap_err();
+    assert!(err.to_string().contains("VM \"a\" runs"), "{err}");
+    assert!(node.images.store().partitions().unwrap().is_empty());
+    // VMs of several tenants: a plugin reads files only of public images,
+    // or it could carry one tenant's file into another's VM.
+    let read = serde_json::json!({"op": "read", "image": web, "path": "etc/hostname"});
+    let err =
+        run(read.clone(), &[("a", &web, Some("x")), ("b", &web2, Some("y"))]).await.unwrap_err();
+    assert!(err.to_string().contains("belong to several tenants"), "{err}");
+    // One tenant: its own image is read.
+    run(read, &[("a", &web, Some("x")), ("b", &web2, Some("x"))]).await.unwrap();
 }

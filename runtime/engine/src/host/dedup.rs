@@ -109,8 +109,21 @@ impl HostState {
         for v in vms {
             tenants.insert(self.vm_tenant(&v.vm));
             let image = self.fetched_image(&v.image)?;
-            all_public &=
+            let public =
                 provd_domain::trust::is_public_image(&self.public_images, &image.reference);
+            // A VM gets the files of the image its manager's spec names, or
+            // of the public catalogue: never another tenant's image.
+            if let Some(named) = self.spec_image(&v.vm)
+                && named != image.reference
+                && !public
+            {
+                return Err(WitError::Denied(format!(
+                    "VM {:?} runs {named} in its operation; a plan gives it that image's \
+                     files or the public catalogue's, not {}",
+                    v.vm, image.reference
+                )));
+            }
+            all_public &= public;
         }
         if all_public {
             return Ok((provd_domain::trust::PUBLIC.to_string(), tenants));

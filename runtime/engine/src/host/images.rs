@@ -42,6 +42,49 @@ impl HostState {
         Reference::parse(text).map_err(|e| WitError::InvalidInput(e.to_string()))
     }
 
+    /// The canonical reference of the image the manager's spec of `vm`
+    /// names, when the operation has one.
+    pub(crate) fn spec_image(&self, vm: &str) -> Option<String> {
+        let spec = self.operation_specs.get(vm)?;
+        Reference::parse(&spec.image).ok().map(|r| r.to_string())
+    }
+
+    /// In an operation that names VMs, what a plugin fetches can reach
+    /// those VMs (through a plan, or a file it adds): only the images their
+    /// manager's specs name and the public catalogue's may be fetched.
+    fn operation_may_fetch(&self, canonical: &str) -> Result<(), WitError> {
+        let Some(vms) = self.operation_vms.as_ref().filter(|v| !v.is_empty()) else {
+            return Ok(());
+        };
+        if provd_domain::trust::is_public_image(&self.public_images, canonical)
+            || vms.iter().any(|vm| self.spec_image(vm).as_deref() == Some(canonical))
+        {
+            return Ok(());
+        }
+        Err(WitError::Denied(format!(
+            "{canonical} is neither an image this operation's VM specs name nor one of the \
+             node's public catalogue: an operation's VMs get only their own images' files"
+        )))
+    }
+
+    /// When the operation's VMs belong to more than one tenant, a plugin
+    /// reads the entries and files only of public images: what it reads of
+    /// one tenant's image it could otherwise write into another's VM.
+    fn may_read(&self, record: &ImageRecord) -> Result<(), WitError> {
+        let mut tenants = self.operation_specs.values().map(|s| s.tenant());
+        let first = tenants.next();
+        let several = tenants.any(|t| Some(t) != first);
+        if !several || provd_domain::trust::is_public_image(&self.public_images, &record.reference)
+        {
+            return Ok(());
+        }
+        Err(WitError::Denied(format!(
+            "{}: this operation's VMs belong to several tenants, so a plugin reads only images \
+             of the node's public catalogue",
+            record.reference
+        )))
+    }
+
     pub(crate) fn fetched_image(&self, text: &str) -> Result<ImageRecord, WitError> {
         let reference = self.plugin_reference(text)?;
         self.fetched.get(&reference.to_string()).cloned().ok_or_else(|| {
@@ -170,6 +213,9 @@ impl HostState {
                 "{canonical} is not among {whose} allowed image sources"
             ))));
         }
+        if let Err(e) = self.operation_may_fetch(&canonical) {
+            return Ok(Err(e));
+        }
         if let Some(record) = self.fetched.get(&canonical) {
             return Ok(Ok(image_of(record)));
         }
@@ -202,7 +248,10 @@ impl HostState {
         if let Err(e) = check_page(limit) {
             return Ok(Err(e));
         }
-        let record = match self.fetched_image(&reference) {
+        let record = match self.fetched_image(&reference).and_then(|r| {
+            self.may_read(&r)?;
+            Ok(r)
+        }) {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
@@ -224,7 +273,10 @@ impl HostState {
         reference: String,
         path: String,
     ) -> wasmtime::Result<Result<Vec<u8>, WitError>> {
-        let record = match self.fetched_image(&reference) {
+        let record = match self.fetched_image(&reference).and_then(|r| {
+            self.may_read(&r)?;
+            Ok(r)
+        }) {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
