@@ -707,6 +707,7 @@ pub fn customize(
     let (a, b) = (fixed_part(&old), fixed_part(&new));
     if a != b {
         let field = [
+            ("tenant", a.tenant != b.tenant),
             ("hypervisor", a.hypervisor != b.hypervisor),
             ("vcpus", a.vcpus != b.vcpus),
             ("topology", a.topology != b.topology),
