@@ -130,3 +130,42 @@ pub fn push(layout: &Path, tag: &str, registry: &Registry, repo: &str) {
         .expect("skopeo (Debian package skopeo) must be installed");
     assert!(out.status.success(), "skopeo: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A tar layer of regular files `(path, content, mode)`, owned by root,
+/// with their directories (0755): a layer as an image build writes it.
+pub fn tar_layer(files: &[(&str, Vec<u8>, u32)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dirs = std::collections::BTreeSet::new();
+    for (path, _, _) in files {
+        let mut p = Path::new(path).parent();
+        while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
+            dirs.insert(d.to_path_buf());
+            p = d.parent();
+        }
+    }
+    let header = |mode: u32, size: u64, kind: tar::EntryType| {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h
+    };
+    for d in dirs {
+        let mut h = header(0o755, 0, tar::EntryType::Directory);
+        b.append_data(&mut h, &d, &[][..]).unwrap();
+    }
+    for (path, data, mode) in files {
+        let mut h = header(*mode, data.len() as u64, tar::EntryType::Regular);
+        b.append_data(&mut h, path, data.as_slice()).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// `len` bytes of a short cycle that `seed` shifts: file content distinct
+/// per seed, cheap to make.
+pub fn content(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}

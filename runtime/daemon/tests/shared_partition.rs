@@ -12,48 +12,15 @@ use std::sync::Arc;
 
 use provd_client::{Client, TlsFiles};
 use provd_tests::daemon::{DEFAULT_EXTRA, TestNode};
-use provd_tests::oci::{oci_layout, push, start_registry};
+use provd_tests::oci::{content, oci_layout, push, start_registry, tar_layer};
 use provd_tests::{CLOUD_INIT, SHARED_PARTITION};
 use serde_json::{Value, json};
 
 const PROVD: &str = env!("CARGO_BIN_EXE_provd");
 
-/// A tar layer of regular files (with their directories).
+/// A tar layer of regular files, mode 0644, with their directories.
 fn layer(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    let mut dirs = std::collections::BTreeSet::new();
-    for (path, _) in files {
-        let mut p = Path::new(path).parent();
-        while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
-            dirs.insert(d.to_path_buf());
-            p = d.parent();
-        }
-    }
-    for d in dirs {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(0o755);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_700_000_000);
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_size(0);
-        b.append_data(&mut h, &d, &[][..]).unwrap();
-    }
-    for (path, data) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_700_000_000);
-        h.set_size(data.len() as u64);
-        h.set_entry_type(tar::EntryType::Regular);
-        b.append_data(&mut h, path, data.as_slice()).unwrap();
-    }
-    b.into_inner().unwrap()
-}
-
-fn content(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    tar_layer(&files.iter().map(|(p, c)| (*p, c.clone(), 0o644)).collect::<Vec<_>>())
 }
 
 fn spec(name: &str, image: &str) -> Value {

@@ -11,66 +11,12 @@
 use std::path::Path;
 
 use provd_client::{Client, TlsFiles};
-use provd_tests::SHARED_PARTITION;
 use provd_tests::daemon::{DEFAULT_EXTRA, TestNode};
-use provd_tests::oci::{oci_layout, push, start_registry};
+use provd_tests::oci::{content, oci_layout, push, start_registry, tar_layer as layer};
+use provd_tests::{SHARED_PARTITION, pseudo_random};
 use serde_json::{Value, json};
 
 const PROVD: &str = env!("CARGO_BIN_EXE_provd");
-
-/// A tar layer of regular files `(path, content, mode)`, with their
-/// directories.
-fn layer(files: &[(&str, Vec<u8>, u32)]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    let mut dirs = std::collections::BTreeSet::new();
-    for (path, _, _) in files {
-        let mut p = Path::new(path).parent();
-        while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
-            dirs.insert(d.to_path_buf());
-            p = d.parent();
-        }
-    }
-    for d in dirs {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(0o755);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_700_000_000);
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_size(0);
-        b.append_data(&mut h, &d, &[][..]).unwrap();
-    }
-    for (path, data, mode) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(*mode);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_700_000_000);
-        h.set_size(data.len() as u64);
-        h.set_entry_type(tar::EntryType::Regular);
-        b.append_data(&mut h, path, data.as_slice()).unwrap();
-    }
-    b.into_inner().unwrap()
-}
-
-fn content(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
-}
-
-/// Bytes nobody else has: BLAKE3 in counter mode over a tenant's name.
-fn secret(tenant: &str, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len);
-    let mut i = 0u64;
-    while out.len() < len {
-        let mut h = blake3::Hasher::new();
-        h.update(tenant.as_bytes());
-        h.update(&i.to_le_bytes());
-        out.extend_from_slice(h.finalize().as_bytes());
-        i += 1;
-    }
-    out.truncate(len);
-    out
-}
 
 fn spec(name: &str, tenant: Option<&str>, image: &str) -> Value {
     let mut s = json!({"name": name, "hypervisor": "libvirt", "vcpus": 1, "memory-mib": 512,
@@ -123,14 +69,15 @@ async fn tenants_share_the_public_catalogue_and_never_each_others_files() {
         format!("oci+http://127.0.0.1:{port}/{repo}:v1")
     };
     let web = push_image("catalogue/web", &[layer(&base)]);
+    // Bytes nobody else has: a pseudo-random stream per tenant.
     let secrets: Vec<(&str, Vec<u8>)> =
-        ["a", "b"].iter().map(|t| (*t, secret(&format!("tenant {t}"), 300_000))).collect();
+        [("a", 1), ("b", 2)].iter().map(|&(t, n)| (t, pseudo_random(300_000, n))).collect();
     let mut custom = Vec::new();
-    for (t, bytes) in &secrets {
+    for (n, (t, bytes)) in (1u64..).zip(&secrets) {
         let own = vec![
             ("home/app/credentials", bytes.clone(), 0o600),
             // A setuid-root binary, the tenant's own business in its own VM.
-            ("usr/local/bin/escalate", secret(&format!("suid {t}"), 20_000), 0o4755),
+            ("usr/local/bin/escalate", pseudo_random(20_000, n << 32), 0o4755),
         ];
         custom.push(push_image(&format!("customers/{t}/app"), &[layer(&base), layer(&own)]));
     }

@@ -46,8 +46,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use provd_bench::{allocated, run};
 use provd_client::{Client, TlsFiles};
-use provd_tests::SHARED_PARTITION;
 use provd_tests::daemon::{TestNode, rss_kib, sample_peak_rss};
+use provd_tests::{SHARED_PARTITION, pseudo_random};
 use serde_json::{Value, json};
 
 fn mib(b: u64) -> f64 {
@@ -322,25 +322,15 @@ async fn one_at_a_time(
     Ok(bytes)
 }
 
-/// A tenant's custom image: `root` (a public image) plus `own_mib` MiB of
-/// the tenant's own files, written under `dir`.
-fn custom_root(root: &Path, dir: &Path, own_mib: usize) -> Result<PathBuf> {
+/// Tenant `tenant`'s custom image: `root` (a public image) plus `own_mib`
+/// MiB of the tenant's own files, written under `dir`.
+fn custom_root(root: &Path, dir: &Path, tenant: u64, own_mib: u64) -> Result<PathBuf> {
     run(Command::new("cp").arg("-a").arg(root).arg(dir))?;
     let own = dir.join("srv/tenant");
     std::fs::create_dir_all(&own)?;
     for i in 0..own_mib {
-        // Bytes no other tenant has: BLAKE3 in counter mode over the path.
-        let mut bytes = Vec::with_capacity(1 << 20);
-        let mut k = 0u64;
-        while bytes.len() < 1 << 20 {
-            let mut h = blake3::Hasher::new();
-            h.update(dir.as_os_str().as_encoded_bytes());
-            h.update(&(i as u64).to_le_bytes());
-            h.update(&k.to_le_bytes());
-            bytes.extend_from_slice(h.finalize().as_bytes());
-            k += 1;
-        }
-        std::fs::write(own.join(format!("data-{i}")), bytes)?;
+        // Bytes no other tenant has: a pseudo-random stream per file.
+        std::fs::write(own.join(format!("data-{i}")), pseudo_random(1 << 20, tenant << 32 | i))?;
     }
     Ok(dir.to_path_buf())
 }
@@ -447,7 +437,7 @@ async fn main() -> Result<()> {
         roots
             .iter()
             .enumerate()
-            .map(|(i, r)| custom_root(r, &dir.join(format!("t{i}")), i + 1))
+            .map(|(i, r)| custom_root(r, &dir.join(format!("t{i}")), i as u64, i as u64 + 1))
             .collect::<Result<_>>()?
     } else {
         Vec::new()
