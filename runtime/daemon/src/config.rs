@@ -263,27 +263,24 @@ impl Config {
                 });
             }
         }
-        for pattern in config.policy.image_sources.iter().flatten() {
-            provd_domain::check_pattern(pattern, provd_domain::MAX_PATTERN_LEN).map_err(|why| {
-                ConfigError::Parse {
-                    path: path.display().to_string(),
-                    message: format!("policy.image-sources: {why}"),
-                }
-            })?;
-        }
         if config.sharing.public_images.len() > 256 {
             return Err(ConfigError::Parse {
                 path: path.display().to_string(),
                 message: "sharing.public-images: at most 256 patterns".into(),
             });
         }
-        for pattern in &config.sharing.public_images {
-            provd_domain::check_pattern(pattern, provd_domain::MAX_PATTERN_LEN).map_err(|why| {
-                ConfigError::Parse {
-                    path: path.display().to_string(),
-                    message: format!("sharing.public-images: {why}"),
-                }
-            })?;
+        for (key, patterns) in [
+            ("policy.image-sources", config.policy.image_sources.as_deref().unwrap_or_default()),
+            ("sharing.public-images", config.sharing.public_images.as_slice()),
+        ] {
+            for pattern in patterns {
+                provd_domain::check_pattern(pattern, provd_domain::MAX_PATTERN_LEN).map_err(
+                    |why| ConfigError::Parse {
+                        path: path.display().to_string(),
+                        message: format!("{key}: {why}"),
+                    },
+                )?;
+            }
         }
         if config.trusted_keys.is_empty() {
             return Err(ConfigError::Parse {

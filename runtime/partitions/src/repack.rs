@@ -90,12 +90,15 @@ pub fn plan_repack(store: &Store, only: Option<&[String]>) -> Result<RepackPlan,
 
     let pending: BTreeSet<String> =
         store.pending_restacks()?.into_iter().map(|(private, _)| private).collect();
-    let recorded: BTreeSet<Key> = store
-        .layers(false)?
-        .into_iter()
+    let layers = store.layers(false)?;
+    let recorded: BTreeSet<Key> = layers
+        .iter()
         .filter(|l| l.recorded)
-        .map(|l| (l.partition, l.name))
+        .map(|l| (l.partition.clone(), l.name.clone()))
         .collect();
+    // Each shared partition's trust domain, from the same read.
+    let domains: HashMap<&str, &str> =
+        layers.iter().map(|l| (l.partition.as_str(), l.domain.as_str())).collect();
     let mut entries: HashMap<Key, Vec<Entry>> = HashMap::new();
     // Per moved VM: its stack, image and layout.
     struct Candidate {
@@ -145,10 +148,10 @@ pub fn plan_repack(store: &Store, only: Option<&[String]>) -> Result<RepackPlan,
         // The domain of what the stack holds: public, or its tenant's when
         // any of its layers is.
         let mut stack_domain = provd_domain::trust::PUBLIC.to_string();
-        for shared in keys.iter().map(|k| &k.0).collect::<BTreeSet<_>>() {
-            let d = store.partition(shared)?.map(|r| r.domain).unwrap_or_default();
+        for (shared, _) in &keys {
+            let d = domains.get(shared.as_str()).copied().unwrap_or_default();
             if d != provd_domain::trust::PUBLIC {
-                stack_domain = d;
+                stack_domain = d.to_string();
             }
         }
         match &domain {

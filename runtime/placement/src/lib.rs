@@ -18,6 +18,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use provd_domain::trust::{may_see, tenant_domain};
+
 /// One regular file of an image: path (relative, `/`-separated), size and
 /// BLAKE3 content digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,12 +68,6 @@ impl Node {
     fn visible(&self, tenant: &str) -> Vec<&HashSet<(String, [u8; 32])>> {
         self.held.iter().filter(|(d, _)| may_see(tenant, d)).map(|(_, set)| set).collect()
     }
-}
-
-/// Whether a VM of `tenant` may stack layers of `domain` (as nodes decide
-/// it: `provd_domain::trust::may_see`).
-fn may_see(tenant: &str, domain: &str) -> bool {
-    domain == "public" || domain.strip_prefix("tenant:") == Some(tenant)
 }
 
 /// A VM to place: its image (an index into the images) and what it
@@ -249,7 +245,7 @@ pub fn place(vms: &[Vm], images: &[Image], nodes: &mut [Node], policy: Policy) -
             // images a node's catalogue makes public, and so never counts
             // on sharing a later VM of another tenant could not have.
             node.held
-                .entry(format!("tenant:{}", vm.tenant))
+                .entry(tenant_domain(&vm.tenant))
                 .or_default()
                 .extend(image.files.iter().map(|f| (f.path.clone(), f.digest)));
             decision.node = Some(node.name.clone());

@@ -170,8 +170,10 @@ async fn survey(c: &Client) -> Result<Node, String> {
             // A node that names no domain predates them: its layers are
             // the default tenant's.
             let d = l.get("domain").and_then(Value::as_str).unwrap_or("tenant:default");
-            if d.len() > 80 {
-                return Err(format!("layer {p}/{n}: a domain of {} bytes", d.len()));
+            if !provd_domain::trust::valid_domain(d) {
+                return Err(format!(
+                    "layer {p}/{n}: domain {d:?} is neither public nor tenant:<name>"
+                ));
             }
             layers.push((p.to_string(), n.to_string(), d.to_string()));
         }

@@ -157,13 +157,13 @@ pub fn console_log(
     let wait = std::time::Duration::from_secs(wait);
     let mut first = true;
     loop {
-        let stream = connect(&socket, wait)
+        // Bounded at the start; after a close the VMM may take as long as it
+        // likes to listen again (`connect` polls, it does not spin).
+        let patience = if first { wait } else { std::time::Duration::MAX };
+        let stream = connect(&socket, patience)
             .with_context(|| format!("connecting to {}", socket.display()))?;
         let Some(mut stream) = stream else {
-            if first || once {
-                anyhow::bail!("no VMM listens on {} after {} s", socket.display(), wait.as_secs());
-            }
-            continue;
+            anyhow::bail!("no VMM listens on {} after {} s", socket.display(), wait.as_secs());
         };
         first = false;
         copy_connection(&mut stream, &mut log)

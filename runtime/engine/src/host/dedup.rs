@@ -128,13 +128,15 @@ impl HostState {
         if all_public {
             return Ok((provd_domain::trust::PUBLIC.to_string(), tenants));
         }
-        match tenants.iter().collect::<Vec<_>>().as_slice() {
-            [one] => Ok((provd_domain::trust::tenant_domain(one), tenants.clone())),
-            many => Err(WitError::InvalidInput(format!(
+        match tenants.first() {
+            Some(one) if tenants.len() == 1 => {
+                Ok((provd_domain::trust::tenant_domain(one), tenants.clone()))
+            }
+            _ => Err(WitError::InvalidInput(format!(
                 "these VMs belong to tenants {} and not all of them run images of the public \
                  catalogue: a plan's layers are of one trust domain; plan each tenant's VMs \
                  separately",
-                many.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", ")
+                tenants.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
             ))),
         }
     }

@@ -67,16 +67,18 @@ impl HostState {
         )))
     }
 
-    /// When the operation's VMs belong to more than one tenant, a plugin
-    /// reads the entries and files only of public images: what it reads of
-    /// one tenant's image it could otherwise write into another's VM.
-    fn may_read(&self, record: &ImageRecord) -> Result<(), WitError> {
+    /// A fetched image whose entries and files the plugin may read: when
+    /// the operation's VMs belong to more than one tenant, only a public
+    /// one, since what it reads of one tenant's image it could otherwise
+    /// write into another's VM.
+    fn readable_image(&self, text: &str) -> Result<ImageRecord, WitError> {
+        let record = self.fetched_image(text)?;
         let mut tenants = self.operation_specs.values().map(|s| s.tenant());
         let first = tenants.next();
         let several = tenants.any(|t| Some(t) != first);
         if !several || provd_domain::trust::is_public_image(&self.public_images, &record.reference)
         {
-            return Ok(());
+            return Ok(record);
         }
         Err(WitError::Denied(format!(
             "{}: this operation's VMs belong to several tenants, so a plugin reads only images \
@@ -248,10 +250,7 @@ impl HostState {
         if let Err(e) = check_page(limit) {
             return Ok(Err(e));
         }
-        let record = match self.fetched_image(&reference).and_then(|r| {
-            self.may_read(&r)?;
-            Ok(r)
-        }) {
+        let record = match self.readable_image(&reference) {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
@@ -273,10 +272,7 @@ impl HostState {
         reference: String,
         path: String,
     ) -> wasmtime::Result<Result<Vec<u8>, WitError>> {
-        let record = match self.fetched_image(&reference).and_then(|r| {
-            self.may_read(&r)?;
-            Ok(r)
-        }) {
+        let record = match self.readable_image(&reference) {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };

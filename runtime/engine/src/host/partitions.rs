@@ -272,7 +272,9 @@ impl HostState {
             let _flight = flight;
             crate::host::side_by_side(names.len(), |i| {
                 let vm = names.get(i).map(String::as_str).unwrap_or_default();
-                let opts = options.get(i).cloned().unwrap_or_default();
+                let opts = options.get(i).ok_or_else(|| {
+                    PartitionError::InvalidPlan(format!("no build options for VM {vm:?}"))
+                })?;
                 let rec = provd_partitions::build_private(
                     &store,
                     &plan,
@@ -281,7 +283,7 @@ impl HostState {
                     shared.as_ref(),
                     format,
                     size,
-                    &opts,
+                    opts,
                 )?;
                 keep_or_remove(&ledger, &store, rec)
             })
