@@ -9,6 +9,7 @@ pub mod boot;
 pub mod daemon;
 pub mod oci;
 pub mod pki;
+pub mod seed;
 
 /// The names directly in `dir`: what tests compare before and after a case
 /// to see that nothing was written beside a node's data directory.

@@ -329,7 +329,7 @@ async fn every_host_call_with_hostile_arguments_ends_as_the_reviewed_table_says(
         // What a case built goes, as an operation's rollback would take
         // it, so that the next case starts on an empty node.
         for vm in store.vms().unwrap() {
-            provd_vm::node::delete(&store, &vm.name).unwrap();
+            provd_vm::delete(&store, &vm.name).unwrap();
         }
         let mut left = store.partitions().unwrap();
         left.sort_by_key(|p| p.role != "private");

@@ -122,6 +122,24 @@ fn the_filesystem_formats_know_nothing_of_images_plans_or_the_store() {
 }
 
 #[test]
+fn vms_and_partitions_stand_side_by_side() {
+    // What a VM attaches passes between them as plain data
+    // (`provd_domain::attach`); the node's workflows (repack) use both.
+    let ws = workspace();
+    let names = |c: &str| -> BTreeSet<String> {
+        ws.closure(&ws.id(c)).iter().map(|id| ws.packages[id].0.clone()).collect()
+    };
+    let vm = names("provd-vm");
+    for forbidden in ["provd-partitions", "provd-dedup", "provd-formats", "provd-images"] {
+        assert!(!vm.contains(forbidden), "provd-vm depends on {forbidden}");
+    }
+    assert!(
+        !names("provd-partitions").contains("provd-vm"),
+        "provd-partitions depends on provd-vm"
+    );
+}
+
+#[test]
 fn node_side_crates_do_not_depend_on_the_engine() {
     let ws = workspace();
     for krate in [

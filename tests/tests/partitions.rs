@@ -862,7 +862,7 @@ async fn a_vm_gets_one_private_partition_stacked_only_on_its_own_plans_layers() 
     assert!(err.to_string().contains("already has private partition"), "{err}");
     // Deleting by a name that is not a VM name touches nothing.
     for bad in ["..", "/", "", "a/b"] {
-        assert!(provd_vm::node::delete(b.store(), bad).is_err(), "{bad:?}");
+        assert!(provd_vm::delete(b.store(), bad).is_err(), "{bad:?}");
     }
     assert!(b.node.data.join("partitions").exists());
 }
@@ -937,7 +937,7 @@ async fn a_repack_packs_the_layers_in_use_into_one_partition_and_every_vm_sees_t
         .map(|p| p.bytes)
         .sum();
 
-    let done = provd_vm::repack::repack(b.store(), None, SharedFormat::Erofs, &opts()).unwrap();
+    let done = provd_node::repack::repack(b.store(), None, SharedFormat::Erofs, &opts()).unwrap();
     assert_eq!(done.moved, ["vm-1", "vm-3", "vm-5"], "{done:#?}");
     assert!(done.failed.is_empty() && done.skipped.is_empty(), "{done:#?}");
     let shared_after: Vec<PartitionRecord> =
@@ -1031,7 +1031,7 @@ async fn a_repack_interrupted_at_any_step_is_settled_at_the_next_start() {
             rewrite_boot_files(b.store(), &mv.private, &tampered, &opts()).unwrap();
         }
         // The next start: moves settled, unused shared partitions freed.
-        provd_vm::repack::recover(b.store()).unwrap();
+        provd_node::repack::recover(b.store()).unwrap();
         b.store().free_unused_shared().unwrap();
         all_exact(&b);
         assert!(b.store().pending_restacks().unwrap().is_empty());
@@ -1047,7 +1047,7 @@ async fn a_repack_interrupted_at_any_step_is_settled_at_the_next_start() {
         }
     }
     // A full repack then leaves one shared partition.
-    let done = provd_vm::repack::repack(b.store(), None, SharedFormat::Erofs, &opts()).unwrap();
+    let done = provd_node::repack::repack(b.store(), None, SharedFormat::Erofs, &opts()).unwrap();
     assert_eq!(done.moved.len(), 2, "{done:#?}");
     assert_eq!(shared_ids(b.store()).len(), 1);
     all_exact(&b);

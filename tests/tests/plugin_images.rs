@@ -394,7 +394,7 @@ async fn a_plugin_configures_vms_on_its_partitions_within_grant_and_capacity() {
             .output()
             .unwrap();
         assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
-        let (label, files) = provd_vm::cloudinit::read_seed_iso(&dir.join("seed.iso")).unwrap();
+        let (label, files) = provd_tests::seed::read_seed_iso(&dir.join("seed.iso")).unwrap();
         assert_eq!(label, "cidata");
         let meta = files.iter().find(|(n, _)| n == "meta-data").unwrap();
         assert!(String::from_utf8_lossy(&meta.1).contains(&format!("{vm}.example")));
@@ -426,12 +426,12 @@ async fn a_plugin_configures_vms_on_its_partitions_within_grant_and_capacity() {
 
     // Deleting a VM gives back exactly its reservations and its private
     // partition; the shared one stays while b uses it.
-    assert!(provd_vm::node::delete(store, "a").unwrap());
+    assert!(provd_vm::delete(store, "a").unwrap());
     let left = store.reserved().unwrap();
     assert_eq!((left.vcpus, left.memory_mib), (2, 1024));
     assert!(!node.path("data/vms/a").exists());
     assert!(store.partitions_of_vm("a").unwrap().is_empty());
-    assert!(provd_vm::node::delete(store, "b").unwrap());
+    assert!(provd_vm::delete(store, "b").unwrap());
     assert_eq!(store.reserved().unwrap(), provd_store::Resources::default());
     assert!(store.partitions().unwrap().is_empty());
 }
@@ -661,37 +661,35 @@ async fn a_customisation_interrupted_by_a_stop_is_undone_from_its_journal() {
 
     // Customised by an operation, journalled, then the node stops before
     // the operation's end is on record: the next start undoes it.
-    provd_vm::node::customize(store, &changed, &grant, Some("op-crashed")).unwrap();
+    provd_vm::customize(store, &changed, &grant, Some("op-crashed")).unwrap();
     assert_ne!(std::fs::read(&seed).unwrap(), seed_before);
     assert!(undo.exists());
-    let undone = provd_vm::node::recover_customizations(store, |_| Ok(false)).unwrap();
+    let undone = provd_vm::recover_customizations(store, |_| Ok(false)).unwrap();
     assert_eq!(undone, ["a"]);
     assert_eq!(std::fs::read(&seed).unwrap(), seed_before);
     assert_eq!(store.vm("a").unwrap().unwrap().spec, spec_before);
     assert!(!undo.exists());
 
     // Twice in one operation: the journal keeps the state before the first.
-    provd_vm::node::customize(store, &changed, &grant, Some("op-twice")).unwrap();
+    provd_vm::customize(store, &changed, &grant, Some("op-twice")).unwrap();
     let third = spec("a", 2, 1024).replace("a.example", "a.third");
-    provd_vm::node::customize(store, &third, &grant, Some("op-twice")).unwrap();
-    provd_vm::node::recover_customizations(store, |_| Ok(false)).unwrap();
+    provd_vm::customize(store, &third, &grant, Some("op-twice")).unwrap();
+    provd_vm::recover_customizations(store, |_| Ok(false)).unwrap();
     assert_eq!(std::fs::read(&seed).unwrap(), seed_before);
 
     // The daemon closes the journal with the operation's end: another
     // operation's end leaves it, a failed end puts the seed back.
-    provd_vm::node::customize(store, &changed, &grant, Some("op-failed")).unwrap();
-    assert!(!provd_vm::node::end_customization(store, "a", "op-other", false).unwrap());
+    provd_vm::customize(store, &changed, &grant, Some("op-failed")).unwrap();
+    assert!(!provd_vm::end_customization(store, "a", "op-other", false).unwrap());
     assert!(undo.exists());
-    assert!(provd_vm::node::end_customization(store, "a", "op-failed", false).unwrap());
+    assert!(provd_vm::end_customization(store, "a", "op-failed", false).unwrap());
     assert_eq!(std::fs::read(&seed).unwrap(), seed_before);
     assert!(!undo.exists());
 
     // An operation recorded as succeeded keeps its seed; its journal goes.
-    provd_vm::node::customize(store, &changed, &grant, Some("op-done")).unwrap();
+    provd_vm::customize(store, &changed, &grant, Some("op-done")).unwrap();
     let kept = std::fs::read(&seed).unwrap();
-    assert!(
-        provd_vm::node::recover_customizations(store, |op| Ok(op == "op-done")).unwrap().is_empty()
-    );
+    assert!(provd_vm::recover_customizations(store, |op| Ok(op == "op-done")).unwrap().is_empty());
     assert_eq!(std::fs::read(&seed).unwrap(), kept);
     assert!(!undo.exists());
 }

@@ -1080,7 +1080,7 @@ async fn capacity(State(s): State<AppState>) -> ApiResult {
     })
     .await?
     .map_err(ApiError::internal)?;
-    let total = provd_vm::node::capacity_of(&s.capacity);
+    let total = provd_vm::capacity_of(&s.capacity);
     let part = |t: u64, r: u64| json!({"total": t, "reserved": r, "free": t.saturating_sub(r)});
     let mut disk = part(total.disk_bytes, reserved.disk_bytes);
     if let Some(m) = disk.as_object_mut() {

@@ -541,7 +541,7 @@ impl Operations {
                         // otherwise (whatever undid it already, or not).
                         let keep = state == OpState::Succeeded;
                         for vm in &vms {
-                            if let Err(e) = provd_vm::node::end_customization(&store, vm, &op, keep) {
+                            if let Err(e) = provd_vm::end_customization(&store, vm, &op, keep) {
                                 tracing::warn!(operation = %op, %vm, error = %e, "closing a customisation's journal");
                             }
                         }
@@ -608,79 +608,76 @@ impl Operations {
         let id = new.id.clone();
         let actor = req.actor.clone();
         let names = req.vms.clone();
-        let done =
-            tokio::task::spawn_blocking(move || {
-                // Taken before the builtin writes anything (`Store::sync_point`).
-                let point = store.sync_point()?;
-                store.start_operation(&new, &[])?;
-                let (function, result, report): (&str, Result<(), (&str, String)>, Option<String>) =
-                    match action {
-                        Builtin::DeleteVms => {
-                            let mut result = Ok(());
-                            for name in &names {
-                                if let Err(e) = provd_vm::node::delete(&store, name) {
-                                    result = Err(("delete-failed", e.to_string()));
-                                    break;
-                                }
-                            }
-                            ("delete-vm", result, None)
-                        }
-                        Builtin::Repack { format } => {
-                            let opts = provd_partitions::BuildOptions {
-                                operation: Some(id.clone()),
-                                ..provd_partitions::BuildOptions::default()
-                            };
-                            let repacked =
-                                provd_vm::repack::repack(&store, Some(&names), format, &opts)
-                                    .and_then(|done| {
-                                        // The moved VMs' configurations, durable
-                                        // before the repack is on record as done.
-                                        store.sync_since(&point).map(|()| done).map_err(|e| {
-                                            provd_vm::node::VmError::Failed(e.to_string())
-                                        })
-                                    });
-                            match repacked {
-                                Ok(done) => {
-                                    let report = serde_json::to_string(&done).ok();
-                                    let result = if done.failed.is_empty() {
-                                        Ok(())
-                                    } else {
-                                        let failed: Vec<String> = done
-                                            .failed
-                                            .iter()
-                                            .map(|(vm, e)| format!("{vm}: {e}"))
-                                            .collect();
-                                        Err(("repack-incomplete", failed.join("; ")))
-                                    };
-                                    ("repack", result, report)
-                                }
-                                Err(e) => ("repack", Err(("repack-failed", e.to_string())), None),
+        let done = tokio::task::spawn_blocking(move || {
+            // Taken before the builtin writes anything (`Store::sync_point`).
+            let point = store.sync_point()?;
+            store.start_operation(&new, &[])?;
+            let (function, result, report): (&str, Result<(), (&str, String)>, Option<String>) =
+                match action {
+                    Builtin::DeleteVms => {
+                        let mut result = Ok(());
+                        for name in &names {
+                            if let Err(e) = provd_vm::delete(&store, name) {
+                                result = Err(("delete-failed", e.to_string()));
+                                break;
                             }
                         }
-                    };
-                let (state, error) = match &result {
-                    Ok(()) => (OpState::Succeeded, None),
-                    Err((code, m)) => (OpState::Failed, Some((*code, m.as_str()))),
+                        ("delete-vm", result, None)
+                    }
+                    Builtin::Repack { format } => {
+                        let opts = provd_partitions::BuildOptions {
+                            operation: Some(id.clone()),
+                            ..provd_partitions::BuildOptions::default()
+                        };
+                        let repacked =
+                            provd_node::repack::repack(&store, Some(&names), format, &opts)
+                                .and_then(|done| {
+                                    // The moved VMs' configurations, durable
+                                    // before the repack is on record as done.
+                                    store.sync_since(&point).map(|()| done).map_err(Into::into)
+                                });
+                        match repacked {
+                            Ok(done) => {
+                                let report = serde_json::to_string(&done).ok();
+                                let result = if done.failed.is_empty() {
+                                    Ok(())
+                                } else {
+                                    let failed: Vec<String> = done
+                                        .failed
+                                        .iter()
+                                        .map(|(vm, e)| format!("{vm}: {e}"))
+                                        .collect();
+                                    Err(("repack-incomplete", failed.join("; ")))
+                                };
+                                ("repack", result, report)
+                            }
+                            Err(e) => ("repack", Err(("repack-failed", e.to_string())), None),
+                        }
+                    }
                 };
-                let row = NewAudit {
-                    actor,
-                    kind: "operation".into(),
-                    plugin: Some(BUILTIN.into()),
-                    operation: Some(id.clone()),
-                    function: Some(function.into()),
-                    args: Some(names.join(" ")),
-                    outcome: state.as_str().into(),
-                    detail: result.as_ref().err().map(|(_, m)| m.clone()),
-                    count: 1,
-                    ..NewAudit::default()
-                };
-                store.finish_operation(&id, state, report.as_deref(), error, None, &[row])?;
-                store
-                    .operation(&id)?
-                    .ok_or_else(|| OperationError::Store(provd_store::StoreError::NotFound(id)))
-            })
-            .await
-            .map_err(|e| StartError::Internal(e.to_string()))??;
+            let (state, error) = match &result {
+                Ok(()) => (OpState::Succeeded, None),
+                Err((code, m)) => (OpState::Failed, Some((*code, m.as_str()))),
+            };
+            let row = NewAudit {
+                actor,
+                kind: "operation".into(),
+                plugin: Some(BUILTIN.into()),
+                operation: Some(id.clone()),
+                function: Some(function.into()),
+                args: Some(names.join(" ")),
+                outcome: state.as_str().into(),
+                detail: result.as_ref().err().map(|(_, m)| m.clone()),
+                count: 1,
+                ..NewAudit::default()
+            };
+            store.finish_operation(&id, state, report.as_deref(), error, None, &[row])?;
+            store
+                .operation(&id)?
+                .ok_or_else(|| OperationError::Store(provd_store::StoreError::NotFound(id)))
+        })
+        .await
+        .map_err(|e| StartError::Internal(e.to_string()))??;
         Metrics::outcome(&self.metrics.operations, done.state.as_str());
         Ok(done)
     }
@@ -771,7 +768,7 @@ pub fn roll_back(store: &Store, id: &str) -> (usize, usize) {
     match store.vms_of_operation(id) {
         Ok(names) => {
             for name in names {
-                match provd_vm::node::delete(store, &name) {
+                match provd_vm::delete(store, &name) {
                     Ok(_) => vms += 1,
                     Err(e) => {
                         tracing::error!(operation = %id, vm = %name, error = %e, "rollback: cannot remove VM")

@@ -56,7 +56,7 @@ pub async fn serve(
     // private partition carries; then interrupted operations roll back.
     let settled = {
         let store = store.clone();
-        tokio::task::spawn_blocking(move || provd_vm::repack::recover(&store)).await??
+        tokio::task::spawn_blocking(move || provd_node::repack::recover(&store)).await??
     };
     if settled > 0 {
         tracing::warn!(moves = settled, "settled repack moves interrupted by a stop");
@@ -73,10 +73,9 @@ pub async fn serve(
     let undone = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || {
-            provd_vm::node::recover_customizations(&store, |op| {
-                let rec = store
-                    .operation(op)
-                    .map_err(|e| provd_vm::node::VmError::Failed(e.to_string()))?;
+            provd_vm::recover_customizations(&store, |op| {
+                let rec =
+                    store.operation(op).map_err(|e| provd_vm::VmError::Failed(e.to_string()))?;
                 Ok(rec.is_some_and(|r| r.state == provd_store::OpState::Succeeded))
             })
         })

@@ -226,7 +226,7 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
     let manifest = std::fs::read_to_string(CLOUD_INIT.dir().join("plugin.toml")).unwrap();
     c.deploy(node.bundle(&manifest, &CLOUD_INIT.wasm())).await.unwrap();
     let seed = node.data.join("vms/web-1/seed.iso");
-    let (_, before) = provd_vm::cloudinit::read_seed_iso(&seed).unwrap();
+    let (_, before) = provd_tests::seed::read_seed_iso(&seed).unwrap();
     let mut web_spec = spec("web-1", &references[0]);
     web_spec["cloud-init"] = json!({"hostname": "www.example.net", "users": [{"name": "ops",
         "ssh-authorized-keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJDiwd0q0EtpBdN27xv1S9+KrgNRz6jxD4skH2FHqmCr ops@example.com"]}]});
@@ -235,7 +235,7 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
     let custom_id = custom.body["operation"]["id"].as_str().unwrap().to_string();
     let done_custom = c.wait(&custom_id, |_| {}).await.unwrap();
     assert_eq!(done_custom["state"], "succeeded", "{done_custom:#}");
-    let (label, after) = provd_vm::cloudinit::read_seed_iso(&seed).unwrap();
+    let (label, after) = provd_tests::seed::read_seed_iso(&seed).unwrap();
     assert_eq!(label, "cidata");
     let file = |files: &[(String, Vec<u8>)], name: &str| {
         files
@@ -264,7 +264,7 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
     let refused = c.wait(&refused_id, |_| {}).await.unwrap();
     assert_eq!(refused["error"]["code"], "plugin-denied", "{refused:#}");
     assert!(refused["error"]["message"].as_str().unwrap().contains("vcpus"), "{refused:#}");
-    assert_eq!(provd_vm::cloudinit::read_seed_iso(&seed).unwrap().1, after);
+    assert_eq!(provd_tests::seed::read_seed_iso(&seed).unwrap().1, after);
     assert!(!undo.exists());
     let web = c.get("/v1/vms/web-1").await.unwrap().body;
     assert_eq!(web["vm"]["spec"]["cloud-init"]["hostname"], "www.example.net", "{web}");

@@ -41,7 +41,7 @@
 //! assert_eq!(plan.reassemble("vm-a").unwrap(), a);
 //! ```
 
-mod node;
+mod on_node;
 mod overlay;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -49,7 +49,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use provd_domain::image::{Entry, EntryKind, Hash};
 use serde::Serialize;
 
-pub use node::{NodeLayer, plan_on_node};
+pub use on_node::{NodeLayer, plan_on_node};
 pub use overlay::{VmLayout, VmView, overlay_view, place, remove_tree, vm_layout};
 
 /// Why an analysis could not be made.

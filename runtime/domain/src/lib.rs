@@ -28,6 +28,7 @@
 //! assert!(grant.capabilities.log.is_some());
 //! ```
 
+pub mod attach;
 mod capability;
 pub mod image;
 mod manifest;

@@ -468,7 +468,7 @@ impl Engine {
             // Customisations first, newest first, so that a VM customised
             // twice gets its first seed back.
             for c in customized.iter().rev() {
-                if let Err(e) = provd_vm::node::restore_seed(&store, &c.vm, &c.spec, &c.seed) {
+                if let Err(e) = provd_vm::restore_seed(&store, &c.vm, &c.spec, &c.seed) {
                     tracing::warn!(vm = %c.vm, error = %e, "cannot undo a failed request's customisation");
                 }
             }
@@ -483,7 +483,7 @@ impl Engine {
                         continue;
                     }
                 }
-                if let Err(e) = provd_vm::node::delete(&store, vm) {
+                if let Err(e) = provd_vm::delete(&store, vm) {
                     tracing::warn!(vm = %vm, error = %e, "cannot remove a failed request's VM");
                 }
             }

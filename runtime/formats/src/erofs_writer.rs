@@ -38,8 +38,8 @@ use crate::erofs_format::{
     DIRENT_SIZE, EXTENDED_INODE_SIZE as INODE_SIZE, ISLOT_SIZE, LAYOUT_FLAT_INLINE,
     LAYOUT_FLAT_PLAIN, MAGIC, NULL_ADDR, SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE,
 };
-pub use crate::node::{Content, Node};
-use crate::node::{
+pub use crate::writer_input::{Content, Node};
+use crate::writer_input::{
     FT_BLKDEV, FT_CHRDEV, FT_DIR, FT_FIFO, FT_REG_FILE, FT_SYMLINK, NodeError, S_IFBLK, S_IFCHR,
     S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, check_node, file_name, put16, put32, put64,
 };

@@ -27,8 +27,8 @@ use std::path::Path;
 
 use provd_domain::image::{EntryKind, Hash};
 
-pub use crate::node::{Content, Node};
-use crate::node::{
+pub use crate::writer_input::{Content, Node};
+use crate::writer_input::{
     FT_BLKDEV, FT_CHRDEV, FT_DIR, FT_FIFO, FT_REG_FILE, FT_SYMLINK, NodeError, S_IFBLK, S_IFCHR,
     S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, check_node, file_name, put_bytes, put16, put32,
 };

@@ -18,5 +18,5 @@ mod erofs_format;
 pub mod erofs_writer;
 pub mod ext4;
 pub mod ext4_writer;
-mod node;
 pub mod reader;
+mod writer_input;

@@ -16,6 +16,8 @@
 //! A refusal at any step records nothing (a compiled artifact left in the
 //! cache is keyed by the component's digest and harmless).
 
+pub mod repack;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 

@@ -199,7 +199,7 @@ impl<'s> Stager<'s> {
                 let link_from = self
                     .inodes
                     .get(&key)
-                    .filter(|(_, links)| *links < crate::MAX_LINKS_PER_INODE)
+                    .filter(|(_, links)| *links < crate::shared::MAX_LINKS_PER_INODE)
                     .map(|(p, _)| p.clone());
                 if let Some(from) = link_from {
                     let (fparent, fname) = split(&from);

@@ -275,7 +275,7 @@ pub fn repack(args: RepackArgs, data_dir: &Path) -> Result<ExitCode> {
     let format = SharedFormat::parse(&args.shared_format)?;
     let only = (!args.all).then_some(args.vms.as_slice());
     let started = std::time::Instant::now();
-    let done = provd_vm::repack::repack(&store, only, format, &BuildOptions::default())?;
+    let done = provd_node::repack::repack(&store, only, format, &BuildOptions::default())?;
     let secs = started.elapsed().as_secs_f64();
     if args.json {
         println!("{:#}", json!({"repack": done, "seconds": secs}));

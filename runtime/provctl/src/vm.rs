@@ -82,7 +82,7 @@ pub fn remove(names: &[String], data_dir: &Path) -> Result<ExitCode> {
         .with_context(|| format!("opening the store in {}", data_dir.display()))?;
     let mut code = ExitCode::SUCCESS;
     for name in names {
-        if provd_vm::node::delete(&store, name)? {
+        if provd_vm::delete(&store, name)? {
             println!("deleted VM {name}");
         } else {
             eprintln!("no VM {name}");

@@ -1,6 +1,7 @@
 //! cloud-init NoCloud seeds: the `meta-data`, `user-data` and
 //! `network-config` files a guest's cloud-init reads from a small ISO9660
-//! image labelled `cidata`, and the image itself, written with `xorriso`.
+//! image labelled `cidata`, and the image itself, written by provd's own
+//! ISO9660 writer (`iso9660.rs`).
 //!
 //! # Instance id
 //!
@@ -42,11 +43,9 @@
 //! cloud-init's YAML 1.1 parser, ...).
 
 use std::collections::BTreeSet;
-use std::ffi::OsString;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 
 /// Largest total size of the seed's files. Real seeds are a few kilobytes;
 /// cloud-init reads every file whole into memory at boot, and each VM keeps
@@ -55,23 +54,8 @@ use std::process::{Command, Stdio};
 /// small next to a VM's disk.
 pub const MAX_SEED_BYTES: usize = 1 << 20;
 
-/// Largest image `read_seed_iso` extracts. A seed of [`MAX_SEED_BYTES`] makes
-/// an image well under 2 MiB; the bound keeps a stray large image from being
-/// unpacked into the temporary directory.
-const MAX_IMAGE_BYTES: u64 = 16 << 20;
-
 /// The volume label cloud-init's NoCloud data source looks for.
 pub const VOLUME_ID: &str = "cidata";
-
-/// Where `xorriso` is looked for. Fixed rather than taken from `PATH`, so
-/// the daemon's environment cannot substitute the program it runs.
-pub const TOOL_DIRS: &[&str] = &["/usr/bin", "/bin"];
-
-const XORRISO: &str = "xorriso";
-const XORRISO_PACKAGE: &str = "xorriso";
-
-/// Longest stderr tail kept in an error.
-const STDERR_KEEP: usize = 2048;
 
 /// A user created in the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,12 +127,6 @@ pub enum SeedError {
     Invalid { field: String, reason: String },
     #[error("seed files total {bytes} bytes, more than the {limit} allowed")]
     TooLarge { bytes: usize, limit: usize },
-    #[error("{tool} not found in {searched}: install the Debian package {package}")]
-    MissingTool { tool: &'static str, package: &'static str, searched: String },
-    #[error("{tool} failed ({status}): {stderr}")]
-    ToolFailed { tool: &'static str, status: String, stderr: String },
-    #[error("seed image {path}: {reason}")]
-    BadImage { path: PathBuf, reason: String },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -597,46 +575,6 @@ fn render_network_config(nics: &[SeedNic]) -> Result<String, SeedError> {
 // ---------------------------------------------------------------------------
 // Images
 
-fn default_tool_dirs() -> Vec<PathBuf> {
-    TOOL_DIRS.iter().map(PathBuf::from).collect()
-}
-
-fn find_xorriso(dirs: &[PathBuf]) -> Result<PathBuf, SeedError> {
-    dirs.iter().map(|d| d.join(XORRISO)).find(|p| p.is_file()).ok_or_else(|| {
-        SeedError::MissingTool {
-            tool: XORRISO,
-            package: XORRISO_PACKAGE,
-            searched: dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
-        }
-    })
-}
-
-/// Runs xorriso in `cwd` with a clean environment and closed stdin, and
-/// returns its stdout.
-fn run_xorriso(tool: &Path, cwd: &Path, args: &[OsString]) -> Result<String, SeedError> {
-    let out = Command::new(tool)
-        .args(args)
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env_clear()
-        .env("LC_ALL", "C")
-        .output()
-        .map_err(io(format!("running {}", tool.display())))?;
-    if !out.status.success() {
-        let text = String::from_utf8_lossy(&out.stderr);
-        let cut = text.len().saturating_sub(STDERR_KEEP);
-        let start = text.ceil_char_boundary(cut);
-        return Err(SeedError::ToolFailed {
-            tool: XORRISO,
-            status: out.status.to_string(),
-            stderr: text.get(start..).unwrap_or_default().trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Writes a NoCloud seed ISO9660 image (volume label `cidata`, files
 /// `meta-data`, `user-data` and `network-config` when present, Joliet and
 /// Rock Ridge, written by provd itself: `iso9660.rs`) at `out`, and returns
@@ -681,112 +619,6 @@ pub fn write_seed_iso_with(seed: &Seed, out: &Path, durable: bool) -> Result<u64
     Ok(bytes.len() as u64)
 }
 
-/// An image's files: path relative to the root and content.
-pub type SeedImageFiles = Vec<(String, Vec<u8>)>;
-
-/// Reads a seed image back with xorriso: its volume id and its files, by
-/// path relative to the root (`meta-data`, ...), sorted by name.
-pub fn read_seed_iso(path: &Path) -> Result<(String, SeedImageFiles), SeedError> {
-    read_seed_iso_with(path, &default_tool_dirs())
-}
-
-pub(crate) fn read_seed_iso_with(
-    path: &Path,
-    tool_dirs: &[PathBuf],
-) -> Result<(String, SeedImageFiles), SeedError> {
-    let xorriso = find_xorriso(tool_dirs)?;
-    let bad =
-        |reason: &str| SeedError::BadImage { path: path.to_path_buf(), reason: reason.into() };
-    let meta = std::fs::metadata(path).map_err(io(format!("reading {}", path.display())))?;
-    if !meta.is_file() {
-        return Err(bad("not a regular file"));
-    }
-    if meta.len() > MAX_IMAGE_BYTES {
-        return Err(bad(&format!("larger than {MAX_IMAGE_BYTES} bytes")));
-    }
-    let work = tempfile::Builder::new()
-        .prefix("provd-seed-read-")
-        .tempdir()
-        .map_err(io("creating a temporary directory"))?;
-    // `stdio:` makes xorriso treat the path as a plain file, never as an
-    // optical drive.
-    let mut indev = OsString::from("stdio:");
-    indev.push(std::path::absolute(path).map_err(io(format!("resolving {}", path.display())))?);
-    let args: Vec<OsString> = vec![
-        "-osirrox".into(),
-        "on".into(),
-        "-indev".into(),
-        indev,
-        "-pvd_info".into(),
-        "-extract".into(),
-        "/".into(),
-        "root".into(),
-    ];
-    let result = run_xorriso(&xorriso, work.path(), &args).and_then(|stdout| {
-        // A blank or foreign file loads as an empty medium, which has no
-        // primary volume descriptor to report.
-        if !stdout.lines().any(|l| l.starts_with("PVD address")) {
-            return Err(bad("no ISO9660 volume"));
-        }
-        let volume = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("Volume Id    :"))
-            .map(|v| v.trim().to_string())
-            .ok_or_else(|| bad("no volume id"))?;
-        let mut files = Vec::new();
-        collect_files(&work.path().join("root"), "", &mut files)?;
-        files.sort();
-        Ok((volume, files))
-    });
-    // Extracted directories keep the image's read-only modes; they are made
-    // writable again so the temporary directory can be removed.
-    make_writable(&work.path().join("root"));
-    result
-}
-
-fn collect_files(
-    dir: &Path,
-    prefix: &str,
-    files: &mut Vec<(String, Vec<u8>)>,
-) -> Result<(), SeedError> {
-    if !dir.exists() {
-        return Ok(());
-    }
-    let entries = std::fs::read_dir(dir).map_err(io(format!("listing {}", dir.display())))?;
-    for entry in entries {
-        let entry = entry.map_err(io(format!("listing {}", dir.display())))?;
-        let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
-        let kind = entry.file_type().map_err(io(format!("reading {}", entry.path().display())))?;
-        if kind.is_dir() {
-            collect_files(&entry.path(), &format!("{name}/"), files)?;
-        } else if kind.is_file() {
-            let bytes = std::fs::read(entry.path())
-                .map_err(io(format!("reading {}", entry.path().display())))?;
-            files.push((name, bytes));
-        } else {
-            return Err(SeedError::BadImage {
-                path: entry.path(),
-                reason: "neither a file nor a directory".to_string(),
-            });
-        }
-    }
-    Ok(())
-}
-
-fn make_writable(dir: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let Ok(meta) = std::fs::symlink_metadata(dir) else { return };
-    if !meta.is_dir() {
-        return;
-    }
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            make_writable(&entry.path());
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
@@ -794,6 +626,7 @@ mod tests {
     use super::*;
     use serde_json::{Value, json};
     use std::io::Write;
+    use std::process::{Command, Stdio};
     use yaml_rust2::{Yaml, YamlLoader};
 
     type Change<T> = Box<dyn Fn(&mut T)>;
@@ -1339,117 +1172,6 @@ mod tests {
         names
     }
 
-    /// Joliet is a supplementary volume descriptor with a UCS-2 escape
-    /// sequence; Rock Ridge announces itself in an `ER` entry.
-    fn assert_joliet_and_rock_ridge(image: &[u8]) {
-        let joliet = (16..32).any(|sector| {
-            let d = &image[sector * 2048..sector * 2048 + 2048];
-            d[0] == 2 && &d[1..6] == b"CD001" && &d[88..90] == b"%/"
-        });
-        assert!(joliet, "no Joliet volume descriptor");
-        let rr = [&b"RRIP_1991A"[..], b"IEEE_P1282", b"IEEE_1282"]
-            .iter()
-            .any(|id| image.windows(id.len()).any(|w| w == *id));
-        assert!(rr, "no Rock Ridge extension record");
-    }
-
-    #[test]
-    fn iso_round_trip_keeps_label_and_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        for (n, with_net) in [(0, true), (1, false)] {
-            let mut i = input();
-            i.hostname = "hôte-ünïcode".into();
-            if !with_net {
-                i.nics.clear();
-            }
-            let seed = seed_files(&i).unwrap();
-            let out = dir.path().join(format!("seed-{n}.iso"));
-            let bytes = write_seed_iso(&seed, &out).unwrap();
-            assert_eq!(bytes, std::fs::metadata(&out).unwrap().len());
-
-            let (volume, files) = read_seed_iso(&out).unwrap();
-            assert_eq!(volume, "cidata");
-            let want: Vec<(String, Vec<u8>)> = seed
-                .files()
-                .into_iter()
-                .map(|(name, content)| (name.to_string(), content.as_bytes().to_vec()))
-                .collect::<std::collections::BTreeMap<_, _>>()
-                .into_iter()
-                .collect();
-            assert_eq!(files, want);
-            assert_eq!(files.len(), if with_net { 3 } else { 2 });
-
-            let image = std::fs::read(&out).unwrap();
-            assert_joliet_and_rock_ridge(&image);
-            let listing = Command::new("/usr/bin/xorriso")
-                .arg("-indev")
-                .arg(format!("stdio:{}", out.display()))
-                .args(["-find", "/", "-exec", "lsdl", "--"])
-                .output()
-                .unwrap();
-            let listing = String::from_utf8(listing.stdout).unwrap();
-            let modes: Vec<(&str, &str, &str)> = listing
-                .lines()
-                .map(|l| {
-                    let f: Vec<&str> = l.split_whitespace().collect();
-                    (f[0], f[2], f[3])
-                })
-                .collect();
-            assert_eq!(modes.len(), files.len() + 1, "{listing}");
-            assert_eq!(modes[0], ("dr-xr-xr-x", "0", "0"), "{listing}");
-            assert!(modes[1..].iter().all(|m| *m == ("-r--r--r--", "0", "0")), "{listing}");
-            if Path::new("/usr/bin/isoinfo").is_file() {
-                let info = Command::new("/usr/bin/isoinfo")
-                    .arg("-d")
-                    .arg("-i")
-                    .arg(&out)
-                    .output()
-                    .unwrap();
-                let text = String::from_utf8_lossy(&info.stdout);
-                assert!(text.contains("Volume id: cidata"), "{text}");
-                assert!(text.contains("Joliet"), "{text}");
-                assert!(text.contains("Rock Ridge"), "{text}");
-            }
-        }
-        // Only the images: no staging directory or temporary file is left.
-        assert_eq!(entries(dir.path()), ["seed-0.iso", "seed-1.iso"]);
-
-        // Writing again replaces the image.
-        let out = dir.path().join("seed-0.iso");
-        let mut i = input();
-        i.nics.clear();
-        let seed = seed_files(&i).unwrap();
-        write_seed_iso(&seed, &out).unwrap();
-        assert_eq!(read_seed_iso(&out).unwrap().1.len(), 2);
-    }
-
-    #[test]
-    fn odd_output_directories_work() {
-        let dir = tempfile::tempdir().unwrap();
-        let seed = seed_files(&input()).unwrap();
-        // A directory whose name xorriso's mkisofs mode would misread, were
-        // it handed the path.
-        let odd = dir.path().join("-o=x y");
-        std::fs::create_dir(&odd).unwrap();
-        let out = odd.join("seed.iso");
-        write_seed_iso(&seed, &out).unwrap();
-        assert_eq!(read_seed_iso(&out).unwrap().0, "cidata");
-        assert_eq!(entries(&odd), ["seed.iso"]);
-    }
-
-    #[test]
-    fn missing_xorriso_is_named_when_reading() {
-        let tools = tempfile::tempdir().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("seed.iso");
-        write_seed_iso(&seed_files(&input()).unwrap(), &out).unwrap();
-        let e = read_seed_iso_with(&out, &[tools.path().to_path_buf()]).unwrap_err();
-        assert!(matches!(e, SeedError::MissingTool { tool: "xorriso", package: "xorriso", .. }));
-        let text = e.to_string();
-        assert!(text.contains("install the Debian package xorriso"), "{text}");
-        assert!(text.contains(&tools.path().display().to_string()), "{text}");
-    }
-
     #[test]
     fn a_failed_write_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
@@ -1466,16 +1188,5 @@ mod tests {
         let e = write_seed_iso(&seed, &dir.path().join("missing/seed.iso")).unwrap_err();
         assert!(matches!(e, SeedError::Io { .. }), "{e:?}");
         assert_eq!(entries(dir.path()), ["seed.iso"]);
-    }
-
-    #[test]
-    fn reading_a_non_image_fails() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("not.iso");
-        std::fs::write(&path, vec![0u8; 64 * 1024]).unwrap();
-        let e = read_seed_iso(&path).unwrap_err();
-        assert!(matches!(e, SeedError::BadImage { .. } | SeedError::ToolFailed { .. }), "{e:?}");
-        assert!(matches!(read_seed_iso(dir.path()), Err(SeedError::BadImage { .. })));
-        assert!(matches!(read_seed_iso(&dir.path().join("absent.iso")), Err(SeedError::Io { .. })));
     }
 }

@@ -1,11 +1,21 @@
-//! VM configuration: specs, renderers and cloud-init seeds.
+//! VM configuration: specs, renderers and cloud-init seeds, and the VMs a
+//! node holds (configured from a spec and the attachments the partitions
+//! crate resolved, customised, deleted).
 
 pub mod boot;
 pub mod cloudinit;
+mod configure;
 pub mod console;
+mod customize;
 pub mod iso9660;
-pub mod node;
 pub mod qemu;
 pub mod render;
-pub mod repack;
 pub mod spec;
+
+pub use configure::{
+    CLOUD_HYPERVISOR_FIRMWARE, Configured, VmError, capacity_of, check_grant, configure, delete,
+    parse, recorded_spec, rerender,
+};
+pub use customize::{
+    Customized, customize, end_customization, recover_customizations, restore_seed,
+};

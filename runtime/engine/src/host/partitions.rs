@@ -26,12 +26,14 @@ fn wit_partition(p: &PartitionRecord) -> Partition {
 
 /// The plugin-facing form of a build error: what the plugin could fix is
 /// invalid input, a quota is a quota, the node's own trouble is a failure.
-fn wit_error(e: PartitionError) -> WitError {
+pub(crate) fn wit_error(e: PartitionError) -> WitError {
     let text = e.to_string();
     match e {
         PartitionError::QuotaExceeded { .. } => WitError::QuotaExceeded(text),
         PartitionError::NotFound(_) => WitError::NotFound(text),
-        PartitionError::OtherDomain { .. } => WitError::Denied(text),
+        PartitionError::OtherDomain { .. } | PartitionError::Denied { .. } => {
+            WitError::Denied(text)
+        }
         PartitionError::InvalidEntry { .. }
         | PartitionError::PlanMismatch { .. }
         | PartitionError::InvalidPlan(_)

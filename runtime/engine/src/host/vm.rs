@@ -3,7 +3,7 @@
 
 use provd_bindings::types::Error as WitError;
 use provd_bindings::vm::{self as wit, Configured};
-use provd_vm::node::VmError;
+use provd_vm::VmError;
 
 use crate::host::HostState;
 
@@ -108,7 +108,7 @@ impl HostState {
             configure_recorded(&store, &ledger, &spec, &rec, &grant, &capacity, &operation)
         })
         .await?;
-        Ok(done.map(wit_configured).map_err(wit_error))
+        Ok(done.map(wit_configured))
     }
 }
 
@@ -123,16 +123,25 @@ fn configure_recorded(
     grant: &provd_domain::VmGrant,
     capacity: &provd_domain::NodeCapacity,
     operation: &str,
-) -> Result<provd_vm::node::Configured, VmError> {
-    let c = provd_vm::node::configure(store, spec, private, grant, capacity, Some(operation))?;
+) -> Result<provd_vm::Configured, WitError> {
+    // The order of the checks is the order of the refusals a plugin sees:
+    // the spec, the grant, then the partition it names.
+    let parsed = provd_vm::parse(spec).map_err(wit_error)?;
+    provd_vm::check_grant(&parsed, grant).map_err(wit_error)?;
+    let attached = provd_partitions::attachments(store, private, &parsed.name, parsed.tenant())
+        .map_err(crate::host::partitions::wit_error)?;
+    let c = provd_vm::configure(store, &parsed, spec, &attached, grant, capacity, Some(operation))
+        .map_err(wit_error)?;
     if !ledger.add_vm(&c.name) {
-        let _ = provd_vm::node::delete(store, &c.name);
-        return Err(VmError::Failed("the request ended before the VM was configured".into()));
+        let _ = provd_vm::delete(store, &c.name);
+        return Err(wit_error(VmError::Failed(
+            "the request ended before the VM was configured".into(),
+        )));
     }
     Ok(c)
 }
 
-fn wit_configured(c: provd_vm::node::Configured) -> Configured {
+fn wit_configured(c: provd_vm::Configured) -> Configured {
     Configured {
         name: c.name,
         hypervisor: c.hypervisor,
@@ -179,7 +188,7 @@ impl HostState {
             let _flight = flight;
             crate::host::side_by_side(items.len(), |i| {
                 let Some((spec, rec, grant)) = items.get(i) else {
-                    return Err(VmError::Failed("no such item".into()));
+                    return Err(WitError::Failed("no such item".into()));
                 };
                 configure_recorded(&store, &ledger, spec, rec, grant, &capacity, &operation)
             })
@@ -189,7 +198,7 @@ impl HostState {
         for result in done {
             match result {
                 Ok(c) => out.push(wit_configured(c)),
-                Err(e) => return Ok(Err(wit_error(e))),
+                Err(e) => return Ok(Err(e)),
             }
         }
         Ok(Ok(out))
@@ -282,7 +291,7 @@ impl HostState {
         let journal = self.operation_vms.is_some().then(|| self.operation.clone());
         let done = tokio::task::spawn_blocking(move || {
             let _flight = flight;
-            let c = provd_vm::node::customize(&store, &spec, &grant, journal.as_deref())?;
+            let c = provd_vm::customize(&store, &spec, &grant, journal.as_deref())?;
             // Recorded from this thread, so that a request that ended
             // meanwhile still undoes it; a closed ledger means undo it now.
             let undo = crate::host::Customization {
@@ -291,12 +300,7 @@ impl HostState {
                 seed: c.previous_seed.clone(),
             };
             if !ledger.add_customization(undo) {
-                let _ = provd_vm::node::restore_seed(
-                    &store,
-                    &c.name,
-                    &c.previous_spec,
-                    &c.previous_seed,
-                );
+                let _ = provd_vm::restore_seed(&store, &c.name, &c.previous_spec, &c.previous_seed);
                 return Err(VmError::Failed(
                     "the request ended before the VM was customised".into(),
                 ));

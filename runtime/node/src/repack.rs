@@ -18,10 +18,22 @@
 use provd_partitions::repack::{
     allocated_bytes, carried_manifest, moved_manifest, plan_repack, rewrite_boot_files,
 };
-use provd_partitions::{BuildOptions, SharedFormat};
-use provd_store::{PartitionRecord, Store};
+use provd_partitions::{BuildOptions, PartitionError, SharedFormat};
+use provd_store::{PartitionRecord, Store, StoreError};
+use provd_vm::VmError;
 
-use crate::node::{VmError, rerender_on};
+/// Why a repack, or a move of it, failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RepackError {
+    #[error(transparent)]
+    Partition(#[from] PartitionError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("encoding a manifest: {0}")]
+    Manifest(#[from] serde_json::Error),
+}
 
 /// What a repack did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -40,18 +52,8 @@ pub struct Repacked {
     pub shared_bytes_after: u64,
 }
 
-fn shared_bytes(store: &Store) -> Result<u64, VmError> {
-    Ok(store
-        .partitions()
-        .map_err(|e| VmError::Failed(e.to_string()))?
-        .iter()
-        .filter(|p| p.role == "shared")
-        .map(|p| p.bytes)
-        .sum())
-}
-
-fn failed(e: impl std::fmt::Display) -> VmError {
-    VmError::Failed(e.to_string())
+fn shared_bytes(store: &Store) -> Result<u64, RepackError> {
+    Ok(store.partitions()?.iter().filter(|p| p.role == "shared").map(|p| p.bytes).sum())
 }
 
 /// Repacks the layers of the stopped VMs `vms` (every VM with a private
@@ -62,22 +64,21 @@ pub fn repack(
     vms: Option<&[String]>,
     format: SharedFormat,
     opts: &BuildOptions,
-) -> Result<Repacked, VmError> {
+) -> Result<Repacked, RepackError> {
     // A move an earlier repack could not finish is settled first: its VM
     // boots from the stack its partition carries.
     recover(store)?;
     let mut out = Repacked { shared_bytes_before: shared_bytes(store)?, ..Repacked::default() };
-    let planned = plan_repack(store, vms).map_err(failed)?;
+    let planned = plan_repack(store, vms)?;
     out.skipped = planned.skipped.clone();
     if planned.moves.is_empty() || planned.plan.layers.is_empty() {
         out.shared_bytes_after = out.shared_bytes_before;
         return Ok(out);
     }
-    let point = store.sync_point().map_err(failed)?;
+    let point = store.sync_point()?;
     let shared_opts = BuildOptions { domain: planned.domain.clone(), ..opts.clone() };
     let shared =
-        provd_partitions::build_shared(store, &planned.plan, &planned.vms, format, &shared_opts)
-            .map_err(failed)?;
+        provd_partitions::build_shared(store, &planned.plan, &planned.vms, format, &shared_opts)?;
     // The VMs' boot files are about to name it, and each move is final on
     // its own: the partition must be on disk before the first one (an
     // operation's partitions are otherwise synced once, at its end). If it
@@ -86,7 +87,7 @@ pub fn repack(
         if let Err(rm) = store.remove_partition(&shared.id) {
             tracing::warn!(partition = %shared.id, error = %rm, "removing an unsynced partition");
         }
-        return Err(failed(e));
+        return Err(e.into());
     }
     for mv in &planned.moves {
         match move_vm(store, mv, &planned.plan, &shared, opts) {
@@ -97,18 +98,18 @@ pub fn repack(
             Err(e) => out.failed.push((mv.vm.clone(), e.to_string())),
         }
     }
-    out.partition = store.partition(&shared.id).map_err(failed)?;
+    out.partition = store.partition(&shared.id)?;
     if out.moved.is_empty() {
         // Nothing stacks it, unless a move left it pending (then `recover`
         // settles it at the next start or repack).
         match store.remove_partition(&shared.id) {
             Ok(_) => out.partition = None,
             Err(provd_store::StoreError::InUse(_)) => {}
-            Err(e) => return Err(failed(e)),
+            Err(e) => return Err(e.into()),
         }
     }
     // Partitions only a failed move named.
-    out.freed.extend(store.free_unused_shared().map_err(failed)?.into_iter().map(|p| p.id));
+    out.freed.extend(store.free_unused_shared()?.into_iter().map(|p| p.id));
     out.shared_bytes_after = shared_bytes(store)?;
     Ok(out)
 }
@@ -120,17 +121,17 @@ fn move_vm(
     plan: &provd_dedup::Plan,
     shared: &PartitionRecord,
     opts: &BuildOptions,
-) -> Result<Vec<PartitionRecord>, VmError> {
-    let (manifest, rows) = moved_manifest(mv, plan, shared).map_err(failed)?;
-    let json = serde_json::to_string_pretty(&manifest).map_err(failed)?;
-    store.begin_restack(&mv.private.id, &rows, &json).map_err(failed)?;
+) -> Result<Vec<PartitionRecord>, RepackError> {
+    let (manifest, rows) = moved_manifest(mv, plan, shared)?;
+    let json = serde_json::to_string_pretty(&manifest)?;
+    store.begin_restack(&mv.private.id, &rows, &json)?;
     let bytes = match rewrite_boot_files(store, &mv.private, &manifest, opts) {
         Ok(b) => b,
         Err(e) => {
             // The partition was not replaced (every error comes before the
             // rename): its old stack stands.
             let _ = store.abort_restack(&mv.private.id);
-            return Err(failed(e));
+            return Err(e.into());
         }
     };
     // From here the partition boots from the new stack; a failure leaves
@@ -147,28 +148,29 @@ fn finish(
     private: &PartitionRecord,
     manifest: &str,
     bytes: u64,
-) -> Result<Vec<PartitionRecord>, VmError> {
+) -> Result<Vec<PartitionRecord>, RepackError> {
     let now = PartitionRecord { manifest: manifest.to_string(), ..private.clone() };
     // Partitions built without a VM configured on them (`provctl partition
     // build`) have no configuration to write.
-    if store.vm(vm).map_err(failed)?.is_some() {
-        rerender_on(store, vm, &now)?;
+    if let Some(spec) = provd_vm::recorded_spec(store, vm)? {
+        let attached = provd_partitions::attachments(store, &now, &spec.name, spec.tenant())?;
+        provd_vm::rerender(store, &spec, &attached)?;
     }
-    store.finish_restack(&private.id, manifest, bytes).map_err(failed)
+    Ok(store.finish_restack(&private.id, manifest, bytes)?)
 }
 
 /// Settles the moves a crash interrupted: a private partition whose boot
 /// files already carry its pending stack keeps it (its configuration is
 /// written again); any other drops it. Returns how many were settled.
-pub fn recover(store: &Store) -> Result<usize, VmError> {
-    let pending = store.pending_restacks().map_err(failed)?;
+pub fn recover(store: &Store) -> Result<usize, RepackError> {
+    let pending = store.pending_restacks()?;
     for (private, stack) in &pending {
-        let Some(rec) = store.partition(private).map_err(failed)? else { continue };
+        let Some(rec) = store.partition(private)? else { continue };
         // What the partition carries only tells whether its boot files were
         // rewritten; what is stored is the node's own manifest, recorded
         // when the move began, never text read back from a partition the
         // guest writes.
-        let ours = store.pending_manifest(private).map_err(failed)?;
+        let ours = store.pending_manifest(private)?;
         let carried = carried_manifest(store, &rec).ok();
         let pending: Vec<(String, String)> =
             stack.iter().map(|s| (s.shared.clone(), s.layer.clone())).collect();
@@ -181,13 +183,13 @@ pub fn recover(store: &Store) -> Result<usize, VmError> {
                 tracing::info!(partition = %rec.id, vm, "finished a repack move a crash interrupted");
             }
             _ => {
-                store.abort_restack(&rec.id).map_err(failed)?;
+                store.abort_restack(&rec.id)?;
                 tracing::info!(partition = %rec.id, "dropped a repack move a crash interrupted");
             }
         }
     }
     if !pending.is_empty() {
-        store.free_unused_shared().map_err(failed)?;
+        store.free_unused_shared()?;
     }
     Ok(pending.len())
 }

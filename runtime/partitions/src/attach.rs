@@ -1,0 +1,84 @@
+//! What a VM attaches: its private partition as the root disk and every
+//! shared partition its stack reaches, checked against the VM's name and
+//! tenant whatever built them.
+
+use provd_domain::attach::{Attachments, ImageFormat, RootDisk, SharedAttachment, SharedDevice};
+use provd_domain::trust::{may_see, tenant_domain};
+use provd_store::{PartitionRecord, Store};
+
+use crate::{PartitionError, PrivateManifest, SharedFormat, shared_manifest};
+
+/// The attachments of VM `vm` of `tenant` on `private` (its record, whose
+/// manifest may be newer than the one on record during a repack move).
+pub fn attachments(
+    store: &Store,
+    private: &PartitionRecord,
+    vm: &str,
+    tenant: &str,
+) -> Result<Attachments, PartitionError> {
+    if private.role != "private" {
+        return Err(PartitionError::NotFound(format!(
+            "partition {} is not a private partition",
+            private.id
+        )));
+    }
+    let manifest: PrivateManifest = serde_json::from_str(&private.manifest).map_err(|e| {
+        PartitionError::Unreadable { partition: private.id.clone(), reason: e.to_string() }
+    })?;
+    if manifest.vm != vm {
+        return Err(PartitionError::Denied {
+            field: "name",
+            reason: format!(
+                "partition {} was built for VM {:?}, not {vm:?}",
+                private.id, manifest.vm
+            ),
+        });
+    }
+    // The tenant decides whose bytes the guest may read: its private
+    // partition must be of its tenant and each shared partition it attaches
+    // public or its tenant's.
+    if private.domain != tenant_domain(tenant) {
+        return Err(PartitionError::Denied {
+            field: "tenant",
+            reason: format!(
+                "partition {} was built for domain {}, not for tenant {tenant:?}",
+                private.id, private.domain
+            ),
+        });
+    }
+    let root = RootDisk {
+        partition: private.id.clone(),
+        path: path_of(store, &private.id)?.join(&private.file),
+        format: if private.format == "qcow2" { ImageFormat::Qcow2 } else { ImageFormat::Raw },
+        apparent_bytes: private.apparent_bytes,
+    };
+    let mut shared = Vec::with_capacity(manifest.shared.len());
+    for s in &manifest.shared {
+        let rec = store.partition(&s.partition)?.ok_or_else(|| {
+            PartitionError::NotFound(format!("shared partition {} is gone", s.partition))
+        })?;
+        if !may_see(tenant, &rec.domain) {
+            return Err(PartitionError::Denied {
+                field: "tenant",
+                reason: format!(
+                    "a VM of tenant {tenant:?} may not attach shared partition {} (domain {})",
+                    rec.id, rec.domain
+                ),
+            });
+        }
+        let device = match shared_manifest(&rec)?.format {
+            SharedFormat::Dir => SharedDevice::VirtioFs,
+            _ => SharedDevice::Disk,
+        };
+        shared.push(SharedAttachment {
+            path: path_of(store, &rec.id)?.join(&rec.file),
+            partition: rec.id,
+            device,
+        });
+    }
+    Ok(Attachments { root, shared })
+}
+
+fn path_of(store: &Store, id: &str) -> Result<std::path::PathBuf, PartitionError> {
+    store.partition_path(id).map_err(|e| PartitionError::NotFound(e.to_string()))
+}
