@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use crate::access::Role;
 use crate::config::HttpLimits;
 use crate::metrics::Metrics;
-use crate::ops::{Operations, StartError, StartRequest};
+use provd_node::operations::{Operations, StartError, StartRequest};
 
 /// Who is calling: the manager certificate's common name, or `local` on the
 /// admin socket, and the role `[access]` gives it.
@@ -330,7 +330,7 @@ async fn upload_bundle(
 
 async fn accept_upload(s: AppState, peer: Peer, body: Bytes) -> ApiResult {
     let digest = format!("blake3:{}", blake3::hash(&body).to_hex());
-    let result = s.node.accept_bundle(&body, crate::ops::unix_now()).await;
+    let result = s.node.accept_bundle(&body, provd_node::operations::unix_now()).await;
     let mut row = NewAudit {
         actor: peer.name.clone(),
         kind: "bundle".into(),
@@ -606,7 +606,7 @@ pub fn parse_operation_body(
 
 fn operation_json(
     rec: &provd_store::OperationRecord,
-    live: Option<&crate::ops::Snapshot>,
+    live: Option<&provd_node::operations::Snapshot>,
 ) -> Value {
     let mut v = match serde_json::to_value(rec) {
         Ok(Value::Object(m)) => m,
@@ -812,7 +812,7 @@ fn async_stream(
     s: AppState,
     id: String,
     rec: provd_store::OperationRecord,
-    rx: Option<tokio::sync::watch::Receiver<crate::ops::Snapshot>>,
+    rx: Option<tokio::sync::watch::Receiver<provd_node::operations::Snapshot>>,
 ) -> impl futures::Stream<Item = Result<Event, std::convert::Infallible>> {
     use futures::StreamExt as _;
     let progress = match rx {
@@ -932,7 +932,7 @@ async fn delete_vm_now(s: AppState, peer: Peer, name: String) -> ApiResult {
     // A deletion is an operation of its own: it holds the VM's name, so no
     // provisioning of that name runs meanwhile, and it is on the record.
     let req = StartRequest {
-        plugin: crate::ops::BUILTIN.into(),
+        plugin: provd_node::operations::BUILTIN.into(),
         version: None,
         input: json!({"delete-vm": name}).to_string(),
         request_digest: String::new(),
@@ -942,8 +942,11 @@ async fn delete_vm_now(s: AppState, peer: Peer, name: String) -> ApiResult {
         allow_inactive: false,
         specs: std::collections::BTreeMap::new(),
     };
-    let rec =
-        s.ops.run_builtin(req, crate::ops::Builtin::DeleteVms).await.map_err(builtin_error)?;
+    let rec = s
+        .ops
+        .run_builtin(req, provd_node::operations::Builtin::DeleteVms)
+        .await
+        .map_err(builtin_error)?;
     if rec.state != OpState::Succeeded {
         return Err(ApiError::internal(rec.error.unwrap_or_default()));
     }
@@ -1025,7 +1028,7 @@ async fn repack_now(s: AppState, peer: Peer, req: RepackRequest) -> ApiResult {
         ));
     }
     let req = StartRequest {
-        plugin: crate::ops::BUILTIN.into(),
+        plugin: provd_node::operations::BUILTIN.into(),
         version: None,
         input: json!({"repack": names, "shared-format": format.as_str()}).to_string(),
         request_digest: String::new(),
@@ -1037,7 +1040,7 @@ async fn repack_now(s: AppState, peer: Peer, req: RepackRequest) -> ApiResult {
     };
     let rec = s
         .ops
-        .run_builtin(req, crate::ops::Builtin::Repack { format })
+        .run_builtin(req, provd_node::operations::Builtin::Repack { format })
         .await
         .map_err(builtin_error)?;
     let report: Value =

@@ -2,7 +2,7 @@
 //!
 //! A remote manager reaches the node over HTTPS with a client certificate
 //! (mutual TLS); the API (`api`) accepts signed bundles, starts operations
-//! that run supervised (`ops`), and serves the node's state, its audit
+//! that run supervised (`provd_node::operations`), and serves the node's state, its audit
 //! trail and its metrics. `docs/api.md` is the reference and
 //! `docs/security.md` the threat model.
 
@@ -10,7 +10,6 @@ pub mod access;
 pub mod api;
 pub mod config;
 pub mod metrics;
-pub mod ops;
 pub mod serve;
 pub mod tls;
 

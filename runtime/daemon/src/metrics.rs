@@ -6,6 +6,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use provd_engine::{CallOutcome, HostCall};
+use provd_node::operations::Meter;
+use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
@@ -155,5 +158,52 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// Operations report to the registry through the node's [`Meter`].
+impl Meter for Metrics {
+    fn operation_started(&self) {
+        self.operations_running.inc();
+    }
+
+    fn operation_stopped(&self) {
+        self.operations_running.dec();
+    }
+
+    fn operation_outcome(&self, outcome: &str) {
+        Metrics::outcome(&self.operations, outcome);
+    }
+
+    fn host_call(&self, call: &HostCall) {
+        self.host_calls
+            .get_or_create(&HostCallLabels {
+                interface: call.interface.into(),
+                outcome: call.outcome.as_str().into(),
+            })
+            .inc();
+        if call.outcome == CallOutcome::Ok {
+            match (call.interface, call.function) {
+                ("images", "fetch") => {
+                    self.bytes_fetched.inc_by(call.bytes);
+                }
+                ("dedup", "plan") => {
+                    self.bytes_deduplicated.inc_by(call.bytes);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn instantiated(&self, plugin: &str, elapsed: Duration) {
+        self.instantiation_seconds
+            .get_or_create(&PluginLabel { plugin: plugin.to_string() })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    fn called(&self, plugin: &str, elapsed: Duration) {
+        self.call_seconds
+            .get_or_create(&PluginLabel { plugin: plugin.to_string() })
+            .observe(elapsed.as_secs_f64());
     }
 }

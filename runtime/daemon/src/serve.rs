@@ -15,9 +15,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use provd_engine::{Engine, EngineConfig};
-use provd_node::Node;
-use provd_store::Store;
+use provd_node::{Node, NodeConfig, Opened};
 use tokio::net::TcpListener;
 use tower::ServiceExt as _;
 
@@ -25,10 +23,6 @@ use crate::access::Role;
 use crate::api::{ApiError, AppState, Peer};
 use crate::config::Config;
 use crate::metrics::{Metrics, RequestLabels};
-use crate::ops::Operations;
-
-/// Image imports run at once per node.
-const PARALLEL_IMPORTS: usize = 2;
 
 /// A running daemon's address, once it listens.
 #[derive(Debug, Clone, Copy)]
@@ -44,81 +38,20 @@ pub async fn serve(
     on_bound: impl FnOnce(Bound),
 ) -> anyhow::Result<()> {
     let data = config.data_dir.clone();
-    // Refused before anything is opened: a directory other users can read
-    // is not the node's alone. Store::open creates a missing one 0700.
-    provd_store::check_private(&data)?;
-    let store = {
-        let data = data.clone();
-        tokio::task::spawn_blocking(move || Store::open(&data)).await??
-    };
-    let store = Arc::new(store);
-    // Repack moves a stop interrupted are settled first, from what each
-    // private partition carries; then interrupted operations roll back.
-    let settled = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || provd_node::repack::recover(&store)).await??
-    };
-    if settled > 0 {
-        tracing::warn!(moves = settled, "settled repack moves interrupted by a stop");
-    }
-    let recovered = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || Operations::recover(&store)).await??
-    };
-    if recovered > 0 {
-        tracing::warn!(operations = recovered, "rolled back operations interrupted by a stop");
-    }
-    // Customisations whose operation did not succeed are undone from their
-    // journal; the others are kept.
-    let undone = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || {
-            provd_vm::recover_customizations(&store, |op| {
-                let rec =
-                    store.operation(op).map_err(|e| provd_vm::VmError::Failed(e.to_string()))?;
-                Ok(rec.is_some_and(|r| r.state == provd_store::OpState::Succeeded))
-            })
-        })
-        .await??
-    };
-    if !undone.is_empty() {
-        tracing::warn!(vms = ?undone, "undid customisations of operations interrupted by a stop");
-    }
-    let mut trusted = Vec::new();
-    for path in &config.trusted_keys {
-        trusted.push(
-            provd_bundle::PublicKey::read_file(path)
-                .with_context(|| format!("trusted key {}", path.display()))?,
-        );
-    }
-    let policy = config.node_policy();
-    // Local images only beneath the roots the policy's patterns name, never
-    // through a symbolic link past them.
-    let local = provd_images::LocalSources::from_patterns(&policy.image_sources);
-    let images = Arc::new(
-        provd_images::Images::new(
-            store.clone(),
-            provd_images::ImportLimits::default(),
-            PARALLEL_IMPORTS,
-        )
-        .with_local_sources(local),
-    );
-    let engine = Engine::new(EngineConfig {
-        policy,
-        cache_dir: Some(data.join("cache")),
-        images: Some(images),
-        ..EngineConfig::default()
-    })?;
-    let node = Arc::new(Node::new(engine, store.clone(), trusted));
     let metrics = Arc::new(Metrics::new());
-    let ops = Operations::new(
-        node.clone(),
-        store.clone(),
+    let Opened { node, store, ops } = Node::open(
+        NodeConfig {
+            data_dir: data.clone(),
+            policy: config.node_policy(),
+            trusted_keys: config.trusted_keys.clone(),
+            max_running_operations: config.limits.max_running_operations,
+            max_queued_operations: config.limits.max_queued_operations,
+            keep_operations: config.limits.keep_operations,
+            keep_audit_rows: config.limits.keep_audit_rows,
+        },
         metrics.clone(),
-        config.limits.max_running_operations,
-        config.limits.max_queued_operations,
-        (config.limits.keep_operations, config.limits.keep_audit_rows),
-    );
+    )
+    .await?;
     let state = AppState {
         node,
         store,

@@ -16,10 +16,14 @@
 //! A refusal at any step records nothing (a compiled artifact left in the
 //! cache is keyed by the component's digest and harmless).
 
+mod open;
+pub mod operations;
 pub mod repack;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
+pub use open::{NodeConfig, OpenError, Opened};
 
 use provd_bundle::PublicKey;
 use provd_engine::{Engine, LoadError, Plugin};

@@ -21,14 +21,13 @@ use futures::FutureExt as _;
 use provd_engine::{
     CallOptions, CallOutcome, Cancel, HostCall, InvokeError, Observer, PluginError, Request,
 };
-use provd_node::{BundleRefused, Node, Selected};
 use provd_store::{
     NewAudit, NewOperation, OpState, OperationError, OperationRecord, Started, Store,
 };
 use serde::Serialize;
 use tokio::sync::{Semaphore, watch};
 
-use crate::metrics::{HostCallLabels, Metrics, PluginLabel};
+use crate::{BundleRefused, Node, Selected};
 
 /// Where a running operation stands, as watchers see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -112,11 +111,41 @@ pub enum StartError {
     Internal(String),
 }
 
-/// The daemon's operations.
+/// What operations report to the node's metrics, whatever exports them
+/// (the daemon's Prometheus registry).
+pub trait Meter: Send + Sync {
+    /// An operation started running (or queued for a slot).
+    fn operation_started(&self);
+    /// A started operation is no longer running.
+    fn operation_stopped(&self);
+    /// An operation (or a built-in one) ended with `outcome`.
+    fn operation_outcome(&self, outcome: &str);
+    /// A plugin's host call returned.
+    fn host_call(&self, call: &HostCall);
+    /// A plugin was instantiated for a call, in `elapsed`.
+    fn instantiated(&self, plugin: &str, elapsed: Duration);
+    /// A plugin's call returned after `elapsed`.
+    fn called(&self, plugin: &str, elapsed: Duration);
+}
+
+/// A [`Meter`] that counts nothing.
+#[derive(Debug, Default)]
+pub struct NoMeter;
+
+impl Meter for NoMeter {
+    fn operation_started(&self) {}
+    fn operation_stopped(&self) {}
+    fn operation_outcome(&self, _: &str) {}
+    fn host_call(&self, _: &HostCall) {}
+    fn instantiated(&self, _: &str, _: Duration) {}
+    fn called(&self, _: &str, _: Duration) {}
+}
+
+/// The node's operations.
 pub struct Operations {
     node: Arc<Node>,
     store: Arc<Store>,
-    metrics: Arc<Metrics>,
+    meter: Arc<dyn Meter>,
     running: Mutex<HashMap<String, Arc<Running>>>,
     slots: Arc<Semaphore>,
     /// Operations running or queued at most; more are refused.
@@ -152,7 +181,7 @@ pub struct StartRequest {
 }
 
 /// Seconds since the epoch by the system clock (0 before it).
-pub(crate) fn unix_now() -> u64 {
+pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -185,7 +214,7 @@ impl Operations {
     pub fn new(
         node: Arc<Node>,
         store: Arc<Store>,
-        metrics: Arc<Metrics>,
+        meter: Arc<dyn Meter>,
         max_running: u32,
         max_queued: u32,
         keep: (u64, u64),
@@ -193,7 +222,7 @@ impl Operations {
         Arc::new(Operations {
             node,
             store,
-            metrics,
+            meter,
             running: Mutex::default(),
             slots: Arc::new(Semaphore::new(usize::try_from(max_running.max(1)).unwrap_or(1))),
             max_held: usize::try_from(max_running.saturating_add(max_queued)).unwrap_or(usize::MAX),
@@ -356,7 +385,7 @@ impl Operations {
             record,
         });
         self.lock().insert(rec.id.clone(), running.clone());
-        self.metrics.operations_running.inc();
+        self.meter.operation_started();
         let this = self.clone();
         let id = rec.id.clone();
         tokio::spawn(async move {
@@ -412,7 +441,7 @@ impl Operations {
             version: version.to_string(),
             actor: req.actor.clone(),
             store: self.store.clone(),
-            metrics: self.metrics.clone(),
+            meter: self.meter.clone(),
             running: running.clone(),
             audit: Mutex::default(),
             persisted: Mutex::default(),
@@ -436,10 +465,7 @@ impl Operations {
                 },
             )
             .await;
-        self.metrics
-            .call_seconds
-            .get_or_create(&PluginLabel { plugin: req.plugin.clone() })
-            .observe(started.elapsed().as_secs_f64());
+        self.meter.called(&req.plugin, started.elapsed());
         let audit = observer.drain(true);
         // What the operation wrote becomes durable here, with one syncfs,
         // before its success is recorded; a failed sync fails it and rolls
@@ -562,8 +588,8 @@ impl Operations {
         if !matches!(written, Ok(Ok(()))) {
             tracing::error!(operation = %id, ?written, "recording the end of an operation failed");
         }
-        Metrics::outcome(&self.metrics.operations, state.as_str());
-        self.metrics.operations_running.dec();
+        self.meter.operation_outcome(state.as_str());
+        self.meter.operation_stopped();
         self.prune_now_and_then().await;
         match &error {
             None => tracing::info!(operation = %id, state = state.as_str(), "operation finished"),
@@ -629,13 +655,12 @@ impl Operations {
                             operation: Some(id.clone()),
                             ..provd_partitions::BuildOptions::default()
                         };
-                        let repacked =
-                            provd_node::repack::repack(&store, Some(&names), format, &opts)
-                                .and_then(|done| {
-                                    // The moved VMs' configurations, durable
-                                    // before the repack is on record as done.
-                                    store.sync_since(&point).map(|()| done).map_err(Into::into)
-                                });
+                        let repacked = crate::repack::repack(&store, Some(&names), format, &opts)
+                            .and_then(|done| {
+                                // The moved VMs' configurations, durable
+                                // before the repack is on record as done.
+                                store.sync_since(&point).map(|()| done).map_err(Into::into)
+                            });
                         match repacked {
                             Ok(done) => {
                                 let report = serde_json::to_string(&done).ok();
@@ -678,13 +703,13 @@ impl Operations {
         })
         .await
         .map_err(|e| StartError::Internal(e.to_string()))??;
-        Metrics::outcome(&self.metrics.operations, done.state.as_str());
+        self.meter.operation_outcome(done.state.as_str());
         Ok(done)
     }
 
     /// Forgets the oldest history past its bounds, every `PRUNE_EVERY`
     /// calls: after each operation and each refused request's audit row.
-    pub(crate) async fn prune_now_and_then(&self) {
+    pub async fn prune_now_and_then(&self) {
         let n = self.since_prune.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if !n.is_multiple_of(PRUNE_EVERY) {
             return;
@@ -817,7 +842,7 @@ struct OpObserver {
     version: String,
     actor: String,
     store: Arc<Store>,
-    metrics: Arc<Metrics>,
+    meter: Arc<dyn Meter>,
     running: Arc<Running>,
     audit: Mutex<AuditBuffer>,
     /// When progress was last written to the store.
@@ -929,24 +954,7 @@ impl Observer for OpObserver {
     }
 
     fn host_call(&self, call: &HostCall) {
-        self.metrics
-            .host_calls
-            .get_or_create(&HostCallLabels {
-                interface: call.interface.into(),
-                outcome: call.outcome.as_str().into(),
-            })
-            .inc();
-        if call.outcome == CallOutcome::Ok {
-            match (call.interface, call.function) {
-                ("images", "fetch") => {
-                    self.metrics.bytes_fetched.inc_by(call.bytes);
-                }
-                ("dedup", "plan") => {
-                    self.metrics.bytes_deduplicated.inc_by(call.bytes);
-                }
-                _ => {}
-            }
-        }
+        self.meter.host_call(call);
         let decision =
             DECISIONS.contains(&(call.interface, call.function)) || call.outcome != CallOutcome::Ok;
         let rows = {
@@ -973,9 +981,6 @@ impl Observer for OpObserver {
     }
 
     fn instantiated(&self, elapsed: Duration) {
-        self.metrics
-            .instantiation_seconds
-            .get_or_create(&PluginLabel { plugin: self.plugin.clone() })
-            .observe(elapsed.as_secs_f64());
+        self.meter.instantiated(&self.plugin, elapsed);
     }
 }
