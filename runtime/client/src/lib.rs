@@ -1,12 +1,19 @@
 //! A client of provd's HTTP API (`docs/api.md`): mutual TLS with the
-//! manager's certificate, JSON in and out, the node's error codes kept.
+//! manager's certificate, the node's error codes kept.
+//!
+//! Answers decode into `provd_wire`'s types ([`Answer::decode`], and the
+//! typed calls [`Client::start`], [`Client::operation`], [`Client::wait`]);
+//! the raw JSON stays available in [`Answer::body`] for tools and tests
+//! that look at the wire itself.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use provd_wire as wire;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize as _;
 use serde_json::Value;
 
 /// The files that identify a manager and the node's CA.
@@ -105,6 +112,25 @@ pub struct Client {
 pub struct Answer {
     pub status: u16,
     pub body: Value,
+    url: String,
+}
+
+impl Answer {
+    /// The body as the API's type `T`.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, ClientError> {
+        T::deserialize(&self.body).map_err(|e| ClientError::Protocol {
+            url: self.url.clone(),
+            message: format!("status {}: {e}", self.status),
+        })
+    }
+}
+
+/// The node's error code and message in an error body.
+fn api_error(status: u16, body: &Value) -> ClientError {
+    match wire::ErrorBody::deserialize(body) {
+        Ok(e) => ClientError::Api { status, code: e.error.code, message: e.error.message },
+        Err(_) => ClientError::Api { status, code: "unknown".into(), message: String::new() },
+    }
 }
 
 impl Client {
@@ -155,16 +181,9 @@ impl Client {
             message: format!("status {status}, body is not JSON: {e}"),
         })?;
         if status >= 400 {
-            let code = body
-                .pointer("/error/code")
-                .and_then(Value::as_str)
-                .unwrap_or("unknown")
-                .to_string();
-            let message =
-                body.pointer("/error/message").and_then(Value::as_str).unwrap_or("").to_string();
-            return Err(ClientError::Api { status, code, message });
+            return Err(api_error(status, &body));
         }
-        Ok(Answer { status, body })
+        Ok(Answer { status, body, url: url.into() })
     }
 
     pub async fn get(&self, path: &str) -> Result<Answer, ClientError> {
@@ -187,10 +206,7 @@ impl Client {
             .await
             .map_err(|e| ClientError::Connect { url: url.clone(), message: error_chain(&e) })?;
         if status >= 400 {
-            let body: Value = serde_json::from_str(&text).unwrap_or_default();
-            let code = body.pointer("/error/code").and_then(Value::as_str).unwrap_or("unknown");
-            let message = body.pointer("/error/message").and_then(Value::as_str).unwrap_or("");
-            return Err(ClientError::Api { status, code: code.into(), message: message.into() });
+            return Err(api_error(status, &serde_json::from_str(&text).unwrap_or_default()));
         }
         Ok(text)
     }
@@ -217,9 +233,25 @@ impl Client {
         self.post_bytes("/v1/bundles", bundle).await
     }
 
-    /// Starts an operation; the answer holds `operation.id`.
+    /// Starts an operation from a request as JSON (which may be one the
+    /// node refuses); the answer holds `operation.id`.
     pub async fn provision(&self, request: &Value) -> Result<Answer, ClientError> {
         self.post_json("/v1/operations", request).await
+    }
+
+    /// Starts an operation; returns it, and whether it is new (`false`: its
+    /// idempotency key named one started before).
+    pub async fn start(
+        &self,
+        request: &wire::OperationRequest,
+    ) -> Result<(wire::Operation, bool), ClientError> {
+        let body = serde_json::to_value(request).map_err(|e| ClientError::Protocol {
+            url: self.url("/v1/operations"),
+            message: format!("encoding the request: {e}"),
+        })?;
+        let answer = self.provision(&body).await?;
+        let started: wire::OperationAnswer = answer.decode()?;
+        Ok((started.operation, answer.status == 202))
     }
 
     /// The operation `id`, waiting up to `wait` for a change past `since`.
@@ -227,13 +259,13 @@ impl Client {
         &self,
         id: &str,
         wait: Option<(u64, u64)>,
-    ) -> Result<Value, ClientError> {
+    ) -> Result<wire::Operation, ClientError> {
         let id = encode(id);
         let path = match wait {
             Some((secs, since)) => format!("/v1/operations/{id}?wait={secs}&since={since}"),
             None => format!("/v1/operations/{id}"),
         };
-        Ok(self.get(&path).await?.body.get("operation").cloned().unwrap_or_default())
+        Ok(self.get(&path).await?.decode::<wire::OperationAnswer>()?.operation)
     }
 
     /// Follows operation `id` by long polls until it finishes, calling
@@ -241,16 +273,16 @@ impl Client {
     pub async fn wait(
         &self,
         id: &str,
-        mut progress: impl FnMut(&Value),
-    ) -> Result<Value, ClientError> {
+        mut progress: impl FnMut(&wire::Operation),
+    ) -> Result<wire::Operation, ClientError> {
         let mut since = u64::MAX;
         loop {
             let op = self.operation(id, Some((30, since))).await?;
             progress(&op);
-            if op.get("state").and_then(Value::as_str) != Some("running") {
+            if op.state != wire::OperationState::Running {
                 return Ok(op);
             }
-            match op.get("seq").and_then(Value::as_u64) {
+            match op.seq {
                 Some(seq) => since = seq,
                 // Running but not live on the node (its end being recorded):
                 // ask again shortly rather than at once.

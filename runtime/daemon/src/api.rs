@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use provd_node::{BundleRefused, Node};
 use provd_store::{AcceptError, AuditQuery, NewAudit, OpState, OperationError, Store};
+use provd_wire as wire;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -68,7 +69,9 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let body = wire::ErrorBody {
+            error: wire::ErrorDetail { code: self.code.to_string(), message: self.message },
+        };
         (self.status, axum::Json(body)).into_response()
     }
 }
@@ -91,7 +94,7 @@ impl From<JsonRejection> for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-fn ok(status: StatusCode, body: Value) -> ApiResult {
+fn ok(status: StatusCode, body: impl serde::Serialize) -> ApiResult {
     Ok((status, axum::Json(body)).into_response())
 }
 
@@ -240,8 +243,11 @@ async fn healthz(State(s): State<AppState>) -> ApiResult {
     match db {
         Ok(_) => ok(
             StatusCode::OK,
-            json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"),
-                   "running-operations": s.ops.running_count()}),
+            wire::Health {
+                status: "ok".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                running_operations: s.ops.running_count() as u64,
+            },
         ),
         Err(e) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unhealthy", e.to_string())),
     }
@@ -350,7 +356,18 @@ async fn accept_upload(s: AppState, peer: Peer, body: Bytes) -> ApiResult {
                 if a.new { "accepted" } else { "already-accepted" },
             );
             let status = if a.new { StatusCode::CREATED } else { StatusCode::OK };
-            ok(status, json!({"bundle": a}))
+            ok(
+                status,
+                wire::BundleAnswer {
+                    bundle: wire::Accepted {
+                        name: a.name,
+                        version: a.version,
+                        digest: a.digest,
+                        signer: a.signer,
+                        new: a.new,
+                    },
+                },
+            )
         }
         Err(e) => {
             let err = refused(&e);
@@ -367,21 +384,21 @@ async fn accept_upload(s: AppState, peer: Peer, body: Bytes) -> ApiResult {
 async fn list_bundles(State(s): State<AppState>) -> ApiResult {
     let store = s.store.clone();
     let bundles = blocking(move || store.bundles()).await?.map_err(ApiError::internal)?;
-    let list: Vec<Value> = bundles
+    let bundles = bundles
         .into_iter()
-        .map(|b| {
-            json!({"name": b.name, "version": b.version, "digest": b.digest, "signer": b.signer,
-                   "active": b.active, "accepted-at": b.accepted_at, "expires": b.expires,
-                   "grant": b.grant, "manifest": b.manifest})
+        .map(|b| wire::Bundle {
+            name: b.name,
+            version: b.version,
+            digest: b.digest,
+            signer: b.signer,
+            active: b.active,
+            accepted_at: b.accepted_at,
+            expires: b.expires,
+            grant: b.grant,
+            manifest: b.manifest,
         })
         .collect();
-    ok(StatusCode::OK, json!({"bundles": list}))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ActivateBody {
-    version: String,
+    ok(StatusCode::OK, wire::BundleList { bundles })
 }
 
 async fn set_active(s: &AppState, peer: &Peer, name: &str, version: String) -> ApiResult {
@@ -403,7 +420,10 @@ async fn set_active(s: &AppState, peer: &Peer, name: &str, version: String) -> A
             row.detail = Some(format!("active version {previous} -> {version}"));
             audit_one(&s.store, row).await;
             tracing::warn!(actor = %peer.name, plugin = %name, from = %previous, to = %version, "operator changed the active plugin version");
-            ok(StatusCode::OK, json!({"plugin": name, "active": version, "previous": previous}))
+            ok(
+                StatusCode::OK,
+                wire::Activated { plugin: name.to_string(), active: version, previous },
+            )
         }
         Err(AcceptError::Store(provd_store::StoreError::NotFound(what))) => {
             row.outcome = "refused".into();
@@ -419,7 +439,7 @@ async fn activate(
     State(s): State<AppState>,
     axum::Extension(peer): axum::Extension<Peer>,
     Path(name): Path<String>,
-    body: Result<axum::Json<ActivateBody>, JsonRejection>,
+    body: Result<axum::Json<wire::ActivateRequest>, JsonRejection>,
 ) -> ApiResult {
     let axum::Json(body) = body?;
     detached(async move { set_active(&s, &peer, &name, body.version).await }).await
@@ -457,24 +477,6 @@ async fn roll_back_plugin(s: AppState, peer: Peer, name: String) -> ApiResult {
     set_active(&s, &peer, &name, previous).await
 }
 
-/// `POST /v1/operations`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct OperationBody {
-    plugin: String,
-    #[serde(default)]
-    version: Option<String>,
-    #[serde(default)]
-    vms: Vec<Value>,
-    #[serde(default)]
-    params: Option<Value>,
-    #[serde(default)]
-    idempotency_key: Option<String>,
-    /// Run `version` even though it is not the active one (audited).
-    #[serde(default)]
-    allow_inactive: bool,
-}
-
 /// VM specs one operation may carry.
 const MAX_VMS: usize = 64;
 /// Separates the actor from the key in a stored idempotency key; a
@@ -504,7 +506,7 @@ fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
 }
 
 fn start_request(
-    body: OperationBody,
+    body: wire::OperationRequest,
     header_key: Option<String>,
     actor: String,
 ) -> Result<StartRequest, ApiError> {
@@ -599,7 +601,7 @@ pub fn parse_operation_body(
     header_key: Option<&str>,
     actor: &str,
 ) -> Result<StartRequest, ApiError> {
-    let body: OperationBody = serde_json::from_slice(body)
+    let body: wire::OperationRequest = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad("invalid-request", format!("body: {e}")))?;
     start_request(body, header_key.map(str::to_string), actor.to_string())
 }
@@ -607,39 +609,67 @@ pub fn parse_operation_body(
 fn operation_json(
     rec: &provd_store::OperationRecord,
     live: Option<&provd_node::operations::Snapshot>,
-) -> Value {
-    let mut v = match serde_json::to_value(rec) {
-        Ok(Value::Object(m)) => m,
-        _ => serde_json::Map::new(),
+) -> wire::Operation {
+    let mut op = wire::Operation {
+        id: rec.id.clone(),
+        idempotency_key: rec.idempotency_key.as_deref().map(|k| unscoped(k).to_string()),
+        plugin: rec.plugin.clone(),
+        version: rec.version.clone(),
+        actor: rec.actor.clone(),
+        state: wire_state(rec.state),
+        phase: rec.phase.clone(),
+        done: rec.done,
+        total: rec.total,
+        report: rec
+            .report
+            .as_ref()
+            .map(|r| serde_json::from_str(r).unwrap_or(Value::String(r.clone()))),
+        error: rec
+            .error_code
+            .as_ref()
+            .map(|code| wire::OperationFailure { code: code.clone(), message: rec.error.clone() }),
+        vms: rec.vms.clone(),
+        created_at: rec.created_at,
+        finished_at: rec.finished_at,
+        seq: None,
     };
-    v.remove("error-code");
-    if let Some(key) = &rec.idempotency_key {
-        v.insert("idempotency-key".into(), Value::String(unscoped(key).to_string()));
-    }
-    if let Some(report) = &rec.report {
-        let report = serde_json::from_str(report).unwrap_or(Value::String(report.clone()));
-        v.insert("report".into(), report);
-    }
-    let error = rec.error_code.as_ref().map(|code| json!({"code": code, "message": rec.error}));
-    v.insert("error".into(), error.unwrap_or(Value::Null));
     if let Some(s) = live {
-        v.insert("phase".into(), json!(s.phase));
-        v.insert("done".into(), json!(s.done));
-        v.insert("total".into(), json!(s.total));
-        v.insert("seq".into(), json!(s.seq));
+        op.phase = s.phase.clone();
+        op.done = Some(s.done);
+        op.total = s.total;
+        op.seq = Some(s.seq);
     }
-    Value::Object(v)
+    op
 }
 
-fn resources_json(r: &provd_store::Resources) -> Value {
-    json!({"vcpus": r.vcpus, "memory-mib": r.memory_mib, "disk-bytes": r.disk_bytes})
+fn wire_state(s: OpState) -> wire::OperationState {
+    match s {
+        OpState::Running => wire::OperationState::Running,
+        OpState::Succeeded => wire::OperationState::Succeeded,
+        OpState::Failed => wire::OperationState::Failed,
+        OpState::Cancelled => wire::OperationState::Cancelled,
+    }
+}
+
+fn progress_of(s: &provd_node::operations::Snapshot) -> wire::Progress {
+    wire::Progress {
+        seq: s.seq,
+        state: wire_state(s.state),
+        phase: s.phase.clone(),
+        done: s.done,
+        total: s.total,
+    }
+}
+
+fn resources_json(r: &provd_store::Resources) -> wire::Resources {
+    wire::Resources { vcpus: r.vcpus, memory_mib: r.memory_mib, disk_bytes: r.disk_bytes }
 }
 
 async fn start_operation(
     State(s): State<AppState>,
     axum::Extension(peer): axum::Extension<Peer>,
     headers: HeaderMap,
-    body: Result<axum::Json<OperationBody>, JsonRejection>,
+    body: Result<axum::Json<wire::OperationRequest>, JsonRejection>,
 ) -> ApiResult {
     let axum::Json(body) = body?;
     let header_key = match headers.get("idempotency-key") {
@@ -669,10 +699,13 @@ async fn start_operation(
     let started =
         tokio::spawn(async move { ops.start(req).await }).await.map_err(blocking_error)?;
     match started {
-        Ok((rec, true)) => {
-            ok(StatusCode::ACCEPTED, json!({"operation": operation_json(&rec, None)}))
+        Ok((rec, true)) => ok(
+            StatusCode::ACCEPTED,
+            wire::OperationAnswer { operation: operation_json(&rec, None) },
+        ),
+        Ok((rec, false)) => {
+            ok(StatusCode::OK, wire::OperationAnswer { operation: operation_json(&rec, None) })
         }
-        Ok((rec, false)) => ok(StatusCode::OK, json!({"operation": operation_json(&rec, None)})),
         Err(StartError::NoPlugin(p)) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "no-such-plugin",
@@ -740,8 +773,8 @@ async fn list_operations(
     let store = s.store.clone();
     let ops =
         blocking(move || store.operations(state, limit)).await?.map_err(ApiError::internal)?;
-    let list: Vec<Value> = ops.iter().map(|o| operation_json(o, None)).collect();
-    ok(StatusCode::OK, json!({"operations": list}))
+    let operations = ops.iter().map(|o| operation_json(o, None)).collect();
+    ok(StatusCode::OK, wire::OperationList { operations })
 }
 
 #[derive(Debug, Deserialize)]
@@ -789,10 +822,13 @@ async fn get_operation(
         let live = rx.borrow().clone();
         let rec = load_operation(&s, &id).await?;
         let live = (!rec.state.finished()).then_some(live);
-        return ok(StatusCode::OK, json!({"operation": operation_json(&rec, live.as_ref())}));
+        return ok(
+            StatusCode::OK,
+            wire::OperationAnswer { operation: operation_json(&rec, live.as_ref()) },
+        );
     }
     let rec = load_operation(&s, &id).await?;
-    ok(StatusCode::OK, json!({"operation": operation_json(&rec, None)}))
+    ok(StatusCode::OK, wire::OperationAnswer { operation: operation_json(&rec, None) })
 }
 
 async fn operation_events(
@@ -821,7 +857,7 @@ fn async_stream(
             .map(|snap| {
                 Ok(Event::default()
                     .event("progress")
-                    .data(serde_json::to_string(&snap).unwrap_or_default()))
+                    .data(serde_json::to_string(&progress_of(&snap)).unwrap_or_default()))
             })
             .boxed(),
         None => futures::stream::empty().boxed(),
@@ -832,9 +868,10 @@ fn async_stream(
             Ok(r) => r,
             Err(_) => rec,
         };
-        Ok(Event::default()
-            .event("done")
-            .data(json!({"operation": operation_json(&rec, None)}).to_string()))
+        Ok(Event::default().event("done").data(
+            serde_json::to_string(&wire::OperationAnswer { operation: operation_json(&rec, None) })
+                .unwrap_or_default(),
+        ))
     });
     progress.chain(done)
 }
@@ -873,14 +910,20 @@ async fn cancel_now(s: AppState, peer: Peer, id: String) -> ApiResult {
     .await;
     ok(
         StatusCode::ACCEPTED,
-        json!({"operation": operation_json(&rec, None), "cancel": "requested"}),
+        wire::CancelAnswer { operation: operation_json(&rec, None), cancel: "requested".into() },
     )
 }
 
-fn vm_json(v: &provd_store::VmRecord) -> Value {
-    json!({"name": v.name, "operation": v.operation, "macs": v.macs, "reserved": resources_json(&v.reserved),
-           "created-at": v.created_at,
-           "spec": serde_json::from_str::<Value>(&v.spec).unwrap_or(Value::String(v.spec.clone()))})
+fn vm_json(v: &provd_store::VmRecord) -> wire::Vm {
+    wire::Vm {
+        name: v.name.clone(),
+        operation: v.operation.clone(),
+        macs: v.macs.clone(),
+        reserved: resources_json(&v.reserved),
+        created_at: v.created_at,
+        spec: serde_json::from_str::<Value>(&v.spec).unwrap_or(Value::String(v.spec.clone())),
+        partitions: None,
+    }
 }
 
 async fn list_vms(State(s): State<AppState>) -> ApiResult {
@@ -889,8 +932,8 @@ async fn list_vms(State(s): State<AppState>) -> ApiResult {
         blocking(move || Ok::<_, provd_store::StoreError>((store.vms()?, store.reserved()?)))
             .await?
             .map_err(ApiError::internal)?;
-    let list: Vec<Value> = vms.iter().map(vm_json).collect();
-    ok(StatusCode::OK, json!({"vms": list, "reserved": resources_json(&reserved)}))
+    let vms = vms.iter().map(vm_json).collect();
+    ok(StatusCode::OK, wire::VmList { vms, reserved: resources_json(&reserved) })
 }
 
 async fn get_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult {
@@ -902,15 +945,18 @@ async fn get_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResul
     .await?
     .map_err(ApiError::internal)?;
     let vm = vm.ok_or_else(|| ApiError::not_found(format!("no VM {name}")))?;
-    let parts: Vec<Value> = parts
+    let parts = parts
         .iter()
-        .map(|p| json!({"id": p.id, "role": p.role, "format": p.format, "bytes": p.bytes}))
+        .map(|p| wire::VmPartition {
+            id: p.id.clone(),
+            role: p.role.clone(),
+            format: p.format.clone(),
+            bytes: p.bytes,
+        })
         .collect();
-    let mut v = vm_json(&vm);
-    if let Some(m) = v.as_object_mut() {
-        m.insert("partitions".into(), Value::Array(parts));
-    }
-    ok(StatusCode::OK, json!({"vm": v}))
+    let mut vm = vm_json(&vm);
+    vm.partitions = Some(parts);
+    ok(StatusCode::OK, wire::VmAnswer { vm })
 }
 
 async fn delete_vm(
@@ -950,7 +996,7 @@ async fn delete_vm_now(s: AppState, peer: Peer, name: String) -> ApiResult {
     if rec.state != OpState::Succeeded {
         return Err(ApiError::internal(rec.error.unwrap_or_default()));
     }
-    ok(StatusCode::OK, json!({"deleted": name, "operation": operation_json(&rec, None)}))
+    ok(StatusCode::OK, wire::Deleted { deleted: name, operation: operation_json(&rec, None) })
 }
 
 /// The answer to a built-in operation that could not run: another holds
@@ -966,28 +1012,16 @@ fn builtin_error(e: StartError) -> ApiError {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct RepackRequest {
-    /// The stopped VMs to move.
-    vms: Option<Vec<String>>,
-    /// Every VM on the node instead (all of them stopped).
-    #[serde(default)]
-    all: bool,
-    /// The new shared partition's format (`erofs` by default).
-    shared_format: Option<String>,
-}
-
 async fn repack(
     State(s): State<AppState>,
     axum::Extension(peer): axum::Extension<Peer>,
-    body: Result<axum::Json<RepackRequest>, JsonRejection>,
+    body: Result<axum::Json<wire::RepackRequest>, JsonRejection>,
 ) -> ApiResult {
     let axum::Json(req) = body?;
     detached(repack_now(s, peer, req)).await
 }
 
-async fn repack_now(s: AppState, peer: Peer, req: RepackRequest) -> ApiResult {
+async fn repack_now(s: AppState, peer: Peer, req: wire::RepackRequest) -> ApiResult {
     let format =
         provd_partitions::SharedFormat::parse(req.shared_format.as_deref().unwrap_or("erofs"))
             .map_err(|e| ApiError::bad("invalid-request", format!("shared-format: {e}")))?;
@@ -1043,11 +1077,10 @@ async fn repack_now(s: AppState, peer: Peer, req: RepackRequest) -> ApiResult {
         .run_builtin(req, provd_node::operations::Builtin::Repack { format })
         .await
         .map_err(builtin_error)?;
-    let report: Value =
-        rec.report.as_deref().and_then(|r| serde_json::from_str(r).ok()).unwrap_or(Value::Null);
+    let report: Option<Value> = rec.report.as_deref().and_then(|r| serde_json::from_str(r).ok());
     let status =
         if rec.state == OpState::Succeeded { StatusCode::OK } else { StatusCode::CONFLICT };
-    ok(status, json!({"repack": report, "operation": operation_json(&rec, None)}))
+    ok(status, wire::RepackAnswer { repack: report, operation: operation_json(&rec, None) })
 }
 
 /// VMs one repack moves at most (each is a partition rewrite).
@@ -1056,15 +1089,20 @@ const MAX_REPACK_VMS: usize = 4096;
 async fn list_images(State(s): State<AppState>) -> ApiResult {
     let store = s.store.clone();
     let images = blocking(move || store.images()).await?.map_err(ApiError::internal)?;
-    let list: Vec<Value> = images
-        .iter()
-        .map(|i| {
-            json!({"reference": i.reference, "digest": i.digest, "source": i.source,
-                   "source-digest": i.source_digest, "entries": i.entries, "files": i.files,
-                   "bytes": i.bytes, "created-at": i.created_at})
+    let images = images
+        .into_iter()
+        .map(|i| wire::Image {
+            reference: i.reference,
+            digest: i.digest,
+            source: i.source,
+            source_digest: i.source_digest,
+            entries: i.entries,
+            files: i.files,
+            bytes: i.bytes,
+            created_at: i.created_at,
         })
         .collect();
-    ok(StatusCode::OK, json!({"images": list}))
+    ok(StatusCode::OK, wire::ImageList { images })
 }
 
 /// Most layers in one page of `GET /v1/layers`.
@@ -1084,18 +1122,21 @@ async fn capacity(State(s): State<AppState>) -> ApiResult {
     .await?
     .map_err(ApiError::internal)?;
     let total = provd_vm::capacity_of(&s.capacity);
-    let part = |t: u64, r: u64| json!({"total": t, "reserved": r, "free": t.saturating_sub(r)});
-    let mut disk = part(total.disk_bytes, reserved.disk_bytes);
-    if let Some(m) = disk.as_object_mut() {
-        let free = total.disk_bytes.saturating_sub(reserved.disk_bytes).min(fs_free);
-        m.insert("free".into(), json!(free));
-        m.insert("filesystem-free".into(), json!(fs_free));
-    }
+    let part = |t: u64, r: u64| wire::Headroom { total: t, reserved: r, free: t.saturating_sub(r) };
+    let disk = wire::DiskHeadroom {
+        total: total.disk_bytes,
+        reserved: reserved.disk_bytes,
+        free: total.disk_bytes.saturating_sub(reserved.disk_bytes).min(fs_free),
+        filesystem_free: fs_free,
+    };
     ok(
         StatusCode::OK,
-        json!({"vcpus": part(total.vcpus, reserved.vcpus),
-               "memory-mib": part(total.memory_mib, reserved.memory_mib),
-               "disk-bytes": disk, "vms": vms}),
+        wire::Capacity {
+            vcpus: part(total.vcpus, reserved.vcpus),
+            memory_mib: part(total.memory_mib, reserved.memory_mib),
+            disk_bytes: disk,
+            vms: vms as u64,
+        },
     )
 }
 
@@ -1137,15 +1178,20 @@ async fn list_layers(
     } else {
         None
     };
-    let list: Vec<Value> = page
+    let layers = page
         .iter()
-        .map(|l| {
-            json!({"partition": l.partition, "layer": l.name, "digest": l.digest,
-                   "files": l.files, "bytes": l.bytes, "format": l.format, "vms": l.vms,
-                   "domain": l.domain})
+        .map(|l| wire::Layer {
+            partition: l.partition.clone(),
+            layer: l.name.clone(),
+            digest: l.digest.clone(),
+            files: l.files,
+            bytes: l.bytes,
+            format: l.format.clone(),
+            vms: l.vms.clone(),
+            domain: l.domain.clone(),
         })
         .collect();
-    ok(StatusCode::OK, json!({"layers": list, "total": total, "next": next}))
+    ok(StatusCode::OK, wire::LayerPage { layers, total: total as u64, next })
 }
 
 #[derive(Debug, Deserialize)]
@@ -1188,16 +1234,17 @@ async fn layer_entries(
     if !known {
         return Err(ApiError::not_found(format!("no layer {layer} on partition {partition}")));
     }
-    let page: Vec<Value> = files
+    let entries: Vec<wire::LayerFile> = files
         .iter()
-        .map(|e| {
-            json!({"path": e.path, "size": e.size,
-                   "blake3": e.hash.map(|h| h.to_hex()).unwrap_or_default()})
+        .map(|e| wire::LayerFile {
+            path: e.path.clone(),
+            size: e.size,
+            blake3: e.hash.map(|h| h.to_hex()).unwrap_or_default(),
         })
         .collect();
-    let end = after.saturating_add(page.len() as u64);
+    let end = after.saturating_add(entries.len() as u64);
     let next = (end < total).then_some(end);
-    ok(StatusCode::OK, json!({"entries": page, "total": total, "next": next}))
+    ok(StatusCode::OK, wire::EntryPage { entries, total, next })
 }
 
 #[derive(Debug, Deserialize)]
@@ -1226,5 +1273,23 @@ async fn audit(
     };
     let store = s.store.clone();
     let rows = blocking(move || store.audit(&query)).await?.map_err(ApiError::internal)?;
-    ok(StatusCode::OK, json!({"audit": rows}))
+    let audit = rows
+        .into_iter()
+        .map(|r| wire::AuditEntry {
+            id: r.id,
+            at: r.at,
+            actor: r.actor,
+            kind: r.kind,
+            plugin: r.plugin,
+            version: r.version,
+            operation: r.operation,
+            interface: r.interface,
+            function: r.function,
+            args: r.args,
+            outcome: r.outcome,
+            detail: r.detail,
+            count: r.count,
+        })
+        .collect();
+    ok(StatusCode::OK, wire::AuditList { audit })
 }

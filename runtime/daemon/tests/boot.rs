@@ -188,7 +188,7 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
     let started = c.provision(&request).await.unwrap();
     let id = started.body["operation"]["id"].as_str().unwrap().to_string();
     let done = c.wait(&id, |_| {}).await.unwrap();
-    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
 
     let vms: Vec<Value> = lists.iter().map(|(n, r, _)| spec(n, r)).collect();
     let request = json!({"plugin": "shared-partition", "vms": vms,
@@ -197,8 +197,8 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
     let started = c.provision(&request).await.unwrap();
     let id = started.body["operation"]["id"].as_str().unwrap().to_string();
     let done = c.wait(&id, |_| {}).await.unwrap();
-    assert_eq!(done["state"], "succeeded", "{done:#}");
-    for vm in done["report"]["output"]["vms"].as_array().unwrap() {
+    assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
+    for vm in done.report_field("output")["vms"].as_array().unwrap() {
         assert!(vm["new_shared_bytes"].as_u64().unwrap() > 0, "{vm:#}");
         assert!(vm["private_bytes"].as_u64().unwrap() > 0, "{vm:#}");
     }
@@ -210,7 +210,7 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
     let customised = c.provision(&json!({"plugin": "cloud-init", "vms": [custom]})).await.unwrap();
     let cid = customised.body["operation"]["id"].as_str().unwrap().to_string();
     let done = c.wait(&cid, |_| {}).await.unwrap();
-    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
 
     for (name, root, list) in &lists {
         let domain = node.data.join("vms").join(name).join("domain.xml");

@@ -68,16 +68,21 @@ fn partitions_params(wait: bool) -> Value {
            "shared_format": "erofs", "private_format": "ext4", "then_wait": wait})
 }
 
-async fn wait_until(client: &Client, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let mut op = Value::Null;
+async fn wait_until(
+    client: &Client,
+    id: &str,
+    pred: impl Fn(&provd_wire::Operation) -> bool,
+) -> provd_wire::Operation {
+    let mut op = None;
     for _ in 0..600 {
-        op = client.operation(id, Some((1, u64::MAX))).await.unwrap();
-        if pred(&op) {
-            return op;
+        let seen = client.operation(id, Some((1, u64::MAX))).await.unwrap();
+        if pred(&seen) {
+            return seen;
         }
+        op = Some(seen);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("operation {id} never reached the expected state; last seen: {op}");
+    panic!("operation {id} never reached the expected state; last seen: {op:?}");
 }
 
 fn code(e: ClientError) -> (u16, String, String) {
@@ -301,12 +306,12 @@ async fn an_operation_runs_once_per_idempotency_key_and_reports_progress_audit_a
     assert_eq!((e.0, e.1.as_str()), (409, "idempotency-conflict"));
 
     let mut seen = Vec::new();
-    let done = c.wait(&id, |op| seen.push(op["state"].clone())).await.unwrap();
-    assert_eq!(done["state"], "succeeded", "{done}");
-    assert_eq!(done["version"], "1.0.0");
-    assert_eq!(done["report"]["summary"], "hello, n1: hashed 3 items");
-    assert_eq!(done["report"]["output"].as_array().unwrap().len(), 3);
-    assert_eq!(done["actor"], "manager-1");
+    let done = c.wait(&id, |op| seen.push(op.state.as_str())).await.unwrap();
+    assert_eq!(done.state.as_str(), "succeeded", "{done:?}");
+    assert_eq!(done.version, "1.0.0");
+    assert_eq!(done.report_field("summary"), "hello, n1: hashed 3 items");
+    assert_eq!(done.report_field("output").as_array().unwrap().len(), 3);
+    assert_eq!(done.actor, "manager-1");
 
     // The audit trail: the progress and hashing calls, folded with counts.
     let audit = c.get(&format!("/v1/audit?operation={id}")).await.unwrap().body;
@@ -333,8 +338,8 @@ async fn an_operation_runs_once_per_idempotency_key_and_reports_progress_audit_a
     let bad = c.provision(&json!({"plugin": "hello", "params": {"name": ""}})).await.unwrap();
     let id = bad.body["operation"]["id"].as_str().unwrap();
     let done = c.wait(id, |_| {}).await.unwrap();
-    assert_eq!(done["state"], "failed");
-    assert_eq!(done["error"]["code"], "plugin-invalid-input", "{done}");
+    assert_eq!(done.state.as_str(), "failed");
+    assert_eq!(done.error_code().unwrap_or_default(), "plugin-invalid-input", "{done:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -350,7 +355,7 @@ async fn one_vm_name_is_in_one_operation_at_a_time_and_cancel_rolls_back() {
     let slow = json!({"plugin": "imager", "vms": [web, db], "params": partitions_params(true)});
     let a = c.provision(&slow).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
     // Once it waits, it has built its partitions and configured both VMs.
-    wait_until(&c, &a, |op| op["phase"] == "waiting").await;
+    wait_until(&c, &a, |op| op.phase.as_deref() == Some("waiting")).await;
     let (vms, partitions, _) = node_state(&c, &node.data).await;
     assert_eq!((vms, partitions), (2, 3));
 
@@ -368,7 +373,7 @@ async fn one_vm_name_is_in_one_operation_at_a_time_and_cancel_rolls_back() {
     let cancel = c.post_json(&format!("/v1/operations/{a}/cancel"), &json!({})).await.unwrap();
     assert_eq!(cancel.status, 202);
     let done = c.wait(&a, |_| {}).await.unwrap();
-    assert_eq!(done["state"], "cancelled", "{done}");
+    assert_eq!(done.state.as_str(), "cancelled", "{done:?}");
     let (vms, partitions, reserved) = node_state(&c, &node.data).await;
     assert_eq!((vms, partitions), (0, 0));
     assert_eq!(reserved, json!({"vcpus": 0, "memory-mib": 0, "disk-bytes": 0}));
@@ -381,7 +386,7 @@ async fn one_vm_name_is_in_one_operation_at_a_time_and_cancel_rolls_back() {
     let b =
         c.provision(&quick).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
     let done = c.wait(&b, |_| {}).await.unwrap();
-    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done.state.as_str(), "succeeded", "{done:?}");
     let vm = c.get("/v1/vms/web-1").await.unwrap().body;
     assert_eq!(vm["vm"]["operation"], b.as_str());
     // Every decision of the operation is on the record.
@@ -430,7 +435,7 @@ async fn sigkill_in_the_middle_of_an_operation_is_rolled_back_at_restart() {
                          "params": partitions_params(true), "idempotency-key": "kill-me"});
     let id =
         c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
-    wait_until(&c, &id, |op| op["phase"] == "waiting").await;
+    wait_until(&c, &id, |op| op.phase.as_deref() == Some("waiting")).await;
     assert_eq!(node_state(&c, &node.data).await.0, 2);
     assert!(node.data.join("vms/web-1").exists());
 
@@ -438,9 +443,9 @@ async fn sigkill_in_the_middle_of_an_operation_is_rolled_back_at_restart() {
     node.restart().unwrap();
     let c = client(&node);
     let op = c.operation(&id, None).await.unwrap();
-    assert_eq!(op["state"], "failed", "{op}");
-    assert_eq!(op["error"]["code"], "interrupted", "{op}");
-    assert!(op["error"]["message"].as_str().unwrap().contains("2 VM(s), 3 partition(s)"), "{op}");
+    assert_eq!(op.state.as_str(), "failed", "{op:?}");
+    assert_eq!(op.error_code().unwrap_or_default(), "interrupted", "{op:?}");
+    assert!(op.error_message().unwrap_or_default().contains("2 VM(s), 3 partition(s)"), "{op:?}");
     let (vms, partitions, reserved) = node_state(&c, &node.data).await;
     assert_eq!((vms, partitions), (0, 0));
     assert_eq!(reserved["vcpus"], 0);
@@ -453,7 +458,7 @@ async fn sigkill_in_the_middle_of_an_operation_is_rolled_back_at_restart() {
                        "params": partitions_params(false)});
     let b =
         c.provision(&fresh).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
-    assert_eq!(c.wait(&b, |_| {}).await.unwrap()["state"], "succeeded");
+    assert_eq!(c.wait(&b, |_| {}).await.unwrap().state.as_str(), "succeeded");
     let audit = c.get(&format!("/v1/audit?operation={id}&kind=operation")).await.unwrap().body;
     let outcomes: Vec<&str> =
         audit["audit"].as_array().unwrap().iter().map(|r| r["outcome"].as_str().unwrap()).collect();
@@ -474,7 +479,7 @@ async fn sigkill_while_a_vm_stacks_another_vms_layer_loses_no_layer_and_leaves_n
                        "params": params.clone()});
     let a =
         c.provision(&first).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
-    assert_eq!(c.wait(&a, |_| {}).await.unwrap()["state"], "succeeded");
+    assert_eq!(c.wait(&a, |_| {}).await.unwrap().state.as_str(), "succeeded");
     let before = node_state(&c, &node.data).await.1;
     assert_eq!(before, 2, "web-1's shared and private partitions");
     // web-2 stacks web-1's layer; the node dies while it runs.
@@ -483,13 +488,13 @@ async fn sigkill_while_a_vm_stacks_another_vms_layer_loses_no_layer_and_leaves_n
                         "params": params});
     let b =
         c.provision(&second).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
-    wait_until(&c, &b, |op| op["phase"] == "waiting").await;
+    wait_until(&c, &b, |op| op.phase.as_deref() == Some("waiting")).await;
     assert_eq!(node_state(&c, &node.data).await.1, 3, "web-2's private partition, no shared one");
     node.kill();
     node.restart().unwrap();
     let c = client(&node);
     let op = c.operation(&b, None).await.unwrap();
-    assert_eq!(op["error"]["code"], "interrupted", "{op}");
+    assert_eq!(op.error_code().unwrap_or_default(), "interrupted", "{op:?}");
     // web-2 is gone; web-1's layer stays, whole, and nothing else is left.
     let (vms, partitions, _) = node_state(&c, &node.data).await;
     assert_eq!((vms, partitions), (1, 2));
@@ -511,7 +516,7 @@ async fn an_upgrade_leaves_running_operations_on_their_version_and_an_operator_c
     let slow = json!({"plugin": "imager", "vms": [spec("web-1", &images.join("web"))],
                       "params": partitions_params(true)});
     let a = c.provision(&slow).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
-    wait_until(&c, &a, |op| op["phase"] == "waiting").await;
+    wait_until(&c, &a, |op| op.phase.as_deref() == Some("waiting")).await;
 
     c.deploy(node.bundle(&imager("1.1.0", &images), &IMAGER.wasm())).await.unwrap();
     let quick = json!({"plugin": "imager", "vms": [spec("db-1", &images.join("db"))],
@@ -519,17 +524,11 @@ async fn an_upgrade_leaves_running_operations_on_their_version_and_an_operator_c
     let b =
         c.provision(&quick).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
     let done = c.wait(&b, |_| {}).await.unwrap();
-    assert_eq!(
-        (done["state"].as_str(), done["version"].as_str()),
-        (Some("succeeded"), Some("1.1.0"))
-    );
+    assert_eq!((done.state.as_str(), done.version.as_str()), ("succeeded", "1.1.0"));
     let running = c.operation(&a, None).await.unwrap();
-    assert_eq!(
-        (running["state"].as_str(), running["version"].as_str()),
-        (Some("running"), Some("1.0.0"))
-    );
+    assert_eq!((running.state.as_str(), running.version.as_str()), ("running", "1.0.0"));
     c.post_json(&format!("/v1/operations/{a}/cancel"), &json!({})).await.unwrap();
-    assert_eq!(c.wait(&a, |_| {}).await.unwrap()["state"], "cancelled");
+    assert_eq!(c.wait(&a, |_| {}).await.unwrap().state.as_str(), "cancelled");
 
     // The operator rolls back: new operations get 1.0.0 again.
     let r = c.post_json("/v1/plugins/imager/rollback", &json!({})).await.unwrap().body;
@@ -539,7 +538,7 @@ async fn an_upgrade_leaves_running_operations_on_their_version_and_an_operator_c
     c.delete("/v1/vms/db-1").await.unwrap();
     let d =
         c.provision(&quick).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
-    assert_eq!(c.wait(&d, |_| {}).await.unwrap()["version"], "1.0.0");
+    assert_eq!(c.wait(&d, |_| {}).await.unwrap().version, "1.0.0");
     // A bundle cannot do what the operator did: 1.0.0 stays below the
     // highest accepted, so only the identical 1.1.0 is taken again.
     let e =
@@ -619,7 +618,7 @@ async fn two_requests_for_one_vm_at_the_same_moment_start_one_operation() {
         assert_eq!((status, code.as_str()), (409, "vm-busy"));
         let id = won.body["operation"]["id"].as_str().unwrap().to_string();
         c.post_json(&format!("/v1/operations/{id}/cancel"), &json!({})).await.unwrap();
-        assert_eq!(c.wait(&id, |_| {}).await.unwrap()["state"], "cancelled");
+        assert_eq!(c.wait(&id, |_| {}).await.unwrap().state.as_str(), "cancelled");
     }
     assert_eq!(node_state(&c, &node.data).await.0, 0);
 }
@@ -635,7 +634,7 @@ async fn server_sent_events_follow_an_operation_to_its_end() {
                       "params": partitions_params(true)});
     let id =
         c.provision(&slow).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
-    wait_until(&c, &id, |op| op["phase"] == "waiting").await;
+    wait_until(&c, &id, |op| op.phase.as_deref() == Some("waiting")).await;
     let raw = reqwest_client(&node);
     let events = raw.get(format!("{}/v1/operations/{id}/events", node.url)).send().await.unwrap();
     assert_eq!(events.headers()["content-type"], "text/event-stream");
@@ -708,7 +707,7 @@ async fn a_cancel_stops_a_plugin_that_makes_no_more_host_calls() {
     let done = c.wait(&id, |_| {}).await.unwrap();
     // Its deadline is 120 s away: the cancel, not the deadline, stopped it.
     assert!(asked.elapsed() < Duration::from_secs(30), "{:?}", asked.elapsed());
-    assert_eq!(done["state"], "cancelled", "{done}");
+    assert_eq!(done.state.as_str(), "cancelled", "{done:?}");
     assert_eq!(node_state(&c, &node.data).await.0, 0);
     // The audit trail has the start, the cancel and the end.
     let audit = c.get(&format!("/v1/audit?operation={id}&kind=operation")).await.unwrap().body;
@@ -741,7 +740,7 @@ async fn a_relative_config_path_from_another_directory_provisions() {
     let id =
         c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
     let done = c.wait(&id, |_| {}).await.unwrap();
-    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done.state.as_str(), "succeeded", "{done:?}");
     let xml = std::fs::read_to_string(node.data.join("vms/web-1/domain.xml")).unwrap();
     let data = node.data.canonicalize().unwrap();
     assert!(xml.contains(&format!("<source file=\"{}/partitions/", data.display())), "{xml}");
@@ -795,7 +794,7 @@ async fn concurrent_imports_upgrades_and_deletions_end_exactly() {
     .await;
     for (name, id) in names.iter().zip(&started) {
         let id = id.as_ref().unwrap_or_else(|e| panic!("{name}: {e:?}"));
-        assert_eq!(c.wait(id, |_| {}).await.unwrap()["state"], "succeeded", "{name}");
+        assert_eq!(c.wait(id, |_| {}).await.unwrap().state.as_str(), "succeeded", "{name}");
     }
     let listed = c.get("/v1/images").await.unwrap().body;
     assert_eq!(listed["images"].as_array().unwrap().len(), 1, "{listed}");
@@ -816,15 +815,12 @@ async fn concurrent_imports_upgrades_and_deletions_end_exactly() {
     assert_eq!(deployed.unwrap().status, 201);
     for id in &ids {
         let done = c.wait(id.as_ref().unwrap(), |_| {}).await.unwrap();
-        assert_eq!(done["state"], "succeeded");
-        assert!(["1.0.0", "1.1.0"].contains(&done["version"].as_str().unwrap()), "{done}");
+        assert_eq!(done.state.as_str(), "succeeded");
+        assert!(["1.0.0", "1.1.0"].contains(&done.version.as_str()), "{done:?}");
     }
     let after = start(&c, &images, &["up-after".to_string()]).await.unwrap();
     let done = c.wait(&after, |_| {}).await.unwrap();
-    assert_eq!(
-        (done["state"].as_str(), done["version"].as_str()),
-        (Some("succeeded"), Some("1.1.0"))
-    );
+    assert_eq!((done.state.as_str(), done.version.as_str()), ("succeeded", "1.1.0"));
     check(13).await;
 
     // A deletion races the provisioning of the same name, five times: the
@@ -849,22 +845,22 @@ async fn concurrent_imports_upgrades_and_deletions_end_exactly() {
         let provisioned_ok = match provisioned {
             Ok(id) => {
                 let done = c.wait(&id, |_| {}).await.unwrap();
-                match done["state"].as_str() {
+                match Some(done.state.as_str()) {
                     Some("succeeded") => true,
                     // Started before the delete: the old VM still held
                     // the name (its record, or its private partition,
                     // whichever step the plugin reached first).
                     Some("failed") => {
-                        let message = done["error"]["message"].as_str().unwrap_or_default();
+                        let message = done.error_message().unwrap_or_default();
                         assert!(
                             message.contains(&name)
                                 && (message.contains("already exists")
                                     || message.contains("already has private partition")),
-                            "round {round}: {done}"
+                            "round {round}: {done:?}"
                         );
                         false
                     }
-                    other => panic!("round {round}: {other:?} {done}"),
+                    other => panic!("round {round}: {other:?} {done:?}"),
                 }
             }
             Err((status, code, _)) => {
@@ -924,15 +920,15 @@ async fn sigkill_at_every_journalled_step_leaves_nothing_and_loses_nothing_finis
             .as_str()
             .unwrap()
             .to_string();
-        wait_until(&c, &id, |op| op["phase"] == "paused").await;
+        wait_until(&c, &id, |op| op.phase.as_deref() == Some("paused")).await;
         node.kill();
         node.restart().unwrap();
         let c = client(&node);
         let op = c.operation(&id, None).await.unwrap();
         assert_eq!(
-            (op["state"].as_str(), op["error"]["code"].as_str()),
+            (Some(op.state.as_str()), op.error_code()),
             (Some("failed"), Some("interrupted")),
-            "step {pause_after}: {op}"
+            "step {pause_after}: {op:?}"
         );
         // What was built by then, as the restart found and rolled it back.
         let (built_vms, built_partitions) = match pause_after {
@@ -943,7 +939,7 @@ async fn sigkill_at_every_journalled_step_leaves_nothing_and_loses_nothing_finis
             5 | 6 => (1, 3),
             _ => (2, 3),
         };
-        let message = op["error"]["message"].as_str().unwrap();
+        let message = op.error_message().unwrap_or_default();
         println!("step {pause_after}: {message}");
         assert!(
             message
@@ -962,13 +958,13 @@ async fn sigkill_at_every_journalled_step_leaves_nothing_and_loses_nothing_finis
     let request = json!({"plugin": "imager", "vms": vms, "params": partitions_params(false)});
     let id =
         c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
-    assert_eq!(c.wait(&id, |_| {}).await.unwrap()["state"], "succeeded");
+    assert_eq!(c.wait(&id, |_| {}).await.unwrap().state.as_str(), "succeeded");
     let before = node_state(&c, &node.data).await;
     // A finished operation and the accepted bundle survive a SIGKILL.
     node.kill();
     node.restart().unwrap();
     let c = client(&node);
-    assert_eq!(c.operation(&id, None).await.unwrap()["state"], "succeeded");
+    assert_eq!(c.operation(&id, None).await.unwrap().state.as_str(), "succeeded");
     assert_eq!(node_state(&c, &node.data).await, before);
     let bundles = c.get("/v1/bundles").await.unwrap().body;
     assert!(bundles.to_string().contains("\"imager\""), "{bundles}");
@@ -976,7 +972,7 @@ async fn sigkill_at_every_journalled_step_leaves_nothing_and_loses_nothing_finis
                        "params": partitions_params(false)});
     let id =
         c.provision(&again).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
-    assert_eq!(c.wait(&id, |_| {}).await.unwrap()["state"], "succeeded");
+    assert_eq!(c.wait(&id, |_| {}).await.unwrap().state.as_str(), "succeeded");
 }
 
 /// Malformed bundles uploaded to a running node, generated from a good one
@@ -1127,8 +1123,8 @@ async fn sigkill_inside_host_calls_leaves_nothing() {
         node.restart().unwrap();
         let c = client(&node);
         let op = c.operation(&id, None).await.unwrap();
-        let state = op["state"].as_str().unwrap().to_string();
-        let message = op["error"]["message"].as_str().unwrap_or_default().to_string();
+        let state = op.state.as_str().to_string();
+        let message = op.error_message().unwrap_or_default().to_string();
         println!("staging file seen: {seen}, killed {delay_ms} ms later: {state} {message}");
         let (vms_left, partitions, reserved) = node_state(&c, &node.data).await;
         assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0, "{delay_ms} ms");
@@ -1139,9 +1135,9 @@ async fn sigkill_inside_host_calls_leaves_nothing() {
             }
         } else {
             assert_eq!(
-                (state.as_str(), op["error"]["code"].as_str()),
+                (state.as_str(), op.error_code()),
                 ("failed", Some("interrupted")),
-                "{delay_ms} ms: {op}"
+                "{delay_ms} ms: {op:?}"
             );
             assert_eq!((vms_left, partitions), (0, 0), "{delay_ms} ms");
             assert_eq!(reserved, json!({"vcpus": 0, "memory-mib": 0, "disk-bytes": 0}));
@@ -1157,5 +1153,5 @@ async fn sigkill_inside_host_calls_leaves_nothing() {
     let c = client(&node);
     let id =
         c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
-    assert_eq!(c.wait(&id, |_| {}).await.unwrap()["state"], "succeeded");
+    assert_eq!(c.wait(&id, |_| {}).await.unwrap().state.as_str(), "succeeded");
 }

@@ -100,8 +100,8 @@ async fn a_python_plugin_is_signed_deployed_and_run_by_a_daemon() {
     let id =
         c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
     let op = c.wait(&id, |_| {}).await.unwrap();
-    assert_eq!(op["state"], "succeeded", "{op}");
-    assert_eq!(op["report"]["summary"], "1 VM(s) checked, no forbidden file", "{op}");
+    assert_eq!(op.state.as_str(), "succeeded", "{op:?}");
+    assert_eq!(op.report_field("summary"), "1 VM(s) checked, no forbidden file", "{op:?}");
 }
 
 /// The shared-partition flow in Python (`examples/shared-partition-py`):
@@ -138,11 +138,12 @@ async fn the_shared_partition_flow_in_python_provisions_two_vms() {
     let id =
         c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
     let op = c.wait(&id, |_| {}).await.unwrap();
-    assert_eq!(op["state"], "succeeded", "{op}");
-    assert_eq!(op["report"]["summary"], "2 VM(s) on a new shared partition", "{op}");
-    let stored = op["report"]["fields"]["stored-bytes"].as_str().unwrap().parse::<u64>().unwrap();
-    let naive = op["report"]["fields"]["naive-bytes"].as_str().unwrap().parse::<u64>().unwrap();
-    assert!(stored < naive, "{op}");
+    assert_eq!(op.state.as_str(), "succeeded", "{op:?}");
+    assert_eq!(op.report_field("summary"), "2 VM(s) on a new shared partition", "{op:?}");
+    let stored =
+        op.report_field("fields")["stored-bytes"].as_str().unwrap().parse::<u64>().unwrap();
+    let naive = op.report_field("fields")["naive-bytes"].as_str().unwrap().parse::<u64>().unwrap();
+    assert!(stored < naive, "{op:?}");
     for name in ["web-1", "db-1"] {
         let vm = c.get(&format!("/v1/vms/{name}")).await.unwrap().body;
         let roles: Vec<&str> = vm["vm"]["partitions"]
@@ -169,8 +170,11 @@ async fn the_shared_partition_flow_in_python_provisions_two_vms() {
     let id =
         c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
     let op = c.wait(&id, |_| {}).await.unwrap();
-    assert_eq!(op["state"], "failed", "{op}");
-    assert!(op.to_string().contains("plan each tenant's VMs separately"), "{op}");
+    assert_eq!(op.state.as_str(), "failed", "{op:?}");
+    assert!(
+        op.error_message().unwrap_or_default().contains("plan each tenant's VMs separately"),
+        "{op:?}"
+    );
     for name in ["x-1", "y-1"] {
         assert!(c.get(&format!("/v1/vms/{name}")).await.is_err(), "{name} was configured");
     }

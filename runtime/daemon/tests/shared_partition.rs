@@ -86,7 +86,7 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
     let mut phases = Vec::new();
     let done = c
         .wait(&id, |op| {
-            if let Some(p) = op["phase"].as_str()
+            if let Some(p) = op.phase.as_deref()
                 && phases.last().map(String::as_str) != Some(p)
             {
                 phases.push(p.to_string());
@@ -94,14 +94,14 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
         })
         .await
         .unwrap();
-    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
     // The retry of the same request is the same operation.
     let again = c.provision(&request).await.unwrap();
     assert_eq!((again.status, again.body["operation"]["id"].as_str()), (200, Some(id.as_str())));
 
     // The report: the base in one layer of all three, the library in one
     // of web and api; each VM keeps only its own files.
-    let report = &done["report"]["output"];
+    let report = &done.report_field("output");
     let layers = report["layers"].as_array().unwrap();
     let layer_of = |vms: &[&str]| {
         layers
@@ -137,7 +137,7 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
         web["disks"].as_array().unwrap().iter().any(|d| d.as_str().unwrap().starts_with("shared")),
         "{web}"
     );
-    let fields = &done["report"]["fields"];
+    let fields = &done.report_field("fields");
     assert_eq!(fields["vms"], "3");
     // The long polls see a sample of the phases (a quick phase can pass
     // between two of them): what they saw comes in the plugin's order, and
@@ -155,7 +155,7 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
         .map(|p| order.iter().position(|o| o == p).unwrap_or_else(|| panic!("phase {p}")))
         .collect();
     assert!(ranks.windows(2).all(|w| w[0] <= w[1]), "{phases:?}");
-    assert_eq!(done["phase"], "configure-vms", "{done}");
+    assert_eq!(done.phase.as_deref().unwrap_or_default(), "configure-vms", "{done:?}");
 
     // web-2 alone, the image of web-1: every byte from the layers already
     // on the node, no shared partition built, nothing stored again.
@@ -164,9 +164,9 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
     let started = c.provision(&alone).await.unwrap();
     let alone_id = started.body["operation"]["id"].as_str().unwrap().to_string();
     let alone_done = c.wait(&alone_id, |_| {}).await.unwrap();
-    assert_eq!(alone_done["state"], "succeeded", "{alone_done:#}");
+    assert_eq!(alone_done.state.as_str(), "succeeded", "{alone_done:#?}");
     let web_bytes: u64 = 900_000 + 120_000 + 8 + 400_000 + 5_000;
-    let out = &alone_done["report"]["output"];
+    let out = &alone_done.report_field("output");
     assert_eq!(out["shared_partitions"], json!([]));
     assert_eq!(out["totals"]["naive_bytes"], web_bytes);
     assert_eq!(out["totals"]["stored_bytes"], 0);
@@ -180,7 +180,7 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
     assert_eq!(web2["whiteouts"], 0);
     assert_eq!(web2["layers"].as_array().unwrap().len(), 3);
     assert!(out["layers"].as_array().unwrap().iter().all(|l| l["on_node"] == true), "{out:#}");
-    let summary = alone_done["report"]["summary"].as_str().unwrap();
+    let summary = alone_done.report_field("summary").as_str().unwrap();
     assert!(
         summary.starts_with(&format!("1 VMs provisioned: 0 of {web_bytes} bytes stored")),
         "{summary}"
@@ -234,7 +234,7 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
         c.provision(&json!({"plugin": "cloud-init", "vms": [web_spec.clone()]})).await.unwrap();
     let custom_id = custom.body["operation"]["id"].as_str().unwrap().to_string();
     let done_custom = c.wait(&custom_id, |_| {}).await.unwrap();
-    assert_eq!(done_custom["state"], "succeeded", "{done_custom:#}");
+    assert_eq!(done_custom.state.as_str(), "succeeded", "{done_custom:#?}");
     let (label, after) = provd_tests::seed::read_seed_iso(&seed).unwrap();
     assert_eq!(label, "cidata");
     let file = |files: &[(String, Vec<u8>)], name: &str| {
@@ -247,7 +247,7 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
     assert!(file(&after, "meta-data").contains("www.example.net"), "{after:?}");
     assert!(file(&after, "user-data").contains("ops@example.com"), "{after:?}");
     assert_ne!(file(&before, "meta-data"), file(&after, "meta-data"));
-    let id_now = done_custom["report"]["output"][0]["instance_id"].as_str().unwrap();
+    let id_now = done_custom.report_field("output")[0]["instance_id"].as_str().unwrap();
     assert!(file(&after, "meta-data").contains(id_now));
     // Its journal is settled with the operation's end.
     let undo = node.data.join("vms/web-1/customize.undo.json");
@@ -262,8 +262,8 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
         c.provision(&json!({"plugin": "cloud-init", "vms": [again, bigger]})).await.unwrap();
     let refused_id = refused.body["operation"]["id"].as_str().unwrap().to_string();
     let refused = c.wait(&refused_id, |_| {}).await.unwrap();
-    assert_eq!(refused["error"]["code"], "plugin-denied", "{refused:#}");
-    assert!(refused["error"]["message"].as_str().unwrap().contains("vcpus"), "{refused:#}");
+    assert_eq!(refused.error_code().unwrap_or_default(), "plugin-denied", "{refused:#?}");
+    assert!(refused.error_message().unwrap_or_default().contains("vcpus"), "{refused:#?}");
     assert_eq!(provd_tests::seed::read_seed_iso(&seed).unwrap().1, after);
     assert!(!undo.exists());
     let web = c.get("/v1/vms/web-1").await.unwrap().body;
@@ -336,9 +336,9 @@ async fn a_vm_that_does_not_fit_fails_the_request_and_nothing_of_it_stays() {
     let id =
         c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
     let done = c.wait(&id, |_| {}).await.unwrap();
-    assert_eq!(done["state"], "failed", "{done:#}");
-    assert_eq!(done["error"]["code"], "plugin-quota-exceeded", "{done:#}");
-    assert!(done["error"]["message"].as_str().unwrap().contains("vcpus"), "{done:#}");
+    assert_eq!(done.state.as_str(), "failed", "{done:#?}");
+    assert_eq!(done.error_code().unwrap_or_default(), "plugin-quota-exceeded", "{done:#?}");
+    assert!(done.error_message().unwrap_or_default().contains("vcpus"), "{done:#?}");
     // Every partition and VM the request built is gone, reservations too.
     let state = c.get("/v1/vms").await.unwrap().body;
     assert_eq!(state["vms"], json!([]));
@@ -396,8 +396,8 @@ async fn vms_ordered_one_at_a_time_share_the_node_and_a_repack_keeps_every_vm_ex
             .unwrap()
             .to_string();
         let done = c.wait(&id, |_| {}).await.unwrap();
-        assert_eq!(done["state"], "succeeded", "{vm}: {done:#}");
-        let totals = &done["report"]["output"]["totals"];
+        assert_eq!(done.state.as_str(), "succeeded", "{vm}: {done:#?}");
+        let totals = &done.report_field("output")["totals"];
         assert_eq!(totals["stored_bytes"], stored, "{vm}: {totals}");
         let own = if img == "db" {
             80_000
@@ -454,7 +454,7 @@ async fn vms_ordered_one_at_a_time_share_the_node_and_a_repack_keeps_every_vm_ex
     let id =
         c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
     let done = c.wait(&id, |_| {}).await.unwrap();
-    assert_eq!(done["report"]["output"]["totals"]["stored_bytes"], 0, "{done:#}");
+    assert_eq!(done.report_field("output")["totals"]["stored_bytes"], 0, "{done:#?}");
 
     assert!(node.terminate().unwrap().success());
     let store = provd_store::Store::open(&node.data).unwrap();

@@ -43,7 +43,7 @@ fn holds(file: &str, needle: &[u8]) -> bool {
     bytes.windows(needle.len()).any(|w| w == needle)
 }
 
-async fn provision(c: &Client, vms: Vec<Value>) -> Value {
+async fn provision(c: &Client, vms: Vec<Value>) -> provd_wire::Operation {
     let request = json!({"plugin": "shared-partition", "vms": vms,
                          "params": {"min-layer-bytes": 0, "shared-format": "erofs"}});
     let started = c.provision(&request).await.unwrap();
@@ -97,21 +97,21 @@ async fn tenants_share_the_public_catalogue_and_never_each_others_files() {
 
     // The catalogue's web image, for the default tenant: public layers.
     let done = provision(&c, vec![spec("web-1", None, &web)]).await;
-    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
 
     // Each tenant's custom image, alone: the catalogue's files come from the
     // public layers, only the tenant's own go anywhere new.
     let base_bytes: u64 = 3_000_000 + 600_000 + 400_000 + 8;
     for ((t, _), image) in secrets.iter().zip(&custom) {
         let done = provision(&c, vec![spec(&format!("{t}-1"), Some(t), image)]).await;
-        assert_eq!(done["state"], "succeeded", "{done:#}");
-        let totals = &done["report"]["output"]["totals"];
+        assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
+        let totals = &done.report_field("output")["totals"];
         let naive = totals["naive_bytes"].as_u64().unwrap();
         assert_eq!(naive, base_bytes + 300_000 + 20_000);
         assert_eq!(totals["node_layer_bytes"], base_bytes, "{totals}");
         // The report names each layer's domain: the catalogue's it stacks,
         // its tenant's it builds.
-        let mut domains: Vec<String> = done["report"]["output"]["layers"]
+        let mut domains: Vec<String> = done.report_field("output")["layers"]
             .as_array()
             .unwrap()
             .iter()
@@ -119,7 +119,7 @@ async fn tenants_share_the_public_catalogue_and_never_each_others_files() {
             .collect();
         domains.sort();
         domains.dedup();
-        assert_eq!(domains, ["public".to_string(), format!("tenant:{t}")], "{done:#}");
+        assert_eq!(domains, ["public".to_string(), format!("tenant:{t}")], "{done:#?}");
         let saving = totals["saving_bytes"].as_u64().unwrap() as f64 / naive as f64;
         assert!(saving >= 0.8, "tenant {t} saves {:.1} %", saving * 100.0);
         eprintln!("tenant {t}: {:.1} % saved", saving * 100.0);
@@ -158,7 +158,7 @@ async fn tenants_share_the_public_catalogue_and_never_each_others_files() {
     let done =
         provision(&c, vec![spec("a-2", Some("a"), &custom[0]), spec("b-2", Some("b"), &custom[1])])
             .await;
-    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
     for (vm, other) in [("a-2", "b"), ("b-2", "a")] {
         let files = attached(&node.data.join("vms").join(vm).join("domain.xml"), &node.data);
         assert!(!files.iter().any(|f| holds(f, &needle(other))), "{vm} reaches {other}'s secret");

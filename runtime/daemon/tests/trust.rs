@@ -120,9 +120,9 @@ async fn an_image_reference_that_climbs_to_the_nodes_keys_is_refused_and_nothing
             .unwrap()
             .to_string();
         let done = c.wait(&id, |_| {}).await.unwrap();
-        assert_eq!(done["state"], "failed", "{done}");
-        assert_eq!(done["error"]["code"], "plugin-invalid-input", "{done}");
-        refused.push(done["error"]["message"].as_str().unwrap().to_string());
+        assert_eq!(done.state.as_str(), "failed", "{done:?}");
+        assert_eq!(done.error_code().unwrap_or_default(), "plugin-invalid-input", "{done:?}");
+        refused.push(done.error_message().unwrap_or_default().to_string());
     }
     assert!(refused[0].contains("\"..\" is not accepted in a path"), "{refused:?}");
     assert!(refused[2].contains("percent-encoded"), "{refused:?}");
@@ -135,8 +135,8 @@ async fn an_image_reference_that_climbs_to_the_nodes_keys_is_refused_and_nothing
     let id =
         c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
     let done = c.wait(&id, |_| {}).await.unwrap();
-    assert_eq!(done["state"], "failed", "{done}");
-    assert!(done["error"]["message"].as_str().unwrap().contains("symbolic link"), "{done}");
+    assert_eq!(done.state.as_str(), "failed", "{done:?}");
+    assert!(done.error_message().unwrap_or_default().contains("symbolic link"), "{done:?}");
 
     // The allowed image still provisions; then nothing in the data
     // directory holds any of the keys.
@@ -145,7 +145,7 @@ async fn an_image_reference_that_climbs_to_the_nodes_keys_is_refused_and_nothing
                          "params": partitions_params()});
     let id =
         c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
-    assert_eq!(c.wait(&id, |_| {}).await.unwrap()["state"], "succeeded");
+    assert_eq!(c.wait(&id, |_| {}).await.unwrap().state.as_str(), "succeeded");
     for file in files_under(&node.data).unwrap() {
         let bytes = std::fs::read(&file).unwrap();
         for key in &keys {
@@ -179,7 +179,7 @@ async fn each_certificate_does_only_what_its_role_allows_and_refusals_are_audite
         .as_str()
         .unwrap()
         .to_string();
-    assert_eq!(admin.wait(&op, |_| {}).await.unwrap()["state"], "succeeded");
+    assert_eq!(admin.wait(&op, |_| {}).await.unwrap().state.as_str(), "succeeded");
 
     // No role: only /healthz.
     for c in [&unmapped, &org_named_like_a_user] {
@@ -362,7 +362,7 @@ async fn trust_is_checked_at_every_run_and_older_versions_run_only_when_asked() 
     };
     let params = json!({"name": "trust", "items": ["a"]});
     assert_eq!(
-        run(json!({"plugin": "hello", "params": params})).await.unwrap()["state"],
+        run(json!({"plugin": "hello", "params": params})).await.unwrap().state.as_str(),
         "succeeded"
     );
 
@@ -376,10 +376,7 @@ async fn trust_is_checked_at_every_run_and_older_versions_run_only_when_asked() 
                          "params": params}))
     .await
     .unwrap();
-    assert_eq!(
-        (done["state"].as_str(), done["version"].as_str()),
-        (Some("succeeded"), Some("1.0.0"))
-    );
+    assert_eq!((done.state.as_str(), done.version.as_str()), ("succeeded", "1.0.0"));
     let rows = audit(&c, "outcome=inactive-version").await;
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["actor"], "manager-1");
@@ -387,10 +384,7 @@ async fn trust_is_checked_at_every_run_and_older_versions_run_only_when_asked() 
     // A bundle that expires: it runs while valid, not after.
     let deployed = std::time::Instant::now();
     c.deploy(node.bundle_valid_for(&hello("1.2.0"), &HELLO.wasm(), 5)).await.unwrap();
-    assert_eq!(
-        run(json!({"plugin": "hello", "params": params})).await.unwrap()["version"],
-        "1.2.0"
-    );
+    assert_eq!(run(json!({"plugin": "hello", "params": params})).await.unwrap().version, "1.2.0");
     tokio::time::sleep(Duration::from_millis(6_000).saturating_sub(deployed.elapsed())).await;
     let (status, code, message) =
         run(json!({"plugin": "hello", "params": params})).await.unwrap_err();
@@ -508,7 +502,7 @@ async fn the_data_directory_is_the_nodes_own_and_provd_refuses_a_looser_one() {
                          "params": partitions_params()});
     let op =
         c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
-    assert_eq!(c.wait(&op, |_| {}).await.unwrap()["state"], "succeeded");
+    assert_eq!(c.wait(&op, |_| {}).await.unwrap().state.as_str(), "succeeded");
     let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode(&node.data), 0o700);
     let mut checked = 0;
@@ -602,7 +596,7 @@ async fn vms_join_only_the_networks_and_boot_only_the_files_the_node_lists() {
     tenant["nics"] = json!([{"bridge": "br-tenant-7", "dhcp4": true}]);
     tenant["boot"] = json!({"kernel": "vmlinuz", "cmdline": "console=ttyS0 quiet"});
     let id = provision(tenant).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
-    assert_eq!(c.wait(&id, |_| {}).await.unwrap()["state"], "succeeded");
+    assert_eq!(c.wait(&id, |_| {}).await.unwrap().state.as_str(), "succeeded");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -632,9 +626,9 @@ async fn a_plugin_cannot_rewrite_the_managers_spec_or_build_for_vms_outside_its_
     params["specs"] = json!({"web-1": rewritten.to_string()});
     let done =
         run(json!({"plugin": "imager", "vms": [spec("web-1", &image)], "params": params})).await;
-    assert_eq!(done["state"], "failed", "{done}");
-    assert_eq!(done["error"]["code"], "plugin-denied", "{done}");
-    let message = done["error"]["message"].as_str().unwrap();
+    assert_eq!(done.state.as_str(), "failed", "{done:?}");
+    assert_eq!(done.error_code().unwrap_or_default(), "plugin-denied", "{done:?}");
+    let message = done.error_message().unwrap_or_default();
     assert!(
         message.contains("differs from the one its operation was given in cloud-init, nics"),
         "{message}"
@@ -643,13 +637,12 @@ async fn a_plugin_cannot_rewrite_the_managers_spec_or_build_for_vms_outside_its_
     let mut params = partitions_params();
     params["vms"] = json!([["victim", image]]);
     let done = run(json!({"plugin": "imager", "params": params})).await;
-    assert_eq!(done["error"]["code"], "plugin-denied", "{done}");
+    assert_eq!(done.error_code().unwrap_or_default(), "plugin-denied", "{done:?}");
     assert!(
-        done["error"]["message"]
-            .as_str()
-            .unwrap()
+        done.error_message()
+            .unwrap_or_default()
             .contains("\"victim\" is not among the VMs this operation names"),
-        "{done}"
+        "{done:?}"
     );
     // Nothing of either is left.
     assert!(c.get("/v1/vms").await.unwrap().body["vms"].as_array().unwrap().is_empty());

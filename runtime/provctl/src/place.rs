@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use provd_client::{Client, ClientError, TlsFiles};
 use provd_placement::{Decision, File, Image, Node, Policy, Resources, Vm, place};
+use provd_wire as wire;
 use serde_json::{Value, json};
 
 /// Most layer entries read from one node: a bound on what a node can make
@@ -127,10 +128,6 @@ impl Placement {
     }
 }
 
-fn u64_at(v: &Value, pointer: &str) -> Result<u64, String> {
-    v.pointer(pointer).and_then(Value::as_u64).ok_or_else(|| format!("no number at {pointer}"))
-}
-
 fn digest_of(hex: &str) -> Option<[u8; 32]> {
     if hex.len() != 64 {
         return None;
@@ -145,11 +142,11 @@ fn digest_of(hex: &str) -> Option<[u8; 32]> {
 /// What one node holds and has free, read page by page.
 async fn survey(c: &Client) -> Result<Node, String> {
     let err = |e: ClientError| e.to_string();
-    let cap = c.get("/v1/capacity").await.map_err(err)?.body;
+    let cap: wire::Capacity = c.get("/v1/capacity").await.and_then(|a| a.decode()).map_err(err)?;
     let free = Resources {
-        vcpus: u64_at(&cap, "/vcpus/free")?,
-        memory_mib: u64_at(&cap, "/memory-mib/free")?,
-        disk_bytes: u64_at(&cap, "/disk-bytes/free")?,
+        vcpus: cap.vcpus.free,
+        memory_mib: cap.memory_mib.free,
+        disk_bytes: cap.disk_bytes.free,
     };
     // (partition, layer, trust domain)
     let mut layers: Vec<(String, String, String)> = Vec::new();
@@ -159,29 +156,25 @@ async fn survey(c: &Client) -> Result<Node, String> {
             Some(a) => format!("/v1/layers?limit=500&after={}", provd_client::encode(a)),
             None => "/v1/layers?limit=500".to_string(),
         };
-        let page = c.get(&path).await.map_err(err)?.body;
-        let listed = page.get("layers").and_then(Value::as_array).map_or(0, Vec::len);
+        let page: wire::LayerPage = c.get(&path).await.and_then(|a| a.decode()).map_err(err)?;
+        let listed = page.layers.len();
         if listed > 500 {
             return Err(format!("a page of {listed} layers, past the 500 asked for"));
         }
-        for l in page.get("layers").and_then(Value::as_array).into_iter().flatten() {
-            let p = l.get("partition").and_then(Value::as_str).unwrap_or_default();
-            let n = l.get("layer").and_then(Value::as_str).unwrap_or_default();
-            // A node that names no domain predates them: its layers are
-            // the default tenant's.
-            let d = l.get("domain").and_then(Value::as_str).unwrap_or("tenant:default");
-            if !provd_domain::trust::valid_domain(d) {
+        for l in page.layers {
+            let (p, n, d) = (l.partition, l.layer, l.domain);
+            if !provd_domain::trust::valid_domain(&d) {
                 return Err(format!(
                     "layer {p}/{n}: domain {d:?} is neither public nor tenant:<name>"
                 ));
             }
-            layers.push((p.to_string(), n.to_string(), d.to_string()));
+            layers.push((p, n, d));
         }
         if layers.len() > MAX_LAYERS_PER_NODE {
             return Err(format!("more than {MAX_LAYERS_PER_NODE} layers"));
         }
-        match page.get("next").and_then(Value::as_str) {
-            Some(next) if after.as_deref() != Some(next) => after = Some(next.to_string()),
+        match page.next {
+            Some(next) if after.as_deref() != Some(next.as_str()) => after = Some(next),
             _ => break,
         }
     }
@@ -195,9 +188,8 @@ async fn survey(c: &Client) -> Result<Node, String> {
                 provd_client::encode(partition),
                 provd_client::encode(layer)
             );
-            let page = c.get(&path).await.map_err(err)?.body;
-            let entries =
-                page.get("entries").and_then(Value::as_array).cloned().unwrap_or_default();
+            let page: wire::EntryPage = c.get(&path).await.and_then(|a| a.decode()).map_err(err)?;
+            let entries = page.entries;
             if entries.len() > 5000 {
                 return Err(format!(
                     "a page of {} entries, past the 5000 asked for",
@@ -208,12 +200,10 @@ async fn survey(c: &Client) -> Result<Node, String> {
             if read > MAX_ENTRIES_PER_NODE {
                 return Err(format!("more than {MAX_ENTRIES_PER_NODE} layer entries"));
             }
-            for e in &entries {
-                let path = e.get("path").and_then(Value::as_str);
-                let digest = e.get("blake3").and_then(Value::as_str).and_then(digest_of);
-                match (path, digest) {
-                    (Some(p), Some(d)) if p.len() <= MAX_PATH_BYTES => {
-                        held.entry(domain.clone()).or_default().insert((p.to_string(), d));
+            for e in entries {
+                match digest_of(&e.blake3) {
+                    Some(d) if e.path.len() <= MAX_PATH_BYTES => {
+                        held.entry(domain.clone()).or_default().insert((e.path, d));
                     }
                     _ => {
                         return Err(
@@ -223,7 +213,7 @@ async fn survey(c: &Client) -> Result<Node, String> {
                     }
                 }
             }
-            match page.get("next").and_then(Value::as_u64) {
+            match page.next {
                 Some(next) if next > offset => offset = next,
                 _ => break,
             }

@@ -124,7 +124,7 @@ async fn the_manager_places_each_vm_where_it_shares_most_and_provisions_it_there
                            spec(dir.path(), "web-1", &images.join("web"), 1)).unwrap()).unwrap()]});
     let id =
         b.provision(&first).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
-    assert_eq!(b.wait(&id, |_| {}).await.unwrap()["state"], "succeeded");
+    assert_eq!(b.wait(&id, |_| {}).await.unwrap().state.as_str(), "succeeded");
 
     let capacity = b.get("/v1/capacity").await.unwrap().body;
     assert_eq!(capacity["vcpus"], json!({"total": 16, "reserved": 1, "free": 15}), "{capacity}");

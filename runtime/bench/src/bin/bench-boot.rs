@@ -135,8 +135,8 @@ async fn main() -> Result<()> {
         .context("no operation id")?
         .to_string();
     let done = c.wait(&id, |_| {}).await?;
-    if done.get("state").and_then(serde_json::Value::as_str) != Some("succeeded") {
-        bail!("provisioning failed: {done:#}");
+    if done.state != provd_wire::OperationState::Succeeded {
+        bail!("provisioning failed: {done:#?}");
     }
 
     let accel = provd_vm::qemu::Accel::detect();

@@ -128,7 +128,7 @@ async fn main() -> Result<()> {
                                 .and_then(|v| v.as_str())
                                 .unwrap_or_default()
                                 .to_string();
-                            matches!(c.wait(&id, |_| {}).await, Ok(op) if op.get("state").and_then(|s| s.as_str()) == Some("succeeded"))
+                            matches!(c.wait(&id, |_| {}).await, Ok(op) if op.state == provd_wire::OperationState::Succeeded)
                         }
                         Err(_) => false,
                     };

@@ -140,7 +140,7 @@ async fn provision_specs(c: &Client, pid: u32, vms: Vec<Value>) -> Result<Provis
     let mut marks: Vec<(String, Instant)> = Vec::new();
     let done = c
         .wait(&id, |op| {
-            if let Some(p) = op.get("phase").and_then(Value::as_str)
+            if let Some(p) = op.phase.as_deref()
                 && marks.last().map(|(m, _)| m.as_str()) != Some(p)
             {
                 marks.push((p.to_string(), Instant::now()));
@@ -150,15 +150,15 @@ async fn provision_specs(c: &Client, pid: u32, vms: Vec<Value>) -> Result<Provis
     let end = Instant::now();
     stop.store(true, Ordering::Relaxed);
     let peak = sampler.join().unwrap_or(0);
-    if done.get("state").and_then(Value::as_str) != Some("succeeded") {
-        bail!("provisioning {n} VMs: {done:#}");
+    if done.state != provd_wire::OperationState::Succeeded {
+        bail!("provisioning {n} VMs: {done:#?}");
     }
     let mut phases = BTreeMap::new();
     for (i, (phase, at)) in marks.iter().enumerate() {
         let next = marks.get(i + 1).map(|(_, t)| *t).unwrap_or(end);
         *phases.entry(phase.clone()).or_insert(0.0) += (next - *at).as_secs_f64();
     }
-    let report = done.get("report").cloned().unwrap_or_default();
+    let report = done.report.clone().unwrap_or_default();
     Ok((phases, (end - started).as_secs_f64(), report, peak))
 }
 
