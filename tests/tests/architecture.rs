@@ -140,6 +140,53 @@ fn vms_and_partitions_stand_side_by_side() {
 }
 
 #[test]
+fn the_daemon_is_a_transport_over_the_node() {
+    // HTTP, TLS and metrics over provd-node: the node's workflows, its
+    // start-up and its queries live there, so the daemon reaches none of
+    // the crates that build, read or plan images and partitions.
+    let ws = workspace();
+    let direct: BTreeSet<String> = ws.deps[&ws.id("provd-daemon")]
+        .iter()
+        .map(|id| ws.packages[id].0.clone())
+        .filter(|n| n.starts_with("provd-"))
+        .collect();
+    for forbidden in [
+        "provd-images",
+        "provd-dedup",
+        "provd-formats",
+        "provd-scan",
+        "provd-placement",
+        "provd-tools",
+        "provd-testkit",
+        "provd-guest-build",
+    ] {
+        assert!(!direct.contains(forbidden), "provd-daemon depends on {forbidden}");
+    }
+    assert!(direct.contains("provd-node") && direct.contains("provd-wire"), "{direct:?}");
+}
+
+#[test]
+fn managers_read_the_api_through_its_types() {
+    // provctl and the client decode answers into provd-wire's types; a
+    // field read by JSON pointer would bypass them.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let mut offenders = Vec::new();
+    for dir in ["runtime/provctl/src", "runtime/client/src"] {
+        for file in rust_files(&root.join(dir)) {
+            let text = std::fs::read_to_string(&file).unwrap();
+            if text.contains(".pointer(") {
+                offenders.push(file.display().to_string());
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "JSON pointers into API answers: {offenders:?}");
+    // The wire crate depends on no other provd crate: both sides share it.
+    let ws = workspace();
+    let wire = ws.closure(&ws.id("provd-wire"));
+    assert!(!wire.iter().any(|id| ws.packages[id].0.starts_with("provd-")), "{wire:?}");
+}
+
+#[test]
 fn node_side_crates_do_not_depend_on_the_engine() {
     let ws = workspace();
     for krate in [
@@ -149,6 +196,8 @@ fn node_side_crates_do_not_depend_on_the_engine() {
         "provd-partitions",
         "provd-vm",
         "provd-bundle",
+        "provd-tools",
+        "provd-wire",
     ] {
         let closure: BTreeSet<String> =
             ws.closure(&ws.id(krate)).iter().map(|id| ws.packages[id].0.clone()).collect();

@@ -18,6 +18,7 @@
 
 mod open;
 pub mod operations;
+pub mod queries;
 pub mod repack;
 
 use std::collections::HashMap;

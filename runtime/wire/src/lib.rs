@@ -9,6 +9,35 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// An answer body of the API. The daemon answers only with types that
+/// implement it, so nothing else reaches the wire.
+pub trait Body: Serialize {}
+
+macro_rules! bodies {
+    ($($t:ty),* $(,)?) => { $(impl Body for $t {})* };
+}
+
+bodies!(
+    ErrorBody,
+    Health,
+    BundleAnswer,
+    BundleList,
+    Activated,
+    OperationAnswer,
+    OperationList,
+    CancelAnswer,
+    Progress,
+    VmList,
+    VmAnswer,
+    Deleted,
+    RepackAnswer,
+    ImageList,
+    Capacity,
+    LayerPage,
+    EntryPage,
+    AuditList,
+);
+
 /// Every error: `{"error": {"code": "<stable-code>", "message": "..."}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

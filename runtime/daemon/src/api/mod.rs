@@ -1,0 +1,292 @@
+//! The HTTP API, version 1. Every error is JSON:
+//! `{"error": {"code": "<stable-code>", "message": "<what was wrong>"}}`.
+//! `docs/api.md` is the reference.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use provd_node::{BundleRefused, Node, queries};
+use provd_store::{AcceptError, AuditQuery, NewAudit, OpState, OperationError, Store};
+use provd_wire as wire;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+mod bundles;
+mod operations;
+mod records;
+mod vms;
+
+use bundles::*;
+use operations::*;
+use records::*;
+use vms::*;
+
+pub use operations::parse_operation_body;
+
+use crate::access::Role;
+use crate::config::HttpLimits;
+use crate::metrics::Metrics;
+use provd_node::operations::{Operations, StartError, StartRequest};
+
+/// Who is calling: the manager certificate's common name, or `local` on the
+/// admin socket, and the role `[access]` gives it.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub name: String,
+    pub role: Option<Role>,
+}
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub node: Arc<Node>,
+    pub store: Arc<Store>,
+    pub ops: Arc<Operations>,
+    pub metrics: Arc<Metrics>,
+    pub limits: HttpLimits,
+    /// What the node offers VMs (`GET /v1/capacity`).
+    pub capacity: provd_domain::NodeCapacity,
+}
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into() }
+    }
+    fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+    fn internal(message: impl std::fmt::Display) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message.to_string())
+    }
+    fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not-found", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = wire::ErrorBody {
+            error: wire::ErrorDetail { code: self.code.to_string(), message: self.message },
+        };
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> ApiError {
+        match r {
+            JsonRejection::MissingJsonContentType(_) => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "send the body as application/json",
+            ),
+            JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", e.body_text())
+            }
+            other => ApiError::bad("invalid-json", other.body_text()),
+        }
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// An answer: only the API's own types (`provd_wire::Body`) reach the wire.
+fn ok(status: StatusCode, body: impl wire::Body) -> ApiResult {
+    Ok((status, axum::Json(body)).into_response())
+}
+
+fn blocking_error(e: tokio::task::JoinError) -> ApiError {
+    ApiError::internal(format!("a worker task failed: {e}"))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(blocking_error)
+}
+
+/// Runs a handler's effects on a task of their own: a client that
+/// disconnects mid-request drops only the wait for the answer, never an
+/// action half done or its audit row.
+async fn detached(f: impl std::future::Future<Output = ApiResult> + Send + 'static) -> ApiResult {
+    tokio::spawn(f).await.map_err(blocking_error)?
+}
+
+/// The router of API version 1.
+pub fn router(state: AppState) -> Router {
+    let json_limit = usize::try_from(state.limits.max_json_bytes).unwrap_or(usize::MAX);
+    let bundle_limit = usize::try_from(state.limits.max_bundle_bytes).unwrap_or(usize::MAX);
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/bundles", post(upload_bundle).layer(DefaultBodyLimit::max(bundle_limit)))
+        .route("/v1/bundles", get(list_bundles))
+        .route("/v1/plugins/{name}/activate", post(activate))
+        .route("/v1/plugins/{name}/rollback", post(rollback))
+        .route("/v1/operations", post(start_operation).get(list_operations))
+        .route("/v1/operations/{id}", get(get_operation))
+        .route("/v1/operations/{id}/events", get(operation_events))
+        .route("/v1/operations/{id}/cancel", post(cancel_operation))
+        .route("/v1/vms", get(list_vms))
+        .route("/v1/vms/{name}", get(get_vm))
+        .route("/v1/vms/{name}", delete(delete_vm))
+        .route("/v1/images", get(list_images))
+        .route("/v1/capacity", get(capacity))
+        .route("/v1/layers", get(list_layers))
+        .route("/v1/layers/{partition}/{layer}/entries", get(layer_entries))
+        .route("/v1/audit", get(audit))
+        .route("/v1/repack", post(repack))
+        .fallback(|| async {
+            ApiError::not_found("no such endpoint; the API is under /v1 (docs/api.md)")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "this endpoint does not take that method (docs/api.md)",
+            )
+        })
+        .layer(DefaultBodyLimit::max(json_limit))
+        .layer(axum::middleware::from_fn_with_state(state.limits, refuse_announced_excess))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
+        .with_state(state)
+}
+
+/// Refuses, before anything else reads the request, what the caller's role
+/// does not cover (`access.rs`), and audits the refusal with the actor.
+async fn authorize(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(needed) = crate::access::required(req.method(), req.uri().path()) else {
+        return next.run(req).await;
+    };
+    let (name, role) = match req.extensions().get::<Peer>() {
+        Some(p) => (p.name.clone(), p.role),
+        None => ("unnamed-client".to_string(), None),
+    };
+    if role.is_some_and(|r| r >= needed) {
+        return next.run(req).await;
+    }
+    let has = role.map_or("no role", Role::name);
+    // The path is cut: it is the caller's text, and the row's is bounded.
+    let path = req.uri().path();
+    let path = path.get(..path.floor_char_boundary(200)).unwrap_or_default();
+    let what = format!("{} {path}", req.method());
+    tracing::warn!(actor = %name, request = %what, needed = needed.name(), has, "access denied");
+    audit_one(
+        &s.store,
+        NewAudit {
+            actor: name.clone(),
+            kind: "access".into(),
+            outcome: "denied".into(),
+            args: Some(what.clone()),
+            detail: Some(format!("needs {}; {name:?} has {has}", needed.name())),
+            count: 1,
+            ..NewAudit::default()
+        },
+    )
+    .await;
+    // A certificate without a role can make these rows as fast as it can
+    // connect: they count toward the history's pruning as operations do.
+    s.ops.prune_now_and_then().await;
+    let mut response = ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!("{what} needs the {} role; the certificate {name:?} has {has}", needed.name()),
+    )
+    .into_response();
+    // The body, if any, is never read: the connection cannot carry another
+    // request, and the client must not reuse it.
+    response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    response
+}
+
+/// Refuses a body whose announced length is over the route's limit before
+/// reading any of it; bodies without a length are cut at the limit while
+/// they are read (`DefaultBodyLimit`).
+async fn refuse_announced_excess(
+    State(limits): State<HttpLimits>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limit = if req.uri().path() == "/v1/bundles" {
+        limits.max_bundle_bytes
+    } else {
+        limits.max_json_bytes
+    };
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = announced
+        && len > limit
+    {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            format!("the body is {len} bytes; this endpoint takes at most {limit}"),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+async fn healthz(State(s): State<AppState>) -> ApiResult {
+    let store = s.store.clone();
+    let db = blocking(move || store.stats()).await?;
+    match db {
+        Ok(_) => ok(
+            StatusCode::OK,
+            wire::Health {
+                status: "ok".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                running_operations: s.ops.running_count() as u64,
+            },
+        ),
+        Err(e) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unhealthy", e.to_string())),
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    // The layer figures are read when asked for: they change with every
+    // provisioning, deletion and repack.
+    let store = s.store.clone();
+    match tokio::task::spawn_blocking(move || store.layer_usage()).await {
+        Ok(Ok(usage)) => s.metrics.set_layer_usage(&usage),
+        failed => tracing::warn!(?failed, "reading the layer figures for metrics"),
+    }
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// Appends one row to the audit trail on a blocking thread; a failure is
+/// logged, and the request it records goes on.
+async fn audit_one(store: &Arc<Store>, row: NewAudit) {
+    let store = store.clone();
+    let done = tokio::task::spawn_blocking(move || store.append_audit(&[row])).await;
+    if !matches!(done, Ok(Ok(()))) {
+        tracing::error!(?done, "writing the audit trail failed");
+    }
+}
