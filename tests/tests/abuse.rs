@@ -332,7 +332,7 @@ async fn every_host_call_with_hostile_arguments_ends_as_the_reviewed_table_says(
             provd_vm::delete(&store, &vm.name).unwrap();
         }
         let mut left = store.partitions().unwrap();
-        left.sort_by_key(|p| p.role != "private");
+        left.sort_by_key(|p| p.role != provd_store::PartitionRole::Private);
         for p in left {
             store.remove_partition(&p.id).unwrap();
         }

@@ -328,7 +328,7 @@ async fn writes_failing_at_any_point_of_a_flow_lose_nothing_reported_done_and_le
         // The repaired node serves: the whole flow again, on a node
         // emptied of what the first flow built.
         let mut left = store.partitions().unwrap();
-        left.sort_by_key(|p| p.role != "private");
+        left.sort_by_key(|p| p.role != provd_store::PartitionRole::Private);
         for p in left {
             store.remove_partition(&p.id).unwrap();
         }

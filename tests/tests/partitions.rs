@@ -190,7 +190,7 @@ async fn every_format_gives_back_every_image_exactly() {
     for (shared, private) in formats {
         let layout = b.build(shared, private).unwrap();
         let s = layout.shared.as_ref().unwrap();
-        assert_eq!(s.format, shared.as_str());
+        assert_eq!(s.format, shared.stored());
         // Its users are the VMs whose stacks name its layers.
         let users = b.store().partition(&s.id).unwrap().unwrap().vms;
         assert_eq!(users, vec!["db", "dev", "web"]);
@@ -305,7 +305,13 @@ async fn identical_files_are_stored_once_in_the_shared_partition() {
 async fn a_changed_partition_fails_verification_naming_the_entry() {
     let b = prepared_with(false).await;
     b.build(SharedFormat::Dir, PrivateFormat::Ext4).unwrap();
-    let shared = b.store().partitions().unwrap().into_iter().find(|p| p.role == "shared").unwrap();
+    let shared = b
+        .store()
+        .partitions()
+        .unwrap()
+        .into_iter()
+        .find(|p| p.role == provd_store::PartitionRole::Shared)
+        .unwrap();
     let layers = b.store().partition_path(&shared.id).unwrap().join("tree/layers");
     let layer0 = layers.join(&b.plan.stacks["web"][0]);
     let target = walkdir_first_file(&layer0);
@@ -325,7 +331,7 @@ async fn a_changed_partition_fails_verification_naming_the_entry() {
         .partitions_of_vm("db")
         .unwrap()
         .into_iter()
-        .find(|p| p.role == "private")
+        .find(|p| p.role == provd_store::PartitionRole::Private)
         .unwrap();
     let image = b.store().partition_path(&private.id).unwrap().join(&private.file);
     let out = std::process::Command::new("debugfs")
@@ -578,7 +584,7 @@ async fn a_shared_partition_is_removed_with_its_last_vm() {
     let shared = layout.shared.unwrap();
     let removed = b.store().release_vm("web").unwrap();
     assert_eq!(removed.len(), 1, "only web's private partition goes");
-    assert_eq!(removed[0].role, "private");
+    assert_eq!(removed[0].role, provd_store::PartitionRole::Private);
     b.store().release_vm("db").unwrap();
     assert!(b.store().partition(&shared.id).unwrap().is_some());
     assert!(verify_vm(b.store(), "dev", &opts()).unwrap().is_exact());
@@ -920,8 +926,13 @@ async fn a_repack_packs_the_layers_in_use_into_one_partition_and_every_vm_sees_t
             assert_eq!(plan.stored_bytes, 0, "vm-{i}: {:?}", plan.shares);
         }
     }
-    let shared_before: Vec<PartitionRecord> =
-        b.store().partitions().unwrap().into_iter().filter(|p| p.role == "shared").collect();
+    let shared_before: Vec<PartitionRecord> = b
+        .store()
+        .partitions()
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.role == provd_store::PartitionRole::Shared)
+        .collect();
     assert_eq!(shared_before.len(), 3, "web's, db's own and dev's own layers");
     // Half the VMs go: web's first layer is still used, partly.
     for vm in ["vm-0", "vm-2", "vm-4"] {
@@ -933,15 +944,20 @@ async fn a_repack_packs_the_layers_in_use_into_one_partition_and_every_vm_sees_t
         .partitions()
         .unwrap()
         .iter()
-        .filter(|p| p.role == "shared")
+        .filter(|p| p.role == provd_store::PartitionRole::Shared)
         .map(|p| p.bytes)
         .sum();
 
     let done = provd_node::repack::repack(b.store(), None, SharedFormat::Erofs, &opts()).unwrap();
     assert_eq!(done.moved, ["vm-1", "vm-3", "vm-5"], "{done:#?}");
     assert!(done.failed.is_empty() && done.skipped.is_empty(), "{done:#?}");
-    let shared_after: Vec<PartitionRecord> =
-        b.store().partitions().unwrap().into_iter().filter(|p| p.role == "shared").collect();
+    let shared_after: Vec<PartitionRecord> = b
+        .store()
+        .partitions()
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.role == provd_store::PartitionRole::Shared)
+        .collect();
     assert_eq!(shared_after.len(), 1, "every old shared partition freed");
     assert_eq!(Some(&shared_after[0]), done.partition.as_ref());
     assert_eq!(done.shared_bytes_before, before);
@@ -961,7 +977,7 @@ async fn a_repack_packs_the_layers_in_use_into_one_partition_and_every_vm_sees_t
         .partitions_of_vm("vm-1")
         .unwrap()
         .into_iter()
-        .find(|p| p.role == "private")
+        .find(|p| p.role == provd_store::PartitionRole::Private)
         .unwrap();
     if let Some(seen) = assemble(&b, &private, &[partition_file(b.store(), &shared_after[0])]).await
     {
@@ -996,7 +1012,7 @@ async fn a_repack_interrupted_at_any_step_is_settled_at_the_next_start() {
             .partitions()
             .unwrap()
             .into_iter()
-            .filter(|p| p.role == "shared")
+            .filter(|p| p.role == provd_store::PartitionRole::Shared)
             .map(|p| p.id)
             .collect();
         ids.sort();

@@ -605,7 +605,7 @@ async fn a_plugin_configures_only_the_operations_vms_with_the_managers_spec() {
         .partitions()
         .unwrap()
         .into_iter()
-        .filter(|p| p.role == "private")
+        .filter(|p| p.role == provd_store::PartitionRole::Private)
         .map(|p| p.vms)
         .collect();
     assert_eq!(privates, vec![vec!["a".to_string()]]);

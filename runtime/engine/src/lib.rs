@@ -428,7 +428,7 @@ impl Engine {
             for id in partitions.iter().rev() {
                 let unused = match store.partition(id) {
                     Ok(Some(rec)) => {
-                        rec.role == "private" && !rec.vms.iter().any(|v| vms.contains(v))
+                        rec.role == provd_store::PartitionRole::Private && !rec.vms.iter().any(|v| vms.contains(v))
                     }
                     Ok(None) => false,
                     Err(e) => {

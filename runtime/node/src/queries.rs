@@ -147,8 +147,8 @@ impl Node {
                 .into_iter()
                 .map(|p| wire::VmPartition {
                     id: p.id,
-                    role: p.role,
-                    format: p.format,
+                    role: p.role.to_string(),
+                    format: p.format.to_string(),
                     bytes: p.bytes,
                 })
                 .collect(),
@@ -228,7 +228,7 @@ impl Node {
                 digest: l.digest.clone(),
                 files: l.files,
                 bytes: l.bytes,
-                format: l.format.clone(),
+                format: l.format.to_string(),
                 vms: l.vms.clone(),
                 domain: l.domain.clone(),
             })

@@ -53,7 +53,12 @@ pub struct Repacked {
 }
 
 fn shared_bytes(store: &Store) -> Result<u64, RepackError> {
-    Ok(store.partitions()?.iter().filter(|p| p.role == "shared").map(|p| p.bytes).sum())
+    Ok(store
+        .partitions()?
+        .iter()
+        .filter(|p| p.role == provd_store::PartitionRole::Shared)
+        .map(|p| p.bytes)
+        .sum())
 }
 
 /// Repacks the layers of the stopped VMs `vms` (every VM with a private

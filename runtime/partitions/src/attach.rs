@@ -4,7 +4,7 @@
 
 use provd_domain::attach::{Attachments, ImageFormat, RootDisk, SharedAttachment, SharedDevice};
 use provd_domain::trust::{may_see, tenant_domain};
-use provd_store::{PartitionRecord, Store};
+use provd_store::{PartitionFormat, PartitionRecord, PartitionRole, Store};
 
 use crate::{PartitionError, PrivateManifest, SharedFormat, shared_manifest};
 
@@ -16,7 +16,7 @@ pub fn attachments(
     vm: &str,
     tenant: &str,
 ) -> Result<Attachments, PartitionError> {
-    if private.role != "private" {
+    if private.role != PartitionRole::Private {
         return Err(PartitionError::NotFound(format!(
             "partition {} is not a private partition",
             private.id
@@ -49,7 +49,11 @@ pub fn attachments(
     let root = RootDisk {
         partition: private.id.clone(),
         path: path_of(store, &private.id)?.join(&private.file),
-        format: if private.format == "qcow2" { ImageFormat::Qcow2 } else { ImageFormat::Raw },
+        format: if private.format == PartitionFormat::Qcow2 {
+            ImageFormat::Qcow2
+        } else {
+            ImageFormat::Raw
+        },
         apparent_bytes: private.apparent_bytes,
     };
     let mut shared = Vec::with_capacity(manifest.shared.len());

@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use provd_domain::image::{EntryKind, Hash};
-use provd_store::{PartitionRecord, Store};
+use provd_store::{PartitionFormat, PartitionRecord, PartitionRole, Store};
 
 use crate::ext4::Ext4Image;
 use crate::tools::DEBUGFS;
@@ -121,11 +121,13 @@ pub fn add_file(
     let rec = store
         .partition(id)?
         .ok_or_else(|| PartitionError::NotFound(format!("no partition {id}")))?;
-    let mut manifest: PrivateManifest = match (rec.role.as_str(), rec.format.as_str()) {
-        ("private", "ext4") => serde_json::from_str(&rec.manifest).map_err(|e| {
-            PartitionError::Unreadable { partition: id.into(), reason: e.to_string() }
-        })?,
-        ("private", _) => {
+    let mut manifest: PrivateManifest = match (rec.role, rec.format) {
+        (PartitionRole::Private, PartitionFormat::Ext4) => serde_json::from_str(&rec.manifest)
+            .map_err(|e| PartitionError::Unreadable {
+                partition: id.into(),
+                reason: e.to_string(),
+            })?,
+        (PartitionRole::Private, _) => {
             return Err(invalid(
                 path,
                 format!("partition {id} is {}; files can be added to raw ext4 only", rec.format),

@@ -2,7 +2,7 @@
 //! formats: what the store records and what a private partition carries.
 
 use provd_domain::image::Entry;
-use provd_store::PartitionRecord;
+use provd_store::{PartitionFormat, PartitionRecord};
 
 use crate::plan::identity;
 use crate::{AddedFile, PartitionError};
@@ -33,6 +33,17 @@ impl SharedFormat {
             SharedFormat::ErofsLz4hc => "erofs-lz4hc",
             SharedFormat::Ext4 => "ext4",
             SharedFormat::Dir => "dir",
+        }
+    }
+
+    /// The format the store records.
+    pub fn stored(self) -> PartitionFormat {
+        match self {
+            SharedFormat::Erofs => PartitionFormat::Erofs,
+            SharedFormat::ErofsLz4 => PartitionFormat::ErofsLz4,
+            SharedFormat::ErofsLz4hc => PartitionFormat::ErofsLz4hc,
+            SharedFormat::Ext4 => PartitionFormat::Ext4,
+            SharedFormat::Dir => PartitionFormat::Dir,
         }
     }
 
@@ -90,6 +101,14 @@ impl PrivateFormat {
         match self {
             PrivateFormat::Ext4 => "ext4",
             PrivateFormat::Qcow2 => "qcow2",
+        }
+    }
+
+    /// The format the store records.
+    pub fn stored(self) -> PartitionFormat {
+        match self {
+            PrivateFormat::Ext4 => PartitionFormat::Ext4,
+            PrivateFormat::Qcow2 => PartitionFormat::Qcow2,
         }
     }
 

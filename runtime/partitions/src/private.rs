@@ -3,7 +3,7 @@
 
 use provd_dedup::Plan;
 use provd_domain::image::{Entry, EntryKind};
-use provd_store::{NewPartition, PartitionRecord, Store};
+use provd_store::{NewPartition, PartitionRecord, PartitionRole, Store};
 
 use crate::space::{check_room, private_bytes, private_inodes};
 use crate::stack::resolve_stack;
@@ -133,7 +133,9 @@ pub fn build_private(
     if format == PrivateFormat::Qcow2 {
         tools.find(QEMU_IMG)?;
     }
-    if let Some(existing) = store.partitions_of_vm(vm)?.into_iter().find(|p| p.role == "private") {
+    if let Some(existing) =
+        store.partitions_of_vm(vm)?.into_iter().find(|p| p.role == PartitionRole::Private)
+    {
         // One private partition per VM: which one the VM boots and which
         // one is verified must never be in doubt.
         return Err(PartitionError::InvalidPlan(format!(
@@ -250,8 +252,8 @@ pub fn build_private(
     tracing::debug!(vm, elapsed = ?started.elapsed(), "private image built");
     build.publish(&NewPartition {
         id,
-        role: "private".into(),
-        format: format.as_str().into(),
+        role: PartitionRole::Private,
+        format: format.stored(),
         file: file.into(),
         bytes,
         apparent_bytes: size.max(apparent),

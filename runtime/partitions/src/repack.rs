@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use provd_dedup::{Plan, PlannedLayer, Policy, overlay_view, vm_layout};
 use provd_domain::image::Entry;
-use provd_store::{PartitionRecord, StackedLayer, Store};
+use provd_store::{PartitionFormat, PartitionRecord, PartitionRole, StackedLayer, Store};
 
 use crate::customize::{read_ext4, sparse_copy};
 use crate::tools::DEBUGFS;
@@ -66,7 +66,7 @@ fn without_mtime(entries: Vec<Entry>) -> Vec<Entry> {
 pub fn plan_repack(store: &Store, only: Option<&[String]>) -> Result<RepackPlan, PartitionError> {
     let mut skipped = Vec::new();
     let privates: Vec<PartitionRecord> =
-        store.partitions()?.into_iter().filter(|p| p.role == "private").collect();
+        store.partitions()?.into_iter().filter(|p| p.role == PartitionRole::Private).collect();
     let mut chosen: Vec<(String, PartitionRecord)> = Vec::new();
     match only {
         Some(names) => {
@@ -115,7 +115,7 @@ pub fn plan_repack(store: &Store, only: Option<&[String]>) -> Result<RepackPlan,
             skipped.push(skip("an earlier move of it is not settled (it is at the next start)"));
             continue;
         }
-        if private.format != "ext4" {
+        if private.format != PartitionFormat::Ext4 {
             skipped.push(skip(
                 "its private partition is qcow2; only raw ext4 boot files are rewritten in place",
             ));
@@ -370,7 +370,7 @@ pub fn rewrite_boot_files(
     manifest: &PrivateManifest,
     opts: &BuildOptions,
 ) -> Result<u64, PartitionError> {
-    if private.format != "ext4" {
+    if private.format != PartitionFormat::Ext4 {
         return Err(PartitionError::InvalidPlan(format!(
             "partition {} is {}; boot files are rewritten in raw ext4 only",
             private.id, private.format

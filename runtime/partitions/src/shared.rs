@@ -3,7 +3,7 @@
 
 use provd_dedup::Plan;
 use provd_domain::image::{Entry, EntryKind};
-use provd_store::{NewLayer, NewPartition, PartitionRecord, Store};
+use provd_store::{NewLayer, NewPartition, PartitionRecord, PartitionRole, Store};
 
 use crate::space::{check_room, ext4_bytes};
 use crate::stage::Deferred;
@@ -261,8 +261,8 @@ pub(crate) fn finish_shared(
         .collect();
     build.publish(&NewPartition {
         id,
-        role: "shared".into(),
-        format: format.as_str().into(),
+        role: PartitionRole::Shared,
+        format: format.stored(),
         file: format.file_name().into(),
         bytes,
         apparent_bytes: apparent,

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use provd_domain::image::{Entry, EntryKind, Hash};
-use provd_store::{PartitionRecord, Store};
+use provd_store::{PartitionFormat, PartitionRecord, PartitionRole, Store};
 
 use crate::erofs::ErofsImage;
 use crate::ext4::Ext4Image;
@@ -116,9 +116,11 @@ impl Reader<'_> {
 
     fn open(&mut self, rec: &PartitionRecord) -> Result<Fs, PartitionError> {
         let path = self.store.partition_path(&rec.id)?.join(&rec.file);
-        match rec.format.as_str() {
-            "ext4" => Ok(Fs::Ext4(Ext4Image::open(&path).map_err(|e| unreadable(&rec.id, e))?)),
-            "qcow2" => {
+        match rec.format {
+            PartitionFormat::Ext4 => {
+                Ok(Fs::Ext4(Ext4Image::open(&path).map_err(|e| unreadable(&rec.id, e))?))
+            }
+            PartitionFormat::Qcow2 => {
                 let raw = self.temp()?.join("raw.ext4");
                 self.tools.run(
                     QEMU_IMG,
@@ -134,11 +136,10 @@ impl Reader<'_> {
                 )?;
                 Ok(Fs::Ext4(Ext4Image::open(&raw).map_err(|e| unreadable(&rec.id, e))?))
             }
-            "erofs" | "erofs-lz4" | "erofs-lz4hc" => {
+            PartitionFormat::Erofs | PartitionFormat::ErofsLz4 | PartitionFormat::ErofsLz4hc => {
                 Ok(Fs::Erofs(ErofsImage::open(&path).map_err(|e| unreadable(&rec.id, e))?))
             }
-            "dir" => Ok(Fs::Dir(path)),
-            other => Err(unreadable(&rec.id, format!("unknown format {other:?}"))),
+            PartitionFormat::Dir => Ok(Fs::Dir(path)),
         }
     }
 
@@ -324,7 +325,7 @@ pub fn verify_vm(
     let mine = store.partitions_of_vm(vm)?;
     let private = mine
         .iter()
-        .find(|p| p.role == "private")
+        .find(|p| p.role == PartitionRole::Private)
         .ok_or_else(|| PartitionError::NotFound(format!("VM {vm:?} has no private partition")))?;
     let manifest: PrivateManifest = serde_json::from_str(&private.manifest)
         .map_err(|e| unreadable(&private.id, format!("its manifest: {e}")))?;

@@ -213,7 +213,7 @@ pub fn verify(args: VerifyArgs, data_dir: &Path) -> Result<ExitCode> {
         let mut all: Vec<String> = store
             .partitions()?
             .into_iter()
-            .filter(|p| p.role == "private")
+            .filter(|p| p.role == provd_store::PartitionRole::Private)
             .flat_map(|p| p.vms)
             .collect();
         all.sort();

@@ -47,8 +47,8 @@ pub use operations::{
     Started,
 };
 pub use partitions::{
-    LayerRecord, LayerUsage, NewLayer, NewPartition, PartitionRecord, StackedLayer, new_id,
-    new_partition_id, valid_partition_id,
+    LayerRecord, LayerUsage, NewLayer, NewPartition, PartitionFormat, PartitionRecord,
+    PartitionRole, StackedLayer, new_id, new_partition_id, valid_partition_id,
 };
 pub use vms::{NewVm, ReserveError, Resources, VmRecord};
 

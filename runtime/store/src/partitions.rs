@@ -16,15 +16,88 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::db::{ENTRY_COLUMNS, entry_row, insert_entry, now, to_i64};
 use crate::{Store, StoreError};
 
+/// What a partition is to its VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PartitionRole {
+    /// Layers several VMs stack, read-only.
+    Shared,
+    /// One VM's own files and its root disk.
+    Private,
+}
+
+/// How a partition's image is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PartitionFormat {
+    Erofs,
+    ErofsLz4,
+    ErofsLz4hc,
+    Ext4,
+    /// A directory, exported over virtio-fs.
+    Dir,
+    /// ext4 in a qcow2 container.
+    Qcow2,
+}
+
+/// Text columns holding one of a fixed set of names.
+macro_rules! named {
+    ($t:ty, $($v:ident => $n:literal),* $(,)?) => {
+        impl $t {
+            pub fn as_str(self) -> &'static str {
+                match self { $(<$t>::$v => $n),* }
+            }
+
+            pub fn parse(name: &str) -> Option<$t> {
+                match name { $($n => Some(<$t>::$v),)* _ => None }
+            }
+        }
+
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl rusqlite::types::ToSql for $t {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+
+        impl rusqlite::types::FromSql for $t {
+            fn column_result(
+                value: rusqlite::types::ValueRef<'_>,
+            ) -> rusqlite::types::FromSqlResult<$t> {
+                let text = value.as_str()?;
+                <$t>::parse(text).ok_or_else(|| {
+                    rusqlite::types::FromSqlError::Other(
+                        format!("{text:?} is not a {}", stringify!($t)).into(),
+                    )
+                })
+            }
+        }
+    };
+}
+
+named!(PartitionRole, Shared => "shared", Private => "private");
+named!(
+    PartitionFormat,
+    Erofs => "erofs",
+    ErofsLz4 => "erofs-lz4",
+    ErofsLz4hc => "erofs-lz4hc",
+    Ext4 => "ext4",
+    Dir => "dir",
+    Qcow2 => "qcow2",
+);
+
 /// A published partition.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct PartitionRecord {
     /// `p-` and 16 hex digits.
     pub id: String,
-    /// `shared` or `private`.
-    pub role: String,
-    /// `erofs`, `erofs-lz4`, `erofs-lz4hc`, `ext4`, `dir` or `qcow2`.
-    pub format: String,
+    pub role: PartitionRole,
+    pub format: PartitionFormat,
     /// The image file (or directory) inside the partition's directory.
     pub file: String,
     /// Bytes allocated on the node's disk.
@@ -103,7 +176,7 @@ pub struct LayerRecord {
     /// are not offered to new VMs).
     pub recorded: bool,
     /// The shared partition's format.
-    pub format: String,
+    pub format: PartitionFormat,
     /// VMs whose stacks name it, sorted.
     pub vms: Vec<String>,
     /// Its shared partition's trust domain.
@@ -114,8 +187,8 @@ pub struct LayerRecord {
 #[derive(Debug, Clone)]
 pub struct NewPartition {
     pub id: String,
-    pub role: String,
-    pub format: String,
+    pub role: PartitionRole,
+    pub format: PartitionFormat,
     pub file: String,
     pub bytes: u64,
     pub apparent_bytes: u64,

@@ -16,8 +16,8 @@ const MAX_PARTITIONS: usize = 256;
 fn wit_partition(p: &PartitionRecord) -> Partition {
     Partition {
         id: p.id.clone(),
-        role: p.role.clone(),
-        format: p.format.clone(),
+        role: p.role.as_str().into(),
+        format: p.format.as_str().into(),
         bytes: p.bytes,
         apparent_bytes: p.apparent_bytes,
         vms: p.vms.clone(),

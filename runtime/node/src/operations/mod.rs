@@ -810,7 +810,9 @@ pub fn roll_back(store: &Store, id: &str) -> (usize, usize) {
         Ok(mut recs) => {
             // Private partitions first: a shared partition cannot go while
             // a stack names one of its layers.
-            recs.sort_by_key(|r| (r.role == "shared", std::cmp::Reverse(r.created_at)));
+            recs.sort_by_key(|r| {
+                (r.role == provd_store::PartitionRole::Shared, std::cmp::Reverse(r.created_at))
+            });
             for rec in recs {
                 match store.remove_partition(&rec.id) {
                     Ok(_) => {}
