@@ -66,7 +66,7 @@ pub struct Selected {
 }
 
 /// A bundle the node holds.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {
     pub name: String,
     pub version: String,

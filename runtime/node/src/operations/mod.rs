@@ -24,7 +24,6 @@ use provd_engine::{
 use provd_store::{
     NewAudit, NewOperation, OpState, OperationError, OperationRecord, Started, Store,
 };
-use serde::Serialize;
 use tokio::sync::{Semaphore, watch};
 
 use crate::{BundleRefused, Node, Selected};
@@ -33,7 +32,7 @@ mod observer;
 use observer::OpObserver;
 
 /// Where a running operation stands, as watchers see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     /// Increases with every change.
     pub seq: u64,
