@@ -151,6 +151,7 @@ fn the_daemon_is_a_transport_over_the_node() {
         .filter(|n| n.starts_with("provd-"))
         .collect();
     for forbidden in [
+        "provd-partitions",
         "provd-images",
         "provd-dedup",
         "provd-formats",

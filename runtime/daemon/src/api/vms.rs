@@ -78,9 +78,10 @@ pub(super) async fn repack(
 }
 
 pub(super) async fn repack_now(s: AppState, peer: Peer, req: wire::RepackRequest) -> ApiResult {
-    let format =
-        provd_partitions::SharedFormat::parse(req.shared_format.as_deref().unwrap_or("erofs"))
-            .map_err(|e| ApiError::bad("invalid-request", format!("shared-format: {e}")))?;
+    // Only a format's own name parses, so it is recorded as sent.
+    let format = req.shared_format.as_deref().unwrap_or("erofs").to_string();
+    let builtin = provd_node::operations::Builtin::repack(&format)
+        .map_err(|e| ApiError::bad("invalid-request", format!("shared-format: {e}")))?;
     let names = match req.vms {
         Some(_) if req.all => {
             return Err(ApiError::bad("invalid-request", "give vms or all, not both"));
@@ -120,7 +121,7 @@ pub(super) async fn repack_now(s: AppState, peer: Peer, req: wire::RepackRequest
     let req = StartRequest {
         plugin: provd_node::operations::BUILTIN.into(),
         version: None,
-        input: json!({"repack": names, "shared-format": format.as_str()}).to_string(),
+        input: json!({"repack": names, "shared-format": format}).to_string(),
         request_digest: String::new(),
         idempotency_key: None,
         vms: names,
@@ -128,11 +129,7 @@ pub(super) async fn repack_now(s: AppState, peer: Peer, req: wire::RepackRequest
         allow_inactive: false,
         specs: std::collections::BTreeMap::new(),
     };
-    let rec = s
-        .ops
-        .run_builtin(req, provd_node::operations::Builtin::Repack { format })
-        .await
-        .map_err(builtin_error)?;
+    let rec = s.ops.run_builtin(req, builtin).await.map_err(builtin_error)?;
     let report: Option<Value> = rec.report.as_deref().and_then(|r| serde_json::from_str(r).ok());
     let status =
         if rec.state == OpState::Succeeded { StatusCode::OK } else { StatusCode::CONFLICT };

@@ -68,6 +68,16 @@ pub enum Builtin {
     Repack { format: provd_partitions::SharedFormat },
 }
 
+impl Builtin {
+    /// A repack into a new shared partition of format `name` (`erofs`,
+    /// `erofs-lz4`, `erofs-lz4hc`, `ext4` or `dir`).
+    pub fn repack(name: &str) -> Result<Builtin, String> {
+        provd_partitions::SharedFormat::parse(name)
+            .map(|format| Builtin::Repack { format })
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Host calls recorded one audit row each; every other call is folded into
 /// one row per (function, outcome) with a count, because plugins make
 /// them by the thousand (hashing, paging, logging, progress).
