@@ -124,13 +124,6 @@ pub fn parse_operation_body(
     start_request(body, header_key.map(str::to_string), actor.to_string())
 }
 
-pub(super) fn operation_json(
-    rec: &provd_store::OperationRecord,
-    live: Option<&provd_node::operations::Snapshot>,
-) -> wire::Operation {
-    queries::operation(rec, live)
-}
-
 pub(super) async fn start_operation(
     State(s): State<AppState>,
     axum::Extension(peer): axum::Extension<Peer>,
@@ -167,10 +160,10 @@ pub(super) async fn start_operation(
     match started {
         Ok((rec, true)) => ok(
             StatusCode::ACCEPTED,
-            wire::OperationAnswer { operation: operation_json(&rec, None) },
+            wire::OperationAnswer { operation: queries::operation(&rec, None) },
         ),
         Ok((rec, false)) => {
-            ok(StatusCode::OK, wire::OperationAnswer { operation: operation_json(&rec, None) })
+            ok(StatusCode::OK, wire::OperationAnswer { operation: queries::operation(&rec, None) })
         }
         Err(StartError::NoPlugin(p)) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -293,11 +286,11 @@ pub(super) async fn get_operation(
         let live = (!rec.state.finished()).then_some(live);
         return ok(
             StatusCode::OK,
-            wire::OperationAnswer { operation: operation_json(&rec, live.as_ref()) },
+            wire::OperationAnswer { operation: queries::operation(&rec, live.as_ref()) },
         );
     }
     let rec = load_operation(&s, &id).await?;
-    ok(StatusCode::OK, wire::OperationAnswer { operation: operation_json(&rec, None) })
+    ok(StatusCode::OK, wire::OperationAnswer { operation: queries::operation(&rec, None) })
 }
 
 pub(super) async fn operation_events(
@@ -338,8 +331,10 @@ pub(super) fn async_stream(
             Err(_) => rec,
         };
         Ok(Event::default().event("done").data(
-            serde_json::to_string(&wire::OperationAnswer { operation: operation_json(&rec, None) })
-                .unwrap_or_default(),
+            serde_json::to_string(&wire::OperationAnswer {
+                operation: queries::operation(&rec, None),
+            })
+            .unwrap_or_default(),
         ))
     });
     progress.chain(done)
@@ -379,6 +374,9 @@ pub(super) async fn cancel_now(s: AppState, peer: Peer, id: String) -> ApiResult
     .await;
     ok(
         StatusCode::ACCEPTED,
-        wire::CancelAnswer { operation: operation_json(&rec, None), cancel: "requested".into() },
+        wire::CancelAnswer {
+            operation: queries::operation(&rec, None),
+            cancel: "requested".into(),
+        },
     )
 }

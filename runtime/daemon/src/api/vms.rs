@@ -52,7 +52,7 @@ pub(super) async fn delete_vm_now(s: AppState, peer: Peer, name: String) -> ApiR
     if rec.state != OpState::Succeeded {
         return Err(ApiError::internal(rec.error.unwrap_or_default()));
     }
-    ok(StatusCode::OK, wire::Deleted { deleted: name, operation: operation_json(&rec, None) })
+    ok(StatusCode::OK, wire::Deleted { deleted: name, operation: queries::operation(&rec, None) })
 }
 
 /// The answer to a built-in operation that could not run: another holds
@@ -133,7 +133,7 @@ pub(super) async fn repack_now(s: AppState, peer: Peer, req: wire::RepackRequest
     let report: Option<Value> = rec.report.as_deref().and_then(|r| serde_json::from_str(r).ok());
     let status =
         if rec.state == OpState::Succeeded { StatusCode::OK } else { StatusCode::CONFLICT };
-    ok(status, wire::RepackAnswer { repack: report, operation: operation_json(&rec, None) })
+    ok(status, wire::RepackAnswer { repack: report, operation: queries::operation(&rec, None) })
 }
 
 /// VMs one repack moves at most (each is a partition rewrite).
