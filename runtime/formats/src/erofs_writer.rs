@@ -40,8 +40,8 @@ use crate::erofs_format::{
 };
 pub use crate::writer_input::{Content, Node};
 use crate::writer_input::{
-    FT_BLKDEV, FT_CHRDEV, FT_DIR, FT_FIFO, FT_REG_FILE, FT_SYMLINK, NodeError, S_IFBLK, S_IFCHR,
-    S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, check_node, file_name, put16, put32, put64,
+    Dirs, FT_BLKDEV, FT_CHRDEV, FT_DIR, FT_FIFO, FT_REG_FILE, FT_SYMLINK, NodeError, S_IFBLK,
+    S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, file_name, put16, put32, put64,
 };
 
 const BLKSZ_BITS: u8 = 12;
@@ -222,8 +222,7 @@ fn dir_ino(path: &str, perm: u32, uid: u32, gid: u32, mtime: i64, parent: usize)
 }
 
 struct TreeBuilder<'a> {
-    by_path: HashMap<&'a str, &'a Node>,
-    dirs: HashMap<&'a str, usize>,
+    dirs: Dirs<'a>,
     inodes: Vec<Ino<'a>>,
 }
 
@@ -246,55 +245,28 @@ impl<'a> TreeBuilder<'a> {
     /// The inode of directory `dir`, creating it and its missing ancestors;
     /// `for_path` is the node that needs it.
     fn dir(&mut self, dir: &'a str, for_path: &str) -> Result<usize, ErofsWriteError> {
-        if let Some(&i) = self.dirs.get(dir) {
-            return Ok(i);
-        }
-        let ends = dir.match_indices('/').map(|(i, _)| i).chain(std::iter::once(dir.len()));
-        let mut parent = 0;
-        for end in ends {
-            let prefix = dir.get(..end).ok_or_else(|| internal("path prefix out of range"))?;
-            if let Some(&i) = self.dirs.get(prefix) {
-                parent = i;
-                continue;
-            }
-            let ino = match self.by_path.get(prefix) {
-                Some(n) if n.kind == EntryKind::Dir => {
-                    dir_ino(&n.path, n.mode, n.uid, n.gid, n.mtime, parent)
-                }
-                Some(n) => {
-                    return Err(invalid(
-                        for_path,
-                        format!("its parent {prefix:?} is a {}, not a directory", n.kind.as_str()),
-                    ));
-                }
+        let TreeBuilder { dirs, inodes } = self;
+        dirs.ensure(dir, for_path, |prefix, node, parent| {
+            let ino = match node {
+                Some(n) => dir_ino(&n.path, n.mode, n.uid, n.gid, n.mtime, parent),
                 None => dir_ino(prefix, 0o755, 0, 0, 0, parent),
             };
-            let i = self.inodes.len();
-            self.inodes.push(ino);
-            self.attach(parent, file_name(prefix), i)?;
-            let p = self.get_mut(parent)?;
+            let i = inodes.len();
+            inodes.push(ino);
+            let p = inodes.get_mut(parent).ok_or_else(|| internal("inode index out of range"))?;
+            p.children.push((file_name(prefix), i));
             p.nlink =
                 p.nlink.checked_add(1).ok_or_else(|| invalid(prefix, "too many subdirectories"))?;
-            self.dirs.insert(prefix, i);
-            parent = i;
-        }
-        Ok(parent)
+            Ok(i)
+        })
     }
 }
 
 /// Checks the nodes and builds the inode tree: index 0 is the root, every
 /// directory's entries sorted by name, sizes of directories known.
 fn build_tree(nodes: &[Node], root_mtime: i64) -> Result<Vec<Ino<'_>>, ErofsWriteError> {
-    let mut by_path = HashMap::with_capacity(nodes.len());
-    for n in nodes {
-        check_node(n)?;
-        if by_path.insert(n.path.as_str(), n).is_some() {
-            return Err(invalid(&n.path, "the path is given more than once"));
-        }
-    }
     let mut t = TreeBuilder {
-        by_path,
-        dirs: HashMap::from([("", 0)]),
+        dirs: Dirs::new(nodes)?,
         inodes: vec![dir_ino("", 0o755, 0, 0, root_mtime, 0)],
     };
     let mut links: HashMap<u64, usize> = HashMap::new();

@@ -29,8 +29,8 @@ use provd_domain::image::{EntryKind, Hash};
 
 pub use crate::writer_input::{Content, Node};
 use crate::writer_input::{
-    FT_BLKDEV, FT_CHRDEV, FT_DIR, FT_FIFO, FT_REG_FILE, FT_SYMLINK, NodeError, S_IFBLK, S_IFCHR,
-    S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, check_node, file_name, put_bytes, put16, put32,
+    Dirs, FT_BLKDEV, FT_CHRDEV, FT_DIR, FT_FIFO, FT_REG_FILE, FT_SYMLINK, NodeError, S_IFBLK,
+    S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, file_name, put_bytes, put16, put32,
 };
 
 const BS: u64 = 4096;
@@ -238,9 +238,27 @@ impl<'a> Ino<'a> {
 }
 
 struct Tree<'a> {
-    by_path: HashMap<&'a str, &'a Node>,
-    dirs: HashMap<&'a str, usize>,
+    dirs: Dirs<'a>,
     inodes: Vec<Ino<'a>>,
+}
+
+/// Links inode `child` into directory `parent` under `name`, counting a
+/// subdirectory in the parent's links.
+fn attach<'a>(
+    inodes: &mut [Ino<'a>],
+    parent: usize,
+    name: &'a [u8],
+    child: usize,
+) -> Result<(), Ext4WriteError> {
+    let is_dir = inodes.get(child).is_some_and(|c| c.ftype == FT_DIR);
+    let p = inodes.get_mut(parent).ok_or_else(|| internal("inode index out of range"))?;
+    p.children.push((name, child));
+    if is_dir {
+        // Past the limit the count stays at 1, which `dir_nlink` means
+        // "many".
+        p.nlink = p.nlink.saturating_add(1);
+    }
+    Ok(())
 }
 
 impl<'a> Tree<'a> {
@@ -254,64 +272,29 @@ impl<'a> Tree<'a> {
         name: &'a [u8],
         child: usize,
     ) -> Result<(), Ext4WriteError> {
-        let is_dir = self.inodes.get(child).is_some_and(|c| c.ftype == FT_DIR);
-        let p = self.get_mut(parent)?;
-        p.children.push((name, child));
-        if is_dir {
-            // Past the limit the count stays at 1, which `dir_nlink` means
-            // "many".
-            p.nlink = p.nlink.saturating_add(1);
-        }
-        Ok(())
+        attach(&mut self.inodes, parent, name, child)
     }
 
     /// The directory `dir`, created with its missing ancestors (`0755
     /// root`, time 0, unless a node gives them).
     fn dir(&mut self, dir: &'a str, for_path: &str) -> Result<usize, Ext4WriteError> {
-        if let Some(&i) = self.dirs.get(dir) {
-            return Ok(i);
-        }
-        let ends = dir.match_indices('/').map(|(i, _)| i).chain(std::iter::once(dir.len()));
-        let mut parent = 0;
-        for end in ends {
-            let prefix = dir.get(..end).ok_or_else(|| internal("path prefix out of range"))?;
-            if let Some(&i) = self.dirs.get(prefix) {
-                parent = i;
-                continue;
-            }
-            let node = match self.by_path.get(prefix) {
-                Some(n) if n.kind == EntryKind::Dir => Some(*n),
-                Some(n) => {
-                    return Err(invalid(
-                        for_path,
-                        format!("its parent {prefix:?} is a {}, not a directory", n.kind.as_str()),
-                    ));
-                }
-                None => None,
-            };
+        let Tree { dirs, inodes } = self;
+        dirs.ensure(dir, for_path, |prefix, node, parent| {
             let mut ino = Ino::new(prefix, FT_DIR, S_IFDIR, node, parent);
             ino.nlink = 2;
             ino.source = Source::Dir;
-            let i = self.inodes.len();
-            self.inodes.push(ino);
-            self.attach(parent, file_name(prefix), i)?;
-            self.dirs.insert(prefix, i);
-            parent = i;
-        }
-        Ok(parent)
+            let i = inodes.len();
+            inodes.push(ino);
+            attach(inodes, parent, file_name(prefix), i)?;
+            Ok(i)
+        })
     }
 }
 
 /// Builds the inode tree of `nodes`; index 0 is the root, 1 `lost+found`.
 fn build_tree<'a>(nodes: &'a [Node], now: i64) -> Result<Vec<Ino<'a>>, Ext4WriteError> {
-    let mut by_path = HashMap::with_capacity(nodes.len());
-    for n in nodes {
-        check_node(n)?;
-        if by_path.insert(n.path.as_str(), n).is_some() {
-            return Err(invalid(&n.path, "given twice"));
-        }
-    }
-    if let Some(n) = by_path.get("lost+found")
+    let dirs = Dirs::new(nodes)?;
+    if let Some(n) = dirs.node("lost+found")
         && n.kind != EntryKind::Dir
     {
         return Err(invalid("lost+found", "is reserved for the filesystem's own directory"));
@@ -323,13 +306,13 @@ fn build_tree<'a>(nodes: &'a [Node], now: i64) -> Result<Vec<Ino<'a>>, Ext4Write
     root.nlink = 2;
     root.mtime = now;
     root.source = Source::Dir;
-    let mut t = Tree { by_path, dirs: HashMap::new(), inodes: vec![root] };
-    t.dirs.insert("", 0);
+    let mut t = Tree { dirs, inodes: vec![root] };
     // lost+found first, so that it is inode 11 as e2fsck expects to find
     // it; an image's own lost+found gives its metadata.
-    let mut lf = Ino::new("lost+found", FT_DIR, S_IFDIR, t.by_path.get("lost+found").copied(), 0);
-    lf.perm = t.by_path.get("lost+found").map_or(0o700, |n| (n.mode & 0o7777) as u16);
-    lf.mtime = t.by_path.get("lost+found").map_or(now, |n| n.mtime);
+    let own = t.dirs.node("lost+found");
+    let mut lf = Ino::new("lost+found", FT_DIR, S_IFDIR, own, 0);
+    lf.perm = own.map_or(0o700, |n| (n.mode & 0o7777) as u16);
+    lf.mtime = own.map_or(now, |n| n.mtime);
     lf.nlink = 2;
     lf.source = Source::LostFound;
     t.inodes.push(lf);

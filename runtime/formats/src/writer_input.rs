@@ -197,3 +197,76 @@ pub(crate) fn put_bytes(b: &mut [u8], at: usize, v: &[u8]) {
         s.copy_from_slice(v);
     }
 }
+
+/// The nodes of an image by path, and the directories a writer has created
+/// so far, by their index in its inode list: what both writers need to
+/// build their tree the same way (missing ancestors created `0755 root`,
+/// time 0; a parent that is not a directory refused by name).
+pub(crate) struct Dirs<'a> {
+    by_path: std::collections::HashMap<&'a str, &'a Node>,
+    index: std::collections::HashMap<&'a str, usize>,
+}
+
+impl<'a> Dirs<'a> {
+    /// Checks every node (`check_node`, no path twice) and indexes them;
+    /// the root is index 0.
+    pub(crate) fn new(nodes: &'a [Node]) -> Result<Dirs<'a>, NodeError> {
+        let mut by_path = std::collections::HashMap::with_capacity(nodes.len());
+        for n in nodes {
+            check_node(n)?;
+            if by_path.insert(n.path.as_str(), n).is_some() {
+                return Err(invalid(&n.path, "the path is given twice"));
+            }
+        }
+        Ok(Dirs { by_path, index: std::collections::HashMap::from([("", 0)]) })
+    }
+
+    /// The node at `path`, if the image gives one.
+    pub(crate) fn node(&self, path: &str) -> Option<&'a Node> {
+        self.by_path.get(path).copied()
+    }
+
+    /// Records that directory `path` is the writer's inode `index`.
+    pub(crate) fn insert(&mut self, path: &'a str, index: usize) {
+        self.index.insert(path, index);
+    }
+
+    /// The index of directory `dir`, creating it and its missing ancestors,
+    /// parents first, with `create(path, its node if the image gives one,
+    /// parent index)`. `for_path` is the node that needs it, named when an
+    /// ancestor is not a directory.
+    pub(crate) fn ensure<E: From<NodeError>>(
+        &mut self,
+        dir: &'a str,
+        for_path: &str,
+        mut create: impl FnMut(&'a str, Option<&'a Node>, usize) -> Result<usize, E>,
+    ) -> Result<usize, E> {
+        if let Some(&i) = self.index.get(dir) {
+            return Ok(i);
+        }
+        let ends = dir.match_indices('/').map(|(i, _)| i).chain(std::iter::once(dir.len()));
+        let mut parent = 0;
+        for end in ends {
+            let prefix = dir.get(..end).ok_or_else(|| invalid(dir, "path prefix out of range"))?;
+            if let Some(&i) = self.index.get(prefix) {
+                parent = i;
+                continue;
+            }
+            let node = match self.by_path.get(prefix) {
+                Some(n) if n.kind == EntryKind::Dir => Some(*n),
+                Some(n) => {
+                    return Err(invalid(
+                        for_path,
+                        format!("its parent {prefix:?} is a {}, not a directory", n.kind.as_str()),
+                    )
+                    .into());
+                }
+                None => None,
+            };
+            let i = create(prefix, node, parent)?;
+            self.index.insert(prefix, i);
+            parent = i;
+        }
+        Ok(parent)
+    }
+}
