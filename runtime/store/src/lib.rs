@@ -28,6 +28,7 @@ mod objects;
 mod operations;
 mod partitions;
 mod private;
+mod restack;
 mod vms;
 
 use std::collections::HashMap;
