@@ -22,7 +22,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use provd_domain::{Manifest, NodePolicy};
-use provd_engine::{CollectingObserver, Engine, EngineConfig, Plugin, Request};
+use provd_engine::{CollectingObserver, EngineConfig, Request};
+use provd_host::{Engine, Plugin};
 use provd_images::{Images, ImportLimits};
 use provd_store::Store;
 use provd_tests::ABUSER;
@@ -268,7 +269,8 @@ fn manifest(work: &Path) -> Manifest {
 
 async fn run(engine: &Engine, plugin: &Plugin, input: &Value) -> String {
     let request = Request { operation_id: "op".into(), input: input.to_string() };
-    match engine.provision(plugin, request, Arc::new(CollectingObserver::default())).await {
+    let observer = Arc::new(CollectingObserver::default());
+    match provd_node::call::run(engine, plugin, request, observer, Default::default()).await {
         Ok(outcome) => {
             let message = outcome
                 .report
@@ -306,7 +308,7 @@ async fn every_host_call_with_hostile_arguments_ends_as_the_reviewed_table_says(
         ..NodePolicy::default()
     };
     let engine =
-        Engine::new(EngineConfig { policy, images: Some(images), ..EngineConfig::default() })
+        provd_host::engine(EngineConfig { policy, ..EngineConfig::default() }, Some(images))
             .unwrap();
     let plugin = engine.load(&manifest(work.path()), ABUSER.wasm()).await.unwrap();
     let web = format!("dir:{}/images/web", work.path().display());
@@ -366,7 +368,7 @@ async fn each_capability_missing_from_the_grant_refuses_the_plugin_by_name() {
     let store = Arc::new(Store::open(&work.path().join("data")).unwrap());
     let images = Arc::new(Images::new(store, ImportLimits::default(), 1));
     let engine =
-        Engine::new(EngineConfig { images: Some(images), ..EngineConfig::default() }).unwrap();
+        provd_host::engine(EngineConfig { ..EngineConfig::default() }, Some(images)).unwrap();
     let sections = [
         ("log", "[capabilities.log]\n"),
         ("progress", "[capabilities.progress]\n"),
@@ -411,7 +413,7 @@ async fn a_plugin_blocked_in_a_host_call_is_stopped_by_its_deadline() {
     let store = Arc::new(Store::open(&work.path().join("data")).unwrap());
     let images = Arc::new(Images::new(store, ImportLimits::default(), 1));
     let engine =
-        Engine::new(EngineConfig { images: Some(images), ..EngineConfig::default() }).unwrap();
+        provd_host::engine(EngineConfig { ..EngineConfig::default() }, Some(images)).unwrap();
     let m = Manifest::from_toml(
         "name = \"abuser\"\nversion = \"0.1.0\"\n[capabilities.log]\n[capabilities.progress]\n\
          [capabilities.hashing]\nmax-input-bytes = 1048576\n[capabilities.dedup]\n\

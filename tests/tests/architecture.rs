@@ -142,28 +142,25 @@ fn vms_and_partitions_stand_side_by_side() {
 #[test]
 fn the_daemon_is_a_transport_over_the_node() {
     // HTTP, TLS and metrics over provd-node: the node's workflows, its
-    // start-up and its queries live there, so the daemon reaches none of
-    // the crates that build, read or plan images and partitions.
+    // start-up, its records and its queries live there, so among provd's
+    // crates the daemon reaches only the node and the wire types.
     let ws = workspace();
     let direct: BTreeSet<String> = ws.deps[&ws.id("provd-daemon")]
         .iter()
         .map(|id| ws.packages[id].0.clone())
         .filter(|n| n.starts_with("provd-"))
         .collect();
-    for forbidden in [
-        "provd-partitions",
-        "provd-images",
-        "provd-dedup",
-        "provd-formats",
-        "provd-scan",
-        "provd-placement",
-        "provd-tools",
-        "provd-testkit",
-        "provd-guest-build",
-    ] {
-        assert!(!direct.contains(forbidden), "provd-daemon depends on {forbidden}");
+    let expected: BTreeSet<String> =
+        ["provd-node", "provd-wire"].into_iter().map(String::from).collect();
+    assert_eq!(direct, expected, "provd-daemon's provd dependencies");
+    // Nor does it hold the store: every read and write goes through `Node`.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    for file in rust_files(&root.join("runtime/daemon/src")) {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for reach in [".store()", "Arc<Store>", "provd_store"] {
+            assert!(!text.contains(reach), "{} has `{reach}`", file.display());
+        }
     }
-    assert!(direct.contains("provd-node") && direct.contains("provd-wire"), "{direct:?}");
 }
 
 #[test]
@@ -185,6 +182,45 @@ fn managers_read_the_api_through_its_types() {
     let ws = workspace();
     let wire = ws.closure(&ws.id("provd-wire"));
     assert!(!wire.iter().any(|id| ws.packages[id].0.starts_with("provd-")), "{wire:?}");
+}
+
+#[test]
+fn the_engine_core_knows_nothing_of_the_node() {
+    // The engine runs plugins and serves `log` and `progress`; what touches
+    // the node (images, dedup, partitions, VMs, hashing of image files) is
+    // provd-host's, linked through `HostInterfaces`, as wasmtime-wasi is
+    // apart from wasmtime.
+    let ws = workspace();
+    let engine: BTreeSet<String> =
+        ws.closure(&ws.id("provd-engine")).iter().map(|id| ws.packages[id].0.clone()).collect();
+    for forbidden in [
+        "provd-store",
+        "provd-images",
+        "provd-dedup",
+        "provd-partitions",
+        "provd-vm",
+        "provd-formats",
+        "provd-tools",
+        "provd-scan",
+        "provd-placement",
+        "provd-host",
+        "provd-node",
+        "rusqlite",
+    ] {
+        assert!(!engine.contains(forbidden), "provd-engine depends on {forbidden}");
+    }
+    // The one rollback is the node's: neither the engine nor the host
+    // interfaces undo what a call built once it has ended (a change that
+    // finds its call already ended removes its own result, nothing more).
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    for dir in ["runtime/engine/src", "runtime/host/src"] {
+        for file in rust_files(&root.join(dir)) {
+            let text = std::fs::read_to_string(&file).unwrap();
+            for call in ["fn roll_back", ".close()", "remove_partition(id)"] {
+                assert!(!text.contains(call), "{} has `{call}`", file.display());
+            }
+        }
+    }
 }
 
 #[test]

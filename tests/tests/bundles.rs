@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use provd_bundle::{SigningKey, build, sign};
 use provd_domain::NodePolicy;
-use provd_engine::{CollectingObserver, Engine, EngineConfig, Request};
+use provd_engine::{CollectingObserver, EngineConfig, Request};
 use provd_node::{BundleRefused, Node};
 use provd_store::Store;
 use provd_tests::HELLO;
@@ -33,7 +33,8 @@ fn signed(key: &SigningKey, version: &str, memory_mib: u64) -> Vec<u8> {
 fn node(dir: &std::path::Path, trusted: &SigningKey) -> Node {
     let store = Arc::new(Store::open(&dir.join("data")).unwrap());
     let policy = NodePolicy { max_memory_bytes: 256 << 20, ..NodePolicy::default() };
-    let engine = Engine::new(EngineConfig { policy, ..EngineConfig::default() }).unwrap();
+    let engine =
+        provd_host::engine(EngineConfig { policy, ..EngineConfig::default() }, None).unwrap();
     Node::new(engine, store, vec![trusted.public_key()])
 }
 

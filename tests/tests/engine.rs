@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use provd_domain::{Manifest, NodePolicy};
 use provd_engine::{
-    CacheOutcome, CollectingObserver, Engine, EngineConfig, InvokeError, Level, LoadError,
-    PluginError, Request, Source,
+    CacheOutcome, CollectingObserver, EngineConfig, InvokeError, Level, LoadError, PluginError,
+    Request, Source,
 };
 use provd_testkit::Harness;
 use provd_tests::{HELLO, HOSTILE};
@@ -87,14 +87,14 @@ async fn components_are_compiled_once_and_cached_privately() {
     let config = EngineConfig { cache_dir: Some(cache.clone()), ..EngineConfig::default() };
     let manifest = hello_manifest();
 
-    let engine = Engine::new(config.clone()).unwrap();
+    let engine = provd_host::engine(config.clone(), None).unwrap();
     let first = engine.load(&manifest, HELLO.wasm()).await.unwrap();
     assert_eq!(first.cache_outcome(), CacheOutcome::Compiled);
     let second = engine.load(&manifest, HELLO.wasm()).await.unwrap();
     assert_eq!(second.cache_outcome(), CacheOutcome::Memory);
     drop(engine);
 
-    let engine = Engine::new(config).unwrap();
+    let engine = provd_host::engine(config, None).unwrap();
     let third = engine.load(&manifest, HELLO.wasm()).await.unwrap();
     assert_eq!(third.cache_outcome(), CacheOutcome::Disk);
     let observer = Arc::new(CollectingObserver::default());
@@ -118,7 +118,7 @@ async fn components_are_compiled_once_and_cached_privately() {
 
 #[tokio::test]
 async fn an_undeclared_capability_is_refused_before_instantiation() {
-    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let engine = provd_host::engine(EngineConfig::default(), None).unwrap();
     // hello imports log, progress and hashing; this manifest grants only log.
     let manifest =
         Manifest::from_toml("name = \"hello\"\nversion = \"0.1.0\"\n[capabilities.log]\n").unwrap();
@@ -132,7 +132,7 @@ async fn an_undeclared_capability_is_refused_before_instantiation() {
 
 #[tokio::test]
 async fn a_grant_links_only_what_it_names() {
-    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let engine = provd_host::engine(EngineConfig::default(), None).unwrap();
     let plugin = engine.load(&hello_manifest(), HELLO.wasm()).await.unwrap();
     let provd_imports: Vec<_> =
         plugin.imports().iter().filter(|i| i.starts_with("provd:")).cloned().collect();
@@ -150,7 +150,7 @@ async fn a_grant_links_only_what_it_names() {
 
 #[tokio::test]
 async fn interfaces_provd_does_not_offer_are_refused_by_name() {
-    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let engine = provd_host::engine(EngineConfig::default(), None).unwrap();
     let manifest = Manifest::from_toml("name = \"evil\"\nversion = \"0.1.0\"\n").unwrap();
     let wasm = wat::parse_str(
         r#"(component
@@ -171,7 +171,7 @@ async fn interfaces_provd_does_not_offer_are_refused_by_name() {
 
 #[tokio::test]
 async fn a_component_without_the_provision_export_is_refused() {
-    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let engine = provd_host::engine(EngineConfig::default(), None).unwrap();
     let manifest = Manifest::from_toml("name = \"empty\"\nversion = \"0.1.0\"\n").unwrap();
     let err = engine.load(&manifest, wat::parse_str("(component)").unwrap()).await.unwrap_err();
     assert!(matches!(err, LoadError::WrongWorld(_)), "{err}");
@@ -180,9 +180,10 @@ async fn a_component_without_the_provision_export_is_refused() {
 
 #[tokio::test]
 async fn pooling_is_used_when_the_machine_allows_it_and_optional_otherwise() {
-    let pooled = Engine::new(EngineConfig::default()).unwrap();
+    let pooled = provd_host::engine(EngineConfig::default(), None).unwrap();
     let on_demand =
-        Engine::new(EngineConfig { pooling: false, ..EngineConfig::default() }).unwrap();
+        provd_host::engine(EngineConfig { pooling: false, ..EngineConfig::default() }, None)
+            .unwrap();
     assert!(!on_demand.pooling());
     // Both serve the same plugin the same way.
     for engine in [&pooled, &on_demand] {
@@ -220,7 +221,8 @@ async fn without_address_space_for_the_pool_the_engine_falls_back_to_on_demand()
     // A pool for a million concurrent instances needs far more virtual
     // memory than any machine has, so reserving it fails.
     let policy = NodePolicy { max_concurrent_invocations: 1_000_000, ..NodePolicy::default() };
-    let engine = Engine::new(EngineConfig { policy, ..EngineConfig::default() }).unwrap();
+    let engine =
+        provd_host::engine(EngineConfig { policy, ..EngineConfig::default() }, None).unwrap();
     assert!(!engine.pooling());
     let plugin = engine.load(&hello_manifest(), HELLO.wasm()).await.unwrap();
     let observer = Arc::new(CollectingObserver::default());
@@ -240,7 +242,7 @@ impl provd_engine::Observer for PanickingObserver {
 
 #[tokio::test]
 async fn a_panic_in_host_code_ends_only_that_call() {
-    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let engine = provd_host::engine(EngineConfig::default(), None).unwrap();
     let plugin = engine.load(&hello_manifest(), HELLO.wasm()).await.unwrap();
     let result =
         engine.provision(&plugin, request(r#"{"name":"n"}"#), Arc::new(PanickingObserver)).await;

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use provd_domain::{Manifest, ManifestError, NodePolicy};
 use provd_engine::{
-    CollectingObserver, Engine, EngineConfig, InvokeError, Limit, LoadError, Plugin, PluginError,
-    Request, Source,
+    CollectingObserver, EngineConfig, InvokeError, Limit, LoadError, PluginError, Request, Source,
 };
+use provd_host::{Engine, Plugin};
 use provd_tests::HOSTILE;
 
 /// A manifest for the hostile fixture, which imports every capability;
@@ -29,7 +29,7 @@ fn manifest(capabilities: &str, limits: &str) -> Manifest {
 }
 
 fn engine_with(policy: NodePolicy) -> Engine {
-    Engine::new(EngineConfig { policy, ..EngineConfig::default() }).unwrap()
+    provd_host::engine(EngineConfig { policy, ..EngineConfig::default() }, None).unwrap()
 }
 
 async fn hostile(engine: &Engine, limits: &str) -> Plugin {

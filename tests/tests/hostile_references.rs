@@ -19,9 +19,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use provd_domain::{Manifest, NodePolicy};
-use provd_engine::{
-    CollectingObserver, Engine, EngineConfig, InvokeError, Outcome, PluginError, Request,
-};
+use provd_engine::{CollectingObserver, EngineConfig, InvokeError, Outcome, PluginError, Request};
+use provd_host::Engine;
 use provd_images::{Images, ImportLimits, LocalSources};
 use provd_store::Store;
 use provd_tests::{IMAGER, files_under};
@@ -123,11 +122,10 @@ fn fixture() -> Fixture {
         },
         ..NodePolicy::default()
     };
-    let engine = Engine::new(EngineConfig {
-        policy,
-        images: Some(images_service.clone()),
-        ..EngineConfig::default()
-    })
+    let engine = provd_host::engine(
+        EngineConfig { policy, ..EngineConfig::default() },
+        Some(images_service.clone()),
+    )
     .unwrap();
     Fixture { _work: work, node, engine, images: images_service }
 }
@@ -274,7 +272,8 @@ async fn hostile_references_are_refused_and_nothing_outside_the_root_reaches_a_p
     let plugin = f.engine.load(&manifest, IMAGER.wasm()).await.unwrap();
     let call = |input: serde_json::Value| {
         let request = Request { operation_id: "op".into(), input: input.to_string() };
-        f.engine.provision(&plugin, request, Arc::new(CollectingObserver::default()))
+        let observer = Arc::new(CollectingObserver::default());
+        provd_node::call::run(&f.engine, &plugin, request, observer, Default::default())
     };
 
     let cases = corpus(&f.node);

@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use provd_domain::{Manifest, NodePolicy};
 use provd_engine::{
-    CollectingObserver, Engine, EngineConfig, InvokeError, LoadError, Outcome, Plugin, PluginError,
-    Request,
+    CollectingObserver, EngineConfig, InvokeError, LoadError, Outcome, PluginError, Request,
 };
+use provd_host::{Engine, Plugin};
 use provd_images::{Images, ImportLimits};
 use provd_store::Store;
 use provd_tests::IMAGER;
@@ -56,11 +56,10 @@ fn node() -> Node {
         },
         ..NodePolicy::default()
     };
-    let engine = Engine::new(EngineConfig {
-        policy,
-        images: Some(images.clone()),
-        ..EngineConfig::default()
-    })
+    let engine = provd_host::engine(
+        EngineConfig { policy, ..EngineConfig::default() },
+        Some(images.clone()),
+    )
     .unwrap();
     Node { work, engine, images }
 }
@@ -109,7 +108,8 @@ impl Node {
         input: serde_json::Value,
     ) -> Result<Outcome, InvokeError> {
         let request = Request { operation_id: "op".into(), input: input.to_string() };
-        self.engine.provision(plugin, request, Arc::new(CollectingObserver::default())).await
+        let observer = Arc::new(CollectingObserver::default());
+        provd_node::call::run(&self.engine, plugin, request, observer, Default::default()).await
     }
 }
 
@@ -241,7 +241,7 @@ async fn references_must_name_their_kind_and_reads_need_a_fetch_and_a_budget() {
 
 #[tokio::test]
 async fn a_node_without_an_image_store_refuses_plugins_that_need_one() {
-    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let engine = provd_host::engine(EngineConfig::default(), None).unwrap();
     let manifest = Manifest::from_toml(
         "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.progress]\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.vm]\n[capabilities.partitions]\n[capabilities.images]\nsources = [\"dir:/srv/*\"]\n",
     )
@@ -519,13 +519,20 @@ async fn call_as_operation(
     vms: &[&str],
 ) -> Result<Outcome, InvokeError> {
     let vms: Vec<String> = vms.iter().map(|v| v.to_string()).collect();
-    let options = provd_engine::CallOptions {
+    let options = provd_node::call::CallOptions {
         specs: vms.iter().map(|v| asked(v, &input)).collect(),
         vms: Some(vms),
-        ..provd_engine::CallOptions::default()
+        ..provd_node::call::CallOptions::default()
     };
     let request = Request { operation_id: "op".into(), input: input.to_string() };
-    engine.provision_with(&plugin, request, Arc::new(CollectingObserver::default()), options).await
+    provd_node::call::run(
+        engine,
+        &plugin,
+        request,
+        Arc::new(CollectingObserver::default()),
+        options,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -710,13 +717,14 @@ async fn an_operations_vm_gets_only_the_files_of_its_own_image() {
                 (n.to_string(), s)
             })
             .collect();
-        let options = provd_engine::CallOptions {
+        let options = provd_node::call::CallOptions {
             specs,
             vms: Some(vms.iter().map(|(n, _, _)| n.to_string()).collect()),
-            ..provd_engine::CallOptions::default()
+            ..provd_node::call::CallOptions::default()
         };
         let request = Request { operation_id: "op".into(), input: input.to_string() };
-        node.engine.provision_with(
+        provd_node::call::run(
+            &node.engine,
             &plugin,
             request,
             Arc::new(CollectingObserver::default()),

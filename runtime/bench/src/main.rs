@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use provd_domain::Manifest;
-use provd_engine::{CollectingObserver, Engine, EngineConfig, Observer, Plugin, Request};
+use provd_engine::{CollectingObserver, EngineConfig, Observer, Request};
+use provd_host::{Engine, Plugin};
 use provd_tests::{Fixture, HASHBENCH, HELLO, HOSTILE, IMAGER};
 
 /// An observer that drops everything, so the figures measure the engine
@@ -43,7 +44,7 @@ async fn main() -> Result<()> {
     }
     if which == "profile-minimal" {
         // For `perf record`: only warm calls of the minimal plugin.
-        let engine = Engine::new(EngineConfig::default())?;
+        let engine = provd_host::engine(EngineConfig::default(), None)?;
         let plugin = load(&engine, &Manifest::from_toml(MINIMAL_MANIFEST)?, HOSTILE).await?;
         let mut samples = Vec::new();
         for _ in 0..20_000 {
@@ -107,7 +108,7 @@ async fn calls() -> Result<()> {
     println!("| allocator | plugin | median | p90 | p99 |");
     println!("|---|---|---|---|---|");
     for pooling in [true, false] {
-        let engine = Engine::new(EngineConfig { pooling, ..EngineConfig::default() })?;
+        let engine = provd_host::engine(EngineConfig { pooling, ..EngineConfig::default() }, None)?;
         if pooling && !engine.pooling() {
             println!("| pooling | (unavailable on this machine) | | | |");
             continue;
@@ -150,7 +151,7 @@ async fn cold() -> Result<()> {
         let config =
             EngineConfig { cache_dir: Some(dir.path().join("cache")), ..EngineConfig::default() };
 
-        let engine = Engine::new(config.clone())?;
+        let engine = provd_host::engine(config.clone(), None)?;
         let start = Instant::now();
         let plugin = load(&engine, &manifest, HELLO).await?;
         call(&engine, &plugin, HELLO_INPUT).await?;
@@ -165,7 +166,7 @@ async fn cold() -> Result<()> {
         memory.push(start.elapsed());
         drop(engine);
 
-        let engine = Engine::new(config)?;
+        let engine = provd_host::engine(config, None)?;
         let start = Instant::now();
         let plugin = load(&engine, &manifest, HELLO).await?;
         call(&engine, &plugin, HELLO_INPUT).await?;
@@ -188,7 +189,7 @@ async fn hashing() -> Result<()> {
     println!(
         "\n## BLAKE3 of {MIB} MiB (median of {RUNS}; time measured around the hashing only)\n"
     );
-    let engine = Engine::new(EngineConfig::default())?;
+    let engine = provd_host::engine(EngineConfig::default(), None)?;
     let plugin = load(&engine, &Manifest::from_toml(HASHBENCH_MANIFEST)?, HASHBENCH).await?;
     let data: Vec<u8> = (0..MIB << 20).map(|i| (i % 251) as u8).collect();
     let expected = blake3::hash(&data).to_hex().to_string();
@@ -260,7 +261,7 @@ async fn hash_by_handle(data: &[u8], expected: &str) -> Result<()> {
         ..provd_domain::NodePolicy::default()
     };
     let engine =
-        Engine::new(EngineConfig { policy, images: Some(images), ..EngineConfig::default() })?;
+        provd_host::engine(EngineConfig { policy, ..EngineConfig::default() }, Some(images))?;
     let manifest = Manifest::from_toml(&format!(
         "name = \"imager\"\nversion = \"0.1.0\"\n[capabilities.progress]\n[capabilities.hashing]\n[capabilities.dedup]\n[capabilities.vm]\n[capabilities.partitions]\n[capabilities.images]\n\
          sources = [\"dir:{}\"]\nmax-read-bytes = 134217728\n[limits]\nmemory-mib = 512\n",
@@ -305,7 +306,7 @@ async fn hash_by_handle(data: &[u8], expected: &str) -> Result<()> {
 async fn deadline() -> Result<()> {
     const RUNS: usize = 20;
     const TIMEOUT_MS: u64 = 100;
-    let engine = Engine::new(EngineConfig::default())?;
+    let engine = provd_host::engine(EngineConfig::default(), None)?;
     let manifest =
         Manifest::from_toml(&format!("{MINIMAL_MANIFEST}[limits]\ntimeout-ms = {TIMEOUT_MS}\n"))?;
     let plugin = load(&engine, &manifest, HOSTILE).await?;

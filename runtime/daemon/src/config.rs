@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use provd_domain::{NodeCapacity, NodePolicy};
+use provd_node::policy::{NodeCapacity, NodePolicy};
 use serde::Deserialize;
 
 const MIB: u64 = 1 << 20;
@@ -247,7 +247,7 @@ impl Config {
             let bad = list.len() > 256
                 || list.iter().any(|e| {
                     e.is_empty()
-                        || e.len() > provd_domain::MAX_PATTERN_LEN
+                        || e.len() > provd_node::policy::MAX_PATTERN_LEN
                         || e.chars().any(char::is_control)
                         || (key == "policy.vm-boot-files"
                             && (e.starts_with('/')
@@ -274,12 +274,11 @@ impl Config {
             ("sharing.public-images", config.sharing.public_images.as_slice()),
         ] {
             for pattern in patterns {
-                provd_domain::check_pattern(pattern, provd_domain::MAX_PATTERN_LEN).map_err(
-                    |why| ConfigError::Parse {
+                provd_node::policy::check_pattern(pattern, provd_node::policy::MAX_PATTERN_LEN)
+                    .map_err(|why| ConfigError::Parse {
                         path: path.display().to_string(),
                         message: format!("{key}: {why}"),
-                    },
-                )?;
+                    })?;
             }
         }
         if config.trusted_keys.is_empty() {
@@ -299,7 +298,7 @@ impl Config {
             p.image_sources = v.clone();
         }
         p.public_images = self.sharing.public_images.clone();
-        p.vm_allow = provd_domain::VmAllow {
+        p.vm_allow = provd_node::policy::VmAllow {
             bridges: c.vm_bridges.clone().unwrap_or_default(),
             taps: c.vm_taps.clone().unwrap_or_default(),
             boot_files: c.vm_boot_files.clone().unwrap_or_default(),

@@ -48,7 +48,7 @@ fn main() -> ExitCode {
             })
             .map_err(anyhow::Error::from),
         Command::Serve { config } => {
-            provd_store::own_files_only();
+            provd_node::own_files_only();
             serve(config)
         }
     };

@@ -6,8 +6,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use provd_engine::{CallOutcome, HostCall};
 use provd_node::operations::Meter;
+use provd_node::operations::{CallOutcome, HostCall};
 use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -131,7 +131,7 @@ impl Metrics {
     }
 
     /// Sets the layer gauges from the store's figures.
-    pub fn set_layer_usage(&self, usage: &provd_store::LayerUsage) {
+    pub fn set_layer_usage(&self, usage: &provd_node::LayerUsage) {
         for (vms, bytes) in
             [("0", usage.unused_bytes), ("1", usage.single_bytes), ("2+", usage.shared_bytes)]
         {

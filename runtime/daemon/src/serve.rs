@@ -39,7 +39,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let data = config.data_dir.clone();
     let metrics = Arc::new(Metrics::new());
-    let Opened { node, store, ops } = Node::open(
+    let Opened { node, ops, .. } = Node::open(
         NodeConfig {
             data_dir: data.clone(),
             policy: config.node_policy(),
@@ -54,7 +54,6 @@ pub async fn serve(
     .await?;
     let state = AppState {
         node,
-        store,
         ops: ops.clone(),
         metrics: metrics.clone(),
         limits: config.limits,

@@ -52,14 +52,12 @@ use wasmtime::component::Component;
 
 pub use cache::{CacheOutcome, Digest};
 pub use error::{InvokeError, Limit, LoadError, PluginError};
-pub use host::LogStats;
+pub use host::{Call, CallContext, HostInterfaces, LogStats, Parts, bounded};
 pub use observe::{
     CallOutcome, CollectingObserver, HostCall, Level, LogRecord, MAX_ARGS_SUMMARY, Observer,
     ProgressEvent, Source, TracingObserver,
 };
 pub use provd_bindings::{Report, Request};
-
-use host::HostState;
 
 /// Settings of an [`Engine`].
 #[derive(Debug, Clone)]
@@ -72,8 +70,6 @@ pub struct EngineConfig {
     pub pooling: bool,
     /// Granularity of deadlines: how often the epoch advances.
     pub epoch_tick: Duration,
-    /// The node's image service, for plugins granted `images`.
-    pub images: Option<Arc<provd_images::Images>>,
 }
 
 impl Default for EngineConfig {
@@ -83,7 +79,6 @@ impl Default for EngineConfig {
             cache_dir: None,
             pooling: true,
             epoch_tick: Duration::from_millis(10),
-            images: None,
         }
     }
 }
@@ -105,22 +100,23 @@ const CANCEL_POLL: Duration = Duration::from_millis(20);
 const CANCEL_CHECK_TICKS: u64 = 5;
 
 /// A wasmtime engine configured for provd, with its artifact cache and the
-/// thread that advances epochs.
-pub struct Engine {
-    inner: Arc<Inner>,
+/// thread that advances epochs, serving the host interfaces `H` beside its
+/// own.
+pub struct Engine<H: HostInterfaces = ()> {
+    inner: Arc<Inner<H>>,
 }
 
-struct Inner {
+struct Inner<H> {
     engine: wasmtime::Engine,
     config: EngineConfig,
     pooling: bool,
     cache: cache::ArtifactCache,
     slots: Arc<tokio::sync::Semaphore>,
     ticker_stop: Arc<AtomicBool>,
-    services: host::NodeServices,
+    host: H,
 }
 
-impl std::fmt::Debug for Engine {
+impl<H: HostInterfaces> std::fmt::Debug for Engine<H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
             .field("pooling", &self.inner.pooling)
@@ -129,29 +125,34 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-impl Drop for Inner {
+impl<H> Drop for Inner<H> {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
     }
 }
 
 /// A loaded plugin: checked, compiled, pre-linked. Cheap to clone.
-#[derive(Clone)]
-pub struct Plugin {
-    inner: Arc<PluginInner>,
+pub struct Plugin<H: HostInterfaces = ()> {
+    inner: Arc<PluginInner<H>>,
 }
 
-struct PluginInner {
+impl<H: HostInterfaces> Clone for Plugin<H> {
+    fn clone(&self) -> Self {
+        Plugin { inner: self.inner.clone() }
+    }
+}
+
+struct PluginInner<H: HostInterfaces> {
     name: String,
     version: semver::Version,
     digest: Digest,
     grant: Grant,
     imports: Vec<String>,
-    pre: ProvisionerPre<HostState>,
+    pre: ProvisionerPre<Call<H::State>>,
     cache: CacheOutcome,
 }
 
-impl std::fmt::Debug for Plugin {
+impl<H: HostInterfaces> std::fmt::Debug for Plugin<H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Plugin")
             .field("name", &self.inner.name)
@@ -161,7 +162,7 @@ impl std::fmt::Debug for Plugin {
     }
 }
 
-impl Plugin {
+impl<H: HostInterfaces> Plugin<H> {
     pub fn name(&self) -> &str {
         &self.inner.name
     }
@@ -201,19 +202,14 @@ impl Cancel {
     }
 }
 
-/// What the caller of [`Engine::provision_with`] controls about a call.
+/// What the caller of [`Engine::provision_with`] controls about a call:
+/// its cancel, and what it tells the node's interfaces.
 #[derive(Debug, Clone, Default)]
-pub struct CallOptions {
+pub struct CallOptions<O> {
     /// Stops the call at the plugin's next host call or epoch slice.
     pub cancel: Cancel,
-    /// The VM names the operation is about (the daemon holds them for it):
-    /// when given, the only VMs the plugin may configure or customise.
-    /// `None` (local tools, tests) leaves the names free.
-    pub vms: Option<Vec<String>>,
-    /// The manager's spec of each VM the operation names: a plugin
-    /// configures or customises such a VM only with this spec, apart from
-    /// the fields its grant's `may-set` lists.
-    pub specs: std::collections::BTreeMap<String, provd_vm::spec::VmSpec>,
+    /// For the node's interfaces ([`HostInterfaces::Options`]).
+    pub host: O,
 }
 
 /// The result of a successful call.
@@ -224,9 +220,18 @@ pub struct Outcome {
     pub log: LogStats,
 }
 
-impl Engine {
-    /// Builds the engine, trying the pooling allocator first when asked.
-    pub fn new(config: EngineConfig) -> Result<Engine, LoadError> {
+impl Engine<()> {
+    /// An engine that serves only its own interfaces (`log`, `progress`):
+    /// plugins granted anything that touches the node are refused.
+    pub fn new(config: EngineConfig) -> Result<Engine<()>, LoadError> {
+        Engine::with_host(config, ())
+    }
+}
+
+impl<H: HostInterfaces> Engine<H> {
+    /// Builds the engine with a node's host interfaces, trying the pooling
+    /// allocator first when asked.
+    pub fn with_host(config: EngineConfig, host: H) -> Result<Engine<H>, LoadError> {
         let (engine, pooling) = if config.pooling {
             match wasmtime::Engine::new(&wasmtime_config(&config, true)) {
                 Ok(engine) => (engine, true),
@@ -248,15 +253,8 @@ impl Engine {
         let slots = Arc::new(tokio::sync::Semaphore::new(
             usize::try_from(config.policy.max_concurrent_invocations).unwrap_or(1),
         ));
-        let services = host::NodeServices {
-            images: config.images.clone(),
-            image_sources: Arc::new(config.policy.image_sources.clone()),
-            public_images: Arc::new(config.policy.public_images.clone()),
-            vm_allow: Arc::new(config.policy.vm_allow.clone()),
-            capacity: config.policy.capacity,
-        };
         Ok(Engine {
-            inner: Arc::new(Inner { engine, config, pooling, cache, slots, ticker_stop, services }),
+            inner: Arc::new(Inner { engine, config, pooling, cache, slots, ticker_stop, host }),
         })
     }
 
@@ -270,12 +268,17 @@ impl Engine {
         &self.inner.config.policy
     }
 
+    /// The node's host interfaces.
+    pub fn host(&self) -> &H {
+        &self.inner.host
+    }
+
     /// Checks, compiles and pre-links a plugin. Nothing of the component runs.
     pub async fn load(
         &self,
         manifest: &Manifest,
         wasm: impl Into<Arc<[u8]>>,
-    ) -> Result<Plugin, LoadError> {
+    ) -> Result<Plugin<H>, LoadError> {
         let wasm: Arc<[u8]> = wasm.into();
         let policy = &self.inner.config.policy;
         manifest.validate()?;
@@ -285,20 +288,7 @@ impl Engine {
             return Err(LoadError::TooLarge { size, limit: policy.max_component_bytes });
         }
         check_header(&wasm)?;
-        if self.inner.services.images.is_none() {
-            if grant.capabilities.images.is_some() {
-                return Err(LoadError::Unavailable("images"));
-            }
-            if grant.capabilities.dedup {
-                return Err(LoadError::Unavailable("dedup"));
-            }
-            if grant.capabilities.partitions.is_some() {
-                return Err(LoadError::Unavailable("partitions"));
-            }
-            if grant.capabilities.vm.is_some() {
-                return Err(LoadError::Unavailable("vm"));
-            }
-        }
+        self.inner.host.check(&grant.capabilities)?;
 
         let digest: Digest = *blake3::hash(&wasm).as_bytes();
         let engine = &self.inner.engine;
@@ -306,7 +296,7 @@ impl Engine {
             self.inner.cache.get(engine, digest, wasm, policy.compile_timeout).await?;
 
         let imports = check_imports(engine, &component, &grant)?;
-        let linker = host::linker(engine, &grant.capabilities)
+        let linker = host::linker::<H>(engine, &grant.capabilities)
             .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
         let instance_pre = linker
             .instantiate_pre(&component)
@@ -329,7 +319,7 @@ impl Engine {
     /// Runs one `provision` call of `plugin` in a fresh store.
     pub async fn provision(
         &self,
-        plugin: &Plugin,
+        plugin: &Plugin<H>,
         request: Request,
         observer: Arc<dyn Observer>,
     ) -> Result<Outcome, InvokeError> {
@@ -337,16 +327,17 @@ impl Engine {
     }
 
     /// [`Engine::provision`] with the caller's options: a cancel token and
-    /// the operation's VM names.
+    /// what the node's interfaces are told about the call. Whatever the
+    /// call built on the node is the caller's to keep or undo: the node's
+    /// interfaces record it where the caller can read it.
     pub async fn provision_with(
         &self,
-        plugin: &Plugin,
+        plugin: &Plugin<H>,
         request: Request,
         observer: Arc<dyn Observer>,
-        options: CallOptions,
+        options: CallOptions<H::Options>,
     ) -> Result<Outcome, InvokeError> {
         let cancel = options.cancel.clone();
-        let names_given = options.vms.is_some();
         let allowed = self.inner.config.policy.max_concurrent_invocations;
         let _slot = self
             .inner
@@ -359,26 +350,13 @@ impl Engine {
         // The call runs on this task: spawning a task per call costs a
         // cross-thread wake-up, a large share of a warm call. A panic in host
         // code is caught here instead, and ends only this call.
-        // What the request builds on the node is recorded here, outside
-        // the call, so that it is rolled back however the call ends: an
-        // error, a trap, a timeout or a panic.
-        let ledger = Arc::new(host::Ledger::default());
-        let cancel_watch = cancel.clone();
-        let operation = request.operation_id.clone();
-        let call = AssertUnwindSafe(invoke(
-            &self.inner,
-            plugin,
-            request,
-            observer,
-            ledger.clone(),
-            options,
-        ))
-        .catch_unwind();
+        let call = AssertUnwindSafe(invoke(&self.inner, plugin, request, observer, options))
+            .catch_unwind();
         // A cancel takes effect at the plugin's next host call; a plugin
         // that makes none within the grace is dropped like one past its
         // deadline.
         let watch_cancel = async {
-            while !cancel_watch.is_cancelled() {
+            while !cancel.is_cancelled() {
                 tokio::time::sleep(CANCEL_POLL).await;
             }
             tokio::time::sleep(HOST_GRACE).await;
@@ -389,7 +367,7 @@ impl Engine {
                 () = watch_cancel => Err(true),
             }
         };
-        let outcome = match timed.await {
+        match timed.await {
             Err(true) => Err(InvokeError::Cancelled),
             // Dropping the call future on timeout unwinds the plugin's fiber
             // and drops its store.
@@ -402,128 +380,31 @@ impl Engine {
             Ok(Ok((result, log))) => {
                 result.map(|report| Outcome { report, elapsed: started.elapsed(), log })
             }
-        };
-        if outcome.is_err() {
-            self.roll_back(&ledger, &operation).await;
-        } else if names_given {
-            self.free_unconfigured(&ledger).await;
-        }
-        // The slot is held until nothing of this request still runs.
-        ledger.settle().await;
-        outcome
-    }
-
-    /// After an operation that names its VMs succeeds: removes the private
-    /// partitions it built for a VM it did not configure. Nothing else
-    /// would ever use or free them, and the VM that rightfully has that
-    /// name would find its partition taken.
-    async fn free_unconfigured(&self, ledger: &Arc<host::Ledger>) {
-        let (vms, partitions) = ledger.close();
-        if partitions.is_empty() {
-            return;
-        }
-        let Some(images) = self.inner.services.images.clone() else { return };
-        let store = images.store().clone();
-        let done = tokio::task::spawn_blocking(move || {
-            for id in partitions.iter().rev() {
-                let unused = match store.partition(id) {
-                    Ok(Some(rec)) => {
-                        rec.role == provd_store::PartitionRole::Private && !rec.vms.iter().any(|v| vms.contains(v))
-                    }
-                    Ok(None) => false,
-                    Err(e) => {
-                        tracing::warn!(partition = %id, error = %e, "cannot read a partition");
-                        false
-                    }
-                };
-                if !unused {
-                    continue;
-                }
-                match store.remove_partition(id) {
-                    Ok(_) => tracing::info!(partition = %id, "freed a private partition no VM of its operation was configured on"),
-                    Err(e) => tracing::warn!(partition = %id, error = %e, "cannot free an unconfigured private partition"),
-                }
-            }
-        })
-        .await;
-        if let Err(e) = done {
-            tracing::warn!(error = %e, "freeing unconfigured partitions failed");
-        }
-    }
-
-    /// Removes what a failed request built: its VMs first (they use the
-    /// partitions), then its partitions, newest first. Builds still running
-    /// on blocking threads see the ledger closed and remove their own
-    /// result instead of publishing it.
-    async fn roll_back(&self, ledger: &Arc<host::Ledger>, operation: &str) {
-        let (vms, partitions) = ledger.close();
-        let customized = ledger.take_customized();
-        if vms.is_empty() && partitions.is_empty() && customized.is_empty() {
-            return;
-        }
-        let Some(images) = self.inner.services.images.clone() else { return };
-        let store = images.store().clone();
-        let operation = operation.to_string();
-        let done = tokio::task::spawn_blocking(move || {
-            // Customisations first, newest first, so that a VM customised
-            // twice gets its first seed back.
-            for c in customized.iter().rev() {
-                if let Err(e) = provd_vm::restore_seed(&store, &c.vm, &c.spec, &c.seed) {
-                    tracing::warn!(vm = %c.vm, error = %e, "cannot undo a failed request's customisation");
-                }
-            }
-            for vm in vms.iter().rev() {
-                // Only the VM this request configured: the name may have
-                // been deleted and taken by another operation since.
-                match store.vm(vm) {
-                    Ok(Some(rec)) if rec.operation.as_deref() == Some(operation.as_str()) => {}
-                    Ok(_) => continue,
-                    Err(e) => {
-                        tracing::warn!(vm = %vm, error = %e, "cannot read a failed request's VM");
-                        continue;
-                    }
-                }
-                if let Err(e) = provd_vm::delete(&store, vm) {
-                    tracing::warn!(vm = %vm, error = %e, "cannot remove a failed request's VM");
-                }
-            }
-            // Newest first: a private partition is recorded after the
-            // shared partitions it stacks, so it goes before them.
-            for id in partitions.iter().rev() {
-                if let Err(e) = store.remove_partition(id) {
-                    tracing::warn!(partition = %id, error = %e, "cannot remove a failed request's partition");
-                }
-            }
-        })
-        .await;
-        if let Err(e) = done {
-            tracing::warn!(error = %e, "rolling back a failed request panicked");
         }
     }
 }
 
 /// One invocation in a fresh store.
-async fn invoke(
-    inner: &Inner,
-    plugin: &Plugin,
+async fn invoke<H: HostInterfaces>(
+    inner: &Inner<H>,
+    plugin: &Plugin<H>,
     request: Request,
     observer: Arc<dyn Observer>,
-    ledger: Arc<host::Ledger>,
-    options: CallOptions,
+    options: CallOptions<H::Options>,
 ) -> (Result<Report, InvokeError>, LogStats) {
     let p = &plugin.inner;
     let policy = &inner.config.policy;
     let max_handles = usize::try_from(policy.max_handles).unwrap_or(usize::MAX);
-    let (state, streams) = HostState::new(
+    let (state, streams) = Call::new(
+        &inner.host,
         p.name.clone(),
         request.operation_id.clone(),
-        ledger,
         p.grant.capabilities.clone(),
         &p.grant.limits,
         max_handles,
         observer.clone(),
-        &inner.services,
-        options,
+        options.cancel,
+        options.host,
     );
     let mut store = wasmtime::Store::new(&inner.engine, state);
     store.limiter(|s| &mut s.limiter);
@@ -535,15 +416,14 @@ async fn invoke(
     // cancelled or its deadline, a fixed instant, has passed. Measuring the
     // deadline on the clock rather than in ticks charges time spent in host
     // calls too, and never fires before the timeout.
-    let deadline = Instant::now() + p.grant.limits.timeout;
     store.set_epoch_deadline(CANCEL_CHECK_TICKS);
     store.epoch_deadline_callback(move |mut ctx| {
         let state = ctx.data_mut();
-        if state.cancel.is_cancelled() {
-            state.cancelled = true;
+        if state.ctx().cancel.is_cancelled() {
+            state.mark_cancelled();
             return Ok(wasmtime::UpdateDeadline::Interrupt);
         }
-        if Instant::now() >= deadline {
+        if Instant::now() >= state.ctx().deadline {
             return Ok(wasmtime::UpdateDeadline::Interrupt);
         }
         Ok(wasmtime::UpdateDeadline::Yield(CANCEL_CHECK_TICKS))
@@ -560,10 +440,10 @@ async fn invoke(
         stream.finish();
     }
     let state = store.data_mut();
-    let breached = state.breached.take().or_else(|| state.limiter.breached.take());
+    let breached = state.take_breach();
     let log = state.log_stats();
     let last_stderr = state.log.last_stderr();
-    let cancelled = state.cancelled;
+    let cancelled = state.cancelled();
     let result = match result {
         Err(_) if cancelled => Err(InvokeError::Cancelled),
         Ok(Ok(report)) => Ok(report),

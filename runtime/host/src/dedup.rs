@@ -6,8 +6,26 @@ use provd_bindings::images::Entry as WitEntry;
 use provd_bindings::types::Error as WitError;
 use provd_domain::image::Entry;
 
-use crate::host::HostState;
-use crate::host::images::{check_page, entry_of};
+use provd_engine::CallContext;
+use provd_store::ImageRecord;
+
+use crate::Scope;
+use crate::images::{check_page, entry_of};
+
+/// `dedup`'s view of a call: the call's context, the node's scope, the
+/// images this request fetched (read) and the plans it keeps.
+pub(crate) struct DedupView<'a> {
+    pub ctx: &'a mut CallContext,
+    pub scope: &'a Scope,
+    pub fetched: &'a std::collections::HashMap<String, ImageRecord>,
+    pub plans: &'a mut Vec<KeptPlan>,
+}
+
+pub(crate) struct DedupData;
+
+impl wasmtime::component::HasData for DedupData {
+    type Data<'a> = DedupView<'a>;
+}
 
 /// A plan made in this request, with what the partition builder needs.
 pub(crate) struct KeptPlan {
@@ -35,7 +53,7 @@ pub(crate) const MAX_KEPT_PLAN_BYTES: u64 = 256 << 20;
 /// same large image for many VMs must not make that unbounded.
 pub(crate) const MAX_ANALYSED_ENTRIES: u64 = 8_000_000;
 
-impl HostState {
+impl DedupView<'_> {
     /// Every VM's entries, from images fetched in this request, read on a
     /// blocking thread: an analysis may load millions of rows.
     async fn vm_entries(
@@ -51,19 +69,22 @@ impl HostState {
             if let Err(e) = provd_vm::spec::check_dns_label(&v.vm) {
                 return Ok(Err(WitError::InvalidInput(format!("vms[{i}].vm: {e}"))));
             }
-            if let Err(e) = self.operation_vm(&v.vm) {
+            if let Err(e) = self.scope.operation_vm(&v.vm) {
                 return Ok(Err(e));
             }
         }
-        let Some(images) = self.images.as_ref() else {
+        let Some(images) = self.scope.node.images.as_ref() else {
             return Ok(Err(WitError::Denied("this node has no image store".into())));
         };
         let store = images.store().clone();
-        let records =
-            match vms.iter().map(|v| self.fetched_image(&v.image)).collect::<Result<Vec<_>, _>>() {
-                Ok(r) => r,
-                Err(e) => return Ok(Err(e)),
-            };
+        let records = match vms
+            .iter()
+            .map(|v| crate::fetched_image(self.fetched, &v.image))
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
         let total: u64 = records.iter().map(|r| r.entries).sum();
         if total > MAX_ANALYSED_ENTRIES {
             return Ok(Err(WitError::QuotaExceeded(format!(
@@ -94,7 +115,7 @@ impl HostState {
     }
 }
 
-impl HostState {
+impl DedupView<'_> {
     /// The trust domain of the layers a plan of `vms` builds, and the VMs'
     /// tenants: `public` when every VM runs an image of the public
     /// catalogue, else the one tenant's domain all of them belong to. A
@@ -107,13 +128,15 @@ impl HostState {
         let mut tenants = std::collections::BTreeSet::new();
         let mut all_public = true;
         for v in vms {
-            tenants.insert(self.vm_tenant(&v.vm));
-            let image = self.fetched_image(&v.image)?;
-            let public =
-                provd_domain::trust::is_public_image(&self.public_images, &image.reference);
+            tenants.insert(self.scope.vm_tenant(&v.vm));
+            let image = crate::fetched_image(self.fetched, &v.image)?;
+            let public = provd_domain::trust::is_public_image(
+                &self.scope.node.public_images,
+                &image.reference,
+            );
             // A VM gets the files of the image its manager's spec names, or
             // of the public catalogue: never another tenant's image.
-            if let Some(named) = self.spec_image(&v.vm)
+            if let Some(named) = self.scope.spec_image(&v.vm)
                 && named != image.reference
                 && !public
             {
@@ -180,7 +203,7 @@ fn analysis_summary(a: &provd_dedup::Analysis) -> Summary {
     }
 }
 
-impl HostState {
+impl DedupView<'_> {
     async fn analyse_call(
         &mut self,
         vms: Vec<VmImage>,
@@ -223,7 +246,7 @@ impl HostState {
             max_shared_partitions: provd_partitions::MAX_SHARED_PER_VM,
         };
         let node = if use_node {
-            let store = match self.partition_store() {
+            let store = match self.scope.store() {
                 Ok(s) => s,
                 Err(e) => return Ok(Err(e)),
             };
@@ -255,11 +278,14 @@ impl HostState {
             Ok(done) => done,
             Err(e) => return Ok(Err(WitError::InvalidInput(e.to_string()))),
         };
-        let records =
-            match vms.iter().map(|v| self.fetched_image(&v.image)).collect::<Result<Vec<_>, _>>() {
-                Ok(r) => r,
-                Err(e) => return Ok(Err(e)),
-            };
+        let records = match vms
+            .iter()
+            .map(|v| crate::fetched_image(self.fetched, &v.image))
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
         let held: u64 = self.plans.iter().map(|k| k.held_bytes).sum();
         let more = plan.held_bytes();
         if held.saturating_add(more) > MAX_KEPT_PLAN_BYTES {
@@ -349,12 +375,12 @@ fn vms_summary(vms: &[VmImage]) -> String {
     vms.iter().map(|v| format!("{}={}", v.vm, v.image)).collect::<Vec<_>>().join(" ")
 }
 
-impl wit::Host for HostState {
+impl wit::Host for DedupView<'_> {
     async fn analyse(&mut self, vms: Vec<VmImage>) -> wasmtime::Result<Result<Summary, WitError>> {
-        self.step()?;
+        self.ctx.step()?;
         let args = vms_summary(&vms);
         let result = self.analyse_call(vms).await?;
-        self.audit("dedup", "analyse", args, &result);
+        self.ctx.audit("dedup", "analyse", args, &result);
         Ok(result)
     }
 
@@ -363,7 +389,7 @@ impl wit::Host for HostState {
         vms: Vec<VmImage>,
         policy: Policy,
     ) -> wasmtime::Result<Result<Summary, WitError>> {
-        self.step()?;
+        self.ctx.step()?;
         let args = format!(
             "{} min-layer-bytes={} max-layers-per-vm={} share-across-paths={} node-layers={} layer-unique-files={}",
             vms_summary(&vms),
@@ -376,7 +402,7 @@ impl wit::Host for HostState {
         let result = self.plan_call(vms, policy).await?;
         let saved =
             result.as_ref().map(|s| s.naive_bytes.saturating_sub(s.stored_bytes)).unwrap_or(0);
-        self.audit_bytes("dedup", "plan", args, &result, saved);
+        self.ctx.audit_bytes("dedup", "plan", args, &result, saved);
         Ok(result)
     }
 
@@ -386,10 +412,10 @@ impl wit::Host for HostState {
         offset: u64,
         limit: u32,
     ) -> wasmtime::Result<Result<Vec<WitEntry>, WitError>> {
-        self.step()?;
+        self.ctx.step()?;
         let args = format!("{layer} offset={offset} limit={limit}");
         let result = self.layer_entries_call(layer, offset, limit).await?;
-        self.audit("dedup", "layer-entries", args, &result);
+        self.ctx.audit("dedup", "layer-entries", args, &result);
         Ok(result)
     }
 }

@@ -1,4 +1,4 @@
-//! `provd:plugin/images`, and `hashing.hash-file`, which reads images too.
+//! `provd:plugin/images`.
 //!
 //! A plugin names images by reference. A reference is fetched only if it
 //! matches one of the plugin's granted patterns and one of the node's, and
@@ -6,7 +6,6 @@
 //! network access. Entries and files are readable only for images the
 //! plugin fetched in the same request.
 
-use std::io::Read;
 use std::sync::Arc;
 
 use provd_bindings::images::{self as wit, Entry as WitEntry, EntryKind as WitKind, Image};
@@ -16,7 +15,9 @@ use provd_domain::image::{Entry, EntryKind};
 use provd_images::{ImportError, NoProgress, Reference};
 use provd_store::ImageRecord;
 
-use crate::host::HostState;
+use provd_engine::CallContext;
+
+use crate::Scope;
 
 /// Entries returned by one `entries` call.
 pub(crate) const MAX_PAGE: u32 = 1000;
@@ -25,39 +26,46 @@ pub(crate) const MAX_FETCHED: usize = 256;
 /// Longest reference or path a plugin may pass.
 const MAX_NAME_LEN: usize = 4096;
 
-impl HostState {
-    /// Parses a reference a plugin passed; plugins must say `dir:`, `tar:`
-    /// or give a URL, so that deciding never needs to look at the
-    /// filesystem or the network.
-    fn plugin_reference(&self, text: &str) -> Result<Reference, WitError> {
-        if text.len() > MAX_NAME_LEN {
-            return Err(WitError::InvalidInput(format!("reference is {} bytes long", text.len())));
-        }
-        if !provd_domain::PATTERN_SCHEMES.iter().any(|scheme| text.starts_with(scheme)) {
-            return Err(WitError::InvalidInput(format!(
-                "reference {text:?}: write dir:/path, tar:/path, an http(s) URL with its digest \
-                 or an oci:// reference"
-            )));
-        }
-        Reference::parse(text).map_err(|e| WitError::InvalidInput(e.to_string()))
-    }
+/// `images`' view of a call: the call's context, the node's scope and the
+/// images this request fetched.
+pub(crate) struct ImagesView<'a> {
+    pub ctx: &'a mut CallContext,
+    pub scope: &'a Scope,
+    pub fetched: &'a mut std::collections::HashMap<String, ImageRecord>,
+}
 
-    /// The canonical reference of the image the manager's spec of `vm`
-    /// names, when the operation has one.
-    pub(crate) fn spec_image(&self, vm: &str) -> Option<String> {
-        let spec = self.operation_specs.get(vm)?;
-        Reference::parse(&spec.image).ok().map(|r| r.to_string())
-    }
+pub(crate) struct ImagesData;
 
+impl wasmtime::component::HasData for ImagesData {
+    type Data<'a> = ImagesView<'a>;
+}
+
+/// Parses a reference a plugin passed; plugins must say `dir:`, `tar:`
+/// or give a URL, so that deciding never needs to look at the
+/// filesystem or the network.
+pub(crate) fn plugin_reference(text: &str) -> Result<Reference, WitError> {
+    if text.len() > MAX_NAME_LEN {
+        return Err(WitError::InvalidInput(format!("reference is {} bytes long", text.len())));
+    }
+    if !provd_domain::PATTERN_SCHEMES.iter().any(|scheme| text.starts_with(scheme)) {
+        return Err(WitError::InvalidInput(format!(
+            "reference {text:?}: write dir:/path, tar:/path, an http(s) URL with its digest \
+             or an oci:// reference"
+        )));
+    }
+    Reference::parse(text).map_err(|e| WitError::InvalidInput(e.to_string()))
+}
+
+impl ImagesView<'_> {
     /// In an operation that names VMs, what a plugin fetches can reach
     /// those VMs (through a plan, or a file it adds): only the images their
     /// manager's specs name and the public catalogue's may be fetched.
     fn operation_may_fetch(&self, canonical: &str) -> Result<(), WitError> {
-        let Some(vms) = self.operation_vms.as_ref().filter(|v| !v.is_empty()) else {
+        let Some(vms) = self.scope.operation_vms.as_ref().filter(|v| !v.is_empty()) else {
             return Ok(());
         };
-        if provd_domain::trust::is_public_image(&self.public_images, canonical)
-            || vms.iter().any(|vm| self.spec_image(vm).as_deref() == Some(canonical))
+        if provd_domain::trust::is_public_image(&self.scope.node.public_images, canonical)
+            || vms.iter().any(|vm| self.scope.spec_image(vm).as_deref() == Some(canonical))
         {
             return Ok(());
         }
@@ -72,11 +80,15 @@ impl HostState {
     /// one, since what it reads of one tenant's image it could otherwise
     /// write into another's VM.
     fn readable_image(&self, text: &str) -> Result<ImageRecord, WitError> {
-        let record = self.fetched_image(text)?;
-        let mut tenants = self.operation_specs.values().map(|s| s.tenant());
+        let record = crate::fetched_image(self.fetched, text)?;
+        let mut tenants = self.scope.operation_specs.values().map(|s| s.tenant());
         let first = tenants.next();
         let several = tenants.any(|t| Some(t) != first);
-        if !several || provd_domain::trust::is_public_image(&self.public_images, &record.reference)
+        if !several
+            || provd_domain::trust::is_public_image(
+                &self.scope.node.public_images,
+                &record.reference,
+            )
         {
             return Ok(record);
         }
@@ -86,61 +98,27 @@ impl HostState {
             record.reference
         )))
     }
+}
 
-    pub(crate) fn fetched_image(&self, text: &str) -> Result<ImageRecord, WitError> {
-        let reference = self.plugin_reference(text)?;
-        self.fetched.get(&reference.to_string()).cloned().ok_or_else(|| {
-            WitError::NotFound(format!("image {reference} was not fetched in this request"))
-        })
+/// The file at `path` of `image`, refusing anything but a file.
+pub(crate) fn file_entry(
+    scope: &Scope,
+    image: &ImageRecord,
+    path: &str,
+) -> Result<Entry, WitError> {
+    let store = scope.images()?.store().clone();
+    let entry = store
+        .entry(image, path)
+        .map_err(|e| WitError::Failed(e.to_string()))?
+        .ok_or_else(|| WitError::NotFound(format!("{}: no entry {path:?}", image.reference)))?;
+    if !matches!(entry.kind, EntryKind::File | EntryKind::Hardlink) {
+        return Err(WitError::InvalidInput(format!(
+            "{}: {path} is a {}, not a file",
+            image.reference,
+            entry.kind.as_str()
+        )));
     }
-
-    fn file_entry(&self, image: &ImageRecord, path: &str) -> Result<Entry, WitError> {
-        let store = self.images_service()?.store().clone();
-        let entry = store
-            .entry(image, path)
-            .map_err(|e| WitError::Failed(e.to_string()))?
-            .ok_or_else(|| WitError::NotFound(format!("{}: no entry {path:?}", image.reference)))?;
-        if !matches!(entry.kind, EntryKind::File | EntryKind::Hardlink) {
-            return Err(WitError::InvalidInput(format!(
-                "{}: {path} is a {}, not a file",
-                image.reference,
-                entry.kind.as_str()
-            )));
-        }
-        Ok(entry)
-    }
-
-    fn images_service(&self) -> Result<&Arc<provd_images::Images>, WitError> {
-        self.images.as_ref().ok_or_else(|| WitError::Denied("this node has no image store".into()))
-    }
-
-    /// BLAKE3 of a file of a fetched image, computed natively.
-    pub(crate) async fn hash_image_file(
-        &mut self,
-        image: &str,
-        path: &str,
-    ) -> Result<String, WitError> {
-        let record = self.fetched_image(image)?;
-        let entry = self.file_entry(&record, path)?;
-        let hash = entry.hash.ok_or_else(|| WitError::Failed(format!("{path} has no content")))?;
-        let store = self.images_service()?.store().clone();
-        // Off the async threads: a large file takes milliseconds to hash.
-        tokio::task::spawn_blocking(move || {
-            let mut file = store.open_object(&hash).map_err(|e| WitError::Failed(e.to_string()))?;
-            let mut hasher = blake3::Hasher::new();
-            let mut buf = vec![0u8; 256 << 10];
-            loop {
-                let n = file.read(&mut buf).map_err(|e| WitError::Failed(e.to_string()))?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(buf.get(..n).unwrap_or_default());
-            }
-            Ok(hasher.finalize().to_hex().to_string())
-        })
-        .await
-        .map_err(|e| WitError::Failed(format!("hashing task: {e}")))?
-    }
+    Ok(entry)
 }
 
 fn image_of(r: &ImageRecord) -> Image {
@@ -195,22 +173,23 @@ fn import_error(e: &ImportError) -> WitError {
     }
 }
 
-impl HostState {
+impl ImagesView<'_> {
     async fn fetch_call(&mut self, reference: String) -> wasmtime::Result<Result<Image, WitError>> {
-        let parsed = match self.plugin_reference(&reference) {
+        let parsed = match plugin_reference(&reference) {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
         let canonical = parsed.to_string();
         let plugin_ok = self
+            .ctx
             .grants
             .images
             .as_ref()
             .is_some_and(|g| g.sources.iter().any(|p| glob_match(p, &canonical)));
-        let node_ok = self.image_sources.iter().any(|p| glob_match(p, &canonical));
+        let node_ok = self.scope.node.image_sources.iter().any(|p| glob_match(p, &canonical));
         if !plugin_ok || !node_ok {
             let whose = if plugin_ok { "the node's" } else { "this plugin's" };
-            tracing::info!(plugin = %self.plugin, reference = %canonical, "image fetch denied");
+            tracing::info!(plugin = %self.ctx.plugin, reference = %canonical, "image fetch denied");
             return Ok(Err(WitError::Denied(format!(
                 "{canonical} is not among {whose} allowed image sources"
             ))));
@@ -226,11 +205,11 @@ impl HostState {
                 "at most {MAX_FETCHED} images per request"
             ))));
         }
-        let service = match self.images_service() {
+        let service = match self.scope.images() {
             Ok(s) => s.clone(),
             Err(e) => return Ok(Err(e)),
         };
-        tracing::info!(plugin = %self.plugin, reference = %canonical, "image fetch allowed");
+        tracing::info!(plugin = %self.ctx.plugin, reference = %canonical, "image fetch allowed");
         match service.import(&canonical, Arc::new(NoProgress)).await {
             Ok(record) => {
                 let image = image_of(&record);
@@ -254,7 +233,7 @@ impl HostState {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
-        let service = match self.images_service() {
+        let service = match self.scope.images() {
             Ok(s) => s.clone(),
             Err(e) => return Ok(Err(e)),
         };
@@ -276,11 +255,11 @@ impl HostState {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
-        let entry = match self.file_entry(&record, &path) {
+        let entry = match file_entry(self.scope, &record, &path) {
             Ok(e) => e,
             Err(e) => return Ok(Err(e)),
         };
-        let max = self.grants.images.as_ref().map(|g| g.max_read_bytes).unwrap_or(0);
+        let max = self.ctx.grants.images.as_ref().map(|g| g.max_read_bytes).unwrap_or(0);
         if entry.size > max {
             return Ok(Err(WitError::QuotaExceeded(format!(
                 "{}: {path} is {} bytes; this plugin reads at most {max}",
@@ -290,7 +269,7 @@ impl HostState {
         let Some(hash) = entry.hash else {
             return Ok(Err(WitError::Failed(format!("{path} has no content"))));
         };
-        let service = match self.images_service() {
+        let service = match self.scope.images() {
             Ok(s) => s.clone(),
             Err(e) => return Ok(Err(e)),
         };
@@ -300,13 +279,13 @@ impl HostState {
     }
 }
 
-impl wit::Host for HostState {
+impl wit::Host for ImagesView<'_> {
     async fn fetch(&mut self, reference: String) -> wasmtime::Result<Result<Image, WitError>> {
-        self.step()?;
+        self.ctx.step()?;
         let args = reference.clone();
         let result = self.fetch_call(reference).await?;
         let bytes = result.as_ref().map(|i| i.bytes).unwrap_or(0);
-        self.audit_bytes("images", "fetch", args, &result, bytes);
+        self.ctx.audit_bytes("images", "fetch", args, &result, bytes);
         Ok(result)
     }
 
@@ -316,10 +295,10 @@ impl wit::Host for HostState {
         offset: u64,
         limit: u32,
     ) -> wasmtime::Result<Result<Vec<WitEntry>, WitError>> {
-        self.step()?;
+        self.ctx.step()?;
         let args = format!("{reference} offset={offset} limit={limit}");
         let result = self.entries_call(reference, offset, limit).await?;
-        self.audit("images", "entries", args, &result);
+        self.ctx.audit("images", "entries", args, &result);
         Ok(result)
     }
 
@@ -328,10 +307,10 @@ impl wit::Host for HostState {
         reference: String,
         path: String,
     ) -> wasmtime::Result<Result<Vec<u8>, WitError>> {
-        self.step()?;
+        self.ctx.step()?;
         let args = format!("{reference} {path}");
         let result = self.read_file_call(reference, path).await?;
-        self.audit("images", "read-file", args, &result);
+        self.ctx.audit("images", "read-file", args, &result);
         Ok(result)
     }
 }

@@ -7,8 +7,26 @@ use provd_bindings::types::Error as WitError;
 use provd_partitions::{BuildOptions, PartitionError, PrivateFormat, SharedFormat};
 use provd_store::PartitionRecord;
 
-use crate::host::HostState;
-use crate::host::dedup::KeptPlan;
+use provd_engine::CallContext;
+
+use crate::Scope;
+use crate::dedup::KeptPlan;
+use crate::ledger::Ledger;
+
+/// `partitions`' view of a call: the call's context, the node's scope, the
+/// plans this request kept (read) and the bytes it has built.
+pub(crate) struct PartitionsView<'a> {
+    pub ctx: &'a mut CallContext,
+    pub scope: &'a Scope,
+    pub plans: &'a [KeptPlan],
+    pub bytes: &'a mut u64,
+}
+
+pub(crate) struct PartitionsData;
+
+impl wasmtime::component::HasData for PartitionsData {
+    type Data<'a> = PartitionsView<'a>;
+}
 
 /// Partitions one request may create.
 const MAX_PARTITIONS: usize = 256;
@@ -53,7 +71,7 @@ pub(crate) fn wit_error(e: PartitionError) -> WitError {
     }
 }
 
-impl HostState {
+impl PartitionsView<'_> {
     fn private_inputs(
         &self,
         plan: &str,
@@ -62,7 +80,7 @@ impl HostState {
     ) -> Result<PrivateInputs, WitError> {
         let format = PrivateFormat::parse(format).map_err(wit_error)?;
         let kept = self.kept_plan(plan)?;
-        let shared = shared.map(|id| self.own_partition(id)).transpose()?;
+        let shared = shared.map(|id| self.scope.own_partition(id)).transpose()?;
         Ok((format, kept.plan.clone(), kept.vms.clone(), shared))
     }
 
@@ -73,58 +91,37 @@ impl HostState {
             .ok_or_else(|| WitError::NotFound(format!("no plan {id:?} in this request")))
     }
 
-    pub(crate) fn partition_store(&self) -> Result<std::sync::Arc<provd_store::Store>, WitError> {
-        Ok(self
-            .images
-            .as_ref()
-            .ok_or_else(|| WitError::Denied("this node has no store".into()))?
-            .store()
-            .clone())
-    }
-
     /// Options for the next build: the grant's quota less what this request
     /// already built.
     fn build_options(&self) -> Result<BuildOptions, WitError> {
         let grant = self
+            .ctx
             .grants
             .partitions
             .ok_or_else(|| WitError::Denied("partitions not granted".into()))?;
-        if self.ledger.counts().1 >= MAX_PARTITIONS {
+        if self.scope.ledger.counts().1 >= MAX_PARTITIONS {
             return Err(WitError::QuotaExceeded(format!(
                 "at most {MAX_PARTITIONS} partitions per request"
             )));
         }
         Ok(BuildOptions {
-            operation: Some(self.operation.clone()),
-            quota_bytes: grant.max_bytes.saturating_sub(self.partition_bytes),
+            operation: Some(self.ctx.operation.clone()),
+            quota_bytes: grant.max_bytes.saturating_sub(*self.bytes),
             ..BuildOptions::default()
         })
-    }
-
-    /// A partition this request created.
-    pub(crate) fn own_partition(&self, id: &str) -> Result<PartitionRecord, WitError> {
-        if !self.ledger.has_partition(id) {
-            return Err(WitError::NotFound(format!(
-                "partition {id:?} was not created by this request"
-            )));
-        }
-        self.partition_store()?
-            .partition(id)
-            .map_err(|e| WitError::Failed(e.to_string()))?
-            .ok_or_else(|| WitError::NotFound(format!("partition {id:?} no longer exists")))
     }
 
     /// Options for `vm`'s private partition: of its tenant's domain, so its
     /// stack may reach only public layers and its tenant's.
     fn private_options(&self, vm: &str) -> Result<BuildOptions, WitError> {
         Ok(BuildOptions {
-            domain: provd_domain::trust::tenant_domain(&self.vm_tenant(vm)),
+            domain: provd_domain::trust::tenant_domain(&self.scope.vm_tenant(vm)),
             ..self.build_options()?
         })
     }
 
     fn record_built(&mut self, rec: &PartitionRecord) {
-        self.partition_bytes = self.partition_bytes.saturating_add(rec.apparent_bytes);
+        *self.bytes = self.bytes.saturating_add(rec.apparent_bytes);
     }
 }
 
@@ -133,16 +130,11 @@ impl HostState {
 /// request that ends meanwhile (timeout, panic) still rolls it back; if the
 /// ledger is already closed, the build removes its own partition.
 async fn build(
-    ledger: std::sync::Arc<crate::host::Ledger>,
+    ledger: &std::sync::Arc<Ledger>,
     store: std::sync::Arc<provd_store::Store>,
     f: impl FnOnce(&provd_store::Store) -> Result<PartitionRecord, PartitionError> + Send + 'static,
 ) -> wasmtime::Result<Result<PartitionRecord, WitError>> {
-    let flight = ledger.begin();
-    let done = tokio::task::spawn_blocking(move || {
-        let _flight = flight;
-        keep_or_remove(&ledger, &store, f(&store)?)
-    })
-    .await?;
+    let done = ledger.blocking(move |ledger| keep_or_remove(ledger, &store, f(&store)?)).await?;
     Ok(done.map_err(wit_error))
 }
 
@@ -150,7 +142,7 @@ async fn build(
 /// from the build's own thread, so that a request that ended meanwhile still
 /// rolls it back; if the ledger is already closed, removes it now.
 fn keep_or_remove(
-    ledger: &crate::host::Ledger,
+    ledger: &Ledger,
     store: &provd_store::Store,
     rec: PartitionRecord,
 ) -> Result<PartitionRecord, PartitionError> {
@@ -167,7 +159,7 @@ fn keep_or_remove(
 type PrivateInputs =
     (PrivateFormat, provd_dedup::Plan, Vec<provd_partitions::VmImage>, Option<PartitionRecord>);
 
-impl HostState {
+impl PartitionsView<'_> {
     async fn create_shared_call(
         &mut self,
         plan: String,
@@ -183,14 +175,14 @@ impl HostState {
                 kept.plan.clone(),
                 kept.vms.clone(),
                 opts,
-                self.partition_store()?,
+                self.scope.store()?,
             ))
         })();
         let (format, plan, vms, opts, store) = match prepared {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
-        let built = build(self.ledger.clone(), store, move |store| {
+        let built = build(&self.scope.ledger, store, move |store| {
             provd_partitions::build_shared(store, &plan, &vms, format, &opts)
         })
         .await?;
@@ -209,16 +201,16 @@ impl HostState {
         size_bytes: u64,
     ) -> wasmtime::Result<Result<Partition, WitError>> {
         let prepared = (|| {
-            self.operation_vm(&vm)?;
+            self.scope.operation_vm(&vm)?;
             let inputs = self.private_inputs(&plan, shared.as_deref(), &format)?;
-            Ok::<_, WitError>((inputs, self.private_options(&vm)?, self.partition_store()?))
+            Ok::<_, WitError>((inputs, self.private_options(&vm)?, self.scope.store()?))
         })();
         let ((format, plan, vms, shared), opts, store) = match prepared {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
         let size = (size_bytes > 0).then_some(size_bytes);
-        let built = build(self.ledger.clone(), store, move |store| {
+        let built = build(&self.scope.ledger, store, move |store| {
             provd_partitions::build_private(
                 store,
                 &plan,
@@ -247,7 +239,7 @@ impl HostState {
     ) -> wasmtime::Result<Result<Vec<Partition>, WitError>> {
         let prepared = (|| {
             let inputs = self.private_inputs(&plan, shared.as_deref(), &format)?;
-            if self.ledger.counts().1.saturating_add(names.len()) > MAX_PARTITIONS {
+            if self.scope.ledger.counts().1.saturating_add(names.len()) > MAX_PARTITIONS {
                 return Err(WitError::QuotaExceeded(format!(
                     "at most {MAX_PARTITIONS} partitions per request"
                 )));
@@ -258,39 +250,39 @@ impl HostState {
             }
             let mut options = Vec::with_capacity(names.len());
             for name in &names {
-                self.operation_vm(name)?;
+                self.scope.operation_vm(name)?;
                 options.push(self.private_options(name)?);
             }
-            Ok::<_, WitError>((inputs, options, self.partition_store()?))
+            Ok::<_, WitError>((inputs, options, self.scope.store()?))
         })();
         let ((format, plan, vms, shared), options, store) = match prepared {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
         let size = (size_bytes > 0).then_some(size_bytes);
-        let ledger = self.ledger.clone();
-        let flight = ledger.begin();
-        let built = tokio::task::spawn_blocking(move || {
-            let _flight = flight;
-            crate::host::side_by_side(names.len(), |i| {
-                let vm = names.get(i).map(String::as_str).unwrap_or_default();
-                let opts = options.get(i).ok_or_else(|| {
-                    PartitionError::InvalidPlan(format!("no build options for VM {vm:?}"))
-                })?;
-                let rec = provd_partitions::build_private(
-                    &store,
-                    &plan,
-                    &vms,
-                    vm,
-                    shared.as_ref(),
-                    format,
-                    size,
-                    opts,
-                )?;
-                keep_or_remove(&ledger, &store, rec)
+        let built = self
+            .scope
+            .ledger
+            .blocking(move |ledger| {
+                crate::ledger::side_by_side(names.len(), |i| {
+                    let vm = names.get(i).map(String::as_str).unwrap_or_default();
+                    let opts = options.get(i).ok_or_else(|| {
+                        PartitionError::InvalidPlan(format!("no build options for VM {vm:?}"))
+                    })?;
+                    let rec = provd_partitions::build_private(
+                        &store,
+                        &plan,
+                        &vms,
+                        vm,
+                        shared.as_ref(),
+                        format,
+                        size,
+                        opts,
+                    )?;
+                    keep_or_remove(ledger, &store, rec)
+                })
             })
-        })
-        .await?;
+            .await?;
         let mut out = Vec::new();
         let mut first_error = None;
         for result in built {
@@ -309,11 +301,11 @@ impl HostState {
         }
         // Each build checked the quota left when the batch began; together
         // they must fit it too.
-        let max = self.grants.partitions.map(|g| g.max_bytes).unwrap_or(0);
-        if self.partition_bytes > max {
+        let max = self.ctx.grants.partitions.map(|g| g.max_bytes).unwrap_or(0);
+        if *self.bytes > max {
             return Ok(Err(WitError::QuotaExceeded(format!(
                 "the partitions of this request take {} bytes; its grant allows {max}",
-                self.partition_bytes
+                self.bytes
             ))));
         }
         Ok(Ok(out))
@@ -327,33 +319,35 @@ impl HostState {
         mode: u32,
     ) -> wasmtime::Result<Result<(), WitError>> {
         let prepared = (|| {
-            let rec = self.own_partition(&partition)?;
-            Ok::<_, WitError>((rec, self.build_options()?, self.partition_store()?))
+            let rec = self.scope.own_partition(&partition)?;
+            Ok::<_, WitError>((rec, self.build_options()?, self.scope.store()?))
         })();
         let (rec, opts, store) = match prepared {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
-        let flight = self.ledger.begin();
-        let done = tokio::task::spawn_blocking(move || {
-            let _flight = flight;
-            provd_partitions::add_file(&store, &rec.id, &path, &content, mode, &opts).map(|_| ())
-        })
-        .await?;
+        let done = self
+            .scope
+            .ledger
+            .blocking(move |_| {
+                provd_partitions::add_file(&store, &rec.id, &path, &content, mode, &opts)
+                    .map(|_| ())
+            })
+            .await?;
         Ok(done.map_err(wit_error))
     }
 }
 
-impl wit::Host for HostState {
+impl wit::Host for PartitionsView<'_> {
     async fn create_shared(
         &mut self,
         plan: String,
         format: String,
     ) -> wasmtime::Result<Result<Partition, WitError>> {
-        self.step()?;
+        self.ctx.step()?;
         let args = format!("{plan} format={format}");
         let result = self.create_shared_call(plan, format).await?;
-        self.audit("partitions", "create-shared", args, &result);
+        self.ctx.audit("partitions", "create-shared", args, &result);
         Ok(result)
     }
 
@@ -365,13 +359,13 @@ impl wit::Host for HostState {
         format: String,
         size_bytes: u64,
     ) -> wasmtime::Result<Result<Partition, WitError>> {
-        self.step()?;
+        self.ctx.step()?;
         let args = format!(
             "{plan} vm={vm} shared={} format={format} size-bytes={size_bytes}",
             shared.as_deref().unwrap_or("-")
         );
         let result = self.create_private_call(plan, vm, shared, format, size_bytes).await?;
-        self.audit("partitions", "create-private", args, &result);
+        self.ctx.audit("partitions", "create-private", args, &result);
         Ok(result)
     }
 
@@ -383,14 +377,14 @@ impl wit::Host for HostState {
         format: String,
         size_bytes: u64,
     ) -> wasmtime::Result<Result<Vec<Partition>, WitError>> {
-        self.step()?;
+        self.ctx.step()?;
         let args = format!(
             "{plan} vms={} shared={} format={format} size-bytes={size_bytes}",
             vms.join(","),
             shared.as_deref().unwrap_or("-")
         );
         let result = self.create_privates_call(plan, vms, shared, format, size_bytes).await?;
-        self.audit("partitions", "create-privates", args, &result);
+        self.ctx.audit("partitions", "create-privates", args, &result);
         Ok(result)
     }
 
@@ -401,10 +395,10 @@ impl wit::Host for HostState {
         content: Vec<u8>,
         mode: u32,
     ) -> wasmtime::Result<Result<(), WitError>> {
-        self.step()?;
+        self.ctx.step()?;
         let args = format!("{partition} {path} bytes={} mode={mode:o}", content.len());
         let result = self.add_file_call(partition, path, content, mode).await?;
-        self.audit("partitions", "add-file", args, &result);
+        self.ctx.audit("partitions", "add-file", args, &result);
         Ok(result)
     }
 }

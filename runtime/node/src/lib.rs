@@ -16,18 +16,44 @@
 //! A refusal at any step records nothing (a compiled artifact left in the
 //! cache is keyed by the component's digest and harmless).
 
+pub mod call;
 mod open;
 pub mod operations;
+mod plugins;
 pub mod queries;
 pub mod repack;
+pub mod rollback;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 pub use open::{NodeConfig, OpenError, Opened};
+pub use plugins::{ActivateError, Refusal};
+/// The records the node's API takes and returns, as its store keeps them.
+pub use provd_store::{
+    AuditQuery, LayerUsage, NewAudit, OpState, OperationError, OperationRecord, StoreError,
+    valid_partition_id,
+};
+
+/// The node's policy, as a configuration file sets it.
+pub mod policy {
+    pub use provd_domain::{MAX_PATTERN_LEN, NodeCapacity, NodePolicy, VmAllow, check_pattern};
+}
+
+/// VM specs as managers send them.
+pub mod spec {
+    pub use provd_vm::spec::{VmSpec, check_dns_label, parse_spec};
+}
+
+/// Makes every file and directory the process creates private to its
+/// user, before anything is written.
+pub fn own_files_only() {
+    provd_store::own_files_only();
+}
 
 use provd_bundle::PublicKey;
-use provd_engine::{Engine, LoadError, Plugin};
+use provd_engine::LoadError;
+use provd_host::{Engine, Plugin};
 use provd_store::{AcceptError, Acceptance, NewBundle, Store};
 
 /// Why a bundle was refused.

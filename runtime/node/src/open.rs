@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use provd_bundle::{KeyError, PublicKey};
 use provd_domain::NodePolicy;
-use provd_engine::{Engine, EngineConfig, LoadError};
+use provd_engine::{EngineConfig, LoadError};
 use provd_store::{Store, StoreError};
 
 use crate::Node;
@@ -112,9 +112,7 @@ impl Node {
             let store = store.clone();
             blocking(move || {
                 provd_vm::recover_customizations(&store, |op| {
-                    let rec = store
-                        .operation(op)
-                        .map_err(|e| provd_vm::VmError::Failed(e.to_string()))?;
+                    let rec = store.operation(op).map_err(provd_vm::VmError::from)?;
                     Ok(rec.is_some_and(|r| r.state == provd_store::OpState::Succeeded))
                 })
                 .map_err(OpenError::from)
@@ -142,12 +140,14 @@ impl Node {
             )
             .with_local_sources(local),
         );
-        let engine = Engine::new(EngineConfig {
-            policy: config.policy,
-            cache_dir: Some(data.join("cache")),
-            images: Some(images),
-            ..EngineConfig::default()
-        })?;
+        let engine = provd_host::engine(
+            EngineConfig {
+                policy: config.policy,
+                cache_dir: Some(data.join("cache")),
+                ..EngineConfig::default()
+            },
+            Some(images),
+        )?;
         let node = Arc::new(Node::new(engine, store.clone(), trusted));
         let ops = Operations::new(
             node.clone(),

@@ -4,7 +4,7 @@
 //! runtime run them on a blocking thread.
 
 use provd_domain::NodeCapacity;
-use provd_store::{AuditQuery, OpState, OperationRecord, StoreError};
+use provd_store::{AuditQuery, LayerUsage, NewAudit, OpState, OperationRecord, StoreError};
 use provd_wire as wire;
 use serde_json::Value;
 
@@ -285,5 +285,43 @@ impl Node {
             })
             .collect();
         Ok(wire::AuditList { audit })
+    }
+}
+
+impl Node {
+    /// Whether the node can read its records.
+    pub fn healthy(&self) -> Result<(), StoreError> {
+        self.store().stats().map(|_| ())
+    }
+
+    /// What the layers hold and save, for metrics.
+    pub fn layer_usage(&self) -> Result<LayerUsage, StoreError> {
+        self.store().layer_usage()
+    }
+
+    /// Operation `id` as recorded.
+    pub fn operation_record(&self, id: &str) -> Result<Option<OperationRecord>, StoreError> {
+        self.store().operation(id)
+    }
+
+    /// Whether a VM called `name` is configured.
+    pub fn has_vm(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.store().vm(name)?.is_some())
+    }
+
+    /// The names of every configured VM.
+    pub fn vm_names(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.store().vms()?.into_iter().map(|v| v.name).collect())
+    }
+
+    /// Appends rows to the audit trail.
+    pub fn append_audit(&self, rows: &[NewAudit]) -> Result<(), StoreError> {
+        self.store().append_audit(rows)
+    }
+
+    /// What of `spec` the node's bounds on host networks and boot files do
+    /// not allow; empty when it is within them.
+    pub fn beyond_policy(&self, spec: &provd_vm::spec::VmSpec) -> Vec<String> {
+        provd_vm::spec::beyond_node(spec, &self.engine().policy().vm_allow)
     }
 }

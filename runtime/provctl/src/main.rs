@@ -23,9 +23,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use provd_domain::{Manifest, NodePolicy};
 use provd_engine::{
-    CollectingObserver, Engine, EngineConfig, InvokeError, LogRecord, Plugin, ProgressEvent,
-    Request,
+    CollectingObserver, EngineConfig, InvokeError, LogRecord, ProgressEvent, Request,
 };
+use provd_host::{Engine, Plugin};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -443,11 +443,10 @@ async fn check(
     let store = Arc::new(provd_store::Store::open(&scratch.path().join("data"))?);
     let images = provd_images::Images::new(store, provd_images::ImportLimits::default(), 1)
         .with_local_sources(provd_images::LocalSources::from_patterns(&policy.image_sources));
-    let engine = Engine::new(EngineConfig {
-        policy,
-        images: Some(Arc::new(images)),
-        ..EngineConfig::default()
-    })?;
+    let engine = provd_host::engine(
+        EngineConfig { policy, ..EngineConfig::default() },
+        Some(Arc::new(images)),
+    )?;
     let plugin = load(source, &engine).await?;
     let mut d = describe(&plugin);
     if let Some(m) = d.as_object_mut() {
@@ -507,14 +506,20 @@ async fn run_plugin(
 ) -> Result<std::process::ExitCode> {
     let request = read_request(input)?;
     let cache_dir = data_dir.map(|d| d.join("cache"));
-    let engine = Engine::new(EngineConfig {
-        policy: NodePolicy::default(),
-        cache_dir,
-        ..Default::default()
-    })?;
+    let engine = provd_host::engine(
+        EngineConfig { policy: NodePolicy::default(), cache_dir, ..Default::default() },
+        None,
+    )?;
     let plugin = load(source, &engine).await?;
     let observer = Arc::new(CollectingObserver::default());
-    let result = engine.provision(&plugin, request, observer.clone()).await;
+    let result = provd_node::call::run(
+        &engine,
+        &plugin,
+        request,
+        observer.clone(),
+        provd_node::call::CallOptions::default(),
+    )
+    .await;
     let logs = observer.logs();
     let progress = observer.progress_events();
     if json {

@@ -22,12 +22,11 @@ use std::process::Command;
 use std::sync::Arc;
 
 use provd_domain::{Manifest, NodePolicy};
-use provd_engine::{
-    CollectingObserver, Engine, EngineConfig, InvokeError, LoadError, Outcome, Plugin, Request,
-};
+use provd_engine::{CollectingObserver, EngineConfig, InvokeError, LoadError, Outcome, Request};
 use provd_guest_build::{BuildError, BuildRequest, Toolchain};
+use provd_host::{Engine, Plugin};
 
-pub use provd_engine;
+pub use {provd_engine, provd_host};
 
 /// Why the harness could not get a plugin ready.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +78,7 @@ impl Harness {
             .tempdir()
             .map_err(|source| HarnessError::Io { path: std::env::temp_dir(), source })?;
         config.cache_dir = Some(data_dir.path().join("cache"));
-        let engine = Engine::new(config)?;
+        let engine = provd_host::engine(config, None)?;
         Ok(Harness { engine, data_dir })
     }
 
@@ -101,12 +100,14 @@ impl Harness {
         let local = provd_images::LocalSources::from_patterns(&policy.image_sources);
         let images = provd_images::Images::new(store, provd_images::ImportLimits::default(), 2)
             .with_local_sources(local);
-        let engine = Engine::new(EngineConfig {
-            policy,
-            cache_dir: Some(data_dir.path().join("cache")),
-            images: Some(Arc::new(images)),
-            ..EngineConfig::default()
-        })?;
+        let engine = provd_host::engine(
+            EngineConfig {
+                policy,
+                cache_dir: Some(data_dir.path().join("cache")),
+                ..EngineConfig::default()
+            },
+            Some(Arc::new(images)),
+        )?;
         Ok(Harness { engine, data_dir })
     }
 
@@ -139,11 +140,19 @@ impl Harness {
         Ok(self.engine.load(&manifest, wasm).await?)
     }
 
-    /// Calls `plugin` with `input` (the request's JSON input).
+    /// Calls `plugin` with `input` (the request's JSON input) as the node
+    /// would: what a failed call built is rolled back.
     pub async fn run(&self, plugin: &Plugin, input: &str) -> Run {
         let observer = Arc::new(CollectingObserver::default());
         let request = Request { operation_id: "test-op".into(), input: input.into() };
-        let result = self.engine.provision(plugin, request, observer.clone()).await;
+        let result = provd_node::call::run(
+            &self.engine,
+            plugin,
+            request,
+            observer.clone(),
+            provd_node::call::CallOptions::default(),
+        )
+        .await;
         Run { result, observer }
     }
 }

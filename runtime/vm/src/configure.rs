@@ -32,6 +32,9 @@ pub enum VmError {
     /// a partition or file the spec needs is missing or unsuitable
     #[error("{0}")]
     NotFound(String),
+    /// the node's records could not be read or written
+    #[error(transparent)]
+    Store(#[from] provd_store::StoreError),
     /// building the configuration failed
     #[error("{0}")]
     Failed(String),
@@ -414,7 +417,7 @@ fn write_vm(
 
 /// The spec VM `name` was configured with.
 pub fn recorded_spec(store: &Store, name: &str) -> Result<Option<VmSpec>, VmError> {
-    let Some(rec) = store.vm(name).map_err(|e| VmError::Failed(e.to_string()))? else {
+    let Some(rec) = store.vm(name)? else {
         return Ok(None);
     };
     parse_spec(&rec.spec).map(Some).map_err(|e| VmError::Failed(format!("recorded spec: {e}")))
@@ -436,11 +439,11 @@ pub fn delete(store: &Store, name: &str) -> Result<bool, VmError> {
     // The name becomes a path under the data directory: only a VM name.
     crate::spec::check_dns_label(name)
         .map_err(|e| VmError::Spec(format!("VM name {name:?}: {e}")))?;
-    let existed = store.delete_vm(name).map_err(|e| VmError::Failed(e.to_string()))?.is_some();
+    let existed = store.delete_vm(name)?.is_some();
     // The partitions before the directory: a directory that cannot be
     // removed is only a leftover (configuring the name again clears it),
     // while unreleased partitions would hold disk with no VM to find them.
-    let released = store.release_vm(name).map_err(|e| VmError::Failed(e.to_string()))?;
+    let released = store.release_vm(name)?;
     let dir = vm_dir(store, name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir)

@@ -43,8 +43,7 @@ fn write_undo(
         // The journal of an operation whose end is on record (closed just
         // after it) is stale; one of a running operation is not.
         let running = store
-            .operation(&other.operation)
-            .map_err(|e| VmError::Failed(e.to_string()))?
+            .operation(&other.operation)?
             .is_some_and(|r| r.state == provd_store::OpState::Running);
         if running {
             return Err(VmError::Failed(format!(
@@ -184,8 +183,7 @@ pub fn customize(
     let new = parse_spec(spec_text).map_err(|e| VmError::Spec(e.to_string()))?;
     check_grant(&new, grant)?;
     let rec = store
-        .vm(&new.name)
-        .map_err(|e| VmError::Failed(e.to_string()))?
+        .vm(&new.name)?
         .ok_or_else(|| VmError::NotFound(format!("no VM {:?} on this node", new.name)))?;
     let old = parse_spec(&rec.spec).map_err(|e| VmError::Failed(format!("recorded spec: {e}")))?;
     let (a, b) = (fixed_part(&old), fixed_part(&new));
@@ -232,7 +230,7 @@ pub fn customize(
     // back, so the record always describes the seed the VM has.
     if let Err(e) = store.update_vm_spec(&new.name, spec_text) {
         let _ = std::fs::remove_file(&temp);
-        return Err(VmError::Failed(e.to_string()));
+        return Err(e.into());
     }
     if let Err(e) = std::fs::rename(&temp, &path) {
         let _ = std::fs::remove_file(&temp);
@@ -261,6 +259,6 @@ pub fn restore_seed(store: &Store, name: &str, spec: &str, seed: &[u8]) -> Resul
         let _ = std::fs::remove_file(&temp);
         io("restoring seed.iso", e)
     })?;
-    store.update_vm_spec(name, spec).map_err(|e| VmError::Failed(e.to_string()))?;
+    store.update_vm_spec(name, spec)?;
     Ok(())
 }

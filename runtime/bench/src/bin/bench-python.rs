@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use provd_domain::{Manifest, NodePolicy};
-use provd_engine::{CacheOutcome, CollectingObserver, Engine, EngineConfig, Plugin, Request};
+use provd_engine::{CacheOutcome, CollectingObserver, EngineConfig, Request};
+use provd_host::{Engine, Plugin};
 use provd_images::{Images, ImportLimits};
 use provd_store::Store;
 
@@ -41,6 +42,7 @@ fn quantile(mut v: Vec<Duration>, q: f64) -> Duration {
 struct Node {
     _dir: tempfile::TempDir,
     config: EngineConfig,
+    images: Arc<provd_images::Images>,
     input: String,
 }
 
@@ -67,13 +69,9 @@ fn node(cache: &Path) -> Result<Node> {
         "forbidden": ["root/.ssh/id_rsa", "etc/shadow-"],
     })
     .to_string();
-    let config = EngineConfig {
-        policy,
-        images: Some(images),
-        cache_dir: Some(cache.to_path_buf()),
-        ..EngineConfig::default()
-    };
-    Ok(Node { _dir: dir, config, input })
+    let config =
+        EngineConfig { policy, cache_dir: Some(cache.to_path_buf()), ..EngineConfig::default() };
+    Ok(Node { _dir: dir, config, images, input })
 }
 
 fn manifest(dir: &Path, memory_mib: Option<u64>) -> Result<Manifest> {
@@ -113,7 +111,7 @@ async fn measure(name: &str, dir: &Path) -> Result<()> {
     for _ in 0..runs {
         let cache = tempfile::tempdir()?;
         let n = node(cache.path())?;
-        let engine = Engine::new(n.config.clone())?;
+        let engine = provd_host::engine(n.config.clone(), Some(n.images.clone()))?;
         let t = Instant::now();
         let plugin = engine.load(&manifest, wasm.clone()).await?;
         call(&engine, &plugin, &n.input).await?;
@@ -122,7 +120,7 @@ async fn measure(name: &str, dir: &Path) -> Result<()> {
             bail!("expected a compile");
         }
         drop(engine);
-        let engine = Engine::new(n.config.clone())?;
+        let engine = provd_host::engine(n.config.clone(), Some(n.images.clone()))?;
         let t = Instant::now();
         let plugin = engine.load(&manifest, wasm.clone()).await?;
         call(&engine, &plugin, &n.input).await?;
@@ -130,7 +128,7 @@ async fn measure(name: &str, dir: &Path) -> Result<()> {
     }
     let cache = tempfile::tempdir()?;
     let n = node(cache.path())?;
-    let engine = Engine::new(n.config.clone())?;
+    let engine = provd_host::engine(n.config.clone(), Some(n.images.clone()))?;
     let plugin = engine.load(&manifest, wasm.clone()).await?;
     for _ in 0..20 {
         call(&engine, &plugin, &n.input).await?;

@@ -3,42 +3,16 @@
 use super::*;
 
 pub(super) fn refused(e: &BundleRefused) -> ApiError {
-    use provd_bundle::BundleError as B;
-    use provd_engine::LoadError as L;
-    let text = e.to_string();
-    let (status, code) = match e {
-        BundleRefused::Invalid(b) => match b {
-            B::NoTrustedSignature { .. } => (StatusCode::FORBIDDEN, "untrusted-signer"),
-            B::BadSignature { .. } => (StatusCode::FORBIDDEN, "bad-signature"),
-            B::DigestMismatch { .. } | B::SizeMismatch { .. } => {
-                (StatusCode::FORBIDDEN, "tampered")
-            }
-            B::Expired { .. } | B::CreatedInFuture { .. } => {
-                (StatusCode::FORBIDDEN, "outside-validity")
-            }
-            B::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
-            _ => (StatusCode::BAD_REQUEST, "invalid-bundle"),
-        },
-        BundleRefused::Load(l) => match l {
-            L::Policy(_) => (StatusCode::FORBIDDEN, "over-policy"),
-            L::UndeclaredImports(_) => (StatusCode::FORBIDDEN, "undeclared-imports"),
-            L::Unavailable(_) => (StatusCode::FORBIDDEN, "unavailable-capability"),
-            L::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
-            L::Cache { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-            _ => (StatusCode::UNPROCESSABLE_ENTITY, "invalid-component"),
-        },
-        BundleRefused::Version(v) => match v {
-            AcceptError::Downgrade { .. } => (StatusCode::CONFLICT, "version-downgrade"),
-            AcceptError::Conflict { .. } => (StatusCode::CONFLICT, "version-conflict"),
-            AcceptError::Expired { .. } => (StatusCode::FORBIDDEN, "outside-validity"),
-            AcceptError::BadVersion(_) => (StatusCode::BAD_REQUEST, "invalid-bundle"),
-            AcceptError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-        },
-        BundleRefused::Untrusted { .. } => (StatusCode::FORBIDDEN, "untrusted-signer"),
-        BundleRefused::Expired { .. } => (StatusCode::FORBIDDEN, "outside-validity"),
-        BundleRefused::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+    let (kind, code) = e.kind();
+    let status = match kind {
+        Refusal::Forbidden => StatusCode::FORBIDDEN,
+        Refusal::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        Refusal::Conflict => StatusCode::CONFLICT,
+        Refusal::Invalid => StatusCode::BAD_REQUEST,
+        Refusal::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
+        Refusal::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    ApiError::new(status, code, text)
+    ApiError::new(status, code, e.to_string())
 }
 
 pub(super) async fn upload_bundle(
@@ -76,7 +50,7 @@ pub(super) async fn accept_upload(s: AppState, peer: Peer, body: Bytes) -> ApiRe
             row.version = Some(a.version.clone());
             row.outcome = if a.new { "accepted" } else { "already-accepted" }.into();
             row.detail = Some(format!("signer {} component {}", a.signer, a.digest));
-            audit_one(&s.store, row).await;
+            audit_one(&s.node, row).await;
             Metrics::outcome(
                 &s.metrics.bundles,
                 if a.new { "accepted" } else { "already-accepted" },
@@ -99,7 +73,7 @@ pub(super) async fn accept_upload(s: AppState, peer: Peer, body: Bytes) -> ApiRe
             let err = refused(&e);
             row.outcome = "refused".into();
             row.detail = Some(format!("{}: {}", err.code, err.message));
-            audit_one(&s.store, row).await;
+            audit_one(&s.node, row).await;
             Metrics::outcome(&s.metrics.bundles, "refused");
             tracing::warn!(actor = %peer.name, code = err.code, message = %err.message, "bundle refused");
             Err(err)
@@ -118,9 +92,9 @@ pub(super) async fn set_active(
     name: &str,
     version: String,
 ) -> ApiResult {
-    let store = s.store.clone();
+    let node = s.node.clone();
     let (n, v) = (name.to_string(), version.clone());
-    let result = blocking(move || store.activate_plugin(&n, &v)).await?;
+    let result = blocking(move || node.activate(&n, &v)).await?;
     let mut row = NewAudit {
         actor: peer.name.clone(),
         kind: "plugin".into(),
@@ -134,18 +108,18 @@ pub(super) async fn set_active(
         Ok(previous) => {
             row.outcome = "activated".into();
             row.detail = Some(format!("active version {previous} -> {version}"));
-            audit_one(&s.store, row).await;
+            audit_one(&s.node, row).await;
             tracing::warn!(actor = %peer.name, plugin = %name, from = %previous, to = %version, "operator changed the active plugin version");
             ok(
                 StatusCode::OK,
                 wire::Activated { plugin: name.to_string(), active: version, previous },
             )
         }
-        Err(AcceptError::Store(provd_store::StoreError::NotFound(what))) => {
+        Err(e @ ActivateError::NotAccepted(_)) => {
             row.outcome = "refused".into();
-            row.detail = Some(format!("{what} not accepted on this node"));
-            audit_one(&s.store, row).await;
-            Err(ApiError::not_found(format!("{what} has not been accepted on this node")))
+            row.detail = Some(e.to_string());
+            audit_one(&s.node, row).await;
+            Err(ApiError::not_found(e.to_string()))
         }
         Err(e) => Err(ApiError::internal(e)),
     }
@@ -170,25 +144,14 @@ pub(super) async fn rollback(
 }
 
 pub(super) async fn roll_back_plugin(s: AppState, peer: Peer, name: String) -> ApiResult {
-    let store = s.store.clone();
+    let node = s.node.clone();
     let n = name.clone();
-    let previous =
-        blocking(move || store.previous_version(&n)).await?.map_err(ApiError::internal)?;
-    let Some(previous) = previous else {
-        let store = s.store.clone();
-        let known = blocking(move || store.bundles())
-            .await?
-            .map_err(ApiError::internal)?
-            .iter()
-            .any(|b| b.name == name);
-        if !known {
-            return Err(ApiError::not_found(format!("no accepted plugin {name} on this node")));
+    match blocking(move || node.previous_version(&n)).await? {
+        Ok(previous) => set_active(&s, &peer, &name, previous).await,
+        Err(e @ ActivateError::NoSuchPlugin(_)) => Err(ApiError::not_found(e.to_string())),
+        Err(e @ ActivateError::NoPreviousVersion(_)) => {
+            Err(ApiError::new(StatusCode::CONFLICT, "no-previous-version", e.to_string()))
         }
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "no-previous-version",
-            format!("plugin {name} has no accepted version older than its active one"),
-        ));
-    };
-    set_active(&s, &peer, &name, previous).await
+        Err(e) => Err(ApiError::internal(e)),
+    }
 }

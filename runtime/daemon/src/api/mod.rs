@@ -13,8 +13,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use provd_node::{BundleRefused, Node, queries};
-use provd_store::{AcceptError, AuditQuery, NewAudit, OpState, OperationError, Store};
+use provd_node::{
+    ActivateError, AuditQuery, BundleRefused, NewAudit, Node, OpState, OperationError, Refusal,
+    queries,
+};
 use provd_wire as wire;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -48,12 +50,11 @@ pub struct Peer {
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub node: Arc<Node>,
-    pub store: Arc<Store>,
     pub ops: Arc<Operations>,
     pub metrics: Arc<Metrics>,
     pub limits: HttpLimits,
     /// What the node offers VMs (`GET /v1/capacity`).
-    pub capacity: provd_domain::NodeCapacity,
+    pub capacity: provd_node::policy::NodeCapacity,
 }
 
 /// An error response.
@@ -192,7 +193,7 @@ async fn authorize(
     let what = format!("{} {path}", req.method());
     tracing::warn!(actor = %name, request = %what, needed = needed.name(), has, "access denied");
     audit_one(
-        &s.store,
+        &s.node,
         NewAudit {
             actor: name.clone(),
             kind: "access".into(),
@@ -251,8 +252,8 @@ async fn refuse_announced_excess(
 }
 
 async fn healthz(State(s): State<AppState>) -> ApiResult {
-    let store = s.store.clone();
-    let db = blocking(move || store.stats()).await?;
+    let node = s.node.clone();
+    let db = blocking(move || node.healthy()).await?;
     match db {
         Ok(_) => ok(
             StatusCode::OK,
@@ -269,8 +270,8 @@ async fn healthz(State(s): State<AppState>) -> ApiResult {
 async fn metrics(State(s): State<AppState>) -> Response {
     // The layer figures are read when asked for: they change with every
     // provisioning, deletion and repack.
-    let store = s.store.clone();
-    match tokio::task::spawn_blocking(move || store.layer_usage()).await {
+    let node = s.node.clone();
+    match tokio::task::spawn_blocking(move || node.layer_usage()).await {
         Ok(Ok(usage)) => s.metrics.set_layer_usage(&usage),
         failed => tracing::warn!(?failed, "reading the layer figures for metrics"),
     }
@@ -283,9 +284,9 @@ async fn metrics(State(s): State<AppState>) -> Response {
 
 /// Appends one row to the audit trail on a blocking thread; a failure is
 /// logged, and the request it records goes on.
-async fn audit_one(store: &Arc<Store>, row: NewAudit) {
-    let store = store.clone();
-    let done = tokio::task::spawn_blocking(move || store.append_audit(&[row])).await;
+async fn audit_one(node: &Arc<Node>, row: NewAudit) {
+    let node = node.clone();
+    let done = tokio::task::spawn_blocking(move || node.append_audit(&[row])).await;
     if !matches!(done, Ok(Ok(()))) {
         tracing::error!(?done, "writing the audit trail failed");
     }

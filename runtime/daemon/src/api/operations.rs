@@ -63,7 +63,7 @@ pub(super) fn start_request(
     let mut names = Vec::new();
     let mut specs = std::collections::BTreeMap::new();
     for (i, spec) in body.vms.iter().enumerate() {
-        let parsed = provd_vm::spec::parse_spec(&spec.to_string())
+        let parsed = provd_node::spec::parse_spec(&spec.to_string())
             .map_err(|e| ApiError::bad("invalid-vm-spec", format!("vms[{i}]: {e}")))?;
         if names.contains(&parsed.name) {
             return Err(ApiError::bad(
@@ -142,12 +142,9 @@ pub(super) async fn start_operation(
     let req = start_request(body, header_key, peer.name.clone())?;
     // The node's bounds on host networks and boot files hold for the
     // manager's specs as for what a plugin passes.
-    let allow = &s.node.engine().policy().vm_allow;
     let mut beyond = Vec::new();
     for (name, spec) in &req.specs {
-        beyond.extend(
-            provd_vm::spec::beyond_node(spec, allow).into_iter().map(|m| format!("{name}: {m}")),
-        );
+        beyond.extend(s.node.beyond_policy(spec).into_iter().map(|m| format!("{name}: {m}")));
     }
     if !beyond.is_empty() {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "over-policy", beyond.join("; ")));
@@ -248,10 +245,10 @@ pub(super) struct WaitQuery {
 pub(super) async fn load_operation(
     s: &AppState,
     id: &str,
-) -> Result<provd_store::OperationRecord, ApiError> {
-    let store = s.store.clone();
+) -> Result<provd_node::OperationRecord, ApiError> {
+    let node = s.node.clone();
     let op = id.to_string();
-    blocking(move || store.operation(&op))
+    blocking(move || node.operation_record(&op))
         .await?
         .map_err(ApiError::internal)?
         .ok_or_else(|| ApiError::not_found(format!("no operation {id}")))
@@ -309,7 +306,7 @@ pub(super) async fn operation_events(
 pub(super) fn async_stream(
     s: AppState,
     id: String,
-    rec: provd_store::OperationRecord,
+    rec: provd_node::OperationRecord,
     rx: Option<tokio::sync::watch::Receiver<provd_node::operations::Snapshot>>,
 ) -> impl futures::Stream<Item = Result<Event, std::convert::Infallible>> {
     use futures::StreamExt as _;
@@ -358,7 +355,7 @@ pub(super) async fn cancel_now(s: AppState, peer: Peer, id: String) -> ApiResult
         ));
     }
     audit_one(
-        &s.store,
+        &s.node,
         NewAudit {
             actor: peer.name.clone(),
             kind: "operation".into(),

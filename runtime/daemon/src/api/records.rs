@@ -72,7 +72,7 @@ pub(super) async fn layer_entries(
     q: Result<Query<EntryPage>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
     let Query(q) = q.map_err(|e| ApiError::bad("invalid-request", e.body_text()))?;
-    if !provd_store::valid_partition_id(&partition) {
+    if !provd_node::valid_partition_id(&partition) {
         return Err(ApiError::bad(
             "invalid-request",
             format!("{partition:?} is not a partition id"),

@@ -24,11 +24,11 @@ pub(super) async fn delete_vm(
 }
 
 pub(super) async fn delete_vm_now(s: AppState, peer: Peer, name: String) -> ApiResult {
-    provd_vm::spec::check_dns_label(&name)
+    provd_node::spec::check_dns_label(&name)
         .map_err(|e| ApiError::bad("invalid-request", format!("VM name {name:?}: {e}")))?;
-    let store = s.store.clone();
+    let node = s.node.clone();
     let n = name.clone();
-    if blocking(move || store.vm(&n)).await?.map_err(ApiError::internal)?.is_none() {
+    if !blocking(move || node.has_vm(&n)).await?.map_err(ApiError::internal)? {
         return Err(ApiError::not_found(format!("no VM {name}")));
     }
     // A deletion is an operation of its own: it holds the VM's name, so no
@@ -96,20 +96,15 @@ pub(super) async fn repack_now(s: AppState, peer: Peer, req: wire::RepackRequest
         }
         Some(names) => {
             for (i, n) in names.iter().enumerate() {
-                provd_vm::spec::check_dns_label(n).map_err(|e| {
+                provd_node::spec::check_dns_label(n).map_err(|e| {
                     ApiError::bad("invalid-request", format!("vms[{i}]: {n:?}: {e}"))
                 })?;
             }
             names
         }
         None => {
-            let store = s.store.clone();
-            blocking(move || store.vms())
-                .await?
-                .map_err(ApiError::internal)?
-                .into_iter()
-                .map(|v| v.name)
-                .collect()
+            let node = s.node.clone();
+            blocking(move || node.vm_names()).await?.map_err(ApiError::internal)?
         }
     };
     if names.len() > MAX_REPACK_VMS {

@@ -10,7 +10,6 @@ use provd_bindings::types::Field;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 
-use crate::host::HostState;
 use crate::observe::{Level, LogRecord, Observer, Source};
 
 /// Longest line taken from stdout/stderr before it is cut into a record of
@@ -115,7 +114,18 @@ impl From<WitLevel> for Level {
     }
 }
 
-impl wit::Host for HostState {
+/// `log`'s view of a call: its log budget, nothing else.
+pub(crate) struct LogView<'a> {
+    pub sink: &'a LogSink,
+}
+
+pub(crate) struct LogData;
+
+impl wasmtime::component::HasData for LogData {
+    type Data<'a> = LogView<'a>;
+}
+
+impl wit::Host for LogView<'_> {
     async fn write(
         &mut self,
         level: WitLevel,
@@ -123,7 +133,7 @@ impl wit::Host for HostState {
         fields: Vec<Field>,
     ) -> wasmtime::Result<()> {
         let fields = fields.into_iter().take(MAX_FIELDS).map(|f| (f.key, f.value)).collect();
-        self.log.emit(Source::Log, level.into(), message, fields);
+        self.sink.emit(Source::Log, level.into(), message, fields);
         Ok(())
     }
 }

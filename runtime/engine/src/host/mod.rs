@@ -1,13 +1,10 @@
-//! Host side of the plugin interfaces: the per-invocation store state, the
-//! resource limiter, and the linker assembled from a plugin's grant.
+//! The engine's side of a call: the per-invocation store state, the
+//! context every host call shares, the resource limiter, and the linker
+//! assembled from a plugin's grant. The engine serves `log` and `progress`
+//! itself; a node's [`HostInterfaces`] add the rest.
 
-mod dedup;
-mod hashing;
-mod images;
 mod log;
-mod partitions;
 mod progress;
-mod vm;
 
 use std::sync::Arc;
 
@@ -20,7 +17,7 @@ use crate::observe::{CallOutcome, HostCall, Observer, Source};
 
 /// `text` cut to at most [`crate::MAX_ARGS_SUMMARY`] bytes on a character
 /// boundary, marked when cut.
-pub(crate) fn bounded(text: &str) -> String {
+pub fn bounded(text: &str) -> String {
     let max = crate::MAX_ARGS_SUMMARY;
     if text.len() <= max {
         return text.to_string();
@@ -32,294 +29,75 @@ pub(crate) fn bounded(text: &str) -> String {
 pub use log::LogStats;
 pub(crate) use log::{LogSink, LogStream};
 
-/// Everything one invocation's store holds. A store lives for exactly one
-/// call, so nothing here outlives the request that created it.
-pub(crate) struct HostState {
+/// The host interfaces a node adds to the engine's own (`log`, `progress`,
+/// `types` and the WASI subset): the engine core runs plugins and knows
+/// nothing of images, partitions or VMs, as wasmtime knows nothing of WASI.
+/// `provd-host` implements this for a node; `()` adds nothing.
+pub trait HostInterfaces: Send + Sync + 'static {
+    /// What these interfaces hold for one call, beside the call's context.
+    type State: Send + 'static;
+    /// What the caller of one call says to these interfaces (for a node:
+    /// the operation's VMs and their specs, and the call's ledger).
+    type Options: Default + Send + 'static;
+    /// Refuses a grant of a capability these interfaces cannot serve on
+    /// this node, naming it. Called when a plugin is loaded.
+    fn check(&self, grants: &CapabilityGrants) -> Result<(), crate::LoadError>;
+    /// Adds `capability` to the linker, or returns `false` when these
+    /// interfaces do not provide it.
+    fn link(
+        linker: &mut Linker<Call<Self::State>>,
+        capability: Capability,
+    ) -> wasmtime::Result<bool>;
+    /// The state of one call.
+    fn state(&self, call: &CallContext, options: Self::Options) -> Self::State;
+}
+
+impl HostInterfaces for () {
+    type State = ();
+    type Options = ();
+    fn check(&self, grants: &CapabilityGrants) -> Result<(), crate::LoadError> {
+        let served_here = |c: &Capability| matches!(c, Capability::Log | Capability::Progress);
+        match Capability::ALL.into_iter().find(|c| grants.allows(*c) && !served_here(c)) {
+            Some(c) => Err(crate::LoadError::Unavailable(c.name())),
+            None => Ok(()),
+        }
+    }
+    fn link(_: &mut Linker<Call<()>>, _: Capability) -> wasmtime::Result<bool> {
+        Ok(false)
+    }
+    fn state(&self, _: &CallContext, (): ()) {}
+}
+
+/// What every host call of one invocation shares: who calls, for which
+/// operation, under which grant, and how to stop and account for it.
+pub struct CallContext {
     pub plugin: String,
+    pub operation: String,
     pub grants: CapabilityGrants,
     pub observer: Arc<dyn Observer>,
-    pub wasi: WasiCtx,
-    pub table: ResourceTable,
-    pub limiter: Limiter,
-    pub log: Arc<LogSink>,
-    pub progress: progress::ProgressState,
-    /// The limit a host call or the limiter found broken. A trap carries only
-    /// a message; this keeps the typed reason for the caller.
-    pub breached: Option<Limit>,
-    /// The node's image service, when it has one.
-    pub images: Option<Arc<provd_images::Images>>,
-    /// The node's allowed image reference patterns.
-    pub image_sources: Arc<Vec<String>>,
-    /// The patterns of the provider's public catalogue (`[sharing]`).
-    pub public_images: Arc<Vec<String>>,
-    /// The host networks and boot files the node lets VMs use.
-    pub vm_allow: Arc<provd_domain::VmAllow>,
-    /// Images fetched in this request, by canonical reference.
-    pub fetched: std::collections::HashMap<String, provd_store::ImageRecord>,
-    /// Plans made in this request.
-    pub plans: Vec<dedup::KeptPlan>,
-    /// The operation this invocation serves.
-    pub operation: String,
-    /// What this request built on the node (shared with `provision`, which
-    /// rolls it back if the request fails).
-    pub ledger: Arc<Ledger>,
-    /// Bytes (sizes guests see) of the partitions this request built.
-    pub partition_bytes: u64,
-    /// The node's capacity for VMs.
-    pub capacity: provd_domain::NodeCapacity,
     /// Set by the caller to stop the request at its next host call.
     pub cancel: crate::Cancel,
-    /// The VM names the operation is about, when it names them.
-    pub operation_vms: Option<Vec<String>>,
-    /// The manager's spec of each VM the operation names.
-    pub operation_specs: std::collections::BTreeMap<String, provd_vm::spec::VmSpec>,
+    /// When the call's time is up.
+    pub deadline: std::time::Instant,
     /// Whether a host call found the request cancelled.
-    pub cancelled: bool,
+    cancelled: bool,
+    /// The limit a host call or the limiter found broken. A trap carries only
+    /// a message; this keeps the typed reason for the caller.
+    breached: Option<Limit>,
 }
 
-/// What one request built on the node, in order. Closed when the request
-/// has failed: a build finishing after that must undo itself.
-#[derive(Debug, Default)]
-pub(crate) struct Ledger {
-    inner: std::sync::Mutex<LedgerState>,
-    /// Changes to the node running on blocking threads for this request.
-    in_flight: std::sync::atomic::AtomicUsize,
-    settled: tokio::sync::Notify,
-}
-
-/// One change in flight; dropping it (on its blocking thread, however the
-/// change ends) tells the ledger.
-pub(crate) struct InFlight(Arc<Ledger>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
-            self.0.settled.notify_waiters();
-        }
+impl std::fmt::Debug for CallContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallContext")
+            .field("plugin", &self.plugin)
+            .field("operation", &self.operation)
+            .finish_non_exhaustive()
     }
 }
 
-#[derive(Debug, Default)]
-struct LedgerState {
-    closed: bool,
-    vms: Vec<String>,
-    partitions: Vec<String>,
-    customized: Vec<Customization>,
-}
-
-/// A VM's spec and seed as they were before this request customised it.
-#[derive(Debug, Clone)]
-pub(crate) struct Customization {
-    pub vm: String,
-    pub spec: String,
-    pub seed: Vec<u8>,
-}
-
-impl Ledger {
-    fn lock(&self) -> std::sync::MutexGuard<'_, LedgerState> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records a partition; `false` when the request has already ended and
-    /// the caller must remove it.
-    pub(crate) fn add_partition(&self, id: &str) -> bool {
-        let mut s = self.lock();
-        if !s.closed {
-            s.partitions.push(id.to_string());
-        }
-        !s.closed
-    }
-
-    /// Records a VM; `false` when the request has already ended.
-    pub(crate) fn add_vm(&self, name: &str) -> bool {
-        let mut s = self.lock();
-        if !s.closed {
-            s.vms.push(name.to_string());
-        }
-        !s.closed
-    }
-
-    /// Records a customisation to undo if the request fails; `false` when
-    /// the request has already ended.
-    pub(crate) fn add_customization(&self, c: Customization) -> bool {
-        let mut s = self.lock();
-        if !s.closed {
-            s.customized.push(c);
-        }
-        !s.closed
-    }
-
-    pub(crate) fn has_vm(&self, name: &str) -> bool {
-        self.lock().vms.iter().any(|v| v == name)
-    }
-
-    pub(crate) fn has_partition(&self, id: &str) -> bool {
-        self.lock().partitions.iter().any(|p| p == id)
-    }
-
-    pub(crate) fn counts(&self) -> (usize, usize) {
-        let s = self.lock();
-        (s.vms.len(), s.partitions.len())
-    }
-
-    /// Ends the request: returns what it built and refuses anything more.
-    pub(crate) fn close(&self) -> (Vec<String>, Vec<String>) {
-        let mut s = self.lock();
-        s.closed = true;
-        (std::mem::take(&mut s.vms), std::mem::take(&mut s.partitions))
-    }
-
-    /// Counts a change that is about to run on a blocking thread.
-    pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        InFlight(self.clone())
-    }
-
-    /// Waits until no change of this request is running any more: a request
-    /// that was stopped keeps its slot until its builds have finished (and,
-    /// seeing the ledger closed, removed their own results).
-    pub(crate) async fn settle(&self) {
-        loop {
-            let notified = self.settled.notified();
-            if self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    /// The customisations of a closed request, to undo.
-    pub(crate) fn take_customized(&self) -> Vec<Customization> {
-        std::mem::take(&mut self.lock().customized)
-    }
-}
-
-/// Runs `run(0..count)` on up to four threads (the node's cores) and
-/// returns the results in order. After the first failure no new item is
-/// started; items never started are absent from the result.
-pub(crate) fn side_by_side<T: Send, E: Send>(
-    count: usize,
-    run: impl Fn(usize) -> Result<T, E> + Sync,
-) -> Vec<Result<T, E>> {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4);
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let results: std::sync::Mutex<Vec<Option<Result<T, E>>>> =
-        std::sync::Mutex::new((0..count).map(|_| None).collect());
-    std::thread::scope(|scope| {
-        for _ in 0..workers.min(count) {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= count || failed.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let result = run(i);
-                    if result.is_err() {
-                        failed.store(true, Ordering::SeqCst);
-                    }
-                    let mut all = results.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(slot) = all.get_mut(i) {
-                        *slot = Some(result);
-                    }
-                }
-            });
-        }
-    });
-    results.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().flatten().collect()
-}
-
-/// What the node lends to every invocation.
-#[derive(Clone, Default)]
-pub(crate) struct NodeServices {
-    pub images: Option<Arc<provd_images::Images>>,
-    pub image_sources: Arc<Vec<String>>,
-    pub public_images: Arc<Vec<String>>,
-    pub capacity: provd_domain::NodeCapacity,
-    pub vm_allow: Arc<provd_domain::VmAllow>,
-}
-
-impl HostState {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        plugin: String,
-        operation: String,
-        ledger: Arc<Ledger>,
-        grants: CapabilityGrants,
-        limits: &Limits,
-        max_handles: usize,
-        observer: Arc<dyn Observer>,
-        node: &NodeServices,
-        options: crate::CallOptions,
-    ) -> (HostState, [LogStream; 2]) {
-        let log_budget = grants.log.map(|l| l.max_bytes).unwrap_or(0);
-        let sink = LogSink::new(plugin.clone(), observer.clone(), log_budget);
-        let stdout = LogStream::new(sink.clone(), Source::Stdout);
-        let stderr = LogStream::new(sink.clone(), Source::Stderr);
-        // No preopened directories, no environment, no arguments, no network:
-        // a plugin reaches the node only through provd's own interfaces.
-        let wasi = WasiCtx::builder()
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
-        let mut table = ResourceTable::new();
-        table.set_max_capacity(max_handles);
-        let state = HostState {
-            plugin,
-            grants,
-            observer,
-            wasi,
-            table,
-            limiter: Limiter::new(limits),
-            log: sink,
-            progress: progress::ProgressState::default(),
-            breached: None,
-            images: node.images.clone(),
-            image_sources: node.image_sources.clone(),
-            public_images: node.public_images.clone(),
-            vm_allow: node.vm_allow.clone(),
-            fetched: std::collections::HashMap::new(),
-            plans: Vec::new(),
-            operation,
-            ledger,
-            partition_bytes: 0,
-            capacity: node.capacity,
-            cancel: options.cancel,
-            operation_vms: options.vms,
-            operation_specs: options.specs,
-            cancelled: false,
-        };
-        (state, [stdout, stderr])
-    }
-
-    /// The tenant of VM `name`: its spec's, as the manager gave it, or the
-    /// default tenant where the call has no spec for it (a local run).
-    pub(crate) fn vm_tenant(&self, name: &str) -> String {
-        self.operation_specs
-            .get(name)
-            .map(|s| s.tenant().to_string())
-            .unwrap_or_else(|| provd_domain::trust::DEFAULT_TENANT.to_string())
-    }
-
-    /// When the operation names its VMs, `name` must be one of them: a
-    /// plugin plans, builds and configures only for those.
-    pub(crate) fn operation_vm(&self, name: &str) -> Result<(), provd_bindings::types::Error> {
-        match &self.operation_vms {
-            Some(vms) if !vms.iter().any(|v| v == name) => {
-                Err(provd_bindings::types::Error::Denied(format!(
-                    "VM {name:?} is not among the VMs this operation names"
-                )))
-            }
-            _ => Ok(()),
-        }
-    }
-
+impl CallContext {
     /// Records `limit` as the reason the plugin stops and returns the trap.
-    pub(crate) fn breach(&mut self, limit: Limit) -> wasmtime::Error {
+    pub fn breach(&mut self, limit: Limit) -> wasmtime::Error {
         let error = wasmtime::Error::msg(limit.to_string());
         self.breached.get_or_insert(limit);
         error
@@ -327,7 +105,7 @@ impl HostState {
 
     /// A step boundary: every provd host call starts here. A cancelled
     /// request traps, so the call ends and what it built is rolled back.
-    pub(crate) fn step(&mut self) -> wasmtime::Result<()> {
+    pub fn step(&mut self) -> wasmtime::Result<()> {
         if self.cancel.is_cancelled() {
             self.cancelled = true;
             return Err(wasmtime::Error::msg("the operation was cancelled"));
@@ -338,7 +116,7 @@ impl HostState {
     /// Tells the observer how a host call was answered. `args` is a
     /// summary the caller builds from references, ids and sizes; it is cut
     /// to [`crate::MAX_ARGS_SUMMARY`] bytes here.
-    pub(crate) fn audit<T>(
+    pub fn audit<T>(
         &self,
         interface: &'static str,
         function: &'static str,
@@ -348,8 +126,8 @@ impl HostState {
         self.audit_bytes(interface, function, args, result, 0);
     }
 
-    /// [`HostState::audit`] with the bytes the call moved.
-    pub(crate) fn audit_bytes<T>(
+    /// [`CallContext::audit`] with the bytes the call moved.
+    pub fn audit_bytes<T>(
         &self,
         interface: &'static str,
         function: &'static str,
@@ -375,25 +153,130 @@ impl HostState {
             bytes,
         });
     }
+}
+
+/// Everything one invocation's store holds. A store lives for exactly one
+/// call, so nothing here outlives the request that created it. Each
+/// interface sees only its own part (see [`Call::parts`]).
+pub struct Call<S> {
+    ctx: CallContext,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limiter: Limiter,
+    pub(crate) log: Arc<LogSink>,
+    progress: progress::ProgressState,
+    node: S,
+}
+
+impl<S> std::fmt::Debug for Call<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Call").field("ctx", &self.ctx).finish_non_exhaustive()
+    }
+}
+
+/// The parts of a [`Call`] a node's interface may see: the call's context,
+/// its handle table and the node's own state.
+#[derive(Debug)]
+pub struct Parts<'a, S> {
+    pub ctx: &'a mut CallContext,
+    pub table: &'a mut ResourceTable,
+    pub node: &'a mut S,
+}
+
+impl<S> Call<S> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new<H: HostInterfaces<State = S>>(
+        host: &H,
+        plugin: String,
+        operation: String,
+        grants: CapabilityGrants,
+        limits: &Limits,
+        max_handles: usize,
+        observer: Arc<dyn Observer>,
+        cancel: crate::Cancel,
+        options: H::Options,
+    ) -> (Call<S>, [LogStream; 2]) {
+        let log_budget = grants.log.map(|l| l.max_bytes).unwrap_or(0);
+        let sink = LogSink::new(plugin.clone(), observer.clone(), log_budget);
+        let stdout = LogStream::new(sink.clone(), Source::Stdout);
+        let stderr = LogStream::new(sink.clone(), Source::Stderr);
+        // No preopened directories, no environment, no arguments, no network:
+        // a plugin reaches the node only through provd's own interfaces.
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(max_handles);
+        let ctx = CallContext {
+            plugin,
+            operation,
+            grants,
+            observer,
+            cancel,
+            deadline: std::time::Instant::now() + limits.timeout,
+            cancelled: false,
+            breached: None,
+        };
+        let node = host.state(&ctx, options);
+        let call = Call {
+            ctx,
+            wasi,
+            table,
+            limiter: Limiter::new(limits),
+            log: sink,
+            progress: progress::ProgressState::default(),
+            node,
+        };
+        (call, [stdout, stderr])
+    }
+
+    /// The call's context, handle table and node state, borrowed apart so
+    /// that an interface's view can hold all three.
+    pub fn parts(&mut self) -> Parts<'_, S> {
+        Parts { ctx: &mut self.ctx, table: &mut self.table, node: &mut self.node }
+    }
+
+    pub(crate) fn ctx(&mut self) -> &mut CallContext {
+        &mut self.ctx
+    }
+
+    /// Whether the call was stopped by its cancel.
+    pub(crate) fn cancelled(&self) -> bool {
+        self.ctx.cancelled
+    }
+
+    /// Marks the call stopped by its cancel (seen between epoch slices).
+    pub(crate) fn mark_cancelled(&mut self) {
+        self.ctx.cancelled = true;
+    }
+
+    /// The limit that stopped the call, if one did.
+    pub(crate) fn take_breach(&mut self) -> Option<Limit> {
+        self.ctx.breached.take().or_else(|| self.limiter.breached.take())
+    }
 
     pub(crate) fn log_stats(&self) -> LogStats {
         self.log.stats()
     }
 }
 
-impl WasiView for HostState {
+impl<S: Send> WasiView for Call<S> {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
-impl wasmtime_wasi_io::IoView for HostState {
+impl<S: Send> wasmtime_wasi_io::IoView for Call<S> {
     fn table(&mut self) -> &mut ResourceTable {
         &mut self.table
     }
 }
 
-impl provd_bindings::types::Host for HostState {}
+impl<S: Send> provd_bindings::types::Host for Call<S> {}
 
 /// Enforces an instance-wide memory total and table/instance/memory counts.
 ///
@@ -487,18 +370,19 @@ impl wasmtime::ResourceLimiter for Limiter {
 pub(crate) use provd_domain::{ALWAYS_LINKED, WASI_INTERFACES};
 
 /// Builds the linker for one grant: the WASI subset above, provd's type-only
-/// interfaces, and exactly the capabilities granted.
-pub(crate) fn linker(
+/// interfaces, and exactly the capabilities granted, each interface over
+/// its own view of the call.
+pub(crate) fn linker<H: HostInterfaces>(
     engine: &wasmtime::Engine,
     grants: &CapabilityGrants,
-) -> wasmtime::Result<Linker<HostState>> {
+) -> wasmtime::Result<Linker<Call<H::State>>> {
     use wasmtime_wasi::cli::{WasiCli, WasiCliView};
     use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView};
     use wasmtime_wasi::filesystem::{WasiFilesystem, WasiFilesystemView};
     use wasmtime_wasi::p2::bindings::{cli, clocks, filesystem, random};
     use wasmtime_wasi::random::WasiRandom;
 
-    let mut linker = Linker::<HostState>::new(engine);
+    let mut linker = Linker::<Call<H::State>>::new(engine);
     let l = &mut linker;
     wasmtime_wasi_io::add_to_linker_async(l)?;
     clocks::wall_clock::add_to_linker::<_, WasiClocks>(l, |t| t.clocks())?;
@@ -519,25 +403,27 @@ pub(crate) fn linker(
     filesystem::types::add_to_linker::<_, WasiFilesystem>(l, |t| t.filesystem())?;
     filesystem::preopens::add_to_linker::<_, WasiFilesystem>(l, |t| t.filesystem())?;
 
-    provd_bindings::types::add_to_linker::<_, HasSelf<HostState>>(l, |t| t)?;
+    provd_bindings::types::add_to_linker::<_, HasSelf<Call<H::State>>>(l, |t| t)?;
     for capability in Capability::ALL {
         if !grants.allows(capability) {
             continue;
         }
         match capability {
-            Capability::Log => provd_bindings::log::add_to_linker::<_, HasSelf<_>>(l, |t| t)?,
+            Capability::Log => provd_bindings::log::add_to_linker::<_, log::LogData>(l, |t| {
+                log::LogView { sink: &t.log }
+            })?,
             Capability::Progress => {
-                provd_bindings::progress::add_to_linker::<_, HasSelf<_>>(l, |t| t)?
+                provd_bindings::progress::add_to_linker::<_, progress::ProgressData>(l, |t| {
+                    progress::ProgressView { ctx: &mut t.ctx, state: &mut t.progress }
+                })?
             }
-            Capability::Hashing => {
-                provd_bindings::hashing::add_to_linker::<_, HasSelf<_>>(l, |t| t)?
+            other => {
+                if !H::link(l, other)? {
+                    return Err(wasmtime::Error::msg(format!(
+                        "capability `{other}` is not provided on this node"
+                    )));
+                }
             }
-            Capability::Images => provd_bindings::images::add_to_linker::<_, HasSelf<_>>(l, |t| t)?,
-            Capability::Dedup => provd_bindings::dedup::add_to_linker::<_, HasSelf<_>>(l, |t| t)?,
-            Capability::Partitions => {
-                provd_bindings::partitions::add_to_linker::<_, HasSelf<_>>(l, |t| t)?
-            }
-            Capability::Vm => provd_bindings::vm::add_to_linker::<_, HasSelf<_>>(l, |t| t)?,
         }
     }
     Ok(linker)

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use provd_bindings::progress as wit;
 use provd_bindings::types::Error as WitError;
 
-use crate::host::HostState;
+use crate::host::CallContext;
 use crate::observe::ProgressEvent;
 
 /// Distinct phases one invocation may report. Phases name steps of a
@@ -34,22 +34,34 @@ fn check_phase(phase: &str) -> Result<(), String> {
     Ok(())
 }
 
-impl wit::Host for HostState {
+/// `progress`'s view of a call: the call's context and the phases seen.
+pub(crate) struct ProgressView<'a> {
+    pub ctx: &'a mut CallContext,
+    pub state: &'a mut ProgressState,
+}
+
+pub(crate) struct ProgressData;
+
+impl wasmtime::component::HasData for ProgressData {
+    type Data<'a> = ProgressView<'a>;
+}
+
+impl wit::Host for ProgressView<'_> {
     async fn report(
         &mut self,
         phase: String,
         done: u64,
         total: Option<u64>,
     ) -> wasmtime::Result<Result<(), WitError>> {
-        self.step()?;
+        self.ctx.step()?;
         let args = format!("{phase} {done}/{}", total.map(|t| t.to_string()).unwrap_or("?".into()));
         let result = self.report_call(phase, done, total);
-        self.audit("progress", "report", args, &result);
+        self.ctx.audit("progress", "report", args, &result);
         Ok(result)
     }
 }
 
-impl HostState {
+impl ProgressView<'_> {
     fn report_call(
         &mut self,
         phase: String,
@@ -66,7 +78,7 @@ impl HostState {
                 "phase {phase}: done ({done}) exceeds total ({total})"
             )));
         }
-        let state = &mut self.progress;
+        let state = &mut *self.state;
         if !state.phases.contains(&phase) {
             if state.phases.len() >= MAX_PHASES {
                 return Err(WitError::InvalidInput(format!(
@@ -77,8 +89,8 @@ impl HostState {
         }
         state.events += 1;
         if state.events <= MAX_EVENTS {
-            let event = ProgressEvent { plugin: self.plugin.clone(), phase, done, total };
-            self.observer.progress(&event);
+            let event = ProgressEvent { plugin: self.ctx.plugin.clone(), phase, done, total };
+            self.ctx.observer.progress(&event);
         }
         Ok(())
     }

@@ -6,11 +6,10 @@
 //! for a slot (`max-running-operations`), runs the plugin with a
 //! [`Cancel`] token checked at every host call, and finishes the record in
 //! one transaction that also releases its VM names. A failed, cancelled or
-//! interrupted operation is rolled back: the engine removes what its
-//! ledger recorded, and then everything the store recorded against the
-//! operation's id is removed too (VMs newest first, then partitions), which
-//! is also what restart recovery does for an operation a crash left
-//! `running`.
+//! interrupted operation is rolled back (`crate::rollback`): what the
+//! call's ledger recorded, and then everything the store recorded against
+//! the operation's id (VMs newest first, then partitions), which is also
+//! what restart recovery does for an operation a crash left `running`.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -18,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt as _;
-use provd_engine::{
-    CallOptions, CallOutcome, Cancel, HostCall, InvokeError, Observer, PluginError, Request,
-};
+/// What [`Meter`] is told of each host call.
+pub use provd_engine::{CallOutcome, HostCall};
+use provd_engine::{Cancel, InvokeError, Observer, PluginError, Request};
 use provd_store::{
     NewAudit, NewOperation, OpState, OperationError, OperationRecord, Started, Store,
 };
@@ -254,7 +253,7 @@ impl Operations {
     pub fn recover(store: &Store) -> Result<usize, provd_store::StoreError> {
         let stale = store.operations(Some(OpState::Running), u32::MAX)?;
         for op in &stale {
-            let (vms, partitions) = roll_back(store, &op.id);
+            let (vms, partitions) = crate::rollback::operation(store, &op.id);
             let message = format!(
                 "provd stopped while the operation ran; on restart it was rolled back \
                  ({vms} VM(s), {partitions} partition(s) removed)"
@@ -409,7 +408,10 @@ impl Operations {
                     // the daemon's own code around it.
                     let store = this.store.clone();
                     let op = id.clone();
-                    let _ = tokio::task::spawn_blocking(move || roll_back(&store, &op)).await;
+                    let _ = tokio::task::spawn_blocking(move || {
+                        crate::rollback::operation(&store, &op)
+                    })
+                    .await;
                     (
                         OpState::Failed,
                         None,
@@ -427,7 +429,7 @@ impl Operations {
         &self,
         id: &str,
         version: &str,
-        plugin: provd_engine::Plugin,
+        plugin: provd_host::Plugin,
         req: StartRequest,
         running: Arc<Running>,
     ) -> (OpState, Option<String>, Option<(&'static str, String)>, Vec<NewAudit>) {
@@ -463,20 +465,18 @@ impl Operations {
         // end hears of every failed write since (see `Store::sync_point`).
         let point = self.store.sync_point();
         let started = std::time::Instant::now();
-        let result = self
-            .node
-            .engine()
-            .provision_with(
-                &plugin,
-                request,
-                observer.clone(),
-                CallOptions {
-                    cancel: running.cancel.clone(),
-                    vms: Some(req.vms.clone()),
-                    specs: req.specs.clone(),
-                },
-            )
-            .await;
+        let result = crate::call::run(
+            self.node.engine(),
+            &plugin,
+            request,
+            observer.clone(),
+            crate::call::CallOptions {
+                cancel: running.cancel.clone(),
+                vms: Some(req.vms.clone()),
+                specs: req.specs.clone(),
+            },
+        )
+        .await;
         self.meter.called(&req.plugin, started.elapsed());
         let audit = observer.drain(true);
         // What the operation wrote becomes durable here, with one syncfs,
@@ -515,11 +515,13 @@ impl Operations {
                 (OpState::Succeeded, Some(report.to_string()), None, audit)
             }
             Err(e) => {
-                // The engine has rolled back what its ledger recorded; this
+                // The call has rolled back what its ledger recorded; this
                 // removes anything else recorded against the operation.
                 let store = self.store.clone();
                 let op = id.to_string();
-                let _ = tokio::task::spawn_blocking(move || roll_back(&store, &op)).await;
+                let _ =
+                    tokio::task::spawn_blocking(move || crate::rollback::operation(&store, &op))
+                        .await;
                 let state = if matches!(e, InvokeError::Cancelled) {
                     OpState::Cancelled
                 } else {
@@ -792,51 +794,4 @@ async fn cancelled(cancel: &Cancel) {
     while !cancel.is_cancelled() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Removes everything recorded against operation `id`, newest first: its
-/// VMs (with their reservations, seeds and configuration, and the
-/// partitions only they used), then its remaining partitions. Returns how
-/// many VMs and partitions of the operation are gone.
-pub fn roll_back(store: &Store, id: &str) -> (usize, usize) {
-    let count_partitions = || store.partitions_of_operation(id).map(|p| p.len()).unwrap_or(0);
-    let before = count_partitions();
-    let mut vms = 0;
-    match store.vms_of_operation(id) {
-        Ok(names) => {
-            for name in names {
-                match provd_vm::delete(store, &name) {
-                    Ok(_) => vms += 1,
-                    Err(e) => {
-                        tracing::error!(operation = %id, vm = %name, error = %e, "rollback: cannot remove VM")
-                    }
-                }
-            }
-        }
-        Err(e) => tracing::error!(operation = %id, error = %e, "rollback: cannot list VMs"),
-    }
-    match store.partitions_of_operation(id) {
-        Ok(mut recs) => {
-            // Private partitions first: a shared partition cannot go while
-            // a stack names one of its layers.
-            recs.sort_by_key(|r| {
-                (r.role == provd_store::PartitionRole::Shared, std::cmp::Reverse(r.created_at))
-            });
-            for rec in recs {
-                match store.remove_partition(&rec.id) {
-                    Ok(_) => {}
-                    // A repack's partition VMs were moved onto before the
-                    // crash: theirs now, it goes with the last of them.
-                    Err(provd_store::StoreError::InUse(why)) => {
-                        tracing::info!(operation = %id, partition = %rec.id, why, "rollback: partition kept");
-                    }
-                    Err(e) => {
-                        tracing::error!(operation = %id, partition = %rec.id, error = %e, "rollback: cannot remove partition");
-                    }
-                }
-            }
-        }
-        Err(e) => tracing::error!(operation = %id, error = %e, "rollback: cannot list partitions"),
-    }
-    (vms, before.saturating_sub(count_partitions()))
 }

@@ -1,0 +1,101 @@
+//! One plugin call on the node, however it is started (an operation, a
+//! local run, a test): the engine runs it with the node's interfaces, which
+//! record what it builds in a ledger; this module keeps or undoes that
+//! once the call has ended, and waits for changes still in flight.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use provd_engine::{Cancel, InvokeError, Observer, Outcome, Request};
+use provd_host::{Built, Engine, Ledger, NodeCall, Plugin};
+use provd_store::{PartitionRole, Store};
+
+/// What a caller says about one call beyond its request.
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    /// Stops the call at the plugin's next host call or epoch slice.
+    pub cancel: Cancel,
+    /// The VM names the operation is about (the daemon holds them for it):
+    /// when given, the only VMs the plugin may plan, build or configure
+    /// for. `None` (local tools, tests) leaves the names free.
+    pub vms: Option<Vec<String>>,
+    /// The manager's spec of each VM the operation names.
+    pub specs: BTreeMap<String, provd_vm::spec::VmSpec>,
+}
+
+/// Runs `plugin` once. If the call fails, what it built is removed
+/// ([`crate::rollback::call`]); if it succeeds in an operation that names
+/// its VMs, private partitions it built for a VM it did not configure are
+/// freed. Returns once no change of the call runs any more.
+pub async fn run(
+    engine: &Engine,
+    plugin: &Plugin,
+    request: Request,
+    observer: Arc<dyn Observer>,
+    options: CallOptions,
+) -> Result<Outcome, InvokeError> {
+    let ledger = Arc::new(Ledger::default());
+    let names_given = options.vms.is_some();
+    let operation = request.operation_id.clone();
+    let host = NodeCall { vms: options.vms, specs: options.specs, ledger: ledger.clone() };
+    let result = engine
+        .provision_with(
+            plugin,
+            request,
+            observer,
+            provd_engine::CallOptions { cancel: options.cancel, host },
+        )
+        .await;
+    // Closed before anything is undone, so that a build still running on
+    // a blocking thread removes its own result instead of publishing it.
+    let built = ledger.close();
+    if let Some(store) = engine.host().store().cloned()
+        && !built.is_empty()
+        && (result.is_err() || names_given)
+    {
+        let failed = result.is_err();
+        let done = tokio::task::spawn_blocking(move || {
+            if failed {
+                crate::rollback::call(&store, &operation, &built);
+            } else {
+                free_unconfigured(&store, &built);
+            }
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "ending a call panicked");
+        }
+    }
+    ledger.settle().await;
+    result
+}
+
+/// After an operation that names its VMs succeeds: removes the private
+/// partitions it built for a VM it did not configure. Nothing else would
+/// ever use or free them, and the VM that rightfully has that name would
+/// find its partition taken.
+fn free_unconfigured(store: &Store, built: &Built) {
+    for id in built.partitions.iter().rev() {
+        let unused = match store.partition(id) {
+            Ok(Some(rec)) => {
+                rec.role == PartitionRole::Private && !rec.vms.iter().any(|v| built.vms.contains(v))
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(partition = %id, error = %e, "cannot read a partition");
+                false
+            }
+        };
+        if !unused {
+            continue;
+        }
+        match store.remove_partition(id) {
+            Ok(_) => {
+                tracing::info!(partition = %id, "freed a private partition no VM of its operation was configured on")
+            }
+            Err(e) => {
+                tracing::warn!(partition = %id, error = %e, "cannot free an unconfigured private partition")
+            }
+        }
+    }
+}
