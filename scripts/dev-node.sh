@@ -37,6 +37,15 @@ keyUsage=critical,digitalSignature"
 
 "$provctl" keygen signer --dir . >/dev/null
 
+# KVM where this machine has it (the device and the CPU's extensions: a
+# nested VM may offer the one without the other), emulation otherwise;
+# the same domains run under both.
+if [ -r /dev/kvm ] && [ -w /dev/kvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo; then
+  domain_type=kvm
+else
+  domain_type=qemu
+fi
+
 cat > provd.toml <<TOML
 # provd serve --config provd.toml (docs/api.md lists every key)
 data-dir = "data"
@@ -71,6 +80,10 @@ public-images = ["dir:$(pwd)/images/web", "dir:$(pwd)/images/api", "dir:$(pwd)/i
 vcpus = 8
 memory-mib = 16384
 disk-bytes = 107374182400
+
+# How QEMU runs the VMs' CPUs: "kvm" or "qemu" (emulation).
+[hypervisor]
+domain-type = "$domain_type"
 TOML
 
 cat > manager.env <<ENV

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use provd_node::policy::{NodeCapacity, NodePolicy};
+use provd_node::policy::{CpuMode, DomainType, Machine, NodeCapacity, NodePolicy};
 use serde::Deserialize;
 
 const MIB: u64 = 1 << 20;
@@ -44,6 +44,23 @@ pub struct Config {
     /// What VMs of different tenants may share.
     #[serde(default)]
     pub sharing: SharingConfig,
+    /// How the node's hypervisor runs VMs.
+    #[serde(default)]
+    pub hypervisor: HypervisorConfig,
+}
+
+/// `[hypervisor]`: how the node's QEMU runs the libvirt domains provd
+/// renders.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HypervisorConfig {
+    /// `"kvm"` (the default) or `"qemu"` (emulation, where KVM cannot run).
+    #[serde(default)]
+    pub domain_type: DomainType,
+    /// `"host-passthrough"`, `"host-model"` or `"maximum"`; by default the
+    /// host's CPU under KVM and the most QEMU emulates under `"qemu"`.
+    #[serde(default)]
+    pub cpu_mode: Option<CpuMode>,
 }
 
 /// `[sharing]`: the provider's public catalogue, whose layers VMs of every
@@ -281,6 +298,12 @@ impl Config {
                     })?;
             }
         }
+        Machine::new(config.hypervisor.domain_type, config.hypervisor.cpu_mode).map_err(|why| {
+            ConfigError::Parse {
+                path: path.display().to_string(),
+                message: format!("hypervisor: {why}"),
+            }
+        })?;
         if config.trusted_keys.is_empty() {
             return Err(ConfigError::Parse {
                 path: path.display().to_string(),
@@ -328,6 +351,10 @@ impl Config {
         }
         p.max_concurrent_invocations = self.limits.max_running_operations.max(1);
         p.capacity = self.capacity;
+        // Checked when the file was read.
+        if let Ok(machine) = Machine::new(self.hypervisor.domain_type, self.hypervisor.cpu_mode) {
+            p.machine = machine;
+        }
         p
     }
 }
@@ -354,5 +381,29 @@ mod tests {
         assert_eq!(c.data_dir, dir.path().join("data"));
         assert_eq!(c.trusted_keys, vec![dir.path().join("k.pub")]);
         assert_eq!(c.node_policy().capacity.vcpus, 0);
+        assert_eq!(c.node_policy().machine, Machine::default());
+    }
+
+    #[test]
+    fn the_hypervisor_section_sets_how_qemu_runs_vms_and_refuses_what_libvirt_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("provd.toml");
+        let base = "data-dir = \"data\"\nlisten = \"127.0.0.1:0\"\ntrusted-keys = [\"k.pub\"]\n\
+                    [tls]\ncert = \"c\"\nkey = \"k\"\nclient-ca = \"ca\"\n";
+        std::fs::write(&path, format!("{base}[hypervisor]\ndomain-type = \"qemu\"\n")).unwrap();
+        let machine = Config::load(&path).unwrap().node_policy().machine;
+        assert_eq!((machine.domain_type, machine.cpu_mode), (DomainType::Qemu, CpuMode::Maximum));
+        std::fs::write(
+            &path,
+            format!(
+                "{base}[hypervisor]\ndomain-type = \"qemu\"\ncpu-mode = \"host-passthrough\"\n"
+            ),
+        )
+        .unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains("hypervisor") && e.contains("host-passthrough"), "{e}");
+        std::fs::write(&path, format!("{base}[hypervisor]\ndomain-type = \"xen\"\n")).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains("xen"), "{e}");
     }
 }

@@ -82,6 +82,89 @@ pub struct NodePolicy {
     pub capacity: NodeCapacity,
     /// The host networks and boot files VMs may use, whoever asks.
     pub vm_allow: VmAllow,
+    /// How the node's QEMU runs the libvirt domains provd renders.
+    pub machine: Machine,
+}
+
+/// libvirt's domain type: how QEMU runs a guest's CPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DomainType {
+    /// Hardware virtualisation through `/dev/kvm`.
+    #[default]
+    Kvm,
+    /// Emulation (TCG): slower, and runs where KVM cannot.
+    Qemu,
+}
+
+impl DomainType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainType::Kvm => "kvm",
+            DomainType::Qemu => "qemu",
+        }
+    }
+}
+
+/// The CPU a guest is given (libvirt's `<cpu mode>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CpuMode {
+    /// The host's own CPU, every feature of it: KVM only.
+    HostPassthrough,
+    /// A named model close to the host's, so a guest can migrate between
+    /// hosts of one model: KVM only.
+    HostModel,
+    /// Every feature the hypervisor can give: under emulation, QEMU's `max`
+    /// model, which has the x86-64-v2 features current distributions need
+    /// and QEMU's default `qemu64` lacks.
+    Maximum,
+}
+
+impl CpuMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CpuMode::HostPassthrough => "host-passthrough",
+            CpuMode::HostModel => "host-model",
+            CpuMode::Maximum => "maximum",
+        }
+    }
+}
+
+/// How the node's QEMU runs VMs: the domain type and CPU mode of every
+/// libvirt domain provd renders (`[hypervisor]` of `provd.toml`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Machine {
+    pub domain_type: DomainType,
+    pub cpu_mode: CpuMode,
+}
+
+impl Machine {
+    /// `domain_type` with `cpu_mode`, or the mode that runs under it when
+    /// none is given: the host's CPU under KVM, the most QEMU can emulate
+    /// otherwise. A host CPU mode under emulation is refused: libvirt
+    /// would refuse to start every domain.
+    pub fn new(domain_type: DomainType, cpu_mode: Option<CpuMode>) -> Result<Machine, String> {
+        let cpu_mode = cpu_mode.unwrap_or(match domain_type {
+            DomainType::Kvm => CpuMode::HostPassthrough,
+            DomainType::Qemu => CpuMode::Maximum,
+        });
+        if domain_type == DomainType::Qemu && cpu_mode != CpuMode::Maximum {
+            return Err(format!(
+                "cpu-mode {:?} needs domain-type \"kvm\"; under \"qemu\" use \"maximum\"",
+                cpu_mode.as_str()
+            ));
+        }
+        Ok(Machine { domain_type, cpu_mode })
+    }
+}
+
+impl Default for Machine {
+    /// KVM with the host's CPU, as a node with hardware virtualisation
+    /// runs its VMs.
+    fn default() -> Self {
+        Machine { domain_type: DomainType::Kvm, cpu_mode: CpuMode::HostPassthrough }
+    }
 }
 
 /// What of the host a VM spec may name, as patterns: `*` matches any run
@@ -176,6 +259,7 @@ impl Default for NodePolicy {
             hypervisors: HYPERVISORS.iter().map(|h| h.to_string()).collect(),
             capacity: NodeCapacity::default(),
             vm_allow: VmAllow::default(),
+            machine: Machine::default(),
         }
     }
 }

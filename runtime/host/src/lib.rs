@@ -68,8 +68,8 @@ pub struct NodeInterfaces {
     public_images: Arc<Vec<String>>,
     /// The host networks and boot files the node lets VMs use.
     vm_allow: Arc<provd_domain::VmAllow>,
-    /// The node's capacity for VMs.
-    capacity: provd_domain::NodeCapacity,
+    /// The node's capacity for VMs and how its hypervisor runs them.
+    hosting: provd_vm::Hosting,
 }
 
 impl std::fmt::Debug for NodeInterfaces {
@@ -87,7 +87,7 @@ impl NodeInterfaces {
             image_sources: Arc::new(policy.image_sources.clone()),
             public_images: Arc::new(policy.public_images.clone()),
             vm_allow: Arc::new(policy.vm_allow.clone()),
-            capacity: policy.capacity,
+            hosting: provd_vm::Hosting { capacity: policy.capacity, machine: policy.machine },
         }
     }
 

@@ -115,13 +115,13 @@ impl VmView<'_> {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
-        let capacity = self.scope.node.capacity;
+        let hosting = self.scope.node.hosting;
         let operation = self.ctx.operation.clone();
         let done = self
             .scope
             .ledger
             .blocking(move |ledger| {
-                configure_recorded(&store, ledger, &spec, &rec, &grant, &capacity, &operation)
+                configure_recorded(&store, ledger, &spec, &rec, &grant, &hosting, &operation)
             })
             .await?;
         Ok(done.map(wit_configured))
@@ -137,7 +137,7 @@ fn configure_recorded(
     spec: &str,
     private: &provd_store::PartitionRecord,
     grant: &provd_domain::VmGrant,
-    capacity: &provd_domain::NodeCapacity,
+    hosting: &provd_vm::Hosting,
     operation: &str,
 ) -> Result<provd_vm::Configured, WitError> {
     // The order of the checks is the order of the refusals a plugin sees:
@@ -146,7 +146,7 @@ fn configure_recorded(
     provd_vm::check_grant(&parsed, grant).map_err(wit_error)?;
     let attached = provd_partitions::attachments(store, private, &parsed.name, parsed.tenant())
         .map_err(crate::partitions::wit_error)?;
-    let c = provd_vm::configure(store, &parsed, spec, &attached, grant, capacity, Some(operation))
+    let c = provd_vm::configure(store, &parsed, spec, &attached, grant, hosting, Some(operation))
         .map_err(wit_error)?;
     if !ledger.add_vm(&c.name) {
         let _ = provd_vm::delete(store, &c.name);
@@ -196,7 +196,7 @@ impl VmView<'_> {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
-        let capacity = self.scope.node.capacity;
+        let hosting = self.scope.node.hosting;
         let operation = self.ctx.operation.clone();
         let done = self
             .scope
@@ -206,7 +206,7 @@ impl VmView<'_> {
                     let Some((spec, rec, grant)) = items.get(i) else {
                         return Err(WitError::Failed("no such item".into()));
                     };
-                    configure_recorded(&store, ledger, spec, rec, grant, &capacity, &operation)
+                    configure_recorded(&store, ledger, spec, rec, grant, &hosting, &operation)
                 })
             })
             .await?;

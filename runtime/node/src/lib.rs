@@ -37,7 +37,10 @@ pub use provd_store::{
 
 /// The node's policy, as a configuration file sets it.
 pub mod policy {
-    pub use provd_domain::{MAX_PATTERN_LEN, NodeCapacity, NodePolicy, VmAllow, check_pattern};
+    pub use provd_domain::{
+        CpuMode, DomainType, MAX_PATTERN_LEN, Machine, NodeCapacity, NodePolicy, VmAllow,
+        check_pattern,
+    };
 }
 
 /// VM specs as managers send them.

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use provd_domain::attach::{Attachments, ImageFormat, SharedDevice};
-use provd_domain::{NodeCapacity, VmGrant};
+use provd_domain::{Machine, NodeCapacity, VmGrant};
 use provd_store::{NewVm, ReserveError, Resources, Store};
 
 use crate::cloudinit::{SeedInput, SeedNic, SeedUser, seed_files, write_seed_iso_with};
@@ -38,6 +38,14 @@ pub enum VmError {
     /// building the configuration failed
     #[error("{0}")]
     Failed(String),
+}
+
+/// What the node gives the VMs it configures: room, and how its
+/// hypervisor runs them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hosting {
+    pub capacity: NodeCapacity,
+    pub machine: Machine,
 }
 
 /// A VM configured on the node.
@@ -202,14 +210,14 @@ pub fn parse(spec_text: &str) -> Result<VmSpec, VmError> {
 /// Configures the VM `spec` describes (parsed from `spec_text`, which is
 /// recorded as it is), attaching `attached` (its partitions, which the
 /// partitions crate checked are this VM's and its tenant's to attach), for
-/// a plugin holding `grant`, on a node of `capacity`.
+/// a plugin holding `grant`, on a node that hosts VMs as `node` says.
 pub fn configure(
     store: &Store,
     spec: &VmSpec,
     spec_text: &str,
     attached: &Attachments,
     grant: &VmGrant,
-    capacity: &NodeCapacity,
+    node: &Hosting,
     operation: Option<&str>,
 ) -> Result<Configured, VmError> {
     check_grant(spec, grant)?;
@@ -229,12 +237,12 @@ pub fn configure(
             macs: macs.clone(),
             needs,
         },
-        &capacity_of(capacity),
+        &capacity_of(&node.capacity),
     )?;
     let dir = vm_dir(store, &spec.name);
     // In an operation, the operation's end makes everything durable with
     // one syncfs; alone, the seed is synced itself.
-    let built = write_vm(spec, &dir, attached, &boot, operation.is_none());
+    let built = write_vm(spec, &dir, attached, &boot, node.machine, operation.is_none());
     match built {
         Ok((config_file, config, disks)) => Ok(Configured {
             name: spec.name.clone(),
@@ -337,6 +345,7 @@ fn render_config(
     disks: Vec<AttachedDisk>,
     shared_dirs: Vec<SharedDir>,
     boot: &BootFiles,
+    machine: Machine,
 ) -> Result<Written, VmError> {
     let io = |what: String| move |e: std::io::Error| VmError::Failed(format!("{what}: {e}"));
     let input = RenderInput {
@@ -348,6 +357,7 @@ fn render_config(
         initrd: boot.initrd.clone(),
         firmware: boot.firmware.clone(),
         serial_log: Some(dir.join("serial.log")),
+        machine,
     };
     let rendered = render(&input).map_err(|e| VmError::Spec(e.to_string()))?;
     let temp = dir.join(format!("{}.new", rendered.file_name));
@@ -374,6 +384,7 @@ fn write_vm(
     dir: &Path,
     attached: &Attachments,
     boot: &BootFiles,
+    machine: Machine,
     durable: bool,
 ) -> Result<Written, VmError> {
     let io = |what: String| move |e: std::io::Error| VmError::Failed(format!("{what}: {e}"));
@@ -412,7 +423,7 @@ fn write_vm(
     write_seed_iso_with(&seed, &dir.join("seed.iso"), durable)
         .map_err(|e| VmError::Failed(e.to_string()))?;
     let (disks, shared_dirs) = attachments(spec, dir, attached);
-    render_config(spec, dir, disks, shared_dirs, boot)
+    render_config(spec, dir, disks, shared_dirs, boot, machine)
 }
 
 /// The spec VM `name` was configured with.
@@ -429,8 +440,14 @@ pub fn recorded_spec(store: &Store, name: &str) -> Result<Option<VmSpec>, VmErro
 pub fn rerender(store: &Store, spec: &VmSpec, attached: &Attachments) -> Result<(), VmError> {
     let boot = boot_files(store, spec)?;
     let dir = vm_dir(store, &spec.name);
+    // The machine the VM was configured with stays: new disks change
+    // nothing of how its CPU runs.
+    let machine = std::fs::read_to_string(dir.join("domain.xml"))
+        .ok()
+        .and_then(|xml| crate::qemu::domain_machine(&xml))
+        .unwrap_or_default();
     let (disks, shared_dirs) = attachments(spec, &dir, attached);
-    render_config(spec, &dir, disks, shared_dirs, &boot).map(|_| ())
+    render_config(spec, &dir, disks, shared_dirs, &boot, machine).map(|_| ())
 }
 
 /// Deletes a VM: its directory, its record and reservations, and every

@@ -13,8 +13,8 @@ pub mod render;
 pub mod spec;
 
 pub use configure::{
-    CLOUD_HYPERVISOR_FIRMWARE, Configured, VmError, capacity_of, check_grant, configure, delete,
-    parse, recorded_spec, rerender,
+    CLOUD_HYPERVISOR_FIRMWARE, Configured, Hosting, VmError, capacity_of, check_grant, configure,
+    delete, parse, recorded_spec, rerender,
 };
 pub use customize::{
     Customized, customize, end_customization, recover_customizations, restore_seed,

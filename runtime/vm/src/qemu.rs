@@ -52,6 +52,55 @@ impl Accel {
     }
 }
 
+/// The domain type and CPU mode a libvirt domain provd wrote asks for, so
+/// that writing it again (a repack's new disks) keeps the machine it was
+/// configured with. `None` when the XML does not say or names values
+/// provd does not write.
+pub fn domain_machine(xml: &str) -> Option<provd_domain::Machine> {
+    use provd_domain::{CpuMode, DomainType, Machine};
+    if xml.len() > MAX_XML_BYTES {
+        return None;
+    }
+    let mut reader = Reader::from_str(xml);
+    let (mut domain_type, mut cpu_mode) = (None, None);
+    // Elements open around the reader: `<domain>` at 0, `<cpu>` at 1.
+    let mut depth = 0usize;
+    loop {
+        let (e, opens) = match reader.read_event().ok()? {
+            Event::Start(e) => (e, true),
+            Event::Empty(e) => (e, false),
+            Event::End(_) => {
+                depth = depth.saturating_sub(1);
+                continue;
+            }
+            Event::Eof => break,
+            _ => continue,
+        };
+        match (depth, e.name().as_ref()) {
+            (0, "domain") => {
+                domain_type = match attr(&e, "type").ok()??.as_str() {
+                    "kvm" => Some(DomainType::Kvm),
+                    "qemu" => Some(DomainType::Qemu),
+                    _ => return None,
+                };
+            }
+            (1, "cpu") => {
+                cpu_mode = match attr(&e, "mode").ok()??.as_str() {
+                    "host-passthrough" => Some(CpuMode::HostPassthrough),
+                    "host-model" => Some(CpuMode::HostModel),
+                    "maximum" => Some(CpuMode::Maximum),
+                    _ => return None,
+                };
+            }
+            _ => {}
+        }
+        if opens {
+            depth += 1;
+        }
+    }
+    Machine::new(domain_type?, cpu_mode).ok()
+}
+
 /// Why a domain cannot be booted under plain qemu.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QemuError {

@@ -94,6 +94,9 @@ pub struct RenderInput<'a> {
     /// (`crate::console`). Firecracker's config file cannot name one (its
     /// serial goes to the process's stdout), so it ignores this.
     pub serial_log: Option<PathBuf>,
+    /// How the node's QEMU runs the guest: libvirt's domain type and CPU
+    /// mode. Cloud Hypervisor and Firecracker always use KVM and ignore it.
+    pub machine: provd_domain::Machine,
 }
 
 /// A rendered configuration and the file name it is written under.
@@ -212,6 +215,7 @@ struct Plan<'a> {
     boot: BootPlan<'a>,
     shared_dirs: Vec<SharedDirPlan<'a>>,
     serial_log: Option<&'a str>,
+    machine: provd_domain::Machine,
 }
 
 /// Most shared partitions (disks and virtio-fs exports together) one VM
@@ -502,5 +506,5 @@ fn plan<'a>(input: &'a RenderInput<'a>) -> Result<Plan<'a>, RenderError> {
         Some(p) => Some(host_path(p, "input.serial_log")?),
         None => None,
     };
-    Ok(Plan { spec, uuid, disks, nics, boot, shared_dirs, serial_log })
+    Ok(Plan { spec, uuid, disks, nics, boot, shared_dirs, serial_log, machine: input.machine })
 }

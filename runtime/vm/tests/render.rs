@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use provd_domain::{CpuMode, DomainType, Machine};
 use provd_vm::render::{
     AttachedDisk, DiskFormat, DiskRole, RenderError, RenderInput, Rendered, SharedDir,
     cloud_hypervisor_json, firecracker_json, libvirt_xml, render,
@@ -103,6 +104,7 @@ fn fixed_input(spec: &VmSpec) -> RenderInput<'_> {
         initrd,
         firmware: None,
         serial_log: Some(format!("{vm_dir}/serial.log").into()),
+        machine: Machine::default(),
     }
 }
 
@@ -229,6 +231,38 @@ fn virtiofs_variants_render_and_validate() {
     assert_eq!(ch["memory"]["shared"], Value::Bool(true));
     assert_eq!(ch["fs"][0]["tag"], "provd-shared");
     check_golden("api.virtiofs.json", &format!("{}\n", serde_json::to_string_pretty(&ch).unwrap()));
+}
+
+#[test]
+fn emulated_domains_ask_for_qemu_and_the_most_it_emulates_and_keep_it() {
+    // A node without usable KVM: domain type qemu, and a CPU mode libvirt
+    // can start under it (host-passthrough would refuse every domain).
+    let web = load("web");
+    let mut input = fixed_input(&web);
+    input.machine = Machine::new(DomainType::Qemu, None).unwrap();
+    let xml = libvirt_xml(&input).unwrap();
+    virt_xml_validate(&xml);
+    assert!(xml.contains("<domain type=\"qemu\">"), "{xml}");
+    assert!(xml.contains("<cpu mode=\"maximum\" check=\"none\""), "{xml}");
+    assert!(!xml.contains("host-passthrough"), "{xml}");
+    // What a repack reads back to write the domain again the same way.
+    assert_eq!(provd_vm::qemu::domain_machine(&xml), Some(input.machine));
+    // KVM nodes: the host's CPU by default, another mode when asked.
+    let kvm = libvirt_xml(&fixed_input(&web)).unwrap();
+    assert!(kvm.contains("<domain type=\"kvm\">") && kvm.contains("mode=\"host-passthrough\""));
+    assert_eq!(provd_vm::qemu::domain_machine(&kvm), Some(Machine::default()));
+    input.machine = Machine::new(DomainType::Kvm, Some(CpuMode::HostModel)).unwrap();
+    let model = libvirt_xml(&input).unwrap();
+    virt_xml_validate(&model);
+    assert_eq!(provd_vm::qemu::domain_machine(&model), Some(input.machine));
+    // A host CPU under emulation is refused before any domain is written.
+    for mode in [CpuMode::HostPassthrough, CpuMode::HostModel] {
+        let e = Machine::new(DomainType::Qemu, Some(mode)).unwrap_err();
+        assert!(e.contains(mode.as_str()) && e.contains("maximum"), "{e}");
+    }
+    // A domain provd did not write says nothing it can keep.
+    assert_eq!(provd_vm::qemu::domain_machine("<domain type=\"xen\"/>"), None);
+    assert_eq!(provd_vm::qemu::domain_machine("not xml <"), None);
 }
 
 #[test]

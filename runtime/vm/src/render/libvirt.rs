@@ -49,7 +49,8 @@ fn write_domain(w: &mut W, p: &Plan) -> io::Result<()> {
     let mem = spec.memory_mib.to_string();
     let vcpus = spec.vcpus.to_string();
     w.write_event(Event::Decl(BytesDecl::new("1.0", Some("UTF-8"), None)))?;
-    w.create_element("domain").with_attribute(("type", "kvm")).write_inner_content(|w| {
+    let domain_type = p.machine.domain_type.as_str();
+    w.create_element("domain").with_attribute(("type", domain_type)).write_inner_content(|w| {
         text(w, "name", &spec.name)?;
         text(w, "uuid", &p.uuid)?;
         if !spec.labels.is_empty() {
@@ -90,11 +91,11 @@ fn write_domain(w: &mut W, p: &Plan) -> io::Result<()> {
             w.create_element("apic").write_empty()?;
             Ok(())
         })?;
-        // host-passthrough: QEMU's default model (qemu64) lacks the
-        // x86-64-v2 features current distributions require.
+        // Never QEMU's default model (qemu64): it lacks the x86-64-v2
+        // features current distributions require.
         let cpu = w
             .create_element("cpu")
-            .with_attribute(("mode", "host-passthrough"))
+            .with_attribute(("mode", p.machine.cpu_mode.as_str()))
             .with_attribute(("check", "none"));
         match &spec.topology {
             Some(t) => {
