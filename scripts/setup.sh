@@ -8,6 +8,8 @@
 # - qemu-system-x86, busybox-static, kmod and debootstrap for the boot tests:
 #   guests boot under qemu with Debian's cloud kernel (unpacked, not
 #   installed, by scripts/guest-kernel.sh) and an initramfs provd builds.
+# - libvirt-daemon-system: the boot test also starts a guest through the
+#   node's libvirtd, as providers run VMs.
 # - rustfmt and clippy for the checks.
 set -euo pipefail
 
@@ -62,6 +64,9 @@ install_missing erofs-utils e2fsprogs qemu-utils
 # libxml2-utils, which libvirt-clients does not depend on), and xorriso,
 # with which the tests read NoCloud seeds back (provd writes them itself).
 install_missing libvirt-clients libxml2-utils xorriso
+# libvirt as providers run it: Debian's libvirtd with its stock qemu.conf,
+# which the boot test starts when none runs (QEMU as libvirt-qemu).
+install_missing libvirt-daemon-system
 
 # Python plugins are built with componentize-py (PyPI), kept in the
 # repository's ignored .cache/py, where provd's build finds it.

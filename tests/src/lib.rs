@@ -7,6 +7,7 @@ use std::path::Path;
 
 pub mod boot;
 pub mod daemon;
+pub mod libvirt;
 pub mod oci;
 pub mod pki;
 pub mod seed;

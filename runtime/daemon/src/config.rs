@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use provd_node::policy::{CpuMode, DomainType, Machine, NodeCapacity, NodePolicy};
+use provd_node::policy::{
+    CpuMode, DomainType, HypervisorAccess, Machine, NodeCapacity, NodePolicy,
+};
 use serde::Deserialize;
 
 const MIB: u64 = 1 << 20;
@@ -51,7 +53,7 @@ pub struct Config {
 
 /// `[hypervisor]`: how the node's QEMU runs the libvirt domains provd
 /// renders.
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct HypervisorConfig {
     /// `"kvm"` (the default) or `"qemu"` (emulation, where KVM cannot run).
@@ -61,6 +63,44 @@ pub struct HypervisorConfig {
     /// host's CPU under KVM and the most QEMU emulates under `"qemu"`.
     #[serde(default)]
     pub cpu_mode: Option<CpuMode>,
+    /// The user and group libvirt's QEMU runs VMs as (Debian's:
+    /// `libvirt-qemu`); with `vm-dir`, each VM's files are handed to them
+    /// there. All three or none.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub vm_dir: Option<PathBuf>,
+    /// Resolved from `user`, `group` and `vm-dir` when the file is read.
+    #[serde(skip)]
+    pub access: Option<HypervisorAccess>,
+}
+
+/// The user and group named in `[hypervisor]`, and the folder, as the
+/// node's policy takes them.
+fn hypervisor_access(h: &HypervisorConfig) -> Result<Option<HypervisorAccess>, String> {
+    let (user, group, dir) = match (&h.user, &h.group, &h.vm_dir) {
+        (None, None, None) => return Ok(None),
+        (Some(u), Some(g), Some(d)) => (u, g, d),
+        _ => return Err("user, group and vm-dir are set together or not at all".into()),
+    };
+    let uid = nix::unistd::User::from_name(user)
+        .map_err(|e| format!("user {user:?}: {e}"))?
+        .ok_or_else(|| format!("user {user:?}: no such user on this machine"))?
+        .uid
+        .as_raw();
+    let gid = nix::unistd::Group::from_name(group)
+        .map_err(|e| format!("group {group:?}: {e}"))?
+        .ok_or_else(|| format!("group {group:?}: no such group on this machine"))?
+        .gid
+        .as_raw();
+    if uid == 0 || gid == 0 {
+        return Err("the hypervisor's user and group must not be root's: VMs' files are handed \
+                    to them so that QEMU runs without root"
+            .into());
+    }
+    Ok(Some(HypervisorAccess { uid, gid, dir: dir.clone() }))
 }
 
 /// `[sharing]`: the provider's public catalogue, whose layers VMs of every
@@ -228,6 +268,9 @@ impl Config {
         if let Some(s) = config.admin_socket.as_mut() {
             fix(s);
         }
+        if let Some(d) = config.hypervisor.vm_dir.as_mut() {
+            fix(d);
+        }
         let l = &config.limits;
         for (key, value) in [
             ("limits.max-connections", u64::from(l.max_connections)),
@@ -304,6 +347,11 @@ impl Config {
                 message: format!("hypervisor: {why}"),
             }
         })?;
+        config.hypervisor.access =
+            hypervisor_access(&config.hypervisor).map_err(|why| ConfigError::Parse {
+                path: path.display().to_string(),
+                message: format!("hypervisor: {why}"),
+            })?;
         if config.trusted_keys.is_empty() {
             return Err(ConfigError::Parse {
                 path: path.display().to_string(),
@@ -355,6 +403,7 @@ impl Config {
         if let Ok(machine) = Machine::new(self.hypervisor.domain_type, self.hypervisor.cpu_mode) {
             p.machine = machine;
         }
+        p.hypervisor_access = self.hypervisor.access.clone();
         p
     }
 }
@@ -405,5 +454,22 @@ mod tests {
         std::fs::write(&path, format!("{base}[hypervisor]\ndomain-type = \"xen\"\n")).unwrap();
         let e = Config::load(&path).unwrap_err().to_string();
         assert!(e.contains("xen"), "{e}");
+        // The hypervisor's own user: named, resolved, never root.
+        let hv = |body: &str| {
+            std::fs::write(&path, format!("{base}[hypervisor]\n{body}")).unwrap();
+            Config::load(&path)
+        };
+        let c = hv("user = \"nobody\"\ngroup = \"nogroup\"\nvm-dir = \"vms\"\n").unwrap();
+        let access = c.node_policy().hypervisor_access.unwrap();
+        assert_eq!((access.uid, access.gid), (65534, 65534));
+        assert_eq!(access.dir, dir.path().join("vms"));
+        for (body, says) in [
+            ("user = \"nobody\"\n", "together"),
+            ("user = \"no-such-user\"\ngroup = \"nogroup\"\nvm-dir = \"v\"\n", "no-such-user"),
+            ("user = \"root\"\ngroup = \"nogroup\"\nvm-dir = \"v\"\n", "root"),
+        ] {
+            let e = hv(body).unwrap_err().to_string();
+            assert!(e.contains("hypervisor") && e.contains(says), "{body}: {e}");
+        }
     }
 }

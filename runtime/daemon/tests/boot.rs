@@ -13,7 +13,10 @@
 //! cloud-init applied the hostname and SSH key of the seed. A VM of another
 //! tenant, whose image is web's plus a secret, is provisioned first: no
 //! shared partition is mounted in either guest, and reading every one of
-//! their disks raw finds none of its secret.
+//! their disks raw finds none of its secret. Where Debian's libvirtd is
+//! installed, the node hands its VMs' files to libvirt's QEMU user, and
+//! web-1 boots a third time through libvirtd under its stock
+//! configuration, as `libvirt-qemu`, from the same partitions.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -167,8 +170,32 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
     std::fs::remove_file(other.join("etc/provd-check.absent")).unwrap();
     std::fs::write(other.join("etc/credentials"), format!("{secret}\n")).unwrap();
 
+    // libvirt's QEMU runs as libvirt-qemu, which reaches the VMs' files
+    // only through the folder they are handed over in. The test's own
+    // folder is opened to traversal for it; the data directory in it stays
+    // the node's alone.
+    let libvirtd = provd_tests::libvirt::Libvirtd::ensure().unwrap();
+    let handed = dir.path().join("handed");
+    let mut hypervisor = format!(
+        "[hypervisor]\ndomain-type = \"{}\"\n",
+        match provd_vm::qemu::Accel::detect() {
+            provd_vm::qemu::Accel::Kvm => "kvm",
+            provd_vm::qemu::Accel::Tcg => "qemu",
+        }
+    );
+    match &libvirtd {
+        Some(_) => {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+            hypervisor.push_str(&format!(
+                "user = \"libvirt-qemu\"\ngroup = \"libvirt-qemu\"\nvm-dir = \"{}\"\n",
+                handed.display()
+            ));
+        }
+        None => eprintln!("libvirtd is not installed (libvirt-daemon-system): no libvirt boot"),
+    }
     let extra = format!(
-        "[policy]\nimage-sources = [\"dir:{}\", \"dir:{}\", \"dir:{}\"]\n{DEFAULT_EXTRA}",
+        "[policy]\nimage-sources = [\"dir:{}\", \"dir:{}\", \"dir:{}\"]\n{hypervisor}{DEFAULT_EXTRA}",
         web.display(),
         cloud.display(),
         other.display()
@@ -292,4 +319,51 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
             second.elapsed
         );
     }
+
+    let Some(libvirtd) = libvirtd else { return };
+    // Handed over: every file web-1 uses is a link in its own folder,
+    // root:libvirt-qemu, writable only where the VM writes; the folders
+    // only traversable; the data directory closed.
+    let gid = std::fs::metadata(&handed).unwrap().gid();
+    assert_eq!(std::fs::metadata(&handed).unwrap().mode() & 0o777, 0o710);
+    assert_eq!(std::fs::metadata(&node.data).unwrap().mode() & 0o777, 0o700);
+    let folder = handed.join("web-1");
+    let mut linked: Vec<(String, u32)> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            assert_eq!((m.uid(), m.gid()), (0, gid), "{}", e.path().display());
+            (e.file_name().to_string_lossy().into_owned(), m.mode() & 0o777)
+        })
+        .collect();
+    linked.sort();
+    assert_eq!(
+        linked,
+        [
+            ("initrd".to_string(), 0o440),
+            ("kernel".to_string(), 0o440),
+            ("root.ext4".to_string(), 0o660),
+            ("seed.iso".to_string(), 0o440),
+            ("shared-0.erofs".to_string(), 0o440),
+        ],
+        "{}",
+        folder.display()
+    );
+    let domain = node.data.join("vms/web-1/domain.xml");
+    let xml = std::fs::read_to_string(&domain).unwrap();
+    assert!(xml.contains("relabel=\"no\""), "{xml}");
+    assert!(!xml.contains(&node.data.join("partitions").display().to_string()), "{xml}");
+    let console = libvirtd
+        .boot(&domain, &node.data.join("vms/web-1/serial.log"), BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("web-1 through libvirtd: {e}"));
+    let context = console.text();
+    assert_eq!(console.facts("root"), ["overlay"], "libvirt:\n{context}");
+    assert_eq!(console.facts("boot"), ["3"], "libvirt: the earlier boots' writes:\n{context}");
+    let (_, web_root, web_list) = &lists[0];
+    let expected: Vec<String> =
+        web_list.iter().map(|p| format!("{} {p}", sha256(&web_root.join(&p[1..])))).collect();
+    assert_eq!(console.facts("sha256"), expected, "libvirt:\n{context}");
+    assert!(!libvirtd.defined("web-1"), "web-1 is still defined");
+    eprintln!("web-1 through libvirtd: check ended after {:?}", console.elapsed);
 }

@@ -46,6 +46,6 @@ pub use manifest::{
 };
 pub use pattern::{PATTERN_SCHEMES, check_pattern, glob_match, local_root, wildcard_match};
 pub use policy::{
-    CapabilityGrants, CpuMode, DomainType, Grant, Limits, Machine, NodeCapacity, NodePolicy,
-    PolicyViolation, PolicyViolations, VmAllow,
+    CapabilityGrants, CpuMode, DomainType, Grant, HypervisorAccess, Limits, Machine, NodeCapacity,
+    NodePolicy, PolicyViolation, PolicyViolations, VmAllow,
 };

@@ -84,6 +84,22 @@ pub struct NodePolicy {
     pub vm_allow: VmAllow,
     /// How the node's QEMU runs the libvirt domains provd renders.
     pub machine: Machine,
+    /// Whom the hypervisor runs VMs as, when not as provd's own user: their
+    /// files are then handed to it through a folder of its own.
+    pub hypervisor_access: Option<HypervisorAccess>,
+}
+
+/// A hypervisor that runs VMs as a user of its own (libvirt's QEMU as
+/// `libvirt-qemu`): each VM's files are linked into `<dir>/<vm>/`, a
+/// folder that user's group may only traverse, owned so that the group
+/// reads what the VM reads and writes only the VM's own disks. The data
+/// directory stays the node's alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HypervisorAccess {
+    pub uid: u32,
+    pub gid: u32,
+    /// On the data directory's filesystem (the files are hard links).
+    pub dir: std::path::PathBuf,
 }
 
 /// libvirt's domain type: how QEMU runs a guest's CPU.
@@ -260,6 +276,7 @@ impl Default for NodePolicy {
             capacity: NodeCapacity::default(),
             vm_allow: VmAllow::default(),
             machine: Machine::default(),
+            hypervisor_access: None,
         }
     }
 }

@@ -87,7 +87,11 @@ impl NodeInterfaces {
             image_sources: Arc::new(policy.image_sources.clone()),
             public_images: Arc::new(policy.public_images.clone()),
             vm_allow: Arc::new(policy.vm_allow.clone()),
-            hosting: provd_vm::Hosting { capacity: policy.capacity, machine: policy.machine },
+            hosting: provd_vm::Hosting {
+                capacity: policy.capacity,
+                machine: policy.machine,
+                access: policy.hypervisor_access.clone(),
+            },
         }
     }
 

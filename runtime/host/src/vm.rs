@@ -115,7 +115,7 @@ impl VmView<'_> {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
-        let hosting = self.scope.node.hosting;
+        let hosting = self.scope.node.hosting.clone();
         let operation = self.ctx.operation.clone();
         let done = self
             .scope
@@ -196,7 +196,7 @@ impl VmView<'_> {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
-        let hosting = self.scope.node.hosting;
+        let hosting = self.scope.node.hosting.clone();
         let operation = self.ctx.operation.clone();
         let done = self
             .scope

@@ -38,8 +38,8 @@ pub use provd_store::{
 /// The node's policy, as a configuration file sets it.
 pub mod policy {
     pub use provd_domain::{
-        CpuMode, DomainType, MAX_PATTERN_LEN, Machine, NodeCapacity, NodePolicy, VmAllow,
-        check_pattern,
+        CpuMode, DomainType, HypervisorAccess, MAX_PATTERN_LEN, Machine, NodeCapacity, NodePolicy,
+        VmAllow, check_pattern,
     };
 }
 

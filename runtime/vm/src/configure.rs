@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use provd_domain::attach::{Attachments, ImageFormat, SharedDevice};
-use provd_domain::{Machine, NodeCapacity, VmGrant};
+use provd_domain::{HypervisorAccess, Machine, NodeCapacity, VmGrant};
 use provd_store::{NewVm, ReserveError, Resources, Store};
 
 use crate::cloudinit::{SeedInput, SeedNic, SeedUser, seed_files, write_seed_iso_with};
@@ -42,10 +42,13 @@ pub enum VmError {
 
 /// What the node gives the VMs it configures: room, and how its
 /// hypervisor runs them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Hosting {
     pub capacity: NodeCapacity,
     pub machine: Machine,
+    /// Whom libvirt's QEMU runs as, when not as provd's user: each libvirt
+    /// VM's files are then handed to it (`crate::access`).
+    pub access: Option<HypervisorAccess>,
 }
 
 /// A VM configured on the node.
@@ -242,7 +245,15 @@ pub fn configure(
     let dir = vm_dir(store, &spec.name);
     // In an operation, the operation's end makes everything durable with
     // one syncfs; alone, the seed is synced itself.
-    let built = write_vm(spec, &dir, attached, &boot, node.machine, operation.is_none());
+    let built = write_vm(
+        spec,
+        &dir,
+        attached,
+        &boot,
+        node.machine,
+        node.access.as_ref(),
+        operation.is_none(),
+    );
     match built {
         Ok((config_file, config, disks)) => Ok(Configured {
             name: spec.name.clone(),
@@ -256,6 +267,7 @@ pub fn configure(
             disks,
         }),
         Err(e) => {
+            let _ = crate::access::withdraw(&dir, &spec.name);
             let _ = std::fs::remove_dir_all(&dir);
             if let Err(undo) = store.delete_vm(&spec.name) {
                 return Err(VmError::Failed(format!(
@@ -346,18 +358,28 @@ fn render_config(
     shared_dirs: Vec<SharedDir>,
     boot: &BootFiles,
     machine: Machine,
+    access: Option<&HypervisorAccess>,
 ) -> Result<Written, VmError> {
     let io = |what: String| move |e: std::io::Error| VmError::Failed(format!("{what}: {e}"));
+    let mut disks = disks;
+    let (mut kernel, mut initrd) = (boot.kernel.clone(), boot.initrd.clone());
+    // Only libvirt runs its QEMU as a user of its own; provd's other
+    // hypervisors are configured for a process the node starts itself.
+    let access = access.filter(|_| spec.hypervisor == crate::spec::Hypervisor::Libvirt);
+    if let Some(access) = access {
+        (kernel, initrd) = hand_over(access, &spec.name, &mut disks, kernel, initrd)?;
+    }
     let input = RenderInput {
         spec,
         uuid: uuid_of(&spec.name),
         disks: disks.clone(),
         shared_dirs,
-        kernel: boot.kernel.clone(),
-        initrd: boot.initrd.clone(),
+        kernel,
+        initrd,
         firmware: boot.firmware.clone(),
         serial_log: Some(dir.join("serial.log")),
         machine,
+        run_as: access.map(|a| (a.uid, a.gid)),
     };
     let rendered = render(&input).map_err(|e| VmError::Spec(e.to_string()))?;
     let temp = dir.join(format!("{}.new", rendered.file_name));
@@ -379,12 +401,54 @@ fn render_config(
     Ok((rendered.file_name.to_string(), rendered.text, names))
 }
 
+/// Links the VM's disks, kernel and initramfs into its folder of `access`
+/// and points `disks` there; returns the kernel and initramfs paths.
+fn hand_over(
+    access: &HypervisorAccess,
+    vm: &str,
+    disks: &mut [AttachedDisk],
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+) -> Result<(Option<PathBuf>, Option<PathBuf>), VmError> {
+    let ext =
+        |p: &Path| p.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+    let mut files: Vec<(String, PathBuf, bool)> = disks
+        .iter()
+        .map(|d| {
+            let name = match d.role {
+                DiskRole::Private => format!("root{}", ext(&d.path)),
+                DiskRole::Shared => format!("{}{}", d.name, ext(&d.path)),
+                DiskRole::Data | DiskRole::Seed => d
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| d.name.clone()),
+            };
+            (name, d.path.clone(), !d.read_only)
+        })
+        .collect();
+    for (name, path) in [("kernel", &kernel), ("initrd", &initrd)] {
+        if let Some(p) = path {
+            files.push((name.to_string(), p.clone(), false));
+        }
+    }
+    let linked = crate::access::hand_over(access, vm, &files)?;
+    for (d, path) in disks.iter_mut().zip(&linked) {
+        d.path = path.clone();
+    }
+    let mut rest = linked.into_iter().skip(disks.len());
+    let kernel = kernel.and_then(|_| rest.next());
+    let initrd = initrd.and_then(|_| rest.next());
+    Ok((kernel, initrd))
+}
+
 fn write_vm(
     spec: &VmSpec,
     dir: &Path,
     attached: &Attachments,
     boot: &BootFiles,
     machine: Machine,
+    access: Option<&HypervisorAccess>,
     durable: bool,
 ) -> Result<Written, VmError> {
     let io = |what: String| move |e: std::io::Error| VmError::Failed(format!("{what}: {e}"));
@@ -394,6 +458,9 @@ fn write_vm(
         std::fs::remove_dir_all(dir).map_err(io(format!("clearing {}", dir.display())))?;
     }
     std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    if let Some(access) = access.filter(|_| spec.hypervisor == crate::spec::Hypervisor::Libvirt) {
+        crate::access::record(dir, access)?;
+    }
     for d in &spec.disks {
         let (file, format) = data_file(d);
         let path = dir.join(&file);
@@ -423,7 +490,7 @@ fn write_vm(
     write_seed_iso_with(&seed, &dir.join("seed.iso"), durable)
         .map_err(|e| VmError::Failed(e.to_string()))?;
     let (disks, shared_dirs) = attachments(spec, dir, attached);
-    render_config(spec, dir, disks, shared_dirs, boot, machine)
+    render_config(spec, dir, disks, shared_dirs, boot, machine, access)
 }
 
 /// The spec VM `name` was configured with.
@@ -446,8 +513,10 @@ pub fn rerender(store: &Store, spec: &VmSpec, attached: &Attachments) -> Result<
         .ok()
         .and_then(|xml| crate::qemu::domain_machine(&xml))
         .unwrap_or_default();
+    // And so do the user and group its files were handed to.
+    let access = crate::access::recorded(&dir)?;
     let (disks, shared_dirs) = attachments(spec, &dir, attached);
-    render_config(spec, &dir, disks, shared_dirs, &boot, machine).map(|_| ())
+    render_config(spec, &dir, disks, shared_dirs, &boot, machine, access.as_ref()).map(|_| ())
 }
 
 /// Deletes a VM: its directory, its record and reservations, and every
@@ -462,6 +531,7 @@ pub fn delete(store: &Store, name: &str) -> Result<bool, VmError> {
     // while unreleased partitions would hold disk with no VM to find them.
     let released = store.release_vm(name)?;
     let dir = vm_dir(store, name);
+    crate::access::withdraw(&dir, name)?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir)
             .map_err(|e| VmError::Failed(format!("removing {}: {e}", dir.display())))?;

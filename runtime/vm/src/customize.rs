@@ -237,6 +237,8 @@ pub fn customize(
         let _ = store.update_vm_spec(&new.name, &rec.spec);
         return Err(VmError::Failed(format!("replacing seed.iso: {e}")));
     }
+    // The hypervisor's link still names the old seed.
+    crate::access::relink(&dir, &new.name, "seed.iso")?;
     Ok(Customized {
         name: new.name,
         instance_id: seed.instance_id,
@@ -259,6 +261,7 @@ pub fn restore_seed(store: &Store, name: &str, spec: &str, seed: &[u8]) -> Resul
         let _ = std::fs::remove_file(&temp);
         io("restoring seed.iso", e)
     })?;
+    crate::access::relink(&dir, name, "seed.iso")?;
     store.update_vm_spec(name, spec)?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! node holds (configured from a spec and the attachments the partitions
 //! crate resolved, customised, deleted).
 
+mod access;
 pub mod boot;
 pub mod cloudinit;
 mod configure;

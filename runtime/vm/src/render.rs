@@ -97,6 +97,10 @@ pub struct RenderInput<'a> {
     /// How the node's QEMU runs the guest: libvirt's domain type and CPU
     /// mode. Cloud Hypervisor and Firecracker always use KVM and ignore it.
     pub machine: provd_domain::Machine,
+    /// The user and group libvirt runs QEMU as for this VM, with
+    /// relabelling off (its files were handed to them); `None` leaves both
+    /// to libvirt's configuration.
+    pub run_as: Option<(u32, u32)>,
 }
 
 /// A rendered configuration and the file name it is written under.
@@ -216,6 +220,7 @@ struct Plan<'a> {
     shared_dirs: Vec<SharedDirPlan<'a>>,
     serial_log: Option<&'a str>,
     machine: provd_domain::Machine,
+    run_as: Option<(u32, u32)>,
 }
 
 /// Most shared partitions (disks and virtio-fs exports together) one VM
@@ -506,5 +511,15 @@ fn plan<'a>(input: &'a RenderInput<'a>) -> Result<Plan<'a>, RenderError> {
         Some(p) => Some(host_path(p, "input.serial_log")?),
         None => None,
     };
-    Ok(Plan { spec, uuid, disks, nics, boot, shared_dirs, serial_log, machine: input.machine })
+    Ok(Plan {
+        spec,
+        uuid,
+        disks,
+        nics,
+        boot,
+        shared_dirs,
+        serial_log,
+        machine: input.machine,
+        run_as: input.run_as,
+    })
 }

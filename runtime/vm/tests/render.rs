@@ -105,6 +105,7 @@ fn fixed_input(spec: &VmSpec) -> RenderInput<'_> {
         firmware: None,
         serial_log: Some(format!("{vm_dir}/serial.log").into()),
         machine: Machine::default(),
+        run_as: None,
     }
 }
 

@@ -117,6 +117,17 @@ fn write_domain(w: &mut W, p: &Plan) -> io::Result<()> {
         text(w, "on_reboot", "restart")?;
         text(w, "on_crash", "destroy")?;
         w.create_element("devices").write_inner_content(|w| write_devices(w, p))?;
+        if let Some((uid, gid)) = p.run_as {
+            // The files were handed to this user and group by provd; libvirt
+            // must not relabel them, least of all a shared partition other
+            // running VMs read.
+            let label = format!("+{uid}:+{gid}");
+            w.create_element("seclabel")
+                .with_attribute(("type", "static"))
+                .with_attribute(("model", "dac"))
+                .with_attribute(("relabel", "no"))
+                .write_inner_content(|w| text(w, "label", &label))?;
+        }
         Ok(())
     })?;
     Ok(())

@@ -1,0 +1,144 @@
+//! A VM's files handed to a hypervisor that runs as a user of its own
+//! (libvirt's QEMU as `libvirt-qemu`), without opening the data directory.
+//!
+//! Each file the VM uses is hard-linked into `<dir>/<vm>/`: the root disk
+//! and data disks (its group may read and write them), its shared
+//! partitions, seed, kernel and initramfs (read only). The folders are
+//! `0710 root:<group>`, so the group reaches a file only by its name, and
+//! files are `root:<group>`: never owned by the hypervisor's user, who
+//! could otherwise make a shared partition writable. The domain runs as
+//! that user and group with relabelling off, so libvirt never changes an
+//! owner, which matters for shared partitions many VMs use at once. The
+//! data directory stays `0700`; its copies of these files carry the group
+//! (`provd_store::check_private` allows exactly that).
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+use provd_domain::HypervisorAccess;
+
+use crate::VmError;
+
+/// Where a VM's folder records to whom its files were handed, so that
+/// writing them again (a repack, a customised seed) hands them the same way.
+pub(crate) const RECORD: &str = "access.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Record {
+    uid: u32,
+    gid: u32,
+    dir: PathBuf,
+}
+
+/// Folders the group may only traverse.
+const DIR_MODE: u32 = 0o710;
+/// What the VM writes: its root and data disks.
+const WRITABLE_MODE: u32 = 0o660;
+/// Everything else it reads.
+const READ_ONLY_MODE: u32 = 0o440;
+
+fn failed(what: &str, path: &Path, e: std::io::Error) -> VmError {
+    VmError::Failed(format!("{what} {}: {e}", path.display()))
+}
+
+/// Records `access` in the VM's folder `vm_dir`.
+pub(crate) fn record(vm_dir: &Path, access: &HypervisorAccess) -> Result<(), VmError> {
+    let text = serde_json::to_string(&Record {
+        uid: access.uid,
+        gid: access.gid,
+        dir: access.dir.clone(),
+    })
+    .map_err(|e| VmError::Failed(format!("recording the hypervisor's access: {e}")))?;
+    let path = vm_dir.join(RECORD);
+    std::fs::write(&path, text).map_err(|e| failed("writing", &path, e))
+}
+
+/// What was recorded in `vm_dir`, if its files were handed over.
+pub(crate) fn recorded(vm_dir: &Path) -> Result<Option<HypervisorAccess>, VmError> {
+    let path = vm_dir.join(RECORD);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let r: Record = serde_json::from_str(&text)
+                .map_err(|e| VmError::Failed(format!("{}: {e}", path.display())))?;
+            Ok(Some(HypervisorAccess { uid: r.uid, gid: r.gid, dir: r.dir }))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(failed("reading", &path, e)),
+    }
+}
+
+/// The VM's folder in `access.dir`.
+pub(crate) fn folder(access: &HypervisorAccess, vm: &str) -> PathBuf {
+    access.dir.join(vm)
+}
+
+/// Links `files` (a name in the VM's folder, the file in the data
+/// directory, whether the VM writes it) into the VM's folder, each
+/// replacing the link of that name, and removes links of other names.
+/// Returns where each file now is.
+pub(crate) fn hand_over(
+    access: &HypervisorAccess,
+    vm: &str,
+    files: &[(String, PathBuf, bool)],
+) -> Result<Vec<PathBuf>, VmError> {
+    let folder = folder(access, vm);
+    match std::fs::create_dir(&folder) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(failed("creating", &folder, e)),
+    }
+    own(&folder, access, DIR_MODE)?;
+    let mut out = Vec::with_capacity(files.len());
+    for (name, source, writable) in files {
+        let link = folder.join(name);
+        let temp = folder.join(format!(".{name}.new"));
+        let _ = std::fs::remove_file(&temp);
+        std::fs::hard_link(source, &temp).map_err(|e| failed("linking", source, e))?;
+        own(&temp, access, if *writable { WRITABLE_MODE } else { READ_ONLY_MODE })?;
+        std::fs::rename(&temp, &link).map_err(|e| failed("replacing", &link, e))?;
+        out.push(link);
+    }
+    // Links a repack or a smaller spec no longer uses.
+    let keep: Vec<&str> = files.iter().map(|(n, _, _)| n.as_str()).collect();
+    let entries = std::fs::read_dir(&folder).map_err(|e| failed("listing", &folder, e))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !keep.contains(&name.as_str()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(out)
+}
+
+/// Links the file `name` of `vm_dir` again after it was replaced (a
+/// customised or restored seed), when the VM's files were handed over.
+pub(crate) fn relink(vm_dir: &Path, vm: &str, name: &str) -> Result<(), VmError> {
+    let Some(access) = recorded(vm_dir)? else { return Ok(()) };
+    let link = folder(&access, vm).join(name);
+    let temp = folder(&access, vm).join(format!(".{name}.new"));
+    let _ = std::fs::remove_file(&temp);
+    let source = vm_dir.join(name);
+    std::fs::hard_link(&source, &temp).map_err(|e| failed("linking", &source, e))?;
+    own(&temp, &access, READ_ONLY_MODE)?;
+    std::fs::rename(&temp, &link).map_err(|e| failed("replacing", &link, e))
+}
+
+/// Removes the VM's folder, if its files were handed over.
+pub(crate) fn withdraw(vm_dir: &Path, vm: &str) -> Result<(), VmError> {
+    let Some(access) = recorded(vm_dir)? else { return Ok(()) };
+    let folder = folder(&access, vm);
+    match std::fs::remove_dir_all(&folder) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(failed("removing", &folder, e)),
+    }
+}
+
+/// Provd's own user and `<group>`, with `mode`.
+fn own(path: &Path, access: &HypervisorAccess, mode: u32) -> Result<(), VmError> {
+    std::os::unix::fs::chown(path, None, Some(access.gid))
+        .map_err(|e| failed("handing over", path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| failed("setting the mode of", path, e))
+}
