@@ -370,8 +370,15 @@ async fn vms_ordered_one_at_a_time_share_the_node_and_a_repack_keeps_every_vm_ex
             std::fs::write(file, data).unwrap();
         }
     }
-    let extra =
-        format!("[policy]\nimage-sources = [\"dir:{}/**\"]\n{DEFAULT_EXTRA}", images.display());
+    // VMs' files handed to a hypervisor user of their own (any such user
+    // will do: nothing boots here), so that the repack's new links are seen.
+    let handed = dir.path().join("handed");
+    let extra = format!(
+        "[policy]\nimage-sources = [\"dir:{}/**\"]\n[hypervisor]\nuser = \"nobody\"\n\
+         group = \"nogroup\"\nvm-dir = \"{}\"\n{DEFAULT_EXTRA}",
+        images.display(),
+        handed.display()
+    );
     let mut node = TestNode::start(Path::new(PROVD), &dir.path().join("node"), &extra).unwrap();
     let (ca, cert, key) = node.tls();
     let c = Client::new(&node.url, &TlsFiles { ca, cert: Some(cert), key: Some(key) }).unwrap();
@@ -432,10 +439,25 @@ async fn vms_ordered_one_at_a_time_share_the_node_and_a_repack_keeps_every_vm_ex
     assert_eq!(r["freed"].as_array().unwrap().len(), 3, "{r:#}");
     let new_partition = r["partition"]["id"].as_str().unwrap().to_string();
     assert_eq!(partitions(&node.data), 1 + 3);
+    // The deleted VMs' folders went with them.
+    for vm in ["web-1", "api-1", "db-1"] {
+        assert!(!handed.join(vm).exists(), "{vm}'s folder stays");
+    }
     for vm in ["web-2", "api-2", "db-2"] {
         let xml = node.data.join("vms").join(vm).join("domain.xml");
         let text = std::fs::read_to_string(&xml).unwrap();
         assert!(text.contains(&new_partition), "{vm} attaches the new partition");
+        // Its folder links the new partition and its rewritten root, and
+        // nothing it no longer uses.
+        let mut linked: Vec<String> = std::fs::read_dir(handed.join(vm))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        linked.sort();
+        assert_eq!(
+            linked,
+            [format!("{new_partition}.erofs"), "root.ext4".into(), "seed.iso".into()]
+        );
         let check = std::process::Command::new("virt-xml-validate")
             .arg(&xml)
             .arg("domain")

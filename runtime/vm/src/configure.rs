@@ -417,7 +417,13 @@ fn hand_over(
         .map(|d| {
             let name = match d.role {
                 DiskRole::Private => format!("root{}", ext(&d.path)),
-                DiskRole::Shared => format!("{}{}", d.name, ext(&d.path)),
+                // By partition, so that the folder says which one it is.
+                DiskRole::Shared => d
+                    .path
+                    .parent()
+                    .and_then(Path::file_name)
+                    .map(|p| format!("{}{}", p.to_string_lossy(), ext(&d.path)))
+                    .unwrap_or_else(|| format!("{}{}", d.name, ext(&d.path))),
                 DiskRole::Data | DiskRole::Seed => d
                     .path
                     .file_name()
