@@ -67,6 +67,9 @@ install_missing libvirt-clients libxml2-utils xorriso
 # libvirt as providers run it: Debian's libvirtd with its stock qemu.conf,
 # which the boot test starts when none runs (QEMU as libvirt-qemu).
 install_missing libvirt-daemon-system
+# provd drives libvirtd through libvirt's API: the virt crate links
+# libvirt.so, found with pkg-config.
+install_missing libvirt-dev pkg-config
 
 # Python plugins are built with componentize-py (PyPI), kept in the
 # repository's ignored .cache/py, where provd's build finds it.

@@ -24,7 +24,8 @@ impl Drop for Libvirtd {
     }
 }
 
-fn virsh(args: &[&str]) -> Result<String, String> {
+/// `virsh -c qemu:///system ARGS`: its output, or its error.
+pub fn virsh(args: &[&str]) -> Result<String, String> {
     let out = Command::new("virsh")
         .args(["-c", URI])
         .args(args)

@@ -205,6 +205,7 @@ fn the_engine_core_knows_nothing_of_the_node() {
         "provd-placement",
         "provd-host",
         "provd-node",
+        "provd-libvirt",
         "rusqlite",
     ] {
         assert!(!engine.contains(forbidden), "provd-engine depends on {forbidden}");
@@ -235,6 +236,7 @@ fn node_side_crates_do_not_depend_on_the_engine() {
         "provd-bundle",
         "provd-tools",
         "provd-wire",
+        "provd-libvirt",
     ] {
         let closure: BTreeSet<String> =
             ws.closure(&ws.id(krate)).iter().map(|id| ws.packages[id].0.clone()).collect();

@@ -322,7 +322,7 @@ async fn writes_failing_at_any_point_of_a_flow_lose_nothing_reported_done_and_le
             }
         }
         let store = open_store(&disk).unwrap_or_else(|e| panic!("{at}: reopening: {e}"));
-        let rolled_back = provd_node::operations::Operations::recover(&store).unwrap();
+        let rolled_back = provd_node::operations::Operations::recover(&store, None).unwrap();
         assert!(rolled_back <= 1, "{at}");
         check_after_repair(&store, &first, &at);
         // The repaired node serves: the whole flow again, on a node

@@ -75,6 +75,15 @@ pub struct HypervisorConfig {
     /// Resolved from `user`, `group` and `vm-dir` when the file is read.
     #[serde(skip)]
     pub access: Option<HypervisorAccess>,
+    /// The node's libvirtd (`qemu:///system`): when set, provd defines each
+    /// libvirt VM an operation configures there (the operation fails and is
+    /// rolled back if it cannot), removes it with the VM, refuses to repack
+    /// a running one, and reports its state.
+    #[serde(default)]
+    pub libvirt_uri: Option<String>,
+    /// Whether VMs handed to libvirt are started at once.
+    #[serde(default)]
+    pub start: bool,
 }
 
 /// The user and group named in `[hypervisor]`, and the folder, as the
@@ -347,6 +356,21 @@ impl Config {
                 message: format!("hypervisor: {why}"),
             }
         })?;
+        if let Some(uri) = &config.hypervisor.libvirt_uri
+            && (uri.is_empty() || uri.len() > 256 || uri.chars().any(char::is_control))
+        {
+            return Err(ConfigError::Parse {
+                path: path.display().to_string(),
+                message: "hypervisor.libvirt-uri: 1 to 256 characters, no control characters"
+                    .into(),
+            });
+        }
+        if config.hypervisor.start && config.hypervisor.libvirt_uri.is_none() {
+            return Err(ConfigError::Parse {
+                path: path.display().to_string(),
+                message: "hypervisor.start: provd starts VMs only through libvirt-uri".into(),
+            });
+        }
         config.hypervisor.access =
             hypervisor_access(&config.hypervisor).map_err(|why| ConfigError::Parse {
                 path: path.display().to_string(),

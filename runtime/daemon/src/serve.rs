@@ -48,6 +48,8 @@ pub async fn serve(
             max_queued_operations: config.limits.max_queued_operations,
             keep_operations: config.limits.keep_operations,
             keep_audit_rows: config.limits.keep_audit_rows,
+            libvirt: config.hypervisor.libvirt_uri.clone().map(provd_node::Libvirt::new),
+            start_vms: config.hypervisor.start,
         },
         metrics.clone(),
     )

@@ -21,6 +21,11 @@ pub struct CallOptions {
     pub vms: Option<Vec<String>>,
     /// The manager's spec of each VM the operation names.
     pub specs: BTreeMap<String, provd_vm::spec::VmSpec>,
+    /// The node's libvirtd, when provd hands it the libvirt VMs it
+    /// configures: a call that succeeds has them defined (and started, with
+    /// `start`), or fails and is rolled back.
+    pub libvirt: Option<provd_libvirt::Libvirt>,
+    pub start: bool,
 }
 
 /// Runs `plugin` once. If the call fails, what it built is removed
@@ -36,6 +41,8 @@ pub async fn run(
 ) -> Result<Outcome, InvokeError> {
     let ledger = Arc::new(Ledger::default());
     let names_given = options.vms.is_some();
+    let (libvirt, start) = (options.libvirt, options.start);
+    let libvirt_for_undo = libvirt.clone();
     let operation = request.operation_id.clone();
     let host = NodeCall { vms: options.vms, specs: options.specs, ledger: ledger.clone() };
     let result = engine
@@ -49,6 +56,17 @@ pub async fn run(
     // Closed before anything is undone, so that a build still running on
     // a blocking thread removes its own result instead of publishing it.
     let built = ledger.close();
+    let result = match (result, libvirt, engine.host().store().cloned()) {
+        (Ok(outcome), Some(libvirt), Some(store)) if !built.vms.is_empty() => {
+            let vms = built.vms.clone();
+            let handed =
+                tokio::task::spawn_blocking(move || hand_to_libvirt(&store, &libvirt, &vms, start))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("handing VMs to libvirt: {e}")));
+            handed.map(|()| outcome).map_err(InvokeError::Host)
+        }
+        (result, _, _) => result,
+    };
     if let Some(store) = engine.host().store().cloned()
         && !built.is_empty()
         && (result.is_err() || names_given)
@@ -56,7 +74,7 @@ pub async fn run(
         let failed = result.is_err();
         let done = tokio::task::spawn_blocking(move || {
             if failed {
-                crate::rollback::call(&store, &operation, &built);
+                crate::rollback::call(&store, libvirt_for_undo.as_ref(), &operation, &built);
             } else {
                 free_unconfigured(&store, &built);
             }
@@ -68,6 +86,40 @@ pub async fn run(
     }
     ledger.settle().await;
     result
+}
+
+/// Defines each libvirt VM of `vms` in libvirt, and starts it with
+/// `start`; on the first failure, removes from libvirt the ones it
+/// defined, so that the caller's rollback leaves nothing there either.
+fn hand_to_libvirt(
+    store: &Store,
+    libvirt: &provd_libvirt::Libvirt,
+    vms: &[String],
+    start: bool,
+) -> Result<(), String> {
+    let mut defined = Vec::new();
+    let mut each = || {
+        for vm in vms {
+            let xml = store.path().join("vms").join(vm).join("domain.xml");
+            // Only libvirt VMs have a domain.
+            let Ok(text) = std::fs::read_to_string(&xml) else { continue };
+            libvirt.define(&text).map_err(|e| format!("VM {vm}: {e}"))?;
+            defined.push(vm.clone());
+            if start {
+                libvirt.start(vm).map_err(|e| format!("VM {vm}: {e}"))?;
+            }
+        }
+        Ok(())
+    };
+    let done = each();
+    if done.is_err() {
+        for vm in defined.iter().rev() {
+            if let Err(e) = libvirt.remove(vm, &provd_vm::domain_uuid(vm)) {
+                tracing::warn!(vm, error = %e, "cannot remove a failed operation's domain");
+            }
+        }
+    }
+    done
 }
 
 /// After an operation that names its VMs succeeds: removes the private

@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 
 pub use open::{NodeConfig, OpenError, Opened};
 pub use plugins::{ActivateError, Refusal};
+pub use provd_libvirt::{DomainState, Libvirt, LibvirtError};
 /// The records the node's API takes and returns, as its store keeps them.
 pub use provd_store::{
     AuditQuery, LayerUsage, NewAudit, OpState, OperationError, OperationRecord, StoreError,
@@ -110,6 +111,10 @@ pub struct Node {
     engine: Engine,
     store: Arc<Store>,
     trusted: Vec<PublicKey>,
+    /// The node's libvirtd, when provd hands it the VMs it configures.
+    libvirt: Option<provd_libvirt::Libvirt>,
+    /// Whether VMs handed to libvirt are started at once.
+    start_vms: bool,
     /// Loaded plugins by (name, version): a version keeps serving the
     /// operations that started on it after a newer one is accepted.
     loaded: Mutex<HashMap<(String, String), Plugin>>,
@@ -123,7 +128,23 @@ impl std::fmt::Debug for Node {
 
 impl Node {
     pub fn new(engine: Engine, store: Arc<Store>, trusted: Vec<PublicKey>) -> Node {
-        Node { engine, store, trusted, loaded: Mutex::default() }
+        Node { engine, store, trusted, libvirt: None, start_vms: false, loaded: Mutex::default() }
+    }
+
+    /// Hands the libvirt VMs operations configure to `libvirt`, starting
+    /// them with `start`.
+    pub fn with_libvirt(mut self, libvirt: provd_libvirt::Libvirt, start: bool) -> Node {
+        self.libvirt = Some(libvirt);
+        self.start_vms = start;
+        self
+    }
+
+    pub fn libvirt(&self) -> Option<&provd_libvirt::Libvirt> {
+        self.libvirt.as_ref()
+    }
+
+    pub fn start_vms(&self) -> bool {
+        self.start_vms
     }
 
     pub fn store(&self) -> &Arc<Store> {

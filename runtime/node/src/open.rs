@@ -41,6 +41,10 @@ pub struct NodeConfig {
     /// Finished operations and audit rows kept.
     pub keep_operations: u64,
     pub keep_audit_rows: u64,
+    /// The node's libvirtd, to hand the VMs operations configure to, and
+    /// whether they are started there at once.
+    pub libvirt: Option<provd_libvirt::Libvirt>,
+    pub start_vms: bool,
 }
 
 /// Makes the folder VMs' files are handed to the hypervisor in: `0710`
@@ -147,7 +151,9 @@ impl Node {
         }
         let recovered = {
             let store = store.clone();
-            blocking(move || Operations::recover(&store).map_err(OpenError::from)).await?
+            let libvirt = config.libvirt.clone();
+            blocking(move || Operations::recover(&store, libvirt.as_ref()).map_err(OpenError::from))
+                .await?
         };
         if recovered > 0 {
             tracing::warn!(operations = recovered, "rolled back operations interrupted by a stop");
@@ -192,7 +198,11 @@ impl Node {
             },
             Some(images),
         )?;
-        let node = Arc::new(Node::new(engine, store.clone(), trusted));
+        let mut node = Node::new(engine, store.clone(), trusted);
+        if let Some(libvirt) = config.libvirt.clone() {
+            node = node.with_libvirt(libvirt, config.start_vms);
+        }
+        let node = Arc::new(node);
         let ops = Operations::new(
             node.clone(),
             store.clone(),

@@ -94,10 +94,29 @@ fn vm(v: &provd_store::VmRecord) -> wire::Vm {
         created_at: v.created_at,
         spec: serde_json::from_str::<Value>(&v.spec).unwrap_or(Value::String(v.spec.clone())),
         partitions: None,
+        state: None,
     }
 }
 
 impl Node {
+    /// `v` with its domain's state, on a node that hands VMs to libvirt.
+    fn with_state(&self, mut v: wire::Vm) -> wire::Vm {
+        let Some(libvirt) = self.libvirt() else { return v };
+        // Only libvirt VMs have a domain.
+        let is_libvirt = v.spec.get("hypervisor").and_then(Value::as_str) == Some("libvirt");
+        if is_libvirt {
+            v.state = Some(match libvirt.state(&v.name) {
+                Ok(Some(s)) => s.as_str().to_string(),
+                Ok(None) => "undefined".to_string(),
+                Err(e) => {
+                    tracing::warn!(vm = %v.name, error = %e, "reading a domain's state");
+                    "unknown".to_string()
+                }
+            });
+        }
+        v
+    }
+
     /// The accepted bundles, by name, then acceptance time.
     pub fn bundles(&self) -> Result<wire::BundleList, StoreError> {
         let bundles = self
@@ -132,7 +151,7 @@ impl Node {
     /// Every VM and what they reserve together.
     pub fn vms(&self) -> Result<wire::VmList, StoreError> {
         let store = self.store();
-        let vms = store.vms()?.iter().map(vm).collect();
+        let vms = store.vms()?.iter().map(|v| self.with_state(vm(v))).collect();
         Ok(wire::VmList { vms, reserved: resources(&store.reserved()?) })
     }
 
@@ -140,7 +159,7 @@ impl Node {
     pub fn vm(&self, name: &str) -> Result<Option<wire::Vm>, StoreError> {
         let store = self.store();
         let Some(rec) = store.vm(name)? else { return Ok(None) };
-        let mut out = vm(&rec);
+        let mut out = self.with_state(vm(&rec));
         out.partitions = Some(
             store
                 .partitions_of_vm(name)?

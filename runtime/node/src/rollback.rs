@@ -7,12 +7,18 @@
 //! partitions (a private partition stacks on shared ones, so it goes first).
 
 use provd_host::Built;
+use provd_libvirt::Libvirt;
 use provd_store::{PartitionRole, Store, StoreError};
 
 /// Removes what a failed call recorded in its ledger. Only VMs the call's
 /// operation configured are removed: the name may have been deleted and
 /// taken by another operation since.
-pub fn call(store: &Store, operation: &str, built: &Built) -> (usize, usize) {
+pub fn call(
+    store: &Store,
+    libvirt: Option<&Libvirt>,
+    operation: &str,
+    built: &Built,
+) -> (usize, usize) {
     for c in built.customized.iter().rev() {
         if let Err(e) = provd_vm::restore_seed(store, &c.vm, &c.spec, &c.seed) {
             tracing::warn!(vm = %c.vm, error = %e, "rollback: cannot undo a customisation");
@@ -20,14 +26,14 @@ pub fn call(store: &Store, operation: &str, built: &Built) -> (usize, usize) {
     }
     let vms: Vec<&str> = built.vms.iter().rev().map(String::as_str).collect();
     let partitions: Vec<&str> = built.partitions.iter().rev().map(String::as_str).collect();
-    remove(store, operation, &vms, &partitions)
+    remove(store, libvirt, operation, &vms, &partitions)
 }
 
 /// Removes everything the store records against operation `id`: its VMs
 /// (with their reservations, seeds and configuration, and the partitions
 /// only they used), then its remaining partitions, private ones first.
 /// Returns how many VMs and partitions of the operation are gone.
-pub fn operation(store: &Store, id: &str) -> (usize, usize) {
+pub fn operation(store: &Store, libvirt: Option<&Libvirt>, id: &str) -> (usize, usize) {
     let vms = match store.vms_of_operation(id) {
         Ok(names) => names,
         Err(e) => {
@@ -45,12 +51,18 @@ pub fn operation(store: &Store, id: &str) -> (usize, usize) {
     recs.sort_by_key(|r| (r.role == PartitionRole::Shared, std::cmp::Reverse(r.created_at)));
     let vms: Vec<&str> = vms.iter().map(String::as_str).collect();
     let partitions: Vec<&str> = recs.iter().map(|r| r.id.as_str()).collect();
-    remove(store, id, &vms, &partitions)
+    remove(store, libvirt, id, &vms, &partitions)
 }
 
-/// Removes `vms` of `operation`, then `partitions`, in the order given.
-/// Returns how many of each are gone.
-fn remove(store: &Store, operation: &str, vms: &[&str], partitions: &[&str]) -> (usize, usize) {
+/// Removes `vms` of `operation` (from libvirt too), then `partitions`, in
+/// the order given. Returns how many of each are gone.
+fn remove(
+    store: &Store,
+    libvirt: Option<&Libvirt>,
+    operation: &str,
+    vms: &[&str],
+    partitions: &[&str],
+) -> (usize, usize) {
     let mut vms_gone = 0;
     for vm in vms {
         match store.vm(vm) {
@@ -60,6 +72,11 @@ fn remove(store: &Store, operation: &str, vms: &[&str], partitions: &[&str]) -> 
                 tracing::error!(operation, vm, error = %e, "rollback: cannot read VM");
                 continue;
             }
+        }
+        if let Some(libvirt) = libvirt
+            && let Err(e) = libvirt.remove(vm, &provd_vm::domain_uuid(vm))
+        {
+            tracing::error!(operation, vm, error = %e, "rollback: cannot remove the VM's domain");
         }
         match provd_vm::delete(store, vm) {
             Ok(_) => vms_gone += 1,

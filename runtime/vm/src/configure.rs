@@ -77,8 +77,13 @@ pub(crate) fn vm_dir(store: &Store, name: &str) -> PathBuf {
     store.path().join("vms").join(name)
 }
 
-/// A UUID derived from the VM name: stable across re-renders, distinct per
-/// name.
+/// The UUID of VM `name`'s domain: derived from the name, stable across
+/// re-renders, distinct per name. A domain of that name with another UUID
+/// is not provd's.
+pub fn domain_uuid(name: &str) -> String {
+    uuid_of(name)
+}
+
 fn uuid_of(name: &str) -> String {
     let h = blake3::hash(format!("provd-vm\0{name}").as_bytes());
     let mut b = [0u8; 16];

@@ -249,6 +249,11 @@ pub struct Vm {
     /// Only in `GET /v1/vms/{name}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partitions: Option<Vec<VmPartition>>,
+    /// Its domain's state in the node's libvirt (`running`, `shut off`,
+    /// `undefined`, …), on a node that hands VMs to libvirt; `unknown`
+    /// when libvirt did not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
 }
 
 /// `GET /v1/vms`.

@@ -45,6 +45,7 @@ fn samples() -> Vec<Value> {
             format: "ext4".into(),
             bytes: 1,
         }]),
+        state: Some("running".into()),
     };
     let values = [
         serde_json::to_value(ErrorBody {

@@ -250,10 +250,13 @@ impl Operations {
 
     /// Rolls back every operation a previous run of the daemon left
     /// running and records it as failed. Runs before the API listens.
-    pub fn recover(store: &Store) -> Result<usize, provd_store::StoreError> {
+    pub fn recover(
+        store: &Store,
+        libvirt: Option<&provd_libvirt::Libvirt>,
+    ) -> Result<usize, provd_store::StoreError> {
         let stale = store.operations(Some(OpState::Running), u32::MAX)?;
         for op in &stale {
-            let (vms, partitions) = crate::rollback::operation(store, &op.id);
+            let (vms, partitions) = crate::rollback::operation(store, libvirt, &op.id);
             let message = format!(
                 "provd stopped while the operation ran; on restart it was rolled back \
                  ({vms} VM(s), {partitions} partition(s) removed)"
@@ -407,9 +410,10 @@ impl Operations {
                     // The engine catches panics in host code; this guards
                     // the daemon's own code around it.
                     let store = this.store.clone();
+                    let libvirt = this.node.libvirt().cloned();
                     let op = id.clone();
                     let _ = tokio::task::spawn_blocking(move || {
-                        crate::rollback::operation(&store, &op)
+                        crate::rollback::operation(&store, libvirt.as_ref(), &op)
                     })
                     .await;
                     (
@@ -474,6 +478,8 @@ impl Operations {
                 cancel: running.cancel.clone(),
                 vms: Some(req.vms.clone()),
                 specs: req.specs.clone(),
+                libvirt: self.node.libvirt().cloned(),
+                start: self.node.start_vms(),
             },
         )
         .await;
@@ -518,10 +524,12 @@ impl Operations {
                 // The call has rolled back what its ledger recorded; this
                 // removes anything else recorded against the operation.
                 let store = self.store.clone();
+                let libvirt = self.node.libvirt().cloned();
                 let op = id.to_string();
-                let _ =
-                    tokio::task::spawn_blocking(move || crate::rollback::operation(&store, &op))
-                        .await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    crate::rollback::operation(&store, libvirt.as_ref(), &op)
+                })
+                .await;
                 let state = if matches!(e, InvokeError::Cancelled) {
                     OpState::Cancelled
                 } else {
@@ -648,6 +656,7 @@ impl Operations {
         let id = new.id.clone();
         let actor = req.actor.clone();
         let names = req.vms.clone();
+        let libvirt = self.node.libvirt().cloned();
         let done = tokio::task::spawn_blocking(move || {
             // Taken before the builtin writes anything (`Store::sync_point`).
             let point = store.sync_point()?;
@@ -657,12 +666,35 @@ impl Operations {
                     Builtin::DeleteVms => {
                         let mut result = Ok(());
                         for name in &names {
+                            // The domain first: a VM libvirt still runs
+                            // must not lose its disks under it.
+                            if let Some(libvirt) = &libvirt
+                                && let Err(e) = libvirt.remove(name, &provd_vm::domain_uuid(name))
+                            {
+                                result = Err(("delete-failed", e.to_string()));
+                                break;
+                            }
                             if let Err(e) = provd_vm::delete(&store, name) {
                                 result = Err(("delete-failed", e.to_string()));
                                 break;
                             }
                         }
                         ("delete-vm", result, None)
+                    }
+                    Builtin::Repack { .. } if !running(libvirt.as_ref(), &names).is_empty() => {
+                        let running = running(libvirt.as_ref(), &names);
+                        (
+                            "repack",
+                            Err((
+                                "vm-running",
+                                format!(
+                                    "{} run in libvirt: a repack moves only stopped VMs, since \
+                                     a running guest's writes after the copy would be lost",
+                                    running.join(", ")
+                                ),
+                            )),
+                            None,
+                        )
                     }
                     Builtin::Repack { format } => {
                         let opts = provd_partitions::BuildOptions {
@@ -677,8 +709,12 @@ impl Operations {
                             });
                         match repacked {
                             Ok(done) => {
+                                // Their domains name the new disks.
+                                let redefined = redefine(&store, libvirt.as_ref(), &done.moved);
                                 let report = serde_json::to_string(&done).ok();
-                                let result = if done.failed.is_empty() {
+                                let result = if let Err(e) = redefined {
+                                    Err(("repack-incomplete", e))
+                                } else if done.failed.is_empty() {
                                     Ok(())
                                 } else {
                                     let failed: Vec<String> = done
@@ -788,6 +824,34 @@ impl Operations {
             }
         }
     }
+}
+
+/// Those of `vms` libvirt runs (or has paused), by name.
+fn running(libvirt: Option<&provd_libvirt::Libvirt>, vms: &[String]) -> Vec<String> {
+    let Some(libvirt) = libvirt else { return Vec::new() };
+    vms.iter()
+        .filter(|vm| match libvirt.state(vm) {
+            Ok(state) => state.is_some_and(|s| s.is_active()),
+            // Unknown is not stopped: the repack waits for an answer.
+            Err(_) => true,
+        })
+        .cloned()
+        .collect()
+}
+
+/// Defines `vms` in libvirt again from their rewritten domains.
+fn redefine(
+    store: &Store,
+    libvirt: Option<&provd_libvirt::Libvirt>,
+    vms: &[String],
+) -> Result<(), String> {
+    let Some(libvirt) = libvirt else { return Ok(()) };
+    for vm in vms {
+        let xml = store.path().join("vms").join(vm).join("domain.xml");
+        let Ok(text) = std::fs::read_to_string(&xml) else { continue };
+        libvirt.define(&text).map_err(|e| format!("{vm}: {e}"))?;
+    }
+    Ok(())
 }
 
 async fn cancelled(cancel: &Cancel) {

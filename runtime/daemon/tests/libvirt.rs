@@ -1,0 +1,133 @@
+// Integration tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+//! provd hands its VMs to the node's libvirtd (Debian's, stock
+//! configuration), through libvirt's API: an operation defines them, a VM
+//! reports its domain's state, a repack refuses a running one, a domain
+//! libvirt refuses fails the operation and rolls it back without touching
+//! a domain that is not provd's, and deleting a running VM stops and
+//! undefines it.
+
+use std::path::Path;
+
+use provd_client::{Client, TlsFiles};
+use provd_tests::SHARED_PARTITION;
+use provd_tests::daemon::{DEFAULT_EXTRA, TestNode};
+use provd_tests::libvirt::{Libvirtd, virsh};
+use provd_tests::oci::content;
+use serde_json::{Value, json};
+
+const PROVD: &str = env!("CARGO_BIN_EXE_provd");
+
+/// A VM whose BIOS finds nothing to boot and waits: it runs until stopped.
+fn spec(name: &str, image: &str) -> Value {
+    json!({"name": name, "hypervisor": "libvirt", "vcpus": 1, "memory-mib": 128, "image": image,
+           "boot": {"firmware": "bios"}})
+}
+
+fn domstate(name: &str) -> Option<String> {
+    virsh(&["domstate", name]).ok().map(|s| s.trim().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operations_hand_vms_to_libvirt_and_take_back_only_their_own() {
+    let Some(_libvirtd) = Libvirtd::ensure().unwrap() else {
+        eprintln!("libvirtd is not installed (libvirt-daemon-system): skipped");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // libvirt-qemu reaches the VMs' files through the handed-over folder;
+    // the test's folder is opened to traversal for it.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    let image = dir.path().join("images/web");
+    for (path, data) in
+        [("usr/lib/libc.so.6", content(1, 200_000)), ("etc/hostname", b"w\n".into())]
+    {
+        let file = image.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, data).unwrap();
+    }
+    // A domain of a name provd is asked for, but not provd's: another UUID.
+    let clash = dir.path().join("clash.xml");
+    std::fs::write(
+        &clash,
+        "<domain type=\"qemu\"><name>clash-1</name>\
+         <uuid>00000000-0000-4000-8000-000000000001</uuid><memory unit=\"MiB\">64</memory>\
+         <os><type arch=\"x86_64\" machine=\"q35\">hvm</type></os></domain>",
+    )
+    .unwrap();
+    // What an earlier run that failed midway may have left.
+    for name in ["web-1", "clash-1"] {
+        let _ = virsh(&["destroy", name]);
+        let _ = virsh(&["undefine", name]);
+    }
+    virsh(&["define", &clash.display().to_string()]).unwrap();
+
+    let extra = format!(
+        "[policy]\nimage-sources = [\"dir:{}/**\"]\n[hypervisor]\nlibvirt-uri = \"qemu:///system\"\n\
+         domain-type = \"qemu\"\nuser = \"libvirt-qemu\"\ngroup = \"libvirt-qemu\"\n\
+         vm-dir = \"{}\"\n{DEFAULT_EXTRA}",
+        dir.path().join("images").display(),
+        dir.path().join("handed").display()
+    );
+    let node = TestNode::start(Path::new(PROVD), &dir.path().join("node"), &extra).unwrap();
+    let (ca, cert, key) = node.tls();
+    let c = Client::new(&node.url, &TlsFiles { ca, cert: Some(cert), key: Some(key) }).unwrap();
+    let manifest = std::fs::read_to_string(SHARED_PARTITION.dir().join("plugin.toml")).unwrap();
+    c.deploy(node.bundle(&manifest, &SHARED_PARTITION.wasm())).await.unwrap();
+    let web = format!("dir:{}", image.display());
+    let provision = |vm: &str| {
+        json!({"plugin": "shared-partition", "vms": [spec(vm, &web)],
+               "params": {"min-layer-bytes": 0}})
+    };
+
+    // Provisioned: defined in libvirt, stopped, and so reported.
+    let id = c.provision(&provision("web-1")).await.unwrap().body["operation"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done = c.wait(&id, |_| {}).await.unwrap();
+    assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
+    assert_eq!(domstate("web-1").as_deref(), Some("shut off"));
+    let vm = c.get("/v1/vms/web-1").await.unwrap().body;
+    assert_eq!(vm["vm"]["state"], "shut off", "{vm:#}");
+
+    // Running, it is reported so, and a repack will not move it.
+    virsh(&["start", "web-1"]).unwrap();
+    let vms = c.get("/v1/vms").await.unwrap().body;
+    assert_eq!(vms["vms"][0]["state"], "running", "{vms:#}");
+    let refused = c.post_json("/v1/repack", &json!({"vms": ["web-1"]})).await.unwrap_err();
+    assert_eq!(refused.to_string().split_whitespace().next(), Some("409"), "{refused}");
+    let ops = c.get("/v1/operations").await.unwrap().body;
+    let repack = ops["operations"].as_array().unwrap().iter().find(|o| o["plugin"] == "provd");
+    let error = &repack.unwrap_or_else(|| panic!("no repack operation: {ops:#}"))["error"];
+    assert_eq!(error["code"], "vm-running", "{ops:#}");
+    assert!(error["message"].as_str().unwrap().contains("web-1"), "{ops:#}");
+    assert_eq!(domstate("web-1").as_deref(), Some("running"));
+
+    // A domain libvirt refuses (the name is another domain's) fails the
+    // operation, which leaves nothing, and the other domain stays.
+    let id = c.provision(&provision("clash-1")).await.unwrap().body["operation"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done = c.wait(&id, |_| {}).await.unwrap();
+    assert_eq!(done.state.as_str(), "failed", "{done:#?}");
+    let message = format!("{done:?}");
+    assert!(message.contains("clash-1") && message.contains("libvirt"), "{message}");
+    let gone = c.get("/v1/vms/clash-1").await.unwrap_err();
+    assert_eq!(gone.code(), Some("not-found"), "{gone}");
+    assert!(!node.data.join("vms/clash-1").exists());
+    assert!(!dir.path().join("handed/clash-1").exists());
+    let uuid = virsh(&["domuuid", "clash-1"]).unwrap();
+    assert_eq!(uuid.trim(), "00000000-0000-4000-8000-000000000001");
+
+    // Deleting the running VM stops and undefines its domain.
+    c.delete("/v1/vms/web-1").await.unwrap();
+    assert_eq!(domstate("web-1"), None, "web-1 is still defined");
+    assert!(!dir.path().join("handed/web-1").exists());
+    virsh(&["undefine", "clash-1"]).unwrap();
+}

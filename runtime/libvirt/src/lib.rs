@@ -1,0 +1,159 @@
+//! The node's libvirtd, through libvirt's API (never a `virsh` process):
+//! define, start, stop and undefine the domains provd renders, and read
+//! their state. Each call opens its own connection, so a libvirtd that
+//! restarted meanwhile is simply reached again.
+
+use virt::connect::Connect;
+use virt::domain::Domain;
+
+/// Why libvirt refused or failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LibvirtError {
+    /// the daemon could not be reached at the URI
+    #[error("connecting to libvirt at {uri}: {message}")]
+    Connect { uri: String, message: String },
+    /// libvirt refused the request
+    #[error("libvirt, {what}: {message}")]
+    Refused { what: String, message: String },
+}
+
+/// A domain's state as libvirt reports it, in `virsh domstate`'s words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainState {
+    Running,
+    Blocked,
+    Paused,
+    ShuttingDown,
+    ShutOff,
+    Crashed,
+    Suspended,
+    Unknown,
+}
+
+impl DomainState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainState::Running => "running",
+            DomainState::Blocked => "idle",
+            DomainState::Paused => "paused",
+            DomainState::ShuttingDown => "in shutdown",
+            DomainState::ShutOff => "shut off",
+            DomainState::Crashed => "crashed",
+            DomainState::Suspended => "pmsuspended",
+            DomainState::Unknown => "no state",
+        }
+    }
+
+    /// Whether a guest may be writing to its disks.
+    pub fn is_active(self) -> bool {
+        !matches!(self, DomainState::ShutOff | DomainState::Crashed)
+    }
+
+    fn from_raw(state: virt::sys::virDomainState) -> DomainState {
+        match state {
+            virt::sys::VIR_DOMAIN_RUNNING => DomainState::Running,
+            virt::sys::VIR_DOMAIN_BLOCKED => DomainState::Blocked,
+            virt::sys::VIR_DOMAIN_PAUSED => DomainState::Paused,
+            virt::sys::VIR_DOMAIN_SHUTDOWN => DomainState::ShuttingDown,
+            virt::sys::VIR_DOMAIN_SHUTOFF => DomainState::ShutOff,
+            virt::sys::VIR_DOMAIN_CRASHED => DomainState::Crashed,
+            virt::sys::VIR_DOMAIN_PMSUSPENDED => DomainState::Suspended,
+            _ => DomainState::Unknown,
+        }
+    }
+}
+
+/// The node's libvirtd at one URI (`qemu:///system`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Libvirt {
+    uri: String,
+}
+
+fn refused(what: impl Into<String>, e: &virt::error::Error) -> LibvirtError {
+    LibvirtError::Refused { what: what.into(), message: e.message().to_string() }
+}
+
+impl Libvirt {
+    pub fn new(uri: impl Into<String>) -> Libvirt {
+        Libvirt { uri: uri.into() }
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    fn connect(&self) -> Result<Connection, LibvirtError> {
+        Connect::open(Some(&self.uri)).map(Connection).map_err(|e| LibvirtError::Connect {
+            uri: self.uri.clone(),
+            message: e.message().to_string(),
+        })
+    }
+
+    /// Whether libvirtd answers at the URI.
+    pub fn reachable(&self) -> Result<(), LibvirtError> {
+        self.connect().map(|_| ())
+    }
+
+    /// Defines (or redefines, for the same name and UUID) the domain `xml`
+    /// describes; returns its name.
+    pub fn define(&self, xml: &str) -> Result<String, LibvirtError> {
+        let conn = self.connect()?;
+        let domain =
+            Domain::define_xml(&conn.0, xml).map_err(|e| refused("defining a domain", &e))?;
+        domain.get_name().map_err(|e| refused("reading a domain's name", &e))
+    }
+
+    /// Starts the defined domain `name`.
+    pub fn start(&self, name: &str) -> Result<(), LibvirtError> {
+        let conn = self.connect()?;
+        let domain = lookup(&conn, name)?.ok_or_else(|| LibvirtError::Refused {
+            what: format!("starting {name}"),
+            message: "no such domain".into(),
+        })?;
+        domain.create().map(|_| ()).map_err(|e| refused(format!("starting {name}"), &e))
+    }
+
+    /// Stops domain `name` at once, if it runs, and undefines it, if it is
+    /// defined with `uuid`: a domain of that name with another UUID is not
+    /// the caller's, and stays. Returns whether one was removed.
+    pub fn remove(&self, name: &str, uuid: &str) -> Result<bool, LibvirtError> {
+        let conn = self.connect()?;
+        let Some(domain) = lookup(&conn, name)? else { return Ok(false) };
+        let theirs =
+            domain.get_uuid_string().map_err(|e| refused(format!("reading {name}"), &e))?;
+        if !theirs.eq_ignore_ascii_case(uuid) {
+            return Ok(false);
+        }
+        if domain.is_active().map_err(|e| refused(format!("reading {name}"), &e))? {
+            domain.destroy().map_err(|e| refused(format!("stopping {name}"), &e))?;
+        }
+        domain.undefine().map_err(|e| refused(format!("undefining {name}"), &e))?;
+        Ok(true)
+    }
+
+    /// The state of domain `name`, or `None` when libvirt does not know it.
+    pub fn state(&self, name: &str) -> Result<Option<DomainState>, LibvirtError> {
+        let conn = self.connect()?;
+        let Some(domain) = lookup(&conn, name)? else { return Ok(None) };
+        let (state, _) =
+            domain.get_state().map_err(|e| refused(format!("reading the state of {name}"), &e))?;
+        Ok(Some(DomainState::from_raw(state)))
+    }
+}
+
+/// A connection, closed when dropped.
+struct Connection(Connect);
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let _ = self.0.close();
+    }
+}
+
+fn lookup(conn: &Connection, name: &str) -> Result<Option<Domain>, LibvirtError> {
+    match Domain::lookup_by_name(&conn.0, name) {
+        Ok(d) => Ok(Some(d)),
+        Err(e) if e.code() == virt::error::ErrorNumber::NoDomain => Ok(None),
+        Err(e) => Err(refused(format!("looking up {name}"), &e)),
+    }
+}
