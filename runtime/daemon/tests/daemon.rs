@@ -140,6 +140,10 @@ async fn bad_json_and_bad_specs_get_errors_that_name_the_problem() {
     assert!(e.2.starts_with("vms[0]"), "{}", e.2);
     let e = code(c.provision(&json!({"plugin": "hello", "params": [1, 2]})).await.unwrap_err());
     assert_eq!((e.0, e.1.as_str()), (400, "invalid-request"));
+    // Nothing to start VMs in on a node without libvirt.
+    let e = code(c.provision(&json!({"plugin": "hello", "start": true})).await.unwrap_err());
+    assert_eq!((e.0, e.1.as_str()), (400, "invalid-request"));
+    assert!(e.2.contains("libvirt-uri"), "{}", e.2);
     // A body over the JSON limit.
     let (status, body) = raw_head_only(&node, "/v1/operations", "application/json", 2 << 20).await;
     assert_eq!((status, body["error"]["code"].as_str()), (413, Some("too-large")), "{body}");

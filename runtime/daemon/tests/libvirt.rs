@@ -60,7 +60,7 @@ async fn operations_hand_vms_to_libvirt_and_take_back_only_their_own() {
     )
     .unwrap();
     // What an earlier run that failed midway may have left.
-    for name in ["web-1", "clash-1"] {
+    for name in ["web-1", "web-2", "clash-1"] {
         let _ = virsh(&["destroy", name]);
         let _ = virsh(&["undefine", name]);
     }
@@ -125,9 +125,20 @@ async fn operations_hand_vms_to_libvirt_and_take_back_only_their_own() {
     let uuid = virsh(&["domuuid", "clash-1"]).unwrap();
     assert_eq!(uuid.trim(), "00000000-0000-4000-8000-000000000001");
 
-    // Deleting the running VM stops and undefines its domain.
-    c.delete("/v1/vms/web-1").await.unwrap();
-    assert_eq!(domstate("web-1"), None, "web-1 is still defined");
+    // A request may ask for its VMs to be started at once.
+    let mut started = provision("web-2");
+    started["start"] = json!(true);
+    let id =
+        c.provision(&started).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    let done = c.wait(&id, |_| {}).await.unwrap();
+    assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
+    assert_eq!(domstate("web-2").as_deref(), Some("running"));
+
+    // Deleting a running VM stops and undefines its domain.
+    for vm in ["web-1", "web-2"] {
+        c.delete(&format!("/v1/vms/{vm}")).await.unwrap();
+        assert_eq!(domstate(vm), None, "{vm} is still defined");
+    }
     assert!(!dir.path().join("handed/web-1").exists());
     virsh(&["undefine", "clash-1"]).unwrap();
 }

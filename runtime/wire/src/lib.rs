@@ -131,6 +131,10 @@ pub struct OperationRequest {
     /// Run `version` even though it is not the active one (audited).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_inactive: bool,
+    /// Start the libvirt VMs the operation configures, on a node that hands
+    /// them to libvirt.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub start: bool,
 }
 
 /// Where an operation stands.

@@ -91,6 +91,7 @@ fn samples() -> Vec<Value> {
             params: Some(json!({})),
             idempotency_key: Some("k".into()),
             allow_inactive: true,
+            start: true,
         }),
         serde_json::to_value(OperationAnswer { operation: operation() }),
         serde_json::to_value(OperationList { operations: vec![operation()] }),

@@ -90,11 +90,16 @@ pub(super) fn start_request(
     }
     let mut canonical = json!({"plugin": body.plugin, "version": body.version, "vms": body.vms,
                                "params": body.params});
-    // Only when set, so the digests of requests without it stay as they were.
+    // Only when set, so the digests of requests without them stay as they were.
     if body.allow_inactive
         && let Some(m) = canonical.as_object_mut()
     {
         m.insert("allow-inactive".into(), Value::Bool(true));
+    }
+    if body.start
+        && let Some(m) = canonical.as_object_mut()
+    {
+        m.insert("start".into(), Value::Bool(true));
     }
     Ok(StartRequest {
         plugin: body.plugin,
@@ -108,6 +113,7 @@ pub(super) fn start_request(
         actor,
         allow_inactive: body.allow_inactive,
         specs,
+        start: body.start,
     })
 }
 
@@ -140,6 +146,12 @@ pub(super) async fn start_operation(
         None => None,
     };
     let req = start_request(body, header_key, peer.name.clone())?;
+    if req.start && s.node.libvirt().is_none() {
+        return Err(ApiError::bad(
+            "invalid-request",
+            "start: this node does not hand VMs to libvirt (hypervisor.libvirt-uri is not set)",
+        ));
+    }
     // The node's bounds on host networks and boot files hold for the
     // manager's specs as for what a plugin passes.
     let mut beyond = Vec::new();

@@ -43,6 +43,7 @@ pub(super) async fn delete_vm_now(s: AppState, peer: Peer, name: String) -> ApiR
         actor: peer.name.clone(),
         allow_inactive: false,
         specs: std::collections::BTreeMap::new(),
+        start: false,
     };
     let rec = s
         .ops
@@ -123,6 +124,7 @@ pub(super) async fn repack_now(s: AppState, peer: Peer, req: wire::RepackRequest
         actor: peer.name.clone(),
         allow_inactive: false,
         specs: std::collections::BTreeMap::new(),
+        start: false,
     };
     let rec = s.ops.run_builtin(req, builtin).await.map_err(builtin_error)?;
     let report: Option<Value> = rec.report.as_deref().and_then(|r| serde_json::from_str(r).ok());

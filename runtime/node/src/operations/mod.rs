@@ -189,6 +189,8 @@ pub struct StartRequest {
     pub allow_inactive: bool,
     /// The manager's spec of each VM, by name, as validated.
     pub specs: std::collections::BTreeMap<String, provd_vm::spec::VmSpec>,
+    /// Start the libvirt VMs it configures (besides the node's `start`).
+    pub start: bool,
 }
 
 /// Seconds since the epoch by the system clock (0 before it).
@@ -479,7 +481,7 @@ impl Operations {
                 vms: Some(req.vms.clone()),
                 specs: req.specs.clone(),
                 libvirt: self.node.libvirt().cloned(),
-                start: self.node.start_vms(),
+                start: self.node.start_vms() || req.start,
             },
         )
         .await;

@@ -210,6 +210,9 @@ pub struct ProvisionArgs {
     /// Return once the operation is started instead of following it.
     #[arg(long)]
     no_wait: bool,
+    /// Start the VMs in the node's libvirt once they are configured.
+    #[arg(long)]
+    start: bool,
     /// Send each VM to the node `provctl place` chooses for it
     /// (one operation per node) instead of every VM to every node.
     #[arg(long)]

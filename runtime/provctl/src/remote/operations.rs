@@ -132,6 +132,7 @@ pub(super) async fn provision(args: ProvisionArgs) -> Result<u8> {
         params: read_params(&args.params)?,
         idempotency_key: args.idempotency_key.clone(),
         allow_inactive: false,
+        start: args.start,
     };
     // With --place: each node gets its own VMs, and its own key.
     let mut requests: std::collections::BTreeMap<String, wire::OperationRequest> =
