@@ -208,6 +208,24 @@ async fn authorize(
     // A certificate without a role can make these rows as fast as it can
     // connect: they count toward the history's pruning as operations do.
     s.ops.prune_now_and_then().await;
+    // The body is read (within the route's limit) before the refusal goes
+    // out: a client still sending it would otherwise see the connection
+    // close under it instead of the answer. A body announced over the limit
+    // is not waited for.
+    let limit = if req.uri().path() == "/v1/bundles" {
+        s.limits.max_bundle_bytes
+    } else {
+        s.limits.max_json_bytes
+    };
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_none_or(|n| n <= limit) {
+        let _ = axum::body::to_bytes(req.into_body(), usize::try_from(limit).unwrap_or(usize::MAX))
+            .await;
+    }
     let mut response = ApiError::new(
         StatusCode::FORBIDDEN,
         "forbidden",
