@@ -133,11 +133,22 @@ impl Libvirt {
 
     /// The state of domain `name`, or `None` when libvirt does not know it.
     pub fn state(&self, name: &str) -> Result<Option<DomainState>, LibvirtError> {
+        Ok(self.states(&[name])?.pop().flatten())
+    }
+
+    /// The state of each domain of `names`, in order, over one connection.
+    pub fn states(&self, names: &[&str]) -> Result<Vec<Option<DomainState>>, LibvirtError> {
         let conn = self.connect()?;
-        let Some(domain) = lookup(&conn, name)? else { return Ok(None) };
-        let (state, _) =
-            domain.get_state().map_err(|e| refused(format!("reading the state of {name}"), &e))?;
-        Ok(Some(DomainState::from_raw(state)))
+        names
+            .iter()
+            .map(|name| {
+                let Some(domain) = lookup(&conn, name)? else { return Ok(None) };
+                let (state, _) = domain
+                    .get_state()
+                    .map_err(|e| refused(format!("reading the state of {name}"), &e))?;
+                Ok(Some(DomainState::from_raw(state)))
+            })
+            .collect()
     }
 }
 

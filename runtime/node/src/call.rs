@@ -42,7 +42,6 @@ pub async fn run(
     let ledger = Arc::new(Ledger::default());
     let names_given = options.vms.is_some();
     let (libvirt, start) = (options.libvirt, options.start);
-    let libvirt_for_undo = libvirt.clone();
     let operation = request.operation_id.clone();
     let host = NodeCall { vms: options.vms, specs: options.specs, ledger: ledger.clone() };
     let result = engine
@@ -56,7 +55,8 @@ pub async fn run(
     // Closed before anything is undone, so that a build still running on
     // a blocking thread removes its own result instead of publishing it.
     let built = ledger.close();
-    let result = match (result, libvirt, engine.host().store().cloned()) {
+    let store = engine.host().store().cloned();
+    let result = match (result, libvirt.clone(), store.clone()) {
         (Ok(outcome), Some(libvirt), Some(store)) if !built.vms.is_empty() => {
             let vms = built.vms.clone();
             let handed =
@@ -67,14 +67,14 @@ pub async fn run(
         }
         (result, _, _) => result,
     };
-    if let Some(store) = engine.host().store().cloned()
+    if let Some(store) = store
         && !built.is_empty()
         && (result.is_err() || names_given)
     {
         let failed = result.is_err();
         let done = tokio::task::spawn_blocking(move || {
             if failed {
-                crate::rollback::call(&store, libvirt_for_undo.as_ref(), &operation, &built);
+                crate::rollback::call(&store, libvirt.as_ref(), &operation, &built);
             } else {
                 free_unconfigured(&store, &built);
             }
@@ -100,10 +100,9 @@ fn hand_to_libvirt(
     let mut defined = Vec::new();
     let mut each = || {
         for vm in vms {
-            let xml = store.path().join("vms").join(vm).join("domain.xml");
-            // Only libvirt VMs have a domain.
-            let Ok(text) = std::fs::read_to_string(&xml) else { continue };
-            libvirt.define(&text).map_err(|e| format!("VM {vm}: {e}"))?;
+            if !define(store, libvirt, vm)? {
+                continue;
+            }
             defined.push(vm.clone());
             if start {
                 libvirt.start(vm).map_err(|e| format!("VM {vm}: {e}"))?;
@@ -120,6 +119,19 @@ fn hand_to_libvirt(
         }
     }
     done
+}
+
+/// Defines VM `vm` in libvirt (again) from the domain provd wrote for it;
+/// `false` for a VM of another hypervisor, which has no domain.
+pub(crate) fn define(
+    store: &Store,
+    libvirt: &provd_libvirt::Libvirt,
+    vm: &str,
+) -> Result<bool, String> {
+    let xml = store.path().join("vms").join(vm).join("domain.xml");
+    let Ok(text) = std::fs::read_to_string(&xml) else { return Ok(false) };
+    libvirt.define(&text).map_err(|e| format!("VM {vm}: {e}"))?;
+    Ok(true)
 }
 
 /// After an operation that names its VMs succeeds: removes the private

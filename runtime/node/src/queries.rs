@@ -99,22 +99,27 @@ fn vm(v: &provd_store::VmRecord) -> wire::Vm {
 }
 
 impl Node {
-    /// `v` with its domain's state, on a node that hands VMs to libvirt.
-    fn with_state(&self, mut v: wire::Vm) -> wire::Vm {
-        let Some(libvirt) = self.libvirt() else { return v };
+    /// `vms` with their domains' states, read over one connection, on a
+    /// node that hands VMs to libvirt.
+    fn with_states(&self, mut vms: Vec<wire::Vm>) -> Vec<wire::Vm> {
+        let Some(libvirt) = self.libvirt() else { return vms };
         // Only libvirt VMs have a domain.
-        let is_libvirt = v.spec.get("hypervisor").and_then(Value::as_str) == Some("libvirt");
-        if is_libvirt {
-            v.state = Some(match libvirt.state(&v.name) {
+        let mut ours: Vec<&mut wire::Vm> = vms
+            .iter_mut()
+            .filter(|v| v.spec.get("hypervisor").and_then(Value::as_str) == Some("libvirt"))
+            .collect();
+        let names: Vec<&str> = ours.iter().map(|v| v.name.as_str()).collect();
+        let states = libvirt.states(&names).map_err(|e| {
+            tracing::warn!(error = %e, "reading the domains' states");
+        });
+        for (i, v) in ours.iter_mut().enumerate() {
+            v.state = Some(match states.as_ref().map(|s| s.get(i).copied().flatten()) {
                 Ok(Some(s)) => s.as_str().to_string(),
                 Ok(None) => "undefined".to_string(),
-                Err(e) => {
-                    tracing::warn!(vm = %v.name, error = %e, "reading a domain's state");
-                    "unknown".to_string()
-                }
+                Err(()) => "unknown".to_string(),
             });
         }
-        v
+        vms
     }
 
     /// The accepted bundles, by name, then acceptance time.
@@ -151,7 +156,7 @@ impl Node {
     /// Every VM and what they reserve together.
     pub fn vms(&self) -> Result<wire::VmList, StoreError> {
         let store = self.store();
-        let vms = store.vms()?.iter().map(|v| self.with_state(vm(v))).collect();
+        let vms = self.with_states(store.vms()?.iter().map(vm).collect());
         Ok(wire::VmList { vms, reserved: resources(&store.reserved()?) })
     }
 
@@ -159,7 +164,7 @@ impl Node {
     pub fn vm(&self, name: &str) -> Result<Option<wire::Vm>, StoreError> {
         let store = self.store();
         let Some(rec) = store.vm(name)? else { return Ok(None) };
-        let mut out = self.with_state(vm(&rec));
+        let Some(mut out) = self.with_states(vec![vm(&rec)]).pop() else { return Ok(None) };
         out.partitions = Some(
             store
                 .partitions_of_vm(name)?

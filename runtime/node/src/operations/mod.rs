@@ -663,6 +663,11 @@ impl Operations {
             // Taken before the builtin writes anything (`Store::sync_point`).
             let point = store.sync_point()?;
             store.start_operation(&new, &[])?;
+            // Asked of libvirt once, before a repack moves anything.
+            let running = match action {
+                Builtin::Repack { .. } => running(libvirt.as_ref(), &names),
+                Builtin::DeleteVms => Vec::new(),
+            };
             let (function, result, report): (&str, Result<(), (&str, String)>, Option<String>) =
                 match action {
                     Builtin::DeleteVms => {
@@ -683,21 +688,18 @@ impl Operations {
                         }
                         ("delete-vm", result, None)
                     }
-                    Builtin::Repack { .. } if !running(libvirt.as_ref(), &names).is_empty() => {
-                        let running = running(libvirt.as_ref(), &names);
-                        (
-                            "repack",
-                            Err((
-                                "vm-running",
-                                format!(
-                                    "{} run in libvirt: a repack moves only stopped VMs, since \
+                    Builtin::Repack { .. } if !running.is_empty() => (
+                        "repack",
+                        Err((
+                            "vm-running",
+                            format!(
+                                "{} run in libvirt: a repack moves only stopped VMs, since \
                                      a running guest's writes after the copy would be lost",
-                                    running.join(", ")
-                                ),
-                            )),
-                            None,
-                        )
-                    }
+                                running.join(", ")
+                            ),
+                        )),
+                        None,
+                    ),
                     Builtin::Repack { format } => {
                         let opts = provd_partitions::BuildOptions {
                             operation: Some(id.clone()),
@@ -831,14 +833,17 @@ impl Operations {
 /// Those of `vms` libvirt runs (or has paused), by name.
 fn running(libvirt: Option<&provd_libvirt::Libvirt>, vms: &[String]) -> Vec<String> {
     let Some(libvirt) = libvirt else { return Vec::new() };
-    vms.iter()
-        .filter(|vm| match libvirt.state(vm) {
-            Ok(state) => state.is_some_and(|s| s.is_active()),
-            // Unknown is not stopped: the repack waits for an answer.
-            Err(_) => true,
-        })
-        .cloned()
-        .collect()
+    let names: Vec<&str> = vms.iter().map(String::as_str).collect();
+    match libvirt.states(&names) {
+        Ok(states) => vms
+            .iter()
+            .zip(states)
+            .filter(|(_, s)| s.is_some_and(|s| s.is_active()))
+            .map(|(vm, _)| vm.clone())
+            .collect(),
+        // Unknown is not stopped: the repack waits for an answer.
+        Err(_) => vms.to_vec(),
+    }
 }
 
 /// Defines `vms` in libvirt again from their rewritten domains.
@@ -849,9 +854,7 @@ fn redefine(
 ) -> Result<(), String> {
     let Some(libvirt) = libvirt else { return Ok(()) };
     for vm in vms {
-        let xml = store.path().join("vms").join(vm).join("domain.xml");
-        let Ok(text) = std::fs::read_to_string(&xml) else { continue };
-        libvirt.define(&text).map_err(|e| format!("{vm}: {e}"))?;
+        crate::call::define(store, libvirt, vm)?;
     }
     Ok(())
 }
