@@ -91,13 +91,8 @@ pub(crate) fn hand_over(
     own(&folder, access, DIR_MODE)?;
     let mut out = Vec::with_capacity(files.len());
     for (name, source, writable) in files {
-        let link = folder.join(name);
-        let temp = folder.join(format!(".{name}.new"));
-        let _ = std::fs::remove_file(&temp);
-        std::fs::hard_link(source, &temp).map_err(|e| failed("linking", source, e))?;
-        own(&temp, access, if *writable { WRITABLE_MODE } else { READ_ONLY_MODE })?;
-        std::fs::rename(&temp, &link).map_err(|e| failed("replacing", &link, e))?;
-        out.push(link);
+        let mode = if *writable { WRITABLE_MODE } else { READ_ONLY_MODE };
+        out.push(link(access, &folder, name, source, mode)?);
     }
     // Links a repack or a smaller spec no longer uses.
     let keep: Vec<&str> = files.iter().map(|(n, _, _)| n.as_str()).collect();
@@ -115,13 +110,25 @@ pub(crate) fn hand_over(
 /// customised or restored seed), when the VM's files were handed over.
 pub(crate) fn relink(vm_dir: &Path, vm: &str, name: &str) -> Result<(), VmError> {
     let Some(access) = recorded(vm_dir)? else { return Ok(()) };
-    let link = folder(&access, vm).join(name);
-    let temp = folder(&access, vm).join(format!(".{name}.new"));
+    link(&access, &folder(&access, vm), name, &vm_dir.join(name), READ_ONLY_MODE).map(|_| ())
+}
+
+/// Links `source` into `folder` as `name` with `mode`, replacing what had
+/// that name in one rename; returns the link.
+fn link(
+    access: &HypervisorAccess,
+    folder: &Path,
+    name: &str,
+    source: &Path,
+    mode: u32,
+) -> Result<PathBuf, VmError> {
+    let link = folder.join(name);
+    let temp = folder.join(format!(".{name}.new"));
     let _ = std::fs::remove_file(&temp);
-    let source = vm_dir.join(name);
-    std::fs::hard_link(&source, &temp).map_err(|e| failed("linking", &source, e))?;
-    own(&temp, &access, READ_ONLY_MODE)?;
-    std::fs::rename(&temp, &link).map_err(|e| failed("replacing", &link, e))
+    std::fs::hard_link(source, &temp).map_err(|e| failed("linking", source, e))?;
+    own(&temp, access, mode)?;
+    std::fs::rename(&temp, &link).map_err(|e| failed("replacing", &link, e))?;
+    Ok(link)
 }
 
 /// Removes the VM's folder, if its files were handed over.
