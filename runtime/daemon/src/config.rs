@@ -72,6 +72,9 @@ pub struct HypervisorConfig {
     pub group: Option<String>,
     #[serde(default)]
     pub vm_dir: Option<PathBuf>,
+    /// Resolved from `domain-type` and `cpu-mode` when the file is read.
+    #[serde(skip)]
+    pub machine: Machine,
     /// Resolved from `user`, `group` and `vm-dir` when the file is read.
     #[serde(skip)]
     pub access: Option<HypervisorAccess>,
@@ -350,12 +353,13 @@ impl Config {
                     })?;
             }
         }
-        Machine::new(config.hypervisor.domain_type, config.hypervisor.cpu_mode).map_err(|why| {
-            ConfigError::Parse {
-                path: path.display().to_string(),
-                message: format!("hypervisor: {why}"),
-            }
-        })?;
+        config.hypervisor.machine =
+            Machine::new(config.hypervisor.domain_type, config.hypervisor.cpu_mode).map_err(
+                |why| ConfigError::Parse {
+                    path: path.display().to_string(),
+                    message: format!("hypervisor: {why}"),
+                },
+            )?;
         if let Some(uri) = &config.hypervisor.libvirt_uri
             && (uri.is_empty() || uri.len() > 256 || uri.chars().any(char::is_control))
         {
@@ -423,10 +427,7 @@ impl Config {
         }
         p.max_concurrent_invocations = self.limits.max_running_operations.max(1);
         p.capacity = self.capacity;
-        // Checked when the file was read.
-        if let Ok(machine) = Machine::new(self.hypervisor.domain_type, self.hypervisor.cpu_mode) {
-            p.machine = machine;
-        }
+        p.machine = self.hypervisor.machine;
         p.hypervisor_access = self.hypervisor.access.clone();
         p
     }
