@@ -54,6 +54,11 @@ pub(crate) const MAX_KEPT_PLAN_BYTES: u64 = 256 << 20;
 pub(crate) const MAX_ANALYSED_ENTRIES: u64 = 8_000_000;
 
 impl DedupView<'_> {
+    /// The image each of `vms` runs, each fetched in this request.
+    fn vm_images(&self, vms: &[VmImage]) -> Result<Vec<ImageRecord>, WitError> {
+        vms.iter().map(|v| crate::fetched_image(self.fetched, &v.image)).collect()
+    }
+
     /// Every VM's entries, from images fetched in this request, read on a
     /// blocking thread: an analysis may load millions of rows.
     async fn vm_entries(
@@ -77,11 +82,7 @@ impl DedupView<'_> {
             return Ok(Err(WitError::Denied("this node has no image store".into())));
         };
         let store = images.store().clone();
-        let records = match vms
-            .iter()
-            .map(|v| crate::fetched_image(self.fetched, &v.image))
-            .collect::<Result<Vec<_>, _>>()
-        {
+        let records = match self.vm_images(vms) {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
@@ -278,11 +279,7 @@ impl DedupView<'_> {
             Ok(done) => done,
             Err(e) => return Ok(Err(WitError::InvalidInput(e.to_string()))),
         };
-        let records = match vms
-            .iter()
-            .map(|v| crate::fetched_image(self.fetched, &v.image))
-            .collect::<Result<Vec<_>, _>>()
-        {
+        let records = match self.vm_images(&vms) {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
