@@ -41,14 +41,16 @@ pub fn virsh(args: &[&str]) -> Result<String, String> {
 
 impl Libvirtd {
     /// The running libvirtd, or one started from Debian's package
-    /// (`libvirt-daemon-system`) with its stock configuration. `None` when
-    /// the package is not installed: the caller says so and skips.
-    pub fn ensure() -> Result<Option<Libvirtd>, String> {
+    /// (`libvirt-daemon-system`, which `scripts/setup.sh` installs) with its
+    /// stock configuration.
+    pub fn ensure() -> Result<Libvirtd, String> {
         if virsh(&["version"]).is_ok() {
-            return Ok(Some(Libvirtd { started: Vec::new() }));
+            return Ok(Libvirtd { started: Vec::new() });
         }
         if !Path::new("/usr/sbin/libvirtd").exists() {
-            return Ok(None);
+            return Err("libvirtd is not installed: Debian's libvirt-daemon-system \
+                        (scripts/setup.sh installs it)"
+                .into());
         }
         let mut started = Vec::new();
         // QEMU's console log goes through virtlogd (`stdio_handler = "logd"`).
@@ -65,7 +67,7 @@ impl Libvirtd {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match virsh(&["version"]) {
-                Ok(_) => return Ok(Some(daemons)),
+                Ok(_) => return Ok(daemons),
                 Err(e) if Instant::now() > deadline => return Err(format!("libvirtd: {e}")),
                 Err(_) => std::thread::sleep(Duration::from_millis(200)),
             }

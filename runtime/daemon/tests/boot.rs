@@ -13,10 +13,10 @@
 //! cloud-init applied the hostname and SSH key of the seed. A VM of another
 //! tenant, whose image is web's plus a secret, is provisioned first: no
 //! shared partition is mounted in either guest, and reading every one of
-//! their disks raw finds none of its secret. Where Debian's libvirtd is
-//! installed, the node hands its VMs' files to libvirt's QEMU user, and
-//! web-1 boots a third time through libvirtd under its stock
-//! configuration, as `libvirt-qemu`, from the same partitions.
+//! their disks raw finds none of its secret. The node hands its VMs' files
+//! to libvirt's QEMU user, and web-1 boots a third time through Debian's
+//! libvirtd under its stock configuration, as `libvirt-qemu`, from the same
+//! partitions.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -176,24 +176,19 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
     // the node's alone.
     let libvirtd = provd_tests::libvirt::Libvirtd::ensure().unwrap();
     let handed = dir.path().join("handed");
-    let mut hypervisor = format!(
-        "[hypervisor]\ndomain-type = \"{}\"\n",
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    let hypervisor = format!(
+        "[hypervisor]\ndomain-type = \"{}\"\nuser = \"libvirt-qemu\"\ngroup = \"libvirt-qemu\"\n\
+         vm-dir = \"{}\"\n",
         match provd_vm::qemu::Accel::detect() {
             provd_vm::qemu::Accel::Kvm => "kvm",
             provd_vm::qemu::Accel::Tcg => "qemu",
-        }
+        },
+        handed.display()
     );
-    match &libvirtd {
-        Some(_) => {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-            hypervisor.push_str(&format!(
-                "user = \"libvirt-qemu\"\ngroup = \"libvirt-qemu\"\nvm-dir = \"{}\"\n",
-                handed.display()
-            ));
-        }
-        None => eprintln!("libvirtd is not installed (libvirt-daemon-system): no libvirt boot"),
-    }
     let extra = format!(
         "[policy]\nimage-sources = [\"dir:{}\", \"dir:{}\", \"dir:{}\"]\n{hypervisor}{DEFAULT_EXTRA}",
         web.display(),
@@ -320,7 +315,6 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
         );
     }
 
-    let Some(libvirtd) = libvirtd else { return };
     // Handed over: every file web-1 uses is a link in its own folder,
     // root:libvirt-qemu, writable only where the VM writes; the folders
     // only traversable; the data directory closed.
