@@ -8,7 +8,7 @@
 //! | role | may |
 //! | --- | --- |
 //! | `readers` | `GET` (and `HEAD`) on every route |
-//! | `operators` | also start and cancel operations, delete VMs, repack |
+//! | `operators` | also start and cancel operations, delete, start and stop VMs, repack |
 //! | `admins` | everything: also upload bundles, activate and roll back plugins |
 //!
 //! A certificate that no entry maps gets `403` on every route but
@@ -115,6 +115,7 @@ pub fn required(method: &Method, path: &str) -> Option<Role> {
         (&Method::POST, ["v1", "operations"])
             | (&Method::POST, ["v1", "operations", _, "cancel"])
             | (&Method::DELETE, ["v1", "vms", _])
+            | (&Method::POST, ["v1", "vms", _, "start" | "stop"])
             | (&Method::POST, ["v1", "repack"])
     );
     Some(if operator { Role::Operator } else { Role::Admin })
@@ -161,6 +162,9 @@ mod tests {
         assert_eq!(required(&Method::POST, "/v1/operations/op-1/cancel"), Some(Role::Operator));
         assert_eq!(required(&Method::DELETE, "/v1/vms/web-1"), Some(Role::Operator));
         assert_eq!(required(&Method::POST, "/v1/repack"), Some(Role::Operator));
+        assert_eq!(required(&Method::POST, "/v1/vms/web-1/start"), Some(Role::Operator));
+        assert_eq!(required(&Method::POST, "/v1/vms/web-1/stop"), Some(Role::Operator));
+        assert_eq!(required(&Method::POST, "/v1/vms/web-1/reboot"), Some(Role::Admin));
         assert_eq!(required(&Method::POST, "/v1/bundles"), Some(Role::Admin));
         assert_eq!(required(&Method::POST, "/v1/plugins/x/activate"), Some(Role::Admin));
         assert_eq!(required(&Method::POST, "/healthz"), Some(Role::Admin));

@@ -3,7 +3,8 @@
 
 //! provd hands its VMs to the node's libvirtd (Debian's, stock
 //! configuration), through libvirt's API: an operation defines them, a VM
-//! reports its domain's state, a repack refuses a running one, a domain
+//! reports its domain's state, starts and stops through the API, a repack
+//! refuses a running one, a domain
 //! libvirt refuses fails the operation and rolls it back without touching
 //! a domain that is not provd's, and deleting a running VM stops and
 //! undefines it.
@@ -92,6 +93,41 @@ async fn operations_hand_vms_to_libvirt_and_take_back_only_their_own() {
     let vm = c.get("/v1/vms/web-1").await.unwrap().body;
     assert_eq!(vm["vm"]["state"], "shut off", "{vm:#}");
 
+    // Started through the API (an operator's right), it runs and is
+    // reported so; starting it again changes nothing.
+    let started = c.post_json("/v1/vms/web-1/start", &json!({})).await.unwrap().body;
+    assert_eq!(
+        (started["state"].as_str(), started["changed"].as_bool()),
+        (Some("running"), Some(true)),
+        "{started:#}"
+    );
+    assert_eq!(domstate("web-1").as_deref(), Some("running"));
+    let again = c.post_json("/v1/vms/web-1/start", &json!({})).await.unwrap().body;
+    assert_eq!(again["changed"], false, "{again:#}");
+    let missing = c.post_json("/v1/vms/nope-1/start", &json!({})).await.unwrap_err();
+    assert_eq!(missing.code(), Some("not-found"), "{missing}");
+    let bad = c.post_json("/v1/vms/web-1/stop", &json!({"timeout-seconds": 0})).await.unwrap_err();
+    assert_eq!(bad.code(), Some("invalid-request"), "{bad}");
+
+    // Asked to shut down, a guest that does not answer ACPI (the BIOS
+    // waiting for a disk) runs on: the stop says so, and runs no longer.
+    let asked =
+        c.post_json("/v1/vms/web-1/stop", &json!({"timeout-seconds": 2})).await.unwrap_err();
+    assert_eq!(asked.code(), Some("vm-running"), "{asked}");
+    assert!(asked.to_string().contains("within 2 s"), "{asked}");
+    assert_eq!(domstate("web-1").as_deref(), Some("running"));
+    let stopped = c.post_json("/v1/vms/web-1/stop", &json!({"force": true})).await.unwrap().body;
+    assert_eq!(
+        (stopped["state"].as_str(), stopped["changed"].as_bool()),
+        (Some("shut off"), Some(true)),
+        "{stopped:#}"
+    );
+    assert_eq!(domstate("web-1").as_deref(), Some("shut off"));
+    let audit = c.get("/v1/audit?plugin=provd").await.unwrap().body;
+    let functions: Vec<&str> =
+        audit["audit"].as_array().unwrap().iter().filter_map(|r| r["function"].as_str()).collect();
+    assert!(functions.contains(&"start-vm") && functions.contains(&"stop-vm"), "{audit:#}");
+
     // Running, it is reported so, and a repack will not move it.
     virsh(&["start", "web-1"]).unwrap();
     let vms = c.get("/v1/vms").await.unwrap().body;
@@ -121,6 +157,11 @@ async fn operations_hand_vms_to_libvirt_and_take_back_only_their_own() {
     assert!(!dir.path().join("handed/clash-1").exists());
     let uuid = virsh(&["domuuid", "clash-1"]).unwrap();
     assert_eq!(uuid.trim(), "00000000-0000-4000-8000-000000000001");
+    // Nor does a start or a stop through provd touch a domain not provd's.
+    // (clash-1 is no VM of the node: the answer is that.)
+    let other = c.post_json("/v1/vms/clash-1/start", &json!({})).await.unwrap_err();
+    assert_eq!(other.code(), Some("not-found"), "{other}");
+    assert_eq!(domstate("clash-1").as_deref(), Some("shut off"));
 
     // A request may ask for its VMs to be started at once.
     let mut started = provision("web-2");
@@ -131,7 +172,16 @@ async fn operations_hand_vms_to_libvirt_and_take_back_only_their_own() {
     assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
     assert_eq!(domstate("web-2").as_deref(), Some("running"));
 
-    // Deleting a running VM stops and undefines its domain.
+    // A VM whose domain someone undefined behind provd's back is not
+    // started from nothing: the answer names the missing domain.
+    virsh(&["destroy", "web-1"]).unwrap();
+    virsh(&["undefine", "web-1"]).unwrap();
+    let gone = c.post_json("/v1/vms/web-1/start", &json!({})).await.unwrap_err();
+    assert_eq!(gone.code(), Some("vm-not-defined"), "{gone}");
+    assert!(gone.to_string().contains("no domain of that name"), "{gone}");
+    assert_eq!(domstate("web-1"), None);
+
+    // Deleting a VM stops and undefines its domain (web-2 runs).
     for vm in ["web-1", "web-2"] {
         c.delete(&format!("/v1/vms/{vm}")).await.unwrap();
         assert_eq!(domstate(vm), None, "{vm} is still defined");

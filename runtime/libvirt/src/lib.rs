@@ -15,6 +15,24 @@ pub enum LibvirtError {
     /// libvirt refused the request
     #[error("libvirt, {what}: {message}")]
     Refused { what: String, message: String },
+    /// the domain has no definition of that name, or it is another's
+    #[error("libvirt, {what} {name}: {why}")]
+    NotOurs { what: &'static str, name: String, why: String },
+    /// the guest did not end when asked
+    #[error(
+        "{name} did not shut down within {seconds} s of being asked (ACPI); \
+         a forced stop ends it at once"
+    )]
+    StillRunning { name: String, seconds: u64 },
+}
+
+/// How a running domain is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// At once, as pulling the power cord (`virsh destroy`).
+    Now,
+    /// The guest is asked to shut down (ACPI) and given `within` to end.
+    Shutdown { within: std::time::Duration },
 }
 
 /// A domain's state as libvirt reports it, in `virsh domstate`'s words.
@@ -103,14 +121,48 @@ impl Libvirt {
         domain.get_name().map_err(|e| refused("reading a domain's name", &e))
     }
 
-    /// Starts the defined domain `name`.
-    pub fn start(&self, name: &str) -> Result<(), LibvirtError> {
+    /// Starts domain `name`, which must be defined with `uuid` (a domain of
+    /// that name with another UUID is not the caller's, and is refused).
+    /// Returns `false` when it was already running.
+    pub fn start(&self, name: &str, uuid: &str) -> Result<bool, LibvirtError> {
         let conn = self.connect()?;
-        let domain = lookup(&conn, name)?.ok_or_else(|| LibvirtError::Refused {
-            what: format!("starting {name}"),
-            message: "no such domain".into(),
-        })?;
-        domain.create().map(|_| ()).map_err(|e| refused(format!("starting {name}"), &e))
+        let domain = own(&conn, name, uuid, "starting")?;
+        if active(&domain, name)? {
+            return Ok(false);
+        }
+        domain.create().map_err(|e| refused(format!("starting {name}"), &e))?;
+        Ok(true)
+    }
+
+    /// Stops domain `name`, which must be defined with `uuid`, as `how`
+    /// says. Returns `false` when it was not running.
+    pub fn stop(&self, name: &str, uuid: &str, how: Stop) -> Result<bool, LibvirtError> {
+        let conn = self.connect()?;
+        let domain = own(&conn, name, uuid, "stopping")?;
+        if !active(&domain, name)? {
+            return Ok(false);
+        }
+        match how {
+            Stop::Now => {
+                domain.destroy().map_err(|e| refused(format!("stopping {name}"), &e))?;
+            }
+            Stop::Shutdown { within } => {
+                domain.shutdown().map_err(|e| refused(format!("shutting down {name}"), &e))?;
+                let deadline = std::time::Instant::now() + within;
+                // libvirt's shutdown only asks the guest; its end is
+                // seen by polling, as `virsh shutdown --wait` would.
+                while active(&domain, name)? {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(LibvirtError::StillRunning {
+                            name: name.to_string(),
+                            seconds: within.as_secs(),
+                        });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// Stops domain `name` at once, if it runs, and undefines it, if it is
@@ -124,7 +176,7 @@ impl Libvirt {
         if !theirs.eq_ignore_ascii_case(uuid) {
             return Ok(false);
         }
-        if domain.is_active().map_err(|e| refused(format!("reading {name}"), &e))? {
+        if active(&domain, name)? {
             domain.destroy().map_err(|e| refused(format!("stopping {name}"), &e))?;
         }
         domain.undefine().map_err(|e| refused(format!("undefining {name}"), &e))?;
@@ -159,6 +211,26 @@ impl Drop for Connection {
     fn drop(&mut self) {
         let _ = self.0.close();
     }
+}
+
+/// Domain `name` if it is defined with `uuid`.
+fn own(
+    conn: &Connection,
+    name: &str,
+    uuid: &str,
+    what: &'static str,
+) -> Result<Domain, LibvirtError> {
+    let not_ours = |why: &str| LibvirtError::NotOurs { what, name: name.into(), why: why.into() };
+    let domain = lookup(conn, name)?.ok_or_else(|| not_ours("no domain of that name"))?;
+    let theirs = domain.get_uuid_string().map_err(|e| refused(format!("reading {name}"), &e))?;
+    if !theirs.eq_ignore_ascii_case(uuid) {
+        return Err(not_ours(&format!("the domain of that name is another's (UUID {theirs})")));
+    }
+    Ok(domain)
+}
+
+fn active(domain: &Domain, name: &str) -> Result<bool, LibvirtError> {
+    domain.is_active().map_err(|e| refused(format!("reading {name}"), &e))
 }
 
 fn lookup(conn: &Connection, name: &str) -> Result<Option<Domain>, LibvirtError> {

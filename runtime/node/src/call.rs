@@ -105,7 +105,9 @@ fn hand_to_libvirt(
             }
             defined.push(vm.clone());
             if start {
-                libvirt.start(vm).map_err(|e| format!("VM {vm}: {e}"))?;
+                libvirt
+                    .start(vm, &provd_vm::domain_uuid(vm))
+                    .map_err(|e| format!("VM {vm}: {e}"))?;
             }
         }
         Ok(())

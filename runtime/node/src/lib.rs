@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 
 pub use open::{NodeConfig, OpenError, Opened};
 pub use plugins::{ActivateError, Refusal};
-pub use provd_libvirt::{DomainState, Libvirt, LibvirtError};
+pub use provd_libvirt::{DomainState, Libvirt, LibvirtError, Stop};
 /// The records the node's API takes and returns, as its store keeps them.
 pub use provd_store::{
     AuditQuery, LayerUsage, NewAudit, OpState, OperationError, OperationRecord, StoreError,

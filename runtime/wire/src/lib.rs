@@ -30,6 +30,7 @@ bodies!(
     VmList,
     VmAnswer,
     Deleted,
+    PowerAnswer,
     RepackAnswer,
     ImageList,
     Capacity,
@@ -277,6 +278,28 @@ pub struct VmAnswer {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Deleted {
     pub deleted: String,
+    pub operation: Operation,
+}
+
+/// The body of `POST /v1/vms/{name}/stop`, which may be empty.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StopRequest {
+    /// Stop at once (`virsh destroy`) instead of asking the guest.
+    #[serde(default)]
+    pub force: bool,
+    /// How long the guest has to shut down when asked (default 60).
+    pub timeout_seconds: Option<u64>,
+}
+
+/// `POST /v1/vms/{name}/start` and `POST /v1/vms/{name}/stop`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PowerAnswer {
+    pub vm: String,
+    /// The domain's state afterwards, in `virsh domstate`'s words.
+    pub state: String,
+    /// False when the domain already was as asked.
+    pub changed: bool,
     pub operation: Operation,
 }
 

@@ -147,6 +147,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/vms", get(list_vms))
         .route("/v1/vms/{name}", get(get_vm))
         .route("/v1/vms/{name}", delete(delete_vm))
+        .route("/v1/vms/{name}/start", post(start_vm))
+        .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/images", get(list_images))
         .route("/v1/capacity", get(capacity))
         .route("/v1/layers", get(list_layers))

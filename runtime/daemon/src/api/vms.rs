@@ -1,4 +1,4 @@
-//! VMs: list, read, delete (a built-in operation), repack.
+//! VMs: list, read, delete, start and stop (built-in operations), repack.
 
 use super::*;
 
@@ -54,6 +54,123 @@ pub(super) async fn delete_vm_now(s: AppState, peer: Peer, name: String) -> ApiR
         return Err(ApiError::internal(rec.error.unwrap_or_default()));
     }
     ok(StatusCode::OK, wire::Deleted { deleted: name, operation: queries::operation(&rec, None) })
+}
+
+pub(super) async fn start_vm(
+    State(s): State<AppState>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    detached(power_now(s, peer, name, provd_node::operations::Builtin::Start)).await
+}
+
+pub(super) async fn stop_vm(
+    State(s): State<AppState>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    // The body may be empty: a graceful stop within the default time.
+    let req: wire::StopRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        wire::StopRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad("invalid-request", format!("stop request: {e}")))?
+    };
+    let how = if req.force {
+        if req.timeout_seconds.is_some() {
+            return Err(ApiError::bad(
+                "invalid-request",
+                "timeout-seconds: a forced stop does not wait; give one or the other",
+            ));
+        }
+        provd_node::Stop::Now
+    } else {
+        let seconds = req.timeout_seconds.unwrap_or(DEFAULT_STOP_SECONDS);
+        if !(1..=MAX_STOP_SECONDS).contains(&seconds) {
+            return Err(ApiError::bad(
+                "invalid-request",
+                format!("timeout-seconds: {seconds}; from 1 to {MAX_STOP_SECONDS}"),
+            ));
+        }
+        provd_node::Stop::Shutdown { within: Duration::from_secs(seconds) }
+    };
+    detached(power_now(s, peer, name, provd_node::operations::Builtin::Stop(how))).await
+}
+
+/// How long a guest asked to shut down has, unless the request says.
+const DEFAULT_STOP_SECONDS: u64 = 60;
+/// The longest a stop request may wait for its guest.
+const MAX_STOP_SECONDS: u64 = 600;
+
+/// Starts or stops VM `name`'s domain as one built-in operation, which
+/// holds the VM's name: no repack or deletion of it runs meanwhile.
+async fn power_now(
+    s: AppState,
+    peer: Peer,
+    name: String,
+    action: provd_node::operations::Builtin,
+) -> ApiResult {
+    provd_node::spec::check_dns_label(&name)
+        .map_err(|e| ApiError::bad("invalid-request", format!("VM name {name:?}: {e}")))?;
+    if s.node.libvirt().is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no-libvirt",
+            "this node does not hand its VMs to libvirt: [hypervisor] libvirt-uri in \
+             provd.toml names the libvirtd that runs them",
+        ));
+    }
+    let node = s.node.clone();
+    let n = name.clone();
+    if !blocking(move || node.has_vm(&n)).await?.map_err(ApiError::internal)? {
+        return Err(ApiError::not_found(format!("no VM {name}")));
+    }
+    let function = if matches!(action, provd_node::operations::Builtin::Start) {
+        "start-vm"
+    } else {
+        "stop-vm"
+    };
+    let req = StartRequest {
+        plugin: provd_node::operations::BUILTIN.into(),
+        version: None,
+        input: json!({function: name}).to_string(),
+        request_digest: String::new(),
+        idempotency_key: None,
+        vms: vec![name.clone()],
+        actor: peer.name.clone(),
+        allow_inactive: false,
+        specs: std::collections::BTreeMap::new(),
+        start: false,
+    };
+    let rec = s.ops.run_builtin(req, action).await.map_err(builtin_error)?;
+    if rec.state != OpState::Succeeded {
+        let message = rec.error.clone().unwrap_or_default();
+        let code = match rec.error_code.as_deref().unwrap_or_default() {
+            "vm-not-defined" => "vm-not-defined",
+            "vm-running" => "vm-running",
+            _ => "libvirt-failed",
+        };
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            code,
+            format!("{message} (operation {})", rec.id),
+        ));
+    }
+    let powered: Vec<provd_node::operations::Powered> =
+        rec.report.as_deref().and_then(|r| serde_json::from_str(r).ok()).unwrap_or_default();
+    let Some(p) = powered.into_iter().next() else {
+        return Err(ApiError::internal(format!("operation {} reported nothing", rec.id)));
+    };
+    ok(
+        StatusCode::OK,
+        wire::PowerAnswer {
+            vm: p.vm,
+            state: p.state,
+            changed: p.changed,
+            operation: queries::operation(&rec, None),
+        },
+    )
 }
 
 /// The answer to a built-in operation that could not run: another holds

@@ -65,6 +65,10 @@ pub enum Builtin {
     /// Moves them (stopped) onto one new shared partition of the layers
     /// they use.
     Repack { format: provd_partitions::SharedFormat },
+    /// Starts their libvirt domains.
+    Start,
+    /// Stops their libvirt domains.
+    Stop(provd_libvirt::Stop),
 }
 
 impl Builtin {
@@ -666,7 +670,7 @@ impl Operations {
             // Asked of libvirt once, before a repack moves anything.
             let running = match action {
                 Builtin::Repack { .. } => running(libvirt.as_ref(), &names),
-                Builtin::DeleteVms => Vec::new(),
+                Builtin::DeleteVms | Builtin::Start | Builtin::Stop(_) => Vec::new(),
             };
             let (function, result, report): (&str, Result<(), (&str, String)>, Option<String>) =
                 match action {
@@ -688,6 +692,7 @@ impl Operations {
                         }
                         ("delete-vm", result, None)
                     }
+                    Builtin::Start | Builtin::Stop(_) => power(libvirt.as_ref(), &names, action),
                     Builtin::Repack { .. } if !running.is_empty() => (
                         "repack",
                         Err((
@@ -844,6 +849,59 @@ fn running(libvirt: Option<&provd_libvirt::Libvirt>, vms: &[String]) -> Vec<Stri
         // Unknown is not stopped: the repack waits for an answer.
         Err(_) => vms.to_vec(),
     }
+}
+
+/// What one VM's start or stop did: `changed` is false when its domain
+/// already was as asked.
+/// A start's or stop's report is a list of these, one per VM.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Powered {
+    pub vm: String,
+    /// The domain's state afterwards, in `virsh domstate`'s words.
+    pub state: String,
+    pub changed: bool,
+}
+
+/// Starts or stops the domains of `vms` (`action` is `Start` or `Stop`),
+/// each defined by provd (its UUID); stops at the first failure. Returns
+/// the audit function, the outcome and the report: one `Powered` per VM.
+fn power(
+    libvirt: Option<&provd_libvirt::Libvirt>,
+    vms: &[String],
+    action: Builtin,
+) -> (&'static str, Result<(), (&'static str, String)>, Option<String>) {
+    let function = if matches!(action, Builtin::Start) { "start-vm" } else { "stop-vm" };
+    let Some(libvirt) = libvirt else {
+        let message = "this node does not hand its VMs to libvirt: [hypervisor] libvirt-uri \
+                       in provd.toml names the libvirtd that runs them";
+        return (function, Err(("no-libvirt", message.into())), None);
+    };
+    let mut done = Vec::new();
+    for vm in vms {
+        let uuid = provd_vm::domain_uuid(vm);
+        let changed = match action {
+            Builtin::Stop(how) => libvirt.stop(vm, &uuid, how),
+            _ => libvirt.start(vm, &uuid),
+        };
+        let state = changed.and_then(|changed| {
+            let state = libvirt.state(vm)?.unwrap_or(provd_libvirt::DomainState::Unknown);
+            Ok(Powered { vm: vm.clone(), state: state.as_str().into(), changed })
+        });
+        match state {
+            Ok(p) => done.push(p),
+            Err(e) => {
+                let code = match (&e, action) {
+                    (provd_libvirt::LibvirtError::NotOurs { .. }, _) => "vm-not-defined",
+                    (provd_libvirt::LibvirtError::StillRunning { .. }, _) => "vm-running",
+                    (_, Builtin::Start) => "start-failed",
+                    _ => "stop-failed",
+                };
+                let report = serde_json::to_string(&done).ok();
+                return (function, Err((code, format!("VM {vm}: {e}"))), report);
+            }
+        }
+    }
+    (function, Ok(()), serde_json::to_string(&done).ok())
 }
 
 /// Defines `vms` in libvirt again from their rewritten domains.

@@ -127,6 +127,25 @@ pub enum RemoteCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Starts a VM's domain in the node's libvirt.
+    Start {
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stops a VM's domain in the node's libvirt: asks the guest to shut
+    /// down (ACPI) and waits for it, or with --force ends it at once.
+    Stop {
+        name: String,
+        /// End the guest at once, as pulling its power cord.
+        #[arg(long, conflicts_with = "timeout")]
+        force: bool,
+        /// Seconds the guest has to shut down (1 to 600; 60 unless given).
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Packs the layers the node's stopped VMs use into one new shared
     /// partition (each layer cut to what they see), moves those VMs onto it
     /// and frees the shared partitions nothing uses any more.
@@ -383,6 +402,11 @@ async fn run_command(command: RemoteCommand) -> Result<u8> {
             operations::cancel(&operation, &target).await
         }
         RemoteCommand::Vms { delete, target } => vms::vms(delete, &target).await,
+        RemoteCommand::Start { name, target } => vms::power(&name, None, &target).await,
+        RemoteCommand::Stop { name, force, timeout, target } => {
+            let stop = provd_wire::StopRequest { force, timeout_seconds: timeout };
+            vms::power(&name, Some(stop), &target).await
+        }
         RemoteCommand::Repack { vms, all, shared_format, target } => {
             vms::repack(vms, all, shared_format, &target).await
         }

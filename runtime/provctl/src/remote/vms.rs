@@ -1,4 +1,4 @@
-//! VMs: list, delete, repack.
+//! VMs: list, delete, start, stop, repack.
 
 use anyhow::Result;
 use provd_client::encode;
@@ -40,11 +40,12 @@ pub(super) async fn vms(delete: Option<String>, target: &Target) -> Result<u8> {
             let mut out = String::new();
             for vm in &list.vms {
                 out.push_str(&format!(
-                    "{:20} {:>3} vCPU {:>7} MiB  {}  (operation {})\n",
+                    "{:20} {:>3} vCPU {:>7} MiB  {}  {}  (operation {})\n",
                     vm.name,
                     vm.reserved.vcpus,
                     vm.reserved.memory_mib,
                     vm.spec.get("hypervisor").and_then(Value::as_str).unwrap_or("-"),
+                    vm.state.as_deref().unwrap_or("-"),
                     vm.operation.as_deref().unwrap_or("-"),
                 ));
             }
@@ -53,6 +54,30 @@ pub(super) async fn vms(delete: Option<String>, target: &Target) -> Result<u8> {
             }
             out
         }
+    });
+    Ok(exit_of(&results))
+}
+
+/// Starts VM `name` (`stop` is `None`) or stops it as `stop` says.
+pub(super) async fn power(
+    name: &str,
+    stop: Option<wire::StopRequest>,
+    target: &Target,
+) -> Result<u8> {
+    let (nodes, tls) = load_target(target)?;
+    let (verb, done, body) = match &stop {
+        None => ("start", "started", json!({})),
+        Some(stop) => ("stop", "stopped", json!(stop)),
+    };
+    let path = format!("/v1/vms/{}/{verb}", encode(name));
+    let results = fan_out(&nodes, &tls, |c| {
+        let (path, body) = (path.clone(), body.clone());
+        async move { decoded::<wire::PowerAnswer>(c.post_json(&path, &body).await) }
+    })
+    .await;
+    print(&results, target.json, |p| {
+        let what = if p.changed { done } else { "unchanged" };
+        format!("{} {what}: {} (operation {})", p.vm, p.state, p.operation.id)
     });
     Ok(exit_of(&results))
 }
