@@ -2,7 +2,8 @@
 # Prepares a node directory to try provd on one machine:
 #   a CA, the node's certificate (127.0.0.1, localhost), a manager
 #   certificate signed by the same CA, a bundle-signing key pair, and
-#   provd.toml listening on 127.0.0.1:${PORT:-7443}.
+#   provd.toml listening on 127.0.0.1:${PORT:-7443}; with LIBVIRT_URI and
+#   VM_DIR, VMs are handed to that libvirtd (docs/api.md, [hypervisor]).
 # Real nodes get their certificates from the operator's PKI; this is for trying.
 #
 #   scripts/dev-node.sh DIR
@@ -85,6 +86,18 @@ disk-bytes = 107374182400
 [hypervisor]
 domain-type = "$domain_type"
 TOML
+
+# With LIBVIRT_URI (and VM_DIR), the node hands its VMs to that libvirtd,
+# whose QEMU runs as Debian's libvirt-qemu and reaches the VMs' files
+# through VM_DIR, on the data directory's filesystem.
+if [ -n "${LIBVIRT_URI:-}" ]; then
+  cat >> provd.toml <<TOML
+libvirt-uri = "$LIBVIRT_URI"
+user = "libvirt-qemu"
+group = "libvirt-qemu"
+vm-dir = "${VM_DIR:?VM_DIR: the folder VMs are handed over in}"
+TOML
+fi
 
 cat > manager.env <<ENV
 export PROVCTL_CA=$(pwd)/pki/ca.pem

@@ -12,9 +12,12 @@
 #      public catalogue's layers and nothing of the first tenant's;
 #   6. stops the node and verifies the result: each VM's private partition
 #      on its shared layers equals its image, each domain XML is valid;
-#   7. with PROVD_QUICKSTART_BOOT=1, boots web-boot, a fifth VM of the web
-#      image set up to boot Debian's cloud kernel with provd's initramfs,
-#      under qemu, and shows what the guest reports on its console.
+#   7. with PROVD_QUICKSTART_BOOT=1, hands the node's VMs to the machine's
+#      libvirtd (started here if no service manager runs it), provisions
+#      web-boot, a VM of the web image set up to boot Debian's cloud kernel
+#      with provd's initramfs, and after the verification starts it through
+#      provd (`provctl start`) and shows what the guest reports on its
+#      console; without a libvirtd, it boots under plain qemu.
 # Building partitions needs root (ownership, device numbers): run as root or
 # with sudo available.
 set -euo pipefail
@@ -34,24 +37,74 @@ provctl() { "$bin/provctl" "$@"; }
 work="${PROVD_QUICKSTART_DIR:-$(mktemp -d -t provd-quickstart-XXXXXX)}"
 node="$work/node"
 echo "quickstart: node directory $node"
-PORT=0 PROVCTL="$bin/provctl" bash scripts/dev-node.sh "$node" >/dev/null
+boot="${PROVD_QUICKSTART_BOOT:-0}"
+
+# With PROVD_QUICKSTART_BOOT=1 the node hands its VMs to the machine's
+# libvirtd, as a provider's node does: the one that runs, or one started
+# here from Debian's package (stopped again at the end) where no service
+# manager runs it. Without a libvirtd, web-boot boots under plain qemu.
+libvirt=0
+started_daemons=()
+stop_daemons() {
+  for daemon in "${started_daemons[@]}"; do
+    "${root_prefix[@]}" pkill -TERM -x "$daemon" 2>/dev/null || true
+  done
+}
+virsh_system() { "${root_prefix[@]}" virsh -c qemu:///system "$@"; }
+if [ "$boot" = 1 ]; then
+  if ! virsh_system version >/dev/null 2>&1 && [ -x /usr/sbin/libvirtd ]; then
+    echo "quickstart: starting libvirtd (Debian's libvirt-daemon-system, stock configuration)"
+    for daemon in virtlogd libvirtd; do
+      pgrep -x "$daemon" >/dev/null || { "${root_prefix[@]}" "/usr/sbin/$daemon" -d && started_daemons+=("$daemon"); }
+    done
+    for _ in $(seq 100); do virsh_system version >/dev/null 2>&1 && break; sleep 0.2; done
+  fi
+  if virsh_system version >/dev/null 2>&1 && id libvirt-qemu >/dev/null 2>&1; then
+    libvirt=1
+    # libvirt runs QEMU as libvirt-qemu, which reaches the VMs' files
+    # through the folder provd hands them over in (vm-dir): the folders
+    # above it must let it pass, the node's data directory stays closed.
+    chmod 0711 "$work"
+  else
+    echo "quickstart: libvirtd is not reachable at qemu:///system; web-boot will boot under plain qemu"
+  fi
+fi
+trap stop_daemons EXIT
+
+if [ "$libvirt" = 1 ]; then
+  PORT=0 PROVCTL="$bin/provctl" LIBVIRT_URI=qemu:///system VM_DIR="$node/vms" \
+    bash scripts/dev-node.sh "$node" >/dev/null
+else
+  PORT=0 PROVCTL="$bin/provctl" bash scripts/dev-node.sh "$node" >/dev/null
+fi
 bash scripts/demo-images.sh "$node/images"
 
-"${root_prefix[@]}" "$bin/provd" serve --config "$node/provd.toml" >"$node/provd.out" 2>"$node/provd.log" &
-pid=$!
-stop_node() { "${root_prefix[@]}" kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; }
-trap stop_node EXIT
+pid=""
 url=""
-for _ in $(seq 300); do
-  url=$(sed -n 's/^provd listening on //p' "$node/provd.out")
-  [ -n "$url" ] && break
-  kill -0 "$pid" 2>/dev/null || { cat "$node/provd.log" >&2; exit 1; }
-  sleep 0.1
-done
-[ -n "$url" ] || { echo "quickstart: provd did not start; see $node/provd.log" >&2; exit 1; }
+stop_node() {
+  [ -n "$pid" ] || return 0
+  "${root_prefix[@]}" kill -TERM "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  pid=""
+}
+start_node() {
+  : >"$node/provd.out"
+  "${root_prefix[@]}" "$bin/provd" serve --config "$node/provd.toml" >"$node/provd.out" 2>>"$node/provd.log" &
+  pid=$!
+  url=""
+  for _ in $(seq 300); do
+    url=$(sed -n 's/^provd listening on //p' "$node/provd.out")
+    [ -n "$url" ] && break
+    kill -0 "$pid" 2>/dev/null || { tail -n 20 "$node/provd.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  [ -n "$url" ] || { echo "quickstart: provd did not start; see $node/provd.log" >&2; exit 1; }
+  echo "quickstart: node listening on $url"
+}
+trap 'stop_node; stop_daemons' EXIT
+start_node
 # shellcheck disable=SC1091
 source "$node/manager.env"
-echo "quickstart: node listening on $url"
 
 echo "quickstart: building, signing and deploying the shared-partition plugin"
 provctl bundle build plugins/shared-partition -o "$work/shared-partition.provd" >/dev/null
@@ -113,14 +166,14 @@ provctl provision --plugin shared-partition --vm "$work/vms/shop-1.json" \
   --params '{"shared-format": "erofs", "private-format": "ext4"}' \
   --idempotency-key quickstart-shop-1 --node "$url" | tee "$work/report-shop-1.txt"
 
-boot="${PROVD_QUICKSTART_BOOT:-0}"
 if [ "$boot" = 1 ]; then
   # The guest's kernel: Debian's cloud kernel, unpacked (not installed);
   # the initramfs from its modules. Both go into the node's boot/ folder,
   # which specs name boot files in.
   echo "quickstart: preparing the guest kernel and provd's initramfs"
   bash scripts/guest-kernel.sh "$work/kernel"
-  "${root_prefix[@]}" mkdir -p "$node/data/boot"
+  # In the data directory, which is the node's alone (0700, checked at start).
+  "${root_prefix[@]}" mkdir -p -m 0700 "$node/data/boot"
   "${root_prefix[@]}" cp "$work/kernel/vmlinuz" "$node/data/boot/vmlinuz"
   "${root_prefix[@]}" "$bin/provctl" boot initramfs --modules-dir "$work/kernel/modules" \
     -o "$node/data/boot/provd-initrd.img"
@@ -142,8 +195,12 @@ JSON
     --idempotency-key quickstart-web-boot --node "$url" | tee "$work/report-web-boot.txt"
 fi
 
+if [ "$libvirt" = 1 ]; then
+  echo "quickstart: the node's VMs in libvirt (defined by provd, not started)"
+  provctl vms --node "$url"
+fi
+
 stop_node
-trap - EXIT
 echo "quickstart: verifying every VM against its image (node stopped)"
 "${root_prefix[@]}" "$bin/provctl" partition verify --data-dir "$node/data"
 for xml in "$node"/data/vms/*/domain.xml; do
@@ -152,12 +209,33 @@ done
 echo "quickstart: every domain XML is valid libvirt"
 if [ "$boot" = 1 ]; then
   # After the verification: the guest writes to its private partition.
-  echo "quickstart: booting web-boot under qemu (its console follows)"
-  "${root_prefix[@]}" "$bin/provctl" boot run "$node/data/vms/web-boot/domain.xml" --timeout 300 \
-    | tee "$work/console-web-boot.txt" | grep --line-buffered '^provd-check:'
-  grep -q '^provd-check: root overlay' "$work/console-web-boot.txt" \
-    || { echo "quickstart: web-boot did not report an overlay root; see $work/console-web-boot.txt" >&2; exit 1; }
-  echo "quickstart: web-boot booted from its partitions; full console in $work/console-web-boot.txt"
+  console="$work/console-web-boot.txt"
+  if [ "$libvirt" = 1 ]; then
+    start_node
+    echo "quickstart: starting web-boot through provd and libvirtd (its console follows)"
+    provctl start web-boot --node "$url"
+    # virtlogd writes the guest's serial console into the VM's folder.
+    log="$node/data/vms/web-boot/serial.log"
+    ended=0
+    for _ in $(seq 600); do
+      if "${root_prefix[@]}" grep -q '^provd-check: end' "$log" 2>/dev/null; then ended=1; break; fi
+      sleep 0.5
+    done
+    "${root_prefix[@]}" cat "$log" | tr -d '\r' >"$console" 2>/dev/null || true
+    # The guest's check ends its boot; libvirt would boot it again.
+    provctl stop web-boot --force --node "$url" >/dev/null
+    grep '^provd-check:' "$console" || true
+    [ "$ended" = 1 ] || { echo "quickstart: web-boot did not end its check in 300 s; see $console" >&2; exit 1; }
+    provctl vms --node "$url"
+    stop_node
+  else
+    echo "quickstart: booting web-boot under qemu (its console follows)"
+    "${root_prefix[@]}" "$bin/provctl" boot run "$node/data/vms/web-boot/domain.xml" --timeout 300 \
+      | tee "$console" | grep --line-buffered '^provd-check:'
+  fi
+  grep -q '^provd-check: root overlay' "$console" \
+    || { echo "quickstart: web-boot did not report an overlay root; see $console" >&2; exit 1; }
+  echo "quickstart: web-boot booted from its partitions; full console in $console"
 fi
 cat <<EOF2
 
@@ -169,3 +247,9 @@ quickstart: done. Outputs:
   node log         $node/provd.log
   start it again   $bin/provd serve --config $node/provd.toml
 EOF2
+if [ "$libvirt" = 1 ]; then
+  cat <<EOF2
+  libvirt          the VMs are defined in qemu:///system (virsh list --all); with the node
+                   started, provctl start|stop NAME runs one, provctl vms --delete NAME removes it
+EOF2
+fi

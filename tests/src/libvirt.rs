@@ -3,19 +3,27 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crate::boot::Console;
 
 const URI: &str = "qemu:///system";
 
-/// The node's libvirtd, started here (and stopped on drop) when none ran.
-#[derive(Debug)]
+/// The node's libvirtd, started here when none ran, and stopped when the
+/// last test of the process that holds it is done with it: tests of one
+/// binary run in parallel and share it.
+#[derive(Debug, Clone)]
 pub struct Libvirtd {
+    _daemons: Arc<Daemons>,
+}
+
+#[derive(Debug)]
+struct Daemons {
     started: Vec<Child>,
 }
 
-impl Drop for Libvirtd {
+impl Drop for Daemons {
     fn drop(&mut self) {
         for child in self.started.iter_mut().rev() {
             let _ = child.kill();
@@ -23,6 +31,9 @@ impl Drop for Libvirtd {
         }
     }
 }
+
+/// The daemons the tests of this process hold, if any still does.
+static SHARED: Mutex<Weak<Daemons>> = Mutex::new(Weak::new());
 
 /// `virsh -c qemu:///system ARGS`: its output, or its error.
 pub fn virsh(args: &[&str]) -> Result<String, String> {
@@ -39,13 +50,12 @@ pub fn virsh(args: &[&str]) -> Result<String, String> {
     }
 }
 
-impl Libvirtd {
-    /// The running libvirtd, or one started from Debian's package
-    /// (`libvirt-daemon-system`, which `scripts/setup.sh` installs) with its
-    /// stock configuration.
-    pub fn ensure() -> Result<Libvirtd, String> {
+impl Daemons {
+    /// None when one runs already; else virtlogd and libvirtd, once
+    /// libvirtd answers.
+    fn start() -> Result<Daemons, String> {
         if virsh(&["version"]).is_ok() {
-            return Ok(Libvirtd { started: Vec::new() });
+            return Ok(Daemons { started: Vec::new() });
         }
         if !Path::new("/usr/sbin/libvirtd").exists() {
             return Err("libvirtd is not installed: Debian's libvirt-daemon-system \
@@ -63,7 +73,7 @@ impl Libvirtd {
                 .map_err(|e| format!("{daemon}: {e}"))?;
             started.push(child);
         }
-        let daemons = Libvirtd { started };
+        let daemons = Daemons { started };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match virsh(&["version"]) {
@@ -73,62 +83,58 @@ impl Libvirtd {
             }
         }
     }
+}
 
-    /// Defines the domain in `domain_xml`, starts it and reads its serial
-    /// log (`serial_log`, written by virtlogd) until the guest's check has
-    /// ended or `timeout` passed; then stops and undefines it.
-    pub fn boot(
-        &self,
-        domain_xml: &Path,
-        serial_log: &Path,
-        timeout: Duration,
-    ) -> Result<Console, String> {
-        let xml = domain_xml.display().to_string();
-        let defined = virsh(&["define", &xml])?;
-        let name = defined
-            .split('\'')
-            .nth(1)
-            .ok_or_else(|| format!("virsh define said {defined:?}"))?
-            .to_string();
-        let _ = std::fs::remove_file(serial_log);
-        let started = Instant::now();
-        let result = virsh(&["start", &name]).and_then(|_| {
-            let mut first_check_line = None;
-            loop {
-                let text = std::fs::read_to_string(serial_log).unwrap_or_default();
-                let lines: Vec<String> =
-                    text.lines().map(|l| l.trim_end_matches('\r').to_string()).collect();
-                if first_check_line.is_none() && lines.iter().any(|l| l.starts_with("provd-check:"))
-                {
-                    first_check_line = Some(started.elapsed());
-                }
-                // The guest's check ends its boot; libvirt would restart it.
-                if let Some(end) = lines.iter().position(|l| l == "provd-check: end") {
-                    let lines = lines.into_iter().take(end + 1).collect();
-                    let elapsed = started.elapsed();
-                    return Ok(Console {
-                        lines,
-                        first_check_line,
-                        check_end: Some(elapsed),
-                        elapsed,
-                        exited: true,
-                    });
-                }
-                if started.elapsed() > timeout {
-                    return Err(format!(
-                        "{name}: no end of the guest's check in {timeout:?}; its console:\n{text}"
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        });
-        let _ = virsh(&["destroy", &name]);
-        virsh(&["undefine", &name])?;
-        result
+impl Libvirtd {
+    /// The running libvirtd, or one started from Debian's package
+    /// (`libvirt-daemon-system`, which `scripts/setup.sh` installs) with its
+    /// stock configuration.
+    pub fn ensure() -> Result<Libvirtd, String> {
+        // Held while starting, so that one test starts the daemons.
+        let mut shared = SHARED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(daemons) = shared.upgrade() {
+            return Ok(Libvirtd { _daemons: daemons });
+        }
+        let daemons = Arc::new(Daemons::start()?);
+        *shared = Arc::downgrade(&daemons);
+        Ok(Libvirtd { _daemons: daemons })
     }
 
     /// Whether libvirt knows a domain called `name`.
     pub fn defined(&self, name: &str) -> bool {
         virsh(&["domstate", name]).is_ok()
+    }
+}
+
+/// Reads the serial log `serial_log` (written by virtlogd) of a guest
+/// started at `started` until its check has ended or `timeout` passed:
+/// the lines up to the check's end, since the guest then boots again.
+pub fn console(serial_log: &Path, started: Instant, timeout: Duration) -> Result<Console, String> {
+    let mut first_check_line = None;
+    loop {
+        let text = std::fs::read_to_string(serial_log).unwrap_or_default();
+        let lines: Vec<String> =
+            text.lines().map(|l| l.trim_end_matches('\r').to_string()).collect();
+        if first_check_line.is_none() && lines.iter().any(|l| l.starts_with("provd-check:")) {
+            first_check_line = Some(started.elapsed());
+        }
+        if let Some(end) = lines.iter().position(|l| l == "provd-check: end") {
+            let lines = lines.into_iter().take(end + 1).collect();
+            let elapsed = started.elapsed();
+            return Ok(Console {
+                lines,
+                first_check_line,
+                check_end: Some(elapsed),
+                elapsed,
+                exited: true,
+            });
+        }
+        if started.elapsed() > timeout {
+            return Err(format!(
+                "{}: no end of the guest's check in {timeout:?}; its console:\n{text}",
+                serial_log.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
 }

@@ -14,9 +14,10 @@
 //! tenant, whose image is web's plus a secret, is provisioned first: no
 //! shared partition is mounted in either guest, and reading every one of
 //! their disks raw finds none of its secret. The node hands its VMs' files
-//! to libvirt's QEMU user, and web-1 boots a third time through Debian's
-//! libvirtd under its stock configuration, as `libvirt-qemu`, from the same
-//! partitions.
+//! to Debian's libvirtd under its stock configuration, which runs QEMU as
+//! `libvirt-qemu`: web-1 boots a third time, started through provd's API,
+//! beside web-3, provisioned by a later operation on the first one's layers
+//! and started by it.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -28,6 +29,7 @@ use provd_tests::boot::{
     Console, add_check, boot, cloud_root, demo_roots, file_digest, guest_kernel, install_boot_files,
 };
 use provd_tests::daemon::{DEFAULT_EXTRA, TestNode};
+use provd_tests::libvirt::virsh;
 use provd_tests::{CLOUD_INIT, SHARED_PARTITION};
 use serde_json::{Value, json};
 use sha2::Digest;
@@ -175,6 +177,11 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
     // folder is opened to traversal for it; the data directory in it stays
     // the node's alone.
     let libvirtd = provd_tests::libvirt::Libvirtd::ensure().unwrap();
+    // What an earlier run that failed midway may have left running.
+    for name in ["web-1", "cloud-1", "other-1", "web-3"] {
+        let _ = virsh(&["destroy", name]);
+        let _ = virsh(&["undefine", name]);
+    }
     let handed = dir.path().join("handed");
     {
         use std::os::unix::fs::PermissionsExt;
@@ -182,7 +189,7 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
     }
     let hypervisor = format!(
         "[hypervisor]\ndomain-type = \"{}\"\nuser = \"libvirt-qemu\"\ngroup = \"libvirt-qemu\"\n\
-         vm-dir = \"{}\"\n",
+         vm-dir = \"{}\"\nlibvirt-uri = \"qemu:///system\"\n",
         match provd_vm::qemu::Accel::detect() {
             provd_vm::qemu::Accel::Kvm => "kvm",
             provd_vm::qemu::Accel::Tcg => "qemu",
@@ -355,16 +362,48 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
     let xml = std::fs::read_to_string(&domain).unwrap();
     assert!(xml.contains("relabel=\"no\""), "{xml}");
     assert!(!xml.contains(&node.data.join("partitions").display().to_string()), "{xml}");
-    let console = libvirtd
-        .boot(&domain, &node.data.join("vms/web-1/serial.log"), BOOT_TIMEOUT)
+    // Through provd and libvirtd, as a provider runs them, two guests at
+    // once: web-1 a third time, started through the API, and web-3, a VM
+    // of the web image provisioned by an operation of its own and started
+    // by it, whose root stacks the layers the first operation built.
+    let log = |vm: &str| node.data.join("vms").join(vm).join("serial.log");
+    let _ = std::fs::remove_file(log("web-1"));
+    let started = std::time::Instant::now();
+    let answer = c.post_json("/v1/vms/web-1/start", &json!({})).await.unwrap().body;
+    assert_eq!(answer["state"], "running", "{answer:#}");
+    let request = json!({"plugin": "shared-partition", "vms": [spec("web-3", &web)], "start": true,
+                         "params": {"min-layer-bytes": 0, "layer-unique-files": false,
+                                    "shared-format": "erofs", "private-format": "ext4"}});
+    let id =
+        c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    let done = c.wait(&id, |_| {}).await.unwrap();
+    assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
+    let report = &done.report_field("output")["vms"][0];
+    assert_eq!(
+        report["new_shared_bytes"], 0,
+        "web-3 stacks the first operation's layers: {report:#}"
+    );
+    let web1 = provd_tests::libvirt::console(&log("web-1"), started, BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("web-1 through libvirtd: {e}"));
-    let context = console.text();
-    assert_eq!(console.facts("root"), ["overlay"], "libvirt:\n{context}");
-    assert_eq!(console.facts("boot"), ["3"], "libvirt: the earlier boots' writes:\n{context}");
+    let web3 = provd_tests::libvirt::console(&log("web-3"), started, BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("web-3 through libvirtd: {e}"));
+    for vm in ["web-1", "web-3"] {
+        let stopped = c.post_json(&format!("/v1/vms/{vm}/stop"), &json!({"force": true})).await;
+        assert_eq!(stopped.unwrap().body["state"], "shut off", "{vm}");
+    }
     let (_, web_root, web_list) = &lists[0];
     let expected: Vec<String> =
         web_list.iter().map(|p| format!("{} {p}", sha256(&web_root.join(&p[1..])))).collect();
-    assert_eq!(console.facts("sha256"), expected, "libvirt:\n{context}");
-    assert!(!libvirtd.defined("web-1"), "web-1 is still defined");
-    eprintln!("web-1 through libvirtd: check ended after {:?}", console.elapsed);
+    for (vm, console, boots) in [("web-1", &web1, "3"), ("web-3", &web3, "1")] {
+        let context = console.text();
+        assert_eq!(console.facts("root"), ["overlay"], "{vm} through libvirt:\n{context}");
+        assert_eq!(console.facts("boot"), [boots], "{vm}: the earlier boots' writes:\n{context}");
+        assert_eq!(console.facts("sha256"), expected, "{vm} through libvirt:\n{context}");
+        eprintln!("{vm} through libvirtd: check ended after {:?}", console.elapsed);
+    }
+    // Deleted, the VMs leave nothing in libvirt.
+    for vm in ["web-1", "web-3", "cloud-1", "other-1"] {
+        c.delete(&format!("/v1/vms/{vm}")).await.unwrap();
+        assert!(!libvirtd.defined(vm), "{vm} is still defined");
+    }
 }

@@ -7,16 +7,19 @@
 //! refuses a running one, a domain
 //! libvirt refuses fails the operation and rolls it back without touching
 //! a domain that is not provd's, and deleting a running VM stops and
-//! undefines it.
+//! undefines it. An operation interrupted by a crash takes its domain with
+//! it at the next start, which waits for libvirt to answer.
 
 use std::path::Path;
 
 use provd_client::{Client, TlsFiles};
-use provd_tests::SHARED_PARTITION;
 use provd_tests::daemon::{DEFAULT_EXTRA, TestNode};
 use provd_tests::libvirt::{Libvirtd, virsh};
 use provd_tests::oci::content;
+use provd_tests::{IMAGER, SHARED_PARTITION};
 use serde_json::{Value, json};
+
+mod common;
 
 const PROVD: &str = env!("CARGO_BIN_EXE_provd");
 
@@ -188,4 +191,63 @@ async fn operations_hand_vms_to_libvirt_and_take_back_only_their_own() {
     }
     assert!(!dir.path().join("handed/web-1").exists());
     virsh(&["undefine", "clash-1"]).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_operations_domain_goes_with_it_at_restart_and_only_with_libvirt_reachable()
+{
+    let _libvirtd = Libvirtd::ensure().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    let _ = virsh(&["destroy", "crash-1"]);
+    let _ = virsh(&["undefine", "crash-1"]);
+    let handed = dir.path().join("handed");
+    let extra = format!(
+        "[hypervisor]\nlibvirt-uri = \"qemu:///system\"\ndomain-type = \"qemu\"\n\
+         user = \"libvirt-qemu\"\ngroup = \"libvirt-qemu\"\nvm-dir = \"{}\"\n",
+        handed.display()
+    );
+    let mut node = common::node(dir.path(), &extra);
+    let c = common::client(&node);
+    let images = dir.path().join("images");
+    c.deploy(node.bundle(&common::imager("1.0.0", &images), &IMAGER.wasm())).await.unwrap();
+    let request = json!({"plugin": "imager", "vms": [common::spec("crash-1", &images.join("web"))],
+                         "params": common::partitions_params(true)});
+    let id =
+        c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    common::wait_until(&c, &id, |op| op.phase.as_deref() == Some("waiting")).await;
+
+    // Killed just after its domain was defined: the operation had not
+    // ended, so the domain is as much its work as the disks.
+    node.kill();
+    let xml = node.data.join("vms/crash-1/domain.xml");
+    virsh(&["define", &xml.display().to_string()]).unwrap();
+    let uuid = virsh(&["domuuid", "crash-1"]).unwrap();
+    assert_eq!(uuid.trim(), provd_vm::domain_uuid("crash-1"));
+
+    // With libvirt out of reach, provd does not start: rolling back the
+    // disks would leave the domain behind, naming files that are gone.
+    let config = std::fs::read_to_string(&node.config).unwrap();
+    let unreachable = config.replace(
+        "libvirt-uri = \"qemu:///system\"",
+        "libvirt-uri = \"qemu+unix:///system?socket=/nonexistent/libvirt-sock\"",
+    );
+    assert_ne!(unreachable, config);
+    std::fs::write(&node.config, unreachable).unwrap();
+    let e = node.restart().unwrap_err().to_string();
+    assert!(e.contains("[hypervisor] libvirt-uri") && e.contains("start libvirtd first"), "{e}");
+    assert_eq!(domstate("crash-1").as_deref(), Some("shut off"));
+    assert!(node.data.join("vms/crash-1").exists() && handed.join("crash-1").exists());
+
+    // Reachable again: the operation is rolled back, its domain with it.
+    std::fs::write(&node.config, config).unwrap();
+    node.restart().unwrap();
+    let c = common::client(&node);
+    let op = c.operation(&id, None).await.unwrap();
+    assert_eq!(op.error_code().unwrap_or_default(), "interrupted", "{op:?}");
+    assert_eq!(domstate("crash-1"), None, "the interrupted operation's domain is still defined");
+    assert!(!node.data.join("vms/crash-1").exists() && !handed.join("crash-1").exists());
 }

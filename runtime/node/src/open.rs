@@ -91,6 +91,12 @@ pub enum OpenError {
     /// the folder VMs' files are handed to the hypervisor in is unusable
     #[error("[hypervisor] vm-dir: {0}")]
     Hypervisor(String),
+    /// the libvirtd provd hands its VMs to does not answer
+    #[error(
+        "[hypervisor] libvirt-uri: {0}; provd defines, stops and undefines its VMs there, \
+         and rolls back interrupted operations' domains at start: start libvirtd first"
+    )]
+    Libvirt(provd_libvirt::LibvirtError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("settling interrupted repack moves: {0}")]
@@ -141,6 +147,11 @@ impl Node {
         });
         if let Some(access) = &config.policy.hypervisor_access {
             prepare_handover(access, &data).map_err(OpenError::Hypervisor)?;
+        }
+        // Before anything is rolled back: an interrupted operation may have
+        // defined or started domains, which must not outlive its disks.
+        if let Some(libvirt) = config.libvirt.clone() {
+            blocking(move || libvirt.reachable().map_err(OpenError::Libvirt)).await?;
         }
         let settled = {
             let store = store.clone();
