@@ -62,9 +62,12 @@ if [ "$boot" = 1 ]; then
   if virsh_system version >/dev/null 2>&1 && id libvirt-qemu >/dev/null 2>&1; then
     libvirt=1
     # libvirt runs QEMU as libvirt-qemu, which reaches the VMs' files
-    # through the folder provd hands them over in (vm-dir): the folders
-    # above it must let it pass, the node's data directory stays closed.
-    chmod 0711 "$work"
+    # through the folder provd hands them over in (vm-dir), beside the
+    # node's closed data directory, on its filesystem: every folder above
+    # it root's alone (provd refuses it otherwise), and passable.
+    handed="$work.libvirt"
+    "${root_prefix[@]}" rm -rf "$handed"
+    "${root_prefix[@]}" mkdir -m 0711 "$handed"
   else
     echo "quickstart: libvirtd is not reachable at qemu:///system; web-boot will boot under plain qemu"
   fi
@@ -72,7 +75,7 @@ fi
 trap stop_daemons EXIT
 
 if [ "$libvirt" = 1 ]; then
-  PORT=0 PROVCTL="$bin/provctl" LIBVIRT_URI=qemu:///system VM_DIR="$node/vms" \
+  PORT=0 PROVCTL="$bin/provctl" LIBVIRT_URI=qemu:///system VM_DIR="$handed/vms" \
     bash scripts/dev-node.sh "$node" >/dev/null
 else
   PORT=0 PROVCTL="$bin/provctl" bash scripts/dev-node.sh "$node" >/dev/null
@@ -249,7 +252,8 @@ quickstart: done. Outputs:
 EOF2
 if [ "$libvirt" = 1 ]; then
   cat <<EOF2
-  libvirt          the VMs are defined in qemu:///system (virsh list --all); with the node
+  libvirt          the VMs are defined in qemu:///system (virsh list --all), their files
+                   handed to libvirt-qemu in $handed/vms/<name>/; with the node
                    started, provctl start|stop NAME runs one, provctl vms --delete NAME removes it
 EOF2
 fi

@@ -47,44 +47,6 @@ pub struct NodeConfig {
     pub start_vms: bool,
 }
 
-/// Makes the folder VMs' files are handed to the hypervisor in: `0710`
-/// to its group, outside the data directory and on its filesystem (the
-/// files are hard links).
-fn prepare_handover(
-    access: &provd_domain::HypervisorAccess,
-    data: &std::path::Path,
-) -> Result<(), String> {
-    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
-    let dir = &access.dir;
-    let shown = dir.display();
-    if dir.starts_with(data) {
-        return Err(format!(
-            "{shown} is inside the data directory, which only provd may enter; name a folder \
-             beside it"
-        ));
-    }
-    match std::fs::create_dir(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(format!("creating {shown}: {e}")),
-    }
-    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{shown}: {e}"))?;
-    if !meta.is_dir() {
-        return Err(format!("{shown} is not a folder (a symbolic link is not followed)"));
-    }
-    let data_dev = std::fs::metadata(data).map_err(|e| format!("{}: {e}", data.display()))?.dev();
-    if meta.dev() != data_dev {
-        return Err(format!(
-            "{shown} is on another filesystem than the data directory {}; VMs' files are \
-             handed over as hard links, which need one",
-            data.display()
-        ));
-    }
-    std::os::unix::fs::chown(dir, None, Some(access.gid))
-        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710)))
-        .map_err(|e| format!("handing {shown} to group {}: {e}", access.gid))
-}
-
 /// Why the node could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -146,7 +108,7 @@ impl Node {
             blocking(move || Store::open(&data).map_err(OpenError::from)).await?
         });
         if let Some(access) = &config.policy.hypervisor_access {
-            prepare_handover(access, &data).map_err(OpenError::Hypervisor)?;
+            provd_vm::prepare_handover(access, &data).map_err(OpenError::Hypervisor)?;
         }
         // Before anything is rolled back: an interrupted operation may have
         // defined or started domains, which must not outlive its disks.

@@ -19,6 +19,64 @@ use provd_domain::HypervisorAccess;
 
 use crate::VmError;
 
+/// Makes the folder VMs' files are handed to the hypervisor in: `0710`
+/// to its group, outside the data directory and on its filesystem (the
+/// files are hard links), and reached only through folders no one but
+/// root (or provd's own user) may change.
+pub fn prepare_handover(access: &HypervisorAccess, data: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = &access.dir;
+    let shown = dir.display();
+    if dir.starts_with(data) {
+        return Err(format!(
+            "{shown} is inside the data directory, which only provd may enter; name a folder \
+             beside it"
+        ));
+    }
+    let parent = dir.parent().ok_or_else(|| format!("{shown} has no parent folder"))?;
+    // provd changes owners and modes under this folder by path: a user
+    // who could replace a folder on the way could point that at any file.
+    let parent = std::fs::canonicalize(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    let me = rustix::process::geteuid().as_raw();
+    for folder in parent.ancestors() {
+        let meta =
+            std::fs::metadata(folder).map_err(|e| format!("{}: {e}", folder.display()))?;
+        let sticky = meta.mode() & 0o1000 != 0;
+        if (meta.uid() != 0 && meta.uid() != me) || (meta.mode() & 0o022 != 0 && !sticky) {
+            return Err(format!(
+                "{shown} is reached through {}, which user {} or others may change (mode \
+                 {:04o}): every folder above vm-dir must be root's and writable by it alone",
+                folder.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            ));
+        }
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("creating {shown}: {e}")),
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{shown}: {e}"))?;
+    if !meta.is_dir() {
+        return Err(format!("{shown} is not a folder (a symbolic link is not followed)"));
+    }
+    if meta.uid() != me {
+        return Err(format!("{shown} belongs to user {}, not to provd's ({me})", meta.uid()));
+    }
+    let data_dev = std::fs::metadata(data).map_err(|e| format!("{}: {e}", data.display()))?.dev();
+    if meta.dev() != data_dev {
+        return Err(format!(
+            "{shown} is on another filesystem than the data directory {}; VMs' files are \
+             handed over as hard links, which need one",
+            data.display()
+        ));
+    }
+    std::os::unix::fs::chown(dir, None, Some(access.gid))
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE)))
+        .map_err(|e| format!("handing {shown} to group {}: {e}", access.gid))
+}
+
 /// Where a VM's folder records to whom its files were handed, so that
 /// writing them again (a repack, a customised seed) hands them the same way.
 pub(crate) const RECORD: &str = "access.json";
@@ -148,4 +206,52 @@ fn own(path: &Path, access: &HypervisorAccess, mode: u32) -> Result<(), VmError>
         .map_err(|e| failed("handing over", path, e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| failed("setting the mode of", path, e))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn access(dir: PathBuf) -> HypervisorAccess {
+        let me = rustix::process::geteuid().as_raw();
+        HypervisorAccess { uid: me, gid: rustix::process::getegid().as_raw(), dir }
+    }
+
+    fn chmod(path: &Path, mode: u32) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn the_handover_folder_is_reached_only_through_folders_no_one_else_may_change() {
+        let top = tempfile::tempdir().unwrap();
+        let data = top.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let open = top.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+
+        // A folder anyone may write: they could put a link where vm-dir is.
+        chmod(&open, 0o777);
+        let e = prepare_handover(&access(open.join("vms")), &data).unwrap_err();
+        assert!(e.contains(&format!("through {}", open.display())) && e.contains("0777"), "{e}");
+        assert!(!open.join("vms").exists(), "created before the check");
+        // Group-writable is as open.
+        chmod(&open, 0o775);
+        assert!(prepare_handover(&access(open.join("vms")), &data).is_err());
+        // Sticky, as /tmp: others may not replace what is not theirs.
+        chmod(&open, 0o1777);
+        prepare_handover(&access(open.join("vms")), &data).unwrap();
+        let meta = std::fs::symlink_metadata(open.join("vms")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, DIR_MODE);
+
+        // vm-dir itself a symbolic link: not followed.
+        let target = top.path().join("elsewhere");
+        std::fs::create_dir(&target).unwrap();
+        std::os::unix::fs::symlink(&target, top.path().join("linked")).unwrap();
+        let e = prepare_handover(&access(top.path().join("linked")), &data).unwrap_err();
+        assert!(e.contains("not a folder"), "{e}");
+        // Inside the data directory: refused.
+        let e = prepare_handover(&access(data.join("vms")), &data).unwrap_err();
+        assert!(e.contains("inside the data directory"), "{e}");
+    }
 }

@@ -3,6 +3,7 @@
 //! crate resolved, customised, deleted).
 
 mod access;
+pub use access::prepare_handover;
 pub mod boot;
 pub mod cloudinit;
 mod configure;
