@@ -43,5 +43,7 @@ for image in web api db; do
   mkdir -p "$tree/etc"
   printf '%s\n' "$image" > "$tree/etc/hostname"
   install -D -m 0755 "$(dirname "$0")/provd-check" "$tree/usr/sbin/provd-check"
+  mkdir -p "$tree/var/lib/provd-check"
+  echo "provd-check counts this guest's boots here" >"$tree/var/lib/provd-check/README"
   echo "demo-images: $tree ($(du -sh "$tree" | cut -f1))"
 done

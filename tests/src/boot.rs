@@ -77,6 +77,12 @@ pub fn add_check(root: &Path, files: &[String]) -> Result<(), String> {
     std::fs::create_dir_all(&sbin).map_err(io("usr/sbin"))?;
     let target = sbin.join("provd-check");
     std::fs::copy(repo().join("scripts/provd-check"), &target).map_err(io("provd-check"))?;
+    // Where the check counts its boots: the same in every image, so the
+    // folder comes from a shared layer and not from the VM's own partition.
+    let state = root.join("var/lib/provd-check");
+    std::fs::create_dir_all(&state).map_err(io("var/lib/provd-check"))?;
+    std::fs::write(state.join("README"), "provd-check counts this guest's boots here\n")
+        .map_err(io("var/lib/provd-check/README"))?;
     let mut list = files.join("\n");
     list.push('\n');
     std::fs::write(root.join("etc/provd-check.list"), list).map_err(io("provd-check.list"))?;

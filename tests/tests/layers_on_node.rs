@@ -106,6 +106,9 @@ async fn added_files_are_checked_recorded_and_verified() {
     };
     add("etc/hostname", b"web-7\n", 0o644).unwrap();
     add("var/lib/web/seed.txt", b"seed", 0o600).unwrap();
+    // In folders the layers give, which upper/ does not hold: made there
+    // with the image's metadata, so the view stays the image's.
+    add("usr/share/doc/added", b"new\n", 0o644).unwrap();
     let report = verify_vm(b.store(), "web", &opts()).unwrap();
     assert!(report.is_exact(), "{:#?}", report.mismatches);
     let before = std::fs::read(b.store().partition_path(&web.id).unwrap().join(&web.file)).unwrap();
@@ -113,7 +116,7 @@ async fn added_files_are_checked_recorded_and_verified() {
         ("../etc/passwd", 0o644, "not a normalised relative path"),
         ("etc/$(reboot)", 0o644, "only A-Z a-z 0-9"),
         ("etc/shadow", 0o4755, "only permission bits 0777"),
-        ("no/such/dir/file", 0o644, "parent directory is not in"),
+        ("no/such/dir/file", 0o644, "not a directory of the VM's image"),
         ("usr/bin", 0o644, "a dir is there"),
     ] {
         let err = add(path, b"x", mode).unwrap_err();

@@ -252,6 +252,19 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
         let private_disk = disk("root");
         let shared_before = file_digest(&shared_disk).unwrap();
         let private_before = file_digest(&private_disk).unwrap();
+        // The guest counts its boots in /var/lib/provd-check, a folder its
+        // layers give: its private partition holds no copy of it (nor of
+        // /var/lib, unless the VM has files of its own there) until the
+        // guest writes there, and the count must survive the reboot.
+        let upper = |path: &str| {
+            let out = std::process::Command::new("debugfs")
+                .args(["-R", &format!("stat upper/{path}")])
+                .arg(&private_disk)
+                .output()
+                .unwrap();
+            out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("not found")
+        };
+        assert!(!upper("var/lib/provd-check"), "{name}: in upper/ before the first boot");
 
         let first = boot_checked(&domain, &format!("{name}, first boot"));
         let context = first.text();
@@ -294,6 +307,7 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
             "{context}"
         );
 
+        assert!(upper("var/lib/provd-check/boots"), "{name}: the boot count is not in upper/");
         let second = boot_checked(&domain, &format!("{name}, second boot"));
         assert_eq!(
             second.facts("boot"),

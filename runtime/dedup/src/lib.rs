@@ -6,10 +6,14 @@
 //! **Analysis.** A file of a VM is its entry minus the modification time:
 //! (path, type, mode, uid, gid, content hash, link target, device). For each
 //! such file, the set of VMs that hold exactly it; files with the same VM
-//! set form a candidate layer. Directories are not shared: every VM keeps
-//! all of its directories in its private set, because in an overlay the
-//! topmost copy of a directory decides its metadata, so a directory must
-//! exist exactly once per VM in the layer that wins — the private one.
+//! set form a candidate layer. Layers hold no directory entries: a
+//! directory in a layer is implied by the files below it, root-owned
+//! 0755. In an overlay the topmost copy of a directory decides its
+//! metadata, so a VM's private set holds each directory of its image that
+//! its layers do not show with the image's mode and owner (an empty one, a
+//! `/tmp` of mode 1777), and each directory its own entries and whiteouts
+//! sit in; every other directory comes from its layers, and a VM whose
+//! files all come from layers writes no directory of its own.
 //! Byte figures count regular-file content (hard links count the bytes of
 //! the file they name only once per VM).
 //!
@@ -483,7 +487,7 @@ impl Analysis {
 
 /// Moves each VM's remaining private files into a layer of its own, where
 /// it has room for one more layer and they weigh at least the minimum.
-/// Directories stay private (see the crate's documentation).
+/// Directories are not layered (see the crate's documentation).
 fn unique_layers(
     room_of: &dyn Fn(&str) -> usize,
     policy: &Policy,

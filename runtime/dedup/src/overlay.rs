@@ -11,9 +11,11 @@
 //!   below it.
 //!
 //! Layers never hold directories (see the crate's documentation), so a
-//! directory only a layer implies shows as root-owned 0755; a plan
-//! puts every directory of an image in the private set, whose metadata
-//! wins.
+//! directory only a layer implies shows as root-owned 0755. A plan puts in
+//! the private set, whose metadata wins, each directory of an image that
+//! its layers do not show with its mode and owner, and each directory an
+//! entry of the private set or a whiteout sits in: the private partition
+//! must hold those folders for its own entries.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -104,6 +106,20 @@ impl VmView {
         }
     }
 
+    /// Whether a layer shows directory `e` with its mode and owner (its
+    /// modification time is not compared, as for files).
+    pub fn layer_gives_dir(&self, e: &Entry) -> bool {
+        match self.slots.get(&e.path) {
+            Some(Slot { entry, source: Source::Layer { .. } | Source::Implied(_) }) => {
+                e.kind == EntryKind::Dir
+                    && entry.kind == EntryKind::Dir
+                    && entry.mode & 0o7777 == e.mode & 0o7777
+                    && (entry.uid, entry.gid) == (e.uid, e.gid)
+            }
+            _ => false,
+        }
+    }
+
     /// Every entry, in path order.
     pub fn entries(&self) -> Vec<Entry> {
         self.slots.values().map(|s| s.entry.clone()).collect()
@@ -130,6 +146,22 @@ pub fn overlay_view(lowers: &[&[Entry]], private: &[Entry], whiteouts: &[String]
     // Parents before children, so a directory never hides its own files.
     let mut own: Vec<&Entry> = private.iter().collect();
     own.sort_by(|a, b| a.path.cmp(&b.path));
+    let held: HashSet<&str> = own.iter().map(|e| e.path.as_str()).collect();
+    // The partition writer makes each folder a private entry or a whiteout
+    // sits in that the set does not hold, as a root-owned 0755 directory;
+    // in the overlay, that upper folder's metadata wins.
+    let mut made: Vec<&str> = own
+        .iter()
+        .map(|e| e.path.as_str())
+        .chain(whiteouts.iter().map(String::as_str))
+        .flat_map(ancestors)
+        .filter(|a| !held.contains(a))
+        .collect();
+    made.sort_unstable();
+    made.dedup();
+    for d in made {
+        view.place(Entry::implied_dir(d), Source::Private);
+    }
     for e in own {
         view.place(e.clone(), Source::Private);
     }
@@ -141,8 +173,9 @@ pub fn overlay_view(lowers: &[&[Entry]], private: &[Entry], whiteouts: &[String]
 /// sees.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VmLayout {
-    /// Every directory of the image and every entry its layers do not show
-    /// exactly as the image has it, path order.
+    /// Every entry of the image its layers do not show exactly as the
+    /// image has it, and every directory of the image the private
+    /// partition must hold for those and for the whiteouts; path order.
     pub private: Vec<Entry>,
     /// The outermost paths its layers hold that the image lacks.
     pub whiteouts: Vec<String>,
@@ -157,9 +190,10 @@ pub struct VmLayout {
 
 /// The layout of a VM whose image is `image` (by path) on `lowers`
 /// (bottom first): what the layers show exactly as the image has it stays
-/// with them, every directory and every other entry of the image goes to
-/// the private set, and what the layers show that the image lacks is
-/// hidden by a whiteout at its outermost path.
+/// with them (a directory: its mode and owner), every other entry of the
+/// image goes to the private set with the image's directories it sits in,
+/// and what the layers show that the image lacks is hidden by a whiteout
+/// at its outermost path, whose folders go to the private set too.
 pub fn vm_layout(lowers: &[&[Entry]], image: &BTreeMap<String, Entry>) -> VmLayout {
     let view = overlay_view(lowers, &[], &[]);
     let mut layout = VmLayout {
@@ -169,6 +203,13 @@ pub fn vm_layout(lowers: &[&[Entry]], image: &BTreeMap<String, Entry>) -> VmLayo
     };
     for e in image.values() {
         layout.image_bytes += file_bytes(e);
+        if e.kind == EntryKind::Dir {
+            // Decided below, once what the private set holds is known.
+            if !view.layer_gives_dir(e) {
+                layout.private.push(e.clone());
+            }
+            continue;
+        }
         match view.layer_giving(e) {
             Some((i, at)) => {
                 if let Some(used) = layout.used.get_mut(i) {
@@ -198,6 +239,25 @@ pub fn vm_layout(lowers: &[&[Entry]], image: &BTreeMap<String, Entry>) -> VmLayo
         if !covered {
             hidden.insert(path);
             layout.whiteouts.push(path.clone());
+        }
+    }
+    // The image's folders of what the private set holds and of the
+    // whiteouts: the partition holds them, with the image's metadata.
+    let held: HashSet<String> = layout.private.iter().map(|e| e.path.clone()).collect();
+    let mut folders: Vec<String> = layout
+        .private
+        .iter()
+        .map(|e| e.path.as_str())
+        .chain(layout.whiteouts.iter().map(String::as_str))
+        .flat_map(ancestors)
+        .filter(|a| !held.contains(*a))
+        .map(str::to_string)
+        .collect();
+    folders.sort_unstable();
+    folders.dedup();
+    for a in &folders {
+        if let Some(d) = image.get(a).filter(|d| d.kind == EntryKind::Dir) {
+            layout.private.push(d.clone());
         }
     }
     for used in layout.used.iter_mut() {

@@ -98,6 +98,41 @@ pub(crate) fn read_ext4(
     Ok((fs, entries))
 }
 
+/// The entry at `path` of the image the private partition was built
+/// from (what the VM sees there, with its added files), or why it cannot
+/// be known.
+fn image_entry(
+    store: &Store,
+    manifest: &PrivateManifest,
+    path: &str,
+) -> Result<Option<provd_domain::image::Entry>, String> {
+    let image = store
+        .image(&manifest.image)
+        .map_err(|e| e.to_string())?
+        .filter(|i| i.digest == manifest.image_digest)
+        .ok_or_else(|| {
+            format!(
+                "the image the VM's partition was built from ({}) is no longer in the store, \
+                 so what the VM sees at that path cannot be checked",
+                manifest.image
+            )
+        })?;
+    store.entry(&image, path).map_err(|e| e.to_string())
+}
+
+/// The directory `path` of the image the private partition was built
+/// from, or why there is none.
+fn image_dir(
+    store: &Store,
+    manifest: &PrivateManifest,
+    path: &str,
+) -> Result<provd_domain::image::Entry, String> {
+    match image_entry(store, manifest, path)? {
+        Some(e) if e.kind == EntryKind::Dir => Ok(e),
+        _ => Err(format!("its folder {path} is not a directory of the VM's image")),
+    }
+}
+
 /// Writes `content` at `path` of the VM's root in private partition `id`
 /// (raw ext4), owned by root with permission bits `mode`.
 pub fn add_file(
@@ -152,10 +187,31 @@ pub fn add_file(
     let image = dir.join(&rec.file);
     let upper = format!("upper/{path}");
     let (parent, _) = upper.rsplit_once('/').unwrap_or(("upper", ""));
+    // The folders above the file that upper/ lacks, outermost first: the
+    // VM sees them from its layers, as its image has them, and they are
+    // made in upper/ with the image's metadata, which leaves its view as
+    // it was.
+    let mut folders: Vec<provd_domain::image::Entry> = Vec::new();
     {
         let (_, entries) = read_ext4(&image, id)?;
-        if !entries.iter().any(|e| e.path == parent && e.kind == EntryKind::Dir) {
-            return Err(invalid(path, "its parent directory is not in the VM's private partition"));
+        let in_upper =
+            |dir: &str| entries.iter().any(|e| e.path == dir && e.kind == EntryKind::Dir);
+        let mut missing = parent;
+        while missing != "upper" && !in_upper(missing) {
+            let inside = missing.strip_prefix("upper/").unwrap_or(missing);
+            folders.push(image_dir(store, &manifest, inside).map_err(|why| invalid(path, why))?);
+            missing = missing.rsplit_once('/').map_or("upper", |(up, _)| up);
+        }
+        folders.reverse();
+        // What the VM sees at the path may come from its layers: only a
+        // regular file is replaced there too.
+        if let Some(seen) = image_entry(store, &manifest, path).map_err(|why| invalid(path, why))?
+            && !matches!(seen.kind, EntryKind::File | EntryKind::Hardlink)
+        {
+            return Err(invalid(
+                path,
+                format!("a {} is there; only a regular file may be replaced", seen.kind.as_str()),
+            ));
         }
         if let Some(existing) = entries.iter().find(|e| e.path == upper)
             && existing.kind != EntryKind::File
@@ -181,11 +237,22 @@ pub fn add_file(
         let copy = temp_path.join("image");
         sparse_copy(&image, &copy).map_err(io("copying the image"))?;
         let script = temp_path.join("script");
-        let commands = format!(
+        let mut commands = String::new();
+        for d in &folders {
+            let at = format!("upper/{}", d.path);
+            commands.push_str(&format!(
+                "mkdir {at}\nsif {at} mode 0{:o}\nsif {at} uid {}\nsif {at} gid {}\nsif {at} mtime @{}\n",
+                0o040000 | (d.mode & 0o7777),
+                d.uid,
+                d.gid,
+                d.mtime.max(0)
+            ));
+        }
+        commands.push_str(&format!(
             "rm {upper}\nwrite {} {upper}\nsif {upper} mode 0{:o}\nsif {upper} uid 0\nsif {upper} gid 0\n",
             source.display(),
             0o100000 | mode
-        );
+        ));
         std::fs::write(&script, commands).map_err(io("writing the debugfs script"))?;
         let mut script_arg = std::ffi::OsString::from("-f");
         script_arg.push(&script);
@@ -194,6 +261,17 @@ pub fn add_file(
         // debugfs reports failed commands on stderr but exits 0: read the
         // result back before trusting it.
         let (fs, entries) = read_ext4(&copy, id)?;
+        for d in &folders {
+            let at = format!("upper/{}", d.path);
+            let made = entries.iter().find(|e| e.path == at);
+            if !made.is_some_and(|e| {
+                e.kind == EntryKind::Dir
+                    && e.mode == d.mode & 0o7777
+                    && (e.uid, e.gid) == (d.uid, d.gid)
+            }) {
+                return Err(invalid(path, format!("debugfs did not make the folder {}", d.path)));
+            }
+        }
         let written = entries
             .iter()
             .find(|e| e.path == upper)

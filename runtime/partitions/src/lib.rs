@@ -11,7 +11,9 @@
 //!   layers/<layer-id>/<path>     each layer's files at their real paths;
 //!                                identical files hard-linked, stored once
 //! private (writable ext4, raw or qcow2), one per VM
-//!   upper/<path>                 the VM's own files and every directory
+//!   upper/<path>                 the VM's own files, whiteouts, and the
+//!                                directories they sit in or that its
+//!                                layers do not show as the image has them
 //!   work/                        overlayfs work directory
 //!   provd/stack                  its layers, bottom first, one per line
 //!   provd/shared                 fstype= and device= of the shared partition

@@ -153,8 +153,17 @@ impl<'s> Stager<'s> {
                     io(format!("creating directory {path}"))(e)
                 }
             })?;
-            // Explicitly 0755 root, whatever the daemon's umask: an implied
-            // directory may become part of a guest's root.
+            // Explicitly 0755 root, whatever the daemon's umask and user:
+            // an implied directory may become part of a guest's root, which
+            // its plan takes for root's 0755.
+            rustix::fs::chownat(
+                parent_dir,
+                name,
+                Some(rustix::fs::Uid::ROOT),
+                Some(rustix::fs::Gid::ROOT),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(errno(format!("owning {path}")))?;
             rustix::fs::chmodat(parent_dir, name, Mode::from_raw_mode(0o755), AtFlags::empty())
                 .map_err(errno(format!("setting the mode of {path}")))?;
             let dir = parent_dir.open_dir(name).map_err(io(format!("opening directory {path}")))?;

@@ -39,8 +39,7 @@ pub fn prepare_handover(access: &HypervisorAccess, data: &Path) -> Result<(), St
     let parent = std::fs::canonicalize(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
     let me = rustix::process::geteuid().as_raw();
     for folder in parent.ancestors() {
-        let meta =
-            std::fs::metadata(folder).map_err(|e| format!("{}: {e}", folder.display()))?;
+        let meta = std::fs::metadata(folder).map_err(|e| format!("{}: {e}", folder.display()))?;
         let sticky = meta.mode() & 0o1000 != 0;
         if (meta.uid() != 0 && meta.uid() != me) || (meta.mode() & 0o022 != 0 && !sticky) {
             return Err(format!(
