@@ -8,7 +8,9 @@
 //! (superblock and descriptor backups in groups 0, 1 and the powers of 3,
 //! 5 and 7), 256-byte inodes, extent-mapped files and directories, linear
 //! directories (the kernel indexes a directory itself once it grows, as
-//! `dir_index` allows), a jbd2 journal in inode 8 of the size `mke2fs`
+//! `dir_index` allows) or, when its entries fit in the inode, inline
+//! (`inline_data`: no block for the many empty or nearly empty directories
+//! of a private partition), a jbd2 journal in inode 8 of the size `mke2fs`
 //! picks, and `lost+found`. Unused inode table blocks, unused journal
 //! blocks and the tail of every file's last block are never written: the
 //! file is sparse and they read as zeros, as `lazy_itable_init` and
@@ -58,6 +60,15 @@ const COMPAT_EXT_ATTR: u32 = 0x8;
 const COMPAT_DIR_INDEX: u32 = 0x20;
 const INCOMPAT_FILETYPE: u32 = 0x2;
 const INCOMPAT_EXTENTS: u32 = 0x40;
+const INCOMPAT_INLINE_DATA: u32 = 0x8000;
+const FL_INLINE_DATA: u32 = 0x1000_0000;
+/// `i_block`'s bytes: an inline directory's parent number, then entries.
+const INLINE_BYTES: usize = 60;
+/// An inline directory's parent inode number, before its entries.
+const INLINE_DOTDOT: usize = 4;
+/// In-inode extended attributes: their magic, and `system.` as an index.
+const XATTR_MAGIC: u32 = 0xEA02_0000;
+const XATTR_INDEX_SYSTEM: u8 = 7;
 const RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
 const RO_COMPAT_LARGE_FILE: u32 = 0x2;
 const RO_COMPAT_DIR_NLINK: u32 = 0x20;
@@ -165,6 +176,9 @@ enum Source<'a> {
     Object(&'a Hash),
     /// Directory blocks, made once numbers are known.
     Dir,
+    /// A directory small enough for `i_block` (`inline_data`): its parent
+    /// and entries in `dir_data`, no block of its own.
+    InlineDir,
     LostFound,
     /// A symlink's target, in a block or inline.
     Target(&'a [u8]),
@@ -223,7 +237,7 @@ impl<'a> Ino<'a> {
             Source::Dir => self.dir_data.len() as u64 / BS,
             Source::LostFound => LOST_FOUND_BLOCKS,
             Source::Target(t) if t.len() > FAST_SYMLINK_MAX => 1,
-            Source::Target(_) | Source::None => 0,
+            Source::Target(_) | Source::None | Source::InlineDir => 0,
         }
     }
 
@@ -232,6 +246,7 @@ impl<'a> Ino<'a> {
         match self.source {
             Source::Target(t) => t.len() > FAST_SYMLINK_MAX,
             Source::None => self.ifmt == S_IFREG,
+            Source::InlineDir => false,
             _ => true,
         }
     }
@@ -405,15 +420,26 @@ fn build_tree<'a>(nodes: &'a [Node], now: i64) -> Result<Vec<Ino<'a>>, Ext4Write
     // Directory blocks, now that every number is known.
     let numbers: Vec<u32> = inodes.iter().map(|i| i.number).collect();
     let ftypes: Vec<u8> = inodes.iter().map(|i| i.ftype).collect();
-    for ino in inodes.iter_mut().filter(|i| matches!(i.source, Source::Dir)) {
+    for (i, ino) in inodes.iter_mut().enumerate().filter(|(_, i)| matches!(i.source, Source::Dir)) {
         let parent = *numbers.get(ino.parent).ok_or_else(|| internal("parent out of range"))?;
-        let mut entries: Vec<(&[u8], u32, u8)> =
-            vec![(b".", ino.number, FT_DIR), (b"..", parent, FT_DIR)];
+        let mut entries: Vec<(&[u8], u32, u8)> = Vec::with_capacity(ino.children.len() + 2);
         for &(name, child) in &ino.children {
             let number = *numbers.get(child).ok_or_else(|| internal("child out of range"))?;
             let ft = *ftypes.get(child).ok_or_else(|| internal("child out of range"))?;
             entries.push((name, number, ft));
         }
+        // A directory whose entries fit in the inode takes no block (most
+        // of a private partition's are empty or nearly). The root stays
+        // in a block, as e2fsck expects it.
+        if i != 0
+            && let Some(inline) = inline_dir(parent, &entries)
+        {
+            ino.source = Source::InlineDir;
+            ino.dir_data = inline;
+            ino.size = INLINE_BYTES as u64;
+            continue;
+        }
+        entries.splice(0..0, [(&b"."[..], ino.number, FT_DIR), (&b".."[..], parent, FT_DIR)]);
         ino.dir_data = dir_blocks(&entries);
         ino.size = ino.dir_data.len() as u64;
     }
@@ -425,6 +451,33 @@ fn build_tree<'a>(nodes: &'a [Node], now: i64) -> Result<Vec<Ino<'a>>, Ext4Write
 
 fn put_be32(buf: &mut [u8], at: usize, v: u32) {
     put_bytes(buf, at, &v.to_be_bytes());
+}
+
+/// An inline directory's `i_block`, as the kernel lays it out: the parent's
+/// number, then the entries ("." and ".." are implied), the last stretched
+/// to the end; an empty one is one unused entry. `None` when the entries
+/// do not fit.
+fn inline_dir(parent: u32, entries: &[(&[u8], u32, u8)]) -> Option<Vec<u8>> {
+    let lens: Vec<usize> = entries.iter().map(|e| (8 + e.0.len()).next_multiple_of(4)).collect();
+    if INLINE_DOTDOT + lens.iter().sum::<usize>() > INLINE_BYTES {
+        return None;
+    }
+    let mut out = vec![0u8; INLINE_BYTES];
+    put32(&mut out, 0, parent);
+    let mut at = INLINE_DOTDOT;
+    if entries.is_empty() {
+        put16(&mut out, at + 4, (INLINE_BYTES - at) as u16);
+        return Some(out);
+    }
+    for (k, (&(name, number, ft), &len)) in entries.iter().zip(&lens).enumerate() {
+        let len = if k + 1 == entries.len() { INLINE_BYTES - at } else { len };
+        put32(&mut out, at, number);
+        put16(&mut out, at + 4, len as u16);
+        put_bytes(&mut out, at + 6, &[name.len() as u8, ft]);
+        put_bytes(&mut out, at + 8, name);
+        at += len;
+    }
+    Some(out)
 }
 
 /// Linear directory blocks: each entry 8 bytes and its name padded to 4,
@@ -680,8 +733,11 @@ fn inode_bytes(ino: &Ino<'_>, iblock: &[u8; 60], leaves: u64) -> Result<Vec<u8>,
     let sectors = u32::try_from(sectors)
         .map_err(|_| invalid(ino.path, "larger than 2 TiB, which needs huge_file"))?;
     put32(&mut b, 28, sectors);
+    let inline = matches!(ino.source, Source::InlineDir);
     if ino.has_extents() {
         put32(&mut b, 32, FL_EXTENTS);
+    } else if inline {
+        put32(&mut b, 32, FL_INLINE_DATA);
     }
     put_bytes(&mut b, 40, iblock);
     put32(&mut b, 108, (ino.size >> 32) as u32);
@@ -691,6 +747,17 @@ fn inode_bytes(ino: &Ino<'_>, iblock: &[u8; 60], leaves: u64) -> Result<Vec<u8>,
     for at in [132, 136, 140, 148] {
         put32(&mut b, at, epoch);
     }
+    if inline {
+        // Inline data needs its `system.data` attribute in the inode, here
+        // empty: everything fits in `i_block`. Its value offset points at
+        // the inode's end, as e2fsprogs writes an empty value.
+        let area = 128 + usize::from(EXTRA_ISIZE);
+        put32(&mut b, area, XATTR_MAGIC);
+        let entry = area + 4;
+        put_bytes(&mut b, entry, &[4, XATTR_INDEX_SYSTEM]);
+        put16(&mut b, entry + 2, (INODE_SIZE as usize - entry) as u16);
+        put_bytes(&mut b, entry + 16, b"data");
+    }
     Ok(b)
 }
 
@@ -699,6 +766,7 @@ fn plain_iblock(ino: &Ino<'_>) -> [u8; 60] {
     let mut iblock = [0u8; 60];
     match ino.source {
         Source::Target(t) => put_bytes(&mut iblock, 0, t),
+        Source::InlineDir => put_bytes(&mut iblock, 0, &ino.dir_data),
         _ if matches!(ino.ifmt, S_IFCHR | S_IFBLK) => {
             let (major, minor) = ino.device;
             if major < 256 && minor < 256 {
@@ -883,7 +951,7 @@ fn write_all(
                 copy_object(file, out, ino, hash, open)?;
                 data_bytes += ino.size;
             }
-            Source::Target(_) | Source::None => {}
+            Source::Target(_) | Source::None | Source::InlineDir => {}
         }
     }
     for g in 0..geo.groups {
@@ -957,7 +1025,7 @@ fn write_all(
     put32(&mut sb, 84, FIRST_INO);
     put16(&mut sb, 88, INODE_SIZE as u16);
     put32(&mut sb, 92, COMPAT_HAS_JOURNAL | COMPAT_EXT_ATTR | COMPAT_DIR_INDEX);
-    put32(&mut sb, 96, INCOMPAT_FILETYPE | INCOMPAT_EXTENTS);
+    put32(&mut sb, 96, INCOMPAT_FILETYPE | INCOMPAT_EXTENTS | INCOMPAT_INLINE_DATA);
     put32(
         &mut sb,
         100,

@@ -177,6 +177,13 @@ fn an_image_of_every_kind_of_node_passes_e2fsck_and_reads_back_exactly() {
         ["a", "b", "c"].map(|n| by_path[format!("upper/links/{n}").as_str()]).into();
     assert!(links.iter().all(|l| l.ino == links[0].ino && l.nlink == 3), "{links:?}");
     assert!(by_path.contains_key("lost+found"));
+    // Small directories live in their inodes (inline_data); as e2fsprogs
+    // sees them.
+    for (dir, inline) in [("upper/tmp", true), ("work", true), ("upper/many", false)] {
+        let out = Command::new("debugfs").args(["-R", &format!("stat {dir}")]).arg(&image).output();
+        let text = String::from_utf8_lossy(&out.unwrap().stdout).into_owned();
+        assert_eq!(text.contains("Size of inline data: 60"), inline, "{dir}:\n{text}");
+    }
     // Sparse: the unused inode tables and the journal are holes.
     let allocated = std::fs::metadata(&image).unwrap().blocks() * 512;
     assert!(allocated < (140 << 20), "{allocated} bytes allocated");
@@ -277,6 +284,11 @@ fn the_kernel_mounts_it_read_write_and_sees_exactly_what_was_written() {
         std::fs::write(mnt.join(format!("upper/indexed/file-{i}")), b"x").unwrap();
     }
     std::fs::remove_file(mnt.join("upper/block")).unwrap();
+    // upper/tmp is empty, so it was written inline: the kernel moves it to
+    // a block as it fills.
+    for i in 0..50 {
+        std::fs::write(mnt.join(format!("upper/tmp/t-{i}")), b"t").unwrap();
+    }
     drop(mounted);
     e2fsck(&image);
     let fs = Ext4Image::open(&image).unwrap();
@@ -284,6 +296,7 @@ fn the_kernel_mounts_it_read_write_and_sees_exactly_what_was_written() {
     assert!(names.contains(&"upper/etc/new".to_string()));
     assert_eq!(names.iter().filter(|n| n.starts_with("upper/indexed/")).count(), 2000);
     assert!(!names.contains(&"upper/block".to_string()));
+    assert_eq!(names.iter().filter(|n| n.starts_with("upper/tmp/t-")).count(), 50);
 }
 
 fn libc_major(dev: u64) -> u32 {
