@@ -73,6 +73,23 @@ async fn vms_arriving_one_at_a_time_stack_what_the_node_holds_and_boot_exactly()
         [p1.id.clone(), p3.id.clone()]
     );
 
+    // Its whiteouts are names of one inode, as overlayfs makes its own.
+    let img = provd_formats::ext4::Ext4Image::open(&partition_file(b.store(), &third.private[0]))
+        .unwrap();
+    let whiteouts: Vec<_> = img
+        .entries(true)
+        .unwrap()
+        .into_iter()
+        .filter(|e| {
+            e.kind == provd_domain::image::EntryKind::CharDevice && e.device == Some((0, 0))
+        })
+        .collect();
+    assert_eq!(whiteouts.len() as u64, share.whiteouts);
+    assert!(
+        whiteouts.iter().all(|w| w.ino == whiteouts[0].ino && w.nlink as usize == whiteouts.len()),
+        "{whiteouts:?}"
+    );
+
     // The kernel's overlay shows db exactly its image from two shared
     // partitions and its whiteouts.
     let shared = [partition_file(b.store(), &p1), partition_file(b.store(), &p3)];

@@ -343,7 +343,7 @@ fn build_tree<'a>(nodes: &'a [Node], now: i64) -> Result<Vec<Ino<'a>>, Ext4Write
             continue;
         }
         let parent = t.dir(parent_path, path)?;
-        if let (EntryKind::File, Some(key)) = (n.kind, n.inode)
+        if let (EntryKind::File | EntryKind::CharDevice, Some(key)) = (n.kind, n.inode)
             && let Some(&first) = links.get(&key)
         {
             let ino = t.get_mut(first)?;
@@ -395,7 +395,7 @@ fn build_tree<'a>(nodes: &'a [Node], now: i64) -> Result<Vec<Ino<'a>>, Ext4Write
         let i = t.inodes.len();
         t.inodes.push(ino);
         t.attach(parent, file_name(path), i)?;
-        if let (EntryKind::File, Some(key)) = (n.kind, n.inode) {
+        if let (EntryKind::File | EntryKind::CharDevice, Some(key)) = (n.kind, n.inode) {
             links.insert(key, i);
         }
     }

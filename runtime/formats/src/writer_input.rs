@@ -59,9 +59,10 @@ pub struct Node {
     pub link_target: Option<String>,
     /// Char/block devices only: (major, minor).
     pub device: Option<(u32, u32)>,
-    /// Regular files with the same `Some(key)` are hard links to one inode
-    /// (metadata and content taken from the first; nlink = number of
-    /// names). Refused on other kinds.
+    /// Regular files (or character devices, such as overlay whiteouts)
+    /// with the same `Some(key)` are hard links to one inode (metadata and
+    /// content taken from the first; nlink = number of names). Refused on
+    /// other kinds, and across kinds.
     pub inode: Option<u64>,
 }
 
@@ -120,10 +121,13 @@ pub(crate) fn check_node(n: &Node) -> Result<(), NodeError> {
     if n.device.is_some() && !is_dev {
         return Err(invalid(path, format!("a {} has no device numbers", n.kind.as_str())));
     }
-    if n.inode.is_some() && !is_file {
+    if n.inode.is_some() && !is_file && n.kind != EntryKind::CharDevice {
         return Err(invalid(
             path,
-            format!("a {} cannot be hard-linked; only regular files can", n.kind.as_str()),
+            format!(
+                "a {} cannot be hard-linked; only regular files and character devices can",
+                n.kind.as_str()
+            ),
         ));
     }
     if is_file {
@@ -212,10 +216,16 @@ impl<'a> Dirs<'a> {
     /// the root is index 0.
     pub(crate) fn new(nodes: &'a [Node]) -> Result<Dirs<'a>, NodeError> {
         let mut by_path = std::collections::HashMap::with_capacity(nodes.len());
+        let mut kinds = std::collections::HashMap::new();
         for n in nodes {
             check_node(n)?;
             if by_path.insert(n.path.as_str(), n).is_some() {
                 return Err(invalid(&n.path, "the path is given twice"));
+            }
+            if let Some(key) = n.inode
+                && *kinds.entry(key).or_insert(n.kind) != n.kind
+            {
+                return Err(invalid(&n.path, "hard-linked to an entry of another kind"));
             }
         }
         Ok(Dirs { by_path, index: std::collections::HashMap::from([("", 0)]) })

@@ -221,6 +221,23 @@ fn bad_nodes_and_sizes_are_refused_before_anything_is_written() {
             opts(64 << 20, 64),
             "not the 5 its node states",
         ),
+        (
+            vec![
+                Node { inode: Some(1), ..file("a", b"1") },
+                Node {
+                    inode: Some(1),
+                    device: Some((0, 0)),
+                    ..node("w", EntryKind::CharDevice, 0)
+                },
+            ],
+            opts(64 << 20, 64),
+            "another kind",
+        ),
+        (
+            vec![Node { inode: Some(1), ..node("fifo", EntryKind::Fifo, 0o644) }],
+            opts(64 << 20, 64),
+            "cannot be hard-linked",
+        ),
     ];
     for (nodes, o, want) in cases {
         let err = write_image(&image, &nodes, &o, &mut |_| unreachable!()).unwrap_err().to_string();

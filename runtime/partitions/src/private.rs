@@ -14,6 +14,9 @@ use crate::{
     uuid_for,
 };
 
+/// Names one whiteout inode takes, below ext4's link limit (65,000).
+const WHITEOUTS_PER_INODE: u64 = 60_000;
+
 /// The nodes of a private partition: the VM's own entries under `upper/`
 /// (only the image's own hard links kept: the partition is writable, and
 /// files that were separate must stay separate), its whiteouts, `work/`
@@ -91,6 +94,14 @@ pub(crate) fn private_nodes(
                 files.insert(e.path.as_str(), (inode, key));
             }
             EntryKind::Symlink => node.link_target = e.link_target.clone(),
+            EntryKind::CharDevice if k >= private.len() => {
+                // Whiteouts share inodes, as overlayfs makes its own: a
+                // VM hiding thousands of its layers' files costs their
+                // names, not an inode each.
+                node.device = e.device;
+                let w = (k - private.len()) as u64;
+                node.inode = Some(u64::MAX - w / WHITEOUTS_PER_INODE);
+            }
             EntryKind::CharDevice | EntryKind::BlockDevice => node.device = e.device,
             EntryKind::Fifo | EntryKind::Dir => {}
         }
