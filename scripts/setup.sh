@@ -70,6 +70,8 @@ install_missing libvirt-daemon-system
 # provd drives libvirtd through libvirt's API: the virt crate links
 # libvirt.so, found with pkg-config.
 install_missing libvirt-dev pkg-config
+# The daemon's allocator, jemalloc, is built from its C sources.
+install_missing make gcc
 
 # Python plugins are built with componentize-py (PyPI), kept in the
 # repository's ignored .cache/py, where provd's build finds it.
