@@ -170,12 +170,11 @@ impl Libvirt {
     /// the caller's, and stays. Returns whether one was removed.
     pub fn remove(&self, name: &str, uuid: &str) -> Result<bool, LibvirtError> {
         let conn = self.connect()?;
-        let Some(domain) = lookup(&conn, name)? else { return Ok(false) };
-        let theirs =
-            domain.get_uuid_string().map_err(|e| refused(format!("reading {name}"), &e))?;
-        if !theirs.eq_ignore_ascii_case(uuid) {
-            return Ok(false);
-        }
+        let domain = match own(&conn, name, uuid, "removing") {
+            Ok(domain) => domain,
+            Err(LibvirtError::NotOurs { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
         if active(&domain, name)? {
             domain.destroy().map_err(|e| refused(format!("stopping {name}"), &e))?;
         }

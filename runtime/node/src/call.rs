@@ -130,9 +130,11 @@ pub(crate) fn define(
     libvirt: &provd_libvirt::Libvirt,
     vm: &str,
 ) -> Result<bool, String> {
-    let xml = store.path().join("vms").join(vm).join("domain.xml");
-    let Ok(text) = std::fs::read_to_string(&xml) else { return Ok(false) };
-    libvirt.define(&text).map_err(|e| format!("VM {vm}: {e}"))?;
+    let Some(xml) = provd_vm::libvirt_domain(store, vm).map_err(|e| format!("VM {vm}: {e}"))?
+    else {
+        return Ok(false);
+    };
+    libvirt.define(&xml).map_err(|e| format!("VM {vm}: {e}"))?;
     Ok(true)
 }
 

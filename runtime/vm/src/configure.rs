@@ -77,6 +77,17 @@ pub(crate) fn vm_dir(store: &Store, name: &str) -> PathBuf {
     store.path().join("vms").join(name)
 }
 
+/// The libvirt domain XML provd wrote for VM `name`; `None` for a VM of
+/// another hypervisor, which has none.
+pub fn libvirt_domain(store: &Store, name: &str) -> Result<Option<String>, VmError> {
+    let path = vm_dir(store, name).join("domain.xml");
+    match std::fs::read_to_string(&path) {
+        Ok(xml) => Ok(Some(xml)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(VmError::Failed(format!("reading {}: {e}", path.display()))),
+    }
+}
+
 /// The UUID of VM `name`'s domain: derived from the name, stable across
 /// re-renders, distinct per name. A domain of that name with another UUID
 /// is not provd's.

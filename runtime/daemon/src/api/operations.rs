@@ -149,7 +149,7 @@ pub(super) async fn start_operation(
     if req.start && s.node.libvirt().is_none() {
         return Err(ApiError::bad(
             "invalid-request",
-            "start: this node does not hand VMs to libvirt (hypervisor.libvirt-uri is not set)",
+            format!("start: {}", provd_node::operations::NO_LIBVIRT),
         ));
     }
     // The node's bounds on host networks and boot files hold for the

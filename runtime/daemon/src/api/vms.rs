@@ -23,33 +23,46 @@ pub(super) async fn delete_vm(
     detached(delete_vm_now(s, peer, name)).await
 }
 
-pub(super) async fn delete_vm_now(s: AppState, peer: Peer, name: String) -> ApiResult {
-    provd_node::spec::check_dns_label(&name)
-        .map_err(|e| ApiError::bad("invalid-request", format!("VM name {name:?}: {e}")))?;
+/// Refuses a name no VM may have.
+fn vm_name(name: &str) -> Result<(), ApiError> {
+    provd_node::spec::check_dns_label(name)
+        .map_err(|e| ApiError::bad("invalid-request", format!("VM name {name:?}: {e}")))
+}
+
+/// Refuses a name no VM of the node has.
+async fn existing_vm(s: &AppState, name: &str) -> Result<(), ApiError> {
     let node = s.node.clone();
-    let n = name.clone();
+    let n = name.to_string();
     if !blocking(move || node.has_vm(&n)).await?.map_err(ApiError::internal)? {
         return Err(ApiError::not_found(format!("no VM {name}")));
     }
-    // A deletion is an operation of its own: it holds the VM's name, so no
-    // provisioning of that name runs meanwhile, and it is on the record.
-    let req = StartRequest {
+    Ok(())
+}
+
+/// The request of one of provd's own operations, by `peer`, holding `vms`.
+fn builtin_request(peer: &Peer, input: Value, vms: Vec<String>) -> StartRequest {
+    StartRequest {
         plugin: provd_node::operations::BUILTIN.into(),
         version: None,
-        input: json!({"delete-vm": name}).to_string(),
+        input: input.to_string(),
         request_digest: String::new(),
         idempotency_key: None,
-        vms: vec![name.clone()],
+        vms,
         actor: peer.name.clone(),
         allow_inactive: false,
         specs: std::collections::BTreeMap::new(),
         start: false,
-    };
-    let rec = s
-        .ops
-        .run_builtin(req, provd_node::operations::Builtin::DeleteVms)
-        .await
-        .map_err(builtin_error)?;
+    }
+}
+
+pub(super) async fn delete_vm_now(s: AppState, peer: Peer, name: String) -> ApiResult {
+    vm_name(&name)?;
+    existing_vm(&s, &name).await?;
+    // A deletion is an operation of its own: it holds the VM's name, so no
+    // provisioning of that name runs meanwhile, and it is on the record.
+    let action = provd_node::operations::Builtin::DeleteVms;
+    let req = builtin_request(&peer, json!({action.function(): name}), vec![name.clone()]);
+    let rec = s.ops.run_builtin(req, action).await.map_err(builtin_error)?;
     if rec.state != OpState::Succeeded {
         return Err(ApiError::internal(rec.error.unwrap_or_default()));
     }
@@ -111,38 +124,16 @@ async fn power_now(
     name: String,
     action: provd_node::operations::Builtin,
 ) -> ApiResult {
-    provd_node::spec::check_dns_label(&name)
-        .map_err(|e| ApiError::bad("invalid-request", format!("VM name {name:?}: {e}")))?;
+    vm_name(&name)?;
     if s.node.libvirt().is_none() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "no-libvirt",
-            "this node does not hand its VMs to libvirt: [hypervisor] libvirt-uri in \
-             provd.toml names the libvirtd that runs them",
+            provd_node::operations::NO_LIBVIRT,
         ));
     }
-    let node = s.node.clone();
-    let n = name.clone();
-    if !blocking(move || node.has_vm(&n)).await?.map_err(ApiError::internal)? {
-        return Err(ApiError::not_found(format!("no VM {name}")));
-    }
-    let function = if matches!(action, provd_node::operations::Builtin::Start) {
-        "start-vm"
-    } else {
-        "stop-vm"
-    };
-    let req = StartRequest {
-        plugin: provd_node::operations::BUILTIN.into(),
-        version: None,
-        input: json!({function: name}).to_string(),
-        request_digest: String::new(),
-        idempotency_key: None,
-        vms: vec![name.clone()],
-        actor: peer.name.clone(),
-        allow_inactive: false,
-        specs: std::collections::BTreeMap::new(),
-        start: false,
-    };
+    existing_vm(&s, &name).await?;
+    let req = builtin_request(&peer, json!({action.function(): name}), vec![name.clone()]);
     let rec = s.ops.run_builtin(req, action).await.map_err(builtin_error)?;
     if rec.state != OpState::Succeeded {
         let message = rec.error.clone().unwrap_or_default();
@@ -231,18 +222,8 @@ pub(super) async fn repack_now(s: AppState, peer: Peer, req: wire::RepackRequest
             format!("vms: {} VMs; one repack moves at most {MAX_REPACK_VMS}", names.len()),
         ));
     }
-    let req = StartRequest {
-        plugin: provd_node::operations::BUILTIN.into(),
-        version: None,
-        input: json!({"repack": names, "shared-format": format}).to_string(),
-        request_digest: String::new(),
-        idempotency_key: None,
-        vms: names,
-        actor: peer.name.clone(),
-        allow_inactive: false,
-        specs: std::collections::BTreeMap::new(),
-        start: false,
-    };
+    let input = json!({builtin.function(): names, "shared-format": format});
+    let req = builtin_request(&peer, input, names);
     let rec = s.ops.run_builtin(req, builtin).await.map_err(builtin_error)?;
     let report: Option<Value> = rec.report.as_deref().and_then(|r| serde_json::from_str(r).ok());
     let status =

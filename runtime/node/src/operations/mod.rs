@@ -54,6 +54,10 @@ struct Running {
 /// history.
 const PRUNE_EVERY: u64 = 64;
 
+/// Why a node without `[hypervisor] libvirt-uri` cannot start or stop VMs.
+pub const NO_LIBVIRT: &str = "this node does not hand its VMs to libvirt: [hypervisor] \
+                              libvirt-uri in provd.toml names the libvirtd that runs them";
+
 /// The plugin name of provd's own operations.
 pub const BUILTIN: &str = "provd";
 
@@ -78,6 +82,16 @@ impl Builtin {
         provd_partitions::SharedFormat::parse(name)
             .map(|format| Builtin::Repack { format })
             .map_err(|e| e.to_string())
+    }
+
+    /// What the audit trail calls it, and the key of its operation's input.
+    pub fn function(&self) -> &'static str {
+        match self {
+            Builtin::DeleteVms => "delete-vm",
+            Builtin::Repack { .. } => "repack",
+            Builtin::Start => "start-vm",
+            Builtin::Stop(_) => "stop-vm",
+        }
     }
 }
 
@@ -668,77 +682,76 @@ impl Operations {
             let point = store.sync_point()?;
             store.start_operation(&new, &[])?;
             // Asked of libvirt once, before a repack moves anything.
-            let running = match action {
-                Builtin::Repack { .. } => running(libvirt.as_ref(), &names),
-                Builtin::DeleteVms | Builtin::Start | Builtin::Stop(_) => Vec::new(),
+            let running = if matches!(action, Builtin::Repack { .. }) {
+                running(libvirt.as_ref(), &names)
+            } else {
+                Vec::new()
             };
-            let (function, result, report): (&str, Result<(), (&str, String)>, Option<String>) =
-                match action {
-                    Builtin::DeleteVms => {
-                        let mut result = Ok(());
-                        for name in &names {
-                            // The domain first: a VM libvirt still runs
-                            // must not lose its disks under it.
-                            if let Some(libvirt) = &libvirt
-                                && let Err(e) = libvirt.remove(name, &provd_vm::domain_uuid(name))
-                            {
-                                result = Err(("delete-failed", e.to_string()));
-                                break;
-                            }
-                            if let Err(e) = provd_vm::delete(&store, name) {
-                                result = Err(("delete-failed", e.to_string()));
-                                break;
-                            }
+            let (result, report): (Result<(), (&str, String)>, Option<String>) = match action {
+                Builtin::DeleteVms => {
+                    let mut result = Ok(());
+                    for name in &names {
+                        // The domain first: a VM libvirt still runs
+                        // must not lose its disks under it.
+                        if let Some(libvirt) = &libvirt
+                            && let Err(e) = libvirt.remove(name, &provd_vm::domain_uuid(name))
+                        {
+                            result = Err(("delete-failed", e.to_string()));
+                            break;
                         }
-                        ("delete-vm", result, None)
+                        if let Err(e) = provd_vm::delete(&store, name) {
+                            result = Err(("delete-failed", e.to_string()));
+                            break;
+                        }
                     }
-                    Builtin::Start | Builtin::Stop(_) => power(libvirt.as_ref(), &names, action),
-                    Builtin::Repack { .. } if !running.is_empty() => (
-                        "repack",
-                        Err((
-                            "vm-running",
-                            format!(
-                                "{} run in libvirt: a repack moves only stopped VMs, since \
+                    (result, None)
+                }
+                Builtin::Start | Builtin::Stop(_) => power(libvirt.as_ref(), &names, action),
+                Builtin::Repack { .. } if !running.is_empty() => (
+                    Err((
+                        "vm-running",
+                        format!(
+                            "{} run in libvirt: a repack moves only stopped VMs, since \
                                      a running guest's writes after the copy would be lost",
-                                running.join(", ")
-                            ),
-                        )),
-                        None,
-                    ),
-                    Builtin::Repack { format } => {
-                        let opts = provd_partitions::BuildOptions {
-                            operation: Some(id.clone()),
-                            ..provd_partitions::BuildOptions::default()
-                        };
-                        let repacked = crate::repack::repack(&store, Some(&names), format, &opts)
-                            .and_then(|done| {
-                                // The moved VMs' configurations, durable
-                                // before the repack is on record as done.
-                                store.sync_since(&point).map(|()| done).map_err(Into::into)
-                            });
-                        match repacked {
-                            Ok(done) => {
-                                // Their domains name the new disks.
-                                let redefined = redefine(&store, libvirt.as_ref(), &done.moved);
-                                let report = serde_json::to_string(&done).ok();
-                                let result = if let Err(e) = redefined {
-                                    Err(("repack-incomplete", e))
-                                } else if done.failed.is_empty() {
-                                    Ok(())
-                                } else {
-                                    let failed: Vec<String> = done
-                                        .failed
-                                        .iter()
-                                        .map(|(vm, e)| format!("{vm}: {e}"))
-                                        .collect();
-                                    Err(("repack-incomplete", failed.join("; ")))
-                                };
-                                ("repack", result, report)
-                            }
-                            Err(e) => ("repack", Err(("repack-failed", e.to_string())), None),
+                            running.join(", ")
+                        ),
+                    )),
+                    None,
+                ),
+                Builtin::Repack { format } => {
+                    let opts = provd_partitions::BuildOptions {
+                        operation: Some(id.clone()),
+                        ..provd_partitions::BuildOptions::default()
+                    };
+                    let repacked = crate::repack::repack(&store, Some(&names), format, &opts)
+                        .and_then(|done| {
+                            // The moved VMs' configurations, durable
+                            // before the repack is on record as done.
+                            store.sync_since(&point).map(|()| done).map_err(Into::into)
+                        });
+                    match repacked {
+                        Ok(done) => {
+                            // Their domains name the new disks.
+                            let redefined = redefine(&store, libvirt.as_ref(), &done.moved);
+                            let report = serde_json::to_string(&done).ok();
+                            let result = if let Err(e) = redefined {
+                                Err(("repack-incomplete", e))
+                            } else if done.failed.is_empty() {
+                                Ok(())
+                            } else {
+                                let failed: Vec<String> = done
+                                    .failed
+                                    .iter()
+                                    .map(|(vm, e)| format!("{vm}: {e}"))
+                                    .collect();
+                                Err(("repack-incomplete", failed.join("; ")))
+                            };
+                            (result, report)
                         }
+                        Err(e) => (Err(("repack-failed", e.to_string())), None),
                     }
-                };
+                }
+            };
             let (state, error) = match &result {
                 Ok(()) => (OpState::Succeeded, None),
                 Err((code, m)) => (OpState::Failed, Some((*code, m.as_str()))),
@@ -748,7 +761,7 @@ impl Operations {
                 kind: "operation".into(),
                 plugin: Some(BUILTIN.into()),
                 operation: Some(id.clone()),
-                function: Some(function.into()),
+                function: Some(action.function().into()),
                 args: Some(names.join(" ")),
                 outcome: state.as_str().into(),
                 detail: result.as_ref().err().map(|(_, m)| m.clone()),
@@ -852,8 +865,8 @@ fn running(libvirt: Option<&provd_libvirt::Libvirt>, vms: &[String]) -> Vec<Stri
 }
 
 /// What one VM's start or stop did: `changed` is false when its domain
-/// already was as asked.
-/// A start's or stop's report is a list of these, one per VM.
+/// already was as asked. A start's or stop's report is a list of these,
+/// one per VM.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Powered {
     pub vm: String,
@@ -864,17 +877,14 @@ pub struct Powered {
 
 /// Starts or stops the domains of `vms` (`action` is `Start` or `Stop`),
 /// each defined by provd (its UUID); stops at the first failure. Returns
-/// the audit function, the outcome and the report: one `Powered` per VM.
+/// the outcome and the report: one `Powered` per VM.
 fn power(
     libvirt: Option<&provd_libvirt::Libvirt>,
     vms: &[String],
     action: Builtin,
-) -> (&'static str, Result<(), (&'static str, String)>, Option<String>) {
-    let function = if matches!(action, Builtin::Start) { "start-vm" } else { "stop-vm" };
+) -> (Result<(), (&'static str, String)>, Option<String>) {
     let Some(libvirt) = libvirt else {
-        let message = "this node does not hand its VMs to libvirt: [hypervisor] libvirt-uri \
-                       in provd.toml names the libvirtd that runs them";
-        return (function, Err(("no-libvirt", message.into())), None);
+        return (Err(("no-libvirt", NO_LIBVIRT.into())), None);
     };
     let mut done = Vec::new();
     for vm in vms {
@@ -897,11 +907,11 @@ fn power(
                     _ => "stop-failed",
                 };
                 let report = serde_json::to_string(&done).ok();
-                return (function, Err((code, format!("VM {vm}: {e}"))), report);
+                return (Err((code, format!("VM {vm}: {e}"))), report);
             }
         }
     }
-    (function, Ok(()), serde_json::to_string(&done).ok())
+    (Ok(()), serde_json::to_string(&done).ok())
 }
 
 /// Defines `vms` in libvirt again from their rewritten domains.
