@@ -126,6 +126,23 @@ impl VmView {
     }
 }
 
+/// The folders the entries of `private` and the `whiteouts` sit in that
+/// `private` does not hold, outermost first: what a private partition must
+/// hold beside them.
+fn unheld_folders<'a>(private: &'a [Entry], whiteouts: &'a [String]) -> Vec<&'a str> {
+    let held: HashSet<&str> = private.iter().map(|e| e.path.as_str()).collect();
+    let mut folders: Vec<&str> = private
+        .iter()
+        .map(|e| e.path.as_str())
+        .chain(whiteouts.iter().map(String::as_str))
+        .flat_map(ancestors)
+        .filter(|a| !held.contains(a))
+        .collect();
+    folders.sort_unstable();
+    folders.dedup();
+    folders
+}
+
 /// The view of `lowers` (bottom first) under `private` with `whiteouts`.
 pub fn overlay_view(lowers: &[&[Entry]], private: &[Entry], whiteouts: &[String]) -> VmView {
     let mut view = VmView::default();
@@ -146,20 +163,10 @@ pub fn overlay_view(lowers: &[&[Entry]], private: &[Entry], whiteouts: &[String]
     // Parents before children, so a directory never hides its own files.
     let mut own: Vec<&Entry> = private.iter().collect();
     own.sort_by(|a, b| a.path.cmp(&b.path));
-    let held: HashSet<&str> = own.iter().map(|e| e.path.as_str()).collect();
     // The partition writer makes each folder a private entry or a whiteout
     // sits in that the set does not hold, as a root-owned 0755 directory;
     // in the overlay, that upper folder's metadata wins.
-    let mut made: Vec<&str> = own
-        .iter()
-        .map(|e| e.path.as_str())
-        .chain(whiteouts.iter().map(String::as_str))
-        .flat_map(ancestors)
-        .filter(|a| !held.contains(a))
-        .collect();
-    made.sort_unstable();
-    made.dedup();
-    for d in made {
+    for d in unheld_folders(private, whiteouts) {
         view.place(Entry::implied_dir(d), Source::Private);
     }
     for e in own {
@@ -243,23 +250,11 @@ pub fn vm_layout(lowers: &[&[Entry]], image: &BTreeMap<String, Entry>) -> VmLayo
     }
     // The image's folders of what the private set holds and of the
     // whiteouts: the partition holds them, with the image's metadata.
-    let held: HashSet<String> = layout.private.iter().map(|e| e.path.clone()).collect();
-    let mut folders: Vec<String> = layout
-        .private
-        .iter()
-        .map(|e| e.path.as_str())
-        .chain(layout.whiteouts.iter().map(String::as_str))
-        .flat_map(ancestors)
-        .filter(|a| !held.contains(*a))
-        .map(str::to_string)
+    let folders: Vec<Entry> = unheld_folders(&layout.private, &layout.whiteouts)
+        .into_iter()
+        .filter_map(|a| image.get(a).filter(|d| d.kind == EntryKind::Dir).cloned())
         .collect();
-    folders.sort_unstable();
-    folders.dedup();
-    for a in &folders {
-        if let Some(d) = image.get(a).filter(|d| d.kind == EntryKind::Dir) {
-            layout.private.push(d.clone());
-        }
-    }
+    layout.private.extend(folders);
     for used in layout.used.iter_mut() {
         used.sort_unstable();
     }

@@ -93,8 +93,6 @@ const INCOMPAT_DIRDATA: u32 = 0x1000;
 const INCOMPAT_CSUM_SEED: u32 = 0x2000;
 const INCOMPAT_LARGEDIR: u32 = 0x4000;
 const INCOMPAT_INLINE_DATA: u32 = 0x8000;
-const XATTR_MAGIC: u32 = 0xEA02_0000;
-const XATTR_INDEX_SYSTEM: u8 = 7;
 const INCOMPAT_ENCRYPT: u32 = 0x10000;
 const INCOMPAT_CASEFOLD: u32 = 0x20000;
 /// Features that change nothing this reader looks at, or that it handles
@@ -121,6 +119,11 @@ const FL_HUGE_FILE: u32 = 0x40000;
 const FL_EXTENTS: u32 = 0x80000;
 const FL_EA_INODE: u32 = 0x200000;
 const FL_INLINE_DATA: u32 = 0x1000_0000;
+
+/// In-inode extended attributes: their magic, and `system.` as an index
+/// (inline data continues in `system.data`).
+const XATTR_MAGIC: u32 = 0xEA02_0000;
+const XATTR_INDEX_SYSTEM: u8 = 7;
 
 const S_IFMT: u16 = 0xF000;
 const S_IFIFO: u16 = 0x1000;

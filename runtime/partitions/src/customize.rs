@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use provd_domain::image::{EntryKind, Hash};
-use provd_store::{PartitionFormat, PartitionRecord, PartitionRole, Store};
+use provd_store::{ImageRecord, PartitionFormat, PartitionRecord, PartitionRole, Store};
 
 use crate::ext4::Ext4Image;
 use crate::tools::DEBUGFS;
@@ -98,15 +98,10 @@ pub(crate) fn read_ext4(
     Ok((fs, entries))
 }
 
-/// The entry at `path` of the image the private partition was built
-/// from (what the VM sees there, with its added files), or why it cannot
-/// be known.
-fn image_entry(
-    store: &Store,
-    manifest: &PrivateManifest,
-    path: &str,
-) -> Result<Option<provd_domain::image::Entry>, String> {
-    let image = store
+/// The image the private partition was built from, as the store still
+/// holds it, or why it cannot be known.
+fn built_from(store: &Store, manifest: &PrivateManifest) -> Result<ImageRecord, String> {
+    store
         .image(&manifest.image)
         .map_err(|e| e.to_string())?
         .filter(|i| i.digest == manifest.image_digest)
@@ -116,21 +111,7 @@ fn image_entry(
                  so what the VM sees at that path cannot be checked",
                 manifest.image
             )
-        })?;
-    store.entry(&image, path).map_err(|e| e.to_string())
-}
-
-/// The directory `path` of the image the private partition was built
-/// from, or why there is none.
-fn image_dir(
-    store: &Store,
-    manifest: &PrivateManifest,
-    path: &str,
-) -> Result<provd_domain::image::Entry, String> {
-    match image_entry(store, manifest, path)? {
-        Some(e) if e.kind == EntryKind::Dir => Ok(e),
-        _ => Err(format!("its folder {path} is not a directory of the VM's image")),
-    }
+        })
 }
 
 /// Writes `content` at `path` of the VM's root in private partition `id`
@@ -194,18 +175,28 @@ pub fn add_file(
     let mut folders: Vec<provd_domain::image::Entry> = Vec::new();
     {
         let (_, entries) = read_ext4(&image, id)?;
+        let built = built_from(store, &manifest).map_err(|why| invalid(path, why))?;
+        let seen_at = |at: &str| store.entry(&built, at).map_err(|e| invalid(path, e.to_string()));
         let in_upper =
             |dir: &str| entries.iter().any(|e| e.path == dir && e.kind == EntryKind::Dir);
         let mut missing = parent;
         while missing != "upper" && !in_upper(missing) {
             let inside = missing.strip_prefix("upper/").unwrap_or(missing);
-            folders.push(image_dir(store, &manifest, inside).map_err(|why| invalid(path, why))?);
+            match seen_at(inside)? {
+                Some(d) if d.kind == EntryKind::Dir => folders.push(d),
+                _ => {
+                    return Err(invalid(
+                        path,
+                        format!("its folder {inside} is not a directory of the VM's image"),
+                    ));
+                }
+            }
             missing = missing.rsplit_once('/').map_or("upper", |(up, _)| up);
         }
         folders.reverse();
         // What the VM sees at the path may come from its layers: only a
         // regular file is replaced there too.
-        if let Some(seen) = image_entry(store, &manifest, path).map_err(|why| invalid(path, why))?
+        if let Some(seen) = seen_at(path)?
             && !matches!(seen.kind, EntryKind::File | EntryKind::Hardlink)
         {
             return Err(invalid(
