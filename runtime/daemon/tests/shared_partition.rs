@@ -487,3 +487,82 @@ async fn vms_ordered_one_at_a_time_share_the_node_and_a_repack_keeps_every_vm_ex
     }
     assert_eq!(store.layer_usage().unwrap().unused_bytes, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_of_an_image_the_node_holds_reuses_its_plan_until_a_layer_could_change_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    let base = [("usr/lib/libc.so.6", content(1, 300_000)), ("usr/bin/sh", content(2, 50_000))];
+    for (name, path, seed, len) in
+        [("x", "srv/app/app.bin", 3u8, 40_000usize), ("w", "srv/app/w.bin", 6, 30_000)]
+    {
+        for (p, data) in base.iter().chain([&(path, content(seed, len))]) {
+            let file = images.join(name).join(p);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(file, data).unwrap();
+        }
+    }
+    let extra =
+        format!("[policy]\nimage-sources = [\"dir:{}/**\"]\n{DEFAULT_EXTRA}", images.display());
+    let mut node = TestNode::start(Path::new(PROVD), &dir.path().join("node"), &extra).unwrap();
+    let (ca, cert, key) = node.tls();
+    let c = Client::new(&node.url, &TlsFiles { ca, cert: Some(cert), key: Some(key) }).unwrap();
+    let manifest = std::fs::read_to_string(SHARED_PARTITION.dir().join("plugin.toml")).unwrap();
+    c.deploy(node.bundle(&manifest, &SHARED_PARTITION.wasm())).await.unwrap();
+    let image = |name: &str| format!("dir:{}", images.join(name).display());
+    let x_bytes: u64 = 390_000;
+    // One request of `vms`; its stored bytes and how its plan came to be,
+    // from the audit trail.
+    let provision = async |vms: &[(&str, &str)], unique: bool| -> (u64, String) {
+        let specs: Vec<Value> = vms.iter().map(|(vm, img)| spec(vm, &image(img))).collect();
+        let request = json!({"plugin": "shared-partition", "vms": specs,
+                             "params": {"min-layer-bytes": 0, "layer-unique-files": unique}});
+        let id = c.provision(&request).await.unwrap().body["operation"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let done = c.wait(&id, |_| {}).await.unwrap();
+        assert_eq!(done.state.as_str(), "succeeded", "{vms:?}: {done:#?}");
+        let stored = done.report_field("output")["totals"]["stored_bytes"].as_u64().unwrap();
+        let audit = c.get(&format!("/v1/audit?operation={id}&kind=host-call")).await.unwrap().body;
+        let plan = audit["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["function"] == "plan")
+            .unwrap_or_else(|| panic!("no plan call audited: {audit}"));
+        let how = plan["args"].as_str().unwrap().split(' ').next().unwrap().to_string();
+        (stored, how)
+    };
+
+    // x-1 alone, its files kept private: a plan that builds no layer.
+    assert_eq!(provision(&[("x-1", "x")], false).await, (x_bytes, "plan=made".into()));
+    // Two VMs of x in one request: a layer of x's files, shared by both.
+    assert_eq!(
+        provision(&[("y-1", "x"), ("y-2", "x")], false).await,
+        (x_bytes, "plan=made".into())
+    );
+    // x-1's plan would store x again, but the layer added since gives x
+    // all its files: the plan is made again and stacks it.
+    assert_eq!(provision(&[("x-2", "x")], false).await, (0, "plan=made".into()));
+    // Nothing changed since: x-2's plan serves x-3.
+    assert_eq!(provision(&[("x-3", "x")], false).await, (0, "plan=reused".into()));
+    // w's own file goes to a new layer, which x cannot stack: x-4 still
+    // reuses the plan.
+    assert_eq!(provision(&[("w-1", "w")], true).await, (30_000, "plan=made".into()));
+    assert_eq!(provision(&[("x-4", "x")], false).await, (0, "plan=reused".into()));
+    // Another policy is another plan.
+    assert_eq!(provision(&[("x-5", "x")], true).await, (0, "plan=made".into()));
+    // w-1 gone, and its layer with it: a layer x does not stack.
+    c.delete("/v1/vms/w-1").await.unwrap();
+    assert_eq!(provision(&[("x-6", "x")], false).await, (0, "plan=reused".into()));
+    // A layer a kept plan stacks going (a repack) is
+    // `vms_ordered_one_at_a_time_share_the_node_and_a_repack_keeps_every_vm_exact`.
+
+    assert!(node.terminate().unwrap().success());
+    let store = provd_store::Store::open(&node.data).unwrap();
+    for vm in ["x-1", "y-1", "y-2", "x-2", "x-3", "x-4", "x-5", "x-6"] {
+        let v = provd_partitions::verify_vm(&store, vm, &Default::default()).unwrap();
+        assert!(v.is_exact(), "{vm}: {:?}", v.mismatches);
+    }
+}

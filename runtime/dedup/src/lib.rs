@@ -53,7 +53,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use provd_domain::image::{Entry, EntryKind, Hash};
 use serde::Serialize;
 
-pub use on_node::{NodeLayer, plan_on_node};
+pub use on_node::{NodeLayer, could_stack, plan_on_node};
 pub use overlay::{VmLayout, VmView, overlay_view, place, remove_tree, vm_layout};
 
 /// Why an analysis could not be made.
@@ -575,6 +575,40 @@ impl Analysis {
 }
 
 impl Plan {
+    /// The same plan with VM `from` called `to`: a plan of one VM serves
+    /// another VM of the same image, since names take no part in what is
+    /// shared. `None` when the plan has no VM `from` or already one `to`.
+    pub fn renamed(&self, from: &str, to: &str) -> Option<Plan> {
+        if !self.stacks.contains_key(from) || (from != to && self.stacks.contains_key(to)) {
+            return None;
+        }
+        fn rekey<V: Clone>(map: &BTreeMap<String, V>, from: &str, to: &str) -> BTreeMap<String, V> {
+            map.iter()
+                .map(|(k, v)| (if k == from { to.to_string() } else { k.clone() }, v.clone()))
+                .collect()
+        }
+        let mut plan = Plan {
+            policy: self.policy.clone(),
+            layers: self.layers.clone(),
+            stacks: rekey(&self.stacks, from, to),
+            private: rekey(&self.private, from, to),
+            private_bytes: rekey(&self.private_bytes, from, to),
+            layer_bytes: self.layer_bytes,
+            stored_bytes: self.stored_bytes,
+            naive_bytes: self.naive_bytes,
+            whiteouts: rekey(&self.whiteouts, from, to),
+            shares: rekey(&self.shares, from, to),
+        };
+        for layer in &mut plan.layers {
+            for vm in &mut layer.vms {
+                if vm == from {
+                    *vm = to.to_string();
+                }
+            }
+        }
+        Some(plan)
+    }
+
     /// Host memory the plan holds, estimated from its entries (each its
     /// struct plus the text it owns) and whiteout paths: what a host that
     /// keeps plans for later calls bounds.

@@ -145,6 +145,28 @@ fn choose<'a>(
     order(chosen)
 }
 
+/// Whether [`plan_on_node`] could stack `layer` for a VM whose image is
+/// `entries`. The greedy choice stacks a layer only when the bytes it
+/// gives that no layer chosen before gives reach `min_layer_bytes` (and at
+/// least one byte); those never exceed all the bytes it gives as the image
+/// has them. A layer added to the node that could not be chosen changes
+/// neither the choice nor its order, so a plan made before it was added
+/// stays the plan [`plan_on_node`] makes with it.
+pub fn could_stack(entries: &[Entry], layer: &[Entry], policy: &Policy) -> bool {
+    let by_path: HashMap<&str, &Entry> = layer.iter().map(|e| (e.path.as_str(), e)).collect();
+    let gives: u64 = entries
+        .iter()
+        .filter(|own| {
+            by_path.get(own.path.as_str()).is_some_and(|e| FileKey::of(own) == FileKey::of(e))
+        })
+        .map(file_bytes)
+        .sum();
+    policy.max_layers_per_vm > 1
+        && policy.max_shared_partitions > 1
+        && gives > 0
+        && gives >= policy.min_layer_bytes
+}
+
 /// Stacks the chosen layers so that a layer holding a path differently
 /// from the image lies below every chosen layer holding it as the image
 /// has it; among layers free to go next, the one chosen first goes lower.

@@ -530,3 +530,81 @@ fn layers_holding_a_path_differently_are_stacked_below_the_one_holding_it_right(
     assert_eq!(top.node.as_ref().unwrap().partition, "p-dev");
     assert_eq!(without_mtime(&third.reassemble("dev-2").unwrap()), without_mtime(&dev));
 }
+
+#[test]
+fn a_plan_of_one_vm_stands_while_no_layer_added_could_be_stacked_and_none_stacked_goes() {
+    // What a node keeping plans across requests relies on: the plan of one
+    // VM against the node's layers is the same for another VM of its image
+    // (renamed), stays the same when layers it does not stack are removed
+    // or layers `could_stack` rules out are added anywhere in the order,
+    // and may change when a layer `could_stack` admits is added.
+    let (mut stood, mut changed) = (0, 0);
+    for seed in 1..=300u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let bases: Vec<Vec<Entry>> = (0..3).map(|f| base(&mut rng, 100 + f)).collect();
+        let flavours: Vec<Vec<Entry>> = bases.iter().map(|b| mutate(&mut rng, b.clone())).collect();
+        let policy = Policy {
+            min_layer_bytes: if rng.chance(50) { 0 } else { rng.below(3_000) },
+            max_layers_per_vm: 2 + rng.below(5) as usize,
+            share_across_paths: false,
+            layer_unique_files: rng.chance(70),
+            max_shared_partitions: 2 + rng.below(2) as usize,
+        };
+        let mut node: Vec<NodeLayer> = Vec::new();
+        for request in 0..3 {
+            let image = flavours[rng.below(3) as usize].clone();
+            let plan = plan_on_node(&[(format!("r{request}"), image)], &node, &policy).unwrap();
+            commit(&plan, &format!("p-{request}"), &mut node);
+        }
+        let image = flavours[rng.below(3) as usize].clone();
+        let vm = |name: &str| vec![(name.to_string(), image.clone())];
+        let before = plan_on_node(&vm("x-1"), &node, &policy).unwrap();
+        let again = plan_on_node(&vm("x-2"), &node, &policy).unwrap();
+        assert_eq!(before.renamed("x-1", "x-2").unwrap(), again, "seed {seed}");
+
+        // Layers other requests build, inserted anywhere among the rest.
+        let mut later = node.clone();
+        let mut added = Vec::new();
+        for request in 3..5 {
+            let other = if rng.chance(50) {
+                flavours[rng.below(3) as usize].clone()
+            } else {
+                let b = bases[rng.below(3) as usize].clone();
+                mutate(&mut rng, b)
+            };
+            let plan = plan_on_node(&[(format!("r{request}"), other)], &later, &policy).unwrap();
+            let mut built = Vec::new();
+            commit(&plan, &format!("p-{request}"), &mut built);
+            for layer in built {
+                added.push(layer.entries.clone());
+                let at = rng.below(later.len() as u64 + 1) as usize;
+                later.insert(at, layer);
+            }
+        }
+        // A layer the plan does not stack, gone.
+        let stacked: HashSet<String> = before
+            .layers
+            .iter()
+            .filter_map(|l| l.node.as_ref().map(|n| n.digest.clone()))
+            .collect();
+        if let Some(i) = later.iter().position(|l| !stacked.contains(&l.node.digest)) {
+            later.remove(i);
+        }
+        let after = plan_on_node(&vm("x-1"), &later, &policy).unwrap();
+        let stackable = added.iter().any(|layer| provd_dedup::could_stack(&image, layer, &policy));
+        if stackable {
+            changed += usize::from(after != before);
+        } else {
+            assert_eq!(after, before, "seed {seed} {policy:?}");
+            stood += 1;
+        }
+        assert_eq!(without_mtime(&after.reassemble("x-1").unwrap()), without_mtime(&image));
+    }
+    println!(
+        "{stood} plans stood as layers came and went; {changed} changed with a stackable layer"
+    );
+    assert!(
+        stood > 20 && changed > 5,
+        "{stood} stood, {changed} changed: the cases are not covered"
+    );
+}

@@ -9,8 +9,9 @@ use provd_domain::image::Entry;
 use provd_engine::CallContext;
 use provd_store::ImageRecord;
 
-use crate::Scope;
 use crate::images::{check_page, entry_of};
+use crate::{Scope, plan_cache};
+use provd_partitions::CheckedPlan;
 
 /// `dedup`'s view of a call: the call's context, the node's scope, the
 /// images this request fetched (read) and the plans it keeps.
@@ -31,8 +32,8 @@ impl wasmtime::component::HasData for DedupData {
 pub(crate) struct KeptPlan {
     /// `plan-N`, the id the plugin names it by.
     pub id: String,
-    pub plan: provd_dedup::Plan,
-    pub vms: Vec<provd_partitions::VmImage>,
+    /// Checked when made, with its VMs' images.
+    pub plan: std::sync::Arc<CheckedPlan>,
     /// `plan.held_bytes()`, counted once when it is kept.
     pub held_bytes: u64,
     /// The trust domain of the layers it builds (`provd_domain::trust`).
@@ -59,61 +60,77 @@ impl DedupView<'_> {
         vms.iter().map(|v| crate::fetched_image(self.fetched, &v.image)).collect()
     }
 
+    /// The images of `vms`, each fetched in this request, once their names
+    /// and their entries in all are within bounds.
+    fn checked_vms(&self, vms: &[VmImage]) -> Result<Vec<ImageRecord>, WitError> {
+        if vms.len() > MAX_VMS {
+            return Err(WitError::InvalidInput(format!("at most {MAX_VMS} VMs per call")));
+        }
+        // A plan's VM names become partition manifests and later name VMs:
+        // only names a VM can have are taken.
+        for (i, v) in vms.iter().enumerate() {
+            provd_vm::spec::check_dns_label(&v.vm)
+                .map_err(|e| WitError::InvalidInput(format!("vms[{i}].vm: {e}")))?;
+            self.scope.operation_vm(&v.vm)?;
+        }
+        if self.scope.node.images.is_none() {
+            return Err(WitError::Denied("this node has no image store".into()));
+        }
+        let records = self.vm_images(vms)?;
+        let total: u64 = records.iter().map(|r| r.entries).sum();
+        if total > MAX_ANALYSED_ENTRIES {
+            return Err(WitError::QuotaExceeded(format!(
+                "{total} entries over these VMs; one call analyses at most {MAX_ANALYSED_ENTRIES}"
+            )));
+        }
+        Ok(records)
+    }
+
     /// Every VM's entries, from images fetched in this request, read on a
     /// blocking thread: an analysis may load millions of rows.
     async fn vm_entries(
         &mut self,
         vms: &[VmImage],
     ) -> wasmtime::Result<Result<Vec<(String, Vec<Entry>)>, WitError>> {
-        if vms.len() > MAX_VMS {
-            return Ok(Err(WitError::InvalidInput(format!("at most {MAX_VMS} VMs per call"))));
-        }
-        // A plan's VM names become partition manifests and later name VMs:
-        // only names a VM can have are taken.
-        for (i, v) in vms.iter().enumerate() {
-            if let Err(e) = provd_vm::spec::check_dns_label(&v.vm) {
-                return Ok(Err(WitError::InvalidInput(format!("vms[{i}].vm: {e}"))));
-            }
-            if let Err(e) = self.scope.operation_vm(&v.vm) {
-                return Ok(Err(e));
-            }
-        }
-        let Some(images) = self.scope.node.images.as_ref() else {
-            return Ok(Err(WitError::Denied("this node has no image store".into())));
-        };
-        let store = images.store().clone();
-        let records = match self.vm_images(vms) {
+        let records = match self.checked_vms(vms) {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
-        let total: u64 = records.iter().map(|r| r.entries).sum();
-        if total > MAX_ANALYSED_ENTRIES {
-            return Ok(Err(WitError::QuotaExceeded(format!(
-                "{total} entries over these VMs; one call analyses at most {MAX_ANALYSED_ENTRIES}"
-            ))));
-        }
-        let names: Vec<String> = vms.iter().map(|v| v.vm.clone()).collect();
-        let loaded = tokio::task::spawn_blocking(move || {
-            // Several VMs often run one image: read its entries once.
-            let mut loaded: std::collections::HashMap<i64, Vec<Entry>> = Default::default();
-            let mut out = Vec::with_capacity(names.len());
-            for (vm, record) in names.into_iter().zip(&records) {
-                let entries = match loaded.entry(record.id) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.get().clone(),
-                    std::collections::hash_map::Entry::Vacant(slot) => {
-                        let entries = store
-                            .entries(record, 0, u64::MAX)
-                            .map_err(|e| WitError::Failed(e.to_string()))?;
-                        slot.insert(entries).clone()
-                    }
-                };
-                out.push((vm, entries));
-            }
-            Ok(out)
-        })
-        .await?;
-        Ok(loaded)
+        let store = match self.scope.store() {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        load_entries(store, vms, records).await
     }
+}
+
+/// The entries of each VM's image, read on a blocking thread.
+async fn load_entries(
+    store: std::sync::Arc<provd_store::Store>,
+    vms: &[VmImage],
+    records: Vec<ImageRecord>,
+) -> wasmtime::Result<Result<Vec<(String, Vec<Entry>)>, WitError>> {
+    let names: Vec<String> = vms.iter().map(|v| v.vm.clone()).collect();
+    let loaded = tokio::task::spawn_blocking(move || {
+        // Several VMs often run one image: read its entries once.
+        let mut loaded: std::collections::HashMap<i64, Vec<Entry>> = Default::default();
+        let mut out = Vec::with_capacity(names.len());
+        for (vm, record) in names.into_iter().zip(&records) {
+            let entries = match loaded.entry(record.id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.get().clone(),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    let entries = store
+                        .entries(record, 0, u64::MAX)
+                        .map_err(|e| WitError::Failed(e.to_string()))?;
+                    slot.insert(entries).clone()
+                }
+            };
+            out.push((vm, entries));
+        }
+        Ok(out)
+    })
+    .await?;
+    Ok(loaded)
 }
 
 impl DedupView<'_> {
@@ -204,6 +221,41 @@ fn analysis_summary(a: &provd_dedup::Analysis) -> Summary {
     }
 }
 
+/// What the plugin learns of plan `id`: the analysis's `figures`, the
+/// plan's layers (ids prefixed with the plan's, unique in the request) and
+/// where each VM's bytes come from.
+fn plan_summary(id: &str, figures: Summary, plan: &provd_dedup::Plan, domain: &str) -> Summary {
+    let prefix = format!("{id}-");
+    let mut summary = figures;
+    summary.stored_bytes = plan.stored_bytes;
+    summary.plan = id.to_string();
+    summary.layers = plan
+        .layers
+        .iter()
+        .map(|l| Layer {
+            id: format!("{prefix}{}", l.id),
+            vms: l.vms.clone(),
+            files: l.files,
+            bytes: l.bytes,
+            partition: l.node.as_ref().map(|n| n.partition.clone()),
+            domain: l.node.as_ref().map_or_else(|| domain.to_string(), |n| n.domain.clone()),
+        })
+        .collect();
+    for f in summary.vms.iter_mut() {
+        let share = plan.shares.get(&f.vm).cloned().unwrap_or_default();
+        f.private_bytes = share.private_bytes;
+        f.node_bytes = share.node_bytes;
+        f.new_shared_bytes = share.new_shared_bytes;
+        f.whiteouts = share.whiteouts;
+        f.layers = plan
+            .stacks
+            .get(&f.vm)
+            .map(|s| s.iter().map(|id| format!("{prefix}{id}")).collect())
+            .unwrap_or_default();
+    }
+    summary
+}
+
 impl DedupView<'_> {
     async fn analyse_call(
         &mut self,
@@ -217,23 +269,30 @@ impl DedupView<'_> {
         Ok(result.map(|a| analysis_summary(&a)).map_err(|e| WitError::InvalidInput(e.to_string())))
     }
 
+    /// A plan of `vms`, and whether it was made or reused (the audit
+    /// trail says which).
     async fn plan_call(
         &mut self,
         vms: Vec<VmImage>,
         policy: Policy,
-    ) -> wasmtime::Result<Result<Summary, WitError>> {
+    ) -> wasmtime::Result<(Result<Summary, WitError>, &'static str)> {
         if self.plans.len() >= MAX_PLANS {
-            return Ok(Err(WitError::QuotaExceeded(format!(
-                "at most {MAX_PLANS} plans per request"
-            ))));
+            return Ok((
+                Err(WitError::QuotaExceeded(format!("at most {MAX_PLANS} plans per request"))),
+                "none",
+            ));
         }
-        let entries = match self.vm_entries(&vms).await? {
-            Ok(e) => e,
-            Err(e) => return Ok(Err(e)),
+        let records = match self.checked_vms(&vms) {
+            Ok(r) => r,
+            Err(e) => return Ok((Err(e), "none")),
         };
         let (domain, tenants) = match self.plan_domain(&vms) {
             Ok(d) => d,
-            Err(e) => return Ok(Err(e)),
+            Err(e) => return Ok((Err(e), "none")),
+        };
+        let store = match self.scope.store() {
+            Ok(s) => s,
+            Err(e) => return Ok((Err(e), "none")),
         };
         let use_node = policy.node_layers;
         let policy = provd_dedup::Policy {
@@ -246,88 +305,160 @@ impl DedupView<'_> {
             layer_unique_files: policy.layer_unique_files,
             max_shared_partitions: provd_partitions::MAX_SHARED_PER_VM,
         };
-        let node = if use_node {
-            let store = match self.scope.store() {
-                Ok(s) => s,
-                Err(e) => return Ok(Err(e)),
-            };
-            let budget = MAX_ANALYSED_ENTRIES
-                .saturating_sub(entries.iter().map(|(_, es)| es.len() as u64).sum());
+        let considered = if use_node {
+            let budget =
+                MAX_ANALYSED_ENTRIES.saturating_sub(records.iter().map(|r| r.entries).sum());
             // Only layers every VM of the plan may see: the others are
             // neither stacked nor counted in the plan's figures.
-            let visible = move |d: &str| tenants.iter().all(|t| provd_domain::trust::may_see(t, d));
+            let seen = tenants.clone();
+            let visible = move |d: &str| seen.iter().all(|t| provd_domain::trust::may_see(t, d));
+            let store = store.clone();
             match tokio::task::spawn_blocking(move || {
-                provd_partitions::node_layers(&store, budget, &visible)
+                provd_partitions::considered_layers(&store, budget, &visible)
             })
             .await?
             {
                 Ok(layers) => layers,
-                Err(e) => return Ok(Err(WitError::Failed(e.to_string()))),
+                Err(e) => return Ok((Err(WitError::Failed(e.to_string())), "none")),
             }
         } else {
             Vec::new()
         };
-        let computed = tokio::task::spawn_blocking(move || {
-            // The analysis's figures only, so that it is gone before the
-            // plan, which holds the entries again, is made.
-            let figures = analysis_summary(&provd_dedup::analyze(&entries)?);
-            let plan = provd_dedup::plan_on_node(&entries, &node, &policy)?;
-            Ok::<_, provd_dedup::DedupError>((figures, plan))
-        })
-        .await?;
-        let (figures, plan) = match computed {
-            Ok(done) => done,
-            Err(e) => return Ok(Err(WitError::InvalidInput(e.to_string()))),
+        let key = match (vms.as_slice(), records.as_slice()) {
+            ([vm], [image]) if use_node => Some((
+                plan_cache::PlanKey::new(image, &policy, tenants.iter().cloned().collect()),
+                vm.vm.clone(),
+                image.clone(),
+            )),
+            _ => None,
         };
-        let records = match self.vm_images(&vms) {
-            Ok(r) => r,
-            Err(e) => return Ok(Err(e)),
+        let reused = match &key {
+            Some((key, vm, image)) => {
+                match self.reuse(key, vm, image, &considered, &policy, &store, &vms).await? {
+                    Ok(found) => found,
+                    Err(e) => return Ok((Err(e), "none")),
+                }
+            }
+            None => None,
+        };
+        let how = if reused.is_some() { "reused" } else { "made" };
+        let (plan, figures) = match reused {
+            Some(found) => found,
+            None => {
+                let made = self.make_plan(&vms, records, considered.clone(), policy, store).await?;
+                let (plan, figures) = match made {
+                    Ok(m) => m,
+                    Err(e) => return Ok((Err(e), "none")),
+                };
+                if let Some((key, _, _)) = key {
+                    self.scope.node.plans.insert(key, &considered, &plan, &figures);
+                }
+                (plan, figures)
+            }
         };
         let held: u64 = self.plans.iter().map(|k| k.held_bytes).sum();
-        let more = plan.held_bytes();
+        let more = plan.plan().held_bytes();
         if held.saturating_add(more) > MAX_KEPT_PLAN_BYTES {
-            return Ok(Err(WitError::QuotaExceeded(format!(
-                "this plan would hold {more} bytes of host memory beside the {held} the \
+            return Ok((
+                Err(WitError::QuotaExceeded(format!(
+                    "this plan would hold {more} bytes of host memory beside the {held} the \
                  request's plans hold; at most {MAX_KEPT_PLAN_BYTES} in all"
-            ))));
+                ))),
+                "none",
+            ));
         }
         // Layer ids are unique within the request: plan number + layer.
         let id = format!("plan-{}", self.plans.len());
-        let prefix = format!("{id}-");
-        let mut summary = figures;
-        summary.stored_bytes = plan.stored_bytes;
-        summary.plan = id.clone();
-        summary.layers = plan
-            .layers
-            .iter()
-            .map(|l| Layer {
-                id: format!("{prefix}{}", l.id),
-                vms: l.vms.clone(),
-                files: l.files,
-                bytes: l.bytes,
-                partition: l.node.as_ref().map(|n| n.partition.clone()),
-                domain: l.node.as_ref().map_or_else(|| domain.clone(), |n| n.domain.clone()),
-            })
-            .collect();
-        for f in summary.vms.iter_mut() {
-            let share = plan.shares.get(&f.vm).cloned().unwrap_or_default();
-            f.private_bytes = share.private_bytes;
-            f.node_bytes = share.node_bytes;
-            f.new_shared_bytes = share.new_shared_bytes;
-            f.whiteouts = share.whiteouts;
-            f.layers = plan
-                .stacks
-                .get(&f.vm)
-                .map(|s| s.iter().map(|id| format!("{prefix}{id}")).collect())
-                .unwrap_or_default();
+        let summary = plan_summary(&id, figures, plan.plan(), &domain);
+        self.plans.push(KeptPlan { id, plan: std::sync::Arc::new(plan), held_bytes: more, domain });
+        Ok((Ok(summary), how))
+    }
+
+    /// The plan kept for `key` (one VM against the node's layers), given
+    /// to `vm`, if it is still the plan the node would make.
+    #[allow(clippy::too_many_arguments)]
+    async fn reuse(
+        &self,
+        key: &plan_cache::PlanKey,
+        vm: &str,
+        image: &ImageRecord,
+        considered: &[provd_store::LayerRecord],
+        policy: &provd_dedup::Policy,
+        store: &std::sync::Arc<provd_store::Store>,
+        vms: &[VmImage],
+    ) -> wasmtime::Result<Result<Option<(CheckedPlan, Summary)>, WitError>> {
+        let cache = &self.scope.node.plans;
+        let added = match cache.lookup(key, vm, image, considered) {
+            plan_cache::Lookup::Hit(found) => return Ok(Ok(Some(*found))),
+            plan_cache::Lookup::Miss => return Ok(Ok(None)),
+            plan_cache::Lookup::Added(added) => added,
+        };
+        // Layers were added since: the plan stands unless one of them
+        // could be stacked, which only they and the image tell.
+        let entries = match load_entries(store.clone(), vms, vec![image.clone()]).await? {
+            Ok(mut e) => e.pop().map(|(_, es)| es).unwrap_or_default(),
+            Err(e) => return Ok(Err(e)),
+        };
+        let store = store.clone();
+        let policy = policy.clone();
+        let stackable = tokio::task::spawn_blocking(move || {
+            for record in added {
+                let layer = provd_partitions::node_layer(&store, record)?;
+                if provd_dedup::could_stack(&entries, &layer.entries, &policy) {
+                    return Ok(true);
+                }
+            }
+            Ok::<_, provd_store::StoreError>(false)
+        })
+        .await?;
+        match stackable {
+            Ok(true) => Ok(Ok(None)),
+            Ok(false) => match cache.confirm(key, vm, image, considered) {
+                plan_cache::Lookup::Hit(found) => Ok(Ok(Some(*found))),
+                _ => Ok(Ok(None)),
+            },
+            Err(e) => Ok(Err(WitError::Failed(e.to_string()))),
         }
-        let vm_images = vms
+    }
+
+    /// A new plan of `vms` against the node layers `considered`, checked,
+    /// without the node layers' entries, and the analysis's figures.
+    async fn make_plan(
+        &mut self,
+        vms: &[VmImage],
+        records: Vec<ImageRecord>,
+        considered: Vec<provd_store::LayerRecord>,
+        policy: provd_dedup::Policy,
+        store: std::sync::Arc<provd_store::Store>,
+    ) -> wasmtime::Result<Result<(CheckedPlan, Summary), WitError>> {
+        let entries = match load_entries(store.clone(), vms, records.clone()).await? {
+            Ok(e) => e,
+            Err(e) => return Ok(Err(e)),
+        };
+        let vm_images: Vec<provd_partitions::VmImage> = vms
             .iter()
             .zip(records)
             .map(|(v, image)| provd_partitions::VmImage { vm: v.vm.clone(), image })
             .collect();
-        self.plans.push(KeptPlan { id, plan, vms: vm_images, held_bytes: more, domain });
-        Ok(Ok(summary))
+        let made = tokio::task::spawn_blocking(move || {
+            let node = considered
+                .into_iter()
+                .map(|r| provd_partitions::node_layer(&store, r))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| WitError::Failed(e.to_string()))?;
+            // The analysis's figures only, so that it is gone before the
+            // plan, which holds the entries again, is made.
+            let invalid = |e: provd_dedup::DedupError| WitError::InvalidInput(e.to_string());
+            let figures = analysis_summary(&provd_dedup::analyze(&entries).map_err(invalid)?);
+            let plan = provd_dedup::plan_on_node(&entries, &node, &policy).map_err(invalid)?;
+            drop((entries, node));
+            // Proved once, here: every partition built from it relies on it.
+            let plan = CheckedPlan::check(&store, plan, vm_images)
+                .map_err(crate::partitions::wit_error)?;
+            Ok((plan.without_node_entries(), figures))
+        })
+        .await?;
+        Ok(made)
     }
 
     async fn layer_entries_call(
@@ -341,7 +472,7 @@ impl DedupView<'_> {
         }
         let found = self.plans.iter().find_map(|kept| {
             let id = layer.strip_prefix(kept.id.as_str())?.strip_prefix('-')?;
-            kept.plan.layers.iter().find(|l| l.id == id)
+            kept.plan.plan().layers.iter().find(|l| l.id == id)
         });
         let Some(found) = found else {
             return Ok(Err(WitError::NotFound(format!(
@@ -388,15 +519,18 @@ impl wit::Host for DedupView<'_> {
     ) -> wasmtime::Result<Result<Summary, WitError>> {
         self.ctx.step()?;
         let args = format!(
-            "{} min-layer-bytes={} max-layers-per-vm={} share-across-paths={} node-layers={} layer-unique-files={}",
-            vms_summary(&vms),
+            "min-layer-bytes={} max-layers-per-vm={} share-across-paths={} node-layers={} layer-unique-files={} {}",
             policy.min_layer_bytes,
             policy.max_layers_per_vm,
             policy.share_across_paths,
             policy.node_layers,
-            policy.layer_unique_files
+            policy.layer_unique_files,
+            vms_summary(&vms),
         );
-        let result = self.plan_call(vms, policy).await?;
+        let (result, how) = self.plan_call(vms, policy).await?;
+        // Whether the plan was made now or is one the node made for an
+        // earlier VM of the image: first, so a long VM list cannot hide it.
+        let args = format!("plan={how} {args}");
         let saved =
             result.as_ref().map(|s| s.naive_bytes.saturating_sub(s.stored_bytes)).unwrap_or(0);
         self.ctx.audit_bytes("dedup", "plan", args, &result, saved);

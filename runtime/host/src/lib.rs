@@ -26,6 +26,7 @@ mod hashing;
 mod images;
 mod ledger;
 mod partitions;
+mod plan_cache;
 mod vm;
 
 use std::collections::{BTreeMap, HashMap};
@@ -70,6 +71,8 @@ pub struct NodeInterfaces {
     vm_allow: Arc<provd_domain::VmAllow>,
     /// The node's capacity for VMs and how its hypervisor runs them.
     hosting: provd_vm::Hosting,
+    /// Plans of one VM kept across requests (`plan_cache`).
+    plans: Arc<plan_cache::PlanCache>,
 }
 
 impl std::fmt::Debug for NodeInterfaces {
@@ -92,6 +95,7 @@ impl NodeInterfaces {
                 machine: policy.machine,
                 access: policy.hypervisor_access.clone(),
             },
+            plans: Arc::default(),
         }
     }
 

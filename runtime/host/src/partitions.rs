@@ -81,7 +81,7 @@ impl PartitionsView<'_> {
         let format = PrivateFormat::parse(format).map_err(wit_error)?;
         let kept = self.kept_plan(plan)?;
         let shared = shared.map(|id| self.scope.own_partition(id)).transpose()?;
-        Ok((format, kept.plan.clone(), kept.vms.clone(), shared))
+        Ok((format, kept.plan.clone(), shared))
     }
 
     fn kept_plan(&self, id: &str) -> Result<&KeptPlan, WitError> {
@@ -155,9 +155,9 @@ fn keep_or_remove(
 }
 
 /// What a private-partition build takes from the request: the format, the
-/// kept plan and its VMs, and the shared partition to stack on.
+/// kept plan, checked, with its VMs, and the shared partition to stack on.
 type PrivateInputs =
-    (PrivateFormat, provd_dedup::Plan, Vec<provd_partitions::VmImage>, Option<PartitionRecord>);
+    (PrivateFormat, std::sync::Arc<provd_partitions::CheckedPlan>, Option<PartitionRecord>);
 
 impl PartitionsView<'_> {
     async fn create_shared_call(
@@ -170,20 +170,14 @@ impl PartitionsView<'_> {
             let kept = self.kept_plan(&plan)?;
             // The plan's layers are all of its domain, and so is the partition.
             let opts = BuildOptions { domain: kept.domain.clone(), ..self.build_options()? };
-            Ok::<_, WitError>((
-                format,
-                kept.plan.clone(),
-                kept.vms.clone(),
-                opts,
-                self.scope.store()?,
-            ))
+            Ok::<_, WitError>((format, kept.plan.clone(), opts, self.scope.store()?))
         })();
-        let (format, plan, vms, opts, store) = match prepared {
+        let (format, plan, opts, store) = match prepared {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
         let built = build(&self.scope.ledger, store, move |store| {
-            provd_partitions::build_shared(store, &plan, &vms, format, &opts)
+            provd_partitions::build_shared_checked(store, &plan, format, &opts)
         })
         .await?;
         Ok(built.map(|rec| {
@@ -205,16 +199,15 @@ impl PartitionsView<'_> {
             let inputs = self.private_inputs(&plan, shared.as_deref(), &format)?;
             Ok::<_, WitError>((inputs, self.private_options(&vm)?, self.scope.store()?))
         })();
-        let ((format, plan, vms, shared), opts, store) = match prepared {
+        let ((format, plan, shared), opts, store) = match prepared {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
         let size = (size_bytes > 0).then_some(size_bytes);
         let built = build(&self.scope.ledger, store, move |store| {
-            provd_partitions::build_private(
+            provd_partitions::build_private_checked(
                 store,
                 &plan,
-                &vms,
                 &vm,
                 shared.as_ref(),
                 format,
@@ -255,7 +248,7 @@ impl PartitionsView<'_> {
             }
             Ok::<_, WitError>((inputs, options, self.scope.store()?))
         })();
-        let ((format, plan, vms, shared), options, store) = match prepared {
+        let ((format, plan, shared), options, store) = match prepared {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
@@ -269,10 +262,9 @@ impl PartitionsView<'_> {
                     let opts = options.get(i).ok_or_else(|| {
                         PartitionError::InvalidPlan(format!("no build options for VM {vm:?}"))
                     })?;
-                    let rec = provd_partitions::build_private(
+                    let rec = provd_partitions::build_private_checked(
                         &store,
                         &plan,
-                        &vms,
                         vm,
                         shared.as_ref(),
                         format,

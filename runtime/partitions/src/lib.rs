@@ -66,9 +66,12 @@ pub use manifest::{
     LayerInfo, MAX_SHARED_PER_VM, PrivateFormat, PrivateManifest, SharedFormat, SharedManifest,
     SharedRef, StackItem, layer_digest, shared_manifest,
 };
-pub use plan::{MAX_NODE_LAYERS, check_plan, image_entries, node_layers};
-pub use private::{build_private, whiteout};
-pub use shared::build_shared;
+pub use plan::{
+    CheckedPlan, MAX_NODE_LAYERS, check_plan, considered_layers, image_entries, node_layer,
+    node_layers,
+};
+pub use private::{build_private, build_private_checked, whiteout};
+pub use shared::{build_shared, build_shared_checked};
 pub use tools::DEFAULT_TOOL_DIRS;
 pub use verify::{Verification, verify_vm};
 

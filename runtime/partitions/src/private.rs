@@ -9,9 +9,9 @@ use crate::space::{check_room, private_bytes, private_inodes};
 use crate::stack::resolve_stack;
 use crate::tools::QEMU_IMG;
 use crate::{
-    BuildDir, BuildOptions, OVERLAY_ROOT_SCRIPT, PartitionError, PrivateFormat, PrivateManifest,
-    VmImage, allocated, check_plan, ext4_writer, shared_file, stack_file, stage, uuid_bytes,
-    uuid_for,
+    BuildDir, BuildOptions, CheckedPlan, OVERLAY_ROOT_SCRIPT, PartitionError, PrivateFormat,
+    PrivateManifest, VmImage, allocated, check_plan, ext4_writer, shared_file, stack_file, stage,
+    uuid_bytes, uuid_for,
 };
 
 /// Names one whiteout inode takes, below ext4's link limit (65,000).
@@ -130,11 +130,42 @@ pub fn build_private(
     size_bytes: Option<u64>,
     opts: &BuildOptions,
 ) -> Result<PartitionRecord, PartitionError> {
+    vms.iter()
+        .find(|v| v.vm == vm)
+        .ok_or_else(|| PartitionError::NotFound(format!("no image was given for VM {vm:?}")))?;
+    check_plan(store, plan, vms, Some(vm))?;
+    write_private(store, plan, vms, vm, shared, format, size_bytes, opts)
+}
+
+/// [`build_private`] from a plan already checked.
+pub fn build_private_checked(
+    store: &Store,
+    plan: &CheckedPlan,
+    vm: &str,
+    shared: Option<&PartitionRecord>,
+    format: PrivateFormat,
+    size_bytes: Option<u64>,
+    opts: &BuildOptions,
+) -> Result<PartitionRecord, PartitionError> {
+    write_private(store, plan.plan(), plan.vms(), vm, shared, format, size_bytes, opts)
+}
+
+/// The build of a private partition, once its plan is checked.
+#[allow(clippy::too_many_arguments)]
+fn write_private(
+    store: &Store,
+    plan: &Plan,
+    vms: &[VmImage],
+    vm: &str,
+    shared: Option<&PartitionRecord>,
+    format: PrivateFormat,
+    size_bytes: Option<u64>,
+    opts: &BuildOptions,
+) -> Result<PartitionRecord, PartitionError> {
     let image = vms
         .iter()
         .find(|v| v.vm == vm)
         .ok_or_else(|| PartitionError::NotFound(format!("no image was given for VM {vm:?}")))?;
-    check_plan(store, plan, vms, Some(vm))?;
     let stack_ids = plan.stacks.get(vm).cloned().unwrap_or_default();
     let private = plan.private.get(vm).cloned().unwrap_or_default();
     let whiteouts = plan.whiteouts.get(vm).cloned().unwrap_or_default();

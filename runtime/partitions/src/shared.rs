@@ -9,9 +9,9 @@ use crate::space::{check_room, ext4_bytes};
 use crate::stage::Deferred;
 use crate::tools::{DEBUGFS, MKE2FS, MKFS_EROFS, Tools};
 use crate::{
-    BuildDir, BuildOptions, LayerInfo, PartitionError, SharedFormat, SharedManifest, Specials,
-    VmImage, allocated, check_plan, erofs_writer, ext4, layer_digest, new_layers, reader, stage,
-    uuid_bytes, uuid_for, write_small,
+    BuildDir, BuildOptions, CheckedPlan, LayerInfo, PartitionError, SharedFormat, SharedManifest,
+    Specials, VmImage, allocated, check_plan, erofs_writer, ext4, layer_digest, new_layers, reader,
+    stage, uuid_bytes, uuid_for, write_small,
 };
 
 /// Hard links to one inode before a new one is started: below ext4's limit
@@ -126,6 +126,26 @@ pub fn build_shared(
     opts: &BuildOptions,
 ) -> Result<PartitionRecord, PartitionError> {
     check_plan(store, plan, vms, None)?;
+    write_shared(store, plan, format, opts)
+}
+
+/// [`build_shared`] from a plan already checked.
+pub fn build_shared_checked(
+    store: &Store,
+    plan: &CheckedPlan,
+    format: SharedFormat,
+    opts: &BuildOptions,
+) -> Result<PartitionRecord, PartitionError> {
+    write_shared(store, plan.plan(), format, opts)
+}
+
+/// The build of a shared partition, once its plan is checked.
+fn write_shared(
+    store: &Store,
+    plan: &Plan,
+    format: SharedFormat,
+    opts: &BuildOptions,
+) -> Result<PartitionRecord, PartitionError> {
     if new_layers(plan).next().is_none() {
         return Err(PartitionError::NothingShared);
     }

@@ -11,8 +11,8 @@ use crate::{
 /// What a stack is made of.
 pub(crate) type ResolvedStack = (Vec<SharedRef>, Vec<StackItem>, Vec<StackedLayer>);
 
-/// Finds each layer `vm` stacks: a layer the node already holds (still
-/// there, with the digest the plan was made against) or one of `shared`,
+/// Finds each layer `vm` stacks of a checked plan: a layer the node
+/// already holds (still there, with the digest the plan was made against) or one of `shared`,
 /// the shared partition this plan built. Returns the shared partitions in
 /// the order the stack first uses them, the stack as the manifest records
 /// it, and as the store does.
@@ -45,7 +45,12 @@ pub(crate) fn resolve_stack(
                 "VM {vm:?} stacks layer {id:?}, which the plan does not have"
             ))
         })?;
-        let digest = layer_digest(&layer.entries);
+        // A node layer's entries were matched to its digest when the plan
+        // was checked; a layer of this plan is digested here, once.
+        let digest = match &layer.node {
+            Some(node) => node.digest.clone(),
+            None => layer_digest(&layer.entries),
+        };
         let (partition, name) = match &layer.node {
             Some(node) => {
                 let there = on_node.iter().any(|l| {
@@ -55,12 +60,6 @@ pub(crate) fn resolve_stack(
                     return Err(PartitionError::NotFound(format!(
                         "layer {} of shared partition {} is no longer on the node",
                         node.name, node.partition
-                    )));
-                }
-                if node.digest != digest {
-                    return Err(PartitionError::InvalidPlan(format!(
-                        "layer {id:?} does not have the entries of node layer {}/{}",
-                        node.partition, node.name
                     )));
                 }
                 (node.partition.clone(), node.name.clone())

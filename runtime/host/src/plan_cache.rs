@@ -1,0 +1,230 @@
+//! Plans of one VM kept across requests.
+//!
+//! A VM whose image the node's layers hold arrives one request at a time,
+//! and its plan is the plan of the last VM of that image: which layers it
+//! stacks and what its private set holds depend only on its image, the
+//! policy, the layers its tenant may see and the order they are considered
+//! in, never on its name. So the first such plan, checked
+//! ([`provd_partitions::CheckedPlan`]), is kept without the entries of the
+//! node's layers, keyed by the image's digest, the policy and the tenants,
+//! beside the layers it was made against (partition, name, digest: a
+//! layer's digest covers its entries). A later request reuses it when the
+//! layers considered are the same; when they changed, the plan stays the
+//! one a new plan would be as long as every layer it stacks is still
+//! considered and no layer added since could be stacked
+//! ([`provd_dedup::could_stack`], which reads only the added layers and the
+//! image); otherwise it is made again. Only plans that build no layer are
+//! kept: a plan that builds one changes the node's layers.
+//!
+//! Bounded: at most [`MAX_CACHED_PLANS`] plans holding
+//! [`MAX_CACHED_PLAN_BYTES`] together, the least recently used dropped
+//! first.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use provd_bindings::dedup::Summary;
+use provd_partitions::CheckedPlan;
+use provd_store::{ImageRecord, LayerRecord};
+
+/// Plans kept at most.
+pub(crate) const MAX_CACHED_PLANS: usize = 256;
+/// Host memory the kept plans may hold together (`Plan::held_bytes`): a VM
+/// of a 20,000-entry Debian root whose image the node holds keeps a few
+/// hundred directories and whiteouts, 50–300 KiB.
+pub(crate) const MAX_CACHED_PLAN_BYTES: u64 = 4 << 20;
+
+/// What a kept plan is the plan of.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct PlanKey {
+    /// The image's digest: its entries.
+    pub image: String,
+    /// `min_layer_bytes`, `max_layers_per_vm`, `share_across_paths`,
+    /// `layer_unique_files`, `max_shared_partitions`.
+    pub policy: (u64, usize, bool, bool, usize),
+    /// The tenants whose VMs the plan is for: which layers they may see.
+    pub tenants: Vec<String>,
+}
+
+impl PlanKey {
+    pub fn new(image: &ImageRecord, policy: &provd_dedup::Policy, tenants: Vec<String>) -> Self {
+        PlanKey {
+            image: image.digest.clone(),
+            policy: (
+                policy.min_layer_bytes,
+                policy.max_layers_per_vm,
+                policy.share_across_paths,
+                policy.layer_unique_files,
+                policy.max_shared_partitions,
+            ),
+            tenants,
+        }
+    }
+}
+
+/// A node layer, as a plan depends on it.
+type LayerId = (String, String, String);
+
+fn layer_id(r: &LayerRecord) -> LayerId {
+    (r.partition.clone(), r.name.clone(), r.digest.clone())
+}
+
+struct Kept {
+    /// The layers considered when it was made, in order.
+    considered: Vec<LayerId>,
+    plan: CheckedPlan,
+    /// The analysis figures of its one VM.
+    figures: Summary,
+    held: u64,
+    used: u64,
+}
+
+/// What [`PlanCache::lookup`] found.
+pub(crate) enum Lookup {
+    /// A plan for the VM asked, and its figures.
+    Hit(Box<(CheckedPlan, Summary)>),
+    /// A plan made before these layers were added: reusable if none of
+    /// them could be stacked, confirmed with [`PlanCache::confirm`].
+    Added(Vec<LayerRecord>),
+    Miss,
+}
+
+#[derive(Default)]
+pub(crate) struct PlanCache {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    plans: HashMap<PlanKey, Kept>,
+    held: u64,
+    clock: u64,
+}
+
+impl std::fmt::Debug for PlanCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f.debug_struct("PlanCache")
+            .field("plans", &inner.plans.len())
+            .field("held", &inner.held)
+            .finish()
+    }
+}
+
+/// `plan` and `figures` given to VM `vm` running `image`.
+fn hit(kept: &Kept, vm: &str, image: &ImageRecord) -> Option<Lookup> {
+    let plan = kept.plan.for_vm(vm, image.clone())?;
+    let mut figures = kept.figures.clone();
+    for f in &mut figures.vms {
+        f.vm = vm.to_string();
+    }
+    Some(Lookup::Hit(Box::new((plan, figures))))
+}
+
+impl PlanCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding it leaves whole entries: the map is only
+        // ever changed by single inserts and removals.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The plan kept for `key`, for VM `vm` running `image`, now that the
+    /// layers considered are `considered`.
+    pub fn lookup(
+        &self,
+        key: &PlanKey,
+        vm: &str,
+        image: &ImageRecord,
+        considered: &[LayerRecord],
+    ) -> Lookup {
+        let mut inner = self.lock();
+        inner.clock += 1;
+        let now = inner.clock;
+        let Some(kept) = inner.plans.get_mut(key) else { return Lookup::Miss };
+        kept.used = now;
+        let ids: Vec<LayerId> = considered.iter().map(layer_id).collect();
+        if ids == kept.considered {
+            return hit(kept, vm, image).unwrap_or(Lookup::Miss);
+        }
+        let stacked = kept.plan.plan().layers.iter().filter_map(|l| l.node.as_ref());
+        let all_there = stacked
+            .map(|n| (n.partition.clone(), n.name.clone(), n.digest.clone()))
+            .all(|n| ids.contains(&n));
+        if !all_there {
+            // A layer it stacks is gone or no longer considered: the plan
+            // must be made again.
+            let gone = inner.plans.remove(key).map_or(0, |k| k.held);
+            inner.held = inner.held.saturating_sub(gone);
+            return Lookup::Miss;
+        }
+        let added: Vec<LayerRecord> = considered
+            .iter()
+            .filter(|r| !kept.considered.contains(&layer_id(r)))
+            .cloned()
+            .collect();
+        if added.is_empty() {
+            // Only layers it does not stack were removed: nothing else
+            // would have been chosen.
+            kept.considered = ids;
+            return hit(kept, vm, image).unwrap_or(Lookup::Miss);
+        }
+        Lookup::Added(added)
+    }
+
+    /// The plan kept for `key`, once the layers [`Lookup::Added`] named
+    /// were found not to be stackable by its VM: kept from now on against
+    /// `considered`.
+    pub fn confirm(
+        &self,
+        key: &PlanKey,
+        vm: &str,
+        image: &ImageRecord,
+        considered: &[LayerRecord],
+    ) -> Lookup {
+        let mut inner = self.lock();
+        let Some(kept) = inner.plans.get_mut(key) else { return Lookup::Miss };
+        kept.considered = considered.iter().map(layer_id).collect();
+        hit(kept, vm, image).unwrap_or(Lookup::Miss)
+    }
+
+    /// Keeps `plan`, made against `considered`, for later VMs of its image.
+    /// Ignored when it builds a layer or is not a plan of one VM.
+    pub fn insert(
+        &self,
+        key: PlanKey,
+        considered: &[LayerRecord],
+        plan: &CheckedPlan,
+        figures: &Summary,
+    ) {
+        if plan.vms().len() != 1 || plan.plan().layers.iter().any(|l| l.node.is_none()) {
+            return;
+        }
+        let held = plan.plan().held_bytes();
+        if held > MAX_CACHED_PLAN_BYTES / 4 {
+            return;
+        }
+        let mut inner = self.lock();
+        inner.clock += 1;
+        let used = inner.clock;
+        let kept = Kept {
+            considered: considered.iter().map(layer_id).collect(),
+            plan: plan.clone(),
+            figures: figures.clone(),
+            held,
+            used,
+        };
+        if let Some(old) = inner.plans.insert(key, kept) {
+            inner.held = inner.held.saturating_sub(old.held);
+        }
+        inner.held += held;
+        while inner.plans.len() > MAX_CACHED_PLANS || inner.held > MAX_CACHED_PLAN_BYTES {
+            let Some(oldest) =
+                inner.plans.iter().min_by_key(|(_, k)| k.used).map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            let gone = inner.plans.remove(&oldest).map_or(0, |k| k.held);
+            inner.held = inner.held.saturating_sub(gone);
+        }
+    }
+}
