@@ -31,6 +31,7 @@
 pub mod attach;
 mod capability;
 pub mod image;
+pub mod lru;
 mod manifest;
 mod pattern;
 mod policy;

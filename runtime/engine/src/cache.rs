@@ -8,7 +8,6 @@
 //! only as the output of `Engine::precompile_component` on bytes provd
 //! compiled itself. A `.cwasm` from anywhere else is never accepted.
 
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use provd_domain::image::Hash as ContentHash;
+use provd_domain::lru::Lru;
 use wasmtime::component::Component;
 
 use crate::error::LoadError;
@@ -23,11 +23,16 @@ use crate::error::LoadError;
 /// A component's identity: the BLAKE3 digest of its bytes.
 pub type Digest = [u8; 32];
 
+/// Components kept loaded in memory at most; the least recently used goes
+/// first, and is loaded again from its artifact on disk when next asked for.
+/// A plugin that runs keeps its own handle, whatever this cache drops.
+pub const MAX_LOADED_COMPONENTS: usize = 16;
+
 pub(crate) struct ArtifactCache {
     /// `<root>/<engine compatibility hash>`; `None` keeps artifacts in memory
     /// only.
     dir: Option<PathBuf>,
-    loaded: Mutex<HashMap<Digest, Component>>,
+    loaded: Mutex<Lru<Digest, Component>>,
 }
 
 /// How a component was obtained, for callers who measure.
@@ -59,7 +64,7 @@ impl ArtifactCache {
                 Some(dir)
             }
         };
-        Ok(ArtifactCache { dir, loaded: Mutex::default() })
+        Ok(ArtifactCache { dir, loaded: Mutex::new(Lru::new(MAX_LOADED_COMPONENTS, u64::MAX)) })
     }
 
     /// Returns the compiled component for `wasm`, compiling it at most once.
@@ -70,7 +75,7 @@ impl ArtifactCache {
         wasm: Arc<[u8]>,
         compile_timeout: Duration,
     ) -> Result<(Component, CacheOutcome), LoadError> {
-        if let Some(c) = self.loaded.lock().ok().and_then(|m| m.get(&digest).cloned()) {
+        if let Some(c) = self.recall(&digest) {
             return Ok((c, CacheOutcome::Memory));
         }
         let path =
@@ -107,10 +112,20 @@ impl ArtifactCache {
         Ok((component, CacheOutcome::Compiled))
     }
 
+    fn recall(&self, digest: &Digest) -> Option<Component> {
+        self.loaded.lock().ok()?.get(digest).cloned()
+    }
+
     fn remember(&self, digest: Digest, component: &Component) {
         if let Ok(mut loaded) = self.loaded.lock() {
-            loaded.insert(digest, component.clone());
+            loaded.insert(digest, component.clone(), 0);
         }
+    }
+
+    /// Components kept loaded now.
+    #[cfg(test)]
+    pub(crate) fn loaded_count(&self) -> usize {
+        self.loaded.lock().map_or(0, |l| l.size().0)
     }
 }
 
@@ -145,4 +160,40 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+    use super::*;
+
+    /// A distinct empty component per `n`: a custom section tells them apart.
+    fn component(n: usize) -> Arc<[u8]> {
+        // wasmtime takes the text format as it is (its `wat` feature).
+        format!("(component (@custom \"n\" \"{n}\"))").into_bytes().into()
+    }
+
+    #[tokio::test]
+    async fn at_most_the_bound_stays_loaded_and_a_dropped_one_loads_again_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = wasmtime::Engine::default();
+        let cache = ArtifactCache::new(&engine, Some(dir.path())).unwrap();
+        let timeout = Duration::from_secs(60);
+        let digest = |n: usize| *blake3::hash(&component(n)).as_bytes();
+        for n in 0..MAX_LOADED_COMPONENTS + 4 {
+            let (_, how) = cache.get(&engine, digest(n), component(n), timeout).await.unwrap();
+            assert_eq!(how, CacheOutcome::Compiled);
+            assert!(cache.loaded_count() <= MAX_LOADED_COMPONENTS);
+        }
+        assert_eq!(cache.loaded_count(), MAX_LOADED_COMPONENTS);
+        // The most recent are in memory; the first ones were dropped and
+        // come back from their artifacts, not compiled again.
+        let last = MAX_LOADED_COMPONENTS + 3;
+        let (_, how) = cache.get(&engine, digest(last), component(last), timeout).await.unwrap();
+        assert_eq!(how, CacheOutcome::Memory);
+        let (_, how) = cache.get(&engine, digest(0), component(0), timeout).await.unwrap();
+        assert_eq!(how, CacheOutcome::Disk);
+        assert_eq!(cache.loaded_count(), MAX_LOADED_COMPONENTS);
+    }
 }

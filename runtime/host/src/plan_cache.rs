@@ -20,10 +20,10 @@
 //! [`MAX_CACHED_PLAN_BYTES`] together, the least recently used dropped
 //! first.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use provd_bindings::dedup::Summary;
+use provd_domain::lru::Lru;
 use provd_partitions::CheckedPlan;
 use provd_store::{ImageRecord, LayerRecord};
 
@@ -75,8 +75,6 @@ struct Kept {
     plan: CheckedPlan,
     /// The analysis figures of its one VM.
     figures: Summary,
-    held: u64,
-    used: u64,
 }
 
 /// What [`PlanCache::lookup`] found.
@@ -89,43 +87,38 @@ pub(crate) enum Lookup {
     Miss,
 }
 
-#[derive(Default)]
 pub(crate) struct PlanCache {
-    inner: Mutex<Inner>,
+    plans: Mutex<Lru<PlanKey, Kept>>,
 }
 
-#[derive(Default)]
-struct Inner {
-    plans: HashMap<PlanKey, Kept>,
-    held: u64,
-    clock: u64,
+impl Default for PlanCache {
+    fn default() -> Self {
+        PlanCache { plans: Mutex::new(Lru::new(MAX_CACHED_PLANS, MAX_CACHED_PLAN_BYTES)) }
+    }
 }
 
 impl std::fmt::Debug for PlanCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        f.debug_struct("PlanCache")
-            .field("plans", &inner.plans.len())
-            .field("held", &inner.held)
-            .finish()
+        let (plans, held) = self.lock().size();
+        f.debug_struct("PlanCache").field("plans", &plans).field("held", &held).finish()
     }
 }
 
 /// `plan` and `figures` given to VM `vm` running `image`.
-fn hit(kept: &Kept, vm: &str, image: &ImageRecord) -> Option<Lookup> {
-    let plan = kept.plan.for_vm(vm, image.clone())?;
+fn hit(kept: &Kept, vm: &str, image: &ImageRecord) -> Lookup {
+    let Some(plan) = kept.plan.for_vm(vm, image.clone()) else { return Lookup::Miss };
     let mut figures = kept.figures.clone();
     for f in &mut figures.vms {
         f.vm = vm.to_string();
     }
-    Some(Lookup::Hit(Box::new((plan, figures))))
+    Lookup::Hit(Box::new((plan, figures)))
 }
 
 impl PlanCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lru<PlanKey, Kept>> {
         // A panic while holding it leaves whole entries: the map is only
         // ever changed by single inserts and removals.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.plans.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The plan kept for `key`, for VM `vm` running `image`, now that the
@@ -137,24 +130,19 @@ impl PlanCache {
         image: &ImageRecord,
         considered: &[LayerRecord],
     ) -> Lookup {
-        let mut inner = self.lock();
-        inner.clock += 1;
-        let now = inner.clock;
-        let Some(kept) = inner.plans.get_mut(key) else { return Lookup::Miss };
-        kept.used = now;
+        let mut plans = self.lock();
+        let Some(kept) = plans.get(key) else { return Lookup::Miss };
         let ids: Vec<LayerId> = considered.iter().map(layer_id).collect();
         if ids == kept.considered {
-            return hit(kept, vm, image).unwrap_or(Lookup::Miss);
+            return hit(kept, vm, image);
         }
-        let stacked = kept.plan.plan().layers.iter().filter_map(|l| l.node.as_ref());
-        let all_there = stacked
-            .map(|n| (n.partition.clone(), n.name.clone(), n.digest.clone()))
-            .all(|n| ids.contains(&n));
+        let all_there = kept.plan.plan().layers.iter().filter_map(|l| l.node.as_ref()).all(|n| {
+            ids.iter().any(|(p, l, d)| *p == n.partition && *l == n.name && *d == n.digest)
+        });
         if !all_there {
             // A layer it stacks is gone or no longer considered: the plan
             // must be made again.
-            let gone = inner.plans.remove(key).map_or(0, |k| k.held);
-            inner.held = inner.held.saturating_sub(gone);
+            plans.remove(key);
             return Lookup::Miss;
         }
         let added: Vec<LayerRecord> = considered
@@ -166,7 +154,7 @@ impl PlanCache {
             // Only layers it does not stack were removed: nothing else
             // would have been chosen.
             kept.considered = ids;
-            return hit(kept, vm, image).unwrap_or(Lookup::Miss);
+            return hit(kept, vm, image);
         }
         Lookup::Added(added)
     }
@@ -181,10 +169,10 @@ impl PlanCache {
         image: &ImageRecord,
         considered: &[LayerRecord],
     ) -> Lookup {
-        let mut inner = self.lock();
-        let Some(kept) = inner.plans.get_mut(key) else { return Lookup::Miss };
+        let mut plans = self.lock();
+        let Some(kept) = plans.get(key) else { return Lookup::Miss };
         kept.considered = considered.iter().map(layer_id).collect();
-        hit(kept, vm, image).unwrap_or(Lookup::Miss)
+        hit(kept, vm, image)
     }
 
     /// Keeps `plan`, made against `considered`, for later VMs of its image.
@@ -200,31 +188,14 @@ impl PlanCache {
             return;
         }
         let held = plan.plan().held_bytes();
-        if held > MAX_CACHED_PLAN_BYTES / 4 {
-            return;
-        }
-        let mut inner = self.lock();
-        inner.clock += 1;
-        let used = inner.clock;
         let kept = Kept {
             considered: considered.iter().map(layer_id).collect(),
             plan: plan.clone(),
             figures: figures.clone(),
-            held,
-            used,
         };
-        if let Some(old) = inner.plans.insert(key, kept) {
-            inner.held = inner.held.saturating_sub(old.held);
-        }
-        inner.held += held;
-        while inner.plans.len() > MAX_CACHED_PLANS || inner.held > MAX_CACHED_PLAN_BYTES {
-            let Some(oldest) =
-                inner.plans.iter().min_by_key(|(_, k)| k.used).map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            let gone = inner.plans.remove(&oldest).map_or(0, |k| k.held);
-            inner.held = inner.held.saturating_sub(gone);
+        // One plan never takes more than a quarter of the bound.
+        if held <= MAX_CACHED_PLAN_BYTES / 4 {
+            self.lock().insert(key, kept, held);
         }
     }
 }

@@ -24,7 +24,6 @@ pub mod queries;
 pub mod repack;
 pub mod rollback;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 pub use open::{NodeConfig, OpenError, Opened};
@@ -56,6 +55,7 @@ pub fn own_files_only() {
 }
 
 use provd_bundle::PublicKey;
+use provd_domain::lru::Lru;
 use provd_engine::LoadError;
 use provd_host::{Engine, Plugin};
 use provd_store::{AcceptError, Acceptance, NewBundle, Store};
@@ -117,8 +117,13 @@ pub struct Node {
     start_vms: bool,
     /// Loaded plugins by (name, version): a version keeps serving the
     /// operations that started on it after a newer one is accepted.
-    loaded: Mutex<HashMap<(String, String), Plugin>>,
+    loaded: Mutex<Lru<(String, String), Plugin>>,
 }
+
+/// Plugins kept loaded at most; the least recently run goes first and is
+/// loaded again from the store (its compiled artifact on disk) when next
+/// run. An operation running a plugin keeps its own handle.
+pub const MAX_LOADED_PLUGINS: usize = 16;
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -128,7 +133,14 @@ impl std::fmt::Debug for Node {
 
 impl Node {
     pub fn new(engine: Engine, store: Arc<Store>, trusted: Vec<PublicKey>) -> Node {
-        Node { engine, store, trusted, libvirt: None, start_vms: false, loaded: Mutex::default() }
+        Node {
+            engine,
+            store,
+            trusted,
+            libvirt: None,
+            start_vms: false,
+            loaded: Mutex::new(Lru::new(MAX_LOADED_PLUGINS, u64::MAX)),
+        }
     }
 
     /// Hands the libvirt VMs operations configure to `libvirt`, starting
@@ -155,7 +167,7 @@ impl Node {
         &self.engine
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Plugin>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lru<(String, String), Plugin>> {
         self.loaded.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -186,7 +198,7 @@ impl Node {
         let outcome = tokio::task::spawn_blocking(move || store.accept_bundle(&record, now))
             .await
             .map_err(|e| BundleRefused::Internal(e.to_string()))??;
-        self.lock().insert((name.clone(), version.clone()), plugin);
+        self.lock().insert((name.clone(), version.clone()), plugin, 0);
         tracing::info!(plugin = %name, %version, signer = %verified.signer, ?outcome, "bundle accepted");
         Ok(Accepted {
             name,
@@ -269,7 +281,7 @@ impl Node {
                         .map_err(AcceptError::from)?
                         .unwrap_or_default();
                 let plugin = self.engine.load(&manifest, component).await?;
-                self.lock().insert(key, plugin.clone());
+                self.lock().insert(key, plugin.clone(), 0);
                 plugin
             }
         };
