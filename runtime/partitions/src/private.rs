@@ -130,11 +130,9 @@ pub fn build_private(
     size_bytes: Option<u64>,
     opts: &BuildOptions,
 ) -> Result<PartitionRecord, PartitionError> {
-    vms.iter()
-        .find(|v| v.vm == vm)
-        .ok_or_else(|| PartitionError::NotFound(format!("no image was given for VM {vm:?}")))?;
+    let image = vm_image(vms, vm)?;
     check_plan(store, plan, vms, Some(vm))?;
-    write_private(store, plan, vms, vm, shared, format, size_bytes, opts)
+    write_private(store, plan, image, shared, format, size_bytes, opts)
 }
 
 /// [`build_private`] from a plan already checked.
@@ -147,25 +145,29 @@ pub fn build_private_checked(
     size_bytes: Option<u64>,
     opts: &BuildOptions,
 ) -> Result<PartitionRecord, PartitionError> {
-    write_private(store, plan.plan(), plan.vms(), vm, shared, format, size_bytes, opts)
+    let image = vm_image(plan.vms(), vm)?;
+    write_private(store, plan.plan(), image, shared, format, size_bytes, opts)
 }
 
-/// The build of a private partition, once its plan is checked.
-#[allow(clippy::too_many_arguments)]
+/// The image `vm` runs, among `vms`.
+fn vm_image<'a>(vms: &'a [VmImage], vm: &str) -> Result<&'a VmImage, PartitionError> {
+    vms.iter()
+        .find(|v| v.vm == vm)
+        .ok_or_else(|| PartitionError::NotFound(format!("no image was given for VM {vm:?}")))
+}
+
+/// The build of the private partition of `image`'s VM, once its plan is
+/// checked.
 fn write_private(
     store: &Store,
     plan: &Plan,
-    vms: &[VmImage],
-    vm: &str,
+    image: &VmImage,
     shared: Option<&PartitionRecord>,
     format: PrivateFormat,
     size_bytes: Option<u64>,
     opts: &BuildOptions,
 ) -> Result<PartitionRecord, PartitionError> {
-    let image = vms
-        .iter()
-        .find(|v| v.vm == vm)
-        .ok_or_else(|| PartitionError::NotFound(format!("no image was given for VM {vm:?}")))?;
+    let vm = image.vm.as_str();
     let stack_ids = plan.stacks.get(vm).cloned().unwrap_or_default();
     let private = plan.private.get(vm).cloned().unwrap_or_default();
     let whiteouts = plan.whiteouts.get(vm).cloned().unwrap_or_default();
