@@ -221,6 +221,45 @@ fn analysis_summary(a: &provd_dedup::Analysis) -> Summary {
     }
 }
 
+/// A new plan of `vms` against the node layers `considered`, checked,
+/// without the node layers' entries, and the analysis's figures.
+async fn make_plan(
+    vms: &[VmImage],
+    records: Vec<ImageRecord>,
+    considered: Vec<provd_store::LayerRecord>,
+    policy: provd_dedup::Policy,
+    store: std::sync::Arc<provd_store::Store>,
+) -> wasmtime::Result<Result<(CheckedPlan, Summary), WitError>> {
+    let entries = match load_entries(store.clone(), vms, records.clone()).await? {
+        Ok(e) => e,
+        Err(e) => return Ok(Err(e)),
+    };
+    let vm_images: Vec<provd_partitions::VmImage> = vms
+        .iter()
+        .zip(records)
+        .map(|(v, image)| provd_partitions::VmImage { vm: v.vm.clone(), image })
+        .collect();
+    let made = tokio::task::spawn_blocking(move || {
+        let node = considered
+            .into_iter()
+            .map(|r| provd_partitions::node_layer(&store, r))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| WitError::Failed(e.to_string()))?;
+        // The analysis's figures only, so that it is gone before the
+        // plan, which holds the entries again, is made.
+        let invalid = |e: provd_dedup::DedupError| WitError::InvalidInput(e.to_string());
+        let figures = analysis_summary(&provd_dedup::analyze(&entries).map_err(invalid)?);
+        let plan = provd_dedup::plan_on_node(&entries, &node, &policy).map_err(invalid)?;
+        drop((entries, node));
+        // Proved once, here: every partition built from it relies on it.
+        let plan =
+            CheckedPlan::check(&store, plan, vm_images).map_err(crate::partitions::wit_error)?;
+        Ok((plan.without_node_entries(), figures))
+    })
+    .await?;
+    Ok(made)
+}
+
 /// What the plugin learns of plan `id`: the analysis's `figures`, the
 /// plan's layers (ids prefixed with the plan's, unique in the request) and
 /// where each VM's bytes come from.
@@ -345,7 +384,7 @@ impl DedupView<'_> {
         let (plan, figures) = match reused {
             Some(found) => found,
             None => {
-                let made = self.make_plan(&vms, records, considered.clone(), policy, store).await?;
+                let made = make_plan(&vms, records, considered.clone(), policy, store).await?;
                 let (plan, figures) = match made {
                     Ok(m) => m,
                     Err(e) => return Ok((Err(e), "none")),
@@ -388,10 +427,10 @@ impl DedupView<'_> {
         vms: &[VmImage],
     ) -> wasmtime::Result<Result<Option<(CheckedPlan, Summary)>, WitError>> {
         let cache = &self.scope.node.plans;
-        let added = match cache.lookup(key, vm, image, considered) {
+        let (added, since) = match cache.lookup(key, vm, image, considered) {
             plan_cache::Lookup::Hit(found) => return Ok(Ok(Some(*found))),
             plan_cache::Lookup::Miss => return Ok(Ok(None)),
-            plan_cache::Lookup::Added(added) => added,
+            plan_cache::Lookup::Added { added, since } => (added, since),
         };
         // Layers were added since: the plan stands unless one of them
         // could be stacked, which only they and the image tell.
@@ -413,52 +452,12 @@ impl DedupView<'_> {
         .await?;
         match stackable {
             Ok(true) => Ok(Ok(None)),
-            Ok(false) => match cache.confirm(key, vm, image, considered) {
+            Ok(false) => match cache.confirm(key, &since, vm, image, considered) {
                 plan_cache::Lookup::Hit(found) => Ok(Ok(Some(*found))),
                 _ => Ok(Ok(None)),
             },
             Err(e) => Ok(Err(WitError::Failed(e.to_string()))),
         }
-    }
-
-    /// A new plan of `vms` against the node layers `considered`, checked,
-    /// without the node layers' entries, and the analysis's figures.
-    async fn make_plan(
-        &mut self,
-        vms: &[VmImage],
-        records: Vec<ImageRecord>,
-        considered: Vec<provd_store::LayerRecord>,
-        policy: provd_dedup::Policy,
-        store: std::sync::Arc<provd_store::Store>,
-    ) -> wasmtime::Result<Result<(CheckedPlan, Summary), WitError>> {
-        let entries = match load_entries(store.clone(), vms, records.clone()).await? {
-            Ok(e) => e,
-            Err(e) => return Ok(Err(e)),
-        };
-        let vm_images: Vec<provd_partitions::VmImage> = vms
-            .iter()
-            .zip(records)
-            .map(|(v, image)| provd_partitions::VmImage { vm: v.vm.clone(), image })
-            .collect();
-        let made = tokio::task::spawn_blocking(move || {
-            let node = considered
-                .into_iter()
-                .map(|r| provd_partitions::node_layer(&store, r))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| WitError::Failed(e.to_string()))?;
-            // The analysis's figures only, so that it is gone before the
-            // plan, which holds the entries again, is made.
-            let invalid = |e: provd_dedup::DedupError| WitError::InvalidInput(e.to_string());
-            let figures = analysis_summary(&provd_dedup::analyze(&entries).map_err(invalid)?);
-            let plan = provd_dedup::plan_on_node(&entries, &node, &policy).map_err(invalid)?;
-            drop((entries, node));
-            // Proved once, here: every partition built from it relies on it.
-            let plan = CheckedPlan::check(&store, plan, vm_images)
-                .map_err(crate::partitions::wit_error)?;
-            Ok((plan.without_node_entries(), figures))
-        })
-        .await?;
-        Ok(made)
     }
 
     async fn layer_entries_call(

@@ -63,7 +63,7 @@ impl PlanKey {
 }
 
 /// A node layer, as a plan depends on it.
-type LayerId = (String, String, String);
+pub(crate) type LayerId = (String, String, String);
 
 fn layer_id(r: &LayerRecord) -> LayerId {
     (r.partition.clone(), r.name.clone(), r.digest.clone())
@@ -81,9 +81,13 @@ struct Kept {
 pub(crate) enum Lookup {
     /// A plan for the VM asked, and its figures.
     Hit(Box<(CheckedPlan, Summary)>),
-    /// A plan made before these layers were added: reusable if none of
-    /// them could be stacked, confirmed with [`PlanCache::confirm`].
-    Added(Vec<LayerRecord>),
+    /// A plan made against the layers `since`, before the layers `added`
+    /// came: reusable if none of them could be stacked, confirmed with
+    /// [`PlanCache::confirm`].
+    Added {
+        added: Vec<LayerRecord>,
+        since: Vec<LayerId>,
+    },
     Miss,
 }
 
@@ -112,6 +116,12 @@ fn hit(kept: &Kept, vm: &str, image: &ImageRecord) -> Lookup {
         f.vm = vm.to_string();
     }
     Lookup::Hit(Box::new((plan, figures)))
+}
+
+/// `kept`, now made against the layers `considered`, given to `vm`.
+fn refresh(kept: &mut Kept, considered: Vec<LayerId>, vm: &str, image: &ImageRecord) -> Lookup {
+    kept.considered = considered;
+    hit(kept, vm, image)
 }
 
 impl PlanCache {
@@ -153,26 +163,31 @@ impl PlanCache {
         if added.is_empty() {
             // Only layers it does not stack were removed: nothing else
             // would have been chosen.
-            kept.considered = ids;
-            return hit(kept, vm, image);
+            return refresh(kept, ids, vm, image);
         }
-        Lookup::Added(added)
+        Lookup::Added { added, since: kept.considered.clone() }
     }
 
-    /// The plan kept for `key`, once the layers [`Lookup::Added`] named
-    /// were found not to be stackable by its VM: kept from now on against
-    /// `considered`.
+    /// The plan kept for `key` against the layers `since`, once the layers
+    /// [`Lookup::Added`] named were found not to be stackable by its VM:
+    /// kept from now on against `considered`. A miss when another request
+    /// kept another plan for `key` meanwhile: only the plan whose added
+    /// layers were read is confirmed.
     pub fn confirm(
         &self,
         key: &PlanKey,
+        since: &[LayerId],
         vm: &str,
         image: &ImageRecord,
         considered: &[LayerRecord],
     ) -> Lookup {
         let mut plans = self.lock();
-        let Some(kept) = plans.get(key) else { return Lookup::Miss };
-        kept.considered = considered.iter().map(layer_id).collect();
-        hit(kept, vm, image)
+        match plans.get(key) {
+            Some(kept) if kept.considered == since => {
+                refresh(kept, considered.iter().map(layer_id).collect(), vm, image)
+            }
+            _ => Lookup::Miss,
+        }
     }
 
     /// Keeps `plan`, made against `considered`, for later VMs of its image.
