@@ -24,7 +24,7 @@ pub fn considered_layers(
     max_files: u64,
     visible: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<LayerRecord>, StoreError> {
-    let mut records = store.layers(true)?;
+    let mut records = store.layer_records(true)?;
     records.retain(|r| visible(&r.domain));
     records.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.partition.cmp(&b.partition)));
     let mut left = max_files;

@@ -25,7 +25,7 @@ pub(crate) fn resolve_stack(
     domain: &str,
 ) -> Result<ResolvedStack, PartitionError> {
     let on_node = if plan.layers.iter().any(|l| l.node.is_some()) {
-        store.layers(false)?
+        store.layer_records(false)?
     } else {
         Vec::new()
     };

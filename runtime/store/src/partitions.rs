@@ -484,38 +484,10 @@ impl Store {
     /// may be planned against: entries on record, on a partition that no
     /// running operation is still building.
     pub fn layers(&self, offered: bool) -> Result<Vec<LayerRecord>, StoreError> {
+        let mut layers = self.layer_records(offered)?;
         let db = self.lock_db();
-        let filter = if offered {
-            "WHERE l.recorded = 1 AND NOT EXISTS
-                (SELECT 1 FROM operations o WHERE o.id = p.operation AND o.state = 'running')"
-        } else {
-            ""
-        };
-        let mut stmt = db
-            .prepare(&format!(
-                "SELECT l.partition, l.name, l.digest, l.files, l.bytes, l.recorded, p.format, p.domain
-                 FROM layers l JOIN partitions p ON p.id = l.partition {filter}
-                 ORDER BY p.created_at, l.partition, l.name"
-            ))
-            .map_err(|e| self.db_error(e))?;
-        let mut layers: Vec<LayerRecord> = stmt
-            .query_map([], |r| {
-                Ok(LayerRecord {
-                    partition: r.get(0)?,
-                    name: r.get(1)?,
-                    digest: r.get(2)?,
-                    files: r.get::<_, i64>(3)?.max(0) as u64,
-                    bytes: r.get::<_, i64>(4)?.max(0) as u64,
-                    recorded: r.get::<_, i64>(5)? == 1,
-                    format: r.get(6)?,
-                    vms: Vec::new(),
-                    domain: r.get(7)?,
-                })
-            })
-            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
-            .map_err(|e| self.db_error(e))?;
-        // Every layer's VMs in one query, not one per layer: plans, builds
-        // and each metrics scrape read all layers.
+        // Every layer's VMs in one query, not one per layer: builds and
+        // each metrics scrape read all layers.
         let mut users: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
         let mut stmt = db
             .prepare_cached(
@@ -535,6 +507,41 @@ impl Store {
             l.vms = users.remove(&(l.partition.clone(), l.name.clone())).unwrap_or_default();
         }
         Ok(layers)
+    }
+
+    /// [`Store::layers`] without the VMs of each (`vms` left empty): what
+    /// a plan or a build reads on every request, at a cost that does not
+    /// grow with the VMs the node holds.
+    pub fn layer_records(&self, offered: bool) -> Result<Vec<LayerRecord>, StoreError> {
+        let db = self.lock_db();
+        let filter = if offered {
+            "WHERE l.recorded = 1 AND NOT EXISTS
+                (SELECT 1 FROM operations o WHERE o.id = p.operation AND o.state = 'running')"
+        } else {
+            ""
+        };
+        let mut stmt = db
+            .prepare(&format!(
+                "SELECT l.partition, l.name, l.digest, l.files, l.bytes, l.recorded, p.format, p.domain
+                 FROM layers l JOIN partitions p ON p.id = l.partition {filter}
+                 ORDER BY p.created_at, l.partition, l.name"
+            ))
+            .map_err(|e| self.db_error(e))?;
+        stmt.query_map([], |r| {
+            Ok(LayerRecord {
+                partition: r.get(0)?,
+                name: r.get(1)?,
+                digest: r.get(2)?,
+                files: r.get::<_, i64>(3)?.max(0) as u64,
+                bytes: r.get::<_, i64>(4)?.max(0) as u64,
+                recorded: r.get::<_, i64>(5)? == 1,
+                format: r.get(6)?,
+                vms: Vec::new(),
+                domain: r.get(7)?,
+            })
+        })
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .map_err(|e| self.db_error(e))
     }
 
     /// How the node's layers are used (see [`LayerUsage`]).
