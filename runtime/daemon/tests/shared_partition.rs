@@ -29,6 +29,17 @@ fn spec(name: &str, image: &str) -> Value {
            "cloud-init": {"hostname": format!("{name}.example")}})
 }
 
+/// A node started in `dir` with `extra` configuration, the shared-partition
+/// plugin deployed on it, and a manager's client.
+async fn shared_partition_node(dir: &Path, extra: &str) -> (TestNode, Client) {
+    let node = TestNode::start(Path::new(PROVD), &dir.join("node"), extra).unwrap();
+    let (ca, cert, key) = node.tls();
+    let c = Client::new(&node.url, &TlsFiles { ca, cert: Some(cert), key: Some(key) }).unwrap();
+    let manifest = std::fs::read_to_string(SHARED_PARTITION.dir().join("plugin.toml")).unwrap();
+    c.deploy(node.bundle(&manifest, &SHARED_PARTITION.wasm())).await.unwrap();
+    (node, c)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_when_deleted() {
     let dir = tempfile::tempdir().unwrap();
@@ -322,11 +333,7 @@ async fn a_vm_that_does_not_fit_fails_the_request_and_nothing_of_it_stays() {
          disk-bytes = 107374182400\n",
         images.display()
     );
-    let node = TestNode::start(Path::new(PROVD), &dir.path().join("node"), &extra).unwrap();
-    let (ca, cert, key) = node.tls();
-    let c = Client::new(&node.url, &TlsFiles { ca, cert: Some(cert), key: Some(key) }).unwrap();
-    let manifest = std::fs::read_to_string(SHARED_PARTITION.dir().join("plugin.toml")).unwrap();
-    c.deploy(node.bundle(&manifest, &SHARED_PARTITION.wasm())).await.unwrap();
+    let (node, c) = shared_partition_node(dir.path(), &extra).await;
     let vms: Vec<Value> = ["web", "api", "db"]
         .iter()
         .map(|n| spec(&format!("{n}-1"), &format!("dir:{}", images.join(n).display())))
@@ -379,11 +386,7 @@ async fn vms_ordered_one_at_a_time_share_the_node_and_a_repack_keeps_every_vm_ex
         images.display(),
         handed.display()
     );
-    let mut node = TestNode::start(Path::new(PROVD), &dir.path().join("node"), &extra).unwrap();
-    let (ca, cert, key) = node.tls();
-    let c = Client::new(&node.url, &TlsFiles { ca, cert: Some(cert), key: Some(key) }).unwrap();
-    let manifest = std::fs::read_to_string(SHARED_PARTITION.dir().join("plugin.toml")).unwrap();
-    c.deploy(node.bundle(&manifest, &SHARED_PARTITION.wasm())).await.unwrap();
+    let (mut node, c) = shared_partition_node(dir.path(), &extra).await;
     let image = |name: &str| format!("dir:{}", images.join(name).display());
     let base_bytes: u64 = 350_000;
     // (VM, image, bytes it stores anew)
@@ -504,11 +507,7 @@ async fn a_vm_of_an_image_the_node_holds_reuses_its_plan_until_a_layer_could_cha
     }
     let extra =
         format!("[policy]\nimage-sources = [\"dir:{}/**\"]\n{DEFAULT_EXTRA}", images.display());
-    let mut node = TestNode::start(Path::new(PROVD), &dir.path().join("node"), &extra).unwrap();
-    let (ca, cert, key) = node.tls();
-    let c = Client::new(&node.url, &TlsFiles { ca, cert: Some(cert), key: Some(key) }).unwrap();
-    let manifest = std::fs::read_to_string(SHARED_PARTITION.dir().join("plugin.toml")).unwrap();
-    c.deploy(node.bundle(&manifest, &SHARED_PARTITION.wasm())).await.unwrap();
+    let (mut node, c) = shared_partition_node(dir.path(), &extra).await;
     let image = |name: &str| format!("dir:{}", images.join(name).display());
     let x_bytes: u64 = 390_000;
     // One request of `vms`; its stored bytes and how its plan came to be,

@@ -377,6 +377,14 @@ fn content_under_other_paths_is_stored_once_when_asked() {
     assert_eq!(full.stored_bytes, 10_000);
 }
 
+/// Three base images and a flavour of each: images that share most of
+/// their files, as a node's do.
+fn bases_and_flavours(rng: &mut Rng) -> (Vec<Vec<Entry>>, Vec<Vec<Entry>>) {
+    let bases: Vec<Vec<Entry>> = (0..3).map(|f| base(rng, 100 + f)).collect();
+    let flavours = bases.iter().map(|b| mutate(rng, b.clone())).collect();
+    (bases, flavours)
+}
+
 /// The layers a plan builds, as the node holds them afterwards.
 fn commit(plan: &provd_dedup::Plan, partition: &str, node: &mut Vec<NodeLayer>) {
     for l in plan.layers.iter().filter(|l| l.node.is_none()) {
@@ -397,8 +405,7 @@ fn vms_arriving_one_request_at_a_time_reassemble_exactly_on_the_layers_the_node_
     let mut checked = 0;
     for seed in 1..=200u64 {
         let mut rng = Rng(seed.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1);
-        let bases: Vec<Vec<Entry>> = (0..3).map(|f| base(&mut rng, 100 + f)).collect();
-        let flavours: Vec<Vec<Entry>> = bases.iter().map(|b| mutate(&mut rng, b.clone())).collect();
+        let (bases, flavours) = bases_and_flavours(&mut rng);
         let policy = Policy {
             min_layer_bytes: if rng.chance(50) { 0 } else { rng.below(5_000) },
             max_layers_per_vm: 1 + rng.below(6) as usize,
@@ -541,8 +548,7 @@ fn a_plan_of_one_vm_stands_while_no_layer_added_could_be_stacked_and_none_stacke
     let (mut stood, mut changed) = (0, 0);
     for seed in 1..=300u64 {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-        let bases: Vec<Vec<Entry>> = (0..3).map(|f| base(&mut rng, 100 + f)).collect();
-        let flavours: Vec<Vec<Entry>> = bases.iter().map(|b| mutate(&mut rng, b.clone())).collect();
+        let (bases, flavours) = bases_and_flavours(&mut rng);
         let policy = Policy {
             min_layer_bytes: if rng.chance(50) { 0 } else { rng.below(3_000) },
             max_layers_per_vm: 2 + rng.below(5) as usize,
