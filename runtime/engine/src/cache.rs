@@ -24,7 +24,8 @@ use crate::error::LoadError;
 pub type Digest = [u8; 32];
 
 /// Components kept loaded in memory at most; the least recently used goes
-/// first, and is loaded again from its artifact on disk when next asked for.
+/// first, and is loaded again from its artifact on disk when next asked for
+/// (compiled again where the engine keeps no artifacts).
 /// A plugin that runs keeps its own handle, whatever this cache drops.
 pub const MAX_LOADED_COMPONENTS: usize = 16;
 
