@@ -8,7 +8,7 @@
 //!  "min-layer-bytes": 1048576, "max-layers-per-vm": 16,
 //!  "shared-format": "erofs", "private-format": "ext4", "private-size-bytes": 0,
 //!  "share-across-paths": false, "node-layers": true, "layer-unique-files": true,
-//!  "hypervisor": "libvirt"}
+//!  "hypervisor": "libvirt", "shared-attach": "pmem"}
 //! ```
 //!
 //! Every parameter but `vms` is optional. Steps, each reported as progress:
@@ -32,7 +32,12 @@
 //!    by side);
 //! 5. `configure-vms`: per VM, its hypervisor configuration with the
 //!    private partition as root disk and every shared partition its layers
-//!    are on attached read-only (the host configures them side by side);
+//!    are on attached read-only (the host configures them side by side):
+//!    as persistent memory the guest maps with DAX (`shared-attach`
+//!    `pmem`, the node's default) where the partition is uncompressed
+//!    EROFS, the hypervisor maps it and the node's policy allows it, as a
+//!    read-only disk otherwise (the lz4 formats always: the kernel maps
+//!    no compressed file with DAX); each VM's report says which;
 //!
 //! then a report: per layer its VMs, files, bytes and where it is; per VM
 //! the bytes its image takes from layers already on the node, from new
@@ -76,6 +81,10 @@ struct Input {
     /// spec names another.
     #[serde(default)]
     hypervisor: Option<String>,
+    /// Every VM's `shared-attach` (`pmem` or `block`): set where a spec
+    /// has none, refused where a spec names another.
+    #[serde(default)]
+    shared_attach: Option<String>,
 }
 
 fn yes() -> bool {
@@ -142,6 +151,10 @@ struct VmReport {
     config_file: String,
     macs: Vec<String>,
     disks: Vec<String>,
+    /// How each of its shared partitions reaches the guest, in order:
+    /// `pmem` (mapped with DAX), `block` or `block-direct` (a disk read
+    /// past the host's page cache: the public catalogue's, across tenants).
+    shared_attach: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -187,17 +200,20 @@ fn vms_of(input: &Input) -> Result<Vec<Vm>, Error> {
             return Err(Error::InvalidInput(format!("vms[{i}]: VM {name:?} appears twice")));
         }
         let mut spec = spec.clone();
-        if let Some(h) = &input.hypervisor {
-            match text("hypervisor") {
+        for (key, value) in
+            [("hypervisor", &input.hypervisor), ("shared-attach", &input.shared_attach)]
+        {
+            let Some(h) = value else { continue };
+            match text(key) {
                 Some(own) if own != *h => {
                     return Err(Error::InvalidInput(format!(
-                        "vms[{i}].hypervisor: {own:?}, but the request's hypervisor is {h:?}"
+                        "vms[{i}].{key}: {own:?}, but the request's {key} is {h:?}"
                     )));
                 }
                 Some(_) => {}
                 None => {
                     if let Some(obj) = spec.as_object_mut() {
-                        obj.insert("hypervisor".into(), serde_json::Value::String(h.clone()));
+                        obj.insert(key.into(), serde_json::Value::String(h.clone()));
                     }
                 }
             }
@@ -347,10 +363,30 @@ impl Plugin for SharedPartition {
                 hypervisor: configured.hypervisor,
                 config_file: configured.config_file,
                 macs: configured.macs,
+                shared_attach: configured
+                    .disks
+                    .iter()
+                    .filter_map(|d| d.strip_prefix("shared:"))
+                    .filter_map(|d| d.split(':').nth(1))
+                    .map(str::to_string)
+                    .collect(),
                 disks: configured.disks,
             });
         }
 
+        let attached = |how: &str| {
+            reports.iter().flat_map(|r| &r.shared_attach).filter(|a| a.as_str() == how).count()
+        };
+        let (pmem, block, direct) = (attached("pmem"), attached("block"), attached("block-direct"));
+        if block > 0 && input.shared_format != "erofs" {
+            log::info(
+                "shared partitions attached as disks",
+                &[
+                    ("format", &input.shared_format),
+                    ("why", &"only uncompressed erofs is mapped with DAX"),
+                ],
+            );
+        }
         let naive_bytes: u64 = groups.iter().map(|g| g.plan.naive_bytes).sum();
         let stored_bytes: u64 = groups.iter().map(|g| g.plan.stored_bytes).sum();
         let totals = Totals {
@@ -417,6 +453,7 @@ impl Plugin for SharedPartition {
             .field("saving-bytes", output.totals.saving_bytes)
             .field("saving-percent", format!("{percent:.1}"))
             .field("shared-partitions", output.shared_partitions.join(","))
+            .field("shared-attach", format!("pmem={pmem} block={block} block-direct={direct}"))
             .output(&output)
     }
 }

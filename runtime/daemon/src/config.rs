@@ -124,6 +124,10 @@ pub struct SharingConfig {
     /// Image reference patterns, in the syntax of `policy.image-sources`.
     #[serde(default)]
     pub public_images: Vec<String>,
+    /// Whether the public catalogue's partitions may share host pages
+    /// across tenants; off by default (see `SharingPolicy`).
+    #[serde(default)]
+    pub share_public_memory: bool,
 }
 
 /// The server's identity and the managers it accepts.
@@ -237,6 +241,10 @@ pub struct PolicyConfig {
     pub vm_boot_files: Option<Vec<String>>,
     /// Kernel command lines VMs may pass (`*` wildcards); none by default.
     pub vm_cmdlines: Option<Vec<String>>,
+    /// How shared partitions reach guests: `pmem` (the default: persistent
+    /// memory mapped with DAX where the hypervisor and the partition allow
+    /// it; a VM's spec may ask for `block`) or `block` (always disks).
+    pub shared_attach: Option<provd_node::policy::SharedAttach>,
 }
 
 /// Why the configuration could not be used.
@@ -397,6 +405,10 @@ impl Config {
             p.image_sources = v.clone();
         }
         p.public_images = self.sharing.public_images.clone();
+        p.sharing = provd_node::policy::SharingPolicy {
+            attach: c.shared_attach.unwrap_or_default(),
+            share_public_memory: self.sharing.share_public_memory,
+        };
         p.vm_allow = provd_node::policy::VmAllow {
             bridges: c.vm_bridges.clone().unwrap_or_default(),
             taps: c.vm_taps.clone().unwrap_or_default(),

@@ -39,6 +39,54 @@ pub struct SharedAttachment {
     pub partition: String,
     pub path: PathBuf,
     pub device: SharedDevice,
+    /// The image's size when it is laid out for DAX (every regular file
+    /// in whole blocks, the size a multiple of 2 MiB), so that it may be
+    /// attached as persistent memory; `None` otherwise.
+    pub pmem_bytes: Option<u64>,
+    /// Whether it is of the public catalogue (domain `public`): VMs of
+    /// every tenant may attach it.
+    pub public: bool,
+}
+
+/// How a VM's shared partitions reach its guest, as a VM's spec or the
+/// node asks.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum SharedAttach {
+    /// Persistent memory (virtio-pmem) the guest maps with DAX: the VMs
+    /// mapping one partition read the same host pages, and no guest keeps
+    /// the shared files in its own page cache.
+    #[default]
+    Pmem,
+    /// A read-only virtio disk: each guest caches what it reads.
+    Block,
+}
+
+impl SharedAttach {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SharedAttach::Pmem => "pmem",
+            SharedAttach::Block => "block",
+        }
+    }
+}
+
+/// The node's rules for how shared partitions are attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SharingPolicy {
+    /// `pmem`: a VM's spec may ask for either, and gets persistent memory
+    /// where it asks nothing and its hypervisor has it. `block`: every
+    /// shared partition is a disk; a spec asking for `pmem` is refused.
+    pub attach: SharedAttach,
+    /// Whether partitions of the public catalogue may share host pages
+    /// across tenants (persistent memory, or a disk through the host's
+    /// page cache). Off, they are disks read past the host's page cache
+    /// (`O_DIRECT`), so that no two tenants' guests touch the same host
+    /// page: shared pages are a timing side channel (Flush+Reload).
+    pub share_public_memory: bool,
 }
 
 /// Everything a VM attaches from partitions, in the order its boot files

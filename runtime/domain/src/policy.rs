@@ -87,6 +87,9 @@ pub struct NodePolicy {
     /// Whom the hypervisor runs VMs as, when not as provd's own user: their
     /// files are then handed to it through a folder of its own.
     pub hypervisor_access: Option<HypervisorAccess>,
+    /// How shared partitions reach guests (`[policy] shared-attach`,
+    /// `[sharing] share-public-memory`).
+    pub sharing: crate::attach::SharingPolicy,
 }
 
 /// A hypervisor that runs VMs as a user of its own (libvirt's QEMU as
@@ -277,6 +280,7 @@ impl Default for NodePolicy {
             vm_allow: VmAllow::default(),
             machine: Machine::default(),
             hypervisor_access: None,
+            sharing: crate::attach::SharingPolicy::default(),
         }
     }
 }

@@ -23,6 +23,11 @@
 //! devices and fifos have no data. Inodes are laid out breadth first, so
 //! the entries of one directory sit next to each other.
 //!
+//! With [`ErofsOptions::dax`], every regular file is `FLAT_PLAIN` (its
+//! tail too takes a whole block, so that the kernel can map all of it
+//! with DAX: it maps no inline data) and the image's size is a multiple of
+//! 2 MiB, as a persistent-memory device needs; the padding is a hole.
+//!
 //! Limits: the image holds at most 2^32 blocks (16 TiB), the root is always
 //! `0755 root:root`, no extended attributes, no sockets.
 
@@ -59,6 +64,35 @@ const INODE_EXTENDED: u16 = 1;
 /// Metadata is gathered in memory and written out in pieces of this size.
 const META_FLUSH: usize = 1 << 20;
 
+/// How an image is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErofsOptions {
+    /// Keep every regular file's data in whole blocks (`FLAT_PLAIN`), no
+    /// tail inline: the kernel maps only such files with DAX.
+    pub plain_files: bool,
+    /// The image's size is rounded up to a multiple of this (a power of
+    /// two, at least the block size), the padding left a hole.
+    pub size_multiple: u64,
+}
+
+/// The size a persistent-memory device maps in: virtio-pmem and NVDIMM
+/// regions are 2 MiB aligned.
+pub const PMEM_ALIGN: u64 = 2 << 20;
+
+impl Default for ErofsOptions {
+    /// `mkfs.erofs`'s layout: tails inline where they fit, no padding.
+    fn default() -> Self {
+        ErofsOptions { plain_files: false, size_multiple: BLKSZ }
+    }
+}
+
+impl ErofsOptions {
+    /// The layout a guest maps with DAX from a persistent-memory device.
+    pub fn dax() -> Self {
+        ErofsOptions { plain_files: true, size_multiple: PMEM_ALIGN }
+    }
+}
+
 /// What a write produced.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WriteFigures {
@@ -66,8 +100,12 @@ pub struct WriteFigures {
     pub inodes: u64,
     /// Bytes of regular-file content, each hard-linked inode counted once.
     pub data_bytes: u64,
-    /// Size of the image file.
+    /// Size of the image file, padding included.
     pub image_bytes: u64,
+    /// Bytes of the whole blocks that regular files' tails take where they
+    /// would have been kept inline (what [`ErofsOptions::plain_files`]
+    /// adds, less the inline bytes it saves in the metadata).
+    pub plain_tail_bytes: u64,
 }
 
 /// Why an image could not be written.
@@ -124,8 +162,18 @@ pub fn write_image(
     uuid: [u8; 16],
     volume_name: &str,
     root_mtime: i64,
+    options: ErofsOptions,
     open: &mut dyn FnMut(&Hash) -> std::io::Result<File>,
 ) -> Result<WriteFigures, ErofsWriteError> {
+    if !options.size_multiple.is_power_of_two() || options.size_multiple < BLKSZ {
+        return Err(invalid(
+            "",
+            format!(
+                "size multiple {} is not a power of two of at least {BLKSZ}",
+                options.size_multiple
+            ),
+        ));
+    }
     if volume_name.len() > 16 {
         return Err(invalid(
             "",
@@ -133,7 +181,7 @@ pub fn write_image(
         ));
     }
     let mut inodes = build_tree(nodes, root_mtime)?;
-    let layout = lay_out(&mut inodes)?;
+    let layout = lay_out(&mut inodes, options)?;
     let file = File::create(out).map_err(|source| ErofsWriteError::Io {
         what: format!("creating {}", out.display()),
         source,
@@ -377,10 +425,13 @@ struct Layout {
     /// Inode indexes in the order they are placed.
     order: Vec<usize>,
     blocks: u32,
+    /// The file's size: the blocks, padded to the size multiple.
+    image_bytes: u64,
+    plain_tail_bytes: u64,
 }
 
 /// Places every inode in the metadata area and its whole blocks after it.
-fn lay_out(inodes: &mut [Ino<'_>]) -> Result<Layout, ErofsWriteError> {
+fn lay_out(inodes: &mut [Ino<'_>], options: ErofsOptions) -> Result<Layout, ErofsWriteError> {
     let mut order = Vec::with_capacity(inodes.len());
     let mut seen = vec![false; inodes.len()];
     if let Some(s) = seen.first_mut() {
@@ -402,11 +453,16 @@ fn lay_out(inodes: &mut [Ino<'_>]) -> Result<Layout, ErofsWriteError> {
         return Err(internal("an inode is not reachable from the root"));
     }
     let too_big = || invalid("", "the image would exceed 2^32 blocks (16 TiB)");
+    let mut plain_tail_bytes = 0u64;
     let mut cursor = FIRST_INODE;
     for &i in &order {
         let ino = inodes.get_mut(i).ok_or_else(|| internal("inode index out of range"))?;
         let tail = ino.size % BLKSZ;
-        ino.inline = tail > 0 && tail <= MAX_INLINE;
+        let fits = tail > 0 && tail <= MAX_INLINE;
+        if fits && options.plain_files && ino.ftype == FT_REG_FILE {
+            plain_tail_bytes += BLKSZ;
+        }
+        ino.inline = fits && !(options.plain_files && ino.ftype == FT_REG_FILE);
         let len = INODE_SIZE + ino.tail_len();
         let mut pos = cursor.div_ceil(ISLOT_SIZE) * ISLOT_SIZE;
         if pos % BLKSZ + len > BLKSZ {
@@ -429,7 +485,10 @@ fn lay_out(inodes: &mut [Ino<'_>]) -> Result<Layout, ErofsWriteError> {
         }
     }
     let blocks = u32::try_from(block).map_err(|_| too_big())?;
-    Ok(Layout { order, blocks })
+    let image_bytes = (u64::from(blocks) * BLKSZ)
+        .checked_next_multiple_of(options.size_multiple)
+        .ok_or_else(too_big)?;
+    Ok(Layout { order, blocks, image_bytes, plain_tail_bytes })
 }
 
 struct SuperInfo<'a> {
@@ -703,12 +762,17 @@ fn write_all(
         meta.put(ino.pos, &record)?;
     }
     meta.flush()?;
-    let image_bytes = u64::from(layout.blocks) * BLKSZ;
+    let image_bytes = layout.image_bytes;
     file.set_len(image_bytes).map_err(|source| ErofsWriteError::Io {
         what: format!("setting the size of {}", out.display()),
         source,
     })?;
-    Ok(WriteFigures { inodes: inos, data_bytes, image_bytes })
+    Ok(WriteFigures {
+        inodes: inos,
+        data_bytes,
+        image_bytes,
+        plain_tail_bytes: layout.plain_tail_bytes,
+    })
 }
 
 #[cfg(test)]
@@ -1009,7 +1073,16 @@ mod tests {
     }
 
     fn write(img: &Path, store: &Store, nodes: &[Node]) -> Result<WriteFigures, ErofsWriteError> {
-        write_image(img, nodes, UUID, "provd-test", ROOT_MTIME, &mut |h| store.open(h))
+        write_with(img, store, nodes, ErofsOptions::default())
+    }
+
+    fn write_with(
+        img: &Path,
+        store: &Store,
+        nodes: &[Node],
+        options: ErofsOptions,
+    ) -> Result<WriteFigures, ErofsWriteError> {
+        write_image(img, nodes, UUID, "provd-test", ROOT_MTIME, options, &mut |h| store.open(h))
     }
 
     fn fsck(img: &Path) {
@@ -1223,14 +1296,18 @@ mod tests {
     }
 
     fn check_all(nodes: &[Node], store: &Store) {
+        check_all_with(nodes, store, ErofsOptions::default());
+    }
+
+    fn check_all_with(nodes: &[Node], store: &Store, options: ErofsOptions) {
         let work = tempfile::tempdir().unwrap();
         let img = work.path().join("img");
-        let figures = write(&img, store, nodes).unwrap();
+        let figures = write_with(&img, store, nodes, options).unwrap();
         let want = expected(store, nodes);
 
         let len = fs::metadata(&img).unwrap().len();
         assert_eq!(figures.image_bytes, len);
-        assert_eq!(len % 4096, 0);
+        assert_eq!(len % options.size_multiple, 0);
         let mut seen = HashSet::new();
         let unique = want.values().filter(|w| w.group.is_none_or(|k| seen.insert(k)));
         let (count, bytes) = unique.fold((1u64, 0u64), |(c, b), w| {
@@ -1245,7 +1322,8 @@ mod tests {
 
         let dump = dump_super(&img);
         assert_eq!(field(&dump, "Filesystem magic number"), "0xE0F5E1E2");
-        assert_eq!(field(&dump, "Filesystem blocks"), (len / 4096).to_string());
+        let blocks: u64 = field(&dump, "Filesystem blocks").parse().unwrap();
+        assert!(blocks <= len / 4096 && blocks * 4096 + options.size_multiple > len, "{blocks}");
         assert_eq!(field(&dump, "Filesystem root nid"), "36");
         assert_eq!(field(&dump, "Filesystem inode count"), count.to_string());
         assert_eq!(field(&dump, "Filesystem inode metadata start block"), "0");
@@ -1288,6 +1366,52 @@ mod tests {
         }
     }
 
+    /// For DAX every regular file's data is in whole blocks, the image a
+    /// multiple of 2 MiB; directories and symlinks keep their tails inline
+    /// (the kernel reads them, it does not map them).
+    #[test]
+    fn erofs_writer_dax_layout_keeps_no_file_tail_inline() {
+        let store = Store::new();
+        let nodes = rich_nodes(&store);
+        check_all_with(&nodes, &store, ErofsOptions::dax());
+
+        let work = tempfile::tempdir().unwrap();
+        let (inline, dax) = (work.path().join("inline"), work.path().join("dax"));
+        let a = write(&inline, &store, &nodes).unwrap();
+        let b = write_with(&dax, &store, &nodes, ErofsOptions::dax()).unwrap();
+        assert_eq!(a.plain_tail_bytes, 0);
+        assert_eq!(b.image_bytes % PMEM_ALIGN, 0);
+        // Every file tail of 1..=4032 bytes took a block of its own.
+        let tails = expected(&store, &nodes)
+            .values()
+            .filter(|w| w.kind == EntryKind::File && w.group.is_none())
+            .filter(|w| (1..=4032).contains(&(w.size % 4096)))
+            .count() as u64;
+        assert!(tails > 0);
+        assert!(b.plain_tail_bytes >= tails * 4096, "{b:?}, {tails} tails");
+        // The padding is a hole: the disk holds no more than the blocks.
+        let allocated = fs::metadata(&dax).unwrap().blocks() * 512;
+        assert!(allocated < b.image_bytes, "{allocated} of {}", b.image_bytes);
+        for (path, layout) in [
+            ("/sizes/object-1", "0"),
+            ("/sizes/bytes-4032", "0"),
+            ("/sizes/object-4097", "0"),
+            ("/sizes/object-12224", "0"),
+            ("/links/inline-max", "2"),
+            ("/many", "2"),
+            ("/", "2"),
+        ] {
+            let out = Command::new("dump.erofs")
+                .arg(format!("--path={path}"))
+                .arg(&dax)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{path}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(text.contains(&format!("Layout: {layout} ")), "{path}:\n{text}");
+        }
+    }
+
     #[test]
     fn erofs_writer_node_order_does_not_matter() {
         let store = Store::new();
@@ -1316,7 +1440,10 @@ mod tests {
         let work = tempfile::tempdir().unwrap();
         let img = work.path().join("img");
         let figures = write(&img, &store, &[]).unwrap();
-        assert_eq!(figures, WriteFigures { inodes: 1, data_bytes: 0, image_bytes: 4096 });
+        assert_eq!(
+            figures,
+            WriteFigures { inodes: 1, data_bytes: 0, image_bytes: 4096, plain_tail_bytes: 0 }
+        );
         fsck(&img);
         let image = ErofsImage::open(&img).unwrap();
         assert!(image.entries().unwrap().is_empty());
@@ -1423,10 +1550,15 @@ mod tests {
             UUID,
             "seventeen-bytes!!",
             0,
+            ErofsOptions::default(),
             &mut |h| store.open(h),
         )
         .unwrap_err();
         assert!(matches!(err, ErofsWriteError::Invalid { .. }), "{err}");
+        let odd = ErofsOptions { plain_files: false, size_multiple: 3 << 20 };
+        let err = write_with(&tempfile::tempdir().unwrap().path().join("img"), &store, &[], odd)
+            .unwrap_err();
+        assert!(err.to_string().contains("not a power of two"), "{err}");
     }
 
     #[test]

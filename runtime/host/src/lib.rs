@@ -94,6 +94,7 @@ impl NodeInterfaces {
                 capacity: policy.capacity,
                 machine: policy.machine,
                 access: policy.hypervisor_access.clone(),
+                sharing: policy.sharing,
             },
             plans: Arc::default(),
         }

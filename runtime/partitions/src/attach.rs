@@ -70,14 +70,24 @@ pub fn attachments(
                 ),
             });
         }
-        let device = match shared_manifest(&rec)?.format {
+        let manifest = shared_manifest(&rec)?;
+        let device = match manifest.format {
             SharedFormat::Dir => SharedDevice::VirtioFs,
             _ => SharedDevice::Disk,
         };
+        // A size that is not the 2 MiB multiple the layout promised (a
+        // record from another version) is attached as a disk.
+        let pmem_bytes = (manifest.dax
+            && manifest.format == SharedFormat::Erofs
+            && rec.apparent_bytes > 0
+            && rec.apparent_bytes % provd_formats::erofs_writer::PMEM_ALIGN == 0)
+            .then_some(rec.apparent_bytes);
         shared.push(SharedAttachment {
             path: path_of(store, &rec.id)?.join(&rec.file),
+            public: rec.domain == provd_domain::trust::PUBLIC,
             partition: rec.id,
             device,
+            pmem_bytes,
         });
     }
     Ok(Attachments { root, shared })

@@ -162,6 +162,12 @@ pub struct SharedManifest {
     /// Filesystem UUID (none for a directory).
     pub uuid: Option<String>,
     pub layers: Vec<LayerInfo>,
+    /// Laid out to be mapped with DAX from a persistent-memory device:
+    /// every regular file in whole blocks, the image a multiple of 2 MiB.
+    /// Uncompressed EROFS partitions are; older ones and other formats
+    /// are attached as disks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dax: bool,
 }
 
 /// Where a private partition finds one of its shared partitions.

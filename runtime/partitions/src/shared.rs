@@ -103,8 +103,9 @@ pub(crate) fn write_shared_erofs(
     let mut open = |hash: &provd_domain::image::Hash| -> std::io::Result<std::fs::File> {
         store.open_object(hash).map(|f| f.into_std()).map_err(std::io::Error::other)
     };
-    erofs_writer::write_image(image, &nodes, uuid_bytes(id), "provd-shared", 0, &mut open).map_err(
-        |e| match e {
+    let options = erofs_writer::ErofsOptions::dax();
+    erofs_writer::write_image(image, &nodes, uuid_bytes(id), "provd-shared", 0, options, &mut open)
+        .map_err(|e| match e {
             erofs_writer::ErofsWriteError::Invalid { path, reason } => {
                 PartitionError::InvalidEntry { path, reason }
             }
@@ -112,8 +113,7 @@ pub(crate) fn write_shared_erofs(
                 what: "writing the EROFS image".into(),
                 source: std::io::Error::other(other.to_string()),
             },
-        },
-    )
+        })
 }
 
 /// Builds the shared partition of `plan` in `format` from the images of
@@ -184,6 +184,7 @@ fn write_shared(
                 digest: layer_digest(&l.entries),
             })
             .collect(),
+        dax: format == SharedFormat::Erofs,
     };
     let manifest_json = serde_json::to_string_pretty(&manifest)
         .map_err(|e| PartitionError::InvalidPlan(format!("encoding the manifest: {e}")))?;

@@ -3,8 +3,8 @@
 //! change to its image.
 //!
 //! It holds a static busybox, the modules of that same kernel a guest
-//! needs to reach its partitions (virtio disks, EROFS, overlayfs,
-//! virtio-fs), its seed (ISO 9660) and its network (virtio-net), with
+//! needs to reach its partitions (virtio disks, virtio persistent memory,
+//! EROFS, overlayfs, virtio-fs), its seed (ISO 9660) and its network (virtio-net), with
 //! every module they depend on, loaded in dependency
 //! order, `/init` (`assets/provd-init`) and the boot script every private
 //! partition also carries (`provd-overlay-root`). It is a gzip-compressed
@@ -21,9 +21,21 @@ pub const INIT_SCRIPT: &str = include_str!("../assets/provd-init");
 /// those the kernel has built in are skipped. The guest's own root holds
 /// no modules of the node's kernel, so what it needs after the switch is
 /// loaded here too: `isofs` for cloud-init to mount its NoCloud seed and
-/// `virtio_net` for its network.
-pub const GUEST_MODULES: &[&str] =
-    &["virtio_pci", "virtio_blk", "ext4", "erofs", "overlay", "virtiofs", "isofs", "virtio_net"];
+/// `virtio_net` for its network. `virtio_pmem` finds a persistent-memory
+/// region and `nd_pmem` (bound to it, not a dependency) makes it
+/// `/dev/pmemN`.
+pub const GUEST_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_pmem",
+    "nd_pmem",
+    "ext4",
+    "erofs",
+    "overlay",
+    "virtiofs",
+    "isofs",
+    "virtio_net",
+];
 
 /// Largest file taken into the initramfs (a module or busybox).
 const MAX_FILE_BYTES: u64 = 64 << 20;

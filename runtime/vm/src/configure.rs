@@ -9,12 +9,16 @@
 
 use std::path::{Path, PathBuf};
 
-use provd_domain::attach::{Attachments, ImageFormat, SharedDevice};
+use provd_domain::attach::{
+    Attachments, ImageFormat, SharedAttach, SharedAttachment, SharedDevice, SharingPolicy,
+};
 use provd_domain::{HypervisorAccess, Machine, NodeCapacity, VmGrant};
 use provd_store::{NewVm, ReserveError, Resources, Store};
 
 use crate::cloudinit::{SeedInput, SeedNic, SeedUser, seed_files, write_seed_iso_with};
-use crate::render::{AttachedDisk, DiskFormat, DiskRole, RenderInput, SharedDir, render};
+use crate::render::{
+    AttachedDisk, DiskDevice, DiskFormat, DiskRole, RenderInput, SharedDir, render,
+};
 use crate::spec::{Boot, VmSpec, parse_spec};
 
 /// Why a VM could not be configured.
@@ -49,6 +53,75 @@ pub struct Hosting {
     /// Whom libvirt's QEMU runs as, when not as provd's user: each libvirt
     /// VM's files are then handed to it (`crate::access`).
     pub access: Option<HypervisorAccess>,
+    /// How shared partitions are attached.
+    pub sharing: SharingPolicy,
+}
+
+/// Where a VM's directory records the sharing policy it was configured
+/// under, so that a repack's new configuration attaches alike.
+const SHARING_RECORD: &str = "sharing.json";
+
+/// How shared partition `s` reaches the guest of `spec` on a node whose
+/// policy is `sharing`.
+pub fn shared_device(
+    spec: &VmSpec,
+    s: &SharedAttachment,
+    sharing: &SharingPolicy,
+) -> Result<DiskDevice, VmError> {
+    use crate::spec::Hypervisor;
+    if spec.shared_attach == Some(SharedAttach::Pmem) && sharing.attach == SharedAttach::Block {
+        return Err(VmError::Spec(
+            "shared-attach: \"pmem\", but this node attaches shared partitions as disks \
+             ([policy] shared-attach = \"block\")"
+                .into(),
+        ));
+    }
+    // The public catalogue's partitions are attached to VMs of every
+    // tenant: unless the node allows it, none of their host pages may be
+    // one two tenants' guests read.
+    if s.public && !sharing.share_public_memory {
+        if spec.hypervisor == Hypervisor::Firecracker {
+            return Err(VmError::Spec(format!(
+                "shared partition {} is of the public catalogue, which VMs of other tenants \
+                 attach, and firecracker reads disks only through the host's page cache, \
+                 whose pages they would share; [sharing] share-public-memory = true allows it",
+                s.partition
+            )));
+        }
+        return Ok(DiskDevice::VirtioDirect);
+    }
+    // Firecracker maps persistent memory from 1.14 on; a node may run an
+    // older one, so only a spec asking for it gets it.
+    let default = match spec.hypervisor {
+        Hypervisor::Firecracker => SharedAttach::Block,
+        _ => sharing.attach,
+    };
+    Ok(match (spec.shared_attach.unwrap_or(default), s.pmem_bytes) {
+        (SharedAttach::Pmem, Some(bytes)) => DiskDevice::Pmem { bytes },
+        _ => DiskDevice::Virtio,
+    })
+}
+
+fn record_sharing(dir: &Path, sharing: &SharingPolicy) -> Result<(), VmError> {
+    let text = serde_json::to_string(sharing)
+        .map_err(|e| VmError::Failed(format!("recording the sharing policy: {e}")))?;
+    let path = dir.join(SHARING_RECORD);
+    std::fs::write(&path, text)
+        .map_err(|e| VmError::Failed(format!("writing {}: {e}", path.display())))
+}
+
+/// The policy a VM was configured under; a VM configured before it was
+/// recorded attached every shared partition as a disk.
+fn recorded_sharing(dir: &Path) -> Result<SharingPolicy, VmError> {
+    let path = dir.join(SHARING_RECORD);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map_err(|e| VmError::Failed(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(SharingPolicy { attach: SharedAttach::Block, share_public_memory: true })
+        }
+        Err(e) => Err(VmError::Failed(format!("reading {}: {e}", path.display()))),
+    }
 }
 
 /// A VM configured on the node.
@@ -268,6 +341,7 @@ pub fn configure(
         &boot,
         node.machine,
         node.access.as_ref(),
+        &node.sharing,
         operation.is_none(),
     );
     match built {
@@ -315,8 +389,15 @@ fn data_file(d: &crate::spec::DataDisk) -> (String, DiskFormat) {
     }
 }
 
+type Attached = (Vec<AttachedDisk>, Vec<SharedDir>);
+
 /// Every disk and virtio-fs export of a VM, with their host paths.
-fn attachments(spec: &VmSpec, dir: &Path, a: &Attachments) -> (Vec<AttachedDisk>, Vec<SharedDir>) {
+fn attachments(
+    spec: &VmSpec,
+    dir: &Path,
+    a: &Attachments,
+    sharing: &SharingPolicy,
+) -> Result<Attached, VmError> {
     let mut disks = vec![AttachedDisk {
         role: DiskRole::Private,
         name: "root".into(),
@@ -326,6 +407,7 @@ fn attachments(spec: &VmSpec, dir: &Path, a: &Attachments) -> (Vec<AttachedDisk>
             ImageFormat::Raw => DiskFormat::Raw,
         },
         read_only: false,
+        device: DiskDevice::Virtio,
     }];
     let mut shared_dirs = Vec::new();
     for (i, s) in a.shared.iter().enumerate() {
@@ -341,6 +423,7 @@ fn attachments(spec: &VmSpec, dir: &Path, a: &Attachments) -> (Vec<AttachedDisk>
                 path: s.path.clone(),
                 format: DiskFormat::Raw,
                 read_only: true,
+                device: shared_device(spec, s, sharing)?,
             }),
         }
     }
@@ -352,6 +435,7 @@ fn attachments(spec: &VmSpec, dir: &Path, a: &Attachments) -> (Vec<AttachedDisk>
             path: dir.join(&file),
             format,
             read_only: false,
+            device: DiskDevice::Virtio,
         });
     }
     disks.push(AttachedDisk {
@@ -360,8 +444,9 @@ fn attachments(spec: &VmSpec, dir: &Path, a: &Attachments) -> (Vec<AttachedDisk>
         path: dir.join("seed.iso"),
         format: DiskFormat::Raw,
         read_only: true,
+        device: DiskDevice::Virtio,
     });
-    (disks, shared_dirs)
+    Ok((disks, shared_dirs))
 }
 
 /// Renders the hypervisor's configuration and writes it beside, then over,
@@ -411,7 +496,14 @@ fn render_config(
                 DiskRole::Data => "data",
                 DiskRole::Seed => "seed",
             };
-            format!("{role}:{}", d.name)
+            match (d.role, d.device) {
+                (DiskRole::Shared, DiskDevice::Pmem { .. }) => format!("{role}:{}:pmem", d.name),
+                (DiskRole::Shared, DiskDevice::VirtioDirect) => {
+                    format!("{role}:{}:block-direct", d.name)
+                }
+                (DiskRole::Shared, DiskDevice::Virtio) => format!("{role}:{}:block", d.name),
+                _ => format!("{role}:{}", d.name),
+            }
         })
         .collect();
     Ok((rendered.file_name.to_string(), rendered.text, names))
@@ -471,6 +563,7 @@ fn write_vm(
     boot: &BootFiles,
     machine: Machine,
     access: Option<&HypervisorAccess>,
+    sharing: &SharingPolicy,
     durable: bool,
 ) -> Result<Written, VmError> {
     let io = |what: String| move |e: std::io::Error| VmError::Failed(format!("{what}: {e}"));
@@ -483,6 +576,7 @@ fn write_vm(
     if let Some(access) = access.filter(|_| spec.hypervisor == crate::spec::Hypervisor::Libvirt) {
         crate::access::record(dir, access)?;
     }
+    record_sharing(dir, sharing)?;
     for d in &spec.disks {
         let (file, format) = data_file(d);
         let path = dir.join(&file);
@@ -511,7 +605,7 @@ fn write_vm(
     let seed = seed_files(&seed_input(spec)).map_err(|e| VmError::Spec(e.to_string()))?;
     write_seed_iso_with(&seed, &dir.join("seed.iso"), durable)
         .map_err(|e| VmError::Failed(e.to_string()))?;
-    let (disks, shared_dirs) = attachments(spec, dir, attached);
+    let (disks, shared_dirs) = attachments(spec, dir, attached, sharing)?;
     render_config(spec, dir, disks, shared_dirs, boot, machine, access)
 }
 
@@ -537,7 +631,7 @@ pub fn rerender(store: &Store, spec: &VmSpec, attached: &Attachments) -> Result<
         .unwrap_or_default();
     // And so do the user and group its files were handed to.
     let access = crate::access::recorded(&dir)?;
-    let (disks, shared_dirs) = attachments(spec, &dir, attached);
+    let (disks, shared_dirs) = attachments(spec, &dir, attached, &recorded_sharing(&dir)?)?;
     render_config(spec, &dir, disks, shared_dirs, &boot, machine, access.as_ref()).map(|_| ())
 }
 

@@ -123,6 +123,20 @@ pub struct QemuDisk {
     pub read_only: bool,
     /// The serial the guest sees (`root`, `shared-0`, `seed`…).
     pub serial: String,
+    /// Read past the host's page cache (`cache='none'`).
+    pub direct: bool,
+}
+
+/// A persistent-memory device of the domain: a file QEMU maps read-only
+/// and private.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QemuPmem {
+    /// Device id (`shared-0`).
+    pub id: String,
+    /// Host path.
+    pub file: PathBuf,
+    /// Bytes mapped: the file's size.
+    pub bytes: u64,
 }
 
 /// What a domain gives qemu.
@@ -144,6 +158,8 @@ pub struct Domain {
     pub cmdline: String,
     /// Disks in the domain's order.
     pub disks: Vec<QemuDisk>,
+    /// Persistent-memory devices in the domain's order.
+    pub pmem: Vec<QemuPmem>,
     /// Network interfaces the domain has and the boot leaves out.
     pub nics_left_out: usize,
 }
@@ -176,6 +192,7 @@ pub fn parse_domain(xml: &str) -> Result<Domain, QemuError> {
     let mut at = String::new();
     let mut starts: Vec<usize> = Vec::new();
     let mut disk: Option<QemuDisk> = None;
+    let mut qemu_args: Vec<String> = Vec::new();
     let mut memory_unit = String::from("KiB");
     let mut kernel = None;
     let mut firmware = None;
@@ -210,7 +227,18 @@ pub fn parse_domain(xml: &str) -> Result<Domain, QemuError> {
                     "domain/devices/disk/driver" => {
                         if let Some(k) = disk.as_mut() {
                             k.format = attr(e, "type")?.unwrap_or_else(|| "raw".into());
+                            k.direct = attr(e, "cache")?.as_deref() == Some("none");
                         }
+                    }
+                    "domain/qemu:commandline/qemu:arg" => {
+                        qemu_args.push(attr(e, "value")?.unwrap_or_default());
+                    }
+                    "domain/devices/memory" => {
+                        return Err(QemuError::Unsupported(
+                            "a memory device of libvirt's (provd passes persistent memory as \
+                             qemu arguments)"
+                                .into(),
+                        ));
                     }
                     "domain/devices/disk/source" => {
                         if let Some(k) = disk.as_mut() {
@@ -310,7 +338,58 @@ pub fn parse_domain(xml: &str) -> Result<Domain, QemuError> {
     if d.name.is_empty() || d.memory_mib == 0 || d.vcpus == 0 {
         return Err(QemuError::Invalid("name, memory or vcpu missing".into()));
     }
+    d.pmem = pmem_of(&qemu_args)?;
     Ok(d)
+}
+
+/// The persistent memory that `<qemu:commandline>` arguments give, in
+/// the form `render::libvirt::pmem_qemu_args` writes them: anything else
+/// is refused, since a plain boot passes on nothing it does not check.
+fn pmem_of(args: &[String]) -> Result<Vec<QemuPmem>, QemuError> {
+    use serde_json::Value;
+    let unsupported = |arg: &str| {
+        QemuError::Unsupported(format!(
+            "qemu argument {arg:?}: only provd's read-only persistent memory is passed on"
+        ))
+    };
+    let mut backends: Vec<(String, PathBuf, u64)> = Vec::new();
+    let mut pmem = Vec::new();
+    for pair in args.chunks(2) {
+        let [flag, value] = pair else {
+            return Err(unsupported(pair.first().map(String::as_str).unwrap_or_default()));
+        };
+        let v: Value = serde_json::from_str(value).map_err(|_| unsupported(value))?;
+        let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        match (flag.as_str(), text("qom-type").as_deref(), text("driver").as_deref()) {
+            ("-object", Some("memory-backend-file"), None) => {
+                if v.get("readonly") != Some(&Value::Bool(true))
+                    || v.get("share") != Some(&Value::Bool(false))
+                {
+                    return Err(unsupported(value));
+                }
+                let (Some(id), Some(path), Some(bytes)) =
+                    (text("id"), text("mem-path"), v.get("size").and_then(Value::as_u64))
+                else {
+                    return Err(unsupported(value));
+                };
+                backends.push((id, path.into(), bytes));
+            }
+            ("-device", None, Some("virtio-pmem-pci")) => {
+                let memdev = text("memdev").unwrap_or_default();
+                let (_, file, bytes) = backends
+                    .iter()
+                    .find(|(id, _, _)| *id == memdev)
+                    .cloned()
+                    .ok_or_else(|| unsupported(value))?;
+                pmem.push(QemuPmem { id: text("id").unwrap_or_default(), file, bytes });
+            }
+            _ => return Err(unsupported(value)),
+        }
+    }
+    if pmem.len() != backends.len() {
+        return Err(QemuError::Invalid("a memory backend without its device".into()));
+    }
+    Ok(pmem)
 }
 
 /// qemu's arguments for `domain`: its console on standard output, no
@@ -329,7 +408,18 @@ pub fn qemu_args(domain: &Domain, accel: Accel) -> Vec<String> {
         // default model is what runs everywhere.
         if accel == Accel::Kvm { "host".into() } else { "qemu64".into() },
         "-m".into(),
-        domain.memory_mib.to_string(),
+        if domain.pmem.is_empty() {
+            domain.memory_mib.to_string()
+        } else {
+            // Device memory needs room beyond the guest's own.
+            let extra: u64 = domain.pmem.iter().map(|p| p.bytes.div_ceil(1 << 20)).sum();
+            format!(
+                "{}M,slots={},maxmem={}M",
+                domain.memory_mib,
+                domain.pmem.len(),
+                domain.memory_mib.saturating_add(extra)
+            )
+        },
         "-smp".into(),
         domain.vcpus.to_string(),
         "-nodefaults".into(),
@@ -357,11 +447,18 @@ pub fn qemu_args(domain: &Domain, accel: Accel) -> Vec<String> {
         if d.read_only {
             drive.push_str(",readonly=on");
         }
+        if d.direct {
+            drive.push_str(",cache=none");
+        }
         let mut device = format!("virtio-blk-pci,drive=disk{i}");
         if !d.serial.is_empty() {
             device.push_str(&format!(",serial={}", d.serial.replace(',', ",,")));
         }
         a.extend(["-drive".into(), drive, "-device".into(), device]);
+    }
+    for (i, p) in domain.pmem.iter().enumerate() {
+        let file = p.file.display().to_string();
+        a.extend(crate::render::pmem_qemu_args(&p.id, i, &file, p.bytes));
     }
     a
 }

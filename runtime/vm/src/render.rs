@@ -24,7 +24,7 @@ mod libvirt;
 
 pub use cloud_hypervisor::cloud_hypervisor_json;
 pub use firecracker::{FIRECRACKER_MAX_VCPUS, firecracker_json};
-pub use libvirt::{LABELS_NAMESPACE, libvirt_xml};
+pub use libvirt::{LABELS_NAMESPACE, QEMU_NAMESPACE, libvirt_xml, pmem_qemu_args};
 
 /// What a disk is to the VM; decides its order and its flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -38,6 +38,25 @@ pub enum DiskRole {
     /// The cloud-init NoCloud seed, read-only.
     Seed,
 }
+
+/// How a disk reaches the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DiskDevice {
+    /// A virtio disk, read through the host's page cache.
+    #[default]
+    Virtio,
+    /// A virtio disk read past the host's page cache (`O_DIRECT`): no
+    /// host page it reads is one another VM's process reads too.
+    VirtioDirect,
+    /// Persistent memory (virtio-pmem) of `bytes`, the file mapped
+    /// read-only and private: the guest maps its pages with DAX, and
+    /// every VM mapping the file reads the same host pages. Shared
+    /// partitions only; `bytes` is the file's size, a multiple of 2 MiB.
+    Pmem { bytes: u64 },
+}
+
+/// A multiple of which persistent memory is sized.
+pub const PMEM_ALIGN: u64 = 2 << 20;
 
 /// A disk provd attaches, with its resolved host path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +74,9 @@ pub struct AttachedDisk {
     /// Attach read-only. Must be true for the shared partition and the
     /// seed and false for the private root; a data disk may be either.
     pub read_only: bool,
+    /// How it reaches the guest; other than [`DiskDevice::Virtio`] only
+    /// for a shared partition.
+    pub device: DiskDevice,
 }
 
 /// A virtio-fs export of a directory-format shared partition.
@@ -177,6 +199,7 @@ struct Disk<'a> {
     path: &'a str,
     format: DiskFormat,
     read_only: bool,
+    device: DiskDevice,
     /// Field an error about this disk names: the spec's `disks[i]` for a
     /// data disk, the input's entry otherwise.
     field: String,
@@ -361,12 +384,37 @@ fn plan_disks<'a>(input: &'a RenderInput) -> Result<Vec<Disk<'a>>, RenderError> 
             }
             _ => {}
         }
+        match d.device {
+            DiskDevice::Virtio => {}
+            _ if d.role != DiskRole::Shared => {
+                return Err(RenderError::field(
+                    format!("{f}.device"),
+                    "only a shared partition is attached other than as a virtio disk",
+                ));
+            }
+            DiskDevice::VirtioDirect => {}
+            DiskDevice::Pmem { bytes } => {
+                if d.format != DiskFormat::Raw {
+                    return Err(RenderError::field(
+                        format!("{f}.format"),
+                        "persistent memory maps a raw image",
+                    ));
+                }
+                if bytes == 0 || bytes % PMEM_ALIGN != 0 {
+                    return Err(RenderError::field(
+                        format!("{f}.device"),
+                        format!("persistent memory of {bytes} bytes: not a multiple of 2 MiB"),
+                    ));
+                }
+            }
+        }
         disks.push(Disk {
             role: d.role,
             name: &d.name,
             path,
             format: d.format,
             read_only: d.read_only,
+            device: d.device,
             field,
         });
     }

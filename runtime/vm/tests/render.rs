@@ -14,7 +14,7 @@ use std::process::Command;
 
 use provd_domain::{CpuMode, DomainType, Machine};
 use provd_vm::render::{
-    AttachedDisk, DiskFormat, DiskRole, RenderError, RenderInput, Rendered, SharedDir,
+    AttachedDisk, DiskDevice, DiskFormat, DiskRole, RenderError, RenderInput, Rendered, SharedDir,
     cloud_hypervisor_json, firecracker_json, libvirt_xml, render,
 };
 use provd_vm::spec::{Boot, Hypervisor, VmSpec, generated_mac, parse_spec};
@@ -61,6 +61,7 @@ fn fixed_input(spec: &VmSpec) -> RenderInput<'_> {
             path: format!("{PARTITIONS}/shared.erofs").into(),
             format: DiskFormat::Raw,
             read_only: true,
+            device: DiskDevice::Virtio,
         },
         AttachedDisk {
             role: DiskRole::Private,
@@ -68,6 +69,7 @@ fn fixed_input(spec: &VmSpec) -> RenderInput<'_> {
             path: format!("{PARTITIONS}/private.ext4").into(),
             format: DiskFormat::Raw,
             read_only: false,
+            device: DiskDevice::Virtio,
         },
     ];
     if spec.cloud_init.is_some() {
@@ -77,6 +79,7 @@ fn fixed_input(spec: &VmSpec) -> RenderInput<'_> {
             path: format!("{vm_dir}/seed.iso").into(),
             format: DiskFormat::Raw,
             read_only: true,
+            device: DiskDevice::Virtio,
         });
     }
     for d in spec.disks.iter().rev() {
@@ -86,6 +89,7 @@ fn fixed_input(spec: &VmSpec) -> RenderInput<'_> {
             path: format!("{vm_dir}/data-{}.{}", d.name, d.format.as_str()).into(),
             format: d.format,
             read_only: false,
+            device: DiskDevice::Virtio,
         });
     }
     let (kernel, initrd) = match &spec.boot {
@@ -828,6 +832,7 @@ fn with_shared_disks(mut input: RenderInput<'_>, n: usize) -> RenderInput<'_> {
             path: format!("{PARTITIONS}/shared-{i}.erofs").into(),
             format: DiskFormat::Raw,
             read_only: true,
+            device: DiskDevice::Virtio,
         });
     }
     input

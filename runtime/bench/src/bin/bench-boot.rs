@@ -170,6 +170,7 @@ async fn main() -> Result<()> {
             .arg(format!("{}k", size / 1024)))?;
         let mut plain_domain = provd_domain.clone();
         plain_domain.disks.retain(|d| d.serial != "root" && !d.serial.starts_with("shared-"));
+        plain_domain.pmem.clear();
         plain_domain.disks.insert(
             0,
             provd_vm::qemu::QemuDisk {
@@ -177,6 +178,7 @@ async fn main() -> Result<()> {
                 format: "raw".into(),
                 read_only: false,
                 serial: "root".into(),
+                direct: false,
             },
         );
         let layouts = [

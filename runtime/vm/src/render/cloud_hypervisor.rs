@@ -7,7 +7,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::{BootPlan, DiskFormat, NicBackend, RenderError, RenderInput, plan};
+use super::{BootPlan, DiskDevice, DiskFormat, NicBackend, RenderError, RenderInput, plan};
 use crate::spec::Firmware;
 
 /// The `vm.create` body for `input`.
@@ -73,26 +73,42 @@ pub fn cloud_hypervisor_json(input: &RenderInput) -> Result<Value, RenderError> 
     };
     vm.insert("payload".into(), Value::Object(payload));
 
-    let disks: Vec<Value> = p
-        .disks
-        .iter()
-        .map(|d| {
-            json!({
-                "id": d.name,
-                "path": d.path,
-                "readonly": d.read_only,
-                // The guest finds the disk by it (/dev/disk/by-id/virtio-<name>).
-                "serial": d.name,
-                // Explicit, so a raw image whose first bytes look like a
-                // qcow2 header is never probed as one.
-                "image_type": match d.format {
-                    DiskFormat::Raw => "Raw",
-                    DiskFormat::Qcow2 => "Qcow2",
-                },
-            })
-        })
-        .collect();
+    let mut disks = Vec::with_capacity(p.disks.len());
+    let mut pmem = Vec::new();
+    for d in &p.disks {
+        if let DiskDevice::Pmem { bytes } = d.device {
+            // discard_writes: the file is opened read-only and mapped
+            // private, so that a guest's writes never reach it.
+            pmem.push(json!({
+                "id": d.name, "file": d.path, "size": bytes, "discard_writes": true,
+            }));
+            continue;
+        }
+        let mut disk = json!({
+            "id": d.name,
+            "path": d.path,
+            "readonly": d.read_only,
+            // The guest finds the disk by it (/dev/disk/by-id/virtio-<name>).
+            "serial": d.name,
+            // Explicit, so a raw image whose first bytes look like a
+            // qcow2 header is never probed as one.
+            "image_type": match d.format {
+                DiskFormat::Raw => "Raw",
+                DiskFormat::Qcow2 => "Qcow2",
+            },
+        });
+        if d.device == DiskDevice::VirtioDirect
+            && let Some(m) = disk.as_object_mut()
+        {
+            // O_DIRECT: past the host's page cache.
+            m.insert("direct".into(), json!(true));
+        }
+        disks.push(disk);
+    }
     vm.insert("disks".into(), Value::Array(disks));
+    if !pmem.is_empty() {
+        vm.insert("pmem".into(), Value::Array(pmem));
+    }
 
     let mut net = Vec::with_capacity(p.nics.len());
     for nic in &p.nics {

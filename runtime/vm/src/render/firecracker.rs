@@ -7,7 +7,9 @@
 
 use serde_json::{Map, Value, json};
 
-use super::{BootPlan, DiskFormat, DiskRole, NicBackend, RenderError, RenderInput, plan};
+use super::{
+    BootPlan, DiskDevice, DiskFormat, DiskRole, NicBackend, RenderError, RenderInput, plan,
+};
 
 /// Firecracker's `MAX_SUPPORTED_VCPUS` (`vmm_config/machine_config.rs`).
 pub const FIRECRACKER_MAX_VCPUS: u32 = 32;
@@ -68,7 +70,26 @@ pub fn firecracker_json(input: &RenderInput) -> Result<Value, RenderError> {
     }
 
     let mut drives = Vec::with_capacity(p.disks.len());
+    let mut pmem = Vec::new();
     for d in &p.disks {
+        match d.device {
+            DiskDevice::Virtio => {}
+            DiskDevice::VirtioDirect => {
+                return Err(RenderError::field(
+                    format!("{}.device", d.field),
+                    "firecracker cannot read a disk past the host's page cache",
+                ));
+            }
+            DiskDevice::Pmem { .. } => {
+                // Firecracker 1.14's pmem device; read_only maps the file
+                // read-only, so no guest write reaches it.
+                pmem.push(json!({
+                    "id": d.name, "path_on_host": d.path,
+                    "root_device": false, "read_only": true,
+                }));
+                continue;
+            }
+        }
         if d.format != DiskFormat::Raw {
             // d.field is the spec's disks[i] for a data disk, the input's
             // entry for provd's own disks.
@@ -105,7 +126,7 @@ pub fn firecracker_json(input: &RenderInput) -> Result<Value, RenderError> {
         }
     }
 
-    Ok(json!({
+    let mut config = json!({
         "boot-source": Value::Object(boot),
         "drives": drives,
         "machine-config": {
@@ -114,5 +135,11 @@ pub fn firecracker_json(input: &RenderInput) -> Result<Value, RenderError> {
             "smt": smt,
         },
         "network-interfaces": ifaces,
-    }))
+    });
+    if !pmem.is_empty()
+        && let Some(m) = config.as_object_mut()
+    {
+        m.insert("pmem".into(), Value::Array(pmem));
+    }
+    Ok(config)
 }

@@ -8,11 +8,44 @@ use std::io;
 use quick_xml::Writer;
 use quick_xml::events::{BytesDecl, BytesText, Event};
 
-use super::{BootPlan, DiskRole, NicBackend, Plan, RenderError, RenderInput, plan};
+use super::{BootPlan, DiskDevice, DiskRole, NicBackend, Plan, RenderError, RenderInput, plan};
 use crate::spec::Firmware;
 
 /// XML namespace of the labels in a domain's `<metadata>`.
 pub const LABELS_NAMESPACE: &str = "https://provd.invalid/xmlns/labels/1";
+/// libvirt's namespace for arguments passed to QEMU as they are.
+pub const QEMU_NAMESPACE: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
+
+/// The persistent-memory disks of a plan: (id, path, bytes), in attach
+/// order.
+fn pmem_disks<'a>(p: &'a Plan) -> Vec<(&'a str, &'a str, u64)> {
+    p.disks
+        .iter()
+        .filter_map(|d| match d.device {
+            DiskDevice::Pmem { bytes } => Some((d.name, d.path, bytes)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// QEMU's arguments for persistent memory: each file a
+/// `memory-backend-file` opened read-only and mapped private
+/// (`readonly=on,share=off`), so that no guest write reaches it, on a
+/// `virtio-pmem-pci` device. libvirt's own `<memory model='virtio-pmem'>`
+/// maps the file shared and writable (libvirt 9 refuses private access
+/// for it), which would let a guest change what other VMs map; so the
+/// devices are passed to QEMU as arguments, as JSON, whose quoting is
+/// the library's. `<maxMemory>` and a NUMA cell give QEMU the room for
+/// device memory they need.
+pub fn pmem_qemu_args(id: &str, index: usize, path: &str, bytes: u64) -> [String; 4] {
+    let memdev = format!("provd-pmem{index}");
+    let object = serde_json::json!({
+        "qom-type": "memory-backend-file", "id": memdev, "mem-path": path,
+        "size": bytes, "share": false, "readonly": true,
+    });
+    let device = serde_json::json!({"driver": "virtio-pmem-pci", "memdev": memdev, "id": id});
+    ["-object".into(), object.to_string(), "-device".into(), device.to_string()]
+}
 
 type W = Writer<Vec<u8>>;
 
@@ -50,7 +83,13 @@ fn write_domain(w: &mut W, p: &Plan) -> io::Result<()> {
     let vcpus = spec.vcpus.to_string();
     w.write_event(Event::Decl(BytesDecl::new("1.0", Some("UTF-8"), None)))?;
     let domain_type = p.machine.domain_type.as_str();
-    w.create_element("domain").with_attribute(("type", domain_type)).write_inner_content(|w| {
+    let domain = w.create_element("domain").with_attribute(("type", domain_type));
+    let domain = if pmem_disks(p).is_empty() {
+        domain
+    } else {
+        domain.with_attribute(("xmlns:qemu", QEMU_NAMESPACE))
+    };
+    domain.write_inner_content(|w| {
         text(w, "name", &spec.name)?;
         text(w, "uuid", &p.uuid)?;
         if !spec.labels.is_empty() {
@@ -67,6 +106,17 @@ fn write_domain(w: &mut W, p: &Plan) -> io::Result<()> {
                     })?;
                 Ok(())
             })?;
+        }
+        let pmem = pmem_disks(p);
+        if !pmem.is_empty() {
+            // Room for every device in whole MiB beyond the guest's memory.
+            let extra: u64 = pmem.iter().map(|(_, _, b)| b.div_ceil(1 << 20)).sum();
+            w.create_element("maxMemory")
+                .with_attribute(("slots", pmem.len().to_string().as_str()))
+                .with_attribute(("unit", "MiB"))
+                .write_text_content(BytesText::new(
+                    &spec.memory_mib.saturating_add(extra).to_string(),
+                ))?;
         }
         w.create_element("memory")
             .with_attribute(("unit", "MiB"))
@@ -97,20 +147,32 @@ fn write_domain(w: &mut W, p: &Plan) -> io::Result<()> {
             .create_element("cpu")
             .with_attribute(("mode", p.machine.cpu_mode.as_str()))
             .with_attribute(("check", "none"));
-        match &spec.topology {
-            Some(t) => {
-                cpu.write_inner_content(|w| {
+        if spec.topology.is_none() && pmem.is_empty() {
+            cpu.write_empty()?;
+        } else {
+            cpu.write_inner_content(|w| {
+                if let Some(t) = &spec.topology {
                     w.create_element("topology")
                         .with_attribute(("sockets", t.sockets.to_string().as_str()))
                         .with_attribute(("cores", t.cores.to_string().as_str()))
                         .with_attribute(("threads", t.threads.to_string().as_str()))
                         .write_empty()?;
-                    Ok(())
-                })?;
-            }
-            None => {
-                cpu.write_empty()?;
-            }
+                }
+                if !pmem.is_empty() {
+                    // libvirt wants a NUMA node wherever device memory is.
+                    let cpus = format!("0-{}", spec.vcpus.saturating_sub(1));
+                    w.create_element("numa").write_inner_content(|w| {
+                        w.create_element("cell")
+                            .with_attribute(("id", "0"))
+                            .with_attribute(("cpus", cpus.as_str()))
+                            .with_attribute(("memory", mem.as_str()))
+                            .with_attribute(("unit", "MiB"))
+                            .write_empty()?;
+                        Ok(())
+                    })?;
+                }
+                Ok(())
+            })?;
         }
         w.create_element("clock").with_attribute(("offset", "utc")).write_empty()?;
         text(w, "on_poweroff", "destroy")?;
@@ -127,6 +189,18 @@ fn write_domain(w: &mut W, p: &Plan) -> io::Result<()> {
                 .with_attribute(("model", "dac"))
                 .with_attribute(("relabel", "no"))
                 .write_inner_content(|w| text(w, "label", &label))?;
+        }
+        if !pmem.is_empty() {
+            w.create_element("qemu:commandline").write_inner_content(|w| {
+                for (index, (id, path, bytes)) in pmem.iter().enumerate() {
+                    for arg in pmem_qemu_args(id, index, path, *bytes) {
+                        w.create_element("qemu:arg")
+                            .with_attribute(("value", arg.as_str()))
+                            .write_empty()?;
+                    }
+                }
+                Ok(())
+            })?;
         }
         Ok(())
     })?;
@@ -177,16 +251,27 @@ fn write_devices(w: &mut W, p: &Plan) -> io::Result<()> {
     // by the label `cidata` on any block device, and kernels built for
     // virtual machines (Debian's cloud kernel) have no SATA driver for a
     // CD-ROM on q35.
-    for (i, d) in p.disks.iter().enumerate() {
+    // Persistent memory is no disk: it is QEMU's arguments (see
+    // `pmem_qemu_args`), and takes no disk name.
+    let disks = p.disks.iter().filter(|d| !matches!(d.device, DiskDevice::Pmem { .. }));
+    for (i, d) in disks.enumerate() {
         let target = disk_target("vd", i);
         w.create_element("disk")
             .with_attribute(("type", "file"))
             .with_attribute(("device", "disk"))
             .write_inner_content(|w| {
-                w.create_element("driver")
+                let driver = w
+                    .create_element("driver")
                     .with_attribute(("name", "qemu"))
-                    .with_attribute(("type", d.format.as_str()))
-                    .write_empty()?;
+                    .with_attribute(("type", d.format.as_str()));
+                // cache='none' opens the file O_DIRECT, past the host's
+                // page cache.
+                let driver = if d.device == DiskDevice::VirtioDirect {
+                    driver.with_attribute(("cache", "none")).with_attribute(("io", "native"))
+                } else {
+                    driver
+                };
+                driver.write_empty()?;
                 w.create_element("source").with_attribute(("file", d.path)).write_empty()?;
                 w.create_element("target")
                     .with_attribute(("dev", target.as_str()))

@@ -182,6 +182,12 @@ pub struct VmSpec {
     /// Free-form labels, carried into the hypervisor's metadata.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// How its shared partitions reach the guest: `pmem` (persistent
+    /// memory mapped with DAX) or `block` (read-only disks). Absent: what
+    /// the node's `[policy] shared-attach` says, where the hypervisor and
+    /// the partition allow it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_attach: Option<provd_domain::attach::SharedAttach>,
 }
 
 /// The hypervisors provd renders configurations for.
