@@ -138,3 +138,62 @@ pub fn console(serial_log: &Path, started: Instant, timeout: Duration) -> Result
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// The pid of the QEMU that libvirt runs domain `name` in, while it runs.
+pub fn qemu_pid(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid")).ok()?;
+    let pid: u32 = text.trim().parse().ok()?;
+    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+}
+
+/// Resident and proportional KiB of process `pid`'s mappings of the file
+/// with inode `ino` (`/proc/PID/smaps`): a PSS below the RSS means other
+/// processes map some of the same pages.
+pub fn mapped_kib(pid: u32, ino: u64) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut rss, mut pss, mut ours) = (0u64, 0u64, false);
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            // A mapping's header: address perms offset dev inode path.
+            ours = line.split_whitespace().nth(4).and_then(|i| i.parse::<u64>().ok()) == Some(ino);
+            continue;
+        }
+        let kib = || words.clone().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        match first {
+            "Rss:" if ours => rss += kib(),
+            "Pss:" if ours => pss += kib(),
+            _ => {}
+        }
+    }
+    Some((rss, pss))
+}
+
+/// Samples, while `names` all run, the KiB each one's QEMU maps of the
+/// file with inode `ino`, every 200 ms until `stop` is set; keeps the
+/// sample where the smallest of their RSS was largest.
+pub fn sample_shared_mappings(
+    names: &[&str],
+    ino: u64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Vec<(String, u64, u64)> {
+    let mut best: Vec<(String, u64, u64)> = Vec::new();
+    let least = |v: &[(String, u64, u64)]| v.iter().map(|s| s.1).min().unwrap_or(0);
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let sample: Option<Vec<(String, u64, u64)>> = names
+            .iter()
+            .map(|n| {
+                let (rss, pss) = mapped_kib(qemu_pid(n)?, ino)?;
+                Some((n.to_string(), rss, pss))
+            })
+            .collect();
+        if let Some(s) = sample
+            && (best.is_empty() || least(&s) > least(&best))
+        {
+            best = s;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    best
+}

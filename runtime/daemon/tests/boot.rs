@@ -248,7 +248,10 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
         let disk = |serial: &str| -> PathBuf {
             parsed.disks.iter().find(|d| d.serial == serial).unwrap().file.clone()
         };
-        let shared_disk = disk("shared-0");
+        // The shared partition is persistent memory, mapped with DAX.
+        assert_eq!(parsed.pmem.len(), 1, "{name}: {parsed:?}");
+        assert!(parsed.disks.iter().all(|d| !d.serial.starts_with("shared-")), "{parsed:?}");
+        let shared_disk = parsed.pmem[0].file.clone();
         let private_disk = disk("root");
         let shared_before = file_digest(&shared_disk).unwrap();
         let private_before = file_digest(&private_disk).unwrap();
@@ -291,10 +294,19 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
         let disks = first.facts("disk");
         assert!(disks.iter().any(|d| d.contains(" root node=yes")), "{name}: {disks:?}\n{context}");
         assert!(
-            disks.iter().filter(|d| d.contains(" shared-")).all(|d| d.ends_with("node=no"))
-                && disks.iter().any(|d| d.contains(" shared-")),
+            disks.iter().filter(|d| d.contains(" pmem ")).all(|d| d.ends_with("node=no"))
+                && disks.iter().any(|d| d.contains(" pmem ")),
             "{name}: {disks:?}"
         );
+        assert_eq!(first.facts("attached"), ["0 pmem0 dax=on"], "{name}:\n{context}");
+        assert!(
+            context.contains("provd-overlay-root: shared partition 0 on pmem0: dax on"),
+            "{name}: the console does not say DAX is on:\n{context}"
+        );
+        // The guest wrote to its persistent memory; the host's file is
+        // checked unchanged below, and the next boot finds no trace of it.
+        assert_eq!(first.facts("pmem-before"), ["pmem0 clean"], "{name}:\n{context}");
+        assert_eq!(first.facts("pmem-write").len(), 1, "{name}:\n{context}");
         // Every disk read raw: the other tenant's secret is on none.
         let absent = first.facts("absent");
         assert!(absent.len() >= 2, "{name}: disks scanned: {absent:?}\n{context}");
@@ -316,6 +328,7 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
             second.text()
         );
         assert_eq!(second.facts("sha256"), expected, "{name}:\n{}", second.text());
+        assert_eq!(second.facts("pmem-before"), ["pmem0 clean"], "{name}:\n{}", second.text());
         // Writes land in the private partition; the shared one is as built.
         assert_eq!(file_digest(&shared_disk).unwrap(), shared_before, "{name}");
         assert_ne!(file_digest(&private_disk).unwrap(), private_before, "{name}");
@@ -382,6 +395,18 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
     // by it, whose root stacks the layers the first operation built.
     let log = |vm: &str| node.data.join("vms").join(vm).join("serial.log");
     let _ = std::fs::remove_file(log("web-1"));
+    // While both run, their QEMU processes map the shared partition's
+    // file: the pages both guests read are the same host pages.
+    let web1_domain = std::fs::read_to_string(node.data.join("vms/web-1/domain.xml")).unwrap();
+    let shared_file = provd_vm::qemu::parse_domain(&web1_domain).unwrap().pmem[0].file.clone();
+    let shared_ino = std::fs::metadata(&shared_file).unwrap().ino();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            provd_tests::libvirt::sample_shared_mappings(&["web-1", "web-3"], shared_ino, &stop)
+        })
+    };
     let started = std::time::Instant::now();
     let answer = c.post_json("/v1/vms/web-1/start", &json!({})).await.unwrap().body;
     assert_eq!(answer["state"], "running", "{answer:#}");
@@ -401,6 +426,15 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
         .unwrap_or_else(|e| panic!("web-1 through libvirtd: {e}"));
     let web3 = provd_tests::libvirt::console(&log("web-3"), started, BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("web-3 through libvirtd: {e}"));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mapped = sampler.join().unwrap();
+    eprintln!(
+        "shared partition mapped by the two QEMUs at once (name, Rss KiB, Pss KiB): {mapped:?}"
+    );
+    assert_eq!(mapped.len(), 2, "web-1 and web-3 never mapped the shared partition at once");
+    for (vm, rss, pss) in &mapped {
+        assert!(*rss > 0 && pss < rss, "{vm}: no page of the partition shared: {mapped:?}");
+    }
     for vm in ["web-1", "web-3"] {
         let stopped = c.post_json(&format!("/v1/vms/{vm}/stop"), &json!({"force": true})).await;
         assert_eq!(stopped.unwrap().body["state"], "shut off", "{vm}");

@@ -548,6 +548,18 @@ const CH_CONSOLE: Schema = Schema {
 };
 // VmConfig: the objects provd does not write are typed Str so that any use
 // of them fails the type check and gets its own schema here first.
+const CH_PMEM: Schema = Schema {
+    name: "PmemConfig",
+    fields: &[
+        ("file", Ty::Str),
+        ("size", Ty::Int),
+        ("iommu", Ty::Bool),
+        ("discard_writes", Ty::Bool),
+        ("pci_segment", Ty::Int),
+        ("id", Ty::Str),
+    ],
+    required: &["file"],
+};
 const CH_VM: Schema = Schema {
     name: "VmConfig",
     fields: &[
@@ -561,7 +573,7 @@ const CH_VM: Schema = Schema {
         ("balloon", Ty::Str),
         ("fs", Ty::Arr(&CH_FS)),
         ("generic_vhost_user", Ty::Str),
-        ("pmem", Ty::Str),
+        ("pmem", Ty::Arr(&CH_PMEM)),
         ("serial", Ty::Obj(&CH_SERIAL)),
         ("console", Ty::Obj(&CH_CONSOLE)),
         ("debug_console", Ty::Str),
@@ -590,7 +602,7 @@ fn check_cloud_hypervisor(v: &Value) {
     let payload = v["payload"].as_object().unwrap();
     assert!(payload.contains_key("kernel") ^ payload.contains_key("firmware"), "{payload:?}");
     let mut ids = BTreeSet::new();
-    for list in ["disks", "net", "fs"] {
+    for list in ["disks", "net", "fs", "pmem"] {
         for d in v[list].as_array().map(|a| a.as_slice()).unwrap_or_default() {
             assert!(ids.insert(d["id"].as_str().unwrap().to_string()), "duplicate id {d}");
         }
@@ -647,6 +659,16 @@ const FC_NET: Schema = Schema {
     ],
     required: &["iface_id", "host_dev_name"],
 };
+const FC_PMEM: Schema = Schema {
+    name: "PmemConfig",
+    fields: &[
+        ("id", Ty::Str),
+        ("path_on_host", Ty::Str),
+        ("root_device", Ty::Bool),
+        ("read_only", Ty::Bool),
+    ],
+    required: &["id", "path_on_host"],
+};
 const FC_VMM: Schema = Schema {
     name: "VmmConfig",
     fields: &[
@@ -661,7 +683,7 @@ const FC_VMM: Schema = Schema {
         ("network-interfaces", Ty::Arr(&FC_NET)),
         ("vsock", Ty::Str),
         ("entropy", Ty::Str),
-        ("pmem", Ty::Str),
+        ("pmem", Ty::Arr(&FC_PMEM)),
         ("memory-hotplug", Ty::Str),
     ],
     // `drives` has no serde default in VmmConfig, so it must be present.
@@ -875,4 +897,92 @@ fn several_shared_partitions_are_attached_in_order_read_only_and_bounded() {
         }
     });
     assert!(e.to_string().contains("shared-<n>"), "{e}");
+}
+
+/// `with_shared_disks`, each shared disk reaching the guest as `device`.
+fn shared_as(input: RenderInput<'_>, n: usize, device: DiskDevice) -> RenderInput<'_> {
+    let mut input = with_shared_disks(input, n);
+    for d in input.disks.iter_mut().filter(|d| d.role == DiskRole::Shared) {
+        d.device = device;
+    }
+    input
+}
+
+#[test]
+fn shared_partitions_as_persistent_memory_are_mapped_read_only_by_every_hypervisor() {
+    let pmem = DiskDevice::Pmem { bytes: 6 << 20 };
+    // libvirt: QEMU's own read-only, private backend (libvirt's
+    // virtio-pmem would map the file shared and writable), device memory
+    // room and a NUMA cell; the domain validates and boots under plain
+    // qemu with the same devices.
+    let web = load("web");
+    let xml = libvirt_xml(&shared_as(fixed_input(&web), 2, pmem)).unwrap();
+    virt_xml_validate(&xml);
+    assert!(!xml.contains("shared-0.erofs\"/>"), "a pmem partition is no disk:\n{xml}");
+    assert!(!xml.contains("<memory model"), "{xml}");
+    assert!(xml.contains(r#"<maxMemory slots="2" unit="MiB">"#), "{xml}");
+    assert!(xml.contains("<cell id=\"0\""), "{xml}");
+    let domain = provd_vm::qemu::parse_domain(&xml).unwrap();
+    assert_eq!(domain.pmem.len(), 2);
+    assert_eq!(domain.pmem[1].id, "shared-1");
+    assert_eq!(domain.pmem[1].bytes, 6 << 20);
+    assert!(domain.disks.iter().all(|d| !d.serial.starts_with("shared-")));
+    let args = provd_vm::qemu::qemu_args(&domain, provd_vm::qemu::Accel::Tcg).join(" ");
+    assert!(
+        args.contains(&format!("-m {}M,slots=2,maxmem={}M", web.memory_mib, web.memory_mib + 12)),
+        "{args}"
+    );
+    let backends: Vec<Value> = args
+        .split(" -object ")
+        .skip(1)
+        .map(|a| serde_json::from_str(a.split(" -device ").next().unwrap()).unwrap())
+        .collect();
+    assert_eq!(backends.len(), 2, "{args}");
+    for b in &backends {
+        assert_eq!((&b["readonly"], &b["share"]), (&Value::Bool(true), &Value::Bool(false)), "{b}");
+    }
+    // A plain boot passes on no other QEMU argument.
+    let tampered = xml.replacen("&quot;readonly&quot;:true", "&quot;readonly&quot;:false", 1);
+    assert_ne!(tampered, xml);
+    let e = provd_vm::qemu::parse_domain(&tampered).unwrap_err();
+    assert!(e.to_string().contains("read-only persistent memory"), "{e}");
+
+    // Cloud Hypervisor: pmem with discard_writes (read-only, private).
+    let api = load("api");
+    let ch = cloud_hypervisor_json(&shared_as(fixed_input(&api), 1, pmem)).unwrap();
+    check_cloud_hypervisor(&ch);
+    assert_eq!(ch["pmem"][0]["discard_writes"], Value::Bool(true), "{ch}");
+    assert_eq!(ch["pmem"][0]["size"], 6 << 20);
+    assert!(ch["disks"].as_array().unwrap().iter().all(|d| d["id"] != "shared-0"));
+
+    // Firecracker 1.14: pmem, read-only.
+    let edge = load("edge");
+    let fc = firecracker_json(&shared_as(fixed_input(&edge), 1, pmem)).unwrap();
+    check_firecracker(&fc);
+    assert_eq!(fc["pmem"][0]["read_only"], Value::Bool(true), "{fc}");
+    assert_eq!(fc["pmem"][0]["root_device"], Value::Bool(false), "{fc}");
+
+    // Read past the host's page cache: libvirt cache='none', Cloud
+    // Hypervisor direct; Firecracker cannot, and says so.
+    let direct = DiskDevice::VirtioDirect;
+    let xml = libvirt_xml(&shared_as(fixed_input(&web), 1, direct)).unwrap();
+    virt_xml_validate(&xml);
+    assert_eq!(xml.matches(r#"cache="none""#).count(), 1, "{xml}");
+    let domain = provd_vm::qemu::parse_domain(&xml).unwrap();
+    assert!(domain.disks.iter().find(|d| d.serial == "shared-0").unwrap().direct);
+    let ch = cloud_hypervisor_json(&shared_as(fixed_input(&api), 1, direct)).unwrap();
+    check_cloud_hypervisor(&ch);
+    assert_eq!(ch["disks"][1]["direct"], Value::Bool(true), "{ch}");
+    let e = firecracker_json(&shared_as(fixed_input(&edge), 1, direct)).unwrap_err();
+    assert!(field_of(&e).ends_with(".device") && e.to_string().contains("page cache"), "{e}");
+
+    // What cannot be mapped is refused, naming the input.
+    let e = render_err(&web, |i| *i = shared_as(i.clone(), 1, DiskDevice::Pmem { bytes: 3 << 20 }));
+    assert!(e.to_string().contains("multiple of 2 MiB"), "{e}");
+    let e = render_err(&web, |i| {
+        if let Some(d) = i.disks.iter_mut().find(|d| d.role == DiskRole::Private) {
+            d.device = pmem;
+        }
+    });
+    assert!(e.to_string().contains("only a shared partition"), "{e}");
 }
