@@ -76,6 +76,11 @@ vm-cmdlines = ["console=ttyS0 *"]
 # Any other image is its VM's tenant's own.
 [sharing]
 public-images = ["dir:$(pwd)/images/web", "dir:$(pwd)/images/api", "dir:$(pwd)/images/db"]
+# One provider's demo node: the catalogue's partitions are persistent memory
+# that every guest maps with DAX, one copy in host memory. A node of many
+# customers leaves this false (the default): host pages two tenants' guests
+# read are a timing side channel between them (docs/security.md).
+share-public-memory = true
 
 [capacity]
 vcpus = 8

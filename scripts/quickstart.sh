@@ -12,7 +12,8 @@
 #      public catalogue's layers and nothing of the first tenant's;
 #   6. stops the node and verifies the result: each VM's private partition
 #      on its shared layers equals its image, each domain XML is valid;
-#   7. with PROVD_QUICKSTART_BOOT=1, hands the node's VMs to the machine's
+#   7. with PROVD_QUICKSTART_BOOT=1 (which also prints whether the guest maps
+#      its shared partition with DAX), hands the node's VMs to the machine's
 #      libvirtd (started here if no service manager runs it), provisions
 #      web-boot, a VM of the web image set up to boot Debian's cloud kernel
 #      with provd's initramfs, and after the verification starts it through
@@ -239,6 +240,14 @@ if [ "$boot" = 1 ]; then
   grep -q '^provd-check: root overlay' "$console" \
     || { echo "quickstart: web-boot did not report an overlay root; see $console" >&2; exit 1; }
   echo "quickstart: web-boot booted from its partitions; full console in $console"
+  # Its shared partition is persistent memory, which the guest maps with DAX
+  # where its kernel allows: say which.
+  dax=$(sed -n 's/^provd-overlay-root: shared partition \([0-9]*\) on \([a-z0-9]*\): dax \(.*\)/shared partition \1 on \2: DAX \3/p' "$console")
+  if [ -n "$dax" ]; then
+    echo "quickstart: web-boot's $dax"
+  else
+    echo "quickstart: web-boot's shared partitions are block devices (no persistent memory)"
+  fi
 fi
 cat <<EOF2
 
