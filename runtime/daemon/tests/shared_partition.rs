@@ -357,6 +357,103 @@ async fn a_vm_that_does_not_fit_fails_the_request_and_nothing_of_it_stays() {
     assert_eq!(audit["audit"][0]["function"], "configure-all", "{audit}");
 }
 
+/// How shared partitions reach guests: persistent memory by default, a
+/// disk where the request asks (the plugin's `shared-attach`, which its
+/// grant may set) or the format cannot be mapped (lz4), and nowhere
+/// persistent memory on a node whose policy is disks.
+#[tokio::test(flavor = "multi_thread")]
+async fn shared_partitions_are_persistent_memory_unless_the_request_format_or_node_says_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    for (name, own) in [("web", 3u8), ("api", 4)] {
+        let root = images.join(name);
+        std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+        std::fs::write(root.join("usr/lib/libc.so.6"), content(1, 300_000)).unwrap();
+        std::fs::write(root.join("usr/lib/own.bin"), content(own, 100_000)).unwrap();
+    }
+    let sources = format!("[policy]\nimage-sources = [\"dir:{}/**\"]\n", images.display());
+    let (node, c) = shared_partition_node(dir.path(), &format!("{sources}{DEFAULT_EXTRA}")).await;
+    let image = |n: &str| format!("dir:{}", images.join(n).display());
+    let provision = |vms: Vec<Value>, params: Value| {
+        let c = &c;
+        async move {
+            let request = json!({"plugin": "shared-partition", "vms": vms, "params": params});
+            let id = c.provision(&request).await.unwrap().body["operation"]["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            c.wait(&id, |_| {}).await.unwrap()
+        }
+    };
+    let attach_of = |done: &provd_wire::Operation| -> Vec<String> {
+        let vms = done.report_field("output")["vms"].as_array().unwrap().clone();
+        vms.iter()
+            .flat_map(|v| v["shared_attach"].as_array().unwrap().clone())
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let done = provision(vec![spec("web-1", &image("web"))], json!({"min-layer-bytes": 0})).await;
+    assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
+    assert!(attach_of(&done).iter().all(|a| a == "pmem"), "{:?}", attach_of(&done));
+    assert!(done.report_field("fields")["shared-attach"].as_str().unwrap().starts_with("pmem="));
+    let xml = std::fs::read_to_string(node.data.join("vms/web-1/domain.xml")).unwrap();
+    assert!(xml.contains("virtio-pmem-pci") && !xml.contains("shared.erofs\"/>"), "{xml}");
+    // The partition is laid out for it: a multiple of 2 MiB.
+    let shared: Vec<u64> = std::fs::read_dir(node.data.join("partitions"))
+        .unwrap()
+        .filter_map(|e| std::fs::metadata(e.unwrap().path().join("shared.erofs")).ok())
+        .map(|m| m.len())
+        .collect();
+    assert!(!shared.is_empty() && shared.iter().all(|n| n % (2 << 20) == 0), "{shared:?}");
+
+    // The request asks for disks: the plugin sets it on each spec.
+    let done = provision(
+        vec![spec("web-2", &image("web"))],
+        json!({"min-layer-bytes": 0, "shared-attach": "block"}),
+    )
+    .await;
+    assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
+    assert!(attach_of(&done).iter().all(|a| a == "block"), "{:?}", attach_of(&done));
+    // A spec naming one and the request another: refused, naming the field.
+    let mut asked = spec("web-3", &image("web"));
+    asked["shared-attach"] = json!("pmem");
+    let done = provision(vec![asked], json!({"shared-attach": "block"})).await;
+    assert_eq!(done.state.as_str(), "failed", "{done:#?}");
+    assert!(done.error_message().unwrap_or_default().contains("shared-attach"), "{done:#?}");
+    // lz4 is not mapped with DAX: a disk, and the report says so.
+    let done = provision(
+        vec![spec("api-1", &image("api"))],
+        json!({"min-layer-bytes": 0, "shared-format": "erofs-lz4", "node-layers": false}),
+    )
+    .await;
+    assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
+    assert_eq!(attach_of(&done), ["block"], "{done:#?}");
+    drop(node);
+
+    // A node whose policy is disks refuses a spec asking for pmem.
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("{sources}shared-attach = \"block\"\n{DEFAULT_EXTRA}");
+    let (_node, c) = shared_partition_node(dir.path(), &extra).await;
+    let mut asked = spec("web-1", &image("web"));
+    asked["shared-attach"] = json!("pmem");
+    let request = json!({"plugin": "shared-partition", "vms": [asked], "params": {}});
+    let id =
+        c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    let done = c.wait(&id, |_| {}).await.unwrap();
+    assert_eq!(done.state.as_str(), "failed", "{done:#?}");
+    assert!(done.error_message().unwrap_or_default().contains("shared-attach"), "{done:#?}");
+    let done = {
+        let request = json!({"plugin": "shared-partition", "vms": [spec("web-2", &image("web"))]});
+        let id = c.provision(&request).await.unwrap().body["operation"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        c.wait(&id, |_| {}).await.unwrap()
+    };
+    assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
+    assert!(attach_of(&done).iter().all(|a| a == "block"), "{:?}", attach_of(&done));
+}
+
 /// Hosting customers order VMs one at a time: each request shares what the
 /// node holds, VMs come and go, a repack packs what is in use, and every
 /// VM stays exactly its image.

@@ -118,7 +118,7 @@ pub struct VmGrant {
 /// names them) a grant may let a plugin set: all but `name`, which is what
 /// ties a configuration to the manager's spec, and `tenant`, which decides
 /// whose files the VM may reach.
-pub const VM_SPEC_FIELDS: [&str; 10] = [
+pub const VM_SPEC_FIELDS: [&str; 11] = [
     "hypervisor",
     "vcpus",
     "topology",
@@ -129,6 +129,7 @@ pub const VM_SPEC_FIELDS: [&str; 10] = [
     "cloud-init",
     "boot",
     "labels",
+    "shared-attach",
 ];
 
 /// WASI interfaces (version 0.2.x) that Rust's standard library imports

@@ -16,7 +16,7 @@ pub mod spec;
 
 pub use configure::{
     CLOUD_HYPERVISOR_FIRMWARE, Configured, Hosting, VmError, capacity_of, check_grant, configure,
-    delete, domain_uuid, libvirt_domain, parse, recorded_spec, rerender,
+    delete, domain_uuid, libvirt_domain, parse, recorded_spec, rerender, shared_device,
 };
 pub use customize::{
     Customized, customize, end_customization, recover_customizations, restore_seed,

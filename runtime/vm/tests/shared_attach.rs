@@ -1,0 +1,84 @@
+// Tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+//! How a shared partition reaches a guest: the spec's `shared-attach`, the
+//! node's policy, the partition's layout and domain, the hypervisor.
+
+use provd_domain::attach::{SharedAttach, SharedAttachment, SharedDevice, SharingPolicy};
+use provd_vm::render::DiskDevice;
+use provd_vm::shared_device;
+use provd_vm::spec::{Hypervisor, VmSpec, parse_spec};
+
+fn spec(hypervisor: &str, attach: Option<&str>) -> VmSpec {
+    let mut text = format!(
+        "name = \"vm-1\"\nhypervisor = \"{hypervisor}\"\nvcpus = 1\nmemory-mib = 512\n\
+         image = \"dir:/images/web\"\n"
+    );
+    if let Some(a) = attach {
+        text.push_str(&format!("shared-attach = \"{a}\"\n"));
+    }
+    parse_spec(&text).unwrap()
+}
+
+fn partition(pmem_bytes: Option<u64>, public: bool) -> SharedAttachment {
+    SharedAttachment {
+        partition: "p-0123456789abcdef".into(),
+        path: "/var/lib/provd/partitions/p-0123456789abcdef/shared.erofs".into(),
+        device: SharedDevice::Disk,
+        pmem_bytes,
+        public,
+    }
+}
+
+#[test]
+fn a_shared_partition_is_persistent_memory_only_where_spec_node_layout_and_domain_allow() {
+    let node = SharingPolicy::default();
+    let dax = partition(Some(8 << 20), false);
+    let pmem = DiskDevice::Pmem { bytes: 8 << 20 };
+    // The node's default: persistent memory, where the layout allows it.
+    assert_eq!(shared_device(&spec("libvirt", None), &dax, &node).unwrap(), pmem);
+    assert_eq!(shared_device(&spec("cloud-hypervisor", None), &dax, &node).unwrap(), pmem);
+    let lz4 = partition(None, false);
+    assert_eq!(shared_device(&spec("libvirt", None), &lz4, &node).unwrap(), DiskDevice::Virtio);
+    assert_eq!(
+        shared_device(&spec("libvirt", Some("pmem")), &lz4, &node).unwrap(),
+        DiskDevice::Virtio
+    );
+    // A spec may ask for a disk.
+    assert_eq!(
+        shared_device(&spec("libvirt", Some("block")), &dax, &node).unwrap(),
+        DiskDevice::Virtio
+    );
+    // Firecracker gets it only when it asks (it maps pmem from 1.14 on).
+    assert_eq!(shared_device(&spec("firecracker", None), &dax, &node).unwrap(), DiskDevice::Virtio);
+    assert_eq!(shared_device(&spec("firecracker", Some("pmem")), &dax, &node).unwrap(), pmem);
+    // A node of disks refuses a spec asking for persistent memory.
+    let disks = SharingPolicy { attach: SharedAttach::Block, share_public_memory: false };
+    assert_eq!(shared_device(&spec("libvirt", None), &dax, &disks).unwrap(), DiskDevice::Virtio);
+    let e = shared_device(&spec("libvirt", Some("pmem")), &dax, &disks).unwrap_err();
+    assert!(e.to_string().contains("shared-attach") && e.to_string().contains("block"), "{e}");
+    // The public catalogue: read past the host's page cache, whatever the
+    // spec asks, unless the node shares it across tenants.
+    let public = partition(Some(8 << 20), true);
+    for attach in [None, Some("pmem"), Some("block")] {
+        assert_eq!(
+            shared_device(&spec("libvirt", attach), &public, &node).unwrap(),
+            DiskDevice::VirtioDirect
+        );
+    }
+    let e = shared_device(&spec("firecracker", None), &public, &node).unwrap_err();
+    assert!(e.to_string().contains("share-public-memory"), "{e}");
+    let shared = SharingPolicy { attach: SharedAttach::Pmem, share_public_memory: true };
+    assert_eq!(shared_device(&spec("libvirt", None), &public, &shared).unwrap(), pmem);
+    assert_eq!(spec("libvirt", None).hypervisor, Hypervisor::Libvirt);
+}
+
+#[test]
+fn shared_attach_is_pmem_or_block() {
+    let e = VmSpec::from_toml(
+        "name = \"vm-1\"\nhypervisor = \"libvirt\"\nvcpus = 1\nmemory-mib = 512\n\
+         image = \"x\"\nshared-attach = \"dax\"\n",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("shared-attach"), "{e}");
+}
