@@ -10,14 +10,18 @@
 //! overlay, `/etc/os-release` and files from its shared layer and from its
 //! own private files hash as in the image, a file written in the first
 //! boot is there in the second, the shared partition is unchanged, and
-//! cloud-init applied the hostname and SSH key of the seed. A VM of another
+//! cloud-init applied the hostname and SSH key of the seed. The shared
+//! partition is persistent memory the guest mounts with DAX (it says so
+//! from inside); each guest writes to that device at every boot, and the
+//! host's file stays as built. A VM of another
 //! tenant, whose image is web's plus a secret, is provisioned first: no
 //! shared partition is mounted in either guest, and reading every one of
 //! their disks raw finds none of its secret. The node hands its VMs' files
 //! to Debian's libvirtd under its stock configuration, which runs QEMU as
 //! `libvirt-qemu`: web-1 boots a third time, started through provd's API,
 //! beside web-3, provisioned by a later operation on the first one's layers
-//! and started by it.
+//! and started by it; while both run, their QEMU processes map the same
+//! host pages of the shared partition.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -400,6 +404,7 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
     let web1_domain = std::fs::read_to_string(node.data.join("vms/web-1/domain.xml")).unwrap();
     let shared_file = provd_vm::qemu::parse_domain(&web1_domain).unwrap().pmem[0].file.clone();
     let shared_ino = std::fs::metadata(&shared_file).unwrap().ino();
+    let shared_digest = file_digest(&shared_file).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
         let stop = stop.clone();
@@ -438,6 +443,13 @@ async fn two_debian_guests_boot_from_their_partitions_and_see_exactly_their_imag
     for vm in ["web-1", "web-3"] {
         let stopped = c.post_json(&format!("/v1/vms/{vm}/stop"), &json!({"force": true})).await;
         assert_eq!(stopped.unwrap().body["state"], "shut off", "{vm}");
+    }
+    // Both guests wrote to the start of their persistent memory while the
+    // other read its files: the partition is as built.
+    assert_eq!(file_digest(&shared_file).unwrap(), shared_digest);
+    for (vm, console) in [("web-1", &web1), ("web-3", &web3)] {
+        assert_eq!(console.facts("pmem-write").len(), 1, "{vm}:\n{}", console.text());
+        assert_eq!(console.facts("attached"), ["0 pmem0 dax=on"], "{vm}:\n{}", console.text());
     }
     let (_, web_root, web_list) = &lists[0];
     let expected: Vec<String> =

@@ -334,16 +334,7 @@ pub fn configure(
     let dir = vm_dir(store, &spec.name);
     // In an operation, the operation's end makes everything durable with
     // one syncfs; alone, the seed is synced itself.
-    let built = write_vm(
-        spec,
-        &dir,
-        attached,
-        &boot,
-        node.machine,
-        node.access.as_ref(),
-        &node.sharing,
-        operation.is_none(),
-    );
+    let built = write_vm(spec, &dir, attached, &boot, node, operation.is_none());
     match built {
         Ok((config_file, config, disks)) => Ok(Configured {
             name: spec.name.clone(),
@@ -561,11 +552,10 @@ fn write_vm(
     dir: &Path,
     attached: &Attachments,
     boot: &BootFiles,
-    machine: Machine,
-    access: Option<&HypervisorAccess>,
-    sharing: &SharingPolicy,
+    node: &Hosting,
     durable: bool,
 ) -> Result<Written, VmError> {
+    let access = node.access.as_ref();
     let io = |what: String| move |e: std::io::Error| VmError::Failed(format!("{what}: {e}"));
     // A directory left by a crash holds nothing of value: the record that
     // would own it was never committed or has been deleted.
@@ -576,7 +566,7 @@ fn write_vm(
     if let Some(access) = access.filter(|_| spec.hypervisor == crate::spec::Hypervisor::Libvirt) {
         crate::access::record(dir, access)?;
     }
-    record_sharing(dir, sharing)?;
+    record_sharing(dir, &node.sharing)?;
     for d in &spec.disks {
         let (file, format) = data_file(d);
         let path = dir.join(&file);
@@ -605,8 +595,8 @@ fn write_vm(
     let seed = seed_files(&seed_input(spec)).map_err(|e| VmError::Spec(e.to_string()))?;
     write_seed_iso_with(&seed, &dir.join("seed.iso"), durable)
         .map_err(|e| VmError::Failed(e.to_string()))?;
-    let (disks, shared_dirs) = attachments(spec, dir, attached, sharing)?;
-    render_config(spec, dir, disks, shared_dirs, boot, machine, access)
+    let (disks, shared_dirs) = attachments(spec, dir, attached, &node.sharing)?;
+    render_config(spec, dir, disks, shared_dirs, boot, node.machine, access)
 }
 
 /// The spec VM `name` was configured with.

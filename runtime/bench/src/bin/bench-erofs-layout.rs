@@ -21,8 +21,11 @@ use anyhow::{Context, Result};
 use provd_domain::image::{EntryKind, Hash};
 use provd_formats::erofs_writer::{Content, ErofsOptions, Node, write_image};
 
+/// Where each content digest's file is.
+type Objects = HashMap<[u8; 32], PathBuf>;
+
 /// Every entry under `root` as a writer node, and where each content is.
-fn nodes_of(root: &Path) -> Result<(Vec<Node>, HashMap<[u8; 32], PathBuf>)> {
+fn nodes_of(root: &Path) -> Result<(Vec<Node>, Objects)> {
     let mut nodes = Vec::new();
     let mut objects = HashMap::new();
     let mut inodes: HashMap<([u8; 32], u32, u32, u32), u64> = HashMap::new();
