@@ -58,6 +58,16 @@ pub enum DiskDevice {
 /// A multiple of which persistent memory is sized.
 pub const PMEM_ALIGN: u64 = 2 << 20;
 
+/// Largest guest memory whose RAM lies all below 4 GiB on every
+/// renderer's machine. Persistent memory sits above 4 GiB (QEMU's device
+/// memory), and a Linux guest that may see memory there reserves 64 MiB of
+/// bounce buffers (swiotlb) at boot, more than DAX saves it on a small
+/// image. Its virtio devices never use them (virtio does not go through
+/// the DMA API) and its RAM needs none, so a kernel-booted guest of at
+/// most this much memory that attaches persistent memory boots with
+/// `swiotlb=noforce`, unless its command line sets `swiotlb=` itself.
+pub const NO_BOUNCE_BELOW_MIB: u64 = 2048;
+
 /// A disk provd attaches, with its resolved host path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttachedDisk {
@@ -220,7 +230,7 @@ struct NicPlan<'a> {
 
 #[derive(Debug)]
 enum BootPlan<'a> {
-    Kernel { kernel: &'a str, initrd: Option<&'a str>, cmdline: Option<&'a str> },
+    Kernel { kernel: &'a str, initrd: Option<&'a str>, cmdline: Option<String> },
     Firmware { firmware: Firmware, image: Option<&'a str> },
 }
 
@@ -488,7 +498,7 @@ fn plan_boot<'a>(input: &'a RenderInput) -> Result<BootPlan<'a>, RenderError> {
                     ));
                 }
             };
-            Ok(BootPlan::Kernel { kernel, initrd, cmdline: cmdline.as_deref() })
+            Ok(BootPlan::Kernel { kernel, initrd, cmdline: cmdline.clone() })
         }
         Boot::Firmware { firmware } => {
             if input.kernel.is_some() || input.initrd.is_some() {
@@ -528,7 +538,19 @@ fn plan<'a>(input: &'a RenderInput<'a>) -> Result<Plan<'a>, RenderError> {
             Ok(NicPlan { index, mac, backend })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let boot = plan_boot(input)?;
+    let mut boot = plan_boot(input)?;
+    if let BootPlan::Kernel { cmdline, .. } = &mut boot
+        && spec.memory_mib <= NO_BOUNCE_BELOW_MIB
+        && disks.iter().any(|d| matches!(d.device, DiskDevice::Pmem { .. }))
+        && !cmdline.as_deref().unwrap_or_default().contains("swiotlb=")
+    {
+        let mut c = cmdline.take().unwrap_or_default();
+        if !c.is_empty() {
+            c.push(' ');
+        }
+        c.push_str("swiotlb=noforce");
+        *cmdline = Some(c);
+    }
     let mut shared_dirs = Vec::with_capacity(input.shared_dirs.len());
     for (k, sd) in input.shared_dirs.iter().enumerate() {
         let f = format!("input.shared_dirs[{k}]");

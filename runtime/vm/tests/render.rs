@@ -922,6 +922,15 @@ fn shared_partitions_as_persistent_memory_are_mapped_read_only_by_every_hypervis
     assert!(!xml.contains("<memory model"), "{xml}");
     assert!(xml.contains(r#"<maxMemory slots="2" unit="MiB">"#), "{xml}");
     assert!(xml.contains("<cell id=\"0\""), "{xml}");
+    // Persistent memory lies above 4 GiB: a guest of at most 2 GiB boots
+    // without the 64 MiB of bounce buffers its kernel would reserve.
+    assert!(xml.contains("<cmdline>console=ttyS0 quiet swiotlb=noforce</cmdline>"), "{xml}");
+    let mut big = web.clone();
+    big.memory_mib = 4096;
+    let xml_big = libvirt_xml(&shared_as(fixed_input(&big), 1, pmem)).unwrap();
+    assert!(xml_big.contains("<cmdline>console=ttyS0 quiet</cmdline>"), "{xml_big}");
+    let plain = libvirt_xml(&fixed_input(&web)).unwrap();
+    assert!(!plain.contains("swiotlb"), "{plain}");
     let domain = provd_vm::qemu::parse_domain(&xml).unwrap();
     assert_eq!(domain.pmem.len(), 2);
     assert_eq!(domain.pmem[1].id, "shared-1");

@@ -28,7 +28,9 @@
 //!
 //! and prints their sum per set, per VM, the marginal MiB of each added
 //! guest, the shared files' host cache (shared partition or base) and the
-//! guests' own `Cached` (median). The VM files' cache is dropped
+//! guests' own `Cached` and memory in use (`MemTotal` less `MemFree`),
+//! medians; `DETAIL=1` also prints each QEMU's largest mappings and each
+//! guest's `meminfo`. The VM files' cache is dropped
 //! (`POSIX_FADV_DONTNEED` through `dd iflag=nocache`) before each set.
 //! Under emulation (TCG) QEMU's translation cache is capped at 64 MiB for
 //! every layout alike.
@@ -68,6 +70,18 @@ struct Measured {
     shared_cache_bytes: u64,
     /// Each guest's `Cached`, kB.
     guest_cached_kb: Vec<u64>,
+    /// Each guest's memory in use (`MemTotal` less `MemFree`), kB.
+    guest_used_kb: Vec<u64>,
+}
+
+/// Field `field` of the `meminfo` a guest reported on its console.
+fn meminfo(console: &str, field: &str) -> Result<u64> {
+    let prefix = format!("provd-check: meminfo {field} ");
+    console
+        .lines()
+        .find_map(|l| l.trim_end().strip_prefix(prefix.as_str()))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| anyhow!("a guest reported no {field}:\n{console}"))
 }
 
 fn files_of(d: &Domain) -> Vec<PathBuf> {
@@ -114,10 +128,40 @@ fn pss_without(pid: u32, skip: &BTreeSet<u64>) -> Result<u64> {
     Ok(pss)
 }
 
+/// The mappings of `pid` with the most PSS, for `DETAIL=1`.
+fn largest_mappings(pid: u32) -> Result<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let mut maps: Vec<(u64, u64, String)> = Vec::new();
+    for line in text.lines() {
+        let first = line.split_whitespace().next().unwrap_or_default();
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            let (a, b) = first.split_once('-').unwrap_or_default();
+            let size =
+                u64::from_str_radix(b, 16).unwrap_or(0) - u64::from_str_radix(a, 16).unwrap_or(0);
+            maps.push((
+                0,
+                size >> 10,
+                line.split_whitespace().skip(5).collect::<Vec<_>>().join(" "),
+            ));
+        } else if let (Some(m), Some(kb)) = (maps.last_mut(), line.strip_prefix("Pss:")) {
+            m.0 += kb.trim().trim_end_matches(" kB").parse::<u64>().unwrap_or(0);
+        }
+    }
+    maps.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok(maps
+        .iter()
+        .take(6)
+        .map(|(pss, size, name)| format!("  pid {pid}: PSS {pss} kB of {size} kB {name}"))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
 /// Boots `guests` together, waits for each to report, measures, stops
 /// them.
 fn measure(guests: &[Guest], shared: &[PathBuf], work: &Path) -> Result<Measured> {
-    let files: BTreeSet<PathBuf> = guests.iter().flat_map(|g| files_of(&g.domain)).collect();
+    // The shared files too: a qcow2 base is no disk of the domain.
+    let files: BTreeSet<PathBuf> =
+        guests.iter().flat_map(|g| files_of(&g.domain)).chain(shared.iter().cloned()).collect();
     for f in &files {
         drop_cache(f)?;
     }
@@ -166,6 +210,9 @@ fn measure(guests: &[Guest], shared: &[PathBuf], work: &Path) -> Result<Measured
     let mut qemu_bytes = 0;
     for (c, _) in &running {
         qemu_bytes += pss_without(c.id(), &inodes)?;
+        if std::env::var_os("DETAIL").is_some() {
+            eprintln!("{}", largest_mappings(c.id())?);
+        }
     }
     let mut cache_bytes = 0;
     for f in &files {
@@ -176,16 +223,18 @@ fn measure(guests: &[Guest], shared: &[PathBuf], work: &Path) -> Result<Measured
         shared_cache_bytes += cached(f)?;
     }
     stop(&mut running);
-    let guest_cached_kb = texts
+    if std::env::var_os("DETAIL").is_some() {
+        for t in &texts {
+            let lines: Vec<&str> = t.lines().filter(|l| l.contains("meminfo")).collect();
+            eprintln!("{}", lines.join("\n"));
+        }
+    }
+    let guest_cached_kb = texts.iter().map(|t| meminfo(t, "Cached")).collect::<Result<_>>()?;
+    let guest_used_kb = texts
         .iter()
-        .map(|t| {
-            t.lines()
-                .find_map(|l| l.trim_end().strip_prefix("provd-check: meminfo Cached "))
-                .and_then(|n| n.trim().parse().ok())
-                .ok_or_else(|| anyhow!("a guest reported no Cached:\n{t}"))
-        })
+        .map(|t| Ok(meminfo(t, "MemTotal")?.saturating_sub(meminfo(t, "MemFree")?)))
         .collect::<Result<_>>()?;
-    Ok(Measured { qemu_bytes, cache_bytes, shared_cache_bytes, guest_cached_kb })
+    Ok(Measured { qemu_bytes, cache_bytes, shared_cache_bytes, guest_cached_kb, guest_used_kb })
 }
 
 fn median(v: &[u64]) -> u64 {
@@ -326,7 +375,7 @@ async fn main() -> Result<()> {
         Accel::detect().as_str()
     );
     println!(
-        "{:<12} {:<6} {:>10} {:>10} {:>12} {:>12} {:>14} {:>14}",
+        "{:<12} {:<6} {:>10} {:>10} {:>10} {:>10} {:>13} {:>13} {:>11}",
         "layout",
         "set",
         "total MiB",
@@ -334,7 +383,8 @@ async fn main() -> Result<()> {
         "marginal",
         "qemu PSS",
         "shared cache",
-        "guest Cached"
+        "guest Cached",
+        "guest used"
     );
     let mut sets: Vec<(String, Vec<(&str, usize)>)> =
         ns.iter().map(|&n| (format!("web×{n}"), (1..=n).map(|i| ("web", i)).collect())).collect();
@@ -373,7 +423,7 @@ async fn main() -> Result<()> {
                 previous = Some((n, total));
             }
             println!(
-                "{:<12} {:<6} {:>10.1} {:>10.1} {:>12} {:>12.1} {:>14.1} {:>11.1} MiB",
+                "{:<12} {:<6} {:>10.1} {:>10.1} {:>10} {:>10.1} {:>13.1} {:>13.1} {:>11.1}",
                 format!("provd {layout}").replace("provd qcow2", "qcow2"),
                 label,
                 total,
@@ -381,7 +431,8 @@ async fn main() -> Result<()> {
                 marginal,
                 m.qemu_bytes as f64 / MIB,
                 m.shared_cache_bytes as f64 / MIB,
-                median(&m.guest_cached_kb) as f64 / 1024.0
+                median(&m.guest_cached_kb) as f64 / 1024.0,
+                median(&m.guest_used_kb) as f64 / 1024.0
             );
         }
     }
