@@ -433,7 +433,7 @@ async fn shared_partitions_are_persistent_memory_unless_the_request_format_or_no
     // A node whose policy is disks refuses a spec asking for pmem.
     let dir = tempfile::tempdir().unwrap();
     let extra = format!("{sources}shared-attach = \"block\"\n{DEFAULT_EXTRA}");
-    let (_node, c) = shared_partition_node(dir.path(), &extra).await;
+    let (node, c) = shared_partition_node(dir.path(), &extra).await;
     let mut asked = spec("web-1", &image("web"));
     asked["shared-attach"] = json!("pmem");
     let request = json!({"plugin": "shared-partition", "vms": [asked], "params": {}});
@@ -452,6 +452,14 @@ async fn shared_partitions_are_persistent_memory_unless_the_request_format_or_no
     };
     assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
     assert!(attach_of(&done).iter().all(|a| a == "block"), "{:?}", attach_of(&done));
+    // Nor does it pay for the DAX layout: its 400 kB of files are not
+    // padded to 2 MiB.
+    let sizes: Vec<u64> = std::fs::read_dir(node.data.join("partitions"))
+        .unwrap()
+        .filter_map(|e| std::fs::metadata(e.unwrap().path().join("shared.erofs")).ok())
+        .map(|m| m.len())
+        .collect();
+    assert!(!sizes.is_empty() && sizes.iter().all(|n| *n < 2 << 20), "{sizes:?}");
 }
 
 /// Hosting customers order VMs one at a time: each request shares what the

@@ -107,6 +107,8 @@ impl PartitionsView<'_> {
         Ok(BuildOptions {
             operation: Some(self.ctx.operation.clone()),
             quota_bytes: grant.max_bytes.saturating_sub(*self.bytes),
+            dax_layout: self.scope.node.hosting.sharing.attach
+                == provd_domain::attach::SharedAttach::Pmem,
             ..BuildOptions::default()
         })
     }

@@ -27,6 +27,7 @@ pub(crate) fn write_shared_erofs(
     image: &std::path::Path,
     id: &str,
     manifest_json: &str,
+    dax_layout: bool,
 ) -> Result<erofs_writer::WriteFigures, PartitionError> {
     use erofs_writer::{Content, Node};
     let mut inodes: std::collections::HashMap<
@@ -103,7 +104,11 @@ pub(crate) fn write_shared_erofs(
     let mut open = |hash: &provd_domain::image::Hash| -> std::io::Result<std::fs::File> {
         store.open_object(hash).map(|f| f.into_std()).map_err(std::io::Error::other)
     };
-    let options = erofs_writer::ErofsOptions::dax();
+    let options = if dax_layout {
+        erofs_writer::ErofsOptions::dax()
+    } else {
+        erofs_writer::ErofsOptions::default()
+    };
     erofs_writer::write_image(image, &nodes, uuid_bytes(id), "provd-shared", 0, options, &mut open)
         .map_err(|e| match e {
             erofs_writer::ErofsWriteError::Invalid { path, reason } => {
@@ -184,14 +189,15 @@ fn write_shared(
                 digest: layer_digest(&l.entries),
             })
             .collect(),
-        dax: format == SharedFormat::Erofs,
+        dax: format == SharedFormat::Erofs && opts.dax_layout,
     };
     let manifest_json = serde_json::to_string_pretty(&manifest)
         .map_err(|e| PartitionError::InvalidPlan(format!("encoding the manifest: {e}")))?;
     let image = build.path.join(format.file_name());
     if format == SharedFormat::Erofs {
         // Written straight from the store: no staging tree at all.
-        let figures = write_shared_erofs(store, plan, &image, &id, &manifest_json)?;
+        let figures =
+            write_shared_erofs(store, plan, &image, &id, &manifest_json, opts.dax_layout)?;
         tracing::debug!(elapsed = ?started.elapsed(), ?figures, "shared image written");
         return finish_shared(build, plan, format, id, manifest_json, opts);
     }

@@ -677,6 +677,8 @@ impl Operations {
         let actor = req.actor.clone();
         let names = req.vms.clone();
         let libvirt = self.node.libvirt().cloned();
+        let dax_layout =
+            self.node.engine().policy().sharing.attach == crate::policy::SharedAttach::Pmem;
         let done = tokio::task::spawn_blocking(move || {
             // Taken before the builtin writes anything (`Store::sync_point`).
             let point = store.sync_point()?;
@@ -721,6 +723,7 @@ impl Operations {
                 Builtin::Repack { format } => {
                     let opts = provd_partitions::BuildOptions {
                         operation: Some(id.clone()),
+                        dax_layout,
                         ..provd_partitions::BuildOptions::default()
                     };
                     let repacked = crate::repack::repack(&store, Some(&names), format, &opts)
