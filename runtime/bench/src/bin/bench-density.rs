@@ -147,7 +147,7 @@ fn largest_mappings(pid: u32) -> Result<String> {
             m.0 += kb.trim().trim_end_matches(" kB").parse::<u64>().unwrap_or(0);
         }
     }
-    maps.sort_by(|a, b| b.0.cmp(&a.0));
+    maps.sort_by_key(|m| std::cmp::Reverse(m.0));
     Ok(maps
         .iter()
         .take(6)
