@@ -87,6 +87,11 @@ pub struct HypervisorConfig {
     /// Whether VMs handed to libvirt are started at once.
     #[serde(default)]
     pub start: bool,
+    /// The Firecracker release the node runs its Firecracker VMs with
+    /// (`"1.14.0"`): from 1.14 on their shared partitions may be persistent
+    /// memory. Unset: their shared partitions are disks.
+    #[serde(default)]
+    pub firecracker_version: Option<String>,
 }
 
 /// The user and group named in `[hypervisor]`, and the folder, as the
@@ -377,6 +382,14 @@ impl Config {
                     .into(),
             });
         }
+        if let Some(v) = &config.hypervisor.firecracker_version
+            && let Err(why) = provd_node::policy::firecracker_has_pmem(v)
+        {
+            return Err(ConfigError::Parse {
+                path: path.display().to_string(),
+                message: format!("hypervisor.firecracker-version: {why}"),
+            });
+        }
         if config.hypervisor.start && config.hypervisor.libvirt_uri.is_none() {
             return Err(ConfigError::Parse {
                 path: path.display().to_string(),
@@ -408,6 +421,11 @@ impl Config {
         p.sharing = provd_node::policy::SharingPolicy {
             attach: c.shared_attach.unwrap_or_default(),
             share_public_memory: self.sharing.share_public_memory,
+            firecracker_pmem: self
+                .hypervisor
+                .firecracker_version
+                .as_deref()
+                .is_some_and(|v| provd_node::policy::firecracker_has_pmem(v).unwrap_or(false)),
         };
         p.vm_allow = provd_node::policy::VmAllow {
             bridges: c.vm_bridges.clone().unwrap_or_default(),

@@ -87,6 +87,30 @@ pub struct SharingPolicy {
     /// (`O_DIRECT`), so that no two tenants' guests touch the same host
     /// page: shared pages are a timing side channel (Flush+Reload).
     pub share_public_memory: bool,
+    /// Whether the node's Firecracker maps persistent memory (1.14 on,
+    /// `[hypervisor] firecracker-version`). Without it a Firecracker VM's
+    /// shared partitions are disks, and a spec asking for `pmem` is refused.
+    #[serde(default)]
+    pub firecracker_pmem: bool,
+}
+
+/// The first Firecracker release with a pmem device.
+pub const FIRECRACKER_PMEM_SINCE: (u32, u32) = (1, 14);
+
+/// Whether Firecracker `version` (`MAJOR.MINOR` or `MAJOR.MINOR.PATCH`, a
+/// leading `v` allowed) maps persistent memory; an error names what does
+/// not parse.
+pub fn firecracker_has_pmem(version: &str) -> Result<bool, String> {
+    let v = version.strip_prefix('v').unwrap_or(version);
+    let parts: Vec<&str> = v.split('.').collect();
+    let num = |s: &&str| s.parse::<u32>().ok().filter(|_| !s.is_empty() && s.len() <= 6);
+    match parts.as_slice() {
+        [major, minor] | [major, minor, _] if parts.iter().all(|p| num(p).is_some()) => {
+            let (major, minor) = (num(major).unwrap_or(0), num(minor).unwrap_or(0));
+            Ok((major, minor) >= FIRECRACKER_PMEM_SINCE)
+        }
+        _ => Err(format!("{version:?} is not a version MAJOR.MINOR[.PATCH]")),
+    }
 }
 
 /// Everything a VM attaches from partitions, in the order its boot files

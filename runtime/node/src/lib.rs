@@ -37,7 +37,7 @@ pub use provd_store::{
 
 /// The node's policy, as a configuration file sets it.
 pub mod policy {
-    pub use provd_domain::attach::{SharedAttach, SharingPolicy};
+    pub use provd_domain::attach::{SharedAttach, SharingPolicy, firecracker_has_pmem};
     pub use provd_domain::{
         CpuMode, DomainType, HypervisorAccess, MAX_PATTERN_LEN, Machine, NodeCapacity, NodePolicy,
         VmAllow, check_pattern,

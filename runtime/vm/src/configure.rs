@@ -90,12 +90,19 @@ pub fn shared_device(
         }
         return Ok(DiskDevice::VirtioDirect);
     }
-    // Firecracker maps persistent memory from 1.14 on; a node may run an
-    // older one, so only a spec asking for it gets it.
-    let default = match spec.hypervisor {
-        Hypervisor::Firecracker => SharedAttach::Block,
-        _ => sharing.attach,
-    };
+    // Firecracker maps persistent memory from 1.14 on: the node says
+    // whether its own does.
+    if spec.hypervisor == Hypervisor::Firecracker && !sharing.firecracker_pmem {
+        if spec.shared_attach == Some(SharedAttach::Pmem) {
+            return Err(VmError::Spec(
+                "shared-attach: \"pmem\", but this node's firecracker has no pmem device \
+                 (1.14 on; [hypervisor] firecracker-version names the node's)"
+                    .into(),
+            ));
+        }
+        return Ok(DiskDevice::Virtio);
+    }
+    let default = sharing.attach;
     Ok(match (spec.shared_attach.unwrap_or(default), s.pmem_bytes) {
         (SharedAttach::Pmem, Some(bytes)) => DiskDevice::Pmem { bytes },
         _ => DiskDevice::Virtio,
@@ -117,9 +124,11 @@ fn recorded_sharing(dir: &Path) -> Result<SharingPolicy, VmError> {
     match std::fs::read_to_string(&path) {
         Ok(text) => serde_json::from_str(&text)
             .map_err(|e| VmError::Failed(format!("{}: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Ok(SharingPolicy { attach: SharedAttach::Block, share_public_memory: true })
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SharingPolicy {
+            attach: SharedAttach::Block,
+            share_public_memory: true,
+            firecracker_pmem: false,
+        }),
         Err(e) => Err(VmError::Failed(format!("reading {}: {e}", path.display()))),
     }
 }

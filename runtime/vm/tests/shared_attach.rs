@@ -49,11 +49,22 @@ fn a_shared_partition_is_persistent_memory_only_where_spec_node_layout_and_domai
         shared_device(&spec("libvirt", Some("block")), &dax, &node).unwrap(),
         DiskDevice::Virtio
     );
-    // Firecracker gets it only when it asks (it maps pmem from 1.14 on).
+    // Firecracker maps pmem from 1.14 on: where the node's does not (or
+    // does not say), disks, and a spec asking for pmem is refused.
     assert_eq!(shared_device(&spec("firecracker", None), &dax, &node).unwrap(), DiskDevice::Virtio);
-    assert_eq!(shared_device(&spec("firecracker", Some("pmem")), &dax, &node).unwrap(), pmem);
+    let e = shared_device(&spec("firecracker", Some("pmem")), &dax, &node).unwrap_err();
+    assert!(e.to_string().contains("firecracker-version"), "{e}");
+    let fc = SharingPolicy { firecracker_pmem: true, ..node };
+    assert_eq!(shared_device(&spec("firecracker", None), &dax, &fc).unwrap(), pmem);
+    assert_eq!(shared_device(&spec("firecracker", Some("pmem")), &dax, &fc).unwrap(), pmem);
+    for (v, has) in [("1.14.0", true), ("v1.15", true), ("2.0", true), ("1.13.1", false)] {
+        assert_eq!(provd_domain::attach::firecracker_has_pmem(v), Ok(has), "{v}");
+    }
+    for v in ["", "1", "1.x", "1.14.0.1", "latest"] {
+        assert!(provd_domain::attach::firecracker_has_pmem(v).is_err(), "{v}");
+    }
     // A node of disks refuses a spec asking for persistent memory.
-    let disks = SharingPolicy { attach: SharedAttach::Block, share_public_memory: false };
+    let disks = SharingPolicy { attach: SharedAttach::Block, ..node };
     assert_eq!(shared_device(&spec("libvirt", None), &dax, &disks).unwrap(), DiskDevice::Virtio);
     let e = shared_device(&spec("libvirt", Some("pmem")), &dax, &disks).unwrap_err();
     assert!(e.to_string().contains("shared-attach") && e.to_string().contains("block"), "{e}");
@@ -68,7 +79,7 @@ fn a_shared_partition_is_persistent_memory_only_where_spec_node_layout_and_domai
     }
     let e = shared_device(&spec("firecracker", None), &public, &node).unwrap_err();
     assert!(e.to_string().contains("share-public-memory"), "{e}");
-    let shared = SharingPolicy { attach: SharedAttach::Pmem, share_public_memory: true };
+    let shared = SharingPolicy { share_public_memory: true, ..node };
     assert_eq!(shared_device(&spec("libvirt", None), &public, &shared).unwrap(), pmem);
     assert_eq!(spec("libvirt", None).hypervisor, Hypervisor::Libvirt);
 }

@@ -55,6 +55,7 @@ fn the_fields_a_grant_may_name_are_the_specs_own() {
         image = "dir:/srv/images/web"
         topology = { sockets = 1, cores = 2, threads = 1 }
         labels = { team = "x" }
+        shared-attach = "block"
         [boot]
         kernel = "vmlinuz"
         [[disks]]
