@@ -527,4 +527,36 @@ mod tests {
             assert!(e.contains("hypervisor") && e.contains(says), "{body}: {e}");
         }
     }
+
+    #[test]
+    fn sharing_attaches_persistent_memory_by_default_and_the_catalogue_never_across_tenants() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("provd.toml");
+        let base = "data-dir = \"data\"\nlisten = \"127.0.0.1:0\"\ntrusted-keys = [\"k.pub\"]\n\
+                    [tls]\ncert = \"c\"\nkey = \"k\"\nclient-ca = \"ca\"\n";
+        let load = |extra: &str| {
+            std::fs::write(&path, format!("{base}{extra}")).unwrap();
+            Config::load(&path)
+        };
+        let s = load("").unwrap().node_policy().sharing;
+        assert_eq!(
+            (s.attach, s.share_public_memory, s.firecracker_pmem),
+            (provd_node::policy::SharedAttach::Pmem, false, false)
+        );
+        let s = load(
+            "[policy]\nshared-attach = \"block\"\n[sharing]\nshare-public-memory = true\n\
+             [hypervisor]\nfirecracker-version = \"1.14.0\"\n",
+        )
+        .unwrap()
+        .node_policy()
+        .sharing;
+        assert_eq!(
+            (s.attach, s.share_public_memory, s.firecracker_pmem),
+            (provd_node::policy::SharedAttach::Block, true, true)
+        );
+        let e = load("[hypervisor]\nfirecracker-version = \"latest\"\n").unwrap_err();
+        assert!(e.to_string().contains("firecracker-version"), "{e}");
+        let e = load("[policy]\nshared-attach = \"dax\"\n").unwrap_err();
+        assert!(e.to_string().contains("dax"), "{e}");
+    }
 }
