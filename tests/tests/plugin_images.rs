@@ -383,7 +383,7 @@ async fn a_plugin_configures_vms_on_its_partitions_within_grant_and_capacity() {
         assert_eq!(built[i]["config_file"], "domain.xml");
         assert_eq!(
             built[i]["disks"],
-            serde_json::json!(["root:root", "shared:shared-0:pmem", "seed:seed"])
+            serde_json::json!(["root:root", "shared:shared-0:block", "seed:seed"])
         );
         let dir = node.path("data/vms").join(vm);
         let xml = dir.join("domain.xml");

@@ -34,7 +34,7 @@
 //!    private partition as root disk and every shared partition its layers
 //!    are on attached read-only (the host configures them side by side):
 //!    as persistent memory the guest maps with DAX (`shared-attach`
-//!    `pmem`, the node's default) where the partition is uncompressed
+//!    `pmem`, the node's default for kernel-booted VMs) where the partition is uncompressed
 //!    EROFS, the hypervisor maps it and the node's policy allows it, as a
 //!    read-only disk otherwise (the lz4 formats always: the kernel maps
 //!    no compressed file with DAX); each VM's report says which;

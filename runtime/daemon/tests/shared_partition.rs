@@ -357,10 +357,11 @@ async fn a_vm_that_does_not_fit_fails_the_request_and_nothing_of_it_stays() {
     assert_eq!(audit["audit"][0]["function"], "configure-all", "{audit}");
 }
 
-/// How shared partitions reach guests: persistent memory by default, a
-/// disk where the request asks (the plugin's `shared-attach`, which its
-/// grant may set) or the format cannot be mapped (lz4), and nowhere
-/// persistent memory on a node whose policy is disks.
+/// How shared partitions reach guests: persistent memory where asked (by
+/// default for kernel-booted VMs: the boot test's), a disk where the
+/// request asks (the plugin's `shared-attach`, which its grant may set),
+/// the format cannot be mapped (lz4) or a firmware-booted VM asks nothing,
+/// and nowhere persistent memory on a node whose policy is disks.
 #[tokio::test(flavor = "multi_thread")]
 async fn shared_partitions_are_persistent_memory_unless_the_request_format_or_node_says_disk() {
     let dir = tempfile::tempdir().unwrap();
@@ -392,7 +393,13 @@ async fn shared_partitions_are_persistent_memory_unless_the_request_format_or_no
             .map(|a| a.as_str().unwrap().to_string())
             .collect()
     };
-    let done = provision(vec![spec("web-1", &image("web"))], json!({"min-layer-bytes": 0})).await;
+    // These VMs boot through firmware, whose own initramfs may lack the
+    // drivers: persistent memory where the request asks for it.
+    let done = provision(
+        vec![spec("web-1", &image("web"))],
+        json!({"min-layer-bytes": 0, "shared-attach": "pmem"}),
+    )
+    .await;
     assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
     assert!(attach_of(&done).iter().all(|a| a == "pmem"), "{:?}", attach_of(&done));
     assert!(done.report_field("fields")["shared-attach"].as_str().unwrap().starts_with("pmem="));
@@ -423,11 +430,16 @@ async fn shared_partitions_are_persistent_memory_unless_the_request_format_or_no
     // lz4 is not mapped with DAX: a disk, and the report says so.
     let done = provision(
         vec![spec("api-1", &image("api"))],
-        json!({"min-layer-bytes": 0, "shared-format": "erofs-lz4", "node-layers": false}),
+        json!({"min-layer-bytes": 0, "shared-format": "erofs-lz4", "node-layers": false,
+               "shared-attach": "pmem"}),
     )
     .await;
     assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
     assert_eq!(attach_of(&done), ["block"], "{done:#?}");
+    // Asked nothing, a firmware-booted VM gets disks.
+    let done = provision(vec![spec("web-4", &image("web"))], json!({"min-layer-bytes": 0})).await;
+    assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
+    assert!(attach_of(&done).iter().all(|a| a == "block"), "{:?}", attach_of(&done));
     drop(node);
 
     // A node whose policy is disks refuses a spec asking for pmem.

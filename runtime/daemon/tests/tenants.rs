@@ -23,6 +23,8 @@ fn spec(name: &str, tenant: Option<&str>, image: &str) -> Value {
                        "image": image, "boot": {"firmware": "uefi"}});
     if let Some(t) = tenant {
         s["tenant"] = json!(t);
+        // A firmware-booted guest gets persistent memory where it asks.
+        s["shared-attach"] = json!("pmem");
     }
     s
 }

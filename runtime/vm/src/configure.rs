@@ -102,7 +102,15 @@ pub fn shared_device(
         }
         return Ok(DiskDevice::Virtio);
     }
-    let default = sharing.attach;
+    // provd's initramfs loads the persistent-memory drivers and boots
+    // with `swiotlb=noforce`; a firmware-booted guest's own initramfs and
+    // command line may do neither (it would not find its partition, or pay
+    // 64 MiB of bounce buffers for it), so it gets persistent memory only
+    // when its spec asks.
+    let default = match spec.boot {
+        crate::spec::Boot::Kernel { .. } => sharing.attach,
+        crate::spec::Boot::Firmware { .. } => SharedAttach::Block,
+    };
     Ok(match (spec.shared_attach.unwrap_or(default), s.pmem_bytes) {
         (SharedAttach::Pmem, Some(bytes)) => DiskDevice::Pmem { bytes },
         _ => DiskDevice::Virtio,

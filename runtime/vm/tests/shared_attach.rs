@@ -10,6 +10,10 @@ use provd_vm::shared_device;
 use provd_vm::spec::{Hypervisor, VmSpec, parse_spec};
 
 fn spec(hypervisor: &str, attach: Option<&str>) -> VmSpec {
+    spec_booting(hypervisor, attach, "kernel = \"vmlinuz\"")
+}
+
+fn spec_booting(hypervisor: &str, attach: Option<&str>, boot: &str) -> VmSpec {
     let mut text = format!(
         "name = \"vm-1\"\nhypervisor = \"{hypervisor}\"\nvcpus = 1\nmemory-mib = 512\n\
          image = \"dir:/images/web\"\n"
@@ -17,6 +21,7 @@ fn spec(hypervisor: &str, attach: Option<&str>) -> VmSpec {
     if let Some(a) = attach {
         text.push_str(&format!("shared-attach = \"{a}\"\n"));
     }
+    text.push_str(&format!("[boot]\n{boot}\n"));
     parse_spec(&text).unwrap()
 }
 
@@ -44,6 +49,11 @@ fn a_shared_partition_is_persistent_memory_only_where_spec_node_layout_and_domai
         shared_device(&spec("libvirt", Some("pmem")), &lz4, &node).unwrap(),
         DiskDevice::Virtio
     );
+    // A firmware-booted guest's own initramfs may lack the drivers: it
+    // gets persistent memory only when it asks.
+    let uefi = |attach| spec_booting("libvirt", attach, "firmware = \"uefi\"");
+    assert_eq!(shared_device(&uefi(None), &dax, &node).unwrap(), DiskDevice::Virtio);
+    assert_eq!(shared_device(&uefi(Some("pmem")), &dax, &node).unwrap(), pmem);
     // A spec may ask for a disk.
     assert_eq!(
         shared_device(&spec("libvirt", Some("block")), &dax, &node).unwrap(),
