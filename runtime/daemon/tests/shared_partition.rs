@@ -472,6 +472,23 @@ async fn shared_partitions_are_persistent_memory_unless_the_request_format_or_no
         .map(|m| m.len())
         .collect();
     assert!(!sizes.is_empty() && sizes.iter().all(|n| *n < 2 << 20), "{sizes:?}");
+    drop(node);
+
+    // The catalogue as a virtio-fs directory would be read through the
+    // host's page cache by every tenant: refused unless the node allows it.
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "{sources}[sharing]\npublic-images = [\"dir:{}/web\"]\n{DEFAULT_EXTRA}",
+        images.display()
+    );
+    let (_node, c) = shared_partition_node(dir.path(), &extra).await;
+    let request = json!({"plugin": "shared-partition", "vms": [spec("web-1", &image("web"))],
+                         "params": {"min-layer-bytes": 0, "shared-format": "dir"}});
+    let id =
+        c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
+    let done = c.wait(&id, |_| {}).await.unwrap();
+    assert_eq!(done.state.as_str(), "failed", "{done:#?}");
+    assert!(done.error_message().unwrap_or_default().contains("share-public-memory"), "{done:#?}");
 }
 
 /// Hosting customers order VMs one at a time: each request shares what the

@@ -37,6 +37,11 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_net",
 ];
 
+/// Of [`GUEST_MODULES`], those a kernel may lack (persistent memory came
+/// with Linux 5.3): left out where neither a module nor built in, and its
+/// guests then reach their shared partitions only as disks.
+pub const OPTIONAL_MODULES: &[&str] = &["virtio_pmem", "nd_pmem"];
+
 /// Largest file taken into the initramfs (a module or busybox).
 const MAX_FILE_BYTES: u64 = 64 << 20;
 
@@ -209,7 +214,17 @@ pub fn build_initramfs(
     };
     let dep = read_text("modules.dep")?;
     let builtin = read_text("modules.builtin").unwrap_or_default();
-    let order = module_order(&dep, &builtin, GUEST_MODULES, modules_dir)?;
+    let known: BTreeSet<String> = dep
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(p, _)| module_name(p)))
+        .chain(builtin.lines().map(module_name))
+        .collect();
+    let wanted: Vec<&str> = GUEST_MODULES
+        .iter()
+        .copied()
+        .filter(|m| !OPTIONAL_MODULES.contains(m) || known.contains(*m))
+        .collect();
+    let order = module_order(&dep, &builtin, &wanted, modules_dir)?;
     let dir =
         |path: &str| Member { path: path.into(), mode: 0o040755, data: Vec::new(), rdev: (0, 0) };
     let mut members = vec![

@@ -420,11 +420,24 @@ fn attachments(
     let mut shared_dirs = Vec::new();
     for (i, s) in a.shared.iter().enumerate() {
         match s.device {
-            SharedDevice::VirtioFs => shared_dirs.push(SharedDir {
-                path: s.path.clone(),
-                tag: format!("provd-{}", s.partition),
-                socket: dir.join(format!("virtiofs-{i}.sock")),
-            }),
+            SharedDevice::VirtioFs => {
+                // virtiofsd reads through the host's page cache: the
+                // catalogue's pages would be one for every tenant.
+                if s.public && !sharing.share_public_memory {
+                    return Err(VmError::Spec(format!(
+                        "shared partition {} is a directory of the public catalogue, which \
+                         virtio-fs serves through the host's page cache to VMs of every tenant; \
+                         [sharing] share-public-memory = true allows it, or build the \
+                         catalogue's partitions in another format",
+                        s.partition
+                    )));
+                }
+                shared_dirs.push(SharedDir {
+                    path: s.path.clone(),
+                    tag: format!("provd-{}", s.partition),
+                    socket: dir.join(format!("virtiofs-{i}.sock")),
+                });
+            }
             SharedDevice::Disk => disks.push(AttachedDisk {
                 role: DiskRole::Shared,
                 name: format!("shared-{i}"),

@@ -33,9 +33,13 @@ kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/driv
 const BUILTIN: &str = "kernel/fs/ext4/ext4.ko\n";
 
 fn fake_kernel(dir: &Path) {
-    std::fs::write(dir.join("modules.dep"), DEP).unwrap();
+    fake_kernel_with(dir, DEP);
+}
+
+fn fake_kernel_with(dir: &Path, dep: &str) {
+    std::fs::write(dir.join("modules.dep"), dep).unwrap();
     std::fs::write(dir.join("modules.builtin"), BUILTIN).unwrap();
-    for line in DEP.lines() {
+    for line in dep.lines() {
         let path = line.split(':').next().unwrap();
         let file = dir.join(path);
         std::fs::create_dir_all(file.parent().unwrap()).unwrap();
@@ -138,4 +142,28 @@ fn the_initramfs_holds_init_busybox_the_boot_script_and_the_modules_in_order() {
     let again = tmp.path().join("again.img");
     assert!(build_initramfs(&kernel, &busybox, "", &again).is_err());
     assert!(!again.exists() && !again.with_extension("new").exists());
+}
+
+#[test]
+fn a_kernel_without_persistent_memory_drivers_still_gets_an_initramfs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kernel = tmp.path().join("5.2.0-test");
+    std::fs::create_dir_all(&kernel).unwrap();
+    let dep: String =
+        DEP.lines().filter(|l| !l.contains("nvdimm")).map(|l| format!("{l}\n")).collect();
+    fake_kernel_with(&kernel, &dep);
+    let busybox = tmp.path().join("busybox");
+    std::fs::write(&busybox, b"\x7fELF busybox").unwrap();
+    let out = tmp.path().join("initrd.img");
+    let built = build_initramfs(&kernel, &busybox, "#!/bin/sh\n", &out).unwrap();
+    assert!(built.modules.iter().any(|m| m == "virtio_blk.ko"), "{:?}", built.modules);
+    assert!(!built.modules.iter().any(|m| m.contains("pmem")), "{:?}", built.modules);
+    // With them, both come in.
+    let full = tmp.path().join("6.1.0-test");
+    std::fs::create_dir_all(&full).unwrap();
+    fake_kernel(&full);
+    let built = build_initramfs(&full, &busybox, "#!/bin/sh\n", &out).unwrap();
+    for m in ["virtio_pmem.ko", "nd_pmem.ko", "libnvdimm.ko"] {
+        assert!(built.modules.iter().any(|x| x == m), "{m}: {:?}", built.modules);
+    }
 }

@@ -18,7 +18,8 @@
 //!   initramfs (which leaves a root without provd's files alone).
 //!
 //! Every guest runs `provd-check` as its first process: it reads every file
-//! of its root (`tar` into a pipe), reports its `/proc/meminfo` and waits.
+//! of its root (`cat`, a directory at a time), reports its `/proc/meminfo`
+//! and waits.
 //! Once all of a set have reported, the host measures:
 //! - the QEMU processes' proportional memory (`/proc/PID/smaps`, PSS), less
 //!   their mappings of the VMs' files;
