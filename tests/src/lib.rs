@@ -11,6 +11,7 @@ pub mod libvirt;
 pub mod oci;
 pub mod pki;
 pub mod seed;
+pub mod smaps;
 
 /// The names directly in `dir`: what tests compare before and after a case
 /// to see that nothing was written beside a node's data directory.

@@ -150,24 +150,12 @@ pub fn qemu_pid(name: &str) -> Option<u32> {
 /// with inode `ino` (`/proc/PID/smaps`): a PSS below the RSS means other
 /// processes map some of the same pages.
 pub fn mapped_kib(pid: u32, ino: u64) -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let (mut rss, mut pss, mut ours) = (0u64, 0u64, false);
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        let first = words.next().unwrap_or_default();
-        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-            // A mapping's header: address perms offset dev inode path.
-            ours = line.split_whitespace().nth(4).and_then(|i| i.parse::<u64>().ok()) == Some(ino);
-            continue;
-        }
-        let kib = || words.clone().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
-        match first {
-            "Rss:" if ours => rss += kib(),
-            "Pss:" if ours => pss += kib(),
-            _ => {}
-        }
-    }
-    Some((rss, pss))
+    let maps = crate::smaps::mappings(pid).ok()?;
+    Some(
+        maps.iter()
+            .filter(|m| m.inode == ino)
+            .fold((0, 0), |(rss, pss), m| (rss + m.rss_kib, pss + m.pss_kib)),
+    )
 }
 
 /// Samples, while `names` all run, the KiB each one's QEMU maps of the

@@ -48,6 +48,7 @@ use provd_client::{Client, TlsFiles};
 use provd_tests::SHARED_PARTITION;
 use provd_tests::boot::{add_check, demo_roots, guest_kernel, install_boot_files};
 use provd_tests::daemon::TestNode;
+use provd_tests::smaps::mappings;
 use provd_vm::qemu::{Accel, Domain, QemuDisk, parse_domain, qemu_args, qemu_binary};
 use serde_json::json;
 
@@ -114,45 +115,17 @@ fn cached(file: &Path) -> Result<u64> {
 
 /// PSS bytes of `pid`, less its mappings of files with inodes `skip`.
 fn pss_without(pid: u32, skip: &BTreeSet<u64>) -> Result<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
-    let (mut pss, mut counted) = (0u64, true);
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        let first = words.next().unwrap_or_default();
-        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-            let ino = line.split_whitespace().nth(4).and_then(|i| i.parse::<u64>().ok());
-            counted = !ino.is_some_and(|i| skip.contains(&i));
-        } else if first == "Pss:" && counted {
-            pss += words.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0) * 1024;
-        }
-    }
-    Ok(pss)
+    Ok(mappings(pid)?.iter().filter(|m| !skip.contains(&m.inode)).map(|m| m.pss_kib * 1024).sum())
 }
 
 /// The mappings of `pid` with the most PSS, for `DETAIL=1`.
 fn largest_mappings(pid: u32) -> Result<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
-    let mut maps: Vec<(u64, u64, String)> = Vec::new();
-    for line in text.lines() {
-        let first = line.split_whitespace().next().unwrap_or_default();
-        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-            let (a, b) = first.split_once('-').unwrap_or_default();
-            let size =
-                u64::from_str_radix(b, 16).unwrap_or(0) - u64::from_str_radix(a, 16).unwrap_or(0);
-            maps.push((
-                0,
-                size >> 10,
-                line.split_whitespace().skip(5).collect::<Vec<_>>().join(" "),
-            ));
-        } else if let (Some(m), Some(kb)) = (maps.last_mut(), line.strip_prefix("Pss:")) {
-            m.0 += kb.trim().trim_end_matches(" kB").parse::<u64>().unwrap_or(0);
-        }
-    }
-    maps.sort_by_key(|m| std::cmp::Reverse(m.0));
+    let mut maps = mappings(pid)?;
+    maps.sort_by_key(|m| std::cmp::Reverse(m.pss_kib));
     Ok(maps
         .iter()
         .take(6)
-        .map(|(pss, size, name)| format!("  pid {pid}: PSS {pss} kB of {size} kB {name}"))
+        .map(|m| format!("  pid {pid}: PSS {} kB of {} kB {}", m.pss_kib, m.size_kib, m.name))
         .collect::<Vec<_>>()
         .join("\n"))
 }

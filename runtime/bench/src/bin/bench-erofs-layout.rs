@@ -14,7 +14,7 @@
 //! add.
 
 use std::collections::HashMap;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -35,23 +35,10 @@ fn nodes_of(root: &Path) -> Result<(Vec<Node>, Objects)> {
             let path = e?.path();
             let m = path.symlink_metadata()?;
             let rel = path.strip_prefix(root)?.to_string_lossy().into_owned();
-            let t = m.file_type();
-            let kind = if t.is_dir() {
+            let Some(kind) = provd_formats::reader::kind_of(m.file_type()) else { continue };
+            if kind == EntryKind::Dir {
                 todo.push(path.clone());
-                EntryKind::Dir
-            } else if t.is_symlink() {
-                EntryKind::Symlink
-            } else if t.is_file() {
-                EntryKind::File
-            } else if t.is_char_device() {
-                EntryKind::CharDevice
-            } else if t.is_block_device() {
-                EntryKind::BlockDevice
-            } else if t.is_fifo() {
-                EntryKind::Fifo
-            } else {
-                continue;
-            };
+            }
             let mut node = Node {
                 path: rel,
                 kind,
@@ -81,9 +68,7 @@ fn nodes_of(root: &Path) -> Result<(Vec<Node>, Objects)> {
                 }
                 EntryKind::CharDevice | EntryKind::BlockDevice => {
                     let rdev = m.rdev();
-                    let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
-                    let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
-                    node.device = Some((major as u32, minor as u32));
+                    node.device = Some((rustix::fs::major(rdev), rustix::fs::minor(rdev)));
                 }
                 _ => {}
             }
