@@ -21,6 +21,8 @@ use serde_json::{Value, json};
 
 mod common;
 
+use common::finished;
+
 const PROVD: &str = env!("CARGO_BIN_EXE_provd");
 
 /// A VM whose BIOS finds nothing to boot and waits: it runs until stopped.
@@ -30,12 +32,6 @@ fn spec(name: &str, image: &str) -> Value {
 }
 
 /// Runs the operation `request` asks for to its end.
-async fn finished(c: &Client, request: &Value) -> provd_wire::Operation {
-    let started = c.provision(request).await.unwrap();
-    let id = started.body["operation"]["id"].as_str().unwrap().to_string();
-    c.wait(&id, |_| {}).await.unwrap()
-}
-
 fn domstate(name: &str) -> Option<String> {
     virsh(&["domstate", name]).ok().map(|s| s.trim().to_string())
 }

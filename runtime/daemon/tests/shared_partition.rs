@@ -7,9 +7,12 @@
 //! its image, every domain XML validated by `virt-xml-validate`, the report
 //! checked, and the node back to empty after every VM is deleted.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 
+use common::finished;
 use provd_client::{Client, TlsFiles};
 use provd_tests::daemon::{DEFAULT_EXTRA, TestNode};
 use provd_tests::oci::{content, oci_layout, push, start_registry, tar_layer};
@@ -226,7 +229,8 @@ async fn three_vms_from_an_oci_registry_share_one_partition_and_leave_nothing_wh
         assert!(check.status.success(), "{name}: {}", String::from_utf8_lossy(&check.stderr));
     }
     // The audit trail has each decision.
-    let audit = c.get(&format!("/v1/audit?operation={id}&kind=host-call")).await.unwrap().body;
+    let audit =
+        c.get(&format!("/v1/audit?operation={}&kind=host-call", done.id)).await.unwrap().body;
     let count =
         |f: &str| audit["audit"].as_array().unwrap().iter().filter(|r| r["function"] == f).count();
     assert_eq!((count("fetch"), count("plan"), count("create-shared")), (3, 1, 1));
@@ -340,9 +344,7 @@ async fn a_vm_that_does_not_fit_fails_the_request_and_nothing_of_it_stays() {
         .collect();
     let request =
         json!({"plugin": "shared-partition", "vms": vms, "params": {"min-layer-bytes": 0}});
-    let id =
-        c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
-    let done = c.wait(&id, |_| {}).await.unwrap();
+    let done = finished(&c, &request).await;
     assert_eq!(done.state.as_str(), "failed", "{done:#?}");
     assert_eq!(done.error_code().unwrap_or_default(), "plugin-quota-exceeded", "{done:#?}");
     assert!(done.error_message().unwrap_or_default().contains("vcpus"), "{done:#?}");
@@ -353,7 +355,8 @@ async fn a_vm_that_does_not_fit_fails_the_request_and_nothing_of_it_stays() {
     assert_eq!(std::fs::read_dir(node.data.join("partitions")).unwrap().count(), 0);
     let vm_dirs = std::fs::read_dir(node.data.join("vms")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(vm_dirs, 0);
-    let audit = c.get(&format!("/v1/audit?operation={id}&outcome=denied")).await.unwrap().body;
+    let audit =
+        c.get(&format!("/v1/audit?operation={}&outcome=denied", done.id)).await.unwrap().body;
     assert_eq!(audit["audit"][0]["function"], "configure-all", "{audit}");
 }
 
@@ -378,12 +381,7 @@ async fn shared_partitions_are_persistent_memory_unless_the_request_format_or_no
     let provision = |vms: Vec<Value>, params: Value| {
         let c = &c;
         async move {
-            let request = json!({"plugin": "shared-partition", "vms": vms, "params": params});
-            let id = c.provision(&request).await.unwrap().body["operation"]["id"]
-                .as_str()
-                .unwrap()
-                .to_string();
-            c.wait(&id, |_| {}).await.unwrap()
+            finished(c, &json!({"plugin": "shared-partition", "vms": vms, "params": params})).await
         }
     };
     let attach_of = |done: &provd_wire::Operation| -> Vec<String> {
@@ -449,19 +447,11 @@ async fn shared_partitions_are_persistent_memory_unless_the_request_format_or_no
     let mut asked = spec("web-1", &image("web"));
     asked["shared-attach"] = json!("pmem");
     let request = json!({"plugin": "shared-partition", "vms": [asked], "params": {}});
-    let id =
-        c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
-    let done = c.wait(&id, |_| {}).await.unwrap();
+    let done = finished(&c, &request).await;
     assert_eq!(done.state.as_str(), "failed", "{done:#?}");
     assert!(done.error_message().unwrap_or_default().contains("shared-attach"), "{done:#?}");
-    let done = {
-        let request = json!({"plugin": "shared-partition", "vms": [spec("web-2", &image("web"))]});
-        let id = c.provision(&request).await.unwrap().body["operation"]["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        c.wait(&id, |_| {}).await.unwrap()
-    };
+    let request = json!({"plugin": "shared-partition", "vms": [spec("web-2", &image("web"))]});
+    let done = finished(&c, &request).await;
     assert_eq!(done.state.as_str(), "succeeded", "{done:#?}");
     assert!(attach_of(&done).iter().all(|a| a == "block"), "{:?}", attach_of(&done));
     // Nor does it pay for the DAX layout: its 400 kB of files are not
@@ -484,9 +474,7 @@ async fn shared_partitions_are_persistent_memory_unless_the_request_format_or_no
     let (_node, c) = shared_partition_node(dir.path(), &extra).await;
     let request = json!({"plugin": "shared-partition", "vms": [spec("web-1", &image("web"))],
                          "params": {"min-layer-bytes": 0, "shared-format": "dir"}});
-    let id =
-        c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
-    let done = c.wait(&id, |_| {}).await.unwrap();
+    let done = finished(&c, &request).await;
     assert_eq!(done.state.as_str(), "failed", "{done:#?}");
     assert!(done.error_message().unwrap_or_default().contains("share-public-memory"), "{done:#?}");
 }
@@ -535,11 +523,7 @@ async fn vms_ordered_one_at_a_time_share_the_node_and_a_repack_keeps_every_vm_ex
     for (vm, img, stored) in order {
         let request = json!({"plugin": "shared-partition", "vms": [spec(vm, &image(img))],
                              "params": {"min-layer-bytes": 0}});
-        let id = c.provision(&request).await.unwrap().body["operation"]["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let done = c.wait(&id, |_| {}).await.unwrap();
+        let done = finished(&c, &request).await;
         assert_eq!(done.state.as_str(), "succeeded", "{vm}: {done:#?}");
         let totals = &done.report_field("output")["totals"];
         assert_eq!(totals["stored_bytes"], stored, "{vm}: {totals}");
@@ -610,9 +594,7 @@ async fn vms_ordered_one_at_a_time_share_the_node_and_a_repack_keeps_every_vm_ex
     // A VM arriving after the repack stores nothing either.
     let request = json!({"plugin": "shared-partition", "vms": [spec("web-3", &image("web"))],
                          "params": {"min-layer-bytes": 0}});
-    let id =
-        c.provision(&request).await.unwrap().body["operation"]["id"].as_str().unwrap().to_string();
-    let done = c.wait(&id, |_| {}).await.unwrap();
+    let done = finished(&c, &request).await;
     assert_eq!(done.report_field("output")["totals"]["stored_bytes"], 0, "{done:#?}");
 
     assert!(node.terminate().unwrap().success());
@@ -650,14 +632,11 @@ async fn a_vm_of_an_image_the_node_holds_reuses_its_plan_until_a_layer_could_cha
         let specs: Vec<Value> = vms.iter().map(|(vm, img)| spec(vm, &image(img))).collect();
         let request = json!({"plugin": "shared-partition", "vms": specs,
                              "params": {"min-layer-bytes": 0, "layer-unique-files": unique}});
-        let id = c.provision(&request).await.unwrap().body["operation"]["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let done = c.wait(&id, |_| {}).await.unwrap();
+        let done = finished(&c, &request).await;
         assert_eq!(done.state.as_str(), "succeeded", "{vms:?}: {done:#?}");
         let stored = done.report_field("output")["totals"]["stored_bytes"].as_u64().unwrap();
-        let audit = c.get(&format!("/v1/audit?operation={id}&kind=host-call")).await.unwrap().body;
+        let audit =
+            c.get(&format!("/v1/audit?operation={}&kind=host-call", done.id)).await.unwrap().body;
         let plan = audit["audit"]
             .as_array()
             .unwrap()

@@ -93,3 +93,10 @@ pub async fn node_state(client: &Client, data: &Path) -> (usize, usize, Value) {
     let partitions = std::fs::read_dir(data.join("partitions")).map(|d| d.count()).unwrap_or(0);
     (vms["vms"].as_array().unwrap().len(), partitions, vms["reserved"].clone())
 }
+
+/// Starts an operation of `request` and waits for its end.
+pub async fn finished(c: &Client, request: &Value) -> provd_wire::Operation {
+    let started = c.provision(request).await.unwrap();
+    let id = started.body["operation"]["id"].as_str().unwrap().to_string();
+    c.wait(&id, |_| {}).await.unwrap()
+}
