@@ -1,0 +1,438 @@
+#!/usr/bin/env bash
+# The management VM of US 10,365,935: provd runs inside a VM on the node,
+# installed from its Debian package, and writes VMs' partitions where the
+# host's hypervisor reads them.
+#
+#   scripts/node-vm.sh build OUT    # the VM's image in OUT: root.img, vmlinuz, initrd.img
+#   scripts/node-vm.sh run [WORK]   # builds it if needed, boots it, runs the flow
+#
+# build: a minimal Debian bookworm root (debootstrap from Debian's packages:
+#   systemd, Debian's cloud kernel and its initramfs, libvirt's client
+#   library) with the provd package (scripts/package-deb.sh) installed and
+#   enabled, written as an ext4 disk image with mke2fs. Kept in OUT while the
+#   package and this script are unchanged. BIN_DIR names the folder holding
+#   provd and provctl to package (default: a release build); MIRROR the
+#   Debian mirror.
+#
+# run: the node's VM storage, STORE (default /var/lib/provd-node), is a host
+#   folder the management VM mounts over virtio-fs (virtiofsd) at the same
+#   path: provd inside writes partitions, seeds and domain XML there, and
+#   the host's libvirtd reads them under the same names (docs/method.md
+#   says why). provd's configuration and the images come on read-only disks.
+#   The VM boots under qemu (KVM where it works, emulation otherwise) with
+#   user-mode networking restricted to two forwards: the manager on the host
+#   reaches provd's API at 127.0.0.1:PORT (mutual TLS), and provd reaches
+#   the host's libvirtd at 10.0.2.100:16509, a connection qemu hands to
+#   libvirt's unix socket (socat). Nothing leaves the machine. The manager
+#   deploys the shared-partition plugin, provisions web-1 and web-boot, starts
+#   web-boot on the host through provd, reads its console, shuts the
+#   management VM down, and verifies every partition it wrote with
+#   `provctl partition verify` on the host.
+#   WORK (default: a new folder under /tmp) gets the node's certificates,
+#   images, console logs and reports. PORT (default 7543) is the forwarded
+#   port; IMAGE_DIR (default WORK/image) the built image.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+target="${CARGO_TARGET_DIR:-$root/target}"
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+say() { echo "node-vm: $*"; }
+die() { echo "node-vm: $*" >&2; exit 1; }
+
+# The folder holding provd and provctl: BIN_DIR, or a release build.
+binaries() {
+  if [ -n "${BIN_DIR:-}" ]; then
+    (cd "$BIN_DIR" && pwd)
+  else
+    cargo build -q --release -p provd-daemon -p provctl
+    echo "$target/release"
+  fi
+}
+
+# Debian's user and group libvirt's QEMU runs as on this host: provd inside
+# hands VMs' files to their numbers, so the VM names the same numbers.
+qemu_ids() {
+  local uid gid
+  uid=$(id -u libvirt-qemu 2>/dev/null || echo 64055)
+  gid=$(getent group libvirt-qemu | cut -d: -f3)
+  echo "$uid ${gid:-64055}"
+}
+
+build() {
+  local out=${1:?usage: scripts/node-vm.sh build OUT}
+  local mirror=${MIRROR:-http://deb.debian.org/debian}
+  mkdir -p "$out"
+  out=$(cd "$out" && pwd)
+  local bin deb
+  bin=$(binaries)
+  # The image is made again when what the package holds, this script or
+  # the host's libvirt-qemu numbers change.
+  local key
+  key=$( { sha256sum "$bin/provd" "$bin/provctl" runtime/daemon/debian/* scripts/package-deb.sh "$0" \
+    | cut -d' ' -f1; qemu_ids; } | sha256sum | cut -d' ' -f1)
+  if [ -f "$out/root.img" ] && [ "$(cat "$out/image.key" 2>/dev/null)" = "$key" ]; then
+    say "image in $out is current"
+    return 0
+  fi
+  deb=$(bash scripts/package-deb.sh "$bin" "$out/deb")
+  local base="$out/base"
+  if [ ! -f "$base.complete" ]; then
+    say "debootstrap: Debian bookworm with systemd, the cloud kernel and libvirt0 (a few minutes)"
+    as_root rm -rf "$base.new"
+    as_root debootstrap --variant=minbase \
+      --include=systemd-sysv,udev,dbus,linux-image-cloud-amd64,libvirt0,iproute2 \
+      bookworm "$base.new" "$mirror" >"$out/debootstrap.log" 2>&1 \
+      || { tail -n 20 "$out/debootstrap.log" >&2; exit 1; }
+    as_root rm -rf "$base.new"/var/cache/apt/* "$base.new"/var/lib/apt/lists/* \
+      "$base.new"/usr/share/doc "$base.new"/usr/share/man "$base.new"/usr/share/info \
+      "$base.new"/debootstrap
+    as_root rm -rf "$base"
+    as_root mv "$base.new" "$base"
+    as_root touch "$base.complete"
+  fi
+  say "installing $(basename "$deb") into the image"
+  local tree="$out/root.new"
+  as_root rm -rf "$tree"
+  as_root cp -a "$base" "$tree"
+  as_root cp "$deb" "$tree/tmp/provd.deb"
+  as_root chroot "$tree" dpkg -i /tmp/provd.deb >"$out/dpkg.log" 2>&1 \
+    || { cat "$out/dpkg.log" >&2; exit 1; }
+  as_root rm -f "$tree/tmp/provd.deb"
+  # The unit as systemd inside will read it: a unit that does not verify
+  # fails the build.
+  as_root systemd-analyze verify --root="$tree" provd.service
+  read -r uid gid < <(qemu_ids)
+  as_root chroot "$tree" groupadd -g "$gid" libvirt-qemu
+  as_root chroot "$tree" useradd -r -u "$uid" -g "$gid" -d /nonexistent -s /usr/sbin/nologin libvirt-qemu
+  printf 'provd-node\n' | as_root tee "$tree/etc/hostname" >/dev/null
+  printf '/dev/vda / ext4 rw,errors=remount-ro 0 1\n' | as_root tee "$tree/etc/fstab" >/dev/null
+  # The user-mode network's DHCP gives the VM its address.
+  as_root tee "$tree/etc/systemd/network/50-provd-node.network" >/dev/null <<'NET'
+[Match]
+Name=en*
+
+[Network]
+DHCP=ipv4
+NET
+  as_root chroot "$tree" systemctl enable systemd-networkd.service >/dev/null 2>&1
+  # The node's VM storage, shared by the host over virtio-fs (Debian's
+  # cloud kernel has virtiofs and no 9p): provd.store=TAG:PATH on the
+  # kernel's command line becomes a mount at PATH that provd.service needs
+  # and may write.
+  as_root install -D -m 0755 /dev/stdin "$tree/usr/lib/systemd/system-generators/provd-node-store" <<'GEN'
+#!/bin/sh
+# provd.store=TAG:PATH on the kernel command line: the host's folder shared
+# under TAG (virtio-fs), or the ext4 disk labelled L for TAG=LABEL=L, is
+# mounted at PATH before provd starts.
+set -eu
+out=$1
+for arg in $(cat /proc/cmdline); do
+  case $arg in provd.store=*) ;; *) continue ;; esac
+  spec=${arg#provd.store=}
+  tag=${spec%%:*}
+  path=${spec#*:}
+  unit=$(systemd-escape -p --suffix=mount "$path")
+  # LABEL=name: an ext4 disk instead (block storage, as measured).
+  case $tag in
+    LABEL=*) what=/dev/disk/by-label/${tag#LABEL=}; type=ext4 ;;
+    *) what=$tag; type=virtiofs ;;
+  esac
+  cat >"$out/$unit" <<UNIT
+[Unit]
+Description=the node's VM storage ($tag) at $path
+After=systemd-modules-load.service
+Before=provd.service
+
+[Mount]
+What=$what
+Where=$path
+Type=$type
+Options=rw,nodev,nosuid
+UNIT
+  mkdir -p "$out/provd.service.d"
+  printf '[Unit]\nRequiresMountsFor=%s\n[Service]\nReadWritePaths=%s\n' "$path" "$path" \
+    >"$out/provd.service.d/50-store.conf"
+done
+GEN
+  printf 'virtiofs\n' | as_root tee "$tree/etc/modules-load.d/provd-node.conf" >/dev/null
+  # provd's configuration and the images it may read come on read-only
+  # disks the host writes (qemu enforces read-only; the VM cannot change
+  # them).
+  as_root tee -a "$tree/etc/fstab" >/dev/null <<'FSTAB'
+LABEL=provd-etc /etc/provd ext4 ro,nodev,nosuid,noexec,nofail,x-systemd.device-timeout=30s 0 0
+LABEL=provd-images /srv/provd-images ext4 ro,nodev,nosuid,noexec,nofail,x-systemd.device-timeout=30s 0 0
+FSTAB
+  as_root install -d -m 0755 "$tree/srv/provd-images"
+  as_root install -D -m 0644 /dev/stdin "$tree/etc/systemd/system/provd.service.d/45-disks.conf" <<'DROP'
+[Unit]
+RequiresMountsFor=/etc/provd /srv/provd-images
+DROP
+  # The console shows provd's log and when it is up, for whoever watches it.
+  as_root install -D -m 0644 /dev/stdin "$tree/etc/systemd/system/provd.service.d/40-console.conf" <<'DROP'
+[Service]
+StandardOutput=journal+console
+StandardError=journal+console
+ExecStartPost=/bin/echo "provd-node: provd.service started"
+# What the unit confines provd to, as the kernel applies it (checked by
+# runtime/daemon/tests/node_vm.rs).
+ExecStartPost=/bin/sh -c 'grep -E "^(CapBnd|NoNewPrivs):" /proc/self/status | sed "s/^/provd-node: /"'
+DROP
+  as_root cp "$tree"/boot/vmlinuz-*-cloud-amd64 "$out/vmlinuz.new"
+  as_root cp "$tree"/boot/initrd.img-*-cloud-amd64 "$out/initrd.img.new"
+  # An ext4 image of the tree with room for the VM's logs and journal.
+  local size
+  size=$(( $(as_root du -sm "$tree" | cut -f1) + 512 ))
+  rm -f "$out/root.img.new"
+  as_root mke2fs -q -t ext4 -L provd-node -d "$tree" "$out/root.img.new" "${size}M"
+  as_root rm -rf "$tree"
+  mv "$out/vmlinuz.new" "$out/vmlinuz"
+  mv "$out/initrd.img.new" "$out/initrd.img"
+  mv "$out/root.img.new" "$out/root.img"
+  echo "$key" >"$out/image.key"
+  say "image: $out/root.img ($size MiB), $out/vmlinuz, $out/initrd.img"
+}
+
+run() {
+  local work=${1:-$(mktemp -d -t provd-node-vm-XXXXXX)}
+  mkdir -p "$work"
+  work=$(cd "$work" && pwd)
+  local store=${STORE:-/var/lib/provd-node}
+  local port=${PORT:-7543}
+  local image=${IMAGE_DIR:-$work/image}
+  command -v socat >/dev/null || die "socat is missing (scripts/setup.sh installs it)"
+  local bin
+  bin=$(binaries)
+  BIN_DIR=$bin build "$image"
+  provctl() { "$bin/provctl" "$@"; }
+
+  # The host's libvirtd, as for the quick start: the one that runs, or
+  # Debian's, started here and stopped at the end.
+  started=()
+  if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+    for daemon in virtlogd libvirtd; do
+      pgrep -x "$daemon" >/dev/null || { as_root "/usr/sbin/$daemon" -d && started+=("$daemon"); }
+    done
+    for _ in $(seq 100); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
+  fi
+  local sock=/run/libvirt/libvirt-sock
+  [ -S "$sock" ] || die "no libvirtd socket at $sock"
+
+  # The VM storage: every folder above it root's and not writable by
+  # others (provd refuses it otherwise); the folders provd hands VMs'
+  # files over in are passable by libvirt-qemu.
+  say "VM storage $store (shared with the management VM over virtio-fs)"
+  as_root rm -rf "$store"
+  as_root install -d -m 0711 "$store"
+  as_root install -d -m 0700 "$store/data"
+
+  # The node's certificates and signing key (scripts/dev-node.sh), the
+  # manager's beside them, and provd.toml for inside the VM: its /etc/provd,
+  # shared read-only.
+  local node="$work/node" etc="$work/etc"
+  rm -rf "$node" "$etc"
+  PORT=$port PROVCTL="$bin/provctl" bash scripts/dev-node.sh "$node" >/dev/null
+  install -d -m 0700 "$etc" "$etc/tls"
+  install -m 0600 "$node/pki/node.pem" "$node/pki/node.key" "$etc/tls/"
+  install -m 0600 "$node/pki/ca.pem" "$etc/tls/managers-ca.pem"
+  install -m 0600 "$node/signer.pub" "$etc/signer.pub"
+  local domain_type
+  domain_type=$(sed -n 's/^domain-type = "\(.*\)"/\1/p' "$node/provd.toml")
+  cat >"$etc/provd.toml" <<TOML
+# provd inside the management VM (scripts/node-vm.sh run).
+data-dir = "$store/data"
+listen = "0.0.0.0:7443"
+admin-socket = "/run/provd/admin.sock"
+trusted-keys = ["/etc/provd/signer.pub"]
+
+[tls]
+cert = "/etc/provd/tls/node.pem"
+key = "/etc/provd/tls/node.key"
+client-ca = "/etc/provd/tls/managers-ca.pem"
+
+[access]
+admins = ["admin"]
+
+[policy]
+image-sources = ["dir:/srv/provd-images/**"]
+vm-bridges = ["br0"]
+vm-boot-files = ["vmlinuz", "provd-initrd.img"]
+vm-cmdlines = ["console=ttyS0 *"]
+
+[capacity]
+vcpus = 8
+memory-mib = 16384
+disk-bytes = 107374182400
+
+# The host's libvirtd, through the forward qemu makes to its unix socket.
+[hypervisor]
+domain-type = "$domain_type"
+libvirt-uri = "qemu+tcp://10.0.2.100:16509/system"
+user = "libvirt-qemu"
+group = "libvirt-qemu"
+vm-dir = "$store/vms"
+TOML
+  chmod 0600 "$etc/provd.toml"
+
+  say "demo images and the guest kernel"
+  local images="$work/images"
+  bash scripts/demo-images.sh "$images"
+  local kernel=${KERNEL_DIR:-$work/kernel}
+  bash scripts/guest-kernel.sh "$kernel"
+  as_root install -d -m 0700 "$store/data/boot"
+  as_root cp "$kernel/vmlinuz" "$store/data/boot/vmlinuz"
+  as_root "$bin/provctl" boot initramfs --modules-dir "$kernel/modules" \
+    -o "$store/data/boot/provd-initrd.img" >/dev/null
+
+  qemu="" vfs=""
+  # shellcheck disable=SC2317
+  cleanup() {
+    if [ -n "$qemu" ] && kill -0 "$qemu" 2>/dev/null; then as_root kill "$qemu" 2>/dev/null || true; fi
+    if [ -n "$vfs" ] && kill -0 "$vfs" 2>/dev/null; then as_root kill "$vfs" 2>/dev/null || true; fi
+    for daemon in "${started[@]}"; do as_root pkill -TERM -x "$daemon" 2>/dev/null || true; done
+  }
+  trap cleanup EXIT
+  # Read-only disks for the VM: its /etc/provd and the images.
+  rm -f "$work/etc.img" "$work/images.img"
+  as_root mke2fs -q -t ext4 -L provd-etc -d "$etc" "$work/etc.img" 16M
+  as_root mke2fs -q -t ext4 -L provd-images -d "$images" "$work/images.img" \
+    "$(( $(du -sm "$images" | cut -f1) * 2 + 64 ))M"
+
+  # The management VM's first boot: provd deploys, provisions and stops.
+  local url="https://127.0.0.1:$port"
+  # shellcheck disable=SC1091
+  source "$node/manager.env"
+  start_vm "$image" "$store" "$work" "$port" "$sock" first
+  provctl bundle build plugins/shared-partition -o "$work/shared-partition.provd" >/dev/null
+  provctl bundle sign "$work/shared-partition.provd" --key "$node/signer.key"
+  provctl deploy "$work/shared-partition.provd" --node "$url"
+  mkdir -p "$work/vms"
+  cat >"$work/vms/web-1.json" <<JSON
+{ "name": "web-1", "hypervisor": "libvirt", "vcpus": 1, "memory-mib": 512,
+  "image": "dir:/srv/provd-images/web", "boot": { "firmware": "uefi" },
+  "cloud-init": { "hostname": "web-1.example" } }
+JSON
+  cat >"$work/vms/web-boot.json" <<JSON
+{ "name": "web-boot", "hypervisor": "libvirt", "vcpus": 1, "memory-mib": 512,
+  "image": "dir:/srv/provd-images/web",
+  "boot": { "kernel": "vmlinuz", "initrd": "provd-initrd.img",
+            "cmdline": "console=ttyS0 panic=-1 init=/usr/sbin/provd-check" },
+  "cloud-init": { "hostname": "web-boot.example" } }
+JSON
+  say "provisioning web-1 and web-boot inside the management VM"
+  local t1=$SECONDS
+  provctl provision --plugin shared-partition --vm "$work/vms/web-1.json" --vm "$work/vms/web-boot.json" \
+    --params '{"shared-format": "erofs", "private-format": "ext4"}' \
+    --idempotency-key node-vm --node "$url" | tee "$work/report.txt"
+  say "provisioned in $((SECONDS - t1)) s"
+  provctl vms --node "$url"
+  stop_vm
+
+  # Before any guest writes to its private partition: everything the
+  # management VM wrote, checked on the host against the images.
+  say "verifying on the host what the management VM wrote"
+  as_root "$bin/provctl" partition verify --data-dir "$store/data"
+  for xml in "$store"/data/vms/*/domain.xml; do
+    virt-xml-validate "$xml" domain >/dev/null
+  done
+  say "every partition exact, every domain XML valid libvirt"
+
+  # Its second boot: the VM keeps no state of its own (its root disk is
+  # a snapshot); the node's is on the host's storage.
+  start_vm "$image" "$store" "$work" "$port" "$sock" second
+  say "starting web-boot on the host through provd (its console follows)"
+  provctl start web-boot --node "$url"
+  local log="$store/data/vms/web-boot/serial.log" ended=0
+  for _ in $(seq 600); do
+    if as_root grep -q '^provd-check: end' "$log" 2>/dev/null; then ended=1; break; fi
+    sleep 0.5
+  done
+  as_root cat "$log" 2>/dev/null | tr -d '\r' >"$work/console-web-boot.txt" || true
+  provctl stop web-boot --force --node "$url" >/dev/null
+  grep '^provd-check:' "$work/console-web-boot.txt" || true
+  [ "$ended" = 1 ] || die "web-boot did not end its check in 300 s; see $work/console-web-boot.txt"
+  grep -q '^provd-check: root overlay' "$work/console-web-boot.txt" \
+    || die "web-boot did not report an overlay root; see $work/console-web-boot.txt"
+  provctl vms --node "$url"
+  stop_vm
+  say "done: web-1 and web-boot provisioned inside the management VM, web-boot booted by the host"
+}
+
+# start_vm IMAGE STORE WORK PORT LIBVIRT_SOCK NAME: boots the management VM
+# with STORE as its storage and waits until provd answers. STORE is a host
+# folder (virtio-fs) or, for the benchmark, a disk image file (block).
+start_vm() {
+  local image=$1 store=$2 work=$3 port=$4 sock=$5 name=$6
+  local mib=${NODE_VM_MIB:-1536} storage=() spec
+  if [ -f "$store" ]; then
+    storage=(-drive "file=$store,if=virtio,format=raw,cache=none,aio=native")
+    spec=LABEL=provd-store:${STORE_PATH:-/var/lib/provd-node}
+  else
+    # virtiofsd serves the storage as root, so that provd inside sets
+    # owners and modes the host's libvirt-qemu sees; without CAP_MKNOD, so
+    # that the VM cannot put a device node on the host.
+    local vfs_sock="$work/store.sock"
+    rm -f "$vfs_sock"
+    as_root /usr/lib/qemu/virtiofsd --socket-path="$vfs_sock" -o source="$store" \
+      -o sandbox=chroot -o cache=auto -o modcaps=-mknod -o log_level=warn \
+      >>"$work/virtiofsd.log" 2>&1 &
+    vfs=$!
+    for _ in $(seq 50); do [ -S "$vfs_sock" ] && break; sleep 0.1; done
+    [ -S "$vfs_sock" ] || { cat "$work/virtiofsd.log" >&2; die "virtiofsd did not start"; }
+    storage=(-chardev "socket,id=store,path=$vfs_sock" -device vhost-user-fs-pci,chardev=store,tag=store)
+    spec=store:$store
+  fi
+  local accel=tcg,thread=multi
+  if [ -r /dev/kvm ] && [ -w /dev/kvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo; then accel=kvm; fi
+  console="$work/node-vm-$name.console"
+  qmp="$work/qmp.sock"
+  rm -f "$console" "$qmp"
+  say "booting the management VM ($accel, $name boot); console in $console"
+  # vhost-user needs the VM's memory shared with virtiofsd.
+  as_root qemu-system-x86_64 -name provd-node -machine q35,memory-backend=mem -accel "$accel" \
+    -cpu max -smp 2 -m "$mib" -object "memory-backend-memfd,id=mem,size=${mib}M,share=on" \
+    -kernel "$image/vmlinuz" -initrd "$image/initrd.img" \
+    -append "root=/dev/vda rw console=ttyS0 panic=-1 quiet provd.store=$spec" \
+    -drive "file=$image/root.img,if=virtio,format=raw,snapshot=on" \
+    -drive "file=$work/etc.img,if=virtio,format=raw,readonly=on" \
+    -drive "file=$work/images.img,if=virtio,format=raw,readonly=on" \
+    "${storage[@]}" \
+    -netdev "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:$port-:7443,guestfwd=tcp:10.0.2.100:16509-cmd:socat STDIO UNIX-CONNECT:$sock" \
+    -device virtio-net-pci,netdev=net0 \
+    -display none -serial "file:$console" -qmp "unix:$qmp,server=on,wait=off" &
+  qemu=$!
+  local up=0 t0=$SECONDS
+  for _ in $(seq "${BOOT_WAIT:-600}"); do
+    kill -0 "$qemu" 2>/dev/null || { tail -n 30 "$console" >&2; die "the management VM stopped"; }
+    if provctl health --node "https://127.0.0.1:$port" >/dev/null 2>&1; then up=1; break; fi
+    sleep 1
+  done
+  [ "$up" = 1 ] || { tail -n 30 "$console" >&2; die "provd did not answer at 127.0.0.1:$port"; }
+  say "provd answers at https://127.0.0.1:$port from inside the management VM ($((SECONDS - t0)) s after boot)"
+}
+
+# Powers the management VM off (ACPI: systemd stops provd, which ends its
+# operations) and waits for it and virtiofsd to end.
+stop_vm() {
+  say "shutting the management VM down"
+  printf '%s\n' '{"execute":"qmp_capabilities"}' '{"execute":"system_powerdown"}' \
+    | as_root socat - "UNIX-CONNECT:$qmp" >/dev/null
+  for _ in $(seq 120); do kill -0 "$qemu" 2>/dev/null || break; sleep 1; done
+  if kill -0 "$qemu" 2>/dev/null; then die "the management VM did not power off in 120 s"; fi
+  wait "$qemu" || true
+  if [ -n "$vfs" ]; then
+    for _ in $(seq 50); do kill -0 "$vfs" 2>/dev/null || break; sleep 0.1; done
+    as_root kill "$vfs" 2>/dev/null || true
+    wait "$vfs" 2>/dev/null || true
+  fi
+  qemu="" vfs=""
+  grep -E 'provd-node:|Stopped provd' "$console" || true
+}
+
+case ${1:-} in
+  build) shift; build "$@" ;;
+  run) shift; run "$@" ;;
+  *) echo "usage: scripts/node-vm.sh build OUT | run [WORK]" >&2; exit 2 ;;
+esac
