@@ -5,6 +5,7 @@
 #
 #   scripts/node-vm.sh build OUT    # the VM's image in OUT: root.img, vmlinuz, initrd.img
 #   scripts/node-vm.sh run [WORK]   # builds it if needed, boots it, runs the flow
+#   scripts/node-vm.sh bench [WORK] # the same requests on the host and in the VM
 #
 # build: a minimal Debian bookworm root (debootstrap from Debian's packages:
 #   systemd, Debian's cloud kernel and its initramfs, libvirt's client
@@ -431,8 +432,141 @@ stop_vm() {
   grep -E 'provd-node:|Stopped provd' "$console" || true
 }
 
+# provision_set URL IMAGES NAME: the benchmark's requests against the node
+# at URL, images under IMAGES (as that node names them): web-1, api-1 and
+# db-1 in one request, then web-2, web-3, api-2 and db-2 one at a time, as
+# customers order them. Prints one line of wall-clock seconds.
+provision_set() {
+  local url=$1 images=$2 name=$3 times=() spec t0 t1
+  local dir="$BENCH_WORK/vms-$name"
+  mkdir -p "$dir"
+  for vm in web-1 api-1 db-1 web-2 web-3 api-2 db-2; do
+    cat >"$dir/$vm.json" <<JSON
+{ "name": "$vm", "hypervisor": "libvirt", "vcpus": 1, "memory-mib": 512,
+  "image": "dir:$images/${vm%-*}", "boot": { "firmware": "uefi" } }
+JSON
+  done
+  for request in "web-1 api-1 db-1" web-2 web-3 api-2 db-2; do
+    spec=()
+    for vm in $request; do spec+=(--vm "$dir/$vm.json"); done
+    t0=$(date +%s.%N)
+    provctl provision --plugin shared-partition "${spec[@]}" \
+      --params '{"shared-format": "erofs", "private-format": "ext4"}' --node "$url" >>"$dir/reports.txt"
+    t1=$(date +%s.%N)
+    times+=("$(awk "BEGIN { printf \"%.2f\", $t1 - $t0 }")")
+  done
+  printf '%-28s first (3 VMs) %6.2f s   then one VM each: %s s\n' "$name" "${times[0]}" "${times[*]:1}" \
+    | tee -a "$BENCH_WORK/results.txt"
+}
+
+# The benchmark: the same requests to provd on the host, in the management
+# VM with its storage over virtio-fs, and in the management VM with its
+# storage on a block device (an ext4 disk, as a logical volume would be).
+bench() {
+  local work=${1:-$(mktemp -d -t provd-node-vm-bench-XXXXXX)}
+  mkdir -p "$work"
+  work=$(cd "$work" && pwd)
+  BENCH_WORK=$work
+  local port=${PORT:-7543} image=${IMAGE_DIR:-$work/image} bin
+  local path=${STORE:-/var/lib/provd-node-bench}
+  bin=$(binaries)
+  BIN_DIR=$bin build "$image"
+  provctl() { "$bin/provctl" "$@"; }
+  rm -f "$work/results.txt"
+  local node="$work/node" etc="$work/etc"
+  rm -rf "$node" "$etc"
+  PORT=$port PROVCTL="$bin/provctl" bash scripts/dev-node.sh "$node" >/dev/null
+  bash scripts/demo-images.sh "$work/images"
+  provctl bundle build plugins/shared-partition -o "$work/shared-partition.provd" >/dev/null
+  provctl bundle sign "$work/shared-partition.provd" --key "$node/signer.key" >/dev/null
+  # shellcheck disable=SC1091
+  source "$node/manager.env"
+  local url="https://127.0.0.1:$port"
+  # One configuration for the three: no hypervisor connection, so that
+  # what is measured is the provisioning (images, plan, partitions, VM
+  # configuration) and where it writes.
+  config() { # DATA IMAGES LISTEN PKI
+    cat <<TOML
+data-dir = "$1"
+listen = "$3"
+trusted-keys = ["$4/signer.pub"]
+[tls]
+cert = "$4/tls/node.pem"
+key = "$4/tls/node.key"
+client-ca = "$4/tls/managers-ca.pem"
+[access]
+admins = ["admin"]
+[policy]
+image-sources = ["dir:$2/**"]
+[capacity]
+vcpus = 64
+memory-mib = 262144
+disk-bytes = 1099511627776
+TOML
+  }
+  install -d -m 0700 "$etc" "$etc/tls"
+  install -m 0600 "$node/pki/node.pem" "$node/pki/node.key" "$etc/tls/"
+  install -m 0600 "$node/pki/ca.pem" "$etc/tls/managers-ca.pem"
+  install -m 0600 "$node/signer.pub" "$etc/signer.pub"
+  config "$path/data" /srv/provd-images 0.0.0.0:7443 /etc/provd >"$etc/provd.toml"
+  rm -f "$work/etc.img" "$work/images.img"
+  as_root mke2fs -q -t ext4 -L provd-etc -d "$etc" "$work/etc.img" 16M
+  as_root mke2fs -q -t ext4 -L provd-images -d "$work/images" "$work/images.img" \
+    "$(( $(du -sm "$work/images" | cut -f1) * 2 + 64 ))M"
+
+  qemu="" vfs="" hostpid=""
+  # shellcheck disable=SC2317
+  cleanup() {
+    if [ -n "$qemu" ] && kill -0 "$qemu" 2>/dev/null; then as_root kill "$qemu" 2>/dev/null || true; fi
+    if [ -n "$vfs" ] && kill -0 "$vfs" 2>/dev/null; then as_root kill "$vfs" 2>/dev/null || true; fi
+    if [ -n "$hostpid" ] && kill -0 "$hostpid" 2>/dev/null; then as_root kill "$hostpid" 2>/dev/null || true; fi
+  }
+  trap cleanup EXIT
+  fresh_store() {
+    as_root rm -rf "$path"
+    as_root install -d -m 0711 "$path"
+    as_root install -d -m 0700 "$path/data"
+  }
+
+  say "host: provd serve on this machine"
+  fresh_store
+  install -d -m 0700 "$work/host"
+  cp -a "$etc/tls" "$etc/signer.pub" "$work/host/"
+  config "$path/data" "$work/images" "127.0.0.1:$port" "$work/host" >"$work/host/provd.toml"
+  as_root "$bin/provd" serve --config "$work/host/provd.toml" >"$work/host/provd.out" 2>"$work/host/provd.log" &
+  hostpid=$!
+  for _ in $(seq 100); do provctl health --node "$url" >/dev/null 2>&1 && break; sleep 0.2; done
+  provctl deploy "$work/shared-partition.provd" --node "$url" >/dev/null
+  provision_set "$url" "$work/images" "host"
+  as_root kill "$hostpid"; wait "$hostpid" 2>/dev/null || true; hostpid=""
+  local host_bytes
+  host_bytes=$(as_root du -sm "$path/data" | cut -f1)
+
+  say "management VM, storage over virtio-fs"
+  fresh_store
+  start_vm "$image" "$path" "$work" "$port" /dev/null bench-virtiofs
+  provctl deploy "$work/shared-partition.provd" --node "$url" >/dev/null
+  provision_set "$url" /srv/provd-images "management VM, virtio-fs"
+  stop_vm
+
+  say "management VM, storage on a block device (ext4 on a raw disk, cache=none)"
+  local disk="$work/store.img"
+  as_root rm -rf "$work/store-tree" "$disk"
+  as_root install -d -m 0711 "$work/store-tree"
+  as_root install -d -m 0700 "$work/store-tree/data"
+  as_root mke2fs -q -t ext4 -L provd-store -d "$work/store-tree" "$disk" 8G
+  STORE_PATH=$path start_vm "$image" "$disk" "$work" "$port" /dev/null bench-block
+  provctl deploy "$work/shared-partition.provd" --node "$url" >/dev/null
+  provision_set "$url" /srv/provd-images "management VM, block"
+  stop_vm
+  as_root rm -rf "$path"
+  say "results (wall-clock seconds per request; host data $host_bytes MiB):"
+  cat "$work/results.txt"
+}
+
 case ${1:-} in
   build) shift; build "$@" ;;
   run) shift; run "$@" ;;
-  *) echo "usage: scripts/node-vm.sh build OUT | run [WORK]" >&2; exit 2 ;;
+  bench) shift; bench "$@" ;;
+  *) echo "usage: scripts/node-vm.sh build OUT | run [WORK] | bench [WORK]" >&2; exit 2 ;;
 esac

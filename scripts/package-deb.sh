@@ -57,5 +57,5 @@ Description: node-side VM provisioning runtime (WebAssembly plugin host)
 CONTROL
 mkdir -p "$out"
 deb="$out/provd_${version}_${arch}.deb"
-dpkg-deb --root-owner-group -Zxz --build "$pkg" "$deb" >/dev/null
+dpkg-deb --root-owner-group -Zgzip --build "$pkg" "$deb" >/dev/null
 echo "$deb"

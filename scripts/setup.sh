@@ -10,6 +10,7 @@
 #   installed, by scripts/guest-kernel.sh) and an initramfs provd builds.
 # - libvirt-daemon-system: the boot test also starts a guest through the
 #   node's libvirtd, as providers run VMs.
+# - socat and systemd for the management VM (scripts/node-vm.sh).
 # - rustfmt and clippy for the checks.
 set -euo pipefail
 
@@ -60,6 +61,9 @@ if ! dpkg -s qemu-system-x86 busybox-static kmod debootstrap >/dev/null 2>&1; th
 fi
 # Partition builders and readers: mkfs.erofs/fsck.erofs, mke2fs, qemu-img.
 install_missing erofs-utils e2fsprogs qemu-utils
+# The management VM (scripts/node-vm.sh): socat hands provd's connections
+# to libvirt's socket, systemd-analyze checks the package's unit.
+install_missing socat systemd
 # VM configuration: virt-xml-validate (libvirt-clients; it runs xmllint from
 # libxml2-utils, which libvirt-clients does not depend on), and xorriso,
 # with which the tests read NoCloud seeds back (provd writes them itself).
