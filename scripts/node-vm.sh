@@ -40,6 +40,10 @@ target="${CARGO_TARGET_DIR:-$root/target}"
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
+# The same as a prefix, for commands started in the background: `$!` is
+# then the command's own process (or sudo's, which passes signals on).
+root_prefix=()
+[ "$(id -u)" -eq 0 ] || root_prefix=(sudo)
 say() { echo "node-vm: $*"; }
 die() { echo "node-vm: $*" >&2; exit 1; }
 
@@ -225,7 +229,11 @@ run() {
   # others (provd refuses it otherwise); the folders provd hands VMs'
   # files over in are passable by libvirt-qemu.
   say "VM storage $store (shared with the management VM over virtio-fs)"
-  as_root rm -rf "$store"
+  # A node's storage holds customers' disks: the flow starts only on a
+  # new folder, and never removes one.
+  if [ -e "$store" ] && [ -n "$(as_root ls -A "$store")" ]; then
+    die "$store exists and is not empty: remove it, or name a new folder with STORE="
+  fi
   as_root install -d -m 0711 "$store"
   as_root install -d -m 0700 "$store/data"
 
@@ -376,8 +384,10 @@ start_vm() {
     # that the VM cannot put a device node on the host.
     local vfs_sock="$work/store.sock"
     rm -f "$vfs_sock"
-    as_root /usr/lib/qemu/virtiofsd --socket-path="$vfs_sock" -o source="$store" \
-      -o sandbox=chroot -o cache=auto -o modcaps=-mknod -o log_level=warn \
+    # VIRTIOFSD_OPTS (unquoted: several options) for the benchmark's variants.
+    # shellcheck disable=SC2086
+    "${root_prefix[@]}" /usr/lib/qemu/virtiofsd --socket-path="$vfs_sock" -o source="$store" \
+      -o sandbox=chroot -o modcaps=-mknod -o log_level=warn ${VIRTIOFSD_OPTS:--o cache=auto} \
       >>"$work/virtiofsd.log" 2>&1 &
     vfs=$!
     for _ in $(seq 50); do [ -S "$vfs_sock" ] && break; sleep 0.1; done
@@ -392,7 +402,7 @@ start_vm() {
   rm -f "$console" "$qmp"
   say "booting the management VM ($accel, $name boot); console in $console"
   # vhost-user needs the VM's memory shared with virtiofsd.
-  as_root qemu-system-x86_64 -name provd-node -machine q35,memory-backend=mem -accel "$accel" \
+  "${root_prefix[@]}" qemu-system-x86_64 -name provd-node -machine q35,memory-backend=mem -accel "$accel" \
     -cpu max -smp 2 -m "$mib" -object "memory-backend-memfd,id=mem,size=${mib}M,share=on" \
     -kernel "$image/vmlinuz" -initrd "$image/initrd.img" \
     -append "root=/dev/vda rw console=ttyS0 panic=-1 quiet provd.store=$spec" \
@@ -467,8 +477,11 @@ bench() {
   mkdir -p "$work"
   work=$(cd "$work" && pwd)
   BENCH_WORK=$work
-  local port=${PORT:-7543} image=${IMAGE_DIR:-$work/image} bin
+  local port=${PORT:-7543} image=${IMAGE_DIR:-$work/image} bin host_bytes=""
   local path=${STORE:-/var/lib/provd-node-bench}
+  if [ -e "$path" ] && [ -n "$(as_root ls -A "$path")" ]; then
+    die "$path exists and is not empty: remove it, or name a new folder with STORE="
+  fi
   bin=$(binaries)
   BIN_DIR=$bin build "$image"
   provctl() { "$bin/provctl" "$@"; }
@@ -528,12 +541,14 @@ TOML
     as_root install -d -m 0700 "$path/data"
   }
 
+  local candidates=" ${CANDIDATES:-host virtiofs block} "
+  if [[ $candidates == *" host "* ]]; then
   say "host: provd serve on this machine"
   fresh_store
   install -d -m 0700 "$work/host"
   cp -a "$etc/tls" "$etc/signer.pub" "$work/host/"
   config "$path/data" "$work/images" "127.0.0.1:$port" "$work/host" >"$work/host/provd.toml"
-  as_root "$bin/provd" serve --config "$work/host/provd.toml" >"$work/host/provd.out" 2>"$work/host/provd.log" &
+  "${root_prefix[@]}" "$bin/provd" serve --config "$work/host/provd.toml" >"$work/host/provd.out" 2>"$work/host/provd.log" &
   hostpid=$!
   for _ in $(seq 100); do provctl health --node "$url" >/dev/null 2>&1 && break; sleep 0.2; done
   provctl deploy "$work/shared-partition.provd" --node "$url" >/dev/null
@@ -541,14 +556,18 @@ TOML
   as_root kill "$hostpid"; wait "$hostpid" 2>/dev/null || true; hostpid=""
   local host_bytes
   host_bytes=$(as_root du -sm "$path/data" | cut -f1)
+  fi
 
+  if [[ $candidates == *" virtiofs "* ]]; then
   say "management VM, storage over virtio-fs"
   fresh_store
   start_vm "$image" "$path" "$work" "$port" /dev/null bench-virtiofs
   provctl deploy "$work/shared-partition.provd" --node "$url" >/dev/null
-  provision_set "$url" /srv/provd-images "management VM, virtio-fs"
+  provision_set "$url" /srv/provd-images "management VM, virtio-fs${VIRTIOFSD_OPTS:+ $VIRTIOFSD_OPTS}"
   stop_vm
+  fi
 
+  if [[ $candidates == *" block "* ]]; then
   say "management VM, storage on a block device (ext4 on a raw disk, cache=none)"
   local disk="$work/store.img"
   as_root rm -rf "$work/store-tree" "$disk"
@@ -559,6 +578,7 @@ TOML
   provctl deploy "$work/shared-partition.provd" --node "$url" >/dev/null
   provision_set "$url" /srv/provd-images "management VM, block"
   stop_vm
+  fi
   as_root rm -rf "$path"
   say "results (wall-clock seconds per request; host data $host_bytes MiB):"
   cat "$work/results.txt"
