@@ -25,10 +25,11 @@
 #   reaches provd's API at 127.0.0.1:PORT (mutual TLS), and provd reaches
 #   the host's libvirtd at 10.0.2.100:16509, a connection qemu hands to
 #   libvirt's unix socket (socat). Nothing leaves the machine. The manager
-#   deploys the shared-partition plugin, provisions web-1 and web-boot, starts
-#   web-boot on the host through provd, reads its console, shuts the
-#   management VM down, and verifies every partition it wrote with
-#   `provctl partition verify` on the host.
+#   deploys the shared-partition plugin, provisions web-1 and web-boot, then
+#   api-1 in the formats provd builds with external tools (erofs-lz4, qcow2),
+#   shuts the management VM down and verifies every partition it wrote with
+#   `provctl partition verify` on the host, boots the VM again, starts
+#   web-boot on the host through provd and reads its console.
 #   WORK (default: a new folder under /tmp) gets the node's certificates,
 #   images, console logs and reports. PORT (default 7543) is the forwarded
 #   port; IMAGE_DIR (default WORK/image) the built image.
@@ -84,11 +85,15 @@ build() {
   fi
   deb=$(bash scripts/package-deb.sh "$bin" "$out/deb")
   local base="$out/base"
-  if [ ! -f "$base.complete" ]; then
-    say "debootstrap: Debian bookworm with systemd, the cloud kernel and libvirt0 (a few minutes)"
+  # What the root holds: systemd, the cloud kernel and its initramfs,
+  # libvirt's client library, and the tools provd runs for some formats
+  # (mkfs.erofs for compressed partitions, qemu-img for qcow2).
+  local packages=systemd-sysv,udev,dbus,linux-image-cloud-amd64,libvirt0,iproute2,erofs-utils,qemu-utils
+  if [ "$(cat "$base.complete" 2>/dev/null)" != "$packages" ]; then
+    say "debootstrap: Debian bookworm with $packages (a few minutes)"
     as_root rm -rf "$base.new"
     as_root debootstrap --variant=minbase \
-      --include=systemd-sysv,udev,dbus,linux-image-cloud-amd64,libvirt0,iproute2 \
+      --include="$packages" \
       bookworm "$base.new" "$mirror" >"$out/debootstrap.log" 2>&1 \
       || { tail -n 20 "$out/debootstrap.log" >&2; exit 1; }
     as_root rm -rf "$base.new"/var/cache/apt/* "$base.new"/var/lib/apt/lists/* \
@@ -96,7 +101,7 @@ build() {
       "$base.new"/debootstrap
     as_root rm -rf "$base"
     as_root mv "$base.new" "$base"
-    as_root touch "$base.complete"
+    echo "$packages" | as_root tee "$base.complete" >/dev/null
   fi
   say "installing $(basename "$deb") into the image"
   local tree="$out/root.new"
@@ -336,6 +341,17 @@ JSON
     --params '{"shared-format": "erofs", "private-format": "ext4"}' \
     --idempotency-key node-vm --node "$url" | tee "$work/report.txt"
   say "provisioned in $((SECONDS - t1)) s"
+  # The formats provd builds with external tools, under the unit's
+  # confinement: api's own files in a compressed layer (mkfs.erofs), its
+  # private partition as qcow2 (qemu-img).
+  cat >"$work/vms/api-1.json" <<JSON
+{ "name": "api-1", "hypervisor": "libvirt", "vcpus": 1, "memory-mib": 512,
+  "image": "dir:/srv/provd-images/api", "boot": { "firmware": "uefi" } }
+JSON
+  say "provisioning api-1 inside the management VM (erofs-lz4, qcow2)"
+  provctl provision --plugin shared-partition --vm "$work/vms/api-1.json" \
+    --params '{"shared-format": "erofs-lz4", "private-format": "qcow2"}' \
+    --idempotency-key node-vm-api --node "$url" | tee "$work/report-api.txt"
   provctl vms --node "$url"
   stop_vm
 
@@ -366,7 +382,7 @@ JSON
     || die "web-boot did not report an overlay root; see $work/console-web-boot.txt"
   provctl vms --node "$url"
   stop_vm
-  say "done: web-1 and web-boot provisioned inside the management VM, web-boot booted by the host"
+  say "done: web-1, web-boot and api-1 provisioned inside the management VM, web-boot booted by the host"
 }
 
 # start_vm IMAGE STORE WORK PORT LIBVIRT_SOCK NAME: boots the management VM
@@ -381,13 +397,17 @@ start_vm() {
   else
     # virtiofsd serves the storage as root, so that provd inside sets
     # owners and modes the host's libvirt-qemu sees; without CAP_MKNOD, so
-    # that the VM cannot put a device node on the host.
+    # that the VM cannot put a device node on the host, nor a file
+    # capability (CAP_SETFCAP). Extended attributes are on: mkfs.erofs and
+    # mke2fs list them in their staging trees; without CAP_SYS_ADMIN the VM
+    # cannot set trusted.* ones.
     local vfs_sock="$work/store.sock"
     rm -f "$vfs_sock"
     # VIRTIOFSD_OPTS (unquoted: several options) for the benchmark's variants.
     # shellcheck disable=SC2086
     "${root_prefix[@]}" /usr/lib/qemu/virtiofsd --socket-path="$vfs_sock" -o source="$store" \
-      -o sandbox=chroot -o modcaps=-mknod -o log_level=warn ${VIRTIOFSD_OPTS:--o cache=auto} \
+      -o sandbox=chroot -o modcaps=-mknod:-setfcap -o xattr -o log_level=warn \
+      ${VIRTIOFSD_OPTS:--o cache=auto} \
       >>"$work/virtiofsd.log" 2>&1 &
     vfs=$!
     for _ in $(seq 50); do [ -S "$vfs_sock" ] && break; sleep 0.1; done

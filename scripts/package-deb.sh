@@ -7,7 +7,9 @@
 # built first when missing); OUT_DIR gets provd_<version>_<arch>.deb
 # (default: target/debian). The package installs /usr/bin/provd and
 # /usr/bin/provctl, provd.service (runtime/daemon/debian), the conffile
-# /etc/provd/provd.toml, and creates /var/lib/provd 0700.
+# /etc/provd/provd.toml, and creates /var/lib/provd 0700. provd runs
+# e2fsprogs' debugfs (cloud-init seeds, repacks), and where a request asks
+# for them mkfs.erofs (compressed shared partitions) and qemu-img (qcow2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -43,8 +45,8 @@ Version: $version
 Architecture: $arch
 Maintainer: provd developers <provd@localhost>
 Installed-Size: $size
-Depends: libc6 (>= 2.36), libgcc-s1, libvirt0 (>= 9.0)
-Recommends: libvirt-daemon-system
+Depends: libc6 (>= 2.36), libgcc-s1, libvirt0 (>= 9.0), e2fsprogs
+Recommends: libvirt-daemon-system, erofs-utils, qemu-utils
 Section: admin
 Priority: optional
 Description: node-side VM provisioning runtime (WebAssembly plugin host)

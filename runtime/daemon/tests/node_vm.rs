@@ -6,7 +6,8 @@
 //! kernel, provd's Debian package made from this build's binaries), boots
 //! it under qemu, and as the manager on the host deploys the
 //! shared-partition plugin and provisions two VMs over mutual TLS through
-//! the one forwarded loopback port; provd inside, started by systemd from
+//! the one forwarded loopback port, then a third in the formats provd
+//! builds with external tools (compressed EROFS, qcow2); provd inside, started by systemd from
 //! the package's unit, writes their partitions on the host's storage
 //! (virtio-fs) and defines them in the host's libvirtd through qemu's
 //! forward to its unix socket. The host verifies every partition, and
@@ -27,7 +28,7 @@ const PROVD: &str = env!("CARGO_BIN_EXE_provd");
 /// The whole flow takes minutes under emulation (two boots of the
 /// management VM, one guest boot); generous for a slow machine.
 const FLOW_TIMEOUT: Duration = Duration::from_secs(40 * 60);
-const VMS: [&str; 2] = ["web-1", "web-boot"];
+const VMS: [&str; 3] = ["web-1", "web-boot", "api-1"];
 
 /// The bounding set provd.service leaves: CHOWN, DAC_OVERRIDE,
 /// DAC_READ_SEARCH, FOWNER, FSETID (bits 0 to 4) and MKNOD (27).
@@ -118,6 +119,8 @@ fn provd_in_the_management_vm_provisions_vms_the_host_boots() {
         "shared-attach: pmem=1 block=1",
         "verified web-1: ",
         "verified web-boot: ",
+        // mkfs.erofs and qemu-img ran under the unit's confinement.
+        "verified api-1: ",
         "every partition exact, every domain XML valid libvirt",
         "web-boot started: running",
         "provd-check: root overlay",
@@ -180,11 +183,12 @@ fn provd_in_the_management_vm_provisions_vms_the_host_boots() {
         let name = e.file_name().to_string_lossy().into_owned();
         let expected = if name == "root.ext4" { 0o660 } else { 0o440 };
         assert_eq!(m.mode() & 0o7777, expected, "{name}");
-        // The shared partition: one file on the host, linked from the data
-        // directory and into both VMs' folders (hard links over virtio-fs).
+        // web's layer: one file on the host, linked from the data
+        // directory and into the folders of web-1, web-boot and api-1,
+        // which stacks it (hard links made over virtio-fs).
         if name.starts_with("p-") {
             shared += 1;
-            assert_eq!(m.nlink(), 3, "{name}");
+            assert_eq!(m.nlink(), 4, "{name}");
         }
     }
     assert_eq!(shared, 1, "the shared partition handed over to web-boot");
