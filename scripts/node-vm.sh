@@ -38,15 +38,13 @@ cd "$(dirname "$0")/.."
 root=$PWD
 target="${CARGO_TARGET_DIR:-$root/target}"
 
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
-}
-# The same as a prefix, for commands started in the background: `$!` is
-# then the command's own process (or sudo's, which passes signals on).
-root_prefix=()
-[ "$(id -u)" -eq 0 ] || root_prefix=(sudo)
+# Numbers printed with a decimal point whatever the caller's locale.
+export LC_ALL=C
 say() { echo "node-vm: $*"; }
 die() { echo "node-vm: $*" >&2; exit 1; }
+# debootstrap, the VM's owners and modes, qemu and virtiofsd serving the
+# node's storage: all need root.
+[ "$(id -u)" -eq 0 ] || die "run as root"
 
 # The folder holding provd and provctl: BIN_DIR, or a release build.
 binaries() {
@@ -63,7 +61,7 @@ binaries() {
 qemu_ids() {
   local uid gid
   uid=$(id -u libvirt-qemu 2>/dev/null || echo 64055)
-  gid=$(getent group libvirt-qemu | cut -d: -f3)
+  gid=$(getent group libvirt-qemu | cut -d: -f3) || true
   echo "$uid ${gid:-64055}"
 }
 
@@ -77,12 +75,14 @@ build() {
   # The image is made again when what the package holds, this script or
   # the host's libvirt-qemu numbers change.
   local key
-  key=$( { sha256sum "$bin/provd" "$bin/provctl" runtime/daemon/debian/* scripts/package-deb.sh "$0" \
+  key=$( { sha256sum "$bin/provd" "$bin/provctl" runtime/daemon/debian/* scripts/package-deb.sh \
+    scripts/node-vm.sh \
     | cut -d' ' -f1; qemu_ids; } | sha256sum | cut -d' ' -f1)
   if [ -f "$out/root.img" ] && [ "$(cat "$out/image.key" 2>/dev/null)" = "$key" ]; then
     say "image in $out is current"
     return 0
   fi
+  rm -rf "$out/deb"
   deb=$(bash scripts/package-deb.sh "$bin" "$out/deb")
   local base="$out/base"
   # What the root holds: systemd, the cloud kernel and its initramfs,
@@ -91,48 +91,45 @@ build() {
   local packages=systemd-sysv,udev,dbus,linux-image-cloud-amd64,libvirt0,iproute2,erofs-utils,qemu-utils
   if [ "$(cat "$base.complete" 2>/dev/null)" != "$packages" ]; then
     say "debootstrap: Debian bookworm with $packages (a few minutes)"
-    as_root rm -rf "$base.new"
-    as_root debootstrap --variant=minbase \
+    rm -rf "$base.new"
+    debootstrap --variant=minbase \
       --include="$packages" \
       bookworm "$base.new" "$mirror" >"$out/debootstrap.log" 2>&1 \
       || { tail -n 20 "$out/debootstrap.log" >&2; exit 1; }
-    as_root rm -rf "$base.new"/var/cache/apt/* "$base.new"/var/lib/apt/lists/* \
+    rm -rf "$base.new"/var/cache/apt/* "$base.new"/var/lib/apt/lists/* \
       "$base.new"/usr/share/doc "$base.new"/usr/share/man "$base.new"/usr/share/info \
       "$base.new"/debootstrap
-    as_root rm -rf "$base"
-    as_root mv "$base.new" "$base"
-    echo "$packages" | as_root tee "$base.complete" >/dev/null
+    rm -rf "$base"
+    mv "$base.new" "$base"
+    echo "$packages" | tee "$base.complete" >/dev/null
   fi
   say "installing $(basename "$deb") into the image"
   local tree="$out/root.new"
-  as_root rm -rf "$tree"
-  as_root cp -a "$base" "$tree"
-  as_root cp "$deb" "$tree/tmp/provd.deb"
-  as_root chroot "$tree" dpkg -i /tmp/provd.deb >"$out/dpkg.log" 2>&1 \
+  rm -rf "$tree"
+  cp -a "$base" "$tree"
+  cp "$deb" "$tree/tmp/provd.deb"
+  chroot "$tree" dpkg -i /tmp/provd.deb >"$out/dpkg.log" 2>&1 \
     || { cat "$out/dpkg.log" >&2; exit 1; }
-  as_root rm -f "$tree/tmp/provd.deb"
-  # The unit as systemd inside will read it: a unit that does not verify
-  # fails the build.
-  as_root systemd-analyze verify --root="$tree" provd.service
+  rm -f "$tree/tmp/provd.deb"
   read -r uid gid < <(qemu_ids)
-  as_root chroot "$tree" groupadd -g "$gid" libvirt-qemu
-  as_root chroot "$tree" useradd -r -u "$uid" -g "$gid" -d /nonexistent -s /usr/sbin/nologin libvirt-qemu
-  printf 'provd-node\n' | as_root tee "$tree/etc/hostname" >/dev/null
-  printf '/dev/vda / ext4 rw,errors=remount-ro 0 1\n' | as_root tee "$tree/etc/fstab" >/dev/null
+  chroot "$tree" groupadd -g "$gid" libvirt-qemu
+  chroot "$tree" useradd -r -u "$uid" -g "$gid" -d /nonexistent -s /usr/sbin/nologin libvirt-qemu
+  printf 'provd-node\n' | tee "$tree/etc/hostname" >/dev/null
+  printf '/dev/vda / ext4 rw,errors=remount-ro 0 1\n' | tee "$tree/etc/fstab" >/dev/null
   # The user-mode network's DHCP gives the VM its address.
-  as_root tee "$tree/etc/systemd/network/50-provd-node.network" >/dev/null <<'NET'
+  tee "$tree/etc/systemd/network/50-provd-node.network" >/dev/null <<'NET'
 [Match]
 Name=en*
 
 [Network]
 DHCP=ipv4
 NET
-  as_root chroot "$tree" systemctl enable systemd-networkd.service >/dev/null 2>&1
+  chroot "$tree" systemctl enable systemd-networkd.service >/dev/null 2>&1
   # The node's VM storage, shared by the host over virtio-fs (Debian's
   # cloud kernel has virtiofs and no 9p): provd.store=TAG:PATH on the
   # kernel's command line becomes a mount at PATH that provd.service needs
   # and may write.
-  as_root install -D -m 0755 /dev/stdin "$tree/usr/lib/systemd/system-generators/provd-node-store" <<'GEN'
+  install -D -m 0755 /dev/stdin "$tree/usr/lib/systemd/system-generators/provd-node-store" <<'GEN'
 #!/bin/sh
 # provd.store=TAG:PATH on the kernel command line: the host's folder shared
 # under TAG (virtio-fs), or the ext4 disk labelled L for TAG=LABEL=L, is
@@ -167,21 +164,21 @@ UNIT
     >"$out/provd.service.d/50-store.conf"
 done
 GEN
-  printf 'virtiofs\n' | as_root tee "$tree/etc/modules-load.d/provd-node.conf" >/dev/null
+  printf 'virtiofs\n' | tee "$tree/etc/modules-load.d/provd-node.conf" >/dev/null
   # provd's configuration and the images it may read come on read-only
   # disks the host writes (qemu enforces read-only; the VM cannot change
   # them).
-  as_root tee -a "$tree/etc/fstab" >/dev/null <<'FSTAB'
+  tee -a "$tree/etc/fstab" >/dev/null <<'FSTAB'
 LABEL=provd-etc /etc/provd ext4 ro,nodev,nosuid,noexec,nofail,x-systemd.device-timeout=30s 0 0
 LABEL=provd-images /srv/provd-images ext4 ro,nodev,nosuid,noexec,nofail,x-systemd.device-timeout=30s 0 0
 FSTAB
-  as_root install -d -m 0755 "$tree/srv/provd-images"
-  as_root install -D -m 0644 /dev/stdin "$tree/etc/systemd/system/provd.service.d/45-disks.conf" <<'DROP'
+  install -d -m 0755 "$tree/srv/provd-images"
+  install -D -m 0644 /dev/stdin "$tree/etc/systemd/system/provd.service.d/45-disks.conf" <<'DROP'
 [Unit]
 RequiresMountsFor=/etc/provd /srv/provd-images
 DROP
   # The console shows provd's log and when it is up, for whoever watches it.
-  as_root install -D -m 0644 /dev/stdin "$tree/etc/systemd/system/provd.service.d/40-console.conf" <<'DROP'
+  install -D -m 0644 /dev/stdin "$tree/etc/systemd/system/provd.service.d/40-console.conf" <<'DROP'
 [Service]
 StandardOutput=journal+console
 StandardError=journal+console
@@ -190,14 +187,17 @@ ExecStartPost=/bin/echo "provd-node: provd.service started"
 # runtime/daemon/tests/node_vm.rs).
 ExecStartPost=/bin/sh -c 'grep -E "^(CapBnd|NoNewPrivs):" /proc/self/status | sed "s/^/provd-node: /"'
 DROP
-  as_root cp "$tree"/boot/vmlinuz-*-cloud-amd64 "$out/vmlinuz.new"
-  as_root cp "$tree"/boot/initrd.img-*-cloud-amd64 "$out/initrd.img.new"
+  # The unit and its drop-ins as systemd inside will read them: a unit that
+  # does not verify fails the build.
+  systemd-analyze verify --root="$tree" provd.service
+  cp "$tree"/boot/vmlinuz-*-cloud-amd64 "$out/vmlinuz.new"
+  cp "$tree"/boot/initrd.img-*-cloud-amd64 "$out/initrd.img.new"
   # An ext4 image of the tree with room for the VM's logs and journal.
   local size
-  size=$(( $(as_root du -sm "$tree" | cut -f1) + 512 ))
+  size=$(( $(du -sm "$tree" | cut -f1) + 512 ))
   rm -f "$out/root.img.new"
-  as_root mke2fs -q -t ext4 -L provd-node -d "$tree" "$out/root.img.new" "${size}M"
-  as_root rm -rf "$tree"
+  mke2fs -q -t ext4 -L provd-node -d "$tree" "$out/root.img.new" "${size}M"
+  rm -rf "$tree"
   mv "$out/vmlinuz.new" "$out/vmlinuz"
   mv "$out/initrd.img.new" "$out/initrd.img"
   mv "$out/root.img.new" "$out/root.img"
@@ -220,10 +220,23 @@ run() {
 
   # The host's libvirtd, as for the quick start: the one that runs, or
   # Debian's, started here and stopped at the end.
-  started=()
+  started=() qemu="" vfs="" mounted="" booted=""
+  # Whatever way the flow ends: the VM, virtiofsd, web-boot if it was
+  # started, the storage's mount, the daemons started here.
+  # shellcheck disable=SC2317
+  cleanup() {
+    if [ -n "$qemu" ] && kill -0 "$qemu" 2>/dev/null; then kill "$qemu" 2>/dev/null || true; fi
+    if [ -n "$vfs" ] && kill -0 "$vfs" 2>/dev/null; then kill "$vfs" 2>/dev/null || true; fi
+    if [ -n "$booted" ]; then virsh -c qemu:///system destroy web-boot >/dev/null 2>&1 || true; fi
+    if [ -n "$mounted" ]; then
+      umount "$mounted" 2>/dev/null || umount -l "$mounted" 2>/dev/null || true
+    fi
+    for daemon in "${started[@]}"; do pkill -TERM -x "$daemon" 2>/dev/null || true; done
+  }
+  trap cleanup EXIT
   if ! virsh -c qemu:///system version >/dev/null 2>&1; then
     for daemon in virtlogd libvirtd; do
-      pgrep -x "$daemon" >/dev/null || { as_root "/usr/sbin/$daemon" -d && started+=("$daemon"); }
+      pgrep -x "$daemon" >/dev/null || { "/usr/sbin/$daemon" -d && started+=("$daemon"); }
     done
     for _ in $(seq 100); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
   fi
@@ -236,11 +249,16 @@ run() {
   say "VM storage $store (shared with the management VM over virtio-fs)"
   # A node's storage holds customers' disks: the flow starts only on a
   # new folder, and never removes one.
-  if [ -e "$store" ] && [ -n "$(as_root ls -A "$store")" ]; then
+  if [ -e "$store" ] && [ -n "$(ls -A "$store")" ]; then
     die "$store exists and is not empty: remove it, or name a new folder with STORE="
   fi
-  as_root install -d -m 0711 "$store"
-  as_root install -d -m 0700 "$store/data"
+  install -d -m 0711 "$store"
+  # The VM can create set-id files in its storage: mounted nosuid (and
+  # nodev) on the host, none of them runs set-id here.
+  mount --bind "$store" "$store" && mount -o remount,bind,nosuid,nodev "$store" \
+    || die "could not mount $store onto itself nosuid,nodev"
+  mounted=$store
+  install -d -m 0700 "$store/data"
 
   # The node's certificates and signing key (scripts/dev-node.sh), the
   # manager's beside them, and provd.toml for inside the VM: its /etc/provd,
@@ -295,23 +313,15 @@ TOML
   bash scripts/demo-images.sh "$images"
   local kernel=${KERNEL_DIR:-$work/kernel}
   bash scripts/guest-kernel.sh "$kernel"
-  as_root install -d -m 0700 "$store/data/boot"
-  as_root cp "$kernel/vmlinuz" "$store/data/boot/vmlinuz"
-  as_root "$bin/provctl" boot initramfs --modules-dir "$kernel/modules" \
+  install -d -m 0700 "$store/data/boot"
+  cp "$kernel/vmlinuz" "$store/data/boot/vmlinuz"
+  "$bin/provctl" boot initramfs --modules-dir "$kernel/modules" \
     -o "$store/data/boot/provd-initrd.img" >/dev/null
 
-  qemu="" vfs=""
-  # shellcheck disable=SC2317
-  cleanup() {
-    if [ -n "$qemu" ] && kill -0 "$qemu" 2>/dev/null; then as_root kill "$qemu" 2>/dev/null || true; fi
-    if [ -n "$vfs" ] && kill -0 "$vfs" 2>/dev/null; then as_root kill "$vfs" 2>/dev/null || true; fi
-    for daemon in "${started[@]}"; do as_root pkill -TERM -x "$daemon" 2>/dev/null || true; done
-  }
-  trap cleanup EXIT
   # Read-only disks for the VM: its /etc/provd and the images.
   rm -f "$work/etc.img" "$work/images.img"
-  as_root mke2fs -q -t ext4 -L provd-etc -d "$etc" "$work/etc.img" 16M
-  as_root mke2fs -q -t ext4 -L provd-images -d "$images" "$work/images.img" \
+  mke2fs -q -t ext4 -L provd-etc -d "$etc" "$work/etc.img" 16M
+  mke2fs -q -t ext4 -L provd-images -d "$images" "$work/images.img" \
     "$(( $(du -sm "$images" | cut -f1) * 2 + 64 ))M"
 
   # The management VM's first boot: provd deploys, provisions and stops.
@@ -358,7 +368,7 @@ JSON
   # Before any guest writes to its private partition: everything the
   # management VM wrote, checked on the host against the images.
   say "verifying on the host what the management VM wrote"
-  as_root "$bin/provctl" partition verify --data-dir "$store/data"
+  "$bin/provctl" partition verify --data-dir "$store/data"
   for xml in "$store"/data/vms/*/domain.xml; do
     virt-xml-validate "$xml" domain >/dev/null
   done
@@ -368,13 +378,14 @@ JSON
   # a snapshot); the node's is on the host's storage.
   start_vm "$image" "$store" "$work" "$port" "$sock" second
   say "starting web-boot on the host through provd (its console follows)"
+  booted=1
   provctl start web-boot --node "$url"
   local log="$store/data/vms/web-boot/serial.log" ended=0
   for _ in $(seq 600); do
-    if as_root grep -q '^provd-check: end' "$log" 2>/dev/null; then ended=1; break; fi
+    if grep -q '^provd-check: end' "$log" 2>/dev/null; then ended=1; break; fi
     sleep 0.5
   done
-  as_root cat "$log" 2>/dev/null | tr -d '\r' >"$work/console-web-boot.txt" || true
+  cat "$log" 2>/dev/null | tr -d '\r' >"$work/console-web-boot.txt" || true
   provctl stop web-boot --force --node "$url" >/dev/null
   grep '^provd-check:' "$work/console-web-boot.txt" || true
   [ "$ended" = 1 ] || die "web-boot did not end its check in 300 s; see $work/console-web-boot.txt"
@@ -405,7 +416,7 @@ start_vm() {
     rm -f "$vfs_sock"
     # VIRTIOFSD_OPTS (unquoted: several options) for the benchmark's variants.
     # shellcheck disable=SC2086
-    "${root_prefix[@]}" /usr/lib/qemu/virtiofsd --socket-path="$vfs_sock" -o source="$store" \
+    /usr/lib/qemu/virtiofsd --socket-path="$vfs_sock" -o source="$store" \
       -o sandbox=chroot -o modcaps=-mknod:-setfcap -o xattr -o log_level=warn \
       ${VIRTIOFSD_OPTS:--o cache=auto} \
       >>"$work/virtiofsd.log" 2>&1 &
@@ -422,7 +433,7 @@ start_vm() {
   rm -f "$console" "$qmp"
   say "booting the management VM ($accel, $name boot); console in $console"
   # vhost-user needs the VM's memory shared with virtiofsd.
-  "${root_prefix[@]}" qemu-system-x86_64 -name provd-node -machine q35,memory-backend=mem -accel "$accel" \
+  qemu-system-x86_64 -name provd-node -machine q35,memory-backend=mem -accel "$accel" \
     -cpu max -smp 2 -m "$mib" -object "memory-backend-memfd,id=mem,size=${mib}M,share=on" \
     -kernel "$image/vmlinuz" -initrd "$image/initrd.img" \
     -append "root=/dev/vda rw console=ttyS0 panic=-1 quiet provd.store=$spec" \
@@ -448,14 +459,16 @@ start_vm() {
 # operations) and waits for it and virtiofsd to end.
 stop_vm() {
   say "shutting the management VM down"
-  printf '%s\n' '{"execute":"qmp_capabilities"}' '{"execute":"system_powerdown"}' \
-    | as_root socat - "UNIX-CONNECT:$qmp" >/dev/null
+  # Held open a moment: qemu drops the commands it has not run yet when
+  # the monitor's connection closes.
+  { printf '%s\n' '{"execute":"qmp_capabilities"}' '{"execute":"system_powerdown"}'; sleep 2; } \
+    | socat - "UNIX-CONNECT:$qmp" >/dev/null
   for _ in $(seq 120); do kill -0 "$qemu" 2>/dev/null || break; sleep 1; done
   if kill -0 "$qemu" 2>/dev/null; then die "the management VM did not power off in 120 s"; fi
   wait "$qemu" || true
   if [ -n "$vfs" ]; then
     for _ in $(seq 50); do kill -0 "$vfs" 2>/dev/null || break; sleep 0.1; done
-    as_root kill "$vfs" 2>/dev/null || true
+    kill "$vfs" 2>/dev/null || true
     wait "$vfs" 2>/dev/null || true
   fi
   qemu="" vfs=""
@@ -499,7 +512,7 @@ bench() {
   BENCH_WORK=$work
   local port=${PORT:-7543} image=${IMAGE_DIR:-$work/image} bin host_bytes=""
   local path=${STORE:-/var/lib/provd-node-bench}
-  if [ -e "$path" ] && [ -n "$(as_root ls -A "$path")" ]; then
+  if [ -e "$path" ] && [ -n "$(ls -A "$path")" ]; then
     die "$path exists and is not empty: remove it, or name a new folder with STORE="
   fi
   bin=$(binaries)
@@ -543,22 +556,22 @@ TOML
   install -m 0600 "$node/signer.pub" "$etc/signer.pub"
   config "$path/data" /srv/provd-images 0.0.0.0:7443 /etc/provd >"$etc/provd.toml"
   rm -f "$work/etc.img" "$work/images.img"
-  as_root mke2fs -q -t ext4 -L provd-etc -d "$etc" "$work/etc.img" 16M
-  as_root mke2fs -q -t ext4 -L provd-images -d "$work/images" "$work/images.img" \
+  mke2fs -q -t ext4 -L provd-etc -d "$etc" "$work/etc.img" 16M
+  mke2fs -q -t ext4 -L provd-images -d "$work/images" "$work/images.img" \
     "$(( $(du -sm "$work/images" | cut -f1) * 2 + 64 ))M"
 
   qemu="" vfs="" hostpid=""
   # shellcheck disable=SC2317
   cleanup() {
-    if [ -n "$qemu" ] && kill -0 "$qemu" 2>/dev/null; then as_root kill "$qemu" 2>/dev/null || true; fi
-    if [ -n "$vfs" ] && kill -0 "$vfs" 2>/dev/null; then as_root kill "$vfs" 2>/dev/null || true; fi
-    if [ -n "$hostpid" ] && kill -0 "$hostpid" 2>/dev/null; then as_root kill "$hostpid" 2>/dev/null || true; fi
+    if [ -n "$qemu" ] && kill -0 "$qemu" 2>/dev/null; then kill "$qemu" 2>/dev/null || true; fi
+    if [ -n "$vfs" ] && kill -0 "$vfs" 2>/dev/null; then kill "$vfs" 2>/dev/null || true; fi
+    if [ -n "$hostpid" ] && kill -0 "$hostpid" 2>/dev/null; then kill "$hostpid" 2>/dev/null || true; fi
   }
   trap cleanup EXIT
   fresh_store() {
-    as_root rm -rf "$path"
-    as_root install -d -m 0711 "$path"
-    as_root install -d -m 0700 "$path/data"
+    rm -rf "$path"
+    install -d -m 0711 "$path"
+    install -d -m 0700 "$path/data"
   }
 
   local candidates=" ${CANDIDATES:-host virtiofs block} "
@@ -568,14 +581,13 @@ TOML
   install -d -m 0700 "$work/host"
   cp -a "$etc/tls" "$etc/signer.pub" "$work/host/"
   config "$path/data" "$work/images" "127.0.0.1:$port" "$work/host" >"$work/host/provd.toml"
-  "${root_prefix[@]}" "$bin/provd" serve --config "$work/host/provd.toml" >"$work/host/provd.out" 2>"$work/host/provd.log" &
+  "$bin/provd" serve --config "$work/host/provd.toml" >"$work/host/provd.out" 2>"$work/host/provd.log" &
   hostpid=$!
   for _ in $(seq 100); do provctl health --node "$url" >/dev/null 2>&1 && break; sleep 0.2; done
   provctl deploy "$work/shared-partition.provd" --node "$url" >/dev/null
   provision_set "$url" "$work/images" "host"
-  as_root kill "$hostpid"; wait "$hostpid" 2>/dev/null || true; hostpid=""
-  local host_bytes
-  host_bytes=$(as_root du -sm "$path/data" | cut -f1)
+  kill "$hostpid"; wait "$hostpid" 2>/dev/null || true; hostpid=""
+  host_bytes=$(du -sm "$path/data" | cut -f1)
   fi
 
   if [[ $candidates == *" virtiofs "* ]]; then
@@ -590,16 +602,16 @@ TOML
   if [[ $candidates == *" block "* ]]; then
   say "management VM, storage on a block device (ext4 on a raw disk, cache=none)"
   local disk="$work/store.img"
-  as_root rm -rf "$work/store-tree" "$disk"
-  as_root install -d -m 0711 "$work/store-tree"
-  as_root install -d -m 0700 "$work/store-tree/data"
-  as_root mke2fs -q -t ext4 -L provd-store -d "$work/store-tree" "$disk" 8G
+  rm -rf "$work/store-tree" "$disk"
+  install -d -m 0711 "$work/store-tree"
+  install -d -m 0700 "$work/store-tree/data"
+  mke2fs -q -t ext4 -L provd-store -d "$work/store-tree" "$disk" 8G
   STORE_PATH=$path start_vm "$image" "$disk" "$work" "$port" /dev/null bench-block
   provctl deploy "$work/shared-partition.provd" --node "$url" >/dev/null
   provision_set "$url" /srv/provd-images "management VM, block"
   stop_vm
   fi
-  as_root rm -rf "$path"
+  rm -rf "$path"
   say "results (wall-clock seconds per request; host data $host_bytes MiB):"
   cat "$work/results.txt"
 }
