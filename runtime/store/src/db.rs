@@ -232,6 +232,16 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE partitions ADD COLUMN domain TEXT NOT NULL DEFAULT 'tenant:default'
         CHECK (domain = 'public' OR domain GLOB 'tenant:?*');
 "#,
+    // When an operation last fetched an image: image collection by age
+    // counts from its last use, not from its import.
+    r#"
+    ALTER TABLE images ADD COLUMN used_at INTEGER;
+"#,
+    // A layer's files are kept while the layer is: a repack rebuilds
+    // layers from their objects after the images they came from are gone.
+    r#"
+    CREATE INDEX layer_entries_by_hash ON layer_entries (hash) WHERE hash IS NOT NULL;
+"#,
 ];
 
 /// An image as recorded.
@@ -254,6 +264,8 @@ pub struct ImageRecord {
     pub bytes: u64,
     /// Seconds since the epoch.
     pub created_at: i64,
+    /// When an operation last fetched it, in seconds since the epoch.
+    pub used_at: Option<i64>,
 }
 
 /// What an import hands to [`crate::Store::commit_image`].
@@ -404,6 +416,7 @@ pub(crate) fn insert_image(
         files,
         bytes,
         created_at,
+        used_at: None,
     })
 }
 
@@ -418,11 +431,12 @@ fn image_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRecord> {
         files: r.get::<_, i64>(6)?.max(0) as u64,
         bytes: r.get::<_, i64>(7)?.max(0) as u64,
         created_at: r.get(8)?,
+        used_at: r.get(9)?,
     })
 }
 
 const IMAGE_COLUMNS: &str =
-    "id, reference, digest, source, source_digest, entries, files, bytes, created_at";
+    "id, reference, digest, source, source_digest, entries, files, bytes, created_at, used_at";
 
 pub(crate) fn image(conn: &Connection, reference: &str) -> rusqlite::Result<Option<ImageRecord>> {
     conn.query_row(
@@ -542,7 +556,12 @@ pub(crate) fn remove_image(
     )?;
     tx.execute("DELETE FROM images WHERE id = ?1", [id])?;
     let unused = {
-        let mut stmt = tx.prepare("SELECT hash, size FROM objects WHERE refs = 0")?;
+        // An object a layer's entry names stays on disk (`kept`); its row
+        // goes, and comes back with the next image that has it.
+        let mut stmt = tx.prepare(
+            "SELECT hash, size FROM objects o WHERE refs = 0
+             AND NOT EXISTS (SELECT 1 FROM layer_entries l WHERE l.hash = o.hash)",
+        )?;
         let rows = stmt.query_map([], |r| {
             let h: Vec<u8> = r.get(0)?;
             Ok((h, r.get::<_, i64>(1)?.max(0) as u64))
@@ -578,11 +597,61 @@ pub(crate) fn referenced(conn: &Connection) -> rusqlite::Result<HashSet<Hash>> {
     Ok(out)
 }
 
+/// The objects a collection keeps: those an image references and those a
+/// layer's entry names.
+pub(crate) fn kept(conn: &Connection) -> rusqlite::Result<HashSet<Hash>> {
+    let mut out = referenced(conn)?;
+    let mut stmt =
+        conn.prepare("SELECT DISTINCT hash FROM layer_entries WHERE hash IS NOT NULL")?;
+    let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+    for row in rows {
+        if let Ok(h) = <[u8; 32]>::try_from(row?.as_slice()) {
+            out.insert(Hash(h));
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a collection keeps object `hash` ([`kept`]).
+pub(crate) fn is_kept(conn: &Connection, hash: &Hash) -> rusqlite::Result<bool> {
+    if is_referenced(conn, hash)? {
+        return Ok(true);
+    }
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM layer_entries WHERE hash = ?1)",
+        [hash.0.to_vec()],
+        |r| r.get(0),
+    )
+}
+
 pub(crate) fn is_referenced(conn: &Connection, hash: &Hash) -> rusqlite::Result<bool> {
     let refs: Option<i64> = conn
         .query_row("SELECT refs FROM objects WHERE hash = ?1", [hash.0.to_vec()], |r| r.get(0))
         .optional()?;
     Ok(refs.is_some_and(|r| r > 0))
+}
+
+pub(crate) fn touch_image(conn: &Connection, reference: &str) -> rusqlite::Result<()> {
+    conn.execute("UPDATE images SET used_at = ?2 WHERE reference = ?1", params![reference, now()])?;
+    Ok(())
+}
+
+pub(crate) fn sizes(conn: &Connection) -> rusqlite::Result<crate::Sizes> {
+    let pair = |sql: &str| -> rusqlite::Result<(u64, u64)> {
+        conn.query_row(sql, [], |r| {
+            Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get::<_, i64>(1)?.max(0) as u64))
+        })
+    };
+    Ok(crate::Sizes {
+        objects: pair("SELECT count(*), coalesce(sum(size), 0) FROM objects")?,
+        images: pair("SELECT count(*), coalesce(sum(bytes), 0) FROM images")?,
+        layers: pair("SELECT count(*), coalesce(sum(bytes), 0) FROM layers")?,
+        partitions: pair("SELECT count(*), coalesce(sum(bytes), 0) FROM partitions")?,
+        vms: pair(
+            "SELECT (SELECT count(*) FROM vms),
+                    (SELECT coalesce(sum(bytes), 0) FROM partitions WHERE role = 'private')",
+        )?,
+    })
 }
 
 pub(crate) fn stats(conn: &Connection) -> rusqlite::Result<Stats> {

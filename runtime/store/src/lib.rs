@@ -20,7 +20,8 @@
 //! objects that only it needed, so a failed import leaves nothing behind;
 //! after a crash, [`Store::gc`] (run at open) removes unreferenced objects
 //! and staging leftovers. Objects are counted once per image that uses them;
-//! removing an image frees exactly the objects no other image uses.
+//! removing an image frees exactly the objects no other image uses and no
+//! layer's entry names (a repack rebuilds layers from them).
 
 mod bundles;
 mod db;
@@ -110,6 +111,98 @@ pub struct Stats {
     pub object_bytes: u64,
 }
 
+/// What the store holds, by kind: how many, and how many bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sizes {
+    /// Object files and their bytes (what image content takes on disk).
+    pub objects: (u64, u64),
+    /// Images and the bytes of their files' content (before
+    /// de-duplication).
+    pub images: (u64, u64),
+    /// Layers of shared partitions and their files' bytes.
+    pub layers: (u64, u64),
+    /// Partitions and the bytes their files take.
+    pub partitions: (u64, u64),
+    /// VMs and the bytes of their private partitions.
+    pub vms: (u64, u64),
+}
+
+/// An image a running operation fetched, kept from removal while this
+/// lives ([`Store::hold_image`]).
+#[derive(Debug)]
+pub struct ImageHold {
+    store: std::sync::Weak<Store>,
+    reference: String,
+}
+
+impl Drop for ImageHold {
+    fn drop(&mut self) {
+        if let Some(store) = self.store.upgrade() {
+            let mut holds = store.lock_holds();
+            if let Some(n) = holds.count.get_mut(&self.reference) {
+                *n -= 1;
+                if *n == 0 {
+                    holds.count.remove(&self.reference);
+                }
+            }
+            holds.touch(&self.reference);
+        }
+    }
+}
+
+/// The images running operations hold, and, while a removal is under way,
+/// when each was last taken or released, on a clock of the store's own.
+#[derive(Debug, Default)]
+struct Holds {
+    count: HashMap<String, usize>,
+    touched: HashMap<String, u64>,
+    clock: u64,
+    /// The `since` of every [`HoldClock`] alive.
+    active: Vec<u64>,
+}
+
+impl Holds {
+    fn touch(&mut self, reference: &str) {
+        self.clock += 1;
+        // Only a removal under way compares with the stamps: with none,
+        // none is kept, so they never pile up.
+        if !self.active.is_empty() {
+            self.touched.insert(reference.to_string(), self.clock);
+        }
+    }
+}
+
+/// The holds' clock, read before a caller decides which images are
+/// unused ([`Store::hold_clock`]); removals go through it.
+#[derive(Debug)]
+pub struct HoldClock<'s> {
+    store: &'s Store,
+    since: u64,
+}
+
+impl HoldClock<'_> {
+    /// Removes image `reference` as [`Store::remove_image`] does, unless an
+    /// operation holds it, or took or released a hold on it since this
+    /// clock was read: such an operation may have given a VM the image
+    /// after the caller looked at what VMs use. `Err(InUse)` then.
+    pub fn remove_unheld_image(&self, reference: &str) -> Result<Freed, StoreError> {
+        self.store.remove_unheld_image(reference, self.since)
+    }
+}
+
+impl Drop for HoldClock<'_> {
+    fn drop(&mut self) {
+        let mut holds = self.store.lock_holds();
+        if let Some(i) = holds.active.iter().position(|s| *s == self.since) {
+            holds.active.swap_remove(i);
+        }
+        match holds.active.iter().min().copied() {
+            None => holds.touched.clear(),
+            Some(oldest) => holds.touched.retain(|_, t| *t > oldest),
+        }
+    }
+}
+
 /// The node's content-addressed store and database.
 #[derive(Debug)]
 pub struct Store {
@@ -124,6 +217,9 @@ pub struct Store {
     /// Staging files in use outside an object writer (downloads); gc keeps
     /// them.
     temps: Mutex<std::collections::HashSet<String>>,
+    /// Images running operations fetched (canonical references), with how
+    /// many hold each: [`Store::remove_unheld_image`] keeps them.
+    holds: Mutex<Holds>,
     /// Free bytes an import must leave on the data directory's filesystem.
     pub min_free_bytes: u64,
     /// The lock file, held open (and locked) for the store's lifetime; also
@@ -231,11 +327,14 @@ impl Store {
             db: Mutex::new(db),
             pins: Mutex::default(),
             temps: Mutex::default(),
+            holds: Mutex::default(),
             min_free_bytes: DEFAULT_MIN_FREE_BYTES,
             lock,
         };
-        let freed = store.gc()?;
+        // Partitions first: the objects only a freed layer kept go in the
+        // same start.
         let swept = store.sweep_partitions()? + store.free_unused_shared()?.len() as u64;
+        let freed = store.gc()?;
         if freed != Freed::default() || swept > 0 {
             tracing::info!(?freed, partitions = swept, "removed leftovers of an earlier run");
         }
@@ -344,13 +443,29 @@ impl Store {
         objects::open(self, hash)
     }
 
-    /// Removes an image and every object no other image uses.
+    /// Removes an image and every object no other image uses and no
+    /// layer's entry names.
     pub fn remove_image(&self, reference: &str) -> Result<Freed, StoreError> {
         let pins = self.lock_pins();
+        let unused = self.remove_image_rows(reference)?;
+        self.delete_unpinned(&pins, unused)
+    }
+
+    /// Deletes an image's rows; the objects no image uses any more.
+    fn remove_image_rows(&self, reference: &str) -> Result<Vec<(Hash, u64)>, StoreError> {
         let mut db = self.lock_db();
-        let unused = db::remove_image(&mut db, reference)
+        db::remove_image(&mut db, reference)
             .map_err(|e| self.db_error(e))?
-            .ok_or_else(|| StoreError::NotFound(format!("image {reference}")))?;
+            .ok_or_else(|| StoreError::NotFound(format!("image {reference}")))
+    }
+
+    /// Deletes the files of `unused` that no import has pinned, with the
+    /// pins held: an import pins an object before it looks for its file.
+    fn delete_unpinned(
+        &self,
+        pins: &HashMap<Hash, usize>,
+        unused: Vec<(Hash, u64)>,
+    ) -> Result<Freed, StoreError> {
         let mut freed = Freed::default();
         for (hash, size) in unused {
             if pins.contains_key(&hash) {
@@ -364,17 +479,45 @@ impl Store {
         Ok(freed)
     }
 
-    /// Deletes every object file no image references and every staging
-    /// leftover, and drops object rows no image uses. Safe to run at any
-    /// time: objects pinned by imports in progress are kept.
+    /// Deletes every object file no image references and no layer's entry
+    /// names, and every staging leftover, and drops object rows no image
+    /// uses. Objects pinned by imports in progress are kept; staging is
+    /// cleared only while no import runs.
     pub fn gc(&self) -> Result<Freed, StoreError> {
-        let pins = self.lock_pins();
-        let mut db = self.lock_db();
-        db::drop_unreferenced(&mut db).map_err(|e| self.db_error(e))?;
-        let referenced = db::referenced(&db).map_err(|e| self.db_error(e))?;
+        self.collect(true)
+    }
+
+    /// [`Store::gc`] without the staging leftovers: for a node whose
+    /// operations may be writing there (an object's first bytes, a
+    /// partition build), which only the start clears.
+    pub fn gc_objects(&self) -> Result<Freed, StoreError> {
+        self.collect(false)
+    }
+
+    fn collect(&self, staging: bool) -> Result<Freed, StoreError> {
+        // The files are listed, and what is kept read, without holding the
+        // pins: a scan of a large store must not stop imports meanwhile.
+        // Each candidate is checked again under the pins and the database,
+        // since an import may have pinned it or committed an image that
+        // uses it since; one published after the listing is not a
+        // candidate.
+        let on_disk = objects::list(self)?;
+        let kept = {
+            let mut db = self.lock_db();
+            db::drop_unreferenced(&mut db).map_err(|e| self.db_error(e))?;
+            db::kept(&db).map_err(|e| self.db_error(e))?
+        };
         let mut freed = Freed::default();
-        for (hash, size) in objects::list(self)? {
-            if referenced.contains(&hash) || pins.contains_key(&hash) {
+        for (hash, size) in on_disk {
+            if kept.contains(&hash) {
+                continue;
+            }
+            let pins = self.lock_pins();
+            if pins.contains_key(&hash) {
+                continue;
+            }
+            let db = self.lock_db();
+            if db::is_kept(&db, &hash).map_err(|e| self.db_error(e))? {
                 continue;
             }
             if objects::delete(self, &hash)? {
@@ -382,7 +525,8 @@ impl Store {
                 freed.bytes += size;
             }
         }
-        if pins.is_empty() {
+        let pins = self.lock_pins();
+        if staging && pins.is_empty() {
             let temps = self.temps.lock().unwrap_or_else(|p| p.into_inner());
             freed.staging = objects::clear_staging(self, &temps)?;
         }
@@ -392,12 +536,73 @@ impl Store {
     /// Objects the database references whose file is missing: none, unless
     /// someone removed files behind provd's back.
     pub fn missing_objects(&self) -> Result<Vec<Hash>, StoreError> {
-        let referenced = db::referenced(&self.lock_db()).map_err(|e| self.db_error(e))?;
+        let referenced = db::kept(&self.lock_db()).map_err(|e| self.db_error(e))?;
         let on_disk: std::collections::HashSet<Hash> =
             objects::list(self)?.into_iter().map(|(h, _)| h).collect();
         let mut missing: Vec<Hash> = referenced.difference(&on_disk).copied().collect();
         missing.sort();
         Ok(missing)
+    }
+
+    /// Keeps image `reference` from [`Store::remove_unheld_image`] until
+    /// the hold is dropped. Taken before an operation fetches the image, so
+    /// that a collection running meanwhile either removed it before (and
+    /// the fetch imports it again) or keeps it.
+    pub fn hold_image(self: &std::sync::Arc<Self>, reference: &str) -> ImageHold {
+        let mut holds = self.lock_holds();
+        *holds.count.entry(reference.to_string()).or_insert(0) += 1;
+        holds.touch(reference);
+        ImageHold { store: std::sync::Arc::downgrade(self), reference: reference.to_string() }
+    }
+
+    /// The images running operations hold.
+    pub fn held_images(&self) -> std::collections::HashSet<String> {
+        self.lock_holds().count.keys().cloned().collect()
+    }
+
+    /// The holds' clock now, read before a caller decides which images are
+    /// unused; its removals keep what operations touched since.
+    pub fn hold_clock(&self) -> HoldClock<'_> {
+        let mut holds = self.lock_holds();
+        let since = holds.clock;
+        holds.active.push(since);
+        HoldClock { store: self, since }
+    }
+
+    fn remove_unheld_image(&self, reference: &str, since: u64) -> Result<Freed, StoreError> {
+        let holds = self.lock_holds();
+        if holds.count.contains_key(reference) {
+            return Err(StoreError::InUse(format!(
+                "image {reference} is in use by a running operation"
+            )));
+        }
+        if holds.touched.get(reference).is_some_and(|t| *t > since) {
+            return Err(StoreError::InUse(format!(
+                "image {reference} was fetched by an operation meanwhile"
+            )));
+        }
+        // The holds only until the image's rows are gone: a fetch waiting
+        // for them then finds no image and imports it again. Its objects
+        // go under the pins, which such an import takes before it looks
+        // for a file.
+        let pins = self.lock_pins();
+        let unused = self.remove_image_rows(reference)?;
+        drop(holds);
+        self.delete_unpinned(&pins, unused)
+    }
+
+    fn lock_holds(&self) -> std::sync::MutexGuard<'_, Holds> {
+        self.holds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that an operation fetched image `reference` now.
+    pub fn touch_image(&self, reference: &str) -> Result<(), StoreError> {
+        db::touch_image(&self.lock_db(), reference).map_err(|e| self.db_error(e))
+    }
+
+    /// What the store holds, by kind.
+    pub fn sizes(&self) -> Result<Sizes, StoreError> {
+        db::sizes(&self.lock_db()).map_err(|e| self.db_error(e))
     }
 
     /// Counts over the store.

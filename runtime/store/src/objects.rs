@@ -250,7 +250,7 @@ impl Drop for ObjectWriter<'_> {
         }
         let db = self.store.lock_db();
         for hash in unused {
-            match crate::db::is_referenced(&db, &hash) {
+            match crate::db::is_kept(&db, &hash) {
                 Ok(true) => {}
                 Ok(false) => {
                     if let Err(e) = delete(self.store, &hash) {
