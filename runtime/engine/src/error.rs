@@ -67,6 +67,34 @@ pub enum Limit {
     Concurrency { allowed: u32 },
 }
 
+impl Limit {
+    /// Every value of [`Limit::kind`].
+    pub const KINDS: [&'static str; 8] = [
+        "memory",
+        "deadline",
+        "stack",
+        "table",
+        "hostcall-bytes",
+        "capability",
+        "count",
+        "concurrency",
+    ];
+
+    /// The limit's kind, one of [`Limit::KINDS`]: a metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Limit::Memory { .. } => "memory",
+            Limit::Deadline { .. } => "deadline",
+            Limit::Stack => "stack",
+            Limit::TableElements { .. } => "table",
+            Limit::HostcallBytes => "hostcall-bytes",
+            Limit::Capability { .. } => "capability",
+            Limit::Count { .. } => "count",
+            Limit::Concurrency { .. } => "concurrency",
+        }
+    }
+}
+
 impl std::fmt::Display for Limit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -139,5 +167,26 @@ impl From<provd_bindings::types::Error> for PluginError {
             E::QuotaExceeded(m) => PluginError::QuotaExceeded(m),
             E::Failed(m) => PluginError::Failed(m),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_limit_kind_is_listed_once() {
+        let all = [
+            Limit::Memory { requested: 1, allowed: 0 },
+            Limit::Deadline { timeout: Duration::from_secs(1) },
+            Limit::Stack,
+            Limit::TableElements { requested: 1, allowed: 0 },
+            Limit::HostcallBytes,
+            Limit::Capability { name: "x", requested: 1, allowed: 0 },
+            Limit::Count { what: "x".into() },
+            Limit::Concurrency { allowed: 0 },
+        ];
+        let kinds: Vec<&str> = all.iter().map(Limit::kind).collect();
+        assert_eq!(kinds, Limit::KINDS);
     }
 }

@@ -104,6 +104,8 @@ pub struct HostCall {
     /// content of an image fetched, the bytes a plan stores once instead
     /// of once per VM. Zero otherwise.
     pub bytes: u64,
+    /// How long the host took to answer.
+    pub elapsed: std::time::Duration,
 }
 
 /// Longest argument summary of a [`HostCall`].

@@ -32,6 +32,7 @@ pub(crate) struct ImagesView<'a> {
     pub ctx: &'a mut CallContext,
     pub scope: &'a Scope,
     pub fetched: &'a mut std::collections::HashMap<String, ImageRecord>,
+    pub holds: &'a mut Vec<provd_store::ImageHold>,
 }
 
 pub(crate) struct ImagesData;
@@ -210,8 +211,19 @@ impl ImagesView<'_> {
             Err(e) => return Ok(Err(e)),
         };
         tracing::info!(plugin = %self.ctx.plugin, reference = %canonical, "image fetch allowed");
+        // Held before the import: a collection running meanwhile either
+        // removed the image already, and it is imported again, or keeps it.
+        let hold = service.store().hold_image(&canonical);
         match service.import(&canonical, Arc::new(NoProgress)).await {
             Ok(record) => {
+                self.holds.push(hold);
+                let store = service.store().clone();
+                let reference = canonical.clone();
+                let touched =
+                    tokio::task::spawn_blocking(move || store.touch_image(&reference)).await?;
+                if let Err(e) = touched {
+                    tracing::warn!(reference = %canonical, error = %e, "recording an image's use");
+                }
                 let image = image_of(&record);
                 self.fetched.insert(canonical, record);
                 Ok(Ok(image))

@@ -127,6 +127,9 @@ pub struct NodeState {
     scope: Scope,
     /// `images`: images fetched in this request, by canonical reference.
     fetched: HashMap<String, ImageRecord>,
+    /// Holds on the images this request fetched (or is fetching): no
+    /// collection removes them until the call ends.
+    holds: Vec<provd_store::ImageHold>,
     /// `dedup`: plans made in this request.
     plans: Vec<dedup::KeptPlan>,
     /// `partitions`: bytes (sizes guests see) of the partitions built.
@@ -250,6 +253,7 @@ impl HostInterfaces for NodeInterfaces {
                         ctx: p.ctx,
                         scope: &p.node.scope,
                         fetched: &mut p.node.fetched,
+                        holds: &mut p.node.holds,
                     }
                 })?
             }
@@ -294,6 +298,7 @@ impl HostInterfaces for NodeInterfaces {
                 ledger: options.ledger,
             },
             fetched: HashMap::new(),
+            holds: Vec::new(),
             plans: Vec::new(),
             partition_bytes: 0,
         }

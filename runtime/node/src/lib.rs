@@ -17,6 +17,7 @@
 //! cache is keyed by the component's digest and harmless).
 
 pub mod call;
+mod images;
 mod open;
 pub mod operations;
 mod plugins;
@@ -26,13 +27,14 @@ pub mod rollback;
 
 use std::sync::{Arc, Mutex};
 
+pub use images::{DeleteImageError, GcPolicy};
 pub use open::{NodeConfig, OpenError, Opened};
 pub use plugins::{ActivateError, Refusal};
 pub use provd_libvirt::{DomainState, Libvirt, LibvirtError, Stop};
 /// The records the node's API takes and returns, as its store keeps them.
 pub use provd_store::{
-    AuditQuery, LayerUsage, NewAudit, OpState, OperationError, OperationRecord, StoreError,
-    valid_partition_id,
+    AuditQuery, LayerUsage, NewAudit, OpState, OperationError, OperationRecord,
+    Sizes as StoreSizes, StoreError, valid_partition_id,
 };
 
 /// The node's policy, as a configuration file sets it.
@@ -43,6 +45,9 @@ pub mod policy {
         VmAllow, check_pattern,
     };
 }
+
+/// Unix seconds as an RFC 3339 UTC date (the daemon's JSON log).
+pub use provd_bundle::utc;
 
 /// VM specs as managers send them.
 pub mod spec {

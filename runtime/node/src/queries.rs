@@ -182,11 +182,13 @@ impl Node {
 
     /// The images the node holds.
     pub fn images(&self) -> Result<wire::ImageList, StoreError> {
+        let in_use = self.images_in_use()?;
         let images = self
             .store()
             .images()?
             .into_iter()
             .map(|i| wire::Image {
+                in_use: in_use.contains(&i.reference),
                 reference: i.reference,
                 digest: i.digest,
                 source: i.source,
@@ -195,6 +197,7 @@ impl Node {
                 files: i.files,
                 bytes: i.bytes,
                 created_at: i.created_at,
+                used_at: i.used_at,
             })
             .collect();
         Ok(wire::ImageList { images })
@@ -316,6 +319,11 @@ impl Node {
     /// Whether the node can read its records.
     pub fn healthy(&self) -> Result<(), StoreError> {
         self.store().stats().map(|_| ())
+    }
+
+    /// What the store holds, by kind, for metrics.
+    pub fn store_sizes(&self) -> Result<provd_store::Sizes, StoreError> {
+        self.store().sizes()
     }
 
     /// What the layers hold and save, for metrics.

@@ -84,6 +84,9 @@ pub struct CallContext {
     /// The limit a host call or the limiter found broken. A trap carries only
     /// a message; this keeps the typed reason for the caller.
     breached: Option<Limit>,
+    /// When the host call being served started (its `step`), for its
+    /// duration in the metrics.
+    step_at: std::time::Instant,
 }
 
 impl std::fmt::Debug for CallContext {
@@ -106,6 +109,7 @@ impl CallContext {
     /// A step boundary: every provd host call starts here. A cancelled
     /// request traps, so the call ends and what it built is rolled back.
     pub fn step(&mut self) -> wasmtime::Result<()> {
+        self.step_at = std::time::Instant::now();
         if self.cancel.is_cancelled() {
             self.cancelled = true;
             return Err(wasmtime::Error::msg("the operation was cancelled"));
@@ -151,6 +155,7 @@ impl CallContext {
             args: bounded(&args),
             outcome,
             bytes,
+            elapsed: self.step_at.elapsed(),
         });
     }
 }
@@ -220,6 +225,7 @@ impl<S> Call<S> {
             deadline: std::time::Instant::now() + limits.timeout,
             cancelled: false,
             breached: None,
+            step_at: std::time::Instant::now(),
         };
         let node = host.state(&ctx, options);
         let call = Call {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use futures::FutureExt as _;
 /// What [`Meter`] is told of each host call.
-pub use provd_engine::{CallOutcome, HostCall};
+pub use provd_engine::{CallOutcome, HostCall, Limit};
 use provd_engine::{Cancel, InvokeError, Observer, PluginError, Request};
 use provd_store::{
     NewAudit, NewOperation, OpState, OperationError, OperationRecord, Started, Store,
@@ -48,6 +48,8 @@ struct Running {
     snapshot: watch::Sender<Snapshot>,
     /// The audit trail's row of this operation, completed at each entry.
     record: NewAudit,
+    /// When it was accepted, for its duration.
+    accepted: std::time::Instant,
 }
 
 /// Finished operations and refused requests between two prunings of the
@@ -147,8 +149,17 @@ pub trait Meter: Send + Sync {
     fn operation_started(&self);
     /// A started operation is no longer running.
     fn operation_stopped(&self);
-    /// An operation (or a built-in one) ended with `outcome`.
-    fn operation_outcome(&self, outcome: &str);
+    /// An operation (or a built-in one) of `plugin` ended with `outcome`,
+    /// `elapsed` after it was accepted (its wait for a slot included).
+    fn operation_outcome(&self, plugin: &str, outcome: &str, elapsed: Duration);
+    /// An operation of `plugin` spent `elapsed` in one of provd's own
+    /// phases: `queued`, `instantiate`, `sync`.
+    fn phase(&self, plugin: &str, phase: &str, elapsed: Duration);
+    /// An operation of `plugin` spent `elapsed` in a phase its plugin
+    /// reported (the plugin's text).
+    fn plugin_phase(&self, plugin: &str, phase: &str, elapsed: Duration);
+    /// A plugin was stopped by one of its limits, or by a trap (`None`).
+    fn plugin_stopped(&self, plugin: &str, limit: Option<&Limit>);
     /// A plugin's host call returned.
     fn host_call(&self, call: &HostCall);
     /// A plugin was instantiated for a call, in `elapsed`.
@@ -164,7 +175,10 @@ pub struct NoMeter;
 impl Meter for NoMeter {
     fn operation_started(&self) {}
     fn operation_stopped(&self) {}
-    fn operation_outcome(&self, _: &str) {}
+    fn operation_outcome(&self, _: &str, _: &str, _: Duration) {}
+    fn phase(&self, _: &str, _: &str, _: Duration) {}
+    fn plugin_phase(&self, _: &str, _: &str, _: Duration) {}
+    fn plugin_stopped(&self, _: &str, _: Option<&Limit>) {}
     fn host_call(&self, _: &HostCall) {}
     fn instantiated(&self, _: &str, _: Duration) {}
     fn called(&self, _: &str, _: Duration) {}
@@ -417,12 +431,20 @@ impl Operations {
             vms: rec.vms.clone(),
             snapshot: tx,
             record,
+            accepted: std::time::Instant::now(),
         });
         self.lock().insert(rec.id.clone(), running.clone());
         self.meter.operation_started();
         let this = self.clone();
         let id = rec.id.clone();
-        tokio::spawn(async move {
+        // Every event of the operation's task carries who asked for what.
+        let span = tracing::info_span!(
+            "operation",
+            operation = %rec.id,
+            actor = %req.actor,
+            plugin = %req.plugin
+        );
+        let task = async move {
             let job = AssertUnwindSafe(this.run(&id, &version, plugin, req, running.clone()));
             let (state, report, error, audit) = match job.catch_unwind().await {
                 Ok(done) => done,
@@ -445,7 +467,8 @@ impl Operations {
                 }
             };
             this.finish(&id, state, report, error, audit, &running).await;
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(task, span));
         Ok((rec, true))
     }
 
@@ -461,6 +484,7 @@ impl Operations {
             p = self.slots.clone().acquire_owned() => p.ok(),
             _ = cancelled(&running.cancel) => None,
         };
+        self.meter.phase(&req.plugin, "queued", running.accepted.elapsed());
         let Some(_permit) = permit else {
             return (
                 OpState::Cancelled,
@@ -483,6 +507,7 @@ impl Operations {
             running: running.clone(),
             audit: Mutex::default(),
             persisted: Mutex::default(),
+            phase: Mutex::default(),
         });
         let request = Request { operation_id: id.to_string(), input: req.input.clone() };
         // Taken before the plugin writes anything, so that the sync at the
@@ -504,6 +529,12 @@ impl Operations {
         )
         .await;
         self.meter.called(&req.plugin, started.elapsed());
+        observer.end_phase();
+        match &result {
+            Err(InvokeError::Trap(_)) => self.meter.plugin_stopped(&req.plugin, None),
+            Err(InvokeError::Limit(limit)) => self.meter.plugin_stopped(&req.plugin, Some(limit)),
+            _ => {}
+        }
         let audit = observer.drain(true);
         // What the operation wrote becomes durable here, with one syncfs,
         // before its success is recorded; a failed sync fails it and rolls
@@ -515,7 +546,10 @@ impl Operations {
                     Ok(point) => store.sync_since(&point),
                     Err(e) => Err(e),
                 };
-                match tokio::task::spawn_blocking(synced).await {
+                let syncing = std::time::Instant::now();
+                let synced = tokio::task::spawn_blocking(synced).await;
+                self.meter.phase(&req.plugin, "sync", syncing.elapsed());
+                match synced {
                     Ok(Ok(())) => Ok(outcome),
                     Ok(Err(e)) => Err(InvokeError::Host(e.to_string())),
                     Err(e) => Err(InvokeError::Host(format!("syncing the data directory: {e}"))),
@@ -630,7 +664,8 @@ impl Operations {
         if !matches!(written, Ok(Ok(()))) {
             tracing::error!(operation = %id, ?written, "recording the end of an operation failed");
         }
-        self.meter.operation_outcome(state.as_str());
+        let plugin = running.record.plugin.as_deref().unwrap_or_default();
+        self.meter.operation_outcome(plugin, state.as_str(), running.accepted.elapsed());
         self.meter.operation_stopped();
         self.prune_now_and_then().await;
         match &error {
@@ -662,6 +697,7 @@ impl Operations {
         req: StartRequest,
         action: Builtin,
     ) -> Result<OperationRecord, StartError> {
+        let accepted = std::time::Instant::now();
         let new = NewOperation {
             id: new_id(),
             idempotency_key: None,
@@ -778,7 +814,7 @@ impl Operations {
         })
         .await
         .map_err(|e| StartError::Internal(e.to_string()))??;
-        self.meter.operation_outcome(done.state.as_str());
+        self.meter.operation_outcome(BUILTIN, done.state.as_str(), accepted.elapsed());
         Ok(done)
     }
 

@@ -24,9 +24,20 @@ pub(super) struct OpObserver {
     pub(super) audit: Mutex<AuditBuffer>,
     /// When progress was last written to the store.
     pub(super) persisted: Mutex<Option<std::time::Instant>>,
+    /// The phase the plugin last reported and when it entered it, for
+    /// the time spent in each.
+    pub(super) phase: Mutex<Option<(String, std::time::Instant)>>,
 }
 
 impl OpObserver {
+    /// Ends the phase the plugin reported last: the call returned.
+    pub(super) fn end_phase(&self) {
+        let last = self.phase.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((phase, since)) = last {
+            self.meter.plugin_phase(&self.plugin, &phase, since.elapsed());
+        }
+    }
+
     fn buffer(&self) -> std::sync::MutexGuard<'_, AuditBuffer> {
         self.audit.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -77,27 +88,53 @@ impl OpObserver {
     }
 }
 
+/// `text` with its control characters (C0, DEL, C1) escaped, the rest as
+/// it is: a plugin's field cannot move a terminal's cursor or forge a
+/// line, and JSON escapes its quotes once, not twice.
+fn controls_escaped(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() })
+        .collect()
+}
+
 impl Observer for OpObserver {
     fn log(&self, r: &provd_engine::LogRecord) {
         // A plugin's text goes into the node's log escaped: a newline or a
         // terminal escape in it must not forge log lines or reach a
-        // terminal as a control sequence.
-        let fields = r
+        // terminal as a control sequence. Its fields go as one JSON
+        // object, which the JSON log writes as an object of its own.
+        let fields: serde_json::Map<String, serde_json::Value> = r
             .fields
             .iter()
-            .map(|(k, v)| format!("{}={v:?}", k.escape_debug()))
-            .collect::<Vec<_>>()
-            .join(" ");
+            .map(|(k, v)| (controls_escaped(k), serde_json::Value::String(controls_escaped(v))))
+            .collect();
+        let source = match r.source {
+            provd_engine::Source::Log => "log",
+            provd_engine::Source::Stdout => "stdout",
+            provd_engine::Source::Stderr => "stderr",
+        };
         tracing::info!(
             operation = %self.operation,
+            actor = %self.actor,
             plugin = %r.plugin,
-            level = r.level.as_str(),
-            "{} {fields}",
+            plugin_level = r.level.as_str(),
+            source,
+            plugin_fields = %serde_json::Value::Object(fields),
+            "{}",
             r.message.escape_debug()
         );
     }
 
     fn progress(&self, e: &provd_engine::ProgressEvent) {
+        {
+            let mut current = self.phase.lock().unwrap_or_else(|p| p.into_inner());
+            if current.as_ref().is_none_or(|(p, _)| *p != e.phase) {
+                let now = std::time::Instant::now();
+                if let Some((phase, since)) = current.replace((e.phase.clone(), now)) {
+                    self.meter.plugin_phase(&self.plugin, &phase, now - since);
+                }
+            }
+        }
         let mut changed_phase = false;
         self.running.snapshot.send_modify(|s| {
             changed_phase = s.phase.as_deref() != Some(e.phase.as_str());
@@ -159,5 +196,6 @@ impl Observer for OpObserver {
 
     fn instantiated(&self, elapsed: Duration) {
         self.meter.instantiated(&self.plugin, elapsed);
+        self.meter.phase(&self.plugin, "instantiate", elapsed);
     }
 }
