@@ -1,8 +1,8 @@
 // Integration tests: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-//! `provctl` as a manager: deploy, provision, status, vms, audit, bundles
-//! and rollback against real daemons over mutual TLS, on two nodes at once,
+//! `provctl` as a manager: deploy, provision, status, vms, audit, bundles,
+//! rollback, images and gc against real daemons over mutual TLS, on two nodes at once,
 //! with the documented exit codes.
 
 use std::path::Path;
@@ -139,4 +139,14 @@ fn a_manager_deploys_provisions_and_follows_on_two_nodes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-previous-version"));
     let out = provctl(&a, None, &["health"]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok"));
+    // The images' lifecycle from the manager's side.
+    let out = provctl(&a, None, &["images"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no images");
+    let out = provctl(&a, None, &["gc", "--max-age-secs", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("removed 0 images, 0 objects, 0 bytes; 0 in use kept"), "{text}");
+    let out = provctl(&a, None, &["images", "--delete", "dir:/nowhere"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not-found"));
 }

@@ -33,6 +33,8 @@ bodies!(
     PowerAnswer,
     RepackAnswer,
     ImageList,
+    ImageDeleted,
+    GcAnswer,
     Capacity,
     LayerPage,
     EntryPage,
@@ -338,6 +340,72 @@ pub struct Image {
     pub files: u64,
     pub bytes: u64,
     pub created_at: i64,
+    /// When an operation last fetched it.
+    #[serde(default)]
+    pub used_at: Option<i64>,
+    /// Whether a VM or a running operation uses it: such an image is never
+    /// deleted or collected.
+    #[serde(default)]
+    pub in_use: bool,
+}
+
+/// `DELETE /v1/images?reference=...`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ImageDeleted {
+    pub reference: String,
+    /// Object files removed (those no other image uses) and their bytes.
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+/// `POST /v1/gc`: what to collect; unset fields take `[images]` of
+/// `provd.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct GcRequest {
+    /// Remove unused images not fetched for this many seconds.
+    #[serde(default)]
+    pub max_age_secs: Option<u64>,
+    /// Remove unused images, least recently used first, until the store's
+    /// object files take at most this many bytes.
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+}
+
+/// An image a collection removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RemovedImage {
+    pub reference: String,
+    /// `age` or `budget`.
+    pub reason: String,
+    /// Bytes of object files its removal freed.
+    pub freed_bytes: u64,
+}
+
+/// What one image collection did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GcReport {
+    pub images: Vec<RemovedImage>,
+    /// Object files removed (those of removed images and any no image
+    /// referenced) and their bytes.
+    pub objects: u64,
+    pub bytes: u64,
+    /// Images kept because a VM or a running operation uses them.
+    pub in_use: u64,
+    /// The store's object bytes after the collection.
+    pub object_bytes: u64,
+    /// The age and budget the collection applied.
+    pub max_age_secs: Option<u64>,
+    pub max_bytes: Option<u64>,
+}
+
+/// `POST /v1/gc`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcAnswer {
+    pub gc: GcReport,
 }
 
 /// `GET /v1/images`.

@@ -131,7 +131,26 @@ fn samples() -> Vec<Value> {
                 files: 1,
                 bytes: 1,
                 created_at: 1,
+                used_at: Some(2),
+                in_use: true,
             }],
+        }),
+        serde_json::to_value(ImageDeleted { reference: "r".into(), objects: 1, bytes: 1 }),
+        serde_json::to_value(GcRequest { max_age_secs: Some(1), max_bytes: Some(1) }),
+        serde_json::to_value(GcAnswer {
+            gc: GcReport {
+                images: vec![RemovedImage {
+                    reference: "r".into(),
+                    reason: "age".into(),
+                    freed_bytes: 1,
+                }],
+                objects: 1,
+                bytes: 1,
+                in_use: 1,
+                object_bytes: 1,
+                max_age_secs: Some(1),
+                max_bytes: Some(1),
+            },
         }),
         serde_json::to_value(Capacity {
             vcpus: headroom,

@@ -163,8 +163,26 @@ pub enum RemoteCommand {
         #[command(flatten)]
         target: Target,
     },
-    /// Lists the images of every node.
+    /// Lists the images of every node (and whether a VM or a running
+    /// operation uses each), or deletes one with --delete.
     Images {
+        /// An image reference, as the list shows it; refused while in use.
+        #[arg(long, value_name = "REFERENCE")]
+        delete: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Collects the images nothing uses on every node, by age or byte
+    /// budget (the node's [images] settings where not given), then the
+    /// object files nothing references.
+    Gc {
+        /// Remove unused images not fetched for this many seconds.
+        #[arg(long)]
+        max_age_secs: Option<u64>,
+        /// Remove unused images, least recently used first, until the
+        /// node's object files take at most this many bytes.
+        #[arg(long)]
+        max_bytes: Option<u64>,
         #[command(flatten)]
         target: Target,
     },
@@ -410,7 +428,10 @@ async fn run_command(command: RemoteCommand) -> Result<u8> {
         RemoteCommand::Repack { vms, all, shared_format, target } => {
             vms::repack(vms, all, shared_format, &target).await
         }
-        RemoteCommand::Images { target } => records::images(&target).await,
+        RemoteCommand::Images { delete, target } => records::images(delete, &target).await,
+        RemoteCommand::Gc { max_age_secs, max_bytes, target } => {
+            records::gc(provd_wire::GcRequest { max_age_secs, max_bytes }, &target).await
+        }
         RemoteCommand::Bundles { target } => plugins::bundles(&target).await,
         RemoteCommand::Rollback { plugin, to, target } => {
             plugins::rollback(&plugin, to, &target).await
