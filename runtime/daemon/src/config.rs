@@ -49,6 +49,68 @@ pub struct Config {
     /// How the node's hypervisor runs VMs.
     #[serde(default)]
     pub hypervisor: HypervisorConfig,
+    /// When unused images are collected.
+    #[serde(default)]
+    pub images: ImagesConfig,
+    /// Whether `/metrics` is served and figures kept.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// How the daemon writes its log.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[images]`: the collection of images no VM and no running operation
+/// uses. Without `max-age-secs` and `max-bytes`, a collection removes only
+/// object files nothing references.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ImagesConfig {
+    /// Unused images not fetched for this many seconds are removed.
+    pub max_age_secs: Option<u64>,
+    /// Unused images are removed, least recently used first, until the
+    /// store's object files take at most this many bytes.
+    pub max_bytes: Option<u64>,
+    /// Seconds between scheduled collections; 0 runs none (`POST /v1/gc`
+    /// still does).
+    pub gc_interval_secs: u64,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        ImagesConfig { max_age_secs: None, max_bytes: None, gc_interval_secs: 3600 }
+    }
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MetricsConfig {
+    /// Off: `/metrics` answers 404 and no figure is kept.
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: true }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// `text` (the default: one line a reader follows) or `json` (one object
+/// per line, for a log pipeline).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// `[hypervisor]`: how the node's QEMU runs the libvirt domains provd
@@ -316,6 +378,13 @@ impl Config {
                     message: format!("{key}: must be at least 1"),
                 });
             }
+        }
+        // A year at most: an interval is added to the clock.
+        if config.images.gc_interval_secs > 366 * 86_400 {
+            return Err(ConfigError::Parse {
+                path: path.display().to_string(),
+                message: "images.gc-interval-secs: at most 31622400 (a year); 0 runs none".into(),
+            });
         }
         config
             .access

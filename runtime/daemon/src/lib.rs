@@ -9,6 +9,7 @@
 pub mod access;
 pub mod api;
 pub mod config;
+pub mod log;
 pub mod metrics;
 pub mod serve;
 pub mod tls;

@@ -38,31 +38,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PROVD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: under systemd the log goes to the
-        // journal, which would keep the escape codes.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::CheckConfig { config } => provd_daemon::Config::load(&config)
-            .map(|c| {
-                println!(
-                    "{}: ok (listen {}, data {})",
-                    config.display(),
-                    c.listen,
-                    c.data_dir.display()
-                )
-            })
-            .map_err(anyhow::Error::from),
+        Command::CheckConfig { config } => {
+            provd_daemon::log::init(provd_daemon::config::LogFormat::Text);
+            check_config(&config)
+        }
         Command::Serve { config } => {
             provd_node::own_files_only();
-            serve(config)
+            return serve(config);
         }
     };
     match result {
@@ -74,13 +58,48 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(path: PathBuf) -> anyhow::Result<()> {
-    let config = provd_daemon::Config::load(&path)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(provd_daemon::serve(config, shutdown_signal(), |bound| {
-        // Scripts and tests read the address from here (port 0 picks one).
-        println!("provd listening on https://{}", bound.addr);
-    }))
+fn check_config(config: &std::path::Path) -> anyhow::Result<()> {
+    provd_daemon::Config::load(config)
+        .map(|c| {
+            println!(
+                "{}: ok (listen {}, data {})",
+                config.display(),
+                c.listen,
+                c.data_dir.display()
+            )
+        })
+        .map_err(anyhow::Error::from)
+}
+
+/// Reads the configuration, starts the log in its format and serves; an
+/// error after that is logged in the same format.
+fn serve(path: PathBuf) -> ExitCode {
+    let config = match provd_daemon::Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("provd: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    provd_daemon::log::init(config.log.format);
+    let served = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| {
+            runtime.block_on(provd_daemon::serve(config, shutdown_signal(), |bound| {
+                // Scripts and tests read the address from here (port 0
+                // picks one).
+                println!("provd listening on https://{}", bound.addr);
+            }))
+        });
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "provd stopped");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -22,7 +22,7 @@ use tower::ServiceExt as _;
 use crate::access::Role;
 use crate::api::{ApiError, AppState, Peer};
 use crate::config::Config;
-use crate::metrics::{Metrics, RequestLabels};
+use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 
 /// A running daemon's address, once it listens.
 #[derive(Debug, Clone, Copy)]
@@ -39,6 +39,10 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let data = config.data_dir.clone();
     let metrics = Arc::new(Metrics::new());
+    let metrics_on = config.metrics.enabled;
+    // With metrics off, operations report to nothing.
+    let meter: Arc<dyn provd_node::operations::Meter> =
+        if metrics_on { metrics.clone() } else { Arc::new(provd_node::operations::NoMeter) };
     let Opened { node, ops, .. } = Node::open(
         NodeConfig {
             data_dir: data.clone(),
@@ -51,20 +55,37 @@ pub async fn serve(
             libvirt: config.hypervisor.libvirt_uri.clone().map(provd_node::Libvirt::new),
             start_vms: config.hypervisor.start,
         },
-        metrics.clone(),
+        meter,
     )
     .await?;
+    // The installed plugins' series exist from the start.
+    let listed = {
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || node.bundles()).await
+    };
+    match listed {
+        Ok(Ok(list)) => list.bundles.iter().for_each(|b| metrics.plugin_known(&b.name)),
+        other => tracing::warn!(?other, "listing the installed plugins for metrics"),
+    }
     let state = AppState {
         node,
         ops: ops.clone(),
         metrics: metrics.clone(),
         limits: config.limits,
         capacity: config.capacity,
+        metrics_on,
+        gc: provd_node::GcPolicy {
+            max_age_secs: config.images.max_age_secs,
+            max_bytes: config.images.max_bytes,
+        },
+        gc_lock: Arc::default(),
     };
+    let scheduled = (config.images.gc_interval_secs > 0)
+        .then(|| tokio::spawn(collect_on_schedule(state.clone(), config.images.gc_interval_secs)));
     let timeout = config.limits.request_timeout();
     let router = crate::api::router(state).layer(axum::middleware::from_fn(
         move |req: Request, next: Next| {
-            let metrics = metrics.clone();
+            let metrics = metrics_on.then(|| metrics.clone());
             guard(req, next, timeout, metrics)
         },
     ));
@@ -192,6 +213,9 @@ pub async fn serve(
     drop(listener);
     if let Some(path) = &config.admin_socket {
         let _ = std::fs::remove_file(path);
+    }
+    if let Some(task) = scheduled {
+        task.abort();
     }
     ops.shut_down(Duration::from_secs(config.limits.shutdown_grace_secs)).await;
     if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await.is_err() {
@@ -470,15 +494,56 @@ async fn accept_admin(
     }
 }
 
-/// Every request: a time limit, counted by status.
-async fn guard(req: Request, next: Next, timeout: Duration, metrics: Arc<Metrics>) -> Response {
+/// Image collections every `interval` seconds, the first one interval
+/// after the start.
+async fn collect_on_schedule(state: AppState, interval: u64) {
+    let period = Duration::from_secs(interval);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        // The outcome is in the metrics, the log and the audit trail.
+        let _ = crate::api::collect_images(&state, "provd", "schedule", state.gc).await;
+    }
+}
+
+/// Every request: a time limit, counted by status and timed by route.
+async fn guard(
+    req: Request,
+    next: Next,
+    timeout: Duration,
+    metrics: Option<Arc<Metrics>>,
+) -> Response {
+    let Some(metrics) = metrics else {
+        return limited(req, next, timeout).await;
+    };
+    let started = std::time::Instant::now();
     // Only the methods the API knows get a label of their own: a client
     // inventing methods must not grow the metrics without bound.
     let method = match req.method().as_str() {
         m @ ("GET" | "POST" | "DELETE" | "PUT" | "HEAD" | "OPTIONS" | "PATCH") => m.to_string(),
         _ => "other".to_string(),
     };
-    let response = match tokio::time::timeout(timeout, next.run(req)).await {
+    // The route's template, never the path: names and ids in paths would
+    // make a series each.
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let response = limited(req, next, timeout).await;
+    metrics
+        .request_seconds
+        .get_or_create(&RouteLabels { method: method.clone(), route })
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .requests
+        .get_or_create(&RequestLabels { method, status: response.status().as_u16().to_string() })
+        .inc();
+    response
+}
+
+async fn limited(req: Request, next: Next, timeout: Duration) -> Response {
+    match tokio::time::timeout(timeout, next.run(req)).await {
         Ok(r) => r,
         Err(_) => ApiError::new(
             axum::http::StatusCode::REQUEST_TIMEOUT,
@@ -486,10 +551,5 @@ async fn guard(req: Request, next: Next, timeout: Duration, metrics: Arc<Metrics
             format!("the request took longer than {} s", timeout.as_secs()),
         )
         .into_response(),
-    };
-    metrics
-        .requests
-        .get_or_create(&RequestLabels { method, status: response.status().as_u16().to_string() })
-        .inc();
-    response
+    }
 }

@@ -101,6 +101,11 @@ impl Libvirt {
     }
 
     fn connect(&self) -> Result<Connection, LibvirtError> {
+        // libvirt's default handler prints every error to stderr, expected
+        // ones (a lookup of a domain that is not defined) included, outside
+        // the daemon's log; the errors still come back as values.
+        static QUIET: std::sync::Once = std::sync::Once::new();
+        QUIET.call_once(virt::error::clear_error_callback);
         Connect::open(Some(&self.uri)).map(Connection).map_err(|e| LibvirtError::Connect {
             uri: self.uri.clone(),
             message: e.message().to_string(),

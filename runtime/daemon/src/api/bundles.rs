@@ -20,17 +20,7 @@ pub(super) async fn upload_bundle(
     axum::Extension(peer): axum::Extension<Peer>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult {
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too-large",
-                format!("a bundle may be at most {} bytes", s.limits.max_bundle_bytes),
-            )
-        } else {
-            ApiError::bad("invalid-body", e.body_text())
-        }
-    })?;
+    let body = body.map_err(|e| unread_body(&e, "a bundle", s.limits.max_bundle_bytes))?;
     detached(accept_upload(s, peer, body)).await
 }
 
@@ -49,6 +39,7 @@ pub(super) async fn accept_upload(s: AppState, peer: Peer, body: Bytes) -> ApiRe
             row.plugin = Some(a.name.clone());
             row.version = Some(a.version.clone());
             row.outcome = if a.new { "accepted" } else { "already-accepted" }.into();
+            s.metrics.plugin_known(&a.name);
             row.detail = Some(format!("signer {} component {}", a.signer, a.digest));
             audit_one(&s.node, row).await;
             Metrics::outcome(

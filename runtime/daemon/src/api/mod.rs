@@ -32,6 +32,7 @@ use records::*;
 use vms::*;
 
 pub use operations::parse_operation_body;
+pub use records::collect_images;
 
 use crate::access::Role;
 use crate::config::HttpLimits;
@@ -55,6 +56,13 @@ pub struct AppState {
     pub limits: HttpLimits,
     /// What the node offers VMs (`GET /v1/capacity`).
     pub capacity: provd_node::policy::NodeCapacity,
+    /// `[metrics] enabled`.
+    pub metrics_on: bool,
+    /// `[images]`: what a collection removes when its request does not
+    /// say.
+    pub gc: provd_node::GcPolicy,
+    /// One image collection at a time.
+    pub gc_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// An error response.
@@ -107,6 +115,20 @@ impl From<JsonRejection> for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
+/// A raw body that could not be read: `413 too-large` naming `what`'s
+/// limit, or `400 invalid-body`.
+fn unread_body(e: &axum::extract::rejection::BytesRejection, what: &str, limit: u64) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            format!("{what} may be at most {limit} bytes"),
+        )
+    } else {
+        ApiError::bad("invalid-body", e.body_text())
+    }
+}
+
 /// An answer: only the API's own types (`provd_wire::Body`) reach the wire.
 fn ok(status: StatusCode, body: impl wire::Body) -> ApiResult {
     Ok((status, axum::Json(body)).into_response())
@@ -129,6 +151,35 @@ async fn detached(f: impl std::future::Future<Output = ApiResult> + Send + 'stat
     tokio::spawn(f).await.map_err(blocking_error)?
 }
 
+/// Every route of the API by method and template: the label values of
+/// `provd_http_request_duration_seconds` (`metrics.rs`).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/metrics"),
+    ("POST", "/v1/bundles"),
+    ("GET", "/v1/bundles"),
+    ("POST", "/v1/plugins/{name}/activate"),
+    ("POST", "/v1/plugins/{name}/rollback"),
+    ("POST", "/v1/operations"),
+    ("GET", "/v1/operations"),
+    ("GET", "/v1/operations/{id}"),
+    ("GET", "/v1/operations/{id}/events"),
+    ("POST", "/v1/operations/{id}/cancel"),
+    ("GET", "/v1/vms"),
+    ("GET", "/v1/vms/{name}"),
+    ("DELETE", "/v1/vms/{name}"),
+    ("POST", "/v1/vms/{name}/start"),
+    ("POST", "/v1/vms/{name}/stop"),
+    ("GET", "/v1/images"),
+    ("DELETE", "/v1/images"),
+    ("POST", "/v1/gc"),
+    ("GET", "/v1/capacity"),
+    ("GET", "/v1/layers"),
+    ("GET", "/v1/layers/{partition}/{layer}/entries"),
+    ("GET", "/v1/audit"),
+    ("POST", "/v1/repack"),
+];
+
 /// The router of API version 1.
 pub fn router(state: AppState) -> Router {
     let json_limit = usize::try_from(state.limits.max_json_bytes).unwrap_or(usize::MAX);
@@ -149,7 +200,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/vms/{name}", delete(delete_vm))
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
-        .route("/v1/images", get(list_images))
+        .route("/v1/images", get(list_images).delete(delete_image))
+        .route("/v1/gc", post(collect))
         .route("/v1/capacity", get(capacity))
         .route("/v1/layers", get(list_layers))
         .route("/v1/layers/{partition}/{layer}/entries", get(layer_entries))
@@ -288,13 +340,33 @@ async fn healthz(State(s): State<AppState>) -> ApiResult {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    // The layer figures are read when asked for: they change with every
-    // provisioning, deletion and repack.
-    let node = s.node.clone();
-    match tokio::task::spawn_blocking(move || node.layer_usage()).await {
-        Ok(Ok(usage)) => s.metrics.set_layer_usage(&usage),
-        failed => tracing::warn!(?failed, "reading the layer figures for metrics"),
+    if !s.metrics_on {
+        return ApiError::not_found("metrics are off on this node ([metrics] enabled = false)")
+            .into_response();
     }
+    // The store's, the layers' and the capacity figures are read when
+    // asked for: they change with every provisioning, deletion and repack.
+    let node = s.node.clone();
+    let capacity = s.capacity;
+    let read = tokio::task::spawn_blocking(move || {
+        Ok::<_, provd_node::StoreError>((
+            node.layer_usage()?,
+            node.store_sizes()?,
+            node.capacity(&capacity)?,
+        ))
+    })
+    .await;
+    match read {
+        Ok(Ok((usage, sizes, capacity))) => {
+            s.metrics.set_layer_usage(&usage);
+            s.metrics.set_sizes(&sizes);
+            s.metrics.set_capacity(&capacity);
+        }
+        failed => tracing::warn!(?failed, "reading the node's figures for metrics"),
+    }
+    // /proc is read on a blocking thread like the store.
+    let metrics = s.metrics.clone();
+    let _ = tokio::task::spawn_blocking(move || metrics.set_process()).await;
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         s.metrics.encode(),

@@ -117,3 +117,152 @@ pub(super) async fn audit(
     let node = s.node.clone();
     ok(StatusCode::OK, blocking(move || node.audit(&query)).await?.map_err(ApiError::internal)?)
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ImageQuery {
+    reference: String,
+}
+
+/// Deletes an image no VM or running operation uses, with the object files
+/// no other image needs.
+pub(super) async fn delete_image(
+    State(s): State<AppState>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    q: Result<Query<ImageQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(q) = q.map_err(|e| {
+        ApiError::bad(
+            "invalid-request",
+            format!("{} (name the image: ?reference=...)", e.body_text()),
+        )
+    })?;
+    if q.reference.is_empty() || q.reference.len() > 4096 {
+        return Err(ApiError::bad("invalid-request", "reference: 1 to 4096 bytes"));
+    }
+    detached(async move {
+        let node = s.node.clone();
+        let reference = q.reference.clone();
+        let result = blocking(move || node.delete_image(&reference)).await?;
+        let mut row = NewAudit {
+            actor: peer.name.clone(),
+            kind: "image".into(),
+            function: Some("delete".into()),
+            args: Some(q.reference.chars().take(256).collect()),
+            count: 1,
+            ..NewAudit::default()
+        };
+        let answer = match result {
+            Ok(deleted) => {
+                row.outcome = "deleted".into();
+                row.detail =
+                    Some(format!("freed {} objects, {} bytes", deleted.objects, deleted.bytes));
+                tracing::info!(actor = %peer.name, reference = %deleted.reference, objects = deleted.objects, bytes = deleted.bytes, "image deleted");
+                ok(StatusCode::OK, deleted)
+            }
+            Err(e) => {
+                let err = match &e {
+                    provd_node::DeleteImageError::NotFound(_) => ApiError::not_found(e.to_string()),
+                    provd_node::DeleteImageError::InUse(_) => {
+                        ApiError::new(StatusCode::CONFLICT, "in-use", e.to_string())
+                    }
+                    provd_node::DeleteImageError::Store(_) => ApiError::internal(&e),
+                };
+                row.outcome = "refused".into();
+                row.detail = Some(format!("{}: {}", err.code, err.message));
+                Err(err)
+            }
+        };
+        audit_one(&s.node, row).await;
+        answer
+    })
+    .await
+}
+
+/// `POST /v1/gc`: one image collection now.
+pub(super) async fn collect(
+    State(s): State<AppState>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult {
+    let body = body.map_err(|e| unread_body(&e, "a request body", s.limits.max_json_bytes))?;
+    let req: wire::GcRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        wire::GcRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad("invalid-json", e.to_string()))?
+    };
+    let policy = provd_node::GcPolicy {
+        max_age_secs: req.max_age_secs.or(s.gc.max_age_secs),
+        max_bytes: req.max_bytes.or(s.gc.max_bytes),
+    };
+    let report = detached(async move {
+        match collect_images(&s, &peer.name, "request", policy).await {
+            Ok(report) => ok(StatusCode::OK, wire::GcAnswer { gc: report }),
+            Err(e) => Err(ApiError::internal(e)),
+        }
+    });
+    report.await
+}
+
+/// Runs one image collection on a blocking thread, one at a time, and
+/// records it in the metrics, the log and the audit trail.
+pub async fn collect_images(
+    s: &AppState,
+    actor: &str,
+    trigger: &str,
+    policy: provd_node::GcPolicy,
+) -> Result<wire::GcReport, String> {
+    let _one = s.gc_lock.lock().await;
+    let node = s.node.clone();
+    let result = blocking(move || node.collect_images(policy))
+        .await
+        .map_err(|e| e.message)
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    s.metrics.collected(trigger, result.as_ref().ok());
+    let mut row = NewAudit {
+        actor: actor.to_string(),
+        kind: "image-gc".into(),
+        function: Some(trigger.to_string()),
+        args: Some(format!(
+            "max-age-secs={} max-bytes={}",
+            policy.max_age_secs.map_or("none".into(), |v| v.to_string()),
+            policy.max_bytes.map_or("none".into(), |v| v.to_string())
+        )),
+        count: 1,
+        ..NewAudit::default()
+    };
+    match &result {
+        Ok(r) => {
+            let names: Vec<&str> = r.images.iter().map(|i| i.reference.as_str()).collect();
+            let mut detail = format!(
+                "removed {} images, {} objects, {} bytes; {} in use kept",
+                r.images.len(),
+                r.objects,
+                r.bytes,
+                r.in_use
+            );
+            if !names.is_empty() {
+                detail.push_str(": ");
+                detail.push_str(&names.join(" "));
+            }
+            row.outcome = "succeeded".into();
+            row.detail = Some(detail.chars().take(2000).collect());
+            tracing::info!(
+                actor,
+                trigger,
+                images = r.images.len(),
+                objects = r.objects,
+                bytes = r.bytes,
+                in_use = r.in_use,
+                "image collection"
+            );
+        }
+        Err(e) => {
+            row.outcome = "failed".into();
+            row.detail = Some(e.clone());
+            tracing::warn!(actor, trigger, error = %e, "image collection failed");
+        }
+    }
+    audit_one(&s.node, row).await;
+    result
+}
