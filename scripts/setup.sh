@@ -11,6 +11,7 @@
 # - libvirt-daemon-system: the boot test also starts a guest through the
 #   node's libvirtd, as providers run VMs.
 # - socat and systemd for the management VM (scripts/node-vm.sh).
+# - prometheus, which the metrics test starts to scrape provd.
 # - rustfmt and clippy for the checks.
 set -euo pipefail
 
@@ -64,6 +65,20 @@ install_missing erofs-utils e2fsprogs qemu-utils
 # The management VM (scripts/node-vm.sh): socat hands provd's connections
 # to libvirt's socket, systemd-analyze checks the package's unit.
 install_missing socat systemd
+# Fleet monitoring: the metrics test starts Debian's Prometheus, which
+# scrapes provd over mutual TLS (its recommended node exporter is not
+# needed).
+if ! dpkg -s prometheus >/dev/null 2>&1; then
+  if [ "$updated" = no ]; then
+    as_root apt-get update -q
+    updated=yes
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus
+  # The package starts its own service on :9090; the tests start theirs.
+  if [ -d /run/systemd/system ]; then
+    as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+fi
 # VM configuration: virt-xml-validate (libvirt-clients; it runs xmllint from
 # libxml2-utils, which libvirt-clients does not depend on), and xorriso,
 # with which the tests read NoCloud seeds back (provd writes them itself).
