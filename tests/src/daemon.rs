@@ -25,6 +25,9 @@ pub struct TestNode {
     /// Working directory and `--config` argument, when the daemon is
     /// started as a user would from a shell: a relative path.
     relative: Option<(PathBuf, PathBuf)>,
+    /// `PROVD_LOG` for the next start; the test process's own, or `info`,
+    /// when unset.
+    pub log_filter: Option<String>,
 }
 
 /// What the configuration says beyond the defaults: TOML appended to it.
@@ -86,6 +89,7 @@ impl TestNode {
             url: String::new(),
             log: dir.join("provd.log"),
             relative: None,
+            log_filter: None,
         };
         node.restart()?;
         Ok(node)
@@ -113,7 +117,13 @@ impl TestNode {
             None => command.args(["serve", "--config"]).arg(&self.config),
         };
         let mut child = command
-            .env("PROVD_LOG", std::env::var("PROVD_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "PROVD_LOG",
+                self.log_filter
+                    .clone()
+                    .or_else(|| std::env::var("PROVD_LOG").ok())
+                    .unwrap_or_else(|| "info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()?;

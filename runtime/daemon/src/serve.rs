@@ -61,7 +61,7 @@ pub async fn serve(
     // The installed plugins' series exist from the start.
     let listed = {
         let node = node.clone();
-        tokio::task::spawn_blocking(move || node.bundles()).await
+        provd_node::spawn_blocking(move || node.bundles()).await
     };
     match listed {
         Ok(Ok(list)) => list.bundles.iter().for_each(|b| metrics.plugin_known(&b.name)),

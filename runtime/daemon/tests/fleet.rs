@@ -105,6 +105,24 @@ impl Prometheus {
     }
 }
 
+/// The families of the table in docs/api.md's Metrics section, with their
+/// types.
+fn documented_families() -> Vec<(String, String)> {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/api.md")).unwrap();
+    let section = doc.split_once("\n## Metrics").expect("docs/api.md has no Metrics section").1;
+    let section = section.split("\n## ").next().unwrap();
+    section
+        .lines()
+        .filter_map(|l| {
+            let mut cells = l.strip_prefix("| `")?.split(" | ");
+            let name = cells.next()?.strip_suffix('`')?;
+            let kind = cells.next()?;
+            Some((name.to_string(), kind.to_string()))
+        })
+        .collect()
+}
+
 /// The alerting rules docs/api.md gives operators, as a rules file that
 /// `promtool` has checked.
 fn documented_alerts(dir: &Path) -> std::path::PathBuf {
@@ -142,7 +160,12 @@ async fn prometheus_scrapes_the_node_over_mutual_tls_and_every_log_line_is_json(
     let dir = tempfile::tempdir().unwrap();
     let extra = "[access]\nadmins = [\"manager-1\"]\nreaders = [\"prometheus\"]\n\
                  [log]\nformat = \"json\"\n";
-    let node = node(dir.path(), extra);
+    let mut node = node(dir.path(), extra);
+    // The partition writers' debug events come from blocking threads: they
+    // must carry their operation as much as the async steps' events do.
+    node.terminate();
+    node.log_filter = Some("info,provd_partitions=debug".into());
+    node.restart().unwrap();
     let c = client(&node);
 
     // Every family is exported before anything happened, at zero where
@@ -164,6 +187,16 @@ async fn prometheus_scrapes_the_node_over_mutual_tls_and_every_log_line_is_json(
         "# TYPE process_open_fds gauge",
     ] {
         assert!(fresh.contains(family), "{family} not in\n{fresh}");
+    }
+    // Every family docs/api.md lists is exported, with the type it gives,
+    // before anything was observed: a dashboard can tell zero from absent.
+    let documented = documented_families();
+    assert!(documented.len() >= 30, "{documented:?}");
+    for (name, kind) in &documented {
+        // OpenMetrics names a counter family without its `_total`.
+        let family = if kind == "counter" { name.trim_end_matches("_total") } else { name };
+        let line = format!("# TYPE {family} {kind}\n");
+        assert!(fresh.contains(&line), "{line:?} not in\n{fresh}");
     }
 
     // The quick start's flow: the shared-partition bundle deployed, VMs
@@ -254,11 +287,11 @@ async fn prometheus_scrapes_the_node_over_mutual_tls_and_every_log_line_is_json(
 
     // Every line the daemon wrote is one JSON object, and the operation's
     // lines say which operation, actor and plugin.
-    let mut node = node;
     node.terminate();
     let log = std::fs::read_to_string(&node.log).unwrap();
     let mut with_operation = 0;
     let mut plugin_records = 0;
+    let mut written = 0;
     for line in log.lines() {
         let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
         for key in ["time", "level", "target", "message"] {
@@ -268,6 +301,11 @@ async fn prometheus_scrapes_the_node_over_mutual_tls_and_every_log_line_is_json(
             with_operation += 1;
             assert_eq!(v["actor"], "manager-1", "{line}");
         }
+        if v["message"] == "private image written" {
+            written += 1;
+            assert!(v["operation"].is_string(), "{line}");
+            assert_eq!(v["plugin"], "shared-partition", "{line}");
+        }
         if v["plugin_level"].is_string() {
             plugin_records += 1;
             assert_eq!(v["plugin"], "shared-partition", "{line}");
@@ -276,6 +314,8 @@ async fn prometheus_scrapes_the_node_over_mutual_tls_and_every_log_line_is_json(
     }
     assert!(with_operation >= 6, "{log}");
     assert!(plugin_records >= 1, "no plugin log record in\n{log}");
+    // One private partition for each of the three VMs provisioned.
+    assert_eq!(written, 3, "{log}");
     assert!(log.contains("\"message\":\"operation finished\""), "{log}");
 }
 

@@ -90,7 +90,7 @@ impl ArtifactCache {
         }
 
         let engine2 = engine.clone();
-        let compile = tokio::task::spawn_blocking(move || engine2.precompile_component(&wasm));
+        let compile = crate::spawn_blocking(move || engine2.precompile_component(&wasm));
         // A compilation that runs past the timeout is abandoned: its thread
         // finishes in the background and its result is dropped.
         let artifact = tokio::time::timeout(compile_timeout, compile)

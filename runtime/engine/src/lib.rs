@@ -59,6 +59,21 @@ pub use observe::{
 };
 pub use provd_bindings::{Report, Request};
 
+/// Runs `f` on tokio's blocking pool inside the caller's tracing span.
+///
+/// `tokio::task::spawn_blocking` starts the closure with no span, so what a
+/// blocking step logs (a partition written, a VM handed to libvirt, an
+/// object that could not be removed) would lose the operation, actor and
+/// plugin a log pipeline groups an operation's events by.
+pub fn spawn_blocking<F, R>(f: F) -> tokio::task::JoinHandle<R>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
+}
+
 /// Settings of an [`Engine`].
 #[derive(Debug, Clone)]
 pub struct EngineConfig {

@@ -111,7 +111,7 @@ async fn load_entries(
     records: Vec<ImageRecord>,
 ) -> wasmtime::Result<Result<Vec<(String, Vec<Entry>)>, WitError>> {
     let names: Vec<String> = vms.iter().map(|v| v.vm.clone()).collect();
-    let loaded = tokio::task::spawn_blocking(move || {
+    let loaded = provd_engine::spawn_blocking(move || {
         // Several VMs often run one image: read its entries once.
         let mut loaded: std::collections::HashMap<i64, Vec<Entry>> = Default::default();
         let mut out = Vec::with_capacity(names.len());
@@ -239,7 +239,7 @@ async fn make_plan(
         .zip(records)
         .map(|(v, image)| provd_partitions::VmImage { vm: v.vm.clone(), image })
         .collect();
-    let made = tokio::task::spawn_blocking(move || {
+    let made = provd_engine::spawn_blocking(move || {
         let node = considered
             .into_iter()
             .map(|r| provd_partitions::node_layer(&store, r))
@@ -304,7 +304,7 @@ impl DedupView<'_> {
             Ok(e) => e,
             Err(e) => return Ok(Err(e)),
         };
-        let result = tokio::task::spawn_blocking(move || provd_dedup::analyze(&entries)).await?;
+        let result = provd_engine::spawn_blocking(move || provd_dedup::analyze(&entries)).await?;
         Ok(result.map(|a| analysis_summary(&a)).map_err(|e| WitError::InvalidInput(e.to_string())))
     }
 
@@ -352,7 +352,7 @@ impl DedupView<'_> {
             let seen = tenants.clone();
             let visible = move |d: &str| seen.iter().all(|t| provd_domain::trust::may_see(t, d));
             let store = store.clone();
-            match tokio::task::spawn_blocking(move || {
+            match provd_engine::spawn_blocking(move || {
                 provd_partitions::considered_layers(&store, budget, &visible)
             })
             .await?
@@ -440,7 +440,7 @@ impl DedupView<'_> {
         };
         let store = store.clone();
         let policy = policy.clone();
-        let stackable = tokio::task::spawn_blocking(move || {
+        let stackable = provd_engine::spawn_blocking(move || {
             for record in added {
                 let layer = provd_partitions::node_layer(&store, record)?;
                 if provd_dedup::could_stack(&entries, &layer.entries, &policy) {

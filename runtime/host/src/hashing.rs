@@ -54,7 +54,7 @@ impl HashingView<'_> {
         let hash = entry.hash.ok_or_else(|| WitError::Failed(format!("{path} has no content")))?;
         let store = self.scope.images()?.store().clone();
         // Off the async threads: a large file takes milliseconds to hash.
-        tokio::task::spawn_blocking(move || {
+        provd_engine::spawn_blocking(move || {
             let mut file = store.open_object(&hash).map_err(|e| WitError::Failed(e.to_string()))?;
             let mut hasher = blake3::Hasher::new();
             let mut buf = vec![0u8; 256 << 10];

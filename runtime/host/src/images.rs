@@ -220,7 +220,7 @@ impl ImagesView<'_> {
                 let store = service.store().clone();
                 let reference = canonical.clone();
                 let touched =
-                    tokio::task::spawn_blocking(move || store.touch_image(&reference)).await?;
+                    provd_engine::spawn_blocking(move || store.touch_image(&reference)).await?;
                 if let Err(e) = touched {
                     tracing::warn!(reference = %canonical, error = %e, "recording an image's use");
                 }
@@ -251,7 +251,7 @@ impl ImagesView<'_> {
         };
         let store = service.store().clone();
         let page =
-            tokio::task::spawn_blocking(move || store.entries(&record, offset, u64::from(limit)))
+            provd_engine::spawn_blocking(move || store.entries(&record, offset, u64::from(limit)))
                 .await?;
         Ok(page
             .map(|entries| entries.into_iter().map(entry_of).collect())
@@ -286,7 +286,7 @@ impl ImagesView<'_> {
             Err(e) => return Ok(Err(e)),
         };
         let store = service.store().clone();
-        let read = tokio::task::spawn_blocking(move || store.read_object(&hash, max)).await?;
+        let read = provd_engine::spawn_blocking(move || store.read_object(&hash, max)).await?;
         Ok(read.map_err(|e| WitError::Failed(e.to_string())))
     }
 }

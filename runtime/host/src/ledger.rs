@@ -130,7 +130,7 @@ impl Ledger {
     ) -> wasmtime::Result<T> {
         let flight = self.begin();
         let ledger = self.clone();
-        Ok(tokio::task::spawn_blocking(move || {
+        Ok(provd_engine::spawn_blocking(move || {
             let _flight = flight;
             change(&ledger)
         })
@@ -170,9 +170,12 @@ pub(crate) fn side_by_side<T: Send, E: Send>(
     let failed = AtomicBool::new(false);
     let results: std::sync::Mutex<Vec<Option<Result<T, E>>>> =
         std::sync::Mutex::new((0..count).map(|_| None).collect());
+    // The workers log in the caller's span, as its own thread would.
+    let span = tracing::Span::current();
     std::thread::scope(|scope| {
         for _ in 0..workers.min(count) {
             scope.spawn(|| {
+                let _entered = span.enter();
                 loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     if i >= count || failed.load(Ordering::SeqCst) {

@@ -59,10 +59,11 @@ pub async fn run(
     let result = match (result, libvirt.clone(), store.clone()) {
         (Ok(outcome), Some(libvirt), Some(store)) if !built.vms.is_empty() => {
             let vms = built.vms.clone();
-            let handed =
-                tokio::task::spawn_blocking(move || hand_to_libvirt(&store, &libvirt, &vms, start))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("handing VMs to libvirt: {e}")));
+            let handed = provd_engine::spawn_blocking(move || {
+                hand_to_libvirt(&store, &libvirt, &vms, start)
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("handing VMs to libvirt: {e}")));
             handed.map(|()| outcome).map_err(InvokeError::Host)
         }
         (result, _, _) => result,
@@ -72,7 +73,7 @@ pub async fn run(
         && (result.is_err() || names_given)
     {
         let failed = result.is_err();
-        let done = tokio::task::spawn_blocking(move || {
+        let done = provd_engine::spawn_blocking(move || {
             if failed {
                 crate::rollback::call(&store, libvirt.as_ref(), &operation, &built);
             } else {

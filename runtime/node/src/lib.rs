@@ -48,6 +48,9 @@ pub mod policy {
 
 /// Unix seconds as an RFC 3339 UTC date (the daemon's JSON log).
 pub use provd_bundle::utc;
+/// Blocking work that keeps the caller's tracing span (its operation, actor and
+/// plugin in the log).
+pub use provd_engine::spawn_blocking;
 
 /// VM specs as managers send them.
 pub mod spec {
@@ -180,7 +183,7 @@ impl Node {
     /// Verifies, checks, compiles and records a bundle (see the crate doc).
     pub async fn accept_bundle(&self, bytes: &[u8], now: u64) -> Result<Accepted, BundleRefused> {
         let store = self.store.clone();
-        let now = tokio::task::spawn_blocking(move || store.observe_clock(now))
+        let now = provd_engine::spawn_blocking(move || store.observe_clock(now))
             .await
             .map_err(|e| BundleRefused::Internal(e.to_string()))?
             .map_err(AcceptError::from)?;
@@ -201,7 +204,7 @@ impl Node {
             expires: verified.expires,
         };
         let store = self.store.clone();
-        let outcome = tokio::task::spawn_blocking(move || store.accept_bundle(&record, now))
+        let outcome = provd_engine::spawn_blocking(move || store.accept_bundle(&record, now))
             .await
             .map_err(|e| BundleRefused::Internal(e.to_string()))??;
         self.lock().insert((name.clone(), version.clone()), plugin, 0);
@@ -240,7 +243,7 @@ impl Node {
         // runs backwards, so setting the system clock back cannot revive an
         // expired bundle.
         let store = self.store.clone();
-        let (bundles, now) = tokio::task::spawn_blocking(move || {
+        let (bundles, now) = provd_engine::spawn_blocking(move || {
             let now = store.clock_at_least(now)?;
             store.bundles().map(|b| (b, now))
         })
@@ -281,7 +284,7 @@ impl Node {
                 let store = self.store.clone();
                 let (name, version) = (record.name.clone(), record.version.clone());
                 let component =
-                    tokio::task::spawn_blocking(move || store.bundle_component(&name, &version))
+                    provd_engine::spawn_blocking(move || store.bundle_component(&name, &version))
                         .await
                         .map_err(|e| BundleRefused::Internal(e.to_string()))?
                         .map_err(AcceptError::from)?

@@ -91,7 +91,7 @@ impl std::fmt::Debug for Opened {
 async fn blocking<T: Send + 'static, E: From<tokio::task::JoinError> + Send + 'static>(
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, E> {
-    tokio::task::spawn_blocking(f).await?
+    provd_engine::spawn_blocking(f).await?
 }
 
 impl Node {

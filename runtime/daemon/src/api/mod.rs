@@ -141,7 +141,7 @@ fn blocking_error(e: tokio::task::JoinError) -> ApiError {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(blocking_error)
+    provd_node::spawn_blocking(f).await.map_err(blocking_error)
 }
 
 /// Runs a handler's effects on a task of their own: a client that
@@ -348,7 +348,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
     // asked for: they change with every provisioning, deletion and repack.
     let node = s.node.clone();
     let capacity = s.capacity;
-    let read = tokio::task::spawn_blocking(move || {
+    let read = provd_node::spawn_blocking(move || {
         Ok::<_, provd_node::StoreError>((
             node.layer_usage()?,
             node.store_sizes()?,
@@ -366,7 +366,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
     }
     // /proc is read on a blocking thread like the store.
     let metrics = s.metrics.clone();
-    let _ = tokio::task::spawn_blocking(move || metrics.set_process()).await;
+    let _ = provd_node::spawn_blocking(move || metrics.set_process()).await;
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         s.metrics.encode(),
@@ -378,7 +378,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
 /// logged, and the request it records goes on.
 async fn audit_one(node: &Arc<Node>, row: NewAudit) {
     let node = node.clone();
-    let done = tokio::task::spawn_blocking(move || node.append_audit(&[row])).await;
+    let done = provd_node::spawn_blocking(move || node.append_audit(&[row])).await;
     if !matches!(done, Ok(Ok(()))) {
         tracing::error!(?done, "writing the audit trail failed");
     }

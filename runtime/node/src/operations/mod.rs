@@ -334,7 +334,7 @@ impl Operations {
             ..NewAudit::default()
         };
         let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || store.append_audit(&[row])).await {
+        match provd_engine::spawn_blocking(move || store.append_audit(&[row])).await {
             Ok(Ok(())) => {}
             failed => tracing::error!(?failed, "recording an audit row"),
         }
@@ -412,7 +412,7 @@ impl Operations {
         started_row.outcome = "started".into();
         let store = self.store.clone();
         let started =
-            tokio::task::spawn_blocking(move || store.start_operation(&new, &[started_row]))
+            provd_engine::spawn_blocking(move || store.start_operation(&new, &[started_row]))
                 .await
                 .map_err(|e| StartError::Internal(e.to_string()))??;
         let rec = match started {
@@ -454,7 +454,7 @@ impl Operations {
                     let store = this.store.clone();
                     let libvirt = this.node.libvirt().cloned();
                     let op = id.clone();
-                    let _ = tokio::task::spawn_blocking(move || {
+                    let _ = provd_engine::spawn_blocking(move || {
                         crate::rollback::operation(&store, libvirt.as_ref(), &op)
                     })
                     .await;
@@ -547,7 +547,7 @@ impl Operations {
                     Err(e) => Err(e),
                 };
                 let syncing = std::time::Instant::now();
-                let synced = tokio::task::spawn_blocking(synced).await;
+                let synced = provd_engine::spawn_blocking(synced).await;
                 self.meter.phase(&req.plugin, "sync", syncing.elapsed());
                 match synced {
                     Ok(Ok(())) => Ok(outcome),
@@ -580,7 +580,7 @@ impl Operations {
                 let store = self.store.clone();
                 let libvirt = self.node.libvirt().cloned();
                 let op = id.to_string();
-                let _ = tokio::task::spawn_blocking(move || {
+                let _ = provd_engine::spawn_blocking(move || {
                     crate::rollback::operation(&store, libvirt.as_ref(), &op)
                 })
                 .await;
@@ -617,7 +617,7 @@ impl Operations {
             (snap.phase.clone(), snap.done, snap.total)
         };
         let vms = running.vms.clone();
-        let written = tokio::task::spawn_blocking(move || {
+        let written = provd_engine::spawn_blocking(move || {
             // The end must be on record: an operation left `running` would be
             // rolled back at the next start, successful or not. A store that
             // fails (a full disk) gets a few more chances.
@@ -715,7 +715,7 @@ impl Operations {
         let libvirt = self.node.libvirt().cloned();
         let dax_layout =
             self.node.engine().policy().sharing.attach == crate::policy::SharedAttach::Pmem;
-        let done = tokio::task::spawn_blocking(move || {
+        let done = provd_engine::spawn_blocking(move || {
             // Taken before the builtin writes anything (`Store::sync_point`).
             let point = store.sync_point()?;
             store.start_operation(&new, &[])?;
@@ -827,7 +827,7 @@ impl Operations {
         }
         let store = self.store.clone();
         let (ops, rows) = self.keep;
-        match tokio::task::spawn_blocking(move || store.prune_history(ops, rows)).await {
+        match provd_engine::spawn_blocking(move || store.prune_history(ops, rows)).await {
             Ok(Ok((0, 0))) => {}
             Ok(Ok((ops, rows))) => {
                 tracing::info!(operations = ops, audit_rows = rows, "old history forgotten")

@@ -80,7 +80,7 @@ impl OpObserver {
             return;
         }
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
+        provd_engine::spawn_blocking(move || {
             if let Err(e) = store.append_audit(&rows) {
                 tracing::error!(error = %e, "writing the audit trail failed");
             }
@@ -158,7 +158,7 @@ impl Observer for OpObserver {
             let store = self.store.clone();
             let (id, phase, done, total) =
                 (self.operation.clone(), e.phase.clone(), e.done, e.total);
-            tokio::task::spawn_blocking(move || {
+            provd_engine::spawn_blocking(move || {
                 if let Err(e) = store.operation_progress(&id, &phase, done, total) {
                     tracing::warn!(error = %e, "recording progress failed");
                 }
