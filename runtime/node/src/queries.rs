@@ -318,7 +318,7 @@ impl Node {
 impl Node {
     /// Whether the node can read its records.
     pub fn healthy(&self) -> Result<(), StoreError> {
-        self.store().stats().map(|_| ())
+        self.store().check_readable()
     }
 
     /// What the store holds, by kind, for metrics.

@@ -211,6 +211,8 @@ pub struct Store {
     staging: Dir,
     partitions: Dir,
     db: Mutex<rusqlite::Connection>,
+    /// A read-only connection for whole-table counts (`Store::sizes`).
+    reader: Mutex<rusqlite::Connection>,
     /// Objects an import in progress relies on, with how many imports do.
     /// Removal and gc never delete a pinned object.
     pins: Mutex<HashMap<Hash, usize>>,
@@ -319,12 +321,14 @@ impl Store {
                 Err(e) => return Err(io(&format!("restricting {name}"))(e)),
             }
         }
+        let reader = db::open_reader(&path.join("provd.db"))?;
         let store = Store {
             path: path.to_path_buf(),
             objects,
             staging,
             partitions,
             db: Mutex::new(db),
+            reader: Mutex::new(reader),
             pins: Mutex::default(),
             temps: Mutex::default(),
             holds: Mutex::default(),
@@ -602,7 +606,17 @@ impl Store {
 
     /// What the store holds, by kind.
     pub fn sizes(&self) -> Result<Sizes, StoreError> {
-        db::sizes(&self.lock_db()).map_err(|e| self.db_error(e))
+        let reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        db::sizes(&reader).map_err(|e| self.db_error(e))
+    }
+
+    /// Whether the database answers through the writer's connection: one
+    /// read of a small table, so a health probe costs the same on any
+    /// store, and a node whose writer is stuck is not reported healthy.
+    pub fn check_readable(&self) -> Result<(), StoreError> {
+        self.lock_db()
+            .query_row("SELECT count(*) FROM vms", [], |_| Ok(()))
+            .map_err(|e| self.db_error(e))
     }
 
     /// Counts over the store.
@@ -648,5 +662,32 @@ impl Store {
     /// Names of files in staging (for tests that check nothing is left).
     pub fn staging_files(&self) -> Result<Vec<String>, StoreError> {
         objects::staging_names(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // Tests: a failed unwrap is a failed test.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// A scrape's whole-table counts go through the read-only connection:
+    /// they answer while the writer's connection is held, as a long import
+    /// holds it.
+    #[test]
+    fn sizes_answer_while_the_writer_is_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(dir.path()).unwrap());
+        let held = store.lock_db();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let other = std::sync::Arc::clone(&store);
+        std::thread::spawn(move || tx.send(other.sizes().map(|s| s.vms)).ok());
+        let vms = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("sizes waited for the writer's connection");
+        assert_eq!(vms.unwrap(), (0, 0));
+        drop(held);
+        store.check_readable().unwrap();
     }
 }
