@@ -461,6 +461,32 @@ async fn images_are_collected_through_the_api_and_never_one_in_use() {
         scheduled.iter().any(|r| r["detail"].as_str().unwrap().contains(&reference("old"))),
         "{audit:#}"
     );
+
+    // The store's figures are its object files, as a budget counts them.
+    let text = c.get_text("/metrics").await.unwrap();
+    let figure = |name: &str| -> u64 {
+        text.lines().find_map(|l| l.strip_prefix(name)).unwrap().trim().parse().unwrap()
+    };
+    assert_eq!(figure("provd_store_items{kind=\"objects\"} ") as usize, count_objects(&node.data));
+    assert_eq!(figure("provd_store_bytes{kind=\"objects\"} "), object_bytes(&node.data));
+}
+
+/// Bytes of the object files in the store.
+fn object_bytes(data: &Path) -> u64 {
+    fn sum(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| {
+                if e.file_type().unwrap().is_dir() {
+                    sum(&e.path())
+                } else {
+                    e.metadata().unwrap().len()
+                }
+            })
+            .sum()
+    }
+    sum(&data.join("objects"))
 }
 
 /// Object files in the store.

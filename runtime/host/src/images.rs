@@ -213,7 +213,13 @@ impl ImagesView<'_> {
         tracing::info!(plugin = %self.ctx.plugin, reference = %canonical, "image fetch allowed");
         // Held before the import: a collection running meanwhile either
         // removed the image already, and it is imported again, or keeps it.
-        let hold = service.store().hold_image(&canonical);
+        // On a blocking thread: a collection removing an image holds the
+        // holds' lock through its database work.
+        let hold = {
+            let store = service.store().clone();
+            let reference = canonical.clone();
+            provd_engine::spawn_blocking(move || store.hold_image(&reference)).await?
+        };
         match service.import(&canonical, Arc::new(NoProgress)).await {
             Ok(record) => {
                 self.holds.push(hold);

@@ -571,8 +571,10 @@ pub(crate) fn remove_image(
     )?;
     tx.execute("DELETE FROM images WHERE id = ?1", [id])?;
     let unused = {
-        // An object a layer's entry names stays on disk (`kept`); its row
-        // goes, and comes back with the next image that has it.
+        // An object a layer's entry names stays on disk (`kept`), and so
+        // does its row (at no references), so the store's sizes and a
+        // collection's byte budget count its file; the row goes with the
+        // last layer that names it (`drop_unreferenced`).
         let mut stmt = tx.prepare(
             "SELECT hash, size FROM objects o WHERE refs = 0
              AND NOT EXISTS (SELECT 1 FROM layer_entries l WHERE l.hash = o.hash)",
@@ -590,13 +592,17 @@ pub(crate) fn remove_image(
         }
         out
     };
-    tx.execute("DELETE FROM objects WHERE refs = 0", [])?;
+    tx.execute(DROP_UNREFERENCED, [])?;
     tx.commit()?;
     Ok(Some(unused))
 }
 
+/// Rows of objects no image references and no layer's entry names.
+const DROP_UNREFERENCED: &str = "DELETE FROM objects WHERE refs = 0
+    AND NOT EXISTS (SELECT 1 FROM layer_entries l WHERE l.hash = objects.hash)";
+
 pub(crate) fn drop_unreferenced(conn: &mut Connection) -> rusqlite::Result<()> {
-    conn.execute("DELETE FROM objects WHERE refs = 0", [])?;
+    conn.execute(DROP_UNREFERENCED, [])?;
     Ok(())
 }
 

@@ -506,10 +506,12 @@ impl Store {
         // uses it since; one published after the listing is not a
         // candidate.
         let on_disk = objects::list(self)?;
+        db::drop_unreferenced(&mut self.lock_db()).map_err(|e| self.db_error(e))?;
+        // Read on the read-only connection: the writer's stays free for the
+        // scan, and a commit after this read is caught by the checks below.
         let kept = {
-            let mut db = self.lock_db();
-            db::drop_unreferenced(&mut db).map_err(|e| self.db_error(e))?;
-            db::kept(&db).map_err(|e| self.db_error(e))?
+            let reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+            db::kept(&reader).map_err(|e| self.db_error(e))?
         };
         let mut freed = Freed::default();
         for (hash, size) in on_disk {
@@ -537,10 +539,12 @@ impl Store {
         Ok(freed)
     }
 
-    /// Objects the database references whose file is missing: none, unless
-    /// someone removed files behind provd's back.
+    /// Objects an image references whose file is missing: none, unless
+    /// someone removed files behind provd's back. (Objects only layers
+    /// name are left out: a store from before layers kept their objects
+    /// lacks some of them, which is no damage to any image.)
     pub fn missing_objects(&self) -> Result<Vec<Hash>, StoreError> {
-        let referenced = db::kept(&self.lock_db()).map_err(|e| self.db_error(e))?;
+        let referenced = db::referenced(&self.lock_db()).map_err(|e| self.db_error(e))?;
         let on_disk: std::collections::HashSet<Hash> =
             objects::list(self)?.into_iter().map(|(h, _)| h).collect();
         let mut missing: Vec<Hash> = referenced.difference(&on_disk).copied().collect();

@@ -195,8 +195,17 @@ pub(super) async fn collect(
         max_age_secs: req.max_age_secs.or(s.gc.max_age_secs),
         max_bytes: req.max_bytes.or(s.gc.max_bytes),
     };
+    // One collection at a time, and none waiting: a request while one
+    // runs (the schedule's included) is refused rather than queued.
+    let Ok(one) = s.gc_lock.clone().try_lock_owned() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "gc-running",
+            "an image collection is already running; ask again when it has ended",
+        ));
+    };
     let report = detached(async move {
-        match collect_images(&s, &peer.name, "request", policy).await {
+        match run_collection(&s, &peer.name, "request", policy, one).await {
             Ok(report) => ok(StatusCode::OK, wire::GcAnswer { gc: report }),
             Err(e) => Err(ApiError::internal(e)),
         }
@@ -212,7 +221,18 @@ pub async fn collect_images(
     trigger: &str,
     policy: provd_node::GcPolicy,
 ) -> Result<wire::GcReport, String> {
-    let _one = s.gc_lock.lock().await;
+    let one = s.gc_lock.clone().lock_owned().await;
+    run_collection(s, actor, trigger, policy, one).await
+}
+
+/// One image collection while `_one` holds the collections' lock.
+async fn run_collection(
+    s: &AppState,
+    actor: &str,
+    trigger: &str,
+    policy: provd_node::GcPolicy,
+    _one: tokio::sync::OwnedMutexGuard<()>,
+) -> Result<wire::GcReport, String> {
     let node = s.node.clone();
     let result = blocking(move || node.collect_images(policy))
         .await
