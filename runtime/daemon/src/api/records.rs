@@ -143,7 +143,8 @@ pub(super) async fn delete_image(
     detached(async move {
         let node = s.node.clone();
         let reference = q.reference.clone();
-        let result = blocking(move || node.delete_image(&reference)).await?;
+        // A failed blocking task is audited like any other end.
+        let result = blocking(move || node.delete_image(&reference)).await;
         let mut row = NewAudit {
             actor: peer.name.clone(),
             kind: "image".into(),
@@ -153,14 +154,19 @@ pub(super) async fn delete_image(
             ..NewAudit::default()
         };
         let answer = match result {
-            Ok(deleted) => {
+            Err(err) => {
+                row.outcome = "failed".into();
+                row.detail = Some(format!("{}: {}", err.code, err.message));
+                Err(err)
+            }
+            Ok(Ok(deleted)) => {
                 row.outcome = "deleted".into();
                 row.detail =
                     Some(format!("freed {} objects, {} bytes", deleted.objects, deleted.bytes));
                 tracing::info!(actor = %peer.name, reference = %deleted.reference, objects = deleted.objects, bytes = deleted.bytes, "image deleted");
                 ok(StatusCode::OK, deleted)
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 let err = match &e {
                     provd_node::DeleteImageError::NotFound(_) => ApiError::not_found(e.to_string()),
                     provd_node::DeleteImageError::InUse(_) => {
@@ -168,7 +174,8 @@ pub(super) async fn delete_image(
                     }
                     provd_node::DeleteImageError::Store(_) => ApiError::internal(&e),
                 };
-                row.outcome = "refused".into();
+                let failed = matches!(e, provd_node::DeleteImageError::Store(_));
+                row.outcome = if failed { "failed" } else { "refused" }.into();
                 row.detail = Some(format!("{}: {}", err.code, err.message));
                 Err(err)
             }
