@@ -575,10 +575,8 @@ pub(crate) fn remove_image(
         // does its row (at no references), so the store's sizes and a
         // collection's byte budget count its file; the row goes with the
         // last layer that names it (`drop_unreferenced`).
-        let mut stmt = tx.prepare(
-            "SELECT hash, size FROM objects o WHERE refs = 0
-             AND NOT EXISTS (SELECT 1 FROM layer_entries l WHERE l.hash = o.hash)",
-        )?;
+        let mut stmt =
+            tx.prepare(&format!("SELECT hash, size FROM objects WHERE {UNREFERENCED}"))?;
         let rows = stmt.query_map([], |r| {
             let h: Vec<u8> = r.get(0)?;
             Ok((h, r.get::<_, i64>(1)?.max(0) as u64))
@@ -592,29 +590,23 @@ pub(crate) fn remove_image(
         }
         out
     };
-    tx.execute(DROP_UNREFERENCED, [])?;
+    tx.execute(&format!("DELETE FROM objects WHERE {UNREFERENCED}"), [])?;
     tx.commit()?;
     Ok(Some(unused))
 }
 
 /// Rows of objects no image references and no layer's entry names.
-const DROP_UNREFERENCED: &str = "DELETE FROM objects WHERE refs = 0
+const UNREFERENCED: &str = "refs = 0
     AND NOT EXISTS (SELECT 1 FROM layer_entries l WHERE l.hash = objects.hash)";
 
 pub(crate) fn drop_unreferenced(conn: &mut Connection) -> rusqlite::Result<()> {
-    conn.execute(DROP_UNREFERENCED, [])?;
+    conn.execute(&format!("DELETE FROM objects WHERE {UNREFERENCED}"), [])?;
     Ok(())
 }
 
 pub(crate) fn referenced(conn: &Connection) -> rusqlite::Result<HashSet<Hash>> {
-    let mut stmt = conn.prepare("SELECT hash FROM objects WHERE refs > 0")?;
-    let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
     let mut out = HashSet::new();
-    for row in rows {
-        if let Ok(h) = <[u8; 32]>::try_from(row?.as_slice()) {
-            out.insert(Hash(h));
-        }
-    }
+    add_hashes(conn, "SELECT hash FROM objects WHERE refs > 0", &mut out)?;
     Ok(out)
 }
 
@@ -622,15 +614,20 @@ pub(crate) fn referenced(conn: &Connection) -> rusqlite::Result<HashSet<Hash>> {
 /// layer's entry names.
 pub(crate) fn kept(conn: &Connection) -> rusqlite::Result<HashSet<Hash>> {
     let mut out = referenced(conn)?;
-    let mut stmt =
-        conn.prepare("SELECT DISTINCT hash FROM layer_entries WHERE hash IS NOT NULL")?;
+    add_hashes(conn, "SELECT DISTINCT hash FROM layer_entries WHERE hash IS NOT NULL", &mut out)?;
+    Ok(out)
+}
+
+/// Adds the hashes `sql` selects to `out`.
+fn add_hashes(conn: &Connection, sql: &str, out: &mut HashSet<Hash>) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare(sql)?;
     let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
     for row in rows {
         if let Ok(h) = <[u8; 32]>::try_from(row?.as_slice()) {
             out.insert(Hash(h));
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Whether a collection keeps object `hash` ([`kept`]).

@@ -389,6 +389,10 @@ impl Store {
         self.db.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn lock_reader(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
+        self.reader.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn lock_pins(&self) -> std::sync::MutexGuard<'_, HashMap<Hash, usize>> {
         self.pins.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -509,10 +513,7 @@ impl Store {
         db::drop_unreferenced(&mut self.lock_db()).map_err(|e| self.db_error(e))?;
         // Read on the read-only connection: the writer's stays free for the
         // scan, and a commit after this read is caught by the checks below.
-        let kept = {
-            let reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-            db::kept(&reader).map_err(|e| self.db_error(e))?
-        };
+        let kept = db::kept(&self.lock_reader()).map_err(|e| self.db_error(e))?;
         let mut freed = Freed::default();
         for (hash, size) in on_disk {
             if kept.contains(&hash) {
@@ -610,8 +611,7 @@ impl Store {
 
     /// What the store holds, by kind.
     pub fn sizes(&self) -> Result<Sizes, StoreError> {
-        let reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-        db::sizes(&reader).map_err(|e| self.db_error(e))
+        db::sizes(&self.lock_reader()).map_err(|e| self.db_error(e))
     }
 
     /// Whether the database answers through the writer's connection: one
