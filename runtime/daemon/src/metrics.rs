@@ -422,6 +422,10 @@ impl Metrics {
         };
         metrics.create_known();
         metrics.set_process();
+        // The start does not change: read once, not at every scrape.
+        if let Some(v) = process_start_time() {
+            metrics.start_time.set(gauge(v));
+        }
         metrics
     }
 
@@ -567,9 +571,6 @@ impl Metrics {
         if let Some(v) = process.max_fds {
             self.max_fds.set(gauge(v));
         }
-        if let Some(v) = process.start_time {
-            self.start_time.set(gauge(v));
-        }
     }
 
     /// Counts one image collection.
@@ -609,14 +610,12 @@ struct ProcessFigures {
     resident_bytes: Option<u64>,
     open_fds: Option<u64>,
     max_fds: Option<u64>,
-    start_time: Option<u64>,
 }
 
 fn process_figures() -> ProcessFigures {
     use nix::unistd::{SysconfVar, sysconf};
     let mut p = ProcessFigures::default();
     let page = sysconf(SysconfVar::PAGE_SIZE).ok().flatten().and_then(|v| u64::try_from(v).ok());
-    let ticks = sysconf(SysconfVar::CLK_TCK).ok().flatten().and_then(|v| u64::try_from(v).ok());
     if let (Ok(statm), Some(page)) = (std::fs::read_to_string("/proc/self/statm"), page) {
         p.resident_bytes =
             statm.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).map(|v| v * page);
@@ -630,6 +629,13 @@ fn process_figures() -> ProcessFigures {
     {
         p.max_fds = Some(soft);
     }
+    p
+}
+
+/// When the process started, in seconds since the Unix epoch.
+fn process_start_time() -> Option<u64> {
+    use nix::unistd::{SysconfVar, sysconf};
+    let ticks = sysconf(SysconfVar::CLK_TCK).ok().flatten().and_then(|v| u64::try_from(v).ok());
     // The start: field 22 of /proc/self/stat (after the command name, which
     // may hold spaces, in parentheses), in clock ticks since boot.
     let started = std::fs::read_to_string("/proc/self/stat").ok().and_then(|stat| {
@@ -639,10 +645,8 @@ fn process_figures() -> ProcessFigures {
     let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
         s.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse::<u64>().ok())
     });
-    if let (Some(started), Some(boot), Some(ticks)) = (started, boot, ticks.filter(|t| *t > 0)) {
-        p.start_time = Some(boot + started / ticks);
-    }
-    p
+    let (started, boot, ticks) = (started?, boot?, ticks.filter(|t| *t > 0)?);
+    Some(boot + started / ticks)
 }
 
 impl Default for Metrics {

@@ -129,6 +129,18 @@ fn unread_body(e: &axum::extract::rejection::BytesRejection, what: &str, limit: 
     }
 }
 
+/// A JSON body that may be left out: an empty or blank body is `T`'s
+/// default.
+fn optional_json<T: serde::de::DeserializeOwned + Default>(
+    body: &[u8],
+) -> Result<T, serde_json::Error> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        serde_json::from_slice(body)
+    }
+}
+
 /// An answer: only the API's own types (`provd_wire::Body`) reach the wire.
 fn ok(status: StatusCode, body: impl wire::Body) -> ApiResult {
     Ok((status, axum::Json(body)).into_response())
@@ -381,5 +393,35 @@ async fn audit_one(node: &Arc<Node>, row: NewAudit) {
     let done = provd_node::spawn_blocking(move || node.append_audit(&[row])).await;
     if !matches!(done, Ok(Ok(()))) {
         tracing::error!(?done, "writing the audit trail failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// `ROUTES` names every route the router serves, with each method, so
+    /// that each has its latency series from the start.
+    #[test]
+    fn routes_list_every_route_of_the_router() {
+        let source = include_str!("mod.rs");
+        let router = source.split_once("pub fn router(").unwrap().1;
+        let router = router.split_once(".fallback(").unwrap().0;
+        let mut served = Vec::new();
+        for call in router.split(".route(\"").skip(1) {
+            let (path, handlers) = call.split_once('"').unwrap();
+            for (method, name) in [("GET", "get("), ("POST", "post("), ("DELETE", "delete(")] {
+                if handlers.starts_with(&format!(", {name}"))
+                    || handlers.contains(&format!(".{name}"))
+                {
+                    served.push((method, path));
+                }
+            }
+        }
+        served.sort_unstable();
+        let mut listed = ROUTES.to_vec();
+        listed.sort_unstable();
+        assert_eq!(served, listed);
     }
 }

@@ -167,15 +167,16 @@ pub(super) async fn delete_image(
                 ok(StatusCode::OK, deleted)
             }
             Ok(Err(e)) => {
-                let err = match &e {
-                    provd_node::DeleteImageError::NotFound(_) => ApiError::not_found(e.to_string()),
-                    provd_node::DeleteImageError::InUse(_) => {
-                        ApiError::new(StatusCode::CONFLICT, "in-use", e.to_string())
+                let (err, outcome) = match &e {
+                    provd_node::DeleteImageError::NotFound(_) => {
+                        (ApiError::not_found(e.to_string()), "refused")
                     }
-                    provd_node::DeleteImageError::Store(_) => ApiError::internal(&e),
+                    provd_node::DeleteImageError::InUse(_) => {
+                        (ApiError::new(StatusCode::CONFLICT, "in-use", e.to_string()), "refused")
+                    }
+                    provd_node::DeleteImageError::Store(_) => (ApiError::internal(&e), "failed"),
                 };
-                let failed = matches!(e, provd_node::DeleteImageError::Store(_));
-                row.outcome = if failed { "failed" } else { "refused" }.into();
+                row.outcome = outcome.into();
                 row.detail = Some(format!("{}: {}", err.code, err.message));
                 Err(err)
             }
@@ -193,11 +194,8 @@ pub(super) async fn collect(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult {
     let body = body.map_err(|e| unread_body(&e, "a request body", s.limits.max_json_bytes))?;
-    let req: wire::GcRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        wire::GcRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad("invalid-json", e.to_string()))?
-    };
+    let req: wire::GcRequest =
+        optional_json(&body).map_err(|e| ApiError::bad("invalid-json", e.to_string()))?;
     let policy = provd_node::GcPolicy {
         max_age_secs: req.max_age_secs.or(s.gc.max_age_secs),
         max_bytes: req.max_bytes.or(s.gc.max_bytes),

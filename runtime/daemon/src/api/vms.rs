@@ -84,12 +84,8 @@ pub(super) async fn stop_vm(
     body: Bytes,
 ) -> ApiResult {
     // The body may be empty: a graceful stop within the default time.
-    let req: wire::StopRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        wire::StopRequest::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad("invalid-request", format!("stop request: {e}")))?
-    };
+    let req: wire::StopRequest = optional_json(&body)
+        .map_err(|e| ApiError::bad("invalid-request", format!("stop request: {e}")))?;
     let how = if req.force {
         if req.timeout_seconds.is_some() {
             return Err(ApiError::bad(
